@@ -1,0 +1,308 @@
+"""FlashAttention-2-structured forward kernel for dense and ragged (varlen) batches.
+
+One program computes a ``BLOCK_M`` tile of queries for one (batch, query head) and streams the keys
+of that sequence in ``BLOCK_N`` tiles through an online softmax held in registers:
+
+    m_new = max(m, rowmax(s));  alpha = 2^(m - m_new);  p = 2^(s - m_new)
+    l = l * alpha + rowsum(p);  acc = acc * alpha + p @ V;  m = m_new
+    out = acc / l;              lse = (m + log2 l) * ln 2
+
+Scores are kept in base 2 (the softmax scale is pre-multiplied by log2 e) so each exponential is
+one ``ex2`` instruction. No ``seqlen_q x seqlen_k`` matrix ever exists outside registers.
+
+The key range of a query tile is split into at most three segments: masked blocks at the left edge
+of a sliding window, blocks that every query of the tile fully sees (no mask arithmetic at all: the
+hot loop), and masked blocks at the causal/right-window diagonal and the ragged end of the keys.
+
+Positions follow flash-attn 2: query ``i`` sits at key position ``i + seqlen_k - seqlen_q``; key
+``j`` is visible iff ``i + shift - left <= j <= i + shift + right`` (a bound < 0 is unbounded).
+A query row that sees no key yields zeros and LSE ``-inf``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attn_fwd_block(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+                    offs_m, offs_n, offs_d, start_n, seqlen_k, shift, window_left, window_right,
+                    qk_scale, softcap_log2, slope_log2,
+                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr,
+                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """One BLOCK_N tile of keys: update (acc, l_i, m_i) in place of the online softmax."""
+    cols = start_n + offs_n
+    kv_mask = None
+    if MASKED:
+        kv_mask = cols[:, None] < seqlen_k
+        if HEAD_DIM != HEAD_DIM_PAD:
+            kv_mask = kv_mask & (offs_d[None, :] < HEAD_DIM)
+    elif HEAD_DIM != HEAD_DIM_PAD:
+        kv_mask = offs_d[None, :] < HEAD_DIM
+    k_ptrs = k_base + cols[:, None].to(tl.int64) * stride_kt + offs_d[None, :]
+    v_ptrs = v_base + cols[:, None].to(tl.int64) * stride_vt + offs_d[None, :]
+    if MASKED or HEAD_DIM != HEAD_DIM_PAD:
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    qk = tl.dot(q, tl.trans(k))
+    if HAS_SOFTCAP:
+        # softcap * tanh(scale * qk / softcap), tanh via exp2 (no libdevice needed; exact at +-inf).
+        t = qk * qk_scale
+        s = softcap_log2 * (1.0 - 2.0 / (tl.exp2(t * (2.0 * 1.4426950408889634)) + 1.0))
+    else:
+        s = qk * qk_scale
+    if HAS_ALIBI:
+        dist = (offs_m[:, None] + shift) - cols[None, :]
+        dist = tl.where(dist < 0, -dist, dist)
+        s = s - slope_log2 * dist.to(tl.float32)
+    if MASKED:
+        visible = cols[None, :] < seqlen_k
+        if HAS_RIGHT:
+            visible = visible & (cols[None, :] <= offs_m[:, None] + shift + window_right)
+        if HAS_LEFT:
+            visible = visible & (cols[None, :] >= offs_m[:, None] + shift - window_left)
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:
+        # A row with nothing visible yet keeps m = -inf; subtract 0 instead so 2^(-inf - -inf) != NaN.
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_sub = m_new
+    alpha = tl.exp2(m_i - m_sub)
+    p = tl.exp2(s - m_sub[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if MASKED or HEAD_DIM != HEAD_DIM_PAD:
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, SLOPES, CU_SEQLENS_Q, CU_SEQLENS_K,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    stride_lb, stride_lh, stride_lt,
+    stride_sb,
+    seqlen_q, seqlen_k, group_size,
+    qk_scale, softcap_log2, window_left, window_right,
+    seqlen_bucket,  # autotune key only: next power of two of max_seqlen_q
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, WRITE_LSE: tl.constexpr,
+):
+    # Grid: (query tiles, query heads, batch). Tiles go heaviest-first (most keys under a causal mask).
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    head = tl.program_id(1)
+    batch = tl.program_id(2)
+    kv_head = head // group_size
+
+    if IS_VARLEN:
+        q_start = tl.load(CU_SEQLENS_Q + batch)
+        seqlen_q = tl.load(CU_SEQLENS_Q + batch + 1) - q_start
+        k_start = tl.load(CU_SEQLENS_K + batch)
+        seqlen_k = tl.load(CU_SEQLENS_K + batch + 1) - k_start
+        q_off = q_start.to(tl.int64) * stride_qt
+        k_off = k_start.to(tl.int64) * stride_kt
+        v_off = k_start.to(tl.int64) * stride_vt
+        o_off = q_start.to(tl.int64) * stride_ot
+        l_off = q_start.to(tl.int64) * stride_lt
+    else:
+        q_off = batch.to(tl.int64) * stride_qb
+        k_off = batch.to(tl.int64) * stride_kb
+        v_off = batch.to(tl.int64) * stride_vb
+        o_off = batch.to(tl.int64) * stride_ob
+        l_off = batch.to(tl.int64) * stride_lb
+    m0 = start_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    shift = seqlen_k - seqlen_q
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+
+    q_base = Q + q_off + head * stride_qh
+    k_base = K + k_off + kv_head * stride_kh
+    v_base = V + v_off + kv_head * stride_vh
+    q_mask = offs_m[:, None] < seqlen_q
+    if HEAD_DIM != HEAD_DIM_PAD:
+        q_mask = q_mask & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+
+    slope_log2 = 0.0
+    if HAS_ALIBI:
+        slope_log2 = tl.load(SLOPES + batch * stride_sb + head).to(tl.float32) * 1.4426950408889634
+
+    # Key range [lo, hi) seen by any query of the tile, and the fully visible sub-range [full_lo, full_hi).
+    lo = 0
+    hi = seqlen_k
+    full_lo = 0
+    full_hi = (seqlen_k // BLOCK_N) * BLOCK_N
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, m0 + BLOCK_M + shift + window_right)
+        full_hi = tl.minimum(full_hi, ((m0 + shift + window_right + 1) // BLOCK_N) * BLOCK_N)
+    if HAS_LEFT:
+        lo = tl.maximum(0, ((m0 + shift - window_left) // BLOCK_N) * BLOCK_N)
+        full_lo = tl.cdiv(m0 + BLOCK_M - 1 + shift - window_left, BLOCK_N) * BLOCK_N
+    hi = tl.maximum(hi, lo)
+    seg1 = tl.minimum(tl.maximum(full_lo, lo), hi)
+    seg2 = tl.maximum(tl.minimum(full_hi, hi), seg1)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+
+    for start_n in range(lo, seg1, BLOCK_N):
+        acc, l_i, m_i = _attn_fwd_block(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+                                        offs_m, offs_n, offs_d, start_n, seqlen_k, shift, window_left,
+                                        window_right, qk_scale, softcap_log2, slope_log2,
+                                        HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT,
+                                        HAS_SOFTCAP, HAS_ALIBI)
+    for start_n in range(seg1, seg2, BLOCK_N):
+        acc, l_i, m_i = _attn_fwd_block(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+                                        offs_m, offs_n, offs_d, start_n, seqlen_k, shift, window_left,
+                                        window_right, qk_scale, softcap_log2, slope_log2,
+                                        HEAD_DIM, HEAD_DIM_PAD, False, HAS_LEFT, HAS_RIGHT,
+                                        HAS_SOFTCAP, HAS_ALIBI)
+    for start_n in range(seg2, hi, BLOCK_N):
+        acc, l_i, m_i = _attn_fwd_block(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+                                        offs_m, offs_n, offs_d, start_n, seqlen_k, shift, window_left,
+                                        window_right, qk_scale, softcap_log2, slope_log2,
+                                        HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT,
+                                        HAS_SOFTCAP, HAS_ALIBI)
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    o_base = O + o_off + head * stride_oh
+    tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=q_mask)
+    if WRITE_LSE:
+        lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+        l_base = LSE + l_off + head.to(tl.int64) * stride_lh
+        tl.store(l_base + offs_m.to(tl.int64) * stride_lt, lse, mask=offs_m < seqlen_q)
+
+
+def _configs():
+    configs = []
+    for bm, bn, warps, stages in [
+        (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 4),
+        (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4), (128, 32, 4, 3),
+    ]:
+        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
+    return configs
+
+
+def _prune(configs, named_args, **kwargs):
+    d = kwargs.get("HEAD_DIM_PAD", named_args.get("HEAD_DIM_PAD"))
+    kept = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if d >= 256 and (bm * bn > 64 * 64 or c.num_stages > 2):
+            continue
+        if d <= 64 and bn == 32:
+            continue
+        kept.append(c)
+    return kept or configs[-2:]
+
+
+_attn_fwd_tuned = triton.autotune(
+    configs=_configs(),
+    key=["HEAD_DIM_PAD", "IS_VARLEN", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "seqlen_bucket"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_attn_fwd_kernel)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _autotune_enabled() -> bool:
+    """PAGODA_AUTOTUNE=0 swaps the first-call autotuning for `default_config` (fast start, tests)."""
+    return os.environ.get("PAGODA_AUTOTUNE", "1") not in ("", "0")
+
+
+def default_config(head_dim: int) -> dict:
+    """A launch configuration that is correct and reasonable everywhere (no tuning)."""
+    if head_dim <= 128:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+
+
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor | None, *, cu_seqlens_q: torch.Tensor | None,
+                  cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, batch_size: int,
+                  softmax_scale: float, window_left: int, window_right: int, softcap: float,
+                  alibi_slopes: torch.Tensor | None, config: dict | None = None) -> None:
+    """Launch the forward kernel; arguments are assumed validated by `pagoda.ops.attention`.
+
+    Dense: q ``[b, sq, hq, d]``, k/v ``[b, sk, hk, d]``, out like q, lse ``[b, hq, sq]`` fp32.
+    Varlen (cu_seqlens given): q ``[total_q, hq, d]``, k/v ``[total_k, hk, d]``, lse ``[hq, total_q]``.
+    The last dimension of q, k, v, out must be contiguous. ``config`` forces BLOCK_M/BLOCK_N/num_warps/
+    num_stages (used by the interpreter tests); otherwise the autotuned kernel runs.
+    """
+    varlen = cu_seqlens_q is not None
+    head_dim = q.shape[-1]
+    hq, hk = q.shape[-2], k.shape[-2]
+    if varlen:
+        sq = sk = 0
+        qs = (0, q.stride(0), q.stride(1))
+        ks = (0, k.stride(0), k.stride(1))
+        vs = (0, v.stride(0), v.stride(1))
+        os_ = (0, out.stride(0), out.stride(1))
+        ls = (0, lse.stride(0), lse.stride(1)) if lse is not None else (0, 0, 0)
+    else:
+        sq, sk = q.shape[1], k.shape[1]
+        qs = (q.stride(0), q.stride(1), q.stride(2))
+        ks = (k.stride(0), k.stride(1), k.stride(2))
+        vs = (v.stride(0), v.stride(1), v.stride(2))
+        os_ = (out.stride(0), out.stride(1), out.stride(2))
+        ls = (lse.stride(0), lse.stride(1), lse.stride(2)) if lse is not None else (0, 0, 0)
+    if softcap > 0:
+        qk_scale = softmax_scale / softcap
+        softcap_log2 = softcap * LOG2E
+    else:
+        qk_scale = softmax_scale * LOG2E
+        softcap_log2 = 0.0
+    stride_sb = 0
+    if alibi_slopes is not None and alibi_slopes.dim() == 2:
+        stride_sb = alibi_slopes.stride(0)
+    dummy = q  # placeholder pointer for absent optional tensors (never dereferenced)
+    args = (
+        q, k, v, out, lse if lse is not None else dummy, alibi_slopes if alibi_slopes is not None else dummy,
+        cu_seqlens_q if varlen else dummy, cu_seqlens_k if varlen else dummy,
+        *qs, *ks, *vs, *os_, *ls, stride_sb,
+        sq, sk, hq // hk, qk_scale, softcap_log2, window_left, window_right,
+        triton.next_power_of_2(max(int(max_seqlen_q), 1)),
+    )
+    meta = dict(
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)),
+        IS_VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+        HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, WRITE_LSE=lse is not None,
+    )
+    if config is None and _interpreting():
+        config = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    elif config is None and not _autotune_enabled():
+        config = default_config(head_dim)
+    if config is not None:
+        bm = config["BLOCK_M"]
+        grid = (triton.cdiv(max(int(max_seqlen_q), 1), bm), hq, batch_size)
+        _attn_fwd_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=config["BLOCK_N"],
+                               num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
+    else:
+        def grid(m):
+            return (triton.cdiv(max(int(max_seqlen_q), 1), m["BLOCK_M"]), hq, batch_size)
+        _attn_fwd_tuned[grid](*args, **meta)

@@ -1,0 +1,124 @@
+"""Argument validation shared by the public ops: every error names the argument and what was expected."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+
+
+def check_tensor(name: str, t, ndim: int | None = None, dtypes=None) -> torch.Tensor:
+    """Raise TypeError/ValueError unless ``t`` is a tensor of rank ``ndim`` and one of ``dtypes``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    return t
+
+
+def check_same(names: str, tensors, attr: str) -> None:
+    """All tensors agree on ``attr`` ('dtype' or 'device')."""
+    values = [getattr(t, attr) for t in tensors]
+    if any(v != values[0] for v in values):
+        err = TypeError if attr == "dtype" else ValueError
+        raise err(f"{names} must all have the same {attr}, got {', '.join(str(v) for v in values)}")
+
+
+def check_attention_dtypes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """q, k, v: same dtype and device; fp16/bf16 on CUDA (fp32 also accepted on the CPU path)."""
+    check_same("q, k, v", (q, k, v), "device")
+    check_same("q, k, v", (q, k, v), "dtype")
+    allowed = HALF_DTYPES if q.is_cuda else HALF_DTYPES + (torch.float32,)
+    check_tensor("q", q, dtypes=allowed)
+
+
+def check_head_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Shared head_dim (a multiple of 8, at most 256); nheads_q a multiple of nheads_kv."""
+    d = q.shape[-1]
+    if k.shape[-1] != d or v.shape[-1] != d:
+        raise ValueError(f"q, k, v must share head_dim, got {d}, {k.shape[-1]}, {v.shape[-1]}")
+    if d == 0 or d % 8 != 0 or d > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim (last dimension of q) must be a multiple of 8 in 8..{MAX_HEAD_DIM}, got {d}")
+    hq, hk = q.shape[-2], k.shape[-2]
+    if v.shape[-2] != hk:
+        raise ValueError(f"k and v must have the same number of heads, got {hk} and {v.shape[-2]}")
+    if hk == 0 or hq % hk != 0:
+        raise ValueError(f"nheads of q ({hq}) must be a positive multiple of nheads of k/v ({hk})")
+
+
+def check_options(dropout_p, softmax_scale, causal, window_size, softcap) -> tuple[int, int]:
+    """Validate the flash-attn option set; return the effective (window_left, window_right)."""
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
+    if dropout_p > 0.0:
+        raise NotImplementedError("dropout_p > 0 is not supported: pagoda is an inference library "
+                                  "(pass dropout_p=0.0)")
+    if softmax_scale is not None and (not isinstance(softmax_scale, (int, float))
+                                      or not math.isfinite(softmax_scale)):
+        raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
+        raise ValueError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+    left, right = window_size
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size entries must be >= -1 (-1 = unbounded), got {tuple(window_size)}")
+    if causal and right > 0:
+        raise ValueError(f"window_size={tuple(window_size)} with causal=True: a causal mask admits no "
+                         "keys to the right (use window_size=(left, 0) or (left, -1))")
+    if causal:
+        right = 0
+    if not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be a finite float >= 0 (0 disables it), got {softcap!r}")
+    return int(left), int(right)
+
+
+def check_alibi(alibi_slopes, batch_size: int, nheads: int, device) -> torch.Tensor | None:
+    """alibi_slopes: None, or float32 ``[nheads]`` / ``[batch, nheads]`` on q's device."""
+    if alibi_slopes is None:
+        return None
+    check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,))
+    if tuple(alibi_slopes.shape) not in ((nheads,), (batch_size, nheads)):
+        raise ValueError(f"alibi_slopes must have shape ({nheads},) or ({batch_size}, {nheads}), "
+                         f"got {tuple(alibi_slopes.shape)}")
+    if alibi_slopes.device != device:
+        raise ValueError(f"alibi_slopes must be on {device}, got {alibi_slopes.device}")
+    if alibi_slopes.stride(-1) != 1:
+        alibi_slopes = alibi_slopes.contiguous()
+    return alibi_slopes
+
+
+def check_cu_seqlens(name: str, cu: torch.Tensor, batch_size: int | None, total: int, device,
+                     max_seqlen=None, max_name: str = "") -> torch.Tensor:
+    """cu_seqlens: int32 ``[batch+1]``, starts at 0, non-decreasing, ends at or below ``total``.
+
+    Reads the values on the host (one small copy) unless a CUDA graph is being captured; then the
+    kernel's own bounds masks are what keeps memory access legal.
+    """
+    check_tensor(name, cu, ndim=1, dtypes=(torch.int32,))
+    if cu.shape[0] < 1 or (batch_size is not None and cu.shape[0] != batch_size + 1):
+        want = "at least 1" if batch_size is None else str(batch_size + 1)
+        raise ValueError(f"{name} must have length batch_size + 1 ({want}), got {cu.shape[0]}")
+    if cu.device != device:
+        raise ValueError(f"{name} must be on {device}, got {cu.device}")
+    if cu.is_cuda and torch.cuda.is_current_stream_capturing():
+        return cu
+    vals = cu.tolist()
+    if vals[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {vals[0]}")
+    if any(b < a for a, b in zip(vals, vals[1:])):
+        raise ValueError(f"{name} must be non-decreasing, got {vals if len(vals) <= 16 else vals[:16] + ['...']}")
+    if vals[-1] > total:
+        raise ValueError(f"{name}[-1] = {vals[-1]} exceeds the number of tokens ({total})")
+    if max_seqlen is not None:
+        longest = max((b - a for a, b in zip(vals, vals[1:])), default=0)
+        if not isinstance(max_seqlen, int) or max_seqlen < longest:
+            raise ValueError(f"{max_name} must be an int >= the longest sequence in {name} ({longest}), "
+                             f"got {max_seqlen!r}")
+    return cu

@@ -1,0 +1,133 @@
+"""flash-attn 2 compatible attention entry points (drop-in: change the import).
+
+On CUDA tensors these run pagoda's Triton kernels; on any other device they run the PyTorch
+reference in `pagoda.reference.attention` (same semantics, float32 arithmetic).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from pagoda.ops import _checks
+from pagoda.reference import attention as _ref
+
+__all__ = ["flash_attn_func", "flash_attn_varlen_func"]
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _as_int(name: str, value) -> int:
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """Attention over a dense batch, flash-attn 2's ``flash_attn_func``.
+
+    Args:
+        q: ``[batch, seqlen_q, nheads, headdim]`` fp16/bf16 (fp32 too on the CPU path).
+        k, v: ``[batch, seqlen_k, nheads_k, headdim]``; ``nheads`` a multiple of ``nheads_k`` (GQA/MQA).
+        dropout_p: must be 0.0 (inference only); > 0 raises NotImplementedError.
+        softmax_scale: defaults to ``headdim ** -0.5``.
+        causal: mask aligned to the bottom-right corner when seqlen_q != seqlen_k.
+        window_size: ``(left, right)`` sliding window, -1 = unbounded.
+        softcap: > 0 applies ``softcap * tanh(scores / softcap)``.
+        alibi_slopes: float32 ``[nheads]`` or ``[batch, nheads]``; adds ``-slope * |i + sk - sq - j|``.
+        deterministic: accepted for compatibility (the forward pass is always deterministic).
+        return_attn_probs: also return the log-sum-exp.
+
+    Returns:
+        ``out [batch, seqlen_q, nheads, headdim]`` (q.dtype); with ``return_attn_probs`` the tuple
+        ``(out, softmax_lse [batch, nheads, seqlen_q] float32 natural log, None)`` — the attention
+        probabilities are never materialised. Rows that see no key get zeros and LSE ``-inf``.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _checks.check_tensor(name, t, ndim=4)
+    _checks.check_attention_dtypes(q, k, v)
+    _checks.check_head_dims(q, k, v)
+    b, sq, hq, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(f"q, k, v must share batch size, got {b}, {k.shape[0]}, {v.shape[0]}")
+    if v.shape[1] != k.shape[1]:
+        raise ValueError(f"k and v must have the same seqlen_k, got {k.shape[1]} and {v.shape[1]}")
+    left, right = _checks.check_options(dropout_p, softmax_scale, causal, window_size, softcap)
+    alibi_slopes = _checks.check_alibi(alibi_slopes, b, hq, q.device)
+    scale = float(softmax_scale) if softmax_scale is not None else d ** -0.5
+
+    if not q.is_cuda:
+        return _ref.flash_attn_func(q, k, v, 0.0, scale, causal, window_size, float(softcap), alibi_slopes,
+                                    deterministic, return_attn_probs)
+
+    from pagoda.kernels.attention_fwd import attention_fwd
+
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    out = torch.empty_like(q)
+    lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device) if return_attn_probs else None
+    if b > 0 and sq > 0:
+        attention_fwd(q, k, v, out, lse, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=sq,
+                      batch_size=b, softmax_scale=scale, window_left=left, window_right=right,
+                      softcap=float(softcap), alibi_slopes=alibi_slopes)
+    if return_attn_probs:
+        return out, lse, None
+    return out
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                           alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """Attention over a ragged batch, flash-attn 2's ``flash_attn_varlen_func``.
+
+    Args:
+        q: ``[total_q, nheads, headdim]``; k, v: ``[total_k, nheads_k, headdim]``.
+        cu_seqlens_q, cu_seqlens_k: int32 ``[batch + 1]`` prefix sums of the sequence lengths
+            (0, non-decreasing, last entry <= total tokens). Sequences may be empty.
+        max_seqlen_q, max_seqlen_k: ints, at least the longest query / key sequence.
+        Other options as in `flash_attn_func`; alibi_slopes ``[nheads]`` or ``[batch, nheads]``.
+
+    Returns:
+        ``out [total_q, nheads, headdim]``; with ``return_attn_probs`` the tuple
+        ``(out, softmax_lse [nheads, total_q] float32, None)``. Tokens past ``cu_seqlens_q[-1]`` get zeros.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _checks.check_tensor(name, t, ndim=3)
+    _checks.check_attention_dtypes(q, k, v)
+    _checks.check_head_dims(q, k, v)
+    if v.shape[0] != k.shape[0]:
+        raise ValueError(f"k and v must have the same number of tokens, got {k.shape[0]} and {v.shape[0]}")
+    max_seqlen_q = _as_int("max_seqlen_q", max_seqlen_q)
+    max_seqlen_k = _as_int("max_seqlen_k", max_seqlen_k)
+    _checks.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, None, q.shape[0], q.device, max_seqlen_q,
+                             "max_seqlen_q")
+    batch = cu_seqlens_q.shape[0] - 1
+    _checks.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, batch, k.shape[0], q.device, max_seqlen_k,
+                             "max_seqlen_k")
+    left, right = _checks.check_options(dropout_p, softmax_scale, causal, window_size, softcap)
+    hq = q.shape[1]
+    alibi_slopes = _checks.check_alibi(alibi_slopes, batch, hq, q.device)
+    scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+
+    if not q.is_cuda:
+        return _ref.flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                           0.0, scale, causal, window_size, float(softcap), alibi_slopes,
+                                           deterministic, return_attn_probs)
+
+    from pagoda.kernels.attention_fwd import attention_fwd
+
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    # Zero-filled so tokens past cu_seqlens_q[-1] (padding a caller left) hold zeros, not garbage.
+    out = torch.zeros_like(q)
+    lse = (torch.full((hq, q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+           if return_attn_probs else None)
+    if batch > 0 and max_seqlen_q > 0:
+        attention_fwd(q, k, v, out, lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                      max_seqlen_q=max_seqlen_q, batch_size=batch, softmax_scale=scale, window_left=left,
+                      window_right=right, softcap=float(softcap), alibi_slopes=alibi_slopes)
+    if return_attn_probs:
+        return out, lse, None
+    return out

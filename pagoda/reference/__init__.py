@@ -1,0 +1,1 @@
+"""Plain-PyTorch implementations of every pagoda op: the CPU path and the test oracle."""
