@@ -1,0 +1,1 @@
+"""`pagoda bench`: backend registry, grids, timing and reports shared by every study."""
