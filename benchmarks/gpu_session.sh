@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: environment, GPU tests, then the full `pagoda bench` in the
 # background (it can outlast one call); `collect` fetches the bench results in a later call.
-# Usage (from the repo root, on the GPU machine): bash benchmarks/gpu_session.sh start|collect
+# Usage (from the repo root, on the GPU machine): bash benchmarks/gpu_session.sh tests|start|wait SECONDS
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 if [ -d .peer ]; then
@@ -19,7 +19,9 @@ start)
 tests)
   python3 -m pytest -m gpu -q -p no:cacheprovider "${@:2}" 2>&1 | tee $OUT/gpu-tests.log | tail -30
   ;;
-collect)
+wait)
+  for _ in $(seq 1 "${2:-500}"); do [ -f /tmp/bench/finished ] && break; sleep 1; done
+  tail -3 /tmp/bench/log
   ls /tmp/bench; tail -c 20000 /tmp/bench/log > $OUT/bench-log.txt; cp /tmp/bench/out/* $OUT/ 2>/dev/null
   cat /tmp/bench/out/attention.md 2>/dev/null | head -80 || tail -30 /tmp/bench/log
   ;;
