@@ -30,38 +30,44 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attn_fwd_block(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+def _attn_fwd_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kt, stride_vt,
                     offs_m, offs_n, offs_d, start_n, seqlen_k, shift, window_left, window_right,
                     qk_scale, softcap_log2, slope_log2,
                     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
-    """One BLOCK_N tile of keys: update (acc, l_i, m_i) in place of the online softmax."""
+                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, USE_TMA: tl.constexpr):
+    """One BLOCK_N tile of keys: returns the updated online-softmax state (acc, l_i, m_i)."""
     cols = start_n + offs_n
-    kv_mask = None
-    if MASKED:
-        kv_mask = cols[:, None] < seqlen_k
-        if HEAD_DIM != HEAD_DIM_PAD:
-            kv_mask = kv_mask & (offs_d[None, :] < HEAD_DIM)
-    elif HEAD_DIM != HEAD_DIM_PAD:
-        kv_mask = offs_d[None, :] < HEAD_DIM
-    k_ptrs = k_base + cols[:, None].to(tl.int64) * stride_kt + offs_d[None, :]
-    v_ptrs = v_base + cols[:, None].to(tl.int64) * stride_vt + offs_d[None, :]
-    if MASKED or HEAD_DIM != HEAD_DIM_PAD:
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    if USE_TMA:
+        # The descriptor spans exactly this sequence's keys: rows past seqlen_k arrive as zeros.
+        k = k_desc.load([start_n, 0])
     else:
-        k = tl.load(k_ptrs)
+        k_ptrs = k_base + cols[:, None].to(tl.int64) * stride_kt + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=(cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        elif HEAD_DIM != HEAD_DIM_PAD:
+            k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
     qk = tl.dot(q, tl.trans(k))
-    if HAS_SOFTCAP:
-        # softcap * tanh(scale * qk / softcap), tanh via exp2 (no libdevice needed; exact at +-inf).
-        t = qk * qk_scale
-        s = softcap_log2 * (1.0 - 2.0 / (tl.exp2(t * (2.0 * 1.4426950408889634)) + 1.0))
+    if HAS_SOFTCAP or HAS_ALIBI:
+        # General path: scores in base 2, then the usual max / exp2.
+        if HAS_SOFTCAP:
+            # softcap * tanh(scale * qk / softcap), tanh via exp2 (no libdevice; exact at +-inf).
+            t = qk * qk_scale
+            s = softcap_log2 * (1.0 - 2.0 / (tl.exp2(t * (2.0 * 1.4426950408889634)) + 1.0))
+        else:
+            s = qk * qk_scale
+        if HAS_ALIBI:
+            dist = (offs_m[:, None] + shift) - cols[None, :]
+            dist = tl.where(dist < 0, -dist, dist)
+            s = s - slope_log2 * dist.to(tl.float32)
+        scale = 1.0
     else:
-        s = qk * qk_scale
-    if HAS_ALIBI:
-        dist = (offs_m[:, None] + shift) - cols[None, :]
-        dist = tl.where(dist < 0, -dist, dist)
-        s = s - slope_log2 * dist.to(tl.float32)
+        # Fast path: max over the raw products, then one FMA per score (qk * scale - m) before ex2.
+        # Valid because scale > 0 (checked by the ops layer), so max commutes with the scaling.
+        s = qk
+        scale = qk_scale
     if MASKED:
         visible = cols[None, :] < seqlen_k
         if HAS_RIGHT:
@@ -69,20 +75,26 @@ def _attn_fwd_block(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
         if HAS_LEFT:
             visible = visible & (cols[None, :] >= offs_m[:, None] + shift - window_left)
         s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
     if MASKED:
         # A row with nothing visible yet keeps m = -inf; subtract 0 instead so 2^(-inf - -inf) != NaN.
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_sub = m_new
     alpha = tl.exp2(m_i - m_sub)
-    p = tl.exp2(s - m_sub[:, None])
+    p = tl.exp2(s * scale - m_sub[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    if MASKED or HEAD_DIM != HEAD_DIM_PAD:
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    if USE_TMA:
+        v = v_desc.load([start_n, 0])
     else:
-        v = tl.load(v_ptrs)
+        v_ptrs = v_base + cols[:, None].to(tl.int64) * stride_vt + offs_d[None, :]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=(cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        elif HEAD_DIM != HEAD_DIM_PAD:
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
     acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_new
 
@@ -103,6 +115,7 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, WRITE_LSE: tl.constexpr,
+    USE_TMA: tl.constexpr = False, WARP_SPEC: tl.constexpr = False,
 ):
     # Grid: (query tiles, query heads, batch). Tiles go heaviest-first (most keys under a causal mask).
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -138,9 +151,15 @@ def _attn_fwd_kernel(
     q_base = Q + q_off + head * stride_qh
     k_base = K + k_off + kv_head * stride_kh
     v_base = V + v_off + kv_head * stride_vh
-    q_mask = offs_m[:, None] < seqlen_q
-    if HEAD_DIM != HEAD_DIM_PAD:
-        q_mask = q_mask & (offs_d[None, :] < HEAD_DIM)
+    o_base = O + o_off + head * stride_oh
+    q_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    k_desc = None
+    v_desc = None
+    if USE_TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_kt, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM_PAD])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_vt, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM_PAD])
     q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
 
     slope_log2 = 0.0
@@ -167,27 +186,26 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
     for start_n in range(lo, seg1, BLOCK_N):
-        acc, l_i, m_i = _attn_fwd_block(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+        acc, l_i, m_i = _attn_fwd_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kt, stride_vt,
                                         offs_m, offs_n, offs_d, start_n, seqlen_k, shift, window_left,
                                         window_right, qk_scale, softcap_log2, slope_log2,
                                         HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT,
-                                        HAS_SOFTCAP, HAS_ALIBI)
-    for start_n in range(seg1, seg2, BLOCK_N):
-        acc, l_i, m_i = _attn_fwd_block(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+                                        HAS_SOFTCAP, HAS_ALIBI, USE_TMA)
+    for start_n in tl.range(seg1, seg2, BLOCK_N, warp_specialize=WARP_SPEC):
+        acc, l_i, m_i = _attn_fwd_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kt, stride_vt,
                                         offs_m, offs_n, offs_d, start_n, seqlen_k, shift, window_left,
                                         window_right, qk_scale, softcap_log2, slope_log2,
                                         HEAD_DIM, HEAD_DIM_PAD, False, HAS_LEFT, HAS_RIGHT,
-                                        HAS_SOFTCAP, HAS_ALIBI)
+                                        HAS_SOFTCAP, HAS_ALIBI, USE_TMA)
     for start_n in range(seg2, hi, BLOCK_N):
-        acc, l_i, m_i = _attn_fwd_block(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+        acc, l_i, m_i = _attn_fwd_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kt, stride_vt,
                                         offs_m, offs_n, offs_d, start_n, seqlen_k, shift, window_left,
                                         window_right, qk_scale, softcap_log2, slope_log2,
                                         HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT,
-                                        HAS_SOFTCAP, HAS_ALIBI)
+                                        HAS_SOFTCAP, HAS_ALIBI, USE_TMA)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    o_base = O + o_off + head * stride_oh
     tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=q_mask)
     if WRITE_LSE:
@@ -299,10 +317,29 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
         config = default_config(head_dim)
     if config is not None:
         bm = config["BLOCK_M"]
+        extra = {}
+        if config.get("USE_TMA"):
+            _ensure_tma_allocator()
+            extra["USE_TMA"] = True
+        if config.get("WARP_SPEC"):
+            extra["WARP_SPEC"] = True
         grid = (triton.cdiv(max(int(max_seqlen_q), 1), bm), hq, batch_size)
-        _attn_fwd_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=config["BLOCK_N"],
+        _attn_fwd_kernel[grid](*args, **meta, **extra, BLOCK_M=bm, BLOCK_N=config["BLOCK_N"],
                                num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
     else:
         def grid(m):
             return (triton.cdiv(max(int(max_seqlen_q), 1), m["BLOCK_M"]), hq, batch_size)
         _attn_fwd_tuned[grid](*args, **meta)
+
+
+_TMA_ALLOCATOR_SET = False
+
+
+def _ensure_tma_allocator() -> None:
+    """Device-side tensor descriptors need a scratch allocator; install torch's once (process-global)."""
+    global _TMA_ALLOCATOR_SET
+    if not _TMA_ALLOCATOR_SET:
+        def alloc(size: int, alignment: int, stream):
+            return torch.empty(size, dtype=torch.int8, device="cuda")
+        triton.set_allocator(alloc)
+        _TMA_ALLOCATOR_SET = True

@@ -59,8 +59,8 @@ def check_options(dropout_p, softmax_scale, causal, window_size, softcap) -> tup
         raise NotImplementedError("dropout_p > 0 is not supported: pagoda is an inference library "
                                   "(pass dropout_p=0.0)")
     if softmax_scale is not None and (not isinstance(softmax_scale, (int, float))
-                                      or not math.isfinite(softmax_scale)):
-        raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
+                                      or not math.isfinite(softmax_scale) or softmax_scale <= 0):
+        raise ValueError(f"softmax_scale must be a finite float > 0 or None, got {softmax_scale!r}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
