@@ -30,6 +30,37 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _load_kv_tile(base, desc, stride_t, cols, offs_d, start_n, seqlen_k,
+                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr,
+                  USE_TMA: tl.constexpr):
+    """``[BLOCK_N, HEAD_DIM_PAD]`` tile of K or V starting at key ``start_n``; rows >= seqlen_k read as 0."""
+    if USE_TMA:
+        # The descriptor spans exactly this sequence's keys, so the copy engine zero-fills the tail.
+        tile = desc.load([start_n, 0])
+    else:
+        ptrs = base + cols[:, None].to(tl.int64) * stride_t + offs_d[None, :]
+        if MASKED:
+            tile = tl.load(ptrs, mask=(cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        elif HEAD_DIM != HEAD_DIM_PAD:
+            tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _softmax_pv_unmasked(acc, l_i, m_i, qk, v, qk_scale):
+    """Online-softmax update for a fully visible tile of raw scores ``qk`` (fast path, scale > 0)."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk * qk_scale - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _attn_fwd_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kt, stride_vt,
                     offs_m, offs_n, offs_d, start_n, seqlen_k, shift, window_left, window_right,
                     qk_scale, softcap_log2, slope_log2,
@@ -38,17 +69,8 @@ def _attn_fwd_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kt,
                     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, USE_TMA: tl.constexpr):
     """One BLOCK_N tile of keys: returns the updated online-softmax state (acc, l_i, m_i)."""
     cols = start_n + offs_n
-    if USE_TMA:
-        # The descriptor spans exactly this sequence's keys: rows past seqlen_k arrive as zeros.
-        k = k_desc.load([start_n, 0])
-    else:
-        k_ptrs = k_base + cols[:, None].to(tl.int64) * stride_kt + offs_d[None, :]
-        if MASKED:
-            k = tl.load(k_ptrs, mask=(cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        elif HEAD_DIM != HEAD_DIM_PAD:
-            k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
+    k = _load_kv_tile(k_base, k_desc, stride_kt, cols, offs_d, start_n, seqlen_k, HEAD_DIM, HEAD_DIM_PAD,
+                      MASKED, USE_TMA)
     qk = tl.dot(q, tl.trans(k))
     if HAS_SOFTCAP or HAS_ALIBI:
         # General path: scores in base 2, then the usual max / exp2.
@@ -85,16 +107,8 @@ def _attn_fwd_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kt,
     p = tl.exp2(s * scale - m_sub[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    if USE_TMA:
-        v = v_desc.load([start_n, 0])
-    else:
-        v_ptrs = v_base + cols[:, None].to(tl.int64) * stride_vt + offs_d[None, :]
-        if MASKED:
-            v = tl.load(v_ptrs, mask=(cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        elif HEAD_DIM != HEAD_DIM_PAD:
-            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        else:
-            v = tl.load(v_ptrs)
+    v = _load_kv_tile(v_base, v_desc, stride_vt, cols, offs_d, start_n, seqlen_k, HEAD_DIM, HEAD_DIM_PAD,
+                      MASKED, USE_TMA)
     acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_new
 
@@ -115,7 +129,7 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, WRITE_LSE: tl.constexpr,
-    USE_TMA: tl.constexpr = False, WARP_SPEC: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False, PIPELINE: tl.constexpr = False,
 ):
     # Grid: (query tiles, query heads, batch). Tiles go heaviest-first (most keys under a causal mask).
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -191,12 +205,33 @@ def _attn_fwd_kernel(
                                         window_right, qk_scale, softcap_log2, slope_log2,
                                         HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT,
                                         HAS_SOFTCAP, HAS_ALIBI, USE_TMA)
-    for start_n in tl.range(seg1, seg2, BLOCK_N, warp_specialize=WARP_SPEC):
-        acc, l_i, m_i = _attn_fwd_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kt, stride_vt,
-                                        offs_m, offs_n, offs_d, start_n, seqlen_k, shift, window_left,
-                                        window_right, qk_scale, softcap_log2, slope_log2,
-                                        HEAD_DIM, HEAD_DIM_PAD, False, HAS_LEFT, HAS_RIGHT,
-                                        HAS_SOFTCAP, HAS_ALIBI, USE_TMA)
+    if PIPELINE and not (HAS_SOFTCAP or HAS_ALIBI):
+        # Software-pipelined hot loop: Q K^T of tile j+1 is issued (async wgmma on Hopper) before the
+        # softmax of tile j, so the tensor cores work while the exp2/max/sum run on tile j.
+        if seg2 > seg1:
+            k = _load_kv_tile(k_base, k_desc, stride_kt, seg1 + offs_n, offs_d, seg1, seqlen_k, HEAD_DIM,
+                              HEAD_DIM_PAD, False, USE_TMA)
+            qk = tl.dot(q, tl.trans(k))
+            for start_n in range(seg1, seg2 - BLOCK_N, BLOCK_N):
+                nxt = start_n + BLOCK_N
+                k = _load_kv_tile(k_base, k_desc, stride_kt, nxt + offs_n, offs_d, nxt, seqlen_k, HEAD_DIM,
+                                  HEAD_DIM_PAD, False, USE_TMA)
+                qk_next = tl.dot(q, tl.trans(k))
+                v = _load_kv_tile(v_base, v_desc, stride_vt, start_n + offs_n, offs_d, start_n, seqlen_k,
+                                  HEAD_DIM, HEAD_DIM_PAD, False, USE_TMA)
+                acc, l_i, m_i = _softmax_pv_unmasked(acc, l_i, m_i, qk, v, qk_scale)
+                qk = qk_next
+            last = seg2 - BLOCK_N
+            v = _load_kv_tile(v_base, v_desc, stride_vt, last + offs_n, offs_d, last, seqlen_k, HEAD_DIM,
+                              HEAD_DIM_PAD, False, USE_TMA)
+            acc, l_i, m_i = _softmax_pv_unmasked(acc, l_i, m_i, qk, v, qk_scale)
+    else:
+        for start_n in range(seg1, seg2, BLOCK_N):
+            acc, l_i, m_i = _attn_fwd_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kt,
+                                            stride_vt, offs_m, offs_n, offs_d, start_n, seqlen_k, shift,
+                                            window_left, window_right, qk_scale, softcap_log2, slope_log2,
+                                            HEAD_DIM, HEAD_DIM_PAD, False, HAS_LEFT, HAS_RIGHT,
+                                            HAS_SOFTCAP, HAS_ALIBI, USE_TMA)
     for start_n in range(seg2, hi, BLOCK_N):
         acc, l_i, m_i = _attn_fwd_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kt, stride_vt,
                                         offs_m, offs_n, offs_d, start_n, seqlen_k, shift, window_left,
@@ -321,8 +356,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
         if config.get("USE_TMA"):
             _ensure_tma_allocator()
             extra["USE_TMA"] = True
-        if config.get("WARP_SPEC"):
-            extra["WARP_SPEC"] = True
+        if config.get("PIPELINE"):
+            extra["PIPELINE"] = True
         grid = (triton.cdiv(max(int(max_seqlen_q), 1), bm), hq, batch_size)
         _attn_fwd_kernel[grid](*args, **meta, **extra, BLOCK_M=bm, BLOCK_N=config["BLOCK_N"],
                                num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
