@@ -16,8 +16,7 @@ from pagoda.kernels.attention_fwd import attention_fwd
 
 CASES = [(d, causal, b, s) for d in (64, 128) for causal in (False, True) for b, s in ((32, 512), (4, 4096), (1, 16384))]
 TILES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3)]
-VARIANTS = {"ptr": {}, "tma": {"USE_TMA": True}, "ptr+pipe": {"PIPELINE": True},
-            "tma+pipe": {"USE_TMA": True, "PIPELINE": True}}
+VARIANTS = {"ptr": {}, "tma": {"USE_TMA": True}}
 
 
 def main():

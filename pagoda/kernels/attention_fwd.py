@@ -49,18 +49,6 @@ def _load_kv_tile(base, desc, stride_t, cols, offs_d, start_n, seqlen_k,
 
 
 @triton.jit
-def _softmax_pv_unmasked(acc, l_i, m_i, qk, v, qk_scale):
-    """Online-softmax update for a fully visible tile of raw scores ``qk`` (fast path, scale > 0)."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk * qk_scale - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, l_i, m_new
-
-
-@triton.jit
 def _attn_fwd_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kt, stride_vt,
                     offs_m, offs_n, offs_d, start_n, seqlen_k, shift, window_left, window_right,
                     qk_scale, softcap_log2, slope_log2,
@@ -129,7 +117,7 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, WRITE_LSE: tl.constexpr,
-    USE_TMA: tl.constexpr = False, PIPELINE: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False,
 ):
     # Grid: (query tiles, query heads, batch). Tiles go heaviest-first (most keys under a causal mask).
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -170,9 +158,9 @@ def _attn_fwd_kernel(
     k_desc = None
     v_desc = None
     if USE_TMA:
-        k_desc = tl.make_tensor_descriptor(k_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_kt, 1],
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[tl.maximum(seqlen_k, 1), HEAD_DIM], strides=[stride_kt, 1],
                                            block_shape=[BLOCK_N, HEAD_DIM_PAD])
-        v_desc = tl.make_tensor_descriptor(v_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_vt, 1],
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[tl.maximum(seqlen_k, 1), HEAD_DIM], strides=[stride_vt, 1],
                                            block_shape=[BLOCK_N, HEAD_DIM_PAD])
     q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
 
@@ -205,33 +193,12 @@ def _attn_fwd_kernel(
                                         window_right, qk_scale, softcap_log2, slope_log2,
                                         HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT,
                                         HAS_SOFTCAP, HAS_ALIBI, USE_TMA)
-    if PIPELINE and not (HAS_SOFTCAP or HAS_ALIBI):
-        # Software-pipelined hot loop: Q K^T of tile j+1 is issued (async wgmma on Hopper) before the
-        # softmax of tile j, so the tensor cores work while the exp2/max/sum run on tile j.
-        if seg2 > seg1:
-            k = _load_kv_tile(k_base, k_desc, stride_kt, seg1 + offs_n, offs_d, seg1, seqlen_k, HEAD_DIM,
-                              HEAD_DIM_PAD, False, USE_TMA)
-            qk = tl.dot(q, tl.trans(k))
-            for start_n in range(seg1, seg2 - BLOCK_N, BLOCK_N):
-                nxt = start_n + BLOCK_N
-                k = _load_kv_tile(k_base, k_desc, stride_kt, nxt + offs_n, offs_d, nxt, seqlen_k, HEAD_DIM,
-                                  HEAD_DIM_PAD, False, USE_TMA)
-                qk_next = tl.dot(q, tl.trans(k))
-                v = _load_kv_tile(v_base, v_desc, stride_vt, start_n + offs_n, offs_d, start_n, seqlen_k,
-                                  HEAD_DIM, HEAD_DIM_PAD, False, USE_TMA)
-                acc, l_i, m_i = _softmax_pv_unmasked(acc, l_i, m_i, qk, v, qk_scale)
-                qk = qk_next
-            last = seg2 - BLOCK_N
-            v = _load_kv_tile(v_base, v_desc, stride_vt, last + offs_n, offs_d, last, seqlen_k, HEAD_DIM,
-                              HEAD_DIM_PAD, False, USE_TMA)
-            acc, l_i, m_i = _softmax_pv_unmasked(acc, l_i, m_i, qk, v, qk_scale)
-    else:
-        for start_n in range(seg1, seg2, BLOCK_N):
-            acc, l_i, m_i = _attn_fwd_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kt,
-                                            stride_vt, offs_m, offs_n, offs_d, start_n, seqlen_k, shift,
-                                            window_left, window_right, qk_scale, softcap_log2, slope_log2,
-                                            HEAD_DIM, HEAD_DIM_PAD, False, HAS_LEFT, HAS_RIGHT,
-                                            HAS_SOFTCAP, HAS_ALIBI, USE_TMA)
+    for start_n in range(seg1, seg2, BLOCK_N):
+        acc, l_i, m_i = _attn_fwd_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kt, stride_vt,
+                                        offs_m, offs_n, offs_d, start_n, seqlen_k, shift, window_left,
+                                        window_right, qk_scale, softcap_log2, slope_log2,
+                                        HEAD_DIM, HEAD_DIM_PAD, False, HAS_LEFT, HAS_RIGHT,
+                                        HAS_SOFTCAP, HAS_ALIBI, USE_TMA)
     for start_n in range(seg2, hi, BLOCK_N):
         acc, l_i, m_i = _attn_fwd_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kt, stride_vt,
                                         offs_m, offs_n, offs_d, start_n, seqlen_k, shift, window_left,
@@ -249,27 +216,52 @@ def _attn_fwd_kernel(
         tl.store(l_base + offs_m.to(tl.int64) * stride_lt, lse, mask=offs_m < seqlen_q)
 
 
+# Launch configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages, USE_TMA). Chosen from the sweeps of
+# benchmarks/attention_variants.py on an H200 (benchmarks/NOTES.md): 128x128 tiles with 8 warps and TMA
+# lead at head_dim 128; 128x64 with 8 warps at head_dim 64; 64x64 wins at short causal sequences.
+_TILES = [
+    (128, 128, 8, 3, True), (128, 128, 8, 3, False), (128, 64, 8, 3, False), (128, 64, 4, 4, True),
+    (64, 64, 4, 3, True), (64, 64, 4, 3, False), (64, 128, 4, 3, True), (64, 32, 4, 3, False),
+]
+
+
 def _configs():
-    configs = []
-    for bm, bn, warps, stages in [
-        (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 4),
-        (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4), (128, 32, 4, 3),
-    ]:
-        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
-    return configs
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma}, num_warps=w, num_stages=st)
+            for bm, bn, w, st, tma in _TILES]
+
+
+def tma_supported(*tensors: torch.Tensor) -> bool:
+    """Device-side tensor descriptors need sm_90+, 16-byte aligned bases and 16-byte row strides."""
+    t0 = tensors[0]
+    if not t0.is_cuda or torch.cuda.get_device_capability(t0.device)[0] < 9:
+        return False
+    if not hasattr(triton, "set_allocator") or not hasattr(triton.language, "make_tensor_descriptor"):
+        return False
+    for t in tensors:
+        if t.data_ptr() % 16 or any((st * t.element_size()) % 16 for st in t.stride()[:-1]):
+            return False
+    return True
 
 
 def _prune(configs, named_args, **kwargs):
     d = kwargs.get("HEAD_DIM_PAD", named_args.get("HEAD_DIM_PAD"))
+    tma = tma_supported(named_args["K"], named_args["V"])
     kept = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if c.kwargs["USE_TMA"] and not tma:
+            continue
         if d >= 256 and (bm * bn > 64 * 64 or c.num_stages > 2):
+            continue
+        if d > 128 and bm * bn > 64 * 128:
             continue
         if d <= 64 and bn == 32:
             continue
         kept.append(c)
-    return kept or configs[-2:]
+    if not kept:  # head_dim 256: the small-tile pointer configs
+        kept = [c for c in configs if not c.kwargs["USE_TMA"] and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+        kept = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=2) for c in kept]
+    return kept
 
 
 _attn_fwd_tuned = triton.autotune(
@@ -288,10 +280,12 @@ def _autotune_enabled() -> bool:
     return os.environ.get("PAGODA_AUTOTUNE", "1") not in ("", "0")
 
 
-def default_config(head_dim: int) -> dict:
+def default_config(head_dim: int, tma: bool = False) -> dict:
     """A launch configuration that is correct and reasonable everywhere (no tuning)."""
+    if head_dim <= 64:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
     if head_dim <= 128:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+        return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "USE_TMA": tma}
     return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
 
@@ -349,19 +343,20 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
     if config is None and _interpreting():
         config = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     elif config is None and not _autotune_enabled():
-        config = default_config(head_dim)
+        config = default_config(head_dim, tma_supported(k, v))
     if config is not None:
         bm = config["BLOCK_M"]
         extra = {}
         if config.get("USE_TMA"):
             _ensure_tma_allocator()
             extra["USE_TMA"] = True
-        if config.get("PIPELINE"):
-            extra["PIPELINE"] = True
         grid = (triton.cdiv(max(int(max_seqlen_q), 1), bm), hq, batch_size)
         _attn_fwd_kernel[grid](*args, **meta, **extra, BLOCK_M=bm, BLOCK_N=config["BLOCK_N"],
                                num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
     else:
+        if tma_supported(k, v):
+            _ensure_tma_allocator()
+
         def grid(m):
             return (triton.cdiv(max(int(max_seqlen_q), 1), m["BLOCK_M"]), hq, batch_size)
         _attn_fwd_tuned[grid](*args, **meta)
