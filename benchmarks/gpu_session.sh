@@ -17,7 +17,7 @@ start)
   echo "bench started in background"
   ;;
 tests)
-  python3 -m pytest -m gpu -q -p no:cacheprovider "${@:2}" 2>&1 | tee $OUT/gpu-tests.log | tail -30
+  python3 -m pytest -m gpu -q -p no:cacheprovider -n 8 "${@:2}" 2>&1 | tee $OUT/gpu-tests.log | tail -30
   ;;
 wait)
   for _ in $(seq 1 "${2:-500}"); do [ -f /tmp/bench/finished ] && break; sleep 1; done

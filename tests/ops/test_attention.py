@@ -50,6 +50,7 @@ def _qkv(b=1, s=4, h=2, d=16, dtype=torch.float16):
     (dict(causal=True, window_size=(4, 3)), ValueError, "causal"),
     (dict(softcap=-1.0), ValueError, "softcap"),
     (dict(softmax_scale=float("nan")), ValueError, "softmax_scale"),
+    (dict(softmax_scale=-0.1), ValueError, "softmax_scale"),
     (dict(alibi_slopes=torch.ones(3)), ValueError, "alibi_slopes"),
     (dict(alibi_slopes=torch.ones(2, dtype=torch.float64)), TypeError, "alibi_slopes"),
     (dict(causal=1), TypeError, "causal"),
