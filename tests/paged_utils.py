@@ -1,0 +1,43 @@
+"""Test helpers for paged KV caches: random page tables (pages in random order) and filled caches."""
+from __future__ import annotations
+
+import torch
+
+
+def random_page_table(seq_lens, page_size: int, extra_pages: int = 3, device="cpu"):
+    """CSR metadata for ``seq_lens`` with page ids drawn in random order from a pool larger than needed.
+
+    Returns ``(kv_indptr, kv_indices, kv_last_page_len, max_pages)`` (int32 tensors, int).
+    """
+    pages = [-(-n // page_size) for n in seq_lens]
+    total = sum(pages)
+    max_pages = total + extra_pages
+    perm = torch.randperm(max_pages)[:total].to(torch.int32)
+    indptr = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
+    indptr[1:] = torch.cumsum(torch.tensor(pages, dtype=torch.int64), 0).to(torch.int32)
+    last = torch.tensor([n - (p - 1) * page_size if p else 0 for n, p in zip(seq_lens, pages)], dtype=torch.int32)
+    return indptr.to(device), perm.to(device), last.to(device), max_pages
+
+
+def empty_cache(max_pages, page_size, heads, dim, layout, dtype, device="cpu", tuple_form=False):
+    """NaN-filled cache (so a read of an unwritten slot shows up) in the 5-D or tuple form."""
+    shape = (max_pages, page_size, heads, dim) if layout == "NHD" else (max_pages, heads, page_size, dim)
+    if tuple_form:
+        return (torch.full(shape, float("nan"), dtype=dtype, device=device),
+                torch.full(shape, float("nan"), dtype=dtype, device=device))
+    return torch.full((shape[0], 2, *shape[1:]), float("nan"), dtype=dtype, device=device)
+
+
+def fill_cache(cache, keys, values, indptr, indices, page_size, layout):
+    """Write each request's contiguous ``keys[b]``/``values[b]`` ``[len_b, H, D]`` into its pages (test-side,
+    independent of the code under test)."""
+    k_cache, v_cache = (cache[:, 0], cache[:, 1]) if isinstance(cache, torch.Tensor) else cache
+    ptr = indptr.tolist()
+    for b, (k, v) in enumerate(zip(keys, values)):
+        for t in range(k.shape[0]):
+            page = int(indices[ptr[b] + t // page_size])
+            slot = t % page_size
+            if layout == "NHD":
+                k_cache[page, slot], v_cache[page, slot] = k[t], v[t]
+            else:
+                k_cache[page, :, slot], v_cache[page, :, slot] = k[t], v[t]
