@@ -1,0 +1,272 @@
+"""Sorting-free samplers: category, top-k, top-p, min-p (and joint) sampling, chain speculative sampling.
+
+Algorithm (one program per output row, the vocabulary streamed in ``BLOCK`` chunks; no sort, no host
+synchronisation, no data-dependent launch: safe inside a captured CUDA graph).
+
+1. Exponential race. Each token i gets ``E_i = -log(u_i)`` with ``u_i`` from Philox at counter
+   ``offset + row * vocab + i``. ``argmax_{i in S} p_i / E_i`` (computed as ``log(u_i) / p_i``) is an
+   exact draw from ``p`` restricted to S and renormalised, for ANY set S (Gumbel-max trick in
+   multiplicative form). Because the ``E_i`` are fixed for the call, the draw over the kept set N
+   equals the draw over any superset S of N whenever that winner lies in N.
+2. Every filter keeps an upper set ``N = {p >= b}`` (top-k: b = k-th largest value, ties kept;
+   top-p: b = t*, the largest value with ``mass(p >= t*) >= top_p * total``; min-p: ``min_p * max``;
+   joint: the largest of those). A token j is in N iff
+   ``count(p > p_j) < k``, ``mass(p > p_j) < top_p * total`` and ``p_j >= min_p * max``.
+3. Rejection rounds. Pass 0 computes total, max and the race winner j over ``{p > 0}``. Each round is
+   ONE pass that measures count/mass above ``p_j`` (the membership test) and, at the same time,
+   the race winners over two candidate supersets of N for the case j is rejected:
+   ``{p > p_j}`` and ``{p >= mid}``, where ``mid`` is the midpoint, in the bit pattern of fp32
+   (monotone for p >= 0), of ``(p_j, high]``. If ``count/mass(p >= mid)`` proves ``b >= mid`` the
+   next set is ``{p >= mid}``, else ``high = mid - 1ulp`` and the next set is ``{p > p_j}``.
+   Invariant: the current set contains N and ``b <= high``. The bit interval holding b at least
+   halves every rejected round, so a row finishes within 32 rounds (``MAX_ROUNDS`` = 34), and in
+   expectation after ~1/mass(N) rounds: top-p 0.9 needs 2 passes with probability >= 0.9.
+Rows with no positive, finite-comparable mass (all zero / NaN) return token 0 with ``valid = False``.
+Every stored token is in ``[0, vocab)``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROUNDS = 34
+SPEC_COUNTER_BASE = 1 << 40  # Philox counters of the accept tests start here (disjoint from tokens')
+
+
+@triton.jit
+def _race_key(x, cols, seed, rng_base, FROM_LOGITS: tl.constexpr):
+    """Race key per token (larger wins): ``log(u)/p`` for probabilities, ``x + Gumbel`` for logits."""
+    u = tl.maximum(tl.rand(seed, rng_base + cols), 1e-12)
+    if FROM_LOGITS:
+        return x - tl.log(-tl.log(u))
+    # Clamp so a positive but tiny p keeps a finite key (it must stay eligible, just a sure loser).
+    return tl.maximum(tl.log(u) / x, -3.0e38)
+
+
+@triton.jit
+def _race_step(keys, eligible, start, best_key, best_idx):
+    """Fold one chunk into the running race: strict '>' keeps the lowest index on exact ties."""
+    keys = tl.where(eligible, keys, float("-inf"))
+    cmax = tl.max(keys, 0)
+    cidx = tl.argmax(keys, 0).to(tl.int32) + start
+    better = cmax > best_key
+    return tl.where(better, cmax, best_key), tl.where(better, cidx, best_idx)
+
+
+@triton.jit
+def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top_p_ptr, min_p_ptr,
+                   seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val, vocab, num_rows,
+                   HAS_ROWS: tl.constexpr, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr,
+                   HAS_MIN_P: tl.constexpr, FROM_LOGITS: tl.constexpr, SEED_PTR: tl.constexpr,
+                   BLOCK: tl.constexpr, ROUNDS: tl.constexpr):
+    pid = tl.program_id(0)
+    if HAS_ROWS:
+        # Clamped so a bad index can never address outside x (the ops layer checks it off-graph).
+        row = tl.minimum(tl.maximum(tl.load(rows_ptr + pid).to(tl.int64), 0), num_rows - 1)
+    else:
+        row = pid.to(tl.int64)
+    base = x_ptr + row * stride_x
+    if SEED_PTR:
+        seed = tl.load(seed_ptr + pid * seed_stride)
+        rng_base = tl.load(offset_ptr + pid * offset_stride).to(tl.int64) + pid.to(tl.int64) * vocab
+    else:
+        seed = seed_val
+        rng_base = offset_val + pid.to(tl.int64) * vocab
+    offs = tl.arange(0, BLOCK)
+
+    # Pass 0: row total and max, and the race winner over every eligible token.
+    total = tl.zeros((), tl.float32)
+    pmax = tl.zeros((), tl.float32)
+    best_key = tl.full((), float("-inf"), tl.float32)
+    cand = tl.full((), -1, tl.int32)
+    for start in range(0, vocab, BLOCK):
+        cols = start + offs
+        inb = cols < vocab
+        x = tl.load(base + cols, mask=inb, other=0.0).to(tl.float32)
+        if FROM_LOGITS:
+            elig = inb & (x > float("-inf"))  # NaN compares false: never eligible
+        else:
+            elig = inb & (x > 0.0)
+        total += tl.sum(tl.where(elig, x, 0.0), 0)
+        pmax = tl.maximum(pmax, tl.max(tl.where(elig, x, 0.0), 0))
+        best_key, cand = _race_step(_race_key(x, cols, seed, rng_base, FROM_LOGITS), elig, start, best_key, cand)
+
+    done = (cand < 0).to(tl.int32)
+    accepted = (cand >= 0).to(tl.int32)
+    if HAS_TOP_K or HAS_TOP_P or HAS_MIN_P:
+        k = 0
+        top_p = 1.0
+        thr = 0.0
+        if HAS_TOP_K:
+            k = tl.load(top_k_ptr + pid)
+            k = tl.where((k <= 0) | (k >= vocab), vocab, k)  # disabled: count(p > p_j) < vocab always
+        if HAS_TOP_P:
+            top_p = tl.load(top_p_ptr + pid).to(tl.float32)
+        target = top_p * total
+        if HAS_MIN_P:
+            thr = tl.load(min_p_ptr + pid).to(tl.float32) * pmax
+        high_bits = pmax.to(tl.int32, bitcast=True)
+        cand_p = tl.load(base + tl.maximum(cand, 0)).to(tl.float32)
+        accepted = tl.zeros((), tl.int32)
+        for _r in range(ROUNDS):
+            if not (HAS_TOP_K or HAS_TOP_P):
+                # min-p alone needs no pass to test membership.
+                hit = (done == 0) & ((cand_p >= thr) | (cand_p >= pmax))
+                accepted = tl.where(hit, 1, accepted)
+                done = tl.where(hit, 1, done)
+            if done == 0:
+                c_bits = cand_p.to(tl.int32, bitcast=True)
+                mid_bits = tl.maximum(c_bits + (high_bits - c_bits + 1) // 2, c_bits + 1)
+                if HAS_MIN_P:
+                    mid_bits = tl.maximum(mid_bits, thr.to(tl.int32, bitcast=True))
+                mid = mid_bits.to(tl.float32, bitcast=True)
+                cnt_gt = tl.zeros((), tl.int32)
+                cnt_ge = tl.zeros((), tl.int32)
+                mass_gt = tl.zeros((), tl.float32)
+                mass_ge = tl.zeros((), tl.float32)
+                key_a = tl.full((), float("-inf"), tl.float32)
+                key_b = tl.full((), float("-inf"), tl.float32)
+                cand_a = tl.full((), -1, tl.int32)
+                cand_b = tl.full((), -1, tl.int32)
+                for start in range(0, vocab, BLOCK):
+                    cols = start + offs
+                    inb = cols < vocab
+                    x = tl.load(base + cols, mask=inb, other=0.0).to(tl.float32)
+                    gt = inb & (x > cand_p)
+                    ge = inb & (x >= mid)
+                    cnt_gt += tl.sum(gt.to(tl.int32), 0)
+                    cnt_ge += tl.sum(ge.to(tl.int32), 0)
+                    mass_gt += tl.sum(tl.where(gt, x, 0.0), 0)
+                    mass_ge += tl.sum(tl.where(ge, x, 0.0), 0)
+                    key = _race_key(x, cols, seed, rng_base, False)
+                    key_a, cand_a = _race_step(key, gt, start, key_a, cand_a)
+                    key_b, cand_b = _race_step(key, ge, start, key_b, cand_b)
+                ok = cnt_gt == 0  # the most likely token(s) are always kept
+                inside = cnt_gt >= 0
+                above_mid = cnt_gt < 0
+                if HAS_TOP_K:
+                    inside = inside & (cnt_gt < k)
+                    above_mid = above_mid | ((k < vocab) & (cnt_ge >= k))
+                if HAS_TOP_P:
+                    inside = inside & ((mass_gt < target) | (top_p >= 1.0))
+                    above_mid = above_mid | ((top_p < 1.0) & (mass_ge >= target))
+                if HAS_MIN_P:
+                    inside = inside & (cand_p >= thr)
+                    above_mid = above_mid | (thr >= mid)
+                inside = inside | ok
+                nxt = tl.where(above_mid, cand_b, cand_a)
+                lost = nxt < 0  # cannot happen with consistent sums; stop with an in-range token
+                high_bits = tl.where(inside | above_mid, high_bits, mid_bits - 1)
+                accepted = inside.to(tl.int32)
+                done = (inside | lost).to(tl.int32)
+                cand = tl.where(inside | lost, cand, nxt)
+                cand_p = tl.load(base + tl.maximum(cand, 0)).to(tl.float32)
+    found = cand >= 0
+    tl.store(out_ptr + pid, tl.where(found, cand, 0).to(out_ptr.dtype.element_ty))
+    tl.store(valid_ptr + pid, (found & (accepted != 0)).to(tl.int8))
+
+
+def _seed_args(seed, offset, batch: int, device):
+    """(seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val, SEED_PTR)."""
+    if isinstance(seed, torch.Tensor):
+        return (seed, 0 if seed.numel() == 1 else 1, offset, 0 if offset.numel() == 1 else 1, 0, 0, True)
+    dummy = torch.empty(1, dtype=torch.int64, device=device)
+    return dummy, 0, dummy, 0, int(seed), int(offset), False
+
+
+def sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor | None,
+           top_k: torch.Tensor | None, top_p: torch.Tensor | None, min_p: torch.Tensor | None,
+           seed, offset, from_logits: bool = False, block: int = 1024) -> None:
+    """Launch the race sampler.
+
+    x: ``[num_rows, vocab]`` probabilities (fp32/fp16/bf16, rows need not sum to 1) or, with
+    ``from_logits`` (no filters), logits; last dim contiguous. out: ``[batch]`` int32/int64;
+    valid: ``[batch]`` bool. rows: optional int ``[batch]`` mapping outputs to rows of x.
+    top_k int32 / top_p, min_p float32: ``[batch]`` tensors or None. seed/offset: ints or int64
+    device tensors of length 1 or batch (graph-capturable).
+    """
+    batch, vocab = out.shape[0], x.shape[1]
+    if batch == 0:
+        return
+    seed_args = _seed_args(seed, offset, batch, x.device)
+    dummy = out
+    _sample_kernel[(batch,)](
+        x, x.stride(0), rows if rows is not None else dummy, out, valid.view(torch.int8),
+        top_k if top_k is not None else dummy, top_p if top_p is not None else dummy,
+        min_p if min_p is not None else dummy, *seed_args[:6], vocab, x.shape[0],
+        HAS_ROWS=rows is not None, HAS_TOP_K=top_k is not None, HAS_TOP_P=top_p is not None,
+        HAS_MIN_P=min_p is not None, FROM_LOGITS=from_logits, SEED_PTR=seed_args[6],
+        BLOCK=min(block, triton.next_power_of_2(vocab)), ROUNDS=MAX_ROUNDS, num_warps=4)
+
+
+@triton.jit
+def _chain_spec_kernel(q_ptr, d_ptr, p_ptr, out_ptr, acc_ptr, emit_ptr, seed_ptr, seed_stride, offset_ptr,
+                       offset_stride, seed_val, offset_val, n_spec, vocab,
+                       s_qb, s_qn, s_db, s_pb, s_pn, s_ob,
+                       SEED_PTR: tl.constexpr, N_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid.to(tl.int64)
+    if SEED_PTR:
+        seed = tl.load(seed_ptr + pid * seed_stride)
+        off = tl.load(offset_ptr + pid * offset_stride).to(tl.int64)
+    else:
+        seed = seed_val
+        off = offset_val + tl.zeros((), tl.int64)
+    # Accept tests, all positions at once: draft token i passes iff u_i * q_i(d_i) < p_i(d_i).
+    i = tl.arange(0, N_PAD)
+    live = i < n_spec
+    tok = tl.load(d_ptr + b * s_db + i, mask=live, other=0)
+    tok = tl.minimum(tl.maximum(tok, 0), vocab - 1).to(tl.int64)
+    qv = tl.load(q_ptr + b * s_qb + i * s_qn + tok, mask=live, other=0.0).to(tl.float32)
+    pv = tl.load(p_ptr + b * s_pb + i * s_pn + tok, mask=live, other=0.0).to(tl.float32)
+    u = tl.rand(seed, off + 1099511627776 + b * n_spec + i)  # SPEC_COUNTER_BASE
+    passed = live & (u * qv < pv)
+    accepted = tl.sum(passed.to(tl.int32), 0)
+    emitted = tl.min(tl.where(live & ~passed, i, n_spec), 0)
+    # Final token: from max(p_e - q_e, 0) after a rejection at e, else the bonus from p_n. A second
+    # race over p_e itself is the fallback when the residual is all zero (p_e == q_e).
+    has_q = emitted < n_spec
+    p_row = p_ptr + b * s_pb + emitted.to(tl.int64) * s_pn
+    q_row = q_ptr + b * s_qb + emitted.to(tl.int64) * s_qn
+    rng_base = off + b * vocab
+    offs = tl.arange(0, BLOCK)
+    key_r = tl.full((), float("-inf"), tl.float32)
+    key_p = tl.full((), float("-inf"), tl.float32)
+    cand_r = tl.full((), -1, tl.int32)
+    cand_p = tl.full((), -1, tl.int32)
+    for start in range(0, vocab, BLOCK):
+        cols = start + offs
+        inb = cols < vocab
+        pr = tl.load(p_row + cols, mask=inb, other=0.0).to(tl.float32)
+        qr = tl.load(q_row + cols, mask=inb & has_q, other=0.0).to(tl.float32)
+        resid = pr - qr
+        key_res = _race_key(resid, cols, seed, rng_base, False)
+        key_res_p = _race_key(pr, cols, seed, rng_base, False)
+        key_r, cand_r = _race_step(key_res, inb & (resid > 0.0), start, key_r, cand_r)
+        key_p, cand_p = _race_step(key_res_p, inb & (pr > 0.0), start, key_p, cand_p)
+    final = tl.where(cand_r >= 0, cand_r, tl.maximum(cand_p, 0))
+    j = tl.arange(0, N_PAD * 2)
+    draft = tl.load(d_ptr + b * s_db + j, mask=j < n_spec, other=-1)
+    row_out = tl.where(j < emitted, draft, tl.where(j == emitted, final, -1))
+    tl.store(out_ptr + b * s_ob + j, row_out.to(out_ptr.dtype.element_ty), mask=j <= n_spec)
+    tl.store(acc_ptr + pid, accepted)
+    tl.store(emit_ptr + pid, emitted)
+
+
+def chain_speculative(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor, target_probs: torch.Tensor,
+                      out: torch.Tensor, accepted: torch.Tensor, emitted: torch.Tensor, seed, offset,
+                      block: int = 1024) -> None:
+    """Launch chain speculative verification. draft_probs ``[B, n, V]``, draft_token_ids int ``[B, n]``,
+    target_probs ``[B, n+1, V]`` (last dims contiguous); writes out int32 ``[B, n+1]``, accepted and
+    emitted int32 ``[B]``. Philox counters: tokens ``offset + b*V + i``, tests ``offset + 2**40 + b*n + i``."""
+    b, n = draft_token_ids.shape
+    vocab = target_probs.shape[-1]
+    if b == 0:
+        return
+    seed_args = _seed_args(seed, offset, b, target_probs.device)
+    _chain_spec_kernel[(b,)](
+        draft_probs, draft_token_ids, target_probs, out, accepted, emitted, *seed_args[:6], n, vocab,
+        draft_probs.stride(0), draft_probs.stride(1), draft_token_ids.stride(0), target_probs.stride(0),
+        target_probs.stride(1), out.stride(0), SEED_PTR=seed_args[6], N_PAD=triton.next_power_of_2(max(n, 1)),
+        BLOCK=min(block, triton.next_power_of_2(vocab)), num_warps=4)

@@ -1,0 +1,175 @@
+"""Exact top-k / top-p thresholds without sorting (renorm and mask ops), and the temperature softmax.
+
+Threshold search (one program per row). Floats map to int32 keys that order like the values
+(``bits`` for x >= 0, ``bits ^ 0x7FFFFFFF`` for x < 0; NaN is treated as -inf). With
+``P(key) = count(x >= key) >= k`` (top-k) or ``mass(x >= key) >= top_p * total`` (top-p), P is
+monotone, and the kept set is ``{x >= key*}`` for the LARGEST key* with P true: a value of the row,
+so ties at the boundary are all kept (the convention of `pagoda.reference.sampling`).
+Invariant over passes: ``P(lo)`` true, ``P(hi)`` false. Each pass evaluates ``NUM_PIVOTS`` pivots
+spread over ``(lo, hi)`` at once (a ``[BLOCK, NUM_PIVOTS]`` compare), and also the smallest and
+largest key present in ``[lo, hi)``: no key lies between ``lo`` and that minimum (so P is unchanged
+there) nor between that maximum and ``hi``, which tightens the interval to the data. The interval
+shrinks at least (NUM_PIVOTS + 1)-fold per pass, so 32-bit keys converge within 8 passes; it ends
+at ``hi == lo + 1``, i.e. ``lo`` is the exact boundary key. A last pass writes the output.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+NUM_PIVOTS = 16
+MAX_PASSES = 12
+
+
+@triton.jit
+def _ordered_key(x):
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return tl.where(x == x, key, -2139095041)  # NaN -> key of -inf
+
+
+@triton.jit
+def _threshold_kernel(x_ptr, out_ptr, stride_x, stride_o, top_k_ptr, top_p_ptr, vocab,
+                      BY_MASS: tl.constexpr, WRITE_RENORM: tl.constexpr, BLOCK: tl.constexpr,
+                      NUM_PIVOTS: tl.constexpr, PASSES: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    base = x_ptr + pid * stride_x
+    offs = tl.arange(0, BLOCK)
+    # Pass 0: total mass (probabilities), smallest and largest key.
+    total = tl.zeros((), tl.float32)
+    kmin = tl.full((), 2147483647, tl.int32)
+    kmax = tl.full((), -2147483647, tl.int32)
+    for start in range(0, vocab, BLOCK):
+        cols = start + offs
+        inb = cols < vocab
+        x = tl.load(base + cols, mask=inb, other=0.0).to(tl.float32)
+        key = _ordered_key(x)
+        total += tl.sum(tl.where(inb & (x > 0.0), x, 0.0), 0)
+        kmin = tl.minimum(kmin, tl.min(tl.where(inb, key, 2147483647), 0))
+        kmax = tl.maximum(kmax, tl.max(tl.where(inb, key, -2147483647), 0))
+    if BY_MASS:
+        top_p = tl.load(top_p_ptr + pid).to(tl.float32)
+        target = top_p * total
+        disabled = top_p >= 1.0
+        need = 0
+    else:
+        need = tl.load(top_k_ptr + pid)
+        disabled = (need <= 0) | (need >= vocab)
+        target = 0.0
+    lo = kmin.to(tl.int64)
+    hi = tl.where(disabled, lo + 1, kmax.to(tl.int64) + 1)
+    mass_lo = total
+    piv_i = tl.arange(0, NUM_PIVOTS).to(tl.int64) + 1
+    for _p in range(PASSES):
+        if hi - lo > 1:
+            piv = lo + ((hi - lo) * piv_i) // (NUM_PIVOTS + 1)
+            cnt = tl.zeros((NUM_PIVOTS,), tl.int32)
+            mass = tl.zeros((NUM_PIVOTS,), tl.float32)
+            in_min = tl.full((), 2147483647, tl.int64)
+            in_max = tl.full((), -2147483647, tl.int64)
+            for start in range(0, vocab, BLOCK):
+                cols = start + offs
+                inb = cols < vocab
+                x = tl.load(base + cols, mask=inb, other=0.0).to(tl.float32)
+                key = _ordered_key(x).to(tl.int64)
+                ge = inb[:, None] & (key[:, None] >= piv[None, :])
+                cnt += tl.sum(ge.to(tl.int32), 0)
+                if BY_MASS or WRITE_RENORM:
+                    mass += tl.sum(tl.where(ge & (x[:, None] > 0.0), x[:, None], 0.0), 0)
+                inr = inb & (key >= lo) & (key < hi)
+                in_min = tl.minimum(in_min, tl.min(tl.where(inr, key, 2147483647), 0))
+                in_max = tl.maximum(in_max, tl.max(tl.where(inr, key, -2147483647), 0))
+            if BY_MASS:
+                ok = mass >= target
+            else:
+                ok = cnt >= need
+            n_ok = tl.sum(ok.to(tl.int32), 0)  # P is monotone: the first n_ok pivots hold
+            piv_lo = tl.max(tl.where(ok, piv, lo), 0)
+            mass_piv = tl.sum(tl.where(piv_i == n_ok, mass, 0.0), 0)
+            new_hi = tl.min(tl.where(ok, hi, piv), 0)
+            # {key >= in_min} == {key >= old lo}: no key lies in [old lo, in_min).
+            use_min = in_min >= piv_lo
+            mass_lo = tl.where(use_min, mass_lo, tl.where(n_ok > 0, mass_piv, mass_lo))
+            lo = tl.where(use_min, in_min, piv_lo)
+            hi = tl.minimum(new_hi, in_max + 1)
+    # Write pass: keep {key >= lo}.
+    keep_from = lo.to(tl.int32)
+    out_base = out_ptr + pid * stride_o
+    for start in range(0, vocab, BLOCK):
+        cols = start + offs
+        inb = cols < vocab
+        x = tl.load(base + cols, mask=inb, other=0.0).to(tl.float32)
+        keep = _ordered_key(x) >= keep_from
+        if WRITE_RENORM:
+            y = tl.where(keep & (x > 0.0), x / mass_lo, 0.0)
+        else:
+            y = tl.where(keep, x, float("-inf"))
+        tl.store(out_base + cols, y.to(out_ptr.dtype.element_ty), mask=inb)
+
+
+def threshold_filter(x: torch.Tensor, out: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
+                     renorm: bool, block: int = 256) -> None:
+    """x: ``[B, V]`` (last dim contiguous); out: same shape. Exactly one of top_k (int32 ``[B]``) or
+    top_p (float32 ``[B]``). renorm=True: kept probabilities divided by their mass, others 0;
+    renorm=False: kept logits unchanged, others -inf."""
+    batch, vocab = x.shape
+    if batch == 0 or vocab == 0:
+        return
+    dummy = out
+    _threshold_kernel[(batch,)](
+        x, out, x.stride(0), out.stride(0), top_k if top_k is not None else dummy,
+        top_p if top_p is not None else dummy, vocab, BY_MASS=top_p is not None, WRITE_RENORM=renorm,
+        BLOCK=min(block, triton.next_power_of_2(vocab)), NUM_PIVOTS=NUM_PIVOTS, PASSES=MAX_PASSES, num_warps=4)
+
+
+@triton.jit
+def _softmax_kernel(x_ptr, out_ptr, stride_x, stride_o, temp_ptr, vocab,
+                    HAS_TEMP: tl.constexpr, BLOCK: tl.constexpr):
+    """Two passes: online max/sum (and first argmax), then write. temperature <= 0 -> one-hot argmax."""
+    pid = tl.program_id(0).to(tl.int64)
+    base = x_ptr + pid * stride_x
+    offs = tl.arange(0, BLOCK)
+    if HAS_TEMP:
+        t = tl.load(temp_ptr + pid).to(tl.float32)
+    else:
+        t = tl.full((), 1.0, tl.float32)
+    greedy = t <= 0.0
+    inv_t = 1.0 / tl.where(greedy, 1.0, t)
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    raw_max = tl.full((), float("-inf"), tl.float32)
+    amax = tl.zeros((), tl.int32)
+    for start in range(0, vocab, BLOCK):
+        cols = start + offs
+        inb = cols < vocab
+        raw = tl.load(base + cols, mask=inb, other=float("-inf")).to(tl.float32)
+        x = raw * inv_t
+        m_new = tl.maximum(m, tl.max(x, 0))
+        alpha = tl.where(m_new == float("-inf"), 1.0, tl.exp(m - m_new))
+        e = tl.where(x == float("-inf"), 0.0, tl.exp(x - m_new))
+        s = s * alpha + tl.sum(e, 0)
+        m = m_new
+        cmax = tl.max(raw, 0)
+        cidx = tl.argmax(raw, 0).to(tl.int32) + start
+        amax = tl.where(cmax > raw_max, cidx, amax)
+        raw_max = tl.maximum(raw_max, cmax)
+    out_base = out_ptr + pid * stride_o
+    for start in range(0, vocab, BLOCK):
+        cols = start + offs
+        inb = cols < vocab
+        x = tl.load(base + cols, mask=inb, other=float("-inf")).to(tl.float32) * inv_t
+        p = tl.where(x == float("-inf"), 0.0, tl.exp(x - m)) / s
+        y = tl.where(greedy, (cols == amax).to(tl.float32), p)
+        tl.store(out_base + cols, y, mask=inb)
+
+
+def softmax(x: torch.Tensor, out: torch.Tensor, temperature: torch.Tensor | None, block: int = 1024) -> None:
+    """x: ``[B, V]`` logits (fp32/fp16/bf16, last dim contiguous); out float32 ``[B, V]``;
+    temperature: float32 ``[B]`` or None (1.0)."""
+    batch, vocab = x.shape
+    if batch == 0 or vocab == 0:
+        return
+    _softmax_kernel[(batch,)](x, out, x.stride(0), out.stride(0), temperature if temperature is not None else out,
+                              vocab, HAS_TEMP=temperature is not None,
+                              BLOCK=min(block, triton.next_power_of_2(vocab)), num_warps=4)
