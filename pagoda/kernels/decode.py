@@ -1,0 +1,225 @@
+"""Split-KV ("flash-decoding") attention for one query token per request over a paged KV cache.
+
+Grid ``(batch, num_kv_heads, splits)``. A program owns one request, one KV head and one chunk of
+``chunk`` keys, and computes all ``group = num_qo_heads / num_kv_heads`` query heads that share the KV
+head at once (a ``[GROUP_PAD, D] x [D, BLOCK_N]`` dot), so each KV page is read from memory once.
+Keys are gathered token by token through the page table (page ``kv_indices[indptr[b] + t // page_size]``,
+slot ``t % page_size``), which serves every page size from 1 up and both layouts (strides).
+
+Online softmax in base 2 as in `attention_fwd`: ``m`` running max, ``l`` running sum, ``acc`` running
+``sum p v``; a row that has seen no key keeps ``m = -inf`` and subtracts 0 instead, so 2^(-inf) = 0.
+
+With ``SPLIT`` the program writes the chunk's normalised output and its base-2 LSE ``m + log2 l`` to the
+workspace, and `_merge_kernel` combines a request's chunks (grid ``(batch, num_qo_heads)``):
+``out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M)``, ``lse = (M + log2 sum_s 2^(lse_s - M)) ln 2``.
+The chunk length is read from device memory, so a captured CUDA graph replays correctly for any
+lengths: `plan` only rewrites that scalar and the page table. Programs past a request's last chunk
+exit; the merge reads only ``ceil(kv_len / chunk)`` chunks.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _kv_len(KV_INDPTR, KV_LAST, b, page_size):
+    p0 = tl.load(KV_INDPTR + b)
+    n_pages = tl.load(KV_INDPTR + b + 1) - p0
+    last = tl.load(KV_LAST + b)
+    return p0, tl.where(n_pages > 0, (n_pages - 1) * page_size + last, 0)
+
+
+@triton.jit
+def _rope_rows(x, x_partner, pos, offs_d, rope_rcp_scale, log2_theta, HEAD_DIM: tl.constexpr):
+    """Non-interleaved RoPE of rows ``x [R, D]`` at positions ``pos [R]``: x cos + sign * partner sin."""
+    half = HEAD_DIM // 2
+    i = tl.where(offs_d < half, offs_d, offs_d - half)
+    freq = tl.exp2(-(2.0 * i.to(tl.float32) / HEAD_DIM) * log2_theta) * rope_rcp_scale
+    ang = pos.to(tl.float32)[:, None] * freq[None, :]
+    sign = tl.where(offs_d < half, -1.0, 1.0)
+    return x.to(tl.float32) * tl.cos(ang) + sign[None, :] * x_partner.to(tl.float32) * tl.sin(ang)
+
+
+@triton.jit
+def _decode_kernel(
+    Q, K, V, KV_INDPTR, KV_INDICES, KV_LAST, CHUNK, SLOPES, O, LSE,
+    stride_qb, stride_qh,
+    stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+    stride_ob, stride_os, stride_oh, stride_lb, stride_ls,
+    page_size, group_size, qk_scale, softcap_log2, window_left, rope_rcp_scale, log2_theta,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    ROPE: tl.constexpr, IEEE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    s = tl.program_id(2)
+    p0, kv_len = _kv_len(KV_INDPTR, KV_LAST, b, page_size)
+    if SPLIT:
+        chunk = tl.load(CHUNK)
+        lo = s * chunk
+        if lo >= kv_len:
+            return
+        hi = tl.minimum(kv_len, lo + chunk)
+    else:
+        lo = kv_len * 0
+        hi = kv_len
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, kv_len - 1 - window_left)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_n = tl.arange(0, BLOCK_N)
+    heads = kvh * group_size + offs_g
+    gmask = offs_g < group_size
+    dmask = offs_d < HEAD_DIM
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
+    q = tl.load(q_ptrs + offs_d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
+    if ROPE:
+        partner = tl.where(offs_d < HEAD_DIM // 2, offs_d + HEAD_DIM // 2, offs_d - HEAD_DIM // 2)
+        q2 = tl.load(q_ptrs + partner[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
+        q_pos = tl.zeros([GROUP_PAD], dtype=tl.int32) + (kv_len - 1)
+        q = _rope_rows(q, q2, q_pos, offs_d, rope_rcp_scale, log2_theta, HEAD_DIM).to(Q.dtype.element_ty)
+    slope_log2 = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    if HAS_ALIBI:
+        slope_log2 = tl.load(SLOPES + heads, mask=gmask, other=0.0) * 1.4426950408889634
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        t = start + offs_n
+        valid = t < hi
+        page = tl.load(KV_INDICES + p0 + t // page_size, mask=valid, other=0).to(tl.int64)
+        slot = (t % page_size).to(tl.int64)
+        kv_mask = valid[:, None] & dmask[None, :]
+        k_ptrs = K + (page * stride_kp + slot * stride_kt + kvh * stride_kh)[:, None]
+        k = tl.load(k_ptrs + offs_d[None, :], mask=kv_mask, other=0.0)
+        if ROPE:
+            k2 = tl.load(k_ptrs + partner[None, :], mask=kv_mask, other=0.0)
+            k = _rope_rows(k, k2, t, offs_d, rope_rcp_scale, log2_theta, HEAD_DIM).to(K.dtype.element_ty)
+        if IEEE:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        if HAS_SOFTCAP:
+            # softcap * tanh(scale * qk / softcap) in base 2; tanh via exp2 (exact at +-inf).
+            x = qk * qk_scale
+            sc = softcap_log2 * (1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0))
+        else:
+            sc = qk * qk_scale
+        if HAS_ALIBI:
+            sc = sc - slope_log2[:, None] * (kv_len - 1 - t).to(tl.float32)[None, :]
+        sc = tl.where(valid[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_sub)
+        p = tl.exp2(sc - m_sub[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_ptrs = V + (page * stride_vp + slot * stride_vt + kvh * stride_vh)[:, None]
+        v = tl.load(v_ptrs + offs_d[None, :], mask=kv_mask, other=0.0)
+        if IEEE:
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    o_ptrs = O + b.to(tl.int64) * stride_ob + s * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
+    l_ptrs = LSE + b.to(tl.int64) * stride_lb + s * stride_ls + heads
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
+    if SPLIT:
+        tl.store(l_ptrs, lse2, mask=gmask)
+    else:
+        tl.store(l_ptrs, lse2 * 0.6931471805599453, mask=gmask)
+
+
+@triton.jit
+def _merge_kernel(
+    O_PART, LSE_PART, KV_INDPTR, KV_LAST, CHUNK, OUT, LSE,
+    stride_pb, stride_ps, stride_ph, stride_lpb, stride_lps, stride_ob, stride_oh, stride_lb,
+    page_size,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MAX_SPLITS: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    _, kv_len = _kv_len(KV_INDPTR, KV_LAST, b, page_size)
+    chunk = tl.load(CHUNK)
+    n_splits = (kv_len + chunk - 1) // chunk
+    offs_s = tl.arange(0, MAX_SPLITS)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    smask = offs_s < n_splits
+    lse = tl.load(LSE_PART + b.to(tl.int64) * stride_lpb + offs_s * stride_lps + h, mask=smask,
+                  other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_sub = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m_sub)
+    o_ptrs = O_PART + b.to(tl.int64) * stride_pb + offs_s[:, None] * stride_ps + h * stride_ph + offs_d[None, :]
+    o = tl.load(o_ptrs, mask=smask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    l_sum = tl.sum(w, 0)
+    empty = l_sum == 0.0
+    out = tl.sum(w[:, None] * o, 0) / tl.where(empty, 1.0, l_sum)
+    tl.store(OUT + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+    lse_out = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, l_sum))) * 0.6931471805599453)
+    tl.store(LSE + b.to(tl.int64) * stride_lb + h, lse_out)
+
+
+def default_block_n(head_dim: int) -> int:
+    return 64 if head_dim <= 128 else 32
+
+
+def decode_fwd(q, k_cache, v_cache, k_strides, v_strides, kv_indptr, kv_indices, kv_last_page_len, page_size,
+               num_kv_heads: int, out, lse, *, chunk, num_splits: int, o_part=None, lse_part=None, sm_scale: float,
+               window_left: int = -1, logits_soft_cap: float = 0.0, alibi_slopes=None, rope=None,
+               block_n: int | None = None, num_warps: int = 4) -> None:
+    """Launch decode (and merge when ``num_splits > 0``); arguments validated by `pagoda.ops.decode`.
+
+    q ``[B, Hq, D]`` (last dim contiguous); k/v caches 4-D with ``(page, token, head)`` strides;
+    out ``[B, Hq, D]``; lse float32 ``[B, Hq]`` (natural log). ``num_splits == 0``: one program per
+    (request, KV head), writing out/lse directly. Otherwise ``chunk`` is an int32 ``[1]`` device
+    tensor (keys per split) and ``o_part [B, num_splits, Hq, D]`` / ``lse_part [B, num_splits, Hq]``
+    float32 workspace views. ``rope``: None or ``(rope_scale, rope_theta)`` (ROPE_LLAMA on the fly).
+    """
+    batch, hq, dim = q.shape
+    hk = num_kv_heads
+    if batch == 0:
+        return
+    group = hq // hk
+    dim_pad = max(16, triton.next_power_of_2(dim))
+    block_n = block_n or default_block_n(dim)
+    split = num_splits > 0
+    if softcap := float(logits_soft_cap):
+        qk_scale, softcap_log2 = sm_scale / softcap, softcap * LOG2E
+    else:
+        qk_scale, softcap_log2 = sm_scale * LOG2E, 0.0
+    rope_rcp_scale, log2_theta = (1.0, 0.0) if rope is None else (1.0 / rope[0], math.log2(rope[1]))
+    dst_o, dst_l = (o_part, lse_part) if split else (out, lse)
+    so = (dst_o.stride(0), dst_o.stride(1), dst_o.stride(2)) if split else (out.stride(0), 0, out.stride(1))
+    sl = (dst_l.stride(0), dst_l.stride(1)) if split else (lse.stride(0), 0)
+    grid = (batch, hk, max(num_splits, 1))
+    _decode_kernel[grid](
+        q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, chunk if split else kv_indptr,
+        alibi_slopes if alibi_slopes is not None else q, dst_o, dst_l,
+        q.stride(0), q.stride(1), *k_strides, *v_strides, *so, *sl,
+        page_size, group, qk_scale, softcap_log2, window_left, rope_rcp_scale, log2_theta,
+        HEAD_DIM=dim, HEAD_DIM_PAD=dim_pad, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        SPLIT=split, HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+        ROPE=rope is not None, IEEE=q.dtype == torch.float32, num_warps=num_warps,
+    )
+    if split:
+        _merge_kernel[(batch, hq)](
+            o_part, lse_part, kv_indptr, kv_last_page_len, chunk, out, lse,
+            o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0), page_size,
+            HEAD_DIM=dim, HEAD_DIM_PAD=dim_pad, MAX_SPLITS=max(2, triton.next_power_of_2(num_splits)),
+            num_warps=4 if dim * num_splits <= 8192 else 8,
+        )

@@ -1,0 +1,333 @@
+"""Decode attention over a paged KV cache with FlashInfer's API (``flashinfer.decode``).
+
+`BatchDecodeWithPagedKVCacheWrapper` plans once per batch (page table, split-KV decision; may sync)
+and runs once per layer (no host sync; CUDA-graph capturable with ``use_cuda_graph=True``).
+On CUDA the Triton split-KV kernel in `pagoda.kernels.decode` runs; elsewhere the reference.
+Semantics: `pagoda.reference.decode`.
+"""
+from __future__ import annotations
+
+import torch
+
+from pagoda.ops import _checks, _paged
+from pagoda.ops import _decode_plan as _plan
+from pagoda.reference import decode as _ref
+
+__all__ = ["BatchDecodeWithPagedKVCacheWrapper", "single_decode_with_kv_cache"]
+
+
+def _launch(q, k_cache, v_cache, kv_layout, indptr, indices, last, page_size, hk, out, lse, chunk_buf, splits,
+            o_part, lse_part, opts):
+    from pagoda.kernels.decode import decode_fwd
+
+    decode_fwd(q, k_cache, v_cache, _paged.cache_strides(k_cache, kv_layout), _paged.cache_strides(v_cache, kv_layout),
+               indptr, indices, last, page_size, hk, out, lse, chunk=chunk_buf, num_splits=splits, o_part=o_part,
+               lse_part=lse_part, **opts)
+
+
+def _kernel_opts(slopes, mode, sm_scale, window_left, soft_cap, rope_scale, rope_theta) -> dict:
+    return dict(sm_scale=sm_scale, window_left=window_left, logits_soft_cap=soft_cap,
+                alibi_slopes=slopes if mode == "ALIBI" else None,
+                rope=(rope_scale, rope_theta) if mode == "ROPE_LLAMA" else None)
+
+
+class BatchDecodeWithPagedKVCacheWrapper:
+    """Batch decode (one query token per request) over a paged KV cache, FlashInfer's wrapper.
+
+    Args:
+        float_workspace_buffer: any contiguous tensor (e.g. uint8, 128 MB) on the device; holds the
+            float32 partial results of split-KV. A smaller buffer only limits the number of splits.
+        kv_layout: ``"NHD"`` or ``"HND"``.
+        use_cuda_graph: plan writes only into the given buffers and `run` can be captured once and
+            replayed after re-planning for any batch of at most ``len(paged_kv_last_page_len_buffer)``
+            requests (missing ones are planned as empty) whose pages fit the indices buffer.
+        use_tensor_cores: accepted for compatibility (the kernel always uses ``tl.dot``).
+        paged_kv_indptr_buffer / paged_kv_indices_buffer / paged_kv_last_page_len_buffer: int32 device
+            buffers ``[max_batch + 1]`` / ``[max_pages]`` / ``[max_batch]``, required with use_cuda_graph.
+        backend: ``"auto"`` only; jit_args: must be None.
+    """
+
+    def __init__(self, float_workspace_buffer, kv_layout="NHD", use_cuda_graph=False, use_tensor_cores=False,
+                 paged_kv_indptr_buffer=None, paged_kv_indices_buffer=None, paged_kv_last_page_len_buffer=None,
+                 backend="auto", jit_args=None):
+        _checks.check_tensor("float_workspace_buffer", float_workspace_buffer)
+        if not float_workspace_buffer.is_contiguous():
+            raise ValueError("float_workspace_buffer must be contiguous")
+        _paged.check_kv_layout(kv_layout)
+        for name, flag in (("use_cuda_graph", use_cuda_graph), ("use_tensor_cores", use_tensor_cores)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        if backend != "auto":
+            raise ValueError(f"backend must be 'auto' (pagoda has one decode kernel), got {backend!r}")
+        if jit_args is not None:
+            raise NotImplementedError("jit_args (custom attention variants) are not supported")
+        self.device = float_workspace_buffer.device
+        self._workspace = float_workspace_buffer
+        self._kv_layout = kv_layout
+        self._use_cuda_graph = use_cuda_graph
+        self._use_tensor_cores = use_tensor_cores
+        self._fixed_batch_size = 0
+        if use_cuda_graph:
+            bufs = (("paged_kv_indptr_buffer", paged_kv_indptr_buffer),
+                    ("paged_kv_indices_buffer", paged_kv_indices_buffer),
+                    ("paged_kv_last_page_len_buffer", paged_kv_last_page_len_buffer))
+            for name, buf in bufs:
+                if buf is None:
+                    raise ValueError(f"{name} is required when use_cuda_graph=True")
+                _checks.check_tensor(name, buf, ndim=1, dtypes=(torch.int32,))
+                if buf.device != self.device:
+                    raise ValueError(f"{name} must be on {self.device}, got {buf.device}")
+            self._fixed_batch_size = paged_kv_last_page_len_buffer.shape[0]
+            if paged_kv_indptr_buffer.shape[0] != self._fixed_batch_size + 1:
+                raise ValueError("paged_kv_indptr_buffer must have length len(paged_kv_last_page_len_buffer) + 1 "
+                                 f"= {self._fixed_batch_size + 1}, got {paged_kv_indptr_buffer.shape[0]}")
+        self._indptr_buf = paged_kv_indptr_buffer
+        self._indices_buf = paged_kv_indices_buffer
+        self._last_buf = paged_kv_last_page_len_buffer
+        # Keys per split, read by the kernels from device memory (so a graph replays for new lengths).
+        self._chunk_buf = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self._graph_splits = None
+        self._alibi = None
+        self._planned = False
+
+    @property
+    def use_tensor_cores(self) -> bool:
+        return self._use_tensor_cores
+
+    @property
+    def is_cuda_graph_enabled(self) -> bool:
+        return self._use_cuda_graph
+
+    def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffer=None) -> None:
+        """Swap the float workspace (the int workspace is accepted and unused); re-plan afterwards."""
+        _checks.check_tensor("float_workspace_buffer", float_workspace_buffer)
+        if float_workspace_buffer.device != self.device or not float_workspace_buffer.is_contiguous():
+            raise ValueError(f"float_workspace_buffer must be a contiguous tensor on {self.device}")
+        self._workspace = float_workspace_buffer
+        self._planned = False
+
+    def plan(self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
+             pos_encoding_mode="NONE", window_left=-1, logits_soft_cap=None, q_data_type="float16",
+             kv_data_type=None, o_data_type=None, data_type=None, sm_scale=None, rope_scale=None, rope_theta=None,
+             non_blocking=True, block_tables=None, seq_lens=None, fixed_split_size=None, disable_split_kv=False,
+             q_len_per_req=1) -> None:
+        """Plan a batch: page table (int32 ``indptr [batch+1]``, ``indices [>= indptr[-1]]``,
+        ``last_page_len [batch]``, on the host or the device), head counts, head_dim, page_size and
+        the attention options (``pos_encoding_mode`` NONE/ROPE_LLAMA/ALIBI, ``window_left``,
+        ``logits_soft_cap``, ``sm_scale`` default ``head_dim**-0.5``, ``rope_scale`` 1, ``rope_theta`` 1e4).
+        ``q_data_type``/``kv_data_type`` (``data_type`` sets both) are checked against `run`'s tensors.
+        ``fixed_split_size`` (pages per split) or ``disable_split_kv`` override the split heuristic.
+        Reads the page table on the host; never call it inside a CUDA graph capture."""
+        hq, hk, d = _plan.check_heads(num_qo_heads, num_kv_heads, head_dim)
+        page_size = _plan.as_int("page_size", page_size, 1)
+        mode = _plan.check_pos_encoding(pos_encoding_mode)
+        window_left = _plan.check_window_left(window_left)
+        soft_cap = _plan.optional_positive("logits_soft_cap", logits_soft_cap, 0.0, allow_zero=True)
+        scale = _plan.optional_positive("sm_scale", sm_scale, d ** -0.5)
+        rope_scale = _plan.optional_positive("rope_scale", rope_scale, 1.0)
+        rope_theta = _plan.optional_positive("rope_theta", rope_theta, 1e4)
+        if data_type is not None:
+            q_data_type = data_type if q_data_type in (None, "float16") else q_data_type
+            kv_data_type = data_type if kv_data_type is None else kv_data_type
+        q_dtype = _plan.canonical_dtype("q_data_type", q_data_type if q_data_type is not None else "float16")
+        kv_dtype = _plan.canonical_dtype("kv_data_type", kv_data_type if kv_data_type is not None else q_dtype)
+        o_dtype = _plan.canonical_dtype("o_data_type", o_data_type if o_data_type is not None else q_dtype)
+        if o_dtype != q_dtype:
+            raise NotImplementedError("o_data_type different from q_data_type is not supported")
+        if block_tables is not None or seq_lens is not None:
+            raise NotImplementedError("block_tables/seq_lens planning is not supported: pass the CSR page table "
+                                      "(pagoda.ops.page.block_table_to_csr converts)")
+        if q_len_per_req != 1:
+            raise NotImplementedError("q_len_per_req > 1 is not supported by batch decode (use the prefill wrapper)")
+        if fixed_split_size is not None:
+            fixed_split_size = _plan.as_int("fixed_split_size", fixed_split_size, 1)
+        if not isinstance(disable_split_kv, bool):
+            raise TypeError(f"disable_split_kv must be a bool, got {type(disable_split_kv).__name__}")
+        batch = _paged.check_kv_csr(indptr, indices, last_page_len, page_size, None, indptr.device,
+                                    names=("indptr", "indices", "last_page_len"))
+        if indices.device != indptr.device or last_page_len.device != indptr.device:
+            raise ValueError("indptr, indices and last_page_len must be on the same device")
+        ptr = indptr.tolist()
+        last_host = last_page_len.tolist()
+        lens = [(ptr[i + 1] - ptr[i] - 1) * page_size + last_host[i] if ptr[i + 1] > ptr[i] else 0
+                for i in range(batch)]
+        used = indices[:ptr[-1]]
+        self._max_page_id = int(used.max()) if used.numel() else -1
+        if used.numel() and int(used.min()) < 0:
+            raise ValueError("indices must hold page ids >= 0")
+
+        sms = _plan.num_sms(self.device)
+        if self._use_cuda_graph:
+            grid_batch = self._fixed_batch_size
+            if batch > grid_batch:
+                raise ValueError(f"batch size {batch} exceeds the CUDA-graph buffers' batch size {grid_batch}")
+            if ptr[-1] > self._indices_buf.shape[0]:
+                raise ValueError(f"{ptr[-1]} pages exceed paged_kv_indices_buffer's length {self._indices_buf.shape[0]}")
+            self._indptr_buf[:batch + 1].copy_(indptr, non_blocking=non_blocking)
+            self._indptr_buf[batch + 1:].fill_(ptr[-1])
+            self._last_buf[:batch].copy_(last_page_len, non_blocking=non_blocking)
+            self._last_buf[batch:].fill_(0)
+            self._indices_buf[:ptr[-1]].copy_(indices[:ptr[-1]], non_blocking=non_blocking)
+            if self._graph_splits is None:
+                cap = _plan.max_splits_for(self._workspace, grid_batch, hq, d)
+                self._graph_splits = 1 if disable_split_kv else _plan.graph_splits(grid_batch, hk, sms, cap)
+                self._graph_shape = (hq, d)
+            elif self._graph_shape != (hq, d):
+                raise ValueError(f"num_qo_heads/head_dim {(hq, d)} differ from the first plan {self._graph_shape} "
+                                 "of this CUDA-graph wrapper")
+            splits = self._graph_splits
+            longest = max(lens, default=0)
+            chunk = max(-(-longest // splits), 1)
+            self._indptr, self._indices, self._last = self._indptr_buf, self._indices_buf, self._last_buf
+        else:
+            grid_batch = batch
+            self._indptr = indptr.to(self.device, non_blocking=non_blocking)
+            self._indices = indices.to(self.device, non_blocking=non_blocking)
+            self._last = last_page_len.to(self.device, non_blocking=non_blocking)
+            cap = _plan.max_splits_for(self._workspace, grid_batch, hq, d)
+            chunk, splits = _plan.choose_chunk(max(lens, default=0), batch, hk, sms, page_size, fixed_split_size,
+                                               disable_split_kv, cap)
+        self._chunk_buf.fill_(chunk)
+        # ALiBi slopes live as long as the wrapper's head count (a captured graph keeps their address).
+        if mode == "ALIBI" and (self._alibi is None or self._alibi.shape[0] != hq):
+            self._alibi = _ref.alibi_slopes(hq, device=self.device)
+        self._splits = splits
+        self._o_part, self._lse_part = _plan.workspace_views(self._workspace, grid_batch, splits, hq, d)
+        self._batch, self._grid_batch = batch, grid_batch
+        self._shape = (hq, hk, d, page_size)
+        self._q_dtype, self._kv_dtype = q_dtype, kv_dtype
+        self._opts = (mode, scale, window_left, soft_cap, rope_scale, rope_theta)
+        self._host_meta = (indptr.cpu(), indices.cpu(), last_page_len.cpu()) if self.device.type != "cuda" else None
+        self._planned = True
+
+    begin_forward = plan
+
+    def run(self, q, paged_kv_cache, *args, q_scale=None, k_scale=None, v_scale=None, out=None, lse=None,
+            return_lse=False, enable_pdl=None, window_left=None):
+        """Attend ``q [batch, num_qo_heads, head_dim]`` (the planned q_data_type) to ``paged_kv_cache``
+        (``[max_pages, 2, page_size, Hk, D]`` NHD / ``[max_pages, 2, Hk, page_size, D]`` HND, or a
+        ``(k_cache, v_cache)`` tuple; the planned kv_data_type).
+
+        Returns ``out [batch, num_qo_heads, head_dim]``, or ``(out, lse [batch, num_qo_heads])`` with
+        ``return_lse`` (float32, natural log; ``-inf`` and zero output for a request with no keys).
+        ``out``/``lse`` may be passed preallocated. Does not sync with the host."""
+        if not self._planned:
+            raise RuntimeError("call plan() before run()")
+        if args:
+            raise TypeError(f"run() takes no extra positional arguments (custom kernels), got {len(args)}")
+        mode, scale, planned_window, soft_cap, rope_scale, rope_theta = self._opts
+        if window_left is not None and window_left != planned_window:
+            raise ValueError(f"window_left={window_left} differs from the planned {planned_window}; re-plan")
+        hq, hk, d, page_size = self._shape
+        k_cache, v_cache, ps, heads, dim = _paged.check_paged_kv_cache(paged_kv_cache, self._kv_layout)
+        if (ps, heads, dim) != (page_size, hk, d):
+            raise ValueError(f"paged_kv_cache has page_size={ps}, num_kv_heads={heads}, head_dim={dim}; "
+                             f"the plan has {page_size}, {hk}, {d}")
+        if k_cache.shape[0] <= self._max_page_id:
+            raise ValueError(f"the page table refers to page {self._max_page_id} but paged_kv_cache has "
+                             f"{k_cache.shape[0]} pages")
+        _checks.check_tensor("q", q, ndim=3)
+        if q.shape[0] not in (self._batch, self._grid_batch) or tuple(q.shape[1:]) != (hq, d):
+            raise ValueError(f"q must have shape [{self._batch}, {hq}, {d}] (planned batch, num_qo_heads, "
+                             f"head_dim), got {tuple(q.shape)}")
+        if q.dtype != self._q_dtype or k_cache.dtype != self._kv_dtype:
+            raise TypeError(f"q/paged_kv_cache dtypes ({q.dtype}, {k_cache.dtype}) differ from the planned "
+                            f"q_data_type/kv_data_type ({self._q_dtype}, {self._kv_dtype})")
+        if q.device != self.device or k_cache.device != self.device:
+            raise ValueError(f"q and paged_kv_cache must be on the workspace's device {self.device}")
+        if q_scale is not None or k_scale is not None:
+            scale = scale * (q_scale or 1.0) * (k_scale or 1.0)
+        b = q.shape[0]
+        if out is not None:
+            _checks.check_tensor("out", out, ndim=3, dtypes=(q.dtype,))
+            if out.shape != q.shape or out.device != q.device or out.stride(-1) != 1:
+                raise ValueError(f"out must be a [{b}, {hq}, {d}] tensor on {q.device} (last dim contiguous)")
+        if lse is not None:
+            _checks.check_tensor("lse", lse, ndim=2, dtypes=(torch.float32,))
+            if tuple(lse.shape) != (b, hq) or lse.device != q.device:
+                raise ValueError(f"lse must be a float32 [{b}, {hq}] tensor on {q.device}")
+        if not q.is_cuda:
+            o, l = _ref.batch_decode_with_paged_kv_cache(
+                q[:self._batch], (k_cache, v_cache), self._host_meta[0], self._host_meta[1], self._host_meta[2],
+                self._kv_layout, sm_scale=scale, window_left=planned_window, logits_soft_cap=soft_cap,
+                pos_encoding_mode=mode, rope_scale=rope_scale, rope_theta=rope_theta)
+            o = torch.cat([o, torch.zeros_like(q[self._batch:])])
+            l = torch.cat([l, torch.full((b - self._batch, hq), float("-inf"), device=q.device)])
+            out = o if out is None else out.copy_(o)
+            lse = l if lse is None else lse.copy_(l)
+        else:
+            q = q if q.stride(-1) == 1 else q.contiguous()
+            out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
+            lse = torch.empty(b, hq, dtype=torch.float32, device=q.device) if lse is None else lse
+            _launch(q, k_cache, v_cache, self._kv_layout, self._indptr, self._indices, self._last, page_size, hk,
+                    out, lse, self._chunk_buf, self._splits, self._o_part, self._lse_part,
+                    _kernel_opts(self._alibi, mode, scale, planned_window, soft_cap, rope_scale, rope_theta))
+        if v_scale is not None:
+            out.mul_(v_scale)
+        return (out, lse) if return_lse else out
+
+    forward = run
+
+    def run_return_lse(self, q, paged_kv_cache, *args, **kwargs):
+        """`run` with ``return_lse=True``."""
+        return self.run(q, paged_kv_cache, *args, **kwargs, return_lse=True)
+
+    def end_forward(self) -> None:
+        """Kept for compatibility; nothing to release."""
+
+
+def single_decode_with_kv_cache(q, k, v, kv_layout="NHD", pos_encoding_mode="NONE", use_tensor_cores=False,
+                                q_scale=None, k_scale=None, v_scale=None, window_left=-1, logits_soft_cap=None,
+                                sm_scale=None, rope_scale=None, rope_theta=None, return_lse=False):
+    """Decode one request: q ``[num_qo_heads, head_dim]``; k, v ``[kv_len, num_kv_heads, head_dim]`` (NHD) or
+    ``[num_kv_heads, kv_len, head_dim]`` (HND); fp16/bf16 (fp32 too), all the same dtype.
+
+    Returns ``out [num_qo_heads, head_dim]``, or ``(out, lse [num_qo_heads] float32)`` with return_lse.
+    Options as in `BatchDecodeWithPagedKVCacheWrapper.plan`. Splits the keys across programs (no sync).
+    """
+    _checks.check_tensor("q", q, ndim=2)
+    _checks.check_tensor("k", k, ndim=3)
+    _checks.check_tensor("v", v, ndim=3)
+    _paged.check_kv_layout(kv_layout)
+    _checks.check_same("q, k, v", (q, k, v), "device")
+    _checks.check_same("q, k, v", (q, k, v), "dtype")
+    _checks.check_tensor("q", q, dtypes=_paged.CACHE_DTYPES)
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    kv_len, hk = (k.shape[0], k.shape[1]) if kv_layout == "NHD" else (k.shape[1], k.shape[0])
+    hq, _, d = _plan.check_heads(q.shape[0], hk, q.shape[1])
+    if k.shape[2] != d:
+        raise ValueError(f"k/v head_dim ({k.shape[2]}) must equal q's ({d})")
+    mode = _plan.check_pos_encoding(pos_encoding_mode)
+    window_left = _plan.check_window_left(window_left)
+    soft_cap = _plan.optional_positive("logits_soft_cap", logits_soft_cap, 0.0, allow_zero=True)
+    scale = _plan.optional_positive("sm_scale", sm_scale, d ** -0.5)
+    scale *= _plan.optional_positive("q_scale", q_scale, 1.0) * _plan.optional_positive("k_scale", k_scale, 1.0)
+    rope_scale = _plan.optional_positive("rope_scale", rope_scale, 1.0)
+    rope_theta = _plan.optional_positive("rope_theta", rope_theta, 1e4)
+    if not q.is_cuda or kv_len == 0:
+        out, lse = _ref.single_decode_with_kv_cache(q, k, v, kv_layout, mode, window_left=window_left,
+                                                    logits_soft_cap=soft_cap, sm_scale=scale, rope_scale=rope_scale,
+                                                    rope_theta=rope_theta, return_lse=True)
+    else:
+        # The whole sequence is one page of kv_len tokens: the paged kernel with a trivial page table.
+        q = q if q.stride(-1) == 1 else q.contiguous()
+        k = k if k.stride(-1) == 1 else k.contiguous()
+        v = v if v.stride(-1) == 1 else v.contiguous()
+        dev = q.device
+        indptr = torch.arange(2, dtype=torch.int32, device=dev)
+        indices = torch.zeros(1, dtype=torch.int32, device=dev)
+        last = torch.full((1,), kv_len, dtype=torch.int32, device=dev)
+        chunk, splits = _plan.choose_chunk(kv_len, 1, hk, _plan.num_sms(dev), kv_len, None, False, _plan.MAX_SPLITS)
+        chunk_buf = torch.full((1,), chunk, dtype=torch.int32, device=dev)
+        ws = torch.empty(max(splits, 1) * hq * (d + 1), dtype=torch.float32, device=dev)
+        o_part, lse_part = _plan.workspace_views(ws, 1, splits, hq, d)
+        out = torch.empty(1, hq, d, dtype=q.dtype, device=dev)
+        lse = torch.empty(1, hq, dtype=torch.float32, device=dev)
+        _launch(q[None], k[None], v[None], kv_layout, indptr, indices, last, kv_len, hk, out, lse, chunk_buf, splits,
+                o_part, lse_part, _kernel_opts(_ref.alibi_slopes(hq, device=dev) if mode == "ALIBI" else None, mode,
+                                               scale, window_left, soft_cap, rope_scale, rope_theta))
+        out, lse = out[0], lse[0]
+    if v_scale is not None:
+        out = out * _plan.optional_positive("v_scale", v_scale, 1.0)
+    return (out, lse) if return_lse else out
