@@ -34,10 +34,10 @@ def fill_cache(cache, keys, values, indptr, indices, page_size, layout):
     k_cache, v_cache = (cache[:, 0], cache[:, 1]) if isinstance(cache, torch.Tensor) else cache
     ptr = indptr.tolist()
     for b, (k, v) in enumerate(zip(keys, values)):
-        for t in range(k.shape[0]):
-            page = int(indices[ptr[b] + t // page_size])
-            slot = t % page_size
-            if layout == "NHD":
-                k_cache[page, slot], v_cache[page, slot] = k[t], v[t]
-            else:
-                k_cache[page, :, slot], v_cache[page, :, slot] = k[t], v[t]
+        t = torch.arange(k.shape[0])
+        page = indices.cpu().to(torch.int64)[ptr[b] + t // page_size].to(k_cache.device)
+        slot = (t % page_size).to(k_cache.device)
+        if layout == "NHD":
+            k_cache[page, slot], v_cache[page, slot] = k, v
+        else:
+            k_cache[page, :, slot], v_cache[page, :, slot] = k, v
