@@ -31,7 +31,6 @@ import triton
 import triton.language as tl
 
 MAX_ROUNDS = 34
-SPEC_COUNTER_BASE = 1 << 40  # Philox counters of the accept tests start here (disjoint from tokens')
 
 
 @triton.jit
@@ -220,7 +219,9 @@ def _chain_spec_kernel(q_ptr, d_ptr, p_ptr, out_ptr, acc_ptr, emit_ptr, seed_ptr
     tok = tl.minimum(tl.maximum(tok, 0), vocab - 1).to(tl.int64)
     qv = tl.load(q_ptr + b * s_qb + i * s_qn + tok, mask=live, other=0.0).to(tl.float32)
     pv = tl.load(p_ptr + b * s_pb + i * s_pn + tok, mask=live, other=0.0).to(tl.float32)
-    u = tl.rand(seed, off + 1099511627776 + b * n_spec + i)  # SPEC_COUNTER_BASE
+    # Counters [off, off + B*V) draw tokens; [off + B*V, off + B*V + B*n) draw the accept tests.
+    nb = tl.num_programs(0).to(tl.int64)
+    u = tl.rand(seed, off + nb * vocab + b * n_spec + i)
     passed = live & (u * qv < pv)
     accepted = tl.sum(passed.to(tl.int32), 0)
     emitted = tl.min(tl.where(live & ~passed, i, n_spec), 0)
@@ -259,7 +260,7 @@ def chain_speculative(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor, 
                       block: int = 1024) -> None:
     """Launch chain speculative verification. draft_probs ``[B, n, V]``, draft_token_ids int ``[B, n]``,
     target_probs ``[B, n+1, V]`` (last dims contiguous); writes out int32 ``[B, n+1]``, accepted and
-    emitted int32 ``[B]``. Philox counters: tokens ``offset + b*V + i``, tests ``offset + 2**40 + b*n + i``."""
+    emitted int32 ``[B]``. Philox counters: tokens ``offset + b*V + i``, tests ``offset + B*V + b*n + i``."""
     b, n = draft_token_ids.shape
     vocab = target_probs.shape[-1]
     if b == 0:

@@ -1,0 +1,138 @@
+"""Validation and random-state helpers for `pagoda.ops.sampling` (errors name the argument)."""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from pagoda.ops import _checks
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+FILTER_ORDERS = ("top_k_first", "joint")
+
+
+def check_rows(name: str, x) -> torch.Tensor:
+    """``[batch, vocab]`` floating tensor with vocab >= 1; returned with a contiguous last dim."""
+    _checks.check_tensor(name, x, ndim=2, dtypes=FLOAT_DTYPES)
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} must have a non-empty vocabulary (last dimension), got shape {tuple(x.shape)}")
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def check_indices(indices, num_rows: int, device) -> int:
+    """Optional int32/int64 ``[batch]`` map from outputs to rows; returns the output batch size.
+
+    Values are range-checked for CPU tensors; on CUDA that would synchronise with the host, so the
+    kernel clamps instead (an out-of-range index can never read outside the input).
+    """
+    if indices is None:
+        return num_rows
+    _checks.check_tensor("indices", indices, ndim=1, dtypes=INDEX_DTYPES)
+    if indices.device != device:
+        raise ValueError(f"indices must be on {device}, got {indices.device}")
+    if not indices.is_cuda and indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_rows):
+        raise ValueError(f"indices must lie in [0, {num_rows}), got values in "
+                         f"[{int(indices.min())}, {int(indices.max())}]")
+    return indices.shape[0]
+
+
+def per_row(name: str, value, batch: int, device, kind: str) -> torch.Tensor:
+    """A scalar or ``[batch]`` tensor parameter as a contiguous ``[batch]`` tensor on ``device``.
+
+    kind: ``"top_k"`` (int, >= 1 as a scalar), ``"prob"`` (float in (0, 1]: top_p), ``"min_p"``
+    (float in [0, 1]) or ``"temperature"`` (float >= 0). Tensor values are not range-checked (that
+    would synchronise with the device); the kernels clamp them as documented in the reference.
+    """
+    is_int = kind == "top_k"
+    dtype = torch.int32 if is_int else torch.float32
+    if isinstance(value, torch.Tensor):
+        allowed = INDEX_DTYPES if is_int else FLOAT_DTYPES + (torch.float64,)
+        _checks.check_tensor(name, value, dtypes=allowed)
+        if value.dim() > 1 or value.numel() not in (1, batch):
+            raise ValueError(f"{name} must be a scalar or a tensor of shape ({batch},), got {tuple(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"{name} must be on {device}, got {value.device}")
+        return value.reshape(-1).to(dtype).expand(batch).contiguous()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (is_int and not isinstance(value, numbers.Integral)):
+        want = "an int" if is_int else "a float"
+        raise TypeError(f"{name} must be {want} or a tensor of shape ({batch},), got {type(value).__name__}")
+    v = float(value)
+    ok = {"top_k": v >= 1, "prob": 0.0 < v <= 1.0, "min_p": 0.0 <= v <= 1.0, "temperature": v >= 0.0}[kind]
+    if not ok or v != v:
+        rule = {"top_k": ">= 1", "prob": "in (0, 1]", "min_p": "in [0, 1]", "temperature": ">= 0"}[kind]
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+    return torch.full((batch,), int(value) if is_int else v, dtype=dtype, device=device)
+
+
+def check_nan_rows(name: str, x: torch.Tensor, logits: bool) -> None:
+    """Raise ValueError listing rows with NaN or +inf (probabilities: also -inf/negatives; logits:
+    rows that are entirely -inf). Synchronises with the device: only called when check_nan=True."""
+    bad = torch.isnan(x).any(-1) | torch.isposinf(x).any(-1)
+    if logits:
+        bad |= torch.isneginf(x).all(-1)
+    else:
+        bad |= (x < 0).any(-1) | ~(x.float().sum(-1) > 0)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        shown = rows[:8] + (["..."] if len(rows) > 8 else [])
+        what = "NaN, +inf or all -inf" if logits else "NaN, inf, negative values or no positive mass"
+        raise ValueError(f"{name} has rows with {what} (check_nan=True): rows {shown}")
+
+
+def check_filter_order(filter_apply_order) -> None:
+    if filter_apply_order not in FILTER_ORDERS:
+        raise ValueError(f"filter_apply_order must be one of {FILTER_ORDERS}, got {filter_apply_order!r}")
+
+
+def _check_seed_value(name: str, v, batch: int, device):
+    if isinstance(v, torch.Tensor):
+        _checks.check_tensor(name, v, ndim=1, dtypes=(torch.int64,))
+        if v.numel() not in (1, batch):
+            raise ValueError(f"{name} tensor must have length 1 or {batch}, got {v.numel()}")
+        if v.device != device:
+            raise ValueError(f"{name} tensor must be on {device}, got {v.device}")
+        return v.contiguous()
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int or an int64 tensor, got {type(v).__name__}")
+    return int(v)
+
+
+def philox_seed_offset(generator, device, batch: int, increment: int, seed=None, offset=None):
+    """Philox (seed, offset) for a CUDA launch, as FlashInfer does.
+
+    With explicit ``seed``/``offset`` (ints, or int64 device tensors of length 1 or batch: the form
+    to use inside a captured CUDA graph) they are used as given and no generator is touched.
+    Otherwise they are read from ``generator`` (default: the device's default CUDA generator),
+    whose offset then advances by ``increment`` rounded up to 4, so consecutive calls draw fresh
+    numbers and re-seeding the generator reproduces them.
+    """
+    if (seed is None) != (offset is None):
+        raise ValueError("seed and offset must be given together (or neither)")
+    if seed is not None:
+        s, o = _check_seed_value("seed", seed, batch, device), _check_seed_value("offset", offset, batch, device)
+        if isinstance(s, torch.Tensor) != isinstance(o, torch.Tensor):
+            raise TypeError("seed and offset must both be ints or both be tensors")
+        return s, o
+    if generator is None:
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        generator = torch.cuda.default_generators[idx]
+    elif not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    elif generator.device.type != "cuda":
+        raise ValueError(f"generator must be a CUDA generator for CUDA inputs, got one on {generator.device}")
+    state = generator.get_state()
+    seed_v, offset_v = state.view(torch.int64).tolist()[:2]
+    new = torch.tensor([seed_v, offset_v + (increment + 3) // 4 * 4], dtype=torch.int64)
+    generator.set_state(torch.cat([new.view(torch.uint8), state[16:]]))
+    return seed_v, offset_v
+
+
+def check_generator_cpu(generator, seed=None, offset=None):
+    """CPU path: a CPU ``torch.Generator`` or None; seed/offset must come together."""
+    if (seed is None) != (offset is None):
+        raise ValueError("seed and offset must be given together (or neither)")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(f"generator must be a CPU generator for CPU inputs, got one on {generator.device}")

@@ -1,0 +1,288 @@
+"""FlashInfer-compatible sampling (``flashinfer.sampling``): same names, argument order, defaults, returns.
+
+CUDA tensors run pagoda's sorting-free Triton kernels (`pagoda.kernels.sampling`,
+`pagoda.kernels.sampling_filters`): no sort, no host synchronisation, so a sampler can sit inside a
+captured CUDA graph when ``seed``/``offset`` are given as int64 device tensors. Other devices run
+the sort-based reference (`pagoda.reference.sampling`), which also documents the exact semantics
+(tie rules, clamping of out-of-range per-row tensor values, degenerate rows).
+
+Shared arguments:
+    probs / logits: ``[num_rows, vocab]`` float32/float16/bfloat16 (probabilities need not be
+        normalised: filters are relative to each row's sum).
+    indices: optional int32/int64 ``[batch]``: output i is drawn from row ``indices[i]``; the output
+        then has indices' dtype, otherwise int32 ``[num_rows]``.
+    top_k / top_p / min_p: a scalar or a ``[batch]`` tensor (one value per output row).
+    deterministic: accepted for compatibility; pagoda's kernels are always deterministic.
+    generator: a ``torch.Generator`` on the input's device (default generator when None); on CUDA the
+        Philox (seed, offset) is read from it and its offset advanced, as FlashInfer does.
+    check_nan: raise ValueError naming the bad rows when the input has NaN/inf (a host sync).
+    seed, offset: explicit Philox state (ints, or int64 tensors of length 1 or batch), both or neither.
+    return_valid: also return bool ``[batch]``: False for rows with no positive mass (token 0).
+"""
+from __future__ import annotations
+
+import torch
+
+from pagoda.ops import _checks
+from pagoda.ops import _sampling_args as _a
+from pagoda.reference import sampling as _ref
+
+__all__ = [
+    "softmax", "sampling_from_logits", "sampling_from_probs", "top_p_sampling_from_probs",
+    "top_k_sampling_from_probs", "min_p_sampling_from_probs", "top_k_top_p_sampling_from_logits",
+    "top_k_top_p_sampling_from_probs", "top_p_renorm_probs", "top_p_renorm_prob", "top_k_renorm_probs",
+    "top_k_renorm_prob", "top_k_mask_logits", "chain_speculative_sampling",
+]
+
+
+def _launch(x, indices, batch, generator, seed, offset, return_valid, top_k=None, top_p=None, min_p=None,
+            from_logits=False, out_dtype=None):
+    from pagoda.kernels import sampling as _k
+
+    s, o = _a.philox_seed_offset(generator, x.device, batch, batch * x.shape[1], seed, offset)
+    dtype = out_dtype or (indices.dtype if indices is not None else torch.int32)
+    out = torch.empty(batch, dtype=dtype, device=x.device)
+    valid = torch.empty(batch, dtype=torch.bool, device=x.device)
+    _k.sample(x, out, valid, indices, top_k, top_p, min_p, s, o, from_logits)
+    return (out, valid) if return_valid else out
+
+
+def _prepare(name, x, indices, check_nan, logits=False):
+    x = _a.check_rows(name, x)
+    batch = _a.check_indices(indices, x.shape[0], x.device)
+    if check_nan:
+        _a.check_nan_rows(name, x, logits)
+    return x, batch
+
+
+def _cpu(result, device):
+    if isinstance(result, tuple):
+        return tuple(r.to(device) for r in result)
+    return result.to(device)
+
+
+def softmax(logits, temperature=None, enable_pdl=None):
+    """Row softmax of ``logits / temperature``: float32 ``[batch, vocab]``.
+
+    temperature: None (1.0), a float >= 0 or a ``[batch]`` tensor; 0 gives the one-hot of the first
+    maximum (greedy), exactly. enable_pdl: accepted for compatibility, ignored.
+    """
+    logits = _a.check_rows("logits", logits)
+    temp = None if temperature is None else _a.per_row("temperature", temperature, logits.shape[0], logits.device,
+                                                      "temperature")
+    if not logits.is_cuda:
+        return _ref.softmax(logits, temp).to(logits.device)
+    from pagoda.kernels import sampling_filters as _f
+
+    out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    _f.softmax(logits, out, temp)
+    return out
+
+
+def sampling_from_logits(logits, indices=None, deterministic=True, generator=None, check_nan=False, seed=None,
+                         offset=None):
+    """One token per row from ``softmax(logits)`` (Gumbel-max: one pass, no softmax materialised).
+    Returns ``[batch]`` int32 (or indices' dtype)."""
+    logits, batch = _prepare("logits", logits, indices, check_nan, logits=True)
+    if not logits.is_cuda:
+        _a.check_generator_cpu(generator, seed, offset)
+        return _cpu(_ref.sampling_from_logits(logits, indices, deterministic, generator, False, seed, offset),
+                    logits.device)
+    return _launch(logits, indices, batch, generator, seed, offset, False, from_logits=True)
+
+
+def sampling_from_probs(probs, indices=None, deterministic=True, generator=None, check_nan=False, seed=None,
+                        offset=None, return_valid=False):
+    """One token per row from ``probs`` (renormalised). Returns ``[batch]`` (and ``valid``)."""
+    probs, batch = _prepare("probs", probs, indices, check_nan)
+    if not probs.is_cuda:
+        _a.check_generator_cpu(generator, seed, offset)
+        return _cpu(_ref.sampling_from_probs(probs, indices, deterministic, generator, False, seed, offset,
+                                             return_valid), probs.device)
+    return _launch(probs, indices, batch, generator, seed, offset, return_valid)
+
+
+def top_p_sampling_from_probs(probs, top_p, indices=None, deterministic=True, generator=None, check_nan=False,
+                              seed=None, offset=None, return_valid=False):
+    """Nucleus sampling: draw from the smallest set of most likely tokens whose mass reaches
+    ``top_p`` (ties at the threshold kept). top_p: float in (0, 1] or ``[batch]``."""
+    probs, batch = _prepare("probs", probs, indices, check_nan)
+    tp = _a.per_row("top_p", top_p, batch, probs.device, "prob")
+    if not probs.is_cuda:
+        _a.check_generator_cpu(generator, seed, offset)
+        return _cpu(_ref.top_p_sampling_from_probs(probs, tp, indices, deterministic, generator, False, seed,
+                                                   offset, return_valid), probs.device)
+    return _launch(probs, indices, batch, generator, seed, offset, return_valid, top_p=tp)
+
+
+def top_k_sampling_from_probs(probs, top_k, indices=None, deterministic=True, generator=None, check_nan=False,
+                              seed=None, offset=None, return_valid=False):
+    """Top-k sampling: draw among tokens >= the k-th largest probability (ties kept).
+    top_k: int >= 1 or int ``[batch]``; values >= vocab (or <= 0 in a tensor) keep every token."""
+    probs, batch = _prepare("probs", probs, indices, check_nan)
+    tk = _a.per_row("top_k", top_k, batch, probs.device, "top_k")
+    if not probs.is_cuda:
+        _a.check_generator_cpu(generator, seed, offset)
+        return _cpu(_ref.top_k_sampling_from_probs(probs, tk, indices, deterministic, generator, False, seed,
+                                                   offset, return_valid), probs.device)
+    return _launch(probs, indices, batch, generator, seed, offset, return_valid, top_k=tk)
+
+
+def min_p_sampling_from_probs(probs, min_p, indices=None, deterministic=True, generator=None, check_nan=False,
+                              seed=None, offset=None, return_valid=False):
+    """Min-p sampling: draw among tokens with ``p >= min_p * max(p)``. min_p: float in [0, 1] or ``[batch]``."""
+    probs, batch = _prepare("probs", probs, indices, check_nan)
+    mp = _a.per_row("min_p", min_p, batch, probs.device, "min_p")
+    if not probs.is_cuda:
+        _a.check_generator_cpu(generator, seed, offset)
+        return _cpu(_ref.min_p_sampling_from_probs(probs, mp, indices, deterministic, generator, False, seed,
+                                                   offset, return_valid), probs.device)
+    return _launch(probs, indices, batch, generator, seed, offset, return_valid, min_p=mp)
+
+
+def _top_k_top_p(name, x, top_k, top_p, indices, filter_apply_order, generator, check_nan, seed, offset,
+                 return_valid, from_logits):
+    _a.check_filter_order(filter_apply_order)
+    x, batch = _prepare(name, x, indices, check_nan, logits=from_logits)
+    tk = _a.per_row("top_k", top_k, batch, x.device, "top_k")
+    tp = _a.per_row("top_p", top_p, batch, x.device, "prob")
+    if not x.is_cuda:
+        _a.check_generator_cpu(generator, seed, offset)
+        fn = _ref.top_k_top_p_sampling_from_logits if from_logits else _ref.top_k_top_p_sampling_from_probs
+        extra = {} if from_logits else {"return_valid": return_valid}
+        return _cpu(fn(x, tk, tp, indices, filter_apply_order, True, generator, False, seed, offset, **extra),
+                    x.device)
+    from pagoda.kernels import sampling_filters as _f
+
+    out_dtype = indices.dtype if indices is not None else torch.int32
+    if indices is not None:  # per-output parameters: filter the gathered rows
+        x = x.index_select(0, indices)
+    if from_logits:
+        if filter_apply_order == "top_k_first":
+            masked = torch.empty_like(x)
+            _f.threshold_filter(x, masked, tk, None, renorm=False)
+            x = masked
+        probs = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        _f.softmax(x, probs, None)
+        x = probs
+    elif filter_apply_order == "top_k_first":
+        renormed = torch.empty_like(x)
+        _f.threshold_filter(x, renormed, tk, None, renorm=True)
+        x = renormed
+    joint_k = tk if filter_apply_order == "joint" else None
+    return _launch(x, None, batch, generator, seed, offset, return_valid, top_k=joint_k, top_p=tp,
+                   out_dtype=out_dtype)
+
+
+def top_k_top_p_sampling_from_logits(logits, top_k, top_p, indices=None, filter_apply_order="top_k_first",
+                                     deterministic=True, generator=None, check_nan=False, seed=None, offset=None):
+    """Top-k and top-p sampling from pre-softmax logits. ``"top_k_first"``: mask to the top-k logits,
+    softmax, then top-p over the result; ``"joint"``: softmax, then keep tokens passing both filters
+    (top-p relative to the full distribution). Returns ``[batch]`` int32 (or indices' dtype)."""
+    return _top_k_top_p("logits", logits, top_k, top_p, indices, filter_apply_order, generator, check_nan, seed,
+                        offset, False, True)
+
+
+def top_k_top_p_sampling_from_probs(probs, top_k, top_p, indices=None, filter_apply_order="top_k_first",
+                                    deterministic=True, generator=None, check_nan=False, seed=None, offset=None,
+                                    return_valid=False):
+    """Top-k and top-p sampling from probabilities (``filter_apply_order`` as in the logits form:
+    ``"top_k_first"`` renormalises the top-k set before top-p). Returns ``[batch]`` (and ``valid``)."""
+    return _top_k_top_p("probs", probs, top_k, top_p, indices, filter_apply_order, generator, check_nan, seed,
+                        offset, return_valid, False)
+
+
+def _renorm(name, x, value, kind, renorm):
+    x = _a.check_rows(name, x)
+    param = _a.per_row("top_k" if kind == "top_k" else "top_p", value, x.shape[0], x.device, kind)
+    if not x.is_cuda:
+        if not renorm:
+            return _ref.top_k_mask_logits(x, param).to(x.device)
+        fn = _ref.top_k_renorm_probs if kind == "top_k" else _ref.top_p_renorm_probs
+        return fn(x, param).to(x.device)
+    from pagoda.kernels import sampling_filters as _f
+
+    out = torch.empty_like(x)
+    _f.threshold_filter(x, out, param if kind == "top_k" else None, param if kind == "prob" else None, renorm)
+    return out
+
+
+def top_p_renorm_probs(probs, top_p, is_deterministic=False):
+    """Zero the tokens outside the top-p nucleus and renormalise: ``[batch, vocab]``, probs' dtype.
+    is_deterministic: accepted for compatibility (always deterministic)."""
+    return _renorm("probs", probs, top_p, "prob", True)
+
+
+def top_k_renorm_probs(probs, top_k, is_deterministic=False):
+    """Zero the tokens below the k-th largest probability (ties kept) and renormalise:
+    ``[batch, vocab]``, probs' dtype."""
+    return _renorm("probs", probs, top_k, "top_k", True)
+
+
+def top_k_mask_logits(logits, top_k):
+    """Set logits below the k-th largest to -inf (ties kept): ``[batch, vocab]``, logits' dtype."""
+    return _renorm("logits", logits, top_k, "top_k", False)
+
+
+top_p_renorm_prob = top_p_renorm_probs
+top_k_renorm_prob = top_k_renorm_probs
+
+
+def chain_speculative_sampling(draft_probs, draft_token_ids, target_probs, maybe_output_accepted_token_num=None,
+                               maybe_output_emitted_draft_token_num=None, deterministic=True, generator=None,
+                               seed=None, offset=None):
+    """Verify a chain of ``n`` draft tokens per request against the target model (speculative sampling).
+
+    Args:
+        draft_probs: ``[batch, n, vocab]`` float; draft_token_ids: int32/int64 ``[batch, n]``;
+        target_probs: ``[batch, n + 1, vocab]`` float (one extra row for the bonus token).
+        maybe_output_accepted_token_num / maybe_output_emitted_draft_token_num: optional int
+            ``[batch]`` tensors the counts are ADDED to in place (and returned).
+
+    Returns:
+        ``(output_token_ids [batch, n+1] int32`` (accepted drafts, then the corrected or bonus token,
+        then -1 padding), ``output_accepted_token_num [batch]`` (positions passing their test,
+        counted independently), ``output_emitted_draft_token_num [batch])`` (drafts emitted before
+        the first rejection; bonus excluded). The emitted tokens follow the target distribution.
+    """
+    _checks.check_tensor("draft_probs", draft_probs, ndim=3, dtypes=_a.FLOAT_DTYPES)
+    _checks.check_tensor("draft_token_ids", draft_token_ids, ndim=2, dtypes=_a.INDEX_DTYPES)
+    _checks.check_tensor("target_probs", target_probs, ndim=3, dtypes=_a.FLOAT_DTYPES)
+    b, n, vocab = draft_probs.shape
+    if tuple(draft_token_ids.shape) != (b, n):
+        raise ValueError(f"draft_token_ids must have shape ({b}, {n}), got {tuple(draft_token_ids.shape)}")
+    if tuple(target_probs.shape) != (b, n + 1, vocab):
+        raise ValueError(f"target_probs must have shape ({b}, {n + 1}, {vocab}), got {tuple(target_probs.shape)}")
+    if vocab == 0:
+        raise ValueError("draft_probs must have a non-empty vocabulary (last dimension)")
+    _checks.check_same("draft_probs, draft_token_ids, target_probs", (draft_probs, draft_token_ids, target_probs),
+                       "device")
+    for name, t in (("maybe_output_accepted_token_num", maybe_output_accepted_token_num),
+                    ("maybe_output_emitted_draft_token_num", maybe_output_emitted_draft_token_num)):
+        if t is not None:
+            _checks.check_tensor(name, t, ndim=1, dtypes=_a.INDEX_DTYPES)
+            if t.shape[0] != b or t.device != draft_probs.device:
+                raise ValueError(f"{name} must have shape ({b},) on {draft_probs.device}, got "
+                                 f"{tuple(t.shape)} on {t.device}")
+    if not draft_probs.is_cuda:
+        _a.check_generator_cpu(generator, seed, offset)
+        return _ref.chain_speculative_sampling(draft_probs, draft_token_ids, target_probs,
+                                               maybe_output_accepted_token_num,
+                                               maybe_output_emitted_draft_token_num, deterministic, generator,
+                                               seed, offset)
+    from pagoda.kernels import sampling as _k
+
+    dev = draft_probs.device
+    s, o = _a.philox_seed_offset(generator, dev, b, b * vocab + b * n, seed, offset)
+    out = torch.empty(b, n + 1, dtype=torch.int32, device=dev)
+    accepted = torch.empty(b, dtype=torch.int32, device=dev)
+    emitted = torch.empty(b, dtype=torch.int32, device=dev)
+    contig = [t if t.stride(-1) == 1 else t.contiguous() for t in (draft_probs, draft_token_ids, target_probs)]
+    _k.chain_speculative(*contig, out, accepted, emitted, s, o)
+    if maybe_output_accepted_token_num is not None:
+        maybe_output_accepted_token_num += accepted.to(maybe_output_accepted_token_num.dtype)
+        accepted = maybe_output_accepted_token_num
+    if maybe_output_emitted_draft_token_num is not None:
+        maybe_output_emitted_draft_token_num += emitted.to(maybe_output_emitted_draft_token_num.dtype)
+        emitted = maybe_output_emitted_draft_token_num
+    return out, accepted, emitted
