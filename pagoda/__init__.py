@@ -4,6 +4,8 @@ Every op runs on CUDA through Triton kernels compiled on first use, and anywhere
 plain-PyTorch reference path.
 """
 from pagoda.ops.attention import flash_attn_func, flash_attn_varlen_func
+from pagoda.ops.cascade import merge_state, merge_state_in_place, merge_states
 
 __version__ = "0.1.0"
-__all__ = ["flash_attn_func", "flash_attn_varlen_func", "__version__"]
+__all__ = ["flash_attn_func", "flash_attn_varlen_func", "merge_state", "merge_state_in_place", "merge_states",
+           "__version__"]
