@@ -194,3 +194,17 @@ def apply_llama31_rope_inplace(q, k, indptr, offsets, rotary_dim=None, interleav
     """In-place `apply_llama31_rope`."""
     _run(q, k, lambda: _indptr_positions(indptr, offsets, q.shape[0], q.device), rotary_dim, interleave,
          _llama_args(rope_scale, rope_theta, low_freq_factor, high_freq_factor, old_context_len), True)
+
+
+def rotate_llama(x: torch.Tensor, pos: torch.Tensor, rope_scale: float, rope_theta: float) -> torch.Tensor:
+    """Non-interleaved full-head_dim RoPE of ``x [nnz, H, D]`` at ``pos [nnz]`` (a new tensor; for the
+    wrappers' ``pos_encoding_mode="ROPE_LLAMA"``; arguments already validated)."""
+    freqs = _ref.rope_frequencies(x.shape[-1], rope_scale, rope_theta, device=x.device)
+    if not x.is_cuda:
+        return _ref.rope_ref(x, pos, freqs, False)
+    from pagoda.kernels.rope import rope_fwd
+
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    rope_fwd(x, out, pos, freqs.to(torch.float32), False)
+    return out

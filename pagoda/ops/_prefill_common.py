@@ -1,0 +1,68 @@
+"""Plan/run checks shared by the prefill wrappers (`pagoda.ops.prefill`)."""
+from __future__ import annotations
+
+import torch
+
+from pagoda.ops import _checks
+from pagoda.ops import _decode_plan as _plan
+
+
+def options(head_dim_qk, head_dim_vo, custom_mask, packed_custom_mask, causal, pos_encoding_mode,
+             use_fp16_qk_reduction, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta) -> dict:
+    """Validate the shared plan options; return them resolved to defaults."""
+    if head_dim_vo is not None and head_dim_vo != head_dim_qk:
+        raise NotImplementedError(f"head_dim_vo ({head_dim_vo}) different from head_dim_qk ({head_dim_qk})")
+    if custom_mask is not None or packed_custom_mask is not None:
+        raise NotImplementedError("custom_mask/packed_custom_mask are not supported (use causal/window_left)")
+    for name, flag in (("causal", causal), ("use_fp16_qk_reduction", use_fp16_qk_reduction)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    return dict(causal=causal, pos_encoding_mode=_plan.check_pos_encoding(pos_encoding_mode),
+                window_left=_plan.check_window_left(window_left),
+                logits_soft_cap=_plan.optional_positive("logits_soft_cap", logits_soft_cap, 0.0, allow_zero=True),
+                sm_scale=_plan.optional_positive("sm_scale", sm_scale, head_dim_qk ** -0.5),
+                rope_scale=_plan.optional_positive("rope_scale", rope_scale, 1.0),
+                rope_theta=_plan.optional_positive("rope_theta", rope_theta, 1e4))
+
+
+def dtypes(q_data_type, kv_data_type, o_data_type):
+    q_dtype = _plan.canonical_dtype("q_data_type", q_data_type if q_data_type is not None else "float16")
+    kv_dtype = _plan.canonical_dtype("kv_data_type", kv_data_type if kv_data_type is not None else q_dtype)
+    if o_data_type is not None and _plan.canonical_dtype("o_data_type", o_data_type) != q_dtype:
+        raise NotImplementedError("o_data_type different from q_data_type is not supported")
+    return q_dtype, kv_dtype
+
+
+def check_indptr(name: str, indptr, device) -> list:
+    _checks.check_tensor(name, indptr, ndim=1, dtypes=(torch.int32,))
+    if indptr.shape[0] < 1:
+        raise ValueError(f"{name} must have length batch_size + 1 >= 1")
+    if indptr.device != device:
+        raise ValueError(f"{name} must be on {device}, got {indptr.device}")
+    ptr = indptr.tolist()
+    if ptr[0] != 0 or any(b < a for a, b in zip(ptr, ptr[1:])):
+        raise ValueError(f"{name} must start at 0 and be non-decreasing, got {ptr[:16]}")
+    return ptr
+
+
+def run_checks(q, hq, d, nnz, q_dtype, device, out, lse):
+    _checks.check_tensor("q", q, ndim=3)
+    if tuple(q.shape[1:]) != (hq, d) or q.shape[0] < nnz:
+        raise ValueError(f"q must have shape [>= {nnz}, {hq}, {d}] (qo_indptr[-1], num_qo_heads, head_dim), "
+                         f"got {tuple(q.shape)}")
+    if q.dtype != q_dtype:
+        raise TypeError(f"q has dtype {q.dtype}, the plan's q_data_type is {q_dtype}")
+    if q.device != device:
+        raise ValueError(f"q must be on {device}, got {q.device}")
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
+                            or out.stride(-1) != 1):
+        raise ValueError(f"out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}")
+    if lse is not None and (tuple(lse.shape) != (q.shape[0], hq) or lse.dtype != torch.float32
+                            or lse.device != q.device):
+        raise ValueError(f"lse must be a float32 [{q.shape[0]}, {hq}] tensor on {q.device}")
+
+
+def finish(out, lse, v_scale, return_lse):
+    if v_scale is not None:
+        out.mul_(_plan.optional_positive("v_scale", v_scale, 1.0))
+    return (out, lse) if return_lse else out

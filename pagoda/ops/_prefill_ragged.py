@@ -1,0 +1,195 @@
+"""`BatchPrefillWithRaggedKVCacheWrapper` and `single_prefill_with_kv_cache` (exported by `pagoda.ops.prefill`).
+
+The ragged wrapper runs `pagoda.ops.attention.flash_attn_varlen_func` (bottom-right causal alignment
+is the same as FlashInfer's); ``ROPE_LLAMA`` rotates copies of q and k first, ``ALIBI`` passes the
+standard slopes. `single_prefill_with_kv_cache` runs the paged prefill kernel over a one-page table.
+"""
+from __future__ import annotations
+
+import torch
+
+from pagoda.ops import _checks, _paged
+from pagoda.ops import _decode_plan as _plan
+from pagoda.ops import _prefill_common as _common
+from pagoda.ops.attention import flash_attn_varlen_func
+from pagoda.ops.rope import rotate_llama
+from pagoda.reference import decode as _dref
+from pagoda.reference import prefill as _ref
+
+
+class BatchPrefillWithRaggedKVCacheWrapper:
+    """Prefill attention with ragged queries and ragged keys/values (FlashInfer's wrapper).
+
+    k/v are ``[kv_indptr[-1], num_kv_heads, head_dim]`` (NHD) or ``[num_kv_heads, kv_indptr[-1], head_dim]``
+    (HND). With ``use_cuda_graph=True`` the int32 ``qo_indptr_buf``/``kv_indptr_buf`` ``[max_batch+1]`` are
+    required and plan only writes into them (smaller batches padded with empty requests).
+    """
+
+    def __init__(self, float_workspace_buffer, kv_layout="NHD", use_cuda_graph=False, qo_indptr_buf=None,
+                 kv_indptr_buf=None, custom_mask_buf=None, mask_indptr_buf=None, backend="auto", jit_args=None):
+        _checks.check_tensor("float_workspace_buffer", float_workspace_buffer)
+        _paged.check_kv_layout(kv_layout)
+        if not isinstance(use_cuda_graph, bool):
+            raise TypeError(f"use_cuda_graph must be a bool, got {type(use_cuda_graph).__name__}")
+        if backend != "auto":
+            raise ValueError(f"backend must be 'auto', got {backend!r}")
+        if jit_args is not None or custom_mask_buf is not None or mask_indptr_buf is not None:
+            raise NotImplementedError("jit_args and custom masks are not supported")
+        self.device = float_workspace_buffer.device
+        self._kv_layout = kv_layout
+        self._use_cuda_graph = use_cuda_graph
+        if use_cuda_graph:
+            for name, buf in (("qo_indptr_buf", qo_indptr_buf), ("kv_indptr_buf", kv_indptr_buf)):
+                if buf is None:
+                    raise ValueError(f"{name} is required when use_cuda_graph=True")
+                _checks.check_tensor(name, buf, ndim=1, dtypes=(torch.int32,))
+                if buf.device != self.device:
+                    raise ValueError(f"{name} must be on {self.device}, got {buf.device}")
+            if kv_indptr_buf.shape != qo_indptr_buf.shape:
+                raise ValueError("qo_indptr_buf and kv_indptr_buf must have the same length (max_batch + 1)")
+        self._bufs = (qo_indptr_buf, kv_indptr_buf)
+        self._alibi = None
+        self._planned = False
+
+    @property
+    def is_cuda_graph_enabled(self) -> bool:
+        return self._use_cuda_graph
+
+    def plan(self, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo=None, custom_mask=None,
+             packed_custom_mask=None, causal=False, pos_encoding_mode="NONE", use_fp16_qk_reduction=False,
+             window_left=-1, logits_soft_cap=None, sm_scale=None, rope_scale=None, rope_theta=None,
+             q_data_type="float16", kv_data_type=None, o_data_type=None, non_blocking=True) -> None:
+        """Plan: int32 ``qo_indptr``/``kv_indptr [batch+1]`` (same device), head counts, head_dim and the
+        options of `BatchPrefillWithPagedKVCacheWrapper.plan`. Reads the indptrs on the host."""
+        hq, hk, d = _plan.check_heads(num_qo_heads, num_kv_heads, head_dim_qk)
+        opts = _common.options(d, head_dim_vo, custom_mask, packed_custom_mask, causal, pos_encoding_mode,
+                               use_fp16_qk_reduction, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta)
+        q_dtype, kv_dtype = _common.dtypes(q_data_type, kv_data_type, o_data_type)
+        if q_dtype != kv_dtype:
+            raise NotImplementedError("q_data_type and kv_data_type must be equal")
+        dev = qo_indptr.device if isinstance(qo_indptr, torch.Tensor) else None
+        qptr = _common.check_indptr("qo_indptr", qo_indptr, dev)
+        kptr = _common.check_indptr("kv_indptr", kv_indptr, dev)
+        if len(kptr) != len(qptr):
+            raise ValueError(f"kv_indptr must have the same length as qo_indptr ({len(qptr)}), got {len(kptr)}")
+        batch = len(qptr) - 1
+        if self._use_cuda_graph:
+            qb, kb = self._bufs
+            if batch + 1 > qb.shape[0]:
+                raise ValueError(f"batch {batch} exceeds the CUDA-graph buffers' {qb.shape[0] - 1}")
+            qb[:batch + 1].copy_(qo_indptr, non_blocking=non_blocking)
+            qb[batch + 1:].fill_(qptr[-1])
+            kb[:batch + 1].copy_(kv_indptr, non_blocking=non_blocking)
+            kb[batch + 1:].fill_(kptr[-1])
+            self._meta = (qb, kb)
+        else:
+            self._meta = (qo_indptr.to(self.device, non_blocking=non_blocking),
+                          kv_indptr.to(self.device, non_blocking=non_blocking))
+        self._rope_pos = None
+        if opts["pos_encoding_mode"] == "ROPE_LLAMA":
+            # Query t of request b sits at (t - qo_start) + kv_len - qo_len; key t at t - kv_start.
+            q_pos, k_pos = [], []
+            for b in range(batch):
+                qo, kv = qptr[b + 1] - qptr[b], kptr[b + 1] - kptr[b]
+                q_pos += range(kv - qo, kv)
+                k_pos += range(kv)
+            self._rope_pos = (torch.tensor(q_pos, dtype=torch.int32).to(self.device),
+                              torch.tensor(k_pos, dtype=torch.int32).to(self.device))
+        if opts["pos_encoding_mode"] == "ALIBI" and (self._alibi is None or self._alibi.shape[0] != hq):
+            self._alibi = _dref.alibi_slopes(hq, device=self.device)
+        self._nnz, self._nnz_kv = qptr[-1], kptr[-1]
+        self._max_q = max((b - a for a, b in zip(qptr, qptr[1:])), default=0)
+        self._max_k = max((b - a for a, b in zip(kptr, kptr[1:])), default=0)
+        self._shape, self._q_dtype, self._opts = (hq, hk, d), q_dtype, opts
+        self._planned = True
+
+    begin_forward = plan
+
+    def run(self, q, k, v, *args, q_scale=None, k_scale=None, v_scale=None, out=None, lse=None, return_lse=False,
+            enable_pdl=None, window_left=None):
+        """``q [qo_indptr[-1], Hq, D]``, ``k``/``v`` ragged by kv_indptr -> ``out`` like q, or ``(out, lse)``
+        with ``lse [nnz_qo, Hq]`` float32 natural log."""
+        if not self._planned:
+            raise RuntimeError("call plan() before run()")
+        if args:
+            raise TypeError(f"run() takes no extra positional arguments, got {len(args)}")
+        opts = self._opts
+        if window_left is not None and window_left != opts["window_left"]:
+            raise ValueError(f"window_left={window_left} differs from the planned {opts['window_left']}; re-plan")
+        hq, hk, d = self._shape
+        _common.run_checks(q, hq, d, self._nnz, self._q_dtype, self.device, out, lse)
+        for name, t in (("k", k), ("v", v)):
+            _checks.check_tensor(name, t, ndim=3, dtypes=(self._q_dtype,))
+        if self._kv_layout == "HND":
+            k, v = k.transpose(0, 1), v.transpose(0, 1)
+        if k.shape != v.shape or tuple(k.shape[1:]) != (hk, d) or k.shape[0] < self._nnz_kv:
+            raise ValueError(f"k and v must be [>= {self._nnz_kv}, {hk}, {d}] in layout {self._kv_layout} "
+                             f"(kv_indptr[-1], num_kv_heads, head_dim), got {tuple(k.shape)} and {tuple(v.shape)}")
+        if k.device != self.device or v.device != self.device:
+            raise ValueError(f"k and v must be on {self.device}")
+        if self._rope_pos is not None:
+            n, m = self._nnz, self._nnz_kv
+            q = torch.cat([rotate_llama(q[:n], self._rope_pos[0], opts["rope_scale"], opts["rope_theta"]), q[n:]])
+            k = torch.cat([rotate_llama(k[:m], self._rope_pos[1], opts["rope_scale"], opts["rope_theta"]), k[m:]])
+        scale = opts["sm_scale"] * (q_scale or 1.0) * (k_scale or 1.0)
+        graph = self._use_cuda_graph
+        o, l, _ = flash_attn_varlen_func(
+            q, k, v, self._meta[0], self._meta[1], q.shape[0] if graph else self._max_q,
+            k.shape[0] if graph else self._max_k, softmax_scale=scale, causal=opts["causal"],
+            window_size=(opts["window_left"], -1), softcap=opts["logits_soft_cap"],
+            alibi_slopes=self._alibi if opts["pos_encoding_mode"] == "ALIBI" else None, return_attn_probs=True)
+        out = o if out is None else out.copy_(o)
+        lse = l.t().contiguous() if lse is None else lse.copy_(l.t())
+        return _common.finish(out, lse, v_scale, return_lse)
+
+    forward = run
+
+    def run_return_lse(self, q, k, v, *args, **kwargs):
+        return self.run(q, k, v, *args, **kwargs, return_lse=True)
+
+    def end_forward(self) -> None:
+        """Kept for compatibility; nothing to release."""
+
+
+def single_prefill_with_kv_cache(q, k, v, custom_mask=None, packed_custom_mask=None, causal=False, kv_layout="NHD",
+                                 pos_encoding_mode="NONE", use_fp16_qk_reduction=False, sm_scale=None, window_left=-1,
+                                 logits_soft_cap=None, rope_scale=None, rope_theta=None, return_lse=False):
+    """Prefill for one request: q ``[qo_len, Hq, D]``; k, v ``[kv_len, Hk, D]`` (NHD) or ``[Hk, kv_len, D]``
+    (HND); fp16/bf16/fp32, all one dtype. Query i sits at key position ``i + kv_len - qo_len``.
+    Returns ``out [qo_len, Hq, D]``, or ``(out, lse [qo_len, Hq] float32)`` with return_lse."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _checks.check_tensor(name, t, ndim=3, dtypes=_paged.CACHE_DTYPES)
+    _checks.check_same("q, k, v", (q, k, v), "dtype")
+    _checks.check_same("q, k, v", (q, k, v), "device")
+    _paged.check_kv_layout(kv_layout)
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    kv_len, hk = (k.shape[0], k.shape[1]) if kv_layout == "NHD" else (k.shape[1], k.shape[0])
+    hq, _, d = _plan.check_heads(q.shape[1], hk, q.shape[2])
+    if k.shape[2] != d:
+        raise ValueError(f"k/v head_dim ({k.shape[2]}) must equal q's ({d})")
+    opts = _common.options(d, None, custom_mask, packed_custom_mask, causal, pos_encoding_mode, use_fp16_qk_reduction,
+                           window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta)
+    qo_len = q.shape[0]
+    if not q.is_cuda or kv_len == 0 or qo_len == 0:
+        kk, vv = (k, v) if kv_layout == "NHD" else (k.transpose(0, 1), v.transpose(0, 1))
+        out, lse = _ref.prefill_one(q, kk, vv, **opts)
+        return (out, lse) if return_lse else out
+    from pagoda.kernels.prefill_paged import prefill_paged_fwd
+
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    dev = q.device
+    qo_indptr = torch.arange(2, dtype=torch.int32, device=dev) * qo_len
+    kv_indptr = torch.arange(2, dtype=torch.int32, device=dev)
+    indices = torch.zeros(1, dtype=torch.int32, device=dev)
+    last = torch.full((1,), kv_len, dtype=torch.int32, device=dev)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(qo_len, hq, dtype=torch.float32, device=dev)
+    kc, vc = k[None], v[None]
+    mode = opts["pos_encoding_mode"]
+    prefill_paged_fwd(q, kc, vc, _paged.cache_strides(kc, kv_layout), _paged.cache_strides(vc, kv_layout), qo_indptr,
+                      kv_indptr, indices, last, kv_len, hk, qo_len, out, lse, sm_scale=opts["sm_scale"],
+                      causal=opts["causal"], window_left=opts["window_left"], logits_soft_cap=opts["logits_soft_cap"],
+                      alibi_slopes=_dref.alibi_slopes(hq, device=dev) if mode == "ALIBI" else None,
+                      rope=(opts["rope_scale"], opts["rope_theta"]) if mode == "ROPE_LLAMA" else None)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,185 @@
+"""Prefill/append attention with FlashInfer's API (``flashinfer.prefill``).
+
+* `BatchPrefillWithPagedKVCacheWrapper`: queries ragged by ``qo_indptr``, keys in a paged cache; the
+  Triton kernel in `pagoda.kernels.prefill_paged` on CUDA.
+* `BatchPrefillWithRaggedKVCacheWrapper`: queries and keys both ragged; runs
+  `pagoda.ops.attention.flash_attn_varlen_func` (RoPE, when asked, is applied to copies first).
+* `single_prefill_with_kv_cache`: one request, through the paged kernel with a one-page table.
+
+Causal masks align to the end of each request's keys (query ``i`` at position ``i + kv_len - qo_len``).
+Semantics: `pagoda.reference.prefill`. Everything falls back to the reference off CUDA.
+"""
+from __future__ import annotations
+
+import torch
+
+from pagoda.ops import _checks, _paged
+from pagoda.ops import _decode_plan as _plan
+from pagoda.ops import _prefill_common as _common
+from pagoda.ops._prefill_ragged import BatchPrefillWithRaggedKVCacheWrapper, single_prefill_with_kv_cache
+from pagoda.reference import decode as _dref
+from pagoda.reference import prefill as _ref
+
+__all__ = ["BatchPrefillWithPagedKVCacheWrapper", "BatchPrefillWithRaggedKVCacheWrapper",
+           "single_prefill_with_kv_cache"]
+
+
+class BatchPrefillWithPagedKVCacheWrapper:
+    """Prefill/append attention: ragged queries against a paged KV cache (FlashInfer's wrapper).
+
+    Constructor as FlashInfer's; with ``use_cuda_graph=True`` the int32 buffers ``qo_indptr_buf``,
+    ``paged_kv_indptr_buf`` ``[max_batch+1]``, ``paged_kv_indices_buf`` and
+    ``paged_kv_last_page_len_buf`` ``[max_batch]`` are required, plan only writes into them (smaller
+    batches are padded with empty requests) and `run`'s grid depends only on ``q.shape``.
+    """
+
+    def __init__(self, float_workspace_buffer, kv_layout="NHD", use_cuda_graph=False, qo_indptr_buf=None,
+                 paged_kv_indptr_buf=None, paged_kv_indices_buf=None, paged_kv_last_page_len_buf=None,
+                 custom_mask_buf=None, mask_indptr_buf=None, backend="auto", jit_args=None):
+        _checks.check_tensor("float_workspace_buffer", float_workspace_buffer)
+        _paged.check_kv_layout(kv_layout)
+        if not isinstance(use_cuda_graph, bool):
+            raise TypeError(f"use_cuda_graph must be a bool, got {type(use_cuda_graph).__name__}")
+        if backend != "auto":
+            raise ValueError(f"backend must be 'auto', got {backend!r}")
+        if jit_args is not None or custom_mask_buf is not None or mask_indptr_buf is not None:
+            raise NotImplementedError("jit_args and custom masks are not supported")
+        self.device = float_workspace_buffer.device
+        self._kv_layout = kv_layout
+        self._use_cuda_graph = use_cuda_graph
+        self._bufs = None
+        if use_cuda_graph:
+            bufs = dict(qo_indptr_buf=qo_indptr_buf, paged_kv_indptr_buf=paged_kv_indptr_buf,
+                        paged_kv_indices_buf=paged_kv_indices_buf, paged_kv_last_page_len_buf=paged_kv_last_page_len_buf)
+            for name, buf in bufs.items():
+                if buf is None:
+                    raise ValueError(f"{name} is required when use_cuda_graph=True")
+                _checks.check_tensor(name, buf, ndim=1, dtypes=(torch.int32,))
+                if buf.device != self.device:
+                    raise ValueError(f"{name} must be on {self.device}, got {buf.device}")
+            n = paged_kv_last_page_len_buf.shape[0]
+            if qo_indptr_buf.shape[0] != n + 1 or paged_kv_indptr_buf.shape[0] != n + 1:
+                raise ValueError(f"qo_indptr_buf and paged_kv_indptr_buf must have length "
+                                 f"len(paged_kv_last_page_len_buf) + 1 = {n + 1}")
+            self._bufs = (qo_indptr_buf, paged_kv_indptr_buf, paged_kv_indices_buf, paged_kv_last_page_len_buf)
+        self._alibi = None
+        self._planned = False
+
+    @property
+    def is_cuda_graph_enabled(self) -> bool:
+        return self._use_cuda_graph
+
+    def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads, num_kv_heads,
+             head_dim_qk, page_size, head_dim_vo=None, custom_mask=None, packed_custom_mask=None, causal=False,
+             pos_encoding_mode="NONE", use_fp16_qk_reduction=False, sm_scale=None, window_left=-1,
+             logits_soft_cap=None, rope_scale=None, rope_theta=None, q_data_type="float16", kv_data_type=None,
+             o_data_type=None, non_blocking=True) -> None:
+        """Plan: int32 ``qo_indptr [batch+1]`` and the CSR page table (``paged_kv_indptr [batch+1]``,
+        ``paged_kv_indices``, ``paged_kv_last_page_len [batch]``), head counts, head_dim, page_size and the
+        options (causal, pos_encoding_mode NONE/ROPE_LLAMA/ALIBI, window_left, logits_soft_cap, sm_scale,
+        rope_scale/rope_theta). Every request needs kv_len >= qo_len. Reads indptrs on the host."""
+        hq, hk, d = _plan.check_heads(num_qo_heads, num_kv_heads, head_dim_qk)
+        page_size = _plan.as_int("page_size", page_size, 1)
+        opts = _common.options(d, head_dim_vo, custom_mask, packed_custom_mask, causal, pos_encoding_mode,
+                        use_fp16_qk_reduction, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta)
+        q_dtype, kv_dtype = _common.dtypes(q_data_type, kv_data_type, o_data_type)
+        dev = qo_indptr.device if isinstance(qo_indptr, torch.Tensor) else None
+        qptr = _common.check_indptr("qo_indptr", qo_indptr, dev)
+        batch = _paged.check_kv_csr(paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, page_size, None, dev,
+                                    names=("paged_kv_indptr", "paged_kv_indices", "paged_kv_last_page_len"),
+                                    batch_size=len(qptr) - 1)
+        kptr, last = paged_kv_indptr.tolist(), paged_kv_last_page_len.tolist()
+        kv_lens = [(kptr[i + 1] - kptr[i] - 1) * page_size + last[i] if kptr[i + 1] > kptr[i] else 0
+                   for i in range(batch)]
+        for i in range(batch):
+            if qptr[i + 1] - qptr[i] > kv_lens[i]:
+                raise ValueError(f"request {i} has {qptr[i + 1] - qptr[i]} queries but only {kv_lens[i]} keys: "
+                                 "append the new tokens to the cache before prefill (kv_len >= qo_len)")
+        used = paged_kv_indices[:kptr[-1]]
+        self._max_page_id = int(used.max()) if used.numel() else -1
+        if self._use_cuda_graph:
+            qb, kb, ib, lb = self._bufs
+            if batch > lb.shape[0] or kptr[-1] > ib.shape[0]:
+                raise ValueError(f"batch {batch} / {kptr[-1]} pages exceed the CUDA-graph buffers "
+                                 f"({lb.shape[0]} requests, {ib.shape[0]} pages)")
+            qb[:batch + 1].copy_(qo_indptr, non_blocking=non_blocking)
+            qb[batch + 1:].fill_(qptr[-1])
+            kb[:batch + 1].copy_(paged_kv_indptr, non_blocking=non_blocking)
+            kb[batch + 1:].fill_(kptr[-1])
+            lb[:batch].copy_(paged_kv_last_page_len, non_blocking=non_blocking)
+            lb[batch:].fill_(0)
+            ib[:kptr[-1]].copy_(paged_kv_indices[:kptr[-1]], non_blocking=non_blocking)
+            self._meta = self._bufs
+        else:
+            self._meta = tuple(t.to(self.device, non_blocking=non_blocking) for t in
+                               (qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len))
+        if opts["pos_encoding_mode"] == "ALIBI" and (self._alibi is None or self._alibi.shape[0] != hq):
+            self._alibi = _dref.alibi_slopes(hq, device=self.device)
+        self._host_meta = tuple(t.cpu() for t in (qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len))
+        self._nnz, self._max_qo = qptr[-1], max((b - a for a, b in zip(qptr, qptr[1:])), default=0)
+        self._shape, self._q_dtype, self._kv_dtype, self._opts = (hq, hk, d, page_size), q_dtype, kv_dtype, opts
+        self._planned = True
+
+    begin_forward = plan
+
+    def run(self, q, paged_kv_cache, *args, q_scale=None, k_scale=None, v_scale=None, out=None, lse=None,
+            return_lse=False, enable_pdl=None, window_left=None):
+        """``q [qo_indptr[-1], num_qo_heads, head_dim]`` against ``paged_kv_cache`` (5-D or (k, v) tuple, the
+        planned layout). Returns ``out`` like q (rows past qo_indptr[-1] are zero), or ``(out, lse)`` with
+        ``lse [nnz_qo, num_qo_heads]`` float32 natural log (``-inf`` for rows that see no key)."""
+        if not self._planned:
+            raise RuntimeError("call plan() before run()")
+        if args:
+            raise TypeError(f"run() takes no extra positional arguments, got {len(args)}")
+        opts = dict(self._opts)
+        if window_left is not None and window_left != opts["window_left"]:
+            raise ValueError(f"window_left={window_left} differs from the planned {opts['window_left']}; re-plan")
+        hq, hk, d, page_size = self._shape
+        k_cache, v_cache, ps, heads, dim = _paged.check_paged_kv_cache(paged_kv_cache, self._kv_layout)
+        if (ps, heads, dim) != (page_size, hk, d):
+            raise ValueError(f"paged_kv_cache has page_size={ps}, num_kv_heads={heads}, head_dim={dim}; the plan "
+                             f"has {page_size}, {hk}, {d}")
+        if k_cache.dtype != self._kv_dtype or k_cache.device != self.device:
+            raise TypeError(f"paged_kv_cache must be {self._kv_dtype} on {self.device}, got {k_cache.dtype} on "
+                            f"{k_cache.device}")
+        if k_cache.shape[0] <= self._max_page_id:
+            raise ValueError(f"the page table refers to page {self._max_page_id} but paged_kv_cache has "
+                             f"{k_cache.shape[0]} pages")
+        _common.run_checks(q, hq, d, self._nnz, self._q_dtype, self.device, out, lse)
+        opts["sm_scale"] *= (q_scale or 1.0) * (k_scale or 1.0)
+        if not q.is_cuda:
+            o, l = _ref.batch_prefill_with_paged_kv_cache(q, (k_cache, v_cache), *self._host_meta, self._kv_layout,
+                                                          **opts)
+            out = o if out is None else out.copy_(o)
+            lse = l if lse is None else lse.copy_(l)
+            return _common.finish(out, lse, v_scale, return_lse)
+        from pagoda.kernels.prefill_paged import prefill_paged_fwd
+
+        q = q if q.stride(-1) == 1 else q.contiguous()
+        # Rows past qo_indptr[-1] are never written by the kernel: they get zeros / -inf.
+        padded = self._use_cuda_graph or q.shape[0] > self._nnz
+        if out is None:
+            out = (torch.zeros_like if padded else torch.empty_like)(q, memory_format=torch.contiguous_format)
+        elif padded:
+            out.zero_()
+        if lse is None:
+            lse = torch.empty(q.shape[0], hq, dtype=torch.float32, device=q.device)
+        if padded:
+            lse.fill_(float("-inf"))
+        # Graph mode: the grid may not depend on the plan, so size it by q (tiles past a request's end exit).
+        max_qo = q.shape[0] if self._use_cuda_graph else self._max_qo
+        mode = opts["pos_encoding_mode"]
+        prefill_paged_fwd(q, k_cache, v_cache, _paged.cache_strides(k_cache, self._kv_layout),
+                          _paged.cache_strides(v_cache, self._kv_layout), *self._meta, page_size, hk, max_qo, out, lse,
+                          sm_scale=opts["sm_scale"], causal=opts["causal"], window_left=opts["window_left"],
+                          logits_soft_cap=opts["logits_soft_cap"], alibi_slopes=self._alibi if mode == "ALIBI" else None,
+                          rope=(opts["rope_scale"], opts["rope_theta"]) if mode == "ROPE_LLAMA" else None)
+        return _common.finish(out, lse, v_scale, return_lse)
+
+    forward = run
+
+    def run_return_lse(self, q, paged_kv_cache, *args, **kwargs):
+        return self.run(q, paged_kv_cache, *args, **kwargs, return_lse=True)
+
+    def end_forward(self) -> None:
+        """Kept for compatibility; nothing to release."""
