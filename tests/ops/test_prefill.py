@@ -1,0 +1,235 @@
+"""Batch prefill wrappers (paged and ragged) and single prefill: against flash_attn_varlen_func on the same
+data laid out contiguously (CPU path here; the Triton kernels under @gpu), options, validation, graphs."""
+import pytest
+import torch
+
+import pagoda
+from pagoda.ops import prefill as pf
+from pagoda.reference import decode as dref
+from pagoda.reference import prefill as ref
+from tests.helpers import assert_finite_lse_close, rel_err
+from tests.paged_utils import empty_cache, fill_cache, random_page_table
+
+KV = [0, 1, 300, 17, 64, 129, 9]
+QO = [0, 1, 300, 5, 1, 64, 9]
+
+
+def _indptr(lens, device="cpu"):
+    p = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    p[1:] = torch.cumsum(torch.tensor(lens), 0)
+    return p.to(device)
+
+
+def _data(kv, qo, page_size, hq, hk, d, layout, dtype, device="cpu"):
+    indptr, indices, last, max_pages = random_page_table(kv, page_size, device=device)
+    cache = empty_cache(max_pages, page_size, hk, d, layout, dtype, device=device)
+    keys = [torch.randn(n, hk, d, dtype=dtype, device=device) for n in kv]
+    vals = [torch.randn(n, hk, d, dtype=dtype, device=device) for n in kv]
+    fill_cache(cache, keys, vals, indptr.cpu(), indices.cpu(), page_size, layout)
+    q = torch.randn(sum(qo), hq, d, dtype=dtype, device=device)
+    return q, cache, torch.cat(keys), torch.cat(vals), (indptr, indices, last)
+
+
+def _varlen(q, k, v, qo, kv, causal, **kw):
+    """The independent oracle: pagoda.flash_attn_varlen_func on contiguous ragged k/v."""
+    o, l, _ = pagoda.flash_attn_varlen_func(q, k, v, _indptr(qo, q.device), _indptr(kv, q.device), max(qo), max(kv),
+                                            causal=causal, return_attn_probs=True, **kw)
+    return o, l.t()
+
+
+def _ws(device="cpu"):
+    return torch.empty(1 << 20, dtype=torch.uint8, device=device)
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("page_size", [1, 7, 16, 64])
+@pytest.mark.parametrize("hq,hk", [(4, 4), (8, 2), (16, 2)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_paged_prefill_matches_varlen(layout, page_size, hq, hk, causal):
+    d = 64
+    q, cache, k, v, meta = _data(KV, QO, page_size, hq, hk, d, layout, torch.float32)
+    w = pf.BatchPrefillWithPagedKVCacheWrapper(_ws(), layout)
+    w.plan(_indptr(QO), *meta, hq, hk, d, page_size, causal=causal, q_data_type=torch.float32)
+    out, lse = w.run(q, cache, return_lse=True)
+    want, want_lse = _varlen(q, k, v, QO, KV, causal)
+    assert out.shape == q.shape and lse.shape == (q.shape[0], hq)
+    assert rel_err(out, want) < 1e-5
+    assert_finite_lse_close(lse, want_lse, atol=1e-4)
+
+
+@pytest.mark.parametrize("d", [128, 256])
+def test_cpu_paged_prefill_head_dims_and_options(d):
+    q, cache, k, v, meta = _data(KV, QO, 16, 8, 2, d, "NHD", torch.float32)
+    w = pf.BatchPrefillWithPagedKVCacheWrapper(_ws(), "NHD")
+    w.plan(_indptr(QO), *meta, 8, 2, d, 16, causal=True, window_left=20, logits_soft_cap=4.0, sm_scale=0.1,
+           q_data_type=torch.float32)
+    want, want_lse = _varlen(q, k, v, QO, KV, True, window_size=(20, -1), softcap=4.0, softmax_scale=0.1)
+    out, lse = w.run(q, cache, return_lse=True)
+    assert rel_err(out, want) < 1e-5
+    assert_finite_lse_close(lse, want_lse, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("mode", ["NONE", "ALIBI", "ROPE_LLAMA"])
+def test_cpu_ragged_wrapper_matches_paged_reference(layout, mode):
+    q, cache, k, v, meta = _data(KV, QO, 5, 8, 2, 64, "NHD", torch.float32)
+    w = pf.BatchPrefillWithRaggedKVCacheWrapper(_ws(), layout)
+    w.plan(_indptr(QO), _indptr(KV), 8, 2, 64, causal=True, pos_encoding_mode=mode, rope_theta=5e5,
+           q_data_type="float32")
+    kk, vv = (k, v) if layout == "NHD" else (k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous())
+    out, lse = w.run(q, kk, vv, return_lse=True)
+    want, want_lse = ref.batch_prefill_with_paged_kv_cache(q, cache.nan_to_num(), _indptr(QO), *meta, "NHD", causal=True,
+                                                           sm_scale=0.125, pos_encoding_mode=mode, rope_theta=5e5)
+    assert rel_err(out, want) < 1e-5
+    assert_finite_lse_close(lse, want_lse, atol=1e-4)
+
+
+def test_cpu_single_prefill_and_alibi_equals_flash_attn():
+    q, k, v = torch.randn(30, 8, 64), torch.randn(50, 2, 64), torch.randn(50, 2, 64)
+    out, lse = pf.single_prefill_with_kv_cache(q, k, v, causal=True, pos_encoding_mode="ALIBI", return_lse=True)
+    o, l, _ = pagoda.flash_attn_func(q[None], k[None], v[None], causal=True, alibi_slopes=dref.alibi_slopes(8),
+                                     return_attn_probs=True)
+    assert rel_err(out, o[0]) < 1e-5
+    assert_finite_lse_close(lse, l[0].t(), atol=1e-4)
+    hnd = pf.single_prefill_with_kv_cache(q, k.transpose(0, 1), v.transpose(0, 1), causal=True, kv_layout="HND",
+                                          pos_encoding_mode="ALIBI")
+    assert torch.equal(hnd, out)
+
+
+def test_cpu_paged_graph_mode_pads_batch():
+    hq, hk, d, ps = 4, 2, 64, 8
+    bufs = dict(qo_indptr_buf=torch.zeros(5, dtype=torch.int32), paged_kv_indptr_buf=torch.zeros(5, dtype=torch.int32),
+                paged_kv_indices_buf=torch.zeros(100, dtype=torch.int32),
+                paged_kv_last_page_len_buf=torch.zeros(4, dtype=torch.int32))
+    w = pf.BatchPrefillWithPagedKVCacheWrapper(_ws(), "NHD", use_cuda_graph=True, **bufs)
+    q, cache, k, v, meta = _data([10, 30], [3, 30], ps, hq, hk, d, "NHD", torch.float32)
+    w.plan(_indptr([3, 30]), *meta, hq, hk, d, ps, causal=True, q_data_type=torch.float32)
+    assert bufs["qo_indptr_buf"].tolist() == [0, 3, 33, 33, 33]
+    assert bufs["paged_kv_last_page_len_buf"].tolist()[2:] == [0, 0]
+    out = w.run(q, cache)
+    assert rel_err(out, _varlen(q, k, v, [3, 30], [10, 30], True)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("kw,err,match", [
+    (dict(num_qo_heads=5), ValueError, "num_qo_heads"),
+    (dict(head_dim_qk=20), ValueError, "head_dim"),
+    (dict(head_dim_vo=32), NotImplementedError, "head_dim_vo"),
+    (dict(custom_mask=torch.ones(3, dtype=torch.bool)), NotImplementedError, "custom_mask"),
+    (dict(causal=1), TypeError, "causal"),
+    (dict(qo_indptr=torch.tensor([0, 5, 3], dtype=torch.int32)), ValueError, "qo_indptr"),
+    (dict(qo_indptr=torch.tensor([0, 3], dtype=torch.int32)), ValueError, "paged_kv_indptr"),
+    (dict(qo_indptr=torch.tensor([0, 20, 30], dtype=torch.int32)), ValueError, "kv_len >= qo_len"),
+    (dict(paged_kv_last_page_len=torch.tensor([0, 4], dtype=torch.int32)), ValueError, "paged_kv_last_page_len"),
+    (dict(pos_encoding_mode="XPOS"), ValueError, "pos_encoding_mode"),
+    (dict(window_left=-5), ValueError, "window_left"),
+])
+def test_paged_plan_validation(kw, err, match):
+    _, _, _, _, (indptr, indices, last) = _data([10, 30], [3, 30], 8, 4, 2, 64, "NHD", torch.float32)
+    args = dict(qo_indptr=_indptr([3, 30]), paged_kv_indptr=indptr, paged_kv_indices=indices,
+                paged_kv_last_page_len=last, num_qo_heads=4, num_kv_heads=2, head_dim_qk=64, page_size=8)
+    args.update(kw)
+    with pytest.raises(err, match=match):
+        pf.BatchPrefillWithPagedKVCacheWrapper(_ws()).plan(**args)
+
+
+def test_run_validation():
+    q, cache, k, v, meta = _data([10, 30], [3, 30], 8, 4, 2, 64, "NHD", torch.float16)
+    w = pf.BatchPrefillWithPagedKVCacheWrapper(_ws())
+    with pytest.raises(RuntimeError, match="plan"):
+        w.run(q, cache)
+    w.plan(_indptr([3, 30]), *meta, 4, 2, 64, 8)
+    with pytest.raises(ValueError, match="q must have shape"):
+        w.run(q[:5], cache)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        w.run(q, cache[..., :1, :])
+    with pytest.raises(TypeError, match="paged_kv_cache"):
+        w.run(q, cache.float())
+    r = pf.BatchPrefillWithRaggedKVCacheWrapper(_ws())
+    r.plan(_indptr([3, 30]), _indptr([10, 30]), 4, 2, 64)
+    with pytest.raises(ValueError, match="k and v"):
+        r.run(q, k[:5], v[:5])
+    with pytest.raises(ValueError, match="kv_indptr"):
+        r.plan(_indptr([3, 30]), _indptr([10]), 4, 2, 64)
+
+
+# ------------------------------------------------------------------------------------------- GPU
+
+GPU_KV = [0, 1, 2048, 37, 513, 700, 16]
+GPU_QO = [0, 1, 2048, 37, 1, 200, 16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("page_size", [1, 7, 16, 64])
+@pytest.mark.parametrize("hq,hk", [(8, 8), (32, 8), (32, 4)])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_paged_prefill_bf16(layout, page_size, hq, hk, d, causal):
+    q, cache, k, v, meta = _data(GPU_KV, GPU_QO, page_size, hq, hk, d, layout, torch.bfloat16, "cuda")
+    w = pf.BatchPrefillWithPagedKVCacheWrapper(_ws("cuda"), layout)
+    w.plan(_indptr(GPU_QO, "cuda"), *meta, hq, hk, d, page_size, causal=causal, q_data_type=torch.bfloat16)
+    out, lse = w.run(q, cache, return_lse=True)
+    want, want_lse = _varlen(q, k, v, GPU_QO, GPU_KV, causal)
+    assert rel_err(out, want) < 1e-2
+    assert_finite_lse_close(lse, want_lse, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["NONE", "ALIBI", "ROPE_LLAMA"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_cuda_paged_prefill_options(mode, dtype):
+    q, cache, _, _, meta = _data(GPU_KV, GPU_QO, 16, 8, 2, 128, "NHD", dtype, "cuda")
+    w = pf.BatchPrefillWithPagedKVCacheWrapper(_ws("cuda"), "NHD")
+    w.plan(_indptr(GPU_QO, "cuda"), *meta, 8, 2, 128, 16, causal=True, pos_encoding_mode=mode, window_left=100,
+           logits_soft_cap=30.0, q_data_type=dtype)
+    out, lse = w.run(q, cache, return_lse=True)
+    want, want_lse = ref.batch_prefill_with_paged_kv_cache(
+        q.cpu(), cache.cpu().nan_to_num(), _indptr(GPU_QO), *(t.cpu() for t in meta), "NHD", causal=True,
+        sm_scale=128 ** -0.5, window_left=100, logits_soft_cap=30.0, pos_encoding_mode=mode,
+        compute_dtype=torch.float64)
+    assert rel_err(out.cpu(), want) < (2e-3 if dtype == torch.float16 else 1e-4)
+    assert_finite_lse_close(lse.cpu(), want_lse.float(), atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["NONE", "ROPE_LLAMA"])
+def test_cuda_ragged_and_single(mode):
+    q, cache, k, v, meta = _data(GPU_KV, GPU_QO, 16, 32, 8, 128, "NHD", torch.bfloat16, "cuda")
+    r = pf.BatchPrefillWithRaggedKVCacheWrapper(_ws("cuda"))
+    r.plan(_indptr(GPU_QO, "cuda"), _indptr(GPU_KV, "cuda"), 32, 8, 128, causal=True, pos_encoding_mode=mode,
+           q_data_type=torch.bfloat16)
+    p = pf.BatchPrefillWithPagedKVCacheWrapper(_ws("cuda"))
+    p.plan(_indptr(GPU_QO, "cuda"), *meta, 32, 8, 128, 16, causal=True, pos_encoding_mode=mode,
+           q_data_type=torch.bfloat16)
+    assert rel_err(r.run(q, k, v), p.run(q, cache)) < 1e-2
+    s = pf.single_prefill_with_kv_cache(q[1:2049], k[1:2049], v[1:2049], causal=True, pos_encoding_mode=mode)
+    assert rel_err(s, p.run(q, cache)[1:2049]) < 1e-2
+
+
+@pytest.mark.gpu
+def test_cuda_paged_prefill_graph_replay():
+    hq, hk, d, ps, nb = 8, 2, 128, 16, 4
+    bufs = dict(qo_indptr_buf=torch.zeros(nb + 1, dtype=torch.int32, device="cuda"),
+                paged_kv_indptr_buf=torch.zeros(nb + 1, dtype=torch.int32, device="cuda"),
+                paged_kv_indices_buf=torch.zeros(512, dtype=torch.int32, device="cuda"),
+                paged_kv_last_page_len_buf=torch.zeros(nb, dtype=torch.int32, device="cuda"))
+    w = pf.BatchPrefillWithPagedKVCacheWrapper(_ws("cuda"), "NHD", use_cuda_graph=True, **bufs)
+    q_static = torch.zeros(256, hq, d, dtype=torch.float16, device="cuda")
+    q, cache, _, _, meta = _data([300, 40, 1, 7], [100, 40, 1, 7], ps, hq, hk, d, "NHD", torch.float16, "cuda")
+    w.plan(_indptr([100, 40, 1, 7], "cuda"), *meta, hq, hk, d, ps, causal=True, q_data_type=torch.float16)
+    q_static[:148].copy_(q)
+    w.run(q_static, cache)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_static = w.run(q_static, cache)
+    for kv, qo in (([300, 40, 1, 7], [100, 40, 1, 7]), ([900], [250]), ([5, 5], [5, 1])):
+        q, cache2, k, v, meta = _data(kv, qo, ps, hq, hk, d, "NHD", torch.float16, "cuda")
+        cache[:cache2.shape[0]].copy_(cache2)
+        w.plan(_indptr(qo, "cuda"), *meta, hq, hk, d, ps, causal=True, q_data_type=torch.float16)
+        q_static.zero_()
+        q_static[:q.shape[0]].copy_(q)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out_static[:q.shape[0]], _varlen(q, k, v, qo, kv, True)[0]) < 2e-3
+        assert (out_static[q.shape[0]:] == 0).all()
