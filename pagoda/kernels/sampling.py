@@ -3,8 +3,8 @@
 Algorithm (one program per output row, the vocabulary streamed in ``BLOCK`` chunks; no sort, no host
 synchronisation, no data-dependent launch: safe inside a captured CUDA graph).
 
-1. Exponential race. Each token i gets ``E_i = -log(u_i)`` with ``u_i`` from Philox at counter
-   ``offset + row * vocab + i``. ``argmax_{i in S} p_i / E_i`` (computed as ``log(u_i) / p_i``) is an
+1. Exponential race. Each token i gets ``E_i = -log(u_i)`` with ``u_i`` from Philox (lane i % 4 of
+   counter ``offset + row * ceil(vocab / 4) + i // 4``). ``argmax_{i in S} p_i / E_i`` (computed as ``log(u_i) / p_i``) is an
    exact draw from ``p`` restricted to S and renormalised, for ANY set S (Gumbel-max trick in
    multiplicative form). Because the ``E_i`` are fixed for the call, the draw over the kept set N
    equals the draw over any superset S of N whenever that winner lies in N.
@@ -34,9 +34,21 @@ MAX_ROUNDS = 34
 
 
 @triton.jit
-def _race_key(x, cols, seed, rng_base, FROM_LOGITS: tl.constexpr):
+def _uniforms(seed, quad_base, start, BLOCK: tl.constexpr):
+    """``[BLOCK]`` uniforms in [0, 1) for tokens ``start + [0, BLOCK)``: token c takes lane ``c % 4`` of
+    the Philox counter ``quad_base + c // 4`` (one Philox call per 4 tokens; start % 4 == 0)."""
+    q = tl.arange(0, BLOCK // 4).to(tl.int64)
+    r0, r1, r2, r3 = tl.randint4x(seed, quad_base + start // 4 + q)
+    # join(join(r0, r2), join(r1, r3))[q, a, b] = r_{2a+b}: row-major flattening gives token 4q + j -> r_j.
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK])
+    r = (r >> 1).to(tl.int32)  # uint32 -> [0, 2^31); the scale keeps the largest value < 1.0
+    return r.to(tl.float32) * 4.6566127342e-10
+
+
+@triton.jit
+def _race_key(x, u, FROM_LOGITS: tl.constexpr):
     """Race key per token (larger wins): ``log(u)/p`` for probabilities, ``x + Gumbel`` for logits."""
-    u = tl.maximum(tl.rand(seed, rng_base + cols), 1e-12)
+    u = tl.maximum(u, 1e-12)
     if FROM_LOGITS:
         return x - tl.log(-tl.log(u))
     # Clamp so a positive but tiny p keeps a finite key (it must stay eligible, just a sure loser).
@@ -68,10 +80,11 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
     base = x_ptr + row * stride_x
     if SEED_PTR:
         seed = tl.load(seed_ptr + pid * seed_stride)
-        rng_base = tl.load(offset_ptr + pid * offset_stride).to(tl.int64) + pid.to(tl.int64) * vocab
+        off = tl.load(offset_ptr + pid * offset_stride).to(tl.int64)
     else:
         seed = seed_val
-        rng_base = offset_val + pid.to(tl.int64) * vocab
+        off = offset_val + tl.zeros((), tl.int64)
+    rng_base = off + pid.to(tl.int64) * ((vocab + 3) // 4)
     offs = tl.arange(0, BLOCK)
 
     # Pass 0: row total and max, and the race winner over every eligible token.
@@ -89,7 +102,8 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
             elig = inb & (x > 0.0)
         total += tl.sum(tl.where(elig, x, 0.0), 0)
         pmax = tl.maximum(pmax, tl.max(tl.where(elig, x, 0.0), 0))
-        best_key, cand = _race_step(_race_key(x, cols, seed, rng_base, FROM_LOGITS), elig, start, best_key, cand)
+        u = _uniforms(seed, rng_base, start, BLOCK)
+        best_key, cand = _race_step(_race_key(x, u, FROM_LOGITS), elig, start, best_key, cand)
 
     done = (cand < 0).to(tl.int32)
     accepted = (cand >= 0).to(tl.int32)
@@ -138,7 +152,7 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
                     cnt_ge += tl.sum(ge.to(tl.int32), 0)
                     mass_gt += tl.sum(tl.where(gt, x, 0.0), 0)
                     mass_ge += tl.sum(tl.where(ge, x, 0.0), 0)
-                    key = _race_key(x, cols, seed, rng_base, False)
+                    key = _race_key(x, _uniforms(seed, rng_base, start, BLOCK), False)
                     key_a, cand_a = _race_step(key, gt, start, key_a, cand_a)
                     key_b, cand_b = _race_step(key, ge, start, key_b, cand_b)
                 ok = cnt_gt == 0  # the most likely token(s) are always kept
@@ -196,7 +210,7 @@ def sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.
         min_p if min_p is not None else dummy, *seed_args[:6], vocab, x.shape[0],
         HAS_ROWS=rows is not None, HAS_TOP_K=top_k is not None, HAS_TOP_P=top_p is not None,
         HAS_MIN_P=min_p is not None, FROM_LOGITS=from_logits, SEED_PTR=seed_args[6],
-        BLOCK=min(block, triton.next_power_of_2(vocab)), ROUNDS=MAX_ROUNDS, num_warps=4)
+        BLOCK=max(16, min(block, triton.next_power_of_2(vocab))), ROUNDS=MAX_ROUNDS, num_warps=4)
 
 
 @triton.jit
@@ -219,9 +233,9 @@ def _chain_spec_kernel(q_ptr, d_ptr, p_ptr, out_ptr, acc_ptr, emit_ptr, seed_ptr
     tok = tl.minimum(tl.maximum(tok, 0), vocab - 1).to(tl.int64)
     qv = tl.load(q_ptr + b * s_qb + i * s_qn + tok, mask=live, other=0.0).to(tl.float32)
     pv = tl.load(p_ptr + b * s_pb + i * s_pn + tok, mask=live, other=0.0).to(tl.float32)
-    # Counters [off, off + B*V) draw tokens; [off + B*V, off + B*V + B*n) draw the accept tests.
+    # Counters [off, off + B*Vq) draw tokens (Vq = ceil(V/4)); the next B*n draw the accept tests.
     nb = tl.num_programs(0).to(tl.int64)
-    u = tl.rand(seed, off + nb * vocab + b * n_spec + i)
+    u = tl.rand(seed, off + nb * ((vocab + 3) // 4) + b * n_spec + i)
     passed = live & (u * qv < pv)
     accepted = tl.sum(passed.to(tl.int32), 0)
     emitted = tl.min(tl.where(live & ~passed, i, n_spec), 0)
@@ -230,7 +244,7 @@ def _chain_spec_kernel(q_ptr, d_ptr, p_ptr, out_ptr, acc_ptr, emit_ptr, seed_ptr
     has_q = emitted < n_spec
     p_row = p_ptr + b * s_pb + emitted.to(tl.int64) * s_pn
     q_row = q_ptr + b * s_qb + emitted.to(tl.int64) * s_qn
-    rng_base = off + b * vocab
+    rng_base = off + b * ((vocab + 3) // 4)
     offs = tl.arange(0, BLOCK)
     key_r = tl.full((), float("-inf"), tl.float32)
     key_p = tl.full((), float("-inf"), tl.float32)
@@ -242,8 +256,9 @@ def _chain_spec_kernel(q_ptr, d_ptr, p_ptr, out_ptr, acc_ptr, emit_ptr, seed_ptr
         pr = tl.load(p_row + cols, mask=inb, other=0.0).to(tl.float32)
         qr = tl.load(q_row + cols, mask=inb & has_q, other=0.0).to(tl.float32)
         resid = pr - qr
-        key_res = _race_key(resid, cols, seed, rng_base, False)
-        key_res_p = _race_key(pr, cols, seed, rng_base, False)
+        u = _uniforms(seed, rng_base, start, BLOCK)
+        key_res = _race_key(resid, u, False)
+        key_res_p = _race_key(pr, u, False)
         key_r, cand_r = _race_step(key_res, inb & (resid > 0.0), start, key_r, cand_r)
         key_p, cand_p = _race_step(key_res_p, inb & (pr > 0.0), start, key_p, cand_p)
     final = tl.where(cand_r >= 0, cand_r, tl.maximum(cand_p, 0))
@@ -260,7 +275,7 @@ def chain_speculative(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor, 
                       block: int = 1024) -> None:
     """Launch chain speculative verification. draft_probs ``[B, n, V]``, draft_token_ids int ``[B, n]``,
     target_probs ``[B, n+1, V]`` (last dims contiguous); writes out int32 ``[B, n+1]``, accepted and
-    emitted int32 ``[B]``. Philox counters: tokens ``offset + b*V + i``, tests ``offset + B*V + b*n + i``."""
+    emitted int32 ``[B]``. Philox counters: tokens ``offset + b*ceil(V/4) + i//4`` (lane i%4), tests ``offset + B*ceil(V/4) + b*n + i``."""
     b, n = draft_token_ids.shape
     vocab = target_probs.shape[-1]
     if b == 0:
@@ -270,4 +285,4 @@ def chain_speculative(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor, 
         draft_probs, draft_token_ids, target_probs, out, accepted, emitted, *seed_args[:6], n, vocab,
         draft_probs.stride(0), draft_probs.stride(1), draft_token_ids.stride(0), target_probs.stride(0),
         target_probs.stride(1), out.stride(0), SEED_PTR=seed_args[6], N_PAD=triton.next_power_of_2(max(n, 1)),
-        BLOCK=min(block, triton.next_power_of_2(vocab)), num_warps=4)
+        BLOCK=max(16, min(block, triton.next_power_of_2(vocab))), num_warps=4)

@@ -1,0 +1,208 @@
+"""The Triton sampling kernels under TRITON_INTERPRET=1 on the CPU (fp32/fp16, small sizes).
+
+The interpreter runs ~20-60 ms per program, so statistics over many draws live in the GPU tests
+(tests/ops/test_sampling.py). Here the race sampler is checked EXACTLY: with the kernel's own
+uniforms dumped, its token must equal ``argmax_{i in N} log(u_i) / p_i`` where N is the kept set of
+the sort-based reference. That pins down the filters, the rejection rounds and chunking, not just
+the law; one small frequency test checks the uniforms themselves.
+"""
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from pagoda.reference import sampling as ref
+
+pytestmark = [
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                       reason="interpreter tests run only where TRITON_INTERPRET=1 (no CUDA)"),
+    pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning"),
+]
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from pagoda.kernels import sampling as K  # noqa: E402
+from pagoda.kernels import sampling_filters as F  # noqa: E402
+
+warnings.filterwarnings("ignore", "divide by zero", RuntimeWarning)
+
+
+@triton.jit
+def _dump_uniforms(out_ptr, seed, off, vocab, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    base = off + pid.to(tl.int64) * ((vocab + 3) // 4)
+    for start in range(0, vocab, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        tl.store(out_ptr + pid * vocab + cols, K._uniforms(seed, base, start, BLOCK), mask=cols < vocab)
+
+
+def _uniforms(batch, vocab, seed, offset):
+    out = torch.empty(batch, vocab)
+    _dump_uniforms[(batch,)](out, seed, offset, vocab, BLOCK=16)
+    return out
+
+
+def _oracle(p32: torch.Tensor, keep: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """argmax over the kept, positive tokens of log(u)/p, in float32 numpy like the interpreter."""
+    p, uu = p32.numpy().astype(np.float32), np.maximum(u.numpy(), np.float32(1e-12))
+    with np.errstate(divide="ignore"):
+        keys = np.maximum(np.log(uu) / p, np.float32(-3.0e38))
+    keys = np.where(keep.numpy() & (p > 0), keys, -np.inf)
+    return torch.from_numpy(keys.argmax(-1))
+
+
+def _run(x, rows=None, top_k=None, top_p=None, min_p=None, seed=1234, offset=0, block=16, from_logits=False):
+    batch = x.shape[0] if rows is None else rows.shape[0]
+    out = torch.full((batch,), -7, dtype=torch.int32 if rows is None else rows.dtype)
+    valid = torch.zeros(batch, dtype=torch.bool)
+    K.sample(x, out, valid, rows, top_k, top_p, min_p, seed, offset, from_logits=from_logits, block=block)
+    return out, valid
+
+
+def _probs(batch, vocab, dtype=torch.float32, temp=1.5):
+    return torch.softmax(torch.randn(batch, vocab) * temp, -1).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("vocab", [5, 37])
+def test_plain_and_filters_equal_race_oracle(dtype, vocab):
+    b = 6
+    p = _probs(b, vocab, dtype)
+    p32 = p.float()
+    u = _uniforms(b, vocab, 99, 8)
+    k = torch.tensor([1, 2, 3, 5, vocab, 0], dtype=torch.int32)
+    tp = torch.tensor([0.05, 0.3, 0.6, 0.9, 1.0, 0.5])
+    mp = torch.tensor([0.0, 0.1, 0.3, 0.5, 1.0, 0.05])
+    cases = {
+        "plain": (dict(), torch.ones(b, vocab, dtype=torch.bool)),
+        "top_k": (dict(top_k=k), ref.keep_top_k(p32.double(), k)),
+        "top_p": (dict(top_p=tp), ref.keep_top_p(p32.double(), tp.double())),
+        "min_p": (dict(min_p=mp), ref.keep_min_p(p32.double(), mp.double())),
+        "joint": (dict(top_k=k, top_p=tp), ref.keep_top_k(p32.double(), k) & ref.keep_top_p(p32.double(), tp.double())),
+    }
+    for name, (kw, keep) in cases.items():
+        out, valid = _run(p, seed=99, offset=8, **kw)
+        assert valid.all(), name
+        assert torch.equal(out.long(), _oracle(p32, keep, u)), name
+        assert keep[torch.arange(b), out.long()].all(), name
+
+
+def test_logits_race_is_gumbel_max():
+    x = torch.randn(4, 29) * 2
+    x[1, 3:] = float("-inf")
+    u = _uniforms(4, 29, 5, 0).clamp_min(1e-12).numpy()
+    out, valid = _run(x, seed=5, offset=0, from_logits=True)
+    want = np.argmax(x.numpy() - np.log(-np.log(u)), -1)
+    assert valid.all() and torch.equal(out.long(), torch.from_numpy(want))
+    assert out[1] < 3
+
+
+def test_indices_and_per_output_parameters():
+    p = _probs(3, 20)
+    rows = torch.tensor([2, 0, 2, 1, 0], dtype=torch.int64)
+    k = torch.tensor([1, 1, 20, 2, 3], dtype=torch.int32)
+    out, valid = _run(p, rows=rows, top_k=k)
+    assert out.dtype == torch.int64 and valid.all()
+    assert out[0] == p[2].argmax() and out[1] == p[0].argmax()
+    keep = ref.keep_top_k(p[rows].double(), k)
+    assert keep[torch.arange(5), out].all()
+
+
+def test_degenerate_rows_never_out_of_range():
+    p = _probs(5, 19)
+    p[0] = 0.0
+    p[1] = float("nan")
+    p[2, :] = 0.0
+    p[2, 11] = 1.0
+    p[3, 4] = float("nan")  # one NaN entry: never drawn
+    out, valid = _run(p, top_p=torch.full((5,), 0.9), top_k=torch.full((5,), 3, dtype=torch.int32))
+    assert ((out >= 0) & (out < 19)).all()
+    assert valid.tolist() == [False, False, True, True, True]
+    assert out[0] == 0 and out[1] == 0 and out[2] == 11 and out[3] != 4
+    # an out-of-range index is clamped in the kernel (the ops layer rejects it on CPU)
+    out, _ = _run(p[2:3].contiguous(), rows=torch.tensor([5, -3], dtype=torch.int32))
+    assert out.tolist() == [11, 11]
+
+
+def test_ties_at_the_boundary_are_kept():
+    p = torch.tensor([[0.3, 0.1, 0.1, 0.1, 0.1, 0.3]])
+    rows = torch.zeros(24, dtype=torch.int32)
+    out, _ = _run(p, rows=rows, top_k=torch.full((24,), 3, dtype=torch.int32))
+    assert set(out.tolist()) <= {0, 1, 2, 3, 4, 5} and (set(out.tolist()) & {1, 2, 3, 4})
+    out, _ = _run(p, rows=rows, top_k=torch.full((24,), 2, dtype=torch.int32))
+    assert set(out.tolist()) == {0, 5}
+
+
+def test_same_seed_same_tokens_and_offset_changes_them():
+    p = _probs(8, 30, temp=0.5)
+    a, _ = _run(p, seed=7, offset=4, block=32)
+    b, _ = _run(p, seed=7, offset=4, block=32)
+    c, _ = _run(p, seed=7, offset=4 + 8 * 8, block=32)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # seeds from device tensors (the CUDA-graph form), per row or shared
+    d, _ = _run(p, seed=torch.tensor([7]), offset=torch.tensor([4]), block=32)
+    assert torch.equal(a, d)
+
+
+def test_frequencies_follow_the_nucleus():
+    p = torch.tensor([[0.4, 0.25, 0.15, 0.1, 0.06, 0.04]])
+    n = 160
+    out, _ = _run(p, rows=torch.zeros(n, dtype=torch.int32), top_p=torch.full((n,), 0.75), seed=3)
+    counts = torch.bincount(out.long(), minlength=6).double()
+    want = torch.tensor([0.4, 0.25, 0.15, 0, 0, 0], dtype=torch.float64) / 0.8  # mass(p > 0.15) = 0.65 < 0.75
+    assert counts[3:].sum() == 0
+    cos = torch.nn.functional.cosine_similarity(counts / n, want, dim=0)
+    chi2 = (((counts[:3] - n * want[:3]) ** 2) / (n * want[:3])).sum()
+    assert cos > 0.99 and chi2 < 16.0  # df = 2: P(chi2 > 16) ~ 3e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_threshold_renorm_and_mask_are_exact(dtype):
+    p = _probs(6, 45, dtype)
+    p[5, 10:20] = p[5, 3]  # ties at many values
+    tp = torch.tensor([0.1, 0.5, 0.9, 0.99, 1.0, 0.7])
+    k = torch.tensor([1, 4, 13, 44, 45, 12], dtype=torch.int32)
+    for param, renorm_ref, kw in ((tp, ref.top_p_renorm_probs, {"top_p": tp}), (k, ref.top_k_renorm_probs, {"top_k": k})):
+        out = torch.full_like(p, float("nan"))
+        F.threshold_filter(p, out, kw.get("top_k"), kw.get("top_p"), renorm=True, block=16)
+        want = renorm_ref(p, param)
+        assert torch.equal(out > 0, want > 0)
+        torch.testing.assert_close(out.float(), want.float(), atol=2e-3 if dtype == torch.float16 else 1e-6, rtol=0)
+    x = (torch.randn(6, 45) * 3).to(dtype)
+    x[2, :7] = x[2, 30]
+    x[4, 9] = float("-inf")
+    out = torch.full_like(x, float("nan"))
+    F.threshold_filter(x, out, k, None, renorm=False, block=16)
+    assert torch.equal(out, ref.top_k_mask_logits(x, k))
+
+
+def test_softmax_temperature_and_greedy():
+    x = torch.randn(4, 50) * 3
+    t = torch.tensor([1.0, 0.5, 0.0, 2.0])
+    out = torch.full_like(x, float("nan"))
+    F.softmax(x, out, t, block=16)
+    torch.testing.assert_close(out, ref.softmax(x, t), atol=1e-6, rtol=1e-5)
+    assert out[2].sum() == 1.0 and out[2, x[2].argmax()] == 1.0
+
+
+def test_chain_speculative_kernel_structure():
+    b, n, v = 6, 3, 11
+    q = _probs(b * n, v).view(b, n, v)
+    p = _probs(b * (n + 1), v).view(b, n + 1, v)
+    q[0] = p[0, :n]  # identical models: every draft accepted, then a bonus token
+    p[1, 0] = 0.0
+    p[1, 0, 4] = 1.0
+    d = torch.multinomial(q.view(-1, v), 1).view(b, n).to(torch.int32)
+    d[1, 0] = 2  # target gives it probability 0: rejected, replaced by token 4
+    out = torch.full((b, n + 1), -9, dtype=torch.int32)
+    acc, emit = torch.full((b,), -9, dtype=torch.int32), torch.full((b,), -9, dtype=torch.int32)
+    K.chain_speculative(q, d, p, out, acc, emit, 11, 0, block=16)
+    assert emit[0] == n and torch.equal(out[0, :n], d[0]) and 0 <= out[0, n] < v
+    assert emit[1] == 0 and out[1, 0] == 4 and (out[1, 1:] == -1).all()
+    for r in range(b):
+        e = int(emit[r])
+        assert torch.equal(out[r, :e], d[r, :e]) and 0 <= out[r, e] < v and (out[r, e + 1:] == -1).all()
+        assert e <= acc[r] <= n
