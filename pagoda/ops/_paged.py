@@ -6,6 +6,8 @@ dtypes are checked and the kernels' own bounds masks keep memory access legal.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from pagoda.ops import _checks
@@ -19,6 +21,15 @@ def check_kv_layout(kv_layout) -> str:
     if kv_layout not in KV_LAYOUTS:
         raise ValueError(f"kv_layout must be 'NHD' or 'HND', got {kv_layout!r}")
     return kv_layout
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Dispatch rule of the paged/RoPE/decode/prefill ops: the Triton kernels for CUDA tensors, the reference
+    otherwise. ``PAGODA_TRITON_ON_CPU=1`` together with ``TRITON_INTERPRET=1`` sends CPU tensors to the kernels
+    (run by the interpreter) so tests cover the ops' kernel path end to end without a GPU."""
+    if t.is_cuda:
+        return True
+    return os.environ.get("PAGODA_TRITON_ON_CPU") == "1" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def capturing(t: torch.Tensor) -> bool:

@@ -171,7 +171,7 @@ def single_prefill_with_kv_cache(q, k, v, custom_mask=None, packed_custom_mask=N
     opts = _common.options(d, None, custom_mask, packed_custom_mask, causal, pos_encoding_mode, use_fp16_qk_reduction,
                            window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta)
     qo_len = q.shape[0]
-    if not q.is_cuda or kv_len == 0 or qo_len == 0:
+    if not _paged.use_triton(q) or kv_len == 0 or qo_len == 0:
         kk, vv = (k, v) if kv_layout == "NHD" else (k.transpose(0, 1), v.transpose(0, 1))
         out, lse = _ref.prefill_one(q, kk, vv, **opts)
         return (out, lse) if return_lse else out

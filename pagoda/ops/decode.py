@@ -246,7 +246,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
             _checks.check_tensor("lse", lse, ndim=2, dtypes=(torch.float32,))
             if tuple(lse.shape) != (b, hq) or lse.device != q.device:
                 raise ValueError(f"lse must be a float32 [{b}, {hq}] tensor on {q.device}")
-        if not q.is_cuda:
+        if not _paged.use_triton(q):
             o, l = _ref.batch_decode_with_paged_kv_cache(
                 q[:self._batch], (k_cache, v_cache), self._host_meta[0], self._host_meta[1], self._host_meta[2],
                 self._kv_layout, sm_scale=scale, window_left=planned_window, logits_soft_cap=soft_cap,
@@ -305,7 +305,7 @@ def single_decode_with_kv_cache(q, k, v, kv_layout="NHD", pos_encoding_mode="NON
     scale *= _plan.optional_positive("q_scale", q_scale, 1.0) * _plan.optional_positive("k_scale", k_scale, 1.0)
     rope_scale = _plan.optional_positive("rope_scale", rope_scale, 1.0)
     rope_theta = _plan.optional_positive("rope_theta", rope_theta, 1e4)
-    if not q.is_cuda or kv_len == 0:
+    if not _paged.use_triton(q) or kv_len == 0:
         out, lse = _ref.single_decode_with_kv_cache(q, k, v, kv_layout, mode, window_left=window_left,
                                                     logits_soft_cap=soft_cap, sm_scale=scale, rope_scale=rope_scale,
                                                     rope_theta=rope_theta, return_lse=True)

@@ -180,7 +180,7 @@ def append_paged_kv_cache(append_key: torch.Tensor, append_value: torch.Tensor, 
                              "kv_indptr/kv_last_page_len")
     if nnz == 0:
         return
-    if not k_cache.is_cuda:
+    if not _paged.use_triton(k_cache):
         live = batch_indices[:nnz] >= 0
         if bool(live.all()):
             _ref.append_paged_kv_cache(append_key, append_value, batch_indices, positions, (k_cache, v_cache),

@@ -147,7 +147,7 @@ class BatchPrefillWithPagedKVCacheWrapper:
                              f"{k_cache.shape[0]} pages")
         _common.run_checks(q, hq, d, self._nnz, self._q_dtype, self.device, out, lse)
         opts["sm_scale"] *= (q_scale or 1.0) * (k_scale or 1.0)
-        if not q.is_cuda:
+        if not _paged.use_triton(q):
             o, l = _ref.batch_prefill_with_paged_kv_cache(q, (k_cache, v_cache), *self._host_meta, self._kv_layout,
                                                           **opts)
             out = o if out is None else out.copy_(o)

@@ -11,7 +11,7 @@ import operator
 
 import torch
 
-from pagoda.ops import _checks
+from pagoda.ops import _checks, _paged
 from pagoda.reference import rope as _ref
 
 __all__ = ["apply_rope", "apply_rope_inplace", "apply_rope_pos_ids", "apply_rope_pos_ids_inplace",
@@ -81,7 +81,7 @@ def _indptr_positions(indptr, offsets, nnz: int, device) -> torch.Tensor:
 
 def _rotate(q, k, pos, freqs, interleave: bool, inplace: bool):
     """Dispatch: Triton on CUDA, the reference elsewhere. Returns (q_out, k_out) (q, k themselves in place)."""
-    if not q.is_cuda:
+    if not _paged.use_triton(q):
         qr = _ref.rope_ref(q, pos, freqs, interleave)
         kr = _ref.rope_ref(k, pos, freqs, interleave)
         if inplace:
@@ -200,7 +200,7 @@ def rotate_llama(x: torch.Tensor, pos: torch.Tensor, rope_scale: float, rope_the
     """Non-interleaved full-head_dim RoPE of ``x [nnz, H, D]`` at ``pos [nnz]`` (a new tensor; for the
     wrappers' ``pos_encoding_mode="ROPE_LLAMA"``; arguments already validated)."""
     freqs = _ref.rope_frequencies(x.shape[-1], rope_scale, rope_theta, device=x.device)
-    if not x.is_cuda:
+    if not _paged.use_triton(x):
         return _ref.rope_ref(x, pos, freqs, False)
     from pagoda.kernels.rope import rope_fwd
 
