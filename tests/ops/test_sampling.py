@@ -1,0 +1,362 @@
+"""pagoda.ops.sampling: laws of the samplers (many draws, fixed seeds), filters, reproducibility,
+per-row parameters, speculative verification, robustness and validation.
+
+Statistical tests run on the CPU path (the sort-based reference) and, marked gpu, on the Triton kernels.
+"""
+import math
+
+import pytest
+import torch
+
+import pagoda.sampling as S
+from pagoda.reference import sampling as ref
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def assert_law(samples: torch.Tensor, want: torch.Tensor) -> None:
+    """Empirical frequencies of ``samples`` match ``want`` (renormalised): support, cosine, chi-square."""
+    want = want.double().cpu().clamp_min(0)
+    want = want / want.sum()
+    counts = torch.bincount(samples.long().cpu(), minlength=want.numel()).double()
+    assert counts.numel() == want.numel(), "token id out of range"
+    n = counts.sum()
+    assert counts[want == 0].sum() == 0, f"drew excluded tokens {torch.nonzero((want == 0) & (counts > 0)).flatten().tolist()}"
+    cos = torch.nn.functional.cosine_similarity(counts / n, want, dim=0)
+    assert cos > 0.99, f"cosine similarity {cos:.4f}"
+    big = n * want >= 5  # chi-square over cells with enough expectation, the rest lumped together
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([n * want[big], (n * want[~big]).sum()[None]])
+    keep = exp > 0
+    chi2 = (((obs - exp) ** 2)[keep] / exp[keep]).sum().item()
+    df = max(int(keep.sum()) - 1, 1)
+    assert chi2 < df + 6 * math.sqrt(2 * df) + 10, f"chi2 {chi2:.1f} with {df} degrees of freedom"
+
+
+def _gen(device, seed=1234):
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _rows(vocab, n_rows=1, device="cpu", temp=1.0):
+    return torch.softmax(torch.randn(n_rows, vocab) * temp, -1).to(device)
+
+
+N = 20000
+
+
+def _many(device, n=N):
+    return torch.zeros(n, dtype=torch.int64, device=device)
+
+
+# ------------------------------------------------------------------------------------ laws of the samplers
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampling_from_probs_law_and_unnormalised_rows(device):
+    p = _rows(50, device=device, temp=1.5)
+    out = S.sampling_from_probs(p * 3.0, indices=_many(device), generator=_gen(device))
+    assert out.dtype == torch.int64 and out.shape == (N,)
+    assert_law(out, p[0])
+    out32 = S.sampling_from_probs(p.expand(7, 50).contiguous(), generator=_gen(device))
+    assert out32.dtype == torch.int32 and out32.shape == (7,)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampling_from_logits_law(device):
+    x = torch.randn(1, 40, device=device) * 2
+    x[0, 5] = float("-inf")
+    out = S.sampling_from_logits(x, indices=_many(device), generator=_gen(device))
+    assert_law(out, torch.softmax(x[0].double(), -1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("top_p", [0.2, 0.6, 0.95, 1.0])
+def test_top_p_law(device, top_p):
+    p = _rows(64, device=device, temp=2.0)
+    out = S.top_p_sampling_from_probs(p, top_p, indices=_many(device), generator=_gen(device))
+    keep = ref.keep_top_p(p.cpu().double(), torch.tensor([top_p], dtype=torch.float64))[0]
+    assert_law(out, torch.where(keep, p[0].cpu().double(), 0.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("top_k", [1, 5, 64, 100])
+def test_top_k_law(device, top_k):
+    p = _rows(64, device=device, temp=2.0)
+    out = S.top_k_sampling_from_probs(p, top_k, indices=_many(device), generator=_gen(device))
+    order = p[0].cpu().double().argsort(descending=True)
+    want = torch.zeros(64, dtype=torch.float64)
+    want[order[:top_k]] = p[0].cpu().double()[order[:top_k]]
+    assert_law(out, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("min_p", [0.0, 0.1, 0.5])
+def test_min_p_law(device, min_p):
+    p = _rows(64, device=device, temp=2.0)
+    out = S.min_p_sampling_from_probs(p, min_p, indices=_many(device), generator=_gen(device))
+    p64 = p[0].cpu().double()
+    assert_law(out, torch.where(p64 >= min_p * p64.max(), p64, 0.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_top_k_top_p_filter_orders(device):
+    # top_k=2 then top_p=0.5 on the renormalised pair (0.57, 0.43) keeps only token 0; "joint" keeps
+    # tokens passing both filters on the original row: {0, 1}.
+    p = torch.tensor([[0.4, 0.3, 0.2, 0.1]], device=device)
+    n = 4000
+    first = S.top_k_top_p_sampling_from_probs(p, 2, 0.5, indices=_many(device, n), generator=_gen(device))
+    assert (first == 0).all()
+    joint = S.top_k_top_p_sampling_from_probs(p, 2, 0.5, indices=_many(device, n), filter_apply_order="joint",
+                                              generator=_gen(device))
+    assert_law(joint, torch.tensor([0.4, 0.3, 0.0, 0.0]))
+    logits = p.log()
+    first = S.top_k_top_p_sampling_from_logits(logits, 2, 0.5, indices=_many(device, n), generator=_gen(device))
+    assert (first == 0).all()
+    joint = S.top_k_top_p_sampling_from_logits(logits, torch.full((n,), 2, device=device), 0.5,
+                                               indices=_many(device, n), filter_apply_order="joint",
+                                               generator=_gen(device))
+    assert_law(joint, torch.tensor([0.4, 0.3, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_row_parameters_reach_their_rows(device):
+    p = _rows(30, n_rows=2, device=device, temp=1.5)
+    n = 8000
+    idx = torch.arange(n, device=device) % 2
+    top_k = torch.where(idx == 0, 1, 30).to(torch.int32)
+    top_p = torch.where(idx == 0, 1.0, 0.7)
+    out = S.top_k_top_p_sampling_from_probs(p, top_k, top_p, indices=idx, filter_apply_order="joint",
+                                            generator=_gen(device))
+    assert (out[0::2] == p[0].argmax()).all()
+    keep = ref.keep_top_p(p[1:].cpu().double(), torch.tensor([0.7], dtype=torch.float64))[0]
+    assert_law(out[1::2], torch.where(keep, p[1].cpu().double(), 0.0))
+    # min-p per row: row 0 at min_p=1 is greedy, row 1 at min_p=0 is the full distribution
+    out = S.min_p_sampling_from_probs(p, torch.where(idx == 0, 1.0, 0.0), indices=idx, generator=_gen(device))
+    assert (out[0::2] == p[0].argmax()).all()
+    assert_law(out[1::2], p[1])
+
+
+# ------------------------------------------------------------------------------- reproducibility / RNG
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_generator_state_gives_same_tokens(device):
+    p = _rows(100, n_rows=64, device=device, temp=0.5)
+    a = S.top_p_sampling_from_probs(p, 0.9, generator=_gen(device, 7))
+    b = S.top_p_sampling_from_probs(p, 0.9, generator=_gen(device, 7))
+    assert torch.equal(a, b)
+    g = _gen(device, 7)
+    first, second = S.top_p_sampling_from_probs(p, 0.9, generator=g), S.top_p_sampling_from_probs(p, 0.9, generator=g)
+    assert torch.equal(first, a) and not torch.equal(first, second)  # the generator advances
+    c = S.top_p_sampling_from_probs(p, 0.9, generator=_gen(device, 8))
+    assert not torch.equal(a, c)
+    d1 = S.sampling_from_probs(p, seed=5, offset=64)
+    d2 = S.sampling_from_probs(p, seed=5, offset=64)
+    assert torch.equal(d1, d2)
+
+
+# ------------------------------------------------------------------------------ softmax / renorm / mask
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_softmax_temperature(device):
+    x = torch.randn(3, 77, device=device) * 4
+    t = torch.tensor([1.0, 0.3, 0.0], device=device)
+    out = S.softmax(x, t)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    torch.testing.assert_close(out[:2].double(), torch.softmax(x[:2].double() / t[:2, None].double(), -1),
+                               atol=1e-6, rtol=1e-5)
+    assert torch.equal(out[2], torch.nn.functional.one_hot(x[2].argmax(), 77).float())
+    torch.testing.assert_close(S.softmax(x), torch.softmax(x, -1), atol=1e-6, rtol=1e-5)
+    assert torch.equal(S.softmax(x, 0.0).argmax(-1), x.argmax(-1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_renorm_and_mask_examples(device):
+    p = torch.tensor([[0.2499, 0.2592, 0.1085, 0.2718, 0.1106],
+                      [0.2205, 0.0942, 0.2912, 0.3452, 0.0489]], device=device)
+    r = S.top_p_renorm_probs(p, 0.3)
+    assert torch.equal(r.cpu() > 0, torch.tensor([[False, True, False, True, False], [False, False, False, True, False]]))
+    torch.testing.assert_close(r.sum(-1), torch.ones(2, device=device))
+    r = S.top_k_renorm_probs(p, 3)
+    assert torch.equal(r.cpu() > 0, torch.tensor([[True, True, False, True, False], [True, False, True, True, False]]))
+    torch.testing.assert_close(r[0, 1].cpu(), torch.tensor(0.2592 / (0.2499 + 0.2592 + 0.2718)))
+    x = torch.tensor([[1.0, 3.0, 3.0, -1.0, 2.0]], device=device, dtype=torch.float16)
+    m = S.top_k_mask_logits(x, 2)
+    assert m.dtype == torch.float16
+    assert m.cpu().tolist() == [[float("-inf"), 3.0, 3.0, float("-inf"), float("-inf")]]
+    assert S.top_k_mask_logits(x, 1).isfinite().sum() == 2  # ties at the boundary are kept
+    assert torch.equal(S.top_k_mask_logits(x, 5), x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_renorm_matches_reference_random(device):
+    p = _rows(1000, n_rows=5, device=device, temp=3.0)
+    for fn, param in ((S.top_p_renorm_probs, torch.tensor([0.1, 0.5, 0.8, 0.95, 1.0])),
+                      (S.top_k_renorm_probs, torch.tensor([1, 10, 100, 999, 1000]))):
+        out = fn(p, param.to(device))
+        want = getattr(ref, fn.__name__)(p.cpu(), param)
+        assert torch.equal(out.cpu() > 0, want > 0)
+        torch.testing.assert_close(out.cpu(), want, atol=1e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------- speculative
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_chain_speculative_flashinfer_example(device):
+    draft = torch.tensor([[[0.1, 0.2, 0.3, 0.4], [0.2, 0.3, 0.4, 0.1]]], device=device)
+    ids = torch.tensor([[2, 1]], dtype=torch.int32, device=device)
+    target = torch.tensor([[[0.0, 0.1, 0.6, 0.3], [1.0, 0.0, 0.0, 0.0], [0.7, 0.1, 0.1, 0.1]]], device=device)
+    acc0 = torch.full((1,), 5, dtype=torch.int32, device=device)
+    out, acc, emitted = S.chain_speculative_sampling(draft, ids, target, maybe_output_accepted_token_num=acc0,
+                                                     generator=_gen(device))
+    assert out.tolist() == [[2, 0, -1]] and out.dtype == torch.int32
+    assert acc is acc0 and acc.tolist() == [6] and emitted.tolist() == [1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_chain_speculative_preserves_target_distribution(device):
+    n_req, n_spec, vocab = 20000, 2, 6
+    g = _gen(device, 3)
+    q = torch.softmax(torch.randn(n_spec, vocab) * 1.5, -1)
+    p = torch.softmax(torch.randn(n_spec + 1, vocab) * 1.5, -1)
+    q[1, 4] = 0.0  # a token the draft never proposes but the target likes
+    q[1] /= q[1].sum()
+    draft = q.expand(n_req, n_spec, vocab).contiguous().to(device)
+    target = p.expand(n_req, n_spec + 1, vocab).contiguous().to(device)
+    ids = torch.multinomial(draft.view(-1, vocab), 1, generator=g).view(n_req, n_spec).to(torch.int32)
+    out, acc, emitted = S.chain_speculative_sampling(draft, ids, target, generator=g)
+    out, acc, emitted = out.cpu(), acc.cpu(), emitted.cpu()
+    assert_law(out[:, 0], p[0])
+    assert_law(out[emitted >= 1, 1], p[1])
+    assert_law(out[emitted == 2, 2], p[2])
+    rate = (emitted >= 1).double().mean().item()
+    assert abs(rate - torch.minimum(p[0], q[0]).sum().item()) < 0.02
+    for r in range(50):
+        e = int(emitted[r])
+        assert torch.equal(out[r, :e], ids[r, :e].cpu()) and (out[r, e + 1:] == -1).all()
+    assert ((acc >= emitted) & (acc <= n_spec)).all()
+
+
+# --------------------------------------------------------------------------------- robustness
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_rows_detected_or_harmless(device):
+    p = _rows(20, n_rows=3, device=device)
+    p[1, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"rows \[1\]"):
+        S.top_p_sampling_from_probs(p, 0.9, check_nan=True)
+    x = torch.randn(3, 20, device=device)
+    x[2] = float("-inf")
+    with pytest.raises(ValueError, match=r"rows \[2\]"):
+        S.sampling_from_logits(x, check_nan=True)
+    p[1] = float("nan")
+    for fn in (lambda: S.top_p_sampling_from_probs(p, 0.9, return_valid=True),
+               lambda: S.top_k_sampling_from_probs(p, 3, return_valid=True),
+               lambda: S.min_p_sampling_from_probs(p, 0.1, return_valid=True),
+               lambda: S.sampling_from_probs(p, return_valid=True)):
+        out, valid = fn()
+        assert ((out >= 0) & (out < 20)).all() and valid.tolist() == [True, False, True]
+
+
+# --------------------------------------------------------------------------------- validation
+
+@pytest.mark.parametrize("call,err,match", [
+    (lambda p: S.top_p_sampling_from_probs(p, 0.0), ValueError, "top_p"),
+    (lambda p: S.top_p_sampling_from_probs(p, 1.5), ValueError, "top_p"),
+    (lambda p: S.top_k_sampling_from_probs(p, 0), ValueError, "top_k"),
+    (lambda p: S.top_k_sampling_from_probs(p, 2.5), TypeError, "top_k"),
+    (lambda p: S.min_p_sampling_from_probs(p, -0.1), ValueError, "min_p"),
+    (lambda p: S.top_p_sampling_from_probs(p, torch.full((3,), 0.5)), ValueError, "top_p"),
+    (lambda p: S.top_k_sampling_from_probs(p, torch.full((4,), 2.0)), TypeError, "top_k"),
+    (lambda p: S.sampling_from_probs(p[0]), ValueError, "probs"),
+    (lambda p: S.sampling_from_probs(p.to(torch.int32)), TypeError, "probs"),
+    (lambda p: S.sampling_from_probs(p[:, :0]), ValueError, "probs"),
+    (lambda p: S.sampling_from_probs(p, indices=torch.zeros(2)), TypeError, "indices"),
+    (lambda p: S.sampling_from_probs(p, indices=torch.tensor([0, 4])), ValueError, "indices"),
+    (lambda p: S.sampling_from_probs(p, seed=1), ValueError, "seed"),
+    (lambda p: S.sampling_from_probs(p, generator=3), TypeError, "generator"),
+    (lambda p: S.top_k_top_p_sampling_from_probs(p, 2, 0.5, filter_apply_order="both"), ValueError,
+     "filter_apply_order"),
+    (lambda p: S.softmax(p, temperature=-1.0), ValueError, "temperature"),
+    (lambda p: S.top_k_mask_logits(p, 0), ValueError, "top_k"),
+    (lambda p: S.top_p_renorm_probs(p, "0.5"), TypeError, "top_p"),
+])
+def test_validation(call, err, match):
+    with pytest.raises(err, match=match):
+        call(_rows(10, n_rows=4))
+
+
+def test_chain_speculative_validation():
+    q, p = _rows(8, 6).view(2, 3, 8), _rows(8, 8).view(2, 4, 8)
+    ids = torch.zeros(2, 3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="target_probs"):
+        S.chain_speculative_sampling(q, ids, p[:, :3])
+    with pytest.raises(ValueError, match="draft_token_ids"):
+        S.chain_speculative_sampling(q, ids[:, :2], p)
+    with pytest.raises(TypeError, match="draft_token_ids"):
+        S.chain_speculative_sampling(q, ids.float(), p)
+    with pytest.raises(ValueError, match="maybe_output_accepted_token_num"):
+        S.chain_speculative_sampling(q, ids, p, maybe_output_accepted_token_num=torch.zeros(3, dtype=torch.int32))
+
+
+def test_cpu_outputs_and_defaults_match_flashinfer_conventions():
+    p = _rows(10, n_rows=4)
+    out, valid = S.top_k_top_p_sampling_from_probs(p, 3, 0.9, return_valid=True)
+    assert out.dtype == torch.int32 and valid.dtype == torch.bool and valid.all()
+    idx = torch.tensor([3, 3, 0], dtype=torch.int32)
+    assert S.top_p_sampling_from_probs(p, 0.9, indices=idx).dtype == torch.int32
+    assert S.top_k_renorm_prob is S.top_k_renorm_probs and S.top_p_renorm_prob is S.top_p_renorm_probs
+    assert S.top_k_renorm_probs(p.half(), 3).dtype == torch.float16
+
+
+# ---------------------------------------------------------------------------------- GPU only
+
+@pytest.mark.gpu
+def test_gpu_no_host_sync_and_cuda_graph_capture():
+    p = _rows(5000, n_rows=8, device="cuda", temp=2.0)
+    seed = torch.tensor([11], dtype=torch.int64, device="cuda")
+    offset = torch.tensor([0], dtype=torch.int64, device="cuda")
+    top_p = torch.full((8,), 0.9, device="cuda")
+    eager = S.top_p_sampling_from_probs(p, top_p, seed=seed, offset=offset)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        S.top_p_sampling_from_probs(p, 0.9, generator=_gen("cuda"))
+        S.top_k_top_p_sampling_from_logits(p.log(), 50, 0.9, generator=_gen("cuda"))
+        S.min_p_sampling_from_probs(p, 0.1, seed=seed, offset=offset)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        S.top_p_sampling_from_probs(p, top_p, seed=seed, offset=offset)  # warm-up (compile) outside capture
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(graph):
+        captured = S.top_p_sampling_from_probs(p, top_p, seed=seed, offset=offset)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+    offset.fill_(1 << 20)
+    graph.replay()
+    assert not torch.equal(captured, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_large_vocab_filters_exact(dtype):
+    vocab = 151936
+    p = _rows(vocab, n_rows=4, device="cuda", temp=4.0).to(dtype)
+    n = 4096
+    idx = torch.arange(n, device="cuda") % 4
+    p64 = p.double().cpu()
+    for name, call, keep in (
+            ("top_p", lambda: S.top_p_sampling_from_probs(p, 0.9, indices=idx, generator=_gen("cuda")),
+             ref.keep_top_p(p64, torch.full((4,), 0.9, dtype=torch.float64))),
+            ("top_k", lambda: S.top_k_sampling_from_probs(p, 50, indices=idx, generator=_gen("cuda")),
+             ref.keep_top_k(p64, torch.full((4,), 50))),
+            ("min_p", lambda: S.min_p_sampling_from_probs(p, 0.05, indices=idx, generator=_gen("cuda")),
+             ref.keep_min_p(p64, torch.full((4,), 0.05, dtype=torch.float64)))):
+        out = call().cpu().long()
+        assert keep[idx.cpu(), out].all(), name
+    r = S.top_p_renorm_probs(p.float(), 0.9)
+    want = ref.top_p_renorm_probs(p.float().cpu(), 0.9)
+    assert (r.cpu() > 0).ne(want > 0).sum() <= 4  # at most a boundary token per row from fp32 vs fp64 sums
