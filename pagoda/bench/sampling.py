@@ -1,0 +1,243 @@
+"""The sampling study: time per call of every sampler, beside PyTorch's sort-based samplers, FlashInfer
+and the read-once floor, over a (vocab, batch) grid.
+
+GPU grid (the issue's): vocab 32,000 / 128,256 / 151,936 x batch 1 / 32 / 128 / 512, float32
+probabilities (FlashInfer's samplers take float32). CPU grid: a small embedded one (seconds), where
+pagoda runs its sort-based reference. Every figure is the median of `pagoda.bench.timing.time_ms`
+(L2 flushed between runs on CUDA). The floor is one read of the probabilities (``amax`` over each
+row): its achieved GB/s is reported, and every sampler's time is also given as GB/s of that same
+read, so "x floor" is a ratio of times on identical bytes.
+"""
+from __future__ import annotations
+
+import gc
+import importlib
+from dataclasses import asdict, dataclass
+
+import torch
+
+from pagoda.bench import report as _report
+from pagoda.bench.attention import _classify
+from pagoda.bench.progress import Progress
+from pagoda.bench.timing import time_ms
+
+TOP_P, TOP_K, MIN_P = 0.9, 50, 0.05
+OPS = ("sampling", "top_p", "top_k", "min_p", "top_k_top_p")
+FULL_VOCABS, FULL_BATCHES = (32000, 128256, 151936), (1, 32, 128, 512)
+SMALL_VOCABS, SMALL_BATCHES = (1000, 4096), (1, 8)
+
+
+@dataclass(slots=True, frozen=True)
+class SamplingCase:
+    batch: int
+    vocab: int
+
+    def __post_init__(self):
+        if self.batch <= 0 or self.vocab <= 0:
+            raise ValueError(f"SamplingCase sizes must be positive, got {self}")
+
+    def label(self) -> str:
+        return f"V={self.vocab} b={self.batch}"
+
+
+def sampling_grid(name: str) -> list[SamplingCase]:
+    """``full``: the GPU grid of the issue; ``small``: the embedded CPU default."""
+    if name == "full":
+        vocabs, batches = FULL_VOCABS, FULL_BATCHES
+    elif name == "small":
+        vocabs, batches = SMALL_VOCABS, SMALL_BATCHES
+    else:
+        raise ValueError(f"grid must be 'full' or 'small', got {name!r}")
+    return [SamplingCase(b, v) for v in vocabs for b in batches]
+
+
+# ------------------------------------------------------------------------------------------- backends
+
+def _prep_pagoda(op, probs, gen):
+    from pagoda.ops import sampling as s
+
+    calls = {
+        "sampling": lambda: s.sampling_from_probs(probs, generator=gen),
+        "top_p": lambda: s.top_p_sampling_from_probs(probs, TOP_P, generator=gen),
+        "top_k": lambda: s.top_k_sampling_from_probs(probs, TOP_K, generator=gen),
+        "min_p": lambda: s.min_p_sampling_from_probs(probs, MIN_P, generator=gen),
+        "top_k_top_p": lambda: s.top_k_top_p_sampling_from_probs(probs, TOP_K, TOP_P, generator=gen),
+    }
+    return calls[op]
+
+
+def torch_sort_sample(probs: torch.Tensor, op: str, gen=None) -> torch.Tensor:
+    """What serving stacks do without a fused sampler: sort each row, cut by cumulative mass / rank /
+    ratio to the maximum, ``torch.multinomial`` over the survivors, map back through the sort order."""
+    if op == "sampling":
+        return torch.multinomial(probs, 1, generator=gen).squeeze(1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    drop = torch.zeros_like(sorted_p, dtype=torch.bool)
+    if op in ("top_p", "top_k_top_p"):
+        kept = sorted_p.clone()
+        if op == "top_k_top_p":  # top-k first, then top-p on the renormalised survivors
+            kept[:, TOP_K:] = 0
+        csum = kept.cumsum(-1)
+        drop |= (csum - kept) >= TOP_P * csum[:, -1:]
+    if op in ("top_k", "top_k_top_p"):
+        drop[:, TOP_K:] = True
+    if op == "min_p":
+        drop |= sorted_p < MIN_P * sorted_p[:, :1]
+    choice = torch.multinomial(sorted_p.masked_fill(drop, 0.0), 1, generator=gen)
+    return order.gather(1, choice).squeeze(1)
+
+
+def _prep_torch(op, probs, gen):
+    return lambda: torch_sort_sample(probs, op, gen)
+
+
+def _prep_flashinfer(op, probs, gen):
+    fs = importlib.import_module("flashinfer.sampling")
+    if op in ("top_k", "top_k_top_p"):
+        raise NotImplementedError("FlashInfer's top-k samplers are not run: their JIT build takes too long")
+    calls = {
+        "sampling": lambda: fs.sampling_from_probs(probs, generator=gen),
+        "top_p": lambda: fs.top_p_sampling_from_probs(probs, TOP_P, generator=gen),
+        "min_p": lambda: fs.min_p_sampling_from_probs(probs, MIN_P, generator=gen),
+    }
+    return calls[op]
+
+
+def _flashinfer_unavailable(device):
+    if device.type != "cuda":
+        return "needs a CUDA device"
+    try:
+        importlib.import_module("flashinfer.sampling")
+    except Exception as exc:  # ImportError, or a broken install raising something else
+        return f"flashinfer not importable ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+    return None
+
+
+BACKENDS = {
+    "pagoda": ("pagoda.ops.sampling (Triton on CUDA, sort-based reference elsewhere)", lambda d: None, _prep_pagoda),
+    "torch_sort": ("PyTorch sort + cumsum + multinomial", lambda d: None, _prep_torch),
+    "flashinfer": ("flashinfer.sampling (top-k samplers excluded)", _flashinfer_unavailable, _prep_flashinfer),
+}
+
+
+# ---------------------------------------------------------------------------------------------- study
+
+def _timing(device):
+    return {"warmup_ms": 25, "rep_ms": 100} if device.type == "cuda" else {"warmup_ms": 5, "rep_ms": 10}
+
+
+def _sig(x: float) -> float:
+    """Four significant digits (tiny CPU bandwidths must not round to 0)."""
+    return float(f"{x:.4g}")
+
+
+def run_case(case: SamplingCase, names: list[str], device: torch.device, dtype: torch.dtype,
+             unavailable: dict[str, str | None]) -> list[dict]:
+    """Time every backend on every op for one case (same random probabilities for all)."""
+    logits = torch.randn(case.batch, case.vocab, device=device) * 3.0
+    probs = torch.softmax(logits, -1).to(dtype)
+    nbytes = probs.numel() * probs.element_size()
+    floor_ms = time_ms(lambda: torch.amax(probs, -1), device, **_timing(device))
+    floor_gbps = nbytes / (floor_ms * 1e-3) / 1e9
+    rows = []
+    for op in OPS:
+        for name in names:
+            row = {**asdict(case), "op": op, "backend": name, "dtype": str(dtype).replace("torch.", ""),
+                   "status": "ok", "reason": None, "us": None, "gbps": None, "floor_us": _sig(floor_ms * 1e3),
+                   "floor_gbps": _sig(floor_gbps)}
+            if unavailable.get(name):
+                row.update(status="unavailable", reason=unavailable[name])
+                rows.append(row)
+                continue
+            try:
+                gen = torch.Generator(device=device).manual_seed(0)
+                fn = BACKENDS[name][2](op, probs, gen)
+                out = fn()  # compile / warm up outside timing
+                if not ((out >= 0) & (out < case.vocab)).all():
+                    raise RuntimeError("returned a token id outside [0, vocab)")
+                ms = time_ms(fn, device, **_timing(device))
+                row.update(us=_sig(ms * 1e3), gbps=_sig(nbytes / (ms * 1e-3) / 1e9))
+            except Exception as exc:  # one backend failing must not stop the study
+                status, reason = _classify(exc)
+                row.update(status=status, reason=reason)
+            rows.append(row)
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
+
+
+def run_study(grid: str, backends: list[str] | None, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
+    """Run the sampling study; returns the report (``study``, ``meta``, ``backends``, ``results``)."""
+    names = backends or list(BACKENDS)
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown backend(s) {unknown}; known: {sorted(BACKENDS)}")
+    unavailable = {n: BACKENDS[n][1](device) for n in names}
+    cases = sampling_grid(grid)
+    results: list[dict] = []
+    with Progress(len(cases), "sampling") as bar:
+        for case in cases:
+            results += run_case(case, names, device, dtype, unavailable)
+            bar.step(case.label())
+    return {
+        "study": "sampling",
+        "meta": {**_report.environment(device), "grid": grid, "dtype": str(dtype).replace("torch.", ""),
+                 "params": {"top_p": TOP_P, "top_k": TOP_K, "min_p": MIN_P},
+                 "floor": "one read of the probabilities (torch.amax over rows); gbps = probability bytes / time"},
+        "backends": {n: {"available": unavailable[n] is None, "reason": unavailable[n], "describe": BACKENDS[n][0]}
+                     for n in names},
+        "results": results,
+    }
+
+
+def _cell(row: dict | None) -> str:
+    if row is None:
+        return "-"
+    if row["status"] == "ok":
+        return f"{row['us']:.1f}" if row["us"] >= 10 else f"{row['us']:.3g}"
+    return {"unavailable": "n/a", "unsupported": "skip", "oom": "OOM"}.get(row["status"], "err")
+
+
+def _ratio(num: dict | None, den: dict | None, key="us") -> str:
+    ok = num and den and num.get("status") == "ok" and den.get("status") == "ok"
+    return f"{num[key] / den[key]:.2f}x" if ok else "-"
+
+
+def tables(report: dict, markdown: bool = False) -> str:
+    """One table per op: microseconds per call for every backend, the read-once floor, pagoda's
+    speed-up over each peer (peer time / pagoda time) and pagoda's time in multiples of the floor."""
+    names = [n for n, b in report["backends"].items() if b["available"]]
+    by_op: dict[str, dict[tuple, dict[str, dict]]] = {}
+    for r in report["results"]:
+        by_op.setdefault(r["op"], {}).setdefault((r["vocab"], r["batch"]), {})[r["backend"]] = r
+    peers = [p for p in ("torch_sort", "flashinfer") if p in names] if "pagoda" in names else []
+    out = []
+    for op in [o for o in OPS if o in by_op]:
+        headers = (["vocab", "batch"] + [f"{n} us" for n in names] + ["floor us", "floor GB/s"]
+                   + [f"vs {p}" for p in peers] + (["pagoda x floor", "pagoda GB/s"] if "pagoda" in names else []))
+        rows = []
+        for key in sorted(by_op[op]):
+            cells = by_op[op][key]
+            any_row = next(iter(cells.values()))
+            row = [key[0], key[1]] + [_cell(cells.get(n)) for n in names] + [any_row["floor_us"], any_row["floor_gbps"]]
+            pg = cells.get("pagoda")
+            row += [_ratio(cells.get(p), pg) for p in peers]
+            if "pagoda" in names:
+                ok = pg is not None and pg["status"] == "ok"
+                row += [f"{pg['us'] / pg['floor_us']:.2f}x" if ok else "-", pg["gbps"] if ok else "-"]
+            rows.append(row)
+        title = f"{op} sampling, us per call ({report['meta']['dtype']} probabilities)"
+        if markdown:
+            out.append(f"### {title}\n\n" + _report.markdown_table(headers, rows))
+        else:
+            out.append(title + "\n" + _report.format_table(headers, rows, align_left=0))
+    reasons = [f"{n}: {b['reason']}" for n, b in report["backends"].items() if not b["available"]]
+    if reasons:
+        out.append("Unavailable backends:\n" + ("\n" if markdown else "")
+                   + "\n".join(("- " if markdown else "  ") + r for r in reasons))
+    skips = sorted({f"{r['backend']} {r['op']}: {r['reason']}" for r in report["results"]
+                    if r["status"] in ("error", "unsupported", "oom")})
+    if skips:
+        out.append("Skipped or failed:\n" + "\n".join(("- " if markdown else "  ") + e for e in skips))
+    return "\n\n".join(out)

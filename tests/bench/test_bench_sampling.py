@@ -1,0 +1,53 @@
+"""The sampling study on the CPU: the embedded grid runs and its report has the promised schema."""
+import json
+
+import pytest
+import torch
+
+from pagoda.bench import sampling
+from pagoda.bench.report import write_outputs
+
+
+def test_full_grid_is_the_issue_grid():
+    grid = sampling.sampling_grid("full")
+    assert {(c.vocab, c.batch) for c in grid} == {(v, b) for v in (32000, 128256, 151936) for b in (1, 32, 128, 512)}
+    with pytest.raises(ValueError, match="grid"):
+        sampling.sampling_grid("huge")
+    with pytest.raises(ValueError, match="unknown backend"):
+        sampling.run_study("small", ["nope"], torch.device("cpu"))
+
+
+@pytest.mark.parametrize("op", sampling.OPS)
+def test_torch_sort_baseline_respects_its_filter(op):
+    probs = torch.softmax(torch.randn(64, 300) * 3, -1)
+    out = sampling.torch_sort_sample(probs, op)
+    assert out.shape == (64,) and ((out >= 0) & (out < 300)).all()
+    if op in ("top_k", "top_k_top_p"):
+        kth = probs.topk(sampling.TOP_K, -1).values[:, -1]
+        assert (probs.gather(1, out[:, None]).squeeze(1) >= kth).all()
+
+
+def test_cpu_study_schema(tmp_path):
+    report = sampling.run_study("small", None, torch.device("cpu"), torch.float32)
+    assert report["study"] == "sampling"
+    for key in ("date", "torch", "triton", "device", "command", "grid", "dtype", "params"):
+        assert key in report["meta"], key
+    assert set(report["backends"]) == {"pagoda", "torch_sort", "flashinfer"}
+    assert not report["backends"]["flashinfer"]["available"] and report["backends"]["flashinfer"]["reason"]
+    rows = report["results"]
+    grid = sampling.sampling_grid("small")
+    assert len(rows) == len(grid) * len(sampling.OPS) * 3
+    for r in rows:
+        assert {"batch", "vocab", "op", "backend", "status", "us", "gbps", "floor_us", "floor_gbps"} <= set(r)
+        assert r["floor_us"] > 0 and r["floor_gbps"] > 0
+        if r["backend"] == "flashinfer":
+            assert r["status"] == "unavailable" and r["reason"]
+        else:
+            assert r["status"] == "ok", r
+            assert r["us"] > 0 and r["gbps"] > 0
+    json.dumps(report)  # serialisable as is
+    text = sampling.tables(report)
+    assert "top_p sampling" in text and "vs torch_sort" in text and "flashinfer: needs a CUDA device" in text
+    paths = write_outputs(tmp_path, "sampling", report, sampling.tables(report, markdown=True))
+    assert json.loads(paths[0].read_text())["study"] == "sampling"
+    assert "| vocab | batch |" in paths[2].read_text()
