@@ -180,6 +180,15 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
     tl.store(valid_ptr + pid, (found & (accepted != 0)).to(tl.int8))
 
 
+def launch_config(vocab: int, block: int | None = None) -> tuple[int, int]:
+    """(BLOCK, num_warps): one program streams a whole row, so large vocabularies get wide chunks
+    (fewer loop trips, more bytes in flight per program). BLOCK >= 16 keeps whole Philox quads."""
+    if block is None:
+        block = 2048 if vocab >= 8192 else 1024
+    block = max(16, min(block, triton.next_power_of_2(vocab)))
+    return block, (8 if block >= 2048 else 4)
+
+
 def _seed_args(seed, offset, batch: int, device):
     """(seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val, SEED_PTR)."""
     if isinstance(seed, torch.Tensor):
@@ -190,7 +199,7 @@ def _seed_args(seed, offset, batch: int, device):
 
 def sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor | None,
            top_k: torch.Tensor | None, top_p: torch.Tensor | None, min_p: torch.Tensor | None,
-           seed, offset, from_logits: bool = False, block: int = 1024) -> None:
+           seed, offset, from_logits: bool = False, block: int | None = None) -> None:
     """Launch the race sampler.
 
     x: ``[num_rows, vocab]`` probabilities (fp32/fp16/bf16, rows need not sum to 1) or, with
@@ -203,6 +212,7 @@ def sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.
     if batch == 0:
         return
     seed_args = _seed_args(seed, offset, batch, x.device)
+    block, warps = launch_config(vocab, block)
     dummy = out
     _sample_kernel[(batch,)](
         x, x.stride(0), rows if rows is not None else dummy, out, valid.view(torch.int8),
@@ -210,7 +220,7 @@ def sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.
         min_p if min_p is not None else dummy, *seed_args[:6], vocab, x.shape[0],
         HAS_ROWS=rows is not None, HAS_TOP_K=top_k is not None, HAS_TOP_P=top_p is not None,
         HAS_MIN_P=min_p is not None, FROM_LOGITS=from_logits, SEED_PTR=seed_args[6],
-        BLOCK=max(16, min(block, triton.next_power_of_2(vocab))), ROUNDS=MAX_ROUNDS, num_warps=4)
+        BLOCK=block, ROUNDS=MAX_ROUNDS, num_warps=warps)
 
 
 @triton.jit
@@ -235,8 +245,8 @@ def _chain_spec_kernel(q_ptr, d_ptr, p_ptr, out_ptr, acc_ptr, emit_ptr, seed_ptr
     pv = tl.load(p_ptr + b * s_pb + i * s_pn + tok, mask=live, other=0.0).to(tl.float32)
     # Counters [off, off + B*Vq) draw tokens (Vq = ceil(V/4)); the next B*n draw the accept tests.
     nb = tl.num_programs(0).to(tl.int64)
-    u = tl.rand(seed, off + nb * ((vocab + 3) // 4) + b * n_spec + i)
-    passed = live & (u * qv < pv)
+    u_test = tl.rand(seed, off + nb * ((vocab + 3) // 4) + b * n_spec + i)
+    passed = live & (u_test * qv < pv)
     accepted = tl.sum(passed.to(tl.int32), 0)
     emitted = tl.min(tl.where(live & ~passed, i, n_spec), 0)
     # Final token: from max(p_e - q_e, 0) after a rejection at e, else the bonus from p_n. A second
@@ -272,7 +282,7 @@ def _chain_spec_kernel(q_ptr, d_ptr, p_ptr, out_ptr, acc_ptr, emit_ptr, seed_ptr
 
 def chain_speculative(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor, target_probs: torch.Tensor,
                       out: torch.Tensor, accepted: torch.Tensor, emitted: torch.Tensor, seed, offset,
-                      block: int = 1024) -> None:
+                      block: int | None = None) -> None:
     """Launch chain speculative verification. draft_probs ``[B, n, V]``, draft_token_ids int ``[B, n]``,
     target_probs ``[B, n+1, V]`` (last dims contiguous); writes out int32 ``[B, n+1]``, accepted and
     emitted int32 ``[B]``. Philox counters: tokens ``offset + b*ceil(V/4) + i//4`` (lane i%4), tests ``offset + B*ceil(V/4) + b*n + i``."""
@@ -281,8 +291,9 @@ def chain_speculative(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor, 
     if b == 0:
         return
     seed_args = _seed_args(seed, offset, b, target_probs.device)
+    block, warps = launch_config(vocab, block)
     _chain_spec_kernel[(b,)](
         draft_probs, draft_token_ids, target_probs, out, accepted, emitted, *seed_args[:6], n, vocab,
         draft_probs.stride(0), draft_probs.stride(1), draft_token_ids.stride(0), target_probs.stride(0),
         target_probs.stride(1), out.stride(0), SEED_PTR=seed_args[6], N_PAD=triton.next_power_of_2(max(n, 1)),
-        BLOCK=max(16, min(block, triton.next_power_of_2(vocab))), num_warps=4)
+        BLOCK=block, num_warps=warps)

@@ -75,7 +75,7 @@ def _threshold_kernel(x_ptr, out_ptr, stride_x, stride_o, top_k_ptr, top_p_ptr, 
                 key = _ordered_key(x).to(tl.int64)
                 ge = inb[:, None] & (key[:, None] >= piv[None, :])
                 cnt += tl.sum(ge.to(tl.int32), 0)
-                if BY_MASS or WRITE_RENORM:
+                if BY_MASS:
                     mass += tl.sum(tl.where(ge & (x[:, None] > 0.0), x[:, None], 0.0), 0)
                 inr = inb & (key >= lo) & (key < hi)
                 in_min = tl.minimum(in_min, tl.min(tl.where(inr, key, 2147483647), 0))
@@ -93,8 +93,16 @@ def _threshold_kernel(x_ptr, out_ptr, stride_x, stride_o, top_k_ptr, top_p_ptr, 
             mass_lo = tl.where(use_min, mass_lo, tl.where(n_ok > 0, mass_piv, mass_lo))
             lo = tl.where(use_min, in_min, piv_lo)
             hi = tl.minimum(new_hi, in_max + 1)
-    # Write pass: keep {key >= lo}.
     keep_from = lo.to(tl.int32)
+    if WRITE_RENORM and not BY_MASS:
+        # Top-k tracked counts only (a third of the per-pivot work); its kept mass takes one more pass.
+        mass_lo = tl.zeros((), tl.float32)
+        for start in range(0, vocab, BLOCK):
+            cols = start + offs
+            inb = cols < vocab
+            x = tl.load(base + cols, mask=inb, other=0.0).to(tl.float32)
+            mass_lo += tl.sum(tl.where(inb & (_ordered_key(x) >= keep_from) & (x > 0.0), x, 0.0), 0)
+    # Write pass: keep {key >= lo}.
     out_base = out_ptr + pid * stride_o
     for start in range(0, vocab, BLOCK):
         cols = start + offs

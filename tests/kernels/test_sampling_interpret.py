@@ -66,8 +66,7 @@ def _probs(batch, vocab, dtype=torch.float32, temp=1.5):
     return torch.softmax(torch.randn(batch, vocab) * temp, -1).to(dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("vocab", [5, 37])
+@pytest.mark.parametrize("dtype,vocab", [(torch.float32, 5), (torch.float32, 37), (torch.float16, 37)])
 def test_plain_and_filters_equal_race_oracle(dtype, vocab):
     b = 6
     p = _probs(b, vocab, dtype)
@@ -149,7 +148,7 @@ def test_same_seed_same_tokens_and_offset_changes_them():
 
 def test_frequencies_follow_the_nucleus():
     p = torch.tensor([[0.4, 0.25, 0.15, 0.1, 0.06, 0.04]])
-    n = 160
+    n = 120
     out, _ = _run(p, rows=torch.zeros(n, dtype=torch.int32), top_p=torch.full((n,), 0.75), seed=3)
     counts = torch.bincount(out.long(), minlength=6).double()
     want = torch.tensor([0.4, 0.25, 0.15, 0, 0, 0], dtype=torch.float64) / 0.8  # mass(p > 0.15) = 0.65 < 0.75
@@ -206,3 +205,41 @@ def test_chain_speculative_kernel_structure():
         e = int(emit[r])
         assert torch.equal(out[r, :e], d[r, :e]) and 0 <= out[r, e] < v and (out[r, e + 1:] == -1).all()
         assert e <= acc[r] <= n
+
+
+_AOT = r'''
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from pagoda.kernels import sampling as K, sampling_filters as F
+ptr = {"x_ptr": "*bf16", "rows_ptr": "*i64", "out_ptr": "*i64", "valid_ptr": "*i8", "top_k_ptr": "*i32",
+       "top_p_ptr": "*fp32", "min_p_ptr": "*fp32", "seed_ptr": "*i64", "offset_ptr": "*i64", "d_ptr": "*i32",
+       "q_ptr": "*fp16", "p_ptr": "*fp32", "acc_ptr": "*i32", "emit_ptr": "*i32", "seed_val": "i64",
+       "offset_val": "i64"}
+def build(fn, consts, warps):
+    names = [n for n in fn.arg_names if n not in consts]
+    sig = {n: ptr.get(n, "i32") for n in names}
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": warps})
+build(K._sample_kernel, {"HAS_ROWS": True, "HAS_TOP_K": True, "HAS_TOP_P": True, "HAS_MIN_P": True,
+                         "FROM_LOGITS": False, "SEED_PTR": True, "BLOCK": 2048, "ROUNDS": K.MAX_ROUNDS}, 8)
+build(K._chain_spec_kernel, {"SEED_PTR": False, "N_PAD": 4, "BLOCK": 2048}, 8)
+ptr["x_ptr"] = ptr["out_ptr"] = "*fp32"
+build(F._threshold_kernel, {"BY_MASS": False, "WRITE_RENORM": True, "BLOCK": 256, "NUM_PIVOTS": F.NUM_PIVOTS,
+                            "PASSES": F.MAX_PASSES}, 4)
+print("COMPILED")
+'''
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter skips Triton's type checks (e.g. loop-carried types): compile for an H100/H200
+    target ahead of time (no GPU needed; Triton's bundled ptxas)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    if "COMPILED" not in r.stdout and ("ptxas" in r.stderr or "No module named" in r.stderr):
+        pytest.skip(f"no CUDA compiler toolchain here: {r.stderr.strip().splitlines()[-1][:200]}")
+    assert "COMPILED" in r.stdout, r.stderr[-3000:]
