@@ -1,4 +1,4 @@
-"""Command line: ``pagoda bench [attention] [--grid small|full] [--backends a,b] [--out DIR]``."""
+"""Command line: ``pagoda bench [STUDY] [options]`` and ``pagoda bench compare A.json B.json``."""
 from __future__ import annotations
 
 import argparse
@@ -9,35 +9,62 @@ import torch
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _bench(args) -> int:
-    from pagoda.bench import attention
-    from pagoda.bench.report import write_outputs
+def _csv(text: str | None, cast=str):
+    return [cast(x.strip()) for x in text.split(",") if x.strip()] if text else None
 
+
+def _bench(args) -> int:
+    from pagoda.bench.plots import plot
+    from pagoda.bench.report import write_outputs
+    from pagoda.bench.studies import STUDIES, BenchOptions
+
+    if args.study == "compare":
+        from pagoda.bench.compare import compare
+        if len(args.reports) != 2:
+            raise SystemExit("usage: pagoda bench compare A.json B.json")
+        print(compare(*args.reports))
+        return 0
+    if args.reports:
+        raise SystemExit(f"unexpected arguments: {' '.join(args.reports)}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    grid = args.grid or ("full" if device.type == "cuda" else "small")
-    dtype = _DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    backends = [b.strip() for b in args.backends.split(",")] if args.backends else None
-    head_dims = tuple(int(x) for x in args.head_dims.split(",")) if args.head_dims else (64, 128)
-    report = attention.run_study(grid, backends, device, dtype, head_dims=head_dims)
-    print(attention.tables(report))
+    opts = BenchOptions(
+        device=device, grid=args.grid or ("full" if device.type == "cuda" else "small"),
+        dtype=_DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")],
+        backends=_csv(args.backends), head_dims=tuple(_csv(args.head_dims, int) or (64, 128)),
+        model=args.model, batch_sizes=tuple(_csv(args.batch_sizes, int) or ()) or None,
+        max_batch_search=args.max_batch_search)
+    study = STUDIES[args.study]
+    report = study.run(opts)
+    print(study.tables(report))
     if args.out:
-        paths = write_outputs(args.out, "attention", report, attention.tables(report, markdown=True))
+        paths = write_outputs(args.out, study.name, report, study.tables(report, markdown=True))
+        paths += plot(report, args.out)
         print("\nwrote " + ", ".join(str(p) for p in paths))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pagoda.bench.studies import STUDIES
+
     parser = argparse.ArgumentParser(prog="pagoda", description="pagoda: LLM-serving attention kernels")
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="benchmark attention backends side by side")
-    bench.add_argument("study", nargs="?", default="attention", choices=["attention"],
-                       help="which study to run (default: attention, the prefill grid)")
+    bench = sub.add_parser("bench", help="benchmark attention backends side by side",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="studies:\n" + "\n".join(f"  {s.name:10s} {s.help}" for s in STUDIES.values())
+                           + "\n  compare    pagoda bench compare A.json B.json: ratios between two runs")
+    bench.add_argument("study", nargs="?", default="attention", choices=list(STUDIES) + ["compare"],
+                       help="which study to run (default: attention)")
+    bench.add_argument("reports", nargs="*", help=argparse.SUPPRESS)
     bench.add_argument("--grid", choices=["small", "full"], help="default: full on CUDA, small on CPU")
-    bench.add_argument("--backends", help="comma-separated subset of backends (default: all)")
-    bench.add_argument("--head-dims", help="comma-separated head dims (default: 64,128)")
+    bench.add_argument("--backends", help="comma-separated subset of backends / implementations (default: all)")
+    bench.add_argument("--head-dims", help="attention: comma-separated head dims (default: 64,128)")
+    bench.add_argument("--model", help="e2e: model preset (llama-3-8b, qwen3-0.6b, tinyllama-1.1b, tiny) or folder")
+    bench.add_argument("--batch-sizes", help="e2e: comma-separated batch sizes")
+    bench.add_argument("--max-batch-search", action=argparse.BooleanOptionalAction, default=None,
+                       help="e2e: search the largest batch before OOM (GPU only)")
     bench.add_argument("--dtype", choices=sorted(_DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     bench.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    bench.add_argument("--out", help="directory for JSON, CSV and Markdown results")
+    bench.add_argument("--out", help="directory for JSON, CSV, Markdown and PNG results")
     bench.set_defaults(func=_bench)
     return parser
 
