@@ -9,7 +9,7 @@ import torch
 from pagoda.ops import _checks
 from pagoda.reference import cascade as _ref
 
-__all__ = ["merge_state", "merge_state_in_place", "merge_states"]
+__all__ = ["merge_state", "merge_state_in_place", "merge_states", "MultiLevelCascadeAttentionWrapper"]
 
 _V_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -113,3 +113,86 @@ def merge_states(v: torch.Tensor, s: torch.Tensor):
     lse = torch.empty(seq, heads, dtype=torch.float32, device=v.device)
     merge_states_fwd(v, s, out, lse)
     return out, lse
+
+
+class MultiLevelCascadeAttentionWrapper:
+    """Multi-level cascade attention over one paged KV cache (FlashInfer's wrapper, same API).
+
+    Level 0 is KV shared by every query (e.g. a system prompt), middle levels are shared by subsets,
+    the last level is each request's own KV. Each level runs once as a batch prefill over its
+    (qo_indptr, paged KV) — so a shared prefix is read once for all the queries that share it — and
+    the partial states are merged exactly through their LSEs (`merge_state_in_place`). As in FlashInfer,
+    ``causal`` applies to the last level only (shared levels are entirely in every query's past).
+    `pagoda.ops.cascade_levels.build_cascade_levels` builds the per-level metadata from page lists.
+    """
+
+    def __init__(self, num_levels, float_workspace_buffer, kv_layout="NHD", use_cuda_graph=False,
+                 qo_indptr_buf_arr=None, paged_kv_indptr_buf_arr=None, paged_kv_indices_buf_arr=None,
+                 paged_kv_last_page_len_buf_arr=None):
+        from pagoda.ops.prefill import BatchPrefillWithPagedKVCacheWrapper
+
+        if not isinstance(num_levels, int) or isinstance(num_levels, bool) or num_levels < 1:
+            raise ValueError(f"num_levels must be an int >= 1, got {num_levels!r}")
+        self._num_levels = num_levels
+        self._kv_layout = kv_layout
+        self._use_cuda_graph = bool(use_cuda_graph)
+        if use_cuda_graph:
+            arrs = dict(qo_indptr_buf_arr=qo_indptr_buf_arr, paged_kv_indptr_buf_arr=paged_kv_indptr_buf_arr,
+                        paged_kv_indices_buf_arr=paged_kv_indices_buf_arr,
+                        paged_kv_last_page_len_buf_arr=paged_kv_last_page_len_buf_arr)
+            for name, arr in arrs.items():
+                if arr is None or len(arr) != num_levels:
+                    raise ValueError(f"{name} must be a list of {num_levels} buffers when use_cuda_graph=True")
+            self._wrappers = [
+                BatchPrefillWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout, use_cuda_graph=True,
+                                                    qo_indptr_buf=a, paged_kv_indptr_buf=b, paged_kv_indices_buf=c,
+                                                    paged_kv_last_page_len_buf=d)
+                for a, b, c, d in zip(*arrs.values())]
+        else:
+            self._wrappers = [BatchPrefillWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout)
+                              for _ in range(num_levels)]
+        # The last level holds only each request's own KV: a decode step whose new token's page is
+        # shared (or an append into shared pages) leaves it with fewer keys than queries, legitimately.
+        self._wrappers[-1]._short_kv_ok = True
+
+    @property
+    def is_cuda_graph_enabled(self) -> bool:
+        return self._use_cuda_graph
+
+    def plan(self, qo_indptr_arr, paged_kv_indptr_arr, paged_kv_indices_arr, paged_kv_last_page_len, num_qo_heads,
+             num_kv_heads, head_dim, page_size, causal=False, pos_encoding_mode="NONE", use_fp16_qk_reduction=False,
+             sm_scale=None, window_left=-1, logits_soft_cap=None, rope_scale=None, rope_theta=None,
+             q_data_type="float16", kv_data_type=None):
+        """Per-level lists (length ``num_levels``) of int32 ``qo_indptr``, ``paged_kv_indptr``,
+        ``paged_kv_indices`` and ``paged_kv_last_page_len``; every ``qo_indptr[-1]`` is the total number
+        of queries. Other arguments as `BatchPrefillWithPagedKVCacheWrapper.plan`."""
+        arrs = (("qo_indptr_arr", qo_indptr_arr), ("paged_kv_indptr_arr", paged_kv_indptr_arr),
+                ("paged_kv_indices_arr", paged_kv_indices_arr), ("paged_kv_last_page_len", paged_kv_last_page_len))
+        for name, arr in arrs:
+            if not isinstance(arr, (list, tuple)) or len(arr) != self._num_levels:
+                raise ValueError(f"{name} must be a list of {self._num_levels} tensors (one per level)")
+        totals = [int(t[-1]) for t in qo_indptr_arr]
+        if any(t != totals[0] for t in totals):
+            raise ValueError(f"every level's qo_indptr must end at the same number of queries, got {totals}")
+        self._nnz = totals[0]
+        for i, (w, qo, kvp, kvi, last) in enumerate(zip(self._wrappers, *(a for _, a in arrs))):
+            w.plan(qo, kvp, kvi, last, num_qo_heads, num_kv_heads, head_dim, page_size,
+                   causal=causal if i == self._num_levels - 1 else False, pos_encoding_mode=pos_encoding_mode,
+                   use_fp16_qk_reduction=use_fp16_qk_reduction, sm_scale=sm_scale, window_left=window_left,
+                   logits_soft_cap=logits_soft_cap, rope_scale=rope_scale, rope_theta=rope_theta,
+                   q_data_type=q_data_type, kv_data_type=kv_data_type)
+
+    begin_forward = plan
+
+    def run(self, q, paged_kv_cache):
+        """q ``[total_queries, num_qo_heads, head_dim]`` -> out of the same shape (attention over every level)."""
+        out, lse = self._wrappers[0].run(q, paged_kv_cache, return_lse=True)
+        for w in self._wrappers[1:]:
+            o, s = w.run(q, paged_kv_cache, return_lse=True)
+            merge_state_in_place(out, lse, o, s)
+        return out
+
+    forward = run
+
+    def end_forward(self) -> None:
+        """Kept for compatibility; nothing to release."""

@@ -45,6 +45,7 @@ class BatchPrefillWithPagedKVCacheWrapper:
         if jit_args is not None or custom_mask_buf is not None or mask_indptr_buf is not None:
             raise NotImplementedError("jit_args and custom masks are not supported")
         self.device = float_workspace_buffer.device
+        self._short_kv_ok = False  # set by MultiLevelCascadeAttentionWrapper for its last level
         self._kv_layout = kv_layout
         self._use_cuda_graph = use_cuda_graph
         self._bufs = None
@@ -77,7 +78,7 @@ class BatchPrefillWithPagedKVCacheWrapper:
         """Plan: int32 ``qo_indptr [batch+1]`` and the CSR page table (``paged_kv_indptr [batch+1]``,
         ``paged_kv_indices``, ``paged_kv_last_page_len [batch]``), head counts, head_dim, page_size and the
         options (causal, pos_encoding_mode NONE/ROPE_LLAMA/ALIBI, window_left, logits_soft_cap, sm_scale,
-        rope_scale/rope_theta). Every request needs kv_len >= qo_len. Reads indptrs on the host."""
+        rope_scale/rope_theta). With ``causal=True`` every request needs kv_len >= qo_len. Reads indptrs on the host."""
         hq, hk, d = _plan.check_heads(num_qo_heads, num_kv_heads, head_dim_qk)
         page_size = _plan.as_int("page_size", page_size, 1)
         opts = _common.options(d, head_dim_vo, custom_mask, packed_custom_mask, causal, pos_encoding_mode,
@@ -92,7 +93,10 @@ class BatchPrefillWithPagedKVCacheWrapper:
         kv_lens = [(kptr[i + 1] - kptr[i] - 1) * page_size + last[i] if kptr[i + 1] > kptr[i] else 0
                    for i in range(batch)]
         for i in range(batch):
-            if qptr[i + 1] - qptr[i] > kv_lens[i]:
+            # Causal alignment puts the queries at the end of the keys; without a causal mask (e.g. a
+            # shared-prefix cascade level) any number of queries may attend to any number of keys. A
+            # cascade's last level may also hold fewer keys than queries (the rest are in shared levels).
+            if opts["causal"] and not self._short_kv_ok and qptr[i + 1] - qptr[i] > kv_lens[i]:
                 raise ValueError(f"request {i} has {qptr[i + 1] - qptr[i]} queries but only {kv_lens[i]} keys: "
                                  "append the new tokens to the cache before prefill (kv_len >= qo_len)")
         used = paged_kv_indices[:kptr[-1]]
