@@ -56,13 +56,20 @@ def _race_key(x, u, FROM_LOGITS: tl.constexpr):
 
 
 @triton.jit
-def _race_step(keys, eligible, start, best_key, best_idx):
-    """Fold one chunk into the running race: strict '>' keeps the lowest index on exact ties."""
-    keys = tl.where(eligible, keys, float("-inf"))
-    cmax = tl.max(keys, 0)
-    cidx = tl.argmax(keys, 0).to(tl.int32) + start
-    better = cmax > best_key
-    return tl.where(better, cmax, best_key), tl.where(better, cidx, best_idx)
+def _race_fold(key, eligible, cols, lane_key, lane_idx):
+    """Fold a chunk into per-lane race state. Lanes are only reduced after the loop, so the hot loop
+    has no cross-thread reduction; strict '>' keeps each lane's lowest index on exact ties."""
+    key = tl.where(eligible, key, float("-inf"))
+    better = key > lane_key
+    return tl.where(better, key, lane_key), tl.where(better, cols, lane_idx)
+
+
+@triton.jit
+def _race_winner(lane_key, lane_idx):
+    """Largest key over the lanes, lowest index among equal keys; -1 when nothing was eligible."""
+    best = tl.max(lane_key, 0)
+    idx = tl.min(tl.where((lane_key == best) & (lane_idx >= 0), lane_idx, 2147483647), 0)
+    return tl.where(idx == 2147483647, -1, idx)
 
 
 @triton.jit
@@ -87,11 +94,12 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
     rng_base = off + pid.to(tl.int64) * ((vocab + 3) // 4)
     offs = tl.arange(0, BLOCK)
 
-    # Pass 0: row total and max, and the race winner over every eligible token.
-    total = tl.zeros((), tl.float32)
-    pmax = tl.zeros((), tl.float32)
-    best_key = tl.full((), float("-inf"), tl.float32)
-    cand = tl.full((), -1, tl.int32)
+    # Pass 0: row total and max, and the race winner over every eligible token. Every accumulator
+    # is per lane ([BLOCK]) and reduced once after the loop.
+    tot_v = tl.zeros((BLOCK,), tl.float32)
+    max_v = tl.zeros((BLOCK,), tl.float32)
+    key_v = tl.full((BLOCK,), float("-inf"), tl.float32)
+    idx_v = tl.full((BLOCK,), -1, tl.int32)
     for start in range(0, vocab, BLOCK):
         cols = start + offs
         inb = cols < vocab
@@ -100,10 +108,13 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
             elig = inb & (x > float("-inf"))  # NaN compares false: never eligible
         else:
             elig = inb & (x > 0.0)
-        total += tl.sum(tl.where(elig, x, 0.0), 0)
-        pmax = tl.maximum(pmax, tl.max(tl.where(elig, x, 0.0), 0))
+        tot_v += tl.where(elig, x, 0.0)
+        max_v = tl.maximum(max_v, tl.where(elig, x, 0.0))
         u = _uniforms(seed, rng_base, start, BLOCK)
-        best_key, cand = _race_step(_race_key(x, u, FROM_LOGITS), elig, start, best_key, cand)
+        key_v, idx_v = _race_fold(_race_key(x, u, FROM_LOGITS), elig, cols, key_v, idx_v)
+    total = tl.sum(tot_v, 0)
+    pmax = tl.max(max_v, 0)
+    cand = _race_winner(key_v, idx_v)
 
     done = (cand < 0).to(tl.int32)
     accepted = (cand >= 0).to(tl.int32)
@@ -134,27 +145,33 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
                 if HAS_MIN_P:
                     mid_bits = tl.maximum(mid_bits, thr.to(tl.int32, bitcast=True))
                 mid = mid_bits.to(tl.float32, bitcast=True)
-                cnt_gt = tl.zeros((), tl.int32)
-                cnt_ge = tl.zeros((), tl.int32)
-                mass_gt = tl.zeros((), tl.float32)
-                mass_ge = tl.zeros((), tl.float32)
-                key_a = tl.full((), float("-inf"), tl.float32)
-                key_b = tl.full((), float("-inf"), tl.float32)
-                cand_a = tl.full((), -1, tl.int32)
-                cand_b = tl.full((), -1, tl.int32)
+                cnt_gt_v = tl.zeros((BLOCK,), tl.int32)
+                cnt_ge_v = tl.zeros((BLOCK,), tl.int32)
+                mass_gt_v = tl.zeros((BLOCK,), tl.float32)
+                mass_ge_v = tl.zeros((BLOCK,), tl.float32)
+                key_a = tl.full((BLOCK,), float("-inf"), tl.float32)
+                key_b = tl.full((BLOCK,), float("-inf"), tl.float32)
+                idx_a = tl.full((BLOCK,), -1, tl.int32)
+                idx_b = tl.full((BLOCK,), -1, tl.int32)
                 for start in range(0, vocab, BLOCK):
                     cols = start + offs
                     inb = cols < vocab
                     x = tl.load(base + cols, mask=inb, other=0.0).to(tl.float32)
                     gt = inb & (x > cand_p)
                     ge = inb & (x >= mid)
-                    cnt_gt += tl.sum(gt.to(tl.int32), 0)
-                    cnt_ge += tl.sum(ge.to(tl.int32), 0)
-                    mass_gt += tl.sum(tl.where(gt, x, 0.0), 0)
-                    mass_ge += tl.sum(tl.where(ge, x, 0.0), 0)
+                    cnt_gt_v += gt.to(tl.int32)
+                    cnt_ge_v += ge.to(tl.int32)
+                    mass_gt_v += tl.where(gt, x, 0.0)
+                    mass_ge_v += tl.where(ge, x, 0.0)
                     key = _race_key(x, _uniforms(seed, rng_base, start, BLOCK), False)
-                    key_a, cand_a = _race_step(key, gt, start, key_a, cand_a)
-                    key_b, cand_b = _race_step(key, ge, start, key_b, cand_b)
+                    key_a, idx_a = _race_fold(key, gt, cols, key_a, idx_a)
+                    key_b, idx_b = _race_fold(key, ge, cols, key_b, idx_b)
+                cnt_gt = tl.sum(cnt_gt_v, 0)
+                cnt_ge = tl.sum(cnt_ge_v, 0)
+                mass_gt = tl.sum(mass_gt_v, 0)
+                mass_ge = tl.sum(mass_ge_v, 0)
+                cand_a = _race_winner(key_a, idx_a)
+                cand_b = _race_winner(key_b, idx_b)
                 ok = cnt_gt == 0  # the most likely token(s) are always kept
                 inside = cnt_gt >= 0
                 above_mid = cnt_gt < 0
@@ -184,9 +201,9 @@ def launch_config(vocab: int, block: int | None = None) -> tuple[int, int]:
     """(BLOCK, num_warps): one program streams a whole row, so large vocabularies get wide chunks
     (fewer loop trips, more bytes in flight per program). BLOCK >= 16 keeps whole Philox quads."""
     if block is None:
-        block = 2048 if vocab >= 8192 else 1024
+        block = 1024
     block = max(16, min(block, triton.next_power_of_2(vocab)))
-    return block, (8 if block >= 2048 else 4)
+    return block, (8 if block >= 1024 else 4)
 
 
 def _seed_args(seed, offset, batch: int, device):
@@ -256,10 +273,10 @@ def _chain_spec_kernel(q_ptr, d_ptr, p_ptr, out_ptr, acc_ptr, emit_ptr, seed_ptr
     q_row = q_ptr + b * s_qb + emitted.to(tl.int64) * s_qn
     rng_base = off + b * ((vocab + 3) // 4)
     offs = tl.arange(0, BLOCK)
-    key_r = tl.full((), float("-inf"), tl.float32)
-    key_p = tl.full((), float("-inf"), tl.float32)
-    cand_r = tl.full((), -1, tl.int32)
-    cand_p = tl.full((), -1, tl.int32)
+    key_r = tl.full((BLOCK,), float("-inf"), tl.float32)
+    key_p = tl.full((BLOCK,), float("-inf"), tl.float32)
+    idx_r = tl.full((BLOCK,), -1, tl.int32)
+    idx_p = tl.full((BLOCK,), -1, tl.int32)
     for start in range(0, vocab, BLOCK):
         cols = start + offs
         inb = cols < vocab
@@ -267,10 +284,10 @@ def _chain_spec_kernel(q_ptr, d_ptr, p_ptr, out_ptr, acc_ptr, emit_ptr, seed_ptr
         qr = tl.load(q_row + cols, mask=inb & has_q, other=0.0).to(tl.float32)
         resid = pr - qr
         u = _uniforms(seed, rng_base, start, BLOCK)
-        key_res = _race_key(resid, u, False)
-        key_res_p = _race_key(pr, u, False)
-        key_r, cand_r = _race_step(key_res, inb & (resid > 0.0), start, key_r, cand_r)
-        key_p, cand_p = _race_step(key_res_p, inb & (pr > 0.0), start, key_p, cand_p)
+        key_r, idx_r = _race_fold(_race_key(resid, u, False), inb & (resid > 0.0), cols, key_r, idx_r)
+        key_p, idx_p = _race_fold(_race_key(pr, u, False), inb & (pr > 0.0), cols, key_p, idx_p)
+    cand_r = _race_winner(key_r, idx_r)
+    cand_p = _race_winner(key_p, idx_p)
     final = tl.where(cand_r >= 0, cand_r, tl.maximum(cand_p, 0))
     j = tl.arange(0, N_PAD * 2)
     draft = tl.load(d_ptr + b * s_db + j, mask=j < n_spec, other=-1)

@@ -37,17 +37,20 @@ def _threshold_kernel(x_ptr, out_ptr, stride_x, stride_o, top_k_ptr, top_p_ptr, 
     base = x_ptr + pid * stride_x
     offs = tl.arange(0, BLOCK)
     # Pass 0: total mass (probabilities), smallest and largest key.
-    total = tl.zeros((), tl.float32)
-    kmin = tl.full((), 2147483647, tl.int32)
-    kmax = tl.full((), -2147483647, tl.int32)
+    tot_v = tl.zeros((BLOCK,), tl.float32)
+    kmin_v = tl.full((BLOCK,), 2147483647, tl.int32)
+    kmax_v = tl.full((BLOCK,), -2147483647, tl.int32)
     for start in range(0, vocab, BLOCK):
         cols = start + offs
         inb = cols < vocab
         x = tl.load(base + cols, mask=inb, other=0.0).to(tl.float32)
         key = _ordered_key(x)
-        total += tl.sum(tl.where(inb & (x > 0.0), x, 0.0), 0)
-        kmin = tl.minimum(kmin, tl.min(tl.where(inb, key, 2147483647), 0))
-        kmax = tl.maximum(kmax, tl.max(tl.where(inb, key, -2147483647), 0))
+        tot_v += tl.where(inb & (x > 0.0), x, 0.0)
+        kmin_v = tl.minimum(kmin_v, tl.where(inb, key, 2147483647))
+        kmax_v = tl.maximum(kmax_v, tl.where(inb, key, -2147483647))
+    total = tl.sum(tot_v, 0)
+    kmin = tl.min(kmin_v, 0)
+    kmax = tl.max(kmax_v, 0)
     if BY_MASS:
         top_p = tl.load(top_p_ptr + pid).to(tl.float32)
         target = top_p * total
@@ -63,23 +66,32 @@ def _threshold_kernel(x_ptr, out_ptr, stride_x, stride_o, top_k_ptr, top_p_ptr, 
     piv_i = tl.arange(0, NUM_PIVOTS).to(tl.int64) + 1
     for _p in range(PASSES):
         if hi - lo > 1:
-            piv = lo + ((hi - lo) * piv_i) // (NUM_PIVOTS + 1)
-            cnt = tl.zeros((NUM_PIVOTS,), tl.int32)
-            mass = tl.zeros((NUM_PIVOTS,), tl.float32)
-            in_min = tl.full((), 2147483647, tl.int64)
-            in_max = tl.full((), -2147483647, tl.int64)
+            # Pivots and keys in int32 (keys of finite floats and +-inf fit); counts and masses are
+            # accumulated per lane ([BLOCK, NUM_PIVOTS]) and reduced once after the loop.
+            piv = (lo + ((hi - lo) * piv_i) // (NUM_PIVOTS + 1)).to(tl.int32)
+            lo32 = lo.to(tl.int32)
+            hi32 = hi.to(tl.int32)
+            cnt_v = tl.zeros((BLOCK, NUM_PIVOTS), tl.int32)
+            mass_v = tl.zeros((BLOCK, NUM_PIVOTS), tl.float32)
+            min_v = tl.full((BLOCK,), 2147483647, tl.int32)
+            max_v = tl.full((BLOCK,), -2147483647, tl.int32)
             for start in range(0, vocab, BLOCK):
                 cols = start + offs
                 inb = cols < vocab
                 x = tl.load(base + cols, mask=inb, other=0.0).to(tl.float32)
-                key = _ordered_key(x).to(tl.int64)
+                key = _ordered_key(x)
                 ge = inb[:, None] & (key[:, None] >= piv[None, :])
-                cnt += tl.sum(ge.to(tl.int32), 0)
+                cnt_v += ge.to(tl.int32)
                 if BY_MASS:
-                    mass += tl.sum(tl.where(ge & (x[:, None] > 0.0), x[:, None], 0.0), 0)
-                inr = inb & (key >= lo) & (key < hi)
-                in_min = tl.minimum(in_min, tl.min(tl.where(inr, key, 2147483647), 0))
-                in_max = tl.maximum(in_max, tl.max(tl.where(inr, key, -2147483647), 0))
+                    mass_v += tl.where(ge & (x[:, None] > 0.0), x[:, None], 0.0)
+                inr = inb & (key >= lo32) & (key < hi32)
+                min_v = tl.minimum(min_v, tl.where(inr, key, 2147483647))
+                max_v = tl.maximum(max_v, tl.where(inr, key, -2147483647))
+            cnt = tl.sum(cnt_v, 0)
+            mass = tl.sum(mass_v, 0)
+            in_min = tl.min(min_v, 0).to(tl.int64)
+            in_max = tl.max(max_v, 0).to(tl.int64)
+            piv = piv.to(tl.int64)
             if BY_MASS:
                 ok = mass >= target
             else:
@@ -96,12 +108,13 @@ def _threshold_kernel(x_ptr, out_ptr, stride_x, stride_o, top_k_ptr, top_p_ptr, 
     keep_from = lo.to(tl.int32)
     if WRITE_RENORM and not BY_MASS:
         # Top-k tracked counts only (a third of the per-pivot work); its kept mass takes one more pass.
-        mass_lo = tl.zeros((), tl.float32)
+        kept_v = tl.zeros((BLOCK,), tl.float32)
         for start in range(0, vocab, BLOCK):
             cols = start + offs
             inb = cols < vocab
             x = tl.load(base + cols, mask=inb, other=0.0).to(tl.float32)
-            mass_lo += tl.sum(tl.where(inb & (_ordered_key(x) >= keep_from) & (x > 0.0), x, 0.0), 0)
+            kept_v += tl.where(inb & (_ordered_key(x) >= keep_from) & (x > 0.0), x, 0.0)
+        mass_lo = tl.sum(kept_v, 0)
     # Write pass: keep {key >= lo}.
     out_base = out_ptr + pid * stride_o
     for start in range(0, vocab, BLOCK):
@@ -128,7 +141,7 @@ def threshold_filter(x: torch.Tensor, out: torch.Tensor, top_k: torch.Tensor | N
     _threshold_kernel[(batch,)](
         x, out, x.stride(0), out.stride(0), top_k if top_k is not None else dummy,
         top_p if top_p is not None else dummy, vocab, BY_MASS=top_p is not None, WRITE_RENORM=renorm,
-        BLOCK=min(block, triton.next_power_of_2(vocab)), NUM_PIVOTS=NUM_PIVOTS, PASSES=MAX_PASSES, num_warps=4)
+        BLOCK=min(block, triton.next_power_of_2(vocab)), NUM_PIVOTS=NUM_PIVOTS, PASSES=MAX_PASSES, num_warps=8)
 
 
 @triton.jit
