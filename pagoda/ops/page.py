@@ -14,7 +14,7 @@ from pagoda.ops import _checks, _paged
 from pagoda.reference import page as _ref
 
 __all__ = ["get_seq_lens", "block_table_to_csr", "csr_to_block_table", "get_batch_indices_positions",
-           "append_paged_kv_cache"]
+           "append_paged_kv_cache", "append_paged_kv_cache_with_rope"]
 
 _INT = (torch.int32, torch.int64)
 
@@ -144,6 +144,64 @@ def append_paged_kv_cache(append_key: torch.Tensor, append_value: torch.Tensor, 
             append; every position must fall inside its request's KV length.
         kv_layout: ``"NHD"`` or ``"HND"``.
     """
+    k_cache, v_cache, page_size, nnz = _check_append(append_key, append_value, batch_indices, positions,
+                                                      paged_kv_cache, kv_indices, kv_indptr, kv_last_page_len,
+                                                      kv_layout)
+    _append(append_key, append_value, batch_indices, positions, k_cache, v_cache, kv_indices, kv_indptr,
+            kv_last_page_len, kv_layout, page_size, nnz)
+
+
+def append_paged_kv_cache_with_rope(append_key, append_value, batch_indices, positions, paged_kv_cache, kv_indices,
+                                    kv_indptr, kv_last_page_len, kv_layout="NHD", q=None, rotary_dim=None,
+                                    interleave=False, rope_scale=1.0, rope_theta=1e4, llama31=False,
+                                    low_freq_factor=1.0, high_freq_factor=4.0, old_context_len=8192) -> None:
+    """Fused "rotate k, then append": `append_paged_kv_cache` whose keys are RoPE-rotated at their KV
+    ``positions`` on the way into the cache (``append_key`` itself is not modified).
+
+    ``q``: optional ``[nnz, num_qo_heads, head_dim]`` (append_key's dtype, last dim contiguous), the
+    queries of the same tokens, rotated in place at the same positions. RoPE options as in
+    `pagoda.ops.rope.apply_rope_pos_ids` (``llama31=True``: as `apply_llama31_rope_pos_ids`, with its
+    ``rope_scale``/``low_freq_factor``/``high_freq_factor``/``old_context_len``).
+    """
+    from pagoda.ops import rope as _rope
+    from pagoda.reference import rope as _rope_ref
+
+    k_cache, v_cache, page_size, nnz = _check_append(append_key, append_value, batch_indices, positions,
+                                                      paged_kv_cache, kv_indices, kv_indptr, kv_last_page_len,
+                                                      kv_layout)
+    if q is not None:
+        _checks.check_tensor("q", q, ndim=3, dtypes=(append_key.dtype,))
+        if q.shape[0] != nnz or q.shape[2] != append_key.shape[2] or q.device != append_key.device:
+            raise ValueError(f"q must be [nnz={nnz}, num_qo_heads, head_dim={append_key.shape[2]}] on "
+                             f"{append_key.device}, got {tuple(q.shape)} on {q.device}")
+        if q.stride(-1) != 1:
+            raise ValueError("q is rotated in place: it must be contiguous in its last dimension")
+    rd = _rope._check_qk(append_key, append_key, rotary_dim, interleave, False)
+    if llama31:
+        freq_args = _rope._llama_args(rope_scale, rope_theta, low_freq_factor, high_freq_factor, old_context_len)
+    else:
+        freq_args = (_rope._positive("rope_scale", rope_scale), _rope._positive("rope_theta", rope_theta))
+    freqs = _rope_ref.rope_frequencies(rd, *freq_args, device=append_key.device)
+    pos = positions[:nnz]
+    if q is not None and nnz:
+        if _paged.use_triton(q):
+            from pagoda.kernels.rope import rope_fwd
+
+            rope_fwd(q, q, pos, freqs.to(torch.float32), interleave)
+        else:
+            q.copy_(_rope_ref.rope_ref(q, pos, freqs, interleave))
+    if _paged.use_triton(k_cache):
+        _append(append_key, append_value, batch_indices, positions, k_cache, v_cache, kv_indices, kv_indptr,
+                kv_last_page_len, kv_layout, page_size, nnz, freqs.to(torch.float32), interleave)
+    else:
+        rotated = _rope_ref.rope_ref(append_key, pos, freqs, interleave)
+        _append(rotated, append_value, batch_indices, positions, k_cache, v_cache, kv_indices, kv_indptr,
+                kv_last_page_len, kv_layout, page_size, nnz)
+
+
+def _check_append(append_key, append_value, batch_indices, positions, paged_kv_cache, kv_indices, kv_indptr,
+                  kv_last_page_len, kv_layout):
+    """Validate append arguments; return ``(k_cache, v_cache, page_size, nnz)``."""
     k_cache, v_cache, page_size, heads, dim = _paged.check_paged_kv_cache(paged_kv_cache, kv_layout)
     for name, t in (("append_key", append_key), ("append_value", append_value)):
         _checks.check_tensor(name, t, ndim=3)
@@ -178,6 +236,12 @@ def append_paged_kv_cache(append_key: torch.Tensor, append_value: torch.Tensor, 
             i = int(bad.nonzero()[0, 0])
             raise ValueError(f"positions[{i}] = {int(pos[i])} is outside request {int(b[i])}'s KV length per "
                              "kv_indptr/kv_last_page_len")
+    return k_cache, v_cache, page_size, nnz
+
+
+def _append(append_key, append_value, batch_indices, positions, k_cache, v_cache, kv_indices, kv_indptr,
+            kv_last_page_len, kv_layout, page_size, nnz, rope_freqs=None, interleave=False) -> None:
+    """Dispatch a validated append (Triton, or the reference; rope_freqs only on the Triton path)."""
     if nnz == 0:
         return
     if not _paged.use_triton(k_cache):
@@ -196,4 +260,5 @@ def append_paged_kv_cache(append_key: torch.Tensor, append_value: torch.Tensor, 
     append_key = append_key if append_key.stride(-1) == 1 else append_key.contiguous()
     append_value = append_value if append_value.stride(-1) == 1 else append_value.contiguous()
     append_paged_kv(append_key, append_value, batch_indices, positions, k_cache, v_cache, kv_indices, kv_indptr,
-                    _paged.cache_strides(k_cache, kv_layout), _paged.cache_strides(v_cache, kv_layout), page_size)
+                    _paged.cache_strides(k_cache, kv_layout), _paged.cache_strides(v_cache, kv_layout), page_size,
+                    rope_freqs, interleave)

@@ -165,3 +165,24 @@ def test_split_choice_covers_every_key(longest, batch, hk, sms):
     else:
         assert chunk == 0
     assert _decode_plan.choose_chunk(longest, batch, hk, sms, 16, None, True, 64) == (0, 0)
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("interleave,rotary_dim,llama31", [(False, None, False), (True, 16, False), (False, 24, True)])
+def test_fused_rope_append(monkeypatch, layout, interleave, rotary_dim, llama31):
+    cache, (indptr, indices, last) = _paged([3, 20], 4, 2, 32, layout, torch.float16)
+    ak, av = torch.randn(6, 2, 32, dtype=torch.float16), torch.randn(6, 2, 32, dtype=torch.float16)
+    q = torch.randn(6, 4, 32, dtype=torch.float16)
+    b, p = page_ops.get_batch_indices_positions(torch.tensor([0, 1, 5], dtype=torch.int32),
+                                                torch.tensor([3, 20], dtype=torch.int32), 6)
+
+    def run():
+        c, qq = cache.clone(), q.clone()
+        page_ops.append_paged_kv_cache_with_rope(ak, av, b, p, c, indices, indptr, last, kv_layout=layout, q=qq,
+                                                 rotary_dim=rotary_dim, interleave=interleave, llama31=llama31)
+        return c, qq
+
+    (c, qq), (cw, qw) = _both(monkeypatch, run)
+    torch.testing.assert_close(c, cw, rtol=0, atol=2e-3)
+    torch.testing.assert_close(qq, qw, rtol=0, atol=2e-3)
+    assert not torch.equal(c, cache)

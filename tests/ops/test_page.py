@@ -161,3 +161,68 @@ def test_append_cuda_matches_reference(layout, page_size, dtype, heads, dim):
     page_ops.append_paged_kv_cache(ak, av, b, p, cache, indices, indptr, last, kv_layout=layout)
     ref.append_paged_kv_cache(ak, av, b[:nnz], p[:nnz], expect, indices, indptr, last, kv_layout=layout)
     assert torch.equal(cache, expect)
+
+
+# ------------------------------------------------------------------------------------------- fused RoPE + append
+
+def _fused_case(device="cpu", dtype=torch.float32, layout="NHD", page_size=4):
+    lens, new = [6, 1, 13], [2, 1, 13]
+    indptr, indices, last, max_pages = random_page_table(lens, page_size, device=device)
+    cache = torch.zeros(*empty_cache(max_pages, page_size, 2, 32, layout, dtype).shape, dtype=dtype, device=device)
+    app_ptr = torch.tensor([0, 2, 3, 16], dtype=torch.int32, device=device)
+    b, p = page_ops.get_batch_indices_positions(app_ptr, torch.tensor(lens, dtype=torch.int32, device=device), 16)
+    ak = torch.randn(16, 2, 32, dtype=dtype, device=device)
+    av = torch.randn(16, 2, 32, dtype=dtype, device=device)
+    q = torch.randn(16, 4, 32, dtype=dtype, device=device)
+    return ak, av, b, p, cache, indices, indptr, last, q
+
+
+@pytest.mark.parametrize("interleave", [False, True])
+@pytest.mark.parametrize("rotary_dim", [None, 16])
+@pytest.mark.parametrize("llama31", [False, True])
+def test_fused_rope_append_equals_rope_then_append(interleave, rotary_dim, llama31):
+    from pagoda.ops import rope
+
+    ak, av, b, p, cache, indices, indptr, last, q = _fused_case()
+    expect, q_expect = cache.clone(), q.clone()
+    kw = dict(rotary_dim=rotary_dim, interleave=interleave, rope_scale=8.0 if llama31 else 2.0, rope_theta=5e5)
+    fn = rope.apply_llama31_rope_pos_ids if llama31 else rope.apply_rope_pos_ids
+    q_rot, k_rot = fn(q_expect, ak, p, **kw)
+    page_ops.append_paged_kv_cache(k_rot, av, b, p, expect, indices, indptr, last)
+    ak_before = ak.clone()
+    page_ops.append_paged_kv_cache_with_rope(ak, av, b, p, cache, indices, indptr, last, q=q, llama31=llama31, **kw)
+    assert torch.equal(ak, ak_before)
+    torch.testing.assert_close(cache, expect, rtol=0, atol=1e-6)
+    torch.testing.assert_close(q, q_rot, rtol=0, atol=1e-6)
+
+
+def test_fused_rope_append_validation():
+    ak, av, b, p, cache, indices, indptr, last, q = _fused_case()
+    with pytest.raises(ValueError, match="rotary_dim"):
+        page_ops.append_paged_kv_cache_with_rope(ak, av, b, p, cache, indices, indptr, last, rotary_dim=7)
+    with pytest.raises(ValueError, match="q must be"):
+        page_ops.append_paged_kv_cache_with_rope(ak, av, b, p, cache, indices, indptr, last, q=q[:3])
+    with pytest.raises(ValueError, match="rope_theta"):
+        page_ops.append_paged_kv_cache_with_rope(ak, av, b, p, cache, indices, indptr, last, rope_theta=-1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("interleave", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_rope_append_cuda(layout, interleave, dtype):
+    ak, av, b, p, cache, indices, indptr, last, q = _fused_case("cuda", dtype, layout, page_size=16)
+    expect = cache.clone()
+    k_rot = ref_rope(ak.cpu(), p.cpu(), interleave)
+    ref.append_paged_kv_cache(k_rot.cuda(), av, b, p, expect, indices, indptr, last, kv_layout=layout)
+    q_rot = ref_rope(q.cpu(), p.cpu(), interleave)
+    page_ops.append_paged_kv_cache_with_rope(ak, av, b, p, cache, indices, indptr, last, kv_layout=layout, q=q,
+                                             interleave=interleave)
+    torch.testing.assert_close(cache.float(), expect.float(), rtol=0, atol=2e-2)
+    torch.testing.assert_close(q.cpu().float(), q_rot.float(), rtol=0, atol=2e-2)
+
+
+def ref_rope(x, pos, interleave):
+    from pagoda.reference import rope as rope_ref
+
+    return rope_ref.rope_ref(x, pos, rope_ref.rope_frequencies(x.shape[-1], 1.0, 1e4), interleave)
