@@ -162,7 +162,7 @@ def _prefill_paged_kernel(
 def default_config(head_dim: int) -> dict:
     if head_dim <= 128:
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-    return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
 
 
 def prefill_paged_fwd(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,

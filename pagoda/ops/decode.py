@@ -170,6 +170,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
             self._indices_buf[:ptr[-1]].copy_(indices[:ptr[-1]], non_blocking=non_blocking)
             if self._graph_splits is None:
                 cap = _plan.max_splits_for(self._workspace, grid_batch, hq, d)
+                if cap < 1:
+                    raise ValueError(f"float_workspace_buffer is too small for CUDA-graph decode: it needs at least "
+                                     f"{grid_batch * hq * (d + 1) * 4} bytes")
                 self._graph_splits = 1 if disable_split_kv else _plan.graph_splits(grid_batch, hk, sms, cap)
                 self._graph_shape = (hq, d)
             elif self._graph_shape != (hq, d):
