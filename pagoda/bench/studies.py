@@ -63,9 +63,34 @@ def _e2e_tables(report, markdown=False):
     return e2e.tables(report, markdown)
 
 
+def _cascade(o: BenchOptions) -> dict:
+    from pagoda.bench import cascade
+    return cascade.run_study(o.grid, o.backends, o.device, o.dtype)
+
+
+def _cascade_tables(report, markdown=False):
+    from pagoda.bench import cascade
+    return cascade.tables(report, markdown)
+
+
+def _sampling(o: BenchOptions) -> dict:
+    from pagoda.bench import sampling
+    # Samplers take float32 probabilities whatever the model dtype (as FlashInfer's do).
+    return sampling.run_study(o.grid, o.backends, o.device, torch.float32)
+
+
+def _sampling_tables(report, markdown=False):
+    from pagoda.bench import sampling
+    return sampling.tables(report, markdown)
+
+
 STUDIES: dict[str, Study] = {s.name: s for s in [
     Study("attention", "prefill attention grid: TFLOP/s of every backend (flash-attention's grid on GPU)",
           _attention, _attention_tables),
+    Study("cascade", "decode over a shared prefix: cascade vs plain paged decode, crossover grid",
+          _cascade, _cascade_tables),
+    Study("sampling", "samplers over (vocab, batch): pagoda vs torch sort-based vs FlashInfer vs read floor",
+          _sampling, _sampling_tables),
     Study("e2e", "HF generate tokens/s per attn_implementation, batch size, cache, logits processor",
           _e2e, _e2e_tables),
 ]}

@@ -66,3 +66,20 @@ def test_attention_plot_is_written(tmp_path):
             for c in (False, True) for s in (128, 256, 512) for b in ("pagoda", "sdpa")]
     paths = plot({"study": "attention", "meta": {"device_name": "cpu"}, "results": rows}, tmp_path)
     assert paths and paths[0].stat().st_size > 1000
+
+
+def test_cascade_study_cpu(tmp_path):
+    from pagoda.bench import cascade
+    assert main(["bench", "cascade", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "cascade.json").read_text())
+    assert report["study"] == "cascade" and set(report["backends"]) == set(cascade.BACKENDS)
+    ok = [r for r in report["results"] if r["status"] == "ok"]
+    assert {r["backend"] for r in ok} == {"pagoda_cascade", "pagoda_decode"}
+    assert all(r["ms"] > 0 for r in ok)
+    assert all(r["reason"] for r in report["results"] if r["status"] != "ok")
+    # The floor of the case: 4*128*32*32768*128 FLOP at 788 TFLOP/s + 128*256 tokens of KV.
+    big = cascade.CascadeCase(32768, 256, 128)
+    assert abs(cascade.floor_ms(big) - (4 * 128 * 32 * 32768 * 128 / 788e12 + 2 * 128 * 256 * 8 * 128 * 2 / 4.25e12)
+               * 1e3) < 1e-12
+    with pytest.raises(ValueError, match="multiple of page_size"):
+        cascade.CascadeCase(100, 16, 1)
