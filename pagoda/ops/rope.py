@@ -2,7 +2,8 @@
 
 Semantics (pairs, frequencies, Llama 3.1 scaling): see `pagoda.reference.rope`. On CUDA the rotation
 runs in a Triton kernel (cos/sin computed on the fly in float32); elsewhere in the reference.
-None of these functions reads tensor values on the host, so they can be captured in a CUDA graph.
+The ``*_pos_ids`` forms never read tensor values on the host; the ragged forms check ``indptr`` on the
+host (one small copy) except while a CUDA graph is being captured. All can be captured.
 """
 from __future__ import annotations
 
