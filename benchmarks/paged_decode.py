@@ -75,7 +75,6 @@ def decode_row(batch, ctx):
                     row[f"flashinfer_tc{int(tc)}"] = kv_bytes / bench(lambda: fw.run(q, cache)) / 1e9
             except Exception as e:  # noqa: BLE001 - peer absent or failing: report, keep going
                 row["flashinfer"] = f"unavailable: {type(e).__name__}"
-        del cache
     return row
 
 

@@ -119,9 +119,9 @@ def test_single_decode(monkeypatch):
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 @pytest.mark.parametrize("graph", [False, True])
 def test_paged_prefill_wrapper(monkeypatch, layout, graph):
-    kv, qo = [0, 1, 30, 12], [0, 1, 20, 12]
+    kv = [0, 1, 30, 12]
     cache, meta = _paged(kv, 5, 2, 32, layout)
-    qptr = torch.tensor([0, 0, 1, 21, 33], dtype=torch.int32)
+    qptr = torch.tensor([0, 0, 1, 21, 33], dtype=torch.int32)  # 0, 1, 20, 12 queries
     q = torch.randn(36, 4, 32)  # 3 padding rows past qo_indptr[-1]
 
     def run():

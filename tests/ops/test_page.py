@@ -166,7 +166,7 @@ def test_append_cuda_matches_reference(layout, page_size, dtype, heads, dim):
 # ------------------------------------------------------------------------------------------- fused RoPE + append
 
 def _fused_case(device="cpu", dtype=torch.float32, layout="NHD", page_size=4):
-    lens, new = [6, 1, 13], [2, 1, 13]
+    lens = [6, 1, 13]  # 2, 1 and 13 of those tokens are appended
     indptr, indices, last, max_pages = random_page_table(lens, page_size, device=device)
     cache = torch.zeros(*empty_cache(max_pages, page_size, 2, 32, layout, dtype).shape, dtype=dtype, device=device)
     app_ptr = torch.tensor([0, 2, 3, 16], dtype=torch.int32, device=device)
