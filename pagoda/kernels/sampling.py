@@ -21,6 +21,9 @@ synchronisation, no data-dependent launch: safe inside a captured CUDA graph).
    Invariant: the current set contains N and ``b <= high``. The bit interval holding b at least
    halves every rejected round, so a row finishes within 32 rounds (``MAX_ROUNDS`` = 34), and in
    expectation after ~1/mass(N) rounds: top-p 0.9 needs 2 passes with probability >= 0.9.
+4. "top_k_first" (top-p over the renormalised top-k set) takes the exact k-th value of the row from
+   `pagoda.kernels.sampling_filters.top_k_floor` as a floor: tokens below it do not exist for the
+   sampler, so its total, and hence the top-p target, is the top-k mass. Nothing is written out.
 Rows with no positive, finite-comparable mass (all zero / NaN) return token 0 with ``valid = False``.
 Every stored token is in ``[0, vocab)``.
 """
@@ -73,11 +76,13 @@ def _race_winner(lane_key, lane_idx):
 
 
 @triton.jit
-def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top_p_ptr, min_p_ptr,
+def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top_p_ptr, min_p_ptr, floor_ptr,
                    seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val, vocab, num_rows,
                    HAS_ROWS: tl.constexpr, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr,
-                   HAS_MIN_P: tl.constexpr, FROM_LOGITS: tl.constexpr, SEED_PTR: tl.constexpr,
-                   BLOCK: tl.constexpr, ROUNDS: tl.constexpr):
+                   HAS_MIN_P: tl.constexpr, HAS_FLOOR: tl.constexpr, FROM_LOGITS: tl.constexpr,
+                   SEED_PTR: tl.constexpr, BLOCK: tl.constexpr, ROUNDS: tl.constexpr):
+    """HAS_FLOOR: only tokens with ``p >= floor[i]`` exist for row i (its total, max, race and
+    filters are those of that restricted, renormalised row): "top_k_first" with floor = the k-th value."""
     pid = tl.program_id(0)
     if HAS_ROWS:
         # Clamped so a bad index can never address outside x (the ops layer checks it off-graph).
@@ -93,6 +98,9 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
         off = offset_val + tl.zeros((), tl.int64)
     rng_base = off + pid.to(tl.int64) * ((vocab + 3) // 4)
     offs = tl.arange(0, BLOCK)
+    floor = 0.0
+    if HAS_FLOOR:
+        floor = tl.load(floor_ptr + pid)
 
     # Pass 0: row total and max, and the race winner over every eligible token. Every accumulator
     # is per lane ([BLOCK]) and reduced once after the loop.
@@ -108,6 +116,8 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
             elig = inb & (x > float("-inf"))  # NaN compares false: never eligible
         else:
             elig = inb & (x > 0.0)
+            if HAS_FLOOR:
+                elig = elig & (x >= floor)
         tot_v += tl.where(elig, x, 0.0)
         max_v = tl.maximum(max_v, tl.where(elig, x, 0.0))
         u = _uniforms(seed, rng_base, start, BLOCK)
@@ -216,13 +226,15 @@ def _seed_args(seed, offset, batch: int, device):
 
 def sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor | None,
            top_k: torch.Tensor | None, top_p: torch.Tensor | None, min_p: torch.Tensor | None,
-           seed, offset, from_logits: bool = False, block: int | None = None) -> None:
+           seed, offset, from_logits: bool = False, block: int | None = None,
+           floor: torch.Tensor | None = None) -> None:
     """Launch the race sampler.
 
     x: ``[num_rows, vocab]`` probabilities (fp32/fp16/bf16, rows need not sum to 1) or, with
     ``from_logits`` (no filters), logits; last dim contiguous. out: ``[batch]`` int32/int64;
     valid: ``[batch]`` bool. rows: optional int ``[batch]`` mapping outputs to rows of x.
-    top_k int32 / top_p, min_p float32: ``[batch]`` tensors or None. seed/offset: ints or int64
+    top_k int32 / top_p, min_p float32: ``[batch]`` tensors or None. floor: float32 ``[batch]`` or None:
+    restrict row i to ``{p >= floor[i]}`` before everything else (see `top_k_floor`). seed/offset: ints or int64
     device tensors of length 1 or batch (graph-capturable).
     """
     batch, vocab = out.shape[0], x.shape[1]
@@ -234,9 +246,10 @@ def sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.
     _sample_kernel[(batch,)](
         x, x.stride(0), rows if rows is not None else dummy, out, valid.view(torch.int8),
         top_k if top_k is not None else dummy, top_p if top_p is not None else dummy,
-        min_p if min_p is not None else dummy, *seed_args[:6], vocab, x.shape[0],
+        min_p if min_p is not None else dummy, floor if floor is not None else dummy, *seed_args[:6], vocab,
+        x.shape[0],
         HAS_ROWS=rows is not None, HAS_TOP_K=top_k is not None, HAS_TOP_P=top_p is not None,
-        HAS_MIN_P=min_p is not None, FROM_LOGITS=from_logits, SEED_PTR=seed_args[6],
+        HAS_MIN_P=min_p is not None, HAS_FLOOR=floor is not None, FROM_LOGITS=from_logits, SEED_PTR=seed_args[6],
         BLOCK=block, ROUNDS=MAX_ROUNDS, num_warps=warps)
 
 

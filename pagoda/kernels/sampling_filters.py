@@ -30,11 +30,17 @@ def _ordered_key(x):
 
 
 @triton.jit
-def _threshold_kernel(x_ptr, out_ptr, stride_x, stride_o, top_k_ptr, top_p_ptr, vocab,
-                      BY_MASS: tl.constexpr, WRITE_RENORM: tl.constexpr, BLOCK: tl.constexpr,
+def _threshold_kernel(x_ptr, out_ptr, stride_x, stride_o, top_k_ptr, top_p_ptr, rows_ptr, vocab, num_rows,
+                      BY_MASS: tl.constexpr, MODE: tl.constexpr, HAS_ROWS: tl.constexpr, BLOCK: tl.constexpr,
                       NUM_PIVOTS: tl.constexpr, PASSES: tl.constexpr):
+    """MODE 0: store the row's threshold value (float32, out ``[B]``); 1: renormalised probabilities;
+    2: masked logits. HAS_ROWS: program i reads row ``rows[i]`` (clamped to the input)."""
     pid = tl.program_id(0).to(tl.int64)
-    base = x_ptr + pid * stride_x
+    if HAS_ROWS:
+        row = tl.minimum(tl.maximum(tl.load(rows_ptr + pid).to(tl.int64), 0), num_rows - 1)
+    else:
+        row = pid
+    base = x_ptr + row * stride_x
     offs = tl.arange(0, BLOCK)
     # Pass 0: total mass (probabilities), smallest and largest key.
     tot_v = tl.zeros((BLOCK,), tl.float32)
@@ -106,7 +112,7 @@ def _threshold_kernel(x_ptr, out_ptr, stride_x, stride_o, top_k_ptr, top_p_ptr, 
             lo = tl.where(use_min, in_min, piv_lo)
             hi = tl.minimum(new_hi, in_max + 1)
     keep_from = lo.to(tl.int32)
-    if WRITE_RENORM and not BY_MASS:
+    if MODE == 1 and not BY_MASS:
         # Top-k tracked counts only (a third of the per-pivot work); its kept mass takes one more pass.
         kept_v = tl.zeros((BLOCK,), tl.float32)
         for start in range(0, vocab, BLOCK):
@@ -115,18 +121,23 @@ def _threshold_kernel(x_ptr, out_ptr, stride_x, stride_o, top_k_ptr, top_p_ptr, 
             x = tl.load(base + cols, mask=inb, other=0.0).to(tl.float32)
             kept_v += tl.where(inb & (_ordered_key(x) >= keep_from) & (x > 0.0), x, 0.0)
         mass_lo = tl.sum(kept_v, 0)
-    # Write pass: keep {key >= lo}.
-    out_base = out_ptr + pid * stride_o
-    for start in range(0, vocab, BLOCK):
-        cols = start + offs
-        inb = cols < vocab
-        x = tl.load(base + cols, mask=inb, other=0.0).to(tl.float32)
-        keep = _ordered_key(x) >= keep_from
-        if WRITE_RENORM:
-            y = tl.where(keep & (x > 0.0), x / mass_lo, 0.0)
-        else:
-            y = tl.where(keep, x, float("-inf"))
-        tl.store(out_base + cols, y.to(out_ptr.dtype.element_ty), mask=inb)
+    if MODE == 0:
+        # The key back to its float (inverse of _ordered_key): {x >= value} == {key >= lo}.
+        value = tl.where(keep_from < 0, keep_from ^ 0x7FFFFFFF, keep_from).to(tl.float32, bitcast=True)
+        tl.store(out_ptr + pid, value)
+    else:
+        # Write pass: keep {key >= lo}.
+        out_base = out_ptr + pid * stride_o
+        for start in range(0, vocab, BLOCK):
+            cols = start + offs
+            inb = cols < vocab
+            x = tl.load(base + cols, mask=inb, other=0.0).to(tl.float32)
+            keep = _ordered_key(x) >= keep_from
+            if MODE == 1:
+                y = tl.where(keep & (x > 0.0), x / mass_lo, 0.0)
+            else:
+                y = tl.where(keep, x, float("-inf"))
+            tl.store(out_base + cols, y.to(out_ptr.dtype.element_ty), mask=inb)
 
 
 def threshold_filter(x: torch.Tensor, out: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
@@ -134,13 +145,26 @@ def threshold_filter(x: torch.Tensor, out: torch.Tensor, top_k: torch.Tensor | N
     """x: ``[B, V]`` (last dim contiguous); out: same shape. Exactly one of top_k (int32 ``[B]``) or
     top_p (float32 ``[B]``). renorm=True: kept probabilities divided by their mass, others 0;
     renorm=False: kept logits unchanged, others -inf."""
-    batch, vocab = x.shape
+    _launch_threshold(x, out, top_k, top_p, None, 1 if renorm else 2, x.shape[0], block)
+
+
+def top_k_floor(x: torch.Tensor, out: torch.Tensor, top_k: torch.Tensor, rows: torch.Tensor | None = None,
+                block: int = 256) -> None:
+    """out float32 ``[batch]``: the k-th largest value of row ``rows[i]`` (or row i) of x ``[R, V]``, so
+    that ``{x >= out[i]}`` is that row's top-k set (ties kept); rows whose top_k is <= 0 or >= V get
+    their minimum. Used as the sampler's floor for "top_k_first" filtering (no renormalised copy)."""
+    _launch_threshold(x, out, top_k, None, rows, 0, out.shape[0], block)
+
+
+def _launch_threshold(x, out, top_k, top_p, rows, mode, batch, block):
+    vocab = x.shape[1]
     if batch == 0 or vocab == 0:
         return
     dummy = out
     _threshold_kernel[(batch,)](
-        x, out, x.stride(0), out.stride(0), top_k if top_k is not None else dummy,
-        top_p if top_p is not None else dummy, vocab, BY_MASS=top_p is not None, WRITE_RENORM=renorm,
+        x, out, x.stride(0), out.stride(0) if mode else 0, top_k if top_k is not None else dummy,
+        top_p if top_p is not None else dummy, rows if rows is not None else dummy, vocab, x.shape[0],
+        BY_MASS=top_p is not None, MODE=mode, HAS_ROWS=rows is not None,
         BLOCK=min(block, triton.next_power_of_2(vocab)), NUM_PIVOTS=NUM_PIVOTS, PASSES=MAX_PASSES, num_warps=8)
 
 

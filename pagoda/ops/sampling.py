@@ -36,14 +36,14 @@ __all__ = [
 
 
 def _launch(x, indices, batch, generator, seed, offset, return_valid, top_k=None, top_p=None, min_p=None,
-            from_logits=False, out_dtype=None):
+            from_logits=False, out_dtype=None, floor=None):
     from pagoda.kernels import sampling as _k
 
     s, o = _a.philox_seed_offset(generator, x.device, batch, batch * x.shape[1], seed, offset)
     dtype = out_dtype or (indices.dtype if indices is not None else torch.int32)
     out = torch.empty(batch, dtype=dtype, device=x.device)
     valid = torch.empty(batch, dtype=torch.bool, device=x.device)
-    _k.sample(x, out, valid, indices, top_k, top_p, min_p, s, o, from_logits)
+    _k.sample(x, out, valid, indices, top_k, top_p, min_p, s, o, from_logits, floor=floor)
     return (out, valid) if return_valid else out
 
 
@@ -154,24 +154,17 @@ def _top_k_top_p(name, x, top_k, top_p, indices, filter_apply_order, generator, 
                     x.device)
     from pagoda.kernels import sampling_filters as _f
 
-    out_dtype = indices.dtype if indices is not None else torch.int32
-    if indices is not None:  # per-output parameters: filter the gathered rows
-        x = x.index_select(0, indices)
     if from_logits:
-        if filter_apply_order == "top_k_first":
-            masked = torch.empty_like(x)
-            _f.threshold_filter(x, masked, tk, None, renorm=False)
-            x = masked
         probs = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         _f.softmax(x, probs, None)
         x = probs
-    elif filter_apply_order == "top_k_first":
-        renormed = torch.empty_like(x)
-        _f.threshold_filter(x, renormed, tk, None, renorm=True)
-        x = renormed
-    joint_k = tk if filter_apply_order == "joint" else None
-    return _launch(x, None, batch, generator, seed, offset, return_valid, top_k=joint_k, top_p=tp,
-                   out_dtype=out_dtype)
+    if filter_apply_order == "joint":
+        return _launch(x, indices, batch, generator, seed, offset, return_valid, top_k=tk, top_p=tp)
+    # top_k_first: the exact k-th value of each row becomes the sampler's floor, so top-p runs on the
+    # renormalised top-k set without writing that set out.
+    floor = torch.empty(batch, dtype=torch.float32, device=x.device)
+    _f.top_k_floor(x, floor, tk, indices)
+    return _launch(x, indices, batch, generator, seed, offset, return_valid, top_p=tp, floor=floor)
 
 
 def top_k_top_p_sampling_from_logits(logits, top_k, top_p, indices=None, filter_apply_order="top_k_first",

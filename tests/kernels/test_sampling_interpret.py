@@ -54,11 +54,13 @@ def _oracle(p32: torch.Tensor, keep: torch.Tensor, u: torch.Tensor) -> torch.Ten
     return torch.from_numpy(keys.argmax(-1))
 
 
-def _run(x, rows=None, top_k=None, top_p=None, min_p=None, seed=1234, offset=0, block=16, from_logits=False):
+def _run(x, rows=None, top_k=None, top_p=None, min_p=None, seed=1234, offset=0, block=16, from_logits=False,
+         floor=None):
     batch = x.shape[0] if rows is None else rows.shape[0]
     out = torch.full((batch,), -7, dtype=torch.int32 if rows is None else rows.dtype)
     valid = torch.zeros(batch, dtype=torch.bool)
-    K.sample(x, out, valid, rows, top_k, top_p, min_p, seed, offset, from_logits=from_logits, block=block)
+    K.sample(x, out, valid, rows, top_k, top_p, min_p, seed, offset, from_logits=from_logits, block=block,
+             floor=floor)
     return out, valid
 
 
@@ -82,6 +84,11 @@ def test_plain_and_filters_equal_race_oracle(dtype, vocab):
         "min_p": (dict(min_p=mp), ref.keep_min_p(p32.double(), mp.double())),
         "joint": (dict(top_k=k, top_p=tp), ref.keep_top_k(p32.double(), k) & ref.keep_top_p(p32.double(), tp.double())),
     }
+    floor = torch.full((b,), float("nan"))
+    F.top_k_floor(p, floor, k, block=16)
+    keep_k = ref.keep_top_k(p32.double(), k)
+    cases["top_k_first"] = (dict(top_p=tp, floor=floor),
+                            keep_k & ref.keep_top_p(torch.where(keep_k, p32.double(), 0.0), tp.double()))
     for name, (kw, keep) in cases.items():
         out, valid = _run(p, seed=99, offset=8, **kw)
         assert valid.all(), name
@@ -103,6 +110,10 @@ def test_indices_and_per_output_parameters():
     p = _probs(3, 20)
     rows = torch.tensor([2, 0, 2, 1, 0], dtype=torch.int64)
     k = torch.tensor([1, 1, 20, 2, 3], dtype=torch.int32)
+    floor = torch.empty(5)
+    F.top_k_floor(p, floor, k, rows, block=16)
+    kth = p[rows].sort(-1, descending=True).values.gather(1, (k.long().clamp(max=20) - 1)[:, None]).squeeze(1)
+    assert torch.equal(floor, torch.where(k >= 20, p[rows].min(-1).values, kth))
     out, valid = _run(p, rows=rows, top_k=k)
     assert out.dtype == torch.int64 and valid.all()
     assert out[0] == p[2].argmax() and out[1] == p[0].argmax()
@@ -213,7 +224,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from pagoda.kernels import sampling as K, sampling_filters as F
 ptr = {"x_ptr": "*bf16", "rows_ptr": "*i64", "out_ptr": "*i64", "valid_ptr": "*i8", "top_k_ptr": "*i32",
-       "top_p_ptr": "*fp32", "min_p_ptr": "*fp32", "seed_ptr": "*i64", "offset_ptr": "*i64", "d_ptr": "*i32",
+       "top_p_ptr": "*fp32", "min_p_ptr": "*fp32", "floor_ptr": "*fp32", "seed_ptr": "*i64", "offset_ptr": "*i64", "d_ptr": "*i32",
        "q_ptr": "*fp16", "p_ptr": "*fp32", "acc_ptr": "*i32", "emit_ptr": "*i32", "seed_val": "i64",
        "offset_val": "i64"}
 def build(fn, consts, warps):
@@ -222,11 +233,12 @@ def build(fn, consts, warps):
     triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": warps})
 build(K._sample_kernel, {"HAS_ROWS": True, "HAS_TOP_K": True, "HAS_TOP_P": True, "HAS_MIN_P": True,
-                         "FROM_LOGITS": False, "SEED_PTR": True, "BLOCK": 2048, "ROUNDS": K.MAX_ROUNDS}, 8)
+                         "HAS_FLOOR": True, "FROM_LOGITS": False, "SEED_PTR": True, "BLOCK": 2048, "ROUNDS": K.MAX_ROUNDS}, 8)
 build(K._chain_spec_kernel, {"SEED_PTR": False, "N_PAD": 4, "BLOCK": 2048}, 8)
 ptr["x_ptr"] = ptr["out_ptr"] = "*fp32"
-build(F._threshold_kernel, {"BY_MASS": False, "WRITE_RENORM": True, "BLOCK": 256, "NUM_PIVOTS": F.NUM_PIVOTS,
-                            "PASSES": F.MAX_PASSES}, 4)
+for mode in (0, 1):
+    build(F._threshold_kernel, {"BY_MASS": mode == 1, "MODE": mode, "HAS_ROWS": mode == 0, "BLOCK": 256,
+                                "NUM_PIVOTS": F.NUM_PIVOTS, "PASSES": F.MAX_PASSES}, 8)
 print("COMPILED")
 '''
 
