@@ -4,7 +4,8 @@ Algorithm (one program per output row, the vocabulary streamed in ``BLOCK`` chun
 synchronisation, no data-dependent launch: safe inside a captured CUDA graph).
 
 1. Exponential race. Each token i gets ``E_i = -log(u_i)`` with ``u_i`` from Philox (lane i % 4 of
-   counter ``offset + row * ceil(vocab / 4) + i // 4``). ``argmax_{i in S} p_i / E_i`` (computed as ``log(u_i) / p_i``) is an
+   counter ``offset + row * ceil(vocab / 4) + i // 4``). ``argmax_{i in S} p_i / E_i`` (computed as
+   ``log(u_i) / p_i``) is an
    exact draw from ``p`` restricted to S and renormalised, for ANY set S (Gumbel-max trick in
    multiplicative form). Because the ``E_i`` are fixed for the call, the draw over the kept set N
    equals the draw over any superset S of N whenever that winner lies in N.
@@ -315,7 +316,8 @@ def chain_speculative(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor, 
                       block: int | None = None) -> None:
     """Launch chain speculative verification. draft_probs ``[B, n, V]``, draft_token_ids int ``[B, n]``,
     target_probs ``[B, n+1, V]`` (last dims contiguous); writes out int32 ``[B, n+1]``, accepted and
-    emitted int32 ``[B]``. Philox counters: tokens ``offset + b*ceil(V/4) + i//4`` (lane i%4), tests ``offset + B*ceil(V/4) + b*n + i``."""
+    emitted int32 ``[B]``. Philox counters: tokens ``offset + b*ceil(V/4) + i//4`` (lane i%4), accept
+    tests ``offset + B*ceil(V/4) + b*n + i``."""
     b, n = draft_token_ids.shape
     vocab = target_probs.shape[-1]
     if b == 0:

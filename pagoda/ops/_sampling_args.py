@@ -54,7 +54,8 @@ def per_row(name: str, value, batch: int, device, kind: str) -> torch.Tensor:
         if value.device != device:
             raise ValueError(f"{name} must be on {device}, got {value.device}")
         return value.reshape(-1).to(dtype).expand(batch).contiguous()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (is_int and not isinstance(value, numbers.Integral)):
+    wrong_kind = is_int and not isinstance(value, numbers.Integral)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or wrong_kind:
         want = "an int" if is_int else "a float"
         raise TypeError(f"{name} must be {want} or a tensor of shape ({batch},), got {type(value).__name__}")
     v = float(value)

@@ -175,7 +175,8 @@ def test_threshold_renorm_and_mask_are_exact(dtype):
     p[5, 10:20] = p[5, 3]  # ties at many values
     tp = torch.tensor([0.1, 0.5, 0.9, 0.99, 1.0, 0.7])
     k = torch.tensor([1, 4, 13, 44, 45, 12], dtype=torch.int32)
-    for param, renorm_ref, kw in ((tp, ref.top_p_renorm_probs, {"top_p": tp}), (k, ref.top_k_renorm_probs, {"top_k": k})):
+    for param, renorm_ref, kw in ((tp, ref.top_p_renorm_probs, {"top_p": tp}),
+                                  (k, ref.top_k_renorm_probs, {"top_k": k})):
         out = torch.full_like(p, float("nan"))
         F.threshold_filter(p, out, kw.get("top_k"), kw.get("top_p"), renorm=True, block=16)
         want = renorm_ref(p, param)
@@ -224,7 +225,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from pagoda.kernels import sampling as K, sampling_filters as F
 ptr = {"x_ptr": "*bf16", "rows_ptr": "*i64", "out_ptr": "*i64", "valid_ptr": "*i8", "top_k_ptr": "*i32",
-       "top_p_ptr": "*fp32", "min_p_ptr": "*fp32", "floor_ptr": "*fp32", "seed_ptr": "*i64", "offset_ptr": "*i64", "d_ptr": "*i32",
+       "top_p_ptr": "*fp32", "min_p_ptr": "*fp32", "floor_ptr": "*fp32", "seed_ptr": "*i64",
+       "offset_ptr": "*i64", "d_ptr": "*i32",
        "q_ptr": "*fp16", "p_ptr": "*fp32", "acc_ptr": "*i32", "emit_ptr": "*i32", "seed_val": "i64",
        "offset_val": "i64"}
 def build(fn, consts, warps):
@@ -233,7 +235,8 @@ def build(fn, consts, warps):
     triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": warps})
 build(K._sample_kernel, {"HAS_ROWS": True, "HAS_TOP_K": True, "HAS_TOP_P": True, "HAS_MIN_P": True,
-                         "HAS_FLOOR": True, "FROM_LOGITS": False, "SEED_PTR": True, "BLOCK": 2048, "ROUNDS": K.MAX_ROUNDS}, 8)
+                         "HAS_FLOOR": True, "FROM_LOGITS": False, "SEED_PTR": True, "BLOCK": 1024,
+                         "ROUNDS": K.MAX_ROUNDS}, 8)
 build(K._chain_spec_kernel, {"SEED_PTR": False, "N_PAD": 4, "BLOCK": 2048}, 8)
 ptr["x_ptr"] = ptr["out_ptr"] = "*fp32"
 for mode in (0, 1):
