@@ -51,7 +51,7 @@ def _decode_kernel(
     Q, K, V, KV_INDPTR, KV_INDICES, KV_LAST, CHUNK, SLOPES, O, LSE,
     stride_qb, stride_qh,
     stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-    stride_ob, stride_os, stride_oh, stride_lb, stride_ls,
+    stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_sb,
     page_size, group_size, qk_scale, softcap_log2, window_left, rope_rcp_scale, log2_theta,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -88,7 +88,7 @@ def _decode_kernel(
         q = _rope_rows(q, q2, q_pos, offs_d, rope_rcp_scale, log2_theta, HEAD_DIM).to(Q.dtype.element_ty)
     slope_log2 = tl.zeros([GROUP_PAD], dtype=tl.float32)
     if HAS_ALIBI:
-        slope_log2 = tl.load(SLOPES + heads, mask=gmask, other=0.0) * 1.4426950408889634
+        slope_log2 = tl.load(SLOPES + b * stride_sb + heads, mask=gmask, other=0.0) * 1.4426950408889634
 
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
@@ -188,6 +188,8 @@ def decode_fwd(q, k_cache, v_cache, k_strides, v_strides, kv_indptr, kv_indices,
     (request, KV head), writing out/lse directly. Otherwise ``chunk`` is an int32 ``[1]`` device
     tensor (keys per split) and ``o_part [B, num_splits, Hq, D]`` / ``lse_part [B, num_splits, Hq]``
     float32 workspace views. ``rope``: None or ``(rope_scale, rope_theta)`` (ROPE_LLAMA on the fly).
+    ``alibi_slopes``: float32 ``[Hq]`` or ``[B, Hq]``. A request's KV length is
+    ``(pages - 1) * page_size + kv_last_page_len`` (a block-table caller may pass a last length below 1).
     """
     batch, hq, dim = q.shape
     hk = num_kv_heads
@@ -210,6 +212,7 @@ def decode_fwd(q, k_cache, v_cache, k_strides, v_strides, kv_indptr, kv_indices,
         q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, chunk if split else kv_indptr,
         alibi_slopes if alibi_slopes is not None else q, dst_o, dst_l,
         q.stride(0), q.stride(1), *k_strides, *v_strides, *so, *sl,
+        alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
         page_size, group, qk_scale, softcap_log2, window_left, rope_rcp_scale, log2_theta,
         HEAD_DIM=dim, HEAD_DIM_PAD=dim_pad, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         SPLIT=split, HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
