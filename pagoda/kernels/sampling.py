@@ -140,7 +140,8 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
             top_p = tl.load(top_p_ptr + pid).to(tl.float32)
         target = top_p * total
         if HAS_MIN_P:
-            thr = tl.load(min_p_ptr + pid).to(tl.float32) * pmax
+            # Capped at the max: min_p > 1 keeps the most likely token(s), like every filter here.
+            thr = tl.minimum(tl.load(min_p_ptr + pid).to(tl.float32) * pmax, pmax)
         high_bits = pmax.to(tl.int32, bitcast=True)
         cand_p = tl.load(base + tl.maximum(cand, 0)).to(tl.float32)
         accepted = tl.zeros((), tl.int32)

@@ -258,6 +258,9 @@ def chain_speculative_sampling(draft_probs, draft_token_ids, target_probs, maybe
                 raise ValueError(f"{name} must have shape ({b},) on {draft_probs.device}, got "
                                  f"{tuple(t.shape)} on {t.device}")
     if not draft_probs.is_cuda:
+        if draft_token_ids.numel() and (int(draft_token_ids.min()) < 0 or int(draft_token_ids.max()) >= vocab):
+            raise ValueError(f"draft_token_ids must lie in [0, {vocab}), got values in "
+                             f"[{int(draft_token_ids.min())}, {int(draft_token_ids.max())}]")
         _a.check_generator_cpu(generator, seed, offset)
         return _ref.chain_speculative_sampling(draft_probs, draft_token_ids, target_probs,
                                                maybe_output_accepted_token_num,

@@ -76,7 +76,7 @@ def test_plain_and_filters_equal_race_oracle(dtype, vocab):
     u = _uniforms(b, vocab, 99, 8)
     k = torch.tensor([1, 2, 3, 5, vocab, 0], dtype=torch.int32)
     tp = torch.tensor([0.05, 0.3, 0.6, 0.9, 1.0, 0.5])
-    mp = torch.tensor([0.0, 0.1, 0.3, 0.5, 1.0, 0.05])
+    mp = torch.tensor([0.0, 0.1, 0.3, 0.5, 1.0, 1.5])  # min_p > 1 (tensors are not range-checked): greedy
     cases = {
         "plain": (dict(), torch.ones(b, vocab, dtype=torch.bool)),
         "top_k": (dict(top_k=k), ref.keep_top_k(p32.double(), k)),

@@ -294,6 +294,8 @@ def test_chain_speculative_validation():
         S.chain_speculative_sampling(q, ids[:, :2], p)
     with pytest.raises(TypeError, match="draft_token_ids"):
         S.chain_speculative_sampling(q, ids.float(), p)
+    with pytest.raises(ValueError, match="draft_token_ids"):
+        S.chain_speculative_sampling(q, ids + 8, p)
     with pytest.raises(ValueError, match="maybe_output_accepted_token_num"):
         S.chain_speculative_sampling(q, ids, p, maybe_output_accepted_token_num=torch.zeros(3, dtype=torch.int32))
 
