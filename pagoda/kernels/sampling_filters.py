@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagoda.kernels.sampling import sm_count
+
 NUM_PIVOTS = 16
 MAX_PASSES = 12
 
@@ -141,7 +143,7 @@ def _threshold_kernel(x_ptr, out_ptr, stride_x, stride_o, top_k_ptr, top_p_ptr, 
 
 
 def threshold_filter(x: torch.Tensor, out: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
-                     renorm: bool, block: int = 256) -> None:
+                     renorm: bool, block: int | None = None) -> None:
     """x: ``[B, V]`` (last dim contiguous); out: same shape. Exactly one of top_k (int32 ``[B]``) or
     top_p (float32 ``[B]``). renorm=True: kept probabilities divided by their mass, others 0;
     renorm=False: kept logits unchanged, others -inf."""
@@ -149,7 +151,7 @@ def threshold_filter(x: torch.Tensor, out: torch.Tensor, top_k: torch.Tensor | N
 
 
 def top_k_floor(x: torch.Tensor, out: torch.Tensor, top_k: torch.Tensor, rows: torch.Tensor | None = None,
-                block: int = 256) -> None:
+                block: int | None = None) -> None:
     """out float32 ``[batch]``: the k-th largest value of row ``rows[i]`` (or row i) of x ``[R, V]``, so
     that ``{x >= out[i]}`` is that row's top-k set (ties kept); rows whose top_k is <= 0 or >= V get
     their minimum. Used as the sampler's floor for "top_k_first" filtering (no renormalised copy)."""
@@ -160,12 +162,15 @@ def _launch_threshold(x, out, top_k, top_p, rows, mode, batch, block):
     vocab = x.shape[1]
     if batch == 0 or vocab == 0:
         return
+    if block is None:  # [BLOCK, NUM_PIVOTS] per-lane counters: ~90-120 registers, no spills on sm_90
+        block = 1024 if (batch < sm_count(x.device) and vocab >= 16384) else 256
+    block = min(block, triton.next_power_of_2(vocab))
     dummy = out
     _threshold_kernel[(batch,)](
         x, out, x.stride(0), out.stride(0) if mode else 0, top_k if top_k is not None else dummy,
         top_p if top_p is not None else dummy, rows if rows is not None else dummy, vocab, x.shape[0],
         BY_MASS=top_p is not None, MODE=mode, HAS_ROWS=rows is not None,
-        BLOCK=min(block, triton.next_power_of_2(vocab)), NUM_PIVOTS=NUM_PIVOTS, PASSES=MAX_PASSES, num_warps=8)
+        BLOCK=block, NUM_PIVOTS=NUM_PIVOTS, PASSES=MAX_PASSES, num_warps=16 if block >= 1024 else 8)
 
 
 @triton.jit
