@@ -186,3 +186,38 @@ def test_fused_rope_append(monkeypatch, layout, interleave, rotary_dim, llama31)
     torch.testing.assert_close(c, cw, rtol=0, atol=2e-3)
     torch.testing.assert_close(qq, qw, rtol=0, atol=2e-3)
     assert not torch.equal(c, cache)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("sq,s_new,causal,window,num_splits", [(1, 1, True, (-1, -1), 0), (1, 0, False, (5, -1), 3),
+                                                               (4, 4, True, (-1, -1), 0), (3, 1, False, (6, 2), 0)])
+def test_flash_attn_with_kvcache(monkeypatch, paged, sq, s_new, causal, window, num_splits):
+    from pagoda.ops.kvcache import flash_attn_with_kvcache
+
+    b, hq, hk, d = 3, 4, 2, 32
+    seqlens = torch.tensor([0, 9, 30], dtype=torch.int32)
+    if paged:
+        k_cache = torch.randn(30, 5, hk, d)
+        extra = dict(block_table=torch.randperm(30)[:21].to(torch.int32).view(3, 7))
+    else:
+        k_cache = torch.randn(5, 40, hk, d)
+        extra = dict(cache_batch_idx=torch.tensor([4, 0, 2], dtype=torch.int32))
+    v_cache = torch.randn_like(k_cache)
+    q = torch.randn(b, sq, hq, d)
+    k = torch.randn(b, s_new, hk, d) if s_new else None
+    v = torch.randn(b, s_new, hk, d) if s_new else None
+    ang = torch.arange(64)[:, None] * (1e4 ** (-torch.arange(0, 16, 2) / 16))[None, :]
+    rot = dict(rotary_cos=ang.cos(), rotary_sin=ang.sin()) if s_new else {}
+    slopes = torch.rand(b, hq)
+
+    def run():
+        kc, vc = k_cache.clone(), v_cache.clone()
+        out, lse = flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=seqlens, causal=causal, window_size=window,
+                                           alibi_slopes=slopes, num_splits=num_splits,
+                                           return_softmax_lse=True, **rot, **extra)
+        return out, lse, kc
+
+    (out, lse, kc), (want, want_lse, kc_want) = _both(monkeypatch, run)
+    assert rel_err(out, want) < 1e-5
+    assert_finite_lse_close(lse, want_lse, atol=1e-4)
+    assert torch.equal(kc, kc_want)
