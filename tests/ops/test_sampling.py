@@ -130,6 +130,10 @@ def test_per_row_parameters_reach_their_rows(device):
     assert (out[0::2] == p[0].argmax()).all()
     keep = ref.keep_top_p(p[1:].cpu().double(), torch.tensor([0.7], dtype=torch.float64))[0]
     assert_law(out[1::2], torch.where(keep, p[1].cpu().double(), 0.0))
+    # the default "top_k_first" order with per-row top_k through indices (the GPU floor path)
+    out = S.top_k_top_p_sampling_from_probs(p, top_k, top_p, indices=idx, generator=_gen(device))
+    assert (out[0::2] == p[0].argmax()).all()
+    assert_law(out[1::2], torch.where(keep, p[1].cpu().double(), 0.0))
     # min-p per row: row 0 at min_p=1 is greedy, row 1 at min_p=0 is the full distribution
     out = S.min_p_sampling_from_probs(p, torch.where(idx == 0, 1.0, 0.0), indices=idx, generator=_gen(device))
     assert (out[0::2] == p[0].argmax()).all()
