@@ -170,7 +170,11 @@ def test_softmax_temperature(device):
                                atol=1e-6, rtol=1e-5)
     assert torch.equal(out[2], torch.nn.functional.one_hot(x[2].argmax(), 77).float())
     torch.testing.assert_close(S.softmax(x), torch.softmax(x, -1), atol=1e-6, rtol=1e-5)
-    assert torch.equal(S.softmax(x, 0.0).argmax(-1), x.argmax(-1))
+    greedy = S.softmax(x, 0.0)
+    assert torch.equal(greedy.argmax(-1), x.argmax(-1))
+    # temperature 0 is exact greedy decoding through any sampler
+    assert torch.equal(S.sampling_from_probs(greedy, generator=_gen(device)).long(), x.argmax(-1))
+    assert torch.equal(S.top_k_top_p_sampling_from_probs(greedy, 5, 0.9, generator=_gen(device)).long(), x.argmax(-1))
 
 
 @pytest.mark.parametrize("device", DEVICES)
