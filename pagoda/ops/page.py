@@ -1,7 +1,7 @@
 """Paged KV cache ops with FlashInfer's signatures (``flashinfer.page``): CSR metadata and append.
 
-Layout: see `pagoda.reference.page`. ``append_paged_kv_cache`` runs a Triton kernel on CUDA and the
-PyTorch reference elsewhere. The metadata helpers are a few vectorised torch ops, so the same code
+Layout: see `pagoda.reference.page`. ``append_paged_kv_cache`` (and the fused RoPE + append,
+``append_paged_kv_cache_with_rope``) runs a Triton kernel on CUDA and the PyTorch reference elsewhere. The metadata helpers are a few vectorised torch ops, so the same code
 serves every device (`get_batch_indices_positions` does not sync with the host).
 """
 from __future__ import annotations
@@ -182,21 +182,19 @@ def append_paged_kv_cache_with_rope(append_key, append_value, batch_indices, pos
     else:
         freq_args = (_rope._positive("rope_scale", rope_scale), _rope._positive("rope_theta", rope_theta))
     freqs = _rope_ref.rope_frequencies(rd, *freq_args, device=append_key.device)
-    pos = positions[:nnz]
-    if q is not None and nnz:
-        if _paged.use_triton(q):
-            from pagoda.kernels.rope import rope_fwd
+    if nnz == 0:
+        return
+    if not _paged.use_triton(k_cache):
+        _ref.append_paged_kv_cache_with_rope(append_key, append_value, batch_indices, positions, (k_cache, v_cache),
+                                             kv_indices, kv_indptr, kv_last_page_len, kv_layout, q, rd, interleave,
+                                             *freq_args)
+        return
+    from pagoda.kernels.rope import rope_fwd
 
-            rope_fwd(q, q, pos, freqs.to(torch.float32), interleave)
-        else:
-            q.copy_(_rope_ref.rope_ref(q, pos, freqs, interleave))
-    if _paged.use_triton(k_cache):
-        _append(append_key, append_value, batch_indices, positions, k_cache, v_cache, kv_indices, kv_indptr,
-                kv_last_page_len, kv_layout, page_size, nnz, freqs.to(torch.float32), interleave)
-    else:
-        rotated = _rope_ref.rope_ref(append_key, pos, freqs, interleave)
-        _append(rotated, append_value, batch_indices, positions, k_cache, v_cache, kv_indices, kv_indptr,
-                kv_last_page_len, kv_layout, page_size, nnz)
+    if q is not None:
+        rope_fwd(q, q, positions[:nnz], freqs.to(torch.float32), interleave)
+    _append(append_key, append_value, batch_indices, positions, k_cache, v_cache, kv_indices, kv_indptr,
+            kv_last_page_len, kv_layout, page_size, nnz, freqs.to(torch.float32), interleave)
 
 
 def _check_append(append_key, append_value, batch_indices, positions, paged_kv_cache, kv_indices, kv_indptr,

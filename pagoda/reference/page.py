@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 __all__ = ["unpack_paged_kv_cache", "get_seq_lens", "block_table_to_csr", "csr_to_block_table",
-           "get_batch_indices_positions", "append_paged_kv_cache", "gather_paged_kv"]
+           "get_batch_indices_positions", "append_paged_kv_cache", "append_paged_kv_cache_with_rope",
+           "gather_paged_kv"]
 
 
 def unpack_paged_kv_cache(paged_kv_cache, kv_layout: str = "NHD") -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,3 +145,23 @@ def gather_paged_kv(paged_kv_cache, kv_indptr: torch.Tensor, kv_indices: torch.T
         v = v_cache[pages].reshape(-1, *v_cache.shape[2:])[:n]
         out.append((k, v))
     return out
+
+
+def append_paged_kv_cache_with_rope(append_key, append_value, batch_indices, positions, paged_kv_cache, kv_indices,
+                                    kv_indptr, kv_last_page_len, kv_layout="NHD", q=None, rotary_dim=None,
+                                    interleave=False, rope_scale=1.0, rope_theta=1e4, llama31=False,
+                                    low_freq_factor=1.0, high_freq_factor=4.0, old_context_len=8192) -> None:
+    """Reference for `pagoda.ops.page.append_paged_kv_cache_with_rope`: rotate keys (and ``q`` in place) at
+    ``positions``, then append. Tokens with a negative batch index are skipped."""
+    from pagoda.reference.rope import rope_frequencies, rope_ref
+
+    n = append_key.shape[0]
+    freqs = rope_frequencies(append_key.shape[-1] if rotary_dim is None else rotary_dim, rope_scale, rope_theta,
+                             llama31, low_freq_factor, high_freq_factor, old_context_len, device=append_key.device)
+    pos = positions[:n]
+    if q is not None:
+        q.copy_(rope_ref(q, pos, freqs, interleave))
+    live = batch_indices[:n] >= 0
+    rotated = rope_ref(append_key, pos, freqs, interleave)
+    append_paged_kv_cache(rotated[live], append_value[live], batch_indices[:n][live], pos[live], paged_kv_cache,
+                          kv_indices, kv_indptr, kv_last_page_len, kv_layout)
