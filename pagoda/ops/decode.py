@@ -40,7 +40,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
         kv_layout: ``"NHD"`` or ``"HND"``.
         use_cuda_graph: plan writes only into the given buffers and `run` can be captured once and
             replayed after re-planning for any batch of at most ``len(paged_kv_last_page_len_buffer)``
-            requests (missing ones are planned as empty) whose pages fit the indices buffer.
+            requests (missing ones are planned as empty) whose pages fit the indices buffer; heads,
+            page_size, dtypes and options stay those of the first plan (a re-plan that changes them raises).
         use_tensor_cores: accepted for compatibility (the kernel always uses ``tl.dot``).
         paged_kv_indptr_buffer / paged_kv_indices_buffer / paged_kv_last_page_len_buffer: int32 device
             buffers ``[max_batch + 1]`` / ``[max_pages]`` / ``[max_batch]``, required with use_cuda_graph.
@@ -157,6 +158,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
             raise ValueError("indices must hold page ids >= 0")
 
         sms = _plan.num_sms(self.device)
+        graph_key = (hq, hk, d, page_size, q_dtype, kv_dtype, mode, scale, window_left, soft_cap, rope_scale,
+                     rope_theta)
         if self._use_cuda_graph:
             grid_batch = self._fixed_batch_size
             if batch > grid_batch:
@@ -174,10 +177,12 @@ class BatchDecodeWithPagedKVCacheWrapper:
                     raise ValueError(f"float_workspace_buffer is too small for CUDA-graph decode: it needs at least "
                                      f"{grid_batch * hq * (d + 1) * 4} bytes")
                 self._graph_splits = 1 if disable_split_kv else _plan.graph_splits(grid_batch, hk, sms, cap)
-                self._graph_shape = (hq, d)
-            elif self._graph_shape != (hq, d):
-                raise ValueError(f"num_qo_heads/head_dim {(hq, d)} differ from the first plan {self._graph_shape} "
-                                 "of this CUDA-graph wrapper")
+                self._graph_key = graph_key
+            elif self._graph_key != graph_key:
+                # A captured graph keeps the launch's scalars and grid: only the page table may change.
+                raise ValueError("a CUDA-graph wrapper re-plans only the page table and lengths; heads, head_dim, "
+                                 "page_size, dtypes and attention options must equal the first plan's "
+                                 f"{self._graph_key}, got {graph_key}")
             splits = self._graph_splits
             longest = max(lens, default=0)
             chunk = max(-(-longest // splits), 1)

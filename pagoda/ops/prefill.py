@@ -102,6 +102,12 @@ class BatchPrefillWithPagedKVCacheWrapper:
         used = paged_kv_indices[:kptr[-1]]
         self._max_page_id = int(used.max()) if used.numel() else -1
         if self._use_cuda_graph:
+            # A captured graph keeps the launch's scalars: only the tables and lengths may change.
+            key = (hq, hk, d, page_size, q_dtype, kv_dtype, tuple(sorted(opts.items())))
+            if getattr(self, "_graph_key", key) != key:
+                raise ValueError("a CUDA-graph wrapper re-plans only qo_indptr and the page table; heads, head_dim, "
+                                 f"page_size, dtypes and options must equal the first plan's {self._graph_key}")
+            self._graph_key = key
             qb, kb, ib, lb = self._bufs
             if batch > lb.shape[0] or kptr[-1] > ib.shape[0]:
                 raise ValueError(f"batch {batch} / {kptr[-1]} pages exceed the CUDA-graph buffers "

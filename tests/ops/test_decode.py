@@ -299,3 +299,15 @@ def test_cuda_run_does_not_sync():
         w.run(q, cache, return_lse=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_graph_mode_replan_must_keep_options():
+    bufs = dict(paged_kv_indptr_buffer=torch.zeros(3, dtype=torch.int32),
+                paged_kv_indices_buffer=torch.zeros(64, dtype=torch.int32),
+                paged_kv_last_page_len_buffer=torch.zeros(2, dtype=torch.int32))
+    w = _wrapper("NHD", use_cuda_graph=True, **bufs)
+    _, _, _, _, meta = _batch([9, 30], 8, 4, 2, 64, "NHD", torch.float32)
+    w.plan(*meta, 4, 2, 64, 8, q_data_type=torch.float32)
+    w.plan(*meta, 4, 2, 64, 8, q_data_type=torch.float32)  # same options: fine
+    with pytest.raises(ValueError, match="first plan"):
+        w.plan(*meta, 4, 2, 64, 8, q_data_type=torch.float32, window_left=5)

@@ -118,7 +118,7 @@ def test_cpu_paged_graph_mode_pads_batch():
     (dict(causal=1), TypeError, "causal"),
     (dict(qo_indptr=torch.tensor([0, 5, 3], dtype=torch.int32)), ValueError, "qo_indptr"),
     (dict(qo_indptr=torch.tensor([0, 3], dtype=torch.int32)), ValueError, "paged_kv_indptr"),
-    (dict(qo_indptr=torch.tensor([0, 20, 30], dtype=torch.int32)), ValueError, "kv_len >= qo_len"),
+    (dict(qo_indptr=torch.tensor([0, 20, 30], dtype=torch.int32), causal=True), ValueError, "kv_len >= qo_len"),
     (dict(paged_kv_last_page_len=torch.tensor([0, 4], dtype=torch.int32)), ValueError, "paged_kv_last_page_len"),
     (dict(pos_encoding_mode="XPOS"), ValueError, "pos_encoding_mode"),
     (dict(window_left=-5), ValueError, "window_left"),
