@@ -3,12 +3,12 @@
 Algorithm (one program per output row, the vocabulary streamed in ``BLOCK`` chunks; no sort, no host
 synchronisation, no data-dependent launch: safe inside a captured CUDA graph).
 
-1. Exponential race. Each token i gets ``E_i = -log(u_i)`` with ``u_i`` from Philox (lane i % 4 of
-   counter ``offset + row * ceil(vocab / 4) + i // 4``). ``argmax_{i in S} p_i / E_i`` (computed as
-   ``log(u_i) / p_i``) is an
-   exact draw from ``p`` restricted to S and renormalised, for ANY set S (Gumbel-max trick in
-   multiplicative form). Because the ``E_i`` are fixed for the call, the draw over the kept set N
-   equals the draw over any superset S of N whenever that winner lies in N.
+1. Exponential race. Each token i gets ``E_i ~ Exp(1)`` from Philox (lane i % 4 of counter
+   ``offset + row * ceil(vocab / 4) + i // 4``). ``argmax_{i in S} p_i / E_i`` (computed as
+   ``-E_i / p_i``) is an exact draw from ``p`` restricted to S and renormalised, for ANY set S
+   (the Gumbel-max trick in multiplicative form). The ``E_i`` are fixed for the call, so if the
+   winner over a superset S of the kept set N lies in N it is also the winner over N: the token
+   returned is exactly ``argmax_{i in N} p_i / E_i`` and the rejection rounds below add no bias.
 2. Every filter keeps an upper set ``N = {p >= b}`` (top-k: b = k-th largest value, ties kept;
    top-p: b = t*, the largest value with ``mass(p >= t*) >= top_p * total``; min-p: ``min_p * max``;
    joint: the largest of those). A token j is in N iff
@@ -40,25 +40,32 @@ MAX_ROUNDS = 34
 
 
 @triton.jit
-def _uniforms(seed, quad_base, start, BLOCK: tl.constexpr):
-    """``[BLOCK]`` uniforms in [0, 1) for tokens ``start + [0, BLOCK)``: token c takes lane ``c % 4`` of
-    the Philox counter ``quad_base + c // 4`` (one Philox call per 4 tokens; start % 4 == 0)."""
+def _exponentials(seed, quad_base, start, BLOCK: tl.constexpr):
+    """``[BLOCK]`` Exp(1) draws for tokens ``start + [0, BLOCK)``: token c takes lane ``c % 4`` of the
+    Philox counter ``quad_base + c // 4`` (one Philox call per 4 tokens; start % 4 == 0).
+
+    ``E = -log(1 - w)`` with ``w = (2^31 - r) / 2^31`` in (0, 1]. Small E decide the race for unlikely
+    tokens, so they must not be quantised: ``w`` is exact there (a small integer times 2^-31) and
+    below 1e-3 ``E`` comes from its series instead of ``log`` of a float near 1 (whose 2^-24 spacing
+    would make E >= 6e-8 and under-sample tokens with p ~ 1e-7).
+    """
     q = tl.arange(0, BLOCK // 4).to(tl.int64)
     r0, r1, r2, r3 = tl.randint4x(seed, quad_base + start // 4 + q)
     # join(join(r0, r2), join(r1, r3))[q, a, b] = r_{2a+b}: row-major flattening gives token 4q + j -> r_j.
     r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK])
-    r = (r >> 1).to(tl.int32)  # uint32 -> [0, 2^31); the scale keeps the largest value < 1.0
-    return r.to(tl.float32) * 4.6566127342e-10
+    r = (r >> 1).to(tl.int32)  # uint32 -> [0, 2^31)
+    w = ((2147483647 - r).to(tl.float32) + 1.0) * 4.656612873077393e-10
+    e = tl.where(w < 1e-3, w + w * w * (0.5 + w * 0.3333333333333333), -tl.log(1.0 - w))
+    return tl.minimum(e, 1e30)  # w == 1 gives inf: keep keys finite
 
 
 @triton.jit
-def _race_key(x, u, FROM_LOGITS: tl.constexpr):
-    """Race key per token (larger wins): ``log(u)/p`` for probabilities, ``x + Gumbel`` for logits."""
-    u = tl.maximum(u, 1e-12)
+def _race_key(x, e, FROM_LOGITS: tl.constexpr):
+    """Race key per token (larger wins): ``-E/p`` for probabilities, ``x - log E`` (Gumbel) for logits."""
     if FROM_LOGITS:
-        return x - tl.log(-tl.log(u))
+        return x - tl.log(e)
     # Clamp so a positive but tiny p keeps a finite key (it must stay eligible, just a sure loser).
-    return tl.maximum(tl.log(u) / x, -3.0e38)
+    return tl.maximum(-e / x, -3.0e38)
 
 
 @triton.jit
@@ -123,8 +130,8 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
                 elig = elig & (x >= floor)
         tot_v += tl.where(elig, x, 0.0)
         max_v = tl.maximum(max_v, tl.where(elig, x, 0.0))
-        u = _uniforms(seed, rng_base, start, BLOCK)
-        key_v, idx_v = _race_fold(_race_key(x, u, FROM_LOGITS), elig, cols, key_v, idx_v)
+        e = _exponentials(seed, rng_base, start, BLOCK)
+        key_v, idx_v = _race_fold(_race_key(x, e, FROM_LOGITS), elig, cols, key_v, idx_v)
     total = tl.sum(tot_v, 0)
     pmax = tl.max(max_v, 0)
     cand = _race_winner(key_v, idx_v)
@@ -177,7 +184,7 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
                     cnt_ge_v += ge.to(tl.int32)
                     mass_gt_v += tl.where(gt, x, 0.0)
                     mass_ge_v += tl.where(ge, x, 0.0)
-                    key = _race_key(x, _uniforms(seed, rng_base, start, BLOCK), False)
+                    key = _race_key(x, _exponentials(seed, rng_base, start, BLOCK), False)
                     key_a, idx_a = _race_fold(key, gt, cols, key_a, idx_a)
                     key_b, idx_b = _race_fold(key, ge, cols, key_b, idx_b)
                 cnt_gt = tl.sum(cnt_gt_v, 0)
@@ -308,9 +315,9 @@ def _chain_spec_kernel(q_ptr, d_ptr, p_ptr, out_ptr, acc_ptr, emit_ptr, seed_ptr
         pr = tl.load(p_row + cols, mask=inb, other=0.0).to(tl.float32)
         qr = tl.load(q_row + cols, mask=inb & has_q, other=0.0).to(tl.float32)
         resid = pr - qr
-        u = _uniforms(seed, rng_base, start, BLOCK)
-        key_r, idx_r = _race_fold(_race_key(resid, u, False), inb & (resid > 0.0), cols, key_r, idx_r)
-        key_p, idx_p = _race_fold(_race_key(pr, u, False), inb & (pr > 0.0), cols, key_p, idx_p)
+        e = _exponentials(seed, rng_base, start, BLOCK)
+        key_r, idx_r = _race_fold(_race_key(resid, e, False), inb & (resid > 0.0), cols, key_r, idx_r)
+        key_p, idx_p = _race_fold(_race_key(pr, e, False), inb & (pr > 0.0), cols, key_p, idx_p)
     cand_r = _race_winner(key_r, idx_r)
     cand_p = _race_winner(key_p, idx_p)
     final = tl.where(cand_r >= 0, cand_r, tl.maximum(cand_p, 0))

@@ -2,10 +2,12 @@
 
 The interpreter runs ~20-60 ms per program, so statistics over many draws live in the GPU tests
 (tests/ops/test_sampling.py). Here the race sampler is checked EXACTLY: with the kernel's own
-uniforms dumped, its token must equal ``argmax_{i in N} log(u_i) / p_i`` where N is the kept set of
+exponentials dumped, its token must equal ``argmax_{i in N} -E_i / p_i`` where N is the kept set of
 the sort-based reference. That pins down the filters, the rejection rounds and chunking, not just
-the law; one small frequency test checks the uniforms themselves.
+the law; one small frequency test and a
+distribution test check the exponentials themselves.
 """
+import math
 import os
 import warnings
 
@@ -31,25 +33,25 @@ warnings.filterwarnings("ignore", "divide by zero", RuntimeWarning)
 
 
 @triton.jit
-def _dump_uniforms(out_ptr, seed, off, vocab, BLOCK: tl.constexpr):
+def _dump_exponentials(out_ptr, seed, off, vocab, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     base = off + pid.to(tl.int64) * ((vocab + 3) // 4)
     for start in range(0, vocab, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        tl.store(out_ptr + pid * vocab + cols, K._uniforms(seed, base, start, BLOCK), mask=cols < vocab)
+        tl.store(out_ptr + pid * vocab + cols, K._exponentials(seed, base, start, BLOCK), mask=cols < vocab)
 
 
-def _uniforms(batch, vocab, seed, offset):
+def _exponentials(batch, vocab, seed, offset, block=16):
     out = torch.empty(batch, vocab)
-    _dump_uniforms[(batch,)](out, seed, offset, vocab, BLOCK=16)
+    _dump_exponentials[(batch,)](out, seed, offset, vocab, BLOCK=block)
     return out
 
 
-def _oracle(p32: torch.Tensor, keep: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """argmax over the kept, positive tokens of log(u)/p, in float32 numpy like the interpreter."""
-    p, uu = p32.numpy().astype(np.float32), np.maximum(u.numpy(), np.float32(1e-12))
+def _oracle(p32: torch.Tensor, keep: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """argmax over the kept, positive tokens of -E/p, in float32 numpy like the interpreter."""
+    p, ee = p32.numpy().astype(np.float32), e.numpy()
     with np.errstate(divide="ignore"):
-        keys = np.maximum(np.log(uu) / p, np.float32(-3.0e38))
+        keys = np.maximum(-ee / p, np.float32(-3.0e38))
     keys = np.where(keep.numpy() & (p > 0), keys, -np.inf)
     return torch.from_numpy(keys.argmax(-1))
 
@@ -73,7 +75,7 @@ def test_plain_and_filters_equal_race_oracle(dtype, vocab):
     b = 6
     p = _probs(b, vocab, dtype)
     p32 = p.float()
-    u = _uniforms(b, vocab, 99, 8)
+    e = _exponentials(b, vocab, 99, 8)
     k = torch.tensor([1, 2, 3, 5, vocab, 0], dtype=torch.int32)
     tp = torch.tensor([0.05, 0.3, 0.6, 0.9, 1.0, 0.5])
     mp = torch.tensor([0.0, 0.1, 0.3, 0.5, 1.0, 1.5])  # min_p > 1 (tensors are not range-checked): greedy
@@ -92,16 +94,16 @@ def test_plain_and_filters_equal_race_oracle(dtype, vocab):
     for name, (kw, keep) in cases.items():
         out, valid = _run(p, seed=99, offset=8, **kw)
         assert valid.all(), name
-        assert torch.equal(out.long(), _oracle(p32, keep, u)), name
+        assert torch.equal(out.long(), _oracle(p32, keep, e)), name
         assert keep[torch.arange(b), out.long()].all(), name
 
 
 def test_logits_race_is_gumbel_max():
     x = torch.randn(4, 29) * 2
     x[1, 3:] = float("-inf")
-    u = _uniforms(4, 29, 5, 0).clamp_min(1e-12).numpy()
+    e = _exponentials(4, 29, 5, 0).numpy()
     out, valid = _run(x, seed=5, offset=0, from_logits=True)
-    want = np.argmax(x.numpy() - np.log(-np.log(u)), -1)
+    want = np.argmax(x.numpy() - np.log(e), -1)
     assert valid.all() and torch.equal(out.long(), torch.from_numpy(want))
     assert out[1] < 3
 
@@ -155,6 +157,18 @@ def test_same_seed_same_tokens_and_offset_changes_them():
     # seeds from device tensors (the CUDA-graph form), per row or shared
     d, _ = _run(p, seed=torch.tensor([7]), offset=torch.tensor([4]), block=32)
     assert torch.equal(a, d)
+
+
+def test_exponentials_are_exp1_down_to_the_tail():
+    e = _exponentials(64, 4096, 21, 0, block=4096).double().flatten()  # 262144 draws
+    assert (e > 0).all() and e.isfinite().all()
+    assert abs(e.mean().item() - 1.0) < 0.01 and abs(e.var().item() - 1.0) < 0.03
+    for t in (1e-3, 1e-2, 0.5, 2.0):  # P(E < t) = 1 - exp(-t)
+        frac = (e < t).double().mean().item()
+        want = 1 - math.exp(-t)
+        assert abs(frac - want) < 5 * math.sqrt(want * (1 - want) / e.numel()) + 1e-6, t
+    small = e[e < 1e-3]
+    assert small.unique().numel() == small.numel()  # not quantised near 0 (the 2^-24 grid would collide)
 
 
 def test_frequencies_follow_the_nucleus():
