@@ -378,3 +378,17 @@ def test_pagoda_sampling_module_mirrors_ops():
 
     assert sorted(S.__all__) == sorted(ops.__all__)
     assert all(getattr(S, name) is getattr(ops, name) for name in ops.__all__)
+
+
+@pytest.mark.gpu
+def test_gpu_unlikely_tokens_keep_their_mass():
+    # 20,000 tokens of p = 5e-7 (1% together) beside one of 0.99: the race must not under-sample
+    # tokens whose winning exponential is ~1e-7 (a float near 1 cannot resolve that).
+    vocab, n = 20001, 50000
+    p = torch.full((1, vocab), 0.01 / (vocab - 1), device="cuda")
+    p[0, 0] = 0.99
+    for sampler in (lambda: S.sampling_from_probs(p, indices=_many("cuda", n), generator=_gen("cuda")),
+                    lambda: S.top_p_sampling_from_probs(p, 1.0, indices=_many("cuda", n), generator=_gen("cuda")),
+                    lambda: S.sampling_from_logits(p.log(), indices=_many("cuda", n), generator=_gen("cuda"))):
+        tail = (sampler() != 0).sum().item()
+        assert abs(tail - 0.01 * n) < 5 * math.sqrt(0.01 * 0.99 * n), tail
