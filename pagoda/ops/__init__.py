@@ -1,5 +1,32 @@
 """Public kernel API: validation and dispatch (Triton on CUDA, the PyTorch reference elsewhere)."""
 from pagoda.ops.attention import flash_attn_func, flash_attn_varlen_func
-from pagoda.ops.cascade import merge_state, merge_state_in_place, merge_states
+from pagoda.ops.cascade import MultiLevelCascadeAttentionWrapper, merge_state, merge_state_in_place, merge_states
+from pagoda.ops.cascade_levels import CascadeLevels, build_cascade_levels
+from pagoda.ops.decode import BatchDecodeWithPagedKVCacheWrapper, single_decode_with_kv_cache
+from pagoda.ops.kvcache import flash_attn_with_kvcache
+from pagoda.ops.page import (append_paged_kv_cache, append_paged_kv_cache_with_rope, block_table_to_csr,
+                             csr_to_block_table, get_batch_indices_positions, get_seq_lens)
+from pagoda.ops.prefill import (BatchPrefillWithPagedKVCacheWrapper, BatchPrefillWithRaggedKVCacheWrapper,
+                                single_prefill_with_kv_cache)
+from pagoda.ops.rope import (apply_llama31_rope, apply_llama31_rope_inplace, apply_llama31_rope_pos_ids,
+                             apply_llama31_rope_pos_ids_inplace, apply_rope, apply_rope_inplace, apply_rope_pos_ids,
+                             apply_rope_pos_ids_inplace)
+from pagoda.ops.sampling import (chain_speculative_sampling, min_p_sampling_from_probs, sampling_from_logits,
+                                 sampling_from_probs, top_k_mask_logits, top_k_renorm_probs, top_k_sampling_from_probs,
+                                 top_k_top_p_sampling_from_logits, top_k_top_p_sampling_from_probs, top_p_renorm_probs,
+                                 top_p_sampling_from_probs)
 
-__all__ = ["flash_attn_func", "flash_attn_varlen_func", "merge_state", "merge_state_in_place", "merge_states"]
+__all__ = [
+    "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",
+    "merge_state", "merge_state_in_place", "merge_states", "MultiLevelCascadeAttentionWrapper",
+    "CascadeLevels", "build_cascade_levels",
+    "BatchDecodeWithPagedKVCacheWrapper", "single_decode_with_kv_cache",
+    "BatchPrefillWithPagedKVCacheWrapper", "BatchPrefillWithRaggedKVCacheWrapper", "single_prefill_with_kv_cache",
+    "append_paged_kv_cache", "append_paged_kv_cache_with_rope", "block_table_to_csr", "csr_to_block_table",
+    "get_batch_indices_positions", "get_seq_lens",
+    "apply_rope", "apply_rope_inplace", "apply_rope_pos_ids", "apply_rope_pos_ids_inplace", "apply_llama31_rope",
+    "apply_llama31_rope_inplace", "apply_llama31_rope_pos_ids", "apply_llama31_rope_pos_ids_inplace",
+    "sampling_from_logits", "sampling_from_probs", "top_p_sampling_from_probs", "top_k_sampling_from_probs",
+    "min_p_sampling_from_probs", "top_k_top_p_sampling_from_logits", "top_k_top_p_sampling_from_probs",
+    "top_p_renorm_probs", "top_k_renorm_probs", "top_k_mask_logits", "chain_speculative_sampling",
+]
