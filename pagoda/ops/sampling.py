@@ -158,8 +158,11 @@ def _top_k_top_p(name, x, top_k, top_p, indices, filter_apply_order, generator, 
         probs = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         _f.softmax(x, probs, None)
         x = probs
-    if filter_apply_order == "joint":
-        return _launch(x, indices, batch, generator, seed, offset, return_valid, top_k=tk, top_p=tp)
+    k_off = isinstance(top_k, int) and top_k >= x.shape[1]  # scalar fast paths (no device read)
+    p_off = isinstance(top_p, (int, float)) and top_p >= 1.0
+    if filter_apply_order == "joint" or k_off or p_off:  # with one filter off the two orders agree
+        return _launch(x, indices, batch, generator, seed, offset, return_valid, top_k=None if k_off else tk,
+                       top_p=None if p_off else tp)
     # top_k_first: the exact k-th value of each row becomes the sampler's floor, so top-p runs on the
     # renormalised top-k set without writing that set out.
     floor = torch.empty(batch, dtype=torch.float32, device=x.device)
