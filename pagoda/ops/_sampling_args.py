@@ -115,6 +115,11 @@ def philox_seed_offset(generator, device, batch: int, increment: int, seed=None,
         if isinstance(s, torch.Tensor) != isinstance(o, torch.Tensor):
             raise TypeError("seed and offset must both be ints or both be tensors")
         return s, o
+    if torch.cuda.is_current_stream_capturing():
+        # Reading the generator here would bake one (seed, offset) into the graph: every replay would
+        # draw the same numbers. Device tensors are read by the kernel at replay time instead.
+        raise ValueError("under CUDA graph capture pass seed= and offset= as int64 device tensors (update "
+                         "offset between replays); a generator's state would be frozen into the graph")
     if generator is None:
         idx = device.index if device.index is not None else torch.cuda.current_device()
         generator = torch.cuda.default_generators[idx]
