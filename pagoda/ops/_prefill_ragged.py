@@ -1,7 +1,8 @@
 """`BatchPrefillWithRaggedKVCacheWrapper` and `single_prefill_with_kv_cache` (exported by `pagoda.ops.prefill`).
 
-The ragged wrapper runs `pagoda.ops.attention.flash_attn_varlen_func` (bottom-right causal alignment
-is the same as FlashInfer's); ``ROPE_LLAMA`` rotates copies of q and k first, ``ALIBI`` passes the
+The ragged wrapper runs pagoda's dense varlen kernel (`pagoda.kernels.attention_fwd`, bottom-right
+causal alignment as FlashInfer's) on CUDA without host reads, `flash_attn_varlen_func`'s reference
+elsewhere; ``ROPE_LLAMA`` rotates copies of q and k first, ``ALIBI`` passes the
 standard slopes. `single_prefill_with_kv_cache` runs the paged prefill kernel over a one-page table.
 """
 from __future__ import annotations
@@ -82,9 +83,11 @@ class BatchPrefillWithRaggedKVCacheWrapper:
             kb[:batch + 1].copy_(kv_indptr, non_blocking=non_blocking)
             kb[batch + 1:].fill_(kptr[-1])
             self._meta = (qb, kb)
+            self._grid_batch = qb.shape[0] - 1
         else:
             self._meta = (qo_indptr.to(self.device, non_blocking=non_blocking),
                           kv_indptr.to(self.device, non_blocking=non_blocking))
+            self._grid_batch = batch
         self._rope_pos = None
         if opts["pos_encoding_mode"] == "ROPE_LLAMA":
             # Query t of request b sits at (t - qo_start) + kv_len - qo_len; key t at t - kv_start.
@@ -132,14 +135,31 @@ class BatchPrefillWithRaggedKVCacheWrapper:
             q = torch.cat([rotate_llama(q[:n], self._rope_pos[0], opts["rope_scale"], opts["rope_theta"]), q[n:]])
             k = torch.cat([rotate_llama(k[:m], self._rope_pos[1], opts["rope_scale"], opts["rope_theta"]), k[m:]])
         scale = opts["sm_scale"] * (q_scale or 1.0) * (k_scale or 1.0)
-        graph = self._use_cuda_graph
-        o, l, _ = flash_attn_varlen_func(
-            q, k, v, self._meta[0], self._meta[1], q.shape[0] if graph else self._max_q,
-            k.shape[0] if graph else self._max_k, softmax_scale=scale, causal=opts["causal"],
-            window_size=(opts["window_left"], -1), softcap=opts["logits_soft_cap"],
-            alibi_slopes=self._alibi if opts["pos_encoding_mode"] == "ALIBI" else None, return_attn_probs=True)
-        out = o if out is None else out.copy_(o)
-        lse = l.t().contiguous() if lse is None else lse.copy_(l.t())
+        alibi = self._alibi if opts["pos_encoding_mode"] == "ALIBI" else None
+        if not _paged.use_triton(q):
+            o, l, _ = flash_attn_varlen_func(
+                q, k, v, self._meta[0], self._meta[1], self._max_q, self._max_k, softmax_scale=scale,
+                causal=opts["causal"], window_size=(opts["window_left"], -1), softcap=opts["logits_soft_cap"],
+                alibi_slopes=alibi, return_attn_probs=True)
+            out = o if out is None else out.copy_(o)
+            lse = l.t().contiguous() if lse is None else lse.copy_(l.t())
+            return _common.finish(out, lse, v_scale, return_lse)
+        # The dense varlen kernel directly: plan validated the indptrs, so run reads nothing on the host
+        # (and, with use_cuda_graph, the grid depends only on q's shape).
+        if q.is_cuda and q.dtype == torch.float32:
+            raise TypeError("q: the ragged prefill kernel takes float16/bfloat16 on CUDA (its dots run in tf32)")
+        from pagoda.kernels.attention_fwd import attention_fwd
+
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        out = torch.zeros_like(q, memory_format=torch.contiguous_format) if out is None else out.zero_()
+        lse_t = torch.full((hq, q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+        if self._grid_batch:
+            attention_fwd(q, k, v, out, lse_t, cu_seqlens_q=self._meta[0], cu_seqlens_k=self._meta[1],
+                          max_seqlen_q=q.shape[0] if self._use_cuda_graph else max(self._max_q, 1),
+                          batch_size=self._grid_batch, softmax_scale=scale, window_left=opts["window_left"],
+                          window_right=0 if opts["causal"] else -1, softcap=opts["logits_soft_cap"],
+                          alibi_slopes=alibi)
+        lse = lse_t.t().contiguous() if lse is None else lse.copy_(lse_t.t())
         return _common.finish(out, lse, v_scale, return_lse)
 
     forward = run

@@ -233,3 +233,21 @@ def test_cuda_paged_prefill_graph_replay():
         torch.cuda.synchronize()
         assert rel_err(out_static[:q.shape[0]], _varlen(q, k, v, qo, kv, True)[0]) < 2e-3
         assert (out_static[q.shape[0]:] == 0).all()
+
+
+@pytest.mark.gpu
+def test_cuda_runs_do_not_sync():
+    q, cache, k, v, meta = _data(GPU_KV, GPU_QO, 16, 32, 8, 128, "NHD", torch.bfloat16, "cuda")
+    r = pf.BatchPrefillWithRaggedKVCacheWrapper(_ws("cuda"))
+    r.plan(_indptr(GPU_QO, "cuda"), _indptr(GPU_KV, "cuda"), 32, 8, 128, causal=True, q_data_type=torch.bfloat16)
+    p = pf.BatchPrefillWithPagedKVCacheWrapper(_ws("cuda"))
+    p.plan(_indptr(GPU_QO, "cuda"), *meta, 32, 8, 128, 16, causal=True, q_data_type=torch.bfloat16)
+    want = r.run(q, k, v)  # compiles
+    p.run(q, cache)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got_r, got_p = r.run(q, k, v), p.run(q, cache)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got_r, want) and rel_err(got_p, want) < 1e-2
