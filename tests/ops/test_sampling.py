@@ -224,9 +224,11 @@ def test_chain_speculative_flashinfer_example(device):
 def test_chain_speculative_preserves_target_distribution(device):
     n_req, n_spec, vocab = 20000, 2, 6
     g = _gen(device, 3)
-    q = torch.softmax(torch.randn(n_spec, vocab) * 1.5, -1)
-    p = torch.softmax(torch.randn(n_spec + 1, vocab) * 1.5, -1)
-    q[1, 4] = 0.0  # a token the draft never proposes but the target likes
+    # A draft close to the target (as in practice) keeps every conditional sample below large.
+    target_logits = torch.randn(n_spec + 1, vocab) * 1.5
+    p = torch.softmax(target_logits, -1)
+    q = torch.softmax(target_logits[:n_spec] + torch.randn(n_spec, vocab) * 0.8, -1)
+    q[1, p[1].argmin()] = 0.0  # a token the draft never proposes: only the residual can emit it
     q[1] /= q[1].sum()
     draft = q.expand(n_req, n_spec, vocab).contiguous().to(device)
     target = p.expand(n_req, n_spec + 1, vocab).contiguous().to(device)
@@ -235,6 +237,7 @@ def test_chain_speculative_preserves_target_distribution(device):
     out, acc, emitted = out.cpu(), acc.cpu(), emitted.cpu()
     assert_law(out[:, 0], p[0])
     assert_law(out[emitted >= 1, 1], p[1])
+    assert (emitted == 2).sum() > 1000
     assert_law(out[emitted == 2, 2], p[2])
     rate = (emitted >= 1).double().mean().item()
     assert abs(rate - torch.minimum(p[0], q[0]).sum().item()) < 0.02
