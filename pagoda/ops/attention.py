@@ -10,6 +10,7 @@ import operator
 import torch
 
 from pagoda.ops import _checks
+from pagoda.ops._attention_op import attention_fwd_op
 from pagoda.reference import attention as _ref
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func"]
@@ -64,15 +65,11 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         return _ref.flash_attn_func(q, k, v, 0.0, scale, causal, window_size, float(softcap), alibi_slopes,
                                     deterministic, return_attn_probs)
 
-    from pagoda.kernels.attention_fwd import attention_fwd
-
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out = torch.empty_like(q)
     lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device) if return_attn_probs else None
     if b > 0 and sq > 0:
-        attention_fwd(q, k, v, out, lse, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=sq,
-                      batch_size=b, softmax_scale=scale, window_left=left, window_right=right,
-                      softcap=float(softcap), alibi_slopes=alibi_slopes)
+        attention_fwd_op(q, k, v, out, lse, None, None, alibi_slopes, sq, b, scale, left, right, float(softcap))
     if return_attn_probs:
         return out, lse, None
     return out
@@ -117,17 +114,14 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                            0.0, scale, causal, window_size, float(softcap), alibi_slopes,
                                            deterministic, return_attn_probs)
 
-    from pagoda.kernels.attention_fwd import attention_fwd
-
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     # Zero-filled so tokens past cu_seqlens_q[-1] (padding a caller left) hold zeros, not garbage.
     out = torch.zeros_like(q)
     lse = (torch.full((hq, q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
            if return_attn_probs else None)
     if batch > 0 and max_seqlen_q > 0:
-        attention_fwd(q, k, v, out, lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                      max_seqlen_q=max_seqlen_q, batch_size=batch, softmax_scale=scale, window_left=left,
-                      window_right=right, softcap=float(softcap), alibi_slopes=alibi_slopes)
+        attention_fwd_op(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q, batch, scale,
+                         left, right, float(softcap))
     if return_attn_probs:
         return out, lse, None
     return out

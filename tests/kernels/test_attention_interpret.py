@@ -102,3 +102,24 @@ def test_varlen_with_empty_and_single_sequences(causal):
     assert not out.isnan().any()
     assert rel_err(out, ref) < 2e-3
     assert_finite_lse_close(lse, ref_lse, atol=1e-3)
+
+
+def test_custom_op_runs_the_kernel_and_compiles_as_one_opaque_call():
+    # pagoda::attention_fwd is what the CUDA path calls; torch.compile must keep it whole (HF static
+    # cache compiles the forward). Here the op runs the kernel in the interpreter on CPU tensors.
+    from pagoda.ops._attention_op import attention_fwd_op
+
+    q, k, v = torch.randn(1, 20, 2, 32), torch.randn(1, 20, 2, 32), torch.randn(1, 20, 2, 32)
+
+    def f(q, k, v):
+        out = torch.empty_like(q)
+        lse = torch.empty(1, 2, 20)
+        attention_fwd_op(q, k, v, out, lse, None, None, None, 20, 1, 32 ** -0.5, -1, 0, 0.0)
+        return out * 1.0, lse
+
+    ref, ref_lse, _ = ref_dense(q, k, v, causal=True, return_attn_probs=True)
+    out, lse = f(q, k, v)
+    assert rel_err(out, ref) < 1e-5
+    out_c, lse_c = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
+    assert rel_err(out_c, ref) < 1e-5
+    assert_finite_lse_close(lse_c, ref_lse, atol=1e-4)

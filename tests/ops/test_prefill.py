@@ -215,7 +215,10 @@ def test_cuda_paged_prefill_graph_replay():
                 paged_kv_last_page_len_buf=torch.zeros(nb, dtype=torch.int32, device="cuda"))
     w = pf.BatchPrefillWithPagedKVCacheWrapper(_ws("cuda"), "NHD", use_cuda_graph=True, **bufs)
     q_static = torch.zeros(256, hq, d, dtype=torch.float16, device="cuda")
-    q, cache, _, _, meta = _data([300, 40, 1, 7], [100, 40, 1, 7], ps, hq, hk, d, "NHD", torch.float16, "cuda")
+    q, cache0, _, _, meta = _data([300, 40, 1, 7], [100, 40, 1, 7], ps, hq, hk, d, "NHD", torch.float16, "cuda")
+    # One static cache, large enough for every batch replayed below (the graph captures its address).
+    cache = torch.zeros((128,) + tuple(cache0.shape[1:]), dtype=cache0.dtype, device="cuda")
+    cache[:cache0.shape[0]].copy_(cache0)
     w.plan(_indptr([100, 40, 1, 7], "cuda"), *meta, hq, hk, d, ps, causal=True, q_data_type=torch.float16)
     q_static[:148].copy_(q)
     w.run(q_static, cache)
@@ -225,6 +228,7 @@ def test_cuda_paged_prefill_graph_replay():
         out_static = w.run(q_static, cache)
     for kv, qo in (([300, 40, 1, 7], [100, 40, 1, 7]), ([900], [250]), ([5, 5], [5, 1])):
         q, cache2, k, v, meta = _data(kv, qo, ps, hq, hk, d, "NHD", torch.float16, "cuda")
+        assert cache2.shape[0] <= cache.shape[0]
         cache[:cache2.shape[0]].copy_(cache2)
         w.plan(_indptr(qo, "cuda"), *meta, hq, hk, d, ps, causal=True, q_data_type=torch.float16)
         q_static.zero_()

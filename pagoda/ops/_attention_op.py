@@ -1,0 +1,23 @@
+"""The attention forward as a torch custom op, so that torch.compile treats the Triton launch as one
+opaque call (HF's static-cache generate compiles the model forward; without this, Inductor re-traces
+the Triton kernel itself and rejects it). The op writes into ``out`` / ``lse`` in place.
+
+No ``from __future__ import annotations`` here: torch.library reads the annotations as types.
+"""
+from typing import Optional
+
+import torch
+
+
+@torch.library.custom_op("pagoda::attention_fwd", mutates_args=("out", "lse"))
+def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                     lse: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
+                     cu_seqlens_k: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor], max_seqlen_q: int,
+                     batch_size: int, softmax_scale: float, window_left: int, window_right: int,
+                     softcap: float) -> None:
+    """`pagoda.kernels.attention_fwd.attention_fwd` (shapes there); arguments already validated."""
+    from pagoda.kernels.attention_fwd import attention_fwd
+
+    attention_fwd(q, k, v, out, lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                  batch_size=batch_size, softmax_scale=softmax_scale, window_left=window_left,
+                  window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes)
