@@ -3,8 +3,9 @@
 Algorithm (one program per output row, the vocabulary streamed in ``BLOCK`` chunks; no sort, no host
 synchronisation, no data-dependent launch: safe inside a captured CUDA graph).
 
-1. Exponential race. Each token i gets ``E_i ~ Exp(1)`` from Philox (lane i % 4 of counter
-   ``offset + row * ceil(vocab / 4) + i // 4``). ``argmax_{i in S} p_i / E_i`` (computed as
+1. Exponential race. Each token i gets ``E_i ~ Exp(1)`` from Philox: in chunk c of ``BLOCK = 4Q``
+   tokens, token ``c*BLOCK + j*Q + q`` takes lane j of counter ``offset + row*ceil(vocab/4) + c*Q + q``
+   (so draws depend on BLOCK: same seed, shapes and launch config give the same tokens). ``argmax_{i in S} p_i / E_i`` (computed as
    ``-E_i / p_i``) is an exact draw from ``p`` restricted to S and renormalised, for ANY set S
    (the Gumbel-max trick in multiplicative form). The ``E_i`` are fixed for the call, so if the
    winner over a superset S of the kept set N lies in N it is also the winner over N: the token
@@ -40,19 +41,22 @@ MAX_ROUNDS = 34
 
 
 @triton.jit
-def _exponentials(seed, quad_base, start, BLOCK: tl.constexpr):
-    """``[BLOCK]`` Exp(1) draws for tokens ``start + [0, BLOCK)``: token c takes lane ``c % 4`` of the
-    Philox counter ``quad_base + c // 4`` (one Philox call per 4 tokens; start % 4 == 0).
+def _philox_chunk(seed, quad_base, start, offs):
+    """Four ``[Q]`` uint32 draws for the chunk of ``4 * Q`` tokens at ``start`` (``offs = arange(Q)``):
+    token ``start + j*Q + q`` takes lane j of Philox counter ``quad_base + start // 4 + q``. One Philox
+    call feeds 4 tokens, and each lane already has the layout of a contiguous ``[Q]`` sub-block load
+    (no register shuffles through shared memory)."""
+    return tl.randint4x(seed, quad_base + start // 4 + offs)
 
-    ``E = -log(1 - w)`` with ``w = (2^31 - r) / 2^31`` in (0, 1]. Small E decide the race for unlikely
-    tokens, so they must not be quantised: ``w`` is exact there (a small integer times 2^-31) and
-    below 1e-3 ``E`` comes from its series instead of ``log`` of a float near 1 (whose 2^-24 spacing
-    would make E >= 6e-8 and under-sample tokens with p ~ 1e-7).
+
+@triton.jit
+def _exp1(r):
+    """Exp(1) from uint32 ``r``: ``E = -log(1 - w)`` with ``w = (2^31 - (r >> 1)) / 2^31`` in (0, 1].
+
+    Small E decide the race for unlikely tokens, so they must not be quantised: ``w`` is exact there
+    (a small integer times 2^-31) and below 1e-3 ``E`` comes from its series instead of ``log`` of a
+    float near 1 (whose 2^-24 spacing would make E >= 6e-8 and under-sample tokens with p ~ 1e-7).
     """
-    q = tl.arange(0, BLOCK // 4).to(tl.int64)
-    r0, r1, r2, r3 = tl.randint4x(seed, quad_base + start // 4 + q)
-    # join(join(r0, r2), join(r1, r3))[q, a, b] = r_{2a+b}: row-major flattening gives token 4q + j -> r_j.
-    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK])
     r = (r >> 1).to(tl.int32)  # uint32 -> [0, 2^31)
     w = ((2147483647 - r).to(tl.float32) + 1.0) * 4.656612873077393e-10
     e = tl.where(w < 1e-3, w + w * w * (0.5 + w * 0.3333333333333333), -tl.log(1.0 - w))
@@ -107,31 +111,33 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
         seed = seed_val
         off = offset_val + tl.zeros((), tl.int64)
     rng_base = off + pid.to(tl.int64) * ((vocab + 3) // 4)
-    offs = tl.arange(0, BLOCK)
+    Q: tl.constexpr = BLOCK // 4
+    offs = tl.arange(0, Q)
     floor = 0.0
     if HAS_FLOOR:
         floor = tl.load(floor_ptr + pid)
 
-    # Pass 0: row total and max, and the race winner over every eligible token. Every accumulator
-    # is per lane ([BLOCK]) and reduced once after the loop.
-    tot_v = tl.zeros((BLOCK,), tl.float32)
-    max_v = tl.zeros((BLOCK,), tl.float32)
-    key_v = tl.full((BLOCK,), float("-inf"), tl.float32)
-    idx_v = tl.full((BLOCK,), -1, tl.int32)
+    # Pass 0: row total and max, and the race winner over every eligible token. Chunks of BLOCK are
+    # 4 sub-blocks of Q; every accumulator is per lane ([Q]) and reduced once after the loop.
+    tot_v = tl.zeros((Q,), tl.float32)
+    max_v = tl.zeros((Q,), tl.float32)
+    key_v = tl.full((Q,), float("-inf"), tl.float32)
+    idx_v = tl.full((Q,), -1, tl.int32)
     for start in range(0, vocab, BLOCK):
-        cols = start + offs
-        inb = cols < vocab
-        x = tl.load(base + cols, mask=inb, other=0.0).to(tl.float32)
-        if FROM_LOGITS:
-            elig = inb & (x > float("-inf"))  # NaN compares false: never eligible
-        else:
-            elig = inb & (x > 0.0)
-            if HAS_FLOOR:
-                elig = elig & (x >= floor)
-        tot_v += tl.where(elig, x, 0.0)
-        max_v = tl.maximum(max_v, tl.where(elig, x, 0.0))
-        e = _exponentials(seed, rng_base, start, BLOCK)
-        key_v, idx_v = _race_fold(_race_key(x, e, FROM_LOGITS), elig, cols, key_v, idx_v)
+        rs = _philox_chunk(seed, rng_base, start, offs)
+        for j in tl.static_range(4):
+            cols = start + j * Q + offs
+            inb = cols < vocab
+            x = tl.load(base + cols, mask=inb, other=0.0).to(tl.float32)
+            if FROM_LOGITS:
+                elig = inb & (x > float("-inf"))  # NaN compares false: never eligible
+            else:
+                elig = inb & (x > 0.0)
+                if HAS_FLOOR:
+                    elig = elig & (x >= floor)
+            tot_v += tl.where(elig, x, 0.0)
+            max_v = tl.maximum(max_v, tl.where(elig, x, 0.0))
+            key_v, idx_v = _race_fold(_race_key(x, _exp1(rs[j]), FROM_LOGITS), elig, cols, key_v, idx_v)
     total = tl.sum(tot_v, 0)
     pmax = tl.max(max_v, 0)
     cand = _race_winner(key_v, idx_v)
@@ -166,27 +172,29 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
                 if HAS_MIN_P:
                     mid_bits = tl.maximum(mid_bits, thr.to(tl.int32, bitcast=True))
                 mid = mid_bits.to(tl.float32, bitcast=True)
-                cnt_gt_v = tl.zeros((BLOCK,), tl.int32)
-                cnt_ge_v = tl.zeros((BLOCK,), tl.int32)
-                mass_gt_v = tl.zeros((BLOCK,), tl.float32)
-                mass_ge_v = tl.zeros((BLOCK,), tl.float32)
-                key_a = tl.full((BLOCK,), float("-inf"), tl.float32)
-                key_b = tl.full((BLOCK,), float("-inf"), tl.float32)
-                idx_a = tl.full((BLOCK,), -1, tl.int32)
-                idx_b = tl.full((BLOCK,), -1, tl.int32)
+                cnt_gt_v = tl.zeros((Q,), tl.int32)
+                cnt_ge_v = tl.zeros((Q,), tl.int32)
+                mass_gt_v = tl.zeros((Q,), tl.float32)
+                mass_ge_v = tl.zeros((Q,), tl.float32)
+                key_a = tl.full((Q,), float("-inf"), tl.float32)
+                key_b = tl.full((Q,), float("-inf"), tl.float32)
+                idx_a = tl.full((Q,), -1, tl.int32)
+                idx_b = tl.full((Q,), -1, tl.int32)
                 for start in range(0, vocab, BLOCK):
-                    cols = start + offs
-                    inb = cols < vocab
-                    x = tl.load(base + cols, mask=inb, other=0.0).to(tl.float32)
-                    gt = inb & (x > cand_p)
-                    ge = inb & (x >= mid)
-                    cnt_gt_v += gt.to(tl.int32)
-                    cnt_ge_v += ge.to(tl.int32)
-                    mass_gt_v += tl.where(gt, x, 0.0)
-                    mass_ge_v += tl.where(ge, x, 0.0)
-                    key = _race_key(x, _exponentials(seed, rng_base, start, BLOCK), False)
-                    key_a, idx_a = _race_fold(key, gt, cols, key_a, idx_a)
-                    key_b, idx_b = _race_fold(key, ge, cols, key_b, idx_b)
+                    rs = _philox_chunk(seed, rng_base, start, offs)
+                    for j in tl.static_range(4):
+                        cols = start + j * Q + offs
+                        inb = cols < vocab
+                        x = tl.load(base + cols, mask=inb, other=0.0).to(tl.float32)
+                        gt = inb & (x > cand_p)
+                        ge = inb & (x >= mid)
+                        cnt_gt_v += gt.to(tl.int32)
+                        cnt_ge_v += ge.to(tl.int32)
+                        mass_gt_v += tl.where(gt, x, 0.0)
+                        mass_ge_v += tl.where(ge, x, 0.0)
+                        key = _race_key(x, _exp1(rs[j]), False)
+                        key_a, idx_a = _race_fold(key, gt, cols, key_a, idx_a)
+                        key_b, idx_b = _race_fold(key, ge, cols, key_b, idx_b)
                 cnt_gt = tl.sum(cnt_gt_v, 0)
                 cnt_ge = tl.sum(cnt_ge_v, 0)
                 mass_gt = tl.sum(mass_gt_v, 0)
@@ -226,11 +234,12 @@ def sm_count(device: torch.device) -> int:
 
 def launch_config(vocab: int, batch: int, device: torch.device, block: int | None = None) -> tuple[int, int]:
     """(BLOCK, num_warps). One program streams one row: when there are fewer rows than SMs each
-    program has an SM to itself, so it gets 16 warps and 2048-wide chunks to keep enough loads in
-    flight; with more rows, 8 warps over 1024-wide chunks let several programs share an SM.
-    (Both use ~100 registers per thread and no spills on sm_90.) BLOCK >= 16 keeps whole Philox quads."""
+    program has an SM to itself, so it gets 16 warps and 8192-wide chunks (4 tokens per thread per
+    sub-block: more loads in flight, ~100 registers); with more rows, 8 warps over 1024-wide chunks
+    (~48 registers) let up to 8 programs share an SM. No spills on sm_90 (ptxas -v). BLOCK >= 16."""
     if block is None:
-        block = 2048 if (batch < sm_count(device) and vocab >= 16384) else 1024
+        wide = batch < sm_count(device)
+        block = 8192 if (wide and vocab >= 32768) else 2048 if (wide and vocab >= 8192) else 1024
     block = max(16, min(block, triton.next_power_of_2(vocab)))
     return block, (16 if block >= 2048 else 8 if block >= 1024 else 4)
 
@@ -304,20 +313,23 @@ def _chain_spec_kernel(q_ptr, d_ptr, p_ptr, out_ptr, acc_ptr, emit_ptr, seed_ptr
     p_row = p_ptr + b * s_pb + emitted.to(tl.int64) * s_pn
     q_row = q_ptr + b * s_qb + emitted.to(tl.int64) * s_qn
     rng_base = off + b * ((vocab + 3) // 4)
-    offs = tl.arange(0, BLOCK)
-    key_r = tl.full((BLOCK,), float("-inf"), tl.float32)
-    key_p = tl.full((BLOCK,), float("-inf"), tl.float32)
-    idx_r = tl.full((BLOCK,), -1, tl.int32)
-    idx_p = tl.full((BLOCK,), -1, tl.int32)
+    Q: tl.constexpr = BLOCK // 4
+    offs = tl.arange(0, Q)
+    key_r = tl.full((Q,), float("-inf"), tl.float32)
+    key_p = tl.full((Q,), float("-inf"), tl.float32)
+    idx_r = tl.full((Q,), -1, tl.int32)
+    idx_p = tl.full((Q,), -1, tl.int32)
     for start in range(0, vocab, BLOCK):
-        cols = start + offs
-        inb = cols < vocab
-        pr = tl.load(p_row + cols, mask=inb, other=0.0).to(tl.float32)
-        qr = tl.load(q_row + cols, mask=inb & has_q, other=0.0).to(tl.float32)
-        resid = pr - qr
-        e = _exponentials(seed, rng_base, start, BLOCK)
-        key_r, idx_r = _race_fold(_race_key(resid, e, False), inb & (resid > 0.0), cols, key_r, idx_r)
-        key_p, idx_p = _race_fold(_race_key(pr, e, False), inb & (pr > 0.0), cols, key_p, idx_p)
+        rs = _philox_chunk(seed, rng_base, start, offs)
+        for j in tl.static_range(4):
+            cols = start + j * Q + offs
+            inb = cols < vocab
+            pr = tl.load(p_row + cols, mask=inb, other=0.0).to(tl.float32)
+            qr = tl.load(q_row + cols, mask=inb & has_q, other=0.0).to(tl.float32)
+            resid = pr - qr
+            e = _exp1(rs[j])
+            key_r, idx_r = _race_fold(_race_key(resid, e, False), inb & (resid > 0.0), cols, key_r, idx_r)
+            key_p, idx_p = _race_fold(_race_key(pr, e, False), inb & (pr > 0.0), cols, key_p, idx_p)
     cand_r = _race_winner(key_r, idx_r)
     cand_p = _race_winner(key_p, idx_p)
     final = tl.where(cand_r >= 0, cand_r, tl.maximum(cand_p, 0))
@@ -334,8 +346,8 @@ def chain_speculative(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor, 
                       block: int | None = None) -> None:
     """Launch chain speculative verification. draft_probs ``[B, n, V]``, draft_token_ids int ``[B, n]``,
     target_probs ``[B, n+1, V]`` (last dims contiguous); writes out int32 ``[B, n+1]``, accepted and
-    emitted int32 ``[B]``. Philox counters: tokens ``offset + b*ceil(V/4) + i//4`` (lane i%4), accept
-    tests ``offset + B*ceil(V/4) + b*n + i``."""
+    emitted int32 ``[B]``. Philox counters: tokens as in `_philox_chunk` from ``offset + b*ceil(V/4)``,
+    accept tests ``offset + B*ceil(V/4) + b*n + i``."""
     b, n = draft_token_ids.shape
     vocab = target_probs.shape[-1]
     if b == 0:

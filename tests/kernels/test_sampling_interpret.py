@@ -34,11 +34,16 @@ warnings.filterwarnings("ignore", "divide by zero", RuntimeWarning)
 
 @triton.jit
 def _dump_exponentials(out_ptr, seed, off, vocab, BLOCK: tl.constexpr):
+    # The samplers' token -> (Philox counter, lane) map, chunk by chunk (must use the same BLOCK).
     pid = tl.program_id(0)
     base = off + pid.to(tl.int64) * ((vocab + 3) // 4)
+    Q: tl.constexpr = BLOCK // 4
+    offs = tl.arange(0, Q)
     for start in range(0, vocab, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        tl.store(out_ptr + pid * vocab + cols, K._exponentials(seed, base, start, BLOCK), mask=cols < vocab)
+        rs = K._philox_chunk(seed, base, start, offs)
+        for j in tl.static_range(4):
+            cols = start + j * Q + offs
+            tl.store(out_ptr + pid * vocab + cols, K._exp1(rs[j]), mask=cols < vocab)
 
 
 def _exponentials(batch, vocab, seed, offset, block=16):
