@@ -244,11 +244,11 @@ def launch_config(vocab: int, batch: int, device: torch.device, block: int | Non
     return block, (16 if block >= 2048 else 8 if block >= 1024 else 4)
 
 
-def _seed_args(seed, offset, batch: int, device):
-    """(seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val, SEED_PTR)."""
+def _seed_args(seed, offset, dummy: torch.Tensor):
+    """(seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val, SEED_PTR); ``dummy``
+    stands in for the pointers when the seed is a host int (never read then)."""
     if isinstance(seed, torch.Tensor):
         return (seed, 0 if seed.numel() == 1 else 1, offset, 0 if offset.numel() == 1 else 1, 0, 0, True)
-    dummy = torch.empty(1, dtype=torch.int64, device=device)
     return dummy, 0, dummy, 0, int(seed), int(offset), False
 
 
@@ -268,7 +268,7 @@ def sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.
     batch, vocab = out.shape[0], x.shape[1]
     if batch == 0:
         return
-    seed_args = _seed_args(seed, offset, batch, x.device)
+    seed_args = _seed_args(seed, offset, out)
     block, warps = launch_config(vocab, batch, x.device, block)
     dummy = out
     _sample_kernel[(batch,)](
@@ -352,7 +352,7 @@ def chain_speculative(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor, 
     vocab = target_probs.shape[-1]
     if b == 0:
         return
-    seed_args = _seed_args(seed, offset, b, target_probs.device)
+    seed_args = _seed_args(seed, offset, out)
     block, warps = launch_config(vocab, b, target_probs.device, block)
     _chain_spec_kernel[(b,)](
         draft_probs, draft_token_ids, target_probs, out, accepted, emitted, *seed_args[:6], n, vocab,

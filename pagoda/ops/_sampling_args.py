@@ -1,6 +1,7 @@
 """Validation and random-state helpers for `pagoda.ops.sampling` (errors name the argument)."""
 from __future__ import annotations
 
+import functools
 import numbers
 
 import torch
@@ -63,7 +64,19 @@ def per_row(name: str, value, batch: int, device, kind: str) -> torch.Tensor:
     if not ok or v != v:
         rule = {"top_k": ">= 1", "prob": "in (0, 1]", "min_p": "in [0, 1]", "temperature": ">= 0"}[kind]
         raise ValueError(f"{name} must be {rule}, got {value!r}")
+    if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+        # Keyed by stream too: a reader on the creating stream is ordered after the fill.
+        return _constant_row(int(value) if is_int else v, dtype, batch, device,
+                             torch.cuda.current_stream(device).cuda_stream)
     return torch.full((batch,), int(value) if is_int else v, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=256)
+def _constant_row(value, dtype: torch.dtype, batch: int, device: torch.device, stream: int) -> torch.Tensor:
+    """A cached ``[batch]`` tensor filled with ``value`` (global state: a bounded cache of read-only
+    tensors). A scalar parameter then costs no fill kernel nor allocation per call; the kernels only
+    read it. Not used under graph capture, where a fill is recorded into the graph instead."""
+    return torch.full((batch,), value, dtype=dtype, device=device)
 
 
 def check_nan_rows(name: str, x: torch.Tensor, logits: bool) -> None:
@@ -127,10 +140,11 @@ def philox_seed_offset(generator, device, batch: int, increment: int, seed=None,
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     elif generator.device.type != "cuda":
         raise ValueError(f"generator must be a CUDA generator for CUDA inputs, got one on {generator.device}")
-    state = generator.get_state()
-    seed_v, offset_v = state.view(torch.int64).tolist()[:2]
-    new = torch.tensor([seed_v, offset_v + (increment + 3) // 4 * 4], dtype=torch.int64)
-    generator.set_state(torch.cat([new.view(torch.uint8), state[16:]]))
+    state = generator.get_state()  # a fresh CPU copy: edited in place, then written back
+    words = state[:16].view(torch.int64)
+    seed_v, offset_v = words.tolist()
+    words[1] = offset_v + (increment + 3) // 4 * 4
+    generator.set_state(state)
     return seed_v, offset_v
 
 
