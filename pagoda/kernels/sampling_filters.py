@@ -9,10 +9,10 @@ Invariant over passes: ``P(lo)`` true, ``P(hi)`` false. Each pass evaluates ``NU
 spread over ``(lo, hi)`` at once (a ``[BLOCK, NUM_PIVOTS]`` compare), and also the smallest and
 largest key present in ``[lo, hi)``: no key lies between ``lo`` and that minimum (so P is unchanged
 there) nor between that maximum and ``hi``, which tightens the interval to the data. The interval
-shrinks at least (NUM_PIVOTS + 1)-fold per pass, so 32-bit keys converge within 8 passes; it ends
+shrinks at least (NUM_PIVOTS + 1)-fold per pass, so 32-bit keys converge within 11 passes; it ends
 at ``hi == lo + 1``, i.e. ``lo`` is the exact boundary key. A last pass writes the output. (A numpy
-model of this search on softmax rows of 151,936 tokens needs 5-7 passes in all, pass 0 included, for
-top-k 50/1000 and top-p 0.9; 8 pivots need one more pass, 4 pivots two to three more.)
+model of this search on softmax rows of 151,936 tokens needs 6-8 passes in all, pass 0 included, for
+top-k 50/1000 and top-p 0.9 with 8 pivots; 16 pivots need one pass fewer, 4 pivots one to two more.)
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import triton.language as tl
 
 from pagoda.kernels.sampling import sm_count
 
-NUM_PIVOTS = 16
+NUM_PIVOTS = 8  # 16 would save about one pass in 6-8 but double the compare work of every pass
 MAX_PASSES = 12
 
 
