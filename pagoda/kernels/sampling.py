@@ -189,9 +189,11 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
                         gt = inb & (x > cand_p)
                         ge = inb & (x >= mid)
                         cnt_gt_v += gt.to(tl.int32)
-                        cnt_ge_v += ge.to(tl.int32)
-                        mass_gt_v += tl.where(gt, x, 0.0)
-                        mass_ge_v += tl.where(ge, x, 0.0)
+                        if HAS_TOP_K:  # only the filters present pay for their statistics
+                            cnt_ge_v += ge.to(tl.int32)
+                        if HAS_TOP_P:
+                            mass_gt_v += tl.where(gt, x, 0.0)
+                            mass_ge_v += tl.where(ge, x, 0.0)
                         key = _race_key(x, _exp1(rs[j]), False)
                         key_a, idx_a = _race_fold(key, gt, cols, key_a, idx_a)
                         key_b, idx_b = _race_fold(key, ge, cols, key_b, idx_b)
