@@ -14,7 +14,8 @@ tests)
   ;;
 bench)
   mkdir -p $OUT/res
-  timeout 200 python3 benchmarks/paged_decode.py --json $OUT/res/paged_decode.json 2>&1 | tail -30
+  timeout 150 python3 -m pagoda bench decode --out $OUT/res 2>&1 | grep -v "^decode \[" | tail -20
+  timeout 100 python3 -m pagoda bench paged --out $OUT/res 2>&1 | grep -v "^paged \[" | tail -12
   timeout 150 python3 -m pagoda bench cascade --out $OUT/res 2>&1 | grep -v "^cascade \[" | tail -25
   timeout 220 python3 -m pagoda bench sampling --out $OUT/res 2>&1 | grep -v "^sampling \[" | tail -45
   ;;

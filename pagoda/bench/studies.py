@@ -73,6 +73,21 @@ def _cascade_tables(report, markdown=False):
     return cascade.tables(report, markdown)
 
 
+def _decode(o: BenchOptions) -> dict:
+    from pagoda.bench import decode
+    return decode.run_decode(o.grid, o.backends, o.device, o.dtype)
+
+
+def _paged(o: BenchOptions) -> dict:
+    from pagoda.bench import decode
+    return decode.run_paged(o.grid, o.backends, o.device, o.dtype)
+
+
+def _decode_tables(report, markdown=False):
+    from pagoda.bench import decode
+    return decode.tables(report, markdown)
+
+
 def _sampling(o: BenchOptions) -> dict:
     from pagoda.bench import sampling
     # Samplers take float32 probabilities whatever the model dtype (as FlashInfer's do).
@@ -87,6 +102,10 @@ def _sampling_tables(report, markdown=False):
 STUDIES: dict[str, Study] = {s.name: s for s in [
     Study("attention", "prefill attention grid: TFLOP/s of every backend (flash-attention's grid on GPU)",
           _attention, _attention_tables),
+    Study("decode", "paged decode TB/s (page 16 and 1) vs FlashInfer and SDPA on contiguous KV",
+          _decode, _decode_tables),
+    Study("paged", "paged prefill TFLOP/s vs pagoda's dense kernel and FlashInfer's paged prefill",
+          _paged, _decode_tables),
     Study("cascade", "decode over a shared prefix: cascade vs plain paged decode, crossover grid",
           _cascade, _cascade_tables),
     Study("sampling", "samplers over (vocab, batch): pagoda vs torch sort-based vs FlashInfer vs read floor",

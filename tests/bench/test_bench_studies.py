@@ -83,3 +83,18 @@ def test_cascade_study_cpu(tmp_path):
                * 1e3) < 1e-12
     with pytest.raises(ValueError, match="multiple of page_size"):
         cascade.CascadeCase(100, 16, 1)
+
+
+@pytest.mark.parametrize("study", ["decode", "paged"])
+def test_decode_and_paged_studies_cpu(tmp_path, study):
+    from pagoda.bench import decode
+    assert main(["bench", study, "--device", "cpu", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / f"{study}.json").read_text())
+    known = decode.DECODE_BACKENDS if study == "decode" else decode.PAGED_BACKENDS
+    assert report["study"] == study and set(report["backends"]) == set(known)
+    metric = "tb_per_s" if study == "decode" else "tflops"
+    ok = [r for r in report["results"] if r["status"] == "ok"]
+    expected = {"pagoda", "pagoda_p1", "sdpa"} if study == "decode" else {"pagoda_paged", "pagoda_dense"}
+    assert {r["backend"] for r in ok} == expected
+    assert all(r[metric] > 0 for r in ok)
+    assert all(r["reason"] for r in report["results"] if r["status"] != "ok")

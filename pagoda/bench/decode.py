@@ -1,0 +1,229 @@
+"""The decode and paged-prefill studies (issue 3's grids), on one shared paged-KV setup.
+
+``decode``: bf16, GQA 32/8, head_dim 128, pages in random order; pagoda's
+`BatchDecodeWithPagedKVCacheWrapper` at page size 16 and 1, FlashInfer's wrapper with tensor cores off
+and on (when importable), and SDPA (cuDNN, and default dispatch) on the same KV laid out contiguously.
+Figure: TB/s of KV read once (2 · batch · ctx · kv_heads · head_dim · 2 bytes / time).
+``paged``: causal prefill through pagoda's `BatchPrefillWithPagedKVCacheWrapper` (page 16) vs pagoda's
+dense varlen kernel and FlashInfer's paged prefill on the same data. Figure: TFLOP/s (causal halves).
+The CPU grids are tiny and run the reference paths.
+"""
+from __future__ import annotations
+
+import gc
+from dataclasses import asdict, dataclass
+
+import torch
+
+from pagoda.bench import report as _report
+from pagoda.bench.attention import _classify
+from pagoda.bench.progress import Progress
+from pagoda.bench.timing import time_ms
+
+DECODE_BACKENDS = ("pagoda", "pagoda_p1", "flashinfer", "flashinfer_tc", "sdpa_cudnn", "sdpa")
+PAGED_BACKENDS = ("pagoda_paged", "pagoda_dense", "flashinfer_paged")
+
+
+@dataclass(slots=True, frozen=True)
+class KVCase:
+    batch: int
+    ctx: int                     # keys per request (decode) / tokens per request (prefill)
+    num_qo_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int = 128
+
+    def __post_init__(self):
+        if min(self.batch, self.ctx, self.num_qo_heads, self.num_kv_heads, self.head_dim) < 1:
+            raise ValueError(f"KVCase sizes must be positive, got {self}")
+
+    def label(self) -> str:
+        return f"b={self.batch} ctx={self.ctx}"
+
+
+def decode_grid(name: str) -> list[KVCase]:
+    if name == "full":
+        return [KVCase(b, c) for b, c in ((16, 4096), (64, 4096), (256, 4096), (1, 4096), (1, 32768), (1, 131072))]
+    if name == "small":
+        return [KVCase(b, c, 4, 2, 32) for b, c in ((2, 64), (4, 200))]
+    raise ValueError(f"grid must be 'full' or 'small', got {name!r}")
+
+
+def paged_grid(name: str) -> list[KVCase]:
+    if name == "full":
+        return [KVCase(b, s) for b, s in ((8, 1024), (2, 4096), (1, 16384))]
+    if name == "small":
+        return [KVCase(b, s, 4, 2, 32) for b, s in ((2, 48), (1, 100))]
+    raise ValueError(f"grid must be 'full' or 'small', got {name!r}")
+
+
+def _paged_kv(case: KVCase, page_size: int, device, dtype, g):
+    """Pages in random order; returns (cache NHD, kv_indptr, kv_indices, kv_last_page_len, k, v contiguous)."""
+    per = -(-case.ctx // page_size)
+    pages = case.batch * per
+    perm = torch.randperm(pages, generator=g).to(torch.int32)
+    cache = torch.randn(pages, 2, page_size, case.num_kv_heads, case.head_dim, generator=g).to(dtype)
+    indptr = torch.arange(case.batch + 1, dtype=torch.int32) * per
+    last = torch.full((case.batch,), case.ctx - (per - 1) * page_size, dtype=torch.int32)
+    # The same keys/values request-major and contiguous: [batch, ctx, kv_heads, head_dim].
+    k = cache[perm.long(), 0].reshape(case.batch, per * page_size, case.num_kv_heads, case.head_dim)[:, :case.ctx]
+    v = cache[perm.long(), 1].reshape(case.batch, per * page_size, case.num_kv_heads, case.head_dim)[:, :case.ctx]
+    return (cache.to(device), indptr.to(device), perm.to(device), last.to(device), k.contiguous().to(device),
+            v.contiguous().to(device))
+
+
+def _flashinfer_missing(device) -> str | None:
+    if device.type != "cuda":
+        return "needs a CUDA device"
+    try:
+        import flashinfer  # noqa: F401
+    except Exception as exc:
+        return f"flashinfer not importable ({type(exc).__name__})"
+    return None
+
+
+def _unavailable(name: str, device) -> str | None:
+    if name.startswith("flashinfer"):
+        return _flashinfer_missing(device)
+    if name == "sdpa_cudnn" and device.type != "cuda":
+        return "needs a CUDA device"
+    return None
+
+
+def _decode_fn(name, case, q, kv16, kv1, workspace):
+    hq, hk, d = case.num_qo_heads, case.num_kv_heads, case.head_dim
+    if name in ("pagoda", "pagoda_p1", "flashinfer", "flashinfer_tc"):
+        ps, (cache, indptr, indices, last, _, _) = (1, kv1) if name == "pagoda_p1" else (16, kv16)
+        if name.startswith("pagoda"):
+            from pagoda.ops.decode import BatchDecodeWithPagedKVCacheWrapper
+            w = BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
+        else:
+            import flashinfer
+            w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=name.endswith("tc"))
+        w.plan(indptr, indices, last, hq, hk, d, ps, q_data_type=q.dtype, kv_data_type=cache.dtype)
+        return lambda: w.run(q, cache)
+    from torch.nn import functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    k, v = (t.transpose(1, 2).contiguous() for t in kv16[4:])          # [b, hk, ctx, d]
+    qs = q[:, :, None]                                                    # [b, hq, 1, d]
+    if name == "sdpa_cudnn":
+        def run():
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                return F.scaled_dot_product_attention(qs, k, v, enable_gqa=True)
+        return run
+    return lambda: F.scaled_dot_product_attention(qs, k, v, enable_gqa=True)
+
+
+def _paged_fn(name, case, q, kv16, workspace):
+    hq, hk, d = case.num_qo_heads, case.num_kv_heads, case.head_dim
+    cache, indptr, indices, last, k, v = kv16
+    cu = torch.arange(case.batch + 1, dtype=torch.int32, device=q.device) * case.ctx
+    if name == "pagoda_dense":
+        import pagoda
+        kf, vf = k.reshape(-1, hk, d), v.reshape(-1, hk, d)
+        return lambda: pagoda.flash_attn_varlen_func(q, kf, vf, cu, cu, case.ctx, case.ctx, causal=True)
+    if name == "pagoda_paged":
+        from pagoda.ops.prefill import BatchPrefillWithPagedKVCacheWrapper
+        w = BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
+    else:
+        import flashinfer
+        w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
+    w.plan(cu, indptr, indices, last, hq, hk, d, 16, causal=True, q_data_type=q.dtype, kv_data_type=cache.dtype)
+    return lambda: w.run(q, cache)
+
+
+def _run(study: str, grid: str, backends, device: torch.device, dtype: torch.dtype) -> dict:
+    known = DECODE_BACKENDS if study == "decode" else PAGED_BACKENDS
+    names = backends or list(known)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown backend(s) {unknown}; known: {list(known)}")
+    unavailable = {n: _unavailable(n, device) for n in names}
+    cases = decode_grid(grid) if study == "decode" else paged_grid(grid)
+    workspace = torch.empty(256 * 2**20 if device.type == "cuda" else 1 << 16, dtype=torch.uint8, device=device)
+    results = []
+    with Progress(len(cases), study) as bar:
+        for case in cases:
+            g = torch.Generator().manual_seed(0)
+            kv16 = _paged_kv(case, 16, device, dtype, g)
+            kv1 = _paged_kv(case, 1, device, dtype, g) if study == "decode" and "pagoda_p1" in names else None
+            nq = case.batch if study == "decode" else case.batch * case.ctx
+            q = torch.randn(nq, case.num_qo_heads, case.head_dim, generator=g).to(dtype).to(device)
+            kv_bytes = 2 * case.batch * case.ctx * case.num_kv_heads * case.head_dim * torch.finfo(dtype).bits // 8
+            flops = 4 * case.batch * case.ctx * case.ctx * case.num_qo_heads * case.head_dim / 2
+            for name in names:
+                row = {**asdict(case), "backend": name, "dtype": str(dtype).replace("torch.", ""), "status": "ok",
+                       "reason": None, "ms": None}
+                if unavailable[name]:
+                    row.update(status="unavailable", reason=unavailable[name])
+                else:
+                    try:
+                        fn = (_decode_fn(name, case, q, kv16, kv1, workspace) if study == "decode"
+                              else _paged_fn(name, case, q, kv16, workspace))
+                        fn()
+                        ms = time_ms(fn, device)
+                        row["ms"] = round(ms, 5)
+                        if study == "decode":
+                            row["tb_per_s"] = round(kv_bytes / ms / 1e9, 4)
+                        else:
+                            row["tflops"] = round(flops / ms / 1e9, 4)
+                    except Exception as exc:
+                        row["status"], row["reason"] = _classify(exc)
+                results.append(row)
+            del kv16, kv1, q
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            bar.step(case.label())
+    metric = ("TB/s of KV read once" if study == "decode" else "TFLOP/s, causal (4*b*s^2*h*d/2)")
+    return {"study": study,
+            "meta": {**_report.environment(device), "grid": grid, "dtype": str(dtype).replace("torch.", ""),
+                     "metric": metric},
+            "backends": {n: {"available": unavailable[n] is None, "reason": unavailable[n]} for n in names},
+            "results": results}
+
+
+def run_decode(grid, backends, device, dtype) -> dict:
+    return _run("decode", grid, backends, device, dtype)
+
+
+def run_paged(grid, backends, device, dtype) -> dict:
+    return _run("paged", grid, backends, device, dtype)
+
+
+def tables(report: dict, markdown: bool = False) -> str:
+    decode = report["study"] == "decode"
+    metric = "tb_per_s" if decode else "tflops"
+    names = [n for n, b in report["backends"].items() if b["available"]]
+    by_case: dict[tuple, dict] = {}
+    for r in report["results"]:
+        by_case.setdefault((r["batch"], r["ctx"]), {})[r["backend"]] = r
+
+    def val(c, n):
+        r = c.get(n)
+        return r[metric] if r and r["status"] == "ok" else None
+
+    extra = (["pagoda / best FlashInfer", "page 1 / page 16"] if decode else ["paged / dense", "pagoda / FlashInfer"])
+    rows = []
+    for key in sorted(by_case, key=lambda k: (k[1], k[0])):
+        c = by_case[key]
+        row = list(key) + [f"{val(c, n):.3g}" if val(c, n) else c[n]["status"] for n in names]
+        if decode:
+            fi = max([x for x in (val(c, "flashinfer"), val(c, "flashinfer_tc")) if x] or [0])
+            p, p1 = val(c, "pagoda"), val(c, "pagoda_p1")
+            row += [f"{p / fi:.2f}x" if p and fi else "-", f"{p1 / p:.2f}" if p and p1 else "-"]
+        else:
+            pp, pd, fi = val(c, "pagoda_paged"), val(c, "pagoda_dense"), val(c, "flashinfer_paged")
+            row += [f"{pp / pd:.2f}" if pp and pd else "-", f"{pp / fi:.2f}x" if pp and fi else "-"]
+        rows.append(row)
+    headers = ["batch", "ctx" if decode else "seqlen"] + names + extra
+    title = report["meta"]["metric"]
+    table = _report.markdown_table(headers, rows) if markdown else _report.format_table(headers, rows, 0)
+    out = [(f"### {report['study']}: {title}\n\n" if markdown else f"{report['study']}: {title}\n") + table]
+    reasons = [f"{n}: {b['reason']}" for n, b in report["backends"].items() if not b["available"]]
+    errors = sorted({f"{r['backend']}: {r['reason']}" for r in report["results"]
+                     if r["status"] not in ("ok", "unavailable")})
+    for t, items in (("Unavailable", reasons), ("Failures", errors)):
+        if items:
+            out.append(f"{t}:\n" + "\n".join(("- " if markdown else "  ") + i for i in items))
+    return "\n\n".join(out)
