@@ -5,6 +5,7 @@ A study module provides a runner returning a report dict (``study``, ``meta``, `
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -40,11 +41,6 @@ def _attention(o: BenchOptions) -> dict:
     return attention.run_study(o.grid, o.backends, o.device, o.dtype, head_dims=o.head_dims)
 
 
-def _attention_tables(report, markdown=False):
-    from pagoda.bench import attention
-    return attention.tables(report, markdown)
-
-
 def _e2e(o: BenchOptions) -> dict:
     from pagoda.bench import e2e
     cfg = e2e.default_config(o.device, o.grid)
@@ -58,58 +54,31 @@ def _e2e(o: BenchOptions) -> dict:
     return e2e.run_study(cfg, o.backends, o.device, o.dtype)
 
 
-def _e2e_tables(report, markdown=False):
-    from pagoda.bench import e2e
-    return e2e.tables(report, markdown)
+def _grid_study(module: str, runner: str = "run_study", dtype: torch.dtype | None = None):
+    """Runner for a study module whose entry is ``runner(grid, backends, device, dtype)``."""
+    def run(o: BenchOptions) -> dict:
+        fn = getattr(importlib.import_module(f"pagoda.bench.{module}"), runner)
+        return fn(o.grid, o.backends, o.device, dtype or o.dtype)
+    return run
 
 
-def _cascade(o: BenchOptions) -> dict:
-    from pagoda.bench import cascade
-    return cascade.run_study(o.grid, o.backends, o.device, o.dtype)
-
-
-def _cascade_tables(report, markdown=False):
-    from pagoda.bench import cascade
-    return cascade.tables(report, markdown)
-
-
-def _decode(o: BenchOptions) -> dict:
-    from pagoda.bench import decode
-    return decode.run_decode(o.grid, o.backends, o.device, o.dtype)
-
-
-def _paged(o: BenchOptions) -> dict:
-    from pagoda.bench import decode
-    return decode.run_paged(o.grid, o.backends, o.device, o.dtype)
-
-
-def _decode_tables(report, markdown=False):
-    from pagoda.bench import decode
-    return decode.tables(report, markdown)
-
-
-def _sampling(o: BenchOptions) -> dict:
-    from pagoda.bench import sampling
-    # Samplers take float32 probabilities whatever the model dtype (as FlashInfer's do).
-    return sampling.run_study(o.grid, o.backends, o.device, torch.float32)
-
-
-def _sampling_tables(report, markdown=False):
-    from pagoda.bench import sampling
-    return sampling.tables(report, markdown)
+def _tables_of(module: str):
+    def tables(report, markdown=False):
+        return importlib.import_module(f"pagoda.bench.{module}").tables(report, markdown)
+    return tables
 
 
 STUDIES: dict[str, Study] = {s.name: s for s in [
     Study("attention", "prefill attention grid: TFLOP/s of every backend (flash-attention's grid on GPU)",
-          _attention, _attention_tables),
+          _attention, _tables_of("attention")),
     Study("decode", "paged decode TB/s (page 16 and 1) vs FlashInfer and SDPA on contiguous KV",
-          _decode, _decode_tables),
+          _grid_study("decode", "run_decode"), _tables_of("decode")),
     Study("paged", "paged prefill TFLOP/s vs pagoda's dense kernel and FlashInfer's paged prefill",
-          _paged, _decode_tables),
+          _grid_study("decode", "run_paged"), _tables_of("decode")),
     Study("cascade", "decode over a shared prefix: cascade vs plain paged decode, crossover grid",
-          _cascade, _cascade_tables),
+          _grid_study("cascade"), _tables_of("cascade")),
     Study("sampling", "samplers over (vocab, batch): pagoda vs torch sort-based vs FlashInfer vs read floor",
-          _sampling, _sampling_tables),
+          _grid_study("sampling", dtype=torch.float32), _tables_of("sampling")),  # float32 probabilities
     Study("e2e", "HF generate tokens/s per attn_implementation, batch size, cache, logits processor",
-          _e2e, _e2e_tables),
+          _e2e, _tables_of("e2e")),
 ]}
