@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagoda.kernels.paged_tile import paged_scores, rope_rows, softmax_pv_update
+
 LOG2E = 1.4426950408889634
 
 
@@ -33,17 +35,6 @@ def _kv_len(KV_INDPTR, KV_LAST, b, page_size):
     n_pages = tl.load(KV_INDPTR + b + 1) - p0
     last = tl.load(KV_LAST + b)
     return p0, tl.where(n_pages > 0, (n_pages - 1) * page_size + last, 0)
-
-
-@triton.jit
-def _rope_rows(x, x_partner, pos, offs_d, rope_rcp_scale, log2_theta, HEAD_DIM: tl.constexpr):
-    """Non-interleaved RoPE of rows ``x [R, D]`` at positions ``pos [R]``: x cos + sign * partner sin."""
-    half = HEAD_DIM // 2
-    i = tl.where(offs_d < half, offs_d, offs_d - half)
-    freq = tl.exp2(-(2.0 * i.to(tl.float32) / HEAD_DIM) * log2_theta) * rope_rcp_scale
-    ang = pos.to(tl.float32)[:, None] * freq[None, :]
-    sign = tl.where(offs_d < half, -1.0, 1.0)
-    return x.to(tl.float32) * tl.cos(ang) + sign[None, :] * x_partner.to(tl.float32) * tl.sin(ang)
 
 
 @triton.jit
@@ -81,11 +72,12 @@ def _decode_kernel(
     dmask = offs_d < HEAD_DIM
     q_ptrs = Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
     q = tl.load(q_ptrs + offs_d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
+    partner = offs_d
     if ROPE:
         partner = tl.where(offs_d < HEAD_DIM // 2, offs_d + HEAD_DIM // 2, offs_d - HEAD_DIM // 2)
         q2 = tl.load(q_ptrs + partner[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
         q_pos = tl.zeros([GROUP_PAD], dtype=tl.int32) + (kv_len - 1)
-        q = _rope_rows(q, q2, q_pos, offs_d, rope_rcp_scale, log2_theta, HEAD_DIM).to(Q.dtype.element_ty)
+        q = rope_rows(q, q2, q_pos, offs_d, rope_rcp_scale, log2_theta, HEAD_DIM).to(Q.dtype.element_ty)
     slope_log2 = tl.zeros([GROUP_PAD], dtype=tl.float32)
     if HAS_ALIBI:
         slope_log2 = tl.load(SLOPES + b * stride_sb + heads, mask=gmask, other=0.0) * 1.4426950408889634
@@ -96,39 +88,14 @@ def _decode_kernel(
     for start in range(lo, hi, BLOCK_N):
         t = start + offs_n
         valid = t < hi
-        page = tl.load(KV_INDICES + p0 + t // page_size, mask=valid, other=0).to(tl.int64)
-        slot = (t % page_size).to(tl.int64)
-        kv_mask = valid[:, None] & dmask[None, :]
-        k_ptrs = K + (page * stride_kp + slot * stride_kt + kvh * stride_kh)[:, None]
-        k = tl.load(k_ptrs + offs_d[None, :], mask=kv_mask, other=0.0)
-        if ROPE:
-            k2 = tl.load(k_ptrs + partner[None, :], mask=kv_mask, other=0.0)
-            k = _rope_rows(k, k2, t, offs_d, rope_rcp_scale, log2_theta, HEAD_DIM).to(K.dtype.element_ty)
-        if IEEE:
-            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            qk = tl.dot(q, tl.trans(k))
-        if HAS_SOFTCAP:
-            # softcap * tanh(scale * qk / softcap) in base 2; tanh via exp2 (exact at +-inf).
-            x = qk * qk_scale
-            sc = softcap_log2 * (1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0))
-        else:
-            sc = qk * qk_scale
+        sc, page, slot, kv_mask = paged_scores(q, K, KV_INDICES, p0, t, valid, offs_d, partner, kvh, page_size,
+                                               stride_kp, stride_kt, stride_kh, qk_scale, softcap_log2,
+                                               rope_rcp_scale, log2_theta, HEAD_DIM, HAS_SOFTCAP, ROPE, IEEE)
         if HAS_ALIBI:
             sc = sc - slope_log2[:, None] * (kv_len - 1 - t).to(tl.float32)[None, :]
         sc = tl.where(valid[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, 1))
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_sub)
-        p = tl.exp2(sc - m_sub[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v_ptrs = V + (page * stride_vp + slot * stride_vt + kvh * stride_vh)[:, None]
-        v = tl.load(v_ptrs + offs_d[None, :], mask=kv_mask, other=0.0)
-        if IEEE:
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+        acc, l_i, m_i = softmax_pv_update(acc, l_i, m_i, sc, V, page, slot, kv_mask, kvh, stride_vp, stride_vt,
+                                          stride_vh, offs_d, IEEE)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels.decode import _rope_rows
+from pagoda.kernels.paged_tile import paged_scores, rope_rows, softmax_pv_update
 
 LOG2E = 1.4426950408889634
 
@@ -32,23 +32,9 @@ def _paged_block(acc, l_i, m_i, q, K, V, KV_INDICES, p0, kvh, page_size,
                  HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr):
     t = start_n + offs_n
     valid = t < kv_len
-    page = tl.load(KV_INDICES + p0 + t // page_size, mask=valid, other=0).to(tl.int64)
-    slot = (t % page_size).to(tl.int64)
-    kv_mask = valid[:, None] & (offs_d[None, :] < HEAD_DIM)
-    k_ptrs = K + (page * stride_kp + slot * stride_kt + kvh * stride_kh)[:, None]
-    k = tl.load(k_ptrs + offs_d[None, :], mask=kv_mask, other=0.0)
-    if ROPE:
-        k2 = tl.load(k_ptrs + partner[None, :], mask=kv_mask, other=0.0)
-        k = _rope_rows(k, k2, t, offs_d, rope_rcp_scale, log2_theta, HEAD_DIM).to(K.dtype.element_ty)
-    if IEEE:
-        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        qk = tl.dot(q, tl.trans(k))
-    if HAS_SOFTCAP:
-        x = qk * qk_scale
-        s = softcap_log2 * (1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0))
-    else:
-        s = qk * qk_scale
+    s, page, slot, kv_mask = paged_scores(q, K, KV_INDICES, p0, t, valid, offs_d, partner, kvh, page_size, stride_kp,
+                                          stride_kt, stride_kh, qk_scale, softcap_log2, rope_rcp_scale, log2_theta,
+                                          HEAD_DIM, HAS_SOFTCAP, ROPE, IEEE)
     if HAS_ALIBI:
         dist = q_pos[:, None] - t[None, :]
         dist = tl.where(dist < 0, -dist, dist)
@@ -60,18 +46,8 @@ def _paged_block(acc, l_i, m_i, q, K, V, KV_INDICES, p0, kvh, page_size,
         if HAS_WINDOW:
             visible = visible & (t[None, :] >= q_pos[:, None] - window_left)
         s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_sub)
-    p = tl.exp2(s - m_sub[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v_ptrs = V + (page * stride_vp + slot * stride_vt + kvh * stride_vh)[:, None]
-    v = tl.load(v_ptrs + offs_d[None, :], mask=kv_mask, other=0.0)
-    if IEEE:
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
-    else:
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    return acc, l_i, m_new
+    return softmax_pv_update(acc, l_i, m_i, s, V, page, slot, kv_mask, kvh, stride_vp, stride_vt, stride_vh, offs_d,
+                             IEEE)
 
 
 @triton.jit
@@ -110,7 +86,7 @@ def _prefill_paged_kernel(
     if ROPE:
         partner = tl.where(offs_d < HEAD_DIM // 2, offs_d + HEAD_DIM // 2, offs_d - HEAD_DIM // 2)
         q2 = tl.load(q_ptrs + partner[None, :], mask=q_mask, other=0.0)
-        q = _rope_rows(q, q2, q_pos, offs_d, rope_rcp_scale, log2_theta, HEAD_DIM).to(Q.dtype.element_ty)
+        q = rope_rows(q, q2, q_pos, offs_d, rope_rcp_scale, log2_theta, HEAD_DIM).to(Q.dtype.element_ty)
     slope_log2 = 0.0
     if HAS_ALIBI:
         slope_log2 = tl.load(SLOPES + b * stride_sb + head) * 1.4426950408889634
