@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from pagoda.ops import _checks
+from pagoda.ops import _checks, _paged
 from pagoda.ops import _decode_plan as _plan
 
 
@@ -66,3 +66,16 @@ def finish(out, lse, v_scale, return_lse):
     if v_scale is not None:
         out.mul_(_plan.optional_positive("v_scale", v_scale, 1.0))
     return (out, lse) if return_lse else out
+
+
+def check_constructor(float_workspace_buffer, kv_layout, use_cuda_graph, backend, jit_args, custom_mask_buf,
+                      mask_indptr_buf) -> None:
+    """Constructor arguments shared by the prefill wrappers (FlashInfer's), each checked by name."""
+    _checks.check_tensor("float_workspace_buffer", float_workspace_buffer)
+    _paged.check_kv_layout(kv_layout)
+    if not isinstance(use_cuda_graph, bool):
+        raise TypeError(f"use_cuda_graph must be a bool, got {type(use_cuda_graph).__name__}")
+    if backend != "auto":
+        raise ValueError(f"backend must be 'auto', got {backend!r}")
+    if jit_args is not None or custom_mask_buf is not None or mask_indptr_buf is not None:
+        raise NotImplementedError("jit_args and custom masks are not supported")

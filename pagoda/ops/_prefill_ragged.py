@@ -28,14 +28,8 @@ class BatchPrefillWithRaggedKVCacheWrapper:
 
     def __init__(self, float_workspace_buffer, kv_layout="NHD", use_cuda_graph=False, qo_indptr_buf=None,
                  kv_indptr_buf=None, custom_mask_buf=None, mask_indptr_buf=None, backend="auto", jit_args=None):
-        _checks.check_tensor("float_workspace_buffer", float_workspace_buffer)
-        _paged.check_kv_layout(kv_layout)
-        if not isinstance(use_cuda_graph, bool):
-            raise TypeError(f"use_cuda_graph must be a bool, got {type(use_cuda_graph).__name__}")
-        if backend != "auto":
-            raise ValueError(f"backend must be 'auto', got {backend!r}")
-        if jit_args is not None or custom_mask_buf is not None or mask_indptr_buf is not None:
-            raise NotImplementedError("jit_args and custom masks are not supported")
+        _common.check_constructor(float_workspace_buffer, kv_layout, use_cuda_graph, backend, jit_args,
+                                  custom_mask_buf, mask_indptr_buf)
         self.device = float_workspace_buffer.device
         self._kv_layout = kv_layout
         self._use_cuda_graph = use_cuda_graph
