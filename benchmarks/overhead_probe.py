@@ -1,0 +1,139 @@
+"""Where does a call's time go? For each case: the `pagoda bench` figure (do_bench with L2 flush, host
+launch included), the same call replayed from a CUDA graph (device time only), and the host time of one
+call (Python + launches, no sync). A bench figure far above the graph figure means host overhead.
+
+GPU only. Usage (repo root): PYTHONPATH=$PWD python3 benchmarks/overhead_probe.py [decode|cascade|sampling|all]
+Optional env: PROBE_SPLITS="16,32,64" tries decode with fixed split sizes (pages per split).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+import triton.testing
+
+
+def _host_us(fn, n=50):
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
+def _graph_us(fn):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def probe(name, fn, bytes_=None):
+    bench = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+    host = _host_us(fn)
+    try:
+        graph = _graph_us(fn)
+    except Exception as exc:  # noqa: BLE001 - report, go on
+        graph = float("nan")
+        print(f"  graph capture failed for {name}: {type(exc).__name__}: {exc}"[:300])
+    row = dict(case=name, bench_us=round(bench, 1), graph_us=round(graph, 1), host_us=round(host, 1))
+    if bytes_:
+        row["graph_TBps"] = round(bytes_ / (graph * 1e-6) / 1e12, 3)
+        row["bench_TBps"] = round(bytes_ / (bench * 1e-6) / 1e12, 3)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def decode_cases():
+    from pagoda.ops.decode import BatchDecodeWithPagedKVCacheWrapper
+
+    rows = []
+    hq, hk, d, ps = 32, 8, 128, 16
+    ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    splits = [None] + [int(x) for x in os.environ.get("PROBE_SPLITS", "").split(",") if x]
+    for batch, ctx in ((1, 4096), (1, 32768), (16, 4096), (64, 4096)):
+        per = ctx // ps
+        pages = batch * per
+        cache = torch.randn(pages, 2, ps, hk, d, device="cuda", dtype=torch.bfloat16)
+        indices = torch.randperm(pages, device="cuda").to(torch.int32)
+        indptr = (torch.arange(batch + 1, device="cuda") * per).to(torch.int32)
+        last = torch.full((batch,), ps, dtype=torch.int32, device="cuda")
+        q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+        nbytes = 2 * batch * ctx * hk * d * 2
+        for fs in splits:
+            w = BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+            kw = {} if fs is None else {"fixed_split_size": fs}
+            try:
+                w.plan(indptr, indices, last, hq, hk, d, ps, q_data_type=torch.bfloat16,
+                       kv_data_type=torch.bfloat16, **kw)
+            except TypeError as exc:
+                print("plan:", exc)
+                continue
+            rows.append(probe(f"decode b{batch} ctx{ctx} split={fs} (splits={w._splits})",
+                              lambda w=w: w.run(q, cache), nbytes))
+        del cache
+    return rows
+
+
+def cascade_rows():
+    import pagoda.bench.cascade as cb
+
+    rows = []
+    ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    for prefix, batch in ((32768, 128), (4096, 128), (32768, 32)):
+        case = cb.CascadeCase(prefix, 256, batch)
+        cache, q, page_lists, last = cb._layout(case, torch.device("cuda"), torch.bfloat16)
+        for name in ("pagoda_cascade", "pagoda_decode"):
+            fn = cb._prepare(name, case, cache, q, page_lists, last, ws)
+            rows.append(probe(f"{name} prefix{prefix} b{batch}", fn))
+        del cache
+    return rows
+
+
+def sampling_rows():
+    import pagoda
+
+    rows = []
+    for vocab in (32000, 151936):
+        for batch in (1, 32, 128, 512):
+            probs = torch.softmax(torch.randn(batch, vocab, device="cuda") * 3, -1)
+            fns = {
+                "sampling": lambda: pagoda.sampling_from_probs(probs),
+                "top_p": lambda: pagoda.top_p_sampling_from_probs(probs, 0.9),
+                "min_p": lambda: pagoda.min_p_sampling_from_probs(probs, 0.1),
+                "top_k": lambda: pagoda.top_k_sampling_from_probs(probs, 50),
+            }
+            for name, fn in fns.items():
+                rows.append(probe(f"{name} v{vocab} b{batch}", fn, batch * vocab * 4))
+    return rows
+
+
+def main():
+    which = sys.argv[1] if len(sys.argv) > 1 else "all"
+    out = {}
+    if which in ("decode", "all"):
+        out["decode"] = decode_cases()
+    if which in ("cascade", "all"):
+        out["cascade"] = cascade_rows()
+    if which in ("sampling", "all"):
+        out["sampling"] = sampling_rows()
+    dest = os.environ.get("OUT")
+    if dest:
+        with open(os.path.join(dest, f"probe-{which}.json"), "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
