@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pagoda.kernels._launch import launch
 from pagoda.kernels.paged_tile import paged_scores, rope_rows, softmax_pv_update
 
 LOG2E = 1.4426950408889634
@@ -175,7 +176,8 @@ def decode_fwd(q, k_cache, v_cache, k_strides, v_strides, kv_indptr, kv_indices,
     so = (dst_o.stride(0), dst_o.stride(1), dst_o.stride(2)) if split else (out.stride(0), 0, out.stride(1))
     sl = (dst_l.stride(0), dst_l.stride(1)) if split else (lse.stride(0), 0)
     grid = (batch, hk, max(num_splits, 1))
-    _decode_kernel[grid](
+    launch(
+        _decode_kernel, grid,
         q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, chunk if split else kv_indptr,
         alibi_slopes if alibi_slopes is not None else q, dst_o, dst_l,
         q.stride(0), q.stride(1), *k_strides, *v_strides, *so, *sl,
@@ -186,7 +188,8 @@ def decode_fwd(q, k_cache, v_cache, k_strides, v_strides, kv_indptr, kv_indices,
         ROPE=rope is not None, IEEE=q.dtype == torch.float32, num_warps=num_warps,
     )
     if split:
-        _merge_kernel[(batch, hq)](
+        launch(
+            _merge_kernel, (batch, hq),
             o_part, lse_part, kv_indptr, kv_last_page_len, chunk, out, lse,
             o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
             out.stride(0), out.stride(1), lse.stride(0), page_size,

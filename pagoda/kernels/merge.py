@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagoda.kernels._launch import launch
+
 LOG2E = 1.4426950408889634
 
 
@@ -74,7 +76,8 @@ def _launch(v, s, v_b, s_b, out, lse, mask, num_states, two):
         ss = (s.stride(0), 0, s.stride(1))
     else:
         vs, ss = v.stride()[:3], s.stride()
-    _merge_states_kernel[(seq * heads,)](
+    launch(
+        _merge_states_kernel, (seq * heads,),
         v, s, v_b, s_b, out, lse, mask if mask is not None else s, num_states, heads, dim,
         *vs, *ss, v_b.stride(0), v_b.stride(1), s_b.stride(0), s_b.stride(1),
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),

@@ -14,6 +14,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from pagoda.kernels._launch import launch
+
 
 @triton.jit
 def _append_kernel(
@@ -76,7 +78,8 @@ def append_paged_kv(append_key, append_value, batch_indices, positions, k_cache,
     dim_pad = triton.next_power_of_2(dim)
     block_h = max(1, min(triton.next_power_of_2(heads), max(1, 4096 // dim_pad)))
     grid = (nnz, triton.cdiv(heads, block_h))
-    _append_kernel[grid](
+    launch(
+        _append_kernel, grid,
         append_key, append_value, batch_indices, positions, kv_indices, kv_indptr, k_cache, v_cache,
         rope_freqs if rope_freqs is not None else positions,
         append_key.stride(0), append_key.stride(1), append_value.stride(0), append_value.stride(1),

@@ -1,0 +1,91 @@
+"""The cached-launch fast path (`pagoda.kernels._launch`): reuse only for an identical specialisation."""
+import types
+
+import pytest
+import torch
+
+from pagoda.kernels import _launch
+
+
+class _FakeCompiled:
+    packed_metadata = "meta"
+    function = "fn"
+
+    def __init__(self, log):
+        self.log = log
+
+    @property
+    def run(self):
+        return lambda *a: self.log.append(("fast", a[:3], a[9:]))
+
+
+class _FakeKernel:
+    arg_names = ["X", "n", "scale", "BLOCK"]
+
+    def __init__(self):
+        self.log = []
+
+    def __getitem__(self, grid):
+        def call(*args, **kwargs):
+            self.log.append(("slow", grid, args, kwargs))
+            return _FakeCompiled(self.log)
+        return call
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    monkeypatch.setattr(_launch, "_ENABLED", True)
+    monkeypatch.setattr(_launch, "_compiled", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: types.SimpleNamespace(cuda_stream=7))
+
+
+def test_second_identical_launch_takes_the_compiled_launcher(fast):
+    k, x = _FakeKernel(), torch.zeros(64)
+    _launch.launch(k, (3,), x, 16, 0.5, BLOCK=32)
+    _launch.launch(k, (5, 2), x, 16, 0.5, BLOCK=32)
+    assert [e[0] for e in k.log] == ["slow", "fast"]
+    assert k.log[1][1] == (5, 2, 1)                      # grid padded to 3 dims
+    assert k.log[1][2] == (x, 16, 0.5, 32)               # every parameter, constexprs included, in order
+
+
+@pytest.mark.parametrize("change", ["int", "one", "misaligned", "dtype", "constexpr", "warps"])
+def test_any_change_of_specialisation_recompiles(fast, change):
+    k, x = _FakeKernel(), torch.zeros(64)
+    _launch.launch(k, (1,), x, 16, 0.5, BLOCK=32)
+    args, kw, opts = [x, 16, 0.5], {"BLOCK": 32}, {}
+    if change == "int":
+        args[1] = 17
+    elif change == "one":
+        args[1] = 1
+    elif change == "misaligned":
+        args[0] = x[1:]
+    elif change == "dtype":
+        args[0] = x.half()
+    elif change == "constexpr":
+        kw["BLOCK"] = 64
+    else:
+        opts["num_warps"] = 8
+    _launch.launch(k, (1,), *args, **kw, **opts)
+    assert [e[0] for e in k.log] == ["slow", "slow"]
+
+
+def test_disabled_always_takes_the_normal_path(monkeypatch):
+    monkeypatch.setattr(_launch, "_ENABLED", False)
+    k, x = _FakeKernel(), torch.zeros(4)
+    for _ in range(3):
+        _launch.launch(k, (1,), x, 16, 0.5, BLOCK=32, num_warps=2)
+    assert [e[0] for e in k.log] == ["slow"] * 3
+    assert k.log[0][3] == {"BLOCK": 32, "num_warps": 2}
+
+
+def test_profiler_hooks_force_the_normal_path(fast, monkeypatch):
+    monkeypatch.setattr(_launch, "_no_hooks", lambda: False)
+    k, x = _FakeKernel(), torch.zeros(4)
+    _launch.launch(k, (1,), x, 16, 0.5, BLOCK=32)
+    _launch.launch(k, (1,), x, 16, 0.5, BLOCK=32)
+    assert [e[0] for e in k.log] == ["slow", "slow"]
+
+
+def test_no_hooks_installed_by_default():
+    assert _launch._no_hooks()
