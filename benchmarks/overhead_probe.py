@@ -109,11 +109,13 @@ def sampling_rows():
     for vocab in (32000, 151936):
         for batch in (1, 32, 128, 512):
             probs = torch.softmax(torch.randn(batch, vocab, device="cuda") * 3, -1)
+            kw = dict(seed=torch.tensor([1234], device="cuda"), offset=torch.tensor([0], device="cuda"))
             fns = {
-                "sampling": lambda: pagoda.sampling_from_probs(probs),
-                "top_p": lambda: pagoda.top_p_sampling_from_probs(probs, 0.9),
-                "min_p": lambda: pagoda.min_p_sampling_from_probs(probs, 0.1),
-                "top_k": lambda: pagoda.top_k_sampling_from_probs(probs, 50),
+                "sampling": lambda: pagoda.sampling_from_probs(probs, **kw),
+                "top_p": lambda: pagoda.top_p_sampling_from_probs(probs, 0.9, **kw),
+                "min_p": lambda: pagoda.min_p_sampling_from_probs(probs, 0.1, **kw),
+                "top_k": lambda: pagoda.top_k_sampling_from_probs(probs, 50, **kw),
+                "top_k_top_p": lambda: pagoda.top_k_top_p_sampling_from_probs(probs, 50, 0.9, **kw),
             }
             for name, fn in fns.items():
                 rows.append(probe(f"{name} v{vocab} b{batch}", fn, batch * vocab * 4))
