@@ -87,6 +87,48 @@ def decode_cases():
     return rows
 
 
+def decode_sweep():
+    """Device time (graph replay) of the decode kernel per launch configuration and split heuristic."""
+    import pagoda.kernels.decode as kd
+    import pagoda.ops._decode_plan as plan
+    from pagoda.ops.decode import BatchDecodeWithPagedKVCacheWrapper
+
+    rows = []
+    hq, hk, d, ps = 32, 8, 128, 16
+    ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    configs = [(64, 4, 3), (64, 4, 2), (64, 4, 4), (128, 4, 3), (128, 8, 3), (32, 4, 4), (32, 2, 4), (128, 8, 4)]
+    for batch, ctx in ((1, 32768), (16, 4096), (64, 4096), (256, 4096)):
+        per = ctx // ps
+        pages = batch * per
+        cache = torch.randn(pages, 2, ps, hk, d, device="cuda", dtype=torch.bfloat16)
+        indices = torch.randperm(pages, device="cuda").to(torch.int32)
+        indptr = (torch.arange(batch + 1, device="cuda") * per).to(torch.int32)
+        last = torch.full((batch,), ps, dtype=torch.int32, device="cuda")
+        q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+        nbytes = 2 * batch * ctx * hk * d * 2
+        for waves in (2, 4):
+            plan.WAVES = waves
+            w = BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+            w.plan(indptr, indices, last, hq, hk, d, ps, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+            for bn, nw, st in configs:
+                if waves == 4 and (bn, nw, st) != configs[0] and batch >= 64:
+                    continue
+                kd.CONFIG.update(block_n=bn, num_warps=nw, num_stages=st)
+                try:
+                    g = _graph_us(lambda: w.run(q, cache))
+                except Exception as exc:  # noqa: BLE001
+                    print(f"  {batch} {ctx} {bn} {nw} {st}: {type(exc).__name__}: {exc}"[:200])
+                    continue
+                row = dict(batch=batch, ctx=ctx, waves=waves, splits=w._splits, block_n=bn, warps=nw, stages=st,
+                           graph_us=round(g, 1), TBps=round(nbytes / (g * 1e-6) / 1e12, 3))
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+        plan.WAVES = 2
+        kd.CONFIG.update(block_n=None, num_warps=4, num_stages=3)
+        del cache
+    return rows
+
+
 def cascade_rows():
     import pagoda.bench.cascade as cb
 
@@ -127,6 +169,8 @@ def main():
     out = {}
     if which in ("decode", "all"):
         out["decode"] = decode_cases()
+    if which == "decode_sweep":
+        out["decode_sweep"] = decode_sweep()
     if which in ("cascade", "all"):
         out["cascade"] = cascade_rows()
     if which in ("sampling", "all"):

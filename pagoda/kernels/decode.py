@@ -141,14 +141,21 @@ def _merge_kernel(
     tl.store(LSE + b.to(tl.int64) * stride_lb + h, lse_out)
 
 
+# Launch configuration of the decode kernel (keys per tile, warps, software-pipeline stages); a module
+# attribute so that benchmarks/overhead_probe.py can sweep it.
+CONFIG = {"block_n": None, "num_warps": 4, "num_stages": 3}
+
+
 def default_block_n(head_dim: int) -> int:
+    if CONFIG["block_n"]:
+        return CONFIG["block_n"]
     return 64 if head_dim <= 128 else 32
 
 
 def decode_fwd(q, k_cache, v_cache, k_strides, v_strides, kv_indptr, kv_indices, kv_last_page_len, page_size,
                num_kv_heads: int, out, lse, *, chunk, num_splits: int, o_part=None, lse_part=None, sm_scale: float,
                window_left: int = -1, logits_soft_cap: float = 0.0, alibi_slopes=None, rope=None,
-               block_n: int | None = None, num_warps: int = 4) -> None:
+               block_n: int | None = None, num_warps: int | None = None) -> None:
     """Launch decode (and merge when ``num_splits > 0``); arguments validated by `pagoda.ops.decode`.
 
     q ``[B, Hq, D]`` (last dim contiguous); k/v caches 4-D with ``(page, token, head)`` strides;
@@ -185,7 +192,8 @@ def decode_fwd(q, k_cache, v_cache, k_strides, v_strides, kv_indptr, kv_indices,
         page_size, group, qk_scale, softcap_log2, window_left, rope_rcp_scale, log2_theta,
         HEAD_DIM=dim, HEAD_DIM_PAD=dim_pad, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         SPLIT=split, HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
-        ROPE=rope is not None, IEEE=q.dtype == torch.float32, num_warps=num_warps,
+        ROPE=rope is not None, IEEE=q.dtype == torch.float32, num_warps=num_warps or CONFIG["num_warps"],
+        num_stages=CONFIG["num_stages"],
     )
     if split:
         launch(
