@@ -1,7 +1,8 @@
 """Prefill/append attention with FlashInfer's API (``flashinfer.prefill``).
 
 * `BatchPrefillWithPagedKVCacheWrapper`: queries ragged by ``qo_indptr``, keys in a paged cache; the
-  Triton kernel in `pagoda.kernels.prefill_paged` on CUDA.
+  Triton kernel in `pagoda.kernels.prefill_paged` on CUDA, with split-KV planned by
+  `pagoda.ops._prefill_split` when the batch is too small to fill the GPU.
 * `BatchPrefillWithRaggedKVCacheWrapper`: queries and keys both ragged; runs
   `pagoda.ops.attention.flash_attn_varlen_func` (RoPE, when asked, is applied to copies first).
 * `single_prefill_with_kv_cache`: one request, through the paged kernel with a one-page table.
@@ -16,6 +17,7 @@ import torch
 from pagoda.ops import _checks, _paged
 from pagoda.ops import _decode_plan as _plan
 from pagoda.ops import _prefill_common as _common
+from pagoda.ops import _prefill_split as _split
 from pagoda.ops._prefill_ragged import BatchPrefillWithRaggedKVCacheWrapper, single_prefill_with_kv_cache
 from pagoda.reference import decode as _dref
 from pagoda.reference import prefill as _ref
@@ -30,7 +32,9 @@ class BatchPrefillWithPagedKVCacheWrapper:
     Constructor as FlashInfer's; with ``use_cuda_graph=True`` the int32 buffers ``qo_indptr_buf``,
     ``paged_kv_indptr_buf`` ``[max_batch+1]``, ``paged_kv_indices_buf`` and
     ``paged_kv_last_page_len_buf`` ``[max_batch]`` are required, plan only writes into them (smaller
-    batches are padded with empty requests) and `run`'s grid depends only on ``q.shape``.
+    batches are padded with empty requests) and `run`'s grid depends only on ``q.shape`` and the first
+    plan. ``float_workspace_buffer`` holds the float32 partial states of split-KV
+    (``rows * splits * num_qo_heads * (head_dim + 1) * 4`` bytes); a smaller one only limits splitting.
     """
 
     def __init__(self, float_workspace_buffer, kv_layout="NHD", use_cuda_graph=False, qo_indptr_buf=None,
@@ -39,6 +43,10 @@ class BatchPrefillWithPagedKVCacheWrapper:
         _common.check_constructor(float_workspace_buffer, kv_layout, use_cuda_graph, backend, jit_args,
                                   custom_mask_buf, mask_indptr_buf)
         self.device = float_workspace_buffer.device
+        self._workspace = float_workspace_buffer
+        # Keys per split, read by the kernel from device memory (a captured graph replays for new lengths).
+        self._chunk_buf = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self._graph_split = None    # (BLOCK_M, splits) fixed by a CUDA-graph wrapper's first plan
         self._short_kv_ok = False  # set by MultiLevelCascadeAttentionWrapper for its last level
         self._kv_layout = kv_layout
         self._use_cuda_graph = use_cuda_graph
@@ -68,16 +76,22 @@ class BatchPrefillWithPagedKVCacheWrapper:
              head_dim_qk, page_size, head_dim_vo=None, custom_mask=None, packed_custom_mask=None, causal=False,
              pos_encoding_mode="NONE", use_fp16_qk_reduction=False, sm_scale=None, window_left=-1,
              logits_soft_cap=None, rope_scale=None, rope_theta=None, q_data_type="float16", kv_data_type=None,
-             o_data_type=None, non_blocking=True) -> None:
+             o_data_type=None, non_blocking=True, fixed_split_size=None, disable_split_kv=False) -> None:
         """Plan: int32 ``qo_indptr [batch+1]`` and the CSR page table (``paged_kv_indptr [batch+1]``,
         ``paged_kv_indices``, ``paged_kv_last_page_len [batch]``), head counts, head_dim, page_size and the
         options (causal, pos_encoding_mode NONE/ROPE_LLAMA/ALIBI, window_left, logits_soft_cap, sm_scale,
-        rope_scale/rope_theta). With ``causal=True`` every request needs kv_len >= qo_len. Reads indptrs on the host."""
+        rope_scale/rope_theta). With ``causal=True`` every request needs kv_len >= qo_len. Reads indptrs on the host.
+        ``fixed_split_size`` (pages per split) or ``disable_split_kv`` override the split-KV heuristic (a
+        CUDA-graph wrapper fixes its split count at the first plan)."""
         hq, hk, d = _plan.check_heads(num_qo_heads, num_kv_heads, head_dim_qk)
         page_size = _plan.as_int("page_size", page_size, 1)
         opts = _common.options(d, head_dim_vo, custom_mask, packed_custom_mask, causal, pos_encoding_mode,
                         use_fp16_qk_reduction, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta)
         q_dtype, kv_dtype = _common.dtypes(q_data_type, kv_data_type, o_data_type)
+        if fixed_split_size is not None:
+            fixed_split_size = _plan.as_int("fixed_split_size", fixed_split_size, 1)
+        if not isinstance(disable_split_kv, bool):
+            raise TypeError(f"disable_split_kv must be a bool, got {type(disable_split_kv).__name__}")
         dev = qo_indptr.device if isinstance(qo_indptr, torch.Tensor) else None
         qptr = _common.check_indptr("qo_indptr", qo_indptr, dev)
         batch = _paged.check_kv_csr(paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, page_size, None, dev,
@@ -120,11 +134,41 @@ class BatchPrefillWithPagedKVCacheWrapper:
         if opts["pos_encoding_mode"] == "ALIBI" and (self._alibi is None or self._alibi.shape[0] != hq):
             self._alibi = _dref.alibi_slopes(hq, device=self.device)
         self._host_meta = tuple(t.cpu() for t in (qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len))
-        self._nnz, self._max_qo = qptr[-1], max((b - a for a, b in zip(qptr, qptr[1:])), default=0)
+        qo_lens = [b - a for a, b in zip(qptr, qptr[1:])]
+        self._nnz, self._max_qo = qptr[-1], max(qo_lens, default=0)
+        self._plan_split(qo_lens, max(kv_lens, default=0), hq, hk, d, page_size, q_dtype,
+                         None if fixed_split_size is None else fixed_split_size * page_size, disable_split_kv)
         self._shape, self._q_dtype, self._kv_dtype, self._opts = (hq, hk, d, page_size), q_dtype, kv_dtype, opts
         self._planned = True
 
     begin_forward = plan
+
+    def _plan_split(self, qo_lens, longest, hq, hk, d, page_size, q_dtype, fixed_chunk, disable) -> None:
+        """Choose BLOCK_M and the split-KV chunking (`pagoda.ops._prefill_split`) for the kernel path."""
+        self._block_m, self._splits = None, 0
+        if not _paged.use_triton(self._workspace):
+            return
+        from pagoda.kernels.prefill_paged import SPLIT_ALIGN, choose_block_m
+
+        group, sms = hq // hk, _plan.num_sms(self.device)
+        if self._use_cuda_graph:
+            if self._graph_split is None:
+                bm = choose_block_m(max(self._max_qo, 1) * group, d, q_dtype == torch.float32)
+                n = _split.programs(qo_lens, group, hk, bm)
+                self._graph_split = (bm, 0 if disable else _split.graph_splits(n, sms))
+            self._block_m, self._splits = self._graph_split
+            if self._splits:
+                self._chunk_buf.fill_(_split.graph_chunk(longest, self._splits, SPLIT_ALIGN, fixed_chunk))
+            return
+        bm = choose_block_m(self._max_qo * group, d, q_dtype == torch.float32)
+        self._block_m = bm
+        if disable:
+            return
+        cap = _split.max_splits(self._workspace, self._nnz, hq, d)
+        chunk, self._splits = _split.choose(_split.programs(qo_lens, group, hk, bm), longest, sms, cap, bm,
+                                            SPLIT_ALIGN, fixed_chunk)
+        if self._splits:
+            self._chunk_buf.fill_(chunk)
 
     def run(self, q, paged_kv_cache, *args, q_scale=None, k_scale=None, v_scale=None, out=None, lse=None,
             return_lse=False, enable_pdl=None, window_left=None):
@@ -172,12 +216,18 @@ class BatchPrefillWithPagedKVCacheWrapper:
             lse.fill_(float("-inf"))
         # Graph mode: the grid may not depend on the plan, so size it by q (tiles past a request's end exit).
         max_qo = q.shape[0] if self._use_cuda_graph else self._max_qo
+        rows, splits = (q.shape[0] if self._use_cuda_graph else self._nnz), self._splits
+        if splits and _split.max_splits(self._workspace, rows, hq, d) < splits:
+            splits = 0  # graph mode: the workspace cannot hold this q's partial states; never write past it
+        o_part, lse_part = _plan.workspace_views(self._workspace, rows, splits, hq, d)
         mode = opts["pos_encoding_mode"]
         prefill_paged_fwd(q, k_cache, v_cache, _paged.cache_strides(k_cache, self._kv_layout),
                           _paged.cache_strides(v_cache, self._kv_layout), *self._meta, page_size, hk, max_qo, out, lse,
                           sm_scale=opts["sm_scale"], causal=opts["causal"], window_left=opts["window_left"],
                           logits_soft_cap=opts["logits_soft_cap"], alibi_slopes=self._alibi if mode == "ALIBI" else None,
-                          rope=(opts["rope_scale"], opts["rope_theta"]) if mode == "ROPE_LLAMA" else None)
+                          rope=(opts["rope_scale"], opts["rope_theta"]) if mode == "ROPE_LLAMA" else None,
+                          block_m=self._block_m, num_splits=splits, chunk=self._chunk_buf, o_part=o_part,
+                          lse_part=lse_part)
         return _common.finish(out, lse, v_scale, return_lse)
 
     forward = run

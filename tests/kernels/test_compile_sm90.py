@@ -39,9 +39,15 @@ for varlen, causal, extra in ((False, False, False), (True, True, True)):
 for split, opts in ((False, False), (True, True)):
     build(D._decode_kernel, dict(HEAD_DIM=128, HEAD_DIM_PAD=128, GROUP_PAD=16, BLOCK_N=64, SPLIT=split,
                                  HAS_WINDOW=opts, HAS_SOFTCAP=opts, HAS_ALIBI=opts, ROPE=opts, IEEE=False), ptrs)
-    build(P._prefill_paged_kernel, dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_M=64, BLOCK_N=64, CAUSAL=split,
-                                        HAS_WINDOW=opts, HAS_SOFTCAP=opts, HAS_ALIBI=opts, ROPE=opts, IEEE=False),
-          ptrs)
+# Paged prefill: the long-prefill tile (128 rows, GQA 4), a 64-row split variant and the decode-like
+# 16-row split tile with every option; split variants write float32 partial states.
+for bm, group, split, opts, warps in ((128, 4, False, False, 8), (64, 1, True, False, 4), (16, 4, True, True, 4)):
+    build(P._prefill_paged_kernel, dict(HEAD_DIM=128, HEAD_DIM_PAD=128, GROUP=group, BLOCK_M=bm, BLOCK_N=64,
+                                        SPLIT=split, CAUSAL=not opts, HAS_WINDOW=opts, HAS_SOFTCAP=opts,
+                                        HAS_ALIBI=opts, ROPE=opts, IEEE=False),
+          {**ptrs, "O": "*fp32"} if split else ptrs, warps=warps)
+build(P._merge_splits_kernel, dict(HEAD_DIM=128, HEAD_DIM_PAD=128, SPLITS_PAD=16),
+      {"O_PART": "*fp32", "LSE_PART": "*fp32", "QO_INDPTR": "*i32", "O": "*bf16", "LSE": "*fp32"})
 mp = {"O": "*bf16", "V": "*bf16", "V_B": "*bf16", "S": "*fp32", "S_B": "*fp32", "LSE": "*fp32", "MASK": "*i1"}
 for two in (False, True):
     build(M._merge_states_kernel, dict(BLOCK_D=128, HAS_MASK=two, TWO_TENSORS=two), mp)

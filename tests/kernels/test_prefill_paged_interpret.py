@@ -21,22 +21,34 @@ QO = [0, 1, 10, 20, 5]
 
 
 def _run(page_size, layout, dtype, causal, hq=4, hk=2, d=32, mode="NONE", window_left=-1, soft_cap=0.0, kv=KV,
-         qo=QO):
+         qo=QO, block_m=16, block_n=16, chunk=0, num_splits=0, pad_rows=0):
+    """Kernel vs float64 reference; ``chunk``/``num_splits`` > 0 runs split-KV (partials + merge); ``pad_rows``
+    extra q rows past qo_indptr[-1] must be left untouched (NaN)."""
     indptr, indices, last, max_pages = random_page_table(kv, page_size)
     cache = empty_cache(max_pages, page_size, hk, d, layout, dtype)
     fill_cache(cache, [torch.randn(n, hk, d, dtype=dtype) for n in kv], [torch.randn(n, hk, d, dtype=dtype) for n in kv],
                indptr, indices, page_size, layout)
     qptr = torch.zeros(len(qo) + 1, dtype=torch.int32)
     qptr[1:] = torch.cumsum(torch.tensor(qo), 0)
-    q = torch.randn(sum(qo), hq, d, dtype=dtype)
+    nnz = sum(qo)
+    q = torch.randn(nnz + pad_rows, hq, d, dtype=dtype)
     out = torch.full_like(q, float("nan"))
-    lse = torch.full((sum(qo), hq), float("nan"))
+    lse = torch.full((nnz + pad_rows, hq), float("nan"))
+    split = {}
+    if num_splits:
+        split = dict(num_splits=num_splits, chunk=torch.tensor([chunk], dtype=torch.int32),
+                     o_part=torch.full((nnz, num_splits, hq, d), float("nan")),
+                     lse_part=torch.full((nnz, num_splits, hq), float("nan")))
     kc, vc = cache[:, 0], cache[:, 1]
     prefill_paged_fwd(q, kc, vc, _paged.cache_strides(kc, layout), _paged.cache_strides(vc, layout), qptr, indptr,
                       indices, last, page_size, hk, max(qo), out, lse, sm_scale=d ** -0.5, causal=causal,
                       window_left=window_left, logits_soft_cap=soft_cap,
                       alibi_slopes=dref.alibi_slopes(hq) if mode == "ALIBI" else None,
-                      rope=(1.0, 1e4) if mode == "ROPE_LLAMA" else None, config={"BLOCK_M": 16, "BLOCK_N": 16})
+                      rope=(1.0, 1e4) if mode == "ROPE_LLAMA" else None,
+                      config={"BLOCK_M": block_m, "BLOCK_N": block_n}, **split)
+    if pad_rows:
+        assert out[nnz:].isnan().all() and lse[nnz:].isnan().all(), "rows past qo_indptr[-1] were written"
+        q, out, lse = q[:nnz], out[:nnz], lse[:nnz]
     want, want_lse = ref.batch_prefill_with_paged_kv_cache(
         q, cache.nan_to_num(), qptr, indptr, indices, last, layout, causal=causal, sm_scale=d ** -0.5,
         window_left=window_left, logits_soft_cap=soft_cap, pos_encoding_mode=mode, compute_dtype=torch.float64)
@@ -66,6 +78,48 @@ def test_prefill_paged_options(mode, window_left, soft_cap, causal):
 
 def test_rows_without_keys_when_queries_outnumber_keys():
     out, lse, want, want_lse = _run(3, "HND", torch.float32, True, kv=[4, 2], qo=[9, 2])
+    assert torch.isneginf(lse[:5]).all() and (out[:5] == 0).all()
+    assert rel_err(out, want) < 1e-5
+    assert_finite_lse_close(lse, want_lse.float(), atol=1e-4)
+
+
+@pytest.mark.parametrize("hq,hk,block_m", [(8, 2, 16), (8, 1, 16), (12, 4, 32)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gqa_packed_rows(hq, hk, block_m, causal):
+    """Rows (query, head) packed per KV head: tiles that start and end inside a query's group of heads."""
+    out, lse, want, want_lse = _run(5, "NHD", torch.float32, causal, hq, hk, block_m=block_m)
+    assert rel_err(out, want) < 1e-5
+    assert_finite_lse_close(lse, want_lse.float(), atol=1e-4)
+
+
+SPLIT_KV = [0, 1, 37, 150, 5, 64]   # empty, one key, shorter than a chunk, many chunks, chunk-aligned
+SPLIT_QO = [0, 1, 10, 12, 5, 3]
+
+
+@pytest.mark.parametrize("page_size,hq,hk", [(1, 4, 4), (5, 8, 2), (16, 8, 1)])
+@pytest.mark.parametrize("causal,window_left", [(False, -1), (True, -1), (True, 20), (False, 30)])
+def test_split_kv_matches_reference(page_size, hq, hk, causal, window_left):
+    chunk = 32
+    splits = -(-max(SPLIT_KV) // chunk) + 1    # one more than needed: a chunk past every request's keys
+    out, lse, want, want_lse = _run(page_size, "HND" if page_size == 5 else "NHD", torch.float32, causal, hq, hk,
+                                    window_left=window_left, kv=SPLIT_KV, qo=SPLIT_QO, chunk=chunk,
+                                    num_splits=splits, pad_rows=3)
+    assert not out.isnan().any() and not lse.isnan().any(), "output element left unwritten"
+    assert rel_err(out, want) < 1e-5
+    assert_finite_lse_close(lse, want_lse.float(), atol=1e-4)
+
+
+@pytest.mark.parametrize("mode,soft_cap", [("ALIBI", 0.0), ("ROPE_LLAMA", 0.0), ("NONE", 3.0)])
+def test_split_kv_options_fp16(mode, soft_cap):
+    out, lse, want, want_lse = _run(16, "NHD", torch.float16, True, 8, 2, mode=mode, soft_cap=soft_cap,
+                                    kv=SPLIT_KV, qo=SPLIT_QO, block_m=32, chunk=48, num_splits=4)
+    assert rel_err(out, want) < 2e-3
+    assert_finite_lse_close(lse, want_lse.float(), atol=2e-3)
+
+
+def test_split_kv_rows_without_keys():
+    """Queries outnumbering keys (a cascade's last level): early rows see nothing in every chunk."""
+    out, lse, want, want_lse = _run(3, "NHD", torch.float32, True, kv=[40, 2], qo=[45, 2], chunk=16, num_splits=3)
     assert torch.isneginf(lse[:5]).all() and (out[:5] == 0).all()
     assert rel_err(out, want) < 1e-5
     assert_finite_lse_close(lse, want_lse.float(), atol=1e-4)
