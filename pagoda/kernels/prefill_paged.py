@@ -98,7 +98,10 @@ def _paged_block(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, page_size, stride_k
             visible = visible & (t[None, :] >= q_pos[:, None] - window_left)
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
-    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing visible yet: no NaN
+    if MASKED:  # rows with nothing visible yet keep m = -inf: subtract 0 instead (no NaN)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_sub = m_new
     alpha = tl.exp2(m_i - m_sub)
     p = tl.exp2(s * scale - m_sub[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)

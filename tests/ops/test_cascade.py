@@ -124,3 +124,24 @@ def test_cascade_kernel_path_in_interpreter(monkeypatch, page_size, prefix, uniq
     cache, q, pages, last = _scenario(page_size, prefix, unique, qo_lens, 4, 2, 32, "NHD", torch.float32, "cpu")
     out, _ = _cascade(q, cache, pages, last, qo_lens, page_size, 2, "NHD")
     assert rel_err(out, _plain(q, cache, pages, last, qo_lens, "NHD")) < 1e-4
+
+
+@pytest.mark.skipif(not INTERPRET, reason="interpreter test (TRITON_INTERPRET=1, no CUDA)")
+@pytest.mark.parametrize("page_size,prefix,unique,qo_lens,hq,hk", [
+    (16, 20, [20, 0, 33, 1], [1, 1, 1, 1], 8, 2),    # decode under a 320-key prefix, GQA 4
+    (5, 60, [5, 40, 16], [3, 7, 2], 8, 1),           # append chunks, odd page size, GQA 8
+])
+def test_cascade_split_kv_shared_level_in_interpreter(monkeypatch, page_size, prefix, unique, qo_lens, hq, hk):
+    """A long shared level with few queries is split over the keys (as on a GPU with many SMs)."""
+    from pagoda.ops import _decode_plan, _prefill_split
+
+    monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
+    monkeypatch.setattr(_decode_plan, "num_sms", lambda device: 64)
+    monkeypatch.setattr(_prefill_split, "MIN_CHUNK_SMALL", 128)
+    monkeypatch.setattr(_prefill_split, "MIN_CHUNK", 128)
+    cache, q, pages, last = _scenario(page_size, prefix, unique, qo_lens, hq, hk, 16, "NHD", torch.float32, "cpu")
+    levels = build_cascade_levels(pages, last, qo_lens, page_size, num_levels=2)
+    w = MultiLevelCascadeAttentionWrapper(2, torch.empty(1 << 20, dtype=torch.uint8))
+    w.plan(*levels.as_plan_args(), hq, hk, 16, page_size, causal=True, q_data_type=q.dtype)
+    assert w._wrappers[0]._splits >= 2
+    assert rel_err(w.run(q, cache), _plain(q, cache, pages, last, qo_lens, "NHD")) < 1e-5

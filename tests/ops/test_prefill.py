@@ -1,5 +1,7 @@
 """Batch prefill wrappers (paged and ragged) and single prefill: against flash_attn_varlen_func on the same
 data laid out contiguously (CPU path here; the Triton kernels under @gpu), options, validation, graphs."""
+import os
+
 import pytest
 import torch
 
@@ -150,6 +152,90 @@ def test_run_validation():
         r.run(q, k[:5], v[:5])
     with pytest.raises(ValueError, match="kv_indptr"):
         r.plan(_indptr([3, 30]), _indptr([10]), 4, 2, 64)
+
+
+# ------------------------------------------- the Triton kernel path in the interpreter (no CUDA)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+SPLIT_KV = [0, 1, 300, 17, 129, 9]        # empty, one key, several chunks, shorter than a chunk
+SPLIT_QO = [0, 1, 12, 5, 1, 9]
+
+
+@pytest.fixture
+def kernel_path(monkeypatch):
+    """Send CPU tensors to the Triton kernels (interpreter), pretend to have 64 SMs and allow 128-key chunks,
+    so that small batches split their keys."""
+    from pagoda.ops import _decode_plan, _prefill_split
+
+    monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
+    monkeypatch.setattr(_decode_plan, "num_sms", lambda device: 64)
+    monkeypatch.setattr(_prefill_split, "MIN_CHUNK", 128)
+    monkeypatch.setattr(_prefill_split, "MIN_CHUNK_SMALL", 128)
+
+
+def _ref_paged(q, cache, qo, meta, layout, causal, **kw):
+    return ref.batch_prefill_with_paged_kv_cache(q, cache.nan_to_num(), _indptr(qo), *meta, layout, causal=causal,
+                                                 sm_scale=q.shape[-1] ** -0.5, compute_dtype=torch.float64, **kw)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="interpreter test (TRITON_INTERPRET=1, no CUDA)")
+@pytest.mark.parametrize("page_size,hq,hk,layout", [(1, 4, 4, "NHD"), (16, 8, 2, "HND"), (7, 8, 1, "NHD")])
+@pytest.mark.parametrize("causal,window_left,fixed", [(True, -1, None), (False, -1, None), (True, 40, None),
+                                                      (True, -1, 9)])
+def test_kernel_path_split_kv(kernel_path, page_size, hq, hk, layout, causal, window_left, fixed):
+    d = 16
+    q, cache, _, _, meta = _data(SPLIT_KV, SPLIT_QO, page_size, hq, hk, d, layout, torch.float32)
+    w = pf.BatchPrefillWithPagedKVCacheWrapper(_ws(), layout)
+    w.plan(_indptr(SPLIT_QO), *meta, hq, hk, d, page_size, causal=causal, window_left=window_left,
+           q_data_type=torch.float32, fixed_split_size=fixed)
+    assert w._splits >= 2
+    out, lse = w.run(q, cache, return_lse=True)
+    want, want_lse = _ref_paged(q, cache, SPLIT_QO, meta, layout, causal, window_left=window_left)
+    assert rel_err(out, want) < 1e-5
+    assert_finite_lse_close(lse, want_lse.float(), atol=1e-4)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="interpreter test (TRITON_INTERPRET=1, no CUDA)")
+@pytest.mark.parametrize("ws_bytes,disable,splits", [(1 << 20, True, 0), (64, False, 0), (1 << 20, False, 2)])
+def test_kernel_path_split_fallbacks(kernel_path, ws_bytes, disable, splits):
+    """disable_split_kv and a workspace too small for the partial states run unsplit; padded q rows stay zero."""
+    q, cache, _, _, meta = _data([300, 20], [6, 2], 16, 8, 2, 16, "NHD", torch.float16)
+    w = pf.BatchPrefillWithPagedKVCacheWrapper(torch.empty(ws_bytes, dtype=torch.uint8), "NHD")
+    w.plan(_indptr([6, 2]), *meta, 8, 2, 16, 16, causal=True, q_data_type=torch.float16, disable_split_kv=disable)
+    assert w._splits == splits
+    qp = torch.cat([q, torch.randn(3, 8, 16, dtype=q.dtype)])
+    out, lse = w.run(qp, cache, return_lse=True)
+    want, want_lse = _ref_paged(q, cache, [6, 2], meta, "NHD", True)
+    assert rel_err(out[:8], want) < 2e-3
+    assert_finite_lse_close(lse[:8], want_lse.float(), atol=2e-3)
+    assert (out[8:] == 0).all() and torch.isneginf(lse[8:]).all()
+
+
+@pytest.mark.skipif(not INTERPRET, reason="interpreter test (TRITON_INTERPRET=1, no CUDA)")
+def test_kernel_path_graph_mode_split_replans(kernel_path):
+    """CUDA-graph mode: BLOCK_M and the split count fixed by the first plan, the chunk rewritten in place by
+    later plans (a smaller batch with a longer request); rows past qo_indptr[-1] zero."""
+    hq, hk, d, ps, nb = 8, 2, 16, 16, 4
+    bufs = dict(qo_indptr_buf=torch.zeros(nb + 1, dtype=torch.int32),
+                paged_kv_indptr_buf=torch.zeros(nb + 1, dtype=torch.int32),
+                paged_kv_indices_buf=torch.zeros(64, dtype=torch.int32),
+                paged_kv_last_page_len_buf=torch.zeros(nb, dtype=torch.int32))
+    w = pf.BatchPrefillWithPagedKVCacheWrapper(_ws(), "NHD", use_cuda_graph=True, **bufs)
+    q_static = torch.zeros(24, hq, d)
+    chunk_buf = w._chunk_buf
+    for kv, qo in (([200, 40, 9], [4, 3, 9]), ([700], [5]), ([0, 3], [0, 1])):
+        q, cache, _, _, meta = _data(kv, qo, ps, hq, hk, d, "NHD", torch.float32)
+        w.plan(_indptr(qo), *meta, hq, hk, d, ps, causal=True, q_data_type=torch.float32)
+        assert w._splits >= 2 and w._chunk_buf is chunk_buf
+        assert w._splits * int(chunk_buf) >= max(kv)
+        q_static.normal_()
+        q_static[:q.shape[0]].copy_(q)
+        out, lse = w.run(q_static, cache, return_lse=True)
+        want, want_lse = _ref_paged(q, cache, qo, meta, "NHD", True)
+        n = q.shape[0]
+        assert rel_err(out[:n], want) < 1e-5
+        assert_finite_lse_close(lse[:n], want_lse.float(), atol=1e-4)
+        assert (out[n:] == 0).all() and torch.isneginf(lse[n:]).all()
 
 
 # ------------------------------------------------------------------------------------------- GPU
