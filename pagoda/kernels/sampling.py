@@ -1,33 +1,58 @@
 """Sorting-free samplers: category, top-k, top-p, min-p (and joint) sampling, chain speculative sampling.
 
-Algorithm (one program per output row, the vocabulary streamed in ``BLOCK`` chunks; no sort, no host
-synchronisation, no data-dependent launch: safe inside a captured CUDA graph).
+One program per output row streams the vocabulary in chunks of ``BLOCK`` tokens; token t belongs to
+lane ``t % BLOCK`` (LANES = BLOCK per-lane accumulators, 4-8 per thread). No sort, no host
+synchronisation, no data-dependent launch: safe inside a captured CUDA graph.
 
-1. Exponential race. Each token i gets ``E_i ~ Exp(1)`` from Philox: in chunk c of ``BLOCK = 4Q``
-   tokens, token ``c*BLOCK + j*Q + q`` takes lane j of counter ``offset + row*ceil(vocab/4) + c*Q + q``
-   (so draws depend on BLOCK: same seed, shapes and launch config give the same tokens). ``argmax_{i in S} p_i / E_i`` (computed as
-   ``-E_i / p_i``) is an exact draw from ``p`` restricted to S and renormalised, for ANY set S
-   (the Gumbel-max trick in multiplicative form). The ``E_i`` are fixed for the call, so if the
-   winner over a superset S of the kept set N lies in N it is also the winner over N: the token
-   returned is exactly ``argmax_{i in N} p_i / E_i`` and the rejection rounds below add no bias.
-2. Every filter keeps an upper set ``N = {p >= b}`` (top-k: b = k-th largest value, ties kept;
-   top-p: b = t*, the largest value with ``mass(p >= t*) >= top_p * total``; min-p: ``min_p * max``;
-   joint: the largest of those). A token j is in N iff
-   ``count(p > p_j) < k``, ``mass(p > p_j) < top_p * total`` and ``p_j >= min_p * max``.
-3. Rejection rounds. Pass 0 computes total, max and the race winner j over ``{p > 0}``. Each round is
-   ONE pass that measures count/mass above ``p_j`` (the membership test) and, at the same time,
-   the race winners over two candidate supersets of N for the case j is rejected:
-   ``{p > p_j}`` and ``{p >= mid}``, where ``mid`` is the midpoint, in the bit pattern of fp32
-   (monotone for p >= 0), of ``(p_j, high]``. If ``count/mass(p >= mid)`` proves ``b >= mid`` the
-   next set is ``{p >= mid}``, else ``high = mid - 1ulp`` and the next set is ``{p > p_j}``.
-   Invariant: the current set contains N and ``b <= high``. The bit interval holding b at least
-   halves every rejected round, so a row finishes within 32 rounds (``MAX_ROUNDS`` = 34), and in
-   expectation after ~1/mass(N) rounds: top-p 0.9 needs 2 passes with probability >= 0.9.
-4. "top_k_first" (top-p over the renormalised top-k set) takes the exact k-th value of the row from
-   `pagoda.kernels.sampling_filters.top_k_floor` as a floor: tokens below it do not exist for the
-   sampler, so its total, and hence the top-p target, is the top-k mass. Nothing is written out.
+Two-level draw (no per-token random numbers in the streaming passes). A pass over a candidate set
+``S = {p >= a}`` (fp32 bit patterns order like the values for p >= 0, so every set here is
+``{bits(p) >= a}``; NaN and negative entries never belong) accumulates the mass of S per lane. A lane
+is then drawn with probability proportional to its mass (an exponential race over the LANES masses:
+``argmax w_l / E_l``), and a token of that lane in proportion to p (a race over the lane's
+``ceil(vocab / LANES)`` tokens, re-read from L2): together an exact draw from p restricted to S. The
+exponentials come from Philox (`_exp_at`): counter ``offset + row*ceil(vocab/4) + idx // 4``, lane
+``idx % 4``, third counter word = the draw's stage, so every draw of a row uses fresh numbers
+(same seed, shapes and launch config give the same tokens).
+
+Filters keep an upper set ``N = {p >= b}`` (top-k: b = k-th largest value, ties kept; top-p: b = t*,
+the largest value with ``mass(p >= t*) >= top_p * total``; min-p: ``min_p * max``; joint: the
+largest of those). Equivalently ``b = max(sup{t : P(t)}, thr)`` with the monotone predicate
+``P(t) = count(p >= t) >= k  or  mass(p >= t) >= top_p * total``.
+
+Pass 0 computes the total, the per-lane masses, and per lane the two largest values (with their
+tokens) and the third largest value. Let C be the 2*LANES tracked tokens and m3 the largest third
+value: every untracked token is <= m3, so for t > m3 the count and mass of ``{p >= t}`` are exact
+from C alone. A bisection over C (in registers) finds t_C = the largest t with P_C(t); since C's
+counts and masses are lower bounds, ``b >= t_C``, and if ``max(t_C, thr) > m3`` then b is exactly
+that and N lies inside C ("resolved"): the token is the exponential race over ``N`` in registers and
+the row costs ONE pass. With softmax(N(0, 3^2)) rows of 151,936 tokens and LANES = 1024, C holds the
+top ~150 tokens (a lane holding three of them is rare), so top-k 50, min-p 0.05 and top-p over a
+top-k floor resolve in one pass; top-p 0.9 (thousands of tokens) does not.
+
+Unresolved rows use rejection rounds with fresh draws (exact: each round draws from p restricted to
+a superset of N and accepts iff the token is in N). State: ``a <= b <= high`` (bits). The first
+candidate c comes from pass 0's lane masses. A round is ONE pass over ``A = {p >= max(a, p_c+1ulp)}``
+and ``B = {p >= mid}`` (mid halfway between that and high): A's count/mass decide whether c is in N
+(``count/mass(p > p_c)``), B's whether ``b >= mid``; the next candidate is drawn from B (then a = mid)
+or A (then high = mid - 1) with their lane masses. The bit interval at least halves per rejected
+round (<= 32 rounds, ``MAX_ROUNDS`` = 34) and in expectation ~1/mass(N) rounds are needed: top-p 0.9
+takes pass 0 + one round with probability >= 0.9. A candidate with ``p_c >= high`` is in N without a
+pass (min-p alone: a = high = thr).
+
+Cost per token and pass (SASS-level estimate, fp32 input): streaming pass 0 without filters ~4
+(load, compare, select, add), with tracking ~16, a round ~11 (two set tests, two masked adds, two
+counts for top-k). The old kernel drew an exponential per token in EVERY pass (Philox-4x32-10 ~25
+instr/token, log ~20, IEEE divide ~10, two race folds ~8: ~75-90 per token and pass), i.e. it was
+compute-bound at 5-10x the memory floor; now every pass is memory-bound (~20-33 instr/token balance
+on an H200) and typical passes are: sampling 1, top-k 1, min-p 1, top-k-first top-p 1 (+1 for the
+k-th value kernel), top-p ~2.1.
+
+"top_k_first" (top-p over the renormalised top-k set) takes the exact k-th value of the row from
+`pagoda.kernels.sampling_filters.top_k_floor` as a floor: tokens below it do not exist for the
+sampler, so its total, and hence the top-p target, is the top-k mass. Nothing is written out.
 Rows with no positive, finite-comparable mass (all zero / NaN) return token 0 with ``valid = False``.
-Every stored token is in ``[0, vocab)``.
+Every stored token is in ``[0, vocab)``. Logits (`sampling_from_logits`) use the Gumbel race with a
+per-token exponential (`_philox_chunk` layout), one pass.
 """
 from __future__ import annotations
 
@@ -38,6 +63,7 @@ import triton
 import triton.language as tl
 
 MAX_ROUNDS = 34
+INF_BITS = tl.constexpr(0x7F800000)  # bits of +inf: larger patterns are NaN
 
 
 @triton.jit
@@ -61,6 +87,19 @@ def _exp1(r):
     w = ((2147483647 - r).to(tl.float32) + 1.0) * 4.656612873077393e-10
     e = tl.where(w < 1e-3, w + w * w * (0.5 + w * 0.3333333333333333), -tl.log(1.0 - w))
     return tl.minimum(e, 1e30)  # w == 1 gives inf: keep keys finite
+
+
+@triton.jit
+def _exp_at(seed, rng_base, idx, stage):
+    """Exp(1) for index ``idx`` (a token, or a lane < vocab) in draw ``stage`` (>= 1) of a row: lane
+    ``idx % 4`` of Philox counter ``(rng_base + idx // 4, stage, 0)``. Stages never repeat within a
+    call, and the row's counters never reach the next row's, so all draws are independent."""
+    c = rng_base + (idx // 4).to(tl.int64)
+    zero = (idx * 0).to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, c.to(tl.uint32), (c >> 32).to(tl.uint32), (idx * 0 + stage).to(tl.uint32),
+                               zero)
+    q = idx % 4
+    return _exp1(tl.where(q == 0, r0, tl.where(q == 1, r1, tl.where(q == 2, r2, r3))))
 
 
 @triton.jit
@@ -90,13 +129,74 @@ def _race_winner(lane_key, lane_idx):
 
 
 @triton.jit
+def _in_set(x, a_bits):
+    """``x`` (fp32) in ``{p >= a}`` for ``a_bits >= 1``: positive, not NaN, bits at least a's."""
+    bits = x.to(tl.int32, bitcast=True)
+    return (bits >= a_bits) & (bits <= INF_BITS)
+
+
+@triton.jit
+def _lane_draw(lane_w, lanes, base, a_bits, seed, rng_base, stage, vocab, LANES: tl.constexpr,
+               NCP: tl.constexpr):
+    """Exact draw from p restricted to ``{p >= a}`` given that set's per-lane masses ``lane_w``: a lane
+    by an exponential race over the masses (stage), then a token of the lane (stage + 1). -1 if the
+    set is empty."""
+    e = _exp_at(seed, rng_base, lanes, stage)
+    has = lane_w > 0.0
+    key = tl.where(has, lane_w / e, -1.0)
+    best = tl.max(key, 0)
+    lane = tl.min(tl.where(has & (key == best), lanes, LANES), 0)
+    cols = lane + tl.arange(0, NCP) * LANES
+    live = (cols < vocab) & (lane < LANES)
+    x = tl.load(base + cols, mask=live, other=0.0).to(tl.float32)
+    elig = live & _in_set(x, a_bits)
+    key2 = tl.where(elig, x / _exp_at(seed, rng_base, cols, stage + 1), -1.0)
+    best2 = tl.max(key2, 0)
+    tok = tl.min(tl.where(elig & (key2 == best2), cols, 2147483647), 0)
+    return tl.where(tok == 2147483647, -1, tok)
+
+
+@triton.jit
+def _filter_pred(cnt, mass, k, k_on, target, p_on, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr):
+    """``P`` at a threshold t from ``count/mass(p >= t)``: t is at or below the filters' bound."""
+    pred = tl.zeros((), tl.int32) != 0
+    if HAS_TOP_K:
+        pred = pred | (k_on & (cnt >= k))
+    if HAS_TOP_P:
+        pred = pred | (p_on & (mass >= target))
+    return pred
+
+
+@triton.jit
+def _logits_race(base, seed, rng_base, vocab, BLOCK: tl.constexpr):
+    """Gumbel-max over logits, one exponential per token (`_philox_chunk` layout): the winner, -1 if
+    every logit is -inf or NaN."""
+    Q: tl.constexpr = BLOCK // 4
+    offs = tl.arange(0, Q)
+    key_v = tl.full((Q,), float("-inf"), tl.float32)
+    idx_v = tl.full((Q,), -1, tl.int32)
+    for start in range(0, vocab, BLOCK):
+        rs = _philox_chunk(seed, rng_base, start, offs)
+        for j in tl.static_range(4):
+            cols = start + j * Q + offs
+            inb = cols < vocab
+            x = tl.load(base + cols, mask=inb, other=0.0).to(tl.float32)
+            elig = inb & (x > float("-inf"))  # NaN compares false: never eligible
+            key_v, idx_v = _race_fold(_race_key(x, _exp1(rs[j]), True), elig, cols, key_v, idx_v)
+    return _race_winner(key_v, idx_v)
+
+
+@triton.jit
 def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top_p_ptr, min_p_ptr, floor_ptr,
                    seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val, vocab, num_rows,
                    HAS_ROWS: tl.constexpr, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr,
                    HAS_MIN_P: tl.constexpr, HAS_FLOOR: tl.constexpr, FROM_LOGITS: tl.constexpr,
-                   SEED_PTR: tl.constexpr, BLOCK: tl.constexpr, ROUNDS: tl.constexpr):
+                   SEED_PTR: tl.constexpr, BLOCK: tl.constexpr, NCP: tl.constexpr, ROUNDS: tl.constexpr):
     """HAS_FLOOR: only tokens with ``p >= floor[i]`` exist for row i (its total, max, race and
-    filters are those of that restricted, renormalised row): "top_k_first" with floor = the k-th value."""
+    filters are those of that restricted, renormalised row): "top_k_first" with floor = the k-th value.
+    BLOCK: tokens per loop step = lanes; NCP = next_power_of_2(ceil(vocab / BLOCK))."""
+    FILTERS: tl.constexpr = HAS_TOP_K or HAS_TOP_P or HAS_MIN_P
+    LANES: tl.constexpr = BLOCK
     pid = tl.program_id(0)
     if HAS_ROWS:
         # Clamped so a bad index can never address outside x (the ops layer checks it off-graph).
@@ -111,118 +211,154 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
         seed = seed_val
         off = offset_val + tl.zeros((), tl.int64)
     rng_base = off + pid.to(tl.int64) * ((vocab + 3) // 4)
-    Q: tl.constexpr = BLOCK // 4
-    offs = tl.arange(0, Q)
-    floor = 0.0
-    if HAS_FLOOR:
-        floor = tl.load(floor_ptr + pid)
+    lanes = tl.arange(0, LANES)
 
-    # Pass 0: row total and max, and the race winner over every eligible token. Chunks of BLOCK are
-    # 4 sub-blocks of Q; every accumulator is per lane ([Q]) and reduced once after the loop.
-    tot_v = tl.zeros((Q,), tl.float32)
-    max_v = tl.zeros((Q,), tl.float32)
-    key_v = tl.full((Q,), float("-inf"), tl.float32)
-    idx_v = tl.full((Q,), -1, tl.int32)
-    for start in range(0, vocab, BLOCK):
-        rs = _philox_chunk(seed, rng_base, start, offs)
-        for j in tl.static_range(4):
-            cols = start + j * Q + offs
-            inb = cols < vocab
-            x = tl.load(base + cols, mask=inb, other=0.0).to(tl.float32)
-            if FROM_LOGITS:
-                elig = inb & (x > float("-inf"))  # NaN compares false: never eligible
-            else:
-                elig = inb & (x > 0.0)
-                if HAS_FLOOR:
-                    elig = elig & (x >= floor)
-            tot_v += tl.where(elig, x, 0.0)
-            max_v = tl.maximum(max_v, tl.where(elig, x, 0.0))
-            key_v, idx_v = _race_fold(_race_key(x, _exp1(rs[j]), FROM_LOGITS), elig, cols, key_v, idx_v)
-    total = tl.sum(tot_v, 0)
-    pmax = tl.max(max_v, 0)
-    cand = _race_winner(key_v, idx_v)
-
-    done = (cand < 0).to(tl.int32)
-    accepted = (cand >= 0).to(tl.int32)
-    if HAS_TOP_K or HAS_TOP_P or HAS_MIN_P:
-        k = 0
-        top_p = 1.0
-        thr = 0.0
-        if HAS_TOP_K:
-            k = tl.load(top_k_ptr + pid)
-            k = tl.where((k <= 0) | (k >= vocab), vocab, k)  # disabled: count(p > p_j) < vocab always
-        if HAS_TOP_P:
-            top_p = tl.load(top_p_ptr + pid).to(tl.float32)
-        target = top_p * total
-        if HAS_MIN_P:
-            # Capped at the max: min_p > 1 keeps the most likely token(s), like every filter here.
-            thr = tl.minimum(tl.load(min_p_ptr + pid).to(tl.float32) * pmax, pmax)
-        high_bits = pmax.to(tl.int32, bitcast=True)
-        cand_p = tl.load(base + tl.maximum(cand, 0)).to(tl.float32)
-        accepted = tl.zeros((), tl.int32)
-        for _r in range(ROUNDS):
-            if not (HAS_TOP_K or HAS_TOP_P):
-                # min-p alone needs no pass to test membership.
-                hit = (done == 0) & ((cand_p >= thr) | (cand_p >= pmax))
-                accepted = tl.where(hit, 1, accepted)
-                done = tl.where(hit, 1, done)
-            if done == 0:
-                c_bits = cand_p.to(tl.int32, bitcast=True)
-                mid_bits = tl.maximum(c_bits + (high_bits - c_bits + 1) // 2, c_bits + 1)
-                if HAS_MIN_P:
-                    mid_bits = tl.maximum(mid_bits, thr.to(tl.int32, bitcast=True))
-                mid = mid_bits.to(tl.float32, bitcast=True)
-                cnt_gt_v = tl.zeros((Q,), tl.int32)
-                cnt_ge_v = tl.zeros((Q,), tl.int32)
-                mass_gt_v = tl.zeros((Q,), tl.float32)
-                mass_ge_v = tl.zeros((Q,), tl.float32)
-                key_a = tl.full((Q,), float("-inf"), tl.float32)
-                key_b = tl.full((Q,), float("-inf"), tl.float32)
-                idx_a = tl.full((Q,), -1, tl.int32)
-                idx_b = tl.full((Q,), -1, tl.int32)
-                for start in range(0, vocab, BLOCK):
-                    rs = _philox_chunk(seed, rng_base, start, offs)
-                    for j in tl.static_range(4):
-                        cols = start + j * Q + offs
-                        inb = cols < vocab
-                        x = tl.load(base + cols, mask=inb, other=0.0).to(tl.float32)
-                        gt = inb & (x > cand_p)
-                        ge = inb & (x >= mid)
-                        cnt_gt_v += gt.to(tl.int32)
-                        if HAS_TOP_K:  # only the filters present pay for their statistics
-                            cnt_ge_v += ge.to(tl.int32)
+    if FROM_LOGITS:
+        cand = _logits_race(base, seed, rng_base, vocab, BLOCK)
+        accepted = (cand >= 0).to(tl.int32)
+    else:
+        a0 = 1  # bits of the smallest positive float
+        if HAS_FLOOR:
+            a0 = tl.maximum(tl.load(floor_ptr + pid).to(tl.int32, bitcast=True), 1)
+        # Pass 0: per-lane mass of {p >= a0}; with filters, each lane's top two (value, token) and
+        # third value. Values are 0 where not eligible; tokens -1 where no entry.
+        tot = tl.zeros((LANES,), tl.float32)
+        v1 = tl.zeros((LANES,), tl.float32)
+        v2 = tl.zeros((LANES,), tl.float32)
+        v3 = tl.zeros((LANES,), tl.float32)
+        i1 = tl.full((LANES,), -1, tl.int32)
+        i2 = tl.full((LANES,), -1, tl.int32)
+        x_next = tl.load(base + lanes, mask=lanes < vocab, other=0.0)
+        for start in range(0, vocab, BLOCK):
+            # The next chunk's load is issued before this one is folded: two loads in flight.
+            cols = start + lanes
+            x = x_next.to(tl.float32)
+            x_next = tl.load(base + (cols + BLOCK), mask=cols + BLOCK < vocab, other=0.0)
+            v = tl.where(_in_set(x, a0), x, 0.0)
+            tot += v
+            if FILTERS:  # strict '>' keeps the lowest token of equal values in front
+                gt1 = v > v1
+                lo_v = tl.minimum(v, v1)
+                lo_i = tl.where(gt1, i1, cols)
+                v1 = tl.maximum(v, v1)
+                i1 = tl.where(gt1, cols, i1)
+                gt2 = lo_v > v2
+                v3 = tl.maximum(v3, tl.minimum(lo_v, v2))
+                v2 = tl.maximum(v2, lo_v)
+                i2 = tl.where(gt2, lo_i, i2)
+        total = tl.sum(tot, 0)
+        if not FILTERS:
+            cand = _lane_draw(tot, lanes, base, a0, seed, rng_base, 2, vocab, LANES, NCP)
+            accepted = (cand >= 0).to(tl.int32)
+        else:
+            pmax = tl.max(v1, 0)
+            m3_bits = tl.max(v3, 0).to(tl.int32, bitcast=True)
+            k = 0
+            k_on = tl.zeros((), tl.int32) != 0
+            top_p = 1.0
+            p_on = k_on
+            thr_bits = 0
+            if HAS_TOP_K:
+                k = tl.load(top_k_ptr + pid)
+                k_on = (k > 0) & (k < vocab)  # disabled: keep every token
+            if HAS_TOP_P:
+                top_p = tl.load(top_p_ptr + pid).to(tl.float32)
+                p_on = top_p < 1.0
+            f_on = k_on | p_on  # an active top-k or top-p: b is not known before the search
+            target = top_p * total
+            if HAS_MIN_P:
+                # Capped at the max: min_p > 1 keeps the most likely token(s), like every filter here.
+                thr = tl.minimum(tl.load(min_p_ptr + pid).to(tl.float32) * pmax, pmax)
+                thr_bits = thr.to(tl.int32, bitcast=True)
+            # t_C = largest t with P over C (lower bounds of count/mass): b >= t_C. Bisection on bits
+            # in (0, bits(pmax)]: lo keeps P true ("0" stands for "no bound"), hi keeps it false.
+            lo = tl.zeros((), tl.int32)
+            hi = pmax.to(tl.int32, bitcast=True) + 1
+            if f_on:
+                for _s in range(31):
+                    if hi - lo > 1:
+                        mid = lo + (hi - lo) // 2
+                        t = mid.to(tl.float32, bitcast=True)
+                        in1 = v1 >= t
+                        in2 = v2 >= t
+                        cnt = 0
+                        mass = 0.0
+                        if HAS_TOP_K:
+                            cnt = tl.sum(in1.to(tl.int32) + in2.to(tl.int32), 0)
                         if HAS_TOP_P:
-                            mass_gt_v += tl.where(gt, x, 0.0)
-                            mass_ge_v += tl.where(ge, x, 0.0)
-                        key = _race_key(x, _exp1(rs[j]), False)
-                        key_a, idx_a = _race_fold(key, gt, cols, key_a, idx_a)
-                        key_b, idx_b = _race_fold(key, ge, cols, key_b, idx_b)
-                cnt_gt = tl.sum(cnt_gt_v, 0)
-                cnt_ge = tl.sum(cnt_ge_v, 0)
-                mass_gt = tl.sum(mass_gt_v, 0)
-                mass_ge = tl.sum(mass_ge_v, 0)
-                cand_a = _race_winner(key_a, idx_a)
-                cand_b = _race_winner(key_b, idx_b)
-                ok = cnt_gt == 0  # the most likely token(s) are always kept
-                inside = cnt_gt >= 0
-                above_mid = cnt_gt < 0
-                if HAS_TOP_K:
-                    inside = inside & (cnt_gt < k)
-                    above_mid = above_mid | ((k < vocab) & (cnt_ge >= k))
-                if HAS_TOP_P:
-                    inside = inside & ((mass_gt < target) | (top_p >= 1.0))
-                    above_mid = above_mid | ((top_p < 1.0) & (mass_ge >= target))
-                if HAS_MIN_P:
-                    inside = inside & (cand_p >= thr)
-                    above_mid = above_mid | (thr >= mid)
-                inside = inside | ok
-                nxt = tl.where(above_mid, cand_b, cand_a)
-                lost = nxt < 0  # cannot happen with consistent sums; stop with an in-range token
-                high_bits = tl.where(inside | above_mid, high_bits, mid_bits - 1)
-                accepted = inside.to(tl.int32)
-                done = (inside | lost).to(tl.int32)
-                cand = tl.where(inside | lost, cand, nxt)
-                cand_p = tl.load(base + tl.maximum(cand, 0)).to(tl.float32)
+                            mass = tl.sum(tl.where(in1, v1, 0.0) + tl.where(in2, v2, 0.0), 0)
+                        ok = _filter_pred(cnt, mass, k, k_on, target, p_on, HAS_TOP_K, HAS_TOP_P)
+                        lo = tl.where(ok, mid, lo)
+                        hi = tl.where(ok, hi, mid)
+            b_bits = tl.maximum(tl.maximum(lo, thr_bits), a0)
+            if b_bits > m3_bits:
+                # Resolved: N = {p >= b} lies in C. Exponential race over it (stage 1).
+                in1 = _in_set(v1, b_bits)
+                in2 = _in_set(v2, b_bits)
+                key1 = tl.where(in1, v1 / _exp_at(seed, rng_base, tl.maximum(i1, 0), 1), -1.0)
+                key2 = tl.where(in2, v2 / _exp_at(seed, rng_base, tl.maximum(i2, 0), 1), -1.0)
+                best = tl.maximum(tl.max(key1, 0), tl.max(key2, 0))
+                tok = tl.minimum(tl.min(tl.where(in1 & (key1 == best), i1, 2147483647), 0),
+                                 tl.min(tl.where(in2 & (key2 == best), i2, 2147483647), 0))
+                cand = tl.where(tok == 2147483647, -1, tok)
+                accepted = (cand >= 0).to(tl.int32)
+            else:
+                # Rejection rounds. a <= b <= high; with no active top-k/top-p, b = max(thr, a0) exactly.
+                a_bits = b_bits
+                high = tl.where(f_on, m3_bits, b_bits)
+                cand = _lane_draw(tot, lanes, base, a0, seed, rng_base, 2, vocab, LANES, NCP)
+                done = (cand < 0).to(tl.int32)
+                accepted = tl.zeros((), tl.int32)
+                for r in range(ROUNDS):
+                    c_bits = tl.load(base + tl.maximum(cand, 0)).to(tl.float32).to(tl.int32, bitcast=True)
+                    if done == 0:
+                        if c_bits >= high:  # p_c >= high >= b: in N without a pass
+                            accepted = tl.full((), 1, tl.int32)
+                            done = tl.full((), 1, tl.int32)
+                    if done == 0:
+                        known_out = c_bits < a_bits
+                        low = tl.maximum(a_bits, c_bits + 1)
+                        mid_bits = low + (high - low + 1) // 2
+                        w_a = tl.zeros((LANES,), tl.float32)
+                        w_b = tl.zeros((LANES,), tl.float32)
+                        n_a = tl.zeros((LANES,), tl.int32)
+                        n_b = tl.zeros((LANES,), tl.int32)
+                        x_next = tl.load(base + lanes, mask=lanes < vocab, other=0.0)
+                        for start in range(0, vocab, BLOCK):
+                            cols = start + lanes
+                            x = x_next.to(tl.float32)
+                            x_next = tl.load(base + (cols + BLOCK), mask=cols + BLOCK < vocab, other=0.0)
+                            in_a = _in_set(x, low)
+                            in_b = _in_set(x, mid_bits)
+                            w_a += tl.where(in_a, x, 0.0)
+                            w_b += tl.where(in_b, x, 0.0)
+                            if HAS_TOP_K:  # only the filters present pay for their statistics
+                                n_a += in_a.to(tl.int32)
+                                n_b += in_b.to(tl.int32)
+                        cnt_a = tl.sum(n_a, 0)
+                        cnt_b = tl.sum(n_b, 0)
+                        mass_a = tl.sum(w_a, 0)
+                        mass_b = tl.sum(w_b, 0)
+                        # A = {p > p_c} unless c was known to be out: c in N iff not P(p_c + 1ulp)
+                        # (or nothing lies above c: the most likely token(s) are always kept).
+                        top = mass_a == 0.0
+                        if HAS_TOP_K:
+                            top = cnt_a == 0
+                        inside = (~known_out) & (c_bits >= thr_bits) & (
+                            top | ~_filter_pred(cnt_a, mass_a, k, k_on, target, p_on, HAS_TOP_K, HAS_TOP_P))
+                        # A rejected c gives b >= low: with mid == low (high == low) B = A holds N.
+                        above_mid = (mid_bits <= low) | (thr_bits >= mid_bits) | _filter_pred(
+                            cnt_b, mass_b, k, k_on, target, p_on, HAS_TOP_K, HAS_TOP_P)
+                        if inside:
+                            accepted = tl.full((), 1, tl.int32)
+                            done = tl.full((), 1, tl.int32)
+                        else:
+                            a_bits = tl.where(above_mid, mid_bits, low)
+                            high = tl.where(above_mid, high, mid_bits - 1)
+                            nxt = _lane_draw(tl.where(above_mid, w_b, w_a), lanes, base, a_bits, seed, rng_base,
+                                             4 + 2 * r, vocab, LANES, NCP)
+                            done = (nxt < 0).to(tl.int32)  # cannot happen with consistent sums
+                            cand = tl.where(nxt < 0, cand, nxt)
     found = cand >= 0
     tl.store(out_ptr + pid, tl.where(found, cand, 0).to(out_ptr.dtype.element_ty))
     tl.store(valid_ptr + pid, (found & (accepted != 0)).to(tl.int8))
@@ -235,15 +371,16 @@ def sm_count(device: torch.device) -> int:
 
 
 def launch_config(vocab: int, batch: int, device: torch.device, block: int | None = None) -> tuple[int, int]:
-    """(BLOCK, num_warps). One program streams one row: when there are fewer rows than SMs each
-    program has an SM to itself, so it gets 16 warps and 8192-wide chunks (4 tokens per thread per
-    sub-block: more loads in flight, ~100 registers); with more rows, 8 warps over 1024-wide chunks
-    (~48 registers) let up to 8 programs share an SM. No spills on sm_90 (ptxas -v). BLOCK >= 16."""
+    """(BLOCK, num_warps): BLOCK tokens (= per-lane accumulators) per loop step, and the next step's
+    load is issued before the current one is folded. One program streams one row: with fewer rows
+    than SMs each program has an SM to itself, so 16 warps take 4096-token steps (8 tokens per thread
+    per step, 16 in flight; ~90-110 registers); with more rows, 8 warps over 1024-token steps (4 per
+    thread, ~50-65 registers) let 3-4 programs share an SM. No spills on sm_90 (ptxas -v). BLOCK >= 16."""
     if block is None:
         wide = batch < sm_count(device)
-        block = 8192 if (wide and vocab >= 32768) else 2048 if (wide and vocab >= 8192) else 1024
+        block = 4096 if (wide and vocab >= 16384) else 1024
     block = max(16, min(block, triton.next_power_of_2(vocab)))
-    return block, (16 if block >= 2048 else 8 if block >= 1024 else 4)
+    return block, (16 if block >= 4096 else 8 if block >= 1024 else 4)
 
 
 def _seed_args(seed, offset, dummy: torch.Tensor):
@@ -280,7 +417,7 @@ def sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.
         x.shape[0],
         HAS_ROWS=rows is not None, HAS_TOP_K=top_k is not None, HAS_TOP_P=top_p is not None,
         HAS_MIN_P=min_p is not None, HAS_FLOOR=floor is not None, FROM_LOGITS=from_logits, SEED_PTR=seed_args[6],
-        BLOCK=block, ROUNDS=MAX_ROUNDS, num_warps=warps)
+        BLOCK=block, NCP=triton.next_power_of_2(triton.cdiv(vocab, block)), ROUNDS=MAX_ROUNDS, num_warps=warps)
 
 
 @triton.jit

@@ -1,11 +1,13 @@
 """The Triton sampling kernels under TRITON_INTERPRET=1 on the CPU (fp32/fp16, small sizes).
 
 The interpreter runs ~20-60 ms per program, so statistics over many draws live in the GPU tests
-(tests/ops/test_sampling.py). Here the race sampler is checked EXACTLY: with the kernel's own
-exponentials dumped, its token must equal ``argmax_{i in N} -E_i / p_i`` where N is the kept set of
-the sort-based reference. That pins down the filters, the rejection rounds and chunking, not just
-the law; one small frequency test and a
-distribution test check the exponentials themselves.
+(tests/ops/test_sampling.py). Here the samplers are checked EXACTLY where the draw is one race: with
+the kernel's own exponentials dumped, a row whose kept set N lies among the tracked tokens (vocab <=
+2 * BLOCK) must return ``argmax_{i in N} p_i / E_i`` with N from the sort-based reference, and an
+unfiltered row the two-level draw (lane by mass, then token of the lane). That pins down the filters
+and the thresholds, not just the law. Rows that need rejection rounds (more tokens than tracked) are
+checked for membership over many draws and by a frequency test; a distribution test checks the
+exponentials themselves.
 """
 import math
 import os
@@ -34,7 +36,7 @@ warnings.filterwarnings("ignore", "divide by zero", RuntimeWarning)
 
 @triton.jit
 def _dump_exponentials(out_ptr, seed, off, vocab, BLOCK: tl.constexpr):
-    # The samplers' token -> (Philox counter, lane) map, chunk by chunk (must use the same BLOCK).
+    # The logits race's token -> (Philox counter, lane) map, chunk by chunk (must use the same BLOCK).
     pid = tl.program_id(0)
     base = off + pid.to(tl.int64) * ((vocab + 3) // 4)
     Q: tl.constexpr = BLOCK // 4
@@ -46,19 +48,52 @@ def _dump_exponentials(out_ptr, seed, off, vocab, BLOCK: tl.constexpr):
             tl.store(out_ptr + pid * vocab + cols, K._exp1(rs[j]), mask=cols < vocab)
 
 
+@triton.jit
+def _dump_stage(out_ptr, seed, off, vocab, stage, N: tl.constexpr):
+    # The probability samplers' exponentials of one draw stage, for indices 0..N-1 of every row.
+    pid = tl.program_id(0)
+    idx = tl.arange(0, N)
+    e = K._exp_at(seed, off + pid.to(tl.int64) * ((vocab + 3) // 4), idx, stage)
+    tl.store(out_ptr + pid * N + idx, e)
+
+
 def _exponentials(batch, vocab, seed, offset, block=16):
     out = torch.empty(batch, vocab)
     _dump_exponentials[(batch,)](out, seed, offset, vocab, BLOCK=block)
     return out
 
 
-def _oracle(p32: torch.Tensor, keep: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """argmax over the kept, positive tokens of -E/p, in float32 numpy like the interpreter."""
-    p, ee = p32.numpy().astype(np.float32), e.numpy()
+def _stage(batch, vocab, seed, offset, stage, n=None):
+    n = triton.next_power_of_2(n or vocab)
+    out = torch.empty(batch, n)
+    _dump_stage[(batch,)](out, seed, offset, vocab, stage, N=n)
+    return out.numpy()
+
+
+def _race(p32: torch.Tensor, keep: torch.Tensor, e: np.ndarray) -> torch.Tensor:
+    """argmax over the kept, positive tokens of p/E (float32 numpy like the kernel), first on ties."""
+    p = p32.numpy().astype(np.float32)
     with np.errstate(divide="ignore"):
-        keys = np.maximum(-ee / p, np.float32(-3.0e38))
-    keys = np.where(keep.numpy() & (p > 0), keys, -np.inf)
+        keys = p / e[:, :p.shape[1]].astype(np.float32)
+    keys = np.where(keep.numpy() & (p > 0), keys, -1.0)
     return torch.from_numpy(keys.argmax(-1))
+
+
+def _two_level(p32: torch.Tensor, block: int, seed: int, offset: int) -> torch.Tensor:
+    """The unfiltered draw: lane l (tokens l, l + BLOCK, ...) by the race over lane masses (stage 2),
+    then a token of that lane by the race over its p (stage 3)."""
+    b, v = p32.shape
+    p = p32.numpy().astype(np.float32)
+    e_lane, e_tok = _stage(b, v, seed, offset, 2, block), _stage(b, v, seed, offset, 3)
+    out = []
+    for r in range(b):
+        w = np.zeros(block, np.float32)
+        for t in range(v):
+            w[t % block] += np.float32(max(p[r, t], 0.0))
+        lane = int(np.argmax(np.where(w > 0, w / e_lane[r, :block], -1.0)))
+        toks = np.arange(lane, v, block)
+        out.append(int(toks[np.argmax(np.where(p[r, toks] > 0, p[r, toks] / e_tok[r, toks], -1.0))]))
+    return torch.tensor(out)
 
 
 def _run(x, rows=None, top_k=None, top_p=None, min_p=None, seed=1234, offset=0, block=16, from_logits=False,
@@ -75,21 +110,23 @@ def _probs(batch, vocab, dtype=torch.float32, temp=1.5):
     return torch.softmax(torch.randn(batch, vocab) * temp, -1).to(dtype)
 
 
-@pytest.mark.parametrize("dtype,vocab", [(torch.float32, 5), (torch.float32, 37), (torch.float16, 37)])
-def test_plain_and_filters_equal_race_oracle(dtype, vocab):
+@pytest.mark.parametrize("dtype,vocab,block", [(torch.float32, 5, 16), (torch.float32, 37, 32),
+                                               (torch.float16, 37, 32)])
+def test_plain_and_filters_equal_race_oracle(dtype, vocab, block):
     b = 6
     p = _probs(b, vocab, dtype)
     p32 = p.float()
-    e = _exponentials(b, vocab, 99, 8)
+    e = _stage(b, vocab, 99, 8, 1)  # vocab <= 2 * BLOCK: every token tracked, one race over N
     k = torch.tensor([1, 2, 3, 5, vocab, 0], dtype=torch.int32)
     tp = torch.tensor([0.05, 0.3, 0.6, 0.9, 1.0, 0.5])
     mp = torch.tensor([0.0, 0.1, 0.3, 0.5, 1.0, 1.5])  # min_p > 1 (tensors are not range-checked): greedy
     cases = {
-        "plain": (dict(), torch.ones(b, vocab, dtype=torch.bool)),
         "top_k": (dict(top_k=k), ref.keep_top_k(p32.double(), k)),
         "top_p": (dict(top_p=tp), ref.keep_top_p(p32.double(), tp.double())),
         "min_p": (dict(min_p=mp), ref.keep_min_p(p32.double(), mp.double())),
         "joint": (dict(top_k=k, top_p=tp), ref.keep_top_k(p32.double(), k) & ref.keep_top_p(p32.double(), tp.double())),
+        "all": (dict(top_k=k, top_p=tp, min_p=mp), ref.keep_top_k(p32.double(), k)
+                & ref.keep_top_p(p32.double(), tp.double()) & ref.keep_min_p(p32.double(), mp.double())),
     }
     floor = torch.full((b,), float("nan"))
     F.top_k_floor(p, floor, k, block=16)
@@ -97,10 +134,69 @@ def test_plain_and_filters_equal_race_oracle(dtype, vocab):
     cases["top_k_first"] = (dict(top_p=tp, floor=floor),
                             keep_k & ref.keep_top_p(torch.where(keep_k, p32.double(), 0.0), tp.double()))
     for name, (kw, keep) in cases.items():
-        out, valid = _run(p, seed=99, offset=8, **kw)
+        out, valid = _run(p, seed=99, offset=8, block=block, **kw)
         assert valid.all(), name
-        assert torch.equal(out.long(), _oracle(p32, keep, e)), name
+        assert torch.equal(out.long(), _race(p32, keep, e)), name
         assert keep[torch.arange(b), out.long()].all(), name
+    out, valid = _run(p, seed=99, offset=8, block=block)
+    assert valid.all() and torch.equal(out.long(), _two_level(p32, block, 99, 8))
+    p[1, 3] = 0.0
+    out, valid = _run(p, seed=5, offset=0, block=16)  # lanes of up to 3 tokens
+    assert valid.all() and torch.equal(out.long(), _two_level(p.float(), min(16, vocab if vocab > 16 else 16), 5, 0))
+
+
+@pytest.mark.parametrize("name", ["top_k", "top_p", "min_p", "joint", "top_k_first"])
+def test_rejection_rounds_keep_to_the_filter(name):
+    """Rows with more tokens than tracked (4 per lane here, flat rows so the kept sets are large):
+    the rejection rounds. Every draw is inside the reference's kept set."""
+    vocab, b = 64, 12
+    p = _probs(b, vocab, temp=0.4)
+    p[3, :] = p[3, 0]  # all tied
+    p[4, 10:40] = 0.0
+    p32 = p.double()
+    k = torch.tensor([1, 2, 5, 20, 40, 63, 64, 0, 33, 7, 50, 30], dtype=torch.int32)
+    tp = torch.tensor([0.05, 0.3, 0.6, 0.9, 0.99, 0.5, 0.7, 0.95, 0.8, 0.999, 0.85, 0.75])
+    mp = torch.tensor([0.0, 0.1, 0.3, 0.5, 0.9, 0.2, 0.6, 0.05, 0.4, 0.7, 0.8, 0.95])
+    kw, keep = {
+        "top_k": (dict(top_k=k), ref.keep_top_k(p32, k)),
+        "top_p": (dict(top_p=tp), ref.keep_top_p(p32, tp.double())),
+        "min_p": (dict(min_p=mp), ref.keep_min_p(p32, mp.double())),
+        "joint": (dict(top_k=k, top_p=tp, min_p=mp * 0.3),
+                  ref.keep_top_k(p32, k) & ref.keep_top_p(p32, tp.double()) & ref.keep_min_p(p32, mp.double() * 0.3)),
+        "top_k_first": (None, None),
+    }[name]
+    if name == "top_k_first":
+        floor = torch.empty(b)
+        F.top_k_floor(p, floor, k, block=16)
+        keep_k = ref.keep_top_k(p32, k)
+        kw, keep = dict(top_p=tp, floor=floor), keep_k & ref.keep_top_p(torch.where(keep_k, p32, 0.0), tp.double())
+    for seed in range(4):
+        out, valid = _run(p, seed=seed, **kw)
+        assert valid.all() and ((out >= 0) & (out < vocab)).all()
+        assert keep[torch.arange(b), out.long()].all(), (name, seed)
+
+
+def test_rejection_rounds_follow_the_law():
+    """One flat row of 64 tokens (16 lanes of 4), top-p 0.6 and top-k 20: many rejection-round draws
+    follow p restricted to N and renormalised."""
+    vocab, n = 64, 160
+    p = torch.softmax(torch.linspace(1.0, 0.0, vocab), -1)[None]
+    rows = torch.zeros(n, dtype=torch.int32)
+    for kw, keep in ((dict(top_p=torch.full((n,), 0.6)), ref.keep_top_p(p.double(), torch.tensor([0.6]).double())),
+                     (dict(top_k=torch.full((n,), 20, dtype=torch.int32)), ref.keep_top_k(p.double(), torch.tensor([20])))):
+        out, valid = _run(p, rows=rows, seed=11, **kw)
+        assert valid.all()
+        want = torch.where(keep[0], p[0].double(), 0.0)
+        want = want / want.sum()
+        counts = torch.bincount(out.long(), minlength=vocab).double()
+        assert counts[~keep[0]].sum() == 0
+        # coarse chi-square on 4 groups of kept tokens (ordered by probability)
+        idx = torch.nonzero(keep[0]).flatten()
+        groups = idx.chunk(4)
+        obs = torch.stack([counts[g].sum() for g in groups])
+        exp = torch.stack([n * want[g].sum() for g in groups])
+        chi2 = (((obs - exp) ** 2) / exp).sum()
+        assert chi2 < 20.0, (kw.keys(), obs, exp)  # df = 3: P(chi2 > 20) ~ 2e-4
 
 
 def test_logits_race_is_gumbel_max():
@@ -254,8 +350,12 @@ def build(fn, consts, warps):
     triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": warps})
 build(K._sample_kernel, {"HAS_ROWS": True, "HAS_TOP_K": True, "HAS_TOP_P": True, "HAS_MIN_P": True,
-                         "HAS_FLOOR": True, "FROM_LOGITS": False, "SEED_PTR": True, "BLOCK": 1024,
+                         "HAS_FLOOR": True, "FROM_LOGITS": False, "SEED_PTR": True, "BLOCK": 1024, "NCP": 256,
                          "ROUNDS": K.MAX_ROUNDS}, 8)
+for logits, filters in ((True, False), (False, False)):
+    build(K._sample_kernel, {"HAS_ROWS": False, "HAS_TOP_K": filters, "HAS_TOP_P": filters, "HAS_MIN_P": filters,
+                             "HAS_FLOOR": False, "FROM_LOGITS": logits, "SEED_PTR": False, "BLOCK": 4096,
+                             "NCP": 64, "ROUNDS": K.MAX_ROUNDS}, 16)
 build(K._chain_spec_kernel, {"SEED_PTR": False, "N_PAD": 4, "BLOCK": 2048}, 8)
 ptr["x_ptr"] = ptr["out_ptr"] = "*fp32"
 for mode in (0, 1):
