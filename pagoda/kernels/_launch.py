@@ -49,6 +49,7 @@ def _no_hooks() -> bool:
 _MAX_ENTRIES = 256
 _compiled: dict[tuple, object] = {}     # (kernel, specialisation key) -> compiled kernel
 _names: dict[object, tuple] = {}        # kernel -> its parameter names in order
+_defaults: dict[object, dict] = {}      # kernel -> {parameter: default} for those that have one
 
 
 def launch(kernel, grid: tuple, *args, num_warps: int = 4, num_stages: int | None = None, **kwargs) -> None:
@@ -61,6 +62,9 @@ def launch(kernel, grid: tuple, *args, num_warps: int = 4, num_stages: int | Non
     names = _names.get(kernel)
     if names is None:
         names = _names[kernel] = tuple(kernel.arg_names)
+        _defaults[kernel] = {p.name: p.default for p in kernel.params if p.has_default}
+    if len(args) + len(kwargs) < len(names):
+        kwargs = {**_defaults[kernel], **kwargs}
     values = [*args, *(kwargs[n] for n in names[len(args):])]
     key = (kernel, torch.cuda.current_device(), num_warps, num_stages,
            *((v.dtype, v.data_ptr() % 16 == 0) if isinstance(v, torch.Tensor) else v for v in values))
@@ -77,3 +81,31 @@ def launch(kernel, grid: tuple, *args, num_warps: int = 4, num_stages: int | Non
         if len(_compiled) >= _MAX_ENTRIES:
             _compiled.clear()
         _compiled[key] = ck
+
+
+_tuned_configs: dict[tuple, object] = {}     # (autotuner, tuning key) -> the triton.Config it chose
+
+
+def launch_tuned(tuned, kernel, grid, *args, extra_key=(), **kwargs) -> None:
+    """``tuned[grid](*args, **kwargs)`` for ``tuned = triton.autotune(...)(kernel)``: the first call per
+    tuning key (the autotuner's ``key`` arguments and the tensors' dtypes) runs the autotuner; later
+    calls launch the configuration it chose through `launch` (the autotuner's own per-call dispatch
+    costs as much as the launch itself). ``grid`` may be a callable of the launch meta-parameters.
+    ``extra_key``: whatever else the autotuner's pruning depends on (e.g. whether TMA is possible)."""
+    if not _ENABLED:
+        tuned[grid](*args, **kwargs)
+        return
+    named = dict(zip(tuned.arg_names, args))
+    named.update(kwargs)
+    key = (tuned, extra_key, *(named.get(k) for k in tuned.keys),
+           *(a.dtype for a in args if isinstance(a, torch.Tensor)))
+    cfg = _tuned_configs.get(key)
+    if cfg is None or cfg.pre_hook is not None or getattr(cfg, "num_ctas", 1) != 1:
+        tuned[grid](*args, **kwargs)
+        best = getattr(tuned, "best_config", None)
+        if best is not None:
+            _tuned_configs[key] = best
+        return
+    meta = {**kwargs, **cfg.kwargs}
+    launch(kernel, grid(meta) if callable(grid) else grid, *args, num_warps=cfg.num_warps,
+           num_stages=cfg.num_stages, **meta)

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagoda.kernels._launch import launch, launch_tuned
+
 LOG2E = 1.4426950408889634
 
 
@@ -351,15 +353,16 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
             _ensure_tma_allocator()
             extra["USE_TMA"] = True
         grid = (triton.cdiv(max(int(max_seqlen_q), 1), bm), hq, batch_size)
-        _attn_fwd_kernel[grid](*args, **meta, **extra, BLOCK_M=bm, BLOCK_N=config["BLOCK_N"],
-                               num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
+        launch(_attn_fwd_kernel, grid, *args, **meta, **extra, BLOCK_M=bm, BLOCK_N=config["BLOCK_N"],
+               num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
     else:
-        if tma_supported(k, v):
+        tma = tma_supported(k, v)
+        if tma:
             _ensure_tma_allocator()
 
         def grid(m):
             return (triton.cdiv(max(int(max_seqlen_q), 1), m["BLOCK_M"]), hq, batch_size)
-        _attn_fwd_tuned[grid](*args, **meta)
+        launch_tuned(_attn_fwd_tuned, _attn_fwd_kernel, grid, *args, extra_key=(tma,), **meta)
 
 
 _TMA_ALLOCATOR_SET = False

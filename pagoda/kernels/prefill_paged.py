@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pagoda.kernels._launch import launch, launch_tuned
 from pagoda.kernels.attention_fwd import _autotune_enabled, _interpreting
 from pagoda.kernels.paged_tile import rope_rows
 
@@ -39,10 +40,10 @@ SPLIT_ALIGN = 128  # split chunks are multiples of this, which every config's BL
 
 
 @triton.jit
-def _gather(BASE, page, slot, stride_p, stride_t, offs_d, valid, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
-            HEAD_DIM_PAD: tl.constexpr):
-    """``[BLOCK_N, HEAD_DIM_PAD]`` rows of one KV head (``BASE`` already at the head); invalid rows read 0."""
-    ptrs = BASE + (page * stride_p + slot * stride_t)[:, None] + offs_d[None, :]
+def _gather(BASE, off, offs_d, valid, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """``[BLOCK_N, HEAD_DIM_PAD]`` rows at element offsets ``off [BLOCK_N]`` from ``BASE`` (one KV head's
+    start); invalid rows read 0."""
+    ptrs = BASE + off[:, None] + offs_d[None, :]
     if MASKED:
         tile = tl.load(ptrs, mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     elif HEAD_DIM != HEAD_DIM_PAD:
@@ -53,25 +54,38 @@ def _gather(BASE, page, slot, stride_p, stride_t, offs_d, valid, MASKED: tl.cons
 
 
 @triton.jit
-def _paged_block(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, page_size, stride_kp, stride_kt, stride_vp, stride_vt,
-                 q_pos, slope_log2, offs_n, offs_d, partner, start_n, kv_len, window_left, window_right, qk_scale,
-                 softcap_log2, rope_rcp_scale, log2_theta,
+def _paged_block(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, page_size, page_shift, stride_kp, stride_kt, stride_vp,
+                 stride_vt, q_pos, slope_log2, offs_n, offs_d, partner, start_n, kv_len, window_left, window_right,
+                 qk_scale, softcap_log2, rope_rcp_scale, log2_theta,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                  HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ROPE: tl.constexpr,
-                 IEEE: tl.constexpr):
+                 IEEE: tl.constexpr, ADDR: tl.constexpr):
     """One ``BLOCK_N`` tile of keys ``start_n + offs_n``: the updated online-softmax state (acc, l_i, m_i).
-    Without MASKED every key of the tile exists and every row sees it (no bounds or mask math)."""
+    Without MASKED every key of the tile exists and every row sees it (no bounds or mask math).
+    ``ADDR`` bits (see `addr_flags`) trim the gather's integer work, which the hot loop pays per key."""
     t = start_n + offs_n
     valid = t < kv_len
-    if MASKED:
-        page = tl.load(KV_INDICES + p0 + t // page_size, mask=valid, other=0).to(tl.int64)
+    if ADDR & 1:  # power-of-two page: shift and mask instead of integer division (tens of instructions)
+        pidx = t >> page_shift
+        slot = t & (page_size - 1)
     else:
-        page = tl.load(KV_INDICES + p0 + t // page_size).to(tl.int64)
-    slot = (t % page_size).to(tl.int64)
-    k = _gather(K_H, page, slot, stride_kp, stride_kt, offs_d, valid, MASKED, HEAD_DIM, HEAD_DIM_PAD)
+        pidx = t // page_size
+        slot = t % page_size
+    if ADDR & 4:  # a page holds >= 2^31 elements (one-page "tables" over a whole sequence)
+        slot = slot.to(tl.int64)
+    if MASKED:
+        page = tl.load(KV_INDICES + p0 + pidx, mask=valid, other=0).to(tl.int64)
+    else:
+        page = tl.load(KV_INDICES + p0 + pidx).to(tl.int64)
+    off_k = page * stride_kp + slot * stride_kt
+    if ADDR & 2:  # K and V share page/token strides (one 5-D cache): one offset for both
+        off_v = off_k
+    else:
+        off_v = page * stride_vp + slot * stride_vt
+    k = _gather(K_H, off_k, offs_d, valid, MASKED, HEAD_DIM, HEAD_DIM_PAD)
     if ROPE:
-        kp = tl.load(K_H + (page * stride_kp + slot * stride_kt)[:, None] + partner[None, :],
-                     mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        kp = tl.load(K_H + off_k[:, None] + partner[None, :], mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM),
+                     other=0.0)
         k = rope_rows(k, kp, t, offs_d, rope_rcp_scale, log2_theta, HEAD_DIM).to(K_H.dtype.element_ty)
     if IEEE:
         qk = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -105,7 +119,7 @@ def _paged_block(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, page_size, stride_k
     alpha = tl.exp2(m_i - m_sub)
     p = tl.exp2(s * scale - m_sub[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _gather(V_H, page, slot, stride_vp, stride_vt, offs_d, valid, MASKED, HEAD_DIM, HEAD_DIM_PAD)
+    v = _gather(V_H, off_v, offs_d, valid, MASKED, HEAD_DIM, HEAD_DIM_PAD)
     if IEEE:
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
     else:
@@ -118,10 +132,11 @@ def _prefill_paged_kernel(
     Q, K, V, QO_INDPTR, KV_INDPTR, KV_INDICES, KV_LAST, SLOPES, CHUNK, O, LSE,
     stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
     stride_ot, stride_os, stride_oh, stride_lt, stride_ls, stride_lh, stride_sb,
-    page_size, num_splits, qk_scale, softcap_log2, window_left, window_right, rope_rcp_scale, log2_theta,
+    page_size, page_shift, num_splits, qk_scale, softcap_log2, window_left, window_right, rope_rcp_scale, log2_theta,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr,
+    ADDR: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = pid % num_splits
@@ -179,29 +194,29 @@ def _prefill_paged_kernel(
     seg1 = tl.minimum(tl.maximum(full_lo, lo), hi)
     seg2 = tl.maximum(tl.minimum(full_hi, hi), seg1)
 
-    K_H = K + kvh * stride_kh
-    V_H = V + kvh * stride_vh
+    K_H = K + kvh.to(tl.int64) * stride_kh
+    V_H = V + kvh.to(tl.int64) * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     for start_n in range(lo, seg1, BLOCK_N):
-        acc, l_i, m_i = _paged_block(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, page_size, stride_kp, stride_kt,
-                                     stride_vp, stride_vt, q_pos, slope_log2, offs_n, offs_d, partner, start_n, kv_len,
-                                     window_left, window_right, qk_scale, softcap_log2, rope_rcp_scale, log2_theta,
-                                     HEAD_DIM, HEAD_DIM_PAD, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, ROPE,
-                                     IEEE)
+        acc, l_i, m_i = _paged_block(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, page_size, page_shift, stride_kp,
+                                     stride_kt, stride_vp, stride_vt, q_pos, slope_log2, offs_n, offs_d, partner,
+                                     start_n, kv_len, window_left, window_right, qk_scale, softcap_log2,
+                                     rope_rcp_scale, log2_theta, HEAD_DIM, HEAD_DIM_PAD, True, CAUSAL, HAS_WINDOW,
+                                     HAS_SOFTCAP, HAS_ALIBI, ROPE, IEEE, ADDR)
     for start_n in range(seg1, seg2, BLOCK_N):
-        acc, l_i, m_i = _paged_block(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, page_size, stride_kp, stride_kt,
-                                     stride_vp, stride_vt, q_pos, slope_log2, offs_n, offs_d, partner, start_n, kv_len,
-                                     window_left, window_right, qk_scale, softcap_log2, rope_rcp_scale, log2_theta,
-                                     HEAD_DIM, HEAD_DIM_PAD, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, ROPE,
-                                     IEEE)
+        acc, l_i, m_i = _paged_block(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, page_size, page_shift, stride_kp,
+                                     stride_kt, stride_vp, stride_vt, q_pos, slope_log2, offs_n, offs_d, partner,
+                                     start_n, kv_len, window_left, window_right, qk_scale, softcap_log2,
+                                     rope_rcp_scale, log2_theta, HEAD_DIM, HEAD_DIM_PAD, False, CAUSAL, HAS_WINDOW,
+                                     HAS_SOFTCAP, HAS_ALIBI, ROPE, IEEE, ADDR)
     for start_n in range(seg2, hi, BLOCK_N):
-        acc, l_i, m_i = _paged_block(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, page_size, stride_kp, stride_kt,
-                                     stride_vp, stride_vt, q_pos, slope_log2, offs_n, offs_d, partner, start_n, kv_len,
-                                     window_left, window_right, qk_scale, softcap_log2, rope_rcp_scale, log2_theta,
-                                     HEAD_DIM, HEAD_DIM_PAD, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, ROPE,
-                                     IEEE)
+        acc, l_i, m_i = _paged_block(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, page_size, page_shift, stride_kp,
+                                     stride_kt, stride_vp, stride_vt, q_pos, slope_log2, offs_n, offs_d, partner,
+                                     start_n, kv_len, window_left, window_right, qk_scale, softcap_log2,
+                                     rope_rcp_scale, log2_theta, HEAD_DIM, HEAD_DIM_PAD, True, CAUSAL, HAS_WINDOW,
+                                     HAS_SOFTCAP, HAS_ALIBI, ROPE, IEEE, ADDR)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -244,6 +259,13 @@ def _merge_splits_kernel(O_PART, LSE_PART, QO_INDPTR, O, LSE, n_req, num_splits,
     tl.store(O + r64 * stride_ot + h * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
     lse_out = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, l_sum))) * 0.6931471805599453)
     tl.store(LSE + r64 * stride_lt + h * stride_lh, lse_out)
+
+
+def addr_flags(page_size: int, k_strides, v_strides) -> int:
+    """Constexpr ``ADDR`` of the kernel: 1 = power-of-two page size, 2 = K and V share (page, token) strides,
+    4 = token offsets within a page need 64 bits."""
+    wide = page_size * max(abs(k_strides[1]), abs(v_strides[1]), 1) >= 2 ** 31
+    return ((page_size & (page_size - 1)) == 0) | 2 * (tuple(k_strides[:2]) == tuple(v_strides[:2])) | 4 * wide
 
 
 def choose_block_m(rows: int, head_dim: int, fp32: bool = False) -> int:
@@ -347,19 +369,20 @@ def prefill_paged_fwd(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_i
     args = (q, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
             alibi_slopes if alibi_slopes is not None else q, chunk if split else qo_indptr, dst_o, dst_l,
             q.stride(0), q.stride(1), *k_strides, *v_strides, *so, *sl, stride_sb,
-            page_size, max(num_splits, 1), qk_scale, softcap_log2, window_left, window_right, rope_rcp_scale,
+            page_size, page_size.bit_length() - 1, max(num_splits, 1), qk_scale, softcap_log2, window_left, window_right, rope_rcp_scale,
             log2_theta)
     meta = dict(HEAD_DIM=dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(dim)), GROUP=group, BLOCK_M=bm, SPLIT=split,
                 CAUSAL=window_right >= 0, HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=softcap > 0,
-                HAS_ALIBI=alibi_slopes is not None, ROPE=rope is not None, IEEE=fp32)
+                HAS_ALIBI=alibi_slopes is not None, ROPE=rope is not None, IEEE=fp32,
+                ADDR=addr_flags(page_size, k_strides, v_strides))
     if config is not None:
-        _prefill_paged_kernel[grid](*args, **meta, BLOCK_N=config["BLOCK_N"], num_warps=config.get("num_warps", 4),
-                                    num_stages=config.get("num_stages", 2))
+        launch(_prefill_paged_kernel, grid, *args, **meta, BLOCK_N=config["BLOCK_N"],
+               num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
     else:
-        _prefill_paged_tuned[grid](*args, **meta)
+        launch_tuned(_prefill_paged_tuned, _prefill_paged_kernel, grid, *args, **meta)
     if split:
-        _merge_splits_kernel[(out.shape[0], hq)](
-            o_part, lse_part, qo_indptr, out, lse, batch, num_splits, *o_part.stride()[:3], *lse_part.stride(),
+        launch(
+            _merge_splits_kernel, (out.shape[0], hq), o_part, lse_part, qo_indptr, out, lse, batch, num_splits, *o_part.stride()[:3], *lse_part.stride(),
             out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
             HEAD_DIM=dim, HEAD_DIM_PAD=meta["HEAD_DIM_PAD"], SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
             num_warps=4 if dim * num_splits <= 8192 else 8)

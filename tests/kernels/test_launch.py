@@ -21,6 +21,7 @@ class _FakeCompiled:
 
 class _FakeKernel:
     arg_names = ["X", "n", "scale", "BLOCK"]
+    params = [types.SimpleNamespace(name=n, has_default=False, default=None) for n in arg_names]
 
     def __init__(self):
         self.log = []
@@ -89,3 +90,33 @@ def test_profiler_hooks_force_the_normal_path(fast, monkeypatch):
 
 def test_no_hooks_installed_by_default():
     assert _launch._no_hooks()
+
+
+class _FakeTuned:
+    arg_names = ["X", "n", "scale", "BLOCK"]
+    keys = ["n"]
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, 0
+        self.best_config = types.SimpleNamespace(kwargs={"BLOCK": 64}, num_warps=8, num_stages=3, pre_hook=None)
+
+    def __getitem__(self, grid):
+        def call(*args, **kwargs):
+            self.calls += 1
+        return call
+
+
+def test_tuned_launch_reuses_the_chosen_config_per_key(fast, monkeypatch):
+    monkeypatch.setattr(_launch, "_tuned_configs", {})
+    k, x = _FakeKernel(), torch.zeros(4)
+    k.arg_names = ["X", "n", "scale", "BLOCK"]
+    tuned = _FakeTuned(k)
+    _launch.launch_tuned(tuned, k, lambda m: (m["BLOCK"],), x, 16, 0.5)
+    assert tuned.calls == 1 and k.log == []                   # the autotuner ran
+    _launch.launch_tuned(tuned, k, lambda m: (m["BLOCK"],), x, 16, 0.5)
+    assert tuned.calls == 1 and k.log[0][:2] == ("slow", (64,))   # its choice, launched directly
+    assert k.log[0][3] == {"BLOCK": 64, "num_warps": 8, "num_stages": 3}
+    _launch.launch_tuned(tuned, k, lambda m: (m["BLOCK"],), x, 32, 0.5)   # new key: tune again
+    assert tuned.calls == 2
+    _launch.launch_tuned(tuned, k, lambda m: (m["BLOCK"],), x, 16, 0.5, extra_key=(True,))
+    assert tuned.calls == 3
