@@ -48,6 +48,26 @@ def _wide(X, Y, Z, W, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a1
     tl.store(X + i, i.to(tl.float32) + a1 + f1, mask=i < a2)
 
 
+def cascade():
+    import pagoda.bench.cascade as cb
+
+    case = cb.CascadeCase(4096, 256, 128)
+    cache, q, page_lists, last = cb._layout(case, torch.device("cuda"), torch.bfloat16)
+    ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    fn = cb._prepare("pagoda_cascade", case, cache, q, page_lists, last, ws)
+    for _ in range(3):
+        fn()
+    profile("cascade run prefix4096 b128", fn, n=100)
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(50):
+        fn()
+    pr.disable()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("cumtime").print_stats(30)
+    print("\n".join(s.getvalue().splitlines()[6:40]))
+
+
 def main():
     x = torch.zeros(64, device="cuda")
     print(f"torch.empty cuda: {host_us(lambda: torch.empty(64, device='cuda')):.1f} us")
@@ -78,4 +98,6 @@ def main():
     profile("sampling b32", lambda: pagoda.sampling_from_probs(probs))
 
 
-main()
+if __name__ == "__main__":
+    import sys
+    cascade() if sys.argv[1:] == ["cascade"] else main()
