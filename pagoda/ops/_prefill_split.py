@@ -46,7 +46,7 @@ def choose(n_programs: int, longest: int, sms: int, cap: int, block_m: int, alig
            fixed_chunk: int | None = None) -> tuple[int, int]:
     """``(chunk, splits)`` for a plan with known lengths; ``(0, 0)`` = no split. ``cap``: the most splits
     the workspace (and the merge) allows; ``fixed_chunk`` (keys) overrides the heuristic."""
-    if cap < 2 or longest == 0:
+    if cap < 2 or longest == 0 or n_programs == 0:
         return 0, 0
     if fixed_chunk is not None:
         chunk = _round_up(fixed_chunk, align)

@@ -154,7 +154,8 @@ class BatchPrefillWithPagedKVCacheWrapper:
         if self._use_cuda_graph:
             if self._graph_split is None:
                 bm = choose_block_m(max(self._max_qo, 1) * group, d, q_dtype == torch.float32)
-                n = _split.programs(qo_lens, group, hk, bm)
+                # (an empty first plan, e.g. a capture with dummy lengths: assume one tile per request)
+                n = _split.programs(qo_lens, group, hk, bm) or hk * max(len(qo_lens), 1)
                 self._graph_split = (bm, 0 if disable else _split.graph_splits(n, sms))
             self._block_m, self._splits = self._graph_split
             if self._splits:

@@ -44,7 +44,7 @@ for split, opts in ((False, False), (True, True)):
 for bm, group, split, opts, warps in ((128, 4, False, False, 8), (64, 1, True, False, 4), (16, 4, True, True, 4)):
     build(P._prefill_paged_kernel, dict(HEAD_DIM=128, HEAD_DIM_PAD=128, GROUP=group, BLOCK_M=bm, BLOCK_N=64,
                                         SPLIT=split, CAUSAL=not opts, HAS_WINDOW=opts, HAS_SOFTCAP=opts,
-                                        HAS_ALIBI=opts, ROPE=opts, IEEE=False),
+                                        HAS_ALIBI=opts, ROPE=opts, IEEE=False, ADDR=3 if opts else 4),
           {**ptrs, "O": "*fp32"} if split else ptrs, warps=warps)
 build(P._merge_splits_kernel, dict(HEAD_DIM=128, HEAD_DIM_PAD=128, SPLITS_PAD=16),
       {"O_PART": "*fp32", "LSE_PART": "*fp32", "QO_INDPTR": "*i32", "O": "*bf16", "LSE": "*fp32"})

@@ -123,3 +123,28 @@ def test_split_kv_rows_without_keys():
     assert torch.isneginf(lse[:5]).all() and (out[:5] == 0).all()
     assert rel_err(out, want) < 1e-5
     assert_finite_lse_close(lse, want_lse.float(), atol=1e-4)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_kv_caches_with_different_strides(monkeypatch, wide):
+    """V in a wider buffer than K (its own page/token strides), and the 64-bit in-page offsets (forced)."""
+    import pagoda.kernels.prefill_paged as pp
+
+    if wide:
+        real = pp.addr_flags
+        monkeypatch.setattr(pp, "addr_flags", lambda *a: real(*a) | 4)
+    kv, qo, ps, hq, hk, d = [37, 20], [10, 20], 4, 8, 2, 32
+    indptr, indices, last, max_pages = random_page_table(kv, ps)
+    k_cache = torch.randn(max_pages, ps, hk, d)
+    v_cache = torch.randn(max_pages, ps, hk + 1, d)[:, :, 1:]
+    assert pp.addr_flags(ps, k_cache.stride()[:3], v_cache.stride()[:3]) & 2 == 0
+    qptr = torch.tensor([0, 10, 30], dtype=torch.int32)
+    q = torch.randn(30, hq, d)
+    out, lse = torch.full_like(q, float("nan")), torch.full((30, hq), float("nan"))
+    prefill_paged_fwd(q, k_cache, v_cache, k_cache.stride()[:3], v_cache.stride()[:3], qptr, indptr, indices, last, ps,
+                      hk, 20, out, lse, sm_scale=d ** -0.5, causal=True, config={"BLOCK_M": 16, "BLOCK_N": 16})
+    cache = torch.stack([k_cache, v_cache.contiguous()], 1)
+    want, want_lse = ref.batch_prefill_with_paged_kv_cache(q, cache, qptr, indptr, indices, last, "NHD", causal=True,
+                                                           sm_scale=d ** -0.5, compute_dtype=torch.float64)
+    assert rel_err(out, want) < 1e-5
+    assert_finite_lse_close(lse, want_lse.float(), atol=1e-4)
