@@ -40,10 +40,16 @@ _ENABLED = _enabled()
 def _no_hooks() -> bool:
     """No launch hook installed (a profiler's hooks need the normal path). Triton 3.6 keeps hooks in
     (possibly empty) ``HookChain`` objects, older versions as None or a function."""
+    runtime = _knobs_runtime()
+    enter, exit_ = runtime.launch_enter_hook, runtime.launch_exit_hook
+    return ((enter is None or not getattr(enter, "calls", True))
+            and (exit_ is None or not getattr(exit_, "calls", True)))
+
+
+def _knobs_runtime():
     from triton import knobs
 
-    return all(h is None or not getattr(h, "calls", True)
-               for h in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook))
+    return knobs.runtime
 
 
 _MAX_ENTRIES = 256
@@ -52,30 +58,44 @@ _names: dict[object, tuple] = {}        # kernel -> its parameter names in order
 _defaults: dict[object, dict] = {}      # kernel -> {parameter: default} for those that have one
 
 
+_device_stream = None     # (get_current_device, get_current_stream) of Triton's active driver, set lazily
+
+
+def _current():
+    global _device_stream
+    if _device_stream is None:
+        from triton.runtime import driver
+
+        _device_stream = (driver.active.get_current_device, driver.active.get_current_stream)
+    return _device_stream
+
+
 def launch(kernel, grid: tuple, *args, num_warps: int = 4, num_stages: int | None = None, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs, num_warps=..., num_stages=...)``, the same call, cheaper when repeated.
     ``kwargs`` must name every parameter after the positional ones (constexprs included)."""
-    options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
     if not _ENABLED:
+        options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
         kernel[grid](*args, **kwargs, **options)
         return
     names = _names.get(kernel)
     if names is None:
         names = _names[kernel] = tuple(kernel.arg_names)
-        _defaults[kernel] = {p.name: p.default for p in kernel.params if p.has_default}
+        _defaults[kernel] = {p.name: p.default for p in kernel.params if getattr(p, "has_default", False)}
     if len(args) + len(kwargs) < len(names):
         kwargs = {**_defaults[kernel], **kwargs}
     values = [*args, *(kwargs[n] for n in names[len(args):])]
-    key = (kernel, torch.cuda.current_device(), num_warps, num_stages,
-           *((v.dtype, v.data_ptr() % 16 == 0) if isinstance(v, torch.Tensor) else v for v in values))
+    get_device, get_stream = _current()
+    device = get_device()
+    tensor = torch.Tensor
+    key = (kernel, device, num_warps, num_stages,
+           *[(v.dtype, not v.data_ptr() & 15) if isinstance(v, tensor) else v for v in values])
     ck = _compiled.get(key)
-    if ck is not None:
-        if _no_hooks():
-            g0, g1, g2 = tuple(grid) + (1,) * (3 - len(grid))
-            run = ck.run
-            run(g0, g1, g2, torch.cuda.current_stream().cuda_stream, ck.function, ck.packed_metadata, None, None,
-                None, *values)
-            return
+    if ck is not None and _no_hooks():
+        g0, g1, g2 = (*grid, 1, 1)[:3]
+        run = ck.run
+        run(g0, g1, g2, get_stream(device), ck.function, ck.packed_metadata, None, None, None, *values)
+        return
+    options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
     ck = kernel[grid](*args, **kwargs, **options)
     if ck is not None and hasattr(ck, "packed_metadata"):
         if len(_compiled) >= _MAX_ENTRIES:
@@ -95,9 +115,8 @@ def launch_tuned(tuned, kernel, grid, *args, extra_key=(), **kwargs) -> None:
     if not _ENABLED:
         tuned[grid](*args, **kwargs)
         return
-    named = dict(zip(tuned.arg_names, args))
-    named.update(kwargs)
-    key = (tuned, extra_key, *(named.get(k) for k in tuned.keys),
+    names = tuned.arg_names
+    key = (tuned, extra_key, *(kwargs[k] if k in kwargs else args[names.index(k)] for k in tuned.keys),
            *(a.dtype for a in args if isinstance(a, torch.Tensor)))
     cfg = _tuned_configs.get(key)
     if cfg is None or cfg.pre_hook is not None or getattr(cfg, "num_ctas", 1) != 1:

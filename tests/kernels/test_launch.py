@@ -37,8 +37,7 @@ class _FakeKernel:
 def fast(monkeypatch):
     monkeypatch.setattr(_launch, "_ENABLED", True)
     monkeypatch.setattr(_launch, "_compiled", {})
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: types.SimpleNamespace(cuda_stream=7))
+    monkeypatch.setattr(_launch, "_device_stream", (lambda: 0, lambda device: 7))
 
 
 def test_second_identical_launch_takes_the_compiled_launcher(fast):
