@@ -5,8 +5,8 @@ per request (decode), GQA 32/8, head_dim 128, page size 16, pages in random orde
 pagoda's `MultiLevelCascadeAttentionWrapper` (2 levels) and `BatchDecodeWithPagedKVCacheWrapper`
 over the concatenated pages, FlashInfer's two when importable. The GPU grid sweeps prefix x batch to
 find the crossover below which cascade does not pay. The floor: the shared level's FLOPs at the
-measured bf16 matmul rate plus the unique KV bytes at the measured copy bandwidth (H200 figures of
-DESIGN.md; other GPUs: indicative only).
+dense prefill kernel's measured rate (the issue's definition) plus the unique KV bytes at the measured
+copy bandwidth (H200 figures; other GPUs: indicative only).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pagoda.bench.attention import _classify
 from pagoda.bench.progress import Progress
 from pagoda.bench.timing import time_ms
 
-MATMUL_FLOPS = 788e12     # bf16 8192^3 matmul on the H200 (DESIGN.md)
+PREFILL_FLOPS = 505e12    # pagoda's dense prefill at its best on the H200 (d128 16k, benchmarks/results, 2026-11-22)
 COPY_BYTES_PER_S = 4.25e12
 BACKENDS = ("pagoda_cascade", "pagoda_decode", "flashinfer_cascade", "flashinfer_decode")
 
@@ -110,10 +110,10 @@ def _unavailable(name, device):
 
 
 def floor_ms(case: CascadeCase) -> float:
-    """Shared level's FLOPs at the matmul rate + unique KV bytes (bf16) at the copy bandwidth, in ms."""
+    """Shared level's FLOPs at the dense prefill rate + unique KV bytes (bf16) at the copy bandwidth, in ms."""
     flops = 4.0 * case.batch * case.num_qo_heads * case.prefix * case.head_dim
     unique_bytes = 2 * case.batch * case.unique * case.num_kv_heads * case.head_dim * 2
-    return (flops / MATMUL_FLOPS + unique_bytes / COPY_BYTES_PER_S) * 1e3
+    return (flops / PREFILL_FLOPS + unique_bytes / COPY_BYTES_PER_S) * 1e3
 
 
 def run_study(grid: str, backends, device: torch.device, dtype: torch.dtype) -> dict:
