@@ -369,8 +369,8 @@ def prefill_paged_fwd(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_i
     args = (q, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
             alibi_slopes if alibi_slopes is not None else q, chunk if split else qo_indptr, dst_o, dst_l,
             q.stride(0), q.stride(1), *k_strides, *v_strides, *so, *sl, stride_sb,
-            page_size, page_size.bit_length() - 1, max(num_splits, 1), qk_scale, softcap_log2, window_left, window_right, rope_rcp_scale,
-            log2_theta)
+            page_size, page_size.bit_length() - 1, max(num_splits, 1), qk_scale, softcap_log2, window_left,
+            window_right, rope_rcp_scale, log2_theta)
     meta = dict(HEAD_DIM=dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(dim)), GROUP=group, BLOCK_M=bm, SPLIT=split,
                 CAUSAL=window_right >= 0, HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=softcap > 0,
                 HAS_ALIBI=alibi_slopes is not None, ROPE=rope is not None, IEEE=fp32,
@@ -381,8 +381,7 @@ def prefill_paged_fwd(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_i
     else:
         launch_tuned(_prefill_paged_tuned, _prefill_paged_kernel, grid, *args, **meta)
     if split:
-        launch(
-            _merge_splits_kernel, (out.shape[0], hq), o_part, lse_part, qo_indptr, out, lse, batch, num_splits, *o_part.stride()[:3], *lse_part.stride(),
-            out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-            HEAD_DIM=dim, HEAD_DIM_PAD=meta["HEAD_DIM_PAD"], SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
-            num_warps=4 if dim * num_splits <= 8192 else 8)
+        launch(_merge_splits_kernel, (out.shape[0], hq), o_part, lse_part, qo_indptr, out, lse, batch, num_splits,
+               *o_part.stride()[:3], *lse_part.stride(), out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+               HEAD_DIM=dim, HEAD_DIM_PAD=meta["HEAD_DIM_PAD"], SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+               num_warps=4 if dim * num_splits <= 8192 else 8)
