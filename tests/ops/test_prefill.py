@@ -178,6 +178,42 @@ def _ref_paged(q, cache, qo, meta, layout, causal, **kw):
                                                  sm_scale=q.shape[-1] ** -0.5, compute_dtype=torch.float64, **kw)
 
 
+def test_split_plan_heuristic():
+    """Host-side choices (`pagoda.ops._prefill_split`) on the shapes that motivated them (132-SM H200)."""
+    from pagoda.ops import _prefill_split as sp
+
+    # Cascade shared level: 1 request, 128 queries x GQA 4 = 512 rows -> 4 tiles of 128 x 8 KV heads = 32
+    # programs against 32768 keys: 8 splits of 4096 keys fill 2 programs per SM.
+    n = sp.programs([128], 4, 8, 128)
+    assert n == 32 and sp.choose(n, 32768, 132, 64, 128, 128) == (4096, 8)
+    # Long prefill fills the GPU alone; short KV is not worth splitting; a tiny workspace forbids it.
+    assert sp.choose(sp.programs([16384], 4, 8, 128), 16384, 132, 64, 128, 128) == (0, 0)
+    assert sp.choose(32, 700, 132, 64, 128, 128) == (0, 0)
+    assert sp.choose(32, 32768, 132, 1, 128, 128) == (0, 0)
+    # Fixed chunk: rounded to the alignment, capped by the workspace.
+    assert sp.choose(1000, 1000, 132, 64, 16, 128, fixed_chunk=100) == (128, 8)
+    assert sp.choose(1000, 1000, 132, 4, 16, 128, fixed_chunk=100) == (256, 4)
+    # Graph mode: the split count from the first plan, chunks that always cover the longest request.
+    assert sp.graph_splits(32, 132) == 8 and sp.graph_splits(300, 132) == 0
+    assert sp.graph_chunk(0, 8, 128) == 128 and sp.graph_chunk(5000, 8, 128) == 640
+    assert sp.graph_chunk(100, 8, 128, fixed_chunk=300) == 384
+
+
+def test_launch_config_classes():
+    pp = pytest.importorskip("pagoda.kernels.prefill_paged")
+    assert [pp.choose_block_m(r, 128) for r in (1, 16, 17, 64, 65)] == [16, 16, 64, 64, 128]
+    assert pp.choose_block_m(4096, 256) == 64 and pp.choose_block_m(4096, 128, fp32=True) == 64
+    configs = pp._prefill_paged_tuned.configs
+    for d, bm, fp32 in ((128, 128, False), (64, 16, False), (256, 64, False), (128, 64, True), (128, 16, True)):
+        kept = pp._prune(configs, {}, HEAD_DIM_PAD=d, BLOCK_M=bm, IEEE=fp32)
+        assert kept and all(pp.SPLIT_ALIGN % c.kwargs["BLOCK_N"] == 0 for c in kept)
+        if not fp32 and d <= 128:
+            assert {(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept} == set(pp._TILES[bm])
+    assert pp.addr_flags(16, (4096, 256, 32), (4096, 256, 32)) == 3
+    assert pp.addr_flags(5, (4096, 256, 32), (8192, 512, 32)) == 0
+    assert pp.addr_flags(1 << 20, (0, 4096, 128), (0, 4096, 128)) == 7
+
+
 @pytest.mark.skipif(not INTERPRET, reason="interpreter test (TRITON_INTERPRET=1, no CUDA)")
 @pytest.mark.parametrize("page_size,hq,hk,layout", [(1, 4, 4, "NHD"), (16, 8, 2, "HND"), (7, 8, 1, "NHD")])
 @pytest.mark.parametrize("causal,window_left,fixed", [(True, -1, None), (False, -1, None), (True, 40, None),
