@@ -19,8 +19,9 @@ the largest value with ``mass(p >= t*) >= top_p * total``; min-p: ``min_p * max`
 largest of those). Equivalently ``b = max(sup{t : P(t)}, thr)`` with the monotone predicate
 ``P(t) = count(p >= t) >= k  or  mass(p >= t) >= top_p * total``.
 
-Pass 0 computes the total, the per-lane masses, and per lane the two largest values (with their
-tokens) and the third largest value. Let C be the 2*LANES tracked tokens and m3 the largest third
+Pass 0 computes the total, the per-lane masses, and per lane the two largest values and the third
+largest value (no token indices: a winner is found again in its lane). Let C be the 2*LANES tracked
+tokens and m3 the largest third
 value: every untracked token is <= m3, so for t > m3 the count and mass of ``{p >= t}`` are exact
 from C alone. A bisection over C (in registers) finds t_C = the largest t with P_C(t); since C's
 counts and masses are lower bounds, ``b >= t_C``, and if ``max(t_C, thr) > m3`` then b is exactly
@@ -39,9 +40,9 @@ round (<= 32 rounds, ``MAX_ROUNDS`` = 34) and in expectation ~1/mass(N) rounds a
 takes pass 0 + one round with probability >= 0.9. A candidate with ``p_c >= high`` is in N without a
 pass (min-p alone: a = high = thr).
 
-Cost per token and pass (SASS-level estimate, fp32 input): streaming pass 0 without filters ~4
-(load, compare, select, add), with tracking ~16, a round ~11 (two set tests, two masked adds, two
-counts for top-k). The old kernel drew an exponential per token in EVERY pass (Philox-4x32-10 ~25
+Cost per token and pass (sm_90 SASS of the loops, fp32 input, 128-bit loads): pass 0 without filters
+~5 (load, compare, select, add), with the top-two tracking ~14, a top-p round ~8 (two set tests, two
+masked adds; +2 counts for top-k). The old kernel drew an exponential per token in EVERY pass (Philox-4x32-10 ~25
 instr/token, log ~20, IEEE divide ~10, two race folds ~8: ~75-90 per token and pass), i.e. it was
 compute-bound at 5-10x the memory floor; now every pass is memory-bound (~20-33 instr/token balance
 on an H200) and typical passes are: sampling 1, top-k 1, min-p 1, top-k-first top-p 1 (+1 for the
@@ -220,14 +221,12 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
         a0 = 1  # bits of the smallest positive float
         if HAS_FLOOR:
             a0 = tl.maximum(tl.load(floor_ptr + pid).to(tl.int32, bitcast=True), 1)
-        # Pass 0: per-lane mass of {p >= a0}; with filters, each lane's top two (value, token) and
-        # third value. Values are 0 where not eligible; tokens -1 where no entry.
+        # Pass 0: per-lane mass of {p >= a0}; with filters, each lane's two largest values and its
+        # third largest (0 where none). No token indices: a winner is found again in its lane.
         tot = tl.zeros((LANES,), tl.float32)
         v1 = tl.zeros((LANES,), tl.float32)
         v2 = tl.zeros((LANES,), tl.float32)
         v3 = tl.zeros((LANES,), tl.float32)
-        i1 = tl.full((LANES,), -1, tl.int32)
-        i2 = tl.full((LANES,), -1, tl.int32)
         x_next = tl.load(base + lanes, mask=lanes < vocab, other=0.0)
         for start in range(0, vocab, BLOCK):
             # The next chunk's load is issued before this one is folded: two loads in flight.
@@ -236,16 +235,11 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
             x_next = tl.load(base + (cols + BLOCK), mask=cols + BLOCK < vocab, other=0.0)
             v = tl.where(_in_set(x, a0), x, 0.0)
             tot += v
-            if FILTERS:  # strict '>' keeps the lowest token of equal values in front
-                gt1 = v > v1
+            if FILTERS:
                 lo_v = tl.minimum(v, v1)
-                lo_i = tl.where(gt1, i1, cols)
                 v1 = tl.maximum(v, v1)
-                i1 = tl.where(gt1, cols, i1)
-                gt2 = lo_v > v2
                 v3 = tl.maximum(v3, tl.minimum(lo_v, v2))
                 v2 = tl.maximum(v2, lo_v)
-                i2 = tl.where(gt2, lo_i, i2)
         total = tl.sum(tot, 0)
         if not FILTERS:
             cand = _lane_draw(tot, lanes, base, a0, seed, rng_base, 2, vocab, LANES, NCP)
@@ -292,14 +286,27 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
                         hi = tl.where(ok, hi, mid)
             b_bits = tl.maximum(tl.maximum(lo, thr_bits), a0)
             if b_bits > m3_bits:
-                # Resolved: N = {p >= b} lies in C. Exponential race over it (stage 1).
+                # Resolved: N = {p >= b} lies in C. Exponential race over it (stage 1); entry
+                # ``lane + slot * LANES`` (< vocab whenever the entry exists) indexes its exponential.
                 in1 = _in_set(v1, b_bits)
                 in2 = _in_set(v2, b_bits)
-                key1 = tl.where(in1, v1 / _exp_at(seed, rng_base, tl.maximum(i1, 0), 1), -1.0)
-                key2 = tl.where(in2, v2 / _exp_at(seed, rng_base, tl.maximum(i2, 0), 1), -1.0)
+                key1 = tl.where(in1, v1 / _exp_at(seed, rng_base, lanes, 1), -1.0)
+                key2 = tl.where(in2, v2 / _exp_at(seed, rng_base, lanes + LANES, 1), -1.0)
                 best = tl.maximum(tl.max(key1, 0), tl.max(key2, 0))
-                tok = tl.minimum(tl.min(tl.where(in1 & (key1 == best), i1, 2147483647), 0),
-                                 tl.min(tl.where(in2 & (key2 == best), i2, 2147483647), 0))
+                win = tl.minimum(tl.min(tl.where(in1 & (key1 == best), lanes, 2147483647), 0),
+                                 tl.min(tl.where(in2 & (key2 == best), lanes + LANES, 2147483647), 0))
+                lane = win % LANES
+                w1 = tl.sum(tl.where(lanes == lane, v1, 0.0), 0)
+                w2 = tl.sum(tl.where(lanes == lane, v2, 0.0), 0)
+                val = tl.where(win < LANES, w1, w2)
+                # The winner's token: the first of its lane equal to its value, or the second when it
+                # is the lower of two equal values (the lane kept the first occurrence in front).
+                cols = lane + tl.arange(0, NCP) * LANES
+                live = (cols < vocab) & (win < 2147483647)
+                eq = live & (tl.load(base + cols, mask=live, other=0.0).to(tl.float32) == val)
+                first = tl.min(tl.where(eq, cols, 2147483647), 0)
+                second = tl.min(tl.where(eq & (cols > first), cols, 2147483647), 0)
+                tok = tl.where((win >= LANES) & (w2 == w1), second, first)
                 cand = tl.where(tok == 2147483647, -1, tok)
                 accepted = (cand >= 0).to(tl.int32)
             else:

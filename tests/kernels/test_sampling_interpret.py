@@ -70,12 +70,26 @@ def _stage(batch, vocab, seed, offset, stage, n=None):
     return out.numpy()
 
 
-def _race(p32: torch.Tensor, keep: torch.Tensor, e: np.ndarray) -> torch.Tensor:
-    """argmax over the kept, positive tokens of p/E (float32 numpy like the kernel), first on ties."""
+def _race(p32: torch.Tensor, keep: torch.Tensor, e: np.ndarray, block: int, floor=None) -> torch.Tensor:
+    """argmax over the kept, positive tokens of p/E (float32 numpy like the kernel). With vocab <=
+    2 * BLOCK lane l holds tokens l and l + BLOCK; E is that of the token's entry ``l + slot * BLOCK``,
+    slot 0 for the larger (first on ties) of the lane's eligible values."""
     p = p32.numpy().astype(np.float32)
+    b, v = p.shape
+    assert v <= 2 * block
+    elig = p > 0
+    if floor is not None:
+        elig &= p >= floor.numpy()[:, None]
+    w = np.where(elig, p, 0.0)
+    ent = np.arange(v)[None, :].repeat(b, 0)
+    for t in range(block, v):  # the second token of lane t - block
+        u = t - block
+        first_is_u = w[:, u] >= w[:, t]
+        ent[:, t] = np.where(first_is_u, t, u)
+        ent[:, u] = np.where(first_is_u, u, t)
     with np.errstate(divide="ignore"):
-        keys = p / e[:, :p.shape[1]].astype(np.float32)
-    keys = np.where(keep.numpy() & (p > 0), keys, -1.0)
+        keys = p / np.take_along_axis(e, ent, 1).astype(np.float32)
+    keys = np.where(keep.numpy() & elig, keys, -1.0)
     return torch.from_numpy(keys.argmax(-1))
 
 
@@ -116,7 +130,7 @@ def test_plain_and_filters_equal_race_oracle(dtype, vocab, block):
     b = 6
     p = _probs(b, vocab, dtype)
     p32 = p.float()
-    e = _stage(b, vocab, 99, 8, 1)  # vocab <= 2 * BLOCK: every token tracked, one race over N
+    e = _stage(b, vocab, 99, 8, 1, 2 * block)  # vocab <= 2 * BLOCK: every token tracked, one race over N
     k = torch.tensor([1, 2, 3, 5, vocab, 0], dtype=torch.int32)
     tp = torch.tensor([0.05, 0.3, 0.6, 0.9, 1.0, 0.5])
     mp = torch.tensor([0.0, 0.1, 0.3, 0.5, 1.0, 1.5])  # min_p > 1 (tensors are not range-checked): greedy
@@ -136,7 +150,7 @@ def test_plain_and_filters_equal_race_oracle(dtype, vocab, block):
     for name, (kw, keep) in cases.items():
         out, valid = _run(p, seed=99, offset=8, block=block, **kw)
         assert valid.all(), name
-        assert torch.equal(out.long(), _race(p32, keep, e)), name
+        assert torch.equal(out.long(), _race(p32, keep, e, block, kw.get("floor"))), name
         assert keep[torch.arange(b), out.long()].all(), name
     out, valid = _run(p, seed=99, offset=8, block=block)
     assert valid.all() and torch.equal(out.long(), _two_level(p32, block, 99, 8))
@@ -303,6 +317,21 @@ def test_threshold_renorm_and_mask_are_exact(dtype):
     out = torch.full_like(x, float("nan"))
     F.threshold_filter(x, out, k, None, renorm=False, block=16)
     assert torch.equal(out, ref.top_k_mask_logits(x, k))
+
+
+def test_top_k_floor_from_tracked_keys_and_pivots():
+    """The k-th value: from the lanes' tracked top two keys when k is small (one pass), by the pivot
+    search otherwise; ties and NaN included."""
+    p = _probs(4, 300, temp=2.0)
+    p[1, 50:120] = p[1, 7]  # a wide tie
+    p[2, ::3] = 0.0
+    p[3, 9] = float("nan")
+    for k in (1, 2, 5, 31, 32, 33, 90, 299):
+        kk = torch.full((4,), k, dtype=torch.int32)
+        out = torch.full((4,), float("nan"))
+        F.top_k_floor(p, out, kk, block=16)
+        want = p.nan_to_num(float("-inf")).sort(-1, descending=True).values[:, k - 1]
+        assert torch.equal(out, want), k
 
 
 def test_softmax_temperature_and_greedy():
