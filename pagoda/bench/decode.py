@@ -164,9 +164,9 @@ def _run(study: str, grid: str, backends, device: torch.device, dtype: torch.dty
                         ms = time_ms(fn, device)
                         row["ms"] = round(ms, 5)
                         if study == "decode":
-                            row["tb_per_s"] = round(kv_bytes / ms / 1e9, 4)
+                            row["tb_per_s"] = _report.significant(kv_bytes / ms / 1e9)
                         else:
-                            row["tflops"] = round(flops / ms / 1e9, 4)
+                            row["tflops"] = _report.significant(flops / ms / 1e9)
                     except Exception as exc:
                         row["status"], row["reason"] = _classify(exc)
                 results.append(row)

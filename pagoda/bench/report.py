@@ -11,6 +11,11 @@ from pathlib import Path
 import torch
 
 
+def significant(x: float, digits: int = 4) -> float:
+    """``x`` to ``digits`` significant digits (tiny CPU bandwidths must not round to 0)."""
+    return float(f"{x:.{digits}g}")
+
+
 def environment(device: torch.device) -> dict:
     """Device, versions, date and the exact command: recorded in every report."""
     env = {

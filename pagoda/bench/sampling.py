@@ -126,9 +126,7 @@ def _timing(device):
     return {"warmup_ms": 25, "rep_ms": 100} if device.type == "cuda" else {"warmup_ms": 5, "rep_ms": 10}
 
 
-def _sig(x: float) -> float:
-    """Four significant digits (tiny CPU bandwidths must not round to 0)."""
-    return float(f"{x:.4g}")
+_sig = _report.significant
 
 
 def run_case(case: SamplingCase, names: list[str], device: torch.device, dtype: torch.dtype,
