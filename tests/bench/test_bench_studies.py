@@ -79,7 +79,7 @@ def test_cascade_study_cpu(tmp_path):
     assert all(r["reason"] for r in report["results"] if r["status"] != "ok")
     # The floor of the case: 4*128*32*32768*128 FLOP at 788 TFLOP/s + 128*256 tokens of KV.
     big = cascade.CascadeCase(32768, 256, 128)
-    assert abs(cascade.floor_ms(big) - (4 * 128 * 32 * 32768 * 128 / 788e12 + 2 * 128 * 256 * 8 * 128 * 2 / 4.25e12)
+    assert abs(cascade.floor_ms(big) - (4 * 128 * 32 * 32768 * 128 / 505e12 + 2 * 128 * 256 * 8 * 128 * 2 / 4.25e12)
                * 1e3) < 1e-12
     with pytest.raises(ValueError, match="multiple of page_size"):
         cascade.CascadeCase(100, 16, 1)
