@@ -5,7 +5,7 @@ the batch alone cannot fill the GPU (fewer than ``WAVES * SMs`` programs: a shar
 with a few hundred queries against tens of thousands of keys, a decode-like batch of long requests),
 each request's keys are cut into chunks of ``chunk`` keys (a multiple of the kernel's ``SPLIT_ALIGN``)
 processed by separate programs, and the float32 partial states are merged by LSE. The split count
-targets one wave of ``WAVES`` programs per SM; chunks stay at least ``MIN_CHUNK`` keys long so the
+targets one wave of ``WAVES`` programs per SM (``FEW_WAVES`` for a handful of decode-like programs); chunks stay at least ``MIN_CHUNK`` keys long so the
 partial writes and the merge stay small next to the keys read.
 """
 from __future__ import annotations
@@ -42,6 +42,12 @@ def min_chunk(block_m: int) -> int:
     return MIN_CHUNK_SMALL if block_m <= 16 else MIN_CHUNK
 
 
+def _waves(n_programs: int, sms: int, block_m: int) -> int:
+    """Programs per SM to aim for: more for a handful of decode-like (16-row, memory-bound) programs, as
+    the decode plan does (`pagoda.ops._decode_plan.FEW_WAVES`)."""
+    return _plan.FEW_WAVES if block_m <= 16 and n_programs * 8 < sms else _plan.WAVES
+
+
 def choose(n_programs: int, longest: int, sms: int, cap: int, block_m: int, align: int,
            fixed_chunk: int | None = None) -> tuple[int, int]:
     """``(chunk, splits)`` for a plan with known lengths; ``(0, 0)`` = no split. ``cap``: the most splits
@@ -51,7 +57,7 @@ def choose(n_programs: int, longest: int, sms: int, cap: int, block_m: int, alig
     if fixed_chunk is not None:
         chunk = _round_up(fixed_chunk, align)
     else:
-        splits = min(cap, _plan.WAVES * sms // max(n_programs, 1), longest // min_chunk(block_m))
+        splits = min(cap, _waves(n_programs, sms, block_m) * sms // n_programs, longest // min_chunk(block_m))
         if splits < 2:
             return 0, 0
         chunk = _round_up(_cdiv(longest, splits), align)
@@ -61,9 +67,10 @@ def choose(n_programs: int, longest: int, sms: int, cap: int, block_m: int, alig
     return (chunk, splits) if splits >= 2 else (0, 0)
 
 
-def graph_splits(n_programs: int, sms: int, cap: int = _plan.MAX_SPLITS) -> int:
+def graph_splits(n_programs: int, sms: int, block_m: int, cap: int = _plan.MAX_SPLITS) -> int:
     """Fixed split count of a CUDA-graph wrapper (its grid is baked into the graph); 0 = no split."""
-    splits = min(cap, _plan.WAVES * sms // max(n_programs, 1))
+    n_programs = max(n_programs, 1)
+    splits = min(cap, _waves(n_programs, sms, block_m) * sms // n_programs)
     return splits if splits >= 2 else 0
 
 

@@ -156,7 +156,7 @@ class BatchPrefillWithPagedKVCacheWrapper:
                 bm = choose_block_m(max(self._max_qo, 1) * group, d, q_dtype == torch.float32)
                 # (an empty first plan, e.g. a capture with dummy lengths: assume one tile per request)
                 n = _split.programs(qo_lens, group, hk, bm) or hk * max(len(qo_lens), 1)
-                self._graph_split = (bm, 0 if disable else _split.graph_splits(n, sms))
+                self._graph_split = (bm, 0 if disable else _split.graph_splits(n, sms, bm))
             self._block_m, self._splits = self._graph_split
             if self._splits:
                 self._chunk_buf.fill_(_split.graph_chunk(longest, self._splits, SPLIT_ALIGN, fixed_chunk))

@@ -148,3 +148,12 @@ def test_kv_caches_with_different_strides(monkeypatch, wide):
                                                            sm_scale=d ** -0.5, compute_dtype=torch.float64)
     assert rel_err(out, want) < 1e-5
     assert_finite_lse_close(lse, want_lse.float(), atol=1e-4)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_head_dim_not_a_power_of_two(split):
+    """head_dim 40 (padded to 64 in registers): masked d columns in the fully visible blocks too."""
+    kw = dict(chunk=32, num_splits=5) if split else {}
+    out, lse, want, want_lse = _run(16, "NHD", torch.float32, True, 8, 2, d=40, kv=SPLIT_KV, qo=SPLIT_QO, **kw)
+    assert rel_err(out, want) < 1e-5
+    assert_finite_lse_close(lse, want_lse.float(), atol=1e-4)

@@ -194,7 +194,9 @@ def test_split_plan_heuristic():
     assert sp.choose(1000, 1000, 132, 64, 16, 128, fixed_chunk=100) == (128, 8)
     assert sp.choose(1000, 1000, 132, 4, 16, 128, fixed_chunk=100) == (256, 4)
     # Graph mode: the split count from the first plan, chunks that always cover the longest request.
-    assert sp.graph_splits(32, 132) == 8 and sp.graph_splits(300, 132) == 0
+    assert sp.graph_splits(32, 132, 128) == 8 and sp.graph_splits(300, 132, 128) == 0
+    # One decode-like request (1 query x GQA 4 = 16-row tiles) on 8 KV heads: 4 programs per SM.
+    assert sp.choose(8, 32768, 132, 64, 16, 128) == (512, 64) and sp.graph_splits(8, 132, 16) == 64
     assert sp.graph_chunk(0, 8, 128) == 128 and sp.graph_chunk(5000, 8, 128) == 640
     assert sp.graph_chunk(100, 8, 128, fixed_chunk=300) == 384
 
