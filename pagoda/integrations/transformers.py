@@ -4,14 +4,27 @@
     pt.register()                       # once per process
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="pagoda")
 
-Every attention call of the model then runs through `pagoda.flash_attn_func` (no mask: prefill of
-equal-length sequences, or decode) or `pagoda.flash_attn_varlen_func` (padding, static-cache slots):
-the 4-D mask HF builds is read back into per-sequence key/query sets, checked to be exactly
-"causal (bottom-right) + sliding window over the valid keys", and the valid tokens are packed into a
-ragged batch. A mask of any other shape (custom masks, packed documents) is handled exactly by
-falling back to torch SDPA with that mask for that call.
+Every attention call of the model then runs through `pagoda.flash_attn_func` or
+`pagoda.flash_attn_varlen_func`:
+
+- no mask (prefill of unpadded sequences, decode): `flash_attn_func` on the tensors as HF hands them
+  (strided views, nothing copied). HF drops the mask of a prefill into an empty static cache too; the
+  keys past the prompt are then empty slots and are cut off, as HF's SDPA path does.
+- a 4-D mask: read back into per-sequence query/key sets and checked to be exactly "causal
+  (bottom-right) + sliding window over the valid keys". When every sequence has the same contiguous
+  key and query ranges (static cache without padding: keys ``[0, position]``) the call is
+  `flash_attn_func` on slices of the cache; otherwise (padding) the valid tokens are gathered into a
+  ragged batch for `flash_attn_varlen_func`. A mask of any other shape (custom masks, packed
+  documents) is handled exactly by falling back to torch SDPA with that mask for that call.
+
+HF builds one mask per forward and hands the same tensor to every layer, so the reading of a mask
+(the only host synchronisation of this module) is done once per forward and reused by the other
+layers (`_LAYOUTS`); a decode step therefore costs one sync, not one per layer (`generate` runs under
+``torch.no_grad``; under ``torch.inference_mode`` masks carry no version counter and are read per call).
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -21,19 +34,29 @@ __all__ = ["register", "pagoda_attention_forward", "ATTN_IMPLEMENTATION"]
 
 ATTN_IMPLEMENTATION = "pagoda"
 
+# Mask layouts read this forward: (id(mask), causal, window_left, q_len, k_len) -> (weakref to the mask,
+# its version counter, layout). The weakref and version make a reused id or an in-place edit a miss.
+# Process-global on purpose (HF calls the attention function without any per-model state); bounded.
+_LAYOUTS: dict[tuple, tuple] = {}
+_MAX_LAYOUTS = 16
+_FALLBACK = ("fallback",)
+
 
 def register(name: str = ATTN_IMPLEMENTATION) -> str:
-    """Register pagoda with transformers' attention and mask interfaces under ``name``; returns it."""
+    """Register pagoda with transformers' attention (and, where it exists, mask) interfaces; returns ``name``."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(name, pagoda_attention_forward)
+    try:  # transformers >= 4.53: masks are built per attention implementation
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:  # older: the model builds an additive float mask, read by `_allowed` as well
+        return name
     # SDPA's mask builder: a boolean [b, 1, q, k] mask, or None when the plain causal mask suffices.
     AttentionMaskInterface.register(name, sdpa_mask)
     return name
 
 
-def _allowed(mask: torch.Tensor) -> torch.Tensor:
+def _allowed(mask: torch.Tensor) -> torch.Tensor | None:
     """Boolean [b, q, k] 'may attend' from HF's 4-D mask (bool, or additive float with 0 = attend)."""
     if mask.dim() != 4:
         raise ValueError(f"attention_mask must be 4-D [batch, heads|1, q, k], got shape {tuple(mask.shape)}")
@@ -43,9 +66,10 @@ def _allowed(mask: torch.Tensor) -> torch.Tensor:
     return allowed[:, 0]
 
 
-def _ragged_layout(allowed: torch.Tensor, causal: bool, window_left: int):
-    """If ``allowed`` [b, q, k] is exactly causal+window over each row's valid keys, return the valid
-    query/key masks ``[b, q]``, ``[b, k]``; else None."""
+def _expected(allowed: torch.Tensor, causal: bool, window_left: int):
+    """Valid queries ``[b, q]``, valid keys ``[b, k]`` of ``allowed`` [b, q, k], and the mask that
+    "causal (bottom-right) + window over each row's valid keys" would give them: equal to ``allowed``
+    exactly when the mask is such a pattern."""
     valid_k = allowed.any(dim=1)                       # keys anyone may see
     valid_q = allowed.any(dim=2)                       # queries that see something
     rank_k = valid_k.cumsum(dim=1) - 1                 # compact key index
@@ -57,16 +81,69 @@ def _ragged_layout(allowed: torch.Tensor, causal: bool, window_left: int):
         expected &= rank_k[:, None, :] <= pos_q
     if window_left >= 0:
         expected &= rank_k[:, None, :] >= pos_q - window_left
-    if not torch.equal(expected, allowed):
-        return None
-    return valid_q, valid_k
+    return valid_q, valid_k, expected
 
 
-def _cu_seqlens(valid: torch.Tensor) -> tuple[torch.Tensor, int]:
-    lens = valid.sum(dim=1, dtype=torch.int32)
-    cu = torch.zeros(lens.shape[0] + 1, dtype=torch.int32, device=valid.device)
-    cu[1:] = lens.cumsum(0)
-    return cu, int(lens.max().item()) if lens.numel() else 0
+def _first_run(row: torch.Tensor):
+    """A boolean row ``[n]``: (start, length, is one contiguous run) as 0-d int64 tensors."""
+    start = row.int().argmax()                         # first True (0 if none)
+    runs = (row[1:] & ~row[:-1]).sum() + row[0]        # number of maximal runs of True
+    return start, row.sum(), (runs <= 1).long()
+
+
+def _read_mask(mask: torch.Tensor, causal: bool, window_left: int, q_len: int, k_len: int):
+    """The layout of one mask, read with one device-to-host copy (plus one for per-head masks):
+    ``("dense", qs, qe, ks, ke)``: every sequence attends queries [qs, qe) to keys [ks, ke);
+    ``("ragged", (bq, tq), (bk, tk), cu_q, cu_k, max_q, max_k)``: gather indices and cu_seqlens;
+    ``_FALLBACK``: not a causal/padding/window pattern (exact SDPA with the mask)."""
+    if mask.dim() != 4:
+        raise ValueError(f"attention_mask must be 4-D [batch, heads|1, q, k], got shape {tuple(mask.shape)}")
+    mask = mask[..., :k_len]                            # some transformers versions hand a longer key axis
+    if mask.shape[-2] != q_len or mask.shape[-1] != k_len:
+        return _FALLBACK                                # broadcast query axis etc.: SDPA handles it exactly
+    allowed = _allowed(mask)
+    if allowed is None:
+        return _FALLBACK
+    if q_len == 1 and window_left < 0:
+        # Decode: one query per sequence sees all its valid keys, whichever they are: always the pattern.
+        valid_k = allowed[:, 0]
+        valid_q = valid_k.any(dim=1, keepdim=True)
+        nq, nk = valid_q.sum(dim=1), valid_k.sum(dim=1)
+        one = torch.ones((), dtype=torch.long, device=mask.device)
+        stats = [one, (valid_k == valid_k[:1]).all().long(), 0 * one, nq[0], one, *_first_run(valid_k[0]), one,
+                 nk.max()]
+    else:
+        valid_q, valid_k, expected = _expected(allowed, causal, window_left)
+        nq, nk = valid_q.sum(dim=1), valid_k.sum(dim=1)
+        uniform = (valid_q == valid_q[:1]).all() & (valid_k == valid_k[:1]).all()
+        stats = [(expected == allowed).all().long(), uniform.long(), *_first_run(valid_q[0]),
+                 *_first_run(valid_k[0]), nq.max(), nk.max()]
+    ok, same, qs, nq0, q_run, ks, nk0, k_run, max_q, max_k = torch.stack(stats).tolist()   # the one sync
+    if not ok:
+        return _FALLBACK
+    if same and q_run and k_run:
+        return ("dense", qs, qs + nq0, ks, ks + nk0)
+    bq, tq = valid_q.nonzero(as_tuple=True)
+    bk, tk = valid_k.nonzero(as_tuple=True)
+    cu_q = torch.nn.functional.pad(nq.cumsum(0, dtype=torch.int32), (1, 0))
+    cu_k = torch.nn.functional.pad(nk.cumsum(0, dtype=torch.int32), (1, 0))
+    return ("ragged", (bq, tq), (bk, tk), cu_q, cu_k, max_q, max_k)
+
+
+def _layout(mask: torch.Tensor, causal: bool, window_left: int, q_len: int, k_len: int):
+    """`_read_mask`, memoised on the mask tensor (one read per forward, not per layer). Inference tensors
+    (made under ``torch.inference_mode``) have no version counter to see in-place edits: read every call."""
+    if torch.compiler.is_compiling() or mask.is_inference():
+        return _read_mask(mask, causal, window_left, q_len, k_len)
+    key = (id(mask), causal, window_left, q_len, k_len)
+    hit = _LAYOUTS.get(key)
+    if hit is not None and hit[0]() is mask and hit[1] == mask._version:
+        return hit[2]
+    layout = _read_mask(mask, causal, window_left, q_len, k_len)
+    if len(_LAYOUTS) >= _MAX_LAYOUTS:
+        _LAYOUTS.clear()
+    _LAYOUTS[key] = (weakref.ref(mask), mask._version, layout)
+    return layout
 
 
 def pagoda_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -85,26 +162,40 @@ def pagoda_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     window = (window_left, 0 if causal else -1) if window_left >= 0 else (-1, -1)
     cap = float(softcap) if softcap else 0.0
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)   # [b, s, h, d] views
+    sq, sk = q.shape[1], k.shape[1]
 
     if attention_mask is None:
-        out = flash_attn_func(q, k, v, softmax_scale=scaling, causal=causal, window_size=window, softcap=cap)
+        if causal and 1 < sq < sk:
+            # HF skips the mask of a prefill into an empty static cache: the keys past the prompt are empty
+            # slots, and SDPA's top-left causal mask never reaches them. Bottom-right alignment would.
+            k, v = k[:, :sq], v[:, :sq]
+        return flash_attn_func(q, k, v, softmax_scale=scaling, causal=causal, window_size=window, softcap=cap), None
+
+    layout = _layout(attention_mask, causal, window_left, sq, sk)
+    kind = layout[0]
+    if kind == "dense":
+        _, qs, qe, ks, ke = layout
+        if ks or ke != sk:
+            k, v = k.narrow(1, ks, ke - ks), v.narrow(1, ks, ke - ks)   # e.g. the filled part of a static cache
+        if qs == 0 and qe == sq:
+            return flash_attn_func(q, k, v, softmax_scale=scaling, causal=causal, window_size=window,
+                                   softcap=cap), None
+        out = q.new_zeros(q.shape)
+        if qe > qs:
+            out[:, qs:qe] = flash_attn_func(q[:, qs:qe], k, v, softmax_scale=scaling, causal=causal,
+                                            window_size=window, softcap=cap)
         return out, None
-
-    allowed = _allowed(attention_mask)
-    layout = None if allowed is None else _ragged_layout(allowed, causal, window_left)
-    if layout is None:
-        return _sdpa_fallback(module, query, key, value, attention_mask, scaling, cap, window_left), None
-    valid_q, valid_k = layout
-    cu_q, max_q = _cu_seqlens(valid_q)
-    cu_k, max_k = _cu_seqlens(valid_k)
-    packed = flash_attn_varlen_func(q[valid_q], k[valid_k], v[valid_k], cu_q, cu_k, max_q, max_k,
-                                    softmax_scale=scaling, causal=causal, window_size=window, softcap=cap)
-    out = torch.zeros_like(q)
-    out[valid_q] = packed
-    return out, None
+    if kind == "ragged":
+        _, iq, ik, cu_q, cu_k, max_q, max_k = layout
+        packed = flash_attn_varlen_func(q[iq], k[ik], v[ik], cu_q, cu_k, max_q, max_k, softmax_scale=scaling,
+                                        causal=causal, window_size=window, softcap=cap)
+        out = q.new_zeros(q.shape)
+        out[iq] = packed
+        return out, None
+    return _sdpa_fallback(module, query, key, value, attention_mask[..., :sk], scaling, cap), None
 
 
-def _sdpa_fallback(module, query, key, value, attention_mask, scaling, softcap, window_left):
+def _sdpa_fallback(module, query, key, value, attention_mask, scaling, softcap):
     """Exact attention under an arbitrary mask (used only for masks that are not padding + causal)."""
     if softcap:
         raise NotImplementedError("pagoda attention: soft-capping with a non causal/padding mask is not supported")
