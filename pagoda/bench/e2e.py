@@ -5,10 +5,19 @@ flex_attention where they run, pagoda), batch size, dynamic vs static KV cache, 
 per-token logits processor (repetition penalty), on a random-weight model of a named shape or a
 local model folder. Nothing is downloaded: presets are configs, weights are random.
 pagoda's own engine gets a row too; it reports "unavailable" until the engine exists.
+
+Runs under a wall-clock budget when one is set (the GPU preset fits one 10-minute call): cases are
+ordered so the ones that back the claim (batch >= 64) come first, every case is bounded, a case that
+does not fit is recorded as skipped with the reason, and the report is rewritten after every case
+so that even a killed run leaves its data. Every failure of one case is recorded, never raised.
+
+    python3 -m pagoda.bench.e2e --grid gpu --out DIR      # the GPU preset, with plots
+    pagoda bench e2e [--model ... --batch-sizes ...]      # the same study through the bench CLI
 """
 from __future__ import annotations
 
-import gc
+import argparse
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -16,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from pagoda.bench import report as _report
+from pagoda.bench.budget import CaseTimeout, Clock, free, is_oom, reason, time_limit, time_ms
 from pagoda.bench.progress import Progress
 
 # Shapes of real models (config values only; weights are random).
@@ -37,6 +47,10 @@ IMPLEMENTATIONS = ["eager", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient"
                    "flex_attention", "pagoda", "pagoda_engine"]
 _SDPA_FORCED = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION",
                 "sdpa_efficient": "EFFICIENT_ATTENTION"}
+# Run order: the claim's rows first; torch.compile-based implementations (long first compile) last.
+_ORDER = ["pagoda", "sdpa", "eager", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flash_attention_2",
+          "flex_attention", "pagoda_engine"]
+CLAIM_BATCH = 64        # the issue's claim: tokens/s at batch >= 64 vs the best other implementation
 
 
 @dataclass(slots=True)
@@ -48,6 +62,16 @@ class E2EConfig:
     caches: tuple = ("dynamic", "static")
     processors: tuple = ("none", "repetition_penalty")
     max_batch_search: bool = False
+    repeats: int = 2                    # timed generate calls per case (median), after one warm-up call
+    budget_s: float | None = None       # wall-clock budget of the whole study, model build included
+    case_limit_s: float | None = None   # upper bound of one case (interrupted past it: status "timeout")
+    refine_to: int = 0                  # leftover budget: re-time the claim's rows up to this many samples
+    max_batch_prompt: int = 1024        # max-batch search: prompt length of the probes (2 new tokens)
+    max_batch_limit: int = 2048         # ... largest batch tried
+    max_batch_impls: tuple = ("pagoda", "sdpa", "eager")
+    max_batch_budget_s: float = 60.0    # ... time reserved for the whole search (all implementations)
+    max_batch_resolution: int = 8       # ... bisect until the OOM edge is known to within 1/this
+    host_overhead: bool = True          # time one attention call's host cost per implementation
 
     def __post_init__(self):
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -57,13 +81,33 @@ class E2EConfig:
         bad = set(self.caches) - {"dynamic", "static"} or set(self.processors) - {"none", "repetition_penalty"}
         if bad:
             raise ValueError(f"unknown cache/processor setting(s): {sorted(bad)}")
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+
+
+GRIDS: dict[str, dict] = {
+    "small": {},
+    "full": dict(model="qwen3-0.6b", batch_sizes=(1, 16, 64, 128), prompt_len=512, new_tokens=128,
+                 max_batch_search=True),
+    # One 10-minute GPU call (benchmarks/gpu_final.sh e2e). A generate of 32 new tokens takes ~1.1 s at a
+    # conservative 30 ms per host-bound decode step (+ ~0.1 s prefill); 3 generates per (impl, cache, batch)
+    # (warm-up, no processor, repetition penalty) x 7 CUDA implementations x 2 caches x 4 batches -> ~180 s,
+    # the rest of the 430 s for start-up, first compiles (flex_attention's torch.compile), the max-batch
+    # search (50 s) and re-timing the claim's rows. tests/bench checks this arithmetic.
+    "gpu": dict(model="qwen3-0.6b", batch_sizes=(64, 128, 16, 1), prompt_len=128, new_tokens=32, repeats=1,
+                max_batch_search=True, budget_s=430.0, case_limit_s=90.0, refine_to=3, max_batch_budget_s=50.0,
+                max_batch_resolution=4),
+}
 
 
 def default_config(device: torch.device, grid: str) -> E2EConfig:
-    if grid == "full" and device.type == "cuda":
-        return E2EConfig(model="qwen3-0.6b", batch_sizes=(1, 16, 64, 128), prompt_len=512, new_tokens=128,
-                         max_batch_search=True)
-    return E2EConfig()
+    """``small`` (CPU default, seconds), ``full`` (the study at its intended size, CUDA) or ``gpu``
+    (the same axes sized for one 10-minute call)."""
+    if grid not in GRIDS:
+        raise ValueError(f"unknown grid {grid!r}; known: {sorted(GRIDS)}")
+    if device.type != "cuda" and grid != "small":
+        return E2EConfig()
+    return E2EConfig(**GRIDS[grid])
 
 
 def unavailable_reason(impl: str, device: torch.device) -> str | None:
@@ -95,9 +139,19 @@ def build_model(name_or_path: str, device: torch.device, dtype: torch.dtype):
         cfg_cls = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config}[arch]
         cfg = cfg_cls(**spec, pad_token_id=0, bos_token_id=1, eos_token_id=2)
         with torch.device(device):
-            model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+            try:
+                model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+            except TypeError:  # transformers < 4.56 names it torch_dtype
+                model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype)
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device)
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        except TypeError:
+            model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path, torch_dtype=dtype)
+        model = model.to(device)
+    # Exactly new_tokens per sequence: random weights emit EOS at random, and min_new_tokens would add a
+    # logits processor to the "no processor" rows.
+    model.generation_config.eos_token_id = None
     return model.eval()
 
 
@@ -106,123 +160,240 @@ def _set_impl(model, impl: str) -> None:
         from pagoda.integrations.transformers import register
         register()
     hf_name = "sdpa" if impl in _SDPA_FORCED else impl
-    model.set_attn_implementation(hf_name)
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(hf_name)
+    else:  # transformers < 4.55: the config field is what the layers read
+        for m in model.modules():
+            cfg = getattr(m, "config", None)
+            if cfg is not None and hasattr(cfg, "_attn_implementation"):
+                cfg._attn_implementation = hf_name
 
 
-def _generate_fn(model, impl: str, batch: int, cfg: E2EConfig, cache: str, processor: str, device):
+def _can_disable_compile() -> bool:
+    try:
+        import transformers
+        return hasattr(transformers.GenerationConfig(), "disable_compile")
+    except Exception:
+        return False
+
+
+def _generate_fn(model, impl: str, batch: int, prompt_len: int, new_tokens: int, cache: str, processor: str,
+                 device):
     vocab = model.config.vocab_size
-    ids = torch.randint(3, vocab, (batch, cfg.prompt_len), device=device)
+    ids = torch.randint(3, vocab, (batch, prompt_len), device=device)
     mask = torch.ones_like(ids)
-    kw = dict(max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens, do_sample=False, pad_token_id=0)
+    kw = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     if cache == "static":
         kw["cache_implementation"] = "static"
+        if _can_disable_compile():
+            # generate() would torch.compile the decode step (CUDA graphs) for a static cache: minutes of
+            # compiling per implementation x batch, and a different study. Eager static cache here.
+            kw["disable_compile"] = True
     if processor == "repetition_penalty":
         kw["repetition_penalty"] = 1.1
 
     def run():
-        if impl in _SDPA_FORCED:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-            with sdpa_kernel([getattr(SDPBackend, _SDPA_FORCED[impl])]):
-                return model.generate(input_ids=ids, attention_mask=mask, **kw)
-        return model.generate(input_ids=ids, attention_mask=mask, **kw)
+        with torch.no_grad():
+            if impl in _SDPA_FORCED:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+                with sdpa_kernel([getattr(SDPBackend, _SDPA_FORCED[impl])]):
+                    return model.generate(input_ids=ids, attention_mask=mask, **kw)
+            return model.generate(input_ids=ids, attention_mask=mask, **kw)
     return run
 
 
-def _timed(fn, device, repeats: int = 2) -> float:
-    """Median wall time (ms) of ``fn`` after one warm-up call (compilation, autotuning)."""
-    with torch.no_grad():
-        fn()
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def _case_order(cfg: E2EConfig, runnable: list[str]):
+    """(impl, cache, batch) groups: batches in the config's order (the GPU preset puts 64 and 128 first),
+    torch.compile-based implementations after all others."""
+    late = [i for i in runnable if i in ("flex_attention",)]
+    early = [i for i in runnable if i not in late]
+    return [(i, c, b) for impls in (early, late) for b in cfg.batch_sizes for c in cfg.caches for i in impls]
 
 
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+def run_study(cfg: E2EConfig, impls: list[str] | None, device: torch.device, dtype: torch.dtype,
+              out: str | None = None, command: str | None = None) -> dict:
+    """Run the study; with ``out``, the report files are rewritten there after every case (``command``:
+    the command line recorded in the report, when not the bench CLI's). On the CPU with one intra-op
+    thread: the CPU grid's models are tiny, and spinning OpenMP threads on a shared host cost 10x."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        return _run_study(cfg, impls, device, dtype, out, command)
+    finally:
+        torch.set_num_threads(threads)
 
 
-def max_batch(model, impl: str, cfg: E2EConfig, device, start: int = 16, limit: int = 4096) -> int | None:
-    """Largest batch whose short generate runs without OOM: doubling, then bisection; OOM is recovered."""
-    short = E2EConfig(model=cfg.model, batch_sizes=(1,), prompt_len=cfg.prompt_len, new_tokens=4)
-
-    def fits(b):
-        try:
-            with torch.no_grad():
-                _generate_fn(model, impl, b, short, "dynamic", "none", device)()
-            return True
-        except Exception as exc:
-            if not _is_oom(exc):
-                raise
-            return False
-        finally:
-            gc.collect()
-            torch.cuda.empty_cache()
-    if not fits(1):
-        return 0
-    lo, hi = 1, start
-    while hi <= limit and fits(hi):
-        lo, hi = hi, hi * 2
-    if hi > limit:
-        return lo
-    while hi - lo > max(1, lo // 16):     # bisect to ~6% resolution
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
-
-
-def run_study(cfg: E2EConfig, impls: list[str] | None, device: torch.device, dtype: torch.dtype) -> dict:
+def _run_study(cfg, impls, device, dtype, out, command) -> dict:
+    from pagoda.bench import e2e_checks
+    clock = Clock(cfg.budget_s)
     names = impls or list(IMPLEMENTATIONS)
     unknown = [n for n in names if n not in IMPLEMENTATIONS]
     if unknown:
         raise ValueError(f"unknown attn implementation(s) {unknown}; known: {IMPLEMENTATIONS}")
+    names = sorted(names, key=_ORDER.index)
     unavailable = {n: unavailable_reason(n, device) for n in names}
+    try:
+        import transformers
+        tf_version = transformers.__version__
+    except Exception:
+        tf_version = None
+    search = cfg.max_batch_search and device.type == "cuda"
+    env = _report.environment(device)
+    if command:
+        env["command"] = command
+    report = {
+        "study": "e2e",
+        "meta": {**env, "dtype": str(dtype).replace("torch.", ""), "model": cfg.model,
+                 "prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens, "transformers": tf_version,
+                 "metric": f"tokens/s = batch * new_tokens / generate() wall time (prefill included), median of "
+                           f"{cfg.repeats} after one warm-up generate of the same shapes",
+                 "static_cache": ("HF StaticCache, generate's auto torch.compile disabled (eager decode step)"
+                                  if _can_disable_compile() else "HF StaticCache (generate may auto-compile)"),
+                 "pagoda_autotune": os.environ.get("PAGODA_AUTOTUNE", "1"), "budget_s": cfg.budget_s,
+                 "batch_sizes": list(cfg.batch_sizes), "status": "running"},
+        "backends": {n: {"available": unavailable[n] is None, "reason": unavailable[n]} for n in names},
+        "results": [],
+        "samples_ms": {},
+        "max_batch": "searching" if search else "not searched (CPU or disabled)",
+        "host_overhead": None,
+        "agreement": None,
+    }
+
+    def checkpoint():
+        report["meta"]["elapsed_s"] = round(clock.elapsed(), 1)
+        if out:
+            try:
+                _report.write_outputs(out, "e2e", report, tables(report, markdown=True))
+            except Exception as exc:  # a report that cannot be written must not stop the measurements
+                print(f"e2e: could not write the partial report: {reason(exc)}", flush=True)
+
+    if cfg.host_overhead:
+        try:
+            from pagoda.bench import hf_overhead
+            with time_limit(clock.limit(60.0)):
+                report["host_overhead"] = hf_overhead.measure(device, dtype if device.type == "cuda" else
+                                                              torch.bfloat16)
+        except Exception as exc:
+            report["host_overhead"] = {"error": reason(exc)}
+    t_build = time.perf_counter()
     model = build_model(cfg.model, device, dtype)
+    report["meta"]["model_build_s"] = round(time.perf_counter() - t_build, 1)
     runnable = [n for n in names if not unavailable[n]]
-    cases = [(i, c, p, b) for i in runnable for c in cfg.caches for p in cfg.processors for b in cfg.batch_sizes]
-    results, maxes = [], {}
-    with Progress(len(cases), "e2e") as bar:
-        for impl, cache, proc, batch in cases:
-            row = dict(model=cfg.model, impl=impl, cache=cache, processor=proc, batch=batch,
-                       prompt_len=cfg.prompt_len, new_tokens=cfg.new_tokens, status="ok", reason=None,
-                       ms=None, tokens_per_s=None, peak_mem_mb=None)
+    if {"pagoda", "sdpa"} <= set(runnable):
+        try:
+            with time_limit(clock.limit(90.0)):
+                report["agreement"] = e2e_checks.agreement(model, device, cfg.caches)
+        except Exception as exc:
+            report["agreement"] = {"error": reason(exc)}
+        checkpoint()
+    groups = _case_order(cfg, runnable)
+    reserve = cfg.max_batch_budget_s if search else 0.0
+    rows = report["results"]
+    with Progress(len(groups) * len(cfg.processors), "e2e") as bar:
+        for impl, cache, batch in groups:
+            warm, failed = False, None
+            for proc in cfg.processors:
+                row = dict(model=cfg.model, impl=impl, cache=cache, processor=proc, batch=batch,
+                           prompt_len=cfg.prompt_len, new_tokens=cfg.new_tokens, status="ok", reason=None,
+                           ms=None, tokens_per_s=None, peak_mem_mb=None)
+                limit = clock.limit(cfg.case_limit_s, reserve)
+                if failed is not None:
+                    row.update(status=failed["status"], reason=f"as with processor=none: {failed['reason']}")
+                elif limit is not None and limit < 3.0:
+                    row.update(status="skipped", reason=f"time budget of {cfg.budget_s:.0f} s exhausted")
+                else:
+                    try:
+                        with time_limit(limit):
+                            _set_impl(model, impl)
+                            fn = _generate_fn(model, impl, batch, cfg.prompt_len, cfg.new_tokens, cache, proc,
+                                              device)
+                            if device.type == "cuda":
+                                torch.cuda.reset_peak_memory_stats(device)
+                            if not warm:
+                                fn()           # warm-up: compiles, autotuning, cuDNN plans of every shape
+                                warm = True
+                            samples = [time_ms(fn, device) for _ in range(cfg.repeats)]
+                        ms = statistics.median(samples)
+                        report["samples_ms"][_label(impl, cache, proc, batch)] = [round(s, 3) for s in samples]
+                        row.update(ms=round(ms, 3), tokens_per_s=round(batch * cfg.new_tokens / ms * 1e3, 3))
+                        if device.type == "cuda":
+                            row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+                    except Exception as exc:  # one failing case must not stop the study
+                        status = "timeout" if isinstance(exc, CaseTimeout) else "oom" if is_oom(exc) else "error"
+                        row.update(status=status, reason=reason(exc))
+                        if status == "error" and proc == cfg.processors[0]:
+                            failed = row        # the processor does not touch attention: same failure
+                    finally:
+                        free(device)
+                rows.append(row)
+                shown = f"{row['tokens_per_s']:.0f} tok/s" if row["status"] == "ok" else row["status"]
+                bar.step(f"{impl} {cache} {proc} b={batch}: {shown}")
+                checkpoint()
+
+    if search:
+        found = {}
+        report["max_batch"] = found
+        sub = Clock(None if cfg.budget_s is None else min(cfg.max_batch_budget_s, clock.left()))
+        todo = [i for i in cfg.max_batch_impls if i in runnable]
+        for n, impl in enumerate(todo):
+            share = Clock(None if sub.budget_s is None else sub.left() / (len(todo) - n))  # fair share of the rest
             try:
                 _set_impl(model, impl)
-                fn = _generate_fn(model, impl, batch, cfg, cache, proc, device)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                ms = _timed(fn, device)
-                row.update(ms=round(ms, 3), tokens_per_s=round(batch * cfg.new_tokens / ms * 1e3, 3))
-                if device.type == "cuda":
-                    row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-            except Exception as exc:  # one failing case must not stop the study
-                row.update(status="oom" if _is_oom(exc) else "error",
-                           reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+                found[impl] = e2e_checks.max_batch(model, impl, cfg, device, share)
+            except Exception as exc:
+                found[impl] = {"max_batch": None, "complete": False, "note": reason(exc)}
+            print(f"e2e: max batch {impl}: {found[impl]['max_batch']} ({found[impl]['note'] or 'complete'})",
+                  flush=True)
+            checkpoint()
+
+    if cfg.refine_to > cfg.repeats:
+        _refine(model, cfg, device, report, clock, checkpoint)
+    report["meta"]["status"] = "complete"
+    checkpoint()
+    return report
+
+
+def _label(impl, cache, proc, batch) -> str:
+    return f"{impl}/{cache}/{proc}/b{batch}"
+
+
+def _refine(model, cfg, device, report, clock, checkpoint) -> None:
+    """Leftover budget: more samples for the rows that decide the claim (batch >= CLAIM_BATCH: pagoda and
+    the best other implementation of each cache x processor x batch), up to ``refine_to`` each."""
+    rows = [r for r in report["results"] if r["status"] == "ok" and r["batch"] >= CLAIM_BATCH]
+    targets = []
+    for key in sorted({(r["cache"], r["processor"], r["batch"]) for r in rows}, key=str):
+        cell = [r for r in rows if (r["cache"], r["processor"], r["batch"]) == key]
+        pg = [r for r in cell if r["impl"] == "pagoda"]
+        others = sorted((r for r in cell if r["impl"] != "pagoda"), key=lambda r: -r["tokens_per_s"])
+        targets += pg + others[:1]
+    for _ in range(cfg.refine_to - cfg.repeats):
+        for row in targets:
+            limit = clock.limit(cfg.case_limit_s)
+            if limit is not None and limit < 3.0:
+                return
+            label = _label(row["impl"], row["cache"], row["processor"], row["batch"])
+            try:
+                with time_limit(limit):
+                    _set_impl(model, row["impl"])
+                    fn = _generate_fn(model, row["impl"], row["batch"], cfg.prompt_len, cfg.new_tokens, row["cache"],
+                                      row["processor"], device)
+                    report["samples_ms"][label].append(round(time_ms(fn, device), 3))
+            except Exception as exc:  # keep what was measured
+                print(f"e2e: re-timing {label} failed: {reason(exc)}", flush=True)
+                continue
             finally:
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            results.append(row)
-            bar.step(f"{impl} {cache} {proc} b={batch}")
-    if cfg.max_batch_search and device.type == "cuda":
-        for impl in runnable:
-            _set_impl(model, impl)
-            maxes[impl] = max_batch(model, impl, cfg, device)
-    return {
-        "study": "e2e",
-        "meta": {**_report.environment(device), "dtype": str(dtype).replace("torch.", ""), "model": cfg.model,
-                 "prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens,
-                 "metric": "tokens/s = batch * new_tokens / generate() wall time (median of 2 after warm-up)"},
-        "backends": {n: {"available": unavailable[n] is None, "reason": unavailable[n]} for n in names},
-        "results": results,
-        "max_batch": maxes if maxes else ("not searched (CPU or disabled)"),
-    }
+                free(device)
+            ms = statistics.median(report["samples_ms"][label])
+            row.update(ms=round(ms, 3), tokens_per_s=round(row["batch"] * cfg.new_tokens / ms * 1e3, 3))
+            checkpoint()
+
+
+def _ratio_cells(cells: dict) -> str:
+    others = [c["tokens_per_s"] for n, c in cells.items() if n != "pagoda" and c["status"] == "ok"]
+    pg = cells.get("pagoda")
+    return f"{pg['tokens_per_s'] / max(others):.2f}x" if pg and pg["status"] == "ok" and others else "-"
 
 
 def tables(report: dict, markdown: bool = False) -> str:
@@ -240,19 +411,90 @@ def tables(report: dict, markdown: bool = False) -> str:
             for n in names:
                 c = cells.get(n)
                 row.append("-" if c is None else (f"{c['tokens_per_s']:.1f}" if c["status"] == "ok" else c["status"]))
-            others = [c["tokens_per_s"] for n, c in cells.items() if n != "pagoda" and c["status"] == "ok"]
-            pg = cells.get("pagoda")
-            row.append(f"{pg['tokens_per_s'] / max(others):.2f}x" if pg and pg["status"] == "ok" and others else "-")
+            row.append(_ratio_cells(cells))
             rows.append(row)
         title = f"{report['meta']['model']}: tokens/s, cache={cache}, logits processor={proc}"
         table = _report.markdown_table(headers, rows) if markdown else _report.format_table(headers, rows, 0)
         out.append((f"### {title}\n\n" if markdown else title + "\n") + table)
     mb = report.get("max_batch")
     if isinstance(mb, dict) and mb:
-        out.append("Max batch before OOM: " + ", ".join(f"{k}={v}" for k, v in mb.items()))
+        def fmt(v):
+            if not isinstance(v, dict):
+                return str(v)
+            s = str(v.get("max_batch"))
+            if v.get("complete") and v.get("first_oom") is None and v.get("max_batch"):
+                s = f">= {s} (no OOM up to the limit)"
+            elif not v.get("complete"):
+                s = f">= {s} (search stopped: {v.get('note')})"
+            return s
+        prompt = next((v.get("prompt_len") for v in mb.values() if isinstance(v, dict) and v.get("prompt_len")), None)
+        out.append(f"Max batch before OOM (prompt {prompt}, 2 new tokens, dynamic cache): "
+                   + ", ".join(f"{k}={fmt(v)}" for k, v in mb.items()))
+    agree = report.get("agreement")
+    if isinstance(agree, dict) and agree:
+        out.append("pagoda vs sdpa, same padded prompts (generate scores, relative error): " + ", ".join(
+            f"{c}: {v['rel_err_scores']:.2e} over {v['steps_compared']} steps, tokens "
+            f"{'equal' if v['tokens_equal'] else 'differ'}" if isinstance(v, dict) else f"{c}: {v}"
+            for c, v in agree.items()))
+    host = report.get("host_overhead")
+    if isinstance(host, dict) and isinstance(host.get("us_per_call"), dict):
+        how = "kernel launch stubbed, CPU" if host.get("stubbed_launch") else "real calls"
+        out.append(f"Host time of one attention call (decode, b={host.get('batch')}, {how}): "
+                   + ", ".join(f"{k}: {v} µs" if isinstance(v, (int, float)) else f"{k}: {v}"
+                               for k, v in host["us_per_call"].items()))
+        if isinstance(host.get("pagoda_profile"), list):
+            out.append("pagoda's call, own time per call (cProfile):\n" + "\n".join(
+                ("    " if markdown else "  ") + line for line in host["pagoda_profile"]))
     reasons = [f"{n}: {b['reason']}" for n, b in report["backends"].items() if not b["available"]]
     errors = sorted({f"{r['impl']}: {r['reason']}" for r in rows_all if r["status"] != "ok"})
-    for title, items in (("Unavailable", reasons), ("Failures", errors)):
+    for title, items in (("Unavailable", reasons), ("Failures and skips", errors)):
         if items:
             out.append(f"{title}:\n" + "\n".join(("- " if markdown else "  ") + i for i in items))
     return "\n\n".join(out)
+
+
+def main(argv=None) -> int:
+    """``python3 -m pagoda.bench.e2e``: the study with the presets the bench CLI does not expose."""
+    from pagoda.bench.plots import plot
+
+    p = argparse.ArgumentParser(prog="python3 -m pagoda.bench.e2e", description=__doc__.splitlines()[0])
+    p.add_argument("--grid", default=None, choices=sorted(GRIDS), help="default: gpu on CUDA, small elsewhere")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--backends", help="comma-separated implementations (default: all)")
+    p.add_argument("--model")
+    p.add_argument("--batch-sizes")
+    p.add_argument("--budget-s", type=float)
+    p.add_argument("--no-max-batch-search", action="store_true")
+    p.add_argument("--out")
+    a = p.parse_args(argv)
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    cfg = default_config(device, a.grid or ("gpu" if device.type == "cuda" else "small"))
+    if a.model:
+        cfg.model = a.model
+    if a.batch_sizes:
+        cfg.batch_sizes = tuple(int(x) for x in a.batch_sizes.split(",") if x.strip())
+    if a.budget_s is not None:
+        cfg.budget_s = a.budget_s
+    if a.no_max_batch_search:
+        cfg.max_batch_search = False
+    cfg.__post_init__()
+    backends = [x.strip() for x in a.backends.split(",") if x.strip()] if a.backends else None
+    import sys
+    report = run_study(cfg, backends, device, dtype, out=a.out,
+                       command=" ".join(["python3 -m pagoda.bench.e2e"] + list(sys.argv[1:] if argv is None else argv)))
+    print(tables(report))
+    if a.out:
+        paths = _report.write_outputs(a.out, "e2e", report, tables(report, markdown=True))
+        try:
+            paths += plot(report, a.out)
+        except Exception as exc:  # the data is written; a plot failure is only reported
+            print(f"e2e: plot failed: {reason(exc)}")
+        print("\nwrote " + ", ".join(str(x) for x in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -27,6 +27,102 @@ def test_e2e_cli_writes_report_with_every_implementation(tmp_path, capsys):
     assert all(r["tokens_per_s"] > 0 and r["ms"] > 0 for r in ok)
     assert (tmp_path / "e2e.md").read_text().startswith("# pagoda bench: e2e")
     assert "tokens/s" in capsys.readouterr().out
+    assert report["meta"]["status"] == "complete" and report["meta"]["elapsed_s"] > 0
+    assert all(len(report["samples_ms"][f"{r['impl']}/{r['cache']}/{r['processor']}/b{r['batch']}"]) == 2 for r in ok)
+    assert all(v > 0 for v in report["host_overhead"]["us_per_call"].values())
+    for cache in ("dynamic", "static"):
+        assert report["agreement"][cache]["tokens_equal"] and report["agreement"][cache]["rel_err_scores"] < 1e-4
+
+
+def test_e2e_failures_and_budget_are_recorded_and_every_case_is_checkpointed(tmp_path, monkeypatch):
+    from pagoda.bench import report as report_mod
+    writes = []
+    real_write = report_mod.write_outputs
+    monkeypatch.setattr(report_mod, "write_outputs", lambda *a: writes.append(1) or real_write(*a))
+    real_set = e2e._set_impl
+
+    def set_impl(model, impl):
+        if impl == "eager":
+            raise RuntimeError("boom\nsecond line")
+        real_set(model, impl)
+    monkeypatch.setattr(e2e, "_set_impl", set_impl)
+    cfg = e2e.E2EConfig(batch_sizes=(1,), new_tokens=2, caches=("dynamic",), host_overhead=False)
+    rep = e2e.run_study(cfg, ["pagoda", "eager"], torch.device("cpu"), torch.float32, out=str(tmp_path))
+    rows = {(r["impl"], r["processor"]): r for r in rep["results"]}
+    assert rows[("pagoda", "none")]["status"] == "ok"
+    assert rows[("eager", "none")]["status"] == "error" and rows[("eager", "none")]["reason"] == "RuntimeError: boom"
+    assert "boom" in rows[("eager", "repetition_penalty")]["reason"]
+    assert len(writes) == len(rep["results"]) + 1           # after every case, and the final report
+    saved = json.loads((tmp_path / "e2e.json").read_text())
+    assert saved["meta"]["status"] == "complete" and len(saved["results"]) == 4
+    # A spent budget: every case skipped with its reason, the report still complete.
+    cfg = e2e.E2EConfig(batch_sizes=(1,), budget_s=0.0, host_overhead=False)
+    rep = e2e.run_study(cfg, ["pagoda"], torch.device("cpu"), torch.float32)
+    assert rep["results"] and all(r["status"] == "skipped" and "budget" in r["reason"] for r in rep["results"])
+    assert "Failures and skips" in e2e.tables(rep)
+
+
+def test_e2e_leftover_budget_re_times_the_claim_rows(monkeypatch):
+    monkeypatch.setattr(e2e, "CLAIM_BATCH", 1)
+    cfg = e2e.E2EConfig(batch_sizes=(1,), new_tokens=2, caches=("dynamic",), processors=("none",), repeats=1,
+                        refine_to=3, budget_s=600.0, case_limit_s=60.0, host_overhead=False)
+    rep = e2e.run_study(cfg, ["pagoda", "sdpa", "eager"], torch.device("cpu"), torch.float32)
+    counts = {k.split("/")[0]: len(v) for k, v in rep["samples_ms"].items()}
+    assert counts["pagoda"] == 3 and sorted(counts.values()) == [1, 3, 3]
+    for r in rep["results"]:
+        samples = rep["samples_ms"][f"{r['impl']}/dynamic/none/b1"]
+        assert r["ms"] == round(sorted(samples)[len(samples) // 2], 3)
+
+
+def test_time_limit_interrupts_a_case():
+    import time
+    from pagoda.bench.budget import CaseTimeout, Clock, time_limit
+    t0 = time.perf_counter()
+    with pytest.raises(CaseTimeout):
+        with time_limit(0.2):
+            while True:
+                time.sleep(0.01)
+    assert time.perf_counter() - t0 < 2
+    with time_limit(None):
+        pass
+    clock = Clock(10.0)
+    assert 0 < clock.limit(90.0) <= 10.0 and clock.limit(5.0) == 5.0 and Clock(None).limit(None) is None
+
+
+def test_max_batch_search_bisects_to_the_oom_edge(monkeypatch):
+    def fake(model, impl, b, prompt_len, new_tokens, cache, proc, device):
+        def run():
+            if b > 300:
+                raise RuntimeError("CUDA out of memory. Tried to allocate ...")
+        return run
+    monkeypatch.setattr(e2e, "_generate_fn", fake)
+    cfg = e2e.E2EConfig(max_batch_limit=2048)
+    from pagoda.bench.e2e_checks import max_batch
+    res = max_batch(None, "pagoda", cfg, torch.device("cpu"))
+    assert res["complete"] and res["first_oom"] > 300 >= res["max_batch"] >= 300 - 300 // 8
+    res = max_batch(None, "pagoda", e2e.E2EConfig(max_batch_limit=256), torch.device("cpu"))
+    assert res["max_batch"] == 256 and res["first_oom"] is None
+    assert "no OOM" in e2e.tables({"meta": {"model": "m"}, "backends": {}, "results": [], "max_batch": {"x": res}})
+
+
+def test_e2e_gpu_grid_fits_one_call():
+    # The GPU preset must fit a 600 s call: with a conservative 30 ms per decode step (host-bound HF generate of
+    # a 0.6B model) and ~100 ms per prefill, 3 generates per (implementation, cache, batch) for the 7 CUDA
+    # implementations, the grid must leave room for start-up, compiles and the max-batch search.
+    cfg = e2e.default_config(torch.device("cuda"), "gpu")
+    generate_s = 0.1 + cfg.new_tokens * 0.030
+    groups = 7 * len(cfg.caches) * len(cfg.batch_sizes)
+    grid_s = groups * (1 + cfg.repeats * len(cfg.processors)) * generate_s
+    assert grid_s + cfg.max_batch_budget_s + 90 <= cfg.budget_s <= 450, grid_s
+    assert {64, 128} <= set(cfg.batch_sizes) and cfg.batch_sizes[:2] == (64, 128)
+    assert e2e.default_config(torch.device("cpu"), "gpu") == e2e.E2EConfig()
+
+
+def test_e2e_module_cli_on_cpu(tmp_path, capsys):
+    assert e2e.main(["--device", "cpu", "--backends", "pagoda,sdpa", "--batch-sizes", "1", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "e2e.json").read_text())
+    assert report["meta"]["command"].startswith("python3 -m pagoda.bench.e2e")
+    assert {r["impl"] for r in report["results"] if r["status"] == "ok"} == {"pagoda", "sdpa"}
 
 
 def test_e2e_config_validation():
