@@ -18,8 +18,8 @@ serving)
   timeout 230 python3 -m pagoda bench cascade --out $OUT/res 2>&1 | grep -v "^cascade \[" | grep -v INFO | tail -18
   ;;
 sampling)
-  timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider -n 8 tests/ops/test_sampling.py \
+  timeout 80 python3 -m pytest -m gpu -q -p no:cacheprovider -n 8 tests/ops/test_sampling.py \
     tests/kernels/test_sampling_interpret.py tests/kernels/test_launch_gpu.py 2>&1 | tail -3
-  timeout 200 python3 -m pagoda bench sampling --out $OUT/res 2>&1 | grep -v "^sampling \[" | grep -v INFO | tail -75
+  timeout 190 python3 -m pagoda bench sampling --out $OUT/res 2>&1 | grep -v "^sampling \[" | grep -v INFO | tail -75
   ;;
 esac
