@@ -3,11 +3,7 @@
 # under $OUT. From the repo root: bash benchmarks/gpu_final.sh tests|bench|e2e
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-if [ -d .peer ]; then
-  mkdir -p /tmp/site && tar -xJf .peer/fi_pkg.tar.xz -C /tmp/site 2>/dev/null && python3 -m pip install -q \
-    --no-index --no-deps --no-compile --upgrade --target /tmp/site .peer/*.whl 2>/dev/null \
-    && export PYTHONPATH=$PYTHONPATH:/tmp/site MAX_JOBS=16
-fi
+. benchmarks/stage_peer.sh
 case "$1" in
 tests)
   python3 -m pytest -m gpu -q -p no:cacheprovider -n 8 --timeout 400 "${@:2}" 2>&1 | tee $OUT/gpu-tests.log | tail -40

@@ -4,11 +4,7 @@
 #   bash benchmarks/gpu_session2.sh sampling  # sampling GPU tests, then the sampling study (+FlashInfer)
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-if [ -d .peer ]; then
-  mkdir -p /tmp/site && tar -xJf .peer/fi_pkg.tar.xz -C /tmp/site 2>/dev/null && python3 -m pip install -q \
-    --no-index --no-deps --no-compile --upgrade --target /tmp/site .peer/*.whl 2>/dev/null \
-    && export PYTHONPATH=$PYTHONPATH:/tmp/site MAX_JOBS=16
-fi
+. benchmarks/stage_peer.sh
 mkdir -p $OUT/res
 case "$1" in
 serving)

@@ -10,20 +10,11 @@ import torch
 import triton
 import triton.language as tl
 
-
-def host_us(fn, n=300):
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / n * 1e6
+from overhead_probe import host_us
 
 
 def profile(name, fn, n=300):
-    print(f"== {name}: {host_us(fn):.1f} us/call host")
+    print(f"== {name}: {host_us(fn, 300):.1f} us/call host")
     pr = cProfile.Profile()
     pr.enable()
     for _ in range(n):

@@ -16,7 +16,7 @@ import torch
 import triton.testing
 
 
-def _host_us(fn, n=50):
+def host_us(fn, n=50):
     fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -42,7 +42,7 @@ def _graph_us(fn):
 
 def probe(name, fn, bytes_=None):
     bench = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
-    host = _host_us(fn)
+    host = host_us(fn)
     try:
         graph = _graph_us(fn)
     except Exception as exc:  # noqa: BLE001 - report, go on
@@ -56,6 +56,18 @@ def probe(name, fn, bytes_=None):
     return row
 
 
+def _decode_inputs(batch, ctx, hq, hk, d, ps):
+    """bf16 q, an NHD paged cache with pages in random order and its CSR metadata, and the KV bytes."""
+    per = ctx // ps
+    pages = batch * per
+    cache = torch.randn(pages, 2, ps, hk, d, device="cuda", dtype=torch.bfloat16)
+    indices = torch.randperm(pages, device="cuda").to(torch.int32)
+    indptr = (torch.arange(batch + 1, device="cuda") * per).to(torch.int32)
+    last = torch.full((batch,), ps, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+    return q, cache, indptr, indices, last, 2 * batch * ctx * hk * d * 2
+
+
 def decode_cases():
     from pagoda.ops.decode import BatchDecodeWithPagedKVCacheWrapper
 
@@ -64,14 +76,7 @@ def decode_cases():
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     splits = [None] + [int(x) for x in os.environ.get("PROBE_SPLITS", "").split(",") if x]
     for batch, ctx in ((1, 4096), (1, 32768), (16, 4096), (64, 4096)):
-        per = ctx // ps
-        pages = batch * per
-        cache = torch.randn(pages, 2, ps, hk, d, device="cuda", dtype=torch.bfloat16)
-        indices = torch.randperm(pages, device="cuda").to(torch.int32)
-        indptr = (torch.arange(batch + 1, device="cuda") * per).to(torch.int32)
-        last = torch.full((batch,), ps, dtype=torch.int32, device="cuda")
-        q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
-        nbytes = 2 * batch * ctx * hk * d * 2
+        q, cache, indptr, indices, last, nbytes = _decode_inputs(batch, ctx, hq, hk, d, ps)
         for fs in splits:
             w = BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
             kw = {} if fs is None else {"fixed_split_size": fs}
@@ -98,14 +103,7 @@ def decode_sweep():
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     configs = [(64, 4, 3), (64, 4, 2), (64, 4, 4), (128, 4, 3), (128, 8, 3), (32, 4, 4), (32, 2, 4), (128, 8, 4)]
     for batch, ctx in ((1, 32768), (16, 4096), (64, 4096), (256, 4096)):
-        per = ctx // ps
-        pages = batch * per
-        cache = torch.randn(pages, 2, ps, hk, d, device="cuda", dtype=torch.bfloat16)
-        indices = torch.randperm(pages, device="cuda").to(torch.int32)
-        indptr = (torch.arange(batch + 1, device="cuda") * per).to(torch.int32)
-        last = torch.full((batch,), ps, dtype=torch.int32, device="cuda")
-        q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
-        nbytes = 2 * batch * ctx * hk * d * 2
+        q, cache, indptr, indices, last, nbytes = _decode_inputs(batch, ctx, hq, hk, d, ps)
         for waves in (2, 4):
             plan.WAVES = waves
             w = BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
