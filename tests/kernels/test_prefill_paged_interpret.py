@@ -157,3 +157,21 @@ def test_head_dim_not_a_power_of_two(split):
     out, lse, want, want_lse = _run(16, "NHD", torch.float32, True, 8, 2, d=40, kv=SPLIT_KV, qo=SPLIT_QO, **kw)
     assert rel_err(out, want) < 1e-5
     assert_finite_lse_close(lse, want_lse.float(), atol=1e-4)
+
+
+def _tile_pairs():
+    from pagoda.kernels.prefill_paged import _TILES
+    return sorted({(bm, bn) for bm, tiles in _TILES.items() for bn, _, _ in tiles})
+
+
+@pytest.mark.parametrize("block_m,block_n", _tile_pairs())
+def test_every_autotuned_tile_shape_matches_reference(block_m, block_n):
+    """The autotuner may pick any (BLOCK_M, BLOCK_N) of `_TILES`; each must be exact, with split-KV
+    chunks of SPLIT_ALIGN keys as the tuned launch uses them."""
+    from pagoda.kernels.prefill_paged import SPLIT_ALIGN
+    kv, qo = [0, 1, 37, 300, 5], [0, 1, 10, 7, 5]
+    splits = -(-max(kv) // SPLIT_ALIGN)
+    out, lse, want, want_lse = _run(16, "NHD", torch.float16, True, 8, 2, kv=kv, qo=qo, block_m=block_m,
+                                    block_n=block_n, chunk=SPLIT_ALIGN, num_splits=splits)
+    assert rel_err(out.float(), want) < 2e-3
+    assert_finite_lse_close(lse, want_lse.float(), atol=2e-3)
