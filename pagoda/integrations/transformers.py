@@ -7,7 +7,10 @@
 Every attention call of the model then runs through `pagoda.flash_attn_func` or
 `pagoda.flash_attn_varlen_func`:
 
-- no mask (prefill of unpadded sequences, decode): `flash_attn_func` on the tensors as HF hands them
+- decode (one query token that sees every cached key, no window or soft cap): `pagoda.ops.decode_dense`,
+  the split-KV decode kernel on HF's cache as it is (one page per sequence; GQA heads share each key
+  read; page table built once per step), with less host work than a `flash_attn_func` call.
+- no mask (prefill of unpadded sequences): `flash_attn_func` on the tensors as HF hands them
   (strided views, nothing copied). HF drops the mask of a prefill into an empty static cache too; the
   keys past the prompt are then empty slots and are cut off, as HF's SDPA path does.
 - a 4-D mask: read back into per-sequence query/key sets and checked to be exactly "causal
@@ -29,6 +32,7 @@ import weakref
 import torch
 
 from pagoda.ops.attention import flash_attn_func, flash_attn_varlen_func
+from pagoda.ops.decode_dense import decode_dense
 
 __all__ = ["register", "pagoda_attention_forward", "ATTN_IMPLEMENTATION"]
 
@@ -146,6 +150,17 @@ def _layout(mask: torch.Tensor, causal: bool, window_left: int, q_len: int, k_le
     return layout
 
 
+def _decode_ok(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """The decode kernel's preconditions (the rest is what HF guarantees: one device, one dtype)."""
+    d, hq, hk = q.shape[-1], q.shape[2], k.shape[2]
+    return (q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and d % 8 == 0 and d <= 256
+            and hq % hk == 0 and q.stride(-1) == 1 and k.stride(-1) == 1)
+
+
+def _scale(scaling: float | None, q: torch.Tensor) -> float:
+    return q.shape[-1] ** -0.5 if scaling is None else float(scaling)
+
+
 def pagoda_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, dropout: float = 0.0,
                              scaling: float | None = None, is_causal: bool | None = None,
@@ -164,11 +179,16 @@ def pagoda_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)   # [b, s, h, d] views
     sq, sk = q.shape[1], k.shape[1]
 
+    # Decode (one query token, every key visible): the split-KV decode kernel on HF's cache as it is.
+    decode = sq == 1 and sk > 0 and window_left < 0 and not cap and _decode_ok(q, k)
+
     if attention_mask is None:
         if causal and 1 < sq < sk:
             # HF skips the mask of a prefill into an empty static cache: the keys past the prompt are empty
             # slots, and SDPA's top-left causal mask never reaches them. Bottom-right alignment would.
             k, v = k[:, :sq], v[:, :sq]
+        if decode:
+            return decode_dense(q[:, 0], k, v, _scale(scaling, q))[:, None], None
         return flash_attn_func(q, k, v, softmax_scale=scaling, causal=causal, window_size=window, softcap=cap), None
 
     layout = _layout(attention_mask, causal, window_left, sq, sk)
@@ -178,6 +198,8 @@ def pagoda_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         if ks or ke != sk:
             k, v = k.narrow(1, ks, ke - ks), v.narrow(1, ks, ke - ks)   # e.g. the filled part of a static cache
         if qs == 0 and qe == sq:
+            if decode and ke > ks:
+                return decode_dense(q[:, 0], k, v, _scale(scaling, q))[:, None], None
             return flash_attn_func(q, k, v, softmax_scale=scaling, causal=causal, window_size=window,
                                    softcap=cap), None
         out = q.new_zeros(q.shape)

@@ -1,0 +1,62 @@
+"""Decode over a contiguous per-sequence KV cache, with the least host work: the hot path of HF
+``generate`` (`pagoda.integrations.transformers`), one call per layer per token.
+
+q ``[batch, num_qo_heads, head_dim]`` attends every key of its own row of k/v ``[batch, seqlen, num_kv_heads,
+head_dim]`` (any strides with a contiguous last dimension, e.g. HF's ``[b, h, s, d]`` cache transposed, or
+the filled slice of a static cache). The rows are handed to the split-KV decode kernel as one page per
+sequence (``page_size = seqlen``), as `flash_attn_with_kvcache` does, but without its appends, rotary,
+per-call argument scan or host syncs: the page table for ``(batch, seqlen)`` is built once and reused by
+every layer of the step, and the caller is trusted for the checks below (shapes, dtypes, devices, GQA
+ratio). GQA: the query heads that share a KV head are computed together, so each key is read once.
+"""
+from __future__ import annotations
+
+import torch
+
+from pagoda.ops import _decode_plan as _plan
+from pagoda.ops import _paged
+
+_meta_cache: dict = {}       # (device, batch, seqlen, num_kv_heads, num_qo_heads, head_dim) -> launch metadata
+
+
+def _metadata(device, b, s, hk, hq, d):
+    key = (device, b, s, hk, hq, d)
+    meta = _meta_cache.get(key)
+    if meta is None:
+        if len(_meta_cache) > 8:
+            _meta_cache.clear()
+        chunk, splits = _plan.choose_chunk(s, b, hk, _plan.num_sms(device), 1, None, False, _plan.MAX_SPLITS)
+        ws = torch.empty(max(splits, 1) * b * hq * (d + 1), dtype=torch.float32, device=device)
+        o_part, lse_part = _plan.workspace_views(ws, b, splits, hq, d)
+        meta = _meta_cache[key] = (
+            torch.arange(b + 1, dtype=torch.int32, device=device),            # kv_indptr: one page each
+            torch.arange(b, dtype=torch.int32, device=device),                # kv_indices
+            torch.full((b,), s, dtype=torch.int32, device=device),            # kv_last_page_len = seqlen
+            torch.full((1,), max(chunk, 1), dtype=torch.int32, device=device), splits, o_part, lse_part)
+    return meta
+
+
+def decode_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """``out [batch, num_qo_heads, head_dim]`` = softmax(q kᵀ · scale) v over all ``seqlen`` keys of each row.
+
+    Preconditions (not checked, the caller's): q, k, v on one device with one dtype; ``k.shape == v.shape``;
+    ``num_qo_heads % num_kv_heads == 0``; last dimensions contiguous; head_dim a multiple of 8 up to 256.
+    Takes the reference path where `pagoda.ops._paged.use_triton` says so (CPU)."""
+    b, hq, d = q.shape
+    s, hk = k.shape[1], k.shape[2]
+    if s == 0 or b == 0:
+        return torch.zeros_like(q)
+    if not _paged.use_triton(q):
+        from pagoda.reference.attention import flash_attn_func as ref
+
+        return ref(q[:, None], k, v, softmax_scale=softmax_scale)[:, 0].to(q.dtype)
+    from pagoda.kernels.decode import decode_fwd
+
+    indptr, indices, last, chunk, splits, o_part, lse_part = _metadata(q.device, b, s, hk, hq, d)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)
+    decode_fwd(q, k, v, (k.stride(0), k.stride(1), k.stride(2)), (v.stride(0), v.stride(1), v.stride(2)), indptr,
+               indices, last, s, hk, out, lse, chunk=chunk, num_splits=splits, o_part=o_part, lse_part=lse_part,
+               sm_scale=float(softmax_scale))
+    return out
