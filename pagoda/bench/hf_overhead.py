@@ -39,9 +39,11 @@ def _per_call_us(fn, n: int, sync, chunks: int = 5) -> float:
 @contextlib.contextmanager
 def _stubbed_launch():
     """CPU only: take pagoda's CUDA path with the Triton launch replaced by a no-op."""
+    from pagoda.kernels import decode as _decode_kernels
     from pagoda.ops import _attention_op
     with mock.patch.object(torch.Tensor, "is_cuda", property(lambda self: True)), \
             mock.patch.object(_attention_op, "_launch", lambda *a, **kw: None), \
+            mock.patch.object(_decode_kernels, "decode_fwd", lambda *a, **kw: None), \
             mock.patch.object(torch.cuda, "is_current_stream_capturing", lambda: False):
         yield
 
