@@ -63,6 +63,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagoda.kernels._launch import launch
+
 MAX_ROUNDS = 34
 INF_BITS = tl.constexpr(0x7F800000)  # bits of +inf: larger patterns are NaN
 
@@ -417,7 +419,8 @@ def sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.
     seed_args = _seed_args(seed, offset, out)
     block, warps = launch_config(vocab, batch, x.device, block)
     dummy = out
-    _sample_kernel[(batch,)](
+    launch(
+        _sample_kernel, (batch,),
         x, x.stride(0), rows if rows is not None else dummy, out, valid.view(torch.int8),
         top_k if top_k is not None else dummy, top_p if top_p is not None else dummy,
         min_p if min_p is not None else dummy, floor if floor is not None else dummy, *seed_args[:6], vocab,
@@ -500,7 +503,8 @@ def chain_speculative(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor, 
         return
     seed_args = _seed_args(seed, offset, out)
     block, warps = launch_config(vocab, b, target_probs.device, block)
-    _chain_spec_kernel[(b,)](
+    launch(
+        _chain_spec_kernel, (b,),
         draft_probs, draft_token_ids, target_probs, out, accepted, emitted, *seed_args[:6], n, vocab,
         draft_probs.stride(0), draft_probs.stride(1), draft_token_ids.stride(0), target_probs.stride(0),
         target_probs.stride(1), out.stride(0), SEED_PTR=seed_args[6], N_PAD=triton.next_power_of_2(max(n, 1)),

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagoda.kernels._launch import launch
+
 from pagoda.kernels.sampling import sm_count
 
 NUM_PIVOTS = 8  # 16 would save about one pass in 6-8 but double the compare work of every pass
@@ -206,7 +208,8 @@ def _launch_threshold(x, out, top_k, top_p, rows, mode, batch, block):
             block, warps = 1024, (16 if wide else 8)
     block = min(block, triton.next_power_of_2(vocab))
     dummy = out
-    _threshold_kernel[(batch,)](
+    launch(
+        _threshold_kernel, (batch,),
         x, out, x.stride(0), out.stride(0) if mode else 0, top_k if top_k is not None else dummy,
         top_p if top_p is not None else dummy, rows if rows is not None else dummy, vocab, x.shape[0],
         BY_MASS=top_p is not None, MODE=mode, HAS_ROWS=rows is not None,
@@ -260,6 +263,6 @@ def softmax(x: torch.Tensor, out: torch.Tensor, temperature: torch.Tensor | None
     batch, vocab = x.shape
     if batch == 0 or vocab == 0:
         return
-    _softmax_kernel[(batch,)](x, out, x.stride(0), out.stride(0), temperature if temperature is not None else out,
-                              vocab, HAS_TEMP=temperature is not None,
-                              BLOCK=min(block, triton.next_power_of_2(vocab)), num_warps=4)
+    launch(_softmax_kernel, (batch,), x, out, x.stride(0), out.stride(0),
+           temperature if temperature is not None else out, vocab, HAS_TEMP=temperature is not None,
+           BLOCK=min(block, triton.next_power_of_2(vocab)), num_warps=4)
