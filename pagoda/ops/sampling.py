@@ -269,7 +269,7 @@ def chain_speculative_sampling(draft_probs, draft_token_ids, target_probs, maybe
                                                maybe_output_accepted_token_num,
                                                maybe_output_emitted_draft_token_num, deterministic, generator,
                                                seed, offset)
-    from pagoda.kernels import sampling as _k
+    from pagoda.kernels.speculative import chain_speculative
 
     dev = draft_probs.device
     s, o = _a.philox_seed_offset(generator, dev, b, b * vocab + b * n, seed, offset)
@@ -277,7 +277,7 @@ def chain_speculative_sampling(draft_probs, draft_token_ids, target_probs, maybe
     accepted = torch.empty(b, dtype=torch.int32, device=dev)
     emitted = torch.empty(b, dtype=torch.int32, device=dev)
     contig = [t if t.stride(-1) == 1 else t.contiguous() for t in (draft_probs, draft_token_ids, target_probs)]
-    _k.chain_speculative(*contig, out, accepted, emitted, s, o)
+    chain_speculative(*contig, out, accepted, emitted, s, o)
     if maybe_output_accepted_token_num is not None:
         maybe_output_accepted_token_num += accepted.to(maybe_output_accepted_token_num.dtype)
         accepted = maybe_output_accepted_token_num

@@ -30,6 +30,7 @@ import triton.language as tl  # noqa: E402
 
 from pagoda.kernels import sampling as K  # noqa: E402
 from pagoda.kernels import sampling_filters as F  # noqa: E402
+from pagoda.kernels import speculative as S  # noqa: E402
 
 warnings.filterwarnings("ignore", "divide by zero", RuntimeWarning)
 
@@ -354,7 +355,7 @@ def test_chain_speculative_kernel_structure():
     d[1, 0] = 2  # target gives it probability 0: rejected, replaced by token 4
     out = torch.full((b, n + 1), -9, dtype=torch.int32)
     acc, emit = torch.full((b,), -9, dtype=torch.int32), torch.full((b,), -9, dtype=torch.int32)
-    K.chain_speculative(q, d, p, out, acc, emit, 11, 0, block=16)
+    S.chain_speculative(q, d, p, out, acc, emit, 11, 0, block=16)
     assert emit[0] == n and torch.equal(out[0, :n], d[0]) and 0 <= out[0, n] < v
     assert emit[1] == 0 and out[1, 0] == 4 and (out[1, 1:] == -1).all()
     for r in range(b):
@@ -367,7 +368,7 @@ _AOT = r'''
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from pagoda.kernels import sampling as K, sampling_filters as F
+from pagoda.kernels import sampling as K, sampling_filters as F, speculative as S
 ptr = {"x_ptr": "*bf16", "rows_ptr": "*i64", "out_ptr": "*i64", "valid_ptr": "*i8", "top_k_ptr": "*i32",
        "top_p_ptr": "*fp32", "min_p_ptr": "*fp32", "floor_ptr": "*fp32", "seed_ptr": "*i64",
        "offset_ptr": "*i64", "d_ptr": "*i32",
@@ -385,7 +386,7 @@ for logits, filters in ((True, False), (False, False)):
     build(K._sample_kernel, {"HAS_ROWS": False, "HAS_TOP_K": filters, "HAS_TOP_P": filters, "HAS_MIN_P": filters,
                              "HAS_FLOOR": False, "FROM_LOGITS": logits, "SEED_PTR": False, "BLOCK": 4096,
                              "NCP": 64, "ROUNDS": K.MAX_ROUNDS}, 16)
-build(K._chain_spec_kernel, {"SEED_PTR": False, "N_PAD": 4, "BLOCK": 2048}, 8)
+build(S._chain_spec_kernel, {"SEED_PTR": False, "N_PAD": 4, "BLOCK": 2048}, 8)
 ptr["x_ptr"] = ptr["out_ptr"] = "*fp32"
 for mode in (0, 1):
     build(F._threshold_kernel, {"BY_MASS": mode == 1, "MODE": mode, "HAS_ROWS": mode == 0, "BLOCK": 256,
