@@ -103,6 +103,17 @@ def _prep_flex(q, k, v, causal, scale):
     return run
 
 
+def flashinfer_missing(device: torch.device) -> str | None:
+    """Why FlashInfer cannot run here (a CUDA device and the package are needed), or None."""
+    if device.type != "cuda":
+        return "needs a CUDA device"
+    try:
+        import flashinfer  # noqa: F401
+    except Exception as exc:
+        return f"flashinfer not importable ({type(exc).__name__})"
+    return None
+
+
 def _prep_flash_attn(q, k, v, causal, scale):
     from flash_attn import flash_attn_func
     return lambda: flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)

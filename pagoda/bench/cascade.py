@@ -17,6 +17,7 @@ import torch
 
 from pagoda.bench import report as _report
 from pagoda.bench.attention import _classify
+from pagoda.bench.backends import flashinfer_missing
 from pagoda.bench.progress import Progress
 from pagoda.bench.timing import time_ms
 
@@ -99,14 +100,7 @@ def _prepare(name, case, cache, q, page_lists, last, workspace):
 
 
 def _unavailable(name, device):
-    if name.startswith("flashinfer"):
-        if device.type != "cuda":
-            return "needs a CUDA device"
-        try:
-            import flashinfer  # noqa: F401
-        except Exception as exc:
-            return f"flashinfer not importable ({type(exc).__name__})"
-    return None
+    return flashinfer_missing(device) if name.startswith("flashinfer") else None
 
 
 def floor_ms(case: CascadeCase) -> float:

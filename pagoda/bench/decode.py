@@ -17,6 +17,7 @@ import torch
 
 from pagoda.bench import report as _report
 from pagoda.bench.attention import _classify
+from pagoda.bench.backends import flashinfer_missing
 from pagoda.bench.progress import Progress
 from pagoda.bench.timing import time_ms
 
@@ -71,19 +72,9 @@ def _paged_kv(case: KVCase, page_size: int, device, dtype, g):
             v.contiguous().to(device))
 
 
-def _flashinfer_missing(device) -> str | None:
-    if device.type != "cuda":
-        return "needs a CUDA device"
-    try:
-        import flashinfer  # noqa: F401
-    except Exception as exc:
-        return f"flashinfer not importable ({type(exc).__name__})"
-    return None
-
-
 def _unavailable(name: str, device) -> str | None:
     if name.startswith("flashinfer"):
-        return _flashinfer_missing(device)
+        return flashinfer_missing(device)
     if name == "sdpa_cudnn" and device.type != "cuda":
         return "needs a CUDA device"
     return None

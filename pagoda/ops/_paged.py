@@ -125,9 +125,3 @@ def check_kv_csr(kv_indptr, kv_indices, kv_last_page_len, page_size: int, max_pa
         if not has_pages and last[b] != 0:
             raise ValueError(f"{n_last}[{b}] = {last[b]} must be 0 for a request with no pages")
     return batch
-
-
-def check_positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
