@@ -94,6 +94,8 @@ def launch(kernel, grid: tuple, *args, num_warps: int = 4, num_stages: int | Non
         g0, g1, g2 = (*grid, 1, 1)[:3]
         run = ck.run
         run(g0, g1, g2, get_stream(device), ck.function, ck.packed_metadata, None, None, None, *values)
+        if _recorder is not None:
+            _recorder.append((ck, (g0, g1, g2), values))
         return
     options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
     ck = kernel[grid](*args, **kwargs, **options)
@@ -101,6 +103,46 @@ def launch(kernel, grid: tuple, *args, num_warps: int = 4, num_stages: int | Non
         if len(_compiled) >= _MAX_ENTRIES:
             _compiled.clear()
         _compiled[key] = ck
+        if _recorder is not None:
+            _recorder.append((ck, (*grid, 1, 1)[:3], values))
+
+
+# Bound launches: a caller that repeats the same launches with only some tensors changing (HF decode: one
+# call per layer, same shapes) records them once and replays them without rebuilding arguments or keys.
+_recorder: list | None = None
+
+
+class recording:
+    """``with recording() as launches:`` collects ``(compiled_kernel, grid, argument_values)`` of every
+    launch made through `launch` inside the block (none when the fast path is off: the caller then keeps
+    launching normally). The caller owns the promise that a replay's arguments specialise alike: it
+    keys its replays on everything the values depend on (shapes, strides, dtypes, 16-byte alignment)."""
+
+    def __enter__(self) -> list:
+        global _recorder
+        self._outer, _recorder = _recorder, []
+        return _recorder
+
+    def __exit__(self, *exc) -> None:
+        global _recorder
+        _recorder = self._outer
+
+
+def replay(launches, swap: dict, tensors: tuple) -> bool:
+    """Launch recorded ``launches`` again with ``values[i] = tensors[swap_index]`` for every
+    ``i -> swap_index`` in ``swap`` (per launch: ``swap`` is a tuple of such dicts, one per launch).
+    Returns False without launching when hooks are installed (the caller takes the normal path)."""
+    if not _no_hooks():
+        return False
+    get_device, get_stream = _current()
+    stream = get_stream(get_device())
+    for (ck, (g0, g1, g2), values), slots in zip(launches, swap):
+        if slots:
+            values = list(values)
+            for i, j in slots.items():
+                values[i] = tensors[j]
+        ck.run(g0, g1, g2, stream, ck.function, ck.packed_metadata, None, None, None, *values)
+    return True
 
 
 _tuned_configs: dict[tuple, object] = {}     # (autotuner, tuning key) -> the triton.Config it chose

@@ -17,6 +17,8 @@ from pagoda.ops import _decode_plan as _plan
 from pagoda.ops import _paged
 
 _meta_cache: dict = {}       # (device, batch, seqlen, num_kv_heads, num_qo_heads, head_dim) -> launch metadata
+_bound: dict = {}            # everything the launch arguments depend on -> (recorded launches, tensor slots)
+_MAX_BOUND = 64
 
 
 def _metadata(device, b, s, hk, hq, d):
@@ -32,7 +34,8 @@ def _metadata(device, b, s, hk, hq, d):
             torch.arange(b + 1, dtype=torch.int32, device=device),            # kv_indptr: one page each
             torch.arange(b, dtype=torch.int32, device=device),                # kv_indices
             torch.full((b,), s, dtype=torch.int32, device=device),            # kv_last_page_len = seqlen
-            torch.full((1,), max(chunk, 1), dtype=torch.int32, device=device), splits, o_part, lse_part)
+            torch.full((1,), max(chunk, 1), dtype=torch.int32, device=device), splits, o_part, lse_part,
+            torch.empty(b, hq, dtype=torch.float32, device=device))           # LSE: written, never read
     return meta
 
 
@@ -50,13 +53,33 @@ def decode_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
         from pagoda.reference.attention import flash_attn_func as ref
 
         return ref(q[:, None], k, v, softmax_scale=softmax_scale)[:, 0].to(q.dtype)
-    from pagoda.kernels.decode import decode_fwd
+    from pagoda.kernels import _launch
 
-    indptr, indices, last, chunk, splits, o_part, lse_part = _metadata(q.device, b, s, hk, hq, d)
     q = q if q.stride(-1) == 1 else q.contiguous()
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)
-    decode_fwd(q, k, v, (k.stride(0), k.stride(1), k.stride(2)), (v.stride(0), v.stride(1), v.stride(2)), indptr,
-               indices, last, s, hk, out, lse, chunk=chunk, num_splits=splits, o_part=o_part, lse_part=lse_part,
-               sm_scale=float(softmax_scale))
+    # Replay key: every value the launch arguments are computed from (the scale is a kernel argument, the
+    # 16-byte alignment of each tensor is part of Triton's specialisation).
+    key = (q.device, q.dtype, b, s, hk, hq, d, q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3],
+           q.data_ptr() & 15, k.data_ptr() & 15, v.data_ptr() & 15, softmax_scale)
+    hit = _bound.get(key)
+    if hit is not None and _launch.replay(hit[0], hit[1], (q, k, v, out)):
+        return out
+    from pagoda.kernels.decode import decode_fwd
+
+    indptr, indices, last, chunk, splits, o_part, lse_part, lse = _metadata(q.device, b, s, hk, hq, d)
+    with _launch.recording() as launches:
+        decode_fwd(q, k, v, (k.stride(0), k.stride(1), k.stride(2)), (v.stride(0), v.stride(1), v.stride(2)),
+                   indptr, indices, last, s, hk, out, lse, chunk=chunk, num_splits=splits, o_part=o_part,
+                   lse_part=lse_part, sm_scale=float(softmax_scale))
+    if len(launches) == 1 + (splits > 0):
+        if len(_bound) >= _MAX_BOUND:
+            _bound.clear()
+        mine = (q, k, v, out)
+        slots = tuple({i: j for i, val in enumerate(values) for j, t in enumerate(mine) if val is t}
+                      for _, _, values in launches)
+        # The caller's tensors are swapped in on every replay: drop them here (HF's dynamic cache makes new
+        # k/v tensors every step; holding them would keep whole layers of old caches alive).
+        kept = tuple((ck, grid, [None if i in sl else val for i, val in enumerate(values)])
+                     for (ck, grid, values), sl in zip(launches, slots))
+        _bound[key] = (kept, slots)
     return out

@@ -119,3 +119,33 @@ def test_tuned_launch_reuses_the_chosen_config_per_key(fast, monkeypatch):
     assert tuned.calls == 2
     _launch.launch_tuned(tuned, k, lambda m: (m["BLOCK"],), x, 16, 0.5, extra_key=(True,))
     assert tuned.calls == 3
+
+
+def test_recording_and_replay_swap_only_the_named_tensors(fast):
+    k, x, y, z = _FakeKernel(), torch.zeros(64), torch.ones(64), torch.full((64,), 2.0)
+    with _launch.recording() as launches:
+        _launch.launch(k, (3,), x, 16, 0.5, BLOCK=32)       # slow (first) launch is recorded
+        _launch.launch(k, (4,), x, 16, 0.5, BLOCK=32)       # fast launch too
+    assert len(launches) == 2 and launches[0][1] == (3, 1, 1) and launches[1][1] == (4, 1, 1)
+    _launch.launch(k, (1,), x, 16, 0.5, BLOCK=32)           # outside the block: not recorded
+    assert len(launches) == 2
+    assert _launch.replay(launches[1:], ({0: 1},), (x, y))
+    assert k.log[-1] == ("fast", (4, 1, 1), (y, 16, 0.5, 32)), "X swapped for the second tensor, rest kept"
+    assert _launch.replay(launches[1:], ({},), (z,)) and k.log[-1][2] == (x, 16, 0.5, 32)
+
+
+def test_replay_refuses_when_launch_hooks_are_installed(fast, monkeypatch):
+    k, x = _FakeKernel(), torch.zeros(64)
+    with _launch.recording() as launches:
+        _launch.launch(k, (3,), x, 16, 0.5, BLOCK=32)
+    monkeypatch.setattr(_launch, "_no_hooks", lambda: False)
+    n = len(k.log)
+    assert not _launch.replay(launches, ({},), (x,)) and len(k.log) == n
+
+
+def test_recording_is_empty_when_the_fast_path_is_off(monkeypatch):
+    monkeypatch.setattr(_launch, "_ENABLED", False)
+    k, x = _FakeKernel(), torch.zeros(4)
+    with _launch.recording() as launches:
+        _launch.launch(k, (1,), x, 16, 0.5, BLOCK=32)
+    assert launches == [] and _launch._recorder is None

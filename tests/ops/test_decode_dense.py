@@ -85,3 +85,58 @@ def test_hf_decode_step_runs_the_decode_kernel(monkeypatch):
             q.float(), k_all[:, :, :filled].float(), v_all[:, :, :filled].float(), enable_gqa=True)
         assert rel_err(out.float(), want.transpose(1, 2)) < 2e-3
     assert len(calls) == 2
+
+
+def test_repeat_calls_replay_the_recorded_launch_with_the_new_tensors(monkeypatch):
+    """A second call with the same shapes, strides, alignment and scale re-launches the recorded kernel with
+    only q, k, v and out swapped; any change of those re-plans through `decode_fwd`."""
+    import types
+
+    from pagoda.kernels import _launch
+    from pagoda.kernels import decode as kdecode
+
+    log = []
+
+    class Compiled:
+        packed_metadata, function = "meta", "fn"
+
+        @property
+        def run(self):
+            return lambda *a: log.append(("replay", a[9:]))
+
+    class Kernel:
+        arg_names = ["Q", "K", "V", "O", "L", "n", "scale"]
+        params = [types.SimpleNamespace(name=n, has_default=False, default=None) for n in arg_names]
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: log.append(("planned", a)) or Compiled()
+
+    kernel = Kernel()
+
+    def fake_decode_fwd(q, k, v, ks, vs, indptr, indices, last, s, hk, out, lse, **kw):
+        _launch.launch(kernel, (q.shape[0], hk), q, k, v, out, lse, s, kw["sm_scale"])
+
+    monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_launch, "_ENABLED", True)
+    monkeypatch.setattr(_launch, "_compiled", {})
+    monkeypatch.setattr(_launch, "_device_stream", (lambda: 0, lambda device: 7))
+    monkeypatch.setattr(_decode_plan, "num_sms", lambda device: 1)
+    monkeypatch.setattr(dd, "_meta_cache", {})
+    monkeypatch.setattr(dd, "_bound", {})
+    monkeypatch.setattr(kdecode, "decode_fwd", fake_decode_fwd)
+    q1, q2 = torch.randn(2, 4, 16), torch.randn(2, 4, 16)
+    k1, v1 = _hf_cache(2, 2, 40, 16, torch.float32, seed=1)
+    k2, v2 = _hf_cache(2, 2, 40, 16, torch.float32, seed=2)
+    dd.decode_dense(q1, k1, v1, 0.25)
+    out2 = dd.decode_dense(q2, k2, v2, 0.25)
+    assert [e[0] for e in log] == ["planned", "replay"]
+    replayed = log[1][1]
+    assert replayed[0] is q2 and replayed[1] is k2 and replayed[2] is v2 and replayed[3] is out2
+    assert replayed[4] is log[0][1][4] and replayed[5] == 40         # LSE scratch and scalars kept
+    kept = next(iter(dd._bound.values()))[0][0][2]
+    assert kept[:4] == [None] * 4, "the first call's q/k/v/out must not be held between calls"
+    dd.decode_dense(q2, k2, v2, 0.5)                                   # another scale: planned again
+    k3, v3 = _hf_cache(2, 2, 41, 16, torch.float32)                    # another length: planned again
+    dd.decode_dense(q2, k3, v3, 0.25)
+    assert [e[0] for e in log] == ["planned", "replay", "planned", "planned"]
