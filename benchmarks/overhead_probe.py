@@ -2,7 +2,7 @@
 launch included), the same call replayed from a CUDA graph (device time only), and the host time of one
 call (Python + launches, no sync). A bench figure far above the graph figure means host overhead.
 
-GPU only. Usage (repo root): PYTHONPATH=$PWD python3 benchmarks/overhead_probe.py [decode|cascade|sampling|all]
+GPU only. Usage (repo root): PYTHONPATH=$PWD python3 benchmarks/overhead_probe.py [decode|decode_sweep|decode_splits|cascade|sampling|all]
 Optional env: PROBE_SPLITS="16,32,64" tries decode with fixed split sizes (pages per split).
 """
 from __future__ import annotations
@@ -127,6 +127,58 @@ def decode_sweep():
     return rows
 
 
+def _decode_kernel_occupancy():
+    """(shared bytes, registers, spills) of the decode kernels compiled so far through the cached launch."""
+    from pagoda.kernels import _launch
+    from pagoda.kernels.decode import _decode_kernel
+
+    out = []
+    for key, ck in _launch._compiled.items():
+        if key[0] is _decode_kernel:
+            md = ck.metadata
+            out.append((getattr(md, "shared", None), getattr(ck, "n_regs", None), getattr(ck, "n_spills", None)))
+    return sorted(set(out), key=str)
+
+
+def decode_split_sweep():
+    """Device time (graph replay) per (split count, block_n, stages): does the split count that fills the
+    GPU in whole waves of resident programs win? Prints each compiled kernel's shared memory and registers
+    (they set how many programs an SM holds at once)."""
+    import pagoda.kernels.decode as kd
+    from pagoda.ops.decode import BatchDecodeWithPagedKVCacheWrapper
+
+    rows = []
+    hq, hk, d, ps = 32, 8, 128, 16
+    ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    cases = {(16, 4096): (None, 256, 128, 86, 64, 43, 32), (64, 4096): (None, 128, 64),
+             (256, 4096): (None, 128), (1, 32768): (None, 64, 32, 16)}
+    configs = [(64, 4, 3), (64, 4, 2), (32, 4, 3), (64, 8, 3), (128, 8, 2)]
+    for (batch, ctx), splits in cases.items():
+        q, cache, indptr, indices, last, nbytes = _decode_inputs(batch, ctx, hq, hk, d, ps)
+        for fs in splits:
+            w = BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+            kw = {} if fs is None else ({"disable_split_kv": True} if fs * ps >= ctx else {"fixed_split_size": fs})
+            w.plan(indptr, indices, last, hq, hk, d, ps, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16,
+                   **kw)
+            for bn, nw, st in configs:
+                kd.CONFIG.update(block_n=bn, num_warps=nw, num_stages=st)
+                try:
+                    g = _graph_us(lambda: w.run(q, cache))
+                except Exception as exc:  # noqa: BLE001
+                    print(f"  {batch} {ctx} fs={fs} {bn} {nw} {st}: {type(exc).__name__}: {exc}"[:200], flush=True)
+                    continue
+                row = dict(batch=batch, ctx=ctx, fixed_split=fs, splits=w._splits, block_n=bn, warps=nw, stages=st,
+                           graph_us=round(g, 1), TBps=round(nbytes / (g * 1e-6) / 1e12, 3))
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+        kd.CONFIG.update(block_n=None, num_warps=4, num_stages=3)
+        del cache
+    occ = _decode_kernel_occupancy()
+    print("decode kernels (shared bytes, regs, spills):", occ, flush=True)
+    rows.append({"occupancy": [list(o) for o in occ]})
+    return rows
+
+
 def cascade_rows():
     import pagoda.bench.cascade as cb
 
@@ -169,6 +221,8 @@ def main():
         out["decode"] = decode_cases()
     if which == "decode_sweep":
         out["decode_sweep"] = decode_sweep()
+    if which == "decode_splits":
+        out["decode_splits"] = decode_split_sweep()
     if which in ("cascade", "all"):
         out["cascade"] = cascade_rows()
     if which in ("sampling", "all"):
