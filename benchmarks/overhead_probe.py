@@ -173,6 +173,20 @@ def decode_split_sweep():
                 rows.append(row)
         kd.CONFIG.update(block_n=None, num_warps=4, num_stages=3)
         del cache
+    for batch, ctx in ((16, 4096), (1, 32768), (4, 8192)):         # merge in the decode kernel or a 2nd launch
+        q, cache, indptr, indices, last, nbytes = _decode_inputs(batch, ctx, hq, hk, d, ps)
+        w = BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+        w.plan(indptr, indices, last, hq, hk, d, ps, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+        for fused in (True, False):
+            kd.FUSED_MERGE_ENABLED = fused
+            g = _graph_us(lambda: w.run(q, cache))
+            b = triton.testing.do_bench(lambda: w.run(q, cache), warmup=25, rep=100, return_mode="median") * 1e3
+            row = dict(batch=batch, ctx=ctx, fused_merge=fused, splits=w._splits, graph_us=round(g, 1),
+                       bench_us=round(b, 1), TBps=round(nbytes / (g * 1e-6) / 1e12, 3))
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        kd.FUSED_MERGE_ENABLED = True
+        del cache
     occ = _decode_kernel_occupancy()
     print("decode kernels (shared bytes, regs, spills):", occ, flush=True)
     rows.append({"occupancy": [list(o) for o in occ]})

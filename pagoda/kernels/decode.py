@@ -45,9 +45,10 @@ def _decode_kernel(
     stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
     stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_sb,
     page_size, group_size, qk_scale, softcap_log2, window_left, rope_rcp_scale, log2_theta,
+    COUNTER, OUT_F, LSE_F, stride_fob, stride_foh, stride_flb,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    ROPE: tl.constexpr, IEEE: tl.constexpr,
+    ROPE: tl.constexpr, IEEE: tl.constexpr, FUSED_MERGE: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -57,6 +58,10 @@ def _decode_kernel(
         chunk = tl.load(CHUNK)
         lo = s * chunk
         if lo >= kv_len:
+            if FUSED_MERGE:
+                if (kv_len == 0) & (s == 0):     # no chunk will merge an empty request: write its result here
+                    _store_empty(OUT_F, LSE_F, b, kvh, group_size, stride_fob, stride_foh, stride_flb,
+                                 HEAD_DIM, HEAD_DIM_PAD, GROUP_PAD)
             return
         hi = tl.minimum(kv_len, lo + chunk)
     else:
@@ -106,8 +111,63 @@ def _decode_kernel(
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
     if SPLIT:
         tl.store(l_ptrs, lse2, mask=gmask)
+        if FUSED_MERGE:
+            # The last chunk of (request, KV head) to finish merges all of them: every thread's partial
+            # stores are ordered before the barrier, the ticket is taken with acq_rel semantics (release
+            # for our partials, acquire for the others'), and the merge reads partials from L2 (.cg).
+            tl.debug_barrier()
+            slot = COUNTER + b * tl.num_programs(1) + kvh
+            ticket = tl.atomic_add(slot, 1, sem="acq_rel", scope="gpu")
+            if ticket == (kv_len + chunk - 1) // chunk - 1:
+                tl.atomic_xchg(slot, 0, sem="relaxed", scope="gpu")    # zero again: graph replays start clean
+                _merge_group(O, LSE, OUT_F, LSE_F, b, heads, gmask, offs_d, dmask, (kv_len + chunk - 1) // chunk,
+                             stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_fob, stride_foh,
+                             stride_flb, HEAD_DIM_PAD, GROUP_PAD)
     else:
         tl.store(l_ptrs, lse2 * 0.6931471805599453, mask=gmask)
+
+
+@triton.jit
+def _store_empty(OUT_F, LSE_F, b, kvh, group_size, stride_fob, stride_foh, stride_flb,
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP_PAD: tl.constexpr):
+    """Zeros and LSE -inf for the query heads of one KV head of a request with no keys."""
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    heads = kvh * group_size + offs_g
+    gmask = offs_g < group_size
+    zero = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
+    tl.store(OUT_F + b.to(tl.int64) * stride_fob + heads[:, None] * stride_foh + offs_d[None, :],
+             zero.to(OUT_F.dtype.element_ty), mask=gmask[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(LSE_F + b.to(tl.int64) * stride_flb + heads, tl.full([GROUP_PAD], float("-inf"), tl.float32),
+             mask=gmask)
+
+
+@triton.jit
+def _merge_group(O_PART, LSE_PART, OUT_F, LSE_F, b, heads, gmask, offs_d, dmask, n_splits,
+                 stride_pb, stride_ps, stride_ph, stride_lpb, stride_lps, stride_fob, stride_foh, stride_flb,
+                 HEAD_DIM_PAD: tl.constexpr, GROUP_PAD: tl.constexpr):
+    """LSE merge of ``n_splits`` partials (base-2 LSE) of the query heads ``heads``, online over the splits."""
+    m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_sum = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
+    base_o = O_PART + b.to(tl.int64) * stride_pb + heads[:, None] * stride_ph + offs_d[None, :]
+    base_l = LSE_PART + b.to(tl.int64) * stride_lpb + heads
+    for sp in range(0, n_splits):
+        ls = tl.load(base_l + sp * stride_lps, mask=gmask, other=float("-inf"), cache_modifier=".cg")
+        o = tl.load(base_o + sp * stride_ps, mask=gmask[:, None] & dmask[None, :], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, ls)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_sub)
+        w = tl.exp2(ls - m_sub)
+        acc = acc * alpha[:, None] + w[:, None] * o
+        l_sum = l_sum * alpha + w
+        m = m_new
+    empty = l_sum == 0.0
+    out = acc / tl.where(empty, 1.0, l_sum)[:, None]
+    lse = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, l_sum))) * 0.6931471805599453)
+    tl.store(OUT_F + b.to(tl.int64) * stride_fob + heads[:, None] * stride_foh + offs_d[None, :],
+             out.to(OUT_F.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
+    tl.store(LSE_F + b.to(tl.int64) * stride_flb + heads, lse, mask=gmask)
 
 
 @triton.jit
@@ -144,6 +204,9 @@ def _merge_kernel(
 # Launch configuration of the decode kernel (keys per tile, warps, software-pipeline stages); a module
 # attribute so that benchmarks/overhead_probe.py can sweep it.
 CONFIG = {"block_n": None, "num_warps": 4, "num_stages": 3}
+# Merge the split partials in the decode kernel itself (last chunk to finish) when the caller hands
+# counters; False: always the separate `_merge_kernel` launch (benchmarks compare the two).
+FUSED_MERGE_ENABLED = True
 
 
 def default_block_n(head_dim: int) -> int:
@@ -155,14 +218,16 @@ def default_block_n(head_dim: int) -> int:
 def decode_fwd(q, k_cache, v_cache, k_strides, v_strides, kv_indptr, kv_indices, kv_last_page_len, page_size,
                num_kv_heads: int, out, lse, *, chunk, num_splits: int, o_part=None, lse_part=None, sm_scale: float,
                window_left: int = -1, logits_soft_cap: float = 0.0, alibi_slopes=None, rope=None,
-               block_n: int | None = None, num_warps: int | None = None) -> None:
+               block_n: int | None = None, num_warps: int | None = None, counters=None) -> None:
     """Launch decode (and merge when ``num_splits > 0``); arguments validated by `pagoda.ops.decode`.
 
     q ``[B, Hq, D]`` (last dim contiguous); k/v caches 4-D with ``(page, token, head)`` strides;
     out ``[B, Hq, D]``; lse float32 ``[B, Hq]`` (natural log). ``num_splits == 0``: one program per
     (request, KV head), writing out/lse directly. Otherwise ``chunk`` is an int32 ``[1]`` device
     tensor (keys per split) and ``o_part [B, num_splits, Hq, D]`` / ``lse_part [B, num_splits, Hq]``
-    float32 workspace views. ``rope``: None or ``(rope_scale, rope_theta)`` (ROPE_LLAMA on the fly).
+    float32 workspace views. ``counters``: with a split, an int32 tensor of at least ``B * num_kv_heads``
+    zeros (left zero after every launch): the last chunk of each (request, KV head) merges them in the same
+    kernel instead of a second launch. ``rope``: None or ``(rope_scale, rope_theta)`` (ROPE_LLAMA on the fly).
     ``alibi_slopes``: float32 ``[Hq]`` or ``[B, Hq]``. A request's KV length is
     ``(pages - 1) * page_size + kv_last_page_len`` (a block-table caller may pass a last length below 1).
     """
@@ -182,6 +247,7 @@ def decode_fwd(q, k_cache, v_cache, k_strides, v_strides, kv_indptr, kv_indices,
     dst_o, dst_l = (o_part, lse_part) if split else (out, lse)
     so = (dst_o.stride(0), dst_o.stride(1), dst_o.stride(2)) if split else (out.stride(0), 0, out.stride(1))
     sl = (dst_l.stride(0), dst_l.stride(1)) if split else (lse.stride(0), 0)
+    fused = split and counters is not None and FUSED_MERGE_ENABLED
     grid = (batch, hk, max(num_splits, 1))
     launch(
         _decode_kernel, grid,
@@ -190,12 +256,13 @@ def decode_fwd(q, k_cache, v_cache, k_strides, v_strides, kv_indptr, kv_indices,
         q.stride(0), q.stride(1), *k_strides, *v_strides, *so, *sl,
         alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
         page_size, group, qk_scale, softcap_log2, window_left, rope_rcp_scale, log2_theta,
+        counters if fused else kv_indptr, out, lse, out.stride(0), out.stride(1), lse.stride(0),
         HEAD_DIM=dim, HEAD_DIM_PAD=dim_pad, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         SPLIT=split, HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
-        ROPE=rope is not None, IEEE=q.dtype == torch.float32, num_warps=num_warps or CONFIG["num_warps"],
-        num_stages=CONFIG["num_stages"],
+        ROPE=rope is not None, IEEE=q.dtype == torch.float32, FUSED_MERGE=fused,
+        num_warps=num_warps or CONFIG["num_warps"], num_stages=CONFIG["num_stages"],
     )
-    if split:
+    if split and not fused:
         launch(
             _merge_kernel, (batch, hq),
             o_part, lse_part, kv_indptr, kv_last_page_len, chunk, out, lse,

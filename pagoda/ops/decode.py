@@ -17,12 +17,12 @@ __all__ = ["BatchDecodeWithPagedKVCacheWrapper", "single_decode_with_kv_cache"]
 
 
 def _launch(q, k_cache, v_cache, kv_layout, indptr, indices, last, page_size, hk, out, lse, chunk_buf, splits,
-            o_part, lse_part, opts):
+            o_part, lse_part, opts, counters=None):
     from pagoda.kernels.decode import decode_fwd
 
     decode_fwd(q, k_cache, v_cache, _paged.cache_strides(k_cache, kv_layout), _paged.cache_strides(v_cache, kv_layout),
                indptr, indices, last, page_size, hk, out, lse, chunk=chunk_buf, num_splits=splits, o_part=o_part,
-               lse_part=lse_part, **opts)
+               lse_part=lse_part, counters=counters, **opts)
 
 
 def _kernel_opts(slopes, mode, sm_scale, window_left, soft_cap, rope_scale, rope_theta) -> dict:
@@ -87,6 +87,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         self._last_buf = paged_kv_last_page_len_buffer
         # Keys per split, read by the kernels from device memory (so a graph replays for new lengths).
         self._chunk_buf = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self._counters = None
         self._graph_splits = None
         self._alibi = None
         self._planned = False
@@ -201,6 +202,10 @@ class BatchDecodeWithPagedKVCacheWrapper:
             self._alibi = _ref.alibi_slopes(hq, device=self.device)
         self._splits = splits
         self._o_part, self._lse_part = _plan.workspace_views(self._workspace, grid_batch, splits, hq, d)
+        # Split-KV merge tickets, one per (request, KV head); the kernel leaves them zero after each run. A
+        # CUDA-graph wrapper sizes them once (a captured graph keeps their address).
+        if splits and (self._counters is None or self._counters.numel() < grid_batch * hk):
+            self._counters = torch.zeros(grid_batch * hk, dtype=torch.int32, device=self.device)
         self._batch, self._grid_batch = batch, grid_batch
         self._shape = (hq, hk, d, page_size)
         self._q_dtype, self._kv_dtype = q_dtype, kv_dtype
@@ -269,7 +274,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
             lse = torch.empty(b, hq, dtype=torch.float32, device=q.device) if lse is None else lse
             _launch(q, k_cache, v_cache, self._kv_layout, self._indptr, self._indices, self._last, page_size, hk,
                     out, lse, self._chunk_buf, self._splits, self._o_part, self._lse_part,
-                    _kernel_opts(self._alibi, mode, scale, planned_window, soft_cap, rope_scale, rope_theta))
+                    _kernel_opts(self._alibi, mode, scale, planned_window, soft_cap, rope_scale, rope_theta),
+                    self._counters)
         if v_scale is not None:
             out.mul_(v_scale)
         return (out, lse) if return_lse else out

@@ -8,6 +8,8 @@ sequence (``page_size = seqlen``), as `flash_attn_with_kvcache` does, but withou
 per-call argument scan or host syncs: the page table for ``(batch, seqlen)`` is built once and reused by
 every layer of the step, and the caller is trusted for the checks below (shapes, dtypes, devices, GQA
 ratio). GQA: the query heads that share a KV head are computed together, so each key is read once.
+The split workspace and merge tickets are shared by all calls of one shape on a device: calls are assumed
+to run on one stream (HF generate does), as with one FlashInfer wrapper.
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ def _metadata(device, b, s, hk, hq, d):
             torch.arange(b, dtype=torch.int32, device=device),                # kv_indices
             torch.full((b,), s, dtype=torch.int32, device=device),            # kv_last_page_len = seqlen
             torch.full((1,), max(chunk, 1), dtype=torch.int32, device=device), splits, o_part, lse_part,
-            torch.empty(b, hq, dtype=torch.float32, device=device))           # LSE: written, never read
+            torch.empty(b, hq, dtype=torch.float32, device=device),           # LSE: written, never read
+            torch.zeros(b * hk, dtype=torch.int32, device=device))            # split merge tickets (left 0)
     return meta
 
 
@@ -66,12 +69,14 @@ def decode_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
         return out
     from pagoda.kernels.decode import decode_fwd
 
-    indptr, indices, last, chunk, splits, o_part, lse_part, lse = _metadata(q.device, b, s, hk, hq, d)
+    indptr, indices, last, chunk, splits, o_part, lse_part, lse, counters = _metadata(q.device, b, s, hk, hq, d)
     with _launch.recording() as launches:
         decode_fwd(q, k, v, (k.stride(0), k.stride(1), k.stride(2)), (v.stride(0), v.stride(1), v.stride(2)),
                    indptr, indices, last, s, hk, out, lse, chunk=chunk, num_splits=splits, o_part=o_part,
-                   lse_part=lse_part, sm_scale=float(softmax_scale))
-    if len(launches) == 1 + (splits > 0):
+                   lse_part=lse_part, sm_scale=float(softmax_scale), counters=counters)
+    from pagoda.kernels import decode as _kdecode
+
+    if len(launches) == 1 + (splits > 0 and not _kdecode.FUSED_MERGE_ENABLED):
         if len(_bound) >= _MAX_BOUND:
             _bound.clear()
         mine = (q, k, v, out)

@@ -17,7 +17,7 @@ from pagoda.kernels.decode import decode_fwd  # noqa: E402
 
 
 def _run(lens, page_size, hq, hk, d, layout, dtype, chunk=None, mode="NONE", window_left=-1, soft_cap=0.0,
-         block_n=16):
+         block_n=16, fused=False):
     indptr, indices, last, max_pages = random_page_table(lens, page_size)
     cache = empty_cache(max_pages, page_size, hk, d, layout, dtype)
     keys = [torch.randn(n, hk, d, dtype=dtype) for n in lens]
@@ -30,11 +30,14 @@ def _run(lens, page_size, hq, hk, d, layout, dtype, chunk=None, mode="NONE", win
     o_part = torch.full((len(lens), splits, hq, d), float("nan"))
     lse_part = torch.full((len(lens), splits, hq), float("nan"))
     kc, vc = cache[:, 0], cache[:, 1]
+    counters = torch.zeros(len(lens) * hk, dtype=torch.int32) if fused else None
     decode_fwd(q, kc, vc, _paged.cache_strides(kc, layout), _paged.cache_strides(vc, layout), indptr, indices, last,
                page_size, hk, out, lse, chunk=torch.tensor([chunk or 0], dtype=torch.int32), num_splits=splits,
                o_part=o_part, lse_part=lse_part, sm_scale=d ** -0.5, window_left=window_left,
                logits_soft_cap=soft_cap, alibi_slopes=ref.alibi_slopes(hq) if mode == "ALIBI" else None,
-               rope=(2.0, 1e4) if mode == "ROPE_LLAMA" else None, block_n=block_n)
+               rope=(2.0, 1e4) if mode == "ROPE_LLAMA" else None, block_n=block_n, counters=counters)
+    if fused:
+        assert not counters.any(), "the merge tickets must be left at zero for the next launch"
     want, want_lse = ref.batch_decode_with_paged_kv_cache(
         q, cache.nan_to_num(), indptr, indices, last, layout, window_left=window_left, logits_soft_cap=soft_cap,
         pos_encoding_mode=mode, rope_scale=2.0, compute_dtype=torch.float64)
@@ -45,8 +48,11 @@ def _run(lens, page_size, hq, hk, d, layout, dtype, chunk=None, mode="NONE", win
 @pytest.mark.parametrize("page_size", [1, 5, 16])
 @pytest.mark.parametrize("chunk", [None, 24])
 @pytest.mark.parametrize("hq,hk", [(4, 4), (8, 2), (8, 1)])
-def test_decode_matches_reference(layout, page_size, chunk, hq, hk):
-    out, lse, want, want_lse = _run([0, 1, 50, 17], page_size, hq, hk, 32, layout, torch.float16, chunk)
+@pytest.mark.parametrize("fused", [False, True])
+def test_decode_matches_reference(layout, page_size, chunk, hq, hk, fused):
+    if fused and chunk is None:
+        pytest.skip("the fused merge exists only with a split")
+    out, lse, want, want_lse = _run([0, 1, 50, 17], page_size, hq, hk, 32, layout, torch.float16, chunk, fused=fused)
     assert not out.isnan().any() and not lse.isnan().any(), "output element left unwritten"
     assert rel_err(out, want) < 2e-3
     assert torch.equal(out[0], torch.zeros_like(out[0]))
@@ -56,7 +62,8 @@ def test_decode_matches_reference(layout, page_size, chunk, hq, hk):
 @pytest.mark.parametrize("mode", ["ALIBI", "ROPE_LLAMA"])
 @pytest.mark.parametrize("chunk", [None, 16])
 def test_position_encodings(mode, chunk):
-    out, lse, want, want_lse = _run([3, 40, 0], 4, 4, 2, 32, "NHD", torch.float32, chunk, mode=mode)
+    out, lse, want, want_lse = _run([3, 40, 0], 4, 4, 2, 32, "NHD", torch.float32, chunk, mode=mode,
+                                    fused=chunk is not None)
     assert rel_err(out, want) < 1e-5
     assert_finite_lse_close(lse, want_lse.float(), atol=1e-4)
 
@@ -65,7 +72,7 @@ def test_position_encodings(mode, chunk):
 @pytest.mark.parametrize("chunk", [None, 16])
 def test_window_and_soft_cap(window_left, soft_cap, chunk):
     out, lse, want, want_lse = _run([1, 45, 9], 3, 4, 1, 32, "HND", torch.float32, chunk, window_left=window_left,
-                                    soft_cap=soft_cap)
+                                    soft_cap=soft_cap, fused=chunk is not None)
     assert rel_err(out, want) < 1e-5
     assert_finite_lse_close(lse, want_lse.float(), atol=1e-4)
 

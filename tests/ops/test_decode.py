@@ -220,6 +220,8 @@ def test_cuda_batch_decode_bf16(layout, page_size, hq, hk, d, split):
     if split == "fixed":
         assert w._splits > 1
     out, lse = w.run(q, cache, return_lse=True)
+    if w._splits:
+        assert not w._counters.any(), "split merge tickets must be back at zero after a run"
     want, want_lse = _dense(q, keys, vals)
     assert rel_err(out, want) < 1e-2
     assert_finite_lse_close(lse, want_lse, atol=2e-2)
