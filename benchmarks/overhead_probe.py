@@ -153,6 +153,8 @@ def decode_split_sweep():
     cases = {(16, 4096): (None, 256, 128, 86, 64, 43, 32), (64, 4096): (None, 128, 64),
              (256, 4096): (None, 128), (1, 32768): (None, 64, 32, 16)}
     configs = [(64, 4, 3), (64, 4, 2), (32, 4, 3), (64, 8, 3), (128, 8, 2)]
+    if os.environ.get("PROBE_FUSED_ONLY") == "1":      # only the fused-merge comparison below
+        cases = {}
     for (batch, ctx), splits in cases.items():
         q, cache, indptr, indices, last, nbytes = _decode_inputs(batch, ctx, hq, hk, d, ps)
         for fs in splits:
