@@ -312,6 +312,12 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
     num_stages (used by the interpreter tests); otherwise the autotuned kernel runs.
     """
     varlen = cu_seqlens_q is not None
+    if (config is None and not varlen and window_left < 0 and window_right in (-1, 0) and _hopper_on()):
+        from pagoda.kernels import attention_hopper as H
+        if H.hopper_supported(q, k, v, out, window_left=window_left, window_right=window_right,
+                              softcap=softcap, alibi_slopes=alibi_slopes):
+            H.attention_fwd_hopper(q, k, v, out, lse, softmax_scale, causal=window_right == 0)
+            return
     head_dim = q.shape[-1]
     hq, hk = q.shape[-2], k.shape[-2]
     if varlen:
@@ -371,6 +377,12 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
         def grid(m):
             return (triton.cdiv(max(int(max_seqlen_q), 1), m["BLOCK_M"]), hq, batch_size)
         launch_tuned(_attn_fwd_tuned, _attn_fwd_kernel, grid, *args, extra_key=(tma,), **meta)
+
+
+def _hopper_on() -> bool:
+    """PAGODA_HOPPER_ATTN=1 routes dense fp16/bf16 d=64/128 calls on sm_90 to the Gluon kernel
+    (`pagoda.kernels.attention_hopper`); default off until verified on the GPU."""
+    return os.environ.get("PAGODA_HOPPER_ATTN", "0") not in ("", "0") and not _interpreting()
 
 
 _TMA_ALLOCATOR_SET = False

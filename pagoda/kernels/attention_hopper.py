@@ -1,0 +1,312 @@
+"""Hopper (sm_90) prefill attention forward in Gluon: TMA + mbarrier pipeline + async wgmma (FA3-style).
+
+Scope: dense batches q ``[b, sq, hq, d]``, k/v ``[b, sk, hk, d]`` (hq a multiple of hk), fp16/bf16,
+head_dim 64 or 128, causal (bottom-right aligned, as flash-attn 2) or not. Everything else (windows,
+ALiBi, softcap, varlen, other head dims) keeps using `pagoda.kernels.attention_fwd`.
+
+Pipeline of one program (one BLOCK_M tile of queries of one (batch, head); 4 or 8 warps = 1 or 2
+warpgroups, each warpgroup owning 64 query rows of the wgmma):
+
+    prologue   TMA: Q, then K/V tiles 0..STAGES-1 into a ring of STAGES smem buffers (one mbarrier
+               per buffer and operand, armed with expect-tx bytes)
+               S_0 = Q K_0^T (wgmma) ; softmax(S_0) -> P_0
+    tile j>=1  issue S_j = Q K_j^T        (async wgmma, smem x smem)
+               issue O  += P_{j-1} V_{j-1} (async wgmma, P from registers)
+               wait until <= 1 wgmma group is outstanding  -> S_j is ready, PV_{j-1} still running
+               softmax(S_j) on the CUDA cores (max, one FMA + ex2 per score, row sums)  || PV_{j-1}
+               wait for PV_{j-1}; O *= alpha_j ; barrier ; TMA K_{j+STAGES}, V_{j-1+STAGES} into the
+               buffers just released
+    epilogue   O += P_{n-1} V_{n-1}; O / l -> smem (Q's buffer) -> TMA store (clipped at sq);
+               LSE = (m + log2 l) ln 2 -> plain masked store into lse ``[b, hq, sq]``.
+
+So the exponentials of tile j overlap the P.V GEMM of tile j-1 (FA3's intra-warpgroup overlap), and
+the loads run STAGES-1 tiles ahead. Scores stay in base 2: max over raw products, then
+``p = 2^(qk * scale*log2e - m)`` (one FMA before ex2).
+
+Descriptors: host-side TMA descriptors over the 3-D views ``[b, s, h*d]`` with ``[1, BLOCK, d]`` boxes.
+The sequence axis is its own descriptor dimension, so reads past a sequence's end are zero-filled
+(never the next batch's rows) and the output store is clipped at ``sq``. This needs ``stride(2) == d``,
+a contiguous last dim and 16-byte aligned strides and bases (checked by `hopper_supported`).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:  # Gluon is experimental: any import problem just disables this path.
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                                    warpgroup_mma, warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    _GLUON_OK = True
+except Exception:  # pragma: no cover - depends on the installed triton
+    _GLUON_OK = False
+
+LOG2E = 1.4426950408889634
+HEAD_DIMS = (64, 128)
+
+
+if _GLUON_OK:
+
+    @gluon.jit
+    def _softmax_tile(s, m_i, l_i, qk_scale, start_n, mask_from, rows, seqlen_k, shift,
+                      CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+        """Online-softmax step on raw scores ``s [BLOCK_M, BLOCK_N]`` (fp32, wgmma layout).
+
+        Returns p (fp32, unnormalised, base 2), alpha (rescale of the old state), m_new, l_new.
+        Tiles starting at or after ``mask_from`` keys may hold invisible keys (causal diagonal, the
+        zero-filled tail past seqlen_k): only those pay for the mask.
+        """
+        if start_n + BLOCK_N > mask_from:
+            cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            visible = gl.expand_dims(cols, 0) < seqlen_k
+            if CAUSAL:
+                visible = visible & (gl.expand_dims(cols, 0) <= gl.expand_dims(rows + shift, 1))
+            s = gl.where(visible, s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        # A row that has seen no visible key keeps m = -inf: subtract 0 so 2^(-inf - -inf) is not NaN.
+        m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_sub)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_sub, 1))
+        l_new = l_i * alpha + gl.sum(p, 1)
+        return p, alpha, m_new, l_new
+
+    @gluon.jit
+    def _issue_kv(desc, bufs, bars, idx, n_tiles, batch, kv_col, STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
+        """TMA of key tile ``idx`` (K or V) into ring slot ``idx % STAGES``; no-op when idx >= n_tiles."""
+        slot = idx % STAGES
+        ok = idx < n_tiles
+        mbarrier.expect(bars.index(slot), desc.block_type.nbytes, pred=ok)
+        tma.async_copy_global_to_shared(desc, [batch, idx * BLOCK_N, kv_col], bars.index(slot), bufs.index(slot),
+                                        pred=ok)
+
+    @gluon.jit
+    def _attn_fwd_hopper_kernel(q_desc, k_desc, v_desc, o_desc, LSE,
+                                stride_lb, stride_lh, stride_lt,
+                                seqlen_q, seqlen_k, group_size, qk_scale,
+                                HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                                STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr,
+                                num_warps: gl.constexpr):
+        dtype: gl.constexpr = q_desc.dtype
+        # wgmma accumulator layouts: warps stacked along M (16 rows each), instruction N = tile width.
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        smem2d: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+        qsmem2d: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+
+        # Grid (query tiles, heads, batch); tiles go heaviest-first (most keys under a causal mask).
+        start_m = gl.num_programs(0) - 1 - gl.program_id(0)
+        head = gl.program_id(1)
+        batch = gl.program_id(2)
+        m0 = start_m * BLOCK_M
+        kv_col = (head // group_size) * HEAD_DIM
+        shift = seqlen_k - seqlen_q
+
+        # Key range of the tile: [0, hi); keys >= mask_from may be invisible to some row.
+        hi = seqlen_k
+        mask_from = seqlen_k
+        if CAUSAL:
+            hi = gl.minimum(hi, m0 + BLOCK_M + shift)
+            mask_from = gl.minimum(mask_from, m0 + shift + 1)
+        # At least one tile: a tile with no visible key is fully masked and yields zeros / LSE -inf.
+        n_tiles = gl.maximum(gl.cdiv(hi, BLOCK_N), 1)
+
+        q_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_M, HEAD_DIM], q_desc.layout)
+        k_bufs = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_bufs = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_bars.index(i), count=1)
+            mbarrier.init(v_bars.index(i), count=1)
+        fence_async_shared()
+
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [batch, m0, head * HEAD_DIM], q_bar, q_smem)
+        for i in gl.static_range(STAGES):
+            _issue_kv(k_desc, k_bufs, k_bars, i, n_tiles, batch, kv_col, STAGES, BLOCK_N)
+            _issue_kv(v_desc, v_bufs, v_bars, i, n_tiles, batch, kv_col, STAGES, BLOCK_N)
+
+        rows = m0 + gl.arange(0, BLOCK_M, layout=row_s)
+        q_op = q_smem._reinterpret(dtype, [BLOCK_M, HEAD_DIM], qsmem2d)
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
+        l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
+        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+
+        # Prologue: S_0 and its softmax.
+        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(k_bars.index(0), 0)
+        k_op = k_bufs.index(0)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d).permute((1, 0))
+        s_tok = warpgroup_mma(q_op, k_op, s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s_tok,))
+        p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, qk_scale, 0, mask_from, rows, seqlen_k, shift,
+                                           CAUSAL, BLOCK_N, s_layout)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+
+        for j in range(1, n_tiles):
+            slot = j % STAGES
+            prev = (j - 1) % STAGES
+            mbarrier.wait(k_bars.index(slot), (j // STAGES) & 1)
+            k_op = k_bufs.index(slot)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d).permute((1, 0))
+            s_tok = warpgroup_mma(q_op, k_op, s_zero, use_acc=False, is_async=True)
+            mbarrier.wait(v_bars.index(prev), ((j - 1) // STAGES) & 1)
+            v_op = v_bufs.index(prev)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d)
+            o_tok = warpgroup_mma(p_op, v_op, acc, is_async=True)
+            # Only S_j must be complete here: the softmax below runs while P_{j-1} V_{j-1} is on the tensor cores.
+            s = warpgroup_mma_wait(1, deps=(s_tok,))
+            p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, qk_scale, j * BLOCK_N, mask_from, rows, seqlen_k,
+                                               shift, CAUSAL, BLOCK_N, s_layout)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            acc = warpgroup_mma_wait(0, deps=(o_tok,))
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            # Every warpgroup is done with K_j and V_{j-1}: refill those slots STAGES tiles ahead.
+            gl.thread_barrier()
+            _issue_kv(k_desc, k_bufs, k_bars, j + STAGES, n_tiles, batch, kv_col, STAGES, BLOCK_N)
+            _issue_kv(v_desc, v_bufs, v_bars, j - 1 + STAGES, n_tiles, batch, kv_col, STAGES, BLOCK_N)
+
+        # Epilogue: the last P.V, normalisation, stores.
+        last = n_tiles - 1
+        mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
+        v_op = v_bufs.index(last % STAGES)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d)
+        o_tok = warpgroup_mma(p_op, v_op, acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(o_tok,))
+
+        l_o = gl.convert_layout(l_i, row_o)
+        empty = l_o == 0.0
+        out = acc / gl.expand_dims(gl.where(empty, 1.0, l_o), 1)
+        # Q's buffer is free now (every wgmma reading it has completed): stage O there for the TMA store.
+        gl.thread_barrier()
+        q_smem._reinterpret(dtype, [BLOCK_M, HEAD_DIM], qsmem2d).store(out.to(dtype))
+        fence_async_shared()
+        gl.thread_barrier()
+        tma.async_copy_shared_to_global(o_desc, [batch, m0, head * HEAD_DIM], q_smem)
+        if WRITE_LSE:
+            m_o = gl.convert_layout(m_i, row_o)
+            lse = gl.where(empty, float("-inf"), (m_o + gl.log2(gl.where(empty, 1.0, l_o))) * 0.6931471805599453)
+            offs = m0 + gl.arange(0, BLOCK_M, layout=row_o)
+            base = LSE + batch.to(gl.int64) * stride_lb + head.to(gl.int64) * stride_lh
+            gl.store(base + offs.to(gl.int64) * stride_lt, lse, mask=offs < seqlen_q)
+        tma.store_wait(pendings=0)
+        mbarrier.invalidate(q_bar)
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(k_bars.index(i))
+            mbarrier.invalidate(v_bars.index(i))
+
+
+# Launch configurations (BLOCK_M, BLOCK_N, STAGES, num_warps), selectable by name (the probe sweeps them).
+CONFIGS = {
+    "m128n128s2w8": (128, 128, 2, 8),
+    "m128n128s3w8": (128, 128, 3, 8),
+    "m128n64s3w8": (128, 64, 3, 8),
+    "m64n128s2w4": (64, 128, 2, 4),
+}
+DEFAULT_CONFIG = {64: "m128n128s3w8", 128: "m128n128s2w8"}
+
+_GL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"} if _GLUON_OK else {}
+
+
+def _gl_dtype(dtype: torch.dtype):
+    return gl.float16 if dtype == torch.float16 else gl.bfloat16
+
+
+def _layout(block, dtype: torch.dtype):
+    return gl.NVMMASharedLayout.get_default_for(list(block), _gl_dtype(dtype))
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    d = t.shape[-1]
+    es = t.element_size()
+    return (t.stride(-1) == 1 and t.stride(2) == d and t.data_ptr() % 16 == 0
+            and (t.stride(0) * es) % 16 == 0 and (t.stride(1) * es) % 16 == 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _is_sm90(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
+
+
+def hopper_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None, *,
+                     cu_seqlens_q=None, window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
+                     alibi_slopes=None) -> bool:
+    """True when the Gluon kernel can run this call: sm_90 exactly, dense 4-D fp16/bf16 inputs, head_dim
+    in HEAD_DIMS, causal (window (-1, 0)) or full attention, no softcap/ALiBi, TMA-compatible strides."""
+    if not _GLUON_OK or not q.is_cuda or cu_seqlens_q is not None or q.dim() != 4:
+        return False
+    if softcap > 0 or alibi_slopes is not None or window_left >= 0 or window_right > 0:
+        return False
+    if q.dtype not in _GL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False
+    d = q.shape[-1]
+    if d not in HEAD_DIMS or k.shape[-1] != d or v.shape[-1] != d or q.shape[2] % k.shape[2]:
+        return False
+    if q.shape[1] == 0 or k.shape[1] == 0 or q.shape[0] == 0:
+        return False
+    tensors = (q, k, v) if out is None else (q, k, v, out)
+    if out is not None and (out.dtype != q.dtype or out.shape != q.shape):
+        return False
+    if not all(_aligned(t) for t in tensors):
+        return False
+    return _is_sm90(q.device.index if q.device.index is not None else torch.cuda.current_device())
+
+
+def _desc(t: torch.Tensor, block_rows: int) -> "TensorDescriptor":
+    """TMA descriptor over the 3-D view ``[b, s, h*d]`` of a ``[b, s, h, d]`` tensor, box ``[1, block_rows, d]``."""
+    b, s, h, d = t.shape
+    block = [1, block_rows, d]
+    return TensorDescriptor(t, [b, s, h * d], [t.stride(0), t.stride(1), 1], block, _layout(block, t.dtype))
+
+
+def attention_fwd_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                         lse: torch.Tensor | None, softmax_scale: float, causal: bool,
+                         config: str | None = None) -> None:
+    """Launch the Gluon sm_90 kernel (callers check `hopper_supported` first).
+
+    q ``[b, sq, hq, d]``, k/v ``[b, sk, hk, d]``, out like q (written), lse ``[b, hq, sq]`` float32
+    natural-log (written when given; any strides). ``config`` names an entry of CONFIGS.
+    """
+    b, sq, hq, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    bm, bn, stages, warps = CONFIGS[config or DEFAULT_CONFIG[d]]
+    ls = (lse.stride(0), lse.stride(1), lse.stride(2)) if lse is not None else (0, 0, 0)
+    grid = ((sq + bm - 1) // bm, hq, b)
+    _attn_fwd_hopper_kernel[grid](
+        _desc(q, bm), _desc(k, bn), _desc(v, bn), _desc(out, bm), lse if lse is not None else out,
+        *ls, sq, sk, hq // hk, softmax_scale * LOG2E,
+        HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=bool(causal), WRITE_LSE=lse is not None,
+        num_warps=warps)
+
+
+def compile_sm90(head_dim: int, dtype: str = "bf16", causal: bool = True, config: str | None = None,
+                 write_lse: bool = True):
+    """Compile the kernel ahead of time for sm_90 (works on a CPU-only machine). Returns the CompiledKernel
+    (``.metadata.shared``, ``.n_regs``/``.n_spills`` are filled only after loading on a GPU)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    bm, bn, stages, warps = CONFIGS[config or DEFAULT_CONFIG[head_dim]]
+    tdt = torch.float16 if dtype == "fp16" else torch.bfloat16
+
+    def desc_sig(rows):
+        block = [1, rows, head_dim]
+        return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{_layout(block, tdt)!r}>"
+
+    sig = {"q_desc": desc_sig(bm), "k_desc": desc_sig(bn), "v_desc": desc_sig(bn), "o_desc": desc_sig(bm),
+           "LSE": "*fp32", "stride_lb": "i32", "stride_lh": "i32", "stride_lt": "i32", "seqlen_q": "i32",
+           "seqlen_k": "i32", "group_size": "i32", "qk_scale": "fp32"}
+    consts = {"HEAD_DIM": head_dim, "BLOCK_M": bm, "BLOCK_N": bn, "STAGES": stages, "CAUSAL": causal,
+              "WRITE_LSE": write_lse, "num_warps": warps}
+    for name in consts:
+        sig[name] = "constexpr"
+    src = GluonASTSource(fn=_attn_fwd_hopper_kernel, signature=sig, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
