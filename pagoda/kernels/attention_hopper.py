@@ -82,7 +82,8 @@ if _GLUON_OK:
         tma.async_copy_global_to_shared(desc, [batch, idx * BLOCK_N, kv_col], bars.index(slot), bufs.index(slot),
                                         pred=ok)
 
-    @gluon.jit
+    # Sequence lengths and LSE strides are not specialised (one binary per head_dim/dtype/mask/config).
+    @gluon.jit(do_not_specialize=["stride_lb", "stride_lh", "stride_lt", "seqlen_q", "seqlen_k", "group_size"])
     def _attn_fwd_hopper_kernel(q_desc, k_desc, v_desc, o_desc, LSE,
                                 stride_lb, stride_lh, stride_lt,
                                 seqlen_q, seqlen_k, group_size, qk_scale,
@@ -152,6 +153,9 @@ if _GLUON_OK:
         p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, qk_scale, 0, mask_from, rows, seqlen_k, shift,
                                            CAUSAL, BLOCK_N, s_layout)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
+        # K_0's slot is free (S_0 completed in every warpgroup): refill it with K_STAGES.
+        gl.thread_barrier()
+        _issue_kv(k_desc, k_bufs, k_bars, STAGES, n_tiles, batch, kv_col, STAGES, BLOCK_N)
 
         for j in range(1, n_tiles):
             slot = j % STAGES
@@ -268,18 +272,19 @@ def _desc(t: torch.Tensor, block_rows: int) -> "TensorDescriptor":
 
 def attention_fwd_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                          lse: torch.Tensor | None, softmax_scale: float, causal: bool,
-                         config: str | None = None) -> None:
+                         config: str | None = None):
     """Launch the Gluon sm_90 kernel (callers check `hopper_supported` first).
 
     q ``[b, sq, hq, d]``, k/v ``[b, sk, hk, d]``, out like q (written), lse ``[b, hq, sq]`` float32
     natural-log (written when given; any strides). ``config`` names an entry of CONFIGS.
+    Returns the launched CompiledKernel (``n_regs``, ``n_spills``, ``metadata.shared``).
     """
     b, sq, hq, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     bm, bn, stages, warps = CONFIGS[config or DEFAULT_CONFIG[d]]
     ls = (lse.stride(0), lse.stride(1), lse.stride(2)) if lse is not None else (0, 0, 0)
     grid = ((sq + bm - 1) // bm, hq, b)
-    _attn_fwd_hopper_kernel[grid](
+    return _attn_fwd_hopper_kernel[grid](
         _desc(q, bm), _desc(k, bn), _desc(v, bn), _desc(out, bm), lse if lse is not None else out,
         *ls, sq, sk, hq // hk, softmax_scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=bool(causal), WRITE_LSE=lse is not None,

@@ -1,0 +1,172 @@
+"""Probe of the Gluon sm_90 attention kernel against cuDNN SDPA and pagoda's Triton kernel (GPU only).
+
+    PYTHONPATH=$PWD python3 benchmarks/hopper_probe.py [--quick] [--configs a,b] [--tune] > $OUT/hopper.txt
+
+1. Smoke stage: each Gluon config (`pagoda.kernels.attention_hopper.CONFIGS`) runs in its own subprocess
+   on small shapes (d 64/128, causal or not, ragged lengths, GQA) against a float32 reference, and prints
+   the compiled kernel's registers / spills / shared memory. A config that crashes (illegal address kills
+   the CUDA context) or is wrong is dropped from the timing stage; the compiles land in triton's cache.
+2. Timing stage, bf16, hidden 2048 (heads = 2048 / d): (d 64, 128) x (causal, not) x ((32, 512), (4, 4096),
+   (1, 16384)). Per case: cuDNN SDPA on [b, h, s, d], pagoda's Triton kernel (default launch config;
+   --tune autotunes, slower), every surviving Gluon config. Each output is checked against cuDNN's (max
+   abs error) before `do_bench` (median, L2 flushed). Prints TFLOP/s (4 b s^2 h d, halved when causal)
+   and the ratio to cuDNN. --quick: only the default Gluon config per head_dim and the s >= 4096 cases.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+_SMOKE = r'''
+import sys, torch
+from pagoda.kernels import attention_hopper as H
+from pagoda.reference.attention import flash_attn_func as ref
+name = sys.argv[1]
+torch.manual_seed(0)
+for d in (64, 128):
+    for causal in (False, True):
+        info = ""
+        worst = 0.0
+        for b, sq, sk, hq, hk in ((2, 17, 300, 4, 2), (1, 300, 17, 2, 2), (2, 1000, 1000, 8, 2), (1, 1, 129, 2, 1)):
+            q = torch.randn(b, sq, hq, d, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(b, sk, hk, d, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn(b, sk, hk, d, device="cuda", dtype=torch.bfloat16)
+            out = torch.full_like(q, float("nan"))
+            lse = torch.full((b, hq, sq), float("nan"), device="cuda")
+            k0 = H.attention_fwd_hopper(q, k, v, out, lse, d ** -0.5, causal, config=name)
+            torch.cuda.synchronize()
+            if not info and k0 is not None:
+                info = f"regs={k0.n_regs} spills={k0.n_spills} smem={k0.metadata.shared}"
+            r, rl, _ = ref(q, k, v, causal=causal, return_attn_probs=True)
+            err = ((out.float() - r.float()).norm() / r.float().norm()).item()
+            fin = torch.isfinite(rl)
+            lerr = (lse[fin] - rl[fin]).abs().max().item() if fin.any() else 0.0
+            bad_inf = not torch.equal(torch.isneginf(lse), torch.isneginf(rl))
+            if out.isnan().any() or lse.isnan().any() or bad_inf:
+                err = float("inf")
+            worst = max(worst, err, lerr)
+            print(f"  smoke {name} d={d} causal={causal:d} b={b} sq={sq} sk={sk} hq={hq} hk={hk}: rel_err={err:.1e} "
+                  f"lse_err={lerr:.1e}", flush=True)
+        print(f"SMOKE {name} d={d} causal={causal:d} {info} worst={worst:.1e} {'OK' if worst < 2e-2 else 'WRONG'}",
+              flush=True)
+'''
+
+
+def smoke(names, root):
+    good = {}
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for name in names:
+        t0 = time.time()
+        try:
+            r = subprocess.run([sys.executable, "-c", _SMOKE, name], capture_output=True, text=True, env=env,
+                               timeout=150, cwd=root)
+            out, rc, tail = r.stdout, r.returncode, r.stderr.strip().splitlines()[-3:]
+        except subprocess.TimeoutExpired as exc:
+            raw = exc.stdout or ""
+            out, rc, tail = raw.decode() if isinstance(raw, bytes) else raw, -1, ["timeout"]
+        print(out, end="", flush=True)
+        ok = {(int(l.split("d=")[1].split()[0]), l.split("causal=")[1][0] == "1")
+              for l in out.splitlines() if l.startswith("SMOKE") and l.rstrip().endswith("OK")}
+        good[name] = ok
+        print(f"smoke {name}: rc={rc} passed={sorted(ok)} ({time.time() - t0:.0f} s)"
+              + ("" if rc == 0 else f"  stderr: {' | '.join(tail)}"), flush=True)
+    return good
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--configs", default="")
+    ap.add_argument("--tune", action="store_true", help="autotune pagoda's Triton kernel (slow)")
+    ap.add_argument("--no-smoke", action="store_true", help="time every config without the subprocess check")
+    args = ap.parse_args()
+    os.environ["PAGODA_HOPPER_ATTN"] = "0"
+    os.environ.setdefault("PAGODA_AUTOTUNE", "1" if args.tune else "0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, root)
+
+    import torch
+    import triton
+    import triton.testing
+    from torch.nn import functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from pagoda.kernels import attention_hopper as H
+    from pagoda.kernels.attention_fwd import attention_fwd
+
+    t_start = time.time()
+    print(f"device={torch.cuda.get_device_name()} torch={torch.__version__} triton={triton.__version__} "
+          f"cudnn={torch.backends.cudnn.version()}", flush=True)
+    if args.configs:
+        names = args.configs.split(",")
+    elif args.quick:
+        names = sorted(set(H.DEFAULT_CONFIG.values()))
+    else:
+        names = list(H.CONFIGS)
+    if args.no_smoke:
+        good = {n: {(d, c) for d in (64, 128) for c in (False, True)} for n in names}
+    else:
+        good = smoke(names, root)
+    print(f"smoke stage done at {time.time() - t_start:.0f} s", flush=True)
+
+    shapes = ((4, 4096), (1, 16384)) if args.quick else ((32, 512), (4, 4096), (1, 16384))
+    summary = []
+    for d in (128, 64):
+        for causal in (False, True):
+            for b, s in shapes:
+                h = 2048 // d
+                q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+                qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+                flops = 4 * b * s * s * h * d / (2 if causal else 1)
+                tag = f"d={d:3d} causal={causal:d} b={b:2d} s={s:5d}"
+                with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                    ref = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).transpose(1, 2)
+                    ms = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal),
+                                                 return_mode="median")
+                c_tf = flops / ms / 1e9
+                print(f"{tag} cudnn        {ms * 1e3:9.1f} us {c_tf:6.1f} TF/s", flush=True)
+                impls = [("pagoda-triton", None)] + [(f"gluon:{n}", n) for n in names if (d, causal) in good[n]]
+                best = {}
+                for label, name in impls:
+                    out = torch.empty_like(q)
+                    lse = torch.empty(b, h, s, device="cuda", dtype=torch.float32)
+                    if name is None:
+                        def run():
+                            attention_fwd(q, k, v, out, lse, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=s,
+                                          batch_size=b, softmax_scale=d ** -0.5, window_left=-1,
+                                          window_right=0 if causal else -1, softcap=0.0, alibi_slopes=None)
+                    else:
+                        def run(name=name):
+                            H.attention_fwd_hopper(q, k, v, out, lse, d ** -0.5, causal, config=name)
+                    try:
+                        out.fill_(float("nan"))
+                        run()
+                        torch.cuda.synchronize()
+                        err = (out.float() - ref.float()).abs().max().item()
+                        if err != err or err > 0.05:
+                            print(f"{tag} {label:12s} WRONG max_abs_err={err:.3g} (not timed)", flush=True)
+                            continue
+                        ms = triton.testing.do_bench(run, return_mode="median")
+                    except Exception as exc:  # keep sweeping; an illegal address would still end the run
+                        msg = str(exc).strip().splitlines()
+                        print(f"{tag} {label:12s} FAILED {type(exc).__name__}: {msg[0][:200] if msg else ''}", flush=True)
+                        if "illegal" in str(exc).lower():
+                            return
+                        continue
+                    tf = flops / ms / 1e9
+                    best[label] = tf
+                    print(f"{tag} {label:12s} {ms * 1e3:9.1f} us {tf:6.1f} TF/s {tf / c_tf:5.2f}x cudnn "
+                          f"max_abs_err={err:.1e}", flush=True)
+                g = max(((tf, l) for l, tf in best.items() if l.startswith("gluon")), default=(0.0, "-"))
+                summary.append((tag, c_tf, best.get("pagoda-triton", 0.0), g))
+                del q, k, v, qt, kt, vt, ref
+                torch.cuda.empty_cache()
+    print(f"\nSUMMARY (TF/s; ratio to cuDNN) after {time.time() - t_start:.0f} s", flush=True)
+    for tag, c_tf, p_tf, (g_tf, g_name) in summary:
+        print(f"{tag}  cudnn {c_tf:6.1f} | triton {p_tf:6.1f} ({p_tf / c_tf:4.2f}x) | best gluon {g_tf:6.1f} "
+              f"({g_tf / c_tf:4.2f}x) {g_name}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
