@@ -76,7 +76,7 @@ def decode_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
                    lse_part=lse_part, sm_scale=float(softmax_scale), counters=counters)
     from pagoda.kernels import decode as _kdecode
 
-    if len(launches) == 1 + (splits > 0 and not _kdecode.FUSED_MERGE_ENABLED):
+    if len(launches) == 1 + (splits > 0 and not _kdecode.merge_is_fused(splits, True)):
         if len(_bound) >= _MAX_BOUND:
             _bound.clear()
         mine = (q, k, v, out)

@@ -313,3 +313,11 @@ def test_graph_mode_replan_must_keep_options():
     w.plan(*meta, 4, 2, 64, 8, q_data_type=torch.float32)  # same options: fine
     with pytest.raises(ValueError, match="first plan"):
         w.plan(*meta, 4, 2, 64, 8, q_data_type=torch.float32, window_left=5)
+
+
+def test_split_merge_is_fused_only_for_few_splits():
+    from pagoda.kernels import decode as kd
+
+    assert kd.merge_is_fused(3, True) and kd.merge_is_fused(kd.FUSED_MAX_SPLITS, True)
+    assert not kd.merge_is_fused(kd.FUSED_MAX_SPLITS + 1, True)      # a serial merge of many splits is slower
+    assert not kd.merge_is_fused(3, False) and not kd.merge_is_fused(0, True)
