@@ -172,6 +172,98 @@ def _filter_pred(cnt, mass, k, k_on, target, p_on, HAS_TOP_K: tl.constexpr, HAS_
 
 
 @triton.jit
+def _track_pass(base, a0, vocab, lanes, BLOCK: tl.constexpr, TRACK: tl.constexpr):
+    """One pass over the row: per-lane mass of ``{p >= a0}`` and, with TRACK, each lane's two largest
+    values of that set and its third largest (0 where none). No token indices: a winner is found
+    again in its lane."""
+    tot = tl.zeros((BLOCK,), tl.float32)
+    v1 = tl.zeros((BLOCK,), tl.float32)
+    v2 = tl.zeros((BLOCK,), tl.float32)
+    v3 = tl.zeros((BLOCK,), tl.float32)
+    x_next = tl.load(base + lanes, mask=lanes < vocab, other=0.0)
+    for start in range(0, vocab, BLOCK):
+        # The next chunk's load is issued before this one is folded: two loads in flight.
+        cols = start + lanes
+        x = x_next.to(tl.float32)
+        x_next = tl.load(base + (cols + BLOCK), mask=cols + BLOCK < vocab, other=0.0)
+        v = tl.where(_in_set(x, a0), x, 0.0)
+        tot += v
+        if TRACK:
+            lo_v = tl.minimum(v, v1)
+            v1 = tl.maximum(v, v1)
+            v3 = tl.maximum(v3, tl.minimum(lo_v, v2))
+            v2 = tl.maximum(v2, lo_v)
+    return tot, v1, v2, v3
+
+
+@triton.jit
+def _count_cut(n1, w1, n2, w2, n3, w3, n4, w4, k, lo, hi):
+    """Largest bits t in [lo, hi) with ``sum_j n_j * (w_j >= t) >= k`` over per-lane entries (values w_j
+    with multiplicities n_j), by bisection; requires the count at ``lo`` to qualify (lo = 0 stands for
+    "no bound") and the one at ``hi`` not to."""
+    for _s in range(32):
+        if hi - lo > 1:
+            mid = lo + (hi - lo) // 2
+            t = mid.to(tl.float32, bitcast=True)
+            cnt = tl.sum(tl.where(w1 >= t, n1, 0) + tl.where(w2 >= t, n2, 0) + tl.where(w3 >= t, n3, 0)
+                         + tl.where(w4 >= t, n4, 0), 0)
+            lo = tl.where(cnt >= k, mid, lo)
+            hi = tl.where(cnt >= k, hi, mid)
+    return lo
+
+
+@triton.jit
+def _kth_value_bits(base, v1, v2, lo, m3_bits, k, vocab, lanes, BLOCK: tl.constexpr):
+    """Exact bits of the k-th largest positive value of the row (1 = the smallest positive float when
+    fewer than k are positive), for rows where pass 0's tracked set C did not settle it: the k-th
+    largest of C (``lo``, a lower bound) is <= m3, the largest untracked bound.
+
+    Pass 1 "peels" each lane one level deeper: the number of tokens equal to the lane's v2 and the two
+    largest values strictly below v2 (and the third, e3). A lane's entries are then v1 (once, if above
+    v2), v2 (c2 times), e1, e2, and every other token is <= e3: counts above ``max e3`` are exact, so the
+    cut is settled unless some lane holds five or more tokens above the cut (on softmax rows of 151,936
+    tokens, k = 50 and 1024 lanes: ~2e-4 of the rows that reach here, i.e. ~4e-6 of all rows). Those
+    bisect the remaining bit interval with one counting pass per step (<= 31 passes: exact, slow, rare)."""
+    c2 = tl.zeros((BLOCK,), tl.int32)
+    e1 = tl.zeros((BLOCK,), tl.float32)
+    e2 = tl.zeros((BLOCK,), tl.float32)
+    e3 = tl.zeros((BLOCK,), tl.float32)
+    x_next = tl.load(base + lanes, mask=lanes < vocab, other=0.0)
+    for start in range(0, vocab, BLOCK):
+        cols = start + lanes
+        x = x_next.to(tl.float32)
+        x_next = tl.load(base + (cols + BLOCK), mask=cols + BLOCK < vocab, other=0.0)
+        v = tl.where(_in_set(x, 1), x, 0.0)
+        c2 += ((v == v2) & (v2 > 0.0)).to(tl.int32)
+        u = tl.where(v < v2, v, 0.0)
+        lo_u = tl.minimum(u, e1)
+        e1 = tl.maximum(u, e1)
+        e3 = tl.maximum(e3, tl.minimum(lo_u, e2))
+        e2 = tl.maximum(e2, lo_u)
+    one = tl.full((BLOCK,), 1, tl.int32)
+    n1 = (v1 > v2).to(tl.int32)  # a v1 above v2 occurs once in its lane (a second copy would be v2)
+    m_bits = tl.max(e3, 0).to(tl.int32, bitcast=True)
+    # Counts are exact above max(m_bits, m3_bits) (tokens above m3 are all in C), so the count at
+    # m3 + 1ulp is below k (the C cut was <= m3): the search stays in [lo, m3_bits + 1).
+    lo = _count_cut(n1, v1, c2, v2, one, e1, one, e2, k, lo, m3_bits + 1)
+    hi = tl.where(tl.maximum(lo, 1) > m_bits, lo + 1, m_bits + 1)
+    for _p in range(31):
+        if hi - lo > 1:
+            mid = lo + (hi - lo) // 2
+            n_v = tl.zeros((BLOCK,), tl.int32)
+            x_next = tl.load(base + lanes, mask=lanes < vocab, other=0.0)
+            for start in range(0, vocab, BLOCK):
+                cols = start + lanes
+                x = x_next.to(tl.float32)
+                x_next = tl.load(base + (cols + BLOCK), mask=cols + BLOCK < vocab, other=0.0)
+                n_v += _in_set(x, mid).to(tl.int32)
+            ok = tl.sum(n_v, 0) >= k
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid)
+    return tl.maximum(lo, 1)
+
+
+@triton.jit
 def _logits_race(base, seed, rng_base, vocab, BLOCK: tl.constexpr):
     """Gumbel-max over logits, one exponential per token (`_philox_chunk` layout): the winner, -1 if
     every logit is -inf or NaN."""
@@ -194,12 +286,15 @@ def _logits_race(base, seed, rng_base, vocab, BLOCK: tl.constexpr):
 def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top_p_ptr, min_p_ptr, floor_ptr,
                    seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val, vocab, num_rows,
                    HAS_ROWS: tl.constexpr, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr,
-                   HAS_MIN_P: tl.constexpr, HAS_FLOOR: tl.constexpr, FROM_LOGITS: tl.constexpr,
-                   SEED_PTR: tl.constexpr, BLOCK: tl.constexpr, NCP: tl.constexpr, ROUNDS: tl.constexpr):
+                   HAS_MIN_P: tl.constexpr, HAS_FLOOR: tl.constexpr, K_FIRST: tl.constexpr,
+                   FROM_LOGITS: tl.constexpr, SEED_PTR: tl.constexpr, BLOCK: tl.constexpr, NCP: tl.constexpr,
+                   ROUNDS: tl.constexpr):
     """HAS_FLOOR: only tokens with ``p >= floor[i]`` exist for row i (its total, max, race and
-    filters are those of that restricted, renormalised row): "top_k_first" with floor = the k-th value.
+    filters are those of that restricted, renormalised row). K_FIRST ("top_k_first", with HAS_TOP_P and
+    without HAS_TOP_K/HAS_FLOOR): the same floor, the row's k-th largest value (``top_k_ptr``), is found
+    in the kernel: from pass 0's tracked set when it settles it (no extra pass), else `_kth_value_bits`.
     BLOCK: tokens per loop step = lanes; NCP = next_power_of_2(ceil(vocab / BLOCK))."""
-    FILTERS: tl.constexpr = HAS_TOP_K or HAS_TOP_P or HAS_MIN_P
+    FILTERS: tl.constexpr = HAS_TOP_K or HAS_TOP_P or HAS_MIN_P or K_FIRST
     LANES: tl.constexpr = BLOCK
     pid = tl.program_id(0)
     if HAS_ROWS:
@@ -225,24 +320,32 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
         if HAS_FLOOR:
             a0 = tl.maximum(tl.load(floor_ptr + pid).to(tl.int32, bitcast=True), 1)
         # Pass 0: per-lane mass of {p >= a0}; with filters, each lane's two largest values and its
-        # third largest (0 where none). No token indices: a winner is found again in its lane.
-        tot = tl.zeros((LANES,), tl.float32)
-        v1 = tl.zeros((LANES,), tl.float32)
-        v2 = tl.zeros((LANES,), tl.float32)
-        v3 = tl.zeros((LANES,), tl.float32)
-        x_next = tl.load(base + lanes, mask=lanes < vocab, other=0.0)
-        for start in range(0, vocab, BLOCK):
-            # The next chunk's load is issued before this one is folded: two loads in flight.
-            cols = start + lanes
-            x = x_next.to(tl.float32)
-            x_next = tl.load(base + (cols + BLOCK), mask=cols + BLOCK < vocab, other=0.0)
-            v = tl.where(_in_set(x, a0), x, 0.0)
-            tot += v
-            if FILTERS:
-                lo_v = tl.minimum(v, v1)
-                v1 = tl.maximum(v, v1)
-                v3 = tl.maximum(v3, tl.minimum(lo_v, v2))
-                v2 = tl.maximum(v2, lo_v)
+        # third largest (0 where none).
+        tot, v1, v2, v3 = _track_pass(base, a0, vocab, lanes, BLOCK, FILTERS)
+        if K_FIRST:
+            # top_k_first: the floor is the k-th largest value b_k. C (the 2*LANES tracked values) gives
+            # count(p >= t) exactly for t > m3, so C's k-th largest t_k is b_k when t_k > m3; then the
+            # whole top-k set lies in C and C restricted to it is exactly pass 0 with a0 = b_k (its
+            # third values are 0): no further pass. Otherwise the exact k-th value costs pass 1 (rarely
+            # more) and pass 0 is repeated over {p >= b_k}.
+            kf = tl.load(top_k_ptr + pid)
+            floor_bits = tl.full((), 1, tl.int32)
+            if (kf > 0) & (kf < vocab):
+                one = tl.full((LANES,), 1, tl.int32)
+                zero = tl.zeros((LANES,), tl.int32)
+                m3k = tl.max(v3, 0).to(tl.int32, bitcast=True)
+                t_k = _count_cut(one, v1, one, v2, zero, v1, zero, v1, kf, tl.zeros((), tl.int32),
+                                 tl.max(v1, 0).to(tl.int32, bitcast=True) + 1)
+                if tl.maximum(t_k, 1) > m3k:
+                    floor_bits = tl.maximum(t_k, 1)
+                    v1 = tl.where(_in_set(v1, floor_bits), v1, 0.0)
+                    v2 = tl.where(_in_set(v2, floor_bits), v2, 0.0)
+                    v3 = tl.zeros((LANES,), tl.float32)
+                    tot = v1 + v2
+                else:
+                    floor_bits = _kth_value_bits(base, v1, v2, t_k, m3k, kf, vocab, lanes, BLOCK)
+                    tot, v1, v2, v3 = _track_pass(base, floor_bits, vocab, lanes, BLOCK, FILTERS)
+            a0 = floor_bits
         total = tl.sum(tot, 0)
         if not FILTERS:
             cand = _lane_draw(tot, lanes, base, a0, seed, rng_base, 2, vocab, LANES, NCP)
@@ -404,16 +507,19 @@ def _seed_args(seed, offset, dummy: torch.Tensor):
 def sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor | None,
            top_k: torch.Tensor | None, top_p: torch.Tensor | None, min_p: torch.Tensor | None,
            seed, offset, from_logits: bool = False, block: int | None = None,
-           floor: torch.Tensor | None = None) -> None:
+           floor: torch.Tensor | None = None, k_first: bool = False) -> None:
     """Launch the race sampler.
 
     x: ``[num_rows, vocab]`` probabilities (fp32/fp16/bf16, rows need not sum to 1) or, with
     ``from_logits`` (no filters), logits; last dim contiguous. out: ``[batch]`` int32/int64;
     valid: ``[batch]`` bool. rows: optional int ``[batch]`` mapping outputs to rows of x.
     top_k int32 / top_p, min_p float32: ``[batch]`` tensors or None. floor: float32 ``[batch]`` or None:
-    restrict row i to ``{p >= floor[i]}`` before everything else (see `top_k_floor`). seed/offset: ints or int64
-    device tensors of length 1 or batch (graph-capturable).
+    restrict row i to ``{p >= floor[i]}`` before everything else (see `top_k_floor`). k_first: "top_k_first"
+    filtering (needs top_k and top_p, no floor): top-p over the renormalised top-k set, the k-th value
+    found in the kernel. seed/offset: ints or int64 device tensors of length 1 or batch (graph-capturable).
     """
+    if k_first and (top_k is None or top_p is None or floor is not None):
+        raise ValueError("k_first needs top_k and top_p and no floor")
     batch, vocab = out.shape[0], x.shape[1]
     if batch == 0:
         return
@@ -426,6 +532,7 @@ def sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.
         top_k if top_k is not None else dummy, top_p if top_p is not None else dummy,
         min_p if min_p is not None else dummy, floor if floor is not None else dummy, *seed_args[:6], vocab,
         x.shape[0],
-        HAS_ROWS=rows is not None, HAS_TOP_K=top_k is not None, HAS_TOP_P=top_p is not None,
-        HAS_MIN_P=min_p is not None, HAS_FLOOR=floor is not None, FROM_LOGITS=from_logits, SEED_PTR=seed_args[6],
+        HAS_ROWS=rows is not None, HAS_TOP_K=top_k is not None and not k_first, HAS_TOP_P=top_p is not None,
+        HAS_MIN_P=min_p is not None, HAS_FLOOR=floor is not None, K_FIRST=k_first, FROM_LOGITS=from_logits,
+        SEED_PTR=seed_args[6],
         BLOCK=block, NCP=triton.next_power_of_2(triton.cdiv(vocab, block)), ROUNDS=MAX_ROUNDS, num_warps=warps)

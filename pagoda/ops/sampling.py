@@ -36,14 +36,14 @@ __all__ = [
 
 
 def _launch(x, indices, batch, generator, seed, offset, return_valid, top_k=None, top_p=None, min_p=None,
-            from_logits=False, out_dtype=None, floor=None):
+            from_logits=False, out_dtype=None, k_first=False):
     from pagoda.kernels import sampling as _k
 
     s, o = _a.philox_seed_offset(generator, x.device, batch, batch * x.shape[1], seed, offset)
     dtype = out_dtype or (indices.dtype if indices is not None else torch.int32)
     out = torch.empty(batch, dtype=dtype, device=x.device)
     valid = torch.empty(batch, dtype=torch.bool, device=x.device)
-    _k.sample(x, out, valid, indices, top_k, top_p, min_p, s, o, from_logits, floor=floor)
+    _k.sample(x, out, valid, indices, top_k, top_p, min_p, s, o, from_logits, k_first=k_first)
     return (out, valid) if return_valid else out
 
 
@@ -163,11 +163,9 @@ def _top_k_top_p(name, x, top_k, top_p, indices, filter_apply_order, generator, 
     if filter_apply_order == "joint" or k_off or p_off:  # with one filter off the two orders agree
         return _launch(x, indices, batch, generator, seed, offset, return_valid, top_k=None if k_off else tk,
                        top_p=None if p_off else tp)
-    # top_k_first: the exact k-th value of each row becomes the sampler's floor, so top-p runs on the
-    # renormalised top-k set without writing that set out.
-    floor = torch.empty(batch, dtype=torch.float32, device=x.device)
-    _f.top_k_floor(x, floor, tk, indices)
-    return _launch(x, indices, batch, generator, seed, offset, return_valid, top_p=tp, floor=floor)
+    # top_k_first: one sampler launch finds each row's k-th value itself (from the values it tracks
+    # anyway, rarely one more pass) and runs top-p over the renormalised top-k set; nothing is written.
+    return _launch(x, indices, batch, generator, seed, offset, return_valid, top_k=tk, top_p=tp, k_first=True)
 
 
 def top_k_top_p_sampling_from_logits(logits, top_k, top_p, indices=None, filter_apply_order="top_k_first",

@@ -112,12 +112,12 @@ def _two_level(p32: torch.Tensor, block: int, seed: int, offset: int) -> torch.T
 
 
 def _run(x, rows=None, top_k=None, top_p=None, min_p=None, seed=1234, offset=0, block=16, from_logits=False,
-         floor=None):
+         floor=None, k_first=False):
     batch = x.shape[0] if rows is None else rows.shape[0]
     out = torch.full((batch,), -7, dtype=torch.int32 if rows is None else rows.dtype)
     valid = torch.zeros(batch, dtype=torch.bool)
     K.sample(x, out, valid, rows, top_k, top_p, min_p, seed, offset, from_logits=from_logits, block=block,
-             floor=floor)
+             floor=floor, k_first=k_first)
     return out, valid
 
 
@@ -148,10 +148,12 @@ def test_plain_and_filters_equal_race_oracle(dtype, vocab, block):
     keep_k = ref.keep_top_k(p32.double(), k)
     cases["top_k_first"] = (dict(top_p=tp, floor=floor),
                             keep_k & ref.keep_top_p(torch.where(keep_k, p32.double(), 0.0), tp.double()))
+    # one launch, the k-th value found in the kernel from the tracked values: the same race
+    cases["top_k_first_fused"] = (dict(top_k=k, top_p=tp, k_first=True), cases["top_k_first"][1])
     for name, (kw, keep) in cases.items():
         out, valid = _run(p, seed=99, offset=8, block=block, **kw)
         assert valid.all(), name
-        assert torch.equal(out.long(), _race(p32, keep, e, block, kw.get("floor"))), name
+        assert torch.equal(out.long(), _race(p32, keep, e, block, floor if "top_k_first" in name else None)), name
         assert keep[torch.arange(b), out.long()].all(), name
     out, valid = _run(p, seed=99, offset=8, block=block)
     assert valid.all() and torch.equal(out.long(), _two_level(p32, block, 99, 8))
@@ -160,7 +162,7 @@ def test_plain_and_filters_equal_race_oracle(dtype, vocab, block):
     assert valid.all() and torch.equal(out.long(), _two_level(p.float(), min(16, vocab if vocab > 16 else 16), 5, 0))
 
 
-@pytest.mark.parametrize("name", ["top_k", "top_p", "min_p", "joint", "top_k_first"])
+@pytest.mark.parametrize("name", ["top_k", "top_p", "min_p", "joint", "top_k_first", "top_k_first_fused"])
 def test_rejection_rounds_keep_to_the_filter(name):
     """Rows with more tokens than tracked (4 per lane here, flat rows so the kept sets are large):
     the rejection rounds. Every draw is inside the reference's kept set."""
@@ -179,12 +181,14 @@ def test_rejection_rounds_keep_to_the_filter(name):
         "joint": (dict(top_k=k, top_p=tp, min_p=mp * 0.3),
                   ref.keep_top_k(p32, k) & ref.keep_top_p(p32, tp.double()) & ref.keep_min_p(p32, mp.double() * 0.3)),
         "top_k_first": (None, None),
+        "top_k_first_fused": (None, None),
     }[name]
-    if name == "top_k_first":
+    if name.startswith("top_k_first"):
         floor = torch.empty(b)
         F.top_k_floor(p, floor, k, block=16)
         keep_k = ref.keep_top_k(p32, k)
-        kw, keep = dict(top_p=tp, floor=floor), keep_k & ref.keep_top_p(torch.where(keep_k, p32, 0.0), tp.double())
+        keep = keep_k & ref.keep_top_p(torch.where(keep_k, p32, 0.0), tp.double())
+        kw = dict(top_p=tp, floor=floor) if name == "top_k_first" else dict(top_k=k, top_p=tp, k_first=True)
     for seed in range(4):
         out, valid = _run(p, seed=seed, **kw)
         assert valid.all() and ((out >= 0) & (out < vocab)).all()
@@ -212,6 +216,92 @@ def test_rejection_rounds_follow_the_law():
         exp = torch.stack([n * want[g].sum() for g in groups])
         chi2 = (((obs - exp) ** 2) / exp).sum()
         assert chi2 < 20.0, (kw.keys(), obs, exp)  # df = 3: P(chi2 > 20) ~ 2e-4
+
+
+@triton.jit
+def _kth_probe(x_ptr, k_ptr, out_ptr, path_ptr, stride, vocab, BLOCK: tl.constexpr):
+    # The K_FIRST floor exactly as _sample_kernel finds it, and which stage settled it: 0 = pass 0's
+    # tracked values, 1 = the peeled pass, 2 = the counting bisection.
+    pid = tl.program_id(0)
+    base = x_ptr + pid * stride
+    lanes = tl.arange(0, BLOCK)
+    k = tl.load(k_ptr + pid)
+    tot, v1, v2, v3 = K._track_pass(base, 1, vocab, lanes, BLOCK, True)
+    one = tl.full((BLOCK,), 1, tl.int32)
+    zero = tl.zeros((BLOCK,), tl.int32)
+    m3 = tl.max(v3, 0).to(tl.int32, bitcast=True)
+    t_k = K._count_cut(one, v1, one, v2, zero, v1, zero, v1, k, tl.zeros((), tl.int32),
+                       tl.max(v1, 0).to(tl.int32, bitcast=True) + 1)
+    bits = tl.maximum(t_k, 1)
+    path = tl.zeros((), tl.int32)
+    if bits <= m3:
+        bits = K._kth_value_bits(base, v1, v2, t_k, m3, k, vocab, lanes, BLOCK)
+        path = tl.full((), 1, tl.int32)
+    tl.store(out_ptr + pid, bits.to(tl.float32, bitcast=True))
+    tl.store(path_ptr + pid, path)
+
+
+def test_top_k_first_kth_value_is_exact():
+    """The in-kernel k-th value (the "top_k_first" floor) for every k on rows with ties, zeros and NaN,
+    from pass 0's tracked values, the peeled pass and the counting bisection (all three reached)."""
+    vocab, block = 150, 16  # 16 lanes of ~9 tokens: small k settle in pass 0, large ones need passes
+    p = _probs(6, vocab, temp=1.0)
+    p[1, 20:60] = p[1, 7]  # a wide tie
+    p[2, ::3] = 0.0
+    p[3, 9] = float("nan")
+    p[4] = torch.linspace(1.0, 2.0, vocab)[torch.randperm(vocab)]  # flat: every lane holds many of the top
+    p[5, 100:] = 0.0
+    stages = set()
+    for k in list(range(1, 40)) + [47, 64, 65, 80, 99, 100, 101, 120, 149]:
+        kk = torch.full((6,), k, dtype=torch.int32)
+        out = torch.full((6,), float("nan"))
+        path = torch.full((6,), -1, dtype=torch.int32)
+        _kth_probe[(6,)](p, kk, out, path, p.stride(0), vocab, BLOCK=block)
+        pos = torch.where(p > 0, p, 0.0).nan_to_num(0.0)
+        kth = pos.sort(-1, descending=True).values[:, k - 1]
+        want = torch.where(kth > 0, kth, torch.tensor(1.401298464324817e-45))  # fewer than k positive: no bound
+        assert torch.equal(out, want), (k, out, want)
+        for r in range(6):
+            stages.add(0 if path[r] == 0 else (1 if _peel_settles(pos[r], float(want[r]), block) else 2))
+    assert stages == {0, 1, 2}, stages
+
+
+def _peel_settles(row, cut, block):
+    """Model of the peeled pass: per lane v1, v2 (two largest), then e3 = the third largest value
+    strictly below v2; the cut is settled iff it lies above every lane's e3."""
+    m = 0.0
+    for lane in range(block):
+        vals = sorted((float(v) for v in row[lane::block] if v > 0), reverse=True)
+        v2 = vals[1] if len(vals) > 1 else 0.0
+        rest = [v for v in vals if v < v2]
+        m = max(m, rest[2] if len(rest) > 2 else 0.0)
+    return cut > m
+
+
+def test_top_k_first_fused_follows_the_law():
+    """top_k_first in one launch on rows longer than the tracked values (flat, 64 tokens in 16 lanes):
+    top_k 6 settles in pass 0 only sometimes, top_k 30 always needs the k-th value passes; the draws
+    follow p restricted to the reference's set, renormalised."""
+    vocab, n = 64, 160
+    p = torch.softmax(torch.linspace(1.0, 0.0, vocab)[torch.randperm(vocab)], -1)[None]
+    rows = torch.zeros(n, dtype=torch.int32)
+    p64 = p.double()
+    for k, tp in ((30, 0.7), (6, 0.9)):
+        keep_k = ref.keep_top_k(p64, torch.tensor([k]))
+        keep = keep_k & ref.keep_top_p(torch.where(keep_k, p64, 0.0), torch.tensor([tp]).double())
+        out, valid = _run(p, rows=rows, seed=3, top_k=torch.full((n,), k, dtype=torch.int32),
+                          top_p=torch.full((n,), tp), k_first=True)
+        assert valid.all()
+        counts = torch.bincount(out.long(), minlength=vocab).double()
+        assert counts[~keep[0]].sum() == 0
+        want = torch.where(keep[0], p64[0], 0.0)
+        want = want / want.sum()
+        idx = torch.nonzero(keep[0]).flatten()
+        groups = idx[want[idx].argsort(descending=True)].chunk(4)
+        obs = torch.stack([counts[g].sum() for g in groups])
+        exp = torch.stack([n * want[g].sum() for g in groups])
+        chi2 = (((obs - exp) ** 2) / exp).sum()
+        assert chi2 < 20.0, (k, obs, exp)
 
 
 def test_logits_race_is_gumbel_max():
@@ -380,12 +470,18 @@ def build(fn, consts, warps):
     triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": warps})
 build(K._sample_kernel, {"HAS_ROWS": True, "HAS_TOP_K": True, "HAS_TOP_P": True, "HAS_MIN_P": True,
-                         "HAS_FLOOR": True, "FROM_LOGITS": False, "SEED_PTR": True, "BLOCK": 1024, "NCP": 256,
-                         "ROUNDS": K.MAX_ROUNDS}, 8)
+                         "HAS_FLOOR": True, "K_FIRST": False, "FROM_LOGITS": False, "SEED_PTR": True, "BLOCK": 1024,
+                         "NCP": 256, "ROUNDS": K.MAX_ROUNDS}, 8)
 for logits, filters in ((True, False), (False, False)):
     build(K._sample_kernel, {"HAS_ROWS": False, "HAS_TOP_K": filters, "HAS_TOP_P": filters, "HAS_MIN_P": filters,
-                             "HAS_FLOOR": False, "FROM_LOGITS": logits, "SEED_PTR": False, "BLOCK": 4096,
-                             "NCP": 64, "ROUNDS": K.MAX_ROUNDS}, 16)
+                             "HAS_FLOOR": False, "K_FIRST": False, "FROM_LOGITS": logits, "SEED_PTR": False,
+                             "BLOCK": 4096, "NCP": 64, "ROUNDS": K.MAX_ROUNDS}, 16)
+# "top_k_first" in one launch (top_k read by K_FIRST, HAS_TOP_K off), both launch configs of the ops layer
+for block, warps, rows, seed_ptr in ((4096, 16, False, False), (1024, 8, True, True)):
+    build(K._sample_kernel, {"HAS_ROWS": rows, "HAS_TOP_K": False, "HAS_TOP_P": True, "HAS_MIN_P": False,
+                             "HAS_FLOOR": False, "K_FIRST": True, "FROM_LOGITS": False, "SEED_PTR": seed_ptr,
+                             "BLOCK": block, "NCP": triton.next_power_of_2(triton.cdiv(151936, block)),
+                             "ROUNDS": K.MAX_ROUNDS}, warps)
 build(S._chain_spec_kernel, {"SEED_PTR": False, "N_PAD": 4, "BLOCK": 2048}, 8)
 ptr["x_ptr"] = ptr["out_ptr"] = "*fp32"
 for mode in (0, 1):

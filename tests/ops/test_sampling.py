@@ -140,6 +140,55 @@ def test_per_row_parameters_reach_their_rows(device):
     assert_law(out[1::2], p[1])
 
 
+def _k_first_keep(p64, k, tp):
+    keep_k = ref.keep_top_k(p64, k)
+    return keep_k & ref.keep_top_p(torch.where(keep_k, p64, 0.0), tp)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("order", ["top_k_first", "joint"])
+def test_top_k_top_p_law_per_request(device, order):
+    """Both filter orders with per-request top_k/top_p tensors through indices: each row's draws follow
+    p restricted to the reference's kept set, renormalised (excluded tokens never drawn). Row 2 is flat
+    with a large top_k, row 3's top_k is off (0: top-p alone), row 4 is tied at the boundary. (The
+    kernels' k-th-value fallback needs rows longer than twice the lanes: the interpreter tests and
+    test_gpu_large_vocab_top_k_top_p_exact cover it.)"""
+    vocab, rows, n = 64, 5, 6000
+    p = _rows(vocab, n_rows=rows, temp=1.0)
+    p[1] = _rows(vocab, temp=0.3)[0]
+    p[2] = _rows(vocab, temp=0.2)[0]
+    p[4, 5:40] = p[4, 4]
+    p = (p / p.sum(-1, keepdim=True)).to(device)
+    k_rows = torch.tensor([5, 20, 40, 0, 20], dtype=torch.int32)
+    p_rows = torch.tensor([0.8, 0.5, 0.9, 0.7, 0.6])
+    idx = torch.arange(rows * n, device=device) % rows
+    out = S.top_k_top_p_sampling_from_probs(p, k_rows.to(device)[idx.cpu()].to(device), p_rows.to(device)[idx.cpu()],
+                                            indices=idx, filter_apply_order=order, generator=_gen(device))
+    p64 = p.double().cpu()
+    if order == "top_k_first":
+        keep = _k_first_keep(p64, k_rows, p_rows.double())
+    else:
+        keep = ref.keep_top_k(p64, k_rows) & ref.keep_top_p(p64, p_rows.double())
+    for r in range(rows):
+        assert_law(out[r::rows], torch.where(keep[r], p64[r], 0.0))
+    if order == "top_k_first":  # the two orders differ on these rows: the test tells them apart
+        joint = ref.keep_top_k(p64, k_rows) & ref.keep_top_p(p64, p_rows.double())
+        assert not torch.equal(keep, joint)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_top_k_top_p_from_logits_both_orders(device):
+    vocab, n = 200, 8000
+    logits = torch.randn(1, vocab, device=device) * 2.0
+    p64 = torch.softmax(logits.double().cpu(), -1)
+    for order, keep in (("top_k_first", _k_first_keep(p64, torch.tensor([30]), torch.tensor([0.6]).double())),
+                        ("joint", ref.keep_top_k(p64, torch.tensor([30]))
+                         & ref.keep_top_p(p64, torch.tensor([0.6]).double()))):
+        out = S.top_k_top_p_sampling_from_logits(logits, 30, 0.6, indices=_many(device, n), filter_apply_order=order,
+                                                 generator=_gen(device))
+        assert_law(out, torch.where(keep[0], p64[0], 0.0))
+
+
 # ------------------------------------------------------------------------------- reproducibility / RNG
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -381,6 +430,76 @@ def test_gpu_large_vocab_filters_exact(dtype):
     r = S.top_p_renorm_probs(p.float(), 0.9)
     want = ref.top_p_renorm_probs(p.float().cpu(), 0.9)
     assert (r.cpu() > 0).ne(want > 0).sum() <= 4  # at most a boundary token per row from fp32 vs fp64 sums
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_large_vocab_top_k_top_p_exact(dtype):
+    """Both filter orders on 151,936-token rows: every draw is in the reference's kept set, with top_k
+    50 (settled by the tracked values), 1000 and 20000 (the k-th value fallback pass) and 0 (off), ties
+    at the boundary (bf16 rows tie a lot), and the law on one row."""
+    vocab, rows = 151936, 8
+    p = torch.softmax(torch.randn(rows, vocab, device="cuda") * 3.0, -1).to(dtype)
+    p[5, 1000:3000] = p[5].max()  # a huge tie at the top
+    k_rows = torch.tensor([50, 1000, 20000, 0, 50, 60, 1, 3000], dtype=torch.int32)
+    p_rows = torch.tensor([0.9, 0.9, 0.95, 0.9, 0.5, 0.99, 0.9, 0.3])
+    n = 8192
+    idx = torch.arange(n, device="cuda") % rows
+    p64 = p.double().cpu()
+    for order in ("top_k_first", "joint"):
+        if order == "top_k_first":
+            keep = _k_first_keep(p64, k_rows, p_rows.double())
+        else:
+            keep = ref.keep_top_k(p64, k_rows) & ref.keep_top_p(p64, p_rows.double())
+        for seed in range(3):
+            out = S.top_k_top_p_sampling_from_probs(p, k_rows.cuda()[idx], p_rows.cuda()[idx], indices=idx,
+                                                    filter_apply_order=order, generator=_gen("cuda", seed))
+            out = out.cpu().long()
+            assert ((out >= 0) & (out < vocab)).all()
+            assert keep[idx.cpu(), out].all(), (order, seed, keep[idx.cpu(), out].logical_not().nonzero()[:5])
+        out = S.top_k_top_p_sampling_from_probs(p[:1], 50, 0.9, indices=_many("cuda", 20000),
+                                                filter_apply_order=order, generator=_gen("cuda"))
+        assert_law(out, torch.where(keep[0], p64[0], 0.0))
+
+
+@pytest.mark.gpu
+def test_gpu_top_k_top_p_graph_safe():
+    """Both orders: no host synchronisation (sync debug mode errors), no allocation-size dependence on
+    the data, and a captured CUDA graph replays the eager tokens; a new offset changes them."""
+    vocab, rows = 151936, 16
+    p = torch.softmax(torch.randn(rows, vocab, device="cuda") * 3.0, -1)
+    seed = torch.tensor([7], dtype=torch.int64, device="cuda")
+    offset = torch.tensor([0], dtype=torch.int64, device="cuda")
+    top_k = torch.tensor([50, 2000] * (rows // 2), dtype=torch.int32, device="cuda")
+    top_p = torch.full((rows,), 0.9, device="cuda")
+    for order in ("top_k_first", "joint"):
+        eager = S.top_k_top_p_sampling_from_probs(p, top_k, top_p, filter_apply_order=order, seed=seed,
+                                                  offset=offset)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            S.top_k_top_p_sampling_from_probs(p, top_k, top_p, filter_apply_order=order, seed=seed, offset=offset)
+            S.top_k_top_p_sampling_from_probs(p, 50, 0.9, filter_apply_order=order, generator=_gen("cuda"))
+            S.top_k_top_p_sampling_from_logits(p.log(), 50, 0.9, filter_apply_order=order, generator=_gen("cuda"))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        graph = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            S.top_k_top_p_sampling_from_probs(p, top_k, top_p, filter_apply_order=order, seed=seed, offset=offset)
+        torch.cuda.current_stream().wait_stream(s)
+        with torch.cuda.graph(graph):
+            captured = S.top_k_top_p_sampling_from_probs(p, top_k, top_p, filter_apply_order=order, seed=seed,
+                                                         offset=offset)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, eager), order
+        offset.fill_(1 << 20)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert not torch.equal(captured, eager), order
+        offset.fill_(0)
 
 
 def test_pagoda_sampling_module_mirrors_ops():
