@@ -50,6 +50,11 @@ HEAD_DIMS = (64, 128)
 
 if _GLUON_OK:
 
+    @gluon.constexpr_function
+    def _nvmma_2d(rows, cols, dtype):
+        """The 2-D shared layout a TMA-loaded ``[1, rows, cols]`` box is viewed with by wgmma."""
+        return gl.NVMMASharedLayout.get_default_for([rows, cols], dtype)
+
     @gluon.jit
     def _softmax_tile(s, m_i, l_i, qk_scale, start_n, mask_from, rows, seqlen_k, shift,
                       CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
@@ -99,8 +104,8 @@ if _GLUON_OK:
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        smem2d: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-        qsmem2d: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+        smem2d: gl.constexpr = _nvmma_2d(BLOCK_N, HEAD_DIM, dtype)
+        qsmem2d: gl.constexpr = _nvmma_2d(BLOCK_M, HEAD_DIM, dtype)
 
         # Grid (query tiles, heads, batch); tiles go heaviest-first (most keys under a causal mask).
         start_m = gl.num_programs(0) - 1 - gl.program_id(0)
@@ -214,7 +219,16 @@ CONFIGS = {
     "m128n64s3w8": (128, 64, 3, 8),
     "m64n128s2w4": (64, 128, 2, 4),
 }
+# Warp-specialised variant (attention_hopper_ws): (BLOCK_M, BLOCK_N, STAGES, consumer registers).
+WS_CONFIGS = {
+    "ws-m128n128s2": (128, 128, 2, 240),
+    "ws-m128n128s3": (128, 128, 3, 240),
+    "ws-m128n64s3": (128, 64, 3, 240),
+}
 DEFAULT_CONFIG = {64: "m128n128s3w8", 128: "m128n128s2w8"}
+# Kernel-wide register cap of the warp-specialised launch: 12 warps (3 warpgroups) must fit 64K registers
+# before setmaxnreg moves the loader's share to the consumers.
+_WS_MAXNREG = 168
 
 _GL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"} if _GLUON_OK else {}
 
@@ -281,8 +295,17 @@ def attention_fwd_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     """
     b, sq, hq, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
-    bm, bn, stages, warps = CONFIGS[config or DEFAULT_CONFIG[d]]
+    config = config or DEFAULT_CONFIG[d]
     ls = (lse.stride(0), lse.stride(1), lse.stride(2)) if lse is not None else (0, 0, 0)
+    if config in WS_CONFIGS:
+        from pagoda.kernels.attention_hopper_ws import _attn_fwd_hopper_ws_kernel
+        bm, bn, stages, regs = WS_CONFIGS[config]
+        return _attn_fwd_hopper_ws_kernel[((sq + bm - 1) // bm, hq, b)](
+            _desc(q, bm // 2), _desc(k, bn), _desc(v, bn), _desc(out, bm // 2), lse if lse is not None else out,
+            *ls, sq, sk, hq // hk, softmax_scale * LOG2E,
+            HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=bool(causal), WRITE_LSE=lse is not None,
+            CONSUMER_REGS=regs, num_warps=4, maxnreg=_WS_MAXNREG)
+    bm, bn, stages, warps = CONFIGS[config]
     grid = ((sq + bm - 1) // bm, hq, b)
     return _attn_fwd_hopper_kernel[grid](
         _desc(q, bm), _desc(k, bn), _desc(v, bn), _desc(out, bm), lse if lse is not None else out,
@@ -299,19 +322,30 @@ def compile_sm90(head_dim: int, dtype: str = "bf16", causal: bool = True, config
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    bm, bn, stages, warps = CONFIGS[config or DEFAULT_CONFIG[head_dim]]
+    config = config or DEFAULT_CONFIG[head_dim]
     tdt = torch.float16 if dtype == "fp16" else torch.bfloat16
+    ws = config in WS_CONFIGS
+    if ws:
+        from pagoda.kernels.attention_hopper_ws import _attn_fwd_hopper_ws_kernel as fn
+        bm, bn, stages, regs = WS_CONFIGS[config]
+        q_rows, warps, options = bm // 2, 4, {"num_warps": 4, "maxnreg": _WS_MAXNREG}
+    else:
+        fn = _attn_fwd_hopper_kernel
+        bm, bn, stages, warps = CONFIGS[config]
+        q_rows, options = bm, {"num_warps": warps}
 
     def desc_sig(rows):
         block = [1, rows, head_dim]
         return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{_layout(block, tdt)!r}>"
 
-    sig = {"q_desc": desc_sig(bm), "k_desc": desc_sig(bn), "v_desc": desc_sig(bn), "o_desc": desc_sig(bm),
+    sig = {"q_desc": desc_sig(q_rows), "k_desc": desc_sig(bn), "v_desc": desc_sig(bn), "o_desc": desc_sig(q_rows),
            "LSE": "*fp32", "stride_lb": "i32", "stride_lh": "i32", "stride_lt": "i32", "seqlen_q": "i32",
            "seqlen_k": "i32", "group_size": "i32", "qk_scale": "fp32"}
     consts = {"HEAD_DIM": head_dim, "BLOCK_M": bm, "BLOCK_N": bn, "STAGES": stages, "CAUSAL": causal,
               "WRITE_LSE": write_lse, "num_warps": warps}
+    if ws:
+        consts["CONSUMER_REGS"] = regs
     for name in consts:
         sig[name] = "constexpr"
-    src = GluonASTSource(fn=_attn_fwd_hopper_kernel, signature=sig, constexprs=consts)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    src = GluonASTSource(fn=fn, signature=sig, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)

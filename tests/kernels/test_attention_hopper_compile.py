@@ -19,7 +19,8 @@ from pagoda.kernels import attention_hopper as H
 if not H._GLUON_OK:
     print("NO_GLUON"); sys.exit(0)
 cases = [(d, dt, c, None) for d, dt, c in itertools.product((64, 128), ("bf16", "fp16"), (True, False))]
-cases += [(d, "bf16", True, name) for d in (64, 128) for name in H.CONFIGS]
+cases += [(d, "bf16", True, name) for d in (64, 128) for name in list(H.CONFIGS) + list(H.WS_CONFIGS)]
+cases += [(d, "fp16", False, "ws-m128n128s2") for d in (64, 128)]
 for d, dt, causal, cfg in cases:
     k = H.compile_sm90(d, dt, causal, cfg)
     smem = k.metadata.shared

@@ -1,0 +1,200 @@
+"""Warp-specialised variant of the Gluon sm_90 attention forward (see `attention_hopper` for the maths).
+
+One CTA = one BLOCK_M = 128 tile of queries of one (batch, head), split over three partitions:
+
+    loader     (1 warp)   TMA: Q (two 64-row boxes), then K_i, V_i into a ring of STAGES slots;
+                          waits on the slot's "empty" mbarrier, arms its "ready" mbarrier (expect-tx)
+    consumer 0 (4 warps)  rows 0-63:   S_j = Q K_j^T, O += P_{j-1} V_{j-1} (async wgmma), softmax(S_j)
+    consumer 1 (4 warps)  rows 64-127  while P_{j-1} V_{j-1} runs; releases K_j / V_{j-1} to the loader
+
+The two consumer warpgroups are independent partitions (no CTA-wide barrier in the loop), so the warp
+scheduler can run one warpgroup's GEMMs while the other does its softmax (FA3's ping-pong, left to the
+hardware scheduler rather than enforced with named barriers). Registers are moved from the loader to the
+consumers with the partitions' register budgets (setmaxnreg).
+"""
+from __future__ import annotations
+
+from pagoda.kernels.attention_hopper import _GLUON_OK
+
+if _GLUON_OK:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                                    warpgroup_mma, warpgroup_mma_wait)
+
+    from pagoda.kernels.attention_hopper import _nvmma_2d, _softmax_tile
+
+    @gluon.jit
+    def _ws_loader(q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
+                   v_ready, v_empty, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh, stride_lt, seqlen_q,
+                   seqlen_k, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                   CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr):
+        WG_M: gl.constexpr = q_desc.block_type.shape[1]
+        for w in gl.static_range(2):
+            mbarrier.expect(q_bars.index(w), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [batch, m0 + w * WG_M, head * HEAD_DIM], q_bars.index(w),
+                                            q_smem.index(w))
+        for i in range(n_tiles):
+            slot = i % STAGES
+            phase = (i // STAGES) & 1
+            # A fresh mbarrier counts as having completed phase 1: the first STAGES waits pass at once.
+            mbarrier.wait(k_empty.index(slot), phase ^ 1)
+            mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [batch, i * BLOCK_N, kv_col], k_ready.index(slot),
+                                            k_bufs.index(slot))
+            mbarrier.wait(v_empty.index(slot), phase ^ 1)
+            mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [batch, i * BLOCK_N, kv_col], v_ready.index(slot),
+                                            v_bufs.index(slot))
+
+    @gluon.jit
+    def _ws_consume(q_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
+                    batch, head, m0, n_tiles, mask_from, stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k, qk_scale,
+                    HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                    WRITE_LSE: gl.constexpr):
+        """One consumer warpgroup: the pipeline of `attention_hopper` on 64 query rows starting at m0."""
+        dtype: gl.constexpr = q_desc.dtype
+        WG_M: gl.constexpr = q_desc.block_type.shape[1]
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        smem2d: gl.constexpr = _nvmma_2d(BLOCK_N, HEAD_DIM, dtype)
+        qsmem2d: gl.constexpr = _nvmma_2d(WG_M, HEAD_DIM, dtype)
+        shift = seqlen_k - seqlen_q
+
+        rows = m0 + gl.arange(0, WG_M, layout=row_s)
+        q_op = q_smem._reinterpret(dtype, [WG_M, HEAD_DIM], qsmem2d)
+        s_zero = gl.zeros([WG_M, BLOCK_N], gl.float32, layout=s_layout)
+        m_i = gl.full([WG_M], float("-inf"), gl.float32, layout=row_s)
+        l_i = gl.zeros([WG_M], gl.float32, layout=row_s)
+        acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, layout=o_layout)
+
+        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(k_ready.index(0), 0)
+        k_op = k_bufs.index(0)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d).permute((1, 0))
+        s_tok = warpgroup_mma(q_op, k_op, s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s_tok,))
+        gl.thread_barrier()
+        mbarrier.arrive(k_empty.index(0), count=1)
+        p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, qk_scale, 0, mask_from, rows, seqlen_k, shift,
+                                           CAUSAL, BLOCK_N, s_layout)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+
+        for j in range(1, n_tiles):
+            slot = j % STAGES
+            prev = (j - 1) % STAGES
+            mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
+            k_op = k_bufs.index(slot)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d).permute((1, 0))
+            s_tok = warpgroup_mma(q_op, k_op, s_zero, use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+            v_op = v_bufs.index(prev)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d)
+            o_tok = warpgroup_mma(p_op, v_op, acc, is_async=True)
+            s = warpgroup_mma_wait(1, deps=(s_tok,))
+            gl.thread_barrier()
+            mbarrier.arrive(k_empty.index(slot), count=1)
+            p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, qk_scale, j * BLOCK_N, mask_from, rows, seqlen_k,
+                                               shift, CAUSAL, BLOCK_N, s_layout)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            acc = warpgroup_mma_wait(0, deps=(o_tok,))
+            gl.thread_barrier()
+            mbarrier.arrive(v_empty.index(prev), count=1)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+
+        last = n_tiles - 1
+        mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+        v_op = v_bufs.index(last % STAGES)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d)
+        o_tok = warpgroup_mma(p_op, v_op, acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(o_tok,))
+
+        l_o = gl.convert_layout(l_i, row_o)
+        empty = l_o == 0.0
+        out = acc / gl.expand_dims(gl.where(empty, 1.0, l_o), 1)
+        gl.thread_barrier()
+        q_op.store(out.to(dtype))
+        fence_async_shared()
+        gl.thread_barrier()
+        tma.async_copy_shared_to_global(o_desc, [batch, m0, head * HEAD_DIM], q_smem)
+        if WRITE_LSE:
+            m_o = gl.convert_layout(m_i, row_o)
+            lse = gl.where(empty, float("-inf"), (m_o + gl.log2(gl.where(empty, 1.0, l_o))) * 0.6931471805599453)
+            offs = m0 + gl.arange(0, WG_M, layout=row_o)
+            base = LSE + batch.to(gl.int64) * stride_lb + head.to(gl.int64) * stride_lh
+            gl.store(base + offs.to(gl.int64) * stride_lt, lse, mask=offs < seqlen_q)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _ws_consumer0(q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
+                      v_ready, v_empty, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh, stride_lt, seqlen_q,
+                      seqlen_k, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                      CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr):
+        _ws_consume(q_desc, o_desc, LSE, q_smem.index(0), k_bufs, v_bufs, q_bars.index(0), k_ready, k_empty,
+                    v_ready, v_empty, batch, head, m0, n_tiles, mask_from, stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k,
+                    qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE)
+
+    @gluon.jit
+    def _ws_consumer1(q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
+                      v_ready, v_empty, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh, stride_lt, seqlen_q,
+                      seqlen_k, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                      CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr):
+        WG_M: gl.constexpr = q_desc.block_type.shape[1]
+        _ws_consume(q_desc, o_desc, LSE, q_smem.index(1), k_bufs, v_bufs, q_bars.index(1), k_ready, k_empty,
+                    v_ready, v_empty, batch, head, m0 + WG_M, n_tiles, mask_from, stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k,
+                    qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE)
+
+    @gluon.jit(do_not_specialize=["stride_lb", "stride_lh", "stride_lt", "seqlen_q", "seqlen_k", "group_size"])
+    def _attn_fwd_hopper_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE,
+                                   stride_lb, stride_lh, stride_lt,
+                                   seqlen_q, seqlen_k, group_size, qk_scale,
+                                   HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                                   STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr,
+                                   CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        gl.static_assert(num_warps == 4, "the default partition is consumer 0 (one warpgroup)")
+        gl.static_assert(BLOCK_M == 2 * q_desc.block_type.shape[1], "q/o boxes hold half the tile")
+        dtype: gl.constexpr = q_desc.dtype
+        start_m = gl.num_programs(0) - 1 - gl.program_id(0)
+        head = gl.program_id(1)
+        batch = gl.program_id(2)
+        m0 = start_m * BLOCK_M
+        kv_col = (head // group_size) * HEAD_DIM
+        shift = seqlen_k - seqlen_q
+        hi = seqlen_k
+        mask_from = seqlen_k
+        if CAUSAL:
+            hi = gl.minimum(hi, m0 + BLOCK_M + shift)
+            mask_from = gl.minimum(mask_from, m0 + shift + 1)
+        n_tiles = gl.maximum(gl.cdiv(hi, BLOCK_N), 1)
+
+        q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+        k_bufs = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+        v_bufs = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+        q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for w in gl.static_range(2):
+            mbarrier.init(q_bars.index(w), count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            # Both consumer warpgroups release every slot.
+            mbarrier.init(k_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=2)
+        fence_async_shared()
+
+        # (The argument tuples are written out: a tuple bound to a name turns its constexprs into tensors.)
+        gl.warp_specialize([
+            (_ws_consumer0, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
+                             v_ready, v_empty, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh,
+                             stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE)),
+            (_ws_consumer1, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
+                             v_ready, v_empty, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh,
+                             stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE)),
+            (_ws_loader, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
+                          v_ready, v_empty, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh,
+                          stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE)),
+        ], [4, 1], [CONSUMER_REGS, 24])
