@@ -62,7 +62,7 @@ def smoke(names, root):
                                     stderr=subprocess.PIPE, text=True, env=env, cwd=root) for name in names}
     for name, proc in procs.items():
         try:
-            out, err = proc.communicate(timeout=max(10.0, 150 - (time.time() - t0)))
+            out, err = proc.communicate(timeout=max(10.0, 100 - (time.time() - t0)))
             rc, tail = proc.returncode, err.strip().splitlines()[-3:]
         except subprocess.TimeoutExpired:
             proc.kill()  # a hung kernel (e.g. an mbarrier never completing): drop the config
@@ -104,7 +104,7 @@ def main():
     if args.configs:
         names = args.configs.split(",")
     elif args.quick:
-        names = sorted(set(H.DEFAULT_CONFIG.values())) + ["ws-m128n128s2"]
+        names = sorted(set(H.DEFAULT_CONFIG.values())) + ["p-m128n128s2w8", "ws-m128n128s2"]
     else:
         names = list(H.CONFIGS) + list(H.WS_CONFIGS)
     if args.no_smoke:

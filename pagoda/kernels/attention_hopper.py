@@ -79,22 +79,22 @@ if _GLUON_OK:
         return p, alpha, m_new, l_new
 
     @gluon.jit
-    def _issue_kv(desc, bufs, bars, idx, n_tiles, batch, kv_col, STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
-        """TMA of key tile ``idx`` (K or V) into ring slot ``idx % STAGES``; no-op when idx >= n_tiles."""
-        slot = idx % STAGES
-        ok = idx < n_tiles
+    def _issue_kv(desc, bufs, bars, it, j, n_tiles, batch, kv_col, STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
+        """TMA of key tile ``j`` (K or V) of the current work item into ring slot ``(it + j) % STAGES``
+        (``it`` = key tiles of earlier work items of this program); no-op when j >= n_tiles."""
+        slot = (it + j) % STAGES
+        ok = j < n_tiles
         mbarrier.expect(bars.index(slot), desc.block_type.nbytes, pred=ok)
-        tma.async_copy_global_to_shared(desc, [batch, idx * BLOCK_N, kv_col], bars.index(slot), bufs.index(slot),
+        tma.async_copy_global_to_shared(desc, [batch, j * BLOCK_N, kv_col], bars.index(slot), bufs.index(slot),
                                         pred=ok)
 
-    # Sequence lengths and LSE strides are not specialised (one binary per head_dim/dtype/mask/config).
-    @gluon.jit(do_not_specialize=["stride_lb", "stride_lh", "stride_lt", "seqlen_q", "seqlen_k", "group_size"])
-    def _attn_fwd_hopper_kernel(q_desc, k_desc, v_desc, o_desc, LSE,
-                                stride_lb, stride_lh, stride_lt,
-                                seqlen_q, seqlen_k, group_size, qk_scale,
-                                HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                                STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr,
-                                num_warps: gl.constexpr):
+    @gluon.jit
+    def _work_item(w, it, item, q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bar, k_bars, v_bars,
+                   stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k, group_size, num_heads, per_m, num_m,
+                   qk_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                   STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, num_warps: gl.constexpr):
+        """One work item (query tile, head, batch); ``it`` key tiles and ``item`` items were run before by
+        this program (ring slots and mbarrier phases continue from there). Returns the item's key tiles."""
         dtype: gl.constexpr = q_desc.dtype
         # wgmma accumulator layouts: warps stacked along M (16 rows each), instruction N = tile width.
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -106,15 +106,14 @@ if _GLUON_OK:
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         smem2d: gl.constexpr = _nvmma_2d(BLOCK_N, HEAD_DIM, dtype)
         qsmem2d: gl.constexpr = _nvmma_2d(BLOCK_M, HEAD_DIM, dtype)
-
-        # Grid (query tiles, heads, batch); tiles go heaviest-first (most keys under a causal mask).
-        start_m = gl.num_programs(0) - 1 - gl.program_id(0)
-        head = gl.program_id(1)
-        batch = gl.program_id(2)
+        q_op = q_smem._reinterpret(dtype, [BLOCK_M, HEAD_DIM], qsmem2d)
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+        shift = seqlen_k - seqlen_q
+        start_m = num_m - 1 - w // per_m
+        head = (w % per_m) % num_heads
+        batch = (w % per_m) // num_heads
         m0 = start_m * BLOCK_M
         kv_col = (head // group_size) * HEAD_DIM
-        shift = seqlen_k - seqlen_q
-
         # Key range of the tile: [0, hi); keys >= mask_from may be invisible to some row.
         hi = seqlen_k
         mask_from = seqlen_k
@@ -124,6 +123,92 @@ if _GLUON_OK:
         # At least one tile: a tile with no visible key is fully masked and yields zeros / LSE -inf.
         n_tiles = gl.maximum(gl.cdiv(hi, BLOCK_N), 1)
 
+        # The previous work item is done with every slot and with Q's buffer (its O store has drained).
+        gl.thread_barrier()
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [batch, m0, head * HEAD_DIM], q_bar, q_smem)
+        for i in gl.static_range(STAGES):
+            _issue_kv(k_desc, k_bufs, k_bars, it, i, n_tiles, batch, kv_col, STAGES, BLOCK_N)
+            _issue_kv(v_desc, v_bufs, v_bars, it, i, n_tiles, batch, kv_col, STAGES, BLOCK_N)
+
+        rows = m0 + gl.arange(0, BLOCK_M, layout=row_s)
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
+        l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
+        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+
+        # Prologue: S_0 and its softmax.
+        mbarrier.wait(q_bar, item & 1)
+        mbarrier.wait(k_bars.index(it % STAGES), (it // STAGES) & 1)
+        k_op = k_bufs.index(it % STAGES)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d).permute((1, 0))
+        s_tok = warpgroup_mma(q_op, k_op, s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s_tok,))
+        p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, qk_scale, 0, mask_from, rows, seqlen_k, shift,
+                                           CAUSAL, BLOCK_N, s_layout)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        # K_0's slot is free (S_0 completed in every warpgroup): refill it with K_STAGES.
+        gl.thread_barrier()
+        _issue_kv(k_desc, k_bufs, k_bars, it, STAGES, n_tiles, batch, kv_col, STAGES, BLOCK_N)
+
+        for j in range(1, n_tiles):
+            g = it + j
+            slot = g % STAGES
+            prev = (g - 1) % STAGES
+            mbarrier.wait(k_bars.index(slot), (g // STAGES) & 1)
+            k_op = k_bufs.index(slot)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d).permute((1, 0))
+            s_tok = warpgroup_mma(q_op, k_op, s_zero, use_acc=False, is_async=True)
+            mbarrier.wait(v_bars.index(prev), ((g - 1) // STAGES) & 1)
+            v_op = v_bufs.index(prev)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d)
+            o_tok = warpgroup_mma(p_op, v_op, acc, is_async=True)
+            # Only S_j must be complete: the softmax below runs while P_{j-1} V_{j-1} is on the tensor cores.
+            s = warpgroup_mma_wait(1, deps=(s_tok,))
+            p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, qk_scale, j * BLOCK_N, mask_from, rows, seqlen_k,
+                                               shift, CAUSAL, BLOCK_N, s_layout)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            acc = warpgroup_mma_wait(0, deps=(o_tok,))
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            # Every warpgroup is done with K_j and V_{j-1}: refill those slots STAGES tiles ahead.
+            gl.thread_barrier()
+            _issue_kv(k_desc, k_bufs, k_bars, it, j + STAGES, n_tiles, batch, kv_col, STAGES, BLOCK_N)
+            _issue_kv(v_desc, v_bufs, v_bars, it, j - 1 + STAGES, n_tiles, batch, kv_col, STAGES, BLOCK_N)
+
+        # Epilogue: the last P.V, normalisation, stores.
+        g = it + n_tiles - 1
+        mbarrier.wait(v_bars.index(g % STAGES), (g // STAGES) & 1)
+        v_op = v_bufs.index(g % STAGES)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d)
+        o_tok = warpgroup_mma(p_op, v_op, acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(o_tok,))
+
+        l_o = gl.convert_layout(l_i, row_o)
+        empty = l_o == 0.0
+        out = acc / gl.expand_dims(gl.where(empty, 1.0, l_o), 1)
+        # Q's buffer is free now (every wgmma reading it has completed): stage O there for the TMA store.
+        gl.thread_barrier()
+        q_op.store(out.to(dtype))
+        fence_async_shared()
+        gl.thread_barrier()
+        tma.async_copy_shared_to_global(o_desc, [batch, m0, head * HEAD_DIM], q_smem)
+        if WRITE_LSE:
+            m_o = gl.convert_layout(m_i, row_o)
+            lse = gl.where(empty, float("-inf"),
+                           (m_o + gl.log2(gl.where(empty, 1.0, l_o))) * 0.6931471805599453)
+            offs = m0 + gl.arange(0, BLOCK_M, layout=row_o)
+            base = LSE + batch.to(gl.int64) * stride_lb + head.to(gl.int64) * stride_lh
+            gl.store(base + offs.to(gl.int64) * stride_lt, lse, mask=offs < seqlen_q)
+        tma.store_wait(pendings=0)
+        return n_tiles
+
+    # Sequence lengths and LSE strides are not specialised (one binary per head_dim/dtype/mask/config).
+    @gluon.jit(do_not_specialize=["stride_lb", "stride_lh", "stride_lt", "seqlen_q", "seqlen_k", "group_size",
+                                  "num_heads", "num_items"])
+    def _attn_fwd_hopper_kernel(q_desc, k_desc, v_desc, o_desc, LSE,
+                                stride_lb, stride_lh, stride_lt,
+                                seqlen_q, seqlen_k, group_size, num_heads, num_items, qk_scale,
+                                HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                                STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr,
+                                PERSISTENT: gl.constexpr, num_warps: gl.constexpr):
+        """Work items w = (query tile, head, batch), query tile major and heaviest first. A grid of
+        num_items programs runs one each; a smaller (persistent) grid strides over them."""
+        dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_M, HEAD_DIM], q_desc.layout)
         k_bufs = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
         v_bufs = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
@@ -136,88 +221,38 @@ if _GLUON_OK:
             mbarrier.init(v_bars.index(i), count=1)
         fence_async_shared()
 
-        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [batch, m0, head * HEAD_DIM], q_bar, q_smem)
-        for i in gl.static_range(STAGES):
-            _issue_kv(k_desc, k_bufs, k_bars, i, n_tiles, batch, kv_col, STAGES, BLOCK_N)
-            _issue_kv(v_desc, v_bufs, v_bars, i, n_tiles, batch, kv_col, STAGES, BLOCK_N)
+        num_m = gl.cdiv(seqlen_q, BLOCK_M)
+        per_m = num_items // num_m  # heads x batch
+        if PERSISTENT:
+            it = 0  # key tiles consumed so far by this program: ring slot and mbarrier phase of every load
+            item = 0
+            for w in range(gl.program_id(0), num_items, gl.num_programs(0)):
+                n = _work_item(w, it, item, q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bar,
+                               k_bars, v_bars, stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k, group_size,
+                               num_heads, per_m, num_m, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL,
+                               WRITE_LSE, num_warps)
+                it += n
+                item += 1
+        else:
+            _work_item(gl.program_id(0), 0, 0, q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bar,
+                       k_bars, v_bars, stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k, group_size,
+                       num_heads, per_m, num_m, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL,
+                       WRITE_LSE, num_warps)
 
-        rows = m0 + gl.arange(0, BLOCK_M, layout=row_s)
-        q_op = q_smem._reinterpret(dtype, [BLOCK_M, HEAD_DIM], qsmem2d)
-        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
-        l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
-        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
-
-        # Prologue: S_0 and its softmax.
-        mbarrier.wait(q_bar, 0)
-        mbarrier.wait(k_bars.index(0), 0)
-        k_op = k_bufs.index(0)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d).permute((1, 0))
-        s_tok = warpgroup_mma(q_op, k_op, s_zero, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(0, deps=(s_tok,))
-        p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, qk_scale, 0, mask_from, rows, seqlen_k, shift,
-                                           CAUSAL, BLOCK_N, s_layout)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-        # K_0's slot is free (S_0 completed in every warpgroup): refill it with K_STAGES.
-        gl.thread_barrier()
-        _issue_kv(k_desc, k_bufs, k_bars, STAGES, n_tiles, batch, kv_col, STAGES, BLOCK_N)
-
-        for j in range(1, n_tiles):
-            slot = j % STAGES
-            prev = (j - 1) % STAGES
-            mbarrier.wait(k_bars.index(slot), (j // STAGES) & 1)
-            k_op = k_bufs.index(slot)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d).permute((1, 0))
-            s_tok = warpgroup_mma(q_op, k_op, s_zero, use_acc=False, is_async=True)
-            mbarrier.wait(v_bars.index(prev), ((j - 1) // STAGES) & 1)
-            v_op = v_bufs.index(prev)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d)
-            o_tok = warpgroup_mma(p_op, v_op, acc, is_async=True)
-            # Only S_j must be complete here: the softmax below runs while P_{j-1} V_{j-1} is on the tensor cores.
-            s = warpgroup_mma_wait(1, deps=(s_tok,))
-            p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, qk_scale, j * BLOCK_N, mask_from, rows, seqlen_k,
-                                               shift, CAUSAL, BLOCK_N, s_layout)
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-            acc = warpgroup_mma_wait(0, deps=(o_tok,))
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-            # Every warpgroup is done with K_j and V_{j-1}: refill those slots STAGES tiles ahead.
-            gl.thread_barrier()
-            _issue_kv(k_desc, k_bufs, k_bars, j + STAGES, n_tiles, batch, kv_col, STAGES, BLOCK_N)
-            _issue_kv(v_desc, v_bufs, v_bars, j - 1 + STAGES, n_tiles, batch, kv_col, STAGES, BLOCK_N)
-
-        # Epilogue: the last P.V, normalisation, stores.
-        last = n_tiles - 1
-        mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
-        v_op = v_bufs.index(last % STAGES)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d)
-        o_tok = warpgroup_mma(p_op, v_op, acc, is_async=True)
-        acc = warpgroup_mma_wait(0, deps=(o_tok,))
-
-        l_o = gl.convert_layout(l_i, row_o)
-        empty = l_o == 0.0
-        out = acc / gl.expand_dims(gl.where(empty, 1.0, l_o), 1)
-        # Q's buffer is free now (every wgmma reading it has completed): stage O there for the TMA store.
-        gl.thread_barrier()
-        q_smem._reinterpret(dtype, [BLOCK_M, HEAD_DIM], qsmem2d).store(out.to(dtype))
-        fence_async_shared()
-        gl.thread_barrier()
-        tma.async_copy_shared_to_global(o_desc, [batch, m0, head * HEAD_DIM], q_smem)
-        if WRITE_LSE:
-            m_o = gl.convert_layout(m_i, row_o)
-            lse = gl.where(empty, float("-inf"), (m_o + gl.log2(gl.where(empty, 1.0, l_o))) * 0.6931471805599453)
-            offs = m0 + gl.arange(0, BLOCK_M, layout=row_o)
-            base = LSE + batch.to(gl.int64) * stride_lb + head.to(gl.int64) * stride_lh
-            gl.store(base + offs.to(gl.int64) * stride_lt, lse, mask=offs < seqlen_q)
-        tma.store_wait(pendings=0)
         mbarrier.invalidate(q_bar)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(k_bars.index(i))
             mbarrier.invalidate(v_bars.index(i))
 
-
 # Launch configurations (BLOCK_M, BLOCK_N, STAGES, num_warps), selectable by name (the probe sweeps them).
+# "p-" configs launch a persistent grid (one program per SM striding over the work items).
 CONFIGS = {
     "m128n128s2w8": (128, 128, 2, 8),
     "m128n128s3w8": (128, 128, 3, 8),
     "m128n64s3w8": (128, 64, 3, 8),
     "m64n128s2w4": (64, 128, 2, 4),
+    "p-m128n128s2w8": (128, 128, 2, 8),
+    "p-m128n128s3w8": (128, 128, 3, 8),
 }
 # Warp-specialised variant (attention_hopper_ws): (BLOCK_M, BLOCK_N, STAGES, consumer registers).
 WS_CONFIGS = {
@@ -277,6 +312,11 @@ def hopper_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     return _is_sm90(q.device.index if q.device.index is not None else torch.cuda.current_device())
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index) -> int:
+    return torch.cuda.get_device_properties(device_index if device_index is not None else 0).multi_processor_count
+
+
 def _desc(t: torch.Tensor, block_rows: int) -> "TensorDescriptor":
     """TMA descriptor over the 3-D view ``[b, s, h*d]`` of a ``[b, s, h, d]`` tensor, box ``[1, block_rows, d]``."""
     b, s, h, d = t.shape
@@ -306,12 +346,13 @@ def attention_fwd_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
             HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=bool(causal), WRITE_LSE=lse is not None,
             CONSUMER_REGS=regs, num_warps=4, maxnreg=_WS_MAXNREG)
     bm, bn, stages, warps = CONFIGS[config]
-    grid = ((sq + bm - 1) // bm, hq, b)
+    items = (sq + bm - 1) // bm * hq * b
+    grid = (min(items, _num_sms(q.device.index)) if config.startswith("p-") else items,)
     return _attn_fwd_hopper_kernel[grid](
         _desc(q, bm), _desc(k, bn), _desc(v, bn), _desc(out, bm), lse if lse is not None else out,
-        *ls, sq, sk, hq // hk, softmax_scale * LOG2E,
+        *ls, sq, sk, hq // hk, hq, items, softmax_scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=bool(causal), WRITE_LSE=lse is not None,
-        num_warps=warps)
+        PERSISTENT=config.startswith("p-"), num_warps=warps)
 
 
 def compile_sm90(head_dim: int, dtype: str = "bf16", causal: bool = True, config: str | None = None,
@@ -341,10 +382,15 @@ def compile_sm90(head_dim: int, dtype: str = "bf16", causal: bool = True, config
     sig = {"q_desc": desc_sig(q_rows), "k_desc": desc_sig(bn), "v_desc": desc_sig(bn), "o_desc": desc_sig(q_rows),
            "LSE": "*fp32", "stride_lb": "i32", "stride_lh": "i32", "stride_lt": "i32", "seqlen_q": "i32",
            "seqlen_k": "i32", "group_size": "i32", "qk_scale": "fp32"}
+    if not ws:
+        sig = {**{n: t for n, t in sig.items() if n != "qk_scale"}, "num_heads": "i32", "num_items": "i32",
+               "qk_scale": "fp32"}
     consts = {"HEAD_DIM": head_dim, "BLOCK_M": bm, "BLOCK_N": bn, "STAGES": stages, "CAUSAL": causal,
               "WRITE_LSE": write_lse, "num_warps": warps}
     if ws:
         consts["CONSUMER_REGS"] = regs
+    else:
+        consts["PERSISTENT"] = config.startswith("p-")
     for name in consts:
         sig[name] = "constexpr"
     src = GluonASTSource(fn=fn, signature=sig, constexprs=consts)
