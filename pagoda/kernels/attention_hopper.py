@@ -4,20 +4,26 @@ Scope: dense batches q ``[b, sq, hq, d]``, k/v ``[b, sk, hk, d]`` (hq a multiple
 head_dim 64 or 128, causal (bottom-right aligned, as flash-attn 2) or not. Everything else (windows,
 ALiBi, softcap, varlen, other head dims) keeps using `pagoda.kernels.attention_fwd`.
 
-Pipeline of one program (one BLOCK_M tile of queries of one (batch, head); 4 or 8 warps = 1 or 2
+Pipeline of one work item (one BLOCK_M tile of queries of one (batch, head); 4 or 8 warps = 1 or 2
 warpgroups, each warpgroup owning 64 query rows of the wgmma):
 
-    prologue   TMA: Q, then K/V tiles 0..STAGES-1 into a ring of STAGES smem buffers (one mbarrier
-               per buffer and operand, armed with expect-tx bytes)
-               S_0 = Q K_0^T (wgmma) ; softmax(S_0) -> P_0
+    prologue   TMA: Q, then K/V tiles 0..STAGES-1 into a ring of STAGES smem slots (one mbarrier per
+               slot and operand, armed with expect-tx bytes)
+               S_0 = Q K_0^T (wgmma) ; softmax(S_0) -> P_0 ; barrier ; TMA K_STAGES into K_0's slot
     tile j>=1  issue S_j = Q K_j^T        (async wgmma, smem x smem)
                issue O  += P_{j-1} V_{j-1} (async wgmma, P from registers)
                wait until <= 1 wgmma group is outstanding  -> S_j is ready, PV_{j-1} still running
                softmax(S_j) on the CUDA cores (max, one FMA + ex2 per score, row sums)  || PV_{j-1}
                wait for PV_{j-1}; O *= alpha_j ; barrier ; TMA K_{j+STAGES}, V_{j-1+STAGES} into the
-               buffers just released
+               slots just released
     epilogue   O += P_{n-1} V_{n-1}; O / l -> smem (Q's buffer) -> TMA store (clipped at sq);
                LSE = (m + log2 l) ln 2 -> plain masked store into lse ``[b, hq, sq]``.
+
+Work items are numbered query-tile major, heaviest (most keys under a causal mask) first. The default
+grid runs one item per program; the ``p-*`` configs launch one program per SM that strides over the
+items (persistent), carrying the ring's slot / mbarrier-phase counters from item to item. The ``ws-*``
+configs use the warp-specialised kernel of `attention_hopper_ws` (TMA producer warp + 2 consumer
+warpgroups).
 
 So the exponentials of tile j overlap the P.V GEMM of tile j-1 (FA3's intra-warpgroup overlap), and
 the loads run STAGES-1 tiles ahead. Scores stay in base 2: max over raw products, then
