@@ -278,7 +278,8 @@ def _gl_dtype(dtype: torch.dtype):
     return gl.float16 if dtype == torch.float16 else gl.bfloat16
 
 
-def _layout(block, dtype: torch.dtype):
+@functools.lru_cache(maxsize=None)
+def _layout(block: tuple, dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for(list(block), _gl_dtype(dtype))
 
 
@@ -326,8 +327,8 @@ def _num_sms(device_index) -> int:
 def _desc(t: torch.Tensor, block_rows: int) -> "TensorDescriptor":
     """TMA descriptor over the 3-D view ``[b, s, h*d]`` of a ``[b, s, h, d]`` tensor, box ``[1, block_rows, d]``."""
     b, s, h, d = t.shape
-    block = [1, block_rows, d]
-    return TensorDescriptor(t, [b, s, h * d], [t.stride(0), t.stride(1), 1], block, _layout(block, t.dtype))
+    block = (1, block_rows, d)
+    return TensorDescriptor(t, [b, s, h * d], [t.stride(0), t.stride(1), 1], list(block), _layout(block, t.dtype))
 
 
 def attention_fwd_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -382,7 +383,7 @@ def compile_sm90(head_dim: int, dtype: str = "bf16", causal: bool = True, config
         q_rows, options = bm, {"num_warps": warps}
 
     def desc_sig(rows):
-        block = [1, rows, head_dim]
+        block = (1, rows, head_dim)
         return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{_layout(block, tdt)!r}>"
 
     sig = {"q_desc": desc_sig(q_rows), "k_desc": desc_sig(bn), "v_desc": desc_sig(bn), "o_desc": desc_sig(q_rows),

@@ -64,6 +64,8 @@ def test_hopper_gqa(group, causal):
 def test_hopper_every_config(name, d):
     _run(2, 777, 1000, 4, 2, d, True, torch.bfloat16, config=name)
     _run(1, 513, 513, 2, 2, d, False, torch.float16, config=name)
+    # More work items than SMs: persistent programs run several items (ring state carried over).
+    _run(3, 1000, 1000, 16, 4, d, True, torch.bfloat16, config=name)
 
 
 @requires_sm90
