@@ -153,7 +153,8 @@ def main():
                         ms = triton.testing.do_bench(run, return_mode="median")
                     except Exception as exc:  # keep sweeping; an illegal address would still end the run
                         msg = str(exc).strip().splitlines()
-                        print(f"{tag} {label:12s} FAILED {type(exc).__name__}: {msg[0][:200] if msg else ''}", flush=True)
+                        first = msg[0][:200] if msg else ""
+                        print(f"{tag} {label:12s} FAILED {type(exc).__name__}: {first}", flush=True)
                         if "illegal" in str(exc).lower():
                             return
                         continue

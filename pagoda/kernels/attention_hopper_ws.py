@@ -26,9 +26,9 @@ if _GLUON_OK:
 
     @gluon.jit
     def _ws_loader(q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
-                   v_ready, v_empty, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh, stride_lt, seqlen_q,
-                   seqlen_k, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                   CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr):
+                   v_ready, v_empty, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh,
+                   stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                   STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr):
         WG_M: gl.constexpr = q_desc.block_type.shape[1]
         for w in gl.static_range(2):
             mbarrier.expect(q_bars.index(w), q_desc.block_type.nbytes)
@@ -128,22 +128,22 @@ if _GLUON_OK:
 
     @gluon.jit
     def _ws_consumer0(q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
-                      v_ready, v_empty, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh, stride_lt, seqlen_q,
-                      seqlen_k, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                      CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr):
+                      v_ready, v_empty, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh,
+                      stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                      STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr):
         _ws_consume(q_desc, o_desc, LSE, q_smem.index(0), k_bufs, v_bufs, q_bars.index(0), k_ready, k_empty,
-                    v_ready, v_empty, batch, head, m0, n_tiles, mask_from, stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k,
-                    qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE)
+                    v_ready, v_empty, batch, head, m0, n_tiles, mask_from, stride_lb, stride_lh, stride_lt,
+                    seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE)
 
     @gluon.jit
     def _ws_consumer1(q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
-                      v_ready, v_empty, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh, stride_lt, seqlen_q,
-                      seqlen_k, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                      CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr):
+                      v_ready, v_empty, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh,
+                      stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                      STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr):
         WG_M: gl.constexpr = q_desc.block_type.shape[1]
         _ws_consume(q_desc, o_desc, LSE, q_smem.index(1), k_bufs, v_bufs, q_bars.index(1), k_ready, k_empty,
-                    v_ready, v_empty, batch, head, m0 + WG_M, n_tiles, mask_from, stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k,
-                    qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE)
+                    v_ready, v_empty, batch, head, m0 + WG_M, n_tiles, mask_from, stride_lb, stride_lh,
+                    stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE)
 
     @gluon.jit(do_not_specialize=["stride_lb", "stride_lh", "stride_lt", "seqlen_q", "seqlen_k", "group_size"])
     def _attn_fwd_hopper_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE,
