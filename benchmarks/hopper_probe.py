@@ -164,8 +164,6 @@ def main():
                           f"max_abs_err={err:.1e}", flush=True)
                 g = max(((tf, l) for l, tf in best.items() if l.startswith("gluon")), default=(0.0, "-"))
                 summary.append((tag, c_tf, best.get("pagoda-triton", 0.0), g))
-                del q, k, v, qt, kt, vt, ref
-                torch.cuda.empty_cache()
     print(f"\nSUMMARY (TF/s; ratio to cuDNN) after {time.time() - t_start:.0f} s", flush=True)
     for tag, c_tf, p_tf, (g_tf, g_name) in summary:
         print(f"{tag}  cudnn {c_tf:6.1f} | triton {p_tf:6.1f} ({p_tf / c_tf:4.2f}x) | best gluon {g_tf:6.1f} "
