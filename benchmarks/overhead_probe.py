@@ -224,6 +224,8 @@ def sampling_rows():
                 "min_p": lambda: pagoda.min_p_sampling_from_probs(probs, 0.1, **kw),
                 "top_k": lambda: pagoda.top_k_sampling_from_probs(probs, 50, **kw),
                 "top_k_top_p": lambda: pagoda.top_k_top_p_sampling_from_probs(probs, 50, 0.9, **kw),
+                "top_k_top_p_joint": lambda: pagoda.top_k_top_p_sampling_from_probs(probs, 50, 0.9,
+                                                                                    filter_apply_order="joint", **kw),
             }
             for name, fn in fns.items():
                 rows.append(probe(f"{name} v{vocab} b{batch}", fn, batch * vocab * 4))

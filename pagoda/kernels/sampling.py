@@ -46,12 +46,17 @@ Cost per token and pass (sm_90 SASS of the loops, fp32 input, 128-bit loads): pa
 masked adds; +2 counts for top-k). The old kernel drew an exponential per token in EVERY pass (Philox-4x32-10 ~25
 instr/token, log ~20, IEEE divide ~10, two race folds ~8: ~75-90 per token and pass), i.e. it was
 compute-bound at 5-10x the memory floor; now every pass is memory-bound (~20-33 instr/token balance
-on an H200) and typical passes are: sampling 1, top-k 1, min-p 1, top-k-first top-p 1 (+1 for the
-k-th value kernel), top-p ~2.1.
+on an H200) and typical passes are: sampling 1, top-k 1, min-p 1, top-k-first top-p 1, joint 1, top-p ~2.1.
 
-"top_k_first" (top-p over the renormalised top-k set) takes the exact k-th value of the row from
-`pagoda.kernels.sampling_filters.top_k_floor` as a floor: tokens below it do not exist for the
-sampler, so its total, and hence the top-p target, is the top-k mass. Nothing is written out.
+"top_k_first" (top-p over the renormalised top-k set, ``K_FIRST``) uses the exact k-th value b_k of
+the row as a floor: tokens below it do not exist for the sampler, so its total, and hence the top-p
+target, is the top-k mass. Nothing is written out, and it is ONE launch: C's k-th largest value is
+b_k whenever it lies above m3 (counts above m3 are exact), and then C restricted to ``{p >= b_k}`` is
+exactly what pass 0 with that floor would have tracked, so the row still costs one pass. Otherwise
+(some lane holds three of the top k: ~C(k,3)/LANES^2 of the rows, 0.1% for k = 50 and 4096 lanes)
+`_kth_value_bits` settles b_k with one more pass that also holds the whole top-k set (rarely a counting
+bisection, then pass 0 is repeated over the floor). (`sampling_filters.top_k_floor`, a separate pivot-search kernel, did this before and
+cost 6-8 unpipelined passes on those rows, which set the time of the whole batch.)
 Rows with no positive, finite-comparable mass (all zero / NaN) return token 0 with ``valid = False``.
 Every stored token is in ``[0, vocab)``. Logits (`sampling_from_logits`) use the Gumbel race with a
 per-token exponential (`_philox_chunk` layout), one pass.
@@ -246,7 +251,8 @@ def _kth_value_bits(base, v1, v2, lo, m3_bits, k, vocab, lanes, BLOCK: tl.conste
     # Counts are exact above max(m_bits, m3_bits) (tokens above m3 are all in C), so the count at
     # m3 + 1ulp is below k (the C cut was <= m3): the search stays in [lo, m3_bits + 1).
     lo = _count_cut(n1, v1, c2, v2, one, e1, one, e2, k, lo, m3_bits + 1)
-    hi = tl.where(tl.maximum(lo, 1) > m_bits, lo + 1, m_bits + 1)
+    peeled = tl.maximum(lo, 1) > m_bits
+    hi = tl.where(peeled, lo + 1, m_bits + 1)
     for _p in range(31):
         if hi - lo > 1:
             mid = lo + (hi - lo) // 2
@@ -260,7 +266,28 @@ def _kth_value_bits(base, v1, v2, lo, m3_bits, k, vocab, lanes, BLOCK: tl.conste
             ok = tl.sum(n_v, 0) >= k
             lo = tl.where(ok, mid, lo)
             hi = tl.where(ok, hi, mid)
-    return tl.maximum(lo, 1)
+    return tl.maximum(lo, 1), peeled, c2, e1, e2
+
+
+@triton.jit
+def _peeled_floor_set(v1, v2, c2, e1, e2, f_bits):
+    """Pass 0's state over ``{p >= f}`` (lane masses, top two, third) from the peeled entries, when
+    ``f`` is above every lane's e3 (the whole set is among them): a lane's entries in descending order
+    are v1 (once, if above v2), v2 (c2 times), e1, e2, so its i-th largest member is the entry whose
+    cumulative count first exceeds i."""
+    n_a = ((v1 > v2) & _in_set(v1, f_bits)).to(tl.int32)
+    n_b = tl.where(_in_set(v2, f_bits), c2, 0)
+    n_c = _in_set(e1, f_bits).to(tl.int32)
+    n_d = _in_set(e2, f_bits).to(tl.int32)
+    tot = n_a.to(tl.float32) * v1 + n_b.to(tl.float32) * v2 + n_c.to(tl.float32) * e1 + n_d.to(tl.float32) * e2
+    c_a = n_a
+    c_b = c_a + n_b
+    c_c = c_b + n_c
+    c_d = c_c + n_d
+    w1 = tl.where(0 < c_a, v1, tl.where(0 < c_b, v2, tl.where(0 < c_c, e1, tl.where(0 < c_d, e2, 0.0))))
+    w2 = tl.where(1 < c_a, v1, tl.where(1 < c_b, v2, tl.where(1 < c_c, e1, tl.where(1 < c_d, e2, 0.0))))
+    w3 = tl.where(2 < c_a, v1, tl.where(2 < c_b, v2, tl.where(2 < c_c, e1, tl.where(2 < c_d, e2, 0.0))))
+    return tot, w1, w2, w3
 
 
 @triton.jit
@@ -343,8 +370,12 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
                     v3 = tl.zeros((LANES,), tl.float32)
                     tot = v1 + v2
                 else:
-                    floor_bits = _kth_value_bits(base, v1, v2, t_k, m3k, kf, vocab, lanes, BLOCK)
-                    tot, v1, v2, v3 = _track_pass(base, floor_bits, vocab, lanes, BLOCK, FILTERS)
+                    floor_bits, peeled, c2, e1, e2 = _kth_value_bits(base, v1, v2, t_k, m3k, kf, vocab, lanes,
+                                                                     BLOCK)
+                    if peeled:  # the top-k set is among the peeled entries: no repeat of pass 0
+                        tot, v1, v2, v3 = _peeled_floor_set(v1, v2, c2, e1, e2, floor_bits)
+                    else:
+                        tot, v1, v2, v3 = _track_pass(base, floor_bits, vocab, lanes, BLOCK, FILTERS)
             a0 = floor_bits
         total = tl.sum(tot, 0)
         if not FILTERS:

@@ -153,7 +153,8 @@ def test_plain_and_filters_equal_race_oracle(dtype, vocab, block):
     for name, (kw, keep) in cases.items():
         out, valid = _run(p, seed=99, offset=8, block=block, **kw)
         assert valid.all(), name
-        assert torch.equal(out.long(), _race(p32, keep, e, block, floor if "top_k_first" in name else None)), name
+        fl = floor if "top_k_first" in name else None
+        assert torch.equal(out.long(), _race(p32, keep, e, block, fl)), name
         assert keep[torch.arange(b), out.long()].all(), name
     out, valid = _run(p, seed=99, offset=8, block=block)
     assert valid.all() and torch.equal(out.long(), _two_level(p32, block, 99, 8))
@@ -219,7 +220,7 @@ def test_rejection_rounds_follow_the_law():
 
 
 @triton.jit
-def _kth_probe(x_ptr, k_ptr, out_ptr, path_ptr, stride, vocab, BLOCK: tl.constexpr):
+def _kth_probe(x_ptr, k_ptr, out_ptr, path_ptr, same_ptr, stride, vocab, BLOCK: tl.constexpr):
     # The K_FIRST floor exactly as _sample_kernel finds it, and which stage settled it: 0 = pass 0's
     # tracked values, 1 = the peeled pass, 2 = the counting bisection.
     pid = tl.program_id(0)
@@ -235,8 +236,13 @@ def _kth_probe(x_ptr, k_ptr, out_ptr, path_ptr, stride, vocab, BLOCK: tl.constex
     bits = tl.maximum(t_k, 1)
     path = tl.zeros((), tl.int32)
     if bits <= m3:
-        bits = K._kth_value_bits(base, v1, v2, t_k, m3, k, vocab, lanes, BLOCK)
-        path = tl.full((), 1, tl.int32)
+        bits, peeled, c2, e1, e2 = K._kth_value_bits(base, v1, v2, t_k, m3, k, vocab, lanes, BLOCK)
+        path = tl.where(peeled, 1, 2)
+        # where the peel settled it, the floor set's state from the peeled entries == a pass over it
+        tot2, w1, w2, w3 = K._peeled_floor_set(v1, v2, c2, e1, e2, bits)
+        tot3, u1, u2, u3 = K._track_pass(base, bits, vocab, lanes, BLOCK, True)
+        same = tl.sum(((w1 != u1) | (w2 != u2) | (w3 != u3) | (tl.abs(tot2 - tot3) > 1e-6 * tot3)).to(tl.int32), 0)
+        tl.store(same_ptr + pid, tl.where(peeled, same, 0))
     tl.store(out_ptr + pid, bits.to(tl.float32, bitcast=True))
     tl.store(path_ptr + pid, path)
 
@@ -256,13 +262,16 @@ def test_top_k_first_kth_value_is_exact():
         kk = torch.full((6,), k, dtype=torch.int32)
         out = torch.full((6,), float("nan"))
         path = torch.full((6,), -1, dtype=torch.int32)
-        _kth_probe[(6,)](p, kk, out, path, p.stride(0), vocab, BLOCK=block)
+        mismatches = torch.zeros(6, dtype=torch.int32)
+        _kth_probe[(6,)](p, kk, out, path, mismatches, p.stride(0), vocab, BLOCK=block)
+        assert (mismatches == 0).all(), (k, mismatches)
         pos = torch.where(p > 0, p, 0.0).nan_to_num(0.0)
         kth = pos.sort(-1, descending=True).values[:, k - 1]
         want = torch.where(kth > 0, kth, torch.tensor(1.401298464324817e-45))  # fewer than k positive: no bound
         assert torch.equal(out, want), (k, out, want)
         for r in range(6):
-            stages.add(0 if path[r] == 0 else (1 if _peel_settles(pos[r], float(want[r]), block) else 2))
+            assert int(path[r]) == 0 or int(path[r]) == (1 if _peel_settles(pos[r], float(want[r]), block) else 2)
+            stages.add(int(path[r]))
     assert stages == {0, 1, 2}, stages
 
 
