@@ -260,11 +260,13 @@ CONFIGS = {
     "p-m128n128s2w8": (128, 128, 2, 8),
     "p-m128n128s3w8": (128, 128, 3, 8),
 }
-# Warp-specialised variant (attention_hopper_ws): (BLOCK_M, BLOCK_N, STAGES, consumer registers).
+# Warp-specialised variant (attention_hopper_ws): (BLOCK_M, BLOCK_N, STAGES, consumer registers, ping-pong).
 WS_CONFIGS = {
-    "ws-m128n128s2": (128, 128, 2, 240),
-    "ws-m128n128s3": (128, 128, 3, 240),
-    "ws-m128n64s3": (128, 64, 3, 240),
+    "ws-m128n128s2": (128, 128, 2, 240, False),
+    "ws-m128n128s3": (128, 128, 3, 240, False),
+    "ws-m128n64s3": (128, 64, 3, 240, False),
+    "wspp-m128n128s2": (128, 128, 2, 240, True),
+    "wspp-m128n128s3": (128, 128, 3, 240, True),
 }
 DEFAULT_CONFIG = {64: "m128n128s3w8", 128: "m128n128s2w8"}
 # Kernel-wide register cap of the warp-specialised launch: 12 warps (3 warpgroups) must fit 64K registers
@@ -346,12 +348,12 @@ def attention_fwd_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     ls = (lse.stride(0), lse.stride(1), lse.stride(2)) if lse is not None else (0, 0, 0)
     if config in WS_CONFIGS:
         from pagoda.kernels.attention_hopper_ws import _attn_fwd_hopper_ws_kernel
-        bm, bn, stages, regs = WS_CONFIGS[config]
+        bm, bn, stages, regs, pingpong = WS_CONFIGS[config]
         return _attn_fwd_hopper_ws_kernel[((sq + bm - 1) // bm, hq, b)](
             _desc(q, bm // 2), _desc(k, bn), _desc(v, bn), _desc(out, bm // 2), lse if lse is not None else out,
             *ls, sq, sk, hq // hk, softmax_scale * LOG2E,
             HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=bool(causal), WRITE_LSE=lse is not None,
-            CONSUMER_REGS=regs, num_warps=4, maxnreg=_WS_MAXNREG)
+            CONSUMER_REGS=regs, PINGPONG=pingpong, num_warps=4, maxnreg=_WS_MAXNREG)
     bm, bn, stages, warps = CONFIGS[config]
     items = (sq + bm - 1) // bm * hq * b
     grid = (min(items, _num_sms(q.device.index)) if config.startswith("p-") else items,)
@@ -375,7 +377,7 @@ def compile_sm90(head_dim: int, dtype: str = "bf16", causal: bool = True, config
     ws = config in WS_CONFIGS
     if ws:
         from pagoda.kernels.attention_hopper_ws import _attn_fwd_hopper_ws_kernel as fn
-        bm, bn, stages, regs = WS_CONFIGS[config]
+        bm, bn, stages, regs, pingpong = WS_CONFIGS[config]
         q_rows, warps, options = bm // 2, 4, {"num_warps": 4, "maxnreg": _WS_MAXNREG}
     else:
         fn = _attn_fwd_hopper_kernel
@@ -396,6 +398,7 @@ def compile_sm90(head_dim: int, dtype: str = "bf16", causal: bool = True, config
               "WRITE_LSE": write_lse, "num_warps": warps}
     if ws:
         consts["CONSUMER_REGS"] = regs
+        consts["PINGPONG"] = pingpong
     else:
         consts["PERSISTENT"] = config.startswith("p-")
     for name in consts:

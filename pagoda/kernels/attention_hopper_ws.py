@@ -8,8 +8,9 @@ One CTA = one BLOCK_M = 128 tile of queries of one (batch, head), split over thr
     consumer 1 (4 warps)  rows 64-127  while P_{j-1} V_{j-1} runs; releases K_j / V_{j-1} to the loader
 
 The two consumer warpgroups are independent partitions (no CTA-wide barrier in the loop), so the warp
-scheduler can run one warpgroup's GEMMs while the other does its softmax (FA3's ping-pong, left to the
-hardware scheduler rather than enforced with named barriers). Registers are moved from the loader to the
+scheduler can run one warpgroup's GEMMs while the other does its softmax. With PINGPONG (``wspp-*``
+configs) that order is enforced, as FA3 does with named barriers: the warpgroups take turns to issue
+their GEMMs through two "turn" mbarriers. Registers are moved from the loader to the
 consumers with the partitions' register budgets (setmaxnreg).
 """
 from __future__ import annotations
@@ -26,9 +27,10 @@ if _GLUON_OK:
 
     @gluon.jit
     def _ws_loader(q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
-                   v_ready, v_empty, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh,
+                   v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh,
                    stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                   STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr):
+                   STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr,
+                   PINGPONG: gl.constexpr):
         WG_M: gl.constexpr = q_desc.block_type.shape[1]
         for w in gl.static_range(2):
             mbarrier.expect(q_bars.index(w), q_desc.block_type.nbytes)
@@ -49,10 +51,16 @@ if _GLUON_OK:
 
     @gluon.jit
     def _ws_consume(q_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
-                    batch, head, m0, n_tiles, mask_from, stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k, qk_scale,
+                    my_turn, other_turn, batch, head, m0, n_tiles, mask_from, stride_lb, stride_lh, stride_lt,
+                    seqlen_q, seqlen_k, qk_scale,
                     HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                    WRITE_LSE: gl.constexpr):
-        """One consumer warpgroup: the pipeline of `attention_hopper` on 64 query rows starting at m0."""
+                    WRITE_LSE: gl.constexpr, PINGPONG: gl.constexpr):
+        """One consumer warpgroup: the pipeline of `attention_hopper` on 64 query rows starting at m0.
+
+        PINGPONG: the two warpgroups take turns to issue their GEMMs (issue point t = 0..n_tiles: S_0, then
+        S_j with P_{j-1} V_{j-1}, then the last P V). A warpgroup waits for completion t of its own turn
+        barrier, issues, and arrives on the other's, so one's GEMMs run while the other does its softmax.
+        """
         dtype: gl.constexpr = q_desc.dtype
         WG_M: gl.constexpr = q_desc.block_type.shape[1]
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -76,7 +84,11 @@ if _GLUON_OK:
         mbarrier.wait(q_bar, 0)
         mbarrier.wait(k_ready.index(0), 0)
         k_op = k_bufs.index(0)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d).permute((1, 0))
+        if PINGPONG:
+            mbarrier.wait(my_turn, 0)
         s_tok = warpgroup_mma(q_op, k_op, s_zero, use_acc=False, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(other_turn, count=1)
         s = warpgroup_mma_wait(0, deps=(s_tok,))
         gl.thread_barrier()
         mbarrier.arrive(k_empty.index(0), count=1)
@@ -89,10 +101,14 @@ if _GLUON_OK:
             prev = (j - 1) % STAGES
             mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
             k_op = k_bufs.index(slot)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d).permute((1, 0))
-            s_tok = warpgroup_mma(q_op, k_op, s_zero, use_acc=False, is_async=True)
             mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
             v_op = v_bufs.index(prev)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d)
+            if PINGPONG:
+                mbarrier.wait(my_turn, j & 1)
+            s_tok = warpgroup_mma(q_op, k_op, s_zero, use_acc=False, is_async=True)
             o_tok = warpgroup_mma(p_op, v_op, acc, is_async=True)
+            if PINGPONG:
+                mbarrier.arrive(other_turn, count=1)
             s = warpgroup_mma_wait(1, deps=(s_tok,))
             gl.thread_barrier()
             mbarrier.arrive(k_empty.index(slot), count=1)
@@ -107,7 +123,11 @@ if _GLUON_OK:
         last = n_tiles - 1
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
         v_op = v_bufs.index(last % STAGES)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d)
+        if PINGPONG:
+            mbarrier.wait(my_turn, n_tiles & 1)
         o_tok = warpgroup_mma(p_op, v_op, acc, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(other_turn, count=1)
         acc = warpgroup_mma_wait(0, deps=(o_tok,))
 
         l_o = gl.convert_layout(l_i, row_o)
@@ -128,22 +148,28 @@ if _GLUON_OK:
 
     @gluon.jit
     def _ws_consumer0(q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
-                      v_ready, v_empty, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh,
+                      v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh,
                       stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                      STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr):
+                      STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr,
+                      PINGPONG: gl.constexpr):
         _ws_consume(q_desc, o_desc, LSE, q_smem.index(0), k_bufs, v_bufs, q_bars.index(0), k_ready, k_empty,
-                    v_ready, v_empty, batch, head, m0, n_tiles, mask_from, stride_lb, stride_lh, stride_lt,
-                    seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE)
+                    v_ready, v_empty, turns.index(0), turns.index(1), batch, head, m0, n_tiles, mask_from,
+                    stride_lb, stride_lh, stride_lt,
+                    seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE,
+                    PINGPONG)
 
     @gluon.jit
     def _ws_consumer1(q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
-                      v_ready, v_empty, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh,
+                      v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh,
                       stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                      STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr):
+                      STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr,
+                      PINGPONG: gl.constexpr):
         WG_M: gl.constexpr = q_desc.block_type.shape[1]
         _ws_consume(q_desc, o_desc, LSE, q_smem.index(1), k_bufs, v_bufs, q_bars.index(1), k_ready, k_empty,
-                    v_ready, v_empty, batch, head, m0 + WG_M, n_tiles, mask_from, stride_lb, stride_lh,
-                    stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE)
+                    v_ready, v_empty, turns.index(1), turns.index(0), batch, head, m0 + WG_M, n_tiles, mask_from,
+                    stride_lb, stride_lh,
+                    stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE,
+                    PINGPONG)
 
     @gluon.jit(do_not_specialize=["stride_lb", "stride_lh", "stride_lt", "seqlen_q", "seqlen_k", "group_size"])
     def _attn_fwd_hopper_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE,
@@ -151,7 +177,7 @@ if _GLUON_OK:
                                    seqlen_q, seqlen_k, group_size, qk_scale,
                                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr,
-                                   CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                                   CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr):
         gl.static_assert(num_warps == 4, "the default partition is consumer 0 (one warpgroup)")
         gl.static_assert(BLOCK_M == 2 * q_desc.block_type.shape[1], "q/o boxes hold half the tile")
         dtype: gl.constexpr = q_desc.dtype
@@ -176,8 +202,10 @@ if _GLUON_OK:
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for w in gl.static_range(2):
             mbarrier.init(q_bars.index(w), count=1)
+            mbarrier.init(turns.index(w), count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
@@ -185,16 +213,21 @@ if _GLUON_OK:
             mbarrier.init(k_empty.index(i), count=2)
             mbarrier.init(v_empty.index(i), count=2)
         fence_async_shared()
+        if PINGPONG:
+            mbarrier.arrive(turns.index(0), count=1)  # consumer 0 issues first
 
         # (The argument tuples are written out: a tuple bound to a name turns its constexprs into tensors.)
         gl.warp_specialize([
             (_ws_consumer0, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
-                             v_ready, v_empty, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh,
-                             stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE)),
+                             v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh,
+                             stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE,
+                             PINGPONG)),
             (_ws_consumer1, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
-                             v_ready, v_empty, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh,
-                             stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE)),
+                             v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh,
+                             stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE,
+                             PINGPONG)),
             (_ws_loader, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
-                          v_ready, v_empty, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh,
-                          stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE)),
+                          v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh,
+                          stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE,
+                             PINGPONG)),
         ], [4, 1], [CONSUMER_REGS, 24])

@@ -20,7 +20,7 @@ if not H._GLUON_OK:
     print("NO_GLUON"); sys.exit(0)
 cases = [(d, dt, c, None) for d, dt, c in itertools.product((64, 128), ("bf16", "fp16"), (True, False))]
 cases += [(d, "bf16", True, name) for d in (64, 128) for name in list(H.CONFIGS) + list(H.WS_CONFIGS)]
-cases += [(d, "fp16", False, "ws-m128n128s2") for d in (64, 128)]
+cases += [(d, "fp16", False, name) for d in (64, 128) for name in ("ws-m128n128s2", "wspp-m128n128s2")]
 for d, dt, causal, cfg in cases:
     k = H.compile_sm90(d, dt, causal, cfg)
     smem = k.metadata.shared

@@ -59,7 +59,7 @@ def test_hopper_gqa(group, causal):
 @requires_sm90
 @pytest.mark.parametrize("name", ["m128n128s2w8", "m128n128s3w8", "m128n64s3w8", "m64n128s2w4", "p-m128n128s2w8",
                                   "p-m128n128s3w8", "ws-m128n128s2",
-                                  "ws-m128n128s3", "ws-m128n64s3"])
+                                  "ws-m128n128s3", "ws-m128n64s3", "wspp-m128n128s2", "wspp-m128n128s3"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_hopper_every_config(name, d):
     _run(2, 777, 1000, 4, 2, d, True, torch.bfloat16, config=name)
