@@ -2,21 +2,40 @@
 
     PYTHONPATH=$PWD python3 benchmarks/hopper_probe.py [--quick] [--configs a,b] [--tune] > $OUT/hopper.txt
 
-1. Smoke stage: each Gluon config (`pagoda.kernels.attention_hopper.CONFIGS`) runs in its own subprocess
-   on small shapes (d 64/128, causal or not, ragged lengths, GQA) against a float32 reference, and prints
+1. Smoke stage: each Gluon config (`attention_hopper.CONFIGS`, `WS_CONFIGS`) runs in its own subprocess
+   (all at once) on small shapes (d 64/128, causal or not, ragged lengths, GQA) against a float32 reference, and prints
    the compiled kernel's registers / spills / shared memory. A config that crashes (illegal address kills
    the CUDA context) or is wrong is dropped from the timing stage; the compiles land in triton's cache.
 2. Timing stage, bf16, hidden 2048 (heads = 2048 / d): (d 64, 128) x (causal, not) x ((32, 512), (4, 4096),
    (1, 16384)). Per case: cuDNN SDPA on [b, h, s, d], pagoda's Triton kernel (default launch config;
    --tune autotunes, slower), every surviving Gluon config. Each output is checked against cuDNN's (max
    abs error) before `do_bench` (median, L2 flushed). Prints TFLOP/s (4 b s^2 h d, halved when causal)
-   and the ratio to cuDNN. --quick: only the default Gluon config per head_dim and the s >= 4096 cases.
+   and the ratio to cuDNN. --quick: the default Gluon configs plus one persistent, one warp-specialised
+   and one ping-pong config, s >= 4096 only.
+Guards: a smoke subprocess is killed after 100 s (hang); a watchdog ends the probe after 150 s without
+progress; timings past --budget seconds (default 225) are skipped, so the run stays under ~4 minutes.
 """
 import argparse
 import os
 import subprocess
 import sys
+import threading
 import time
+
+_STATE = {"last": time.time(), "what": "start"}
+
+
+def _progress(what: str) -> None:
+    _STATE["last"], _STATE["what"] = time.time(), what
+
+
+def _watchdog(limit_s: float) -> None:
+    """A kernel that never finishes (an mbarrier wait that never completes) would hang the probe: exit."""
+    while True:
+        time.sleep(2)
+        if time.time() - _STATE["last"] > limit_s:
+            print(f"WATCHDOG: no progress for {limit_s:.0f} s during {_STATE['what']}: exiting", flush=True)
+            os._exit(3)
 
 _SMOKE = r'''
 import sys, torch
@@ -61,6 +80,7 @@ def smoke(names, root):
     procs = {name: subprocess.Popen([sys.executable, "-c", _SMOKE, name], stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, env=env, cwd=root) for name in names}
     for name, proc in procs.items():
+        _progress(f"smoke {name}")
         try:
             out, err = proc.communicate(timeout=max(10.0, 100 - (time.time() - t0)))
             rc, tail = proc.returncode, err.strip().splitlines()[-3:]
@@ -83,6 +103,7 @@ def main():
     ap.add_argument("--configs", default="")
     ap.add_argument("--tune", action="store_true", help="autotune pagoda's Triton kernel (slow)")
     ap.add_argument("--no-smoke", action="store_true", help="time every config without the subprocess check")
+    ap.add_argument("--budget", type=float, default=225.0, help="seconds; later timings are skipped past it")
     args = ap.parse_args()
     os.environ["PAGODA_HOPPER_ATTN"] = "0"
     os.environ.setdefault("PAGODA_AUTOTUNE", "1" if args.tune else "0")
@@ -99,6 +120,7 @@ def main():
     from pagoda.kernels.attention_fwd import attention_fwd
 
     t_start = time.time()
+    threading.Thread(target=_watchdog, args=(150.0,), daemon=True).start()
     print(f"device={torch.cuda.get_device_name()} torch={torch.__version__} triton={triton.__version__} "
           f"cudnn={torch.backends.cudnn.version()}", flush=True)
     if args.configs:
@@ -112,6 +134,7 @@ def main():
     else:
         good = smoke(names, root)
     print(f"smoke stage done at {time.time() - t_start:.0f} s", flush=True)
+    _progress("timing stage")
 
     shapes = ((4, 4096), (1, 16384)) if args.quick else ((32, 512), (4, 4096), (1, 16384))
     summary = []
@@ -132,6 +155,10 @@ def main():
                 impls = [("pagoda-triton", None)] + [(f"gluon:{n}", n) for n in names if (d, causal) in good[n]]
                 best = {}
                 for label, name in impls:
+                    if time.time() - t_start > args.budget:
+                        print(f"{tag} {label:12s} skipped (past the --budget of {args.budget:.0f} s)", flush=True)
+                        continue
+                    _progress(f"{tag} {label}")
                     out = torch.empty_like(q)
                     lse = torch.empty(b, h, s, device="cuda", dtype=torch.float32)
                     if name is None:
