@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from pagoda.kernels._launch import launch
-from pagoda.kernels.paged_tile import paged_scores, rope_rows, softmax_pv_update
+from pagoda.kernels.paged_tile import addr_flags, paged_offsets, paged_scores, rope_rows, softmax_pv_update
 
 LOG2E = 1.4426950408889634
 
@@ -39,16 +39,35 @@ def _kv_len(KV_INDPTR, KV_LAST, b, page_size):
 
 
 @triton.jit
+def _decode_tile(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, t, hi, offs_d, partner, page_size, page_shift,
+                 stride_kp, stride_kt, stride_vp, stride_vt, qk_scale, softcap_log2, rope_rcp_scale, log2_theta,
+                 slope_log2, kv_len, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr,
+                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr,
+                 ADDR: tl.constexpr):
+    """One tile of keys ``t [BLOCK_N]`` (all below ``hi`` unless MASKED): the updated (acc, l_i, m_i)."""
+    valid = t < hi
+    off_k, off_v = paged_offsets(KV_INDICES, p0, t, valid, page_size, page_shift, stride_kp, stride_kt, stride_vp,
+                                 stride_vt, MASKED, ADDR)
+    sc = paged_scores(q, K_H, off_k, t, valid, offs_d, partner, qk_scale, softcap_log2, rope_rcp_scale, log2_theta,
+                      HEAD_DIM, HEAD_DIM_PAD, MASKED, HAS_SOFTCAP, ROPE, IEEE)
+    if HAS_ALIBI:
+        sc = sc - slope_log2[:, None] * (kv_len - 1 - t).to(tl.float32)[None, :]
+    if MASKED:
+        sc = tl.where(valid[None, :], sc, float("-inf"))
+    return softmax_pv_update(acc, l_i, m_i, sc, V_H, off_v, valid, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED, IEEE)
+
+
+@triton.jit
 def _decode_kernel(
     Q, K, V, KV_INDPTR, KV_INDICES, KV_LAST, CHUNK, SLOPES, O, LSE,
     stride_qb, stride_qh,
     stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
     stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_sb,
-    page_size, group_size, qk_scale, softcap_log2, window_left, rope_rcp_scale, log2_theta,
+    page_size, page_shift, group_size, qk_scale, softcap_log2, window_left, rope_rcp_scale, log2_theta,
     COUNTER, OUT_F, LSE_F, stride_fob, stride_foh, stride_flb,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    ROPE: tl.constexpr, IEEE: tl.constexpr, FUSED_MERGE: tl.constexpr = False,
+    ROPE: tl.constexpr, IEEE: tl.constexpr, FUSED_MERGE: tl.constexpr = False, ADDR: tl.constexpr = 0,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -91,17 +110,20 @@ def _decode_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        t = start + offs_n
-        valid = t < hi
-        sc, page, slot, kv_mask = paged_scores(q, K, KV_INDICES, p0, t, valid, offs_d, partner, kvh, page_size,
-                                               stride_kp, stride_kt, stride_kh, qk_scale, softcap_log2,
-                                               rope_rcp_scale, log2_theta, HEAD_DIM, HAS_SOFTCAP, ROPE, IEEE)
-        if HAS_ALIBI:
-            sc = sc - slope_log2[:, None] * (kv_len - 1 - t).to(tl.float32)[None, :]
-        sc = tl.where(valid[None, :], sc, float("-inf"))
-        acc, l_i, m_i = softmax_pv_update(acc, l_i, m_i, sc, V, page, slot, kv_mask, kvh, stride_vp, stride_vt,
-                                          stride_vh, offs_d, IEEE)
+    K_H = K + kvh * stride_kh
+    V_H = V + kvh * stride_vh
+    # Whole tiles without bounds masks, then the ragged last tile (masked).
+    hi_full = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
+    for start in range(lo, hi_full, BLOCK_N):
+        acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, start + offs_n, hi, offs_d, partner,
+                                     page_size, page_shift, stride_kp, stride_kt, stride_vp, stride_vt, qk_scale,
+                                     softcap_log2, rope_rcp_scale, log2_theta, slope_log2, kv_len, HEAD_DIM,
+                                     HEAD_DIM_PAD, False, HAS_SOFTCAP, HAS_ALIBI, ROPE, IEEE, ADDR)
+    if hi_full < hi:
+        acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, hi_full + offs_n, hi, offs_d, partner,
+                                     page_size, page_shift, stride_kp, stride_kt, stride_vp, stride_vt, qk_scale,
+                                     softcap_log2, rope_rcp_scale, log2_theta, slope_log2, kv_len, HEAD_DIM,
+                                     HEAD_DIM_PAD, True, HAS_SOFTCAP, HAS_ALIBI, ROPE, IEEE, ADDR)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -263,11 +285,12 @@ def decode_fwd(q, k_cache, v_cache, k_strides, v_strides, kv_indptr, kv_indices,
         alibi_slopes if alibi_slopes is not None else q, dst_o, dst_l,
         q.stride(0), q.stride(1), *k_strides, *v_strides, *so, *sl,
         alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
-        page_size, group, qk_scale, softcap_log2, window_left, rope_rcp_scale, log2_theta,
-        counters if fused else kv_indptr, out, lse, out.stride(0), out.stride(1), lse.stride(0),
+        page_size, page_size.bit_length() - 1, group, qk_scale, softcap_log2, window_left, rope_rcp_scale,
+        log2_theta, counters if fused else kv_indptr, out, lse, out.stride(0), out.stride(1), lse.stride(0),
         HEAD_DIM=dim, HEAD_DIM_PAD=dim_pad, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         SPLIT=split, HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
         ROPE=rope is not None, IEEE=q.dtype == torch.float32, FUSED_MERGE=fused,
+        ADDR=addr_flags(page_size, k_strides, v_strides),
         num_warps=num_warps or CONFIG["num_warps"], num_stages=CONFIG["num_stages"],
     )
     if split and not fused:

@@ -8,6 +8,13 @@ import triton
 import triton.language as tl
 
 
+def addr_flags(page_size: int, k_strides, v_strides) -> int:
+    """Constexpr ``ADDR`` of the paged kernels: 1 = power-of-two page size, 2 = K and V share (page, token) strides,
+    4 = token offsets within a page need 64 bits."""
+    wide = page_size * max(abs(k_strides[1]), abs(v_strides[1]), 1) >= 2 ** 31
+    return ((page_size & (page_size - 1)) == 0) | 2 * (tuple(k_strides[:2]) == tuple(v_strides[:2])) | 4 * wide
+
+
 @triton.jit
 def rope_rows(x, x_partner, pos, offs_d, rope_rcp_scale, log2_theta, HEAD_DIM: tl.constexpr):
     """Non-interleaved RoPE of rows ``x [R, D]`` at positions ``pos [R]``: x cos + sign * partner sin."""
@@ -20,19 +27,55 @@ def rope_rows(x, x_partner, pos, offs_d, rope_rcp_scale, log2_theta, HEAD_DIM: t
 
 
 @triton.jit
-def paged_scores(q, K, KV_INDICES, p0, t, valid, offs_d, partner, kvh, page_size, stride_kp, stride_kt, stride_kh,
-                 qk_scale, softcap_log2, rope_rcp_scale, log2_theta, HEAD_DIM: tl.constexpr,
+def paged_offsets(KV_INDICES, p0, t, valid, page_size, page_shift, stride_kp, stride_kt, stride_vp, stride_vt,
+                  MASKED: tl.constexpr, ADDR: tl.constexpr):
+    """Element offsets ``(off_k, off_v) [BLOCK_N]`` of keys ``t`` from their KV head's start. ``ADDR`` bits
+    (`addr_flags`): 1 power-of-two page (shift and mask instead of an integer
+    division, tens of instructions per key), 2 K and V share strides (one offset), 4 64-bit token offsets."""
+    if ADDR & 1:
+        pidx = t >> page_shift
+        slot = t & (page_size - 1)
+    else:
+        pidx = t // page_size
+        slot = t % page_size
+    if ADDR & 4:
+        slot = slot.to(tl.int64)
+    if MASKED:
+        page = tl.load(KV_INDICES + p0 + pidx, mask=valid, other=0).to(tl.int64)
+    else:
+        page = tl.load(KV_INDICES + p0 + pidx).to(tl.int64)
+    off_k = page * stride_kp + slot * stride_kt
+    if ADDR & 2:
+        off_v = off_k
+    else:
+        off_v = page * stride_vp + slot * stride_vt
+    return off_k, off_v
+
+
+@triton.jit
+def load_rows(BASE, off, offs_d, valid, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """``[BLOCK_N, HEAD_DIM_PAD]`` rows at element offsets ``off`` from ``BASE``; masked rows read 0."""
+    ptrs = BASE + off[:, None] + offs_d[None, :]
+    if MASKED:
+        tile = tl.load(ptrs, mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    elif HEAD_DIM != HEAD_DIM_PAD:
+        tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def paged_scores(q, K_H, off_k, t, valid, offs_d, partner, qk_scale, softcap_log2, rope_rcp_scale, log2_theta,
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr,
                  HAS_SOFTCAP: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr):
-    """Base-2 scores ``[R, BLOCK_N]`` of q ``[R, D]`` against the gathered keys ``t`` (rows with
-    ``valid == False`` read zeros, the caller masks them). Also returns (page, slot, kv_mask) for the V tile."""
-    page = tl.load(KV_INDICES + p0 + t // page_size, mask=valid, other=0).to(tl.int64)
-    slot = (t % page_size).to(tl.int64)
-    kv_mask = valid[:, None] & (offs_d[None, :] < HEAD_DIM)
-    k_ptrs = K + (page * stride_kp + slot * stride_kt + kvh * stride_kh)[:, None]
-    k = tl.load(k_ptrs + offs_d[None, :], mask=kv_mask, other=0.0)
+    """Base-2 scores ``[R, BLOCK_N]`` of q ``[R, D]`` against the keys at ``off_k`` of one KV head (``K_H``);
+    with MASKED, rows with ``valid == False`` read zeros (the caller masks their scores)."""
+    k = load_rows(K_H, off_k, offs_d, valid, MASKED, HEAD_DIM, HEAD_DIM_PAD)
     if ROPE:
-        k2 = tl.load(k_ptrs + partner[None, :], mask=kv_mask, other=0.0)
-        k = rope_rows(k, k2, t, offs_d, rope_rcp_scale, log2_theta, HEAD_DIM).to(K.dtype.element_ty)
+        k2 = tl.load(K_H + off_k[:, None] + partner[None, :], mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM),
+                     other=0.0)
+        k = rope_rows(k, k2, t, offs_d, rope_rcp_scale, log2_theta, HEAD_DIM).to(K_H.dtype.element_ty)
     if IEEE:
         qk = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -43,20 +86,19 @@ def paged_scores(q, K, KV_INDICES, p0, t, valid, offs_d, partner, kvh, page_size
         s = softcap_log2 * (1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0))
     else:
         s = qk * qk_scale
-    return s, page, slot, kv_mask
+    return s
 
 
 @triton.jit
-def softmax_pv_update(acc, l_i, m_i, s, V, page, slot, kv_mask, kvh, stride_vp, stride_vt, stride_vh, offs_d,
-                      IEEE: tl.constexpr):
-    """Online-softmax update with masked base-2 scores ``s`` (-inf where hidden) and the gathered V tile."""
+def softmax_pv_update(acc, l_i, m_i, s, V_H, off_v, valid, offs_d, HEAD_DIM: tl.constexpr,
+                      HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr):
+    """Online-softmax update with masked base-2 scores ``s`` (-inf where hidden) and the V rows at ``off_v``."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing visible yet: no NaN
     alpha = tl.exp2(m_i - m_sub)
     p = tl.exp2(s - m_sub[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v_ptrs = V + (page * stride_vp + slot * stride_vt + kvh * stride_vh)[:, None]
-    v = tl.load(v_ptrs + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = load_rows(V_H, off_v, offs_d, valid, MASKED, HEAD_DIM, HEAD_DIM_PAD)
     if IEEE:
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
     else:

@@ -33,24 +33,10 @@ import triton.language as tl
 
 from pagoda.kernels._launch import launch, launch_tuned
 from pagoda.kernels.attention_fwd import _autotune_enabled, _interpreting
-from pagoda.kernels.paged_tile import rope_rows
+from pagoda.kernels.paged_tile import addr_flags, load_rows, paged_offsets, rope_rows
 
 LOG2E = 1.4426950408889634
 SPLIT_ALIGN = 128  # split chunks are multiples of this, which every config's BLOCK_N divides
-
-
-@triton.jit
-def _gather(BASE, off, offs_d, valid, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
-    """``[BLOCK_N, HEAD_DIM_PAD]`` rows at element offsets ``off [BLOCK_N]`` from ``BASE`` (one KV head's
-    start); invalid rows read 0."""
-    ptrs = BASE + off[:, None] + offs_d[None, :]
-    if MASKED:
-        tile = tl.load(ptrs, mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    elif HEAD_DIM != HEAD_DIM_PAD:
-        tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-    else:
-        tile = tl.load(ptrs)
-    return tile
 
 
 @triton.jit
@@ -65,24 +51,9 @@ def _paged_block(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, page_size, page_shi
     ``ADDR`` bits (see `addr_flags`) trim the gather's integer work, which the hot loop pays per key."""
     t = start_n + offs_n
     valid = t < kv_len
-    if ADDR & 1:  # power-of-two page: shift and mask instead of integer division (tens of instructions)
-        pidx = t >> page_shift
-        slot = t & (page_size - 1)
-    else:
-        pidx = t // page_size
-        slot = t % page_size
-    if ADDR & 4:  # a page holds >= 2^31 elements (one-page "tables" over a whole sequence)
-        slot = slot.to(tl.int64)
-    if MASKED:
-        page = tl.load(KV_INDICES + p0 + pidx, mask=valid, other=0).to(tl.int64)
-    else:
-        page = tl.load(KV_INDICES + p0 + pidx).to(tl.int64)
-    off_k = page * stride_kp + slot * stride_kt
-    if ADDR & 2:  # K and V share page/token strides (one 5-D cache): one offset for both
-        off_v = off_k
-    else:
-        off_v = page * stride_vp + slot * stride_vt
-    k = _gather(K_H, off_k, offs_d, valid, MASKED, HEAD_DIM, HEAD_DIM_PAD)
+    off_k, off_v = paged_offsets(KV_INDICES, p0, t, valid, page_size, page_shift, stride_kp, stride_kt, stride_vp,
+                                 stride_vt, MASKED, ADDR)
+    k = load_rows(K_H, off_k, offs_d, valid, MASKED, HEAD_DIM, HEAD_DIM_PAD)
     if ROPE:
         kp = tl.load(K_H + off_k[:, None] + partner[None, :], mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM),
                      other=0.0)
@@ -119,7 +90,7 @@ def _paged_block(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, page_size, page_shi
     alpha = tl.exp2(m_i - m_sub)
     p = tl.exp2(s * scale - m_sub[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _gather(V_H, off_v, offs_d, valid, MASKED, HEAD_DIM, HEAD_DIM_PAD)
+    v = load_rows(V_H, off_v, offs_d, valid, MASKED, HEAD_DIM, HEAD_DIM_PAD)
     if IEEE:
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
     else:
@@ -259,13 +230,6 @@ def _merge_splits_kernel(O_PART, LSE_PART, QO_INDPTR, O, LSE, n_req, num_splits,
     tl.store(O + r64 * stride_ot + h * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
     lse_out = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, l_sum))) * 0.6931471805599453)
     tl.store(LSE + r64 * stride_lt + h * stride_lh, lse_out)
-
-
-def addr_flags(page_size: int, k_strides, v_strides) -> int:
-    """Constexpr ``ADDR`` of the kernel: 1 = power-of-two page size, 2 = K and V share (page, token) strides,
-    4 = token offsets within a page need 64 bits."""
-    wide = page_size * max(abs(k_strides[1]), abs(v_strides[1]), 1) >= 2 ** 31
-    return ((page_size & (page_size - 1)) == 0) | 2 * (tuple(k_strides[:2]) == tuple(v_strides[:2])) | 4 * wide
 
 
 def choose_block_m(rows: int, head_dim: int, fp32: bool = False) -> int:

@@ -82,3 +82,17 @@ def test_head_dims(d):
     out, lse, want, want_lse = _run([33, 2], 16, 2, 1, d, "NHD", torch.float16, 16)
     assert rel_err(out, want) < 2e-3
     assert_finite_lse_close(lse, want_lse.float(), atol=2e-3)
+
+
+@pytest.mark.parametrize("page_size,flags", [(8, 3), (8, 4), (6, 6), (1, 5)])
+def test_address_flags(monkeypatch, page_size, flags):
+    """Each ADDR variant of the key gather (shift/mask page index, one offset for K and V, 64-bit slots) reads
+    the same keys as the plain one; the cache slice of `_run` lets K and V share strides, so bit 2 is real."""
+    import pagoda.kernels.decode as D
+    seen = []
+    monkeypatch.setattr(D, "addr_flags", lambda *a: seen.append(flags) or flags)
+    out, lse, want, want_lse = _run([37, 16, 1], page_size, 4, 2, 32, "NHD", torch.float16, 16 if flags & 1 else None,
+                                    fused=bool(flags & 1))
+    assert seen, "decode_fwd must take its ADDR from addr_flags"
+    assert rel_err(out, want) < 2e-3
+    assert_finite_lse_close(lse, want_lse.float(), atol=2e-3)
