@@ -126,7 +126,7 @@ def main():
     if args.configs:
         names = args.configs.split(",")
     elif args.quick:
-        names = sorted(set(H.DEFAULT_CONFIG.values())) + ["p-m128n128s2w8", "ws-m128n128s2", "wspp-m128n128s2"]
+        names = sorted(set(H.DEFAULT_CONFIG.values()) | {"m128n128s2w8", "ws-m128n128s3", "wspp-m128n128s3"})
     else:
         names = list(H.CONFIGS) + list(H.WS_CONFIGS)
     if args.no_smoke:

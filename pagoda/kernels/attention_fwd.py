@@ -380,9 +380,9 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
 
 
 def _hopper_on() -> bool:
-    """PAGODA_HOPPER_ATTN=1 routes dense fp16/bf16 d=64/128 calls on sm_90 to the Gluon kernel
-    (`pagoda.kernels.attention_hopper`); default off until verified on the GPU."""
-    return os.environ.get("PAGODA_HOPPER_ATTN", "0") not in ("", "0") and not _interpreting()
+    """Dense fp16/bf16 d=64/128 calls on sm_90 go to the warp-specialised Gluon kernel
+    (`pagoda.kernels.attention_hopper`) unless PAGODA_HOPPER_ATTN=0 (then to the Triton kernel)."""
+    return os.environ.get("PAGODA_HOPPER_ATTN", "1") not in ("", "0") and not _interpreting()
 
 
 _TMA_ALLOCATOR_SET = False

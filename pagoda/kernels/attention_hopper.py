@@ -46,6 +46,16 @@ try:  # Gluon is experimental: any import problem just disables this path.
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                     warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    # Triton 3.6 names the shared-memory view `_reinterpret`; later releases `reinterpret` (3.9 has only
+    # that). The kernels call `reinterpret`, so give 3.6 the public name.
+    _smem_desc = gl.shared_memory_descriptor
+    if not hasattr(_smem_desc, "reinterpret"):
+        _smem_desc.reinterpret = _smem_desc._reinterpret
+    if not hasattr(gl, "thread_barrier"):  # 3.9 folded it into `barrier`
+        gl.thread_barrier = gl.barrier
+    if not hasattr(tma, "async_load"):  # 3.6 names of the TMA copies (same arguments)
+        tma.async_load = tma.async_copy_global_to_shared
+        tma.async_store = tma.async_copy_shared_to_global
     _GLUON_OK = True
 except Exception:  # pragma: no cover - depends on the installed triton
     _GLUON_OK = False
@@ -91,7 +101,7 @@ if _GLUON_OK:
         slot = (it + j) % STAGES
         ok = j < n_tiles
         mbarrier.expect(bars.index(slot), desc.block_type.nbytes, pred=ok)
-        tma.async_copy_global_to_shared(desc, [batch, j * BLOCK_N, kv_col], bars.index(slot), bufs.index(slot),
+        tma.async_load(desc, [batch, j * BLOCK_N, kv_col], bars.index(slot), bufs.index(slot),
                                         pred=ok)
 
     @gluon.jit
@@ -112,7 +122,7 @@ if _GLUON_OK:
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         smem2d: gl.constexpr = _nvmma_2d(BLOCK_N, HEAD_DIM, dtype)
         qsmem2d: gl.constexpr = _nvmma_2d(BLOCK_M, HEAD_DIM, dtype)
-        q_op = q_smem._reinterpret(dtype, [BLOCK_M, HEAD_DIM], qsmem2d)
+        q_op = q_smem.reinterpret(dtype, [BLOCK_M, HEAD_DIM], qsmem2d)
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
         shift = seqlen_k - seqlen_q
         start_m = num_m - 1 - w // per_m
@@ -132,7 +142,7 @@ if _GLUON_OK:
         # The previous work item is done with every slot and with Q's buffer (its O store has drained).
         gl.thread_barrier()
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [batch, m0, head * HEAD_DIM], q_bar, q_smem)
+        tma.async_load(q_desc, [batch, m0, head * HEAD_DIM], q_bar, q_smem)
         for i in gl.static_range(STAGES):
             _issue_kv(k_desc, k_bufs, k_bars, it, i, n_tiles, batch, kv_col, STAGES, BLOCK_N)
             _issue_kv(v_desc, v_bufs, v_bars, it, i, n_tiles, batch, kv_col, STAGES, BLOCK_N)
@@ -145,7 +155,7 @@ if _GLUON_OK:
         # Prologue: S_0 and its softmax.
         mbarrier.wait(q_bar, item & 1)
         mbarrier.wait(k_bars.index(it % STAGES), (it // STAGES) & 1)
-        k_op = k_bufs.index(it % STAGES)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d).permute((1, 0))
+        k_op = k_bufs.index(it % STAGES).reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d).permute((1, 0))
         s_tok = warpgroup_mma(q_op, k_op, s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s_tok,))
         p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, qk_scale, 0, mask_from, rows, seqlen_k, shift,
@@ -160,10 +170,10 @@ if _GLUON_OK:
             slot = g % STAGES
             prev = (g - 1) % STAGES
             mbarrier.wait(k_bars.index(slot), (g // STAGES) & 1)
-            k_op = k_bufs.index(slot)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d).permute((1, 0))
+            k_op = k_bufs.index(slot).reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d).permute((1, 0))
             s_tok = warpgroup_mma(q_op, k_op, s_zero, use_acc=False, is_async=True)
             mbarrier.wait(v_bars.index(prev), ((g - 1) // STAGES) & 1)
-            v_op = v_bufs.index(prev)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d)
+            v_op = v_bufs.index(prev).reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d)
             o_tok = warpgroup_mma(p_op, v_op, acc, is_async=True)
             # Only S_j must be complete: the softmax below runs while P_{j-1} V_{j-1} is on the tensor cores.
             s = warpgroup_mma_wait(1, deps=(s_tok,))
@@ -180,7 +190,7 @@ if _GLUON_OK:
         # Epilogue: the last P.V, normalisation, stores.
         g = it + n_tiles - 1
         mbarrier.wait(v_bars.index(g % STAGES), (g // STAGES) & 1)
-        v_op = v_bufs.index(g % STAGES)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d)
+        v_op = v_bufs.index(g % STAGES).reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d)
         o_tok = warpgroup_mma(p_op, v_op, acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=(o_tok,))
 
@@ -192,7 +202,7 @@ if _GLUON_OK:
         q_op.store(out.to(dtype))
         fence_async_shared()
         gl.thread_barrier()
-        tma.async_copy_shared_to_global(o_desc, [batch, m0, head * HEAD_DIM], q_smem)
+        tma.async_store(o_desc, [batch, m0, head * HEAD_DIM], q_smem)
         if WRITE_LSE:
             m_o = gl.convert_layout(m_i, row_o)
             lse = gl.where(empty, float("-inf"),
@@ -268,7 +278,10 @@ WS_CONFIGS = {
     "wspp-m128n128s2": (128, 128, 2, 240, True),
     "wspp-m128n128s3": (128, 128, 3, 240, True),
 }
-DEFAULT_CONFIG = {64: "m128n128s3w8", 128: "m128n128s2w8"}
+# Per (head_dim, causal): the warp-specialised kernel won every s >= 4096 case of the probe on an H200
+# (2026-11-30, benchmarks/results/2026-11-30-h200-hopper); ping-pong helps the longer non-causal loops.
+DEFAULT_CONFIG = {(64, False): "wspp-m128n128s2", (64, True): "ws-m128n128s2",
+                  (128, False): "wspp-m128n128s2", (128, True): "ws-m128n128s2"}
 # Kernel-wide register cap of the warp-specialised launch: 12 warps (3 warpgroups) must fit 64K registers
 # before setmaxnreg moves the loader's share to the consumers.
 _WS_MAXNREG = 168
@@ -344,7 +357,7 @@ def attention_fwd_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     """
     b, sq, hq, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
-    config = config or DEFAULT_CONFIG[d]
+    config = config or DEFAULT_CONFIG[d, bool(causal)]
     ls = (lse.stride(0), lse.stride(1), lse.stride(2)) if lse is not None else (0, 0, 0)
     if config in WS_CONFIGS:
         from pagoda.kernels.attention_hopper_ws import _attn_fwd_hopper_ws_kernel
@@ -372,7 +385,7 @@ def compile_sm90(head_dim: int, dtype: str = "bf16", causal: bool = True, config
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    config = config or DEFAULT_CONFIG[head_dim]
+    config = config or DEFAULT_CONFIG[head_dim, bool(causal)]
     tdt = torch.float16 if dtype == "fp16" else torch.bfloat16
     ws = config in WS_CONFIGS
     if ws:

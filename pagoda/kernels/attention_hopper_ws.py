@@ -34,7 +34,7 @@ if _GLUON_OK:
         WG_M: gl.constexpr = q_desc.block_type.shape[1]
         for w in gl.static_range(2):
             mbarrier.expect(q_bars.index(w), q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [batch, m0 + w * WG_M, head * HEAD_DIM], q_bars.index(w),
+            tma.async_load(q_desc, [batch, m0 + w * WG_M, head * HEAD_DIM], q_bars.index(w),
                                             q_smem.index(w))
         for i in range(n_tiles):
             slot = i % STAGES
@@ -42,11 +42,11 @@ if _GLUON_OK:
             # A fresh mbarrier counts as having completed phase 1: the first STAGES waits pass at once.
             mbarrier.wait(k_empty.index(slot), phase ^ 1)
             mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [batch, i * BLOCK_N, kv_col], k_ready.index(slot),
+            tma.async_load(k_desc, [batch, i * BLOCK_N, kv_col], k_ready.index(slot),
                                             k_bufs.index(slot))
             mbarrier.wait(v_empty.index(slot), phase ^ 1)
             mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [batch, i * BLOCK_N, kv_col], v_ready.index(slot),
+            tma.async_load(v_desc, [batch, i * BLOCK_N, kv_col], v_ready.index(slot),
                                             v_bufs.index(slot))
 
     @gluon.jit
@@ -75,7 +75,7 @@ if _GLUON_OK:
         shift = seqlen_k - seqlen_q
 
         rows = m0 + gl.arange(0, WG_M, layout=row_s)
-        q_op = q_smem._reinterpret(dtype, [WG_M, HEAD_DIM], qsmem2d)
+        q_op = q_smem.reinterpret(dtype, [WG_M, HEAD_DIM], qsmem2d)
         s_zero = gl.zeros([WG_M, BLOCK_N], gl.float32, layout=s_layout)
         m_i = gl.full([WG_M], float("-inf"), gl.float32, layout=row_s)
         l_i = gl.zeros([WG_M], gl.float32, layout=row_s)
@@ -83,7 +83,7 @@ if _GLUON_OK:
 
         mbarrier.wait(q_bar, 0)
         mbarrier.wait(k_ready.index(0), 0)
-        k_op = k_bufs.index(0)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d).permute((1, 0))
+        k_op = k_bufs.index(0).reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d).permute((1, 0))
         if PINGPONG:
             mbarrier.wait(my_turn, 0)
         s_tok = warpgroup_mma(q_op, k_op, s_zero, use_acc=False, is_async=True)
@@ -100,9 +100,9 @@ if _GLUON_OK:
             slot = j % STAGES
             prev = (j - 1) % STAGES
             mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
-            k_op = k_bufs.index(slot)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d).permute((1, 0))
+            k_op = k_bufs.index(slot).reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d).permute((1, 0))
             mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
-            v_op = v_bufs.index(prev)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d)
+            v_op = v_bufs.index(prev).reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d)
             if PINGPONG:
                 mbarrier.wait(my_turn, j & 1)
             s_tok = warpgroup_mma(q_op, k_op, s_zero, use_acc=False, is_async=True)
@@ -122,7 +122,7 @@ if _GLUON_OK:
 
         last = n_tiles - 1
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
-        v_op = v_bufs.index(last % STAGES)._reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d)
+        v_op = v_bufs.index(last % STAGES).reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d)
         if PINGPONG:
             mbarrier.wait(my_turn, n_tiles & 1)
         o_tok = warpgroup_mma(p_op, v_op, acc, is_async=True)
@@ -137,7 +137,7 @@ if _GLUON_OK:
         q_op.store(out.to(dtype))
         fence_async_shared()
         gl.thread_barrier()
-        tma.async_copy_shared_to_global(o_desc, [batch, m0, head * HEAD_DIM], q_smem)
+        tma.async_store(o_desc, [batch, m0, head * HEAD_DIM], q_smem)
         if WRITE_LSE:
             m_o = gl.convert_layout(m_i, row_o)
             lse = gl.where(empty, float("-inf"), (m_o + gl.log2(gl.where(empty, 1.0, l_o))) * 0.6931471805599453)

@@ -156,7 +156,7 @@ def _lane_draw(lane_w, lanes, base, a_bits, seed, rng_base, stage, vocab, LANES:
     best = tl.max(key, 0)
     lane = tl.min(tl.where(has & (key == best), lanes, LANES), 0)
     cols = lane + tl.arange(0, NCP) * LANES
-    live = (cols < vocab) & (lane < LANES)
+    live = tl.where(lane < LANES, cols < vocab, False)  # (vector & scalar: int32 in the 3.9 interpreter)
     x = tl.load(base + cols, mask=live, other=0.0).to(tl.float32)
     elig = live & _in_set(x, a_bits)
     key2 = tl.where(elig, x / _exp_at(seed, rng_base, cols, stage + 1), -1.0)
@@ -439,7 +439,7 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
                 # The winner's token: the first of its lane equal to its value, or the second when it
                 # is the lower of two equal values (the lane kept the first occurrence in front).
                 cols = lane + tl.arange(0, NCP) * LANES
-                live = (cols < vocab) & (win < 2147483647)
+                live = tl.where(win < 2147483647, cols < vocab, False)  # (vector & scalar: int32 in the 3.9 interpreter)
                 eq = live & (tl.load(base + cols, mask=live, other=0.0).to(tl.float32) == val)
                 first = tl.min(tl.where(eq, cols, 2147483647), 0)
                 second = tl.min(tl.where(eq & (cols > first), cols, 2147483647), 0)

@@ -56,7 +56,7 @@ def _chain_spec_kernel(q_ptr, d_ptr, p_ptr, out_ptr, acc_ptr, emit_ptr, seed_ptr
             cols = start + j * Q + offs
             inb = cols < vocab
             pr = tl.load(p_row + cols, mask=inb, other=0.0).to(tl.float32)
-            qr = tl.load(q_row + cols, mask=inb & has_q, other=0.0).to(tl.float32)
+            qr = tl.load(q_row + cols, mask=tl.where(has_q, inb, False), other=0.0).to(tl.float32)
             resid = pr - qr
             e = _exp1(rs[j])
             key_r, idx_r = _race_fold(_race_key(resid, e, False), inb & (resid > 0.0), cols, key_r, idx_r)

@@ -24,7 +24,7 @@ cases += [(d, "fp16", False, name) for d in (64, 128) for name in ("ws-m128n128s
 for d, dt, causal, cfg in cases:
     k = H.compile_sm90(d, dt, causal, cfg)
     smem = k.metadata.shared
-    print(f"d={d} {dt} causal={causal} cfg={cfg or H.DEFAULT_CONFIG[d]} smem={smem} warps={k.metadata.num_warps}")
+    print(f"d={d} {dt} causal={causal} cfg={cfg or H.DEFAULT_CONFIG[d, causal]} smem={smem} warps={k.metadata.num_warps}")
     assert smem <= 227 * 1024, smem
     assert "wgmma.mma_async" in k.asm["ptx"] and "cp.async.bulk.tensor" in k.asm["ptx"]
 print("COMPILED")

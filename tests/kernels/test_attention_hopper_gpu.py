@@ -72,7 +72,7 @@ def test_hopper_every_config(name, d):
 def test_dispatch_through_flash_attn_func(monkeypatch):
     import pagoda
     from pagoda.kernels import attention_hopper as H
-    monkeypatch.setenv("PAGODA_HOPPER_ATTN", "1")
+    monkeypatch.delenv("PAGODA_HOPPER_ATTN", raising=False)  # on by default on sm_90
     calls = []
     real = H.attention_fwd_hopper
     monkeypatch.setattr(H, "attention_fwd_hopper", lambda *a, **kw: (calls.append(1), real(*a, **kw)))
@@ -81,6 +81,9 @@ def test_dispatch_through_flash_attn_func(monkeypatch):
     v = torch.randn_like(k)
     out, lse, _ = pagoda.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
     assert calls, "the Hopper kernel was not dispatched"
+    monkeypatch.setenv("PAGODA_HOPPER_ATTN", "0")
+    pagoda.flash_attn_func(q, k, v, causal=True)
+    assert len(calls) == 1, "PAGODA_HOPPER_ATTN=0 must route to the Triton kernel"
     r, rl, _ = ref_attn(q, k, v, causal=True, return_attn_probs=True)
     assert rel_err(out, r) < 1.2e-2
     assert_finite_lse_close(lse, rl, atol=2e-3)
