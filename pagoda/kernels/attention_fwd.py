@@ -314,8 +314,9 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
     varlen = cu_seqlens_q is not None
     if (config is None and not varlen and window_left < 0 and window_right in (-1, 0) and _hopper_on()):
         from pagoda.kernels import attention_hopper as H
-        if H.hopper_supported(q, k, v, out, window_left=window_left, window_right=window_right,
-                              softcap=softcap, alibi_slopes=alibi_slopes):
+        if H.prefer_hopper(q.shape[-1], k.shape[1]) and H.hopper_supported(
+                q, k, v, out, window_left=window_left, window_right=window_right, softcap=softcap,
+                alibi_slopes=alibi_slopes):
             H.attention_fwd_hopper(q, k, v, out, lse, softmax_scale, causal=window_right == 0)
             return
     head_dim = q.shape[-1]

@@ -282,6 +282,17 @@ WS_CONFIGS = {
 # (2026-11-30, benchmarks/results/2026-11-30-h200-hopper); ping-pong helps the longer non-causal loops.
 DEFAULT_CONFIG = {(64, False): "wspp-m128n128s2", (64, True): "ws-m128n128s2",
                   (128, False): "wspp-m128n128s2", (128, True): "ws-m128n128s2"}
+# Shortest key length that the Gluon kernel takes per head_dim by default (`prefer_hopper`): at d=64 it is
+# behind the autotuned Triton kernel up to s=1024 (H200 bench, 2026-11-30: 290 vs 320 TF/s at b32 s512,
+# 358 vs 372 at b16 s1024), ahead from 2048 on; at d=128 ahead everywhere.
+MIN_SEQLEN_K = {64: 2048, 128: 0}
+
+
+def prefer_hopper(head_dim: int, seqlen_k: int) -> bool:
+    """Default-dispatch policy: whether a supported call should take the Gluon kernel."""
+    return seqlen_k >= MIN_SEQLEN_K.get(head_dim, 1 << 62)
+
+
 # Kernel-wide register cap of the warp-specialised launch: 12 warps (3 warpgroups) must fit 64K registers
 # before setmaxnreg moves the loader's share to the consumers.
 _WS_MAXNREG = 168

@@ -48,3 +48,12 @@ def test_hopper_supported_is_false_on_cpu():
     from pagoda.kernels import attention_hopper as H
     q = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16)
     assert not H.hopper_supported(q, q, q)
+
+
+def test_default_dispatch_policy():
+    """d=64 takes the Gluon kernel from 2048 keys on (the Triton kernel is faster below), d=128 always,
+    other head dims never."""
+    from pagoda.kernels import attention_hopper as H
+    assert not H.prefer_hopper(64, 1024) and H.prefer_hopper(64, 2048)
+    assert H.prefer_hopper(128, 1)
+    assert not H.prefer_hopper(96, 1 << 20)
