@@ -39,7 +39,7 @@ for varlen, causal, extra in ((False, False, False), (True, True, True)):
 for split, opts, fused in ((False, False, False), (True, True, False), (True, False, True)):
     build(D._decode_kernel, dict(HEAD_DIM=128, HEAD_DIM_PAD=128, GROUP_PAD=16, BLOCK_N=64, SPLIT=split,
                                  HAS_WINDOW=opts, HAS_SOFTCAP=opts, HAS_ALIBI=opts, ROPE=opts, IEEE=False,
-                                 FUSED_MERGE=fused, ADDR=3 if fused else (4 if opts else 0)),
+                                 FUSED_MERGE=fused, ADDR=3 if fused else (4 if opts else 0), WHOLE_TILES=fused),
           {**ptrs, "O": "*fp32" if split else "*bf16", "COUNTER": "*i32", "OUT_F": "*bf16", "LSE_F": "*fp32"})
 # Paged prefill: the long-prefill tile (128 rows, GQA 4), a 64-row split variant and the decode-like
 # 16-row split tile with every option; split variants write float32 partial states.
