@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels._launch import launch, launch_tuned
+from pagoda.kernels._launch import cdiv, launch, launch_tuned, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -350,10 +350,10 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
         cu_seqlens_q if varlen else dummy, cu_seqlens_k if varlen else dummy,
         *qs, *ks, *vs, *os_, *ls, stride_sb,
         sq, sk, hq // hk, qk_scale, softcap_log2, window_left, window_right,
-        triton.next_power_of_2(max(int(max_seqlen_q), 1)),
+        next_pow2(max(int(max_seqlen_q), 1)),
     )
     meta = dict(
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)),
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, next_pow2(head_dim)),
         IS_VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, WRITE_LSE=lse is not None,
     )
@@ -367,7 +367,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
         if config.get("USE_TMA"):
             _ensure_tma_allocator()
             extra["USE_TMA"] = True
-        grid = (triton.cdiv(max(int(max_seqlen_q), 1), bm), hq, batch_size)
+        grid = (cdiv(max(int(max_seqlen_q), 1), bm), hq, batch_size)
         launch(_attn_fwd_kernel, grid, *args, **meta, **extra, BLOCK_M=bm, BLOCK_N=config["BLOCK_N"],
                num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
     else:
@@ -376,7 +376,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
             _ensure_tma_allocator()
 
         def grid(m):
-            return (triton.cdiv(max(int(max_seqlen_q), 1), m["BLOCK_M"]), hq, batch_size)
+            return (cdiv(max(int(max_seqlen_q), 1), m["BLOCK_M"]), hq, batch_size)
         launch_tuned(_attn_fwd_tuned, _attn_fwd_kernel, grid, *args, extra_key=(tma,), **meta)
 
 

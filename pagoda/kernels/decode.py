@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels._launch import launch
+from pagoda.kernels._launch import launch, next_pow2
 from pagoda.kernels.paged_tile import addr_flags, paged_offsets, paged_scores, rope_rows, softmax_pv_update
 
 LOG2E = 1.4426950408889634
@@ -282,7 +282,7 @@ def decode_fwd(q, k_cache, v_cache, k_strides, v_strides, kv_indptr, kv_indices,
     if batch == 0:
         return
     group = hq // hk
-    dim_pad = max(16, triton.next_power_of_2(dim))
+    dim_pad = max(16, next_pow2(dim))
     block_n = block_n or default_block_n(dim)
     split = num_splits > 0
     if softcap := float(logits_soft_cap):
@@ -304,7 +304,7 @@ def decode_fwd(q, k_cache, v_cache, k_strides, v_strides, kv_indptr, kv_indices,
         alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
         page_size, page_size.bit_length() - 1, group, qk_scale, softcap_log2, window_left, rope_rcp_scale,
         log2_theta, counters if fused else kv_indptr, out, lse, out.stride(0), out.stride(1), lse.stride(0),
-        HEAD_DIM=dim, HEAD_DIM_PAD=dim_pad, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        HEAD_DIM=dim, HEAD_DIM_PAD=dim_pad, GROUP_PAD=max(16, next_pow2(group)), BLOCK_N=block_n,
         SPLIT=split, HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
         ROPE=rope is not None, IEEE=q.dtype == torch.float32, FUSED_MERGE=fused,
         ADDR=addr, WHOLE_TILES=whole_tiles(page_size, addr),
@@ -316,6 +316,6 @@ def decode_fwd(q, k_cache, v_cache, k_strides, v_strides, kv_indptr, kv_indices,
             o_part, lse_part, kv_indptr, kv_last_page_len, chunk, out, lse,
             o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
             out.stride(0), out.stride(1), lse.stride(0), page_size,
-            HEAD_DIM=dim, HEAD_DIM_PAD=dim_pad, MAX_SPLITS=max(2, triton.next_power_of_2(num_splits)),
+            HEAD_DIM=dim, HEAD_DIM_PAD=dim_pad, MAX_SPLITS=max(2, next_pow2(num_splits)),
             num_warps=4 if dim * num_splits <= 8192 else 8,
         )

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels._launch import launch
+from pagoda.kernels._launch import launch, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -81,7 +81,7 @@ def _launch(v, s, v_b, s_b, out, lse, mask, num_states, two):
         v, s, v_b, s_b, out, lse, mask if mask is not None else s, num_states, heads, dim,
         *vs, *ss, v_b.stride(0), v_b.stride(1), s_b.stride(0), s_b.stride(1),
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-        BLOCK_D=max(16, triton.next_power_of_2(dim)), HAS_MASK=mask is not None, TWO_TENSORS=two,
+        BLOCK_D=max(16, next_pow2(dim)), HAS_MASK=mask is not None, TWO_TENSORS=two,
         num_warps=4 if dim > 128 else 2)
 
 

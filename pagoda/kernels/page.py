@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from pagoda.kernels._launch import launch
+from pagoda.kernels._launch import cdiv, launch, next_pow2
 
 
 @triton.jit
@@ -75,9 +75,9 @@ def append_paged_kv(append_key, append_value, batch_indices, positions, k_cache,
     nnz, heads, dim = append_key.shape
     if nnz == 0:
         return
-    dim_pad = triton.next_power_of_2(dim)
-    block_h = max(1, min(triton.next_power_of_2(heads), max(1, 4096 // dim_pad)))
-    grid = (nnz, triton.cdiv(heads, block_h))
+    dim_pad = next_pow2(dim)
+    block_h = max(1, min(next_pow2(heads), max(1, 4096 // dim_pad)))
+    grid = (nnz, cdiv(heads, block_h))
     launch(
         _append_kernel, grid,
         append_key, append_value, batch_indices, positions, kv_indices, kv_indptr, k_cache, v_cache,

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels._launch import launch, launch_tuned
+from pagoda.kernels._launch import cdiv, launch, launch_tuned, next_pow2
 from pagoda.kernels.attention_fwd import _autotune_enabled, _interpreting
 from pagoda.kernels.paged_tile import addr_flags, load_rows, paged_offsets, rope_rows
 
@@ -328,14 +328,14 @@ def prefill_paged_fwd(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_i
     else:
         dst_o, dst_l = out, lse
         so, sl = (out.stride(0), 0, out.stride(1)), (lse.stride(0), 0, lse.stride(1))
-    grid = (triton.cdiv(max_qo_len * group, bm) * max(num_splits, 1), num_kv_heads, batch)
+    grid = (cdiv(max_qo_len * group, bm) * max(num_splits, 1), num_kv_heads, batch)
     stride_sb = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
     args = (q, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
             alibi_slopes if alibi_slopes is not None else q, chunk if split else qo_indptr, dst_o, dst_l,
             q.stride(0), q.stride(1), *k_strides, *v_strides, *so, *sl, stride_sb,
             page_size, page_size.bit_length() - 1, max(num_splits, 1), qk_scale, softcap_log2, window_left,
             window_right, rope_rcp_scale, log2_theta)
-    meta = dict(HEAD_DIM=dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(dim)), GROUP=group, BLOCK_M=bm, SPLIT=split,
+    meta = dict(HEAD_DIM=dim, HEAD_DIM_PAD=max(16, next_pow2(dim)), GROUP=group, BLOCK_M=bm, SPLIT=split,
                 CAUSAL=window_right >= 0, HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=softcap > 0,
                 HAS_ALIBI=alibi_slopes is not None, ROPE=rope is not None, IEEE=fp32,
                 ADDR=addr_flags(page_size, k_strides, v_strides))
@@ -347,5 +347,5 @@ def prefill_paged_fwd(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_i
     if split:
         launch(_merge_splits_kernel, (out.shape[0], hq), o_part, lse_part, qo_indptr, out, lse, batch, num_splits,
                *o_part.stride()[:3], *lse_part.stride(), out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-               HEAD_DIM=dim, HEAD_DIM_PAD=meta["HEAD_DIM_PAD"], SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+               HEAD_DIM=dim, HEAD_DIM_PAD=meta["HEAD_DIM_PAD"], SPLITS_PAD=max(2, next_pow2(num_splits)),
                num_warps=4 if dim * num_splits <= 8192 else 8)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from pagoda.kernels._launch import launch
+from pagoda.kernels._launch import cdiv, launch, next_pow2
 
 
 @triton.jit
@@ -61,14 +61,14 @@ def rope_fwd(x, out, pos, freqs, interleave: bool) -> None:
     if nnz == 0 or heads == 0:
         return
     half = freqs.shape[0]
-    half_pad = max(1, triton.next_power_of_2(half))
+    half_pad = max(1, next_pow2(half))
     rest = dim - 2 * half
     copy_rest = rest > 0 and out.data_ptr() != x.data_ptr()
-    block_h = max(1, min(triton.next_power_of_2(heads), max(1, 2048 // half_pad)))
-    grid = (nnz, triton.cdiv(heads, block_h))
+    block_h = max(1, min(next_pow2(heads), max(1, 2048 // half_pad)))
+    grid = (nnz, cdiv(heads, block_h))
     launch(
         _rope_kernel, grid,
         x, out, pos, freqs, x.stride(0), x.stride(1), out.stride(0), out.stride(1), heads, dim, half,
-        HALF_PAD=half_pad, REST_PAD=max(1, triton.next_power_of_2(max(rest, 1))), BLOCK_H=block_h,
+        HALF_PAD=half_pad, REST_PAD=max(1, next_pow2(max(rest, 1))), BLOCK_H=block_h,
         INTERLEAVE=bool(interleave), COPY_REST=copy_rest, num_warps=4,
     )

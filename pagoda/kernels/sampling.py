@@ -69,7 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels._launch import launch
+from pagoda.kernels._launch import cdiv, launch, next_pow2
 
 MAX_ROUNDS = 34
 INF_BITS = tl.constexpr(0x7F800000)  # bits of +inf: larger patterns are NaN
@@ -523,7 +523,7 @@ def launch_config(vocab: int, batch: int, device: torch.device, block: int | Non
     if block is None:
         wide = batch < sm_count(device)
         block = 4096 if (wide and vocab >= 16384) else 1024
-    block = max(16, min(block, triton.next_power_of_2(vocab)))
+    block = max(16, min(block, next_pow2(vocab)))
     return block, (16 if block >= 4096 else 8 if block >= 1024 else 4)
 
 
@@ -566,4 +566,4 @@ def sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.
         HAS_ROWS=rows is not None, HAS_TOP_K=top_k is not None and not k_first, HAS_TOP_P=top_p is not None,
         HAS_MIN_P=min_p is not None, HAS_FLOOR=floor is not None, K_FIRST=k_first, FROM_LOGITS=from_logits,
         SEED_PTR=seed_args[6],
-        BLOCK=block, NCP=triton.next_power_of_2(triton.cdiv(vocab, block)), ROUNDS=MAX_ROUNDS, num_warps=warps)
+        BLOCK=block, NCP=next_pow2(cdiv(vocab, block)), ROUNDS=MAX_ROUNDS, num_warps=warps)

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels._launch import launch
+from pagoda.kernels._launch import launch, next_pow2
 
 from pagoda.kernels.sampling import sm_count
 
@@ -206,7 +206,7 @@ def _launch_threshold(x, out, top_k, top_p, rows, mode, batch, block):
             # Top-k: 1024 lanes track 2048 keys, so k up to ~150 resolves in pass 0 (counts only: no
             # mass accumulators, ~70 registers at 8 warps).
             block, warps = 1024, (16 if wide else 8)
-    block = min(block, triton.next_power_of_2(vocab))
+    block = min(block, next_pow2(vocab))
     dummy = out
     launch(
         _threshold_kernel, (batch,),
@@ -265,4 +265,4 @@ def softmax(x: torch.Tensor, out: torch.Tensor, temperature: torch.Tensor | None
         return
     launch(_softmax_kernel, (batch,), x, out, x.stride(0), out.stride(0),
            temperature if temperature is not None else out, vocab, HAS_TEMP=temperature is not None,
-           BLOCK=min(block, triton.next_power_of_2(vocab)), num_warps=4)
+           BLOCK=min(block, next_pow2(vocab)), num_warps=4)

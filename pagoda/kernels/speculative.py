@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels._launch import launch
+from pagoda.kernels._launch import launch, next_pow2
 from pagoda.kernels.sampling import _exp1, _philox_chunk, _race_fold, _race_key, _race_winner, _seed_args, launch_config
 
 
@@ -89,5 +89,5 @@ def chain_speculative(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor, 
         _chain_spec_kernel, (b,),
         draft_probs, draft_token_ids, target_probs, out, accepted, emitted, *seed_args[:6], n, vocab,
         draft_probs.stride(0), draft_probs.stride(1), draft_token_ids.stride(0), target_probs.stride(0),
-        target_probs.stride(1), out.stride(0), SEED_PTR=seed_args[6], N_PAD=triton.next_power_of_2(max(n, 1)),
+        target_probs.stride(1), out.stride(0), SEED_PTR=seed_args[6], N_PAD=next_pow2(max(n, 1)),
         BLOCK=block, num_warps=warps)
