@@ -1,17 +1,19 @@
 """Probe of the Gluon sm_90 attention kernel against cuDNN SDPA and pagoda's Triton kernel (GPU only).
 
-    PYTHONPATH=$PWD python3 benchmarks/hopper_probe.py [--quick] [--configs a,b] [--tune] > $OUT/hopper.txt
+    PYTHONPATH=$PWD python3 benchmarks/hopper_probe.py [--quick] [--configs a,b] [--head-dims 64] [--tune] \
+        > $OUT/hopper.txt
 
 1. Smoke stage: each Gluon config (`attention_hopper.CONFIGS`, `WS_CONFIGS`) runs in its own subprocess
-   (all at once) on small shapes (d 64/128, causal or not, ragged lengths, GQA) against a float32 reference, and prints
+   (all at once) on small shapes (d 64/128, or only 64 for the 3-consumer ws3 configs: `config_head_dims`;
+   causal or not, ragged lengths, GQA) against a float32 reference, and prints
    the compiled kernel's registers / spills / shared memory. A config that crashes (illegal address kills
    the CUDA context) or is wrong is dropped from the timing stage; the compiles land in triton's cache.
 2. Timing stage, bf16, hidden 2048 (heads = 2048 / d): (d 64, 128) x (causal, not) x ((32, 512), (4, 4096),
    (1, 16384)). Per case: cuDNN SDPA on [b, h, s, d], pagoda's Triton kernel (default launch config;
    --tune autotunes, slower), every surviving Gluon config. Each output is checked against cuDNN's (max
    abs error) before `do_bench` (median, L2 flushed). Prints TFLOP/s (4 b s^2 h d, halved when causal)
-   and the ratio to cuDNN. --quick: the default Gluon configs plus one persistent, one warp-specialised
-   and one ping-pong config, s >= 4096 only.
+   and the ratio to cuDNN. --quick: the default Gluon configs plus one persistent, one warp-specialised,
+   one ping-pong and the 3-consumer (ws3, d=64) configs, s >= 4096 only. --head-dims 64 times d=64 only.
 Guards: a smoke subprocess is killed after 100 s (hang); a watchdog ends the probe after 150 s without
 progress; timings past --budget seconds (default 225) are skipped, so the run stays under ~4 minutes.
 """
@@ -43,7 +45,7 @@ from pagoda.kernels import attention_hopper as H
 from pagoda.reference.attention import flash_attn_func as ref
 name = sys.argv[1]
 torch.manual_seed(0)
-for d in (64, 128):
+for d in H.config_head_dims(name):
     for causal in (False, True):
         info = ""
         worst = 0.0
@@ -104,6 +106,7 @@ def main():
     ap.add_argument("--tune", action="store_true", help="autotune pagoda's Triton kernel (slow)")
     ap.add_argument("--no-smoke", action="store_true", help="time every config without the subprocess check")
     ap.add_argument("--budget", type=float, default=225.0, help="seconds; later timings are skipped past it")
+    ap.add_argument("--head-dims", default="128,64", help="head dims of the timing stage, in this order")
     args = ap.parse_args()
     os.environ["PAGODA_HOPPER_ATTN"] = "0"
     os.environ.setdefault("PAGODA_AUTOTUNE", "1" if args.tune else "0")
@@ -126,11 +129,13 @@ def main():
     if args.configs:
         names = args.configs.split(",")
     elif args.quick:
-        names = sorted(set(H.DEFAULT_CONFIG.values()) | {"m128n128s2w8", "ws-m128n128s3", "wspp-m128n128s3"})
+        names = sorted(set(H.DEFAULT_CONFIG.values()) | {"m128n128s2w8", "ws-m128n128s3", "wspp-m128n128s3",
+                                                          "ws3-m192n128s2", "ws3pp-m192n128s2",
+                                                          "ws3pp-m192n128s3"})
     else:
         names = list(H.CONFIGS) + list(H.WS_CONFIGS)
     if args.no_smoke:
-        good = {n: {(d, c) for d in (64, 128) for c in (False, True)} for n in names}
+        good = {n: {(d, c) for d in H.config_head_dims(n) for c in (False, True)} for n in names}
     else:
         good = smoke(names, root)
     print(f"smoke stage done at {time.time() - t_start:.0f} s", flush=True)
@@ -138,7 +143,7 @@ def main():
 
     shapes = ((4, 4096), (1, 16384)) if args.quick else ((32, 512), (4, 4096), (1, 16384))
     summary = []
-    for d in (128, 64):
+    for d in (int(x) for x in args.head_dims.split(",")):
         for causal in (False, True):
             for b, s in shapes:
                 h = 2048 // d

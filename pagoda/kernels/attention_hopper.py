@@ -23,7 +23,7 @@ Work items are numbered query-tile major, heaviest (most keys under a causal mas
 grid runs one item per program; the ``p-*`` configs launch one program per SM that strides over the
 items (persistent), carrying the ring's slot / mbarrier-phase counters from item to item. The ``ws-*``
 configs use the warp-specialised kernel of `attention_hopper_ws` (TMA producer warp + 2 consumer
-warpgroups).
+warpgroups; the opt-in ``ws3-*`` configs, head_dim 64 only: 3 consumer warpgroups, BLOCK_M = 192).
 
 So the exponentials of tile j overlap the P.V GEMM of tile j-1 (FA3's intra-warpgroup overlap), and
 the loads run STAGES-1 tiles ahead. Scores stay in base 2: max over raw products, then
@@ -270,14 +270,23 @@ CONFIGS = {
     "p-m128n128s2w8": (128, 128, 2, 8),
     "p-m128n128s3w8": (128, 128, 3, 8),
 }
-# Warp-specialised variant (attention_hopper_ws): (BLOCK_M, BLOCK_N, STAGES, consumer registers, ping-pong).
+# Warp-specialised variant (attention_hopper_ws): (BLOCK_M, BLOCK_N, STAGES, consumer registers, ping-pong,
+# consumer warpgroups); BLOCK_M = 64 x consumer warpgroups.
+# "ws3" (FA3's head_dim-64 layout, BLOCK_N 128 as Gluon shapes are powers of two): 3 consumer warpgroups of
+# ~160 registers + the loader fit 64K registers, so head_dim 64 only (WS3_HEAD_DIMS): at d=128 a thread
+# holds S (64 regs), O (64) and P (32) before any softmax temporaries (ptxas 12.8: 832 bytes of spills per
+# thread); at d=64 S 64 + O 32 + P 32 fit without spills. Opt-in (not in DEFAULT_CONFIG) until measured.
 WS_CONFIGS = {
-    "ws-m128n128s2": (128, 128, 2, 240, False),
-    "ws-m128n128s3": (128, 128, 3, 240, False),
-    "ws-m128n64s3": (128, 64, 3, 240, False),
-    "wspp-m128n128s2": (128, 128, 2, 240, True),
-    "wspp-m128n128s3": (128, 128, 3, 240, True),
+    "ws-m128n128s2": (128, 128, 2, 240, False, 2),
+    "ws-m128n128s3": (128, 128, 3, 240, False, 2),
+    "ws-m128n64s3": (128, 64, 3, 240, False, 2),
+    "wspp-m128n128s2": (128, 128, 2, 240, True, 2),
+    "wspp-m128n128s3": (128, 128, 3, 240, True, 2),
+    "ws3-m192n128s2": (192, 128, 2, 160, False, 3),
+    "ws3pp-m192n128s2": (192, 128, 2, 160, True, 3),
+    "ws3pp-m192n128s3": (192, 128, 3, 160, True, 3),
 }
+WS3_HEAD_DIMS = (64,)
 # Per (head_dim, causal): the warp-specialised kernel won every s >= 4096 case of the probe on an H200
 # (2026-11-30, benchmarks/results/2026-11-30-h200-hopper); ping-pong helps the longer non-causal loops.
 DEFAULT_CONFIG = {(64, False): "wspp-m128n128s2", (64, True): "ws-m128n128s2",
@@ -293,9 +302,30 @@ def prefer_hopper(head_dim: int, seqlen_k: int) -> bool:
     return seqlen_k >= MIN_SEQLEN_K.get(head_dim, 1 << 62)
 
 
-# Kernel-wide register cap of the warp-specialised launch: 12 warps (3 warpgroups) must fit 64K registers
-# before setmaxnreg moves the loader's share to the consumers.
-_WS_MAXNREG = 168
+# Kernel-wide register cap of the warp-specialised launch, per consumer-warpgroup count: all warps (the
+# consumers' plus one warpgroup for the loader warp and its padding) must fit 64K registers before
+# setmaxnreg moves the loader's share to the consumers: 12 warps x 32 x 168, 16 warps x 32 x 128 <= 65536.
+_WS_MAXNREG = {2: 168, 3: 128}
+
+
+def config_head_dims(config: str) -> tuple:
+    """Head dims a named config (CONFIGS / WS_CONFIGS) compiles for: the 3-consumer ``ws3`` ones only 64."""
+    if config in WS_CONFIGS and WS_CONFIGS[config][5] == 3:
+        return WS3_HEAD_DIMS
+    return HEAD_DIMS
+
+
+def _ws_params(config: str, head_dim: int):
+    """(BLOCK_M, BLOCK_N, STAGES, consumer regs, ping-pong, consumers, maxnreg) of a WS_CONFIGS entry;
+    ValueError for a head dim it does not fit (the ws3 configs at d=128: register budget)."""
+    bm, bn, stages, regs, pingpong, nc = WS_CONFIGS[config]
+    if head_dim not in config_head_dims(config):
+        raise ValueError(f"attention config {config!r} ({nc} consumer warpgroups of {regs} registers) supports "
+                         f"head_dim {config_head_dims(config)}, not {head_dim}: at d=128 S, O and P alone take "
+                         f"160 registers per thread")
+    assert bm == 64 * nc, config
+    return bm, bn, stages, regs, pingpong, nc, _WS_MAXNREG[nc]
+
 
 _GL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"} if _GLUON_OK else {}
 
@@ -363,7 +393,8 @@ def attention_fwd_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     """Launch the Gluon sm_90 kernel (callers check `hopper_supported` first).
 
     q ``[b, sq, hq, d]``, k/v ``[b, sk, hk, d]``, out like q (written), lse ``[b, hq, sq]`` float32
-    natural-log (written when given; any strides). ``config`` names an entry of CONFIGS.
+    natural-log (written when given; any strides). ``config`` names an entry of CONFIGS or WS_CONFIGS
+    (ValueError for a ws3 config at a head dim other than 64).
     Returns the launched CompiledKernel (``n_regs``, ``n_spills``, ``metadata.shared``).
     """
     b, sq, hq, d = q.shape
@@ -372,12 +403,13 @@ def attention_fwd_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     ls = (lse.stride(0), lse.stride(1), lse.stride(2)) if lse is not None else (0, 0, 0)
     if config in WS_CONFIGS:
         from pagoda.kernels.attention_hopper_ws import _attn_fwd_hopper_ws_kernel
-        bm, bn, stages, regs, pingpong = WS_CONFIGS[config]
+        bm, bn, stages, regs, pingpong, nc, maxnreg = _ws_params(config, d)
+        # One 64-row Q/O box per consumer warpgroup; 4 warps = consumer 0 (the others are partitions).
         return _attn_fwd_hopper_ws_kernel[((sq + bm - 1) // bm, hq, b)](
-            _desc(q, bm // 2), _desc(k, bn), _desc(v, bn), _desc(out, bm // 2), lse if lse is not None else out,
+            _desc(q, 64), _desc(k, bn), _desc(v, bn), _desc(out, 64), lse if lse is not None else out,
             *ls, sq, sk, hq // hk, softmax_scale * LOG2E,
             HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=bool(causal), WRITE_LSE=lse is not None,
-            CONSUMER_REGS=regs, PINGPONG=pingpong, num_warps=4, maxnreg=_WS_MAXNREG)
+            CONSUMER_REGS=regs, PINGPONG=pingpong, NUM_CONSUMERS=nc, num_warps=4, maxnreg=maxnreg)
     bm, bn, stages, warps = CONFIGS[config]
     items = (sq + bm - 1) // bm * hq * b
     grid = (min(items, _num_sms(q.device.index)) if config.startswith("p-") else items,)
@@ -391,7 +423,8 @@ def attention_fwd_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
 def compile_sm90(head_dim: int, dtype: str = "bf16", causal: bool = True, config: str | None = None,
                  write_lse: bool = True):
     """Compile the kernel ahead of time for sm_90 (works on a CPU-only machine). Returns the CompiledKernel
-    (``.metadata.shared``, ``.n_regs``/``.n_spills`` are filled only after loading on a GPU)."""
+    (``.metadata.shared``, ``.n_regs``/``.n_spills`` are filled only after loading on a GPU). Launch options
+    as `attention_fwd_hopper` (ws configs: 4 warps + partitions, maxnreg per consumer count)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -401,8 +434,8 @@ def compile_sm90(head_dim: int, dtype: str = "bf16", causal: bool = True, config
     ws = config in WS_CONFIGS
     if ws:
         from pagoda.kernels.attention_hopper_ws import _attn_fwd_hopper_ws_kernel as fn
-        bm, bn, stages, regs, pingpong = WS_CONFIGS[config]
-        q_rows, warps, options = bm // 2, 4, {"num_warps": 4, "maxnreg": _WS_MAXNREG}
+        bm, bn, stages, regs, pingpong, nc, maxnreg = _ws_params(config, head_dim)
+        q_rows, warps, options = 64, 4, {"num_warps": 4, "maxnreg": maxnreg}
     else:
         fn = _attn_fwd_hopper_kernel
         bm, bn, stages, warps = CONFIGS[config]
@@ -423,6 +456,7 @@ def compile_sm90(head_dim: int, dtype: str = "bf16", causal: bool = True, config
     if ws:
         consts["CONSUMER_REGS"] = regs
         consts["PINGPONG"] = pingpong
+        consts["NUM_CONSUMERS"] = nc
     else:
         consts["PERSISTENT"] = config.startswith("p-")
     for name in consts:

@@ -1,17 +1,27 @@
 """Warp-specialised variant of the Gluon sm_90 attention forward (see `attention_hopper` for the maths).
 
-One CTA = one BLOCK_M = 128 tile of queries of one (batch, head), split over three partitions:
+One CTA = one BLOCK_M = 64 * NUM_CONSUMERS tile of queries of one (batch, head) (NUM_CONSUMERS = 2:
+128 rows, the ``ws-*`` / ``wspp-*`` configs; 3: 192 rows, ``ws3-*`` / ``ws3pp-*``, head_dim 64 only),
+split over 1 + NUM_CONSUMERS partitions:
 
-    loader     (1 warp)   TMA: Q (two 64-row boxes), then K_i, V_i into a ring of STAGES slots;
-                          waits on the slot's "empty" mbarrier, arms its "ready" mbarrier (expect-tx)
-    consumer 0 (4 warps)  rows 0-63:   S_j = Q K_j^T, O += P_{j-1} V_{j-1} (async wgmma), softmax(S_j)
-    consumer 1 (4 warps)  rows 64-127  while P_{j-1} V_{j-1} runs; releases K_j / V_{j-1} to the loader
+    loader       (1 warp)   TMA: Q (NUM_CONSUMERS boxes ``[1, 64, d]``), then K_i, V_i ``[1, BLOCK_N, d]``
+                            into a ring of STAGES slots; waits on the slot's "empty" mbarrier (released by
+                            every consumer: count NUM_CONSUMERS), arms its "ready" mbarrier (expect-tx)
+    consumer w   (4 warps)  rows 64w .. 64w+63 of the tile: S_j = Q_w K_j^T, O_w += P_{j-1} V_{j-1}
+                            (async wgmma), softmax(S_j) while P_{j-1} V_{j-1} runs; releases K_j / V_{j-1}
+                            to the loader; O_w -> Q_w's smem box -> TMA store, LSE -> plain store
 
-The two consumer warpgroups are independent partitions (no CTA-wide barrier in the loop), so the warp
-scheduler can run one warpgroup's GEMMs while the other does its softmax. With PINGPONG (``wspp-*``
-configs) that order is enforced, as FA3 does with named barriers: the warpgroups take turns to issue
-their GEMMs through two "turn" mbarriers. Registers are moved from the loader to the
-consumers with the partitions' register budgets (setmaxnreg).
+Consumer 0 is the default partition (the kernel's 4 warps); the others are worker partitions. The
+consumer warpgroups are independent (no CTA-wide barrier in the loop), so the warp scheduler can run
+one warpgroup's GEMMs while another does its softmax. With PINGPONG (``*pp-*`` configs) that order is
+enforced, as FA3 does with named barriers: the warpgroups take turns to issue their GEMMs through a
+ring of NUM_CONSUMERS "turn" mbarriers (warpgroup w waits on turn w, issues, arrives on turn
+(w + 1) % NUM_CONSUMERS).
+
+Registers (setmaxnreg): the launch caps every thread at ``maxnreg`` (all 4 * (NUM_CONSUMERS + 1) warps
+must fit the SM's 64K registers: 168 for 12 warps, 128 for 16), then the partitions' budgets move the
+loader's share to the consumers: worker consumers CONSUMER_REGS, loader 24, and Triton gives consumer 0
+what is left (2 consumers: 240 / 240 / 24; 3 consumers: 168 / 160 / 160 / 24 = 64K exactly).
 """
 from __future__ import annotations
 
@@ -30,9 +40,9 @@ if _GLUON_OK:
                    v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh,
                    stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr,
-                   PINGPONG: gl.constexpr):
+                   PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
         WG_M: gl.constexpr = q_desc.block_type.shape[1]
-        for w in gl.static_range(2):
+        for w in gl.static_range(NUM_CONSUMERS):
             mbarrier.expect(q_bars.index(w), q_desc.block_type.nbytes)
             tma.async_load(q_desc, [batch, m0 + w * WG_M, head * HEAD_DIM], q_bars.index(w),
                                             q_smem.index(w))
@@ -51,15 +61,17 @@ if _GLUON_OK:
 
     @gluon.jit
     def _ws_consume(q_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
-                    my_turn, other_turn, batch, head, m0, n_tiles, mask_from, stride_lb, stride_lh, stride_lt,
+                    my_turn, next_turn, batch, head, m0, n_tiles, mask_from, stride_lb, stride_lh, stride_lt,
                     seqlen_q, seqlen_k, qk_scale,
                     HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                     WRITE_LSE: gl.constexpr, PINGPONG: gl.constexpr):
         """One consumer warpgroup: the pipeline of `attention_hopper` on 64 query rows starting at m0.
 
-        PINGPONG: the two warpgroups take turns to issue their GEMMs (issue point t = 0..n_tiles: S_0, then
-        S_j with P_{j-1} V_{j-1}, then the last P V). A warpgroup waits for completion t of its own turn
-        barrier, issues, and arrives on the other's, so one's GEMMs run while the other does its softmax.
+        q_smem: this warpgroup's ``[1, 64, HEAD_DIM]`` Q box (O is staged there for the store); k_bufs /
+        v_bufs: the ``[STAGES, 1, BLOCK_N, HEAD_DIM]`` rings. PINGPONG: the warpgroups take turns to issue
+        their GEMMs (issue point t = 0..n_tiles: S_0, then S_j with P_{j-1} V_{j-1}, then the last P V).
+        A warpgroup waits for completion t of its own turn barrier, issues, and arrives on the next
+        warpgroup's (``next_turn``), so one's GEMMs run while the others do their softmax.
         """
         dtype: gl.constexpr = q_desc.dtype
         WG_M: gl.constexpr = q_desc.block_type.shape[1]
@@ -88,7 +100,7 @@ if _GLUON_OK:
             mbarrier.wait(my_turn, 0)
         s_tok = warpgroup_mma(q_op, k_op, s_zero, use_acc=False, is_async=True)
         if PINGPONG:
-            mbarrier.arrive(other_turn, count=1)
+            mbarrier.arrive(next_turn, count=1)
         s = warpgroup_mma_wait(0, deps=(s_tok,))
         gl.thread_barrier()
         mbarrier.arrive(k_empty.index(0), count=1)
@@ -108,7 +120,7 @@ if _GLUON_OK:
             s_tok = warpgroup_mma(q_op, k_op, s_zero, use_acc=False, is_async=True)
             o_tok = warpgroup_mma(p_op, v_op, acc, is_async=True)
             if PINGPONG:
-                mbarrier.arrive(other_turn, count=1)
+                mbarrier.arrive(next_turn, count=1)
             s = warpgroup_mma_wait(1, deps=(s_tok,))
             gl.thread_barrier()
             mbarrier.arrive(k_empty.index(slot), count=1)
@@ -127,7 +139,7 @@ if _GLUON_OK:
             mbarrier.wait(my_turn, n_tiles & 1)
         o_tok = warpgroup_mma(p_op, v_op, acc, is_async=True)
         if PINGPONG:
-            mbarrier.arrive(other_turn, count=1)
+            mbarrier.arrive(next_turn, count=1)
         acc = warpgroup_mma_wait(0, deps=(o_tok,))
 
         l_o = gl.convert_layout(l_i, row_o)
@@ -147,29 +159,51 @@ if _GLUON_OK:
         tma.store_wait(pendings=0)
 
     @gluon.jit
+    def _ws_consumer_wg(q_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready, v_empty,
+                        turns, batch, head, m0, n_tiles, mask_from, stride_lb, stride_lh, stride_lt, seqlen_q,
+                        seqlen_k, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                        CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr, PINGPONG: gl.constexpr,
+                        NUM_CONSUMERS: gl.constexpr, WG: gl.constexpr):
+        """Consumer warpgroup WG of NUM_CONSUMERS: rows m0 + 64 WG .. +63, Q box WG, turn WG -> WG + 1."""
+        WG_M: gl.constexpr = q_desc.block_type.shape[1]
+        _ws_consume(q_desc, o_desc, LSE, q_smem.index(WG), k_bufs, v_bufs, q_bars.index(WG), k_ready, k_empty,
+                    v_ready, v_empty, turns.index(WG), turns.index((WG + 1) % NUM_CONSUMERS), batch, head,
+                    m0 + WG * WG_M, n_tiles, mask_from, stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k,
+                    qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, PINGPONG)
+
+    # One partition function per consumer warpgroup (a partition is a function; WG must be a constexpr).
+    @gluon.jit
     def _ws_consumer0(q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
                       v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh,
                       stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                       STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr,
-                      PINGPONG: gl.constexpr):
-        _ws_consume(q_desc, o_desc, LSE, q_smem.index(0), k_bufs, v_bufs, q_bars.index(0), k_ready, k_empty,
-                    v_ready, v_empty, turns.index(0), turns.index(1), batch, head, m0, n_tiles, mask_from,
-                    stride_lb, stride_lh, stride_lt,
-                    seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE,
-                    PINGPONG)
+                      PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
+        _ws_consumer_wg(q_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready, v_empty,
+                        turns, batch, head, m0, n_tiles, mask_from, stride_lb, stride_lh, stride_lt, seqlen_q,
+                        seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, PINGPONG,
+                        NUM_CONSUMERS, 0)
 
     @gluon.jit
     def _ws_consumer1(q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
                       v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh,
                       stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                       STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr,
-                      PINGPONG: gl.constexpr):
-        WG_M: gl.constexpr = q_desc.block_type.shape[1]
-        _ws_consume(q_desc, o_desc, LSE, q_smem.index(1), k_bufs, v_bufs, q_bars.index(1), k_ready, k_empty,
-                    v_ready, v_empty, turns.index(1), turns.index(0), batch, head, m0 + WG_M, n_tiles, mask_from,
-                    stride_lb, stride_lh,
-                    stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE,
-                    PINGPONG)
+                      PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
+        _ws_consumer_wg(q_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready, v_empty,
+                        turns, batch, head, m0, n_tiles, mask_from, stride_lb, stride_lh, stride_lt, seqlen_q,
+                        seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, PINGPONG,
+                        NUM_CONSUMERS, 1)
+
+    @gluon.jit
+    def _ws_consumer2(q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
+                      v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh,
+                      stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                      STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr,
+                      PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
+        _ws_consumer_wg(q_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready, v_empty,
+                        turns, batch, head, m0, n_tiles, mask_from, stride_lb, stride_lh, stride_lt, seqlen_q,
+                        seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, PINGPONG,
+                        NUM_CONSUMERS, 2)
 
     @gluon.jit(do_not_specialize=["stride_lb", "stride_lh", "stride_lt", "seqlen_q", "seqlen_k", "group_size"])
     def _attn_fwd_hopper_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE,
@@ -177,9 +211,13 @@ if _GLUON_OK:
                                    seqlen_q, seqlen_k, group_size, qk_scale,
                                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr,
-                                   CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr):
+                                   CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr,
+                                   NUM_CONSUMERS: gl.constexpr, num_warps: gl.constexpr):
+        """Grid ``(cdiv(sq, BLOCK_M), hq, b)``; descriptors over ``[b, s, h*d]`` with boxes q/o
+        ``[1, 64, d]``, k/v ``[1, BLOCK_N, d]``; LSE ``[b, hq, sq]`` (strides given) when WRITE_LSE."""
         gl.static_assert(num_warps == 4, "the default partition is consumer 0 (one warpgroup)")
-        gl.static_assert(BLOCK_M == 2 * q_desc.block_type.shape[1], "q/o boxes hold half the tile")
+        gl.static_assert(NUM_CONSUMERS == 2 or NUM_CONSUMERS == 3, "2 or 3 consumer warpgroups")
+        gl.static_assert(BLOCK_M == NUM_CONSUMERS * q_desc.block_type.shape[1], "one q/o box per consumer")
         dtype: gl.constexpr = q_desc.dtype
         start_m = gl.num_programs(0) - 1 - gl.program_id(0)
         head = gl.program_id(1)
@@ -187,6 +225,8 @@ if _GLUON_OK:
         m0 = start_m * BLOCK_M
         kv_col = (head // group_size) * HEAD_DIM
         shift = seqlen_k - seqlen_q
+        # Key range of the whole tile (every consumer runs the same n_tiles; a warpgroup whose rows see
+        # fewer keys gets fully masked rows in the last tiles, which leave its softmax state unchanged).
         hi = seqlen_k
         mask_from = seqlen_k
         if CAUSAL:
@@ -194,40 +234,62 @@ if _GLUON_OK:
             mask_from = gl.minimum(mask_from, m0 + shift + 1)
         n_tiles = gl.maximum(gl.cdiv(hi, BLOCK_N), 1)
 
-        q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
         k_bufs = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
         v_bufs = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
-        q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_bars = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for w in gl.static_range(2):
+        turns = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
+        for w in gl.static_range(NUM_CONSUMERS):
             mbarrier.init(q_bars.index(w), count=1)
             mbarrier.init(turns.index(w), count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
-            # Both consumer warpgroups release every slot.
-            mbarrier.init(k_empty.index(i), count=2)
-            mbarrier.init(v_empty.index(i), count=2)
+            # Every consumer warpgroup releases every slot.
+            mbarrier.init(k_empty.index(i), count=NUM_CONSUMERS)
+            mbarrier.init(v_empty.index(i), count=NUM_CONSUMERS)
         fence_async_shared()
         if PINGPONG:
             mbarrier.arrive(turns.index(0), count=1)  # consumer 0 issues first
 
-        # (The argument tuples are written out: a tuple bound to a name turns its constexprs into tensors.)
-        gl.warp_specialize([
-            (_ws_consumer0, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
-                             v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh,
-                             stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE,
-                             PINGPONG)),
-            (_ws_consumer1, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
-                             v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh,
-                             stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE,
-                             PINGPONG)),
-            (_ws_loader, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
-                          v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh,
-                          stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE,
-                             PINGPONG)),
-        ], [4, 1], [CONSUMER_REGS, 24])
+        # Partitions: consumer 0 (default, 4 warps), consumers 1.. (4 warps, CONSUMER_REGS each), loader
+        # (1 warp, 24 registers). (The argument tuples are written out: a tuple bound to a name turns its
+        # constexprs into tensors.)
+        if NUM_CONSUMERS == 2:
+            gl.warp_specialize([
+                (_ws_consumer0, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready,
+                                 k_empty, v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from,
+                                 stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N,
+                                 STAGES, CAUSAL, WRITE_LSE, PINGPONG, NUM_CONSUMERS)),
+                (_ws_consumer1, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready,
+                                 k_empty, v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from,
+                                 stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N,
+                                 STAGES, CAUSAL, WRITE_LSE, PINGPONG, NUM_CONSUMERS)),
+                (_ws_loader, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
+                              v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb,
+                              stride_lh, stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL,
+                              WRITE_LSE, PINGPONG, NUM_CONSUMERS)),
+            ], [4, 1], [CONSUMER_REGS, 24])
+        else:
+            gl.warp_specialize([
+                (_ws_consumer0, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready,
+                                 k_empty, v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from,
+                                 stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N,
+                                 STAGES, CAUSAL, WRITE_LSE, PINGPONG, NUM_CONSUMERS)),
+                (_ws_consumer1, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready,
+                                 k_empty, v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from,
+                                 stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N,
+                                 STAGES, CAUSAL, WRITE_LSE, PINGPONG, NUM_CONSUMERS)),
+                (_ws_consumer2, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready,
+                                 k_empty, v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from,
+                                 stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N,
+                                 STAGES, CAUSAL, WRITE_LSE, PINGPONG, NUM_CONSUMERS)),
+                (_ws_loader, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
+                              v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb,
+                              stride_lh, stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL,
+                              WRITE_LSE, PINGPONG, NUM_CONSUMERS)),
+            ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])

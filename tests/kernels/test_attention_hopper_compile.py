@@ -1,7 +1,9 @@
 """Compile the Gluon Hopper attention kernel for sm_90 ahead of time, on the CPU (no GPU needed).
 
-Checks every shipped configuration (head_dim 64/128, causal or not, fp16/bf16) lowers through
-Triton's Gluon pipeline and the bundled ptxas, and that its shared memory fits an H100/H200 SM.
+Checks every shipped configuration (head_dim 64/128 where the config supports it, causal or not, fp16/bf16)
+lowers through Triton's Gluon pipeline and the bundled ptxas, that its shared memory fits an H100/H200 SM,
+and for the warp-specialised configs (2 or 3 consumer warpgroups) the register plan: kernel-wide maxnreg and
+the per-partition setmaxnreg budgets in the PTX (and USETMAXREG in the SASS).
 """
 import os
 import subprocess
@@ -14,19 +16,43 @@ pytest.importorskip("triton")
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _AOT = r'''
-import itertools, sys
+import itertools, re, sys
 from pagoda.kernels import attention_hopper as H
 if not H._GLUON_OK:
     print("NO_GLUON"); sys.exit(0)
+from triton.tools.disasm import get_sass
 cases = [(d, dt, c, None) for d, dt, c in itertools.product((64, 128), ("bf16", "fp16"), (True, False))]
-cases += [(d, "bf16", True, name) for d in (64, 128) for name in list(H.CONFIGS) + list(H.WS_CONFIGS)]
+cases += [(d, "bf16", True, name) for name in list(H.CONFIGS) + list(H.WS_CONFIGS) for d in H.config_head_dims(name)]
 cases += [(d, "fp16", False, name) for d in (64, 128) for name in ("ws-m128n128s2", "wspp-m128n128s2")]
+ws3 = [name for name, c in H.WS_CONFIGS.items() if c[5] == 3]
+assert ws3 and not set(ws3) & set(H.DEFAULT_CONFIG.values()), "the ws3 configs are opt-in"
+cases += [(64, dt, c, name) for name in ws3 for dt, c in itertools.product(("bf16", "fp16"), (True, False))
+          if (dt, c) != ("bf16", True)]
+sass_done = set()
 for d, dt, causal, cfg in cases:
+    name = cfg or H.DEFAULT_CONFIG[d, causal]
     k = H.compile_sm90(d, dt, causal, cfg)
-    smem = k.metadata.shared
-    print(f"d={d} {dt} causal={causal} cfg={cfg or H.DEFAULT_CONFIG[d, causal]} smem={smem} warps={k.metadata.num_warps}")
+    smem, ptx = k.metadata.shared, k.asm["ptx"]
+    regs = sorted(set(re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+);", ptx)), key=lambda r: int(r[1]))
+    print(f"d={d} {dt} causal={causal} cfg={name} smem={smem} warps={k.metadata.num_warps} "
+          f"maxnreg={k.metadata.maxnreg} setmaxnreg={[' '.join(r) for r in regs]}")
     assert smem <= 227 * 1024, smem
-    assert "wgmma.mma_async" in k.asm["ptx"] and "cp.async.bulk.tensor" in k.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx
+    if name in H.WS_CONFIGS:
+        bm, bn, stages, cregs, pingpong, nc, maxnreg = H._ws_params(name, d)
+        # 4 warps per consumer warpgroup + the loader warp padded to a warpgroup, all under the kernel-wide cap.
+        assert k.metadata.num_warps == 4 * (nc + 1) and k.metadata.maxnreg == maxnreg, k.metadata
+        assert f".maxnreg {maxnreg}" in ptx and 4 * (nc + 1) * 32 * maxnreg <= 65536
+        # setmaxnreg budgets: worker consumers raise to CONSUMER_REGS, the loader drops to 24, consumer 0 (the
+        # default partition) gets what is left (Triton's AllocateWarpGroups), and the sum fits 64K registers.
+        default = (maxnreg + (nc - 1) * (maxnreg - cregs) + (maxnreg - 24)) // 8 * 8
+        assert ("inc", str(cregs)) in regs and ("dec", "24") in regs, regs
+        assert any(r[1] == str(default) for r in regs), (default, regs)
+        assert 128 * (default + (nc - 1) * cregs + 24) <= 65536
+        if name not in sass_done:  # the SASS keeps them (USETMAXREG), once per config
+            sass = get_sass(k.asm["cubin"])
+            assert "USETMAXREG" in sass and "HGMMA" in sass and "UTMALDG" in sass
+            sass_done.add(name)
 print("COMPILED")
 '''
 
@@ -57,3 +83,18 @@ def test_default_dispatch_policy():
     assert not H.prefer_hopper(64, 1024) and H.prefer_hopper(64, 2048)
     assert H.prefer_hopper(128, 1)
     assert not H.prefer_hopper(96, 1 << 20)
+
+
+def test_ws3_configs_are_head_dim_64_only():
+    """3 consumer warpgroups of 160 registers cannot hold a d=128 tile: a clear error, not a spilling kernel."""
+    from pagoda.kernels import attention_hopper as H
+    ws3 = [n for n, c in H.WS_CONFIGS.items() if c[5] == 3]
+    assert ws3 and all(H.config_head_dims(n) == (64,) for n in ws3)
+    assert all(H.config_head_dims(n) == (64, 128) for n in H.WS_CONFIGS if n not in ws3)
+    for name in ws3:
+        assert H.WS_CONFIGS[name][0] == 192
+        with pytest.raises(ValueError, match="head_dim"):
+            H._ws_params(name, 128)
+        if H._GLUON_OK:
+            with pytest.raises(ValueError, match="head_dim"):
+                H.compile_sm90(128, "bf16", True, name)
