@@ -90,6 +90,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         self._counters = None
         self._graph_splits = None
         self._alibi = None
+        self._bound = {}      # recorded launches of `run`, per argument layout (emptied by every plan)
         self._planned = False
 
     @property
@@ -211,6 +212,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         self._q_dtype, self._kv_dtype = q_dtype, kv_dtype
         self._opts = (mode, scale, window_left, soft_cap, rope_scale, rope_theta)
         self._host_meta = (indptr.cpu(), indices.cpu(), last_page_len.cpu()) if self.device.type != "cuda" else None
+        self._bound = {}      # the launches' scalars, grid and buffers may all have changed
         self._planned = True
 
     begin_forward = plan
@@ -272,15 +274,34 @@ class BatchDecodeWithPagedKVCacheWrapper:
             q = q if q.stride(-1) == 1 else q.contiguous()
             out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
             lse = torch.empty(b, hq, dtype=torch.float32, device=q.device) if lse is None else lse
-            _launch(q, k_cache, v_cache, self._kv_layout, self._indptr, self._indices, self._last, page_size, hk,
-                    out, lse, self._chunk_buf, self._splits, self._o_part, self._lse_part,
-                    _kernel_opts(self._alibi, mode, scale, planned_window, soft_cap, rope_scale, rope_theta),
-                    self._counters)
+            self._launch_bound(q, k_cache, v_cache, out, lse, scale)
         if v_scale is not None:
             out.mul_(v_scale)
         return (out, lse) if return_lse else out
 
     forward = run
+
+    def _launch_bound(self, q, k_cache, v_cache, out, lse, scale) -> None:
+        """Launch the planned kernels; a repeat with the same strides, 16-byte alignments and scale replays
+        the recorded launches with only q, the caches and out/lse swapped (no argument rebuild)."""
+        from pagoda.kernels import _launch as _fast
+        from pagoda.kernels import decode as _kdecode
+
+        key = (q.shape[0], q.stride(0), q.stride(1), k_cache.stride(), v_cache.stride(), out.stride(), lse.stride(),
+               q.data_ptr() & 15, k_cache.data_ptr() & 15, v_cache.data_ptr() & 15, out.data_ptr() & 15,
+               lse.data_ptr() & 15, scale)
+        mode, _, planned_window, soft_cap, rope_scale, rope_theta = self._opts
+        hk, page_size = self._shape[1], self._shape[3]
+
+        def launch_fn():
+            _launch(q, k_cache, v_cache, self._kv_layout, self._indptr, self._indices, self._last, page_size, hk,
+                    out, lse, self._chunk_buf, self._splits, self._o_part, self._lse_part,
+                    _kernel_opts(self._alibi, mode, scale, planned_window, soft_cap, rope_scale, rope_theta),
+                    self._counters)
+
+        fused = _kdecode.merge_is_fused(self._splits, self._counters is not None)
+        _fast.replay_or_record(self._bound, key, (q, k_cache, v_cache, out, lse), launch_fn,
+                               1 + (self._splits > 0 and not fused))
 
     def run_return_lse(self, q, paged_kv_cache, *args, **kwargs):
         """`run` with ``return_lse=True``."""

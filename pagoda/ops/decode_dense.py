@@ -64,27 +64,16 @@ def decode_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
     # 16-byte alignment of each tensor is part of Triton's specialisation).
     key = (q.device, q.dtype, b, s, hk, hq, d, q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3],
            q.data_ptr() & 15, k.data_ptr() & 15, v.data_ptr() & 15, softmax_scale)
-    hit = _bound.get(key)
-    if hit is not None and _launch.replay(hit[0], hit[1], (q, k, v, out)):
-        return out
-    from pagoda.kernels.decode import decode_fwd
-
-    indptr, indices, last, chunk, splits, o_part, lse_part, lse, counters = _metadata(q.device, b, s, hk, hq, d)
-    with _launch.recording() as launches:
-        decode_fwd(q, k, v, (k.stride(0), k.stride(1), k.stride(2)), (v.stride(0), v.stride(1), v.stride(2)),
-                   indptr, indices, last, s, hk, out, lse, chunk=chunk, num_splits=splits, o_part=o_part,
-                   lse_part=lse_part, sm_scale=float(softmax_scale), counters=counters)
     from pagoda.kernels import decode as _kdecode
 
-    if len(launches) == 1 + (splits > 0 and not _kdecode.merge_is_fused(splits, True)):
-        if len(_bound) >= _MAX_BOUND:
-            _bound.clear()
-        mine = (q, k, v, out)
-        slots = tuple({i: j for i, val in enumerate(values) for j, t in enumerate(mine) if val is t}
-                      for _, _, values in launches)
-        # The caller's tensors are swapped in on every replay: drop them here (HF's dynamic cache makes new
-        # k/v tensors every step; holding them would keep whole layers of old caches alive).
-        kept = tuple((ck, grid, [None if i in sl else val for i, val in enumerate(values)])
-                     for (ck, grid, values), sl in zip(launches, slots))
-        _bound[key] = (kept, slots)
+    indptr, indices, last, chunk, splits, o_part, lse_part, lse, counters = _metadata(q.device, b, s, hk, hq, d)
+
+    def launch_fn():
+        _kdecode.decode_fwd(q, k, v, (k.stride(0), k.stride(1), k.stride(2)), (v.stride(0), v.stride(1), v.stride(2)),
+                            indptr, indices, last, s, hk, out, lse, chunk=chunk, num_splits=splits, o_part=o_part,
+                            lse_part=lse_part, sm_scale=float(softmax_scale), counters=counters)
+
+    # HF's dynamic cache makes new k/v tensors every step: the bound launches do not keep them.
+    _launch.replay_or_record(_bound, key, (q, k, v, out), launch_fn,
+                             1 + (splits > 0 and not _kdecode.merge_is_fused(splits, True)), _MAX_BOUND)
     return out

@@ -226,6 +226,14 @@ def test_cuda_batch_decode_bf16(layout, page_size, hq, hk, d, split):
     assert rel_err(out, want) < 1e-2
     assert_finite_lse_close(lse, want_lse, atol=2e-2)
     assert (out[0] == 0).all() and torch.isneginf(lse[4]).all()
+    # A repeat with new q, cache memory and outputs replays the recorded launches with those swapped in.
+    q2, cache2 = torch.randn_like(q), cache.clone()
+    out2, lse2 = w.run(q2, cache2, return_lse=True)
+    want2, want_lse2 = _dense(q2, keys, vals)
+    assert rel_err(out2, want2) < 1e-2
+    assert_finite_lse_close(lse2, want_lse2, atol=2e-2)
+    if w._splits:
+        assert not w._counters.any()
 
 
 @pytest.mark.gpu
@@ -321,3 +329,69 @@ def test_split_merge_is_fused_only_for_few_splits():
     assert kd.merge_is_fused(3, True) and kd.merge_is_fused(kd.FUSED_MAX_SPLITS, True)
     assert not kd.merge_is_fused(kd.FUSED_MAX_SPLITS + 1, True)      # a serial merge of many splits is slower
     assert not kd.merge_is_fused(3, False) and not kd.merge_is_fused(0, True)
+
+
+def test_repeat_runs_replay_the_recorded_launch_with_the_new_tensors(monkeypatch):
+    """A second `run` with the same layouts, alignments and scale re-launches the recorded kernel with only q,
+    the caches and out/lse swapped; a re-plan or another layout launches through `decode_fwd` again. The
+    recording keeps none of the caller's tensors."""
+    import types
+
+    from pagoda.kernels import _launch
+    from pagoda.kernels import decode as kdecode
+    from pagoda.ops import _decode_plan
+
+    log = []
+
+    class Compiled:
+        packed_metadata, function = "meta", "fn"
+
+        @property
+        def run(self):
+            return lambda *a: log.append(("replay", a[9:]))
+
+    class Kernel:
+        arg_names = ["Q", "K", "V", "O", "L", "chunk", "scale"]
+        params = [types.SimpleNamespace(name=n, has_default=False, default=None) for n in arg_names]
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: log.append(("planned", a)) or Compiled()
+
+    kernel = Kernel()
+
+    fwd_calls = []
+
+    def fake_decode_fwd(q, k, v, ks, vs, indptr, indices, last, page_size, hk, out, lse, **kw):
+        fwd_calls.append(out.stride())
+        _launch.launch(kernel, (q.shape[0], hk), q, k, v, out, lse, kw["chunk"], kw["sm_scale"])
+
+    monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_launch, "_ENABLED", True)
+    monkeypatch.setattr(_launch, "_compiled", {})
+    monkeypatch.setattr(_launch, "_device_stream", (lambda: 0, lambda device: 7))
+    monkeypatch.setattr(_decode_plan, "num_sms", lambda device: 1)
+    monkeypatch.setattr(kdecode, "decode_fwd", fake_decode_fwd)
+    indptr, indices, last, max_pages = random_page_table([5, 9], 4)
+    w = pagoda.BatchDecodeWithPagedKVCacheWrapper(torch.empty(1 << 20, dtype=torch.uint8), "NHD")
+    w.plan(indptr, indices, last, 4, 2, 16, 4, q_data_type=torch.float32, kv_data_type=torch.float32,
+           disable_split_kv=True)
+    c1, c2 = empty_cache(max_pages, 4, 2, 16, "NHD", torch.float32), empty_cache(max_pages, 4, 2, 16, "NHD",
+                                                                               torch.float32)
+    q1, q2 = torch.randn(2, 4, 16), torch.randn(2, 4, 16)
+    w.run(q1, c1)
+    out2, lse2 = w.run(q2, c2, return_lse=True)
+    assert [e[0] for e in log] == ["planned", "replay"] and len(fwd_calls) == 1, "the 2nd run must be a replay"
+    replayed = log[1][1]
+    assert replayed[0] is q2 and replayed[3] is out2 and replayed[4] is lse2
+    assert replayed[1].data_ptr() == c2[:, 0].data_ptr() and replayed[2].data_ptr() == c2[:, 1].data_ptr()
+    assert replayed[5] is log[0][1][5] and replayed[6] == log[0][1][6]     # planned chunk buffer and scale kept
+    kept = next(iter(w._bound.values()))[0][0][2]
+    assert kept[:5] == [None] * 5, "the first run's q/caches/out/lse must not be held between runs"
+    w.run(q2, c2, out=torch.empty(2, 8, 16)[:, ::2])                        # another out layout: launched again
+    w.plan(indptr, indices, last, 4, 2, 16, 4, q_data_type=torch.float32, kv_data_type=torch.float32,
+           disable_split_kv=True)
+    w.run(q1, c1)                                                          # a re-plan forgets the recordings
+    assert len(fwd_calls) == 3 and fwd_calls[1] == (128, 32, 1)
+    w.run(q2, c2)
+    assert len(fwd_calls) == 3 and len(log) == 5

@@ -113,7 +113,10 @@ def test_repeat_calls_replay_the_recorded_launch_with_the_new_tensors(monkeypatc
 
     kernel = Kernel()
 
+    fwd_calls = []
+
     def fake_decode_fwd(q, k, v, ks, vs, indptr, indices, last, s, hk, out, lse, **kw):
+        fwd_calls.append(s)
         _launch.launch(kernel, (q.shape[0], hk), q, k, v, out, lse, s, kw["sm_scale"])
 
     monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
@@ -130,7 +133,7 @@ def test_repeat_calls_replay_the_recorded_launch_with_the_new_tensors(monkeypatc
     k2, v2 = _hf_cache(2, 2, 40, 16, torch.float32, seed=2)
     dd.decode_dense(q1, k1, v1, 0.25)
     out2 = dd.decode_dense(q2, k2, v2, 0.25)
-    assert [e[0] for e in log] == ["planned", "replay"]
+    assert [e[0] for e in log] == ["planned", "replay"] and fwd_calls == [40], "the 2nd call must be a replay"
     replayed = log[1][1]
     assert replayed[0] is q2 and replayed[1] is k2 and replayed[2] is v2 and replayed[3] is out2
     assert replayed[4] is log[0][1][4] and replayed[5] == 40         # LSE scratch and scalars kept
@@ -139,4 +142,4 @@ def test_repeat_calls_replay_the_recorded_launch_with_the_new_tensors(monkeypatc
     dd.decode_dense(q2, k2, v2, 0.5)                                   # another scale: planned again
     k3, v3 = _hf_cache(2, 2, 41, 16, torch.float32)                    # another length: planned again
     dd.decode_dense(q2, k3, v3, 0.25)
-    assert [e[0] for e in log] == ["planned", "replay", "planned", "planned"]
+    assert [e[0] for e in log] == ["planned", "replay", "planned", "planned"] and fwd_calls == [40, 40, 41]
