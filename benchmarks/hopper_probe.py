@@ -13,7 +13,8 @@
    --tune autotunes, slower), every surviving Gluon config. Each output is checked against cuDNN's (max
    abs error) before `do_bench` (median, L2 flushed). Prints TFLOP/s (4 b s^2 h d, halved when causal)
    and the ratio to cuDNN. --quick: the default Gluon configs plus one persistent, one warp-specialised,
-   one ping-pong and the 3-consumer (ws3, d=64) configs, s >= 4096 only. --head-dims 64 times d=64 only.
+   one ping-pong, the 3-consumer (ws3, d=64) and the persistent warp-specialised (pws*) configs, s >= 4096
+   only. --head-dims 64 times d=64 only.
 Guards: a smoke subprocess is killed after 100 s (hang); a watchdog ends the probe after 150 s without
 progress; timings past --budget seconds (default 225) are skipped, so the run stays under ~4 minutes.
 """
@@ -131,7 +132,8 @@ def main():
     elif args.quick:
         names = sorted(set(H.DEFAULT_CONFIG.values()) | {"m128n128s2w8", "ws-m128n128s3", "wspp-m128n128s3",
                                                           "ws3-m192n128s2", "ws3pp-m192n128s2",
-                                                          "ws3pp-m192n128s3"})
+                                                          "ws3pp-m192n128s3", "pws-m128n128s2",
+                                                          "pwspp-m128n128s2"})
     else:
         names = list(H.CONFIGS) + list(H.WS_CONFIGS)
     if args.no_smoke:

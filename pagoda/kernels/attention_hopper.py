@@ -23,7 +23,8 @@ Work items are numbered query-tile major, heaviest (most keys under a causal mas
 grid runs one item per program; the ``p-*`` configs launch one program per SM that strides over the
 items (persistent), carrying the ring's slot / mbarrier-phase counters from item to item. The ``ws-*``
 configs use the warp-specialised kernel of `attention_hopper_ws` (TMA producer warp + 2 consumer
-warpgroups; the opt-in ``ws3-*`` configs, head_dim 64 only: 3 consumer warpgroups, BLOCK_M = 192).
+warpgroups; the opt-in ``ws3-*`` configs, head_dim 64 only: 3 consumer warpgroups, BLOCK_M = 192); the
+opt-in ``pws-*`` / ``pwspp-*`` configs run it persistently (`attention_hopper_pws`).
 
 So the exponentials of tile j overlap the P.V GEMM of tile j-1 (FA3's intra-warpgroup overlap), and
 the loads run STAGES-1 tiles ahead. Scores stay in base 2: max over raw products, then
@@ -285,8 +286,20 @@ WS_CONFIGS = {
     "ws3-m192n128s2": (192, 128, 2, 160, False, 3),
     "ws3pp-m192n128s2": (192, 128, 2, 160, True, 3),
     "ws3pp-m192n128s3": (192, 128, 3, 160, True, 3),
+    # Persistent warp-specialised (attention_hopper_pws): grid min(#items, #SMs), the loader prefetches the
+    # next item's Q / K / V during the current item's tail, O stores drain in the background (own smem
+    # boxes: 192 KB at d=128, so STAGES 2 only). Opt-in until measured (short sequences: b32 s512).
+    "pws-m128n128s2": (128, 128, 2, 240, False, 2),
+    "pwspp-m128n128s2": (128, 128, 2, 240, True, 2),
 }
 WS3_HEAD_DIMS = (64,)
+
+
+def _ws_persistent(config: str) -> bool:
+    """Whether a WS_CONFIGS entry is the persistent kernel of `attention_hopper_pws`."""
+    return config.startswith("pws")
+
+
 # Per (head_dim, causal): the warp-specialised kernel won every s >= 4096 case of the probe on an H200
 # (2026-11-30, benchmarks/results/2026-11-30-h200-hopper); ping-pong helps the longer non-causal loops.
 DEFAULT_CONFIG = {(64, False): "wspp-m128n128s2", (64, True): "ws-m128n128s2",
@@ -402,8 +415,17 @@ def attention_fwd_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     config = config or DEFAULT_CONFIG[d, bool(causal)]
     ls = (lse.stride(0), lse.stride(1), lse.stride(2)) if lse is not None else (0, 0, 0)
     if config in WS_CONFIGS:
-        from pagoda.kernels.attention_hopper_ws import _attn_fwd_hopper_ws_kernel
         bm, bn, stages, regs, pingpong, nc, maxnreg = _ws_params(config, d)
+        if _ws_persistent(config):  # one program per SM (at most), striding over the work items
+            from pagoda.kernels.attention_hopper_pws import _attn_fwd_hopper_pws_kernel
+            items = (sq + bm - 1) // bm * hq * b
+            return _attn_fwd_hopper_pws_kernel[(min(items, _num_sms(q.device.index)),)](
+                _desc(q, 64), _desc(k, bn), _desc(v, bn), _desc(out, 64), lse if lse is not None else out,
+                *ls, sq, sk, hq // hk, hq, items, softmax_scale * LOG2E,
+                HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=bool(causal),
+                WRITE_LSE=lse is not None, CONSUMER_REGS=regs, PINGPONG=pingpong, NUM_CONSUMERS=nc, num_warps=4,
+                maxnreg=maxnreg)
+        from pagoda.kernels.attention_hopper_ws import _attn_fwd_hopper_ws_kernel
         # One 64-row Q/O box per consumer warpgroup; 4 warps = consumer 0 (the others are partitions).
         return _attn_fwd_hopper_ws_kernel[((sq + bm - 1) // bm, hq, b)](
             _desc(q, 64), _desc(k, bn), _desc(v, bn), _desc(out, 64), lse if lse is not None else out,
@@ -432,8 +454,12 @@ def compile_sm90(head_dim: int, dtype: str = "bf16", causal: bool = True, config
     config = config or DEFAULT_CONFIG[head_dim, bool(causal)]
     tdt = torch.float16 if dtype == "fp16" else torch.bfloat16
     ws = config in WS_CONFIGS
+    persistent = _ws_persistent(config) if ws else config.startswith("p-")
     if ws:
-        from pagoda.kernels.attention_hopper_ws import _attn_fwd_hopper_ws_kernel as fn
+        if persistent:
+            from pagoda.kernels.attention_hopper_pws import _attn_fwd_hopper_pws_kernel as fn
+        else:
+            from pagoda.kernels.attention_hopper_ws import _attn_fwd_hopper_ws_kernel as fn
         bm, bn, stages, regs, pingpong, nc, maxnreg = _ws_params(config, head_dim)
         q_rows, warps, options = 64, 4, {"num_warps": 4, "maxnreg": maxnreg}
     else:
@@ -448,7 +474,7 @@ def compile_sm90(head_dim: int, dtype: str = "bf16", causal: bool = True, config
     sig = {"q_desc": desc_sig(q_rows), "k_desc": desc_sig(bn), "v_desc": desc_sig(bn), "o_desc": desc_sig(q_rows),
            "LSE": "*fp32", "stride_lb": "i32", "stride_lh": "i32", "stride_lt": "i32", "seqlen_q": "i32",
            "seqlen_k": "i32", "group_size": "i32", "qk_scale": "fp32"}
-    if not ws:
+    if not ws or persistent:  # the persistent kernels also take num_heads, num_items
         sig = {**{n: t for n, t in sig.items() if n != "qk_scale"}, "num_heads": "i32", "num_items": "i32",
                "qk_scale": "fp32"}
     consts = {"HEAD_DIM": head_dim, "BLOCK_M": bm, "BLOCK_N": bn, "STAGES": stages, "CAUSAL": causal,
@@ -458,7 +484,7 @@ def compile_sm90(head_dim: int, dtype: str = "bf16", causal: bool = True, config
         consts["PINGPONG"] = pingpong
         consts["NUM_CONSUMERS"] = nc
     else:
-        consts["PERSISTENT"] = config.startswith("p-")
+        consts["PERSISTENT"] = persistent
     for name in consts:
         sig[name] = "constexpr"
     src = GluonASTSource(fn=fn, signature=sig, constexprs=consts)

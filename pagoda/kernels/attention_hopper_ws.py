@@ -22,6 +22,9 @@ Registers (setmaxnreg): the launch caps every thread at ``maxnreg`` (all 4 * (NU
 must fit the SM's 64K registers: 168 for 12 warps, 128 for 16), then the partitions' budgets move the
 loader's share to the consumers: worker consumers CONSUMER_REGS, loader 24, and Triton gives consumer 0
 what is left (2 consumers: 240 / 240 / 24; 3 consumers: 168 / 160 / 160 / 24 = 64K exactly).
+
+The persistent ``pws*`` configs (`attention_hopper_pws`) run the same per-item bodies, `_ws_load_item` and
+`_ws_consume`, with PERSISTENT=True (ring / phase counters carried across items, O staged in its own box).
 """
 from __future__ import annotations
 
@@ -36,19 +39,25 @@ if _GLUON_OK:
     from pagoda.kernels.attention_hopper import _nvmma_2d, _softmax_tile
 
     @gluon.jit
-    def _ws_loader(q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
-                   v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh,
-                   stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                   STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr,
-                   PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
+    def _ws_load_item(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bars, q_empty, k_ready, k_empty, v_ready,
+                      v_empty, batch, head, m0, kv_col, n_tiles, it, item, HEAD_DIM: gl.constexpr,
+                      BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
+                      PERSISTENT: gl.constexpr):
+        """Loader of one work item: the Q boxes, then K_i / V_i (i < n_tiles) into ring slot
+        ``(it + i) % STAGES``; ``it`` key tiles and ``item`` work items were loaded before by this program
+        (0 unless PERSISTENT). PERSISTENT: Q box w is refilled only after consumer w has released it
+        (``q_empty``, completion ``item - 1``)."""
         WG_M: gl.constexpr = q_desc.block_type.shape[1]
         for w in gl.static_range(NUM_CONSUMERS):
+            if PERSISTENT:
+                mbarrier.wait(q_empty.index(w), (item & 1) ^ 1)  # item 0: a fresh mbarrier passes at once
             mbarrier.expect(q_bars.index(w), q_desc.block_type.nbytes)
             tma.async_load(q_desc, [batch, m0 + w * WG_M, head * HEAD_DIM], q_bars.index(w),
                                             q_smem.index(w))
         for i in range(n_tiles):
-            slot = i % STAGES
-            phase = (i // STAGES) & 1
+            g = it + i
+            slot = g % STAGES
+            phase = (g // STAGES) & 1
             # A fresh mbarrier counts as having completed phase 1: the first STAGES waits pass at once.
             mbarrier.wait(k_empty.index(slot), phase ^ 1)
             mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
@@ -60,18 +69,35 @@ if _GLUON_OK:
                                             v_bufs.index(slot))
 
     @gluon.jit
-    def _ws_consume(q_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
-                    my_turn, next_turn, batch, head, m0, n_tiles, mask_from, stride_lb, stride_lh, stride_lt,
-                    seqlen_q, seqlen_k, qk_scale,
+    def _ws_loader(q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
+                   v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh,
+                   stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                   STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr,
+                   PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
+        _ws_load_item(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bars, q_bars, k_ready, k_empty, v_ready,
+                      v_empty, batch, head, m0, kv_col, n_tiles, 0, 0, HEAD_DIM, BLOCK_N, STAGES, NUM_CONSUMERS,
+                      False)
+
+    @gluon.jit
+    def _ws_consume(q_desc, o_desc, LSE, q_smem, o_smem, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty,
+                    v_ready, v_empty, my_turn, next_turn, batch, head, m0, n_tiles, it, item, mask_from,
+                    stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k, qk_scale,
                     HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                    WRITE_LSE: gl.constexpr, PINGPONG: gl.constexpr):
+                    WRITE_LSE: gl.constexpr, PINGPONG: gl.constexpr, PERSISTENT: gl.constexpr):
         """One consumer warpgroup: the pipeline of `attention_hopper` on 64 query rows starting at m0.
 
-        q_smem: this warpgroup's ``[1, 64, HEAD_DIM]`` Q box (O is staged there for the store); k_bufs /
-        v_bufs: the ``[STAGES, 1, BLOCK_N, HEAD_DIM]`` rings. PINGPONG: the warpgroups take turns to issue
-        their GEMMs (issue point t = 0..n_tiles: S_0, then S_j with P_{j-1} V_{j-1}, then the last P V).
-        A warpgroup waits for completion t of its own turn barrier, issues, and arrives on the next
-        warpgroup's (``next_turn``), so one's GEMMs run while the others do their softmax.
+        q_smem: this warpgroup's ``[1, 64, HEAD_DIM]`` Q box; o_smem: the box O is staged in for the TMA
+        store (the Q box itself unless PERSISTENT); k_bufs / v_bufs: the ``[STAGES, 1, BLOCK_N, HEAD_DIM]``
+        rings. PINGPONG: the warpgroups take turns to issue their GEMMs (issue point t = 0..n_tiles: S_0,
+        then S_j with P_{j-1} V_{j-1}, then the last P V). A warpgroup waits for completion t of its own
+        turn barrier, issues, and arrives on the next warpgroup's (``next_turn``), so one's GEMMs run while
+        the others do their softmax.
+
+        ``it`` key tiles and ``item`` work items were run before by this warpgroup (0 unless PERSISTENT):
+        key tile j uses ring slot ``(it + j) % STAGES``, and as every item has n_tiles + 1 issue points the
+        turn barriers are at completion ``it + item + t``. PERSISTENT also releases the Q box (``q_empty``,
+        once S_{n-1} is done) and the last V slot, and leaves the O store in flight: it is drained before
+        o_smem is written again (next item) and at the end of the program.
         """
         dtype: gl.constexpr = q_desc.dtype
         WG_M: gl.constexpr = q_desc.block_type.shape[1]
@@ -93,30 +119,32 @@ if _GLUON_OK:
         l_i = gl.zeros([WG_M], gl.float32, layout=row_s)
         acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, layout=o_layout)
 
-        mbarrier.wait(q_bar, 0)
-        mbarrier.wait(k_ready.index(0), 0)
-        k_op = k_bufs.index(0).reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d).permute((1, 0))
+        turn0 = it + item  # issue points of earlier items
+        mbarrier.wait(q_bar, item & 1)
+        mbarrier.wait(k_ready.index(it % STAGES), (it // STAGES) & 1)
+        k_op = k_bufs.index(it % STAGES).reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d).permute((1, 0))
         if PINGPONG:
-            mbarrier.wait(my_turn, 0)
+            mbarrier.wait(my_turn, turn0 & 1)
         s_tok = warpgroup_mma(q_op, k_op, s_zero, use_acc=False, is_async=True)
         if PINGPONG:
             mbarrier.arrive(next_turn, count=1)
         s = warpgroup_mma_wait(0, deps=(s_tok,))
         gl.thread_barrier()
-        mbarrier.arrive(k_empty.index(0), count=1)
+        mbarrier.arrive(k_empty.index(it % STAGES), count=1)
         p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, qk_scale, 0, mask_from, rows, seqlen_k, shift,
                                            CAUSAL, BLOCK_N, s_layout)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
 
         for j in range(1, n_tiles):
-            slot = j % STAGES
-            prev = (j - 1) % STAGES
-            mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
+            g = it + j
+            slot = g % STAGES
+            prev = (g - 1) % STAGES
+            mbarrier.wait(k_ready.index(slot), (g // STAGES) & 1)
             k_op = k_bufs.index(slot).reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d).permute((1, 0))
-            mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+            mbarrier.wait(v_ready.index(prev), ((g - 1) // STAGES) & 1)
             v_op = v_bufs.index(prev).reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d)
             if PINGPONG:
-                mbarrier.wait(my_turn, j & 1)
+                mbarrier.wait(my_turn, (turn0 + j) & 1)
             s_tok = warpgroup_mma(q_op, k_op, s_zero, use_acc=False, is_async=True)
             o_tok = warpgroup_mma(p_op, v_op, acc, is_async=True)
             if PINGPONG:
@@ -132,31 +160,41 @@ if _GLUON_OK:
             mbarrier.arrive(v_empty.index(prev), count=1)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
 
-        last = n_tiles - 1
+        if PERSISTENT:
+            # S_{n-1} is done in every warp of this warpgroup (the barrier after its wait): the loader may
+            # bring the next item's Q into this box while the last P V and the epilogue run.
+            mbarrier.arrive(q_empty, count=1)
+        last = it + n_tiles - 1
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
         v_op = v_bufs.index(last % STAGES).reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d)
         if PINGPONG:
-            mbarrier.wait(my_turn, n_tiles & 1)
+            mbarrier.wait(my_turn, (turn0 + n_tiles) & 1)
         o_tok = warpgroup_mma(p_op, v_op, acc, is_async=True)
         if PINGPONG:
             mbarrier.arrive(next_turn, count=1)
         acc = warpgroup_mma_wait(0, deps=(o_tok,))
+        if PERSISTENT:
+            gl.thread_barrier()
+            mbarrier.arrive(v_empty.index(last % STAGES), count=1)
 
         l_o = gl.convert_layout(l_i, row_o)
         empty = l_o == 0.0
         out = acc / gl.expand_dims(gl.where(empty, 1.0, l_o), 1)
+        if PERSISTENT:
+            tma.store_wait(pendings=0)  # the previous item's O store has read o_smem
         gl.thread_barrier()
-        q_op.store(out.to(dtype))
+        o_smem.reinterpret(dtype, [WG_M, HEAD_DIM], qsmem2d).store(out.to(dtype))
         fence_async_shared()
         gl.thread_barrier()
-        tma.async_store(o_desc, [batch, m0, head * HEAD_DIM], q_smem)
+        tma.async_store(o_desc, [batch, m0, head * HEAD_DIM], o_smem)
         if WRITE_LSE:
             m_o = gl.convert_layout(m_i, row_o)
             lse = gl.where(empty, float("-inf"), (m_o + gl.log2(gl.where(empty, 1.0, l_o))) * 0.6931471805599453)
             offs = m0 + gl.arange(0, WG_M, layout=row_o)
             base = LSE + batch.to(gl.int64) * stride_lb + head.to(gl.int64) * stride_lh
             gl.store(base + offs.to(gl.int64) * stride_lt, lse, mask=offs < seqlen_q)
-        tma.store_wait(pendings=0)
+        if not PERSISTENT:
+            tma.store_wait(pendings=0)
 
     @gluon.jit
     def _ws_consumer_wg(q_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready, v_empty,
@@ -166,10 +204,11 @@ if _GLUON_OK:
                         NUM_CONSUMERS: gl.constexpr, WG: gl.constexpr):
         """Consumer warpgroup WG of NUM_CONSUMERS: rows m0 + 64 WG .. +63, Q box WG, turn WG -> WG + 1."""
         WG_M: gl.constexpr = q_desc.block_type.shape[1]
-        _ws_consume(q_desc, o_desc, LSE, q_smem.index(WG), k_bufs, v_bufs, q_bars.index(WG), k_ready, k_empty,
-                    v_ready, v_empty, turns.index(WG), turns.index((WG + 1) % NUM_CONSUMERS), batch, head,
-                    m0 + WG * WG_M, n_tiles, mask_from, stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k,
-                    qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, PINGPONG)
+        _ws_consume(q_desc, o_desc, LSE, q_smem.index(WG), q_smem.index(WG), k_bufs, v_bufs, q_bars.index(WG),
+                    q_bars.index(WG), k_ready, k_empty, v_ready, v_empty, turns.index(WG),
+                    turns.index((WG + 1) % NUM_CONSUMERS), batch, head, m0 + WG * WG_M, n_tiles, 0, 0, mask_from,
+                    stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES,
+                    CAUSAL, WRITE_LSE, PINGPONG, False)
 
     # One partition function per consumer warpgroup (a partition is a function; WG must be a constexpr).
     @gluon.jit

@@ -3,7 +3,8 @@
 Checks every shipped configuration (head_dim 64/128 where the config supports it, causal or not, fp16/bf16)
 lowers through Triton's Gluon pipeline and the bundled ptxas, that its shared memory fits an H100/H200 SM,
 and for the warp-specialised configs (2 or 3 consumer warpgroups) the register plan: kernel-wide maxnreg and
-the per-partition setmaxnreg budgets in the PTX (and USETMAXREG in the SASS).
+the per-partition setmaxnreg budgets in the PTX (and USETMAXREG in the SASS). The persistent warp-specialised
+configs (``pws*``: own O staging boxes) compile for every head dim / dtype / mask, without local-memory spills.
 """
 import os
 import subprocess
@@ -28,6 +29,10 @@ ws3 = [name for name, c in H.WS_CONFIGS.items() if c[5] == 3]
 assert ws3 and not set(ws3) & set(H.DEFAULT_CONFIG.values()), "the ws3 configs are opt-in"
 cases += [(64, dt, c, name) for name in ws3 for dt, c in itertools.product(("bf16", "fp16"), (True, False))
           if (dt, c) != ("bf16", True)]
+pws = [name for name in H.WS_CONFIGS if H._ws_persistent(name)]
+assert pws and not set(pws) & set(H.DEFAULT_CONFIG.values()), "the persistent ws configs are opt-in"
+cases += [(d, dt, c, name) for name in pws for d in (64, 128)
+          for dt, c in itertools.product(("bf16", "fp16"), (True, False)) if (dt, c) != ("bf16", True)]
 sass_done = set()
 for d, dt, causal, cfg in cases:
     name = cfg or H.DEFAULT_CONFIG[d, causal]
@@ -52,6 +57,9 @@ for d, dt, causal, cfg in cases:
         if name not in sass_done:  # the SASS keeps them (USETMAXREG), once per config
             sass = get_sass(k.asm["cubin"])
             assert "USETMAXREG" in sass and "HGMMA" in sass and "UTMALDG" in sass
+            if name in pws:  # Q + O boxes + the K/V ring; no spills to local memory in any partition
+                assert "UTMASTG" in sass and not re.search(r"\b(STL|LDL)\b", sass), name
+                assert smem >= 2 * 2 * 64 * d * 2 + 2 * stages * bn * d * 2, smem
             sass_done.add(name)
 print("COMPILED")
 '''
@@ -83,6 +91,20 @@ def test_default_dispatch_policy():
     assert not H.prefer_hopper(64, 1024) and H.prefer_hopper(64, 2048)
     assert H.prefer_hopper(128, 1)
     assert not H.prefer_hopper(96, 1 << 20)
+
+
+def test_persistent_ws_configs_are_opt_in():
+    """pws* configs: 2 consumer warpgroups, STAGES 2 (Q + O boxes + the ring fit 227 KB at d=128), every head
+    dim, never the default."""
+    from pagoda.kernels import attention_hopper as H
+    pws = [n for n in H.WS_CONFIGS if H._ws_persistent(n)]
+    assert set(pws) >= {"pws-m128n128s2", "pwspp-m128n128s2"}
+    assert not set(pws) & set(H.DEFAULT_CONFIG.values())
+    for name in pws:
+        bm, bn, stages, regs, pingpong, nc = H.WS_CONFIGS[name]
+        assert nc == 2 and H.config_head_dims(name) == (64, 128)
+        assert 2 * 2 * 64 * 128 * 2 + 2 * stages * bn * 128 * 2 <= 227 * 1024
+    assert not any(H._ws_persistent(n) for n in H.CONFIGS)
 
 
 def test_ws3_configs_are_head_dim_64_only():

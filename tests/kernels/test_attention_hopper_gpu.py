@@ -60,7 +60,8 @@ def test_hopper_gqa(group, causal):
 @pytest.mark.parametrize("name", ["m128n128s2w8", "m128n128s3w8", "m128n64s3w8", "m64n128s2w4", "p-m128n128s2w8",
                                   "p-m128n128s3w8", "ws-m128n128s2",
                                   "ws-m128n128s3", "ws-m128n64s3", "wspp-m128n128s2", "wspp-m128n128s3",
-                                  "ws3-m192n128s2", "ws3pp-m192n128s2", "ws3pp-m192n128s3"])
+                                  "ws3-m192n128s2", "ws3pp-m192n128s2", "ws3pp-m192n128s3", "pws-m128n128s2",
+                                  "pwspp-m128n128s2"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_hopper_every_config(name, d):
     from pagoda.kernels import attention_hopper as H
@@ -77,6 +78,12 @@ def test_hopper_every_config(name, d):
         # tile whose last warpgroup is past sq, and one key tile shorter than BLOCK_N.
         _run(2, 500, 300, 4, 1, d, True, torch.float16, config=name)
         _run(1, 200, 100, 2, 2, d, False, torch.bfloat16, config=name)
+    if name.startswith("pws"):
+        # Persistent warp-specialised: ~16 short items per program (the b32 s512 shape), and items of
+        # different key-tile counts (1..3, odd counts: ring slots / phases / ping-pong turns carried across
+        # items), rows without a visible key.
+        _run(32, 512, 512, 8, 8, d, False, torch.bfloat16, config=name)
+        _run(4, 500, 300, 48, 6, d, True, torch.float16, config=name)
 
 
 @requires_sm90
