@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# GPU machine: run the GPU tests (stage "tests") or the serving benchmarks (stage "bench"), results
-# under $OUT. From the repo root: bash benchmarks/gpu_final.sh tests|bench|e2e
+# GPU machine: run the GPU tests (stage "tests"), the serving benchmarks (stage "bench"), the checks owed
+# by the last session (stage "verify"), the sampling study beside FlashInfer (stage "sampling", a call of
+# its own: FlashInfer's sampling JIT takes ~100 s) or HF generate (stage "e2e"); results under $OUT.
+# From the repo root: bash benchmarks/gpu_final.sh tests|bench|verify|sampling|e2e
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 . benchmarks/stage_peer.sh
@@ -14,6 +16,17 @@ bench)
   timeout 100 python3 -m pagoda bench paged --out $OUT/res 2>&1 | grep -v "^paged \[" | tail -12
   timeout 150 python3 -m pagoda bench cascade --out $OUT/res 2>&1 | grep -v "^cascade \[" | tail -25
   timeout 220 python3 -m pagoda bench sampling --out $OUT/res 2>&1 | grep -v "^sampling \[" | tail -45
+  ;;
+verify)
+  # What session 4 (2026-11-30) changed after its last GPU call: ~9.5 min in all.
+  python3 -m pytest -m gpu -q -p no:cacheprovider -n 8 --timeout 250 2>&1 | tee $OUT/gpu-tests.log | tail -5
+  mkdir -p $OUT/res
+  timeout 150 python3 -m pagoda bench decode --out $OUT/res 2>&1 | grep -v "^decode \[" | tail -12
+  timeout 200 python3 benchmarks/hopper_probe.py --quick > $OUT/hopper-quick.txt 2>&1; tail -14 $OUT/hopper-quick.txt
+  ;;
+sampling)
+  mkdir -p $OUT/res
+  timeout 560 python3 -m pagoda bench sampling --out $OUT/res 2>&1 | grep -v "^sampling \[" | tail -60
   ;;
 e2e)
   # HF generate tokens/s per attn_implementation: grid "gpu" of pagoda/bench/e2e.py (qwen3-0.6b shape, random
