@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU machine: run the GPU tests (stage "tests"), the serving benchmarks (stage "bench"), the checks owed
-# by the last session (stage "verify"), the sampling study beside FlashInfer (stage "sampling", a call of
+# by the last session (stages "verify" and "gluon"), the sampling study beside FlashInfer (stage "sampling", a call of
 # its own: FlashInfer's sampling JIT takes ~100 s) or HF generate (stage "e2e"); results under $OUT.
-# From the repo root: bash benchmarks/gpu_final.sh tests|bench|verify|sampling|e2e
+# From the repo root: bash benchmarks/gpu_final.sh tests|bench|verify|gluon|sampling|e2e
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 . benchmarks/stage_peer.sh
@@ -18,11 +18,22 @@ bench)
   timeout 220 python3 -m pagoda bench sampling --out $OUT/res 2>&1 | grep -v "^sampling \[" | tail -45
   ;;
 verify)
-  # What session 4 (2026-11-30) changed after its last GPU call: ~9.5 min in all.
-  python3 -m pytest -m gpu -q -p no:cacheprovider -n 8 --timeout 250 2>&1 | tee $OUT/gpu-tests.log | tail -5
+  # What session 4 (2026-11-30) changed after its last GPU call (~7 min): the whole GPU suite (incl. the
+  # decode wrapper's launch replay, whole_tiles, the new Gluon configs' tests), then the decode study.
+  timeout -k 5 330 python3 -m pytest -m gpu -q -p no:cacheprovider -n 8 --timeout 250 2>&1 \
+    | tee $OUT/gpu-tests.log | tail -5
   mkdir -p $OUT/res
   timeout 150 python3 -m pagoda bench decode --out $OUT/res 2>&1 | grep -v "^decode \[" | tail -12
-  timeout 200 python3 benchmarks/hopper_probe.py --quick > $OUT/hopper-quick.txt 2>&1; tail -14 $OUT/hopper-quick.txt
+  ;;
+gluon)
+  # The opt-in Gluon configs of session 4 beside the defaults, cuDNN and Triton (~8 min): persistent ws
+  # (pws*) over the full probe grid (s = 512 ... 16k), 3-consumer ws3* at head_dim 64.
+  timeout -k 5 280 python3 benchmarks/hopper_probe.py --budget 240 \
+    --configs ws-m128n128s2,wspp-m128n128s2,pws-m128n128s2,pwspp-m128n128s2 > $OUT/hopper-pws.txt 2>&1
+  tail -14 $OUT/hopper-pws.txt
+  timeout -k 5 250 python3 benchmarks/hopper_probe.py --budget 210 --head-dims 64 \
+    --configs ws-m128n128s2,wspp-m128n128s2,ws3-m192n128s2,ws3pp-m192n128s2,ws3pp-m192n128s3 > $OUT/hopper-ws3.txt 2>&1
+  tail -8 $OUT/hopper-ws3.txt
   ;;
 sampling)
   mkdir -p $OUT/res
