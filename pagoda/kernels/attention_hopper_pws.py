@@ -110,29 +110,6 @@ if _GLUON_OK:
             item += 1
         tma.store_wait(pendings=0)  # the last item's O store has left o_smem
 
-    # One partition function per consumer warpgroup (a partition is a function; WG must be a constexpr).
-    @gluon.jit
-    def _pws_consumer0(q_desc, k_desc, v_desc, o_desc, LSE, q_smem, o_smem, k_bufs, v_bufs, q_bars, q_empty,
-                       k_ready, k_empty, v_ready, v_empty, turns, stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k,
-                       group_size, num_heads, num_items, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                       BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr,
-                       PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
-        _pws_consumer_wg(q_desc, o_desc, LSE, q_smem, o_smem, k_bufs, v_bufs, q_bars, q_empty, k_ready, k_empty,
-                         v_ready, v_empty, turns, stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k, group_size,
-                         num_heads, num_items, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, WRITE_LSE,
-                         PINGPONG, NUM_CONSUMERS, 0)
-
-    @gluon.jit
-    def _pws_consumer1(q_desc, k_desc, v_desc, o_desc, LSE, q_smem, o_smem, k_bufs, v_bufs, q_bars, q_empty,
-                       k_ready, k_empty, v_ready, v_empty, turns, stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k,
-                       group_size, num_heads, num_items, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                       BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr,
-                       PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
-        _pws_consumer_wg(q_desc, o_desc, LSE, q_smem, o_smem, k_bufs, v_bufs, q_bars, q_empty, k_ready, k_empty,
-                         v_ready, v_empty, turns, stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k, group_size,
-                         num_heads, num_items, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, WRITE_LSE,
-                         PINGPONG, NUM_CONSUMERS, 1)
-
     @gluon.jit(do_not_specialize=["stride_lb", "stride_lh", "stride_lt", "seqlen_q", "seqlen_k", "group_size",
                                   "num_heads", "num_items"])
     def _attn_fwd_hopper_pws_kernel(q_desc, k_desc, v_desc, o_desc, LSE,
@@ -175,16 +152,17 @@ if _GLUON_OK:
 
         # Partitions: consumer 0 (default, 4 warps), consumer 1 (4 warps, CONSUMER_REGS), loader (1 warp,
         # 24 registers). (The argument tuples are written out: a tuple bound to a name turns its constexprs
-        # into tensors.)
+        # into tensors; the literal warpgroup index
+        # ending a consumer's tuple stays a constexpr.)
         gl.warp_specialize([
-            (_pws_consumer0, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, o_smem, k_bufs, v_bufs, q_bars, q_empty,
-                              k_ready, k_empty, v_ready, v_empty, turns, stride_lb, stride_lh, stride_lt, seqlen_q,
-                              seqlen_k, group_size, num_heads, num_items, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N,
-                              STAGES, CAUSAL, WRITE_LSE, PINGPONG, NUM_CONSUMERS)),
-            (_pws_consumer1, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, o_smem, k_bufs, v_bufs, q_bars, q_empty,
-                              k_ready, k_empty, v_ready, v_empty, turns, stride_lb, stride_lh, stride_lt, seqlen_q,
-                              seqlen_k, group_size, num_heads, num_items, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N,
-                              STAGES, CAUSAL, WRITE_LSE, PINGPONG, NUM_CONSUMERS)),
+            (_pws_consumer_wg, (q_desc, o_desc, LSE, q_smem, o_smem, k_bufs, v_bufs, q_bars, q_empty, k_ready,
+                                k_empty, v_ready, v_empty, turns, stride_lb, stride_lh, stride_lt, seqlen_q,
+                                seqlen_k, group_size, num_heads, num_items, qk_scale, HEAD_DIM, BLOCK_M,
+                                BLOCK_N, STAGES, CAUSAL, WRITE_LSE, PINGPONG, NUM_CONSUMERS, 0)),
+            (_pws_consumer_wg, (q_desc, o_desc, LSE, q_smem, o_smem, k_bufs, v_bufs, q_bars, q_empty, k_ready,
+                                k_empty, v_ready, v_empty, turns, stride_lb, stride_lh, stride_lt, seqlen_q,
+                                seqlen_k, group_size, num_heads, num_items, qk_scale, HEAD_DIM, BLOCK_M,
+                                BLOCK_N, STAGES, CAUSAL, WRITE_LSE, PINGPONG, NUM_CONSUMERS, 1)),
             (_pws_loader, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, o_smem, k_bufs, v_bufs, q_bars, q_empty,
                            k_ready, k_empty, v_ready, v_empty, turns, stride_lb, stride_lh, stride_lt, seqlen_q,
                            seqlen_k, group_size, num_heads, num_items, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,

@@ -210,40 +210,6 @@ if _GLUON_OK:
                     stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES,
                     CAUSAL, WRITE_LSE, PINGPONG, False)
 
-    # One partition function per consumer warpgroup (a partition is a function; WG must be a constexpr).
-    @gluon.jit
-    def _ws_consumer0(q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
-                      v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh,
-                      stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                      STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr,
-                      PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
-        _ws_consumer_wg(q_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready, v_empty,
-                        turns, batch, head, m0, n_tiles, mask_from, stride_lb, stride_lh, stride_lt, seqlen_q,
-                        seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, PINGPONG,
-                        NUM_CONSUMERS, 0)
-
-    @gluon.jit
-    def _ws_consumer1(q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
-                      v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh,
-                      stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                      STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr,
-                      PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
-        _ws_consumer_wg(q_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready, v_empty,
-                        turns, batch, head, m0, n_tiles, mask_from, stride_lb, stride_lh, stride_lt, seqlen_q,
-                        seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, PINGPONG,
-                        NUM_CONSUMERS, 1)
-
-    @gluon.jit
-    def _ws_consumer2(q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
-                      v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb, stride_lh,
-                      stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                      STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr,
-                      PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
-        _ws_consumer_wg(q_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready, v_empty,
-                        turns, batch, head, m0, n_tiles, mask_from, stride_lb, stride_lh, stride_lt, seqlen_q,
-                        seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, WRITE_LSE, PINGPONG,
-                        NUM_CONSUMERS, 2)
-
     @gluon.jit(do_not_specialize=["stride_lb", "stride_lh", "stride_lt", "seqlen_q", "seqlen_k", "group_size"])
     def _attn_fwd_hopper_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE,
                                    stride_lb, stride_lh, stride_lt,
@@ -297,17 +263,18 @@ if _GLUON_OK:
 
         # Partitions: consumer 0 (default, 4 warps), consumers 1.. (4 warps, CONSUMER_REGS each), loader
         # (1 warp, 24 registers). (The argument tuples are written out: a tuple bound to a name turns its
-        # constexprs into tensors.)
+        # constexprs into tensors; the literal warpgroup index
+        # ending a consumer's tuple stays a constexpr.)
         if NUM_CONSUMERS == 2:
             gl.warp_specialize([
-                (_ws_consumer0, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready,
-                                 k_empty, v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from,
-                                 stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N,
-                                 STAGES, CAUSAL, WRITE_LSE, PINGPONG, NUM_CONSUMERS)),
-                (_ws_consumer1, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready,
-                                 k_empty, v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from,
-                                 stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N,
-                                 STAGES, CAUSAL, WRITE_LSE, PINGPONG, NUM_CONSUMERS)),
+                (_ws_consumer_wg, (q_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready,
+                                   v_empty, turns, batch, head, m0, n_tiles, mask_from, stride_lb, stride_lh,
+                                   stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL,
+                                   WRITE_LSE, PINGPONG, NUM_CONSUMERS, 0)),
+                (_ws_consumer_wg, (q_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready,
+                                   v_empty, turns, batch, head, m0, n_tiles, mask_from, stride_lb, stride_lh,
+                                   stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL,
+                                   WRITE_LSE, PINGPONG, NUM_CONSUMERS, 1)),
                 (_ws_loader, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
                               v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb,
                               stride_lh, stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL,
@@ -315,18 +282,18 @@ if _GLUON_OK:
             ], [4, 1], [CONSUMER_REGS, 24])
         else:
             gl.warp_specialize([
-                (_ws_consumer0, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready,
-                                 k_empty, v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from,
-                                 stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N,
-                                 STAGES, CAUSAL, WRITE_LSE, PINGPONG, NUM_CONSUMERS)),
-                (_ws_consumer1, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready,
-                                 k_empty, v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from,
-                                 stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N,
-                                 STAGES, CAUSAL, WRITE_LSE, PINGPONG, NUM_CONSUMERS)),
-                (_ws_consumer2, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready,
-                                 k_empty, v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from,
-                                 stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N,
-                                 STAGES, CAUSAL, WRITE_LSE, PINGPONG, NUM_CONSUMERS)),
+                (_ws_consumer_wg, (q_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready,
+                                   v_empty, turns, batch, head, m0, n_tiles, mask_from, stride_lb, stride_lh,
+                                   stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL,
+                                   WRITE_LSE, PINGPONG, NUM_CONSUMERS, 0)),
+                (_ws_consumer_wg, (q_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready,
+                                   v_empty, turns, batch, head, m0, n_tiles, mask_from, stride_lb, stride_lh,
+                                   stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL,
+                                   WRITE_LSE, PINGPONG, NUM_CONSUMERS, 1)),
+                (_ws_consumer_wg, (q_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready,
+                                   v_empty, turns, batch, head, m0, n_tiles, mask_from, stride_lb, stride_lh,
+                                   stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL,
+                                   WRITE_LSE, PINGPONG, NUM_CONSUMERS, 2)),
                 (_ws_loader, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
                               v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb,
                               stride_lh, stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL,
