@@ -96,6 +96,19 @@ if _GLUON_OK:
         return p, alpha, m_new, l_new
 
     @gluon.jit
+    def _key_tiles(m0, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+        """(n_tiles, mask_from) of the query tile at row m0: its keys are [0, n_tiles * BLOCK_N) and those
+        >= mask_from may be invisible to some row. At least one tile: a tile with no visible key is fully
+        masked and yields zeros / LSE -inf."""
+        hi = seqlen_k
+        mask_from = seqlen_k
+        if CAUSAL:
+            shift = seqlen_k - seqlen_q
+            hi = gl.minimum(hi, m0 + BLOCK_M + shift)
+            mask_from = gl.minimum(mask_from, m0 + shift + 1)
+        return gl.maximum(gl.cdiv(hi, BLOCK_N), 1), mask_from
+
+    @gluon.jit
     def _issue_kv(desc, bufs, bars, it, j, n_tiles, batch, kv_col, STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
         """TMA of key tile ``j`` (K or V) of the current work item into ring slot ``(it + j) % STAGES``
         (``it`` = key tiles of earlier work items of this program); no-op when j >= n_tiles."""
@@ -131,14 +144,7 @@ if _GLUON_OK:
         batch = (w % per_m) // num_heads
         m0 = start_m * BLOCK_M
         kv_col = (head // group_size) * HEAD_DIM
-        # Key range of the tile: [0, hi); keys >= mask_from may be invisible to some row.
-        hi = seqlen_k
-        mask_from = seqlen_k
-        if CAUSAL:
-            hi = gl.minimum(hi, m0 + BLOCK_M + shift)
-            mask_from = gl.minimum(mask_from, m0 + shift + 1)
-        # At least one tile: a tile with no visible key is fully masked and yields zeros / LSE -inf.
-        n_tiles = gl.maximum(gl.cdiv(hi, BLOCK_N), 1)
+        n_tiles, mask_from = _key_tiles(m0, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
 
         # The previous work item is done with every slot and with Q's buffer (its O store has drained).
         gl.thread_barrier()

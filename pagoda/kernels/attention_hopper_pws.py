@@ -46,6 +46,7 @@ if _GLUON_OK:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
+    from pagoda.kernels.attention_hopper import _key_tiles
     from pagoda.kernels.attention_hopper_ws import _ws_consume, _ws_load_item
 
     @gluon.jit
@@ -60,13 +61,7 @@ if _GLUON_OK:
         batch = (w % per_m) // num_heads
         m0 = start_m * BLOCK_M
         kv_col = (head // group_size) * HEAD_DIM
-        shift = seqlen_k - seqlen_q
-        hi = seqlen_k
-        mask_from = seqlen_k
-        if CAUSAL:
-            hi = gl.minimum(hi, m0 + BLOCK_M + shift)
-            mask_from = gl.minimum(mask_from, m0 + shift + 1)
-        n_tiles = gl.maximum(gl.cdiv(hi, BLOCK_N), 1)
+        n_tiles, mask_from = _key_tiles(m0, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
         return batch, head, m0, kv_col, n_tiles, mask_from
 
     @gluon.jit

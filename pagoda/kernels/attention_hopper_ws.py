@@ -36,7 +36,7 @@ if _GLUON_OK:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                     warpgroup_mma, warpgroup_mma_wait)
 
-    from pagoda.kernels.attention_hopper import _nvmma_2d, _softmax_tile
+    from pagoda.kernels.attention_hopper import _key_tiles, _nvmma_2d, _softmax_tile
 
     @gluon.jit
     def _ws_load_item(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bars, q_empty, k_ready, k_empty, v_ready,
@@ -229,15 +229,9 @@ if _GLUON_OK:
         batch = gl.program_id(2)
         m0 = start_m * BLOCK_M
         kv_col = (head // group_size) * HEAD_DIM
-        shift = seqlen_k - seqlen_q
         # Key range of the whole tile (every consumer runs the same n_tiles; a warpgroup whose rows see
         # fewer keys gets fully masked rows in the last tiles, which leave its softmax state unchanged).
-        hi = seqlen_k
-        mask_from = seqlen_k
-        if CAUSAL:
-            hi = gl.minimum(hi, m0 + BLOCK_M + shift)
-            mask_from = gl.minimum(mask_from, m0 + shift + 1)
-        n_tiles = gl.maximum(gl.cdiv(hi, BLOCK_N), 1)
+        n_tiles, mask_from = _key_tiles(m0, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
 
         q_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
         k_bufs = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
