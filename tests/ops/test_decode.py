@@ -9,7 +9,7 @@ import pagoda
 from pagoda.ops import decode as dec
 from pagoda.ops import rope
 from pagoda.reference import decode as ref
-from tests.helpers import assert_finite_lse_close, rel_err
+from tests.helpers import assert_finite_lse_close, fake_fast_launch, rel_err
 from tests.paged_utils import empty_cache, fill_cache, random_page_table
 
 
@@ -335,29 +335,12 @@ def test_repeat_runs_replay_the_recorded_launch_with_the_new_tensors(monkeypatch
     """A second `run` with the same layouts, alignments and scale re-launches the recorded kernel with only q,
     the caches and out/lse swapped; a re-plan or another layout launches through `decode_fwd` again. The
     recording keeps none of the caller's tensors."""
-    import types
-
     from pagoda.kernels import _launch
     from pagoda.kernels import decode as kdecode
     from pagoda.ops import _decode_plan
 
     log = []
-
-    class Compiled:
-        packed_metadata, function = "meta", "fn"
-
-        @property
-        def run(self):
-            return lambda *a: log.append(("replay", a[9:]))
-
-    class Kernel:
-        arg_names = ["Q", "K", "V", "O", "L", "chunk", "scale"]
-        params = [types.SimpleNamespace(name=n, has_default=False, default=None) for n in arg_names]
-
-        def __getitem__(self, grid):
-            return lambda *a, **kw: log.append(("planned", a)) or Compiled()
-
-    kernel = Kernel()
+    kernel = fake_fast_launch(monkeypatch, log, ["Q", "K", "V", "O", "L", "chunk", "scale"])
 
     fwd_calls = []
 
@@ -365,11 +348,6 @@ def test_repeat_runs_replay_the_recorded_launch_with_the_new_tensors(monkeypatch
         fwd_calls.append(out.stride())
         _launch.launch(kernel, (q.shape[0], hk), q, k, v, out, lse, kw["chunk"], kw["sm_scale"])
 
-    monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(_launch, "_ENABLED", True)
-    monkeypatch.setattr(_launch, "_compiled", {})
-    monkeypatch.setattr(_launch, "_device_stream", (lambda: 0, lambda device: 7))
     monkeypatch.setattr(_decode_plan, "num_sms", lambda device: 1)
     monkeypatch.setattr(kdecode, "decode_fwd", fake_decode_fwd)
     indptr, indices, last, max_pages = random_page_table([5, 9], 4)

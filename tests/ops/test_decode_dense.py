@@ -8,7 +8,7 @@ import torch
 from pagoda.ops import _decode_plan
 from pagoda.ops import decode_dense as dd
 from pagoda.reference import attention as ref
-from tests.helpers import rel_err
+from tests.helpers import fake_fast_launch, rel_err
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -90,28 +90,11 @@ def test_hf_decode_step_runs_the_decode_kernel(monkeypatch):
 def test_repeat_calls_replay_the_recorded_launch_with_the_new_tensors(monkeypatch):
     """A second call with the same shapes, strides, alignment and scale re-launches the recorded kernel with
     only q, k, v and out swapped; any change of those re-plans through `decode_fwd`."""
-    import types
-
     from pagoda.kernels import _launch
     from pagoda.kernels import decode as kdecode
 
     log = []
-
-    class Compiled:
-        packed_metadata, function = "meta", "fn"
-
-        @property
-        def run(self):
-            return lambda *a: log.append(("replay", a[9:]))
-
-    class Kernel:
-        arg_names = ["Q", "K", "V", "O", "L", "n", "scale"]
-        params = [types.SimpleNamespace(name=n, has_default=False, default=None) for n in arg_names]
-
-        def __getitem__(self, grid):
-            return lambda *a, **kw: log.append(("planned", a)) or Compiled()
-
-    kernel = Kernel()
+    kernel = fake_fast_launch(monkeypatch, log, ["Q", "K", "V", "O", "L", "n", "scale"])
 
     fwd_calls = []
 
@@ -119,11 +102,6 @@ def test_repeat_calls_replay_the_recorded_launch_with_the_new_tensors(monkeypatc
         fwd_calls.append(s)
         _launch.launch(kernel, (q.shape[0], hk), q, k, v, out, lse, s, kw["sm_scale"])
 
-    monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(_launch, "_ENABLED", True)
-    monkeypatch.setattr(_launch, "_compiled", {})
-    monkeypatch.setattr(_launch, "_device_stream", (lambda: 0, lambda device: 7))
     monkeypatch.setattr(_decode_plan, "num_sms", lambda device: 1)
     monkeypatch.setattr(dd, "_meta_cache", {})
     monkeypatch.setattr(dd, "_bound", {})
