@@ -70,78 +70,11 @@ import triton
 import triton.language as tl
 
 from pagoda.kernels._launch import cdiv, launch, next_pow2
+from pagoda.kernels.sampling_kth import _count_cut, _kth_value_bits, _peeled_floor_set  # noqa: F401
+from pagoda.kernels.sampling_race import (_exp1, _exp_at, _in_set, _philox_chunk, _race_fold,  # noqa: F401
+                                          _race_key, _race_winner)
 
 MAX_ROUNDS = 34
-INF_BITS = tl.constexpr(0x7F800000)  # bits of +inf: larger patterns are NaN
-
-
-@triton.jit
-def _philox_chunk(seed, quad_base, start, offs):
-    """Four ``[Q]`` uint32 draws for the chunk of ``4 * Q`` tokens at ``start`` (``offs = arange(Q)``):
-    token ``start + j*Q + q`` takes lane j of Philox counter ``quad_base + start // 4 + q``. One Philox
-    call feeds 4 tokens, and each lane already has the layout of a contiguous ``[Q]`` sub-block load
-    (no register shuffles through shared memory)."""
-    return tl.randint4x(seed, quad_base + start // 4 + offs)
-
-
-@triton.jit
-def _exp1(r):
-    """Exp(1) from uint32 ``r``: ``E = -log(1 - w)`` with ``w = (2^31 - (r >> 1)) / 2^31`` in (0, 1].
-
-    Small E decide the race for unlikely tokens, so they must not be quantised: ``w`` is exact there
-    (a small integer times 2^-31) and below 1e-3 ``E`` comes from its series instead of ``log`` of a
-    float near 1 (whose 2^-24 spacing would make E >= 6e-8 and under-sample tokens with p ~ 1e-7).
-    """
-    r = (r >> 1).to(tl.int32)  # uint32 -> [0, 2^31)
-    w = ((2147483647 - r).to(tl.float32) + 1.0) * 4.656612873077393e-10
-    e = tl.where(w < 1e-3, w + w * w * (0.5 + w * 0.3333333333333333), -tl.log(1.0 - w))
-    return tl.minimum(e, 1e30)  # w == 1 gives inf: keep keys finite
-
-
-@triton.jit
-def _exp_at(seed, rng_base, idx, stage):
-    """Exp(1) for index ``idx`` (a token, or a lane < vocab) in draw ``stage`` (>= 1) of a row: lane
-    ``idx % 4`` of Philox counter ``(rng_base + idx // 4, stage, 0)``. Stages never repeat within a
-    call, and the row's counters never reach the next row's, so all draws are independent."""
-    c = rng_base + (idx // 4).to(tl.int64)
-    zero = (idx * 0).to(tl.uint32)
-    r0, r1, r2, r3 = tl.philox(seed, c.to(tl.uint32), (c >> 32).to(tl.uint32), (idx * 0 + stage).to(tl.uint32),
-                               zero)
-    q = idx % 4
-    return _exp1(tl.where(q == 0, r0, tl.where(q == 1, r1, tl.where(q == 2, r2, r3))))
-
-
-@triton.jit
-def _race_key(x, e, FROM_LOGITS: tl.constexpr):
-    """Race key per token (larger wins): ``-E/p`` for probabilities, ``x - log E`` (Gumbel) for logits."""
-    if FROM_LOGITS:
-        return x - tl.log(e)
-    # Clamp so a positive but tiny p keeps a finite key (it must stay eligible, just a sure loser).
-    return tl.maximum(-e / x, -3.0e38)
-
-
-@triton.jit
-def _race_fold(key, eligible, cols, lane_key, lane_idx):
-    """Fold a chunk into per-lane race state. Lanes are only reduced after the loop, so the hot loop
-    has no cross-thread reduction; strict '>' keeps each lane's lowest index on exact ties."""
-    key = tl.where(eligible, key, float("-inf"))
-    better = key > lane_key
-    return tl.where(better, key, lane_key), tl.where(better, cols, lane_idx)
-
-
-@triton.jit
-def _race_winner(lane_key, lane_idx):
-    """Largest key over the lanes, lowest index among equal keys; -1 when nothing was eligible."""
-    best = tl.max(lane_key, 0)
-    idx = tl.min(tl.where((lane_key == best) & (lane_idx >= 0), lane_idx, 2147483647), 0)
-    return tl.where(idx == 2147483647, -1, idx)
-
-
-@triton.jit
-def _in_set(x, a_bits):
-    """``x`` (fp32) in ``{p >= a}`` for ``a_bits >= 1``: positive, not NaN, bits at least a's."""
-    bits = x.to(tl.int32, bitcast=True)
-    return (bits >= a_bits) & (bits <= INF_BITS)
 
 
 @triton.jit
@@ -199,95 +132,6 @@ def _track_pass(base, a0, vocab, lanes, BLOCK: tl.constexpr, TRACK: tl.constexpr
             v3 = tl.maximum(v3, tl.minimum(lo_v, v2))
             v2 = tl.maximum(v2, lo_v)
     return tot, v1, v2, v3
-
-
-@triton.jit
-def _count_cut(n1, w1, n2, w2, n3, w3, n4, w4, k, lo, hi):
-    """Largest bits t in [lo, hi) with ``sum_j n_j * (w_j >= t) >= k`` over per-lane entries (values w_j
-    with multiplicities n_j), by bisection; requires the count at ``lo`` to qualify (lo = 0 stands for
-    "no bound") and the one at ``hi`` not to."""
-    for _s in range(32):
-        if hi - lo > 1:
-            mid = lo + (hi - lo) // 2
-            t = mid.to(tl.float32, bitcast=True)
-            cnt = tl.sum(tl.where(w1 >= t, n1, 0) + tl.where(w2 >= t, n2, 0) + tl.where(w3 >= t, n3, 0)
-                         + tl.where(w4 >= t, n4, 0), 0)
-            lo = tl.where(cnt >= k, mid, lo)
-            hi = tl.where(cnt >= k, hi, mid)
-    return lo
-
-
-@triton.jit
-def _kth_value_bits(base, v1, v2, lo, m3_bits, k, vocab, lanes, BLOCK: tl.constexpr):
-    """Exact bits of the k-th largest positive value of the row (1 = the smallest positive float when
-    fewer than k are positive), for rows where pass 0's tracked set C did not settle it: the k-th
-    largest of C (``lo``, a lower bound) is <= m3, the largest untracked bound.
-
-    Pass 1 "peels" each lane one level deeper: the number of tokens equal to the lane's v2 and the two
-    largest values strictly below v2 (and the third, e3). A lane's entries are then v1 (once, if above
-    v2), v2 (c2 times), e1, e2, and every other token is <= e3: counts above ``max e3`` are exact, so the
-    cut is settled unless some lane holds five or more tokens above the cut (on softmax rows of 151,936
-    tokens, k = 50 and 1024 lanes: ~2e-4 of the rows that reach here, i.e. ~4e-6 of all rows). Those
-    bisect the remaining bit interval with one counting pass per step (<= 31 passes: exact, slow, rare)."""
-    c2 = tl.zeros((BLOCK,), tl.int32)
-    e1 = tl.zeros((BLOCK,), tl.float32)
-    e2 = tl.zeros((BLOCK,), tl.float32)
-    e3 = tl.zeros((BLOCK,), tl.float32)
-    x_next = tl.load(base + lanes, mask=lanes < vocab, other=0.0)
-    for start in range(0, vocab, BLOCK):
-        cols = start + lanes
-        x = x_next.to(tl.float32)
-        x_next = tl.load(base + (cols + BLOCK), mask=cols + BLOCK < vocab, other=0.0)
-        v = tl.where(_in_set(x, 1), x, 0.0)
-        c2 += ((v == v2) & (v2 > 0.0)).to(tl.int32)
-        u = tl.where(v < v2, v, 0.0)
-        lo_u = tl.minimum(u, e1)
-        e1 = tl.maximum(u, e1)
-        e3 = tl.maximum(e3, tl.minimum(lo_u, e2))
-        e2 = tl.maximum(e2, lo_u)
-    one = tl.full((BLOCK,), 1, tl.int32)
-    n1 = (v1 > v2).to(tl.int32)  # a v1 above v2 occurs once in its lane (a second copy would be v2)
-    m_bits = tl.max(e3, 0).to(tl.int32, bitcast=True)
-    # Counts are exact above max(m_bits, m3_bits) (tokens above m3 are all in C), so the count at
-    # m3 + 1ulp is below k (the C cut was <= m3): the search stays in [lo, m3_bits + 1).
-    lo = _count_cut(n1, v1, c2, v2, one, e1, one, e2, k, lo, m3_bits + 1)
-    peeled = tl.maximum(lo, 1) > m_bits
-    hi = tl.where(peeled, lo + 1, m_bits + 1)
-    for _p in range(31):
-        if hi - lo > 1:
-            mid = lo + (hi - lo) // 2
-            n_v = tl.zeros((BLOCK,), tl.int32)
-            x_next = tl.load(base + lanes, mask=lanes < vocab, other=0.0)
-            for start in range(0, vocab, BLOCK):
-                cols = start + lanes
-                x = x_next.to(tl.float32)
-                x_next = tl.load(base + (cols + BLOCK), mask=cols + BLOCK < vocab, other=0.0)
-                n_v += _in_set(x, mid).to(tl.int32)
-            ok = tl.sum(n_v, 0) >= k
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid)
-    return tl.maximum(lo, 1), peeled, c2, e1, e2
-
-
-@triton.jit
-def _peeled_floor_set(v1, v2, c2, e1, e2, f_bits):
-    """Pass 0's state over ``{p >= f}`` (lane masses, top two, third) from the peeled entries, when
-    ``f`` is above every lane's e3 (the whole set is among them): a lane's entries in descending order
-    are v1 (once, if above v2), v2 (c2 times), e1, e2, so its i-th largest member is the entry whose
-    cumulative count first exceeds i."""
-    n_a = ((v1 > v2) & _in_set(v1, f_bits)).to(tl.int32)
-    n_b = tl.where(_in_set(v2, f_bits), c2, 0)
-    n_c = _in_set(e1, f_bits).to(tl.int32)
-    n_d = _in_set(e2, f_bits).to(tl.int32)
-    tot = n_a.to(tl.float32) * v1 + n_b.to(tl.float32) * v2 + n_c.to(tl.float32) * e1 + n_d.to(tl.float32) * e2
-    c_a = n_a
-    c_b = c_a + n_b
-    c_c = c_b + n_c
-    c_d = c_c + n_d
-    w1 = tl.where(0 < c_a, v1, tl.where(0 < c_b, v2, tl.where(0 < c_c, e1, tl.where(0 < c_d, e2, 0.0))))
-    w2 = tl.where(1 < c_a, v1, tl.where(1 < c_b, v2, tl.where(1 < c_c, e1, tl.where(1 < c_d, e2, 0.0))))
-    w3 = tl.where(2 < c_a, v1, tl.where(2 < c_b, v2, tl.where(2 < c_c, e1, tl.where(2 < c_d, e2, 0.0))))
-    return tot, w1, w2, w3
 
 
 @triton.jit

@@ -9,7 +9,8 @@ import triton
 import triton.language as tl
 
 from pagoda.kernels._launch import launch, next_pow2
-from pagoda.kernels.sampling import _exp1, _philox_chunk, _race_fold, _race_key, _race_winner, _seed_args, launch_config
+from pagoda.kernels.sampling import _seed_args, launch_config
+from pagoda.kernels.sampling_race import _exp1, _philox_chunk, _race_fold, _race_key, _race_winner
 
 
 @triton.jit

@@ -1,0 +1,79 @@
+"""Random draws and exponential races of the sorting-free samplers (`pagoda.kernels.sampling`,
+`pagoda.kernels.speculative`): Philox counters laid out per token, Exp(1) variates exact in the tail, and
+the per-lane race state (largest key wins, lowest index on ties) that is reduced once after the loop.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+INF_BITS = tl.constexpr(0x7F800000)  # bits of +inf: larger patterns are NaN
+
+
+@triton.jit
+def _philox_chunk(seed, quad_base, start, offs):
+    """Four ``[Q]`` uint32 draws for the chunk of ``4 * Q`` tokens at ``start`` (``offs = arange(Q)``):
+    token ``start + j*Q + q`` takes lane j of Philox counter ``quad_base + start // 4 + q``. One Philox
+    call feeds 4 tokens, and each lane already has the layout of a contiguous ``[Q]`` sub-block load
+    (no register shuffles through shared memory)."""
+    return tl.randint4x(seed, quad_base + start // 4 + offs)
+
+
+@triton.jit
+def _exp1(r):
+    """Exp(1) from uint32 ``r``: ``E = -log(1 - w)`` with ``w = (2^31 - (r >> 1)) / 2^31`` in (0, 1].
+
+    Small E decide the race for unlikely tokens, so they must not be quantised: ``w`` is exact there
+    (a small integer times 2^-31) and below 1e-3 ``E`` comes from its series instead of ``log`` of a
+    float near 1 (whose 2^-24 spacing would make E >= 6e-8 and under-sample tokens with p ~ 1e-7).
+    """
+    r = (r >> 1).to(tl.int32)  # uint32 -> [0, 2^31)
+    w = ((2147483647 - r).to(tl.float32) + 1.0) * 4.656612873077393e-10
+    e = tl.where(w < 1e-3, w + w * w * (0.5 + w * 0.3333333333333333), -tl.log(1.0 - w))
+    return tl.minimum(e, 1e30)  # w == 1 gives inf: keep keys finite
+
+
+@triton.jit
+def _exp_at(seed, rng_base, idx, stage):
+    """Exp(1) for index ``idx`` (a token, or a lane < vocab) in draw ``stage`` (>= 1) of a row: lane
+    ``idx % 4`` of Philox counter ``(rng_base + idx // 4, stage, 0)``. Stages never repeat within a
+    call, and the row's counters never reach the next row's, so all draws are independent."""
+    c = rng_base + (idx // 4).to(tl.int64)
+    zero = (idx * 0).to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, c.to(tl.uint32), (c >> 32).to(tl.uint32), (idx * 0 + stage).to(tl.uint32),
+                               zero)
+    q = idx % 4
+    return _exp1(tl.where(q == 0, r0, tl.where(q == 1, r1, tl.where(q == 2, r2, r3))))
+
+
+@triton.jit
+def _race_key(x, e, FROM_LOGITS: tl.constexpr):
+    """Race key per token (larger wins): ``-E/p`` for probabilities, ``x - log E`` (Gumbel) for logits."""
+    if FROM_LOGITS:
+        return x - tl.log(e)
+    # Clamp so a positive but tiny p keeps a finite key (it must stay eligible, just a sure loser).
+    return tl.maximum(-e / x, -3.0e38)
+
+
+@triton.jit
+def _race_fold(key, eligible, cols, lane_key, lane_idx):
+    """Fold a chunk into per-lane race state. Lanes are only reduced after the loop, so the hot loop
+    has no cross-thread reduction; strict '>' keeps each lane's lowest index on exact ties."""
+    key = tl.where(eligible, key, float("-inf"))
+    better = key > lane_key
+    return tl.where(better, key, lane_key), tl.where(better, cols, lane_idx)
+
+
+@triton.jit
+def _race_winner(lane_key, lane_idx):
+    """Largest key over the lanes, lowest index among equal keys; -1 when nothing was eligible."""
+    best = tl.max(lane_key, 0)
+    idx = tl.min(tl.where((lane_key == best) & (lane_idx >= 0), lane_idx, 2147483647), 0)
+    return tl.where(idx == 2147483647, -1, idx)
+
+
+@triton.jit
+def _in_set(x, a_bits):
+    """``x`` (fp32) in ``{p >= a}`` for ``a_bits >= 1``: positive, not NaN, bits at least a's."""
+    bits = x.to(tl.int32, bitcast=True)
+    return (bits >= a_bits) & (bits <= INF_BITS)
