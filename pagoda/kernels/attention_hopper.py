@@ -312,7 +312,9 @@ DEFAULT_CONFIG = {(64, False): "wspp-m128n128s2", (64, True): "ws-m128n128s2",
                   (128, False): "wspp-m128n128s2", (128, True): "ws-m128n128s2"}
 # Shortest key length that the Gluon kernel takes per head_dim by default (`prefer_hopper`): at d=64 it is
 # behind the autotuned Triton kernel up to s=1024 (H200 bench, 2026-11-30: 290 vs 320 TF/s at b32 s512,
-# 358 vs 372 at b16 s1024), ahead from 2048 on; at d=128 ahead everywhere.
+# 358 vs 372 at b16 s1024), ahead from 2048 on. At d=128 ahead in every cell but one: causal b32 s512 read
+# 189 TF/s in that bench against the Triton kernel's 226 of 2026-11-22, while the probe timed the kernel at
+# 261 there (one run each: to re-check before giving short causal d=128 calls back to Triton).
 MIN_SEQLEN_K = {64: 2048, 128: 0}
 
 
