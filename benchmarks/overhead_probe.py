@@ -2,7 +2,7 @@
 launch included), the same call replayed from a CUDA graph (device time only), and the host time of one
 call (Python + launches, no sync). A bench figure far above the graph figure means host overhead.
 
-GPU only. Usage (repo root): PYTHONPATH=$PWD python3 benchmarks/overhead_probe.py [decode|decode_sweep|decode_splits|cascade|sampling|all]
+GPU only. Usage (repo root): PYTHONPATH=$PWD python3 benchmarks/overhead_probe.py [decode|decode_tiles|decode_sweep|decode_splits|cascade|sampling|all]
 Optional env: PROBE_SPLITS="16,32,64" tries decode with fixed split sizes (pages per split).
 """
 from __future__ import annotations
@@ -89,6 +89,30 @@ def decode_cases():
             rows.append(probe(f"decode b{batch} ctx{ctx} split={fs} (splits={w._splits})",
                               lambda w=w: w.run(q, cache), nbytes))
         del cache
+    return rows
+
+
+def decode_tiles():
+    """b1 page 16 vs page 1 (the 2026-12-01 bench: b1 4k 0.36 vs 0.83 TB/s): bench / graph / host time per page
+    size with the whole-tile key loop forced on and off, so a gap is placed on the host or the device."""
+    import pagoda.kernels.decode as kd
+    from pagoda.ops.decode import BatchDecodeWithPagedKVCacheWrapper
+
+    rows = []
+    hq, hk, d = 32, 8, 128
+    ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    real = kd.whole_tiles
+    for batch, ctx in ((1, 4096), (1, 32768), (64, 4096)):
+        for ps in (16, 1):
+            q, cache, indptr, indices, last, nbytes = _decode_inputs(batch, ctx, hq, hk, d, ps)
+            for whole in ("auto", False, True):
+                kd.whole_tiles = real if whole == "auto" else (lambda p, a, w=whole: w and bool(a & 1))
+                w = BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+                w.plan(indptr, indices, last, hq, hk, d, ps, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+                rows.append(probe(f"decode b{batch} ctx{ctx} page{ps} whole={whole} splits={w._splits}",
+                                  lambda w=w: w.run(q, cache), nbytes))
+            del cache
+    kd.whole_tiles = real
     return rows
 
 
@@ -237,6 +261,8 @@ def main():
     out = {}
     if which in ("decode", "all"):
         out["decode"] = decode_cases()
+    if which == "decode_tiles":
+        out["decode_tiles"] = decode_tiles()
     if which == "decode_sweep":
         out["decode_sweep"] = decode_sweep()
     if which == "decode_splits":
