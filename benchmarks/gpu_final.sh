@@ -39,6 +39,16 @@ check)
     --configs ws-m128n128s2,wspp-m128n128s2,ws3-m192n128s2,ws3pp-m192n128s2,ws3pp-m192n128s3 > $OUT/hopper-ws3.txt 2>&1
   tail -12 $OUT/hopper-ws3.txt
   ;;
+check2)
+  # Session 5, second check (~7 min): the attention GPU tests with ws3 as the head_dim-64 default, the public
+  # call vs the kernels it dispatches to at short lengths, then the decode study (2 timing rounds per case).
+  timeout -k 5 200 python3 -m pytest tests/kernels/test_attention_hopper_gpu.py tests/kernels/test_attention_gpu.py \
+    -m gpu -q -p no:cacheprovider -n 8 --timeout 120 > $OUT/gpu-tests-attention.log 2>&1
+  tail -3 $OUT/gpu-tests-attention.log
+  timeout -k 5 70 python3 benchmarks/dispatch_probe.py 2>&1 | tee $OUT/dispatch-probe.txt | tail -8
+  mkdir -p $OUT/res
+  timeout 200 python3 -m pagoda bench decode --out $OUT/res 2>&1 | grep -v "^decode \[" | tail -12
+  ;;
 gluon)
   # The opt-in Gluon configs of session 4 beside the defaults, cuDNN and Triton (~8 min): persistent ws
   # (pws*) over the full probe grid (s = 512 ... 16k), 3-consumer ws3* at head_dim 64.

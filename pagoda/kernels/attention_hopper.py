@@ -282,7 +282,9 @@ CONFIGS = {
 # "ws3" (FA3's head_dim-64 layout, BLOCK_N 128 as Gluon shapes are powers of two): 3 consumer warpgroups of
 # ~160 registers + the loader fit 64K registers, so head_dim 64 only (WS3_HEAD_DIMS): at d=128 a thread
 # holds S (64 regs), O (64) and P (32) before any softmax temporaries (ptxas 12.8: 832 bytes of spills per
-# thread); at d=64 S 64 + O 32 + P 32 fit without spills. Opt-in (not in DEFAULT_CONFIG) until measured.
+# thread); at d=64 S 64 + O 32 + P 32 fit without spills. The d=64 default since the H200 probe of
+# 2026-12-01 (benchmarks/results/2026-12-01-h200-hopper): 1.02x / 1.10x cuDNN non-causal at s = 4k / 16k
+# (2-consumer ws: 0.94x / 0.97x), causal 0.94x / 1.09x (ws: 0.94x / 1.01x).
 WS_CONFIGS = {
     "ws-m128n128s2": (128, 128, 2, 240, False, 2),
     "ws-m128n128s3": (128, 128, 3, 240, False, 2),
@@ -307,8 +309,9 @@ def _ws_persistent(config: str) -> bool:
 
 
 # Per (head_dim, causal): the warp-specialised kernel won every s >= 4096 case of the probe on an H200
-# (2026-11-30, benchmarks/results/2026-11-30-h200-hopper); ping-pong helps the longer non-causal loops.
-DEFAULT_CONFIG = {(64, False): "wspp-m128n128s2", (64, True): "ws-m128n128s2",
+# (2026-11-30, benchmarks/results/2026-11-30-h200-hopper); ping-pong helps the longer non-causal loops at
+# d=128; at d=64 three consumer warpgroups (BLOCK_M 192) beat two (2026-12-01, above).
+DEFAULT_CONFIG = {(64, False): "ws3-m192n128s2", (64, True): "ws3-m192n128s2",
                   (128, False): "wspp-m128n128s2", (128, True): "ws-m128n128s2"}
 # Shortest key length that the Gluon kernel takes per head_dim by default (`prefer_hopper`): at d=64 it is
 # behind the autotuned Triton kernel up to s=1024 (H200 bench, 2026-11-30: 290 vs 320 TF/s at b32 s512,

@@ -26,7 +26,8 @@ cases = [(d, dt, c, None) for d, dt, c in itertools.product((64, 128), ("bf16", 
 cases += [(d, "bf16", True, name) for name in list(H.CONFIGS) + list(H.WS_CONFIGS) for d in H.config_head_dims(name)]
 cases += [(d, "fp16", False, name) for d in (64, 128) for name in ("ws-m128n128s2", "wspp-m128n128s2")]
 ws3 = [name for name, c in H.WS_CONFIGS.items() if c[5] == 3]
-assert ws3 and not set(ws3) & set(H.DEFAULT_CONFIG.values()), "the ws3 configs are opt-in"
+assert ws3 and {H.DEFAULT_CONFIG[64, c] for c in (False, True)} <= set(ws3), "ws3 is the head_dim 64 default"
+assert not set(ws3) & {H.DEFAULT_CONFIG[128, c] for c in (False, True)}
 cases += [(64, dt, c, name) for name in ws3 for dt, c in itertools.product(("bf16", "fp16"), (True, False))
           if (dt, c) != ("bf16", True)]
 pws = [name for name in H.WS_CONFIGS if H._ws_persistent(name)]
