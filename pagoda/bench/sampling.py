@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import gc
 import importlib
+import os
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -174,15 +176,22 @@ def run_study(grid: str, backends: list[str] | None, device: torch.device, dtype
     unavailable = {n: BACKENDS[n][1](device) for n in names}
     cases = sampling_grid(grid)
     results: list[dict] = []
+    budget_s = float(os.environ.get("PAGODA_BENCH_BUDGET_S", "inf"))   # a bounded GPU call still leaves data
+    start, skipped = time.monotonic(), []
     with Progress(len(cases), "sampling") as bar:
         for case in cases:
-            results += run_case(case, names, device, dtype, unavailable)
+            if results and time.monotonic() - start > budget_s:   # the first case always runs
+                skipped.append(case.label())
+            else:
+                results += run_case(case, names, device, dtype, unavailable)
             bar.step(case.label())
     return {
         "study": "sampling",
         "meta": {**_report.environment(device), "grid": grid, "dtype": str(dtype).replace("torch.", ""),
                  "params": {"top_p": TOP_P, "top_k": TOP_K, "min_p": MIN_P},
-                 "floor": "one read of the probabilities (torch.amax over rows); gbps = probability bytes / time"},
+                 "floor": "one read of the probabilities (torch.amax over rows); gbps = probability bytes / time",
+                 "skipped_cases": skipped,
+                 "skipped_why": f"started past PAGODA_BENCH_BUDGET_S={budget_s:g} s" if skipped else None},
         "backends": {n: {"available": unavailable[n] is None, "reason": unavailable[n], "describe": BACKENDS[n][0]}
                      for n in names},
         "results": results,
@@ -234,6 +243,8 @@ def tables(report: dict, markdown: bool = False) -> str:
     if reasons:
         out.append("Unavailable backends:\n" + ("\n" if markdown else "")
                    + "\n".join(("- " if markdown else "  ") + r for r in reasons))
+    if report["meta"].get("skipped_cases"):
+        out.append(f"Cases not run ({report['meta']['skipped_why']}): " + ", ".join(report["meta"]["skipped_cases"]))
     skips = sorted({f"{r['backend']} {r['op']}: {r['reason']}" for r in report["results"]
                     if r["status"] in ("error", "unsupported", "oom")})
     if skips:

@@ -9,10 +9,11 @@ being bound by it.
 `launch(kernel, grid, *args, **kwargs)` goes through ``kernel[grid]`` the first time it sees a kernel with
 a given *specialisation* and remembers the compiled kernel; later calls whose specialisation key matches
 call the compiled launcher directly. The key captures everything Triton specialises on: each tensor's
-dtype, device and 16-byte alignment, and the exact value of every non-tensor argument (ints equal to 1
-and ints divisible by 16 compile differently; floats and bools are included too, which is stricter than
-needed). Equal key ⇒ same compiled kernel, so the fast path never runs a kernel compiled for other
-arguments.
+dtype, device and 16-byte alignment; the exact value of every constexpr; for every other int what Triton
+specialises it on (its type by range: i32 / i64 / u64, whether it equals 1, whether it is divisible by
+16), so a runtime int that changes every call (a sampler's Philox offset, a sequence length) reuses the
+compiled kernel; the exact value of every other argument (floats, bools, None: stricter than needed).
+Equal key ⇒ same compiled kernel, so the fast path never runs a kernel compiled for other arguments.
 
 Only Triton versions whose launcher calling convention was checked use the fast path (3.4–3.6:
 ``run(grid0, grid1, grid2, stream, function, packed_metadata, launch_metadata, enter_hook, exit_hook,
@@ -69,6 +70,16 @@ _names: dict[object, tuple] = {}        # kernel -> its parameter names in order
 _defaults: dict[object, dict] = {}      # kernel -> {parameter: default} for those that have one
 
 
+_runtime: dict[object, tuple] = {}       # kernel -> per parameter: True for a runtime (non-constexpr) one
+
+
+def _int_class(v: int) -> tuple:
+    """What Triton 3.4-3.6 specialise a runtime int argument on: its type by range, == 1 (made a
+    constant), divisibility by 16 (``tt.divisibility``). Ints of one class share a compiled kernel."""
+    kind = 0 if -2**31 <= v < 2**31 else (2 if 2**63 <= v < 2**64 else 1)
+    return ("int", kind, v == 1, v % 16 == 0)
+
+
 _device_stream = None     # (get_current_device, get_current_stream) of Triton's active driver, set lazily
 
 
@@ -92,6 +103,8 @@ def launch(kernel, grid: tuple, *args, num_warps: int = 4, num_stages: int | Non
     if names is None:
         names = _names[kernel] = tuple(kernel.arg_names)
         _defaults[kernel] = {p.name: p.default for p in kernel.params if getattr(p, "has_default", False)}
+        # A parameter not known to be a runtime one is keyed by exact value (the safe side).
+        _runtime[kernel] = tuple(not getattr(p, "is_constexpr", True) for p in kernel.params)
     if len(args) + len(kwargs) < len(names):
         kwargs = {**_defaults[kernel], **kwargs}
     values = [*args, *(kwargs[n] for n in names[len(args):])]
@@ -99,7 +112,9 @@ def launch(kernel, grid: tuple, *args, num_warps: int = 4, num_stages: int | Non
     device = get_device()
     tensor = torch.Tensor
     key = (kernel, device, num_warps, num_stages,
-           *[(v.dtype, not v.data_ptr() & 15) if isinstance(v, tensor) else v for v in values])
+           *[(v.dtype, not v.data_ptr() & 15) if isinstance(v, tensor)
+             else _int_class(v) if rt and type(v) is int else v
+             for v, rt in zip(values, _runtime[kernel])])
     ck = _compiled.get(key)
     if ck is not None and _no_hooks():
         g0, g1, g2 = (*grid, 1, 1)[:3]

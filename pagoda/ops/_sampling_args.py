@@ -55,20 +55,54 @@ def per_row(name: str, value, batch: int, device, kind: str) -> torch.Tensor:
         if value.device != device:
             raise ValueError(f"{name} must be on {device}, got {value.device}")
         return value.reshape(-1).to(dtype).expand(batch).contiguous()
-    wrong_kind = is_int and not isinstance(value, numbers.Integral)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or wrong_kind:
-        want = "an int" if is_int else "a float"
-        raise TypeError(f"{name} must be {want} or a tensor of shape ({batch},), got {type(value).__name__}")
+    fill = _check_scalar(name, value, batch, kind, is_int)
+    if device.type == "cuda":
+        stream = _uncaptured_stream(device)
+        if stream is not None:
+            # Keyed by stream too: a reader on the creating stream is ordered after the fill.
+            return _constant_row(fill, dtype, batch, device, stream)
+    return torch.full((batch,), fill, dtype=dtype, device=device)
+
+
+# kind -> (test of a scalar value, the rule in an error message)
+_SCALAR_RULES = {
+    "top_k": (lambda v: v >= 1, ">= 1"),
+    "prob": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+    "min_p": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "temperature": (lambda v: v >= 0.0, ">= 0"),
+}
+
+
+def _check_scalar(name: str, value, batch: int, kind: str, is_int: bool):
+    """A scalar parameter checked against its kind's rule: ``int(value)`` for top_k, else ``float(value)``.
+    Plain ints (and floats where a float is wanted) skip the ``numbers`` checks (ABC look-ups)."""
+    exact = type(value) is int or (type(value) is float and not is_int)
+    if not exact:
+        wrong_kind = is_int and not isinstance(value, numbers.Integral)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or wrong_kind:
+            want = "an int" if is_int else "a float"
+            raise TypeError(f"{name} must be {want} or a tensor of shape ({batch},), got {type(value).__name__}")
     v = float(value)
-    ok = {"top_k": v >= 1, "prob": 0.0 < v <= 1.0, "min_p": 0.0 <= v <= 1.0, "temperature": v >= 0.0}[kind]
-    if not ok or v != v:
-        rule = {"top_k": ">= 1", "prob": "in (0, 1]", "min_p": "in [0, 1]", "temperature": ">= 0"}[kind]
+    ok, rule = _SCALAR_RULES[kind]
+    if not ok(v) or v != v:
         raise ValueError(f"{name} must be {rule}, got {value!r}")
-    if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
-        # Keyed by stream too: a reader on the creating stream is ordered after the fill.
-        return _constant_row(int(value) if is_int else v, dtype, batch, device,
-                             torch.cuda.current_stream(device).cuda_stream)
-    return torch.full((batch,), int(value) if is_int else v, dtype=dtype, device=device)
+    return int(value) if is_int else v
+
+
+_raw_stream = None     # torch._C._cuda_getCurrentRawStream where this build has it (as Triton's driver uses)
+
+
+def _uncaptured_stream(device: torch.device) -> int | None:
+    """The current CUDA stream of ``device`` as an int (``torch.cuda.current_stream(device).cuda_stream``),
+    or None while a CUDA graph is being captured. Read through the raw getter, not a ``Stream`` object
+    (the public call builds one: a few µs per call)."""
+    global _raw_stream
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    if _raw_stream is None:
+        _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
+            lambda index: torch.cuda.current_stream(index).cuda_stream)
+    return _raw_stream(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=256)
@@ -100,6 +134,8 @@ def check_filter_order(filter_apply_order) -> None:
 
 
 def _check_seed_value(name: str, v, batch: int, device):
+    if type(v) is int:  # the common host form: no tensor or ``numbers`` checks
+        return v
     if isinstance(v, torch.Tensor):
         _checks.check_tensor(name, v, ndim=1, dtypes=(torch.int64,))
         if v.numel() not in (1, batch):
@@ -140,12 +176,25 @@ def philox_seed_offset(generator, device, batch: int, increment: int, seed=None,
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     elif generator.device.type != "cuda":
         raise ValueError(f"generator must be a CUDA generator for CUDA inputs, got one on {generator.device}")
-    state = generator.get_state()  # a fresh CPU copy: edited in place, then written back
-    words = state[:16].view(torch.int64)
-    seed_v, offset_v = words.tolist()
-    words[1] = offset_v + (increment + 3) // 4 * 4
-    generator.set_state(state)
-    return seed_v, offset_v
+    return _advance(generator, increment)
+
+
+def _advance(generator: torch.Generator, increment: int) -> tuple[int, int]:
+    """(seed, offset) of a CUDA generator, whose offset then advances by ``increment`` rounded up to 4.
+
+    Read and written through ``initial_seed``/``get_offset``/``set_offset`` (``get_state`` copies the
+    state into a new CPU tensor, and editing it costs several tensor ops per call). The values are
+    those of the state's int64 words: the seed, an unsigned 64-bit value, is returned as signed.
+    """
+    seed = generator.initial_seed()
+    offset = generator.get_offset()
+    generator.set_offset(offset + (increment + 3) // 4 * 4)
+    return _as_int64(seed), _as_int64(offset)
+
+
+def _as_int64(v: int) -> int:
+    """An unsigned 64-bit value as the signed int64 with the same bits."""
+    return v - (1 << 64) if v >= 1 << 63 else v
 
 
 def check_generator_cpu(generator, seed=None, offset=None):

@@ -35,10 +35,23 @@ __all__ = [
 ]
 
 
+_kernel_modules = None
+
+
+def _kernels():
+    """(`pagoda.kernels.sampling`, `pagoda.kernels.sampling_filters`): imported at the first CUDA call
+    (the CPU path needs no Triton), then kept (an import statement per call costs ~1 µs)."""
+    global _kernel_modules
+    if _kernel_modules is None:
+        from pagoda.kernels import sampling, sampling_filters
+
+        _kernel_modules = (sampling, sampling_filters)
+    return _kernel_modules
+
+
 def _launch(x, indices, batch, generator, seed, offset, return_valid, top_k=None, top_p=None, min_p=None,
             from_logits=False, out_dtype=None, k_first=False):
-    from pagoda.kernels import sampling as _k
-
+    _k = _kernels()[0]
     s, o = _a.philox_seed_offset(generator, x.device, batch, batch * x.shape[1], seed, offset)
     dtype = out_dtype or (indices.dtype if indices is not None else torch.int32)
     out = torch.empty(batch, dtype=dtype, device=x.device)
@@ -72,8 +85,7 @@ def softmax(logits, temperature=None, enable_pdl=None):
                                                       "temperature")
     if not logits.is_cuda:
         return _ref.softmax(logits, temp).to(logits.device)
-    from pagoda.kernels import sampling_filters as _f
-
+    _f = _kernels()[1]
     out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
     _f.softmax(logits, out, temp)
     return out
@@ -152,8 +164,7 @@ def _top_k_top_p(name, x, top_k, top_p, indices, filter_apply_order, generator, 
         extra = {} if from_logits else {"return_valid": return_valid}
         return _cpu(fn(x, tk, tp, indices, filter_apply_order, True, generator, False, seed, offset, **extra),
                     x.device)
-    from pagoda.kernels import sampling_filters as _f
-
+    _f = _kernels()[1]
     if from_logits:
         probs = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         _f.softmax(x, probs, None)
@@ -194,8 +205,7 @@ def _renorm(name, x, value, kind, renorm):
             return _ref.top_k_mask_logits(x, param).to(x.device)
         fn = _ref.top_k_renorm_probs if kind == "top_k" else _ref.top_p_renorm_probs
         return fn(x, param).to(x.device)
-    from pagoda.kernels import sampling_filters as _f
-
+    _f = _kernels()[1]
     out = torch.empty_like(x)
     _f.threshold_filter(x, out, param if kind == "top_k" else None, param if kind == "prob" else None, renorm)
     return out

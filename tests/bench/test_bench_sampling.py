@@ -51,3 +51,12 @@ def test_cpu_study_schema(tmp_path):
     paths = write_outputs(tmp_path, "sampling", report, sampling.tables(report, markdown=True))
     assert json.loads(paths[0].read_text())["study"] == "sampling"
     assert "| vocab | batch |" in paths[2].read_text()
+
+
+def test_budget_skips_the_cases_it_cannot_start_and_says_so(monkeypatch):
+    monkeypatch.setenv("PAGODA_BENCH_BUDGET_S", "0")     # past the budget once the first case has run
+    report = sampling.run_study("small", ["torch_sort"], torch.device("cpu"), torch.float32)
+    grid = sampling.sampling_grid("small")
+    assert {(r["vocab"], r["batch"]) for r in report["results"]} == {(grid[0].vocab, grid[0].batch)}
+    assert report["meta"]["skipped_cases"] == [c.label() for c in grid[1:]]
+    assert "Cases not run (started past PAGODA_BENCH_BUDGET_S=0 s)" in sampling.tables(report)

@@ -70,6 +70,34 @@ def test_any_change_of_specialisation_recompiles(fast, change):
     assert [e[0] for e in k.log] == ["slow", "slow"]
 
 
+class _TypedKernel(_FakeKernel):
+    """Like `_FakeKernel`, with Triton's ``is_constexpr`` on each parameter (BLOCK is the constexpr)."""
+    params = [types.SimpleNamespace(name=n, has_default=False, default=None, is_constexpr=n == "BLOCK")
+              for n in _FakeKernel.arg_names]
+
+
+@pytest.mark.parametrize("first, second, reused", [
+    (17, 33, True), (32, 48, True), (-5, 7, True),              # same class: i32, not 1, (not) divisible by 16
+    (17, 32, False), (16, 1, False), (17, 2**31, False),        # divisibility, == 1, i32 -> i64
+    (2**31 + 1, 2**40 + 3, True), (2**40, 2**63, False)])           # i64 vs u64
+def test_runtime_ints_are_keyed_by_triton_specialisation(fast, first, second, reused):
+    k, x = _TypedKernel(), torch.zeros(64)
+    _launch.launch(k, (1,), x, first, 0.5, BLOCK=32)
+    _launch.launch(k, (1,), x, second, 0.5, BLOCK=32)
+    assert [e[0] for e in k.log] == ["slow", "fast" if reused else "slow"]
+    if reused:
+        assert k.log[1][2] == (x, second, 0.5, 32)          # the new value reaches the launcher
+
+
+def test_constexpr_and_bool_arguments_stay_keyed_by_value(fast):
+    k, x = _TypedKernel(), torch.zeros(64)
+    _launch.launch(k, (1,), x, 17, 0.5, BLOCK=32)
+    _launch.launch(k, (1,), x, 17, 0.5, BLOCK=48)             # constexpr: another compiled kernel
+    _launch.launch(k, (1,), x, True, 0.5, BLOCK=32)           # a bool is not an int class
+    _launch.launch(k, (1,), x, 17, 0.25, BLOCK=32)            # floats: exact (stricter than Triton)
+    assert [e[0] for e in k.log] == ["slow"] * 4
+
+
 def test_disabled_always_takes_the_normal_path(monkeypatch):
     monkeypatch.setattr(_launch, "_ENABLED", False)
     k, x = _FakeKernel(), torch.zeros(4)
