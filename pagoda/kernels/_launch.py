@@ -15,6 +15,10 @@ specialises it on (its type by range: i32 / i64 / u64, whether it equals 1, whet
 compiled kernel; the exact value of every other argument (floats, bools, None: stricter than needed).
 Equal key ⇒ same compiled kernel, so the fast path never runs a kernel compiled for other arguments.
 
+Every launch runs on the device of its first tensor argument (a device guard, as flash-attn's and
+FlashInfer's ops have): a call on ``cuda:1`` tensors while ``cuda:0`` is current launches on ``cuda:1``,
+on its current stream, instead of reading another device's memory from the wrong context.
+
 Only Triton versions whose launcher calling convention was checked use the fast path (3.4–3.6:
 ``run(grid0, grid1, grid2, stream, function, packed_metadata, launch_metadata, enter_hook, exit_hook,
 *args)``); others, the interpreter, launch hooks (profilers) and ``PAGODA_FAST_LAUNCH=0`` take the normal
@@ -80,6 +84,38 @@ def _int_class(v: int) -> tuple:
     return ("int", kind, v == 1, v % 16 == 0)
 
 
+def _foreign_device(values, current: int) -> int | None:
+    """The CUDA device index of the first tensor in ``values`` when it is not ``current`` (else None)."""
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            index = v.get_device()
+            return index if index >= 0 and index != current else None
+    return None
+
+
+class _NoGuard:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NO_GUARD = _NoGuard()
+
+
+def device_of(tensors):
+    """``torch.cuda.device(i)`` for the device of the first tensor in ``tensors`` when another device is
+    current; otherwise a context that does nothing (the common case costs one ``get_device`` call)."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            index = t.get_device()
+            if index >= 0 and index != torch.cuda.current_device():
+                return torch.cuda.device(index)
+            break
+    return _NO_GUARD
+
+
 _device_stream = None     # (get_current_device, get_current_stream) of Triton's active driver, set lazily
 
 
@@ -97,7 +133,8 @@ def launch(kernel, grid: tuple, *args, num_warps: int = 4, num_stages: int | Non
     ``kwargs`` must name every parameter after the positional ones (constexprs included)."""
     if not _ENABLED:
         options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
-        kernel[grid](*args, **kwargs, **options)
+        with device_of(args):
+            kernel[grid](*args, **kwargs, **options)
         return
     names = _names.get(kernel)
     if names is None:
@@ -110,6 +147,10 @@ def launch(kernel, grid: tuple, *args, num_warps: int = 4, num_stages: int | Non
     values = [*args, *(kwargs[n] for n in names[len(args):])]
     get_device, get_stream = _current()
     device = get_device()
+    other = _foreign_device(values, device)
+    if other is not None:
+        with torch.cuda.device(other):
+            return launch(kernel, grid, *args, num_warps=num_warps, num_stages=num_stages, **kwargs)
     tensor = torch.Tensor
     key = (kernel, device, num_warps, num_stages,
            *[(v.dtype, not v.data_ptr() & 15) if isinstance(v, tensor)
@@ -161,7 +202,12 @@ def replay(launches, swap: dict, tensors: tuple) -> bool:
     if not _no_hooks():
         return False
     get_device, get_stream = _current()
-    stream = get_stream(get_device())
+    device = get_device()
+    other = _foreign_device(tensors, device)
+    if other is not None:
+        with torch.cuda.device(other):
+            return replay(launches, swap, tensors)
+    stream = get_stream(device)
     for (ck, (g0, g1, g2), values), slots in zip(launches, swap):
         if slots:
             values = list(values)
@@ -206,14 +252,16 @@ def launch_tuned(tuned, kernel, grid, *args, extra_key=(), **kwargs) -> None:
     costs as much as the launch itself). ``grid`` may be a callable of the launch meta-parameters.
     ``extra_key``: whatever else the autotuner's pruning depends on (e.g. whether TMA is possible)."""
     if not _ENABLED:
-        tuned[grid](*args, **kwargs)
+        with device_of(args):
+            tuned[grid](*args, **kwargs)
         return
     names = tuned.arg_names
     key = (tuned, extra_key, *(kwargs[k] if k in kwargs else args[names.index(k)] for k in tuned.keys),
            *(a.dtype for a in args if isinstance(a, torch.Tensor)))
     cfg = _tuned_configs.get(key)
     if cfg is None or cfg.pre_hook is not None or getattr(cfg, "num_ctas", 1) != 1:
-        tuned[grid](*args, **kwargs)
+        with device_of(args):
+            tuned[grid](*args, **kwargs)
         best = getattr(tuned, "best_config", None)
         if best is not None:
             _tuned_configs[key] = best

@@ -41,6 +41,8 @@ import functools
 
 import torch
 
+from pagoda.kernels._launch import device_of
+
 try:  # Gluon is experimental: any import problem just disables this path.
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -421,6 +423,11 @@ def attention_fwd_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     (ValueError for a ws3 config at a head dim other than 64).
     Returns the launched CompiledKernel (``n_regs``, ``n_spills``, ``metadata.shared``).
     """
+    with device_of((q,)):   # TMA descriptors and the launch on q's device, whichever device is current
+        return _launch_hopper(q, k, v, out, lse, softmax_scale, causal, config)
+
+
+def _launch_hopper(q, k, v, out, lse, softmax_scale, causal, config):
     b, sq, hq, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     config = config or DEFAULT_CONFIG[d, bool(causal)]

@@ -177,3 +177,65 @@ def test_recording_is_empty_when_the_fast_path_is_off(monkeypatch):
     with _launch.recording() as launches:
         _launch.launch(k, (1,), x, 16, 0.5, BLOCK=32)
     assert launches == [] and _launch._recorder is None
+
+
+class _OnDevice1(torch.Tensor):
+    """A CPU tensor that reports CUDA device 1 (the launch's device guard reads ``get_device``)."""
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def get_device(self):
+        return 1
+
+
+@pytest.fixture
+def two_devices(fast, monkeypatch):
+    """Device 0 current; ``torch.cuda.device(i)`` makes i current for its block and records i."""
+    import contextlib
+    state = {"current": 0, "entered": []}
+    monkeypatch.setattr(_launch, "_device_stream", (lambda: state["current"], lambda d: 7 + d))
+
+    @contextlib.contextmanager
+    def device(i):
+        state["entered"].append(i)
+        old, state["current"] = state["current"], i
+        try:
+            yield
+        finally:
+            state["current"] = old
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: state["current"])
+    return state
+
+
+def test_launch_runs_on_the_device_of_its_first_tensor(two_devices):
+    k, x = _FakeKernel(), torch.Tensor._make_subclass(_OnDevice1, torch.zeros(64))
+    _launch.launch(k, (1,), x, 16, 0.5, BLOCK=32)            # normal path, inside the guard
+    _launch.launch(k, (1,), x, 16, 0.5, BLOCK=32)            # compiled launcher, inside the guard
+    assert [e[0] for e in k.log] == ["slow", "fast"]
+    assert two_devices["entered"] == [1, 1] and two_devices["current"] == 0
+    assert [key[1] for key in _launch._compiled] == [1]      # compiled for device 1, keyed so
+    y = torch.zeros(64)                                       # a CPU tensor (interpreter path): no guard
+    _launch.launch(k, (1,), y, 16, 0.5, BLOCK=32)
+    assert two_devices["entered"] == [1, 1]
+
+
+def test_replay_runs_on_the_device_of_its_tensors(two_devices):
+    k, x = _FakeKernel(), torch.Tensor._make_subclass(_OnDevice1, torch.zeros(64))
+    bound = {}
+    fn = lambda: _launch.launch(k, (2,), x, 16, 0.5, BLOCK=32)   # noqa: E731
+    _launch.launch(k, (2,), x, 16, 0.5, BLOCK=32)             # compile first, so the record is bound
+    _launch.replay_or_record(bound, "key", (x,), fn, 1)
+    entered = len(two_devices["entered"])
+    _launch.replay_or_record(bound, "key", (x,), fn, 1)      # a replay
+    assert two_devices["entered"][entered:] == [1] and two_devices["current"] == 0
+
+
+def test_device_of_is_a_no_op_for_cpu_and_current_device_tensors(two_devices):
+    with _launch.device_of((torch.zeros(2),)):
+        pass
+    with _launch.device_of((3, torch.zeros(2))):
+        pass
+    assert two_devices["entered"] == []
+    with _launch.device_of((torch.Tensor._make_subclass(_OnDevice1, torch.zeros(2)),)):
+        assert two_devices["current"] == 1
+    assert two_devices["entered"] == [1]
