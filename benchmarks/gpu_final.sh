@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU machine: run the GPU tests (stage "tests"), the serving benchmarks (stage "bench"), the checks owed
-# by the last session (stages "verify" and "gluon"), the sampling study beside FlashInfer (stage "sampling", a call of
+# by the last session (stages "verify", "gluon", "next"), the sampling study beside FlashInfer (stage "sampling", a call of
 # its own: FlashInfer's sampling JIT takes ~100 s) or HF generate (stage "e2e"); results under $OUT.
 # From the repo root: bash benchmarks/gpu_final.sh tests|bench|verify|gluon|sampling|e2e
 set -uo pipefail
@@ -66,6 +66,19 @@ final5)
   timeout -k 5 70 python3 benchmarks/hopper_probe.py --budget 45 --head-dims 128 \
     --configs ws-m128n128s2,wspp-m128n128s2,pws-m128n128s2,pwspp-m128n128s2 > $OUT/hopper-pws.txt 2>&1
   grep -A8 SUMMARY $OUT/hopper-pws.txt | tail -7
+  ;;
+next)
+  # For the next session's first call (~9.5 min): what session 5 changed after its last GPU runs (device
+  # guard, sampling 2-round timing) under test, then the sampling study beside FlashInfer in 2 rounds (the
+  # launch int-class fix should take b1/b32 off the slow launch path), then paged prefill vs dense.
+  mkdir -p $OUT/res
+  timeout -k 5 90 python3 -m pytest tests/ops/test_sampling.py tests/kernels/test_launch_gpu.py tests/ops/test_decode.py \
+    tests/kernels/test_attention_hopper_gpu.py tests/ops/test_device_guard_gpu.py -m gpu -q -p no:cacheprovider -n 8 \
+    --timeout 60 > $OUT/gpu-tests.log 2>&1; tail -3 $OUT/gpu-tests.log
+  PAGODA_BENCH_BUDGET_S=330 timeout -k 5 400 python3 -m pagoda bench sampling --out $OUT/res 2>&1 \
+    | grep -v "^sampling \[" | tail -40
+  timeout -k 5 80 python3 -m pagoda bench paged --backends pagoda_paged,pagoda_dense --out $OUT/res 2>&1 \
+    | grep -v "^paged \[" | tail -8
   ;;
 gluon)
   # The opt-in Gluon configs of session 4 beside the defaults, cuDNN and Triton (~8 min): persistent ws
