@@ -8,25 +8,14 @@ directly, and the host time of one public call (no sync).
     PYTHONPATH=$PWD python3 benchmarks/dispatch_probe.py
 """
 import json
-import time
 
 import torch
 import triton.testing
+from overhead_probe import host_us  # benchmarks/ is sys.path[0] when run as a script
 
 import pagoda
 from pagoda.kernels import attention_hopper as H
 from pagoda.kernels.attention_fwd import attention_fwd
-
-
-def _host_us(fn, n=50):
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / n * 1e6
 
 
 def main():
@@ -53,7 +42,7 @@ def main():
                 row[name + "_TFs"] = round(flops / ms / 1e9, 1)
             except Exception as exc:  # noqa: BLE001 - report and go on
                 row[name + "_TFs"] = f"{type(exc).__name__}: {exc}"[:120]
-        row["flash_attn_func_host_us"] = round(_host_us(fns["flash_attn_func"]), 1)
+        row["flash_attn_func_host_us"] = round(host_us(fns["flash_attn_func"]), 1)
         print(json.dumps(row), flush=True)
 
 
