@@ -3,11 +3,14 @@
 The 2026-11-30 attention grid read 189 TF/s for d=128 causal b32 s512 while `hopper_probe.py` timed the
 Gluon kernel it dispatches to at 261. Per short shape this times, with the same `do_bench` (median, L2
 flushed): the public call, the Gluon kernel called directly (default config), the Triton kernel called
-directly, and the host time of one public call (no sync).
+directly, and the host time of one public call (no sync); then the public call again with the Gluon
+kernels' cached launch (PAGODA_GLUON_FAST_LAUNCH=1): TFLOP/s, host time, and its largest difference from
+the normal launch's output (0 expected: same kernel, same inputs).
 
     PYTHONPATH=$PWD python3 benchmarks/dispatch_probe.py
 """
 import json
+import os
 
 import torch
 import triton.testing
@@ -43,6 +46,20 @@ def main():
             except Exception as exc:  # noqa: BLE001 - report and go on
                 row[name + "_TFs"] = f"{type(exc).__name__}: {exc}"[:120]
         row["flash_attn_func_host_us"] = round(host_us(fns["flash_attn_func"]), 1)
+        # The Gluon kernels through the cached launch (opt-in, `attention_hopper._gluon_launch`).
+        os.environ["PAGODA_GLUON_FAST_LAUNCH"] = "1"
+        try:
+            fast = fns["flash_attn_func"]
+            fast()
+            row["fast_launch_TFs"] = round(flops / triton.testing.do_bench(fast, return_mode="median") / 1e9, 1)
+            row["fast_launch_host_us"] = round(host_us(fast), 1)
+            ref = pagoda.flash_attn_func(q, k, v, causal=causal)
+            os.environ["PAGODA_GLUON_FAST_LAUNCH"] = "0"
+            row["fast_launch_max_abs_diff"] = float((ref - pagoda.flash_attn_func(q, k, v, causal=causal)).abs().max())
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            row["fast_launch_TFs"] = f"{type(exc).__name__}: {exc}"[:120]
+        finally:
+            os.environ["PAGODA_GLUON_FAST_LAUNCH"] = "0"
         print(json.dumps(row), flush=True)
 
 

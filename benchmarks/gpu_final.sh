@@ -68,15 +68,15 @@ final5)
   grep -A8 SUMMARY $OUT/hopper-pws.txt | tail -7
   ;;
 next)
-  # For the next session's first call (~9.5 min): what session 5 changed after its last GPU runs (device
-  # guard, sampling 2-round timing) under test, then the sampling study beside FlashInfer in 2 rounds (the
-  # launch int-class fix should take b1/b32 off the slow launch path), then paged prefill vs dense.
+  # For the next session's first call (~5 min): what session 5 changed after its last GPU runs under test
+  # (device guard, the Gluon cached launch behind PAGODA_GLUON_FAST_LAUNCH=1), the dispatch probe (host time
+  # of flash_attn_func with and without the Gluon cached launch), paged prefill vs dense. Then run the
+  # "sampling" stage in a call of its own (2 timing rounds now).
   mkdir -p $OUT/res
-  timeout -k 5 90 python3 -m pytest tests/ops/test_sampling.py tests/kernels/test_launch_gpu.py tests/ops/test_decode.py \
+  timeout -k 5 120 python3 -m pytest tests/ops/test_sampling.py tests/kernels/test_launch_gpu.py tests/ops/test_decode.py \
     tests/kernels/test_attention_hopper_gpu.py tests/ops/test_device_guard_gpu.py -m gpu -q -p no:cacheprovider -n 8 \
     --timeout 60 > $OUT/gpu-tests.log 2>&1; tail -3 $OUT/gpu-tests.log
-  PAGODA_BENCH_BUDGET_S=330 timeout -k 5 400 python3 -m pagoda bench sampling --out $OUT/res 2>&1 \
-    | grep -v "^sampling \[" | tail -40
+  timeout -k 5 90 python3 benchmarks/dispatch_probe.py 2>&1 | tee $OUT/dispatch-probe.txt | tail -8
   timeout -k 5 80 python3 -m pagoda bench paged --backends pagoda_paged,pagoda_dense --out $OUT/res 2>&1 \
     | grep -v "^paged \[" | tail -8
   ;;
@@ -92,7 +92,8 @@ gluon)
   ;;
 sampling)
   mkdir -p $OUT/res
-  timeout 560 python3 -m pagoda bench sampling --out $OUT/res 2>&1 | grep -v "^sampling \[" | tail -60
+  PAGODA_BENCH_BUDGET_S=480 timeout 570 python3 -m pagoda bench sampling --out $OUT/res 2>&1 \
+    | grep -v "^sampling \[" | tail -60
   ;;
 e2e)
   # HF generate tokens/s per attn_implementation: grid "gpu" of pagoda/bench/e2e.py (qwen3-0.6b shape, random

@@ -84,6 +84,28 @@ def _int_class(v: int) -> tuple:
     return ("int", kind, v == 1, v % 16 == 0)
 
 
+def _descriptor_types() -> set:
+    """The host tensor-descriptor classes of this Triton (each may be missing from a build)."""
+    found = set()
+    for module in ("triton.tools.tensor_descriptor", "triton.experimental.gluon.nvidia.hopper"):
+        try:
+            found.add(getattr(__import__(module, fromlist=["TensorDescriptor"]), "TensorDescriptor"))
+        except Exception:  # noqa: BLE001 - an experimental module may fail to import in many ways
+            pass
+    return found
+
+
+_DESC_TYPES = _descriptor_types()
+
+
+def _desc_key(d) -> tuple:
+    """What a host tensor descriptor specialises a kernel on in Triton 3.4-3.6 (its signature type
+    ``tensordesc<dtype[block],layout>``): the base dtype, the block shape, the shared layout, plus the base's
+    16-byte alignment and the padding mode (stricter than needed). Shapes and strides are launch values."""
+    return ("desc", type(d), d.base.dtype, tuple(d.block_shape), getattr(d, "layout", None),
+            getattr(d, "padding", None), not d.base.data_ptr() & 15)
+
+
 def _foreign_device(values, current: int) -> int | None:
     """The CUDA device index of the first tensor in ``values`` when it is not ``current`` (else None)."""
     for v in values:
@@ -128,13 +150,24 @@ def _current():
     return _device_stream
 
 
-def launch(kernel, grid: tuple, *args, num_warps: int = 4, num_stages: int | None = None, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs, num_warps=..., num_stages=...)``, the same call, cheaper when repeated.
-    ``kwargs`` must name every parameter after the positional ones (constexprs included)."""
+def _options(num_warps, num_stages, maxnreg) -> dict:
+    options = {"num_warps": num_warps}
+    if num_stages is not None:
+        options["num_stages"] = num_stages
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    return options
+
+
+def launch(kernel, grid: tuple, *args, num_warps: int = 4, num_stages: int | None = None,
+           maxnreg: int | None = None, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs, num_warps=..., num_stages=..., maxnreg=...)``, the same call, cheaper
+    when repeated. ``kwargs`` must name every parameter after the positional ones (constexprs included).
+    Host tensor descriptors (Gluon's or ``triton.tools``') are keyed by what Triton specialises them on
+    (`_desc_key`); their shapes, strides and base address are runtime values."""
     if not _ENABLED:
-        options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
         with device_of(args):
-            kernel[grid](*args, **kwargs, **options)
+            kernel[grid](*args, **kwargs, **_options(num_warps, num_stages, maxnreg))
         return
     names = _names.get(kernel)
     if names is None:
@@ -144,17 +177,20 @@ def launch(kernel, grid: tuple, *args, num_warps: int = 4, num_stages: int | Non
         _runtime[kernel] = tuple(not getattr(p, "is_constexpr", True) for p in kernel.params)
     if len(args) + len(kwargs) < len(names):
         kwargs = {**_defaults[kernel], **kwargs}
-    values = [*args, *(kwargs[n] for n in names[len(args):])]
+    # A parameter named num_warps (Gluon kernels declare it a constexpr) takes the launch option's value.
+    values = [*args, *(kwargs[n] if n != "num_warps" else num_warps for n in names[len(args):])]
     get_device, get_stream = _current()
     device = get_device()
     other = _foreign_device(values, device)
     if other is not None:
         with torch.cuda.device(other):
-            return launch(kernel, grid, *args, num_warps=num_warps, num_stages=num_stages, **kwargs)
+            return launch(kernel, grid, *args, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
+                          **kwargs)
     tensor = torch.Tensor
-    key = (kernel, device, num_warps, num_stages,
+    key = (kernel, device, num_warps, num_stages, maxnreg,
            *[(v.dtype, not v.data_ptr() & 15) if isinstance(v, tensor)
-             else _int_class(v) if rt and type(v) is int else v
+             else _int_class(v) if rt and type(v) is int
+             else _desc_key(v) if type(v) in _DESC_TYPES else v
              for v, rt in zip(values, _runtime[kernel])])
     ck = _compiled.get(key)
     if ck is not None and _no_hooks():
@@ -164,8 +200,7 @@ def launch(kernel, grid: tuple, *args, num_warps: int = 4, num_stages: int | Non
         if _recorder is not None:
             _recorder.append((ck, (g0, g1, g2), values))
         return
-    options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
-    ck = kernel[grid](*args, **kwargs, **options)
+    ck = kernel[grid](*args, **kwargs, **_options(num_warps, num_stages, maxnreg))
     if ck is not None and hasattr(ck, "packed_metadata"):
         if len(_compiled) >= _MAX_ENTRIES:
             _compiled.clear()

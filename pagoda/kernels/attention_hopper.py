@@ -38,10 +38,11 @@ a contiguous last dim and 16-byte aligned strides and bases (checked by `hopper_
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
-from pagoda.kernels._launch import device_of
+from pagoda.kernels._launch import device_of, launch
 
 try:  # Gluon is experimental: any import problem just disables this path.
     from triton.experimental import gluon
@@ -421,10 +422,22 @@ def attention_fwd_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     q ``[b, sq, hq, d]``, k/v ``[b, sk, hk, d]``, out like q (written), lse ``[b, hq, sq]`` float32
     natural-log (written when given; any strides). ``config`` names an entry of CONFIGS or WS_CONFIGS
     (ValueError for a ws3 config at a head dim other than 64).
-    Returns the launched CompiledKernel (``n_regs``, ``n_spills``, ``metadata.shared``).
+    Returns the launched CompiledKernel (``n_regs``, ``n_spills``, ``metadata.shared``); None with
+    PAGODA_GLUON_FAST_LAUNCH=1 (`_gluon_launch`).
     """
     with device_of((q,)):   # TMA descriptors and the launch on q's device, whichever device is current
         return _launch_hopper(q, k, v, out, lse, softmax_scale, causal, config)
+
+
+def _gluon_launch(kernel, grid, *args, num_warps, maxnreg=None, **constexprs):
+    """``kernel[grid](...)``; with PAGODA_GLUON_FAST_LAUNCH=1 through `pagoda.kernels._launch.launch`
+    (the compiled launcher on repeats: Triton's JIT launch of these kernels costs 40-110 µs of host time per
+    call on the H200 machine, `benchmarks/results/2026-12-01-h200-hopper/dispatch-probe.txt`). Opt-in until
+    run on a GPU: the cached path keys the descriptors by dtype, block shape and layout (`_launch._desc_key`)."""
+    if os.environ.get("PAGODA_GLUON_FAST_LAUNCH", "0") == "1":
+        return launch(kernel, grid, *args, num_warps=num_warps, maxnreg=maxnreg, **constexprs)
+    options = {"num_warps": num_warps} if maxnreg is None else {"num_warps": num_warps, "maxnreg": maxnreg}
+    return kernel[grid](*args, **constexprs, **options)
 
 
 def _launch_hopper(q, k, v, out, lse, softmax_scale, causal, config):
@@ -437,7 +450,8 @@ def _launch_hopper(q, k, v, out, lse, softmax_scale, causal, config):
         if _ws_persistent(config):  # one program per SM (at most), striding over the work items
             from pagoda.kernels.attention_hopper_pws import _attn_fwd_hopper_pws_kernel
             items = (sq + bm - 1) // bm * hq * b
-            return _attn_fwd_hopper_pws_kernel[(min(items, _num_sms(q.device.index)),)](
+            return _gluon_launch(
+                _attn_fwd_hopper_pws_kernel, (min(items, _num_sms(q.device.index)),),
                 _desc(q, 64), _desc(k, bn), _desc(v, bn), _desc(out, 64), lse if lse is not None else out,
                 *ls, sq, sk, hq // hk, hq, items, softmax_scale * LOG2E,
                 HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=bool(causal),
@@ -445,7 +459,8 @@ def _launch_hopper(q, k, v, out, lse, softmax_scale, causal, config):
                 maxnreg=maxnreg)
         from pagoda.kernels.attention_hopper_ws import _attn_fwd_hopper_ws_kernel
         # One 64-row Q/O box per consumer warpgroup; 4 warps = consumer 0 (the others are partitions).
-        return _attn_fwd_hopper_ws_kernel[((sq + bm - 1) // bm, hq, b)](
+        return _gluon_launch(
+            _attn_fwd_hopper_ws_kernel, ((sq + bm - 1) // bm, hq, b),
             _desc(q, 64), _desc(k, bn), _desc(v, bn), _desc(out, 64), lse if lse is not None else out,
             *ls, sq, sk, hq // hk, softmax_scale * LOG2E,
             HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=bool(causal), WRITE_LSE=lse is not None,
@@ -453,7 +468,8 @@ def _launch_hopper(q, k, v, out, lse, softmax_scale, causal, config):
     bm, bn, stages, warps = CONFIGS[config]
     items = (sq + bm - 1) // bm * hq * b
     grid = (min(items, _num_sms(q.device.index)) if config.startswith("p-") else items,)
-    return _attn_fwd_hopper_kernel[grid](
+    return _gluon_launch(
+        _attn_fwd_hopper_kernel, grid,
         _desc(q, bm), _desc(k, bn), _desc(v, bn), _desc(out, bm), lse if lse is not None else out,
         *ls, sq, sk, hq // hk, hq, items, softmax_scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=bool(causal), WRITE_LSE=lse is not None,

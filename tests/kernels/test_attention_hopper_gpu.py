@@ -108,3 +108,17 @@ def test_dispatch_through_flash_attn_func(monkeypatch):
     # Options the Gluon kernel does not implement keep using the generic kernel.
     assert not H.hopper_supported(q, k, v, window_left=16, window_right=0)
     assert not H.hopper_supported(q, k, v, softcap=30.0)
+
+
+@requires_sm90
+@pytest.mark.parametrize("name", [None, "pws-m128n128s2", "m128n128s2w8"])
+def test_gluon_fast_launch_matches_reference(monkeypatch, name):
+    """PAGODA_GLUON_FAST_LAUNCH=1: repeats go through the compiled launcher with new descriptors (other
+    shapes of one specialisation included) and stay exact."""
+    from pagoda.kernels import _launch
+    monkeypatch.setenv("PAGODA_GLUON_FAST_LAUNCH", "1")
+    before = len(_launch._compiled)
+    for shape in ((2, 300, 300), (2, 300, 300), (1, 1000, 777), (3, 64, 200)):
+        _run(*shape, 4, 2, 128, True, torch.bfloat16, config=name)
+    if _launch._ENABLED:
+        assert len(_launch._compiled) > before    # the first launch was cached for the repeats

@@ -239,3 +239,37 @@ def test_device_of_is_a_no_op_for_cpu_and_current_device_tensors(two_devices):
     with _launch.device_of((torch.Tensor._make_subclass(_OnDevice1, torch.zeros(2)),)):
         assert two_devices["current"] == 1
     assert two_devices["entered"] == [1]
+
+
+def _gluon_desc(t, block):
+    from pagoda.kernels import attention_hopper as H
+    if not H._GLUON_OK:
+        pytest.skip("no Gluon in this Triton")
+    return H.TensorDescriptor(t, list(t.shape), list(t.stride()), list(block), H._layout(tuple(block), t.dtype))
+
+
+def test_descriptor_arguments_are_keyed_by_dtype_block_and_layout(fast):
+    k = _TypedKernel()
+    a = torch.zeros(4, 64, 128, dtype=torch.bfloat16)
+    b = torch.zeros(2, 256, 128, dtype=torch.bfloat16)          # another shape: same specialisation
+    _launch.launch(k, (1,), _gluon_desc(a, (1, 64, 128)), 16, 0.5, BLOCK=32)
+    db = _gluon_desc(b, (1, 64, 128))
+    _launch.launch(k, (1,), db, 16, 0.5, BLOCK=32)
+    assert [e[0] for e in k.log] == ["slow", "fast"] and k.log[1][2][0] is db   # the new descriptor is passed
+    _launch.launch(k, (1,), _gluon_desc(b, (1, 128, 128)), 16, 0.5, BLOCK=32)   # another block shape
+    _launch.launch(k, (1,), _gluon_desc(b.half(), (1, 64, 128)), 16, 0.5, BLOCK=32)  # another dtype
+    assert [e[0] for e in k.log] == ["slow", "fast", "slow", "slow"]
+
+
+def test_maxnreg_and_a_num_warps_parameter(fast):
+    class _GluonLike(_FakeKernel):
+        arg_names = ["X", "n", "scale", "BLOCK", "num_warps"]
+        params = [types.SimpleNamespace(name=n, has_default=False, default=None, is_constexpr=n in ("BLOCK", "num_warps"))
+                  for n in arg_names]
+    k, x = _GluonLike(), torch.zeros(64)
+    _launch.launch(k, (1,), x, 16, 0.5, BLOCK=32, num_warps=4, maxnreg=168)
+    assert k.log[0][3] == {"BLOCK": 32, "num_warps": 4, "maxnreg": 168}     # options reach the normal launch
+    _launch.launch(k, (1,), x, 16, 0.5, BLOCK=32, num_warps=4, maxnreg=168)
+    assert k.log[1][0] == "fast" and k.log[1][2] == (x, 16, 0.5, 32, 4)   # the num_warps parameter's value
+    _launch.launch(k, (1,), x, 16, 0.5, BLOCK=32, num_warps=4, maxnreg=128)
+    assert k.log[2][0] == "slow"                                            # maxnreg is part of the key
