@@ -58,6 +58,9 @@ def check_options(dropout_p, softmax_scale, causal, window_size, softcap) -> tup
     if dropout_p > 0.0:
         raise NotImplementedError("dropout_p > 0 is not supported: pagoda is an inference library "
                                   "(pass dropout_p=0.0)")
+    if isinstance(softmax_scale, bool) or isinstance(softcap, bool):
+        name = "softmax_scale" if isinstance(softmax_scale, bool) else "softcap"
+        raise TypeError(f"{name} must be a float, got bool")
     if softmax_scale is not None and (not isinstance(softmax_scale, (int, float))
                                       or not math.isfinite(softmax_scale) or softmax_scale <= 0):
         raise ValueError(f"softmax_scale must be a finite float > 0 or None, got {softmax_scale!r}")

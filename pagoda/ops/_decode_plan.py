@@ -44,6 +44,17 @@ def optional_positive(name: str, value, default: float, allow_zero: bool = False
     return float(value)
 
 
+def run_scales(q_scale, k_scale, v_scale) -> tuple[float, float | None]:
+    """`run`'s optional q_scale/k_scale/v_scale (finite floats > 0), checked before anything is written:
+    ``(factor on sm_scale, v_scale or None)``. Host floats only (no device read)."""
+    factor = 1.0
+    if q_scale is not None:
+        factor *= optional_positive("q_scale", q_scale, 1.0)
+    if k_scale is not None:
+        factor *= optional_positive("k_scale", k_scale, 1.0)
+    return factor, (None if v_scale is None else optional_positive("v_scale", v_scale, 1.0))
+
+
 def check_heads(num_qo_heads, num_kv_heads, head_dim) -> tuple[int, int, int]:
     hq = as_int("num_qo_heads", num_qo_heads, 1)
     hk = as_int("num_kv_heads", num_kv_heads, 1)

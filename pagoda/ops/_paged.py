@@ -82,7 +82,7 @@ def cache_strides(cache: torch.Tensor, kv_layout: str) -> tuple[int, int, int]:
 
 def check_kv_csr(kv_indptr, kv_indices, kv_last_page_len, page_size: int, max_pages: int | None, device,
                  names=("kv_indptr", "kv_indices", "kv_last_page_len"), batch_size: int | None = None) -> int:
-    """CSR page table: int32 1-D tensors on ``device``; return the batch size.
+    """CSR page table: int32 1-D tensors on ``device`` (None: kv_indptr's); return the batch size.
 
     Values (unless capturing a CUDA graph): ``kv_indptr[0] == 0``, non-decreasing, last entry
     ``<= len(kv_indices)``; every used page id in ``[0, max_pages)``; ``kv_last_page_len[b]`` in
@@ -91,6 +91,9 @@ def check_kv_csr(kv_indptr, kv_indices, kv_last_page_len, page_size: int, max_pa
     n_ptr, n_idx, n_last = names
     for name, t in ((n_ptr, kv_indptr), (n_idx, kv_indices), (n_last, kv_last_page_len)):
         _checks.check_tensor(name, t, ndim=1, dtypes=_INT32)
+    if device is None:
+        device = kv_indptr.device
+    for name, t in ((n_ptr, kv_indptr), (n_idx, kv_indices), (n_last, kv_last_page_len)):
         if t.device != torch.device(device):
             raise ValueError(f"{name} must be on {device}, got {t.device}")
     if kv_indptr.shape[0] < 1:
@@ -111,11 +114,13 @@ def check_kv_csr(kv_indptr, kv_indices, kv_last_page_len, page_size: int, max_pa
     if ptr[-1] > kv_indices.shape[0]:
         raise ValueError(f"{n_ptr}[-1] = {ptr[-1]} exceeds len({n_idx}) = {kv_indices.shape[0]}")
     used = kv_indices[:ptr[-1]]
-    if used.numel() and max_pages is not None:
+    if used.numel():
         lo, hi = int(used.min()), int(used.max())
-        if lo < 0 or hi >= max_pages:
+        if max_pages is not None and (lo < 0 or hi >= max_pages):
             raise ValueError(f"{n_idx} must hold page ids in [0, {max_pages}) (max_pages of the cache), "
                              f"got values in [{lo}, {hi}]")
+        if lo < 0:
+            raise ValueError(f"{n_idx} must hold page ids >= 0, got a minimum of {lo}")
     last = kv_last_page_len.tolist()
     for b in range(batch):
         has_pages = ptr[b + 1] > ptr[b]

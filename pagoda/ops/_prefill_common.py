@@ -54,6 +54,10 @@ def run_checks(q, hq, d, nnz, q_dtype, device, out, lse):
         raise TypeError(f"q has dtype {q.dtype}, the plan's q_data_type is {q_dtype}")
     if q.device != device:
         raise ValueError(f"q must be on {device}, got {q.device}")
+    if out is not None:
+        _checks.check_tensor("out", out, ndim=3)
+    if lse is not None:
+        _checks.check_tensor("lse", lse, ndim=2)
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
                             or out.stride(-1) != 1):
         raise ValueError(f"out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}")
@@ -63,8 +67,9 @@ def run_checks(q, hq, d, nnz, q_dtype, device, out, lse):
 
 
 def finish(out, lse, v_scale, return_lse):
+    """v_scale: None or a value already checked by `pagoda.ops._decode_plan.run_scales`."""
     if v_scale is not None:
-        out.mul_(_plan.optional_positive("v_scale", v_scale, 1.0))
+        out.mul_(v_scale)
     return (out, lse) if return_lse else out
 
 

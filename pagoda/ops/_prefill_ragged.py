@@ -128,7 +128,8 @@ class BatchPrefillWithRaggedKVCacheWrapper:
             n, m = self._nnz, self._nnz_kv
             q = torch.cat([rotate_llama(q[:n], self._rope_pos[0], opts["rope_scale"], opts["rope_theta"]), q[n:]])
             k = torch.cat([rotate_llama(k[:m], self._rope_pos[1], opts["rope_scale"], opts["rope_theta"]), k[m:]])
-        scale = opts["sm_scale"] * (q_scale or 1.0) * (k_scale or 1.0)
+        qk_factor, v_scale = _plan.run_scales(q_scale, k_scale, v_scale)
+        scale = opts["sm_scale"] * qk_factor
         alibi = self._alibi if opts["pos_encoding_mode"] == "ALIBI" else None
         if not _paged.use_triton(q):
             o, l, _ = flash_attn_varlen_func(

@@ -86,7 +86,7 @@ def _check_scalar(name: str, value, batch: int, kind: str, is_int: bool):
     ok, rule = _SCALAR_RULES[kind]
     if not ok(v) or v != v:
         raise ValueError(f"{name} must be {rule}, got {value!r}")
-    return int(value) if is_int else v
+    return min(int(value), 2 ** 31 - 1) if is_int else v  # top_k >= vocab keeps every token anyway
 
 
 _raw_stream = None     # torch._C._cuda_getCurrentRawStream where this build has it (as Triton's driver uses)
@@ -198,9 +198,18 @@ def _as_int64(v: int) -> int:
 
 
 def check_generator_cpu(generator, seed=None, offset=None):
-    """CPU path: a CPU ``torch.Generator`` or None; seed/offset must come together."""
+    """CPU path: a CPU ``torch.Generator`` or None; seed/offset must come together (ints or int64 tensors)."""
     if (seed is None) != (offset is None):
         raise ValueError("seed and offset must be given together (or neither)")
+    for name, v in (("seed", seed), ("offset", offset)):
+        if v is None or type(v) is int:
+            continue
+        if isinstance(v, torch.Tensor):
+            _checks.check_tensor(name, v, ndim=1, dtypes=(torch.int64,))
+            if v.numel() == 0:
+                raise ValueError(f"{name} tensor must not be empty")
+        elif isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{name} must be an int or an int64 tensor, got {type(v).__name__}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if generator is not None and generator.device.type != "cpu":

@@ -21,6 +21,8 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def _as_int(name: str, value) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
     try:
         return operator.index(value)
     except TypeError:

@@ -103,6 +103,10 @@ def merge_states(v: torch.Tensor, s: torch.Tensor):
                          f"got {tuple(s.shape)}")
     if s.device != v.device:
         raise ValueError(f"s must be on {v.device}, got {s.device}")
+    if v.shape[1] == 0:  # no states to merge: an empty segment (zero output, LSE -inf)
+        seq, _, heads, dim = v.shape
+        return (torch.zeros(seq, heads, dim, dtype=v.dtype, device=v.device),
+                torch.full((seq, heads), float("-inf"), dtype=torch.float32, device=v.device))
     if not v.is_cuda:
         return _ref.merge_states(v, s)
     from pagoda.kernels.merge import merge_states_fwd
@@ -133,9 +137,11 @@ class MultiLevelCascadeAttentionWrapper:
 
         if not isinstance(num_levels, int) or isinstance(num_levels, bool) or num_levels < 1:
             raise ValueError(f"num_levels must be an int >= 1, got {num_levels!r}")
+        if not isinstance(use_cuda_graph, bool):
+            raise TypeError(f"use_cuda_graph must be a bool, got {type(use_cuda_graph).__name__}")
         self._num_levels = num_levels
         self._kv_layout = kv_layout
-        self._use_cuda_graph = bool(use_cuda_graph)
+        self._use_cuda_graph = use_cuda_graph
         if use_cuda_graph:
             arrs = dict(qo_indptr_buf_arr=qo_indptr_buf_arr, paged_kv_indptr_buf_arr=paged_kv_indptr_buf_arr,
                         paged_kv_indices_buf_arr=paged_kv_indices_buf_arr,
@@ -171,6 +177,10 @@ class MultiLevelCascadeAttentionWrapper:
         for name, arr in arrs:
             if not isinstance(arr, (list, tuple)) or len(arr) != self._num_levels:
                 raise ValueError(f"{name} must be a list of {self._num_levels} tensors (one per level)")
+        for i, t in enumerate(qo_indptr_arr):
+            _checks.check_tensor(f"qo_indptr_arr[{i}]", t, ndim=1, dtypes=(torch.int32,))
+            if t.shape[0] < 1:
+                raise ValueError(f"qo_indptr_arr[{i}] must have length batch_size + 1 >= 1, got 0")
         totals = [int(t[-1]) for t in qo_indptr_arr]
         if any(t != totals[0] for t in totals):
             raise ValueError(f"every level's qo_indptr must end at the same number of queries, got {totals}")

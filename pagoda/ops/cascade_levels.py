@@ -9,6 +9,7 @@ level-1 prefix must be adjacent in the batch (FlashInfer's layout); non-adjacent
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,24 @@ def _common_full_prefix(lists: list[list[int]], starts: list[int], ends: list[in
         n += 1
 
 
+def _int_list(name: str, values, minimum: int) -> list[int]:
+    """A list/tuple of ints (not bools) >= minimum, as a list; errors name ``name[i]``."""
+    if not isinstance(values, (list, tuple)):
+        raise TypeError(f"{name} must be a list of ints, got {type(values).__name__}")
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, bool):
+            raise TypeError(f"{name}[{i}] must be an int, got bool")
+        try:
+            v = operator.index(v)
+        except TypeError:
+            raise TypeError(f"{name}[{i}] must be an int, got {type(v).__name__}") from None
+        if v < minimum:
+            raise ValueError(f"{name}[{i}] must be >= {minimum}, got {v}")
+        out.append(v)
+    return out
+
+
 def _tensors(groups, device):
     """groups: [(num_queries, pages, last_page_len)] -> (qo_indptr, kv_indptr, kv_indices, last_page_len)."""
     qo, kv, idx, last = [0], [0], [], []
@@ -64,8 +83,15 @@ def build_cascade_levels(page_lists: list[list[int]], last_page_lens: list[int],
         page_size: tokens per page.
         num_levels: 2 (shared prefix + unique) or 3 (+ prefixes shared by adjacent requests).
     """
-    if num_levels not in (2, 3):
-        raise ValueError(f"num_levels must be 2 or 3, got {num_levels}")
+    if isinstance(num_levels, bool) or num_levels not in (2, 3):
+        raise ValueError(f"num_levels must be 2 or 3, got {num_levels!r}")
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+        raise ValueError(f"page_size must be an int >= 1, got {page_size!r}")
+    if not isinstance(page_lists, (list, tuple)):
+        raise TypeError(f"page_lists must be a list of lists of page ids, got {type(page_lists).__name__}")
+    page_lists = [_int_list(f"page_lists[{i}]", p, 0) for i, p in enumerate(page_lists)]
+    last_page_lens = _int_list("last_page_lens", last_page_lens, 0)
+    qo_lens = _int_list("qo_lens", qo_lens, 0)
     n = len(page_lists)
     if not (len(last_page_lens) == len(qo_lens) == n) or n == 0:
         raise ValueError(f"page_lists, last_page_lens and qo_lens must have the same non-zero length, got "

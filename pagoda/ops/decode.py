@@ -160,7 +160,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
             fixed_split_size = _plan.as_int("fixed_split_size", fixed_split_size, 1)
         if not isinstance(disable_split_kv, bool):
             raise TypeError(f"disable_split_kv must be a bool, got {type(disable_split_kv).__name__}")
-        batch = _paged.check_kv_csr(indptr, indices, last_page_len, page_size, None, indptr.device,
+        batch = _paged.check_kv_csr(indptr, indices, last_page_len, page_size, None, None,
                                     names=("indptr", "indices", "last_page_len"))
         if indices.device != indptr.device or last_page_len.device != indptr.device:
             raise ValueError("indptr, indices and last_page_len must be on the same device")
@@ -264,8 +264,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
                             f"q_data_type/kv_data_type ({self._q_dtype}, {self._kv_dtype})")
         if q.device != self.device or k_cache.device != self.device:
             raise ValueError(f"q and paged_kv_cache must be on the workspace's device {self.device}")
-        if q_scale is not None or k_scale is not None:
-            scale = scale * (q_scale or 1.0) * (k_scale or 1.0)
+        if q_scale is not None or k_scale is not None or v_scale is not None:
+            qk_factor, v_scale = _plan.run_scales(q_scale, k_scale, v_scale)
+            scale = scale * qk_factor
         b = q.shape[0]
         if out is not None:
             _checks.check_tensor("out", out, ndim=3, dtypes=(q.dtype,))

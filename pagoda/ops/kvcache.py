@@ -105,7 +105,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         _check_int_vec("cache_seqlens", cache_seqlens, b, dev)
         seqlens = cache_seqlens
     else:
-        n = operator.index(cache_seqlens)
+        if isinstance(cache_seqlens, bool):
+            raise TypeError("cache_seqlens must be an int or an int32 tensor, got bool")
+        try:
+            n = operator.index(cache_seqlens)
+        except TypeError:
+            raise TypeError(f"cache_seqlens must be an int or an int32 tensor, got {type(cache_seqlens).__name__}") from None
         if not 0 <= n <= capacity:
             raise ValueError(f"cache_seqlens = {n} must be in 0..{capacity} (the cache's capacity)")
         seqlens = torch.full((b,), n, dtype=torch.int32, device=dev)
@@ -131,6 +136,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             lo, hi = int(cache_batch_idx.min()), int(cache_batch_idx.max())
             if lo < 0 or hi >= k_cache.shape[0]:
                 raise ValueError(f"cache_batch_idx must be in [0, {k_cache.shape[0]}), got [{lo}, {hi}]")
+            if k is not None and s_new and torch.unique(cache_batch_idx).numel() != b:
+                # Two sequences appending into one cache row would race (and overwrite each other).
+                raise ValueError("cache_batch_idx must not repeat a cache row when appending k/v")
         if rotary_cos is not None and b and int(lens.max()) + max(s_new, sq) > rotary_cos.shape[0]:
             raise ValueError(f"rotary tables have {rotary_cos.shape[0]} rows, fewer than the positions used")
 

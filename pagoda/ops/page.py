@@ -19,13 +19,21 @@ __all__ = ["get_seq_lens", "block_table_to_csr", "csr_to_block_table", "get_batc
 _INT = (torch.int32, torch.int64)
 
 
-def _int_arg(name: str, value, minimum: int) -> int:
+_INT32_MAX = 2 ** 31 - 1
+
+
+def _int_arg(name: str, value, minimum: int, maximum: int = _INT32_MAX) -> int:
+    """An int (not a bool) in ``minimum..maximum`` (default: what an int32 tensor holds)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
     try:
         value = operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
@@ -67,6 +75,10 @@ def block_table_to_csr(block_table: torch.Tensor, seq_lens: torch.Tensor,
         if need > block_table.shape[1]:
             raise ValueError(f"seq_lens needs up to {need} pages of {page_size} tokens but block_table has "
                              f"{block_table.shape[1]} columns")
+        pages = (seq_lens.to(torch.int64) + page_size - 1) // page_size
+        used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < pages[:, None]
+        if bool((block_table[used] < 0).any()):
+            raise ValueError("block_table must hold page ids >= 0 in the columns seq_lens uses")
     return _ref.block_table_to_csr(block_table, seq_lens, page_size)
 
 
@@ -78,7 +90,7 @@ def csr_to_block_table(kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_las
     ``max_blocks`` defaults to the largest page count; unused entries hold ``pad_value``.
     """
     page_size = _int_arg("page_size", page_size, 1)
-    batch = _paged.check_kv_csr(kv_indptr, kv_indices, kv_last_page_len, page_size, None, kv_indptr.device)
+    batch = _paged.check_kv_csr(kv_indptr, kv_indices, kv_last_page_len, page_size, None, None)
     if max_blocks is not None:
         max_blocks = _int_arg("max_blocks", max_blocks, 0)
         most = int((kv_indptr[1:] - kv_indptr[:-1]).max()) if batch else 0
@@ -169,6 +181,8 @@ def append_paged_kv_cache_with_rope(append_key, append_value, batch_indices, pos
     k_cache, v_cache, page_size, nnz = _check_append(append_key, append_value, batch_indices, positions,
                                                       paged_kv_cache, kv_indices, kv_indptr, kv_last_page_len,
                                                       kv_layout)
+    if not isinstance(llama31, bool):
+        raise TypeError(f"llama31 must be a bool, got {type(llama31).__name__}")
     if q is not None:
         _checks.check_tensor("q", q, ndim=3, dtypes=(append_key.dtype,))
         if q.shape[0] != nnz or q.shape[2] != append_key.shape[2] or q.device != append_key.device:

@@ -195,7 +195,8 @@ class BatchPrefillWithPagedKVCacheWrapper:
             raise ValueError(f"the page table refers to page {self._max_page_id} but paged_kv_cache has "
                              f"{k_cache.shape[0]} pages")
         _common.run_checks(q, hq, d, self._nnz, self._q_dtype, self.device, out, lse)
-        opts["sm_scale"] *= (q_scale or 1.0) * (k_scale or 1.0)
+        qk_factor, v_scale = _plan.run_scales(q_scale, k_scale, v_scale)
+        opts["sm_scale"] *= qk_factor
         if not _paged.use_triton(q):
             o, l = _ref.batch_prefill_with_paged_kv_cache(q, (k_cache, v_cache), *self._host_meta, self._kv_layout,
                                                           **opts)

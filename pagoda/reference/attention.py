@@ -94,9 +94,14 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                              softcap=softcap, alibi_slopes=slopes, compute_dtype=compute_dtype)
         outs.append(o)
         lses.append(l)
-    out = torch.stack(outs)
+    if not outs:  # batch 0: nothing to attend, but keep the documented shapes
+        b, sq, hq, _ = q.shape
+        out = q.new_empty(b, sq, hq, v.shape[-1])
+        lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
+    else:
+        out, lse = torch.stack(outs), torch.stack(lses)
     if return_attn_probs:
-        return out, torch.stack(lses), None
+        return out, lse, None
     return out
 
 

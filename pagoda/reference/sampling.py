@@ -147,12 +147,18 @@ def top_k_top_p_sampling_from_logits(logits, top_k, top_p, indices=None, filter_
     return out.to(indices.dtype if indices is not None else torch.int32)
 
 
+def _normalise(w: torch.Tensor) -> torch.Tensor:
+    """Rows divided by their sum; a row with no mass stays all zeros (never 0/0 = NaN)."""
+    total = w.sum(-1, keepdim=True)
+    return torch.where(total > 0, w / total.clamp_min(torch.finfo(w.dtype).tiny), torch.zeros_like(w))
+
+
 def top_k_renorm_probs(probs, top_k, is_deterministic=False):
     """Zero every token outside top-k and renormalise; ``probs.dtype`` ``[B, V]``."""
     p = _rows(probs, None)
     keep = keep_top_k(p, _per_row(top_k, p.shape[0], torch.long)) & (p > 0)
     w = torch.where(keep, p, torch.zeros_like(p))
-    return (w / w.sum(-1, keepdim=True)).to(probs.dtype)
+    return _normalise(w).to(probs.dtype)
 
 
 def top_p_renorm_probs(probs, top_p, is_deterministic=False):
@@ -160,7 +166,7 @@ def top_p_renorm_probs(probs, top_p, is_deterministic=False):
     p = _rows(probs, None)
     keep = keep_top_p(p, _per_row(top_p, p.shape[0], torch.float64)) & (p > 0)
     w = torch.where(keep, p, torch.zeros_like(p))
-    return (w / w.sum(-1, keepdim=True)).to(probs.dtype)
+    return _normalise(w).to(probs.dtype)
 
 
 def top_k_mask_logits(logits, top_k):
