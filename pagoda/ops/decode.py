@@ -169,9 +169,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         lens = [(ptr[i + 1] - ptr[i] - 1) * page_size + last_host[i] if ptr[i + 1] > ptr[i] else 0
                 for i in range(batch)]
         used = indices[:ptr[-1]]
-        self._max_page_id = int(used.max()) if used.numel() else -1
-        if used.numel() and int(used.min()) < 0:
-            raise ValueError("indices must hold page ids >= 0")
+        self._max_page_id = int(used.max()) if used.numel() else -1   # ids >= 0: checked by check_kv_csr
 
         sms = _plan.num_sms(self.device)
         graph_key = (hq, hk, d, page_size, q_dtype, kv_dtype, mode, scale, window_left, soft_cap, rope_scale,
