@@ -15,7 +15,8 @@ specialises it on (its type by range: i32 / i64 / u64, whether it equals 1, whet
 compiled kernel; the exact value of every other argument (floats, bools, None: stricter than needed).
 Equal key ⇒ same compiled kernel, so the fast path never runs a kernel compiled for other arguments.
 
-Every launch runs on the device of its first tensor argument (a device guard, as flash-attn's and
+Every launch runs on the device of its first tensor argument, a host tensor descriptor counting as its
+base tensor (a device guard, as flash-attn's and
 FlashInfer's ops have): a call on ``cuda:1`` tensors while ``cuda:0`` is current launches on ``cuda:1``,
 on its current stream, instead of reading another device's memory from the wrong context.
 
@@ -84,6 +85,9 @@ def _int_class(v: int) -> tuple:
     return ("int", kind, v == 1, v % 16 == 0)
 
 
+_BOOL_KEYS = {True: "bool:True", False: "bool:False"}   # keys that no int equals (True == 1 in Python)
+
+
 def _descriptor_types() -> set:
     """The host tensor-descriptor classes of this Triton (each may be missing from a build)."""
     found = set()
@@ -107,8 +111,11 @@ def _desc_key(d) -> tuple:
 
 
 def _foreign_device(values, current: int) -> int | None:
-    """The CUDA device index of the first tensor in ``values`` when it is not ``current`` (else None)."""
+    """The CUDA device index of the first tensor in ``values`` (a host tensor descriptor counts as its
+    base tensor) when it is not ``current`` (else None)."""
     for v in values:
+        if type(v) in _DESC_TYPES:
+            v = v.base
         if isinstance(v, torch.Tensor):
             index = v.get_device()
             return index if index >= 0 and index != current else None
@@ -172,13 +179,17 @@ def launch(kernel, grid: tuple, *args, num_warps: int = 4, num_stages: int | Non
     names = _names.get(kernel)
     if names is None:
         names = _names[kernel] = tuple(kernel.arg_names)
-        _defaults[kernel] = {p.name: p.default for p in kernel.params if getattr(p, "has_default", False)}
+        _defaults[kernel] = {p.name: p.default for p in kernel.params
+                             if getattr(p, "has_default", False) and p.name != "num_warps"}
         # A parameter not known to be a runtime one is keyed by exact value (the safe side).
         _runtime[kernel] = tuple(not getattr(p, "is_constexpr", True) for p in kernel.params)
     if len(args) + len(kwargs) < len(names):
         kwargs = {**_defaults[kernel], **kwargs}
-    # A parameter named num_warps (Gluon kernels declare it a constexpr) takes the launch option's value.
-    values = [*args, *(kwargs[n] if n != "num_warps" else num_warps for n in names[len(args):])]
+    if "num_warps" in names:
+        # A parameter named num_warps (Gluon kernels declare it a constexpr) takes the launch option's value.
+        values = [*args, *(kwargs[n] if n != "num_warps" else num_warps for n in names[len(args):])]
+    else:
+        values = [*args, *(kwargs[n] for n in names[len(args):])]
     get_device, get_stream = _current()
     device = get_device()
     other = _foreign_device(values, device)
@@ -187,12 +198,19 @@ def launch(kernel, grid: tuple, *args, num_warps: int = 4, num_stages: int | Non
             return launch(kernel, grid, *args, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
                           **kwargs)
     tensor = torch.Tensor
+    # Other values by exact value and type (True, 1 and 1.0 are equal in Python but not to Triton).
     key = (kernel, device, num_warps, num_stages, maxnreg,
            *[(v.dtype, not v.data_ptr() & 15) if isinstance(v, tensor)
-             else _int_class(v) if rt and type(v) is int
-             else _desc_key(v) if type(v) in _DESC_TYPES else v
+             else (_int_class(v) if rt else v) if (t := type(v)) is int
+             else _BOOL_KEYS[v] if t is bool
+             else _desc_key(v) if t in _DESC_TYPES else (t, v)
              for v, rt in zip(values, _runtime[kernel])])
-    ck = _compiled.get(key)
+    try:
+        ck = _compiled.get(key)
+    except TypeError:  # an unhashable argument (e.g. a descriptor subclass): the normal launch every time
+        with device_of(args):
+            kernel[grid](*args, **kwargs, **_options(num_warps, num_stages, maxnreg))
+        return
     if ck is not None and _no_hooks():
         g0, g1, g2 = (*grid, 1, 1)[:3]
         run = ck.run
@@ -259,7 +277,8 @@ def replay_or_record(bound: dict, key, tensors: tuple, launch_fn, n_launches: in
     interpreter launches normally and binds nothing).
 
     ``key`` must hold every value the launches' arguments are computed from besides ``tensors``
-    (shapes, strides, dtypes, 16-byte alignment of each tensor, scalars). The bound launches keep no
+    (shapes, strides, dtypes, 16-byte alignment of each tensor, scalars) and the device (a recorded
+    launch holds a kernel loaded on one device). The bound launches keep no
     reference to ``tensors`` (a cache passed per call stays collectable)."""
     hit = bound.get(key)
     if hit is not None and replay(hit[0], hit[1], tensors):

@@ -298,7 +298,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
         """Launch the planned kernels; a repeat with the same strides, 16-byte alignments and scale replays
         the recorded launches with only q, the caches and out/lse swapped (no argument rebuild)."""
         _fast, _kdecode = _kernel_modules()
-        key = (q.shape[0], q.stride(0), q.stride(1), k_cache.stride(), v_cache.stride(), out.stride(), lse.stride(),
+        key = (q.get_device(), q.shape[0], q.stride(0), q.stride(1), k_cache.stride(), v_cache.stride(), out.stride(),
+               lse.stride(),
                q.data_ptr() & 15, k_cache.data_ptr() & 15, v_cache.data_ptr() & 15, out.data_ptr() & 15,
                lse.data_ptr() & 15, scale)
         mode, _, planned_window, soft_cap, rope_scale, rope_theta = self._opts

@@ -273,3 +273,28 @@ def test_maxnreg_and_a_num_warps_parameter(fast):
     assert k.log[1][0] == "fast" and k.log[1][2] == (x, 16, 0.5, 32, 4)   # the num_warps parameter's value
     _launch.launch(k, (1,), x, 16, 0.5, BLOCK=32, num_warps=4, maxnreg=128)
     assert k.log[2][0] == "slow"                                            # maxnreg is part of the key
+
+
+def test_equal_python_values_of_other_types_are_other_keys(fast):
+    k, x = _TypedKernel(), torch.zeros(64)
+    for block in (1, True, 1.0):                              # equal in Python, three kernels to Triton
+        _launch.launch(k, (1,), x, 17, 0.5, BLOCK=block)
+    assert [e[0] for e in k.log] == ["slow", "slow", "slow"]
+
+
+def test_an_unhashable_argument_takes_the_normal_launch(fast):
+    k, x = _TypedKernel(), torch.zeros(64)
+    for _ in range(2):
+        _launch.launch(k, (1,), x, 17, 0.5, BLOCK=[32])      # not hashable: no cache, no crash
+    assert [e[0] for e in k.log] == ["slow", "slow"]
+
+
+def test_a_descriptor_argument_sets_the_launch_device(two_devices):
+    from pagoda.kernels import attention_hopper as H
+    if not H._GLUON_OK:
+        pytest.skip("no Gluon in this Triton")
+    t = torch.Tensor._make_subclass(_OnDevice1, torch.zeros(4, 64, 128, dtype=torch.bfloat16))
+    desc = H.TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 64, 128], H._layout((1, 64, 128), t.dtype))
+    k = _TypedKernel()
+    _launch.launch(k, (1,), desc, 16, 0.5, BLOCK=32)
+    assert two_devices["entered"] == [1]
