@@ -2,11 +2,28 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
+
+
+def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
+    """``value`` as an int (anything with ``__index__``, not a bool) within ``minimum..maximum``; TypeError /
+    ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+    return value
 
 
 def check_tensor(name: str, t, ndim: int | None = None, dtypes=None) -> torch.Tensor:

@@ -8,7 +8,6 @@ through a 1-element device tensor.
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 
@@ -23,15 +22,8 @@ FEW_WAVES = 4           # ... when a handful of (request, KV head) pairs must fi
 
 
 def as_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    """An int (not a bool) >= ``minimum`` (`pagoda.ops._checks.check_int`)."""
+    return _checks.check_int(name, value, minimum)
 
 
 def optional_positive(name: str, value, default: float, allow_zero: bool = False) -> float:

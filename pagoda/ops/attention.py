@@ -5,7 +5,6 @@ reference in `pagoda.reference.attention` (same semantics, float32 arithmetic).
 """
 from __future__ import annotations
 
-import operator
 
 import torch
 
@@ -19,14 +18,6 @@ __all__ = ["flash_attn_func", "flash_attn_varlen_func"]
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
-
-def _as_int(name: str, value) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -99,8 +90,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     _checks.check_head_dims(q, k, v)
     if v.shape[0] != k.shape[0]:
         raise ValueError(f"k and v must have the same number of tokens, got {k.shape[0]} and {v.shape[0]}")
-    max_seqlen_q = _as_int("max_seqlen_q", max_seqlen_q)
-    max_seqlen_k = _as_int("max_seqlen_k", max_seqlen_k)
+    max_seqlen_q = _checks.check_int("max_seqlen_q", max_seqlen_q)
+    max_seqlen_k = _checks.check_int("max_seqlen_k", max_seqlen_k)
     _checks.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, None, q.shape[0], q.device, max_seqlen_q,
                              "max_seqlen_q")
     batch = cu_seqlens_q.shape[0] - 1

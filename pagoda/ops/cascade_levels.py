@@ -9,10 +9,11 @@ level-1 prefix must be adjacent in the batch (FlashInfer's layout); non-adjacent
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
+
+from pagoda.ops import _checks
 
 __all__ = ["CascadeLevels", "build_cascade_levels"]
 
@@ -46,18 +47,7 @@ def _int_list(name: str, values, minimum: int) -> list[int]:
     """A list/tuple of ints (not bools) >= minimum, as a list; errors name ``name[i]``."""
     if not isinstance(values, (list, tuple)):
         raise TypeError(f"{name} must be a list of ints, got {type(values).__name__}")
-    out = []
-    for i, v in enumerate(values):
-        if isinstance(v, bool):
-            raise TypeError(f"{name}[{i}] must be an int, got bool")
-        try:
-            v = operator.index(v)
-        except TypeError:
-            raise TypeError(f"{name}[{i}] must be an int, got {type(v).__name__}") from None
-        if v < minimum:
-            raise ValueError(f"{name}[{i}] must be >= {minimum}, got {v}")
-        out.append(v)
-    return out
+    return [_checks.check_int(f"{name}[{i}]", v, minimum) for i, v in enumerate(values)]
 
 
 def _tensors(groups, device):

@@ -6,7 +6,6 @@ serves every device (`get_batch_indices_positions` does not sync with the host).
 """
 from __future__ import annotations
 
-import operator
 
 import torch
 
@@ -24,17 +23,7 @@ _INT32_MAX = 2 ** 31 - 1
 
 def _int_arg(name: str, value, minimum: int, maximum: int = _INT32_MAX) -> int:
     """An int (not a bool) in ``minimum..maximum`` (default: what an int32 tensor holds)."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    if value > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {value}")
-    return value
+    return _checks.check_int(name, value, minimum, maximum)
 
 
 def get_seq_lens(kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor, page_size: int) -> torch.Tensor:
