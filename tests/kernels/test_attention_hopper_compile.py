@@ -19,6 +19,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 _AOT = r'''
 import itertools, re, sys
 from pagoda.kernels import attention_hopper as H
+from pagoda.kernels.attention_hopper_aot import compile_sm90
 if not H._GLUON_OK:
     print("NO_GLUON"); sys.exit(0)
 from triton.tools.disasm import get_sass
@@ -37,7 +38,7 @@ cases += [(d, dt, c, name) for name in pws for d in (64, 128)
 sass_done = set()
 for d, dt, causal, cfg in cases:
     name = cfg or H.DEFAULT_CONFIG[d, causal]
-    k = H.compile_sm90(d, dt, causal, cfg)
+    k = compile_sm90(d, dt, causal, cfg)
     smem, ptx = k.metadata.shared, k.asm["ptx"]
     regs = sorted(set(re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+);", ptx)), key=lambda r: int(r[1]))
     print(f"d={d} {dt} causal={causal} cfg={name} smem={smem} warps={k.metadata.num_warps} "
@@ -111,6 +112,7 @@ def test_persistent_ws_configs_are_opt_in():
 def test_ws3_configs_are_head_dim_64_only():
     """3 consumer warpgroups of 160 registers cannot hold a d=128 tile: a clear error, not a spilling kernel."""
     from pagoda.kernels import attention_hopper as H
+    from pagoda.kernels.attention_hopper_aot import compile_sm90
     ws3 = [n for n, c in H.WS_CONFIGS.items() if c[5] == 3]
     assert ws3 and all(H.config_head_dims(n) == (64,) for n in ws3)
     assert all(H.config_head_dims(n) == (64, 128) for n in H.WS_CONFIGS if n not in ws3)
@@ -120,4 +122,4 @@ def test_ws3_configs_are_head_dim_64_only():
             H._ws_params(name, 128)
         if H._GLUON_OK:
             with pytest.raises(ValueError, match="head_dim"):
-                H.compile_sm90(128, "bf16", True, name)
+                compile_sm90(128, "bf16", True, name)

@@ -1,0 +1,57 @@
+"""Ahead-of-time compilation of the Gluon sm_90 attention kernels (`attention_hopper`, `_ws`, `_pws`) for
+a named config, on any machine (no GPU needed): the compile tests read shared memory, register budgets,
+PTX and SASS from it (`tests/kernels/test_attention_hopper_compile.py`)."""
+from __future__ import annotations
+
+import torch
+
+from pagoda.kernels import attention_hopper as H
+
+
+def compile_sm90(head_dim: int, dtype: str = "bf16", causal: bool = True, config: str | None = None,
+                 write_lse: bool = True):
+    """Compile the kernel ahead of time for sm_90 (works on a CPU-only machine). Returns the CompiledKernel
+    (``.metadata.shared``, ``.n_regs``/``.n_spills`` are filled only after loading on a GPU). Launch options
+    as `attention_fwd_hopper` (ws configs: 4 warps + partitions, maxnreg per consumer count)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    config = config or H.DEFAULT_CONFIG[head_dim, bool(causal)]
+    tdt = torch.float16 if dtype == "fp16" else torch.bfloat16
+    ws = config in H.WS_CONFIGS
+    persistent = H._ws_persistent(config) if ws else config.startswith("p-")
+    if ws:
+        if persistent:
+            from pagoda.kernels.attention_hopper_pws import _attn_fwd_hopper_pws_kernel as fn
+        else:
+            from pagoda.kernels.attention_hopper_ws import _attn_fwd_hopper_ws_kernel as fn
+        bm, bn, stages, regs, pingpong, nc, maxnreg = H._ws_params(config, head_dim)
+        q_rows, warps, options = 64, 4, {"num_warps": 4, "maxnreg": maxnreg}
+    else:
+        fn = H._attn_fwd_hopper_kernel
+        bm, bn, stages, warps = H.CONFIGS[config]
+        q_rows, options = bm, {"num_warps": warps}
+
+    def desc_sig(rows):
+        block = (1, rows, head_dim)
+        return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{H._layout(block, tdt)!r}>"
+
+    sig = {"q_desc": desc_sig(q_rows), "k_desc": desc_sig(bn), "v_desc": desc_sig(bn), "o_desc": desc_sig(q_rows),
+           "LSE": "*fp32", "stride_lb": "i32", "stride_lh": "i32", "stride_lt": "i32", "seqlen_q": "i32",
+           "seqlen_k": "i32", "group_size": "i32", "qk_scale": "fp32"}
+    if not ws or persistent:  # the persistent kernels also take num_heads, num_items
+        sig = {**{n: t for n, t in sig.items() if n != "qk_scale"}, "num_heads": "i32", "num_items": "i32",
+               "qk_scale": "fp32"}
+    consts = {"HEAD_DIM": head_dim, "BLOCK_M": bm, "BLOCK_N": bn, "STAGES": stages, "CAUSAL": causal,
+              "WRITE_LSE": write_lse, "num_warps": warps}
+    if ws:
+        consts["CONSUMER_REGS"] = regs
+        consts["PINGPONG"] = pingpong
+        consts["NUM_CONSUMERS"] = nc
+    else:
+        consts["PERSISTENT"] = persistent
+    for name in consts:
+        sig[name] = "constexpr"
+    src = GluonASTSource(fn=fn, signature=sig, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
