@@ -3,7 +3,7 @@
 # by the last session (stage "next"), the sampling study beside FlashInfer (stage "sampling", a call of
 # its own: FlashInfer's sampling JIT takes ~100 s) or HF generate (stage "e2e"); results under $OUT.
 # The one-off stages that produced earlier results (verify, gluon, check, check2, final5) are in git history.
-# From the repo root: bash benchmarks/gpu_final.sh tests|bench|next|sampling|e2e
+# From the repo root: bash benchmarks/gpu_final.sh tests|bench|next|paged|sampling|e2e
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 . benchmarks/stage_peer.sh
@@ -30,6 +30,18 @@ next)
   timeout -k 5 90 python3 benchmarks/dispatch_probe.py 2>&1 | tee $OUT/dispatch-probe.txt | tail -8
   timeout -k 5 80 python3 -m pagoda bench paged --backends pagoda_paged,pagoda_dense --out $OUT/res 2>&1 \
     | grep -v "^paged \[" | tail -8
+  ;;
+paged)
+  # Session 6's paged Gluon prefill (attention_hopper_paged): its GPU tests, the paged prefill GPU tests it now
+  # serves, the paged grid beside FlashInfer and both dense kernels; then what "next" checks (~8 min in all).
+  mkdir -p $OUT/res
+  timeout -k 5 200 python3 -m pytest tests/kernels/test_attention_hopper_paged.py tests/ops/test_prefill.py -m gpu -q \
+    -p no:cacheprovider -n 8 --timeout 150 > $OUT/gpu-tests-paged.log 2>&1; tail -15 $OUT/gpu-tests-paged.log
+  timeout -k 5 120 python3 -m pagoda bench paged --out $OUT/res 2>&1 | grep -v "^paged \[" | tail -10
+  timeout -k 5 100 python3 -m pytest tests/ops/test_sampling.py tests/kernels/test_launch_gpu.py tests/ops/test_decode.py \
+    tests/kernels/test_attention_hopper_gpu.py tests/ops/test_device_guard_gpu.py -m gpu -q -p no:cacheprovider -n 8 \
+    --timeout 60 > $OUT/gpu-tests-next.log 2>&1; tail -3 $OUT/gpu-tests-next.log
+  timeout -k 5 80 python3 benchmarks/dispatch_probe.py 2>&1 | tee $OUT/dispatch-probe.txt | tail -8
   ;;
 sampling)
   mkdir -p $OUT/res

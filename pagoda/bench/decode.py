@@ -5,7 +5,9 @@
 and on (when importable), and SDPA (cuDNN, and default dispatch) on the same KV laid out contiguously.
 Figure: TB/s of KV read once (2 · batch · ctx · kv_heads · head_dim · 2 bytes / time).
 ``paged``: causal prefill through pagoda's `BatchPrefillWithPagedKVCacheWrapper` (page 16) vs pagoda's
-dense varlen kernel and FlashInfer's paged prefill on the same data. Figure: TFLOP/s (causal halves).
+dense kernels on the same data (``pagoda_dense``: `flash_attn_varlen_func`; ``pagoda_dense4d``: the equal-length
+batch as 4-D `flash_attn_func`, the Gluon kernel on sm_90; "paged / best dense" divides by the faster) and
+FlashInfer's paged prefill. Figure: TFLOP/s (causal halves).
 The CPU grids are tiny and run the reference paths.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pagoda.bench.timing import time_ms
 
 PASSES = 2          # timing rounds per case (best median kept, see _run)
 DECODE_BACKENDS = ("pagoda", "pagoda_p1", "flashinfer", "flashinfer_tc", "sdpa_cudnn", "sdpa")
-PAGED_BACKENDS = ("pagoda_paged", "pagoda_dense", "flashinfer_paged")
+PAGED_BACKENDS = ("pagoda_paged", "pagoda_dense", "pagoda_dense4d", "flashinfer_paged")
 
 
 @dataclass(slots=True, frozen=True)
@@ -114,6 +116,11 @@ def _paged_fn(name, case, q, kv16, workspace):
         import pagoda
         kf, vf = k.reshape(-1, hk, d), v.reshape(-1, hk, d)
         return lambda: pagoda.flash_attn_varlen_func(q, kf, vf, cu, cu, case.ctx, case.ctx, causal=True)
+    if name == "pagoda_dense4d":  # equal lengths as a 4-D batch: flash_attn_func (the Gluon kernel on sm_90)
+        import pagoda
+        b, s = case.batch, case.ctx
+        q4, k4, v4 = q.view(b, s, hq, d), k.reshape(b, s, hk, d), v.reshape(b, s, hk, d)
+        return lambda: pagoda.flash_attn_func(q4, k4, v4, causal=True)
     if name == "pagoda_paged":
         from pagoda.ops.prefill import BatchPrefillWithPagedKVCacheWrapper
         w = BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
@@ -211,7 +218,8 @@ def tables(report: dict, markdown: bool = False) -> str:
         r = c.get(n)
         return r[metric] if r and r["status"] == "ok" else None
 
-    extra = (["pagoda / best FlashInfer", "page 1 / page 16"] if decode else ["paged / dense", "pagoda / FlashInfer"])
+    extra = (["pagoda / best FlashInfer", "page 1 / page 16"] if decode
+             else ["paged / best dense", "pagoda / FlashInfer"])
     rows = []
     for key in sorted(by_case, key=lambda k: (k[1], k[0])):
         c = by_case[key]
@@ -221,7 +229,8 @@ def tables(report: dict, markdown: bool = False) -> str:
             p, p1 = val(c, "pagoda"), val(c, "pagoda_p1")
             row += [f"{p / fi:.2f}x" if p and fi else "-", f"{p1 / p:.2f}" if p and p1 else "-"]
         else:
-            pp, pd, fi = val(c, "pagoda_paged"), val(c, "pagoda_dense"), val(c, "flashinfer_paged")
+            pp, fi = val(c, "pagoda_paged"), val(c, "flashinfer_paged")
+            pd = max([x for x in (val(c, "pagoda_dense"), val(c, "pagoda_dense4d")) if x] or [0])
             row += [f"{pp / pd:.2f}" if pp and pd else "-", f"{pp / fi:.2f}x" if pp and fi else "-"]
         rows.append(row)
     headers = ["batch", "ctx" if decode else "seqlen"] + names + extra

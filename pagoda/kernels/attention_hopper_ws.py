@@ -79,28 +79,32 @@ if _GLUON_OK:
                       False)
 
     @gluon.jit
-    def _ws_consume(q_desc, o_desc, LSE, q_smem, o_smem, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty,
-                    v_ready, v_empty, my_turn, next_turn, batch, head, m0, n_tiles, it, item, mask_from,
-                    stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k, qk_scale,
-                    HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                    WRITE_LSE: gl.constexpr, PINGPONG: gl.constexpr, PERSISTENT: gl.constexpr):
-        """One consumer warpgroup: the pipeline of `attention_hopper` on 64 query rows starting at m0.
+    def _ws_mainloop(q_smem, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, my_turn, next_turn,
+                     m0, n_tiles, it, item, mask_from, seqlen_q, seqlen_k, qk_scale, HEAD_DIM: gl.constexpr,
+                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
+                     PERSISTENT: gl.constexpr, TAIL_V: gl.constexpr):
+        """One consumer warpgroup's pipeline (`attention_hopper`'s maths) on the 64 query rows from m0:
+        returns the unnormalised O ``[64, HEAD_DIM]`` (fp32, wgmma layout), m_i and l_i (base 2).
 
-        q_smem: this warpgroup's ``[1, 64, HEAD_DIM]`` Q box; o_smem: the box O is staged in for the TMA
-        store (the Q box itself unless PERSISTENT); k_bufs / v_bufs: the ``[STAGES, 1, BLOCK_N, HEAD_DIM]``
-        rings. PINGPONG: the warpgroups take turns to issue their GEMMs (issue point t = 0..n_tiles: S_0,
-        then S_j with P_{j-1} V_{j-1}, then the last P V). A warpgroup waits for completion t of its own
-        turn barrier, issues, and arrives on the next warpgroup's (``next_turn``), so one's GEMMs run while
-        the others do their softmax.
+        q_smem: this warpgroup's Q box (``[1, 64, d]`` or ``[64, d]``); k_bufs / v_bufs: the rings of
+        STAGES ``BLOCK_N x HEAD_DIM`` slots (3-D dense boxes or 2-D paged slots). PINGPONG: the warpgroups
+        take turns to issue their GEMMs (issue point t = 0..n_tiles: S_0, then S_j with P_{j-1} V_{j-1},
+        then the last P V). A warpgroup waits for completion t of its own turn barrier, issues, and
+        arrives on the next warpgroup's (``next_turn``), so one's GEMMs run while the others do their
+        softmax.
 
         ``it`` key tiles and ``item`` work items were run before by this warpgroup (0 unless PERSISTENT):
         key tile j uses ring slot ``(it + j) % STAGES``, and as every item has n_tiles + 1 issue points the
         turn barriers are at completion ``it + item + t``. PERSISTENT also releases the Q box (``q_empty``,
-        once S_{n-1} is done) and the last V slot, and leaves the O store in flight: it is drained before
-        o_smem is written again (next item) and at the end of the program.
+        once S_{n-1} is done) and the last V slot.
+
+        TAIL_V (paged KV, whose last tile holds the rest of a page: whatever the cache has there, NaN
+        included): V rows at keys >= seqlen_k of the last tile are zeroed in shared memory before the last
+        P V, so that their zero probabilities cannot meet a NaN or inf. Every consumer writes the same
+        bytes (zeros, and the valid rows it read back unchanged) before its own GEMM reads them.
         """
-        dtype: gl.constexpr = q_desc.dtype
-        WG_M: gl.constexpr = q_desc.block_type.shape[1]
+        dtype: gl.constexpr = q_smem.dtype
+        WG_M: gl.constexpr = q_smem.shape[q_smem.rank - 2]
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -167,6 +171,10 @@ if _GLUON_OK:
         last = it + n_tiles - 1
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
         v_op = v_bufs.index(last % STAGES).reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d)
+        if TAIL_V:
+            n_valid = seqlen_k - (n_tiles - 1) * BLOCK_N
+            if n_valid < BLOCK_N:
+                _zero_rows_from(v_op, n_valid, BLOCK_N, HEAD_DIM)
         if PINGPONG:
             mbarrier.wait(my_turn, (turn0 + n_tiles) & 1)
         o_tok = warpgroup_mma(p_op, v_op, acc, is_async=True)
@@ -176,6 +184,40 @@ if _GLUON_OK:
         if PERSISTENT:
             gl.thread_barrier()
             mbarrier.arrive(v_empty.index(last % STAGES), count=1)
+        return acc, m_i, l_i
+
+    @gluon.jit
+    def _zero_rows_from(tile, n_valid, ROWS: gl.constexpr, COLS: gl.constexpr):
+        """Zero rows ``>= n_valid`` of a ``[ROWS, COLS]`` shared-memory tile (one warpgroup, 16 rows at a
+        time); the async proxy (wgmma, TMA) sees the writes once this returns."""
+        blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        for c in gl.static_range(ROWS // 16):
+            if (c + 1) * 16 > n_valid:
+                chunk = tile.slice(c * 16, 16, dim=0)
+                x = chunk.load(blk)
+                r = c * 16 + gl.arange(0, 16, layout=gl.SliceLayout(1, blk))
+                chunk.store(gl.where(gl.expand_dims(r < n_valid, 1), x, gl.zeros_like(x)))
+        fence_async_shared()
+        gl.thread_barrier()
+
+    @gluon.jit
+    def _ws_consume(q_desc, o_desc, LSE, q_smem, o_smem, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty,
+                    v_ready, v_empty, my_turn, next_turn, batch, head, m0, n_tiles, it, item, mask_from,
+                    stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k, qk_scale,
+                    HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                    WRITE_LSE: gl.constexpr, PINGPONG: gl.constexpr, PERSISTENT: gl.constexpr):
+        """One consumer warpgroup of the dense kernels: `_ws_mainloop`, then O / l -> ``o_smem`` (the Q box
+        itself unless PERSISTENT) -> TMA store, and the LSE. PERSISTENT leaves the O store in flight: it
+        is drained before o_smem is written again (next item) and at the end of the program."""
+        dtype: gl.constexpr = q_desc.dtype
+        WG_M: gl.constexpr = q_desc.block_type.shape[1]
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        qsmem2d: gl.constexpr = _nvmma_2d(WG_M, HEAD_DIM, dtype)
+        acc, m_i, l_i = _ws_mainloop(q_smem, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty,
+                                     my_turn, next_turn, m0, n_tiles, it, item, mask_from, seqlen_q, seqlen_k,
+                                     qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, PINGPONG, PERSISTENT, False)
 
         l_o = gl.convert_layout(l_i, row_o)
         empty = l_o == 0.0

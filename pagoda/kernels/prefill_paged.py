@@ -32,11 +32,15 @@ import triton
 import triton.language as tl
 
 from pagoda.kernels._launch import cdiv, launch, launch_tuned, next_pow2
-from pagoda.kernels.attention_fwd import _autotune_enabled, _interpreting
+from pagoda.kernels.attention_fwd import _autotune_enabled, _hopper_on, _interpreting
+from pagoda.kernels.attention_hopper_paged import paged_supported, prefill_paged_hopper
 from pagoda.kernels.paged_tile import addr_flags, load_rows, paged_offsets, rope_rows
 
 LOG2E = 1.4426950408889634
 SPLIT_ALIGN = 128  # split chunks are multiples of this, which every config's BLOCK_N divides
+# Requests with at least this many queries (max over the batch) take the Gluon sm_90 kernel where it applies
+# (`attention_hopper_paged`); shorter, decode-like batches keep this kernel's GQA row packing.
+GLUON_MIN_QO = 128
 
 
 @triton.jit
@@ -309,6 +313,17 @@ def prefill_paged_fwd(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_i
     hq, dim = q.shape[1], q.shape[2]
     if batch == 0 or max_qo_len == 0 or q.shape[0] == 0:
         return
+    if window_right is None:
+        window_right = 0 if causal else -1
+    if (config is None and block_m is None and max_qo_len >= GLUON_MIN_QO and _hopper_on()
+            and window_right <= 0 and paged_supported(
+                q, k_cache, v_cache, k_strides, v_strides, page_size, num_kv_heads, window_left=window_left,
+                window_right=window_right, logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes, rope=rope,
+                num_splits=num_splits)):
+        prefill_paged_hopper(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_indptr, kv_indices,
+                             kv_last_page_len, page_size, num_kv_heads, max_qo_len, out, lse, sm_scale=sm_scale,
+                             causal=window_right == 0)
+        return
     group = hq // num_kv_heads
     fp32 = q.dtype == torch.float32
     bm = (config or {}).get("BLOCK_M") or block_m or choose_block_m(max_qo_len * group, dim, fp32)
@@ -319,8 +334,6 @@ def prefill_paged_fwd(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_i
     else:
         qk_scale, softcap_log2 = sm_scale * LOG2E, 0.0
     rope_rcp_scale, log2_theta = (1.0, 0.0) if rope is None else (1.0 / rope[0], math.log2(rope[1]))
-    if window_right is None:
-        window_right = 0 if causal else -1
     split = num_splits > 0
     if split:
         dst_o, dst_l = o_part, lse_part

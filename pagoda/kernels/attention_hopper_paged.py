@@ -1,0 +1,315 @@
+"""Paged-KV prefill on sm_90 in Gluon: the warp-specialised consumers of `attention_hopper_ws` fed by a
+loader warp that gathers every K/V tile page by page with TMA.
+
+Scope (`paged_supported`): fp16/bf16, head_dim 64 or 128, causal (bottom-right aligned: query i of a
+request with qo_len queries and kv_len keys sits at key position ``i + kv_len - qo_len``) or full
+attention, no window / softcap / ALiBi / RoPE, page sizes 16, 32, 64 or any multiple of BLOCK_N = 128,
+NHD ``[pages, page_size, hk, d]`` or HND ``[pages, hk, page_size, d]`` caches whose token rows are 16-byte
+aligned. Everything else keeps the Triton kernel (`prefill_paged`).
+
+One CTA = one BLOCK_M = 128 tile of one request's queries for one query head (grid ``(q tiles, hq,
+batch)``, heaviest tiles first; tiles past a request's end exit at once), split over 3 partitions:
+
+    loader       (1 warp)   Q: two ``[64, d]`` TMA boxes over q viewed as ``[nnz, hq * d]`` (rows past the
+                            request's end belong to the next one or are zero-filled: they are never stored).
+                            Key tile i: the BLOCK_N / BOX page ids of its keys (one vector load, issued a
+                            tile ahead), then BOX-row TMA boxes, one per page (BOX = min(page_size, BLOCK_N)),
+                            into consecutive row slices of the ring slot; the slot's "ready" mbarrier
+                            expects the whole tile's bytes. Pages past the request's last one re-read
+                            the last page (their keys are masked).
+    consumer w   (4 warps)  `_ws_mainloop` on rows 64w .. 64w + 63 (S = Q K^T, softmax, O += P V, async
+                            wgmma overlapping the softmax); the last tile's V rows past kv_len are zeroed
+                            in shared memory first (a page's unused slots may hold NaN). O / l -> masked
+                            stores into out ``[nnz, hq, d]``; LSE (natural log) -> lse ``[nnz, hq]``.
+
+The cache is viewed as a 2-D tensor of token rows ``[R, C]`` with the token stride as row stride: NHD rows
+hold every KV head (``C = hk * d``, head h at column ``h * d``), HND rows one head (``C = d``, head h
+``page_size`` rows further). Key t of page p is row ``p * rows_per_page + t % page_size + kvh *
+rows_per_head`` at column ``kvh * cols_per_head``. A 128-byte-swizzled NVMMA tile repeats every 8 rows,
+so 16-row boxes stack in a slot exactly as one 128-row box would land.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from pagoda.kernels._launch import device_of
+from pagoda.kernels.attention_hopper import _GLUON_OK, _GL_DTYPES, _is_sm90, _layout
+
+BLOCK_M, BLOCK_N, STAGES, CONSUMER_REGS, NUM_CONSUMERS, MAXNREG = 128, 128, 2, 240, 2, 168
+# The loader warp (padded to a warpgroup) gets 32 registers: 128 x (240 + 240 + 32) = 64K. Its page-id
+# vectors spill at 24 with the ptxas of Triton 3.9.
+LOADER_REGS = 24
+LOG2E = 1.4426950408889634
+
+if _GLUON_OK:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from pagoda.kernels.attention_hopper import _key_tiles, _nvmma_2d
+    from pagoda.kernels.attention_hopper_ws import _ws_mainloop
+
+    _LOADER_REGS = gl.constexpr(LOADER_REGS)
+
+    @gluon.jit
+    def _tile_rows(KV_INDICES, p0, n_pages, i, row_h, page_size, rows_per_page, BLOCK_N: gl.constexpr,
+                   BOX: gl.constexpr):
+        """Cache rows ``[BLOCK_N // BOX]`` of the boxes of key tile i (page ids past the request's last
+        page are clamped to it)."""
+        NB: gl.constexpr = BLOCK_N // BOX
+        lay: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+        keys = i * BLOCK_N + gl.arange(0, NB, layout=lay) * BOX
+        pidx = gl.minimum(keys // page_size, n_pages - 1)
+        pages = gl.load(KV_INDICES + p0 + pidx).to(gl.int32)
+        return pages * rows_per_page + keys % page_size + row_h
+
+    @gluon.jit
+    def _issue_boxes(desc, bufs, bar, slot, rows, col, BLOCK_N: gl.constexpr, BOX: gl.constexpr):
+        """One TMA box per page of a key tile into consecutive BOX-row slices of ring slot ``slot``."""
+        NB: gl.constexpr = BLOCK_N // BOX
+        mbarrier.expect(bar, NB * desc.block_type.nbytes)
+        lay: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+        for b in gl.static_range(NB):
+            row = gl.sum(gl.where(gl.arange(0, NB, layout=lay) == b, rows, 0), axis=0)
+            tma.async_load(desc, [row, col], bar, bufs.index(slot).slice(b * BOX, BOX, dim=0))
+
+    @gluon.jit
+    def _paged_loader(q_desc, k_desc, v_desc, KV_INDICES, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready,
+                      v_empty, q_start, head, kvh, m0, p0, n_pages, n_tiles, page_size, rows_per_page,
+                      rows_per_head, cols_per_head, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                      BOX: gl.constexpr, STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
+        WG_M: gl.constexpr = q_desc.block_type.shape[0]
+        for w in gl.static_range(NUM_CONSUMERS):
+            mbarrier.expect(q_bars.index(w), q_desc.block_type.nbytes)
+            tma.async_load(q_desc, [q_start + m0 + w * WG_M, head * HEAD_DIM], q_bars.index(w), q_smem.index(w))
+        row_h = kvh * rows_per_head
+        col = kvh * cols_per_head
+        rows = _tile_rows(KV_INDICES, p0, n_pages, 0, row_h, page_size, rows_per_page, BLOCK_N, BOX)
+        for i in range(n_tiles):
+            # The next tile's page ids are in flight while this tile waits for its slots.
+            nxt = _tile_rows(KV_INDICES, p0, n_pages, i + 1, row_h, page_size, rows_per_page, BLOCK_N, BOX)
+            slot = i % STAGES
+            phase = (i // STAGES) & 1
+            mbarrier.wait(k_empty.index(slot), phase ^ 1)  # a fresh mbarrier passes phase 1 at once
+            _issue_boxes(k_desc, k_bufs, k_ready.index(slot), slot, rows, col, BLOCK_N, BOX)
+            mbarrier.wait(v_empty.index(slot), phase ^ 1)
+            _issue_boxes(v_desc, v_bufs, v_ready.index(slot), slot, rows, col, BLOCK_N, BOX)
+            rows = nxt
+
+    @gluon.jit
+    def _paged_consumer(q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready, v_empty, turns, O, LSE, q_start,
+                        head, m0, n_tiles, mask_from, stride_ot, stride_oh, stride_lt, stride_lh, qo_len, kv_len,
+                        qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                        CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
+                        WG: gl.constexpr):
+        """Consumer warpgroup WG: rows m0 + 64 WG .. + 63 of the request, then masked O / LSE stores."""
+        WG_M: gl.constexpr = q_smem.shape[1]
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        m_w = m0 + WG * WG_M
+        acc, m_i, l_i = _ws_mainloop(q_smem.index(WG), k_bufs, v_bufs, q_bars.index(WG), q_bars.index(WG), k_ready,
+                                     k_empty, v_ready, v_empty, turns.index(WG), turns.index((WG + 1) % NUM_CONSUMERS),
+                                     m_w, n_tiles, 0, 0, mask_from, qo_len, kv_len, qk_scale, HEAD_DIM, BLOCK_N,
+                                     STAGES, CAUSAL, PINGPONG, False, True)
+        l_o = gl.convert_layout(l_i, row_o)
+        empty = l_o == 0.0
+        out = acc / gl.expand_dims(gl.where(empty, 1.0, l_o), 1)
+        # O goes out through this warpgroup's Q box (every GEMM reading it has completed), 16 rows at a
+        # time in 16-byte vectors: a masked store straight from the wgmma layout would hold a 64-bit
+        # address per element (128 registers).
+        dtype: gl.constexpr = q_smem.dtype
+        q_box = q_smem.index(WG)
+        gl.thread_barrier()
+        q_box.store(out.to(dtype))
+        gl.thread_barrier()
+        blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, blk))
+        for c in gl.static_range(WG_M // 16):
+            r = m_w + c * 16 + gl.arange(0, 16, layout=gl.SliceLayout(1, blk))
+            x = q_box.slice(c * 16, 16, dim=0).load(blk)
+            ptrs = O + gl.expand_dims((q_start + r).to(gl.int64) * stride_ot + head * stride_oh, 1) + \
+                gl.expand_dims(cols, 0)
+            gl.store(ptrs, x, mask=gl.expand_dims(r < qo_len, 1) & gl.expand_dims(cols < HEAD_DIM, 0))
+        offs = m_w + gl.arange(0, WG_M, layout=row_o)
+        live = offs < qo_len
+        tok = (q_start + offs).to(gl.int64)
+        m_o = gl.convert_layout(m_i, row_o)
+        lse = gl.where(empty, float("-inf"), (m_o + gl.log2(gl.where(empty, 1.0, l_o))) * 0.6931471805599453)
+        gl.store(LSE + tok * stride_lt + head * stride_lh, lse, mask=live)
+
+    @gluon.jit
+    def _write_empty(O, LSE, q_start, head, m0, qo_len, stride_ot, stride_oh, stride_lt, stride_lh,
+                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr):
+        """Rows of a request with no keys: zeros and LSE -inf."""
+        blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        offs = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, blk))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, blk))
+        live = offs < qo_len
+        tok = (q_start + offs).to(gl.int64)
+        ptrs = O + gl.expand_dims(tok * stride_ot + head * stride_oh, 1) + gl.expand_dims(cols, 0)
+        zero = gl.zeros([BLOCK_M, HEAD_DIM], O.dtype.element_ty, layout=blk)
+        gl.store(ptrs, zero, mask=gl.expand_dims(live, 1) & gl.expand_dims(cols < HEAD_DIM, 0))
+        gl.store(LSE + tok * stride_lt + head * stride_lh,
+                 gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, blk)), mask=live)
+
+    @gluon.jit(do_not_specialize=["stride_ot", "stride_oh", "stride_lt", "stride_lh", "page_size", "rows_per_page",
+                                  "rows_per_head", "cols_per_head", "group_size"])
+    def _paged_prefill_ws_kernel(q_desc, k_desc, v_desc, O, LSE, QO_INDPTR, KV_INDPTR, KV_INDICES, KV_LAST,
+                                 stride_ot, stride_oh, stride_lt, stride_lh, page_size, rows_per_page, rows_per_head,
+                                 cols_per_head, group_size, qk_scale,
+                                 HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                                 BOX: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                                 CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr):
+        """Grid ``(cdiv(max_qo_len, BLOCK_M), hq, batch)``; q_desc over ``[nnz, hq * d]`` (box ``[64, d]``),
+        k/v descriptors over the caches' token rows (box ``[BOX, d]``)."""
+        gl.static_assert(num_warps == 4, "the default partition is consumer 0 (one warpgroup)")
+        gl.static_assert(BLOCK_M == 2 * q_desc.block_type.shape[0], "one q box per consumer warpgroup")
+        gl.static_assert(BLOCK_N % BOX == 0, "whole boxes per key tile")
+        dtype: gl.constexpr = q_desc.dtype
+        m0 = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M
+        head = gl.program_id(1)
+        b = gl.program_id(2)
+        q_start = gl.load(QO_INDPTR + b).to(gl.int32)
+        qo_len = gl.load(QO_INDPTR + b + 1).to(gl.int32) - q_start
+        if m0 >= qo_len:
+            return
+        p0 = gl.load(KV_INDPTR + b).to(gl.int32)
+        n_pages = gl.load(KV_INDPTR + b + 1).to(gl.int32) - p0
+        kv_len = gl.where(n_pages > 0, (n_pages - 1) * page_size + gl.load(KV_LAST + b).to(gl.int32), 0)
+        if kv_len <= 0:
+            _write_empty(O, LSE, q_start, head, m0, qo_len, stride_ot, stride_oh, stride_lt, stride_lh,
+                         HEAD_DIM, BLOCK_M)
+            return
+        n_tiles, mask_from = _key_tiles(m0, qo_len, kv_len, BLOCK_M, BLOCK_N, CAUSAL)
+        kvh = head // group_size
+        slot2d: gl.constexpr = _nvmma_2d(BLOCK_N, HEAD_DIM, dtype)
+        q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+        k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], slot2d)
+        v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], slot2d)
+        q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for w in gl.static_range(2):
+            mbarrier.init(q_bars.index(w), count=1)
+            mbarrier.init(turns.index(w), count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)  # both consumer warpgroups release every slot
+            mbarrier.init(v_empty.index(i), count=2)
+        fence_async_shared()
+        if PINGPONG:
+            mbarrier.arrive(turns.index(0), count=1)
+        gl.warp_specialize([
+            (_paged_consumer, (q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready, v_empty, turns, O,
+                               LSE, q_start, head, m0, n_tiles, mask_from, stride_ot, stride_oh, stride_lt,
+                               stride_lh, qo_len, kv_len, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL,
+                               PINGPONG, 2, 0)),
+            (_paged_consumer, (q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready, v_empty, turns, O,
+                               LSE, q_start, head, m0, n_tiles, mask_from, stride_ot, stride_oh, stride_lt,
+                               stride_lh, qo_len, kv_len, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL,
+                               PINGPONG, 2, 1)),
+            (_paged_loader, (q_desc, k_desc, v_desc, KV_INDICES, q_smem, k_bufs, v_bufs, q_bars, k_ready,
+                             k_empty, v_ready, v_empty, q_start, head, kvh, m0, p0, n_pages, n_tiles,
+                             page_size, rows_per_page, rows_per_head, cols_per_head, HEAD_DIM, BLOCK_N, BOX,
+                             STAGES, 2)),
+        ], [4, 1], [CONSUMER_REGS, _LOADER_REGS])
+
+
+def cache_rows(cache: torch.Tensor, k_strides, page_size: int, num_kv_heads: int, head_dim: int):
+    """``(rows, cols, rows_per_page, rows_per_head, cols_per_head)`` of the 2-D token-row view of a 4-D
+    paged cache with ``(page, token, head)`` strides ``k_strides`` (last dim contiguous), or None when the
+    layout has no such view (token stride not 16-byte aligned, heads neither inside a row nor whole rows)."""
+    sp, st, sh = k_strides
+    es = cache.element_size()
+    if cache.stride(-1) != 1 or st <= 0 or (st * es) % 16 or cache.data_ptr() % 16 or sp % st:
+        return None
+    pages = cache.shape[0]
+    if sh == head_dim and num_kv_heads * head_dim <= st:  # NHD: a token row holds every head
+        rows_per_head, cols_per_head, cols = 0, head_dim, num_kv_heads * head_dim
+    elif sh % st == 0 and head_dim <= st:  # HND: a head's tokens are consecutive rows
+        rows_per_head, cols_per_head, cols = sh // st, 0, head_dim
+    else:
+        return None
+    rows = (pages - 1) * (sp // st) + (num_kv_heads - 1) * rows_per_head + page_size
+    if rows >= 2 ** 31:
+        return None
+    return rows, cols, sp // st, rows_per_head, cols_per_head
+
+
+def box_rows(page_size: int) -> int | None:
+    """TMA box rows per page (None: this page size keeps the Triton kernel)."""
+    if page_size in (16, 32, 64):
+        return page_size
+    return BLOCK_N if page_size % BLOCK_N == 0 else None
+
+
+def paged_supported(q, k_cache, v_cache, k_strides, v_strides, page_size: int, num_kv_heads: int, *,
+                    window_left: int, window_right: int, logits_soft_cap: float, alibi_slopes, rope,
+                    num_splits: int) -> bool:
+    """Whether `prefill_paged_hopper` can run this call (sm_90, Gluon, the scope in the module docstring)."""
+    if not _GLUON_OK or not q.is_cuda or q.dtype not in _GL_DTYPES:
+        return False
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype or num_splits > 0:
+        return False
+    if window_left >= 0 or window_right > 0 or logits_soft_cap or alibi_slopes is not None or rope is not None:
+        return False
+    d = q.shape[-1]
+    if d not in (64, 128) or box_rows(page_size) is None:
+        return False
+    if q.stride(-1) != 1 or q.stride(1) != d or (q.stride(0) * q.element_size()) % 16 or q.data_ptr() % 16:
+        return False
+    if cache_rows(k_cache, k_strides, page_size, num_kv_heads, d) is None:
+        return False
+    if cache_rows(v_cache, v_strides, page_size, num_kv_heads, d) is None:
+        return False
+    return _is_sm90(q.device.index if q.device.index is not None else torch.cuda.current_device())
+
+
+def _cache_desc(cache, strides, page_size, num_kv_heads, d, box):
+    rows, cols, rpp, rph, cph = cache_rows(cache, strides, page_size, num_kv_heads, d)
+    block = (box, d)
+    desc = TensorDescriptor(cache, [rows, cols], [strides[1], 1], list(block), _layout(block, cache.dtype))
+    return desc, rpp, rph, cph
+
+
+@functools.lru_cache(maxsize=None)
+def _check_slot_layout(box: int, d: int, dtype: torch.dtype) -> None:
+    """The box layout must be the ring slot's layout (row slices of one swizzled tile)."""
+    slot, b = _layout((BLOCK_N, d), dtype), _layout((box, d), dtype)
+    if slot != b:
+        raise RuntimeError(f"paged Gluon prefill: box layout {b!r} differs from the slot layout {slot!r}")
+
+
+def prefill_paged_hopper(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_indptr, kv_indices,
+                         kv_last_page_len, page_size: int, num_kv_heads: int, max_qo_len: int, out, lse, *,
+                         sm_scale: float, causal: bool, pingpong: bool = False):
+    """Launch the Gluon paged prefill (callers check `paged_supported`). Arguments as
+    `pagoda.kernels.prefill_paged.prefill_paged_fwd`: q/out ``[nnz, hq, d]``, lse float32 ``[nnz, hq]``."""
+    batch = qo_indptr.shape[0] - 1
+    hq, d = q.shape[1], q.shape[2]
+    if batch == 0 or max_qo_len == 0 or q.shape[0] == 0:
+        return
+    box = box_rows(page_size)
+    _check_slot_layout(box, d, q.dtype)
+    with device_of((q,)):
+        qb = (64, d)
+        q_desc = TensorDescriptor(q, [q.shape[0], hq * d], [q.stride(0), 1], list(qb), _layout(qb, q.dtype))
+        k_desc, rpp, rph, cph = _cache_desc(k_cache, k_strides, page_size, num_kv_heads, d, box)
+        v_desc, v_rpp, v_rph, v_cph = _cache_desc(v_cache, v_strides, page_size, num_kv_heads, d, box)
+        if (v_rpp, v_rph, v_cph) != (rpp, rph, cph):
+            raise ValueError("paged Gluon prefill needs K and V caches of one layout")
+        grid = ((max_qo_len + BLOCK_M - 1) // BLOCK_M, hq, batch)
+        return _paged_prefill_ws_kernel[grid](
+            q_desc, k_desc, v_desc, out, lse, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
+            out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), page_size, rpp, rph, cph,
+            hq // num_kv_heads, sm_scale * LOG2E,
+            HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BOX=box, STAGES=STAGES, CAUSAL=bool(causal),
+            CONSUMER_REGS=CONSUMER_REGS, PINGPONG=bool(pingpong), num_warps=4, maxnreg=MAXNREG)

@@ -1,0 +1,192 @@
+"""Paged Gluon prefill (`pagoda.kernels.attention_hopper_paged`): the 2-D token-row view of paged caches and
+the page-size policy on the CPU, an ahead-of-time sm_90 compile, and on an H100/H200 the kernel against the
+reference and the Triton paged kernel (page sizes 16-256, NHD/HND, GQA, NaN in unused slots)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pagoda.ops import _paged
+from tests.helpers import assert_finite_lse_close, rel_err
+from tests.paged_utils import empty_cache, fill_cache, random_page_table
+
+pytest.importorskip("triton")
+from pagoda.kernels import attention_hopper_paged as P  # noqa: E402
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_box_rows_policy():
+    assert [P.box_rows(p) for p in (16, 32, 64, 128, 256, 384)] == [16, 32, 64, 128, 128, 128]
+    assert [P.box_rows(p) for p in (1, 7, 8, 48, 96, 200)] == [None] * 6
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("combined", [False, True])
+def test_cache_rows_address_every_token(layout, combined):
+    """Row ``page * rows_per_page + slot + kvh * rows_per_head``, column ``kvh * cols_per_head`` of the 2-D
+    view is token (page, slot) of KV head kvh, for the tuple and the combined ``[pages, 2, ...]`` forms."""
+    pages, ps, hk, d = 5, 16, 3, 64
+    shape = (pages, ps, hk, d) if layout == "NHD" else (pages, hk, ps, d)
+    full = torch.randn(pages, 2, *shape[1:]) if combined else torch.randn(*shape)
+    cache = full[:, 1] if combined else full
+    strides = _paged.cache_strides(cache, layout)
+    rows, cols, rpp, rph, cph = P.cache_rows(cache, strides, ps, hk, d)
+    view = torch.as_strided(cache, (rows, cols), (strides[1], 1))
+    for page in range(pages):
+        for slot in (0, 7, ps - 1):
+            for h in range(hk):
+                want = cache[page, slot, h] if layout == "NHD" else cache[page, h, slot]
+                r, c = page * rpp + slot + h * rph, h * cph
+                assert torch.equal(view[r, c:c + d], want)
+
+
+def test_cache_rows_rejects_unaligned_rows():
+    cache = torch.randn(4, 16, 3, 6)[..., :5]  # token stride 18 elements: not 16-byte aligned in fp32
+    assert P.cache_rows(cache, (cache.stride(0), cache.stride(1), cache.stride(2)), 16, 3, 5) is None
+
+
+def test_paged_supported_is_false_on_cpu():
+    q = torch.randn(256, 8, 128, dtype=torch.bfloat16)
+    cache = torch.randn(32, 16, 2, 128, dtype=torch.bfloat16)
+    s = _paged.cache_strides(cache, "NHD")
+    assert not P.paged_supported(q, cache, cache, s, s, 16, 2, window_left=-1, window_right=0, logits_soft_cap=0.0,
+                                 alibi_slopes=None, rope=None, num_splits=0)
+
+
+_AOT = r'''
+import re, sys
+import triton
+from pagoda.kernels import attention_hopper as H
+if not H._GLUON_OK:
+    print("NO_GLUON"); sys.exit(0)
+from pagoda.kernels.attention_hopper_aot import compile_paged_sm90
+from triton.tools.disasm import get_sass
+for d, dt, causal, box, pp in [(128, "bf16", True, 16, False), (64, "fp16", False, 32, False),
+                               (128, "bf16", False, 128, True), (64, "bf16", True, 64, False)]:
+    k = compile_paged_sm90(d, dt, causal, box, pp)
+    ptx, sass = k.asm["ptx"], get_sass(k.asm["cubin"])
+    copies = len(re.findall(r"cp\.async\.bulk\.tensor\.2d", ptx))
+    msgs = (d * 2 + 127) // 128  # 128-byte swizzle: one TMA message per 64 bf16 columns
+    print(f"d={d} {dt} causal={causal} box={box} smem={k.metadata.shared} copies={copies}")
+    assert k.metadata.shared <= 227 * 1024
+    # Q (2 boxes) + K and V: one box per page of a 128-key tile
+    assert copies == msgs * (2 + 2 * (128 // box)), copies
+    assert "USETMAXREG" in sass and "HGMMA" in sass and "UTMALDG" in sass
+    spills = len(re.findall(r"\b(STL|LDL)\b", sass))
+    print(f"  local-memory spill instructions: {spills} (triton {triton.__version__})")
+    if NO_SPILLS:
+        assert spills == 0, spills
+print("COMPILED")
+'''
+
+
+def _compile(no_spills: bool):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = _ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", f"NO_SPILLS = {no_spills}\n" + _AOT], capture_output=True, text=True,
+                       env=env, timeout=900, cwd=_ROOT)
+    if "NO_GLUON" in r.stdout:
+        pytest.skip("this triton has no Gluon")
+    if r.returncode != 0 and "ptxas" in r.stderr and "not found" in r.stderr.lower():
+        pytest.skip("no ptxas bundled with this triton")
+    print(r.stdout)
+    assert r.returncode == 0 and "COMPILED" in r.stdout, r.stderr[-3000:]
+
+
+def test_paged_kernel_compiles_for_sm90():
+    """Every variant lowers (any Triton with Gluon); TMA copies: Q boxes plus one box per page of a tile."""
+    _compile(no_spills=False)
+
+
+@pytest.mark.skipif(not __import__("triton").__version__.startswith("3.6"),
+                    reason="register plan checked with Triton 3.6 (the GPU machine's); 3.9's ptxas spills ~30-60 "
+                           "instructions' worth in this kernel")
+def test_paged_kernel_does_not_spill_with_triton_3_6():
+    _compile(no_spills=True)
+
+
+def _sm90():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and \
+        __import__("pagoda.kernels.attention_hopper", fromlist=["_GLUON_OK"])._GLUON_OK
+
+
+def _indptr(lens):
+    p = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    p[1:] = torch.cumsum(torch.tensor(lens), 0)
+    return p.cuda()
+
+
+def _case(kv, qo, ps, hq, hk, d, layout, dtype):
+    indptr, indices, last, max_pages = random_page_table(kv, ps, device="cuda")
+    cache = empty_cache(max_pages, ps, hk, d, layout, dtype, device="cuda")  # NaN in every unused slot
+    keys = [torch.randn(n, hk, d, dtype=dtype, device="cuda") for n in kv]
+    vals = [torch.randn(n, hk, d, dtype=dtype, device="cuda") for n in kv]
+    fill_cache(cache, keys, vals, indptr.cpu(), indices.cpu(), ps, layout)
+    q = torch.randn(sum(qo), hq, d, dtype=dtype, device="cuda")
+    return q, cache, (indptr, indices, last), torch.cat(keys), torch.cat(vals)
+
+
+def _varlen(q, k, v, qo, kv, causal):
+    """The independent oracle: flash_attn_varlen_func (the Triton varlen kernel) on contiguous k/v."""
+    import pagoda
+    o, lse, _ = pagoda.flash_attn_varlen_func(q, k, v, _indptr(qo), _indptr(kv), max(qo), max(kv), causal=causal,
+                                              return_attn_probs=True)
+    return o, lse.t()
+
+
+def _run(q, cache, meta, qo, ps, hk, layout, causal):
+    from pagoda.kernels.prefill_paged import prefill_paged_fwd
+    kc, vc = cache[:, 0], cache[:, 1]
+    out = torch.zeros_like(q)
+    lse = torch.full((q.shape[0], q.shape[1]), float("nan"), dtype=torch.float32, device="cuda")
+    prefill_paged_fwd(q, kc, vc, _paged.cache_strides(kc, layout), _paged.cache_strides(vc, layout), _indptr(qo),
+                      *meta, ps, hk, max(qo), out, lse, sm_scale=q.shape[-1] ** -0.5, causal=causal)
+    return out, lse
+
+
+CASES = [  # (kv lens, qo lens): empty, length-1, long, partial last pages, fewer keys than queries
+    ([0, 1, 1000, 37, 513, 129, 300], [0, 1, 1000, 37, 1, 129, 400]),
+    ([4096], [4096]),
+    ([200, 0, 2000], [256, 130, 1500]),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU and Gluon")
+@pytest.mark.parametrize("ps", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("hq,hk", [(8, 8), (32, 8), (32, 4)])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [True, False])
+def test_gluon_paged_prefill_matches_reference(monkeypatch, ps, layout, hq, hk, d, causal):
+    import pagoda.kernels.prefill_paged as pp
+    calls = []
+    real = pp.prefill_paged_hopper
+    monkeypatch.setattr(pp, "prefill_paged_hopper", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.delenv("PAGODA_HOPPER_ATTN", raising=False)
+    for kv, qo in CASES[:1] if (hq, layout) != (32, "NHD") else CASES:
+        q, cache, meta, k, v = _case(kv, qo, ps, hq, hk, d, layout, torch.bfloat16)
+        out, lse = _run(q, cache, meta, qo, ps, hk, layout, causal)
+        want, want_lse = _varlen(q, k, v, qo, kv, causal)
+        assert not out.isnan().any() and rel_err(out, want) < 1e-2
+        assert_finite_lse_close(lse, want_lse, atol=2e-2)
+    assert calls, "the Gluon paged kernel did not run"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU and Gluon")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gluon_paged_prefill_equals_triton_kernel(monkeypatch, dtype):
+    """Same data through the Gluon kernel and (PAGODA_HOPPER_ATTN=0) the Triton paged kernel."""
+    kv, qo = CASES[0]
+    q, cache, meta, _, _ = _case(kv, qo, 16, 32, 8, 128, "NHD", dtype)
+    monkeypatch.delenv("PAGODA_HOPPER_ATTN", raising=False)
+    a, la = _run(q, cache, meta, qo, 16, 8, "NHD", True)
+    monkeypatch.setenv("PAGODA_HOPPER_ATTN", "0")
+    b, lb = _run(q, cache, meta, qo, 16, 8, "NHD", True)
+    assert rel_err(a, b) < 1e-2
+    assert_finite_lse_close(la, lb, atol=2e-2)
+    assert torch.equal(la.isinf(), lb.isinf())
