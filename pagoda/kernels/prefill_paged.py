@@ -302,6 +302,8 @@ def prefill_paged_fwd(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_i
     cache by equal-width page rows (block tables) may pass a ``kv_last_page_len`` below 1 so that the
     formula gives the true length.
 
+    On sm_90, calls with ``max_qo_len >= GLUON_MIN_QO``, no split and no forced ``config`` that the Gluon kernel
+    supports (`attention_hopper_paged.paged_supported`) run there (``block_m`` is then unused).
     ``block_m`` fixes the rows per tile (default `choose_block_m`); ``config`` forces BLOCK_M/BLOCK_N/
     num_warps/num_stages (interpreter tests), otherwise the autotuned kernel runs (`default_config` with
     PAGODA_AUTOTUNE=0). Split-KV with ``num_splits > 0``: ``chunk`` is an int32 ``[1]`` device tensor (keys
@@ -315,7 +317,7 @@ def prefill_paged_fwd(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_i
         return
     if window_right is None:
         window_right = 0 if causal else -1
-    if (config is None and block_m is None and max_qo_len >= GLUON_MIN_QO and _hopper_on()
+    if (config is None and max_qo_len >= GLUON_MIN_QO and _hopper_on()
             and window_right <= 0 and paged_supported(
                 q, k_cache, v_cache, k_strides, v_strides, page_size, num_kv_heads, window_left=window_left,
                 window_right=window_right, logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes, rope=rope,

@@ -190,3 +190,25 @@ def test_gluon_paged_prefill_equals_triton_kernel(monkeypatch, dtype):
     assert rel_err(a, b) < 1e-2
     assert_finite_lse_close(la, lb, atol=2e-2)
     assert torch.equal(la.isinf(), lb.isinf())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU and Gluon")
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_wrapper_runs_the_gluon_kernel(monkeypatch, layout):
+    """BatchPrefillWithPagedKVCacheWrapper (planned BLOCK_M, no split) reaches the Gluon kernel."""
+    import pagoda.kernels.prefill_paged as pp
+    from pagoda.ops.prefill import BatchPrefillWithPagedKVCacheWrapper
+    calls = []
+    real = pp.prefill_paged_hopper
+    monkeypatch.setattr(pp, "prefill_paged_hopper", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.delenv("PAGODA_HOPPER_ATTN", raising=False)
+    kv, qo = CASES[2]
+    q, cache, meta, k, v = _case(kv, qo, 16, 32, 8, 128, layout, torch.bfloat16)
+    w = BatchPrefillWithPagedKVCacheWrapper(torch.empty(1 << 24, dtype=torch.uint8, device="cuda"), layout)
+    w.plan(_indptr(qo), *meta, 32, 8, 128, 16, causal=True, q_data_type=torch.bfloat16)
+    out, lse = w.run(q, cache, return_lse=True)
+    want, want_lse = _varlen(q, k, v, qo, kv, True)
+    assert calls, "the wrapper did not reach the Gluon kernel"
+    assert rel_err(out, want) < 1e-2
+    assert_finite_lse_close(lse, want_lse, atol=2e-2)
