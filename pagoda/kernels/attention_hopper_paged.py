@@ -37,9 +37,8 @@ import torch
 from pagoda.kernels._launch import device_of
 from pagoda.kernels.attention_hopper import _GLUON_OK, _GL_DTYPES, _is_sm90, _layout
 
-BLOCK_M, BLOCK_N, STAGES, CONSUMER_REGS, NUM_CONSUMERS, MAXNREG = 128, 128, 3, 240, 2, 168
-# The loader warp (padded to a warpgroup) gets 32 registers: 128 x (240 + 240 + 32) = 64K. Its page-id
-# vectors spill at 24 with the ptxas of Triton 3.9.
+BLOCK_M, BLOCK_N, STAGES, CONSUMER_REGS, NUM_CONSUMERS, MAXNREG = 128, 128, 2, 240, 2, 168
+# Loader warp registers (the warp is padded to a warpgroup): 128 x (240 + 240 + 24) <= 64K.
 LOADER_REGS = 24
 LOG2E = 1.4426950408889634
 
