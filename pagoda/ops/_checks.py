@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 
 import torch
 
@@ -114,12 +115,37 @@ def check_alibi(alibi_slopes, batch_size: int, nheads: int, device) -> torch.Ten
     return alibi_slopes
 
 
+# cu_seqlens tensors whose values passed the host checks: key -> (weakref to the tensor, version counter or
+# None for inference tensors). A model calls the varlen op once per layer with the same cu_seqlens tensors:
+# reading them once per forward, not once per layer, removes a host synchronisation per layer.
+_CU_CHECKED: dict[tuple, tuple] = {}
+_MAX_CU_CHECKED = 64
+
+
+def _cu_key(cu: torch.Tensor, *params) -> tuple:
+    return (id(cu), cu.data_ptr(), tuple(cu.shape), cu.stride(0) if cu.dim() else 0) + params
+
+
+def _cu_version(cu: torch.Tensor):
+    """The version counter (in-place edits bump it); None for inference tensors, which have none."""
+    return None if cu.is_inference() else cu._version
+
+
+def _host_values(cu: torch.Tensor) -> list:
+    """The one host read (a device-to-host copy: it waits for the work queued before it)."""
+    return cu.tolist()
+
+
 def check_cu_seqlens(name: str, cu: torch.Tensor, batch_size: int | None, total: int, device,
                      max_seqlen=None, max_name: str = "") -> torch.Tensor:
     """cu_seqlens: int32 ``[batch+1]``, starts at 0, non-decreasing, ends at or below ``total``.
 
-    Reads the values on the host (one small copy) unless a CUDA graph is being captured; then the
-    kernel's own bounds masks are what keeps memory access legal.
+    Reads the values on the host (one small copy, which synchronises with the device) unless a CUDA graph
+    is being captured; then the kernel's own bounds masks are what keeps memory access legal. A tensor
+    whose values already passed these checks (same object, same version counter, same ``total`` /
+    ``max_seqlen``) is not read again: the layers of one forward share their cu_seqlens. Inference
+    tensors carry no version counter, so an in-place edit of one between calls is not re-read; the
+    kernels' bounds masks still keep every access legal.
     """
     check_tensor(name, cu, ndim=1, dtypes=(torch.int32,))
     if cu.shape[0] < 1 or (batch_size is not None and cu.shape[0] != batch_size + 1):
@@ -129,7 +155,11 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, batch_size: int | None, total:
         raise ValueError(f"{name} must be on {device}, got {cu.device}")
     if cu.is_cuda and torch.cuda.is_current_stream_capturing():
         return cu
-    vals = cu.tolist()
+    key = _cu_key(cu, total, max_seqlen if isinstance(max_seqlen, int) else repr(max_seqlen))
+    hit = _CU_CHECKED.get(key)
+    if hit is not None and hit[0]() is cu and hit[1] == _cu_version(cu):
+        return cu
+    vals = _host_values(cu)
     if vals[0] != 0:
         raise ValueError(f"{name}[0] must be 0, got {vals[0]}")
     if any(b < a for a, b in zip(vals, vals[1:])):
@@ -141,4 +171,7 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, batch_size: int | None, total:
         if not isinstance(max_seqlen, int) or max_seqlen < longest:
             raise ValueError(f"{max_name} must be an int >= the longest sequence in {name} ({longest}), "
                              f"got {max_seqlen!r}")
+    if len(_CU_CHECKED) >= _MAX_CU_CHECKED:
+        _CU_CHECKED.clear()
+    _CU_CHECKED[key] = (weakref.ref(cu), _cu_version(cu))
     return cu

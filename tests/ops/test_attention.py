@@ -191,3 +191,21 @@ def test_gpu_no_quadratic_memory():
     extra = torch.cuda.max_memory_allocated() - base
     assert extra <= out.numel() * 2 + lse.numel() * 4 + (1 << 20)
     assert math.isfinite(lse.float().mean().item())
+
+
+@pytest.mark.gpu
+def test_gpu_varlen_repeat_calls_do_not_sync():
+    """The first call reads cu_seqlens on the host (validation: a sync); the layers after it, on the same
+    tensors, do not."""
+    lens = [300, 1, 77]
+    cu = torch.tensor([0, 300, 301, 378], dtype=torch.int32, device="cuda")
+    q = torch.randn(sum(lens), 8, 128, dtype=torch.bfloat16, device="cuda")
+    k, v = torch.randn_like(q[:, :2]), torch.randn_like(q[:, :2])
+    want = pagoda.flash_attn_varlen_func(q, k, v, cu, cu, 300, 300, causal=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = [pagoda.flash_attn_varlen_func(q, k, v, cu, cu, 300, 300, causal=True) for _ in range(3)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.equal(g, want) for g in got)

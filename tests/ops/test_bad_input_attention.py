@@ -47,3 +47,43 @@ def test_kvcache_duplicate_cache_batch_idx_when_appending():
     assert not kc.any() and not vc.any()  # nothing written
     # Reading one cache row from two sequences (no append) stays allowed.
     pagoda.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=3, cache_batch_idx=idx)
+
+
+def test_cu_seqlens_read_once_per_tensor(monkeypatch):
+    """The layers of one forward share cu_seqlens: the host read (a device sync on CUDA) happens once per
+    tensor and version, an in-place edit is read (and checked) again, a new tensor is read."""
+    from pagoda.ops import _checks
+    reads = []
+    real = _checks._host_values
+    monkeypatch.setattr(_checks, "_host_values", lambda cu: reads.append(cu) or real(cu))
+    q = torch.randn(9, 2, 16)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    first = pagoda.flash_attn_varlen_func(q, q, q, cu, cu, 5, 5, causal=True)
+    assert len(reads) == 1  # cu_seqlens_q and cu_seqlens_k are one tensor with the same bounds
+    for _ in range(3):
+        assert torch.equal(pagoda.flash_attn_varlen_func(q, q, q, cu, cu, 5, 5, causal=True), first)
+    assert len(reads) == 1
+    cu[1] = 10  # in place: bumps the version counter, so it is checked again
+    with pytest.raises(ValueError, match="non-decreasing"):
+        pagoda.flash_attn_varlen_func(q, q, q, cu, cu, 10, 10)
+    assert len(reads) == 2
+    cu2 = torch.tensor([0, 4, 9], dtype=torch.int32)
+    pagoda.flash_attn_varlen_func(q, q, q, cu2, cu2, 5, 5)
+    assert len(reads) == 3
+    with pytest.raises(ValueError, match="max_seqlen_q"):  # another bound is another check
+        pagoda.flash_attn_varlen_func(q, q, q, cu2, cu2, 4, 5)
+    assert len(reads) == 4
+
+
+def test_cu_seqlens_inference_tensors_are_checked_once():
+    """Inference tensors have no version counter: the first call checks them, later calls trust the object."""
+    q = torch.randn(9, 2, 16)
+    with torch.inference_mode():
+        bad = torch.tensor([0, 5, 4], dtype=torch.int32)
+        with pytest.raises(ValueError, match="non-decreasing"):
+            pagoda.flash_attn_varlen_func(q, q, q, bad, bad, 5, 5)
+        with pytest.raises(ValueError, match="non-decreasing"):  # a failed check is not remembered
+            pagoda.flash_attn_varlen_func(q, q, q, bad, bad, 5, 5)
+        good = torch.tensor([0, 4, 9], dtype=torch.int32)
+        out = pagoda.flash_attn_varlen_func(q, q, q, good, good, 5, 5)
+        assert out.shape == q.shape
