@@ -1,7 +1,8 @@
 """Paged Gluon prefill vs the dense kernels on the `pagoda bench paged` shapes: device time (CUDA-graph replay
 of the call, L2 not flushed), do_bench time (as the bench, L2 flushed) and host time per call (no sync),
 for the paged wrapper and the 4-D dense call (flash_attn_func, the Gluon kernel on sm_90). Prints JSON
-lines. Question it answers: is paged b8 s1024's gap to the dense Gluon kernel device time or host time?
+lines. Questions: is paged b8 s1024's gap to the dense Gluon kernel device or host time; does it shrink with
+fewer, larger TMA boxes per tile (page 64, 128: 2 boxes or 1 per 128-key tile instead of 8)?
 
     PYTHONPATH=$PWD python3 benchmarks/paged_probe.py
 """
@@ -60,11 +61,13 @@ def main():
         flops = 4 * b * s * s * case.num_qo_heads * case.head_dim / 2
         from pagoda.kernels import attention_hopper_paged as P
         default_stages = P.STAGES
-        for name, stages in (("pagoda_paged", 2), ("pagoda_paged", 3), ("pagoda_dense4d", None),
-                             ("pagoda_dense", None)):
+        runs = [("pagoda_paged", 2, 16), ("pagoda_paged", 2, 64), ("pagoda_paged", 2, 128),
+                ("pagoda_dense4d", None, 16), ("pagoda_dense", None, 16)]
+        for name, stages, ps in runs:
             P.STAGES = stages or default_stages  # the paged Gluon kernel's K/V ring depth
-            fn = _paged_fn(name, case, q, kv16, ws)
-            row = {"b": b, "s": s, "backend": name, "paged_stages": stages}
+            kv = kv16 if ps == 16 else _paged_kv(case, ps, "cuda", torch.bfloat16, g)
+            fn = _paged_fn(name, case, q, kv, ws, page_size=ps)
+            row = {"b": b, "s": s, "backend": name, "paged_stages": stages, "page_size": ps}
             try:
                 bench = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
                 dev = _graph_ms(fn)

@@ -108,7 +108,8 @@ def _decode_fn(name, case, q, kv16, kv1, workspace):
     return lambda: F.scaled_dot_product_attention(qs, k, v, enable_gqa=True)
 
 
-def _paged_fn(name, case, q, kv16, workspace):
+def _paged_fn(name, case, q, kv16, workspace, page_size=16):
+    """The call timed for backend ``name``; ``kv16`` = `_paged_kv` at ``page_size`` (16 in the study)."""
     hq, hk, d = case.num_qo_heads, case.num_kv_heads, case.head_dim
     cache, indptr, indices, last, k, v = kv16
     cu = torch.arange(case.batch + 1, dtype=torch.int32, device=q.device) * case.ctx
@@ -127,7 +128,8 @@ def _paged_fn(name, case, q, kv16, workspace):
     else:
         import flashinfer
         w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
-    w.plan(cu, indptr, indices, last, hq, hk, d, 16, causal=True, q_data_type=q.dtype, kv_data_type=cache.dtype)
+    w.plan(cu, indptr, indices, last, hq, hk, d, page_size, causal=True, q_data_type=q.dtype,
+           kv_data_type=cache.dtype)
     return lambda: w.run(q, cache)
 
 
