@@ -249,7 +249,26 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
             # in (0, bits(pmax)]: lo keeps P true ("0" stands for "no bound"), hi keeps it false.
             lo = tl.zeros((), tl.int32)
             hi = pmax.to(tl.int32, bitcast=True) + 1
-            if f_on:
+            search = f_on
+            t3 = m3_bits + 1
+            if f_on & (t3 < hi):
+                # Above m3, C's counts and masses are exact: if P fails just above m3, t_C <= m3 and the
+                # row is unresolved whatever t_C is (b > m3 only through thr or a0). Its rejection rounds
+                # need a lower bound, and max(thr, a0) is one: skip the 31-step search (a block-wide
+                # reduction per step). If P holds there, search (m3, pmax] only.
+                t = t3.to(tl.float32, bitcast=True)
+                in1 = v1 >= t
+                in2 = v2 >= t
+                cnt = 0
+                mass = 0.0
+                if HAS_TOP_K:
+                    cnt = tl.sum(in1.to(tl.int32) + in2.to(tl.int32), 0)
+                if HAS_TOP_P:
+                    mass = tl.sum(tl.where(in1, v1, 0.0) + tl.where(in2, v2, 0.0), 0)
+                above = _filter_pred(cnt, mass, k, k_on, target, p_on, HAS_TOP_K, HAS_TOP_P)
+                lo = tl.where(above, t3, lo)
+                search = above
+            if search:
                 for _s in range(31):
                     if hi - lo > 1:
                         mid = lo + (hi - lo) // 2
