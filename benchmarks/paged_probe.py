@@ -7,13 +7,17 @@ fewer, larger TMA boxes per tile (page 64, 128: 2 boxes or 1 per 128-key tile in
     PYTHONPATH=$PWD python3 benchmarks/paged_probe.py
 """
 import json
-import time
+import os
+import sys
 
 import torch
 import triton.testing
 
 import pagoda
 from pagoda.bench.decode import KVCase, _paged_fn, _paged_kv
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from overhead_probe import host_us  # noqa: E402
 
 
 def _graph_ms(fn, reps=20):
@@ -40,17 +44,6 @@ def _graph_ms(fn, reps=20):
     return best
 
 
-def _host_us(fn, n=50):
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / n * 1e6
-
-
 def main():
     g = torch.Generator().manual_seed(0)
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
@@ -72,7 +65,7 @@ def main():
                 bench = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
                 dev = _graph_ms(fn)
                 row.update(bench_TFs=round(flops / bench / 1e9, 1), graph_TFs=round(flops / dev / 1e9, 1),
-                           host_us=round(_host_us(fn), 1), graph_ms=round(dev, 4), bench_ms=round(bench, 4))
+                           host_us=round(host_us(fn), 1), graph_ms=round(dev, 4), bench_ms=round(bench, 4))
             except Exception as e:  # noqa: BLE001 - a probe: report and go on
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
             print(json.dumps(row), flush=True)

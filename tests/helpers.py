@@ -1,5 +1,12 @@
-"""Shared test helpers: relative error, LSE comparison, a stand-in kernel for the fast-launch path."""
+"""Shared test helpers: relative error, LSE comparison, a stand-in kernel for the fast-launch path, the
+ahead-of-time sm_90 compile scripts' runner."""
+import os
+import subprocess
+import sys
+
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -47,3 +54,20 @@ def fake_fast_launch(monkeypatch, log: list, arg_names):
     monkeypatch.setattr(_launch, "_compiled", {})
     monkeypatch.setattr(_launch, "_device_stream", (lambda: 0, lambda device: 7))
     return Kernel()
+
+
+def run_aot_script(script: str) -> str:
+    """Run an ahead-of-time compile script in a fresh interpreter (not under TRITON_INTERPRET, repo on the
+    path). Skips when Triton has no Gluon (the script prints NO_GLUON) or bundles no ptxas; the script must
+    print COMPILED. Returns its stdout."""
+    import pytest
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+    if "NO_GLUON" in r.stdout:
+        pytest.skip("this triton has no Gluon")
+    if r.returncode != 0 and "ptxas" in r.stderr and "not found" in r.stderr.lower():
+        pytest.skip("no ptxas bundled with this triton")
+    print(r.stdout)
+    assert r.returncode == 0 and "COMPILED" in r.stdout, r.stderr[-3000:]
+    return r.stdout

@@ -110,6 +110,22 @@ def _filter_pred(cnt, mass, k, k_on, target, p_on, HAS_TOP_K: tl.constexpr, HAS_
 
 
 @triton.jit
+def _pred_over_c(v1, v2, t_bits, k, k_on, target, p_on, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr):
+    """``P`` at threshold bits ``t_bits`` from the tracked set C (each lane's two largest values): exact
+    above m3, a lower bound of the row's count / mass below it."""
+    t = t_bits.to(tl.float32, bitcast=True)
+    in1 = v1 >= t
+    in2 = v2 >= t
+    cnt = 0
+    mass = 0.0
+    if HAS_TOP_K:
+        cnt = tl.sum(in1.to(tl.int32) + in2.to(tl.int32), 0)
+    if HAS_TOP_P:
+        mass = tl.sum(tl.where(in1, v1, 0.0) + tl.where(in2, v2, 0.0), 0)
+    return _filter_pred(cnt, mass, k, k_on, target, p_on, HAS_TOP_K, HAS_TOP_P)
+
+
+@triton.jit
 def _track_pass(base, a0, vocab, lanes, BLOCK: tl.constexpr, TRACK: tl.constexpr):
     """One pass over the row: per-lane mass of ``{p >= a0}`` and, with TRACK, each lane's two largest
     values of that set and its third largest (0 where none). No token indices: a winner is found
@@ -256,32 +272,14 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
                 # row is unresolved whatever t_C is (b > m3 only through thr or a0). Its rejection rounds
                 # need a lower bound, and max(thr, a0) is one: skip the 31-step search (a block-wide
                 # reduction per step). If P holds there, search (m3, pmax] only.
-                t = t3.to(tl.float32, bitcast=True)
-                in1 = v1 >= t
-                in2 = v2 >= t
-                cnt = 0
-                mass = 0.0
-                if HAS_TOP_K:
-                    cnt = tl.sum(in1.to(tl.int32) + in2.to(tl.int32), 0)
-                if HAS_TOP_P:
-                    mass = tl.sum(tl.where(in1, v1, 0.0) + tl.where(in2, v2, 0.0), 0)
-                above = _filter_pred(cnt, mass, k, k_on, target, p_on, HAS_TOP_K, HAS_TOP_P)
+                above = _pred_over_c(v1, v2, t3, k, k_on, target, p_on, HAS_TOP_K, HAS_TOP_P)
                 lo = tl.where(above, t3, lo)
                 search = above
             if search:
                 for _s in range(31):
                     if hi - lo > 1:
                         mid = lo + (hi - lo) // 2
-                        t = mid.to(tl.float32, bitcast=True)
-                        in1 = v1 >= t
-                        in2 = v2 >= t
-                        cnt = 0
-                        mass = 0.0
-                        if HAS_TOP_K:
-                            cnt = tl.sum(in1.to(tl.int32) + in2.to(tl.int32), 0)
-                        if HAS_TOP_P:
-                            mass = tl.sum(tl.where(in1, v1, 0.0) + tl.where(in2, v2, 0.0), 0)
-                        ok = _filter_pred(cnt, mass, k, k_on, target, p_on, HAS_TOP_K, HAS_TOP_P)
+                        ok = _pred_over_c(v1, v2, mid, k, k_on, target, p_on, HAS_TOP_K, HAS_TOP_P)
                         lo = tl.where(ok, mid, lo)
                         hi = tl.where(ok, hi, mid)
             b_bits = tl.maximum(tl.maximum(lo, thr_bits), a0)

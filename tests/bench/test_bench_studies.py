@@ -198,7 +198,7 @@ def test_decode_and_paged_studies_cpu(tmp_path, study):
     assert report["study"] == study and set(report["backends"]) == set(known)
     metric = "tb_per_s" if study == "decode" else "tflops"
     ok = [r for r in report["results"] if r["status"] == "ok"]
-    expected = {"pagoda", "pagoda_p1", "sdpa"} if study == "decode" else {"pagoda_paged", "pagoda_dense"}
+    expected = {"pagoda", "pagoda_p1", "sdpa"} if study == "decode" else {"pagoda_paged", "pagoda_dense", "pagoda_dense4d"}
     assert {r["backend"] for r in ok} == expected
     assert all(r[metric] > 0 for r in ok)
     assert all(r["reason"] for r in report["results"] if r["status"] != "ok")

@@ -6,15 +6,11 @@ and for the warp-specialised configs (2 or 3 consumer warpgroups) the register p
 the per-partition setmaxnreg budgets in the PTX (and USETMAXREG in the SASS). The persistent warp-specialised
 configs (``pws*``: own O staging boxes) compile for every head dim / dtype / mask, without local-memory spills.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 
-pytest.importorskip("triton")
+from tests.helpers import run_aot_script
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytest.importorskip("triton")
 
 _AOT = r'''
 import itertools, re, sys
@@ -68,15 +64,7 @@ print("COMPILED")
 
 
 def test_hopper_attention_compiles_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = _ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, timeout=900, cwd=_ROOT)
-    if "NO_GLUON" in r.stdout:
-        pytest.skip("this triton has no Gluon")
-    if r.returncode != 0 and "ptxas" in r.stderr and "not found" in r.stderr.lower():
-        pytest.skip("no ptxas bundled with this triton")
-    print(r.stdout)
-    assert r.returncode == 0 and "COMPILED" in r.stdout, r.stderr[-3000:]
+    run_aot_script(_AOT)
 
 
 def test_hopper_supported_is_false_on_cpu():

@@ -1,22 +1,15 @@
 """Paged Gluon prefill (`pagoda.kernels.attention_hopper_paged`): the 2-D token-row view of paged caches and
 the page-size policy on the CPU, an ahead-of-time sm_90 compile, and on an H100/H200 the kernel against the
 reference and the Triton paged kernel (page sizes 16-256, NHD/HND, GQA, NaN in unused slots)."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from pagoda.ops import _paged
-from tests.helpers import assert_finite_lse_close, rel_err
+from tests.helpers import assert_finite_lse_close, rel_err, run_aot_script
 from tests.paged_utils import empty_cache, fill_cache, random_page_table
 
 pytest.importorskip("triton")
 from pagoda.kernels import attention_hopper_paged as P  # noqa: E402
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def test_box_rows_policy():
     assert [P.box_rows(p) for p in (16, 32, 64, 128, 256, 384)] == [16, 32, 64, 128, 128, 128]
@@ -84,16 +77,7 @@ print("COMPILED")
 
 
 def _compile(no_spills: bool):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = _ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", f"NO_SPILLS = {no_spills}\n" + _AOT], capture_output=True, text=True,
-                       env=env, timeout=900, cwd=_ROOT)
-    if "NO_GLUON" in r.stdout:
-        pytest.skip("this triton has no Gluon")
-    if r.returncode != 0 and "ptxas" in r.stderr and "not found" in r.stderr.lower():
-        pytest.skip("no ptxas bundled with this triton")
-    print(r.stdout)
-    assert r.returncode == 0 and "COMPILED" in r.stdout, r.stderr[-3000:]
+    run_aot_script(f"NO_SPILLS = {no_spills}\n" + _AOT)
 
 
 def test_paged_kernel_compiles_for_sm90():
