@@ -35,7 +35,7 @@ import functools
 import torch
 
 from pagoda.kernels._launch import device_of
-from pagoda.kernels.attention_hopper import _GLUON_OK, _GL_DTYPES, _is_sm90, _layout
+from pagoda.kernels.attention_hopper import _GLUON_OK, _is_sm90, _layout
 
 BLOCK_M, BLOCK_N, STAGES, CONSUMER_REGS, NUM_CONSUMERS, MAXNREG = 128, 128, 2, 240, 2, 168
 # Loader warp registers (the warp is padded to a warpgroup): 128 x (240 + 240 + 24) <= 64K.
@@ -254,24 +254,40 @@ def box_rows(page_size: int) -> int | None:
     return BLOCK_N if page_size % BLOCK_N == 0 else None
 
 
-def paged_supported(q, k_cache, v_cache, k_strides, v_strides, page_size: int, num_kv_heads: int, *,
-                    window_left: int, window_right: int, logits_soft_cap: float, alibi_slopes, rope,
-                    num_splits: int) -> bool:
-    """Whether `prefill_paged_hopper` can run this call (sm_90, Gluon, the scope in the module docstring)."""
-    if not _GLUON_OK or not q.is_cuda or q.dtype not in _GL_DTYPES:
-        return False
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype or num_splits > 0:
-        return False
-    if window_left >= 0 or window_right > 0 or logits_soft_cap or alibi_slopes is not None or rope is not None:
-        return False
+def paged_unsupported(q, k_cache, v_cache, k_strides, v_strides, page_size: int, num_kv_heads: int, *,
+                      window_left: int, window_right: int, logits_soft_cap: float, alibi_slopes, rope,
+                      num_splits: int) -> str | None:
+    """Why the Gluon paged kernel cannot run this call, from its arguments alone (None: in scope). The
+    device checks (CUDA, sm_90, Gluon importable) are `paged_supported`'s."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype} (fp16/bf16 only)"
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        return "the KV cache dtype differs from q's"
+    if num_splits > 0:
+        return "split-KV planned"
+    if window_left >= 0 or window_right > 0:
+        return "sliding window"
+    if logits_soft_cap or alibi_slopes is not None or rope is not None:
+        return "soft-cap, ALiBi or RoPE"
     d = q.shape[-1]
-    if d not in (64, 128) or box_rows(page_size) is None:
-        return False
+    if d not in (64, 128):
+        return f"head_dim {d} (64/128 only)"
+    if box_rows(page_size) is None:
+        return f"page_size {page_size} (16, 32, 64 or a multiple of {BLOCK_N})"
     if q.stride(-1) != 1 or q.stride(1) != d or (q.stride(0) * q.element_size()) % 16 or q.data_ptr() % 16:
+        return "q rows not 16-byte aligned or heads not packed"
+    for name, cache, strides in (("k_cache", k_cache, k_strides), ("v_cache", v_cache, v_strides)):
+        if cache_rows(cache, strides, page_size, num_kv_heads, d) is None:
+            return f"{name} has no 2-D token-row view (16-byte aligned rows, NHD or HND)"
+    return None
+
+
+def paged_supported(q, k_cache, v_cache, k_strides, v_strides, page_size: int, num_kv_heads: int, **options) -> bool:
+    """Whether `prefill_paged_hopper` can run this call: sm_90, Gluon, and `paged_unsupported` finds nothing
+    (keyword options as there)."""
+    if not _GLUON_OK or not q.is_cuda:
         return False
-    if cache_rows(k_cache, k_strides, page_size, num_kv_heads, d) is None:
-        return False
-    if cache_rows(v_cache, v_strides, page_size, num_kv_heads, d) is None:
+    if paged_unsupported(q, k_cache, v_cache, k_strides, v_strides, page_size, num_kv_heads, **options) is not None:
         return False
     return _is_sm90(q.device.index if q.device.index is not None else torch.cuda.current_device())
 

@@ -41,12 +41,39 @@ def test_cache_rows_rejects_unaligned_rows():
     assert P.cache_rows(cache, (cache.stride(0), cache.stride(1), cache.stride(2)), 16, 3, 5) is None
 
 
-def test_paged_supported_is_false_on_cpu():
+def _scope_args(**over):
     q = torch.randn(256, 8, 128, dtype=torch.bfloat16)
-    cache = torch.randn(32, 16, 2, 128, dtype=torch.bfloat16)
-    s = _paged.cache_strides(cache, "NHD")
-    assert not P.paged_supported(q, cache, cache, s, s, 16, 2, window_left=-1, window_right=0, logits_soft_cap=0.0,
-                                 alibi_slopes=None, rope=None, num_splits=0)
+    cache = torch.randn(32, 2, 16, 2, 128, dtype=torch.bfloat16)
+    kc, vc = cache[:, 0], cache[:, 1]
+    args = dict(q=q, k_cache=kc, v_cache=vc, k_strides=_paged.cache_strides(kc, "NHD"),
+                v_strides=_paged.cache_strides(vc, "NHD"), page_size=16, num_kv_heads=2, window_left=-1,
+                window_right=0, logits_soft_cap=0.0, alibi_slopes=None, rope=None, num_splits=0)
+    args.update(over)
+    return args
+
+
+def test_paged_scope_reasons():
+    """What keeps a call on the Triton kernel, each condition alone (in scope: None)."""
+    assert P.paged_unsupported(**_scope_args()) is None
+    assert P.paged_unsupported(**_scope_args(window_right=-1)) is None  # full attention
+    q32 = torch.randn(256, 8, 128)
+    cases = {
+        "dtype": dict(q=q32),
+        "cache dtype": dict(k_cache=torch.randn(32, 16, 2, 128, dtype=torch.float16)),
+        "split": dict(num_splits=4),
+        "window": dict(window_left=100),
+        "soft-cap": dict(logits_soft_cap=30.0),
+        "ALiBi": dict(alibi_slopes=torch.ones(8)),
+        "RoPE": dict(rope=(1.0, 1e4)),
+        "head_dim": dict(q=torch.randn(256, 8, 96, dtype=torch.bfloat16)),
+        "page_size": dict(page_size=8),
+        "q rows": dict(q=torch.randn(256, 8, 256, dtype=torch.bfloat16)[..., :128]),
+    }
+    for what, over in cases.items():
+        reason = P.paged_unsupported(**_scope_args(**over))
+        assert reason is not None, what
+    assert "page_size 8" in P.paged_unsupported(**_scope_args(page_size=8))
+    assert not P.paged_supported(**_scope_args())  # in scope, but a CPU tensor
 
 
 _AOT = r'''
