@@ -19,17 +19,15 @@ bench)
   timeout 220 python3 -m pagoda bench sampling --out $OUT/res 2>&1 | grep -v "^sampling \[" | tail -45
   ;;
 next)
-  # For the next session's first call (~5 min): what session 5 changed after its last GPU runs under test
-  # (device guard, the Gluon cached launch behind PAGODA_GLUON_FAST_LAUNCH=1), the dispatch probe (host time
-  # of flash_attn_func with and without the Gluon cached launch), paged prefill vs dense. Then run the
-  # "sampling" stage in a call of its own (2 timing rounds now).
+  # For the next session's first call (~5 min): the GPU tests of what session 6 changed after its last GPU
+  # runs (the sampler's _pred_over_c helper, paged_unsupported, the varlen cu_seqlens read), the paged grid,
+  # the dispatch probe. Then run the "sampling" stage in a call of its own (issue 4's same-run table).
   mkdir -p $OUT/res
-  timeout -k 5 120 python3 -m pytest tests/ops/test_sampling.py tests/kernels/test_launch_gpu.py tests/ops/test_decode.py \
-    tests/kernels/test_attention_hopper_gpu.py tests/ops/test_device_guard_gpu.py -m gpu -q -p no:cacheprovider -n 8 \
-    --timeout 60 > $OUT/gpu-tests.log 2>&1; tail -3 $OUT/gpu-tests.log
-  timeout -k 5 90 python3 benchmarks/dispatch_probe.py 2>&1 | tee $OUT/dispatch-probe.txt | tail -8
-  timeout -k 5 80 python3 -m pagoda bench paged --backends pagoda_paged,pagoda_dense --out $OUT/res 2>&1 \
-    | grep -v "^paged \[" | tail -8
+  timeout -k 5 200 python3 -m pytest tests/ops/test_sampling.py tests/kernels/test_attention_hopper_paged.py \
+    tests/ops/test_prefill.py tests/ops/test_attention.py tests/kernels/test_attention_hopper_gpu.py -m gpu -q \
+    -p no:cacheprovider -n 8 --timeout 150 > $OUT/gpu-tests.log 2>&1; tail -3 $OUT/gpu-tests.log
+  timeout -k 5 150 python3 -m pagoda bench paged --out $OUT/res 2>&1 | grep -v "^paged \[" | tail -8
+  timeout -k 5 90 python3 benchmarks/paged_probe.py 2>&1 | tee $OUT/paged-probe.txt | tail -16
   ;;
 paged)
   # Session 6's paged Gluon prefill (attention_hopper_paged): its GPU tests, the paged prefill GPU tests it now
