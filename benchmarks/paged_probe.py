@@ -52,15 +52,11 @@ def main():
         kv16 = _paged_kv(case, 16, "cuda", torch.bfloat16, g)
         q = torch.randn(b * s, case.num_qo_heads, case.head_dim, generator=g).to("cuda", torch.bfloat16)
         flops = 4 * b * s * s * case.num_qo_heads * case.head_dim / 2
-        from pagoda.kernels import attention_hopper_paged as P
-        default_stages = P.STAGES
-        runs = [("pagoda_paged", 2, 16), ("pagoda_paged", 2, 64), ("pagoda_paged", 2, 128),
-                ("pagoda_dense4d", None, 16), ("pagoda_dense", None, 16)]
-        for name, stages, ps in runs:
-            P.STAGES = stages or default_stages  # the paged Gluon kernel's K/V ring depth
+        for name, ps in (("pagoda_paged", 16), ("pagoda_paged", 64), ("pagoda_paged", 128), ("pagoda_dense4d", 16),
+                         ("pagoda_dense", 16)):
             kv = kv16 if ps == 16 else _paged_kv(case, ps, "cuda", torch.bfloat16, g)
             fn = _paged_fn(name, case, q, kv, ws, page_size=ps)
-            row = {"b": b, "s": s, "backend": name, "paged_stages": stages, "page_size": ps}
+            row = {"b": b, "s": s, "backend": name, "page_size": ps}
             try:
                 bench = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
                 dev = _graph_ms(fn)
@@ -69,7 +65,6 @@ def main():
             except Exception as e:  # noqa: BLE001 - a probe: report and go on
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
             print(json.dumps(row), flush=True)
-        P.STAGES = default_stages
     print(json.dumps({"torch": torch.__version__, "pagoda": pagoda.__file__}))
 
 

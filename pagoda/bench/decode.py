@@ -108,10 +108,10 @@ def _decode_fn(name, case, q, kv16, kv1, workspace):
     return lambda: F.scaled_dot_product_attention(qs, k, v, enable_gqa=True)
 
 
-def _paged_fn(name, case, q, kv16, workspace, page_size=16):
-    """The call timed for backend ``name``; ``kv16`` = `_paged_kv` at ``page_size`` (16 in the study)."""
+def _paged_fn(name, case, q, kv, workspace, page_size=16):
+    """The call timed for backend ``name``; ``kv`` = `_paged_kv` at ``page_size`` (16 in the study)."""
     hq, hk, d = case.num_qo_heads, case.num_kv_heads, case.head_dim
-    cache, indptr, indices, last, k, v = kv16
+    cache, indptr, indices, last, k, v = kv
     cu = torch.arange(case.batch + 1, dtype=torch.int32, device=q.device) * case.ctx
     if name == "pagoda_dense":
         import pagoda

@@ -35,9 +35,11 @@ import functools
 import torch
 
 from pagoda.kernels._launch import device_of
-from pagoda.kernels.attention_hopper import _GLUON_OK, _is_sm90, _layout
+from pagoda.kernels.attention_hopper import _GLUON_OK, _WS_MAXNREG, WS_CONFIGS, _is_sm90, _layout
 
-BLOCK_M, BLOCK_N, STAGES, CONSUMER_REGS, NUM_CONSUMERS, MAXNREG = 128, 128, 2, 240, 2, 168
+# The tile and register plan of the dense "ws-m128n128s2" config (2 consumer warpgroups of 64 rows each).
+BLOCK_M, BLOCK_N, STAGES = 128, 128, 2
+CONSUMER_REGS, MAXNREG = WS_CONFIGS["ws-m128n128s2"][3], _WS_MAXNREG[2]
 # Loader warp registers (the warp is padded to a warpgroup): 128 x (240 + 240 + 24) <= 64K.
 LOADER_REGS = 24
 LOG2E = 1.4426950408889634
@@ -52,6 +54,7 @@ if _GLUON_OK:
     from pagoda.kernels.attention_hopper_ws import _ws_mainloop
 
     _LOADER_REGS = gl.constexpr(LOADER_REGS)
+    _IDS_LAYOUT = gl.constexpr(gl.BlockedLayout([1], [32], [1], [0]))  # a tile's page ids in the loader warp
 
     @gluon.jit
     def _tile_rows(KV_INDICES, p0, n_pages, i, row_h, page_size, rows_per_page, BLOCK_N: gl.constexpr,
@@ -59,8 +62,7 @@ if _GLUON_OK:
         """Cache rows ``[BLOCK_N // BOX]`` of the boxes of key tile i (page ids past the request's last
         page are clamped to it)."""
         NB: gl.constexpr = BLOCK_N // BOX
-        lay: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
-        keys = i * BLOCK_N + gl.arange(0, NB, layout=lay) * BOX
+        keys = i * BLOCK_N + gl.arange(0, NB, layout=_IDS_LAYOUT) * BOX
         pidx = gl.minimum(keys // page_size, n_pages - 1)
         pages = gl.load(KV_INDICES + p0 + pidx).to(gl.int32)
         return pages * rows_per_page + keys % page_size + row_h
@@ -70,9 +72,8 @@ if _GLUON_OK:
         """One TMA box per page of a key tile into consecutive BOX-row slices of ring slot ``slot``."""
         NB: gl.constexpr = BLOCK_N // BOX
         mbarrier.expect(bar, NB * desc.block_type.nbytes)
-        lay: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
         for b in gl.static_range(NB):
-            row = gl.sum(gl.where(gl.arange(0, NB, layout=lay) == b, rows, 0), axis=0)
+            row = gl.sum(gl.where(gl.arange(0, NB, layout=_IDS_LAYOUT) == b, rows, 0), axis=0)
             tma.async_load(desc, [row, col], bar, bufs.index(slot).slice(b * BOX, BOX, dim=0))
 
     @gluon.jit

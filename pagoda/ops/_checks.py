@@ -122,10 +122,6 @@ _CU_CHECKED: dict[tuple, tuple] = {}
 _MAX_CU_CHECKED = 64
 
 
-def _cu_key(cu: torch.Tensor, *params) -> tuple:
-    return (id(cu), cu.data_ptr(), tuple(cu.shape), cu.stride(0) if cu.dim() else 0) + params
-
-
 def _cu_version(cu: torch.Tensor):
     """The version counter (in-place edits bump it); None for inference tensors, which have none."""
     return None if cu.is_inference() else cu._version
@@ -155,7 +151,7 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, batch_size: int | None, total:
         raise ValueError(f"{name} must be on {device}, got {cu.device}")
     if cu.is_cuda and torch.cuda.is_current_stream_capturing():
         return cu
-    key = _cu_key(cu, total, max_seqlen if isinstance(max_seqlen, int) else repr(max_seqlen))
+    key = (id(cu), cu.data_ptr(), cu.shape[0], cu.stride(0), total, max_seqlen)
     hit = _CU_CHECKED.get(key)
     if hit is not None and hit[0]() is cu and hit[1] == _cu_version(cu):
         return cu

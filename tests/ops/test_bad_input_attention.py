@@ -75,8 +75,9 @@ def test_cu_seqlens_read_once_per_tensor(monkeypatch):
     assert len(reads) == 4
 
 
-def test_cu_seqlens_inference_tensors_are_checked_once():
-    """Inference tensors have no version counter: the first call checks them, later calls trust the object."""
+def test_cu_seqlens_inference_tensors_failed_checks_are_not_remembered():
+    """Inference tensors have no version counter (a passed check is then trusted by identity): a failed check
+    is not remembered, so the same bad tensor raises again, and a good one runs."""
     q = torch.randn(9, 2, 16)
     with torch.inference_mode():
         bad = torch.tensor([0, 5, 4], dtype=torch.int32)
