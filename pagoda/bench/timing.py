@@ -28,6 +28,34 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup_ms: float = 2
     return statistics.median(times)
 
 
+def graph_time_ms(fn: Callable[[], object], device: torch.device, warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median device time of one ``fn()`` call replayed from a CUDA graph, in milliseconds.
+
+    One call is captured (after two warm-up calls on a side stream, as capture requires); `do_bench`
+    then times ``graph.replay`` with L2 flushed between replays. The replay is launched while the flush
+    runs, so the figure is the call's kernels (and the gaps between them inside the graph) without the
+    host's Python and launch cost: what the call costs inside a serving engine's captured step. ``fn``
+    must be capturable (no host synchronisation, no generator read on the host); else this raises.
+    """
+    if device.type != "cuda":
+        raise ValueError(f"graph_time_ms needs a CUDA device, got {device}")
+    import triton.testing
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    try:
+        return float(triton.testing.do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    finally:
+        del graph
+
+
 def peak_extra_mb(fn: Callable[[], object], device: torch.device) -> float | None:
     """Peak device memory allocated by one ``fn()`` call beyond what was live before it, in MiB.
 

@@ -60,3 +60,28 @@ def test_budget_skips_the_cases_it_cannot_start_and_says_so(monkeypatch):
     assert {(r["vocab"], r["batch"]) for r in report["results"]} == {(grid[0].vocab, grid[0].batch)}
     assert report["meta"]["skipped_cases"] == [c.label() for c in grid[1:]]
     assert "Cases not run (started past PAGODA_BENCH_BUDGET_S=0 s)" in sampling.tables(report)
+
+
+def test_ratios_compare_the_same_timing_method():
+    pagoda = {"status": "ok", "us": 10.0, "eager_us": 30.0, "graph_us": 10.0}
+    peer = {"status": "ok", "us": 36.0, "eager_us": 36.0, "graph_us": None}
+    assert sampling._ratio(peer, pagoda) == "1.20x"          # the peer was not captured: eager on both sides
+    peer.update(graph_us=20.0, us=20.0)
+    assert sampling._ratio(peer, pagoda) == "2.00x"          # both captured: device time
+    assert sampling._ratio(peer, pagoda, "eager_us") == "1.20x"
+    assert sampling._ratio({"status": "error"}, pagoda) == "-"
+
+
+@pytest.mark.gpu
+def test_gpu_case_times_pagoda_and_torch_inside_a_cuda_graph():
+    """Every pagoda sampler is captured with device seed/offset tensors; its replay gives the headline."""
+    device = torch.device("cuda")
+    rows = sampling.run_case(sampling.SamplingCase(4, 32000), ["pagoda", "torch_sort"], device, torch.float32, {})
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["eager_us"] > 0 and r["floor_graph_us"] > 0
+        if r["backend"] == "pagoda":
+            assert r["graph_error"] is None and r["timing"] == "graph" and r["us"] == r["graph_us"] > 0, r
+    text = sampling.tables({"meta": {"dtype": "float32"}, "backends": {n: {"available": True, "reason": None}
+                            for n in ("pagoda", "torch_sort")}, "results": rows})
+    assert "CUDA-graph replay" in text
