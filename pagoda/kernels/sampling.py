@@ -13,7 +13,8 @@ is then drawn with probability proportional to its mass (an exponential race ove
 ``ceil(vocab / LANES)`` tokens, re-read from L2): together an exact draw from p restricted to S. The
 exponentials come from Philox (`_exp_at`): counter ``offset + row*ceil(vocab/4) + idx // 4``, lane
 ``idx % 4``, third counter word = the draw's stage, so every draw of a row uses fresh numbers
-(same seed, shapes and launch config give the same tokens).
+(same seed, shapes and launch config give the same tokens). Races over whole lane ranges take all four
+words of each counter at once (`_exp_run`: the same numbers, a quarter of the Philox calls).
 
 Filters keep an upper set ``N = {p >= b}`` (top-k: b = k-th largest value, ties kept; top-p: b = t*,
 the largest value with ``mass(p >= t*) >= top_p * total``; min-p: ``min_p * max``; joint: the
@@ -71,7 +72,7 @@ import triton.language as tl
 
 from pagoda.kernels._launch import cdiv, launch, next_pow2
 from pagoda.kernels.sampling_kth import _count_cut, _kth_value_bits, _peeled_floor_set  # noqa: F401
-from pagoda.kernels.sampling_race import (_exp1, _exp_at, _in_set, _philox_chunk, _race_fold,  # noqa: F401
+from pagoda.kernels.sampling_race import (_exp1, _exp_at, _exp_run, _in_set, _philox_chunk, _race_fold,  # noqa: F401
                                           _race_key, _race_winner)
 
 MAX_ROUNDS = 34
@@ -83,7 +84,7 @@ def _lane_draw(lane_w, lanes, base, a_bits, seed, rng_base, stage, vocab, LANES:
     """Exact draw from p restricted to ``{p >= a}`` given that set's per-lane masses ``lane_w``: a lane
     by an exponential race over the masses (stage), then a token of the lane (stage + 1). -1 if the
     set is empty."""
-    e = _exp_at(seed, rng_base, lanes, stage)
+    e = _exp_run(seed, rng_base, 0, LANES, stage)
     has = lane_w > 0.0
     key = tl.where(has, lane_w / e, -1.0)
     best = tl.max(key, 0)
@@ -134,6 +135,20 @@ def _track_pass(base, a0, vocab, lanes, BLOCK: tl.constexpr, TRACK: tl.constexpr
     v1 = tl.zeros((BLOCK,), tl.float32)
     v2 = tl.zeros((BLOCK,), tl.float32)
     v3 = tl.zeros((BLOCK,), tl.float32)
+    if not TRACK:
+        # Plain mass (~30 registers a thread): four chunks in flight. A batch-1 row streams on one SM, at
+        # (bytes in flight) / (DRAM latency): 2 chunks of 16 KB read ~32 GB/s on the H200 (2026-12-01).
+        x1 = tl.load(base + lanes, mask=lanes < vocab, other=0.0)
+        x2 = tl.load(base + (lanes + BLOCK), mask=lanes + BLOCK < vocab, other=0.0)
+        x3 = tl.load(base + (lanes + 2 * BLOCK), mask=lanes + 2 * BLOCK < vocab, other=0.0)
+        for start in range(0, vocab, BLOCK):
+            cols = start + lanes + 3 * BLOCK
+            x = x1.to(tl.float32)
+            x1 = x2
+            x2 = x3
+            x3 = tl.load(base + cols, mask=cols < vocab, other=0.0)
+            tot += tl.where(_in_set(x, a0), x, 0.0)
+        return tot, v1, v2, v3
     x_next = tl.load(base + lanes, mask=lanes < vocab, other=0.0)
     for start in range(0, vocab, BLOCK):
         # The next chunk's load is issued before this one is folded: two loads in flight.
@@ -171,8 +186,9 @@ def _logits_race(base, seed, rng_base, vocab, BLOCK: tl.constexpr):
 
 @triton.jit
 def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top_p_ptr, min_p_ptr, floor_ptr,
+                   top_k_val, top_p_val, min_p_val,
                    seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val, vocab, num_rows,
-                   HAS_ROWS: tl.constexpr, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr,
+                   SCALAR_PARAMS: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr,
                    HAS_MIN_P: tl.constexpr, HAS_FLOOR: tl.constexpr, K_FIRST: tl.constexpr,
                    FROM_LOGITS: tl.constexpr, SEED_PTR: tl.constexpr, BLOCK: tl.constexpr, NCP: tl.constexpr,
                    ROUNDS: tl.constexpr):
@@ -180,7 +196,8 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
     filters are those of that restricted, renormalised row). K_FIRST ("top_k_first", with HAS_TOP_P and
     without HAS_TOP_K/HAS_FLOOR): the same floor, the row's k-th largest value (``top_k_ptr``), is found
     in the kernel: from pass 0's tracked set when it settles it (no extra pass), else `_kth_value_bits`.
-    BLOCK: tokens per loop step = lanes; NCP = next_power_of_2(ceil(vocab / BLOCK))."""
+    BLOCK: tokens per loop step = lanes; NCP = next_power_of_2(ceil(vocab / BLOCK)). SCALAR_PARAMS: top-k /
+    top-p / min-p are the ``*_val`` arguments, the same for every row (no ``[batch]`` tensor to fill)."""
     FILTERS: tl.constexpr = HAS_TOP_K or HAS_TOP_P or HAS_MIN_P or K_FIRST
     LANES: tl.constexpr = BLOCK
     pid = tl.program_id(0)
@@ -215,7 +232,7 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
             # whole top-k set lies in C and C restricted to it is exactly pass 0 with a0 = b_k (its
             # third values are 0): no further pass. Otherwise the exact k-th value costs pass 1 (rarely
             # more) and pass 0 is repeated over {p >= b_k}.
-            kf = tl.load(top_k_ptr + pid)
+            kf = (top_k_val + tl.zeros((), tl.int32)) if SCALAR_PARAMS else tl.load(top_k_ptr + pid)
             floor_bits = tl.full((), 1, tl.int32)
             if (kf > 0) & (kf < vocab):
                 one = tl.full((LANES,), 1, tl.int32)
@@ -250,16 +267,17 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
             p_on = k_on
             thr_bits = 0
             if HAS_TOP_K:
-                k = tl.load(top_k_ptr + pid)
+                k = (top_k_val + tl.zeros((), tl.int32)) if SCALAR_PARAMS else tl.load(top_k_ptr + pid)
                 k_on = (k > 0) & (k < vocab)  # disabled: keep every token
             if HAS_TOP_P:
-                top_p = tl.load(top_p_ptr + pid).to(tl.float32)
+                top_p = (top_p_val + tl.zeros((), tl.float32)) if SCALAR_PARAMS else tl.load(top_p_ptr + pid).to(tl.float32)
                 p_on = top_p < 1.0
             f_on = k_on | p_on  # an active top-k or top-p: b is not known before the search
             target = top_p * total
             if HAS_MIN_P:
                 # Capped at the max: min_p > 1 keeps the most likely token(s), like every filter here.
-                thr = tl.minimum(tl.load(min_p_ptr + pid).to(tl.float32) * pmax, pmax)
+                mp = (min_p_val + tl.zeros((), tl.float32)) if SCALAR_PARAMS else tl.load(min_p_ptr + pid).to(tl.float32)
+                thr = tl.minimum(mp * pmax, pmax)
                 thr_bits = thr.to(tl.int32, bitcast=True)
             # t_C = largest t with P over C (lower bounds of count/mass): b >= t_C. Bisection on bits
             # in (0, bits(pmax)]: lo keeps P true ("0" stands for "no bound"), hi keeps it false.
@@ -288,8 +306,8 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
                 # ``lane + slot * LANES`` (< vocab whenever the entry exists) indexes its exponential.
                 in1 = _in_set(v1, b_bits)
                 in2 = _in_set(v2, b_bits)
-                key1 = tl.where(in1, v1 / _exp_at(seed, rng_base, lanes, 1), -1.0)
-                key2 = tl.where(in2, v2 / _exp_at(seed, rng_base, lanes + LANES, 1), -1.0)
+                key1 = tl.where(in1, v1 / _exp_run(seed, rng_base, 0, LANES, 1), -1.0)
+                key2 = tl.where(in2, v2 / _exp_run(seed, rng_base, LANES, LANES, 1), -1.0)
                 best = tl.maximum(tl.max(key1, 0), tl.max(key2, 0))
                 win = tl.minimum(tl.min(tl.where(in1 & (key1 == best), lanes, 2147483647), 0),
                                  tl.min(tl.where(in2 & (key2 == best), lanes + LANES, 2147483647), 0))
@@ -405,7 +423,8 @@ def sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.
     x: ``[num_rows, vocab]`` probabilities (fp32/fp16/bf16, rows need not sum to 1) or, with
     ``from_logits`` (no filters), logits; last dim contiguous. out: ``[batch]`` int32/int64;
     valid: ``[batch]`` bool. rows: optional int ``[batch]`` mapping outputs to rows of x.
-    top_k int32 / top_p, min_p float32: ``[batch]`` tensors or None. floor: float32 ``[batch]`` or None:
+    top_k int32 / top_p, min_p float32: ``[batch]`` tensors, Python numbers (the same for every row: passed
+    as kernel arguments, so no fill kernel runs, not even inside a captured graph) or None. floor: float32 ``[batch]`` or None:
     restrict row i to ``{p >= floor[i]}`` before everything else (see `top_k_floor`). k_first: "top_k_first"
     filtering (needs top_k and top_p, no floor): top-p over the renormalised top-k set, the k-th value
     found in the kernel. seed/offset: ints or int64 device tensors of length 1 or batch (graph-capturable).
@@ -415,16 +434,24 @@ def sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.
     batch, vocab = out.shape[0], x.shape[1]
     if batch == 0:
         return
+    params = [top_k, top_p, min_p]
+    scalar = not any(isinstance(v, torch.Tensor) for v in params)
+    if not scalar:  # mixed: every parameter as a [batch] tensor
+        params = [torch.full((batch,), v, dtype=torch.int32 if i == 0 else torch.float32, device=x.device)
+                  if v is not None and not isinstance(v, torch.Tensor) else v for i, v in enumerate(params)]
+    top_k, top_p, min_p = params
+    # top_k >= vocab keeps every token, as the clamp in the kernel does for tensors; stays an int32 argument.
+    vals = [min(int(top_k), vocab) if scalar and top_k is not None else 0, float(top_p) if scalar and top_p is not None else 0.0,
+            float(min_p) if scalar and min_p is not None else 0.0]
     seed_args = _seed_args(seed, offset, out)
     block, warps = launch_config(vocab, batch, x.device, block)
     dummy = out
     launch(
         _sample_kernel, (batch,),
         x, x.stride(0), rows if rows is not None else dummy, out, valid.view(torch.int8),
-        top_k if top_k is not None else dummy, top_p if top_p is not None else dummy,
-        min_p if min_p is not None else dummy, floor if floor is not None else dummy, *seed_args[:6], vocab,
-        x.shape[0],
-        HAS_ROWS=rows is not None, HAS_TOP_K=top_k is not None and not k_first, HAS_TOP_P=top_p is not None,
+        *(v if isinstance(v, torch.Tensor) else dummy for v in params), floor if floor is not None else dummy,
+        *vals, *seed_args[:6], vocab, x.shape[0],
+        SCALAR_PARAMS=scalar, HAS_ROWS=rows is not None, HAS_TOP_K=top_k is not None and not k_first, HAS_TOP_P=top_p is not None,
         HAS_MIN_P=min_p is not None, HAS_FLOOR=floor is not None, K_FIRST=k_first, FROM_LOGITS=from_logits,
         SEED_PTR=seed_args[6],
         BLOCK=block, NCP=next_pow2(cdiv(vocab, block)), ROUNDS=MAX_ROUNDS, num_warps=warps)

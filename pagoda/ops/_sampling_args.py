@@ -64,6 +64,15 @@ def per_row(name: str, value, batch: int, device, kind: str) -> torch.Tensor:
     return torch.full((batch,), fill, dtype=dtype, device=device)
 
 
+def row_param(name: str, value, batch: int, device, kind: str):
+    """`per_row` for the samplers: a tensor becomes the ``[batch]`` tensor, a scalar stays a checked Python
+    number (``int`` for top_k, else ``float``), which the CUDA sampler takes as a kernel argument: no fill
+    kernel, not even when the call is captured in a CUDA graph."""
+    if isinstance(value, torch.Tensor):
+        return per_row(name, value, batch, device, kind)
+    return _check_scalar(name, value, batch, kind, kind == "top_k")
+
+
 # kind -> (test of a scalar value, the rule in an error message)
 _SCALAR_RULES = {
     "top_k": (lambda v: v >= 1, ">= 1"),

@@ -119,7 +119,7 @@ def top_p_sampling_from_probs(probs, top_p, indices=None, deterministic=True, ge
     """Nucleus sampling: draw from the smallest set of most likely tokens whose mass reaches
     ``top_p`` (ties at the threshold kept). top_p: float in (0, 1] or ``[batch]``."""
     probs, batch = _prepare("probs", probs, indices, check_nan)
-    tp = _a.per_row("top_p", top_p, batch, probs.device, "prob")
+    tp = _a.row_param("top_p", top_p, batch, probs.device, "prob")
     if not probs.is_cuda:
         _a.check_generator_cpu(generator, seed, offset)
         return _cpu(_ref.top_p_sampling_from_probs(probs, tp, indices, deterministic, generator, False, seed,
@@ -132,7 +132,7 @@ def top_k_sampling_from_probs(probs, top_k, indices=None, deterministic=True, ge
     """Top-k sampling: draw among tokens >= the k-th largest probability (ties kept).
     top_k: int >= 1 or int ``[batch]``; values >= vocab (or <= 0 in a tensor) keep every token."""
     probs, batch = _prepare("probs", probs, indices, check_nan)
-    tk = _a.per_row("top_k", top_k, batch, probs.device, "top_k")
+    tk = _a.row_param("top_k", top_k, batch, probs.device, "top_k")
     if not probs.is_cuda:
         _a.check_generator_cpu(generator, seed, offset)
         return _cpu(_ref.top_k_sampling_from_probs(probs, tk, indices, deterministic, generator, False, seed,
@@ -144,7 +144,7 @@ def min_p_sampling_from_probs(probs, min_p, indices=None, deterministic=True, ge
                               seed=None, offset=None, return_valid=False):
     """Min-p sampling: draw among tokens with ``p >= min_p * max(p)``. min_p: float in [0, 1] or ``[batch]``."""
     probs, batch = _prepare("probs", probs, indices, check_nan)
-    mp = _a.per_row("min_p", min_p, batch, probs.device, "min_p")
+    mp = _a.row_param("min_p", min_p, batch, probs.device, "min_p")
     if not probs.is_cuda:
         _a.check_generator_cpu(generator, seed, offset)
         return _cpu(_ref.min_p_sampling_from_probs(probs, mp, indices, deterministic, generator, False, seed,
@@ -156,8 +156,8 @@ def _top_k_top_p(name, x, top_k, top_p, indices, filter_apply_order, generator, 
                  return_valid, from_logits):
     _a.check_filter_order(filter_apply_order)
     x, batch = _prepare(name, x, indices, check_nan, logits=from_logits)
-    tk = _a.per_row("top_k", top_k, batch, x.device, "top_k")
-    tp = _a.per_row("top_p", top_p, batch, x.device, "prob")
+    tk = _a.row_param("top_k", top_k, batch, x.device, "top_k")
+    tp = _a.row_param("top_p", top_p, batch, x.device, "prob")
     if not x.is_cuda:
         _a.check_generator_cpu(generator, seed, offset)
         fn = _ref.top_k_top_p_sampling_from_logits if from_logits else _ref.top_k_top_p_sampling_from_probs

@@ -374,6 +374,22 @@ def test_same_seed_same_tokens_and_offset_changes_them():
     assert torch.equal(a, d)
 
 
+def test_scalar_parameters_equal_their_tensor_form():
+    """Python-number top_k / top_p / min_p go in as kernel arguments (no [batch] tensor): same tokens."""
+    p = _probs(6, 70)
+    for kw in (dict(top_k=5), dict(top_p=0.6), dict(min_p=0.2), dict(top_k=4, top_p=0.7),
+               dict(top_k=3, top_p=0.8, k_first=True), dict(top_k=500)):
+        tensors = {k: torch.full((6,), v, dtype=torch.int32 if k == "top_k" else torch.float32)
+                   for k, v in kw.items() if k != "k_first"}
+        a, va = _run(p, seed=11, offset=4, block=32, **kw)
+        b, vb = _run(p, seed=11, offset=4, block=32, k_first=kw.get("k_first", False), **tensors)
+        assert torch.equal(a, b) and torch.equal(va, vb), kw
+    # a scalar beside a tensor: every parameter goes in as a tensor
+    a, _ = _run(p, seed=11, offset=4, block=32, top_k=torch.full((6,), 4, dtype=torch.int32), top_p=0.7)
+    b, _ = _run(p, seed=11, offset=4, block=32, top_k=4, top_p=0.7)
+    assert torch.equal(a, b)
+
+
 def test_exponentials_are_exp1_down_to_the_tail():
     e = _exponentials(64, 4096, 21, 0, block=4096).double().flatten()  # 262144 draws
     assert (e > 0).all() and e.isfinite().all()
@@ -472,22 +488,22 @@ ptr = {"x_ptr": "*bf16", "rows_ptr": "*i64", "out_ptr": "*i64", "valid_ptr": "*i
        "top_p_ptr": "*fp32", "min_p_ptr": "*fp32", "floor_ptr": "*fp32", "seed_ptr": "*i64",
        "offset_ptr": "*i64", "d_ptr": "*i32",
        "q_ptr": "*fp16", "p_ptr": "*fp32", "acc_ptr": "*i32", "emit_ptr": "*i32", "seed_val": "i64",
-       "offset_val": "i64"}
+       "offset_val": "i64", "top_p_val": "fp32", "min_p_val": "fp32"}
 def build(fn, consts, warps):
     names = [n for n in fn.arg_names if n not in consts]
     sig = {n: ptr.get(n, "i32") for n in names}
     triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": warps})
-build(K._sample_kernel, {"HAS_ROWS": True, "HAS_TOP_K": True, "HAS_TOP_P": True, "HAS_MIN_P": True,
+build(K._sample_kernel, {"SCALAR_PARAMS": False, "HAS_ROWS": True, "HAS_TOP_K": True, "HAS_TOP_P": True, "HAS_MIN_P": True,
                          "HAS_FLOOR": True, "K_FIRST": False, "FROM_LOGITS": False, "SEED_PTR": True, "BLOCK": 1024,
                          "NCP": 256, "ROUNDS": K.MAX_ROUNDS}, 8)
-for logits, filters in ((True, False), (False, False)):
-    build(K._sample_kernel, {"HAS_ROWS": False, "HAS_TOP_K": filters, "HAS_TOP_P": filters, "HAS_MIN_P": filters,
+for logits, filters in ((True, False), (False, False), (False, True)):
+    build(K._sample_kernel, {"SCALAR_PARAMS": filters, "HAS_ROWS": False, "HAS_TOP_K": filters, "HAS_TOP_P": filters, "HAS_MIN_P": filters,
                              "HAS_FLOOR": False, "K_FIRST": False, "FROM_LOGITS": logits, "SEED_PTR": False,
                              "BLOCK": 4096, "NCP": 64, "ROUNDS": K.MAX_ROUNDS}, 16)
 # "top_k_first" in one launch (top_k read by K_FIRST, HAS_TOP_K off), both launch configs of the ops layer
 for block, warps, rows, seed_ptr in ((4096, 16, False, False), (1024, 8, True, True)):
-    build(K._sample_kernel, {"HAS_ROWS": rows, "HAS_TOP_K": False, "HAS_TOP_P": True, "HAS_MIN_P": False,
+    build(K._sample_kernel, {"SCALAR_PARAMS": not rows, "HAS_ROWS": rows, "HAS_TOP_K": False, "HAS_TOP_P": True, "HAS_MIN_P": False,
                              "HAS_FLOOR": False, "K_FIRST": True, "FROM_LOGITS": False, "SEED_PTR": seed_ptr,
                              "BLOCK": block, "NCP": triton.next_power_of_2(triton.cdiv(151936, block)),
                              "ROUNDS": K.MAX_ROUNDS}, warps)
