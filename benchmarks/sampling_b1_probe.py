@@ -1,0 +1,36 @@
+"""Where a batch-1 sampler call spends its device time (H200 probe, issue 4): CUDA-graph replay (L2
+flushed) of pagoda's plain / min-p / top-p sampler at batch 1 over vocab sizes (V=16 gives the fixed cost
+of one launch + the races), two launch configs, beside a one-element fill (the graph's own floor) and
+torch.amax (one read). Prints one JSON line per case."""
+import json
+
+import torch
+
+from pagoda.bench.timing import graph_time_ms
+from pagoda.kernels import sampling as K
+
+
+def main():
+    dev = torch.device("cuda")
+    seed = torch.zeros(1, dtype=torch.int64, device=dev)
+    off = torch.zeros(1, dtype=torch.int64, device=dev)
+    one = torch.empty(1, device=dev)
+    print(json.dumps({"case": "fill 1 element", "us": round(graph_time_ms(lambda: one.fill_(1.0), dev) * 1e3, 2)}))
+    for vocab in (16, 1024, 4096, 32000, 151936):
+        p = torch.softmax(torch.randn(1, vocab, device=dev) * 3, -1)
+        out = torch.empty(1, dtype=torch.int32, device=dev)
+        valid = torch.empty(1, dtype=torch.bool, device=dev)
+        row = {"vocab": vocab, "amax": round(graph_time_ms(lambda: torch.amax(p, -1), dev) * 1e3, 2)}
+        for block in (None, 1024):
+            for name, kw in (("plain", {}), ("min_p", {"min_p": 0.05}), ("top_p", {"top_p": 0.9})):
+                args = {"top_k": None, "top_p": None, "min_p": None, **kw}
+
+                def call():
+                    K.sample(p, out, valid, None, args["top_k"], args["top_p"], args["min_p"], seed, off, block=block)
+                call()
+                row[f"{name}/{block or 'default'}"] = round(graph_time_ms(call, dev) * 1e3, 2)
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
