@@ -157,13 +157,6 @@ def _decode_ok(q: torch.Tensor, k: torch.Tensor) -> bool:
             and hq % hk == 0 and q.stride(-1) == 1 and k.stride(-1) == 1)
 
 
-def _decode_ok3(query: torch.Tensor, k: torch.Tensor) -> bool:
-    """`_decode_ok` for HF's query ``[b, hq, 1, d]`` and k ``[b, s, hk, d]``."""
-    d, hq, hk = query.shape[-1], query.shape[1], k.shape[2]
-    return (query.dtype in (torch.float16, torch.bfloat16) and k.dtype == query.dtype and d % 8 == 0 and d <= 256
-            and hq % hk == 0 and query.stride(-1) == 1 and k.stride(-1) == 1)
-
-
 def _scale(scaling: float | None, q: torch.Tensor) -> float:
     return q.shape[-1] ** -0.5 if scaling is None else float(scaling)
 
@@ -179,13 +172,6 @@ def pagoda_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     """
     if dropout and module.training:
         raise NotImplementedError("pagoda attention is inference-only: dropout is not supported in training mode")
-    if attention_mask is None and query.shape[2] == 1 and not sliding_window and not softcap:
-        # Decode without a mask (dynamic cache, no padding): the hot path of generate, once per layer and
-        # token, host-bound at large batch: no more Python than needed (query [b, hq, 1, d] -> [b, hq, d]).
-        k, v = key.transpose(1, 2), value.transpose(1, 2)
-        if k.shape[1] > 0 and _decode_ok3(query, k):
-            scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
-            return decode_dense(query[:, :, 0], k, v, scale)[:, None], None
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     window_left = int(sliding_window) - 1 if sliding_window else -1
     window = (window_left, 0 if causal else -1) if window_left >= 0 else (-1, -1)

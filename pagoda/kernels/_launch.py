@@ -63,17 +63,10 @@ def _no_hooks() -> bool:
             and (exit_ is None or not getattr(exit_, "calls", True)))
 
 
-_KNOBS = None
-
-
 def _knobs_runtime():
-    """``triton.knobs.runtime`` (looked up once: an import statement per launch cost ~1.5 µs)."""
-    global _KNOBS
-    if _KNOBS is None:
-        from triton import knobs
+    from triton import knobs
 
-        _KNOBS = knobs
-    return _KNOBS.runtime
+    return knobs.runtime
 
 
 _MAX_ENTRIES = 256

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from pagoda.kernels import _launch
-from pagoda.kernels import decode as _kdecode
 from pagoda.ops import _decode_plan as _plan
 from pagoda.ops import _paged
 
@@ -58,23 +56,22 @@ def decode_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
         from pagoda.reference.attention import flash_attn_func as ref
 
         return ref(q[:, None], k, v, softmax_scale=softmax_scale)[:, 0].to(q.dtype)
-    qs = q.stride()
-    if qs[2] != 1:
-        q = q.contiguous()
-        qs = q.stride()
-    device = q.device
-    out = torch.empty(b, hq, d, dtype=q.dtype, device=device)
-    ks, vs = k.stride()[:3], v.stride()[:3]
+    from pagoda.kernels import _launch
+
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     # Replay key: every value the launch arguments are computed from (the scale is a kernel argument, the
-    # 16-byte alignment of each tensor is part of Triton's specialisation). One stride() call per tensor:
-    # this runs once per layer and token (host-bound at batch 128: every µs here is a µs per layer).
-    key = (device, q.dtype, b, s, hk, hq, d, qs[0], qs[1], *ks, *vs,
+    # 16-byte alignment of each tensor is part of Triton's specialisation).
+    key = (q.device, q.dtype, b, s, hk, hq, d, q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3],
            q.data_ptr() & 15, k.data_ptr() & 15, v.data_ptr() & 15, softmax_scale)
-    indptr, indices, last, chunk, splits, o_part, lse_part, lse, counters = _metadata(device, b, s, hk, hq, d)
+    from pagoda.kernels import decode as _kdecode
+
+    indptr, indices, last, chunk, splits, o_part, lse_part, lse, counters = _metadata(q.device, b, s, hk, hq, d)
 
     def launch_fn():
-        _kdecode.decode_fwd(q, k, v, ks, vs, indptr, indices, last, s, hk, out, lse, chunk=chunk, num_splits=splits,
-                            o_part=o_part, lse_part=lse_part, sm_scale=float(softmax_scale), counters=counters)
+        _kdecode.decode_fwd(q, k, v, (k.stride(0), k.stride(1), k.stride(2)), (v.stride(0), v.stride(1), v.stride(2)),
+                            indptr, indices, last, s, hk, out, lse, chunk=chunk, num_splits=splits, o_part=o_part,
+                            lse_part=lse_part, sm_scale=float(softmax_scale), counters=counters)
 
     # HF's dynamic cache makes new k/v tensors every step: the bound launches do not keep them.
     _launch.replay_or_record(_bound, key, (q, k, v, out), launch_fn,
