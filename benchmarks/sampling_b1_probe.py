@@ -1,13 +1,14 @@
 """Where a batch-1 sampler call spends its device time (H200 probe, issue 4): CUDA-graph replay (L2
 flushed) of pagoda's plain / min-p / top-p sampler at batch 1 over vocab sizes (V=16 gives the fixed cost
-of one launch + the races), two launch configs, beside a one-element fill (the graph's own floor) and
-torch.amax (one read). Prints one JSON line per case."""
+of one launch + the races), two launch configs and the split-row sampler (`sampling_split`, plain and
+min-p), beside a one-element fill (the graph's own floor) and torch.amax (one read). One JSON line per case."""
 import json
 
 import torch
 
 from pagoda.bench.timing import graph_time_ms
 from pagoda.kernels import sampling as K
+from pagoda.kernels import sampling_split as SP
 
 
 def main():
@@ -29,6 +30,12 @@ def main():
                     K.sample(p, out, valid, None, args["top_k"], args["top_p"], args["min_p"], seed, off, block=block)
                 call()
                 row[f"{name}/{block or 'default'}"] = round(graph_time_ms(call, dev) * 1e3, 2)
+        slices = SP.num_slices(vocab, 1, K.sm_count(dev))
+        for name, mp in (("plain", None), ("min_p", 0.05)):
+            def split():
+                SP.split_sample(p, out, valid, None, mp, seed, off, slices)
+            split()
+            row[f"{name}/split{slices}"] = round(graph_time_ms(split, dev) * 1e3, 2)
         print(json.dumps(row), flush=True)
 
 

@@ -21,6 +21,8 @@ Shared arguments:
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from pagoda.ops import _checks
@@ -49,6 +51,22 @@ def _kernels():
     return _kernel_modules
 
 
+# Opt-in until measured on a GPU: plain and min-p sampling of small batches with each row split over several
+# programs (`pagoda.kernels.sampling_split`). PAGODA_SAMPLING_SPLIT=1 turns it on (read once, at import).
+SPLIT_ROWS = os.environ.get("PAGODA_SAMPLING_SPLIT", "0") == "1"
+MIN_SPLIT = 4      # fewer slices per row than this: the one-program kernel
+
+
+def _split_slices(x, batch, top_k, top_p, from_logits, k_first) -> int:
+    """Slices per row for the split-row sampler, 0 when the call keeps the one-program kernel."""
+    if not SPLIT_ROWS or from_logits or k_first or top_k is not None or top_p is not None:
+        return 0
+    from pagoda.kernels import sampling_split
+
+    n = sampling_split.num_slices(x.shape[1], batch, _kernels()[0].sm_count(x.device))
+    return n if n >= MIN_SPLIT else 0
+
+
 def _launch(x, indices, batch, generator, seed, offset, return_valid, top_k=None, top_p=None, min_p=None,
             from_logits=False, out_dtype=None, k_first=False):
     _k = _kernels()[0]
@@ -56,7 +74,13 @@ def _launch(x, indices, batch, generator, seed, offset, return_valid, top_k=None
     dtype = out_dtype or (indices.dtype if indices is not None else torch.int32)
     out = torch.empty(batch, dtype=dtype, device=x.device)
     valid = torch.empty(batch, dtype=torch.bool, device=x.device)
-    _k.sample(x, out, valid, indices, top_k, top_p, min_p, s, o, from_logits, k_first=k_first)
+    slices = _split_slices(x, batch, top_k, top_p, from_logits, k_first)
+    if slices:
+        from pagoda.kernels import sampling_split
+
+        sampling_split.split_sample(x, out, valid, indices, min_p, s, o, slices)
+    else:
+        _k.sample(x, out, valid, indices, top_k, top_p, min_p, s, o, from_logits, k_first=k_first)
     return (out, valid) if return_valid else out
 
 

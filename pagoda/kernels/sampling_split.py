@@ -1,0 +1,166 @@
+"""Split-row sampler for small batches: plain and min-p sampling with each row read by several programs.
+
+Why: `pagoda.kernels.sampling` streams a row on one program, i.e. one SM. At batch 1 an SM's load path
+reads ~28 GB/s on the H200 whatever the prefetch depth (`benchmarks/sampling_b1_probe.py`, 2026-12-01:
+24.9 µs for a 151,936-token row, where torch.amax spreads the same row over many SMs in 10.7 µs). Here a
+row is cut into ``S`` slices of whole ``BLOCK``-token steps, one program per (output row, slice):
+
+    slice program   exponential race over its tokens: key ``-E_t / p_t`` (larger wins), E_t ~ Exp(1) from
+                    Philox (`_philox_chunk` layout: token t takes word ``(t % BLOCK) // (BLOCK/4)`` of
+                    counter ``rng_base + t // 4``-style quads, stage 0), over ``{p > 0}``; writes its best
+                    (key, token) and its largest p, then takes a ticket (atomic add, acq_rel, gpu scope).
+    last program    (the one whose ticket is S - 1) reads the S partials from L2 (.cg), zeroes the ticket
+                    for the next call (graph replays start clean), and picks the best key: an exact draw
+                    from p (the winner of an exponential race over all tokens). min-p: with M the largest
+                    p, the row keeps ``N = {p >= min(min_p * M, M)}``; a winner inside N is accepted; else
+                    the last program runs one more race over the whole row restricted to N with fresh
+                    numbers (stage 1). Exact: a draw from p kept when it falls in N, else a fresh draw from
+                    p restricted to N, is a draw from p restricted to N (P(t) = p_t + (1 - p(N)) p_t / p(N)
+                    = p_t / p(N) for t in N, normalised p).
+
+Rows with no positive, finite-comparable mass give token 0 and valid = False. Every token is in
+``[0, vocab)``. The partials and tickets are a per-device workspace shared by all calls: calls are assumed
+to run on one stream (as the decode kernel's merge tickets). No host synchronisation: graph-capturable.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pagoda.kernels._launch import cdiv, launch
+from pagoda.kernels.sampling_race import _exp1, _in_set, _philox_chunk, _race_fold, _race_key, _race_winner
+
+BLOCK = 1024          # tokens per loop step of a slice program (4 warps: 2 tokens per thread per Philox word)
+MIN_SLICE = 4096      # tokens per slice at least: below that a program's fixed cost outweighs its share
+MAX_SLICES = 64       # partials per row in the workspace
+
+
+@triton.jit
+def _race_range(base, seed, rng_base, lo, hi, thr_bits, STAGE: tl.constexpr, BLOCK: tl.constexpr):
+    """Exponential race over tokens ``[lo, hi)`` of a row restricted to ``{p >= thr}`` (thr_bits >= 1):
+    (best key, its token or -1, largest eligible p). ``lo`` is a multiple of BLOCK."""
+    Q: tl.constexpr = BLOCK // 4
+    offs = tl.arange(0, Q)
+    key_v = tl.full((Q,), float("-inf"), tl.float32)
+    idx_v = tl.full((Q,), -1, tl.int32)
+    mx = tl.zeros((Q,), tl.float32)
+    for start in range(lo, hi, BLOCK):
+        if STAGE == 0:
+            r0, r1, r2, r3 = _philox_chunk(seed, rng_base, start, offs)
+        else:
+            c = rng_base + start // 4 + offs
+            zero = (offs * 0).to(tl.uint32)
+            r0, r1, r2, r3 = tl.philox(seed, c.to(tl.uint32), (c >> 32).to(tl.uint32), zero + STAGE, zero)
+        rs = (r0, r1, r2, r3)
+        for j in tl.static_range(4):
+            cols = start + j * Q + offs
+            inb = cols < hi
+            x = tl.load(base + cols, mask=inb, other=0.0).to(tl.float32)
+            elig = inb & _in_set(x, thr_bits)
+            key_v, idx_v = _race_fold(_race_key(x, _exp1(rs[j]), False), elig, cols, key_v, idx_v)
+            mx = tl.maximum(mx, tl.where(elig, x, 0.0))
+    best = tl.max(key_v, 0)
+    return best, _race_winner(key_v, idx_v), tl.max(mx, 0)
+
+
+@triton.jit
+def _split_sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, min_p_ptr, min_p_val,
+                         part_key_ptr, part_idx_ptr, part_max_ptr, ticket_ptr,
+                         seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val, vocab, num_rows,
+                         slice_len, num_slices,
+                         SCALAR_PARAMS: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_MIN_P: tl.constexpr,
+                         SEED_PTR: tl.constexpr, SLICES_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid ``(batch, num_slices)``; workspace ``part_* [batch, SLICES_PAD]``, ``ticket [batch]`` (zeros)."""
+    pid = tl.program_id(0)
+    sl = tl.program_id(1)
+    if HAS_ROWS:
+        row = tl.minimum(tl.maximum(tl.load(rows_ptr + pid).to(tl.int64), 0), num_rows - 1)
+    else:
+        row = pid.to(tl.int64)
+    base = x_ptr + row * stride_x
+    if SEED_PTR:
+        seed = tl.load(seed_ptr + pid * seed_stride)
+        off = tl.load(offset_ptr + pid * offset_stride).to(tl.int64)
+    else:
+        seed = seed_val
+        off = offset_val + tl.zeros((), tl.int64)
+    rng_base = off + pid.to(tl.int64) * ((vocab + 3) // 4)
+    lo = sl * slice_len
+    hi = tl.minimum(lo + slice_len, vocab)
+    key, tok, pmax = _race_range(base, seed, rng_base, lo, hi, 1, 0, BLOCK)
+    slot = pid * SLICES_PAD + sl
+    tl.store(part_key_ptr + slot, key)
+    tl.store(part_idx_ptr + slot, tok)
+    tl.store(part_max_ptr + slot, pmax)
+    tl.debug_barrier()   # every thread's stores before the ticket (release covers them from here)
+    ticket = tl.atomic_add(ticket_ptr + pid, 1, sem="acq_rel", scope="gpu")
+    if ticket == num_slices - 1:
+        tl.atomic_xchg(ticket_ptr + pid, 0, sem="relaxed", scope="gpu")   # zero again for the next call
+        s = tl.arange(0, SLICES_PAD)
+        live = s < num_slices
+        keys = tl.load(part_key_ptr + pid * SLICES_PAD + s, mask=live, other=float("-inf"), cache_modifier=".cg")
+        toks = tl.load(part_idx_ptr + pid * SLICES_PAD + s, mask=live, other=-1, cache_modifier=".cg")
+        maxes = tl.load(part_max_ptr + pid * SLICES_PAD + s, mask=live, other=0.0, cache_modifier=".cg")
+        cand = _race_winner(keys, toks)   # slices hold disjoint tokens: ties broken by the lower token
+        found = cand >= 0
+        accepted = found
+        if HAS_MIN_P:
+            m = tl.max(maxes, 0)
+            mp = (min_p_val + tl.zeros((), tl.float32)) if SCALAR_PARAMS else tl.load(min_p_ptr + pid).to(tl.float32)
+            thr = tl.minimum(mp * m, m)
+            thr_bits = tl.maximum(thr.to(tl.int32, bitcast=True), 1)
+            p_c = tl.load(base + tl.maximum(cand, 0)).to(tl.float32)
+            if found & ~_in_set(p_c, thr_bits):
+                # Rejected (probability 1 - p(N)): a fresh draw from p restricted to N, on this program.
+                _k2, again, _m2 = _race_range(base, seed, rng_base, 0, vocab, thr_bits, 1, BLOCK)
+                cand = tl.where(again >= 0, again, cand)
+                accepted = again >= 0   # N holds the largest p: never empty when the row has mass
+        tl.store(out_ptr + pid, tl.where(found, cand, 0).to(out_ptr.dtype.element_ty))
+        tl.store(valid_ptr + pid, accepted.to(tl.int8))
+
+
+_workspaces: dict = {}   # device -> (part_key, part_idx, part_max, ticket), grown on demand
+
+
+def _workspace(device: torch.device, batch: int):
+    ws = _workspaces.get(device)
+    if ws is None or ws[3].shape[0] < batch:
+        rows = max(batch, 64)
+        ws = _workspaces[device] = (
+            torch.empty(rows * MAX_SLICES, dtype=torch.float32, device=device),
+            torch.empty(rows * MAX_SLICES, dtype=torch.int32, device=device),
+            torch.empty(rows * MAX_SLICES, dtype=torch.float32, device=device),
+            torch.zeros(rows, dtype=torch.int32, device=device))
+    return ws
+
+
+def num_slices(vocab: int, batch: int, sms: int) -> int:
+    """Slices per row: enough programs to cover the SMs, each at least MIN_SLICE tokens, at most MAX_SLICES."""
+    return max(1, min(MAX_SLICES, sms // max(batch, 1), cdiv(vocab, MIN_SLICE)))
+
+
+def split_sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor | None,
+                 min_p, seed, offset, slices: int) -> None:
+    """Plain (``min_p`` None) or min-p sampling with ``slices`` programs per output row.
+
+    x ``[num_rows, vocab]`` probabilities (last dim contiguous); out ``[batch]`` int32/int64; valid
+    ``[batch]`` bool; rows optional int ``[batch]``; min_p a float, a float32 ``[batch]`` tensor or None;
+    seed/offset ints or int64 device tensors of length 1 or batch (as `sampling.sample`)."""
+    from pagoda.kernels.sampling import _seed_args
+
+    batch, vocab = out.shape[0], x.shape[1]
+    if batch == 0:
+        return
+    slice_len = cdiv(cdiv(vocab, max(1, min(slices, MAX_SLICES))), BLOCK) * BLOCK
+    n = cdiv(vocab, slice_len)
+    part_key, part_idx, part_max, ticket = _workspace(x.device, batch)
+    scalar = not isinstance(min_p, torch.Tensor)
+    launch(
+        _split_sample_kernel, (batch, n),
+        x, x.stride(0), rows if rows is not None else out, out, valid.view(torch.int8),
+        min_p if not scalar else out, float(min_p) if scalar and min_p is not None else 0.0,
+        part_key, part_idx, part_max, ticket, *_seed_args(seed, offset, out)[:6], vocab, x.shape[0], slice_len, n,
+        SCALAR_PARAMS=scalar, HAS_ROWS=rows is not None, HAS_MIN_P=min_p is not None,
+        SEED_PTR=isinstance(seed, torch.Tensor), SLICES_PAD=MAX_SLICES, BLOCK=BLOCK, num_warps=4)
+

@@ -1,0 +1,185 @@
+"""The split-row sampler (`pagoda.kernels.sampling_split`): under the Triton interpreter (CPU, fp32/fp16) exact
+plain and min-p draws, the rejection fallback of min-p, degenerate rows, tickets left at zero; on a GPU the
+same laws at a 151,936-token vocabulary in bf16/fp32 and a captured graph replaying the eager call."""
+import math
+import os
+
+import pytest
+import torch
+
+from pagoda.kernels import sampling_split as S
+
+interp = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                            reason="interpreter tests run only where TRITON_INTERPRET=1 (no CUDA)")
+
+
+def _run(x, n_out=None, min_p=None, seed=5, offset=0, slices=3):
+    n = x.shape[0] if n_out is None else n_out
+    rows = None if n_out is None else torch.zeros(n, dtype=torch.int32, device=x.device)
+    out = torch.full((n,), -7, dtype=torch.int32, device=x.device)
+    valid = torch.zeros(n, dtype=torch.bool, device=x.device)
+    S.split_sample(x, out, valid, rows, min_p, seed, offset, slices)
+    return out.cpu(), valid.cpu()
+
+
+def _chi2_ok(counts: torch.Tensor, want: torch.Tensor, n: int) -> bool:
+    keep = want > 0
+    chi2 = (((counts[keep] - n * want[keep]) ** 2) / (n * want[keep])).sum().item()
+    df = int(keep.sum()) - 1
+    return chi2 < df + 6 * math.sqrt(2 * df) + 6      # ~1e-4 false alarm for these df
+
+
+def _row(vocab: int, hot: dict) -> torch.Tensor:
+    """A row whose mass sits on a few tokens spread over the slices (the rest tiny but positive)."""
+    p = torch.full((1, vocab), 1e-7)
+    for t, w in hot.items():
+        p[0, t] = w
+    return p / p.sum()
+
+
+@interp
+def test_plain_draws_follow_the_row_across_slices():
+    vocab = 3 * S.BLOCK + 100                          # 4 whole-step slices, the last one short
+    p = _row(vocab, {5: 0.4, S.BLOCK + 7: 0.3, 2 * S.BLOCK + 9: 0.2, 3 * S.BLOCK + 50: 0.1})
+    n = 200
+    out, valid = _run(p, n_out=n, slices=4)
+    assert valid.all() and ((out >= 0) & (out < vocab)).all()
+    hot = [5, S.BLOCK + 7, 2 * S.BLOCK + 9, 3 * S.BLOCK + 50]
+    counts = torch.tensor([(out == t).sum().item() for t in hot], dtype=torch.float64)
+    assert counts.sum() >= n - 2                       # the 1e-7 tail has ~4e-4 of the mass
+    assert _chi2_ok(counts, torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64), int(counts.sum()))
+
+
+@interp
+def test_min_p_keeps_to_the_set_and_renormalises_with_fallback():
+    # N = {p >= 0.5 * max} = the two leading tokens, p(N) = 0.35: ~65% of the first draws are rejected and
+    # redrawn from N by the last program (the fallback race).
+    vocab = 2 * S.BLOCK
+    p = torch.full((1, vocab), 0.65 / (vocab - 2))
+    p[0, 3], p[0, S.BLOCK + 1] = 0.2, 0.15
+    n = 200
+    out, valid = _run(p, n_out=n, min_p=0.5, slices=2)
+    assert valid.all()
+    assert set(out.tolist()) <= {3, S.BLOCK + 1}
+    counts = torch.tensor([(out == 3).sum().item(), (out == S.BLOCK + 1).sum().item()], dtype=torch.float64)
+    assert _chi2_ok(counts, torch.tensor([0.2, 0.15], dtype=torch.float64) / 0.35, n)
+    # a per-row tensor of min_p, and min_p = 0 (every positive token) / 1 (the maximum only)
+    q = torch.cat([p, p])
+    out, valid = _run(q, min_p=torch.tensor([1.0, 0.0]), slices=2)
+    assert valid.all() and out[0].item() == 3 and 0 <= out[1].item() < vocab
+
+
+@interp
+def test_degenerate_rows_and_fp16():
+    vocab = S.BLOCK + 5
+    x = torch.zeros(3, vocab)
+    x[1] = float("nan")
+    x[2, vocab - 1] = 1.0                              # all the mass on the last token of the last slice
+    out, valid = _run(x, slices=2)
+    assert out.tolist()[:2] == [0, 0] and valid.tolist() == [False, False, True] and out[2].item() == vocab - 1
+    out, valid = _run(x.half(), min_p=0.3, slices=2)
+    assert valid.tolist() == [False, False, True] and out[2].item() == vocab - 1
+
+
+@interp
+def test_same_seed_same_tokens_and_tickets_back_to_zero():
+    p = torch.softmax(torch.randn(4, 2 * S.BLOCK) * 2, -1)
+    a, _ = _run(p, seed=9, offset=8)
+    b, _ = _run(p, seed=9, offset=8)
+    c, _ = _run(p, seed=9, offset=8 + 4 * 2 * S.BLOCK)
+    d, _ = _run(p, seed=torch.tensor([9]), offset=torch.tensor([8]))
+    assert torch.equal(a, b) and torch.equal(a, d) and not torch.equal(a, c)
+    assert (S._workspaces[p.device][3] == 0).all()
+
+
+def test_slice_count_policy():
+    assert S.num_slices(151936, 1, 132) == math.ceil(151936 / S.MIN_SLICE)
+    assert S.num_slices(151936, 8, 132) == 16 and S.num_slices(32000, 1, 132) == 8
+    assert S.num_slices(1000, 1, 132) == 1 and S.num_slices(10 ** 7, 1, 132) == S.MAX_SLICES
+
+
+_AOT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from pagoda.kernels import sampling_split as S
+ptr = {"x_ptr": "*bf16", "rows_ptr": "*i32", "out_ptr": "*i32", "valid_ptr": "*i8", "min_p_ptr": "*fp32",
+       "min_p_val": "fp32", "part_key_ptr": "*fp32", "part_idx_ptr": "*i32", "part_max_ptr": "*fp32",
+       "ticket_ptr": "*i32", "seed_ptr": "*i64", "offset_ptr": "*i64", "seed_val": "i64", "offset_val": "i64"}
+for min_p, rows, seed_ptr in ((False, False, False), (True, True, True)):
+    consts = {"SCALAR_PARAMS": not rows, "HAS_ROWS": rows, "HAS_MIN_P": min_p, "SEED_PTR": seed_ptr,
+              "SLICES_PAD": S.MAX_SLICES, "BLOCK": S.BLOCK}
+    fn = S._split_sample_kernel
+    sig = {n: ptr.get(n, "i32") for n in fn.arg_names if n not in consts}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 4})
+    assert "atom" in k.asm["ptx"] and "ld.global.cg" in k.asm["ptx"], "ticket atomics / L2 reads of the partials"
+print("COMPILED")
+"""
+
+
+def test_split_kernel_compiles_for_sm90():
+    """Type checks the interpreter skips, on an H100/H200 target (Triton's bundled ptxas, no GPU needed)."""
+    from tests.helpers import run_aot_script
+
+    run_aot_script(_AOT)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("min_p", [None, 0.6])
+def test_gpu_split_draws_follow_the_law_and_replay_in_a_graph(dtype, min_p):
+    vocab, hot = 151936, [5, 40000, 90001, 151935]
+    p = torch.full((1, vocab), 1e-7)
+    p[0, hot] = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    x = p.to("cuda", dtype)
+    pf = x.float().cpu()[0].double()
+    keep = pf >= (min_p or 0.0) * pf.max()
+    want = torch.where(keep, pf, 0.0) / torch.where(keep, pf, 0.0).sum()
+    n = 4000
+    out, valid = _run(x, n_out=n, min_p=min_p, slices=S.num_slices(vocab, 1, 132))
+    assert valid.all() and ((out >= 0) & (out < vocab)).all()
+    assert keep[out.long()].all()                       # min-p: only tokens of N (the fallback redraws)
+    buckets = torch.tensor([(out == t).sum().item() for t in hot] + [(~torch.isin(out, torch.tensor(hot))).sum().item()],
+                           dtype=torch.float64)
+    law = torch.cat([want[hot], (1 - want[hot].sum()).clamp(min=0).reshape(1)])
+    assert _chi2_ok(buckets, law, n)
+    # captured once, replayed: the eager call's tokens for the same device seed/offset; tickets left at zero
+    seed, off = torch.tensor([3], device="cuda"), torch.tensor([12], device="cuda")
+    o1, v1 = torch.empty(8, dtype=torch.int32, device="cuda"), torch.empty(8, dtype=torch.bool, device="cuda")
+    rows = torch.zeros(8, dtype=torch.int32, device="cuda")
+    S.split_sample(x, o1, v1, rows, min_p, seed, off, 16)
+    o2, v2 = torch.empty_like(o1), torch.empty_like(v1)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        S.split_sample(x, o2, v2, rows, min_p, seed, off, 16)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        S.split_sample(x, o2, v2, rows, min_p, seed, off, 16)
+    o2.fill_(-1)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(o1, o2) and torch.equal(v1, v2)
+    assert (S._workspaces[x.device][3] == 0).all()
+
+
+@pytest.mark.gpu
+def test_gpu_ops_take_the_split_path_only_when_enabled_and_fitting(monkeypatch):
+    from pagoda.ops import sampling as ops
+
+    calls = []
+    real = S.split_sample
+    monkeypatch.setattr(S, "split_sample", lambda *a, **k: (calls.append(a[-1]), real(*a, **k))[1])
+    probs = torch.softmax(torch.randn(2, 151936, device="cuda") * 3, -1)
+    ops.sampling_from_probs(probs)
+    assert calls == []                                  # off by default (PAGODA_SAMPLING_SPLIT)
+    monkeypatch.setattr(ops, "SPLIT_ROWS", True)
+    tok = ops.sampling_from_probs(probs)
+    tok2 = ops.min_p_sampling_from_probs(probs, 0.1)
+    assert len(calls) == 2 and calls[0] >= ops.MIN_SPLIT
+    assert ((tok >= 0) & (tok < 151936)).all() and ((tok2 >= 0) & (tok2 < 151936)).all()
+    ops.top_p_sampling_from_probs(probs, 0.9)            # top-p / top-k keep the one-program kernel
+    ops.sampling_from_probs(torch.softmax(torch.randn(128, 151936, device="cuda"), -1))   # too many rows
+    assert len(calls) == 2
