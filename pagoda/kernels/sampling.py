@@ -72,8 +72,8 @@ import triton.language as tl
 
 from pagoda.kernels._launch import cdiv, launch, next_pow2
 from pagoda.kernels.sampling_kth import _count_cut, _kth_value_bits, _peeled_floor_set  # noqa: F401
-from pagoda.kernels.sampling_race import (_exp1, _exp_at, _exp_run, _in_set, _philox_chunk, _race_fold,  # noqa: F401
-                                          _race_key, _race_winner)
+from pagoda.kernels.sampling_race import (_exp1, _exp_at, _exp_run, _in_set, _philox_chunk, _philox_state,  # noqa: F401
+                                          _race_fold, _race_key, _race_winner, _source_row)
 
 MAX_ROUNDS = 34
 
@@ -201,18 +201,9 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
     FILTERS: tl.constexpr = HAS_TOP_K or HAS_TOP_P or HAS_MIN_P or K_FIRST
     LANES: tl.constexpr = BLOCK
     pid = tl.program_id(0)
-    if HAS_ROWS:
-        # Clamped so a bad index can never address outside x (the ops layer checks it off-graph).
-        row = tl.minimum(tl.maximum(tl.load(rows_ptr + pid).to(tl.int64), 0), num_rows - 1)
-    else:
-        row = pid.to(tl.int64)
+    row = _source_row(rows_ptr, pid, num_rows, HAS_ROWS)
     base = x_ptr + row * stride_x
-    if SEED_PTR:
-        seed = tl.load(seed_ptr + pid * seed_stride)
-        off = tl.load(offset_ptr + pid * offset_stride).to(tl.int64)
-    else:
-        seed = seed_val
-        off = offset_val + tl.zeros((), tl.int64)
+    seed, off = _philox_state(pid, seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val, SEED_PTR)
     rng_base = off + pid.to(tl.int64) * ((vocab + 3) // 4)
     lanes = tl.arange(0, LANES)
 

@@ -20,6 +20,31 @@ def _philox_chunk(seed, quad_base, start, offs):
 
 
 @triton.jit
+def _source_row(rows_ptr, pid, num_rows, HAS_ROWS: tl.constexpr):
+    """Row of x that output ``pid`` draws from: ``rows[pid]`` clamped to ``[0, num_rows)`` (a bad index can
+    never address outside x; the ops layer checks indices off-graph), else ``pid``. int64."""
+    if HAS_ROWS:
+        row = tl.minimum(tl.maximum(tl.load(rows_ptr + pid).to(tl.int64), 0), num_rows - 1)
+    else:
+        row = pid.to(tl.int64)
+    return row
+
+
+@triton.jit
+def _philox_state(pid, seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val,
+                  SEED_PTR: tl.constexpr):
+    """(seed, int64 offset) of output ``pid``: from int64 device tensors (length 1 or batch: the
+    graph-capturable form) or the host ints."""
+    if SEED_PTR:
+        seed = tl.load(seed_ptr + pid * seed_stride)
+        off = tl.load(offset_ptr + pid * offset_stride).to(tl.int64)
+    else:
+        seed = seed_val
+        off = offset_val + tl.zeros((), tl.int64)
+    return seed, off
+
+
+@triton.jit
 def _exp1(r):
     """Exp(1) from uint32 ``r``: ``E = -log(1 - w)`` with ``w = (2^31 - (r >> 1)) / 2^31`` in (0, 1].
 

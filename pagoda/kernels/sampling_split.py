@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 
 from pagoda.kernels._launch import cdiv, launch
-from pagoda.kernels.sampling_race import _exp1, _in_set, _philox_chunk, _race_fold, _race_key, _race_winner
+from pagoda.kernels.sampling_race import (_exp1, _in_set, _philox_chunk, _philox_state, _race_fold, _race_key,
+                                          _race_winner, _source_row)
 
 BLOCK = 1024          # tokens per loop step of a slice program (4 warps: 2 tokens per thread per Philox word)
 MIN_SLICE = 4096      # tokens per slice at least: below that a program's fixed cost outweighs its share
@@ -74,17 +75,9 @@ def _split_sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, min_p_pt
     """Grid ``(batch, num_slices)``; workspace ``part_* [batch, SLICES_PAD]``, ``ticket [batch]`` (zeros)."""
     pid = tl.program_id(0)
     sl = tl.program_id(1)
-    if HAS_ROWS:
-        row = tl.minimum(tl.maximum(tl.load(rows_ptr + pid).to(tl.int64), 0), num_rows - 1)
-    else:
-        row = pid.to(tl.int64)
+    row = _source_row(rows_ptr, pid, num_rows, HAS_ROWS)
     base = x_ptr + row * stride_x
-    if SEED_PTR:
-        seed = tl.load(seed_ptr + pid * seed_stride)
-        off = tl.load(offset_ptr + pid * offset_stride).to(tl.int64)
-    else:
-        seed = seed_val
-        off = offset_val + tl.zeros((), tl.int64)
+    seed, off = _philox_state(pid, seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val, SEED_PTR)
     rng_base = off + pid.to(tl.int64) * ((vocab + 3) // 4)
     lo = sl * slice_len
     hi = tl.minimum(lo + slice_len, vocab)

@@ -10,7 +10,7 @@ import triton.language as tl
 
 from pagoda.kernels._launch import launch, next_pow2
 from pagoda.kernels.sampling import _seed_args, launch_config
-from pagoda.kernels.sampling_race import _exp1, _philox_chunk, _race_fold, _race_key, _race_winner
+from pagoda.kernels.sampling_race import _exp1, _philox_chunk, _philox_state, _race_fold, _race_key, _race_winner
 
 
 @triton.jit
@@ -20,12 +20,7 @@ def _chain_spec_kernel(q_ptr, d_ptr, p_ptr, out_ptr, acc_ptr, emit_ptr, seed_ptr
                        SEED_PTR: tl.constexpr, N_PAD: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     b = pid.to(tl.int64)
-    if SEED_PTR:
-        seed = tl.load(seed_ptr + pid * seed_stride)
-        off = tl.load(offset_ptr + pid * offset_stride).to(tl.int64)
-    else:
-        seed = seed_val
-        off = offset_val + tl.zeros((), tl.int64)
+    seed, off = _philox_state(pid, seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val, SEED_PTR)
     # Accept tests, all positions at once: draft token i passes iff u_i * q_i(d_i) < p_i(d_i).
     i = tl.arange(0, N_PAD)
     live = i < n_spec
