@@ -258,7 +258,8 @@ def test_top_k_first_kth_value_is_exact():
     p[4] = torch.linspace(1.0, 2.0, vocab)[torch.randperm(vocab)]  # flat: every lane holds many of the top
     p[5, 100:] = 0.0
     stages = set()
-    for k in list(range(1, 40)) + [47, 64, 65, 80, 99, 100, 101, 120, 149]:
+    # k around every size where the path can change (the interpreter takes ~4 s a launch: not every k)
+    for k in [1, 2, 3, 4, 6, 9, 13, 17, 22, 28, 33, 39, 47, 64, 65, 80, 99, 100, 101, 120, 149]:
         kk = torch.full((6,), k, dtype=torch.int32)
         out = torch.full((6,), float("nan"))
         path = torch.full((6,), -1, dtype=torch.int32)
