@@ -41,15 +41,21 @@ def graph_time_ms(fn: Callable[[], object], device: torch.device, warmup_ms: flo
         raise ValueError(f"graph_time_ms needs a CUDA device, got {device}")
     import triton.testing
 
+    current = torch.cuda.current_stream(device)
     side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
+    side.wait_stream(current)
     with torch.cuda.stream(side):
         fn()
         fn()
-    torch.cuda.current_stream(device).wait_stream(side)
+    current.wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    finally:
+        # A capture that fails at its end (e.g. fn synchronised) can leave the capture stream current:
+        # every later call of the study would then run on it.
+        torch.cuda.set_stream(current)
     try:
         return float(triton.testing.do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
     finally:

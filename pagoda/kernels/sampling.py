@@ -73,7 +73,8 @@ import triton.language as tl
 from pagoda.kernels._launch import cdiv, launch, next_pow2
 from pagoda.kernels.sampling_kth import _count_cut, _kth_value_bits, _peeled_floor_set  # noqa: F401
 from pagoda.kernels.sampling_race import (_exp1, _exp_at, _exp_run, _in_set, _philox_chunk, _philox_state,  # noqa: F401
-                                          _race_fold, _race_key, _race_winner, _source_row)
+                                          _race_fold, _race_key, _race_winner, _source_row,
+                                          _chunk_row_quads)
 
 MAX_ROUNDS = 34
 
@@ -204,7 +205,10 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
     row = _source_row(rows_ptr, pid, num_rows, HAS_ROWS)
     base = x_ptr + row * stride_x
     seed, off = _philox_state(pid, seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val, SEED_PTR)
-    rng_base = off + pid.to(tl.int64) * ((vocab + 3) // 4)
+    if FROM_LOGITS:   # per-token numbers in whole chunks (`_philox_chunk`)
+        rng_base = off + pid.to(tl.int64) * _chunk_row_quads(vocab, BLOCK)
+    else:             # `_exp_at` / `_exp_run`: indices below vocab only
+        rng_base = off + pid.to(tl.int64) * ((vocab + 3) // 4)
     lanes = tl.arange(0, LANES)
 
     if FROM_LOGITS:

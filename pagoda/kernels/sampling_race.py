@@ -45,6 +45,14 @@ def _philox_state(pid, seed_ptr, seed_stride, offset_ptr, offset_stride, seed_va
 
 
 @triton.jit
+def _chunk_row_quads(vocab, BLOCK: tl.constexpr):
+    """Philox counters one row takes in the `_philox_chunk` layout: BLOCK / 4 per BLOCK-token chunk, the last,
+    partial chunk included (its tokens use counters up to the chunk's end). Rows must be this far apart:
+    ``ceil(vocab / 4)`` let a row's last tokens share counters, hence numbers, with the next row's first."""
+    return ((vocab + BLOCK - 1) // BLOCK) * (BLOCK // 4)
+
+
+@triton.jit
 def _exp1(r):
     """Exp(1) from uint32 ``r``: ``E = -log(1 - w)`` with ``w = (2^31 - (r >> 1)) / 2^31`` in (0, 1].
 

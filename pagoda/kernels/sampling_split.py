@@ -6,8 +6,8 @@ reads ~28 GB/s on the H200 whatever the prefetch depth (`benchmarks/sampling_b1_
 row is cut into ``S`` slices of whole ``BLOCK``-token steps, one program per (output row, slice):
 
     slice program   exponential race over its tokens: key ``-E_t / p_t`` (larger wins), E_t ~ Exp(1) from
-                    Philox (`_philox_chunk` layout: token t takes word ``(t % BLOCK) // (BLOCK/4)`` of
-                    counter ``rng_base + t // 4``-style quads, stage 0), over ``{p > 0}``; writes its best
+                    Philox (`_philox_chunk` layout, stage 0; rows `_chunk_row_quads` counters apart), over
+                    ``{p > 0}``; writes its best
                     (key, token) and its largest p, then takes a ticket (atomic add, acq_rel, gpu scope).
     last program    (the one whose ticket is S - 1) reads the S partials from L2 (.cg), zeroes the ticket
                     for the next call (graph replays start clean), and picks the best key: an exact draw
@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 
 from pagoda.kernels._launch import cdiv, launch
-from pagoda.kernels.sampling_race import (_exp1, _in_set, _philox_chunk, _philox_state, _race_fold, _race_key,
-                                          _race_winner, _source_row)
+from pagoda.kernels.sampling_race import (_chunk_row_quads, _exp1, _in_set, _philox_chunk, _philox_state,
+                                          _race_fold, _race_key, _race_winner, _source_row)
 
 BLOCK = 1024          # tokens per loop step of a slice program (4 warps: 2 tokens per thread per Philox word)
 MIN_SLICE = 4096      # tokens per slice at least: below that a program's fixed cost outweighs its share
@@ -78,7 +78,7 @@ def _split_sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, min_p_pt
     row = _source_row(rows_ptr, pid, num_rows, HAS_ROWS)
     base = x_ptr + row * stride_x
     seed, off = _philox_state(pid, seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val, SEED_PTR)
-    rng_base = off + pid.to(tl.int64) * ((vocab + 3) // 4)
+    rng_base = off + pid.to(tl.int64) * _chunk_row_quads(vocab, BLOCK)
     lo = sl * slice_len
     hi = tl.minimum(lo + slice_len, vocab)
     key, tok, pmax = _race_range(base, seed, rng_base, lo, hi, 1, 0, BLOCK)
@@ -114,11 +114,22 @@ def _split_sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, min_p_pt
 
 
 _workspaces: dict = {}   # device -> (part_key, part_idx, part_max, ticket), grown on demand
+_retired: list = []      # outgrown workspaces: a captured graph may still launch with them, so never freed
+
+
+def ready(device: torch.device, batch: int) -> bool:
+    """Whether a workspace for ``batch`` rows exists on ``device``. Under CUDA-graph capture one must: made
+    there, its zeroed tickets would be a graph node that only a replay runs (the ops layer then keeps the
+    one-program kernel)."""
+    ws = _workspaces.get(device)
+    return ws is not None and ws[3].shape[0] >= batch
 
 
 def _workspace(device: torch.device, batch: int):
     ws = _workspaces.get(device)
     if ws is None or ws[3].shape[0] < batch:
+        if ws is not None:
+            _retired.append(ws)
         rows = max(batch, 64)
         ws = _workspaces[device] = (
             torch.empty(rows * MAX_SLICES, dtype=torch.float32, device=device),
@@ -139,7 +150,8 @@ def split_sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: 
 
     x ``[num_rows, vocab]`` probabilities (last dim contiguous); out ``[batch]`` int32/int64; valid
     ``[batch]`` bool; rows optional int ``[batch]``; min_p a float, a float32 ``[batch]`` tensor or None;
-    seed/offset ints or int64 device tensors of length 1 or batch (as `sampling.sample`)."""
+    seed/offset ints or int64 device tensors of length 1 or batch (as `sampling.sample`). Inside a CUDA-graph
+    capture the workspace must already exist (`ready`): call once outside the capture first."""
     from pagoda.kernels.sampling import _seed_args
 
     batch, vocab = out.shape[0], x.shape[1]
@@ -147,6 +159,8 @@ def split_sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: 
         return
     slice_len = cdiv(cdiv(vocab, max(1, min(slices, MAX_SLICES))), BLOCK) * BLOCK
     n = cdiv(vocab, slice_len)
+    if x.is_cuda and torch.cuda.is_current_stream_capturing() and not ready(x.device, batch):
+        raise RuntimeError("split_sample: its workspace is made outside CUDA-graph capture (run one call first)")
     part_key, part_idx, part_max, ticket = _workspace(x.device, batch)
     scalar = not isinstance(min_p, torch.Tensor)
     launch(

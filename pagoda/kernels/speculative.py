@@ -10,7 +10,8 @@ import triton.language as tl
 
 from pagoda.kernels._launch import launch, next_pow2
 from pagoda.kernels.sampling import _seed_args, launch_config
-from pagoda.kernels.sampling_race import _exp1, _philox_chunk, _philox_state, _race_fold, _race_key, _race_winner
+from pagoda.kernels.sampling_race import (_chunk_row_quads, _exp1, _philox_chunk, _philox_state, _race_fold,
+                                          _race_key, _race_winner)
 
 
 @triton.jit
@@ -28,9 +29,10 @@ def _chain_spec_kernel(q_ptr, d_ptr, p_ptr, out_ptr, acc_ptr, emit_ptr, seed_ptr
     tok = tl.minimum(tl.maximum(tok, 0), vocab - 1).to(tl.int64)
     qv = tl.load(q_ptr + b * s_qb + i * s_qn + tok, mask=live, other=0.0).to(tl.float32)
     pv = tl.load(p_ptr + b * s_pb + i * s_pn + tok, mask=live, other=0.0).to(tl.float32)
-    # Counters [off, off + B*Vq) draw tokens (Vq = ceil(V/4)); the next B*n draw the accept tests.
+    # Counters [off, off + B*Vq) draw tokens (Vq = `_chunk_row_quads`); the next B*n draw the accept tests.
     nb = tl.num_programs(0).to(tl.int64)
-    u_test = tl.rand(seed, off + nb * ((vocab + 3) // 4) + b * n_spec + i)
+    vq = _chunk_row_quads(vocab, BLOCK)
+    u_test = tl.rand(seed, off + nb * vq + b * n_spec + i)
     passed = live & (u_test * qv < pv)
     accepted = tl.sum(passed.to(tl.int32), 0)
     emitted = tl.min(tl.where(live & ~passed, i, n_spec), 0)
@@ -39,7 +41,7 @@ def _chain_spec_kernel(q_ptr, d_ptr, p_ptr, out_ptr, acc_ptr, emit_ptr, seed_ptr
     has_q = emitted < n_spec
     p_row = p_ptr + b * s_pb + emitted.to(tl.int64) * s_pn
     q_row = q_ptr + b * s_qb + emitted.to(tl.int64) * s_qn
-    rng_base = off + b * ((vocab + 3) // 4)
+    rng_base = off + b * vq
     Q: tl.constexpr = BLOCK // 4
     offs = tl.arange(0, Q)
     key_r = tl.full((Q,), float("-inf"), tl.float32)
@@ -73,8 +75,8 @@ def chain_speculative(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor, 
                       block: int | None = None) -> None:
     """Launch chain speculative verification. draft_probs ``[B, n, V]``, draft_token_ids int ``[B, n]``,
     target_probs ``[B, n+1, V]`` (last dims contiguous); writes out int32 ``[B, n+1]``, accepted and
-    emitted int32 ``[B]``. Philox counters: tokens as in `_philox_chunk` from ``offset + b*ceil(V/4)``,
-    accept tests ``offset + B*ceil(V/4) + b*n + i``."""
+    emitted int32 ``[B]``. Philox counters: tokens as in `_philox_chunk` from ``offset + b*Vq``, accept tests
+    ``offset + B*Vq + b*n + i``, with ``Vq = ceil(V / BLOCK) * BLOCK / 4`` (`_chunk_row_quads`)."""
     b, n = draft_token_ids.shape
     vocab = target_probs.shape[-1]
     if b == 0:

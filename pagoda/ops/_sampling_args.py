@@ -32,6 +32,9 @@ def check_indices(indices, num_rows: int, device) -> int:
     _checks.check_tensor("indices", indices, ndim=1, dtypes=INDEX_DTYPES)
     if indices.device != device:
         raise ValueError(f"indices must be on {device}, got {indices.device}")
+    if num_rows == 0 and indices.numel():
+        # The kernels clamp an index into [0, num_rows): with no row at all there is nothing to clamp to.
+        raise ValueError(f"indices selects {indices.numel()} row(s) of an input with no rows")
     if not indices.is_cuda and indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_rows):
         raise ValueError(f"indices must lie in [0, {num_rows}), got values in "
                          f"[{int(indices.min())}, {int(indices.max())}]")

@@ -64,7 +64,9 @@ def _split_slices(x, batch, top_k, top_p, from_logits, k_first) -> int:
     from pagoda.kernels import sampling_split
 
     n = sampling_split.num_slices(x.shape[1], batch, _kernels()[0].sm_count(x.device))
-    return n if n >= MIN_SPLIT else 0
+    if n < MIN_SPLIT or (torch.cuda.is_current_stream_capturing() and not sampling_split.ready(x.device, batch)):
+        return 0
+    return n
 
 
 def _launch(x, indices, batch, generator, seed, offset, return_valid, top_k=None, top_p=None, min_p=None,

@@ -39,7 +39,7 @@ warnings.filterwarnings("ignore", "divide by zero", RuntimeWarning)
 def _dump_exponentials(out_ptr, seed, off, vocab, BLOCK: tl.constexpr):
     # The logits race's token -> (Philox counter, lane) map, chunk by chunk (must use the same BLOCK).
     pid = tl.program_id(0)
-    base = off + pid.to(tl.int64) * ((vocab + 3) // 4)
+    base = off + pid.to(tl.int64) * K._chunk_row_quads(vocab, BLOCK)
     Q: tl.constexpr = BLOCK // 4
     offs = tl.arange(0, Q)
     for start in range(0, vocab, BLOCK):
@@ -312,6 +312,21 @@ def test_top_k_first_fused_follows_the_law():
         exp = torch.stack([n * want[g].sum() for g in groups])
         chi2 = (((obs - exp) ** 2) / exp).sum()
         assert chi2 < 20.0, (k, obs, exp)
+
+
+def test_rows_draw_independent_numbers():
+    """Row 0's last tokens and row 1's first ones: with a row stride of ceil(vocab / 4) counters (the bug before
+    `_chunk_row_quads`) tokens 18, 19 of row 0 took the numbers of tokens 0, 1 of row 1 (vocab 21, BLOCK 16),
+    so two rows with those pairs tied always chose alike."""
+    x = torch.full((2, 21), float("-inf"))
+    x[0, 18:20] = 0.0
+    x[1, 0:2] = 0.0
+    same = 0
+    for seed in range(40):
+        out, valid = _run(x, seed=seed, offset=0, block=16, from_logits=True)
+        assert valid.all() and out[0] in (18, 19) and out[1] in (0, 1)
+        same += int((out[0] - 18) == out[1])
+    assert 8 <= same <= 32, same                     # independent: Binomial(40, 1/2)
 
 
 def test_logits_race_is_gumbel_max():

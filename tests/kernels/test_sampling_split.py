@@ -70,6 +70,22 @@ def test_min_p_keeps_to_the_set_and_renormalises_with_fallback():
 
 
 @interp
+def test_rows_draw_independent_numbers():
+    """Two output rows with their mass tied on the tail of row 0 and the head of row 1, where a row stride of
+    ceil(vocab / 4) counters made them share numbers (vocab BLOCK + 100: the tail chunk's counters)."""
+    vocab = S.BLOCK + 100
+    x = torch.zeros(2, vocab)
+    x[0, S.BLOCK + 70], x[0, S.BLOCK + 71] = 0.5, 0.5      # counters past ceil(vocab / 4) in the old layout
+    x[1, 45], x[1, 46] = 0.5, 0.5                          # ... whose words those were: 256 + q - 281 = q - 25
+    same = 0
+    for seed in range(30):
+        out, valid = _run(x, seed=seed, slices=2)
+        assert valid.all()
+        same += int((out[0] - S.BLOCK - 70) == (out[1] - 45))
+    assert 5 <= same <= 25, same
+
+
+@interp
 def test_degenerate_rows_and_fp16():
     vocab = S.BLOCK + 5
     x = torch.zeros(3, vocab)

@@ -332,6 +332,7 @@ def test_nan_rows_detected_or_harmless(device):
     (lambda p: S.sampling_from_probs(p[:, :0]), ValueError, "probs"),
     (lambda p: S.sampling_from_probs(p, indices=torch.zeros(2)), TypeError, "indices"),
     (lambda p: S.sampling_from_probs(p, indices=torch.tensor([0, 4])), ValueError, "indices"),
+    (lambda p: S.sampling_from_probs(p[:0], indices=torch.tensor([0])), ValueError, "indices"),
     (lambda p: S.sampling_from_probs(p, seed=1), ValueError, "seed"),
     (lambda p: S.sampling_from_probs(p, generator=3), TypeError, "generator"),
     (lambda p: S.top_k_top_p_sampling_from_probs(p, 2, 0.5, filter_apply_order="both"), ValueError,
