@@ -72,7 +72,9 @@ def _split_slices(x, batch, top_k, top_p, from_logits, k_first) -> int:
 def _launch(x, indices, batch, generator, seed, offset, return_valid, top_k=None, top_p=None, min_p=None,
             from_logits=False, out_dtype=None, k_first=False):
     _k = _kernels()[0]
-    s, o = _a.philox_seed_offset(generator, x.device, batch, batch * x.shape[1], seed, offset)
+    # Counters a call may use: per row ceil(vocab/4) (`_exp_at`) or whole 16+-token chunks of 4 counters each
+    # (`_chunk_row_quads`: at most vocab for vocab >= 16, 4 below): max(vocab, 4) a row covers both.
+    s, o = _a.philox_seed_offset(generator, x.device, batch, batch * max(x.shape[1], 4), seed, offset)
     dtype = out_dtype or (indices.dtype if indices is not None else torch.int32)
     out = torch.empty(batch, dtype=dtype, device=x.device)
     valid = torch.empty(batch, dtype=torch.bool, device=x.device)
@@ -306,7 +308,7 @@ def chain_speculative_sampling(draft_probs, draft_token_ids, target_probs, maybe
     from pagoda.kernels.speculative import chain_speculative
 
     dev = draft_probs.device
-    s, o = _a.philox_seed_offset(generator, dev, b, b * vocab + b * n, seed, offset)
+    s, o = _a.philox_seed_offset(generator, dev, b, b * max(vocab, 4) + b * n, seed, offset)   # as in _launch
     out = torch.empty(b, n + 1, dtype=torch.int32, device=dev)
     accepted = torch.empty(b, dtype=torch.int32, device=dev)
     emitted = torch.empty(b, dtype=torch.int32, device=dev)
