@@ -19,15 +19,16 @@ bench)
   timeout 220 python3 -m pagoda bench sampling --out $OUT/res 2>&1 | grep -v "^sampling \[" | tail -45
   ;;
 next)
-  # For the next session's first call (~5 min): the GPU tests of what session 6 changed after its last GPU
-  # runs (the sampler's _pred_over_c helper, paged_unsupported, the varlen cu_seqlens read), the paged grid,
-  # the dispatch probe. Then run the "sampling" stage in a call of its own (issue 4's same-run table).
+  # For the next session's first call (~4 min): the GPU tests of what session 7 changed without a GPU run (the
+  # Philox row stride of the logits race / speculative / split kernels, the split-row sampler, the sampling
+  # helpers), the HF integration tests (test_gpu_logits_close_to_sdpa[static] failed once in session 7), then
+  # the batch-1 sampler probe with the split path. Then "sampling" in a call of its own (with
+  # PAGODA_SAMPLING_SPLIT=1 if the probe shows the split path winning).
   mkdir -p $OUT/res
-  timeout -k 5 200 python3 -m pytest tests/ops/test_sampling.py tests/kernels/test_attention_hopper_paged.py \
-    tests/ops/test_prefill.py tests/ops/test_attention.py tests/kernels/test_attention_hopper_gpu.py -m gpu -q \
-    -p no:cacheprovider -n 8 --timeout 150 > $OUT/gpu-tests.log 2>&1; tail -3 $OUT/gpu-tests.log
-  timeout -k 5 150 python3 -m pagoda bench paged --out $OUT/res 2>&1 | grep -v "^paged \[" | tail -8
-  timeout -k 5 90 python3 benchmarks/paged_probe.py 2>&1 | tee $OUT/paged-probe.txt | tail -16
+  timeout -k 5 240 python3 -m pytest tests/ops/test_sampling.py tests/kernels/test_sampling_split.py tests/integrations \
+    tests/ops/test_decode_dense.py tests/bench/test_bench_sampling.py -m gpu -q -p no:cacheprovider -n 8 --timeout 200 \
+    > $OUT/gpu-tests.log 2>&1; tail -25 $OUT/gpu-tests.log
+  timeout -k 5 120 python3 benchmarks/sampling_b1_probe.py 2>&1 | tee $OUT/sampling-b1-probe.txt | tail -8
   ;;
 paged)
   # Session 6's paged Gluon prefill (attention_hopper_paged): its GPU tests, the paged prefill GPU tests it now
