@@ -19,10 +19,7 @@ from pagoda.bench import e2e
 
 def main():
     batch = int(sys.argv[1]) if len(sys.argv) > 1 else 128
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    model = e2e.build_model("qwen3-0.6b" if cuda else "tiny", device, torch.bfloat16 if cuda else torch.float32)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    device, model, sync = e2e.probe_model()   # qwen3-0.6b shape on CUDA, the tiny preset on the CPU
 
     def timed(impl):
         e2e._set_impl(model, impl)

@@ -29,10 +29,7 @@ def _table(prof, keys, rows):
 
 def main():
     batch = int(sys.argv[1]) if len(sys.argv) > 1 else 128
-    cuda = torch.cuda.is_available()   # without CUDA (a smoke run of this script): the tiny preset on the CPU
-    device = torch.device("cuda" if cuda else "cpu")
-    model = e2e.build_model("qwen3-0.6b" if cuda else "tiny", device, torch.bfloat16 if cuda else torch.float32)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    device, model, sync = e2e.probe_model()   # qwen3-0.6b shape on CUDA, the tiny preset on the CPU
     for impl in ("sdpa", "pagoda"):
         e2e._set_impl(model, impl)
         run = e2e._generate_fn(model, impl, batch, 128, 32, "dynamic", "none", device)
@@ -44,7 +41,9 @@ def main():
         wall = time.perf_counter() - t0
         print(f"=== {impl}: batch {batch}, one generate (prompt 128, 32 new tokens) {wall * 1e3:.1f} ms, "
               f"{batch * 32 / wall:.0f} tokens/s", flush=True)
-        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=acts) as prof:
             run()
             sync()

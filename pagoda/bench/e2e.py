@@ -157,6 +157,16 @@ def build_model(name_or_path: str, device: torch.device, dtype: torch.dtype):
     return model.eval()
 
 
+def probe_model():
+    """(device, model, sync) for the probe scripts of `benchmarks/` (e2e_profile, e2e_order_probe,
+    e2e_host_cprofile): the qwen3-0.6b shape in bf16 on CUDA; without CUDA (a smoke run) the tiny preset in
+    fp32 on the CPU. ``sync()`` waits for the device (nothing on the CPU)."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    model = build_model("qwen3-0.6b" if cuda else "tiny", device, torch.bfloat16 if cuda else torch.float32)
+    return device, model, (torch.cuda.synchronize if cuda else (lambda: None))
+
+
 def _set_impl(model, impl: str) -> None:
     if impl == "pagoda":
         from pagoda.integrations.transformers import register

@@ -212,8 +212,7 @@ def run_case(case: SamplingCase, names: list[str], device: torch.device, dtype: 
                 except Exception as exc:  # not capturable: the row keeps its eager figure only
                     graph_fns.pop(id(row))
                     row["graph_error"] = f"{type(exc).__name__}: {exc}"[:200]
-                    if cuda:
-                        torch.cuda.synchronize(device)
+                    torch.cuda.synchronize(device)
     floor_us = floor.get("graph_us") or floor["eager_us"]
     for row in rows:
         row.update(floor_us=floor_us, floor_eager_us=floor["eager_us"], floor_graph_us=floor.get("graph_us"),

@@ -73,8 +73,8 @@ import triton.language as tl
 from pagoda.kernels._launch import cdiv, launch, next_pow2
 from pagoda.kernels.sampling_kth import _count_cut, _kth_value_bits, _peeled_floor_set  # noqa: F401
 from pagoda.kernels.sampling_race import (_exp1, _exp_at, _exp_run, _in_set, _philox_chunk, _philox_state,  # noqa: F401
-                                          _race_fold, _race_key, _race_winner, _source_row,
-                                          _chunk_row_quads)
+                                          _race_fold, _race_key, _race_winner, _row_param,
+                                          _source_row, _chunk_row_quads)
 
 MAX_ROUNDS = 34
 
@@ -189,8 +189,8 @@ def _logits_race(base, seed, rng_base, vocab, BLOCK: tl.constexpr):
 def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top_p_ptr, min_p_ptr, floor_ptr,
                    top_k_val, top_p_val, min_p_val,
                    seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val, vocab, num_rows,
-                   SCALAR_PARAMS: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr,
-                   HAS_MIN_P: tl.constexpr, HAS_FLOOR: tl.constexpr, K_FIRST: tl.constexpr,
+                   SCALAR_PARAMS: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_TOP_K: tl.constexpr,
+                   HAS_TOP_P: tl.constexpr,                   HAS_MIN_P: tl.constexpr, HAS_FLOOR: tl.constexpr, K_FIRST: tl.constexpr,
                    FROM_LOGITS: tl.constexpr, SEED_PTR: tl.constexpr, BLOCK: tl.constexpr, NCP: tl.constexpr,
                    ROUNDS: tl.constexpr):
     """HAS_FLOOR: only tokens with ``p >= floor[i]`` exist for row i (its total, max, race and
@@ -227,7 +227,7 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
             # whole top-k set lies in C and C restricted to it is exactly pass 0 with a0 = b_k (its
             # third values are 0): no further pass. Otherwise the exact k-th value costs pass 1 (rarely
             # more) and pass 0 is repeated over {p >= b_k}.
-            kf = (top_k_val + tl.zeros((), tl.int32)) if SCALAR_PARAMS else tl.load(top_k_ptr + pid)
+            kf = _row_param(top_k_ptr, top_k_val, pid, SCALAR_PARAMS, tl.int32)
             floor_bits = tl.full((), 1, tl.int32)
             if (kf > 0) & (kf < vocab):
                 one = tl.full((LANES,), 1, tl.int32)
@@ -262,17 +262,16 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
             p_on = k_on
             thr_bits = 0
             if HAS_TOP_K:
-                k = (top_k_val + tl.zeros((), tl.int32)) if SCALAR_PARAMS else tl.load(top_k_ptr + pid)
+                k = _row_param(top_k_ptr, top_k_val, pid, SCALAR_PARAMS, tl.int32)
                 k_on = (k > 0) & (k < vocab)  # disabled: keep every token
             if HAS_TOP_P:
-                top_p = (top_p_val + tl.zeros((), tl.float32)) if SCALAR_PARAMS else tl.load(top_p_ptr + pid).to(tl.float32)
+                top_p = _row_param(top_p_ptr, top_p_val, pid, SCALAR_PARAMS, tl.float32)
                 p_on = top_p < 1.0
             f_on = k_on | p_on  # an active top-k or top-p: b is not known before the search
             target = top_p * total
             if HAS_MIN_P:
                 # Capped at the max: min_p > 1 keeps the most likely token(s), like every filter here.
-                mp = (min_p_val + tl.zeros((), tl.float32)) if SCALAR_PARAMS else tl.load(min_p_ptr + pid).to(tl.float32)
-                thr = tl.minimum(mp * pmax, pmax)
+                thr = tl.minimum(_row_param(min_p_ptr, min_p_val, pid, SCALAR_PARAMS, tl.float32) * pmax, pmax)
                 thr_bits = thr.to(tl.int32, bitcast=True)
             # t_C = largest t with P over C (lower bounds of count/mass): b >= t_C. Bisection on bits
             # in (0, bits(pmax)]: lo keeps P true ("0" stands for "no bound"), hi keeps it false.
@@ -419,8 +418,8 @@ def sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.
     ``from_logits`` (no filters), logits; last dim contiguous. out: ``[batch]`` int32/int64;
     valid: ``[batch]`` bool. rows: optional int ``[batch]`` mapping outputs to rows of x.
     top_k int32 / top_p, min_p float32: ``[batch]`` tensors, Python numbers (the same for every row: passed
-    as kernel arguments, so no fill kernel runs, not even inside a captured graph) or None. floor: float32 ``[batch]`` or None:
-    restrict row i to ``{p >= floor[i]}`` before everything else (see `top_k_floor`). k_first: "top_k_first"
+    as kernel arguments, so no fill kernel runs, not even inside a captured graph) or None. floor: float32
+    ``[batch]`` or None: restrict row i to ``{p >= floor[i]}`` before everything else (see `top_k_floor`). k_first: "top_k_first"
     filtering (needs top_k and top_p, no floor): top-p over the renormalised top-k set, the k-th value
     found in the kernel. seed/offset: ints or int64 device tensors of length 1 or batch (graph-capturable).
     """
@@ -435,9 +434,12 @@ def sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.
         params = [torch.full((batch,), v, dtype=torch.int32 if i == 0 else torch.float32, device=x.device)
                   if v is not None and not isinstance(v, torch.Tensor) else v for i, v in enumerate(params)]
     top_k, top_p, min_p = params
-    # top_k >= vocab keeps every token, as the clamp in the kernel does for tensors; stays an int32 argument.
-    vals = [min(int(top_k), vocab) if scalar and top_k is not None else 0, float(top_p) if scalar and top_p is not None else 0.0,
-            float(min_p) if scalar and min_p is not None else 0.0]
+    # Scalar values (0 where absent); top_k >= vocab keeps every token, as the kernel's clamp of a tensor value
+    # does, and stays an int32 argument.
+    vals = [0, 0.0, 0.0]
+    if scalar:
+        vals = [min(int(top_k), vocab) if top_k is not None else 0, *(float(v) if v is not None else 0.0
+                                                                       for v in (top_p, min_p))]
     seed_args = _seed_args(seed, offset, out)
     block, warps = launch_config(vocab, batch, x.device, block)
     dummy = out
@@ -446,7 +448,7 @@ def sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.
         x, x.stride(0), rows if rows is not None else dummy, out, valid.view(torch.int8),
         *(v if isinstance(v, torch.Tensor) else dummy for v in params), floor if floor is not None else dummy,
         *vals, *seed_args[:6], vocab, x.shape[0],
-        SCALAR_PARAMS=scalar, HAS_ROWS=rows is not None, HAS_TOP_K=top_k is not None and not k_first, HAS_TOP_P=top_p is not None,
-        HAS_MIN_P=min_p is not None, HAS_FLOOR=floor is not None, K_FIRST=k_first, FROM_LOGITS=from_logits,
+        SCALAR_PARAMS=scalar, HAS_ROWS=rows is not None, HAS_TOP_K=top_k is not None and not k_first,
+        HAS_TOP_P=top_p is not None, HAS_MIN_P=min_p is not None, HAS_FLOOR=floor is not None, K_FIRST=k_first, FROM_LOGITS=from_logits,
         SEED_PTR=seed_args[6],
         BLOCK=block, NCP=next_pow2(cdiv(vocab, block)), ROUNDS=MAX_ROUNDS, num_warps=warps)

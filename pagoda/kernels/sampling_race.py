@@ -31,6 +31,17 @@ def _source_row(rows_ptr, pid, num_rows, HAS_ROWS: tl.constexpr):
 
 
 @triton.jit
+def _row_param(ptr, val, pid, SCALAR: tl.constexpr, DTYPE: tl.constexpr):
+    """Output ``pid``'s value of a filter parameter (top_k / top_p / min_p) as DTYPE: the scalar kernel argument
+    ``val`` (SCALAR: the same for every row) or ``ptr[pid]``."""
+    if SCALAR:
+        v = val + tl.zeros((), DTYPE)
+    else:
+        v = tl.load(ptr + pid).to(DTYPE)
+    return v
+
+
+@triton.jit
 def _philox_state(pid, seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val,
                   SEED_PTR: tl.constexpr):
     """(seed, int64 offset) of output ``pid``: from int64 device tensors (length 1 or batch: the

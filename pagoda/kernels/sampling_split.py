@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 
 from pagoda.kernels._launch import cdiv, launch
-from pagoda.kernels.sampling_race import (_chunk_row_quads, _exp1, _in_set, _philox_chunk, _philox_state,
-                                          _race_fold, _race_key, _race_winner, _source_row)
+from pagoda.kernels.sampling_race import (_chunk_row_quads, _exp1, _in_set, _philox_state, _race_fold, _race_key,
+                                          _race_winner, _row_param, _source_row)
 
 BLOCK = 1024          # tokens per loop step of a slice program (4 warps: 2 tokens per thread per Philox word)
 MIN_SLICE = 4096      # tokens per slice at least: below that a program's fixed cost outweighs its share
@@ -46,14 +46,11 @@ def _race_range(base, seed, rng_base, lo, hi, thr_bits, STAGE: tl.constexpr, BLO
     key_v = tl.full((Q,), float("-inf"), tl.float32)
     idx_v = tl.full((Q,), -1, tl.int32)
     mx = tl.zeros((Q,), tl.float32)
+    zero = (offs * 0).to(tl.uint32)
     for start in range(lo, hi, BLOCK):
-        if STAGE == 0:
-            r0, r1, r2, r3 = _philox_chunk(seed, rng_base, start, offs)
-        else:
-            c = rng_base + start // 4 + offs
-            zero = (offs * 0).to(tl.uint32)
-            r0, r1, r2, r3 = tl.philox(seed, c.to(tl.uint32), (c >> 32).to(tl.uint32), zero + STAGE, zero)
-        rs = (r0, r1, r2, r3)
+        # `_philox_chunk`'s counters with the stage as third word (stage 0 gives exactly `_philox_chunk`).
+        c = rng_base + start // 4 + offs
+        rs = tl.philox(seed, c.to(tl.uint32), (c >> 32).to(tl.uint32), zero + STAGE, zero)
         for j in tl.static_range(4):
             cols = start + j * Q + offs
             inb = cols < hi
@@ -100,8 +97,7 @@ def _split_sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, min_p_pt
         accepted = found
         if HAS_MIN_P:
             m = tl.max(maxes, 0)
-            mp = (min_p_val + tl.zeros((), tl.float32)) if SCALAR_PARAMS else tl.load(min_p_ptr + pid).to(tl.float32)
-            thr = tl.minimum(mp * m, m)
+            thr = tl.minimum(_row_param(min_p_ptr, min_p_val, pid, SCALAR_PARAMS, tl.float32) * m, m)
             thr_bits = tl.maximum(thr.to(tl.int32, bitcast=True), 1)
             p_c = tl.load(base + tl.maximum(cand, 0)).to(tl.float32)
             if found & ~_in_set(p_c, thr_bits):

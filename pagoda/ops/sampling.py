@@ -41,13 +41,13 @@ _kernel_modules = None
 
 
 def _kernels():
-    """(`pagoda.kernels.sampling`, `pagoda.kernels.sampling_filters`): imported at the first CUDA call
-    (the CPU path needs no Triton), then kept (an import statement per call costs ~1 µs)."""
+    """(`pagoda.kernels.sampling`, `pagoda.kernels.sampling_filters`, `pagoda.kernels.sampling_split`): imported
+    at the first CUDA call (the CPU path needs no Triton), then kept (an import statement per call costs ~1 µs)."""
     global _kernel_modules
     if _kernel_modules is None:
-        from pagoda.kernels import sampling, sampling_filters
+        from pagoda.kernels import sampling, sampling_filters, sampling_split
 
-        _kernel_modules = (sampling, sampling_filters)
+        _kernel_modules = (sampling, sampling_filters, sampling_split)
     return _kernel_modules
 
 
@@ -61,9 +61,8 @@ def _split_slices(x, batch, top_k, top_p, from_logits, k_first) -> int:
     """Slices per row for the split-row sampler, 0 when the call keeps the one-program kernel."""
     if not SPLIT_ROWS or from_logits or k_first or top_k is not None or top_p is not None:
         return 0
-    from pagoda.kernels import sampling_split
-
-    n = sampling_split.num_slices(x.shape[1], batch, _kernels()[0].sm_count(x.device))
+    sampling, _, sampling_split = _kernels()
+    n = sampling_split.num_slices(x.shape[1], batch, sampling.sm_count(x.device))
     if n < MIN_SPLIT or (torch.cuda.is_current_stream_capturing() and not sampling_split.ready(x.device, batch)):
         return 0
     return n
@@ -80,9 +79,7 @@ def _launch(x, indices, batch, generator, seed, offset, return_valid, top_k=None
     valid = torch.empty(batch, dtype=torch.bool, device=x.device)
     slices = _split_slices(x, batch, top_k, top_p, from_logits, k_first)
     if slices:
-        from pagoda.kernels import sampling_split
-
-        sampling_split.split_sample(x, out, valid, indices, min_p, s, o, slices)
+        _kernels()[2].split_sample(x, out, valid, indices, min_p, s, o, slices)
     else:
         _k.sample(x, out, valid, indices, top_k, top_p, min_p, s, o, from_logits, k_first=k_first)
     return (out, valid) if return_valid else out
