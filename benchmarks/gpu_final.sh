@@ -29,6 +29,10 @@ next)
     tests/ops/test_decode_dense.py tests/bench/test_bench_sampling.py -m gpu -q -p no:cacheprovider -n 8 --timeout 200 \
     > $OUT/gpu-tests.log 2>&1; tail -25 $OUT/gpu-tests.log
   timeout -k 5 120 python3 benchmarks/sampling_b1_probe.py 2>&1 | tee $OUT/sampling-b1-probe.txt | tail -8
+  # Issue 5: host time of each attention call inside real generates (sdpa / sdpa under another name / pagoda,
+  # with and without cyclic GC), alternating in one process.
+  PAGODA_AUTOTUNE=0 timeout -k 5 170 python3 benchmarks/e2e_host_insitu.py 128 4 2>&1 | tee $OUT/e2e-host-insitu.txt \
+    | tail -9
   ;;
 paged)
   # Session 6's paged Gluon prefill (attention_hopper_paged): its GPU tests, the paged prefill GPU tests it now
