@@ -9,7 +9,9 @@ Every attention call of the model then runs through `pagoda.flash_attn_func` or
 
 - decode (one query token that sees every cached key, no window or soft cap): `pagoda.ops.decode_dense`,
   the split-KV decode kernel on HF's cache as it is (one page per sequence; GQA heads share each key
-  read; page table built once per step), with less host work than a `flash_attn_func` call.
+  read; page table built once per step), with less host work than a `flash_attn_func` call. Without a
+  mask (unpadded batches) `decode_hf` replays the step's first launch for every later layer with only
+  the tensors swapped.
 - no mask (prefill of unpadded sequences): `flash_attn_func` on the tensors as HF hands them
   (strided views, nothing copied). HF drops the mask of a prefill into an empty static cache too; the
   keys past the prompt are then empty slots and are cut off, as HF's SDPA path does.
@@ -32,7 +34,7 @@ import weakref
 import torch
 
 from pagoda.ops.attention import flash_attn_func, flash_attn_varlen_func
-from pagoda.ops.decode_dense import decode_dense
+from pagoda.ops.decode_dense import decode_dense, decode_hf
 
 __all__ = ["register", "pagoda_attention_forward", "ATTN_IMPLEMENTATION"]
 
@@ -170,6 +172,12 @@ def pagoda_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
 
     Returns ``(attn_output [b, q, hq, d], None)`` (attention weights are never materialised).
     """
+    if attention_mask is None and query.shape[2] == 1 and not sliding_window and not softcap and not (
+            dropout and module.training):
+        # Decode without a mask (generate's steps over unpadded batches): the least host work per layer.
+        out = decode_hf(query, key, value, scaling)
+        if out is not None:
+            return out, None
     if dropout and module.training:
         raise NotImplementedError("pagoda attention is inference-only: dropout is not supported in training mode")
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))

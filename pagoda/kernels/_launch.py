@@ -54,19 +54,25 @@ def _enabled() -> bool:
 _ENABLED = _enabled()
 
 
+def _knobs_runtime():
+    try:
+        from triton import knobs
+    except ImportError:  # Triton < 3.4: no knobs (and no fast path)
+        return None
+    return knobs.runtime
+
+
+_RUNTIME = _knobs_runtime()
+
+
 def _no_hooks() -> bool:
     """No launch hook installed (a profiler's hooks need the normal path). Triton 3.6 keeps hooks in
     (possibly empty) ``HookChain`` objects, older versions as None or a function."""
-    runtime = _knobs_runtime()
-    enter, exit_ = runtime.launch_enter_hook, runtime.launch_exit_hook
+    if _RUNTIME is None:
+        return False
+    enter, exit_ = _RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook
     return ((enter is None or not getattr(enter, "calls", True))
             and (exit_ is None or not getattr(exit_, "calls", True)))
-
-
-def _knobs_runtime():
-    from triton import knobs
-
-    return knobs.runtime
 
 
 _MAX_ENTRIES = 256
@@ -248,10 +254,57 @@ class recording:
         _recorder = self._outer
 
 
-def replay(launches, swap: dict, tensors: tuple) -> bool:
-    """Launch recorded ``launches`` again with ``values[i] = tensors[swap_index]`` for every
-    ``i -> swap_index`` in ``swap`` (per launch: ``swap`` is a tuple of such dicts, one per launch).
-    Returns False without launching when hooks are installed (the caller takes the normal path)."""
+# Triton 3.6's ``CudaLauncher.__call__`` only allocates the global / profile scratch (none for most kernels)
+# and forwards to the compiled C launcher, adding a nested function and three calls per launch; for kernels
+# without scratch or host tensor descriptors (whose arguments Triton's Python wrapper expands) a bound replay
+# calls that C launcher itself. Checked against the 3.6 source (driver.py `CudaLauncher`, `make_launcher`).
+_DIRECT_OK = triton.__version__.split(".")[:2] == ["3", "6"]
+
+
+def _direct(ck) -> tuple:
+    """``(fn, head)``: launch compiled kernel ``ck`` as ``fn(g0, g1, g2, stream, *head, *values)``."""
+    run = ck.run
+    c = getattr(run, "launch", None)
+    if (_DIRECT_OK and type(run).__name__ == "CudaLauncher" and type(c).__name__ == "builtin_function_or_method"
+            and getattr(run, "global_scratch_size", 1) == 0 and getattr(run, "profile_scratch_size", 1) == 0):
+        return c, (ck.function, run.launch_cooperative_grid, run.launch_pdl, None, None, ck.packed_metadata, None,
+                   None, None)
+    return run, (ck.function, ck.packed_metadata, None, None, None)
+
+
+class Bound:
+    """Launches recorded by `recording`, ready to be issued again with some tensors swapped: for each launch
+    the full argument list of its launcher (stream and swapped tensors left empty) and the slots
+    ``(argument index, index into tensors)`` to fill. Keeps no reference to the swapped tensors of the
+    recording (a per-call cache tensor stays collectable); the others (metadata, workspaces) it keeps."""
+
+    __slots__ = ("calls",)
+
+    def __init__(self, launches, tensors: tuple):
+        calls = []
+        for ck, (g0, g1, g2), values in launches:
+            fn, head = _direct(ck)
+            args = [g0, g1, g2, None, *head, *values]
+            first = 4 + len(head)
+            slots = tuple((first + i, j) for i, val in enumerate(values) for j, t in enumerate(tensors) if val is t)
+            for i, _ in slots:
+                args[i] = None
+            calls.append((fn, args, slots))
+        self.calls = tuple(calls)
+
+    def __call__(self, stream: int, tensors: tuple) -> None:
+        for fn, args, slots in self.calls:
+            a = args.copy()
+            a[3] = stream
+            for i, j in slots:
+                a[i] = tensors[j]
+            fn(*a)
+
+
+def replay(bound: Bound, tensors: tuple) -> bool:
+    """Issue ``bound`` again with ``tensors`` swapped in, on the current stream of the first tensor's device
+    (made current for the call when another device is). Returns False without launching when launch hooks
+    are installed (the caller takes the normal path)."""
     if not _no_hooks():
         return False
     get_device, get_stream = _current()
@@ -259,14 +312,8 @@ def replay(launches, swap: dict, tensors: tuple) -> bool:
     other = _foreign_device(tensors, device)
     if other is not None:
         with torch.cuda.device(other):
-            return replay(launches, swap, tensors)
-    stream = get_stream(device)
-    for (ck, (g0, g1, g2), values), slots in zip(launches, swap):
-        if slots:
-            values = list(values)
-            for i, j in slots.items():
-                values[i] = tensors[j]
-        ck.run(g0, g1, g2, stream, ck.function, ck.packed_metadata, None, None, None, *values)
+            return replay(bound, tensors)
+    bound(get_stream(device), tensors)
     return True
 
 
@@ -281,7 +328,7 @@ def replay_or_record(bound: dict, key, tensors: tuple, launch_fn, n_launches: in
     launch holds a kernel loaded on one device). The bound launches keep no
     reference to ``tensors`` (a cache passed per call stays collectable)."""
     hit = bound.get(key)
-    if hit is not None and replay(hit[0], hit[1], tensors):
+    if hit is not None and replay(hit, tensors):
         return
     with recording() as launches:
         launch_fn()
@@ -289,11 +336,7 @@ def replay_or_record(bound: dict, key, tensors: tuple, launch_fn, n_launches: in
         return
     if len(bound) >= max_entries:
         bound.clear()
-    slots = tuple({i: j for i, val in enumerate(values) for j, t in enumerate(tensors) if val is t}
-                  for _, _, values in launches)
-    kept = tuple((ck, grid, [None if i in sl else val for i, val in enumerate(values)])
-                 for (ck, grid, values), sl in zip(launches, slots))
-    bound[key] = (kept, slots)
+    bound[key] = Bound(launches, tensors)
 
 
 _tuned_configs: dict[tuple, object] = {}     # (autotuner, tuning key) -> the triton.Config it chose

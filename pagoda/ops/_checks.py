@@ -151,8 +151,12 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, batch_size: int | None, total:
         raise ValueError(f"{name} must be on {device}, got {cu.device}")
     if cu.is_cuda and torch.cuda.is_current_stream_capturing():
         return cu
+    # Under torch.compile the memo is neither read nor written: Dynamo would trace the lookup and guard on
+    # the remembered tensors, which under CUDA graphs (HF's compiled static-cache generate) are outputs of an
+    # earlier replay that the next one overwrites (touching them raises).
+    memo = not torch.compiler.is_compiling()
     key = (id(cu), cu.data_ptr(), cu.shape[0], cu.stride(0), total, max_seqlen)
-    hit = _CU_CHECKED.get(key)
+    hit = _CU_CHECKED.get(key) if memo else None
     if hit is not None and hit[0]() is cu and hit[1] == _cu_version(cu):
         return cu
     vals = _host_values(cu)
@@ -167,7 +171,8 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, batch_size: int | None, total:
         if not isinstance(max_seqlen, int) or max_seqlen < longest:
             raise ValueError(f"{max_name} must be an int >= the longest sequence in {name} ({longest}), "
                              f"got {max_seqlen!r}")
-    if len(_CU_CHECKED) >= _MAX_CU_CHECKED:
-        _CU_CHECKED.clear()
-    _CU_CHECKED[key] = (weakref.ref(cu), _cu_version(cu))
+    if memo:
+        if len(_CU_CHECKED) >= _MAX_CU_CHECKED:
+            _CU_CHECKED.clear()
+        _CU_CHECKED[key] = (weakref.ref(cu), _cu_version(cu))
     return cu

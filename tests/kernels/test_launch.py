@@ -157,9 +157,20 @@ def test_recording_and_replay_swap_only_the_named_tensors(fast):
     assert len(launches) == 2 and launches[0][1] == (3, 1, 1) and launches[1][1] == (4, 1, 1)
     _launch.launch(k, (1,), x, 16, 0.5, BLOCK=32)           # outside the block: not recorded
     assert len(launches) == 2
-    assert _launch.replay(launches[1:], ({0: 1},), (x, y))
-    assert k.log[-1] == ("fast", (4, 1, 1), (y, 16, 0.5, 32)), "X swapped for the second tensor, rest kept"
-    assert _launch.replay(launches[1:], ({},), (z,)) and k.log[-1][2] == (x, 16, 0.5, 32)
+    assert _launch.replay(_launch.Bound(launches[1:], (x,)), (y,))
+    assert k.log[-1] == ("fast", (4, 1, 1), (y, 16, 0.5, 32)), "X swapped for the given tensor, rest kept"
+    assert _launch.replay(_launch.Bound(launches[1:], (z,)), (z,)) and k.log[-1][2] == (x, 16, 0.5, 32)
+
+
+def test_a_bound_launch_keeps_no_reference_to_its_swapped_tensors(fast):
+    k, x, y = _FakeKernel(), torch.zeros(64), torch.ones(64)
+    _launch.launch(k, (1,), x, 16, 0.5, BLOCK=32)
+    with _launch.recording() as launches:
+        _launch.launch(k, (2,), x, 16, 0.5, BLOCK=32)
+    bound = _launch.Bound(launches, (x,))
+    assert not any(a is x for _, args, _ in bound.calls for a in args)
+    bound(5, (y,))
+    assert k.log[-1] == ("fast", (2, 1, 1), (y, 16, 0.5, 32))
 
 
 def test_replay_refuses_when_launch_hooks_are_installed(fast, monkeypatch):
@@ -168,7 +179,7 @@ def test_replay_refuses_when_launch_hooks_are_installed(fast, monkeypatch):
         _launch.launch(k, (3,), x, 16, 0.5, BLOCK=32)
     monkeypatch.setattr(_launch, "_no_hooks", lambda: False)
     n = len(k.log)
-    assert not _launch.replay(launches, ({},), (x,)) and len(k.log) == n
+    assert not _launch.replay(_launch.Bound(launches, (x,)), (x,)) and len(k.log) == n
 
 
 def test_recording_is_empty_when_the_fast_path_is_off(monkeypatch):
@@ -298,3 +309,28 @@ def test_a_descriptor_argument_sets_the_launch_device(two_devices):
     k = _TypedKernel()
     _launch.launch(k, (1,), desc, 16, 0.5, BLOCK=32)
     assert two_devices["entered"] == [1]
+
+
+class CudaLauncher:
+    """Shaped like Triton 3.6's launcher: a compiled C ``launch`` plus scratch sizes."""
+    launch_cooperative_grid, launch_pdl = False, True
+
+    def __init__(self, scratch):
+        self.launch = len                      # any builtin stands for the compiled C function
+        self.global_scratch_size, self.profile_scratch_size = scratch
+
+    def __call__(self, *args):
+        raise AssertionError("not called")
+
+
+@pytest.mark.parametrize("scratch, direct", [((0, 0), True), ((64, 0), False), ((0, 8), False)])
+def test_bound_launches_call_the_c_launcher_only_without_scratch(monkeypatch, scratch, direct):
+    monkeypatch.setattr(_launch, "_DIRECT_OK", True)
+    ck = types.SimpleNamespace(run=CudaLauncher(scratch), function="fn", packed_metadata=(4, 1, 0))
+    fn, head = _launch._direct(ck)
+    if direct:
+        assert fn is len and head == ("fn", False, True, None, None, (4, 1, 0), None, None, None)
+    else:
+        assert fn is ck.run and head == ("fn", (4, 1, 0), None, None, None)
+    monkeypatch.setattr(_launch, "_DIRECT_OK", False)         # another Triton: always its Python launcher
+    assert _launch._direct(ck)[0] is ck.run

@@ -75,6 +75,22 @@ def test_cu_seqlens_read_once_per_tensor(monkeypatch):
     assert len(reads) == 4
 
 
+def test_cu_seqlens_memo_is_off_under_torch_compile(monkeypatch):
+    """While Dynamo traces, the memo is neither read nor written (it would guard on remembered tensors, which
+    under CUDA graphs may be overwritten outputs of an earlier replay): every call is checked on its values."""
+    from pagoda.ops import _checks
+    reads = []
+    real = _checks._host_values
+    monkeypatch.setattr(_checks, "_host_values", lambda cu: reads.append(cu) or real(cu))
+    monkeypatch.setattr(_checks, "_CU_CHECKED", {})
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    q = torch.randn(9, 2, 16)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    for _ in range(2):
+        pagoda.flash_attn_varlen_func(q, q, q, cu, cu, 5, 5, causal=True)
+    assert _checks._CU_CHECKED == {} and len(reads) == 4
+
+
 def test_cu_seqlens_inference_tensors_failed_checks_are_not_remembered():
     """Inference tensors have no version counter (a passed check is then trusted by identity): a failed check
     is not remembered, so the same bad tensor raises again, and a good one runs."""

@@ -13,6 +13,13 @@ from tests.helpers import fake_fast_launch, rel_err
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_caches(monkeypatch):
+    """Every test starts without cached metadata or bound launches."""
+    for name in ("_static_cache", "_len_cache", "_chunk_cache", "_ws_cache", "_bound", "_hf"):
+        monkeypatch.setattr(dd, name, {})
+
+
 def _hf_cache(b, hk, s, d, dtype, static_len=None, seed=0):
     """k, v as HF hands them transposed: [b, s, hk, d] views of [b, hk, S, d] (S > s for a static cache)."""
     g = torch.Generator().manual_seed(seed)
@@ -42,13 +49,12 @@ def test_cpu_reference_path(hq, hk, static_len):
 def test_kernel_path_matches_reference(monkeypatch, hq, hk, static_len, sms):
     monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
     monkeypatch.setattr(_decode_plan, "num_sms", lambda device: sms)
-    monkeypatch.setattr(dd, "_meta_cache", {})
     b, s, d = 2, 600 if sms > 1 else 37, 32
     q = torch.randn(b, hq, d).half()
     k, v = _hf_cache(b, hk, s, d, torch.float16, None if sms > 1 else static_len)
     out = dd.decode_dense(q, k, v, d ** -0.5)
     if sms > 1:
-        assert dd._meta_cache[next(iter(dd._meta_cache))][4] > 1, "the split path was not taken"
+        assert next(iter(dd._ws_cache))[1] > 1, "the split path was not taken"
     assert out.dtype == torch.float16 and out.shape == q.shape
     assert rel_err(out.float(), _want(q, k, v, d ** -0.5)) < 2e-3
     again = dd.decode_dense(q, k, v, d ** -0.5)          # metadata reused: same result
@@ -68,11 +74,12 @@ def test_hf_decode_step_runs_the_decode_kernel(monkeypatch):
 
     from pagoda.integrations import transformers as pt
 
+    from pagoda.kernels import decode as kdecode
+
     monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
-    monkeypatch.setattr(dd, "_meta_cache", {})
     calls = []
-    real = pt.decode_dense
-    monkeypatch.setattr(pt, "decode_dense", lambda *a: calls.append(1) or real(*a))
+    real = kdecode.decode_fwd
+    monkeypatch.setattr(kdecode, "decode_fwd", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     b, hq, hk, d, filled, cap = 2, 8, 2, 32, 21, 48
     q = torch.randn(b, hq, 1, d).half()
     k_all, v_all = torch.randn(b, hk, cap, d).half(), torch.randn(b, hk, cap, d).half()
@@ -103,8 +110,6 @@ def test_repeat_calls_replay_the_recorded_launch_with_the_new_tensors(monkeypatc
         _launch.launch(kernel, (q.shape[0], hk), q, k, v, out, lse, s, kw["sm_scale"])
 
     monkeypatch.setattr(_decode_plan, "num_sms", lambda device: 1)
-    monkeypatch.setattr(dd, "_meta_cache", {})
-    monkeypatch.setattr(dd, "_bound", {})
     monkeypatch.setattr(kdecode, "decode_fwd", fake_decode_fwd)
     q1, q2 = torch.randn(2, 4, 16), torch.randn(2, 4, 16)
     k1, v1 = _hf_cache(2, 2, 40, 16, torch.float32, seed=1)
@@ -115,9 +120,89 @@ def test_repeat_calls_replay_the_recorded_launch_with_the_new_tensors(monkeypatc
     replayed = log[1][1]
     assert replayed[0] is q2 and replayed[1] is k2 and replayed[2] is v2 and replayed[3] is out2
     assert replayed[4] is log[0][1][4] and replayed[5] == 40         # LSE scratch and scalars kept
-    kept = next(iter(dd._bound.values()))[0][0][2]
+    kept = next(iter(dd._bound.values())).calls[0][1][9:]
     assert kept[:4] == [None] * 4, "the first call's q/k/v/out must not be held between calls"
     dd.decode_dense(q2, k2, v2, 0.5)                                   # another scale: planned again
     k3, v3 = _hf_cache(2, 2, 41, 16, torch.float32)                    # another length: planned again
     dd.decode_dense(q2, k3, v3, 0.25)
     assert [e[0] for e in log] == ["planned", "replay", "planned", "planned"] and fwd_calls == [40, 40, 41]
+
+
+def _fake_decode(monkeypatch, log):
+    from pagoda.kernels import _launch
+    from pagoda.kernels import decode as kdecode
+
+    kernel = fake_fast_launch(monkeypatch, log, ["Q", "K", "V", "O", "L", "n", "scale"])
+
+    def fake_decode_fwd(q, k, v, ks, vs, indptr, indices, last, s, hk, out, lse, **kw):
+        _launch.launch(kernel, (q.shape[0], hk), q, k, v, out, lse, s, kw["sm_scale"])
+
+    monkeypatch.setattr(_decode_plan, "num_sms", lambda device: 1)
+    monkeypatch.setattr(kdecode, "decode_fwd", fake_decode_fwd)
+
+
+def _hf_step(b, hq, hk, s, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, 1, d, generator=g).half()
+    return q, torch.randn(b, hk, s, d, generator=g).half(), torch.randn(b, hk, s, d, generator=g).half()
+
+
+def test_hf_layout_repeat_calls_replay_with_the_hf_tensors_swapped_in(monkeypatch):
+    """`decode_hf`: the first call of a shape records; a repeat (the other layers of a decode step) issues the
+    recorded launch with HF's own query/key/value tensors and the new output (same data pointers as the
+    views the kernel was planned with), keeps none of the first call's tensors, and a new length, scale or
+    a misaligned tensor plans again."""
+    log = []
+    _fake_decode(monkeypatch, log)
+    q1, k1, v1 = _hf_step(2, 4, 2, 40, 16, 1)
+    q2, k2, v2 = _hf_step(2, 4, 2, 40, 16, 2)
+    out1 = dd.decode_hf(q1, k1, v1, 0.25)
+    out2 = dd.decode_hf(q2, k2, v2, 0.25)
+    assert out1.shape == out2.shape == (2, 1, 4, 16) and out2.dtype == torch.float16
+    assert [e[0] for e in log] == ["planned", "replay"]
+    planned, replayed = log[0][1], log[1][1]
+    assert planned[0].data_ptr() == q1.data_ptr() and planned[3].data_ptr() == out1.data_ptr()
+    assert replayed[0] is q2 and replayed[1] is k2 and replayed[2] is v2 and replayed[3] is out2
+    assert replayed[4] is planned[4] and replayed[5] == 40
+    kept = next(iter(dd._hf.values()))[0].calls[0][1][9:]
+    assert kept[:4] == [None] * 4
+    dd.decode_hf(q2, k2, v2, 0.5)                                           # another scale
+    q3, k3, v3 = _hf_step(2, 4, 2, 41, 16, 3)                               # another length
+    dd.decode_hf(q3, k3, v3, 0.25)
+    raw = torch.empty(2 * 4 * 16 + 1, dtype=torch.float16)
+    q4 = raw[1:].view(2, 4, 1, 16)                                          # 2-byte aligned
+    q4.copy_(q2)
+    dd.decode_hf(q4, k2, v2, 0.25)
+    assert [e[0] for e in log] == ["planned", "replay", "planned", "planned", "planned"]
+
+
+@pytest.mark.parametrize("change", ["fp32", "head_dim", "gqa", "strided_q", "q_len"])
+def test_hf_layout_declines_what_the_decode_kernel_does_not_take(change):
+    q, k, v = _hf_step(2, 4, 2, 9, 16, 0)
+    if change == "fp32":
+        q, k, v = q.float(), k.float(), v.float()
+    elif change == "head_dim":
+        q, k, v = q[..., :12], k[..., :12], v[..., :12]
+    elif change == "gqa":
+        q = torch.randn(2, 3, 1, 16).half()
+    elif change == "strided_q":
+        q = torch.randn(2, 4, 1, 32).half()[..., ::2]
+    else:
+        q = torch.randn(2, 4, 2, 16).half()
+    assert dd.decode_hf(q, k, v, None) is None
+
+
+@pytest.mark.skipif(not INTERPRET, reason="interpreter test (no CUDA)")
+def test_hf_layout_kernel_path_matches_reference(monkeypatch):
+    monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
+    q, k, v = _hf_step(3, 8, 2, 37, 32, 4)
+    out = dd.decode_hf(q, k, v, None)
+    want = _want(q[:, :, 0], k.transpose(1, 2), v.transpose(1, 2), 32 ** -0.5)
+    assert out.shape == (3, 1, 8, 32) and rel_err(out[:, 0].float(), want) < 2e-3
+
+
+def test_hf_layout_cpu_reference_path():
+    q, k, v = _hf_step(2, 4, 4, 11, 16, 5)
+    out = dd.decode_hf(q.float().half(), k, v, 0.3)
+    want = _want(q[:, :, 0], k.transpose(1, 2), v.transpose(1, 2), 0.3)
+    assert out.shape == (2, 1, 4, 16) and rel_err(out[:, 0].float(), want) < 2e-3
