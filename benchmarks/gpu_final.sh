@@ -34,6 +34,20 @@ next)
   PAGODA_AUTOTUNE=0 timeout -k 5 170 python3 benchmarks/e2e_host_insitu.py 128 4 2>&1 | tee $OUT/e2e-host-insitu.txt \
     | tail -9
   ;;
+s8)
+  # Session 8's first call (~9 min): the GPU tests of what session 8 changed (the bound-launch replay behind
+  # every decode op and the HF decode hot path, the one-step split sampler made default, the cu_seqlens memo
+  # under torch.compile), the batch-1 sampler probe, and the in-situ host time of HF generate's attention calls.
+  mkdir -p $OUT/res
+  timeout -k 5 300 python3 -m pytest tests/ops/test_decode.py tests/ops/test_sampling.py tests/kernels/test_sampling_split.py \
+    tests/integrations tests/kernels/test_launch_gpu.py tests/ops/test_device_guard_gpu.py tests/bench/test_bench_sampling.py \
+    tests/ops/test_cascade.py tests/ops/test_cascade_merge.py tests/ops/test_kvcache.py \
+    -m gpu -q -p no:cacheprovider -n 8 --timeout 250 \
+    > $OUT/gpu-tests.log 2>&1; tail -15 $OUT/gpu-tests.log
+  timeout -k 5 90 python3 benchmarks/sampling_b1_probe.py 2>&1 | tee $OUT/sampling-b1-probe.txt | tail -8
+  PAGODA_AUTOTUNE=0 timeout -k 5 130 python3 benchmarks/e2e_host_insitu.py 128 4 2>&1 | tee $OUT/e2e-host-insitu.txt \
+    | tail -9
+  ;;
 paged)
   # Session 6's paged Gluon prefill (attention_hopper_paged): its GPU tests, the paged prefill GPU tests it now
   # serves, the paged grid beside FlashInfer and both dense kernels; then what "next" checks (~8 min in all).

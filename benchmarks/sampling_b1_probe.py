@@ -17,7 +17,7 @@ def main():
     off = torch.zeros(1, dtype=torch.int64, device=dev)
     one = torch.empty(1, device=dev)
     print(json.dumps({"case": "fill 1 element", "us": round(graph_time_ms(lambda: one.fill_(1.0), dev) * 1e3, 2)}))
-    for vocab in (16, 1024, 4096, 32000, 151936):
+    for vocab in (16, 1024, 4096, 32000, 128256, 151936):
         p = torch.softmax(torch.randn(1, vocab, device=dev) * 3, -1)
         out = torch.empty(1, dtype=torch.int32, device=dev)
         valid = torch.empty(1, dtype=torch.bool, device=dev)

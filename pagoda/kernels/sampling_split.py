@@ -3,20 +3,26 @@
 Why: `pagoda.kernels.sampling` streams a row on one program, i.e. one SM. At batch 1 an SM's load path
 reads ~28 GB/s on the H200 whatever the prefetch depth (`benchmarks/sampling_b1_probe.py`, 2026-12-01:
 24.9 µs for a 151,936-token row, where torch.amax spreads the same row over many SMs in 10.7 µs). Here a
-row is cut into ``S`` slices of whole ``BLOCK``-token steps, one program per (output row, slice):
+row is cut into ``S`` slices of whole ``SLICE``-token steps, one program per (output row, slice):
 
     slice program   exponential race over its tokens: key ``-E_t / p_t`` (larger wins), E_t ~ Exp(1) from
-                    Philox (`_philox_chunk` layout, stage 0; rows `_chunk_row_quads` counters apart), over
-                    ``{p > 0}``; writes its best
-                    (key, token) and its largest p, then takes a ticket (atomic add, acq_rel, gpu scope).
+                    Philox (`_philox_chunk` layout, stage 0; rows `_chunk_row_quads(vocab, SLICE)` counters
+                    apart), over ``{p > 0}``. A step's four sub-block loads are issued before its Philox
+                    math, so a slice of one step costs one DRAM round trip (a first version looped over
+                    1024-token steps, one round trip each: 16 µs for a 151,936-token row against 25 for
+                    one program, H200 2026-12-01). Writes its best (key, token) and its largest p, then
+                    takes a ticket (atomic add, acq_rel, gpu scope).
     last program    (the one whose ticket is S - 1) reads the S partials from L2 (.cg), zeroes the ticket
                     for the next call (graph replays start clean), and picks the best key: an exact draw
                     from p (the winner of an exponential race over all tokens). min-p: with M the largest
                     p, the row keeps ``N = {p >= min(min_p * M, M)}``; a winner inside N is accepted; else
-                    the last program runs one more race over the whole row restricted to N with fresh
-                    numbers (stage 1). Exact: a draw from p kept when it falls in N, else a fresh draw from
-                    p restricted to N, is a draw from p restricted to N (P(t) = p_t + (1 - p(N)) p_t / p(N)
-                    = p_t / p(N) for t in N, normalised p).
+                    the last program draws again from p restricted to N, exactly and with fresh numbers,
+                    by the one-program sampler's two-level draw (one streaming pass for per-lane masses of
+                    N, a race over the lanes, a race within the chosen lane: stages 1 and 2 of the
+                    `_exp_at` layout, whose counters stay below the row's ``ceil(vocab / 4)``). Exact: a draw
+                    from p kept when it falls in N, else a fresh draw from p restricted to N, is a draw from
+                    p restricted to N (P(t) = p_t + (1 - p(N)) p_t / p(N) = p_t / p(N) for t in N,
+                    normalised p). softmax(3 N(0,1)) rows with min_p = 0.05 keep ~97% of their mass in N.
 
 Rows with no positive, finite-comparable mass give token 0 and valid = False. Every token is in
 ``[0, vocab)``. The partials and tickets are a per-device workspace shared by all calls: calls are assumed
@@ -28,35 +34,43 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels._launch import cdiv, launch
+from pagoda.kernels._launch import cdiv, launch, next_pow2
+from pagoda.kernels.sampling import _lane_draw, _track_pass
 from pagoda.kernels.sampling_race import (_chunk_row_quads, _exp1, _in_set, _philox_state, _race_fold, _race_key,
                                           _race_winner, _row_param, _source_row)
 
-BLOCK = 1024          # tokens per loop step of a slice program (4 warps: 2 tokens per thread per Philox word)
-MIN_SLICE = 4096      # tokens per slice at least: below that a program's fixed cost outweighs its share
+SLICE = 4096          # tokens per step of a slice program (8 warps: 16 tokens a thread, 4 Philox words each)
+MIN_SLICE = SLICE     # tokens per slice at least: below that a program's fixed cost outweighs its share
 MAX_SLICES = 64       # partials per row in the workspace
+FALLBACK_LANES = 2048  # lanes of the last program's min-p redraw (8 warps, 4 chunks in flight)
+NUM_WARPS = 8
 
 
 @triton.jit
-def _race_range(base, seed, rng_base, lo, hi, thr_bits, STAGE: tl.constexpr, BLOCK: tl.constexpr):
-    """Exponential race over tokens ``[lo, hi)`` of a row restricted to ``{p >= thr}`` (thr_bits >= 1):
-    (best key, its token or -1, largest eligible p). ``lo`` is a multiple of BLOCK."""
-    Q: tl.constexpr = BLOCK // 4
+def _race_slice(base, seed, rng_base, lo, hi, SLICE: tl.constexpr):
+    """Exponential race over tokens ``[lo, hi)`` of a row, ``{p > 0}``: (best key, its token or -1, largest
+    eligible p). ``lo`` is a multiple of SLICE; token ``start + j*Q + q`` of a step takes word j of Philox
+    counter ``rng_base + start // 4 + q`` (stage 0: exactly `_philox_chunk`)."""
+    Q: tl.constexpr = SLICE // 4
     offs = tl.arange(0, Q)
     key_v = tl.full((Q,), float("-inf"), tl.float32)
     idx_v = tl.full((Q,), -1, tl.int32)
     mx = tl.zeros((Q,), tl.float32)
     zero = (offs * 0).to(tl.uint32)
-    for start in range(lo, hi, BLOCK):
-        # `_philox_chunk`'s counters with the stage as third word (stage 0 gives exactly `_philox_chunk`).
+    for start in range(lo, hi, SLICE):
+        c0 = start + offs
+        x0 = tl.load(base + c0, mask=c0 < hi, other=0.0)
+        x1 = tl.load(base + (c0 + Q), mask=c0 + Q < hi, other=0.0)
+        x2 = tl.load(base + (c0 + 2 * Q), mask=c0 + 2 * Q < hi, other=0.0)
+        x3 = tl.load(base + (c0 + 3 * Q), mask=c0 + 3 * Q < hi, other=0.0)
         c = rng_base + start // 4 + offs
-        rs = tl.philox(seed, c.to(tl.uint32), (c >> 32).to(tl.uint32), zero + STAGE, zero)
+        r0, r1, r2, r3 = tl.philox(seed, c.to(tl.uint32), (c >> 32).to(tl.uint32), zero, zero)
         for j in tl.static_range(4):
-            cols = start + j * Q + offs
-            inb = cols < hi
-            x = tl.load(base + cols, mask=inb, other=0.0).to(tl.float32)
-            elig = inb & _in_set(x, thr_bits)
-            key_v, idx_v = _race_fold(_race_key(x, _exp1(rs[j]), False), elig, cols, key_v, idx_v)
+            x = (x0 if j == 0 else x1 if j == 1 else x2 if j == 2 else x3).to(tl.float32)
+            r = r0 if j == 0 else r1 if j == 1 else r2 if j == 2 else r3
+            cols = c0 + j * Q
+            elig = (cols < hi) & _in_set(x, 1)
+            key_v, idx_v = _race_fold(_race_key(x, _exp1(r), False), elig, cols, key_v, idx_v)
             mx = tl.maximum(mx, tl.where(elig, x, 0.0))
     best = tl.max(key_v, 0)
     return best, _race_winner(key_v, idx_v), tl.max(mx, 0)
@@ -68,17 +82,19 @@ def _split_sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, min_p_pt
                          seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val, vocab, num_rows,
                          slice_len, num_slices,
                          SCALAR_PARAMS: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_MIN_P: tl.constexpr,
-                         SEED_PTR: tl.constexpr, SLICES_PAD: tl.constexpr, BLOCK: tl.constexpr):
-    """Grid ``(batch, num_slices)``; workspace ``part_* [batch, SLICES_PAD]``, ``ticket [batch]`` (zeros)."""
+                         SEED_PTR: tl.constexpr, SLICES_PAD: tl.constexpr, SLICE: tl.constexpr,
+                         LANES: tl.constexpr, NCP: tl.constexpr):
+    """Grid ``(batch, num_slices)``; workspace ``part_* [batch, SLICES_PAD]``, ``ticket [batch]`` (zeros).
+    LANES / NCP: the min-p redraw's lanes and ``next_pow2(ceil(vocab / LANES))``."""
     pid = tl.program_id(0)
     sl = tl.program_id(1)
     row = _source_row(rows_ptr, pid, num_rows, HAS_ROWS)
     base = x_ptr + row * stride_x
     seed, off = _philox_state(pid, seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val, SEED_PTR)
-    rng_base = off + pid.to(tl.int64) * _chunk_row_quads(vocab, BLOCK)
+    rng_base = off + pid.to(tl.int64) * _chunk_row_quads(vocab, SLICE)
     lo = sl * slice_len
     hi = tl.minimum(lo + slice_len, vocab)
-    key, tok, pmax = _race_range(base, seed, rng_base, lo, hi, 1, 0, BLOCK)
+    key, tok, pmax = _race_slice(base, seed, rng_base, lo, hi, SLICE)
     slot = pid * SLICES_PAD + sl
     tl.store(part_key_ptr + slot, key)
     tl.store(part_idx_ptr + slot, tok)
@@ -101,8 +117,10 @@ def _split_sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, min_p_pt
             thr_bits = tl.maximum(thr.to(tl.int32, bitcast=True), 1)
             p_c = tl.load(base + tl.maximum(cand, 0)).to(tl.float32)
             if found & ~_in_set(p_c, thr_bits):
-                # Rejected (probability 1 - p(N)): a fresh draw from p restricted to N, on this program.
-                _k2, again, _m2 = _race_range(base, seed, rng_base, 0, vocab, thr_bits, 1, BLOCK)
+                # Rejected (probability 1 - p(N)): a fresh exact draw from p restricted to N, on this program.
+                lanes = tl.arange(0, LANES)
+                mass, _v1, _v2, _v3 = _track_pass(base, thr_bits, vocab, lanes, LANES, False)
+                again = _lane_draw(mass, lanes, base, thr_bits, seed, rng_base, 1, vocab, LANES, NCP)
                 cand = tl.where(again >= 0, again, cand)
                 accepted = again >= 0   # N holds the largest p: never empty when the row has mass
         tl.store(out_ptr + pid, tl.where(found, cand, 0).to(out_ptr.dtype.element_ty))
@@ -141,29 +159,32 @@ def num_slices(vocab: int, batch: int, sms: int) -> int:
 
 
 def split_sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor | None,
-                 min_p, seed, offset, slices: int) -> None:
+                 min_p, seed, offset, slices: int, slice_tokens: int = SLICE) -> None:
     """Plain (``min_p`` None) or min-p sampling with ``slices`` programs per output row.
 
     x ``[num_rows, vocab]`` probabilities (last dim contiguous); out ``[batch]`` int32/int64; valid
     ``[batch]`` bool; rows optional int ``[batch]``; min_p a float, a float32 ``[batch]`` tensor or None;
-    seed/offset ints or int64 device tensors of length 1 or batch (as `sampling.sample`). Inside a CUDA-graph
+    seed/offset ints or int64 device tensors of length 1 or batch (as `sampling.sample`). ``slice_tokens``:
+    tokens per step of a slice program (a power of two >= 64; tests use small ones). Inside a CUDA-graph
     capture the workspace must already exist (`ready`): call once outside the capture first."""
     from pagoda.kernels.sampling import _seed_args
 
     batch, vocab = out.shape[0], x.shape[1]
     if batch == 0:
         return
-    slice_len = cdiv(cdiv(vocab, max(1, min(slices, MAX_SLICES))), BLOCK) * BLOCK
+    slice_len = cdiv(cdiv(vocab, max(1, min(slices, MAX_SLICES))), slice_tokens) * slice_tokens
     n = cdiv(vocab, slice_len)
     if x.is_cuda and torch.cuda.is_current_stream_capturing() and not ready(x.device, batch):
         raise RuntimeError("split_sample: its workspace is made outside CUDA-graph capture (run one call first)")
     part_key, part_idx, part_max, ticket = _workspace(x.device, batch)
     scalar = not isinstance(min_p, torch.Tensor)
+    # <= slice_tokens: the redraw's lane counters (LANES / 4) stay inside the row's chunk counters.
+    lanes = max(16, min(FALLBACK_LANES, slice_tokens, next_pow2(vocab)))
     launch(
         _split_sample_kernel, (batch, n),
         x, x.stride(0), rows if rows is not None else out, out, valid.view(torch.int8),
         min_p if not scalar else out, float(min_p) if scalar and min_p is not None else 0.0,
         part_key, part_idx, part_max, ticket, *_seed_args(seed, offset, out)[:6], vocab, x.shape[0], slice_len, n,
         SCALAR_PARAMS=scalar, HAS_ROWS=rows is not None, HAS_MIN_P=min_p is not None,
-        SEED_PTR=isinstance(seed, torch.Tensor), SLICES_PAD=MAX_SLICES, BLOCK=BLOCK, num_warps=4)
-
+        SEED_PTR=isinstance(seed, torch.Tensor), SLICES_PAD=MAX_SLICES, SLICE=slice_tokens, LANES=lanes,
+        NCP=next_pow2(cdiv(vocab, lanes)), num_warps=NUM_WARPS)

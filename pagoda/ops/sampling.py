@@ -51,15 +51,18 @@ def _kernels():
     return _kernel_modules
 
 
-# Opt-in until measured on a GPU: plain and min-p sampling of small batches with each row split over several
-# programs (`pagoda.kernels.sampling_split`). PAGODA_SAMPLING_SPLIT=1 turns it on (read once, at import).
-SPLIT_ROWS = os.environ.get("PAGODA_SAMPLING_SPLIT", "0") == "1"
-MIN_SPLIT = 4      # fewer slices per row than this: the one-program kernel
+# Plain and min-p sampling of small batches with each row split over several programs
+# (`pagoda.kernels.sampling_split`): one program per row leaves a batch-1 row on one SM (~28 GB/s).
+# PAGODA_SAMPLING_SPLIT=0 keeps the one-program kernel (read once, at import).
+SPLIT_ROWS = os.environ.get("PAGODA_SAMPLING_SPLIT", "1") != "0"
+MIN_SPLIT = 4          # fewer slices per row than this: the one-program kernel
+MAX_SPLIT_BATCH = 8    # larger batches fill the SMs with one program per row (measured there: >= 1.1x FlashInfer)
 
 
 def _split_slices(x, batch, top_k, top_p, from_logits, k_first) -> int:
     """Slices per row for the split-row sampler, 0 when the call keeps the one-program kernel."""
-    if not SPLIT_ROWS or from_logits or k_first or top_k is not None or top_p is not None:
+    if (not SPLIT_ROWS or batch > MAX_SPLIT_BATCH or from_logits or k_first or top_k is not None
+            or top_p is not None):
         return 0
     sampling, _, sampling_split = _kernels()
     n = sampling_split.num_slices(x.shape[1], batch, sampling.sm_count(x.device))

@@ -13,12 +13,15 @@ interp = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
                             reason="interpreter tests run only where TRITON_INTERPRET=1 (no CUDA)")
 
 
-def _run(x, n_out=None, min_p=None, seed=5, offset=0, slices=3):
+T = 256     # tokens per slice step in the interpreter tests (the GPU tests use the default, S.SLICE)
+
+
+def _run(x, n_out=None, min_p=None, seed=5, offset=0, slices=3, slice_tokens=T):
     n = x.shape[0] if n_out is None else n_out
     rows = None if n_out is None else torch.zeros(n, dtype=torch.int32, device=x.device)
     out = torch.full((n,), -7, dtype=torch.int32, device=x.device)
     valid = torch.zeros(n, dtype=torch.bool, device=x.device)
-    S.split_sample(x, out, valid, rows, min_p, seed, offset, slices)
+    S.split_sample(x, out, valid, rows, min_p, seed, offset, slices, slice_tokens)
     return out.cpu(), valid.cpu()
 
 
@@ -39,12 +42,12 @@ def _row(vocab: int, hot: dict) -> torch.Tensor:
 
 @interp
 def test_plain_draws_follow_the_row_across_slices():
-    vocab = 3 * S.BLOCK + 100                          # 4 whole-step slices, the last one short
-    p = _row(vocab, {5: 0.4, S.BLOCK + 7: 0.3, 2 * S.BLOCK + 9: 0.2, 3 * S.BLOCK + 50: 0.1})
+    vocab = 3 * T + 100                          # 4 whole-step slices, the last one short
+    p = _row(vocab, {5: 0.4, T + 7: 0.3, 2 * T + 9: 0.2, 3 * T + 50: 0.1})
     n = 200
     out, valid = _run(p, n_out=n, slices=4)
     assert valid.all() and ((out >= 0) & (out < vocab)).all()
-    hot = [5, S.BLOCK + 7, 2 * S.BLOCK + 9, 3 * S.BLOCK + 50]
+    hot = [5, T + 7, 2 * T + 9, 3 * T + 50]
     counts = torch.tensor([(out == t).sum().item() for t in hot], dtype=torch.float64)
     assert counts.sum() >= n - 2                       # the 1e-7 tail has ~4e-4 of the mass
     assert _chi2_ok(counts, torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64), int(counts.sum()))
@@ -54,14 +57,14 @@ def test_plain_draws_follow_the_row_across_slices():
 def test_min_p_keeps_to_the_set_and_renormalises_with_fallback():
     # N = {p >= 0.5 * max} = the two leading tokens, p(N) = 0.35: ~65% of the first draws are rejected and
     # redrawn from N by the last program (the fallback race).
-    vocab = 2 * S.BLOCK
+    vocab = 2 * T
     p = torch.full((1, vocab), 0.65 / (vocab - 2))
-    p[0, 3], p[0, S.BLOCK + 1] = 0.2, 0.15
+    p[0, 3], p[0, T + 1] = 0.2, 0.15
     n = 200
     out, valid = _run(p, n_out=n, min_p=0.5, slices=2)
     assert valid.all()
-    assert set(out.tolist()) <= {3, S.BLOCK + 1}
-    counts = torch.tensor([(out == 3).sum().item(), (out == S.BLOCK + 1).sum().item()], dtype=torch.float64)
+    assert set(out.tolist()) <= {3, T + 1}
+    counts = torch.tensor([(out == 3).sum().item(), (out == T + 1).sum().item()], dtype=torch.float64)
     assert _chi2_ok(counts, torch.tensor([0.2, 0.15], dtype=torch.float64) / 0.35, n)
     # a per-row tensor of min_p, and min_p = 0 (every positive token) / 1 (the maximum only)
     q = torch.cat([p, p])
@@ -72,22 +75,24 @@ def test_min_p_keeps_to_the_set_and_renormalises_with_fallback():
 @interp
 def test_rows_draw_independent_numbers():
     """Two output rows with their mass tied on the tail of row 0 and the head of row 1, where a row stride of
-    ceil(vocab / 4) counters made them share numbers (vocab BLOCK + 100: the tail chunk's counters)."""
-    vocab = S.BLOCK + 100
+    ceil(vocab / 4) counters made them share numbers. vocab = T + 100 = 356, 64-token sub-blocks: row 0's
+    tokens 350, 351 (last step, sub-block 1, q = 30, 31) take word 1 of counters 64 + 30, 64 + 31 = 94, 95;
+    with a stride of ceil(356 / 4) = 89 those are row 1's counters 5, 6, whose word 1 feeds its tokens 69, 70."""
+    vocab = T + 100
     x = torch.zeros(2, vocab)
-    x[0, S.BLOCK + 70], x[0, S.BLOCK + 71] = 0.5, 0.5      # counters past ceil(vocab / 4) in the old layout
-    x[1, 45], x[1, 46] = 0.5, 0.5                          # ... whose words those were: 256 + q - 281 = q - 25
+    x[0, 350], x[0, 351] = 0.5, 0.5
+    x[1, 69], x[1, 70] = 0.5, 0.5
     same = 0
     for seed in range(30):
         out, valid = _run(x, seed=seed, slices=2)
         assert valid.all()
-        same += int((out[0] - S.BLOCK - 70) == (out[1] - 45))
+        same += int((out[0] - 350) == (out[1] - 69))
     assert 5 <= same <= 25, same
 
 
 @interp
 def test_degenerate_rows_and_fp16():
-    vocab = S.BLOCK + 5
+    vocab = T + 5
     x = torch.zeros(3, vocab)
     x[1] = float("nan")
     x[2, vocab - 1] = 1.0                              # all the mass on the last token of the last slice
@@ -99,10 +104,10 @@ def test_degenerate_rows_and_fp16():
 
 @interp
 def test_same_seed_same_tokens_and_tickets_back_to_zero():
-    p = torch.softmax(torch.randn(4, 2 * S.BLOCK) * 2, -1)
+    p = torch.softmax(torch.randn(4, 2 * T) * 2, -1)
     a, _ = _run(p, seed=9, offset=8)
     b, _ = _run(p, seed=9, offset=8)
-    c, _ = _run(p, seed=9, offset=8 + 4 * 2 * S.BLOCK)
+    c, _ = _run(p, seed=9, offset=8 + 4 * 2 * T)
     d, _ = _run(p, seed=torch.tensor([9]), offset=torch.tensor([8]))
     assert torch.equal(a, b) and torch.equal(a, d) and not torch.equal(a, c)
     assert (S._workspaces[p.device][3] == 0).all()
@@ -124,11 +129,11 @@ ptr = {"x_ptr": "*bf16", "rows_ptr": "*i32", "out_ptr": "*i32", "valid_ptr": "*i
        "ticket_ptr": "*i32", "seed_ptr": "*i64", "offset_ptr": "*i64", "seed_val": "i64", "offset_val": "i64"}
 for min_p, rows, seed_ptr in ((False, False, False), (True, True, True)):
     consts = {"SCALAR_PARAMS": not rows, "HAS_ROWS": rows, "HAS_MIN_P": min_p, "SEED_PTR": seed_ptr,
-              "SLICES_PAD": S.MAX_SLICES, "BLOCK": S.BLOCK}
+              "SLICES_PAD": S.MAX_SLICES, "SLICE": S.SLICE, "LANES": S.FALLBACK_LANES, "NCP": 128}
     fn = S._split_sample_kernel
     sig = {n: ptr.get(n, "i32") for n in fn.arg_names if n not in consts}
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 4})
+                       options={"num_warps": S.NUM_WARPS})
     assert "atom" in k.asm["ptx"] and "ld.global.cg" in k.asm["ptx"], "ticket atomics / L2 reads of the partials"
 print("COMPILED")
 """
@@ -182,20 +187,22 @@ def test_gpu_split_draws_follow_the_law_and_replay_in_a_graph(dtype, min_p):
 
 
 @pytest.mark.gpu
-def test_gpu_ops_take_the_split_path_only_when_enabled_and_fitting(monkeypatch):
+def test_gpu_ops_take_the_split_path_unless_disabled_or_too_many_rows(monkeypatch):
     from pagoda.ops import sampling as ops
 
     calls = []
     real = S.split_sample
     monkeypatch.setattr(S, "split_sample", lambda *a, **k: (calls.append(a[-1]), real(*a, **k))[1])
     probs = torch.softmax(torch.randn(2, 151936, device="cuda") * 3, -1)
+    monkeypatch.setattr(ops, "SPLIT_ROWS", False)       # PAGODA_SAMPLING_SPLIT=0
     ops.sampling_from_probs(probs)
-    assert calls == []                                  # off by default (PAGODA_SAMPLING_SPLIT)
-    monkeypatch.setattr(ops, "SPLIT_ROWS", True)
+    assert calls == []
+    monkeypatch.setattr(ops, "SPLIT_ROWS", True)        # the default
     tok = ops.sampling_from_probs(probs)
     tok2 = ops.min_p_sampling_from_probs(probs, 0.1)
     assert len(calls) == 2 and calls[0] >= ops.MIN_SPLIT
     assert ((tok >= 0) & (tok < 151936)).all() and ((tok2 >= 0) & (tok2 < 151936)).all()
     ops.top_p_sampling_from_probs(probs, 0.9)            # top-p / top-k keep the one-program kernel
-    ops.sampling_from_probs(torch.softmax(torch.randn(128, 151936, device="cuda"), -1))   # too many rows
+    ops.sampling_from_probs(torch.softmax(torch.randn(ops.MAX_SPLIT_BATCH + 1, 151936, device="cuda"), -1))
+    assert len(calls) == 2                               # too many rows: one program per row
     assert len(calls) == 2

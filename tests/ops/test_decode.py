@@ -364,7 +364,7 @@ def test_repeat_runs_replay_the_recorded_launch_with_the_new_tensors(monkeypatch
     assert replayed[0] is q2 and replayed[3] is out2 and replayed[4] is lse2
     assert replayed[1].data_ptr() == c2[:, 0].data_ptr() and replayed[2].data_ptr() == c2[:, 1].data_ptr()
     assert replayed[5] is log[0][1][5] and replayed[6] == log[0][1][6]     # planned chunk buffer and scale kept
-    kept = next(iter(w._bound.values()))[0][0][2]
+    kept = next(iter(w._bound.values())).calls[0][1][9:]
     assert kept[:5] == [None] * 5, "the first run's q/caches/out/lse must not be held between runs"
     w.run(q2, c2, out=torch.empty(2, 8, 16)[:, ::2])                        # another out layout: launched again
     w.plan(indptr, indices, last, 4, 2, 16, 4, q_data_type=torch.float32, kv_data_type=torch.float32,
