@@ -97,7 +97,7 @@ GRIDS: dict[str, dict] = {
     # the rest of the 430 s for start-up, first compiles (flex_attention's torch.compile), the max-batch
     # search (50 s) and re-timing the claim's rows. tests/bench checks this arithmetic.
     "gpu": dict(model="qwen3-0.6b", batch_sizes=(64, 128, 16, 1), prompt_len=128, new_tokens=32, repeats=1,
-                max_batch_search=True, budget_s=430.0, case_limit_s=90.0, refine_to=3, max_batch_budget_s=50.0,
+                max_batch_search=True, budget_s=430.0, case_limit_s=90.0, refine_to=5, max_batch_budget_s=50.0,
                 max_batch_resolution=4),
 }
 
