@@ -48,6 +48,12 @@ s8)
   PAGODA_AUTOTUNE=0 timeout -k 5 130 python3 benchmarks/e2e_host_insitu.py 128 4 2>&1 | tee $OUT/e2e-host-insitu.txt \
     | tail -9
   ;;
+s9)
+  # For the next session's first call (~3 min): one program's streaming rate from DRAM, plain loads at several
+  # depths / warps against TMA descriptor loads (issue 4: every batch-1 pass of the one-program samplers reads
+  # a row on one SM at ~28-32 GB/s; NOTES "Session 8").
+  timeout -k 5 170 python3 benchmarks/sm_bandwidth_probe.py 2>&1 | tee $OUT/sm-bandwidth-probe.txt | tail -5
+  ;;
 paged)
   # Session 6's paged Gluon prefill (attention_hopper_paged): its GPU tests, the paged prefill GPU tests it now
   # serves, the paged grid beside FlashInfer and both dense kernels; then what "next" checks (~8 min in all).

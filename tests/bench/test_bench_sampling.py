@@ -85,3 +85,12 @@ def test_gpu_case_times_pagoda_and_torch_inside_a_cuda_graph():
     text = sampling.tables({"meta": {"dtype": "float32"}, "backends": {n: {"available": True, "reason": None}
                             for n in ("pagoda", "torch_sort")}, "results": rows})
     assert "CUDA-graph replay" in text
+
+
+def test_sm_bandwidth_probe_compiles_for_sm90():
+    """The single-SM streaming probe (`benchmarks/sm_bandwidth_probe.py`, next session's first GPU call) compiles
+    for sm_90: its plain loads, and its descriptor loads as TMA bulk copies."""
+    from tests.helpers import run_aot_script
+
+    run_aot_script("import runpy, sys; sys.argv = ['probe', '--aot']; "
+                   "runpy.run_path('benchmarks/sm_bandwidth_probe.py', run_name='__main__')")
