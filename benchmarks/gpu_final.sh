@@ -53,6 +53,10 @@ s9)
   # depths / warps against TMA descriptor loads (issue 4: every batch-1 pass of the one-program samplers reads
   # a row on one SM at ~28-32 GB/s; NOTES "Session 8").
   timeout -k 5 170 python3 benchmarks/sm_bandwidth_probe.py 2>&1 | tee $OUT/sm-bandwidth-probe.txt | tail -5
+  # Then the opt-in min-p frontier (PAGODA_SAMPLING_FRONTIER): its GPU tests and the batch-1 probe (mean of 8
+  # seeds beside accept-or-redraw). Make it the default if it wins.
+  timeout -k 5 150 python3 -m pytest tests/kernels/test_sampling_split.py -m gpu -q -p no:cacheprovider 2>&1 | tail -3
+  timeout -k 5 150 python3 benchmarks/sampling_b1_probe.py 2>&1 | tee $OUT/sampling-b1-probe.txt | tail -8
   ;;
 paged)
   # Session 6's paged Gluon prefill (attention_hopper_paged): its GPU tests, the paged prefill GPU tests it now

@@ -31,11 +31,22 @@ def main():
                 call()
                 row[f"{name}/{block or 'default'}"] = round(graph_time_ms(call, dev) * 1e3, 2)
         slices = SP.num_slices(vocab, 1, K.sm_count(dev))
-        for name, mp in (("plain", None), ("min_p", 0.05)):
+        for name, mp, fr in (("plain", None, False), ("min_p", 0.05, False), ("min_p_frontier", 0.05, True)):
             def split():
-                SP.split_sample(p, out, valid, None, mp, seed, off, slices)
+                SP.split_sample(p, out, valid, None, mp, seed, off, slices, frontier=fr)
             split()
             row[f"{name}/split{slices}"] = round(graph_time_ms(split, dev) * 1e3, 2)
+        # min-p over 8 seeds (the graph replays one draw; accept-or-redraw depends on it): mean µs
+        for name, fr in (("min_p", False), ("min_p_frontier", True)):
+            times = []
+            for sd in range(8):
+                sdt = torch.full((1,), sd, dtype=torch.int64, device=dev)
+
+                def split():
+                    SP.split_sample(p, out, valid, None, 0.05, sdt, off, slices, frontier=fr)
+                split()
+                times.append(graph_time_ms(split, dev) * 1e3)
+            row[f"{name}/split{slices}/mean8seeds"] = round(sum(times) / len(times), 2)
         print(json.dumps(row), flush=True)
 
 

@@ -44,6 +44,7 @@ MIN_SLICE = SLICE     # tokens per slice at least: below that a program's fixed 
 MAX_SLICES = 64       # partials per row in the workspace
 FALLBACK_LANES = 2048  # lanes of the last program's min-p redraw (8 warps, 4 chunks in flight)
 NUM_WARPS = 8
+FRONTIER_K = 8        # frontier entries a slice keeps for min-p (`_frontier_slice`)
 
 
 @triton.jit
@@ -77,15 +78,77 @@ def _race_slice(base, seed, rng_base, lo, hi, SLICE: tl.constexpr):
 
 
 @triton.jit
+def _frontier_slice(base, seed, rng_base, lo, hi, min_p, fr_p_ptr, fr_key_ptr, fr_tok_ptr, fslot,
+                    K: tl.constexpr, SLICE: tl.constexpr):
+    """min-p on a one-step slice ``[lo, hi)`` (``hi - lo <= SLICE``), exactly, without knowing the row's max.
+
+    With the same race keys as `_race_slice` (stage 0) and ``E_0 = {p >= min(min_p * m_s, m_s)}`` (m_s the
+    slice's largest p; the row's threshold is at least that), the frontier is ``w_1 = argmax key over E_0``,
+    ``E_i = {p > p_(w_i)} ∩ E_(i-1)``, ``w_(i+1) = argmax key over E_i``, ... until E is empty. For any
+    threshold t >= the slice's own, the best key over ``{p >= t}`` is the first frontier entry with p >= t
+    (by induction: while p_(w_i) < t, E_i still holds all of {p >= t}); entries have increasing p and
+    decreasing keys, so it is also the largest key among the entries with p >= t. Writes at most K entries
+    (p, key, token) at ``fslot * K``; returns (entry count, K + 1 when E was not empty after K entries, and
+    the slice's largest p). Simulated on softmax(3 N(0,1)) rows: 2.2 entries on average, never more than 9,
+    and the entry that decides a row's draw is within the first 8 in all of 7,600 slices."""
+    Q: tl.constexpr = SLICE // 4
+    offs = tl.arange(0, Q)
+    zero = (offs * 0).to(tl.uint32)
+    c0 = lo + offs
+    c1 = c0 + Q
+    c2 = c0 + 2 * Q
+    c3 = c0 + 3 * Q
+    x0 = tl.load(base + c0, mask=c0 < hi, other=0.0).to(tl.float32)
+    x1 = tl.load(base + c1, mask=c1 < hi, other=0.0).to(tl.float32)
+    x2 = tl.load(base + c2, mask=c2 < hi, other=0.0).to(tl.float32)
+    x3 = tl.load(base + c3, mask=c3 < hi, other=0.0).to(tl.float32)
+    c = rng_base + lo // 4 + offs
+    r0, r1, r2, r3 = tl.philox(seed, c.to(tl.uint32), (c >> 32).to(tl.uint32), zero, zero)
+    e0 = (c0 < hi) & _in_set(x0, 1)
+    e1 = (c1 < hi) & _in_set(x1, 1)
+    e2 = (c2 < hi) & _in_set(x2, 1)
+    e3 = (c3 < hi) & _in_set(x3, 1)
+    m = tl.max(tl.maximum(tl.maximum(tl.where(e0, x0, 0.0), tl.where(e1, x1, 0.0)),
+                          tl.maximum(tl.where(e2, x2, 0.0), tl.where(e3, x3, 0.0))), 0)
+    tb = tl.maximum(tl.minimum(min_p * m, m).to(tl.int32, bitcast=True), 1)
+    k0 = tl.where(e0 & _in_set(x0, tb), _race_key(x0, _exp1(r0), False), float("-inf"))
+    k1 = tl.where(e1 & _in_set(x1, tb), _race_key(x1, _exp1(r1), False), float("-inf"))
+    k2 = tl.where(e2 & _in_set(x2, tb), _race_key(x2, _exp1(r2), False), float("-inf"))
+    k3 = tl.where(e3 & _in_set(x3, tb), _race_key(x3, _exp1(r3), False), float("-inf"))
+    best = tl.max(tl.maximum(tl.maximum(k0, k1), tl.maximum(k2, k3)), 0)
+    cnt = tl.zeros((), tl.int32)
+    for i in range(K):
+        if best > float("-inf"):
+            w = tl.min(tl.minimum(tl.minimum(tl.where(k0 == best, c0, 2147483647), tl.where(k1 == best, c1, 2147483647)),
+                                  tl.minimum(tl.where(k2 == best, c2, 2147483647), tl.where(k3 == best, c3, 2147483647))), 0)
+            pw = tl.max(tl.maximum(tl.maximum(tl.where(c0 == w, x0, 0.0), tl.where(c1 == w, x1, 0.0)),
+                                   tl.maximum(tl.where(c2 == w, x2, 0.0), tl.where(c3 == w, x3, 0.0))), 0)
+            tl.store(fr_p_ptr + fslot * K + i, pw)
+            tl.store(fr_key_ptr + fslot * K + i, best)
+            tl.store(fr_tok_ptr + fslot * K + i, w)
+            cnt = i + 1
+            k0 = tl.where(x0 > pw, k0, float("-inf"))
+            k1 = tl.where(x1 > pw, k1, float("-inf"))
+            k2 = tl.where(x2 > pw, k2, float("-inf"))
+            k3 = tl.where(x3 > pw, k3, float("-inf"))
+            best = tl.max(tl.maximum(tl.maximum(k0, k1), tl.maximum(k2, k3)), 0)
+    return tl.where(best > float("-inf"), K + 1, cnt), m
+
+
+@triton.jit
 def _split_sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, min_p_ptr, min_p_val,
                          part_key_ptr, part_idx_ptr, part_max_ptr, ticket_ptr,
+                         fr_p_ptr, fr_key_ptr, fr_tok_ptr, fr_cnt_ptr,
                          seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val, vocab, num_rows,
                          slice_len, num_slices,
                          SCALAR_PARAMS: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_MIN_P: tl.constexpr,
                          SEED_PTR: tl.constexpr, SLICES_PAD: tl.constexpr, SLICE: tl.constexpr,
-                         LANES: tl.constexpr, NCP: tl.constexpr):
-    """Grid ``(batch, num_slices)``; workspace ``part_* [batch, SLICES_PAD]``, ``ticket [batch]`` (zeros).
-    LANES / NCP: the min-p redraw's lanes and ``next_pow2(ceil(vocab / LANES))``."""
+                         LANES: tl.constexpr, NCP: tl.constexpr, FRONTIER: tl.constexpr, K: tl.constexpr):
+    """Grid ``(batch, num_slices)``; workspace ``part_* [batch, SLICES_PAD]``, ``ticket [batch]`` (zeros),
+    ``fr_* [batch, SLICES_PAD, K]`` / ``fr_cnt [batch, SLICES_PAD]`` (FRONTIER). LANES / NCP: the min-p
+    redraw's lanes and ``next_pow2(ceil(vocab / LANES))``. FRONTIER (with HAS_MIN_P, one step per slice):
+    min-p from each slice's race frontier (`_frontier_slice`) instead of accept-or-redraw; the redraw then
+    runs only when a slice's frontier outgrew K entries before reaching the row's threshold."""
     pid = tl.program_id(0)
     sl = tl.program_id(1)
     row = _source_row(rows_ptr, pid, num_rows, HAS_ROWS)
@@ -94,10 +157,15 @@ def _split_sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, min_p_pt
     rng_base = off + pid.to(tl.int64) * _chunk_row_quads(vocab, SLICE)
     lo = sl * slice_len
     hi = tl.minimum(lo + slice_len, vocab)
-    key, tok, pmax = _race_slice(base, seed, rng_base, lo, hi, SLICE)
     slot = pid * SLICES_PAD + sl
-    tl.store(part_key_ptr + slot, key)
-    tl.store(part_idx_ptr + slot, tok)
+    if FRONTIER:
+        mp = _row_param(min_p_ptr, min_p_val, pid, SCALAR_PARAMS, tl.float32)
+        cnt, pmax = _frontier_slice(base, seed, rng_base, lo, hi, mp, fr_p_ptr, fr_key_ptr, fr_tok_ptr, slot, K, SLICE)
+        tl.store(fr_cnt_ptr + slot, cnt)
+    else:
+        key, tok, pmax = _race_slice(base, seed, rng_base, lo, hi, SLICE)
+        tl.store(part_key_ptr + slot, key)
+        tl.store(part_idx_ptr + slot, tok)
     tl.store(part_max_ptr + slot, pmax)
     tl.debug_barrier()   # every thread's stores before the ticket (release covers them from here)
     ticket = tl.atomic_add(ticket_ptr + pid, 1, sem="acq_rel", scope="gpu")
@@ -105,13 +173,41 @@ def _split_sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, min_p_pt
         tl.atomic_xchg(ticket_ptr + pid, 0, sem="relaxed", scope="gpu")   # zero again for the next call
         s = tl.arange(0, SLICES_PAD)
         live = s < num_slices
-        keys = tl.load(part_key_ptr + pid * SLICES_PAD + s, mask=live, other=float("-inf"), cache_modifier=".cg")
-        toks = tl.load(part_idx_ptr + pid * SLICES_PAD + s, mask=live, other=-1, cache_modifier=".cg")
         maxes = tl.load(part_max_ptr + pid * SLICES_PAD + s, mask=live, other=0.0, cache_modifier=".cg")
-        cand = _race_winner(keys, toks)   # slices hold disjoint tokens: ties broken by the lower token
-        found = cand >= 0
-        accepted = found
-        if HAS_MIN_P:
+        if FRONTIER:
+            m = tl.max(maxes, 0)
+            thr = tl.minimum(_row_param(min_p_ptr, min_p_val, pid, SCALAR_PARAMS, tl.float32) * m, m)
+            thr_bits = tl.maximum(thr.to(tl.int32, bitcast=True), 1)
+            s2 = s[:, None]
+            i2 = tl.arange(0, K)[None, :]
+            counts = tl.load(fr_cnt_ptr + pid * SLICES_PAD + s2, mask=s2 < num_slices, other=0, cache_modifier=".cg")
+            have = (s2 < num_slices) & (i2 < tl.minimum(counts, K))
+            at = (pid * SLICES_PAD + s2) * K + i2
+            ps = tl.load(fr_p_ptr + at, mask=have, other=0.0, cache_modifier=".cg")
+            ks = tl.load(fr_key_ptr + at, mask=have, other=float("-inf"), cache_modifier=".cg")
+            ts = tl.load(fr_tok_ptr + at, mask=have, other=2147483647, cache_modifier=".cg")
+            ok = have & _in_set(ps, thr_bits)
+            # Each slice's answer is its largest key among entries with p >= thr; the row's, the largest of those.
+            best = tl.max(tl.max(tl.where(ok, ks, float("-inf")), 1), 0)
+            tok = tl.min(tl.min(tl.where(ok & (ks == best), ts, 2147483647), 1), 0)
+            cand = tl.where(tok == 2147483647, -1, tok)
+            # A slice whose frontier outgrew K before reaching thr hides its answer: redraw exactly.
+            lost = tl.max(tl.max(((counts > K) & (tl.max(ok.to(tl.int32), 1)[:, None] == 0)).to(tl.int32), 1), 0)
+            found = m > 0.0
+            accepted = cand >= 0
+            if found & (lost > 0):
+                lanes = tl.arange(0, LANES)
+                mass, _v1, _v2, _v3 = _track_pass(base, thr_bits, vocab, lanes, LANES, False)
+                cand = _lane_draw(mass, lanes, base, thr_bits, seed, rng_base, 1, vocab, LANES, NCP)
+                accepted = cand >= 0
+            found = found & (cand >= 0)
+        else:
+            keys = tl.load(part_key_ptr + pid * SLICES_PAD + s, mask=live, other=float("-inf"), cache_modifier=".cg")
+            toks = tl.load(part_idx_ptr + pid * SLICES_PAD + s, mask=live, other=-1, cache_modifier=".cg")
+            cand = _race_winner(keys, toks)   # slices hold disjoint tokens: ties broken by the lower token
+            found = cand >= 0
+            accepted = found
+        if HAS_MIN_P and not FRONTIER:
             m = tl.max(maxes, 0)
             thr = tl.minimum(_row_param(min_p_ptr, min_p_val, pid, SCALAR_PARAMS, tl.float32) * m, m)
             thr_bits = tl.maximum(thr.to(tl.int32, bitcast=True), 1)
@@ -127,7 +223,8 @@ def _split_sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, min_p_pt
         tl.store(valid_ptr + pid, accepted.to(tl.int8))
 
 
-_workspaces: dict = {}   # device -> (part_key, part_idx, part_max, ticket), grown on demand
+_workspaces: dict = {}   # device -> (part_key, part_idx, part_max, ticket, fr_p, fr_key, fr_tok, fr_cnt), grown
+                         # on demand
 _retired: list = []      # outgrown workspaces: a captured graph may still launch with them, so never freed
 
 
@@ -149,7 +246,11 @@ def _workspace(device: torch.device, batch: int):
             torch.empty(rows * MAX_SLICES, dtype=torch.float32, device=device),
             torch.empty(rows * MAX_SLICES, dtype=torch.int32, device=device),
             torch.empty(rows * MAX_SLICES, dtype=torch.float32, device=device),
-            torch.zeros(rows, dtype=torch.int32, device=device))
+            torch.zeros(rows, dtype=torch.int32, device=device),
+            torch.empty(rows * MAX_SLICES * FRONTIER_K, dtype=torch.float32, device=device),
+            torch.empty(rows * MAX_SLICES * FRONTIER_K, dtype=torch.float32, device=device),
+            torch.empty(rows * MAX_SLICES * FRONTIER_K, dtype=torch.int32, device=device),
+            torch.empty(rows * MAX_SLICES, dtype=torch.int32, device=device))
     return ws
 
 
@@ -159,14 +260,16 @@ def num_slices(vocab: int, batch: int, sms: int) -> int:
 
 
 def split_sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor | None,
-                 min_p, seed, offset, slices: int, slice_tokens: int = SLICE) -> None:
+                 min_p, seed, offset, slices: int, slice_tokens: int = SLICE, frontier: bool = False) -> None:
     """Plain (``min_p`` None) or min-p sampling with ``slices`` programs per output row.
 
     x ``[num_rows, vocab]`` probabilities (last dim contiguous); out ``[batch]`` int32/int64; valid
     ``[batch]`` bool; rows optional int ``[batch]``; min_p a float, a float32 ``[batch]`` tensor or None;
     seed/offset ints or int64 device tensors of length 1 or batch (as `sampling.sample`). ``slice_tokens``:
-    tokens per step of a slice program (a power of two >= 64; tests use small ones). Inside a CUDA-graph
-    capture the workspace must already exist (`ready`): call once outside the capture first."""
+    tokens per step of a slice program (a power of two >= 64; tests use small ones). ``frontier``: min-p from
+    each slice's race frontier (exact, one pass; see `_frontier_slice`) where every slice is one step, else
+    accept-or-redraw. Inside a CUDA-graph capture the workspace must already exist (`ready`): call once
+    outside the capture first."""
     from pagoda.kernels.sampling import _seed_args
 
     batch, vocab = out.shape[0], x.shape[1]
@@ -176,7 +279,8 @@ def split_sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: 
     n = cdiv(vocab, slice_len)
     if x.is_cuda and torch.cuda.is_current_stream_capturing() and not ready(x.device, batch):
         raise RuntimeError("split_sample: its workspace is made outside CUDA-graph capture (run one call first)")
-    part_key, part_idx, part_max, ticket = _workspace(x.device, batch)
+    ws = _workspace(x.device, batch)
+    use_frontier = frontier and min_p is not None and slice_len == slice_tokens
     scalar = not isinstance(min_p, torch.Tensor)
     # <= slice_tokens: the redraw's lane counters (LANES / 4) stay inside the row's chunk counters.
     lanes = max(16, min(FALLBACK_LANES, slice_tokens, next_pow2(vocab)))
@@ -184,7 +288,7 @@ def split_sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: 
         _split_sample_kernel, (batch, n),
         x, x.stride(0), rows if rows is not None else out, out, valid.view(torch.int8),
         min_p if not scalar else out, float(min_p) if scalar and min_p is not None else 0.0,
-        part_key, part_idx, part_max, ticket, *_seed_args(seed, offset, out)[:6], vocab, x.shape[0], slice_len, n,
+        *ws, *_seed_args(seed, offset, out)[:6], vocab, x.shape[0], slice_len, n,
         SCALAR_PARAMS=scalar, HAS_ROWS=rows is not None, HAS_MIN_P=min_p is not None,
         SEED_PTR=isinstance(seed, torch.Tensor), SLICES_PAD=MAX_SLICES, SLICE=slice_tokens, LANES=lanes,
-        NCP=next_pow2(cdiv(vocab, lanes)), num_warps=NUM_WARPS)
+        NCP=next_pow2(cdiv(vocab, lanes)), FRONTIER=use_frontier, K=FRONTIER_K, num_warps=NUM_WARPS)

@@ -55,6 +55,10 @@ def _kernels():
 # (`pagoda.kernels.sampling_split`): one program per row leaves a batch-1 row on one SM (~28 GB/s).
 # PAGODA_SAMPLING_SPLIT=0 keeps the one-program kernel (read once, at import).
 SPLIT_ROWS = os.environ.get("PAGODA_SAMPLING_SPLIT", "1") != "0"
+# min-p on the split path: each slice's race frontier (one pass, exact) instead of accept-or-redraw, whose
+# redraw runs on one program for the ~55-70% of draws outside N. Opt-in (PAGODA_SAMPLING_FRONTIER=1) until
+# measured on a GPU (compiled for sm_90 and checked in the interpreter only, 2026-12-01).
+FRONTIER_MIN_P = os.environ.get("PAGODA_SAMPLING_FRONTIER", "0") == "1"
 MIN_SPLIT = 4          # fewer slices per row than this: the one-program kernel
 MAX_SPLIT_BATCH = 8    # larger batches fill the SMs with one program per row (measured there: >= 1.1x FlashInfer)
 
@@ -82,7 +86,7 @@ def _launch(x, indices, batch, generator, seed, offset, return_valid, top_k=None
     valid = torch.empty(batch, dtype=torch.bool, device=x.device)
     slices = _split_slices(x, batch, top_k, top_p, from_logits, k_first)
     if slices:
-        _kernels()[2].split_sample(x, out, valid, indices, min_p, s, o, slices)
+        _kernels()[2].split_sample(x, out, valid, indices, min_p, s, o, slices, frontier=FRONTIER_MIN_P)
     else:
         _k.sample(x, out, valid, indices, top_k, top_p, min_p, s, o, from_logits, k_first=k_first)
     return (out, valid) if return_valid else out

@@ -6,6 +6,8 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from pagoda.kernels import sampling_split as S
 
@@ -16,12 +18,12 @@ interp = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
 T = 256     # tokens per slice step in the interpreter tests (the GPU tests use the default, S.SLICE)
 
 
-def _run(x, n_out=None, min_p=None, seed=5, offset=0, slices=3, slice_tokens=T):
+def _run(x, n_out=None, min_p=None, seed=5, offset=0, slices=3, slice_tokens=T, frontier=False):
     n = x.shape[0] if n_out is None else n_out
     rows = None if n_out is None else torch.zeros(n, dtype=torch.int32, device=x.device)
     out = torch.full((n,), -7, dtype=torch.int32, device=x.device)
     valid = torch.zeros(n, dtype=torch.bool, device=x.device)
-    S.split_sample(x, out, valid, rows, min_p, seed, offset, slices, slice_tokens)
+    S.split_sample(x, out, valid, rows, min_p, seed, offset, slices, slice_tokens, frontier)
     return out.cpu(), valid.cpu()
 
 
@@ -70,6 +72,74 @@ def test_min_p_keeps_to_the_set_and_renormalises_with_fallback():
     q = torch.cat([p, p])
     out, valid = _run(q, min_p=torch.tensor([1.0, 0.0]), slices=2)
     assert valid.all() and out[0].item() == 3 and 0 <= out[1].item() < vocab
+
+
+def _min_p_row(vocab):
+    """Mass on four tokens of two slices, p(N) = 0.35 for min_p = 0.5 (N = the two leading tokens), the rest
+    spread thinly: most plain race winners fall outside N."""
+    p = torch.full((1, vocab), 0.65 / (vocab - 4))
+    p[0, 3], p[0, T + 1], p[0, 7], p[0, T + 9] = 0.2, 0.15, 0.06, 0.05
+    return p / p.sum()
+
+
+@interp
+def test_min_p_frontier_is_exact_and_reuses_the_plain_race():
+    """Frontier min-p: the law of p restricted to N; where the plain race's winner lies in N, the very same
+    token (same keys: the frontier only restricts the race)."""
+    vocab = 2 * T
+    p = _min_p_row(vocab)
+    n = 120
+    out, valid = _run(p, n_out=n, min_p=0.5, slices=2, frontier=True)
+    assert valid.all() and set(out.tolist()) <= {3, T + 1}
+    counts = torch.tensor([(out == 3).sum().item(), (out == T + 1).sum().item()], dtype=torch.float64)
+    assert _chi2_ok(counts, torch.tensor([0.2, 0.15], dtype=torch.float64) / 0.35, n)
+    plain, _ = _run(p, n_out=n, slices=2)
+    inside = (plain == 3) | (plain == T + 1)
+    assert inside.sum() >= 20 and torch.equal(out[inside], plain[inside])
+
+
+@triton.jit
+def _marker_draw(lane_w, lanes, base, a_bits, seed, rng_base, stage, vocab, LANES: tl.constexpr, NCP: tl.constexpr):
+    """Stands in for the exact redraw: always token T + 2 (in N), so a test sees when the redraw ran."""
+    return tl.full((), T + 2, tl.int32)
+
+
+@interp
+@pytest.mark.parametrize("k", [8, 1])
+def test_min_p_frontier_redraws_only_when_a_slice_frontier_overflows(monkeypatch, k):
+    """Slice 0 holds 64 near-equal tokens, all under the row's threshold (N = {T+1, T+2} in slice 1): its
+    frontier is ~5 entries long. With K = 8 it fits (the redraw is rare); with K = 1 it overflows on every
+    row and the redraw (here a marker) decides. The real redraw's law is checked with K = 1 as well."""
+    vocab = 2 * T
+    p = torch.full((1, vocab), 1e-6)
+    p[0, 10:74] = 0.01 * (1 + torch.arange(64) / 640)
+    p[0, T + 1], p[0, T + 2] = 0.3, 0.2
+    p = p / p.sum()
+    n = 80
+    monkeypatch.setattr(S, "FRONTIER_K", k)
+    out, valid = _run(p, n_out=n, min_p=0.5, slices=2, frontier=True)
+    assert valid.all() and set(out.tolist()) <= {T + 1, T + 2}
+    counts = torch.tensor([(out == T + 1).sum().item(), (out == T + 2).sum().item()], dtype=torch.float64)
+    assert _chi2_ok(counts, torch.tensor([0.6, 0.4], dtype=torch.float64), n)
+    monkeypatch.setattr(S, "_lane_draw", _marker_draw)
+    marked, _ = _run(p, n_out=n, min_p=0.5, slices=2, frontier=True)
+    redrawn = int((marked == T + 2).sum()) - int(((marked == T + 2) & (out == T + 2)).sum())
+    if k == 1:
+        assert (marked == T + 2).all()
+    else:
+        assert (marked == T + 1).sum() >= 30 and redrawn <= n // 10
+
+
+@interp
+def test_min_p_frontier_per_row_thresholds_and_degenerate_rows():
+    vocab = 2 * T
+    p = _min_p_row(vocab)
+    x = torch.cat([p, p, torch.zeros(1, vocab), torch.full((1, vocab), float("nan"))])
+    out, valid = _run(x, min_p=torch.tensor([1.0, 0.0, 0.5, 0.5]), slices=2, frontier=True)
+    assert out[0].item() == 3 and 0 <= out[1].item() < vocab and out[2:].tolist() == [0, 0]
+    assert valid.tolist() == [True, True, False, False]
+    one_step = _run(p, min_p=0.5, slices=1, frontier=True)       # one slice of 2 steps: accept-or-redraw
+    assert one_step[0].item() in (3, T + 1) and one_step[1].all()
 
 
 @interp
@@ -126,10 +196,12 @@ from triton.compiler import ASTSource
 from pagoda.kernels import sampling_split as S
 ptr = {"x_ptr": "*bf16", "rows_ptr": "*i32", "out_ptr": "*i32", "valid_ptr": "*i8", "min_p_ptr": "*fp32",
        "min_p_val": "fp32", "part_key_ptr": "*fp32", "part_idx_ptr": "*i32", "part_max_ptr": "*fp32",
-       "ticket_ptr": "*i32", "seed_ptr": "*i64", "offset_ptr": "*i64", "seed_val": "i64", "offset_val": "i64"}
+       "ticket_ptr": "*i32", "fr_p_ptr": "*fp32", "fr_key_ptr": "*fp32", "fr_tok_ptr": "*i32", "fr_cnt_ptr": "*i32",
+       "seed_ptr": "*i64", "offset_ptr": "*i64", "seed_val": "i64", "offset_val": "i64"}
 for min_p, rows, seed_ptr in ((False, False, False), (True, True, True)):
     consts = {"SCALAR_PARAMS": not rows, "HAS_ROWS": rows, "HAS_MIN_P": min_p, "SEED_PTR": seed_ptr,
-              "SLICES_PAD": S.MAX_SLICES, "SLICE": S.SLICE, "LANES": S.FALLBACK_LANES, "NCP": 128}
+              "SLICES_PAD": S.MAX_SLICES, "SLICE": S.SLICE, "LANES": S.FALLBACK_LANES, "NCP": 128,
+              "FRONTIER": min_p, "K": S.FRONTIER_K}
     fn = S._split_sample_kernel
     sig = {n: ptr.get(n, "i32") for n in fn.arg_names if n not in consts}
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
@@ -148,8 +220,8 @@ def test_split_kernel_compiles_for_sm90():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("min_p", [None, 0.6])
-def test_gpu_split_draws_follow_the_law_and_replay_in_a_graph(dtype, min_p):
+@pytest.mark.parametrize("min_p, frontier", [(None, False), (0.6, False), (0.6, True)])
+def test_gpu_split_draws_follow_the_law_and_replay_in_a_graph(dtype, min_p, frontier):
     vocab, hot = 151936, [5, 40000, 90001, 151935]
     p = torch.full((1, vocab), 1e-7)
     p[0, hot] = torch.tensor([0.4, 0.3, 0.2, 0.1])
@@ -158,7 +230,8 @@ def test_gpu_split_draws_follow_the_law_and_replay_in_a_graph(dtype, min_p):
     keep = pf >= (min_p or 0.0) * pf.max()
     want = torch.where(keep, pf, 0.0) / torch.where(keep, pf, 0.0).sum()
     n = 4000
-    out, valid = _run(x, n_out=n, min_p=min_p, slices=S.num_slices(vocab, 1, 132))
+    out, valid = _run(x, n_out=n, min_p=min_p, slices=S.num_slices(vocab, 1, 132), slice_tokens=S.SLICE,
+                      frontier=frontier)
     assert valid.all() and ((out >= 0) & (out < vocab)).all()
     assert keep[out.long()].all()                       # min-p: only tokens of N (the fallback redraws)
     buckets = torch.tensor([(out == t).sum().item() for t in hot] + [(~torch.isin(out, torch.tensor(hot))).sum().item()],
@@ -169,16 +242,16 @@ def test_gpu_split_draws_follow_the_law_and_replay_in_a_graph(dtype, min_p):
     seed, off = torch.tensor([3], device="cuda"), torch.tensor([12], device="cuda")
     o1, v1 = torch.empty(8, dtype=torch.int32, device="cuda"), torch.empty(8, dtype=torch.bool, device="cuda")
     rows = torch.zeros(8, dtype=torch.int32, device="cuda")
-    S.split_sample(x, o1, v1, rows, min_p, seed, off, 16)
+    S.split_sample(x, o1, v1, rows, min_p, seed, off, 38, frontier=frontier)
     o2, v2 = torch.empty_like(o1), torch.empty_like(v1)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        S.split_sample(x, o2, v2, rows, min_p, seed, off, 16)
+        S.split_sample(x, o2, v2, rows, min_p, seed, off, 38, frontier=frontier)
     torch.cuda.current_stream().wait_stream(side)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        S.split_sample(x, o2, v2, rows, min_p, seed, off, 16)
+        S.split_sample(x, o2, v2, rows, min_p, seed, off, 38, frontier=frontier)
     o2.fill_(-1)
     g.replay()
     torch.cuda.synchronize()
