@@ -131,8 +131,10 @@ def unavailable_reason(impl: str, device: torch.device) -> str | None:
     return None
 
 
-def build_model(name_or_path: str, device: torch.device, dtype: torch.dtype):
-    """A random-weight model of a preset shape, or a local folder (config + safetensors)."""
+def build_model(name_or_path: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """A random-weight model of a preset shape (weights drawn from ``seed``: the same model in every run, so
+    the agreement check's near-ties are reproducible; the caller's RNG state is left as it was), or a local
+    folder (config + safetensors)."""
     import transformers
 
     if name_or_path in PRESETS:
@@ -140,7 +142,9 @@ def build_model(name_or_path: str, device: torch.device, dtype: torch.dtype):
         arch = spec.pop("arch")
         cfg_cls = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config}[arch]
         cfg = cfg_cls(**spec, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        with torch.device(device):
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.device(device):
+            torch.manual_seed(seed)
             try:
                 model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
             except TypeError:  # transformers < 4.56 names it torch_dtype

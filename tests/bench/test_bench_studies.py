@@ -233,3 +233,15 @@ def test_sampling_study_keeps_each_calls_best_round(monkeypatch):
     rows = report["results"]
     assert rows and all(r["status"] == "ok" and r["us"] == 1000.0 for r in rows)
     assert all(r["floor_us"] is not None for r in rows)
+
+
+def test_e2e_preset_models_are_seeded_without_touching_the_callers_rng():
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    a = e2e.build_model("tiny", torch.device("cpu"), torch.float32)
+    assert torch.equal(state, torch.get_rng_state())
+    b = e2e.build_model("tiny", torch.device("cpu"), torch.float32)
+    c = e2e.build_model("tiny", torch.device("cpu"), torch.float32, seed=1)
+    pa, pb, pc = (list(m.parameters()) for m in (a, b, c))
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb))
+    assert not all(torch.equal(x, y) for x, y in zip(pa, pc))
