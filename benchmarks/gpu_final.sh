@@ -55,7 +55,9 @@ s9)
   timeout -k 5 170 python3 benchmarks/sm_bandwidth_probe.py 2>&1 | tee $OUT/sm-bandwidth-probe.txt | tail -5
   # Then the opt-in min-p frontier (PAGODA_SAMPLING_FRONTIER): its GPU tests and the batch-1 probe (mean of 8
   # seeds beside accept-or-redraw). Make it the default if it wins.
-  timeout -k 5 150 python3 -m pytest tests/kernels/test_sampling_split.py -m gpu -q -p no:cacheprovider 2>&1 | tail -3
+  # (and the HF decode hit path's direct device/stream lookup, 2026-12-01 late: the HF integration tests).
+  timeout -k 5 150 python3 -m pytest tests/kernels/test_sampling_split.py tests/integrations -m gpu -q -p no:cacheprovider \
+    2>&1 | tail -3
   timeout -k 5 150 python3 benchmarks/sampling_b1_probe.py 2>&1 | tee $OUT/sampling-b1-probe.txt | tail -8
   ;;
 paged)
