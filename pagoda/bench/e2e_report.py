@@ -12,6 +12,33 @@ def _ratio_cells(cells: dict) -> str:
     return f"{pg['tokens_per_s'] / max(others):.2f}x" if pg and pg["status"] == "ok" and others else "-"
 
 
+PAIRED_MIN = 3   # paired rounds a competitor needs to enter the paired reading
+
+
+def paired_ratios(report: dict) -> dict:
+    """Per (cache, processor, batch) cell: the median over timing rounds of ``other_ms[r] / pagoda_ms[r]``
+    for each other implementation with at least PAIRED_MIN samples (rounds are taken in turn across
+    implementations, so a round's samples share the host's drift), and the smallest of those medians
+    ("pagoda / toughest other, paired"). A reading beside the tokens/s ratio of medians, not a criterion."""
+    samples = report.get("samples_ms") or {}
+    out = {}
+    for label, pg in samples.items():
+        impl, cache, proc, batch = label.split("/")
+        if impl != "pagoda" or len(pg) < PAIRED_MIN:
+            continue
+        per = {}
+        for other, ms in samples.items():
+            o_impl, *rest = other.split("/")
+            if o_impl == "pagoda" or rest != [cache, proc, batch] or len(ms) < PAIRED_MIN:
+                continue
+            n = min(len(ms), len(pg))
+            ratios = sorted(ms[r] / pg[r] for r in range(n))
+            per[o_impl] = round((ratios[(n - 1) // 2] + ratios[n // 2]) / 2, 3)
+        if per:
+            out[(cache, proc, int(batch[1:]))] = {"vs": per, "toughest": min(per.values())}
+    return out
+
+
 def tables(report: dict, markdown: bool = False) -> str:
     """Tokens/s per implementation (columns) and batch (rows), one table per cache x processor."""
     names = [n for n, b in report["backends"].items() if b["available"]]
@@ -32,6 +59,12 @@ def tables(report: dict, markdown: bool = False) -> str:
         title = f"{report['meta']['model']}: tokens/s, cache={cache}, logits processor={proc}"
         table = _report.markdown_table(headers, rows) if markdown else _report.format_table(headers, rows, 0)
         out.append((f"### {title}\n\n" if markdown else title + "\n") + table)
+    paired = paired_ratios(report)
+    if paired:
+        lines = [f"{c}/{p}/b{b}: {v['toughest']:.2f}x (" + ", ".join(f"{k} {r:.2f}x" for k, r in v["vs"].items()) + ")"
+                 for (c, p, b), v in sorted(paired.items())]
+        out.append("pagoda / toughest other, paired rounds (median over rounds of other ms / pagoda ms):\n"
+                   + "\n".join(("- " if markdown else "  ") + line for line in lines))
     mb = report.get("max_batch")
     if isinstance(mb, dict) and mb:
         def fmt(v):

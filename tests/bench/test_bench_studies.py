@@ -245,3 +245,20 @@ def test_e2e_preset_models_are_seeded_without_touching_the_callers_rng():
     pa, pb, pc = (list(m.parameters()) for m in (a, b, c))
     assert all(torch.equal(x, y) for x, y in zip(pa, pb))
     assert not all(torch.equal(x, y) for x, y in zip(pa, pc))
+
+
+def test_e2e_paired_reading_pairs_rounds_and_takes_the_toughest_competitor():
+    from pagoda.bench import e2e_report
+
+    report = {"meta": {"model": "m"}, "backends": {}, "results": [], "samples_ms": {
+        "pagoda/dynamic/none/b64": [100.0, 120.0, 90.0],
+        "sdpa/dynamic/none/b64": [110.0, 126.0, 81.0],        # ratios 1.10, 1.05, 0.90 -> median 1.05
+        "eager/dynamic/none/b64": [130.0, 150.0, 120.0],      # 1.30, 1.25, 1.33 -> 1.30
+        "sdpa_cudnn/dynamic/none/b64": [50.0],                # one sample: not paired
+        "sdpa/static/none/b64": [10.0, 10.0, 10.0],           # another cell: pagoda has no samples there
+        "pagoda/dynamic/none/b128": [100.0, 100.0],           # two rounds: below PAIRED_MIN
+    }}
+    got = e2e_report.paired_ratios(report)
+    assert list(got) == [("dynamic", "none", 64)]
+    assert got[("dynamic", "none", 64)] == {"vs": {"sdpa": 1.05, "eager": 1.3}, "toughest": 1.05}
+    assert "dynamic/none/b64: 1.05x (sdpa 1.05x, eager 1.30x)" in e2e_report.tables(report)
