@@ -53,8 +53,9 @@ s9)
   # depths / warps against TMA descriptor loads (issue 4: every batch-1 pass of the one-program samplers reads
   # a row on one SM at ~28-32 GB/s; NOTES "Session 8").
   timeout -k 5 170 python3 benchmarks/sm_bandwidth_probe.py 2>&1 | tee $OUT/sm-bandwidth-probe.txt | tail -5
-  # Then the opt-in min-p frontier (PAGODA_SAMPLING_FRONTIER): its GPU tests and the batch-1 probe (mean of 8
-  # seeds beside accept-or-redraw). Make it the default if it wins.
+  # Then the opt-in race frontiers (PAGODA_SAMPLING_FRONTIER: min-p in one pass, top-p at batch <= 8): their GPU
+  # tests and the batch-1 probe (means of 8 seeds beside accept-or-redraw and the one-program top-p). Make them
+  # the default where they win; then a "sampling" call with PAGODA_SAMPLING_FRONTIER=1 for the same-run table.
   # (and the HF decode hit path's direct device/stream lookup, 2026-12-01 late: the HF integration tests).
   timeout -k 5 150 python3 -m pytest tests/kernels/test_sampling_split.py tests/integrations -m gpu -q -p no:cacheprovider \
     2>&1 | tail -3

@@ -36,17 +36,22 @@ def main():
                 SP.split_sample(p, out, valid, None, mp, seed, off, slices, frontier=fr)
             split()
             row[f"{name}/split{slices}"] = round(graph_time_ms(split, dev) * 1e3, 2)
-        # min-p over 8 seeds (the graph replays one draw; accept-or-redraw depends on it): mean µs
-        for name, fr in (("min_p", False), ("min_p_frontier", True)):
+        # Over 8 seeds (a graph replays one draw; rejection paths depend on it): mean µs of min-p (accept-or-
+        # redraw, frontier) and top-p (one program, frontiers) at batch 1.
+        cases = [("min_p", lambda sdt: SP.split_sample(p, out, valid, None, 0.05, sdt, off, slices)),
+                 ("min_p_frontier", lambda sdt: SP.split_sample(p, out, valid, None, 0.05, sdt, off, slices,
+                                                                frontier=True)),
+                 ("top_p_one_program", lambda sdt: K.sample(p, out, valid, None, None, 0.9, None, sdt, off))]
+        if slices * SP.SLICE >= vocab:
+            cases.append(("top_p_frontier", lambda sdt: SP.split_sample(p, out, valid, None, None, sdt, off, slices,
+                                                                         top_p=0.9)))
+        for name, fn in cases:
             times = []
             for sd in range(8):
                 sdt = torch.full((1,), sd, dtype=torch.int64, device=dev)
-
-                def split():
-                    SP.split_sample(p, out, valid, None, 0.05, sdt, off, slices, frontier=fr)
-                split()
-                times.append(graph_time_ms(split, dev) * 1e3)
-            row[f"{name}/split{slices}/mean8seeds"] = round(sum(times) / len(times), 2)
+                fn(sdt)
+                times.append(graph_time_ms(lambda: fn(sdt), dev) * 1e3)
+            row[f"{name}/mean8seeds"] = round(sum(times) / len(times), 2)
         print(json.dumps(row), flush=True)
 
 

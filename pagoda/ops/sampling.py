@@ -55,23 +55,26 @@ def _kernels():
 # (`pagoda.kernels.sampling_split`): one program per row leaves a batch-1 row on one SM (~28 GB/s).
 # PAGODA_SAMPLING_SPLIT=0 keeps the one-program kernel (read once, at import).
 SPLIT_ROWS = os.environ.get("PAGODA_SAMPLING_SPLIT", "1") != "0"
-# min-p on the split path: each slice's race frontier (one pass, exact) instead of accept-or-redraw, whose
-# redraw runs on one program for the ~55-70% of draws outside N. Opt-in (PAGODA_SAMPLING_FRONTIER=1) until
-# measured on a GPU (compiled for sm_90 and checked in the interpreter only, 2026-12-01).
-FRONTIER_MIN_P = os.environ.get("PAGODA_SAMPLING_FRONTIER", "0") == "1"
+# Race frontiers on the split path (`sampling_split._frontier_slice`): min-p in one exact pass instead of
+# accept-or-redraw (whose redraw runs on one program for the ~55-70% of draws outside N), and top-p at
+# batch <= 8 (else one program per row). Opt-in (PAGODA_SAMPLING_FRONTIER=1) until measured on a GPU
+# (compiled for sm_90 and checked in the interpreter only, 2026-12-01).
+FRONTIER = os.environ.get("PAGODA_SAMPLING_FRONTIER", "0") == "1"
 MIN_SPLIT = 4          # fewer slices per row than this: the one-program kernel
 MAX_SPLIT_BATCH = 8    # larger batches fill the SMs with one program per row (measured there: >= 1.1x FlashInfer)
 
 
-def _split_slices(x, batch, top_k, top_p, from_logits, k_first) -> int:
+def _split_slices(x, batch, top_k, top_p, min_p, from_logits, k_first) -> int:
     """Slices per row for the split-row sampler, 0 when the call keeps the one-program kernel."""
     if (not SPLIT_ROWS or batch > MAX_SPLIT_BATCH or from_logits or k_first or top_k is not None
-            or top_p is not None):
+            or (top_p is not None and (not FRONTIER or min_p is not None))):
         return 0
     sampling, _, sampling_split = _kernels()
     n = sampling_split.num_slices(x.shape[1], batch, sampling.sm_count(x.device))
     if n < MIN_SPLIT or (torch.cuda.is_current_stream_capturing() and not sampling_split.ready(x.device, batch)):
         return 0
+    if top_p is not None and n * sampling_split.SLICE < x.shape[1]:
+        return 0   # top-p from frontiers needs one step per slice
     return n
 
 
@@ -84,9 +87,9 @@ def _launch(x, indices, batch, generator, seed, offset, return_valid, top_k=None
     dtype = out_dtype or (indices.dtype if indices is not None else torch.int32)
     out = torch.empty(batch, dtype=dtype, device=x.device)
     valid = torch.empty(batch, dtype=torch.bool, device=x.device)
-    slices = _split_slices(x, batch, top_k, top_p, from_logits, k_first)
+    slices = _split_slices(x, batch, top_k, top_p, min_p, from_logits, k_first)
     if slices:
-        _kernels()[2].split_sample(x, out, valid, indices, min_p, s, o, slices, frontier=FRONTIER_MIN_P)
+        _kernels()[2].split_sample(x, out, valid, indices, min_p, s, o, slices, frontier=FRONTIER, top_p=top_p)
     else:
         _k.sample(x, out, valid, indices, top_k, top_p, min_p, s, o, from_logits, k_first=k_first)
     return (out, valid) if return_valid else out
