@@ -34,7 +34,7 @@ import weakref
 import torch
 
 from pagoda.ops.attention import flash_attn_func, flash_attn_varlen_func
-from pagoda.ops.decode_dense import decode_dense, decode_hf
+from pagoda.ops.decode_dense import decode_dense, decode_hf, kernel_takes
 
 __all__ = ["register", "pagoda_attention_forward", "ATTN_IMPLEMENTATION"]
 
@@ -152,13 +152,6 @@ def _layout(mask: torch.Tensor, causal: bool, window_left: int, q_len: int, k_le
     return layout
 
 
-def _decode_ok(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """The decode kernel's preconditions (the rest is what HF guarantees: one device, one dtype)."""
-    d, hq, hk = q.shape[-1], q.shape[2], k.shape[2]
-    return (q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and d % 8 == 0 and d <= 256
-            and hq % hk == 0 and q.stride(-1) == 1 and k.stride(-1) == 1)
-
-
 def _scale(scaling: float | None, q: torch.Tensor) -> float:
     return q.shape[-1] ** -0.5 if scaling is None else float(scaling)
 
@@ -188,7 +181,7 @@ def pagoda_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     sq, sk = q.shape[1], k.shape[1]
 
     # Decode (one query token, every key visible): the split-KV decode kernel on HF's cache as it is.
-    decode = sq == 1 and sk > 0 and window_left < 0 and not cap and _decode_ok(q, k)
+    decode = sq == 1 and sk > 0 and window_left < 0 and not cap and kernel_takes(q, k, v, q.shape[2], k.shape[2])
 
     if attention_mask is None:
         if causal and 1 < sq < sk:

@@ -73,8 +73,8 @@ import triton.language as tl
 from pagoda.kernels._launch import cdiv, launch, next_pow2
 from pagoda.kernels.sampling_kth import _count_cut, _kth_value_bits, _peeled_floor_set  # noqa: F401
 from pagoda.kernels.sampling_race import (_exp1, _exp_at, _exp_run, _in_set, _philox_chunk, _philox_state,  # noqa: F401
-                                          _race_fold, _race_key, _race_winner, _row_param,
-                                          _source_row, _chunk_row_quads)
+                                          _race_fold, _race_key, _race_winner, _row_param, _source_row,
+                                          _chunk_row_quads)
 
 MAX_ROUNDS = 34
 
@@ -190,7 +190,7 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
                    top_k_val, top_p_val, min_p_val,
                    seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val, vocab, num_rows,
                    SCALAR_PARAMS: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_TOP_K: tl.constexpr,
-                   HAS_TOP_P: tl.constexpr,                   HAS_MIN_P: tl.constexpr, HAS_FLOOR: tl.constexpr, K_FIRST: tl.constexpr,
+                   HAS_TOP_P: tl.constexpr, HAS_MIN_P: tl.constexpr, HAS_FLOOR: tl.constexpr, K_FIRST: tl.constexpr,
                    FROM_LOGITS: tl.constexpr, SEED_PTR: tl.constexpr, BLOCK: tl.constexpr, NCP: tl.constexpr,
                    ROUNDS: tl.constexpr):
     """HAS_FLOOR: only tokens with ``p >= floor[i]`` exist for row i (its total, max, race and

@@ -23,7 +23,7 @@ _len_cache: dict = {}        # (device, batch, seqlen) -> kv_last_page_len
 _chunk_cache: dict = {}      # (device, chunk) -> chunk tensor
 _ws_cache: dict = {}         # (device, splits, batch, num_qo_heads, head_dim) -> (o_part, lse_part)
 _bound: dict = {}            # everything the launch arguments depend on -> bound launches
-_hf: dict = {}               # HF-layout call key -> (bound launches, out shape, device)
+_hf: dict = {}               # HF-layout call key -> (bound launches, out shape, device, the _launch module)
 _MAX_BOUND = 64
 
 
@@ -108,6 +108,16 @@ _current_stream = (getattr(torch._C, "_cuda_getCurrentRawStream", None)
                    or (lambda index: torch.cuda.current_stream(index).cuda_stream))
 
 
+def kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_qo_heads: int, num_kv_heads: int) -> bool:
+    """Whether the decode kernel takes these q/k/v (head_dim last, any layout otherwise): fp16/bf16 of one
+    dtype, head_dim a multiple of 8 up to 256 (the same for all three), a whole GQA ratio, last dimensions
+    contiguous. The rest (one device, k and v alike) is what HF guarantees."""
+    d = q.shape[-1]
+    return (q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and v.dtype == q.dtype
+            and d % 8 == 0 and d <= 256 and k.shape[-1] == d and v.shape == k.shape
+            and num_qo_heads % num_kv_heads == 0 and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1)
+
+
 def _hf_key(query, key, value, scaling):
     return (query.shape, key.shape, value.shape, query.stride(), key.stride(), value.stride(), query.dtype,
             key.dtype, value.dtype, query.get_device(), scaling)
@@ -137,10 +147,7 @@ def decode_hf(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scali
             return out
     b, hq, sq, d = query.shape
     s, hk = key.shape[2], key.shape[1]
-    if not (sq == 1 and query.dtype in (torch.float16, torch.bfloat16) and key.dtype == query.dtype
-            and value.dtype == query.dtype and value.shape == key.shape and d % 8 == 0 and d <= 256
-            and key.shape[0] == b and key.shape[3] == d and hq % hk == 0 and query.stride(-1) == 1
-            and key.stride(-1) == 1 and value.stride(-1) == 1):
+    if not (sq == 1 and key.shape[0] == b and kernel_takes(query, key, value, hq, hk)):
         return None
     scale = d ** -0.5 if scaling is None else float(scaling)
     q, k, v = query[:, :, 0], key.transpose(1, 2), value.transpose(1, 2)   # [b, hq, d], [b, s, hk, d] views
