@@ -61,6 +61,14 @@ s9)
     2>&1 | tail -3
   timeout -k 5 150 python3 benchmarks/sampling_b1_probe.py 2>&1 | tee $OUT/sampling-b1-probe.txt | tail -8
   ;;
+s9b)
+  # Session 9, second call (~3 min): the one-program sampler's launch configs and the split min-p paths, mean
+  # over 8 seeds (benchmarks/sampling_config_probe.py), then the sampling GPU tests.
+  timeout -k 5 200 python3 benchmarks/sampling_config_probe.py 2>&1 | tee $OUT/sampling-config-probe.txt | tail -20
+  timeout -k 5 200 python3 -m pytest tests/kernels/test_sampling_split.py tests/ops/test_sampling.py \
+    tests/bench/test_bench_sampling.py -m gpu -q -p no:cacheprovider -n 8 --timeout 150 > $OUT/gpu-tests.log 2>&1
+  tail -5 $OUT/gpu-tests.log
+  ;;
 paged)
   # Session 6's paged Gluon prefill (attention_hopper_paged): its GPU tests, the paged prefill GPU tests it now
   # serves, the paged grid beside FlashInfer and both dense kernels; then what "next" checks (~8 min in all).

@@ -411,7 +411,7 @@ def _seed_args(seed, offset, dummy: torch.Tensor):
 def sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor | None,
            top_k: torch.Tensor | None, top_p: torch.Tensor | None, min_p: torch.Tensor | None,
            seed, offset, from_logits: bool = False, block: int | None = None,
-           floor: torch.Tensor | None = None, k_first: bool = False) -> None:
+           floor: torch.Tensor | None = None, k_first: bool = False, warps: int | None = None) -> None:
     """Launch the race sampler.
 
     x: ``[num_rows, vocab]`` probabilities (fp32/fp16/bf16, rows need not sum to 1) or, with
@@ -422,6 +422,7 @@ def sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.
     ``[batch]`` or None: restrict row i to ``{p >= floor[i]}`` before everything else (see `top_k_floor`). k_first: "top_k_first"
     filtering (needs top_k and top_p, no floor): top-p over the renormalised top-k set, the k-th value
     found in the kernel. seed/offset: ints or int64 device tensors of length 1 or batch (graph-capturable).
+    block / warps: override `launch_config`'s choice (probes).
     """
     if k_first and (top_k is None or top_p is None or floor is not None):
         raise ValueError("k_first needs top_k and top_p and no floor")
@@ -441,7 +442,8 @@ def sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.
         vals = [min(int(top_k), vocab) if top_k is not None else 0, *(float(v) if v is not None else 0.0
                                                                        for v in (top_p, min_p))]
     seed_args = _seed_args(seed, offset, out)
-    block, warps = launch_config(vocab, batch, x.device, block)
+    block, default_warps = launch_config(vocab, batch, x.device, block)
+    warps = warps or default_warps
     dummy = out
     launch(
         _sample_kernel, (batch,),

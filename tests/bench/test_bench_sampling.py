@@ -72,6 +72,23 @@ def test_ratios_compare_the_same_timing_method():
     assert sampling._ratio({"status": "error"}, pagoda) == "-"
 
 
+def test_graph_time_is_the_mean_over_seeds_read_from_the_device_tensor(monkeypatch):
+    """Each seed gets its own captured graph (the seed tensor holds it while that graph is timed); the figure
+    is their mean, and the tensor is left at zero for the next backend."""
+    seed_t = torch.zeros(1, dtype=torch.int64)
+    seen = []
+
+    def fake_graph_time_ms(fn, device, **kw):
+        seen.append(int(seed_t))
+        return 1.0 + int(seed_t)                   # a draw whose cost grows with its seed
+
+    monkeypatch.setattr(sampling, "graph_time_ms", fake_graph_time_ms)
+    ms = sampling._seeded_graph_ms(lambda: None, seed_t, torch.device("cpu"))
+    assert seen == list(range(sampling.GRAPH_SEEDS))
+    assert ms == pytest.approx(1.0 + (sampling.GRAPH_SEEDS - 1) / 2)
+    assert int(seed_t) == 0
+
+
 @pytest.mark.gpu
 def test_gpu_case_times_pagoda_and_torch_inside_a_cuda_graph():
     """Every pagoda sampler is captured with device seed/offset tensors; its replay gives the headline."""
