@@ -24,7 +24,8 @@ row is cut into ``S`` slices of whole ``SLICE``-token steps, one program per (ou
                     p restricted to N (P(t) = p_t + (1 - p(N)) p_t / p(N) = p_t / p(N) for t in N,
                     normalised p). softmax(3 N(0,1)) rows with min_p = 0.05 keep ~97% of their mass in N.
 
-Race frontiers (opt-in in the ops layer, `PAGODA_SAMPLING_FRONTIER=1`; slices of one step): a slice records,
+Race frontiers (slices of one step; the ops layer takes them for min-p on rows of >= 16 slices, for top-p
+only with `PAGODA_SAMPLING_FRONTIER=1`, measured slower than one program per row): a slice records,
 for its own keys, the best-key token of every threshold (`_frontier_slice`, ~2-3 entries). min-p then needs
 no redraw: the draw is the largest key among all entries with p >= the row's threshold. top-p: the last
 program tests the few largest-key entries against N (one pass for ``mass(p > p_e)``); a miss falls back to

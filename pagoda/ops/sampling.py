@@ -55,11 +55,18 @@ def _kernels():
 # (`pagoda.kernels.sampling_split`): one program per row leaves a batch-1 row on one SM (~28 GB/s).
 # PAGODA_SAMPLING_SPLIT=0 keeps the one-program kernel (read once, at import).
 SPLIT_ROWS = os.environ.get("PAGODA_SAMPLING_SPLIT", "1") != "0"
-# Race frontiers on the split path (`sampling_split._frontier_slice`): min-p in one exact pass instead of
-# accept-or-redraw (whose redraw runs on one program for the ~55-70% of draws outside N), and top-p at
-# batch <= 8 (else one program per row). Opt-in (PAGODA_SAMPLING_FRONTIER=1) until measured on a GPU
-# (compiled for sm_90 and checked in the interpreter only, 2026-12-01).
-FRONTIER = os.environ.get("PAGODA_SAMPLING_FRONTIER", "0") == "1"
+# Race frontiers on the split path (`sampling_split._frontier_slice`). min-p: one exact pass instead of
+# accept-or-redraw (whose redraw runs on one program for the draws outside N), taken where every slice is one
+# step and the row has >= FRONTIER_MIN_SLICES slices. H200, 2026-12-01, mean of 8 seeds (session 9's
+# `benchmarks/sampling_config_probe.py`): b1 V=65536 13.5 vs 18.0 µs, V=128256 14.5 vs 19.7, V=151936 15.1
+# vs 17.2; b4 V=128256 15.3 vs 24.0; V=32000 (8 slices) 13.7 vs 12.8 (the redraw is cheap on a short row).
+# top-p from frontiers (at batch <= 8) measured slower than the one-program kernel (b1: 24.6 vs 14.3 µs at
+# V=32000, 51 vs 29 at 128256): opt-in only. PAGODA_SAMPLING_FRONTIER=1: both everywhere they apply;
+# =0: neither; unset: min-p by the rule above.
+_FRONTIER_ENV = os.environ.get("PAGODA_SAMPLING_FRONTIER", "")
+FRONTIER = _FRONTIER_ENV == "1"                 # top-p frontiers, and min-p frontiers at any slice count
+MIN_P_FRONTIER = _FRONTIER_ENV != "0"           # min-p frontiers from FRONTIER_MIN_SLICES slices on
+FRONTIER_MIN_SLICES = 16
 MIN_SPLIT = 4          # fewer slices per row than this: the one-program kernel
 MAX_SPLIT_BATCH = 8    # larger batches fill the SMs with one program per row (measured there: >= 1.1x FlashInfer)
 
@@ -89,7 +96,8 @@ def _launch(x, indices, batch, generator, seed, offset, return_valid, top_k=None
     valid = torch.empty(batch, dtype=torch.bool, device=x.device)
     slices = _split_slices(x, batch, top_k, top_p, min_p, from_logits, k_first)
     if slices:
-        _kernels()[2].split_sample(x, out, valid, indices, min_p, s, o, slices, frontier=FRONTIER, top_p=top_p)
+        frontier = FRONTIER or (MIN_P_FRONTIER and slices >= FRONTIER_MIN_SLICES)
+        _kernels()[2].split_sample(x, out, valid, indices, min_p, s, o, slices, frontier=frontier, top_p=top_p)
     else:
         _k.sample(x, out, valid, indices, top_k, top_p, min_p, s, o, from_logits, k_first=k_first)
     return (out, valid) if return_valid else out

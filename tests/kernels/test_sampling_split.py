@@ -357,9 +357,15 @@ def test_gpu_top_p_from_frontiers_follows_the_law_and_replays_in_a_graph(dtype):
 def test_gpu_ops_take_the_split_path_unless_disabled_or_too_many_rows(monkeypatch):
     from pagoda.ops import sampling as ops
 
-    calls = []
+    calls, frontiers = [], []
     real = S.split_sample
-    monkeypatch.setattr(S, "split_sample", lambda *a, **k: (calls.append(a[-1]), real(*a, **k))[1])
+
+    def spy(*a, **k):
+        calls.append(a[-1])
+        frontiers.append(k["frontier"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(S, "split_sample", spy)
     probs = torch.softmax(torch.randn(2, 151936, device="cuda") * 3, -1)
     monkeypatch.setattr(ops, "SPLIT_ROWS", False)       # PAGODA_SAMPLING_SPLIT=0
     ops.sampling_from_probs(probs)
@@ -367,7 +373,15 @@ def test_gpu_ops_take_the_split_path_unless_disabled_or_too_many_rows(monkeypatc
     monkeypatch.setattr(ops, "SPLIT_ROWS", True)        # the default
     tok = ops.sampling_from_probs(probs)
     tok2 = ops.min_p_sampling_from_probs(probs, 0.1)
-    assert len(calls) == 2 and calls[0] >= ops.MIN_SPLIT
+    assert len(calls) == 2 and calls[0] >= ops.FRONTIER_MIN_SLICES
+    assert frontiers[1]                                  # min-p over >= 16 slices: one-pass frontiers
+    monkeypatch.setattr(ops, "MIN_P_FRONTIER", False)   # PAGODA_SAMPLING_FRONTIER=0: accept-or-redraw
+    ops.min_p_sampling_from_probs(probs, 0.1)
+    assert frontiers[2] is False
+    monkeypatch.setattr(ops, "MIN_P_FRONTIER", True)
+    ops.min_p_sampling_from_probs(probs[:, :32000].contiguous(), 0.1)
+    assert calls[3] < ops.FRONTIER_MIN_SLICES and frontiers[3] is False   # 8 slices: accept-or-redraw
+    del calls[2:], frontiers[2:]
     assert ((tok >= 0) & (tok < 151936)).all() and ((tok2 >= 0) & (tok2 < 151936)).all()
     ops.top_p_sampling_from_probs(probs, 0.9)            # top-p / top-k keep the one-program kernel
     assert len(calls) == 2
