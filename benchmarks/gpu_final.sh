@@ -81,6 +81,16 @@ paged)
     --timeout 60 > $OUT/gpu-tests-next.log 2>&1; tail -3 $OUT/gpu-tests-next.log
   timeout -k 5 80 python3 benchmarks/dispatch_probe.py 2>&1 | tee $OUT/dispatch-probe.txt | tail -8
   ;;
+s10)
+  # Session 10's first call (~5 min): the GPU tests of what it changed without a GPU (the paged Gluon prefill's O
+  # by TMA boxes and skipped LSE; the one-program sampler's three-deep prefetch at BLOCK 4096), then the paged
+  # epilogue probe (issue 3: b8 s1024 at 0.66x the dense kernel) and the deep / two-deep sampler probe (issue 4).
+  timeout -k 5 240 python3 -m pytest tests/kernels/test_attention_hopper_paged.py tests/ops/test_prefill.py \
+    tests/kernels/test_sampling_split.py tests/ops/test_sampling.py tests/kernels/test_attention_hopper_compile.py \
+    -m gpu -q -p no:cacheprovider -n 8 --timeout 200 > $OUT/gpu-tests.log 2>&1; tail -15 $OUT/gpu-tests.log
+  timeout -k 5 100 python3 benchmarks/paged_probe.py --epilogue 2>&1 | tee $OUT/paged-epilogue-probe.txt | tail -4
+  timeout -k 5 150 python3 benchmarks/sampling_config_probe.py --deep 2>&1 | tee $OUT/sampling-deep-probe.txt | tail -7
+  ;;
 sampling)
   # Issue 4's same-run table: every sampler eager and CUDA-graph replayed, beside FlashInfer (its sampling
   # JIT, ~100 s, counts in the budget) and PyTorch's sort; the graph-timing GPU test first (seconds).

@@ -100,12 +100,13 @@ if _GLUON_OK:
             rows = nxt
 
     @gluon.jit
-    def _paged_consumer(q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready, v_empty, turns, O, LSE, q_start,
-                        head, m0, n_tiles, mask_from, stride_ot, stride_oh, stride_lt, stride_lh, qo_len, kv_len,
-                        qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                        CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
-                        WG: gl.constexpr):
-        """Consumer warpgroup WG: rows m0 + 64 WG .. + 63 of the request, then masked O / LSE stores."""
+    def _paged_consumer(q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready, v_empty, turns, o_desc, O, LSE,
+                        q_start, head, m0, n_tiles, mask_from, stride_ot, stride_oh, stride_lt, stride_lh, qo_len,
+                        kv_len, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                        CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, O_TMA: gl.constexpr, WRITE_LSE: gl.constexpr,
+                        NUM_CONSUMERS: gl.constexpr, WG: gl.constexpr):
+        """Consumer warpgroup WG: rows m0 + 64 WG .. + 63 of the request, then O (one TMA box when O_TMA and
+        all 64 rows are the request's, else masked stores) and, with WRITE_LSE, the LSE."""
         WG_M: gl.constexpr = q_smem.shape[1]
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, HEAD_DIM, 16])
@@ -118,33 +119,41 @@ if _GLUON_OK:
         l_o = gl.convert_layout(l_i, row_o)
         empty = l_o == 0.0
         out = acc / gl.expand_dims(gl.where(empty, 1.0, l_o), 1)
-        # O goes out through this warpgroup's Q box (every GEMM reading it has completed), 16 rows at a
-        # time in 16-byte vectors: a masked store straight from the wgmma layout would hold a 64-bit
-        # address per element (128 registers).
+        # O goes out through this warpgroup's Q box (every GEMM reading it has completed): as one TMA box
+        # when its 64 rows are all this request's, else 16 rows at a time in 16-byte vectors (a masked
+        # store straight from the wgmma layout would hold a 64-bit address per element: 128 registers).
         dtype: gl.constexpr = q_smem.dtype
         q_box = q_smem.index(WG)
         gl.thread_barrier()
         q_box.store(out.to(dtype))
-        gl.thread_barrier()
-        blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, blk))
-        for c in gl.static_range(WG_M // 16):
-            r = m_w + c * 16 + gl.arange(0, 16, layout=gl.SliceLayout(1, blk))
-            x = q_box.slice(c * 16, 16, dim=0).load(blk)
-            ptrs = O + gl.expand_dims((q_start + r).to(gl.int64) * stride_ot + head * stride_oh, 1) + \
-                gl.expand_dims(cols, 0)
-            gl.store(ptrs, x, mask=gl.expand_dims(r < qo_len, 1) & gl.expand_dims(cols < HEAD_DIM, 0))
-        offs = m_w + gl.arange(0, WG_M, layout=row_o)
-        live = offs < qo_len
-        tok = (q_start + offs).to(gl.int64)
-        m_o = gl.convert_layout(m_i, row_o)
-        lse = gl.where(empty, float("-inf"), (m_o + gl.log2(gl.where(empty, 1.0, l_o))) * 0.6931471805599453)
-        gl.store(LSE + tok * stride_lt + head * stride_lh, lse, mask=live)
+        if O_TMA and m_w + WG_M <= qo_len:
+            fence_async_shared()
+            gl.thread_barrier()
+            tma.async_store(o_desc, [q_start + m_w, head * HEAD_DIM], q_box)
+        else:
+            gl.thread_barrier()
+            blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+            cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, blk))
+            for c in gl.static_range(WG_M // 16):
+                r = m_w + c * 16 + gl.arange(0, 16, layout=gl.SliceLayout(1, blk))
+                x = q_box.slice(c * 16, 16, dim=0).load(blk)
+                ptrs = O + gl.expand_dims((q_start + r).to(gl.int64) * stride_ot + head * stride_oh, 1) + \
+                    gl.expand_dims(cols, 0)
+                gl.store(ptrs, x, mask=gl.expand_dims(r < qo_len, 1) & gl.expand_dims(cols < HEAD_DIM, 0))
+        if WRITE_LSE:
+            offs = m_w + gl.arange(0, WG_M, layout=row_o)
+            live = offs < qo_len
+            tok = (q_start + offs).to(gl.int64)
+            m_o = gl.convert_layout(m_i, row_o)
+            lse = gl.where(empty, float("-inf"), (m_o + gl.log2(gl.where(empty, 1.0, l_o))) * 0.6931471805599453)
+            gl.store(LSE + tok * stride_lt + head * stride_lh, lse, mask=live)
+        if O_TMA:
+            tma.store_wait(pendings=0)
 
     @gluon.jit
     def _write_empty(O, LSE, q_start, head, m0, qo_len, stride_ot, stride_oh, stride_lt, stride_lh,
-                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr):
-        """Rows of a request with no keys: zeros and LSE -inf."""
+                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, WRITE_LSE: gl.constexpr):
+        """Rows of a request with no keys: zeros and (WRITE_LSE) LSE -inf."""
         blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         offs = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, blk))
         cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, blk))
@@ -153,19 +162,22 @@ if _GLUON_OK:
         ptrs = O + gl.expand_dims(tok * stride_ot + head * stride_oh, 1) + gl.expand_dims(cols, 0)
         zero = gl.zeros([BLOCK_M, HEAD_DIM], O.dtype.element_ty, layout=blk)
         gl.store(ptrs, zero, mask=gl.expand_dims(live, 1) & gl.expand_dims(cols < HEAD_DIM, 0))
-        gl.store(LSE + tok * stride_lt + head * stride_lh,
-                 gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, blk)), mask=live)
+        if WRITE_LSE:
+            gl.store(LSE + tok * stride_lt + head * stride_lh,
+                     gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, blk)), mask=live)
 
     @gluon.jit(do_not_specialize=["stride_ot", "stride_oh", "stride_lt", "stride_lh", "page_size", "rows_per_page",
                                   "rows_per_head", "cols_per_head", "group_size"])
-    def _paged_prefill_ws_kernel(q_desc, k_desc, v_desc, O, LSE, QO_INDPTR, KV_INDPTR, KV_INDICES, KV_LAST,
+    def _paged_prefill_ws_kernel(q_desc, k_desc, v_desc, o_desc, O, LSE, QO_INDPTR, KV_INDPTR, KV_INDICES, KV_LAST,
                                  stride_ot, stride_oh, stride_lt, stride_lh, page_size, rows_per_page, rows_per_head,
                                  cols_per_head, group_size, qk_scale,
                                  HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                                  BOX: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                                 CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr):
-        """Grid ``(cdiv(max_qo_len, BLOCK_M), hq, batch)``; q_desc over ``[nnz, hq * d]`` (box ``[64, d]``),
-        k/v descriptors over the caches' token rows (box ``[BOX, d]``)."""
+                                 CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr, O_TMA: gl.constexpr,
+                                 WRITE_LSE: gl.constexpr, num_warps: gl.constexpr):
+        """Grid ``(cdiv(max_qo_len, BLOCK_M), hq, batch)``; q_desc (and o_desc when O_TMA) over ``[nnz, hq * d]``
+        (box ``[64, d]``), k/v descriptors over the caches' token rows (box ``[BOX, d]``). LSE is written
+        when WRITE_LSE."""
         gl.static_assert(num_warps == 4, "the default partition is consumer 0 (one warpgroup)")
         gl.static_assert(BLOCK_M == 2 * q_desc.block_type.shape[0], "one q box per consumer warpgroup")
         gl.static_assert(BLOCK_N % BOX == 0, "whole boxes per key tile")
@@ -186,7 +198,7 @@ if _GLUON_OK:
         kv_len = gl.where(n_pages > 0, (n_pages - 1) * page_size + last, 0)
         if kv_len <= 0:
             _write_empty(O, LSE, q_start, head, m0, qo_len, stride_ot, stride_oh, stride_lt, stride_lh,
-                         HEAD_DIM, BLOCK_M)
+                         HEAD_DIM, BLOCK_M, WRITE_LSE)
             return
         n_tiles, mask_from = _key_tiles(m0, qo_len, kv_len, BLOCK_M, BLOCK_N, CAUSAL)
         kvh = head // group_size
@@ -212,14 +224,14 @@ if _GLUON_OK:
         if PINGPONG:
             mbarrier.arrive(turns.index(0), count=1)
         gl.warp_specialize([
-            (_paged_consumer, (q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready, v_empty, turns, O,
-                               LSE, q_start, head, m0, n_tiles, mask_from, stride_ot, stride_oh, stride_lt,
+            (_paged_consumer, (q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready, v_empty, turns, o_desc,
+                               O, LSE, q_start, head, m0, n_tiles, mask_from, stride_ot, stride_oh, stride_lt,
                                stride_lh, qo_len, kv_len, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL,
-                               PINGPONG, 2, 0)),
-            (_paged_consumer, (q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready, v_empty, turns, O,
-                               LSE, q_start, head, m0, n_tiles, mask_from, stride_ot, stride_oh, stride_lt,
+                               PINGPONG, O_TMA, WRITE_LSE, 2, 0)),
+            (_paged_consumer, (q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready, v_empty, turns, o_desc,
+                               O, LSE, q_start, head, m0, n_tiles, mask_from, stride_ot, stride_oh, stride_lt,
                                stride_lh, qo_len, kv_len, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL,
-                               PINGPONG, 2, 1)),
+                               PINGPONG, O_TMA, WRITE_LSE, 2, 1)),
             (_paged_loader, (q_desc, k_desc, v_desc, KV_INDICES, q_smem, k_bufs, v_bufs, q_bars, k_ready,
                              k_empty, v_ready, v_empty, q_start, head, kvh, m0, p0, n_pages, n_tiles,
                              page_size, rows_per_page, rows_per_head, cols_per_head, HEAD_DIM, BLOCK_N, BOX,
@@ -275,7 +287,7 @@ def paged_unsupported(q, k_cache, v_cache, k_strides, v_strides, page_size: int,
         return f"head_dim {d} (64/128 only)"
     if box_rows(page_size) is None:
         return f"page_size {page_size} (16, 32, 64 or a multiple of {BLOCK_N})"
-    if q.stride(-1) != 1 or q.stride(1) != d or (q.stride(0) * q.element_size()) % 16 or q.data_ptr() % 16:
+    if not _rows_aligned(q, d):
         return "q rows not 16-byte aligned or heads not packed"
     for name, cache, strides in (("k_cache", k_cache, k_strides), ("v_cache", v_cache, v_strides)):
         if cache_rows(cache, strides, page_size, num_kv_heads, d) is None:
@@ -310,9 +322,11 @@ def _check_slot_layout(box: int, d: int, dtype: torch.dtype) -> None:
 
 def prefill_paged_hopper(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_indptr, kv_indices,
                          kv_last_page_len, page_size: int, num_kv_heads: int, max_qo_len: int, out, lse, *,
-                         sm_scale: float, causal: bool, pingpong: bool = False):
+                         sm_scale: float, causal: bool, pingpong: bool = False, o_tma: bool = True):
     """Launch the Gluon paged prefill (callers check `paged_supported`). Arguments as
-    `pagoda.kernels.prefill_paged.prefill_paged_fwd`: q/out ``[nnz, hq, d]``, lse float32 ``[nnz, hq]``."""
+    `pagoda.kernels.prefill_paged.prefill_paged_fwd`: q/out ``[nnz, hq, d]``, lse float32 ``[nnz, hq]`` or
+    None (not written). o_tma: whole 64-row boxes of O go out by TMA when out's rows allow it (else every
+    row by masked stores)."""
     batch = qo_indptr.shape[0] - 1
     hq, d = q.shape[1], q.shape[2]
     if batch == 0 or max_qo_len == 0 or q.shape[0] == 0:
@@ -326,10 +340,21 @@ def prefill_paged_hopper(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, k
         v_desc, v_rpp, v_rph, v_cph = _cache_desc(v_cache, v_strides, page_size, num_kv_heads, d, box)
         if (v_rpp, v_rph, v_cph) != (rpp, rph, cph):
             raise ValueError("paged Gluon prefill needs K and V caches of one layout")
+        o_tma = o_tma and _rows_aligned(out, d)
+        o_desc = TensorDescriptor(out, [out.shape[0], hq * d], [out.stride(0), 1], list(qb), _layout(qb, out.dtype)) \
+            if o_tma else q_desc
+        lse_t, lse_strides = (lse, lse.stride()) if lse is not None else (out, (0, 0))
         grid = ((max_qo_len + BLOCK_M - 1) // BLOCK_M, hq, batch)
         return _paged_prefill_ws_kernel[grid](
-            q_desc, k_desc, v_desc, out, lse, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
-            out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), page_size, rpp, rph, cph,
+            q_desc, k_desc, v_desc, o_desc, out, lse_t, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
+            out.stride(0), out.stride(1), lse_strides[0], lse_strides[1], page_size, rpp, rph, cph,
             hq // num_kv_heads, sm_scale * LOG2E,
             HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BOX=box, STAGES=STAGES, CAUSAL=bool(causal),
-            CONSUMER_REGS=CONSUMER_REGS, PINGPONG=bool(pingpong), num_warps=4, maxnreg=MAXNREG)
+            CONSUMER_REGS=CONSUMER_REGS, PINGPONG=bool(pingpong), O_TMA=o_tma, WRITE_LSE=lse is not None,
+            num_warps=4, maxnreg=MAXNREG)
+
+
+def _rows_aligned(t: torch.Tensor, d: int) -> bool:
+    """``[nnz, h, d]`` with packed heads and 16-byte aligned token rows: a 2-D ``[nnz, h * d]`` TMA view."""
+    return (t.stride(-1) == 1 and t.stride(1) == d and (t.stride(0) * t.element_size()) % 16 == 0
+            and t.data_ptr() % 16 == 0)

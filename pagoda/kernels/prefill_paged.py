@@ -291,7 +291,7 @@ def prefill_paged_fwd(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_i
                       page_size: int, num_kv_heads: int, max_qo_len: int, out, lse, *, sm_scale: float, causal: bool,
                       window_left: int = -1, logits_soft_cap: float = 0.0, alibi_slopes=None, rope=None,
                       window_right: int | None = None, config: dict | None = None, block_m: int | None = None,
-                      num_splits: int = 0, chunk=None, o_part=None, lse_part=None) -> None:
+                      num_splits: int = 0, chunk=None, o_part=None, lse_part=None, write_lse: bool = True) -> None:
     """Launch; arguments validated by the ops layer. q/out ``[nnz_qo, Hq, D]`` (last dim contiguous),
     lse float32 ``[nnz_qo, Hq]``; caches 4-D with ``(page, token, head)`` strides; ``rope`` None or
     ``(rope_scale, rope_theta)``; alibi_slopes float32 ``[Hq]`` or ``[batch, Hq]``. ``window_right``
@@ -310,7 +310,8 @@ def prefill_paged_fwd(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_i
     per split, a multiple of BLOCK_N: of `SPLIT_ALIGN` for the tuned kernel) with
     ``num_splits * chunk >= `` every kv_len, and ``o_part [>= nnz_qo, num_splits, Hq, D]`` /
     ``lse_part [>= nnz_qo, num_splits, Hq]`` float32 workspace views; rows below ``qo_indptr[-1]`` of
-    out/lse are then written by the merge."""
+    out/lse are then written by the merge. ``write_lse=False``: the caller does not read lse (the Gluon kernel
+    then skips it; the Triton kernels write it regardless)."""
     batch = qo_indptr.shape[0] - 1
     hq, dim = q.shape[1], q.shape[2]
     if batch == 0 or max_qo_len == 0 or q.shape[0] == 0:
@@ -323,8 +324,8 @@ def prefill_paged_fwd(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_i
                 window_right=window_right, logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes, rope=rope,
                 num_splits=num_splits)):
         prefill_paged_hopper(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_indptr, kv_indices,
-                             kv_last_page_len, page_size, num_kv_heads, max_qo_len, out, lse, sm_scale=sm_scale,
-                             causal=window_right == 0)
+                             kv_last_page_len, page_size, num_kv_heads, max_qo_len, out, lse if write_lse else None,
+                             sm_scale=sm_scale, causal=window_right == 0)
         return
     group = hq // num_kv_heads
     fp32 = q.dtype == torch.float32

@@ -212,6 +212,7 @@ class BatchPrefillWithPagedKVCacheWrapper:
             out = (torch.zeros_like if padded else torch.empty_like)(q, memory_format=torch.contiguous_format)
         elif padded:
             out.zero_()
+        write_lse = return_lse or lse is not None
         if lse is None:
             lse = torch.empty(q.shape[0], hq, dtype=torch.float32, device=q.device)
         if padded:
@@ -229,7 +230,7 @@ class BatchPrefillWithPagedKVCacheWrapper:
                           logits_soft_cap=opts["logits_soft_cap"], alibi_slopes=self._alibi if mode == "ALIBI" else None,
                           rope=(opts["rope_scale"], opts["rope_theta"]) if mode == "ROPE_LLAMA" else None,
                           block_m=self._block_m, num_splits=splits, chunk=self._chunk_buf, o_part=o_part,
-                          lse_part=lse_part)
+                          lse_part=lse_part, write_lse=write_lse)
         return _common.finish(out, lse, v_scale, return_lse)
 
     forward = run

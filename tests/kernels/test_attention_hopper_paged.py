@@ -84,16 +84,21 @@ if not H._GLUON_OK:
     print("NO_GLUON"); sys.exit(0)
 from pagoda.kernels.attention_hopper_aot import compile_paged_sm90
 from triton.tools.disasm import get_sass
-for d, dt, causal, box, pp in [(128, "bf16", True, 16, False), (64, "fp16", False, 32, False),
-                               (128, "bf16", False, 128, True), (64, "bf16", True, 64, False)]:
-    k = compile_paged_sm90(d, dt, causal, box, pp)
+for d, dt, causal, box, pp, o_tma, lse in [(128, "bf16", True, 16, False, True, True),
+                                           (64, "fp16", False, 32, False, False, True),
+                                           (128, "bf16", False, 128, True, True, False),
+                                           (64, "bf16", True, 64, False, True, True)]:
+    k = compile_paged_sm90(d, dt, causal, box, pp, o_tma, lse)
     ptx, sass = k.asm["ptx"], get_sass(k.asm["cubin"])
-    copies = len(re.findall(r"cp\.async\.bulk\.tensor\.2d", ptx))
+    copies = len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.shared", ptx))
+    stores = len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.global", ptx))
     msgs = (d * 2 + 127) // 128  # 128-byte swizzle: one TMA message per 64 bf16 columns
-    print(f"d={d} {dt} causal={causal} box={box} smem={k.metadata.shared} copies={copies}")
+    print(f"d={d} {dt} causal={causal} box={box} smem={k.metadata.shared} copies={copies} stores={stores}")
     assert k.metadata.shared <= 227 * 1024
     # Q (2 boxes) + K and V: one box per page of a 128-key tile
     assert copies == msgs * (2 + 2 * (128 // box)), copies
+    # O: a TMA store in each consumer warpgroup (whole 64-row tiles) only with o_tma
+    assert (stores >= 2) if o_tma else (stores == 0), stores
     assert "USETMAXREG" in sass and "HGMMA" in sass and "UTMALDG" in sass
     spills = len(re.findall(r"\b(STL|LDL)\b", sass))
     print(f"  local-memory spill instructions: {spills} (triton {triton.__version__})")
@@ -219,7 +224,33 @@ def test_wrapper_runs_the_gluon_kernel(monkeypatch, layout):
     w = BatchPrefillWithPagedKVCacheWrapper(torch.empty(1 << 24, dtype=torch.uint8, device="cuda"), layout)
     w.plan(_indptr(qo), *meta, 32, 8, 128, 16, causal=True, q_data_type=torch.bfloat16)
     out, lse = w.run(q, cache, return_lse=True)
+    assert torch.equal(w.run(q, cache), out)  # without return_lse the kernel skips the LSE: same O
     want, want_lse = _varlen(q, k, v, qo, kv, True)
     assert calls, "the wrapper did not reach the Gluon kernel"
     assert rel_err(out, want) < 1e-2
     assert_finite_lse_close(lse, want_lse, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU and Gluon")
+def test_o_by_tma_and_lse_skip_change_no_value():
+    """O by TMA boxes (whole 64-row tiles) equals O by masked stores bit for bit; rows of other requests
+    and past nnz stay untouched; lse=None writes no LSE and the same O."""
+    from pagoda.kernels.attention_hopper_paged import prefill_paged_hopper
+    kv, qo = CASES[0]
+    q, cache, (indptr, indices, last), _, _ = _case(kv, qo, 16, 32, 8, 128, "NHD", torch.bfloat16)
+    kc, vc = cache[:, 0], cache[:, 1]
+    strides = (_paged.cache_strides(kc, "NHD"), _paged.cache_strides(vc, "NHD"))
+    pad = torch.cat([q, torch.randn(70, 32, 128, dtype=q.dtype, device="cuda")])  # rows past nnz
+    outs = []
+    for o_tma, with_lse in ((False, True), (True, True), (True, False)):
+        out = torch.full_like(pad, 7.0)
+        lse = torch.full(pad.shape[:2], 7.0, device="cuda") if with_lse else None
+        prefill_paged_hopper(pad, kc, vc, *strides, _indptr(qo), indptr, indices, last, 16, 8, max(qo), out, lse,
+                             sm_scale=128 ** -0.5, causal=True, o_tma=o_tma)
+        # _indptr(qo) covers sum(qo) rows: the 70 rows past it belong to no request
+        assert torch.all(out[sum(qo):] == 7.0)
+        if lse is not None:
+            assert torch.all(lse[sum(qo):] == 7.0)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
