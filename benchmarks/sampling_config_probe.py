@@ -3,15 +3,16 @@ the CUDA-graph replay time (L2 flushed) of one call: a replayed graph repeats on
 paths' cost depends on the draw.
 
 1. The one-program sampler (`pagoda.kernels.sampling.sample`) at batch 1 / 8 / 32 for top-p, top-k, min-p
-   and top-k + top-p, under (BLOCK, num_warps) = (4096, 16) (the default below 132 rows) with the filter
-   passes three chunks deep ("deep", `K.DEEP_BLOCK`) or two ("d1"), and (4096, 32), (8192, 32) (session 9:
-   no better than 16 warps). The SM streaming probe of 2026-12-01 read 0.6 MB on one SM in 11.0-11.7 µs with
-   16-32 warps and 3 loads in flight, 18.6 µs with 16 warps and 1 in flight.
-2. min-p on the split path: accept-or-redraw against the one-pass frontiers, batch 1 / 4 / 8 (skipped with
-   ``--deep``, which runs only the deep / d1 pair of part 1).
-One JSON line per (vocab, batch)."""
+   and top-k + top-p, under (BLOCK, num_warps) = (4096, 16) (the default below 132 rows), (4096, 32) and
+   (8192, 32). The SM streaming probe of 2026-12-01 read 0.6 MB on one SM in 11.0-11.7 µs with 16-32 warps
+   and 3 loads in flight, 18.6 µs with 16 warps and 1 in flight: the rounds after pass 0 keep one in flight.
+2. min-p on the split path: accept-or-redraw against the one-pass frontiers, batch 1 / 4 / 8.
+One JSON line per (vocab, batch).
+
+Session 10 (commit 8eb10b8, reverted after): a ``--deep`` mode timed the filter passes three chunks deep
+against two at (4096, 16): no gain (min-p -0.2..-0.6 µs, top-k +-0.3, top-p +0.4..+4.5 µs slower at
+V=128256 b8/b32); results in `results/2026-12-01-h200-session10/sampling-deep-probe.txt`."""
 import json
-import sys
 
 import torch
 
@@ -20,7 +21,7 @@ from pagoda.kernels import sampling as K
 from pagoda.kernels import sampling_split as SP
 
 SEEDS = 8
-CONFIGS = ((4096, 16, "deep"), (4096, 16, "d1"), (4096, 32, "deep"), (8192, 32, "deep"))
+CONFIGS = ((4096, 16), (4096, 32), (8192, 32))
 ONE_PROGRAM = {"top_p": {"top_p": 0.9}, "top_k": {"top_k": 50}, "min_p": {"min_p": 0.05},
                "top_k_top_p": {"top_k": 50, "top_p": 0.9, "k_first": True}}
 
@@ -34,9 +35,6 @@ def mean_us(fn, seed_t, dev) -> float:
 
 
 def main():
-    deep_only = "--deep" in sys.argv
-    configs = CONFIGS[:2] if deep_only else CONFIGS
-    deep_block = K.DEEP_BLOCK
     dev = torch.device("cuda")
     seed = torch.zeros(1, dtype=torch.int64, device=dev)
     off = torch.zeros(1, dtype=torch.int64, device=dev)
@@ -46,21 +44,16 @@ def main():
             out = torch.empty(batch, dtype=torch.int32, device=dev)
             valid = torch.empty(batch, dtype=torch.bool, device=dev)
             row = {"vocab": vocab, "batch": batch}
-            if deep_only and (batch == 4 or vocab == 65536):
-                continue
             if batch != 4 and vocab != 65536:
                 for op, kw in ONE_PROGRAM.items():
                     args = {"top_k": None, "top_p": None, "min_p": None, **kw}
-                    for block, warps, depth in configs:
-                        K.DEEP_BLOCK = deep_block if depth == "deep" else 1 << 30
-
+                    for block, warps in CONFIGS:
                         def call():
                             K.sample(p, out, valid, None, args["top_k"], args["top_p"], args["min_p"], seed, off,
                                      block=block, warps=warps, k_first=args.get("k_first", False))
                         call()
-                        row[f"{op}/{block}w{warps}{depth}"] = mean_us(call, seed, dev)
-            K.DEEP_BLOCK = deep_block
-            if batch <= 8 and not deep_only:
+                        row[f"{op}/{block}w{warps}"] = mean_us(call, seed, dev)
+            if batch <= 8:
                 slices = SP.num_slices(vocab, batch, K.sm_count(dev))
                 row["slices"] = slices
                 for name, fr in (("min_p_split", False), ("min_p_frontier", True)):

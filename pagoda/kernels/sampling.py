@@ -128,32 +128,34 @@ def _pred_over_c(v1, v2, t_bits, k, k_on, target, p_on, HAS_TOP_K: tl.constexpr,
 
 
 @triton.jit
-def _chunk(base, cols, vocab):
-    return tl.load(base + cols, mask=cols < vocab, other=0.0)
-
-
-@triton.jit
-def _track_pass(base, a0, vocab, lanes, BLOCK: tl.constexpr, TRACK: tl.constexpr, DEEP: tl.constexpr):
+def _track_pass(base, a0, vocab, lanes, BLOCK: tl.constexpr, TRACK: tl.constexpr):
     """One pass over the row: per-lane mass of ``{p >= a0}`` and, with TRACK, each lane's two largest
     values of that set and its third largest (0 where none). No token indices: a winner is found
-    again in its lane. DEEP (or no TRACK): three chunks in flight, else two (see `launch_config`)."""
+    again in its lane."""
     tot = tl.zeros((BLOCK,), tl.float32)
     v1 = tl.zeros((BLOCK,), tl.float32)
     v2 = tl.zeros((BLOCK,), tl.float32)
     v3 = tl.zeros((BLOCK,), tl.float32)
-    DEPTH3: tl.constexpr = DEEP or not TRACK
-    x1 = _chunk(base, lanes, vocab)
-    if DEPTH3:
-        x2 = _chunk(base, lanes + BLOCK, vocab)
-        x3 = _chunk(base, lanes + 2 * BLOCK, vocab)
-    for start in range(0, vocab, BLOCK):
-        x = x1.to(tl.float32)
-        if DEPTH3:
+    if not TRACK:
+        # Plain mass (~30 registers a thread): four chunks in flight. A batch-1 row streams on one SM, at
+        # (bytes in flight) / (DRAM latency): 2 chunks of 16 KB read ~32 GB/s on the H200 (2026-12-01).
+        x1 = tl.load(base + lanes, mask=lanes < vocab, other=0.0)
+        x2 = tl.load(base + (lanes + BLOCK), mask=lanes + BLOCK < vocab, other=0.0)
+        x3 = tl.load(base + (lanes + 2 * BLOCK), mask=lanes + 2 * BLOCK < vocab, other=0.0)
+        for start in range(0, vocab, BLOCK):
+            cols = start + lanes + 3 * BLOCK
+            x = x1.to(tl.float32)
             x1 = x2
             x2 = x3
-            x3 = _chunk(base, start + lanes + 3 * BLOCK, vocab)
-        else:  # the next chunk's load is issued before this one is folded
-            x1 = _chunk(base, start + lanes + BLOCK, vocab)
+            x3 = tl.load(base + cols, mask=cols < vocab, other=0.0)
+            tot += tl.where(_in_set(x, a0), x, 0.0)
+        return tot, v1, v2, v3
+    x_next = tl.load(base + lanes, mask=lanes < vocab, other=0.0)
+    for start in range(0, vocab, BLOCK):
+        # The next chunk's load is issued before this one is folded: two loads in flight.
+        cols = start + lanes
+        x = x_next.to(tl.float32)
+        x_next = tl.load(base + (cols + BLOCK), mask=cols + BLOCK < vocab, other=0.0)
         v = tl.where(_in_set(x, a0), x, 0.0)
         tot += v
         if TRACK:
@@ -190,13 +192,12 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
                    SCALAR_PARAMS: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_TOP_K: tl.constexpr,
                    HAS_TOP_P: tl.constexpr, HAS_MIN_P: tl.constexpr, HAS_FLOOR: tl.constexpr, K_FIRST: tl.constexpr,
                    FROM_LOGITS: tl.constexpr, SEED_PTR: tl.constexpr, BLOCK: tl.constexpr, NCP: tl.constexpr,
-                   ROUNDS: tl.constexpr, DEEP: tl.constexpr):
+                   ROUNDS: tl.constexpr):
     """HAS_FLOOR: only tokens with ``p >= floor[i]`` exist for row i (its total, max, race and
     filters are those of that restricted, renormalised row). K_FIRST ("top_k_first", with HAS_TOP_P and
     without HAS_TOP_K/HAS_FLOOR): the same floor, the row's k-th largest value (``top_k_ptr``), is found
     in the kernel: from pass 0's tracked set when it settles it (no extra pass), else `_kth_value_bits`.
-    BLOCK: tokens per loop step = lanes; NCP = next_power_of_2(ceil(vocab / BLOCK)); DEEP: three chunks in flight
-    in the filter passes (else two; `launch_config`). SCALAR_PARAMS: top-k /
+    BLOCK: tokens per loop step = lanes; NCP = next_power_of_2(ceil(vocab / BLOCK)). SCALAR_PARAMS: top-k /
     top-p / min-p are the ``*_val`` arguments, the same for every row (no ``[batch]`` tensor to fill)."""
     FILTERS: tl.constexpr = HAS_TOP_K or HAS_TOP_P or HAS_MIN_P or K_FIRST
     LANES: tl.constexpr = BLOCK
@@ -219,7 +220,7 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
             a0 = tl.maximum(tl.load(floor_ptr + pid).to(tl.int32, bitcast=True), 1)
         # Pass 0: per-lane mass of {p >= a0}; with filters, each lane's two largest values and its
         # third largest (0 where none).
-        tot, v1, v2, v3 = _track_pass(base, a0, vocab, lanes, BLOCK, FILTERS, DEEP)
+        tot, v1, v2, v3 = _track_pass(base, a0, vocab, lanes, BLOCK, FILTERS)
         if K_FIRST:
             # top_k_first: the floor is the k-th largest value b_k. C (the 2*LANES tracked values) gives
             # count(p >= t) exactly for t > m3, so C's k-th largest t_k is b_k when t_k > m3; then the
@@ -246,7 +247,7 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
                     if peeled:  # the top-k set is among the peeled entries: no repeat of pass 0
                         tot, v1, v2, v3 = _peeled_floor_set(v1, v2, c2, e1, e2, floor_bits)
                     else:
-                        tot, v1, v2, v3 = _track_pass(base, floor_bits, vocab, lanes, BLOCK, FILTERS, DEEP)
+                        tot, v1, v2, v3 = _track_pass(base, floor_bits, vocab, lanes, BLOCK, FILTERS)
             a0 = floor_bits
         total = tl.sum(tot, 0)
         if not FILTERS:
@@ -339,19 +340,11 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
                         w_b = tl.zeros((LANES,), tl.float32)
                         n_a = tl.zeros((LANES,), tl.int32)
                         n_b = tl.zeros((LANES,), tl.int32)
-                        # Chunks in flight as pass 0 (the row is mostly in L2 by now).
-                        x1 = _chunk(base, lanes, vocab)
-                        if DEEP:
-                            x2 = _chunk(base, lanes + BLOCK, vocab)
-                            x3 = _chunk(base, lanes + 2 * BLOCK, vocab)
+                        x_next = tl.load(base + lanes, mask=lanes < vocab, other=0.0)
                         for start in range(0, vocab, BLOCK):
-                            x = x1.to(tl.float32)
-                            if DEEP:
-                                x1 = x2
-                                x2 = x3
-                                x3 = _chunk(base, start + lanes + 3 * BLOCK, vocab)
-                            else:
-                                x1 = _chunk(base, start + lanes + BLOCK, vocab)
+                            cols = start + lanes
+                            x = x_next.to(tl.float32)
+                            x_next = tl.load(base + (cols + BLOCK), mask=cols + BLOCK < vocab, other=0.0)
                             in_a = _in_set(x, low)
                             in_b = _in_set(x, mid_bits)
                             w_a += tl.where(in_a, x, 0.0)
@@ -392,12 +385,6 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (1 elsewhere: the interpreter)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
-# Filter passes with three chunks in flight from this BLOCK on (the config of a program that has an SM to
-# itself): +6-22 registers a thread (sm_90, ptxas, Triton 3.6: top-p 101 -> 107, top-k 106 -> 128, no spills).
-# With 1024-token steps (8 warps, 3-4 programs an SM) the extra registers would cost a resident program.
-DEEP_BLOCK = 4096
 
 
 def launch_config(vocab: int, batch: int, device: torch.device, block: int | None = None) -> tuple[int, int]:
@@ -466,4 +453,4 @@ def sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.
         SCALAR_PARAMS=scalar, HAS_ROWS=rows is not None, HAS_TOP_K=top_k is not None and not k_first,
         HAS_TOP_P=top_p is not None, HAS_MIN_P=min_p is not None, HAS_FLOOR=floor is not None, K_FIRST=k_first, FROM_LOGITS=from_logits,
         SEED_PTR=seed_args[6],
-        BLOCK=block, NCP=next_pow2(cdiv(vocab, block)), ROUNDS=MAX_ROUNDS, DEEP=block >= DEEP_BLOCK, num_warps=warps)
+        BLOCK=block, NCP=next_pow2(cdiv(vocab, block)), ROUNDS=MAX_ROUNDS, num_warps=warps)

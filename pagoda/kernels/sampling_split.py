@@ -201,7 +201,7 @@ def _redraw(base, a_bits, seed, rng_base, vocab, LANES: tl.constexpr, NCP: tl.co
     """An exact draw from p restricted to ``{p >= a}`` on this program, with fresh numbers (stages 1-2 of the
     `_exp_at` layout): one pass for the set's per-lane masses, then the one-program sampler's two races."""
     lanes = tl.arange(0, LANES)
-    mass, _v1, _v2, _v3 = _track_pass(base, a_bits, vocab, lanes, LANES, False, False)
+    mass, _v1, _v2, _v3 = _track_pass(base, a_bits, vocab, lanes, LANES, False)
     return _lane_draw(mass, lanes, base, a_bits, seed, rng_base, 1, vocab, LANES, NCP)
 
 

@@ -196,24 +196,6 @@ def test_rejection_rounds_keep_to_the_filter(name):
         assert keep[torch.arange(b), out.long()].all(), (name, seed)
 
 
-def test_deep_prefetch_changes_no_draw(monkeypatch):
-    """Three chunks in flight (DEEP, the config of a program with an SM to itself) or two: the same passes, so
-    the same tokens, through pass 0 and the rejection rounds, with a partial last chunk (70 = 4 x 16 + 6)."""
-    vocab, b = 70, 12
-    p = _probs(b, vocab, temp=0.4)
-    p[4, 10:40] = 0.0
-    k = torch.tensor([1, 2, 5, 20, 40, 63, 64, 0, 33, 7, 50, 30], dtype=torch.int32)
-    tp = torch.tensor([0.05, 0.3, 0.6, 0.9, 0.99, 0.5, 0.7, 0.95, 0.8, 0.999, 0.85, 0.75])
-    cases = [dict(top_k=k), dict(top_p=tp), dict(min_p=tp * 0.5), dict(top_k=k, top_p=tp),
-             dict(top_k=k, top_p=tp, k_first=True)]
-    assert K.DEEP_BLOCK > 16
-    shallow = [_run(p, seed=3, **kw) for kw in cases]
-    monkeypatch.setattr(K, "DEEP_BLOCK", 16)
-    for kw, (out0, valid0) in zip(cases, shallow):
-        out, valid = _run(p, seed=3, **kw)
-        assert valid.all() and torch.equal(valid, valid0) and torch.equal(out, out0), kw
-
-
 def test_rejection_rounds_follow_the_law():
     """One flat row of 64 tokens (16 lanes of 4), top-p 0.6 and top-k 20: many rejection-round draws
     follow p restricted to N and renormalised."""
@@ -238,14 +220,14 @@ def test_rejection_rounds_follow_the_law():
 
 
 @triton.jit
-def _kth_probe(x_ptr, k_ptr, out_ptr, path_ptr, same_ptr, stride, vocab, BLOCK: tl.constexpr, DEEP: tl.constexpr):
+def _kth_probe(x_ptr, k_ptr, out_ptr, path_ptr, same_ptr, stride, vocab, BLOCK: tl.constexpr):
     # The K_FIRST floor exactly as _sample_kernel finds it, and which stage settled it: 0 = pass 0's
     # tracked values, 1 = the peeled pass, 2 = the counting bisection.
     pid = tl.program_id(0)
     base = x_ptr + pid * stride
     lanes = tl.arange(0, BLOCK)
     k = tl.load(k_ptr + pid)
-    tot, v1, v2, v3 = K._track_pass(base, 1, vocab, lanes, BLOCK, True, DEEP)
+    tot, v1, v2, v3 = K._track_pass(base, 1, vocab, lanes, BLOCK, True)
     one = tl.full((BLOCK,), 1, tl.int32)
     zero = tl.zeros((BLOCK,), tl.int32)
     m3 = tl.max(v3, 0).to(tl.int32, bitcast=True)
@@ -258,7 +240,7 @@ def _kth_probe(x_ptr, k_ptr, out_ptr, path_ptr, same_ptr, stride, vocab, BLOCK: 
         path = tl.where(peeled, 1, 2)
         # where the peel settled it, the floor set's state from the peeled entries == a pass over it
         tot2, w1, w2, w3 = K._peeled_floor_set(v1, v2, c2, e1, e2, bits)
-        tot3, u1, u2, u3 = K._track_pass(base, bits, vocab, lanes, BLOCK, True, not DEEP)
+        tot3, u1, u2, u3 = K._track_pass(base, bits, vocab, lanes, BLOCK, True)
         same = tl.sum(((w1 != u1) | (w2 != u2) | (w3 != u3) | (tl.abs(tot2 - tot3) > 1e-6 * tot3)).to(tl.int32), 0)
         tl.store(same_ptr + pid, tl.where(peeled, same, 0))
     tl.store(out_ptr + pid, bits.to(tl.float32, bitcast=True))
@@ -277,12 +259,12 @@ def test_top_k_first_kth_value_is_exact():
     p[5, 100:] = 0.0
     stages = set()
     # k around every size where the path can change (the interpreter takes ~4 s a launch: not every k)
-    for i, k in enumerate([1, 2, 3, 4, 6, 9, 13, 17, 22, 28, 33, 39, 47, 64, 65, 80, 99, 100, 101, 120, 149]):
+    for k in [1, 2, 3, 4, 6, 9, 13, 17, 22, 28, 33, 39, 47, 64, 65, 80, 99, 100, 101, 120, 149]:
         kk = torch.full((6,), k, dtype=torch.int32)
         out = torch.full((6,), float("nan"))
         path = torch.full((6,), -1, dtype=torch.int32)
         mismatches = torch.zeros(6, dtype=torch.int32)
-        _kth_probe[(6,)](p, kk, out, path, mismatches, p.stride(0), vocab, BLOCK=block, DEEP=i % 2 == 0)
+        _kth_probe[(6,)](p, kk, out, path, mismatches, p.stride(0), vocab, BLOCK=block)
         assert (mismatches == 0).all(), (k, mismatches)
         pos = torch.where(p > 0, p, 0.0).nan_to_num(0.0)
         kth = pos.sort(-1, descending=True).values[:, k - 1]
@@ -530,17 +512,17 @@ def build(fn, consts, warps):
                    options={"num_warps": warps})
 build(K._sample_kernel, {"SCALAR_PARAMS": False, "HAS_ROWS": True, "HAS_TOP_K": True, "HAS_TOP_P": True, "HAS_MIN_P": True,
                          "HAS_FLOOR": True, "K_FIRST": False, "FROM_LOGITS": False, "SEED_PTR": True, "BLOCK": 1024,
-                         "NCP": 256, "ROUNDS": K.MAX_ROUNDS, "DEEP": False}, 8)
+                         "NCP": 256, "ROUNDS": K.MAX_ROUNDS}, 8)
 for logits, filters in ((True, False), (False, False), (False, True)):
     build(K._sample_kernel, {"SCALAR_PARAMS": filters, "HAS_ROWS": False, "HAS_TOP_K": filters, "HAS_TOP_P": filters, "HAS_MIN_P": filters,
                              "HAS_FLOOR": False, "K_FIRST": False, "FROM_LOGITS": logits, "SEED_PTR": False,
-                             "BLOCK": 4096, "NCP": 64, "ROUNDS": K.MAX_ROUNDS, "DEEP": True}, 16)
+                             "BLOCK": 4096, "NCP": 64, "ROUNDS": K.MAX_ROUNDS}, 16)
 # "top_k_first" in one launch (top_k read by K_FIRST, HAS_TOP_K off), both launch configs of the ops layer
 for block, warps, rows, seed_ptr in ((4096, 16, False, False), (1024, 8, True, True)):
     build(K._sample_kernel, {"SCALAR_PARAMS": not rows, "HAS_ROWS": rows, "HAS_TOP_K": False, "HAS_TOP_P": True, "HAS_MIN_P": False,
                              "HAS_FLOOR": False, "K_FIRST": True, "FROM_LOGITS": False, "SEED_PTR": seed_ptr,
                              "BLOCK": block, "NCP": triton.next_power_of_2(triton.cdiv(151936, block)),
-                             "ROUNDS": K.MAX_ROUNDS, "DEEP": block >= K.DEEP_BLOCK}, warps)
+                             "ROUNDS": K.MAX_ROUNDS}, warps)
 build(S._chain_spec_kernel, {"SEED_PTR": False, "N_PAD": 4, "BLOCK": 2048}, 8)
 ptr["x_ptr"] = ptr["out_ptr"] = "*fp32"
 for mode in (0, 1):
