@@ -69,6 +69,17 @@ s9b)
     tests/bench/test_bench_sampling.py -m gpu -q -p no:cacheprovider -n 8 --timeout 150 > $OUT/gpu-tests.log 2>&1
   tail -5 $OUT/gpu-tests.log
   ;;
+s11)
+  # Session 11, first call (~9.5 min): the dense warp-specialised kernels with causal tiles aligned to the last
+  # query row and each warpgroup masking from its own first row: their GPU tests, the d=64/128 probe beside
+  # cuDNN, then the full attention grid (one `pagoda bench` run, every backend).
+  timeout -k 5 150 python3 -m pytest tests/kernels/test_attention_hopper_gpu.py -m gpu -q -p no:cacheprovider -n 8 \
+    --timeout 120 > $OUT/gpu-tests-hopper.log 2>&1; tail -5 $OUT/gpu-tests-hopper.log
+  timeout -k 5 110 python3 benchmarks/hopper_probe.py --configs ws3-m192n128s2,ws3pp-m192n128s2,ws-m128n128s2,wspp-m128n128s2 \
+    --budget 80 > $OUT/hopper-probe.txt 2>&1; grep -A12 SUMMARY $OUT/hopper-probe.txt
+  mkdir -p $OUT/attn
+  timeout -k 5 390 python3 -m pagoda bench --out $OUT/attn 2>&1 | grep -v "^attention \[" | tail -60
+  ;;
 paged)
   # Session 6's paged Gluon prefill (attention_hopper_paged): its GPU tests, the paged prefill GPU tests it now
   # serves, the paged grid beside FlashInfer and both dense kernels; then what "next" checks (~8 min in all).

@@ -234,7 +234,10 @@ if _GLUON_OK:
             lse = gl.where(empty, float("-inf"), (m_o + gl.log2(gl.where(empty, 1.0, l_o))) * 0.6931471805599453)
             offs = m0 + gl.arange(0, WG_M, layout=row_o)
             base = LSE + batch.to(gl.int64) * stride_lb + head.to(gl.int64) * stride_lh
-            gl.store(base + offs.to(gl.int64) * stride_lt, lse, mask=offs < seqlen_q)
+            in_range = offs < seqlen_q
+            if CAUSAL and not PERSISTENT:  # bottom-aligned tiles: the top one starts above row 0
+                in_range = in_range & (offs >= 0)
+            gl.store(base + offs.to(gl.int64) * stride_lt, lse, mask=in_range)
         if not PERSISTENT:
             tma.store_wait(pendings=0)
 
@@ -246,9 +249,12 @@ if _GLUON_OK:
                         NUM_CONSUMERS: gl.constexpr, WG: gl.constexpr):
         """Consumer warpgroup WG of NUM_CONSUMERS: rows m0 + 64 WG .. +63, Q box WG, turn WG -> WG + 1."""
         WG_M: gl.constexpr = q_desc.block_type.shape[1]
+        # The tile's mask_from is its first row's: this warpgroup's rows start WG_M * WG later, so causal
+        # tiles below its own first row need no mask (at most seqlen_k: the zero-filled tail still does).
+        wg_mask_from = gl.minimum(mask_from + WG * WG_M, seqlen_k)
         _ws_consume(q_desc, o_desc, LSE, q_smem.index(WG), q_smem.index(WG), k_bufs, v_bufs, q_bars.index(WG),
                     q_bars.index(WG), k_ready, k_empty, v_ready, v_empty, turns.index(WG),
-                    turns.index((WG + 1) % NUM_CONSUMERS), batch, head, m0 + WG * WG_M, n_tiles, 0, 0, mask_from,
+                    turns.index((WG + 1) % NUM_CONSUMERS), batch, head, m0 + WG * WG_M, n_tiles, 0, 0, wg_mask_from,
                     stride_lb, stride_lh, stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES,
                     CAUSAL, WRITE_LSE, PINGPONG, False)
 
@@ -266,13 +272,20 @@ if _GLUON_OK:
         gl.static_assert(NUM_CONSUMERS == 2 or NUM_CONSUMERS == 3, "2 or 3 consumer warpgroups")
         gl.static_assert(BLOCK_M == NUM_CONSUMERS * q_desc.block_type.shape[1], "one q/o box per consumer")
         dtype: gl.constexpr = q_desc.dtype
-        start_m = gl.num_programs(0) - 1 - gl.program_id(0)
         head = gl.program_id(1)
         batch = gl.program_id(2)
-        m0 = start_m * BLOCK_M
+        # Heaviest tiles first. Causal tiles are aligned to the last query row: the partial tile (sq not a
+        # multiple of BLOCK_M) is the top one, whose rows see the fewest keys, instead of the bottom one,
+        # which would run every key tile for a third of its rows at BLOCK_M 192 (s = 4096: 5.5% fewer key
+        # tiles in all). Its rows above 0 are out of the Q / O boxes' bounds: TMA zero-fills and clips them.
+        if CAUSAL:
+            m0 = seqlen_q - (gl.program_id(0) + 1) * BLOCK_M
+        else:
+            m0 = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M
         kv_col = (head // group_size) * HEAD_DIM
         # Key range of the whole tile (every consumer runs the same n_tiles; a warpgroup whose rows see
-        # fewer keys gets fully masked rows in the last tiles, which leave its softmax state unchanged).
+        # fewer keys gets fully masked rows in the last tiles, which leave its softmax state unchanged;
+        # each warpgroup masks from its own first row, `_ws_consumer_wg`).
         n_tiles, mask_from = _key_tiles(m0, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
 
         q_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS] + q_desc.block_type.shape, q_desc.layout)

@@ -87,6 +87,33 @@ def test_hopper_every_config(name, d):
 
 
 @requires_sm90
+@pytest.mark.parametrize("name, d", [("ws3-m192n128s2", 64), ("ws-m128n128s2", 128), ("wspp-m128n128s2", 128)])
+@pytest.mark.parametrize("sq, sk", [(1000, 1000), (4096 + 64, 4096 + 64), (700, 1500)])
+def test_causal_bottom_aligned_tiles_stay_in_bounds(name, d, sq, sk):
+    """Causal tiles are aligned to the last query row, so the top tile starts above row 0 when sq is not a
+    multiple of BLOCK_M: its Q load and O store reach negative rows, which TMA must zero-fill and clip.
+    O is a view inside a NaN-filled buffer: the rows around it (the row before each batch's first) stay
+    NaN, and every row of O is written and matches the reference, LSE included."""
+    from pagoda.kernels import attention_hopper as H
+    b, hq, hk = 2, 4, 2
+    q = torch.randn(b, sq, hq, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(b, sk, hk, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(b, sk, hk, d, device="cuda", dtype=torch.bfloat16)
+    buf = torch.full((b, sq + 2, hq, d), float("nan"), device="cuda", dtype=torch.bfloat16)
+    out = buf[:, 1:-1]
+    lse_buf = torch.full((b, hq, sq + 2), float("nan"), device="cuda")
+    lse = lse_buf[:, :, 1:-1]
+    assert H.hopper_supported(q, k, v, out, window_right=0)
+    H.attention_fwd_hopper(q, k, v, out, lse, d ** -0.5, True, config=name)
+    assert buf[:, 0].isnan().all() and buf[:, -1].isnan().all(), "O written outside its rows"
+    assert lse_buf[:, :, 0].isnan().all() and lse_buf[:, :, -1].isnan().all(), "LSE written outside its rows"
+    r, rl, _ = ref_attn(q, k, v, causal=True, return_attn_probs=True)
+    assert not out.isnan().any() and not lse.isnan().any(), "unwritten rows"
+    assert rel_err(out, r) < 1.2e-2
+    assert_finite_lse_close(lse, rl, atol=2e-3)
+
+
+@requires_sm90
 def test_dispatch_through_flash_attn_func(monkeypatch):
     import pagoda
     from pagoda.kernels import attention_hopper as H
