@@ -73,8 +73,12 @@ s11)
   # Session 11, first call (~9.5 min): the dense warp-specialised kernels with causal tiles aligned to the last
   # query row and each warpgroup masking from its own first row: their GPU tests, the d=64/128 probe beside
   # cuDNN, then the full attention grid (one `pagoda bench` run, every backend).
+  # A quick causal check first: the grid runs only if it passes (a kernel fault would end the study anyway).
+  timeout -k 5 100 python3 -m pytest tests/kernels/test_attention_hopper_gpu.py -m gpu -q -p no:cacheprovider -x \
+    -k "bottom_aligned or gqa" --timeout 60 > $OUT/gpu-tests-quick.log 2>&1; ok=$?; tail -3 $OUT/gpu-tests-quick.log
   timeout -k 5 150 python3 -m pytest tests/kernels/test_attention_hopper_gpu.py -m gpu -q -p no:cacheprovider -n 8 \
     --timeout 120 > $OUT/gpu-tests-hopper.log 2>&1; tail -5 $OUT/gpu-tests-hopper.log
+  [ $ok = 0 ] || exit 1
   timeout -k 5 110 python3 benchmarks/hopper_probe.py --configs ws3-m192n128s2,ws3pp-m192n128s2,ws-m128n128s2,wspp-m128n128s2 \
     --budget 80 > $OUT/hopper-probe.txt 2>&1; grep -A12 SUMMARY $OUT/hopper-probe.txt
   mkdir -p $OUT/attn

@@ -234,10 +234,7 @@ if _GLUON_OK:
             lse = gl.where(empty, float("-inf"), (m_o + gl.log2(gl.where(empty, 1.0, l_o))) * 0.6931471805599453)
             offs = m0 + gl.arange(0, WG_M, layout=row_o)
             base = LSE + batch.to(gl.int64) * stride_lb + head.to(gl.int64) * stride_lh
-            in_range = offs < seqlen_q
-            if CAUSAL and not PERSISTENT:  # bottom-aligned tiles: the top one starts above row 0
-                in_range = in_range & (offs >= 0)
-            gl.store(base + offs.to(gl.int64) * stride_lt, lse, mask=in_range)
+            gl.store(base + offs.to(gl.int64) * stride_lt, lse, mask=offs < seqlen_q)
         if not PERSISTENT:
             tma.store_wait(pendings=0)
 
@@ -274,12 +271,14 @@ if _GLUON_OK:
         dtype: gl.constexpr = q_desc.dtype
         head = gl.program_id(1)
         batch = gl.program_id(2)
-        # Heaviest tiles first. Causal tiles are aligned to the last query row: the partial tile (sq not a
-        # multiple of BLOCK_M) is the top one, whose rows see the fewest keys, instead of the bottom one,
-        # which would run every key tile for a third of its rows at BLOCK_M 192 (s = 4096: 5.5% fewer key
-        # tiles in all). Its rows above 0 are out of the Q / O boxes' bounds: TMA zero-fills and clips them.
+        # Heaviest tiles first. Causal tiles are aligned to the last query row, so that when sq is not a
+        # multiple of BLOCK_M the short tile is the top one, whose rows see the fewest keys, instead of the
+        # bottom one, which would run every key tile for a third of its rows at BLOCK_M 192 (s = 4096: 5.5%
+        # fewer key tiles in all). The top tile is clamped to row 0 (TMA boxes at negative rows fault on the
+        # H200): it overlaps the next tile, and both write the same values to the shared rows (a row's
+        # result depends only on its own keys; the extra, fully masked key tiles leave it unchanged).
         if CAUSAL:
-            m0 = seqlen_q - (gl.program_id(0) + 1) * BLOCK_M
+            m0 = gl.maximum(seqlen_q - (gl.program_id(0) + 1) * BLOCK_M, 0)
         else:
             m0 = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M
         kv_col = (head // group_size) * HEAD_DIM

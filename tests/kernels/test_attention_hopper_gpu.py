@@ -90,10 +90,10 @@ def test_hopper_every_config(name, d):
 @pytest.mark.parametrize("name, d", [("ws3-m192n128s2", 64), ("ws-m128n128s2", 128), ("wspp-m128n128s2", 128)])
 @pytest.mark.parametrize("sq, sk", [(1000, 1000), (4096 + 64, 4096 + 64), (700, 1500)])
 def test_causal_bottom_aligned_tiles_stay_in_bounds(name, d, sq, sk):
-    """Causal tiles are aligned to the last query row, so the top tile starts above row 0 when sq is not a
-    multiple of BLOCK_M: its Q load and O store reach negative rows, which TMA must zero-fill and clip.
-    O is a view inside a NaN-filled buffer: the rows around it (the row before each batch's first) stay
-    NaN, and every row of O is written and matches the reference, LSE included."""
+    """Causal tiles are aligned to the last query row; when sq is not a multiple of BLOCK_M the top tile is
+    clamped to row 0 and overlaps the next one (both write the shared rows). O is a view inside a NaN-filled
+    buffer: the rows around it stay NaN, and every row of O is written and matches the reference, LSE
+    included."""
     from pagoda.kernels import attention_hopper as H
     b, hq, hk = 2, 4, 2
     q = torch.randn(b, sq, hq, d, device="cuda", dtype=torch.bfloat16)
