@@ -3,7 +3,10 @@
 ``decode``: bf16, GQA 32/8, head_dim 128, pages in random order; pagoda's
 `BatchDecodeWithPagedKVCacheWrapper` at page size 16 and 1, FlashInfer's wrapper with tensor cores off
 and on (when importable), and SDPA (cuDNN, and default dispatch) on the same KV laid out contiguously.
-Figure: TB/s of KV read once (2 · batch · ctx · kv_heads · head_dim · 2 bytes / time).
+Figure: TB/s of KV read once (2 · batch · ctx · kv_heads · head_dim · 2 bytes / time). On CUDA a second table
+gives the same figure from device time: each call captured once in a CUDA graph and replayed
+(`timing.graph_time_ms`), as a serving engine runs decode. At batch 1 a call's host time (~45 µs on the H200
+machine) exceeds its device time (~20 µs at 4k), and the first table then reads partly host time.
 ``paged``: causal prefill through pagoda's `BatchPrefillWithPagedKVCacheWrapper` (page 16) vs pagoda's
 dense kernels on the same data (``pagoda_dense``: `flash_attn_varlen_func`; ``pagoda_dense4d``: the equal-length
 batch as 4-D `flash_attn_func`, the Gluon kernel on sm_90; "paged / best dense" divides by the faster) and
@@ -21,7 +24,7 @@ from pagoda.bench import report as _report
 from pagoda.bench.attention import _classify
 from pagoda.bench.backends import flashinfer_missing
 from pagoda.bench.progress import Progress
-from pagoda.bench.timing import time_ms
+from pagoda.bench.timing import graph_time_ms, time_ms
 
 PASSES = 2          # timing rounds per case (best median kept, see _run)
 DECODE_BACKENDS = ("pagoda", "pagoda_p1", "flashinfer", "flashinfer_tc", "sdpa_cudnn", "sdpa")
@@ -185,6 +188,8 @@ def _run(study: str, grid: str, backends, device: torch.device, dtype: torch.dty
                             row["tb_per_s"] = _report.significant(kv_bytes / ms / 1e9)
                         else:
                             row["tflops"] = _report.significant(flops / ms / 1e9)
+            if study == "decode" and device.type == "cuda":
+                _graph_round(rows, fns, device, kv_bytes)
             results.extend(rows)
             fns.clear()
             del kv16, kv1, q
@@ -200,6 +205,22 @@ def _run(study: str, grid: str, backends, device: torch.device, dtype: torch.dty
             "results": results}
 
 
+def _graph_round(rows: list, fns: dict, device: torch.device, kv_bytes: int) -> None:
+    """Device time of every timed decode call, replayed from a CUDA graph: ``graph_ms`` / ``graph_tb_per_s``
+    in its row, or ``graph_reason`` when the call cannot be captured (the row's status stays as timed)."""
+    for row in rows:
+        fn = fns.get(row["backend"])
+        if fn is None or row["status"] != "ok":
+            continue
+        try:
+            ms = graph_time_ms(fn, device)
+        except Exception as exc:
+            row["graph_reason"] = _classify(exc)[1]
+            continue
+        row["graph_ms"] = round(ms, 5)
+        row["graph_tb_per_s"] = _report.significant(kv_bytes / ms / 1e9)
+
+
 def run_decode(grid, backends, device, dtype) -> dict:
     return _run("decode", grid, backends, device, dtype)
 
@@ -209,8 +230,25 @@ def run_paged(grid, backends, device, dtype) -> dict:
 
 
 def tables(report: dict, markdown: bool = False) -> str:
+    """The study's table; for decode on CUDA also the graph-replayed (device time) table."""
+    out = [_table(report, "tb_per_s" if report["study"] == "decode" else "tflops", report["meta"]["metric"],
+                  markdown)]
+    if any(r.get("graph_tb_per_s") for r in report["results"]):
+        out.append(_table(report, "graph_tb_per_s", report["meta"]["metric"] + ", device time (one call replayed "
+                          "from a CUDA graph)", markdown))
+    reasons = [f"{n}: {b['reason']}" for n, b in report["backends"].items() if not b["available"]]
+    errors = sorted({f"{r['backend']}: {r['reason']}" for r in report["results"]
+                     if r["status"] not in ("ok", "unavailable")})
+    errors += sorted({f"{r['backend']} (CUDA graph): {r['graph_reason']}" for r in report["results"]
+                      if r.get("graph_reason")})
+    for t, items in (("Unavailable", reasons), ("Failures", errors)):
+        if items:
+            out.append(f"{t}:\n" + "\n".join(("- " if markdown else "  ") + i for i in items))
+    return "\n\n".join(out)
+
+
+def _table(report: dict, metric: str, title: str, markdown: bool) -> str:
     decode = report["study"] == "decode"
-    metric = "tb_per_s" if decode else "tflops"
     names = [n for n, b in report["backends"].items() if b["available"]]
     by_case: dict[tuple, dict] = {}
     for r in report["results"]:
@@ -218,14 +256,18 @@ def tables(report: dict, markdown: bool = False) -> str:
 
     def val(c, n):
         r = c.get(n)
-        return r[metric] if r and r["status"] == "ok" else None
+        return r.get(metric) if r and r["status"] == "ok" else None
+
+    def cell(c, n):  # the figure, else the row's status ("-": timed, but no figure of this kind, e.g. no graph)
+        v = val(c, n)
+        return f"{v:.3g}" if v else ("-" if c[n]["status"] == "ok" else c[n]["status"])
 
     extra = (["pagoda / best FlashInfer", "page 1 / page 16"] if decode
              else ["paged / best dense", "pagoda / FlashInfer"])
     rows = []
     for key in sorted(by_case, key=lambda k: (k[1], k[0])):
         c = by_case[key]
-        row = list(key) + [f"{val(c, n):.3g}" if val(c, n) else c[n]["status"] for n in names]
+        row = list(key) + [cell(c, n) for n in names]
         if decode:
             fi = max([x for x in (val(c, "flashinfer"), val(c, "flashinfer_tc")) if x] or [0])
             p, p1 = val(c, "pagoda"), val(c, "pagoda_p1")
@@ -236,13 +278,5 @@ def tables(report: dict, markdown: bool = False) -> str:
             row += [f"{pp / pd:.2f}" if pp and pd else "-", f"{pp / fi:.2f}x" if pp and fi else "-"]
         rows.append(row)
     headers = ["batch", "ctx" if decode else "seqlen"] + names + extra
-    title = report["meta"]["metric"]
     table = _report.markdown_table(headers, rows) if markdown else _report.format_table(headers, rows, 0)
-    out = [(f"### {report['study']}: {title}\n\n" if markdown else f"{report['study']}: {title}\n") + table]
-    reasons = [f"{n}: {b['reason']}" for n, b in report["backends"].items() if not b["available"]]
-    errors = sorted({f"{r['backend']}: {r['reason']}" for r in report["results"]
-                     if r["status"] not in ("ok", "unavailable")})
-    for t, items in (("Unavailable", reasons), ("Failures", errors)):
-        if items:
-            out.append(f"{t}:\n" + "\n".join(("- " if markdown else "  ") + i for i in items))
-    return "\n\n".join(out)
+    return (f"### {report['study']}: {title}\n\n" if markdown else f"{report['study']}: {title}\n") + table

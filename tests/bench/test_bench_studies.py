@@ -221,6 +221,46 @@ def test_decode_study_keeps_each_backends_best_round(monkeypatch):
     assert [r["ms"] for r in first] == [2.0, 2.0]
 
 
+def test_decode_graph_round_records_device_time_or_the_reason(monkeypatch):
+    """On CUDA every timed decode call is also replayed from a CUDA graph: its figure lands in the row, a call
+    that cannot be captured keeps its timed figure and says why, untimed rows are left alone."""
+    from pagoda.bench import decode
+
+    def ok():
+        return None
+
+    def uncapturable():
+        return None
+
+    def fake_graph_time_ms(fn, device, **kw):
+        if fn is uncapturable:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return 0.02
+    monkeypatch.setattr(decode, "graph_time_ms", fake_graph_time_ms)
+    rows = [{"backend": "pagoda", "status": "ok", "ms": 0.05}, {"backend": "flashinfer", "status": "ok", "ms": 0.04},
+            {"backend": "sdpa", "status": "unavailable", "ms": None}]
+    decode._graph_round(rows, {"pagoda": ok, "flashinfer": uncapturable}, torch.device("cpu"), kv_bytes=2 * 10**7)
+    assert rows[0]["graph_ms"] == 0.02 and rows[0]["graph_tb_per_s"] == 1.0 and rows[0]["ms"] == 0.05
+    assert "graph_ms" not in rows[1] and "capturing" in rows[1]["graph_reason"] and rows[1]["status"] == "ok"
+    assert set(rows[2]) == {"backend", "status", "ms"}
+
+
+def test_decode_tables_add_the_graph_table_with_its_own_ratios():
+    """The graph table's ratio columns come from the graph figures, not from the timed ones."""
+    from pagoda.bench import decode
+    report = decode.run_decode("small", ["pagoda", "pagoda_p1", "sdpa"], torch.device("cpu"), torch.float32)
+    assert "device time" not in decode.tables(report)       # no graph figures on CPU: one table
+    for r in report["results"]:
+        r["graph_tb_per_s"] = {"pagoda": 2.0, "pagoda_p1": 1.0, "sdpa": 4.0}[r["backend"]]
+    text = decode.tables(report, markdown=True)
+    timed, graph = text.split("device time (one call replayed from a CUDA graph)")
+    assert "| 0.50 |" in graph and "| 4 |" in graph and "| 4 |" not in timed
+    report["results"][0].pop("graph_tb_per_s")
+    report["results"][0]["graph_reason"] = "error: RuntimeError: capture failed"
+    text = decode.tables(report)
+    assert "(CUDA graph): error: RuntimeError: capture failed" in text
+
+
 def test_sampling_study_keeps_each_calls_best_round(monkeypatch):
     from pagoda.bench import sampling
     seen: dict = {}
