@@ -251,10 +251,10 @@ def test_decode_tables_add_the_graph_table_with_its_own_ratios():
     report = decode.run_decode("small", ["pagoda", "pagoda_p1", "sdpa"], torch.device("cpu"), torch.float32)
     assert "device time" not in decode.tables(report)       # no graph figures on CPU: one table
     for r in report["results"]:
-        r["graph_tb_per_s"] = {"pagoda": 2.0, "pagoda_p1": 1.0, "sdpa": 4.0}[r["backend"]]
+        r["graph_tb_per_s"] = {"pagoda": 2.0, "pagoda_p1": 1.0, "sdpa": 7.0}[r["backend"]]
     text = decode.tables(report, markdown=True)
     timed, graph = text.split("device time (one call replayed from a CUDA graph)")
-    assert "| 0.50 |" in graph and "| 4 |" in graph and "| 4 |" not in timed
+    assert "| 0.50 |" in graph and "| 7 |" in graph and "| 7 |" not in timed
     report["results"][0].pop("graph_tb_per_s")
     report["results"][0]["graph_reason"] = "error: RuntimeError: capture failed"
     text = decode.tables(report)
