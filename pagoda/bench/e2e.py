@@ -17,6 +17,7 @@ so that even a killed run leaves its data. Every failure of one case is recorded
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import time
@@ -263,7 +264,10 @@ def _run_study(cfg, impls, device, dtype, out, command) -> dict:
         "meta": {**env, "dtype": str(dtype).replace("torch.", ""), "model": cfg.model,
                  "prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens, "transformers": tf_version,
                  "metric": f"tokens/s = batch * new_tokens / generate() wall time (prefill included), median of "
-                           f"{cfg.repeats} after one warm-up generate of the same shapes",
+                           f"{cfg.repeats} after one warm-up generate of the same shapes"
+                           + (f" (rows of batch >= {CLAIM_BATCH} near the cell's best: up to {cfg.refine_to}, the "
+                              f"rest re-timed round-robin after an untimed warm-up round)" if cfg.refine_to > cfg.repeats
+                              else "") + "; gc collected and frozen around each timed generate",
                  "static_cache": ("HF StaticCache, generate's auto torch.compile disabled (eager decode step)"
                                   if _can_disable_compile() else "HF StaticCache (generate may auto-compile)"),
                  "pagoda_autotune": os.environ.get("PAGODA_AUTOTUNE", "1"), "budget_s": cfg.budget_s,
@@ -329,7 +333,7 @@ def _run_study(cfg, impls, device, dtype, out, command) -> dict:
                             if not warm:
                                 fn()           # warm-up: compiles, autotuning, cuDNN plans of every shape
                                 warm = True
-                            samples = [time_ms(fn, device) for _ in range(cfg.repeats)]
+                            samples = [_timed(fn, device) for _ in range(cfg.repeats)]
                         ms = statistics.median(samples)
                         report["samples_ms"][_label(impl, cache, proc, batch)] = [round(s, 3) for s in samples]
                         row.update(ms=round(ms, 3), tokens_per_s=round(batch * cfg.new_tokens / ms * 1e3, 3))
@@ -340,12 +344,15 @@ def _run_study(cfg, impls, device, dtype, out, command) -> dict:
                         row.update(status=status, reason=reason(exc))
                         if status == "error" and proc == cfg.processors[0]:
                             failed = row        # the processor does not touch attention: same failure
-                    finally:
                         free(device)
                 rows.append(row)
                 shown = f"{row['tokens_per_s']:.0f} tok/s" if row["status"] == "ok" else row["status"]
                 bar.step(f"{impl} {cache} {proc} b={batch}: {shown}")
                 checkpoint()
+            # The allocator's cache is emptied between groups only: the processors of one group share the
+            # group's warm-up. (Emptying it before a timed generate made that generate cudaMalloc its whole
+            # working set again, inside the timing: 15-50% slower samples in the 2026-12-02 run.)
+            free(device)
 
     if search:
         found = {}
@@ -374,6 +381,18 @@ def _label(impl, cache, proc, batch) -> str:
     return f"{impl}/{cache}/{proc}/b{batch}"
 
 
+def _timed(fn, device) -> float:
+    """``time_ms`` of one generate after a full garbage collection, with every object alive at that point
+    frozen out of later collections: generate's own garbage then costs the same whatever the process has
+    accumulated before (torch.compile's graphs, earlier reports)."""
+    gc.collect()
+    gc.freeze()
+    try:
+        return time_ms(fn, device)
+    finally:
+        gc.unfreeze()    # what dies later is collected as usual (a frozen cycle would hold its tensors)
+
+
 def _refine(model, cfg, device, report, clock, checkpoint) -> None:
     """Leftover budget: more samples for the rows that decide the claim (batch >= CLAIM_BATCH), up to
     ``refine_to`` each, taken round-robin so that drift affects every implementation alike.
@@ -387,7 +406,10 @@ def _refine(model, cfg, device, report, clock, checkpoint) -> None:
         cell = [r for r in rows if (r["cache"], r["processor"], r["batch"]) == key]
         best = max(r["tokens_per_s"] for r in cell)
         targets += [r for r in cell if r["impl"] == "pagoda" or r["tokens_per_s"] >= REFINE_WITHIN * best]
-    for _ in range(cfg.refine_to - cfg.repeats):
+    # Round 0 is an untimed warm-up of every target: the max-batch search (or the groups' clean-up) left the
+    # allocator's cache empty, and a generate that has to cudaMalloc its working set is not the one to time.
+    # The cache is not emptied between the rounds' generates (a few GB at the claim's batches).
+    for rnd in range(cfg.refine_to - cfg.repeats + 1):
         for row in targets:
             limit = clock.limit(cfg.case_limit_s)
             if limit is not None and limit < 3.0:
@@ -398,12 +420,14 @@ def _refine(model, cfg, device, report, clock, checkpoint) -> None:
                     _set_impl(model, row["impl"])
                     fn = _generate_fn(model, row["impl"], row["batch"], cfg.prompt_len, cfg.new_tokens, row["cache"],
                                       row["processor"], device)
-                    report["samples_ms"][label].append(round(time_ms(fn, device), 3))
+                    if rnd == 0:
+                        fn()
+                        continue
+                    report["samples_ms"][label].append(round(_timed(fn, device), 3))
             except Exception as exc:  # keep what was measured
                 print(f"e2e: re-timing {label} failed: {reason(exc)}", flush=True)
-                continue
-            finally:
                 free(device)
+                continue
             ms = statistics.median(report["samples_ms"][label])
             row.update(ms=round(ms, 3), tokens_per_s=round(row["batch"] * cfg.new_tokens / ms * 1e3, 3))
             checkpoint()

@@ -82,6 +82,37 @@ def test_e2e_leftover_budget_re_times_every_contender(monkeypatch):
         assert r["ms"] == round(sorted(samples)[len(samples) // 2], 3)
 
 
+def test_e2e_times_no_generate_right_after_the_allocator_cache_was_emptied(monkeypatch):
+    """Every timed generate follows an untimed generate of the same case with no `free` (gc + empty the
+    CUDA allocator's cache) in between: a generate that must cudaMalloc its working set again is not timed.
+    Covers the second processor of a group (it shares the group's warm-up) and the re-timing rounds."""
+    events = []
+
+    def fake(model, impl, b, prompt_len, new_tokens, cache, proc, device):
+        return lambda: events.append(("gen", impl, cache, proc))
+    real_timed = e2e._timed
+
+    def timed(fn, device):
+        events.append(("timed",))
+        return real_timed(fn, device)
+    monkeypatch.setattr(e2e, "CLAIM_BATCH", 1)
+    monkeypatch.setattr(e2e, "_generate_fn", fake)
+    monkeypatch.setattr(e2e, "_timed", timed)
+    monkeypatch.setattr(e2e, "free", lambda device: events.append(("free",)))
+    cfg = e2e.E2EConfig(batch_sizes=(1,), new_tokens=2, caches=("dynamic", "static"), repeats=1, refine_to=3,
+                        budget_s=600.0, case_limit_s=60.0, host_overhead=False)
+    rep = e2e.run_study(cfg, ["pagoda", "sdpa"], torch.device("cpu"), torch.float32)
+    assert all(len(v) == 3 for v in rep["samples_ms"].values()) and len(rep["samples_ms"]) == 8
+    timed_at = [i for i, e in enumerate(events) if e == ("timed",)]
+    assert len(timed_at) == 8 * 3
+    for i in timed_at:
+        impl = events[i + 1][1]
+        last_free = max((j for j in range(i) if events[j] == ("free",)), default=-1)
+        warm = [j for j in range(last_free + 1, i) if events[j][0] == "gen" and events[j][1] == impl
+                and events[j - 1] != ("timed",)]
+        assert warm, f"timed generate at event {i} ({impl}) has no warm-up since the last free"
+
+
 def test_time_limit_interrupts_a_case():
     import time
     from pagoda.bench.budget import CaseTimeout, Clock, time_limit
