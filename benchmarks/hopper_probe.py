@@ -14,7 +14,8 @@
    abs error) before `do_bench` (median, L2 flushed). Prints TFLOP/s (4 b s^2 h d, halved when causal)
    and the ratio to cuDNN. --quick: the default Gluon configs plus one persistent, one warp-specialised,
    one ping-pong, the 3-consumer (ws3, d=64) and the persistent warp-specialised (pws*) configs, s >= 4096
-   only. --head-dims 64 times d=64 only.
+   only. --head-dims 64 times d=64 only; --shapes 32x512,16x1024 times those (batch x seqlen) instead. Each
+   case also times SDPA's flash backend (FA2), issue 2's 1.5x reference.
 Guards: a smoke subprocess is killed after 100 s (hang); a watchdog ends the probe after 150 s without
 progress; timings past --budget seconds (default 225) are skipped, so the run stays under ~4 minutes.
 """
@@ -108,6 +109,8 @@ def main():
     ap.add_argument("--no-smoke", action="store_true", help="time every config without the subprocess check")
     ap.add_argument("--budget", type=float, default=225.0, help="seconds; later timings are skipped past it")
     ap.add_argument("--head-dims", default="128,64", help="head dims of the timing stage, in this order")
+    ap.add_argument("--shapes", default="", help="timing shapes as BxS,... (e.g. 32x512,16x1024; default: the "
+                                                 "grid's 32x512, 4x4096, 1x16384, or --quick's two)")
     args = ap.parse_args()
     os.environ["PAGODA_HOPPER_ATTN"] = "0"
     os.environ.setdefault("PAGODA_AUTOTUNE", "1" if args.tune else "0")
@@ -144,6 +147,8 @@ def main():
     _progress("timing stage")
 
     shapes = ((4, 4096), (1, 16384)) if args.quick else ((32, 512), (4, 4096), (1, 16384))
+    if args.shapes:
+        shapes = tuple(tuple(int(x) for x in bs.split("x")) for bs in args.shapes.split(","))
     summary = []
     for d in (int(x) for x in args.head_dims.split(",")):
         for causal in (False, True):
@@ -159,6 +164,11 @@ def main():
                                                  return_mode="median")
                 c_tf = flops / ms / 1e9
                 print(f"{tag} cudnn        {ms * 1e3:9.1f} us {c_tf:6.1f} TF/s", flush=True)
+                with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):   # FA2: issue 2's 1.5x reference
+                    ms = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal),
+                                                 return_mode="median")
+                f_tf = flops / ms / 1e9
+                print(f"{tag} sdpa-flash   {ms * 1e3:9.1f} us {f_tf:6.1f} TF/s", flush=True)
                 impls = [("pagoda-triton", None)] + [(f"gluon:{n}", n) for n in names if (d, causal) in good[n]]
                 best = {}
                 for label, name in impls:
@@ -195,13 +205,13 @@ def main():
                     tf = flops / ms / 1e9
                     best[label] = tf
                     print(f"{tag} {label:12s} {ms * 1e3:9.1f} us {tf:6.1f} TF/s {tf / c_tf:5.2f}x cudnn "
-                          f"max_abs_err={err:.1e}", flush=True)
+                          f"{tf / f_tf:5.2f}x flash max_abs_err={err:.1e}", flush=True)
                 g = max(((tf, l) for l, tf in best.items() if l.startswith("gluon")), default=(0.0, "-"))
-                summary.append((tag, c_tf, best.get("pagoda-triton", 0.0), g))
-    print(f"\nSUMMARY (TF/s; ratio to cuDNN) after {time.time() - t_start:.0f} s", flush=True)
-    for tag, c_tf, p_tf, (g_tf, g_name) in summary:
-        print(f"{tag}  cudnn {c_tf:6.1f} | triton {p_tf:6.1f} ({p_tf / c_tf:4.2f}x) | best gluon {g_tf:6.1f} "
-              f"({g_tf / c_tf:4.2f}x) {g_name}", flush=True)
+                summary.append((tag, c_tf, f_tf, best.get("pagoda-triton", 0.0), g))
+    print(f"\nSUMMARY (TF/s; ratio to cuDNN, to SDPA flash) after {time.time() - t_start:.0f} s", flush=True)
+    for tag, c_tf, f_tf, p_tf, (g_tf, g_name) in summary:
+        print(f"{tag}  cudnn {c_tf:6.1f} | flash {f_tf:6.1f} | triton {p_tf:6.1f} ({p_tf / c_tf:4.2f}x) | best gluon "
+              f"{g_tf:6.1f} ({g_tf / c_tf:4.2f}x, {g_tf / f_tf:4.2f}x flash) {g_name}", flush=True)
 
 
 if __name__ == "__main__":

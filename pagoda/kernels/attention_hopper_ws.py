@@ -1,7 +1,8 @@
 """Warp-specialised variant of the Gluon sm_90 attention forward (see `attention_hopper` for the maths).
 
 One CTA = one BLOCK_M = 64 * NUM_CONSUMERS tile of queries of one (batch, head) (NUM_CONSUMERS = 2:
-128 rows, the ``ws-*`` / ``wspp-*`` configs; 3: 192 rows, ``ws3-*`` / ``ws3pp-*``, head_dim 64 only),
+128 rows, the ``ws-*`` / ``wspp-*`` configs; 3: 192 rows, ``ws3-*`` / ``ws3pp-*``, head_dim 64 only;
+1: 64 rows, ``ws1x2-*`` / ``ws1x3-*``, two or three CTAs per SM for short sequences),
 split over 1 + NUM_CONSUMERS partitions:
 
     loader       (1 warp)   TMA: Q (NUM_CONSUMERS boxes ``[1, 64, d]``), then K_i, V_i ``[1, BLOCK_N, d]``
@@ -266,7 +267,8 @@ if _GLUON_OK:
         """Grid ``(cdiv(sq, BLOCK_M), hq, b)``; descriptors over ``[b, s, h*d]`` with boxes q/o
         ``[1, 64, d]``, k/v ``[1, BLOCK_N, d]``; LSE ``[b, hq, sq]`` (strides given) when WRITE_LSE."""
         gl.static_assert(num_warps == 4, "the default partition is consumer 0 (one warpgroup)")
-        gl.static_assert(NUM_CONSUMERS == 2 or NUM_CONSUMERS == 3, "2 or 3 consumer warpgroups")
+        gl.static_assert(NUM_CONSUMERS >= 1 and NUM_CONSUMERS <= 3, "1 to 3 consumer warpgroups")
+        gl.static_assert(NUM_CONSUMERS > 1 or not PINGPONG, "ping-pong needs two consumer warpgroups")
         gl.static_assert(BLOCK_M == NUM_CONSUMERS * q_desc.block_type.shape[1], "one q/o box per consumer")
         dtype: gl.constexpr = q_desc.dtype
         head = gl.program_id(1)
@@ -313,7 +315,18 @@ if _GLUON_OK:
         # (1 warp, 24 registers). (The argument tuples are written out: a tuple bound to a name turns its
         # constexprs into tensors; the literal warpgroup index
         # ending a consumer's tuple stays a constexpr.)
-        if NUM_CONSUMERS == 2:
+        if NUM_CONSUMERS == 1:
+            gl.warp_specialize([
+                (_ws_consumer_wg, (q_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready,
+                                   v_empty, turns, batch, head, m0, n_tiles, mask_from, stride_lb, stride_lh,
+                                   stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL,
+                                   WRITE_LSE, PINGPONG, NUM_CONSUMERS, 0)),
+                (_ws_loader, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty,
+                              v_ready, v_empty, turns, batch, head, m0, kv_col, n_tiles, mask_from, stride_lb,
+                              stride_lh, stride_lt, seqlen_q, seqlen_k, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL,
+                              WRITE_LSE, PINGPONG, NUM_CONSUMERS)),
+            ], [1], [24])
+        elif NUM_CONSUMERS == 2:
             gl.warp_specialize([
                 (_ws_consumer_wg, (q_desc, o_desc, LSE, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready,
                                    v_empty, turns, batch, head, m0, n_tiles, mask_from, stride_lb, stride_lh,

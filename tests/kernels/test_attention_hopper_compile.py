@@ -97,13 +97,34 @@ def test_persistent_ws_configs_are_opt_in():
     assert not any(H._ws_persistent(n) for n in H.CONFIGS)
 
 
+def test_ws1_configs_fit_their_ctas_per_sm():
+    """One consumer warpgroup per CTA, several CTAs per SM: at every head dim a config accepts, the launch's
+    register cap times the CTA's 8 warps, and its shared memory (Q box + STAGES K/V boxes + barriers), fit the
+    SM that many times; the consumer's setmaxnreg budget is what the loader's 24 leave; no ping-pong; opt-in."""
+    from pagoda.kernels import attention_hopper as H
+    ws1 = [n for n, c in H.WS_CONFIGS.items() if c[5] == 1]
+    assert ws1 and set(ws1) == set(H.WS1_CTAS_PER_SM)
+    assert not set(ws1) & set(H.DEFAULT_CONFIG.values())
+    for name in ws1:
+        ctas = H.WS1_CTAS_PER_SM[name]
+        for d in H.config_head_dims(name):
+            bm, bn, stages, regs, pingpong, nc, maxnreg = H._ws_params(name, d)
+            assert bm == 64 and nc == 1 and not pingpong
+            assert ctas * 8 * 32 * maxnreg <= 65536 and regs == 2 * maxnreg - 24
+            smem = 64 * d * 2 + stages * 2 * bn * d * 2 + 1024
+            assert ctas * (smem + 1024) <= 228 * 1024, (name, d, smem)
+        for d in set(H.HEAD_DIMS) - set(H.config_head_dims(name)):
+            with pytest.raises(ValueError, match="head_dim"):
+                H._ws_params(name, d)
+
+
 def test_ws3_configs_are_head_dim_64_only():
     """3 consumer warpgroups of 160 registers cannot hold a d=128 tile: a clear error, not a spilling kernel."""
     from pagoda.kernels import attention_hopper as H
     from pagoda.kernels.attention_hopper_aot import compile_sm90
     ws3 = [n for n, c in H.WS_CONFIGS.items() if c[5] == 3]
     assert ws3 and all(H.config_head_dims(n) == (64,) for n in ws3)
-    assert all(H.config_head_dims(n) == (64, 128) for n in H.WS_CONFIGS if n not in ws3)
+    assert all(H.config_head_dims(n) == (64, 128) for n in H.WS_CONFIGS if n not in ws3 and n not in H.WS1_CTAS_PER_SM)
     for name in ws3:
         assert H.WS_CONFIGS[name][0] == 192
         with pytest.raises(ValueError, match="head_dim"):
