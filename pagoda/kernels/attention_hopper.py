@@ -302,7 +302,7 @@ WS_CONFIGS = {
     # boxes: 192 KB at d=128, so STAGES 2 only). Opt-in until measured (short sequences: b32 s512).
     "pws-m128n128s2": (128, 128, 2, 240, False, 2),
     "pwspp-m128n128s2": (128, 128, 2, 240, True, 2),
-    # One consumer warpgroup per CTA (BLOCK_M 64) and several CTAs per SM ("x2" .. "x4", WS1_CTAS_PER_SM):
+    # One consumer warpgroup per CTA (BLOCK_M 64) and several CTAs per SM ("x2" .. "x4", WS_CTAS_PER_SM):
     # for short sequences, where a CTA runs only 4-8 key tiles and its launch, Q / K_0 latency and O store
     # are a large share; the SM then overlaps one CTA's prologue and epilogue with the others' loops. The
     # launch caps registers so that many CTAs fit (x2: 128, x3: 80, x4: 64 per thread), and setmaxnreg
@@ -313,14 +313,17 @@ WS_CONFIGS = {
     "ws1x3-m64n64s2": (64, 64, 2, 136, False, 1),
     "ws1x3-m64n64s3": (64, 64, 3, 136, False, 1),
     "ws1x4-m64n64s2": (64, 64, 2, 104, False, 1),
+    # Two consumer warpgroups sharing each K/V tile, two CTAs per SM (launch cap 80: consumers 112 / 104).
+    "ws2x2-m128n64s2": (128, 64, 2, 104, False, 2),
+    "ws2x2pp-m128n64s2": (128, 64, 2, 104, True, 2),
 }
 WS3_HEAD_DIMS = (64,)
-WS1_CTAS_PER_SM = {"ws1x2-m64n128s2": 2, "ws1x2-m64n64s2": 2, "ws1x3-m64n64s2": 3, "ws1x3-m64n64s3": 3,
-                   "ws1x4-m64n64s2": 4}
+WS_CTAS_PER_SM = {"ws1x2-m64n128s2": 2, "ws1x2-m64n64s2": 2, "ws1x3-m64n64s2": 3, "ws1x3-m64n64s3": 3,
+                  "ws1x4-m64n64s2": 4, "ws2x2-m128n64s2": 2, "ws2x2pp-m128n64s2": 2}
 # Head dims at which a config fits its CTAs per SM (shared memory: Q + STAGES x (K + V) boxes per CTA,
 # 228 KB per SM; registers: at d=128 O alone is 64 per thread) when not every head dim does.
 _WS_HEAD_DIMS = {"ws1x2-m64n128s2": (64,), "ws1x3-m64n64s2": (64,), "ws1x3-m64n64s3": (64,),
-                 "ws1x4-m64n64s2": (64,)}
+                 "ws1x4-m64n64s2": (64,), "ws2x2-m128n64s2": (64,), "ws2x2pp-m128n64s2": (64,)}
 
 
 def _ws_persistent(config: str) -> bool:
@@ -365,13 +368,13 @@ def _ws_params(config: str, head_dim: int):
     bm, bn, stages, regs, pingpong, nc = WS_CONFIGS[config]
     if head_dim not in config_head_dims(config):
         why = ("S, O and P alone take 160 registers per thread at d=128" if nc == 3 else
-               f"its {WS1_CTAS_PER_SM.get(config, 1)} CTAs per SM do not fit the SM's registers or shared memory")
+               f"its {WS_CTAS_PER_SM.get(config, 1)} CTAs per SM do not fit the SM's registers or shared memory")
         raise ValueError(f"attention config {config!r} ({nc} consumer warpgroups of {regs} registers) supports "
                          f"head_dim {config_head_dims(config)}, not {head_dim}: {why}")
     assert bm == 64 * nc, config
-    if nc == 1:  # several CTAs per SM: 8 warps (consumer + loader warpgroup) each under the launch cap
-        maxnreg = 65536 // (WS1_CTAS_PER_SM[config] * 8 * 32) // 8 * 8
-        assert regs == 2 * maxnreg - 24 and not pingpong, config
+    if config in WS_CTAS_PER_SM:  # several CTAs per SM: every warp (consumers + loader warpgroup) under the cap
+        maxnreg = 65536 // (WS_CTAS_PER_SM[config] * 4 * (nc + 1) * 32) // 8 * 8
+        assert nc > 1 or (regs == 2 * maxnreg - 24 and not pingpong), config
         return bm, bn, stages, regs, pingpong, nc, maxnreg
     return bm, bn, stages, regs, pingpong, nc, _WS_MAXNREG[nc]
 

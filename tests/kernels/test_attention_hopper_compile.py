@@ -103,10 +103,9 @@ def test_ws1_configs_fit_their_ctas_per_sm():
     SM that many times; the consumer's setmaxnreg budget is what the loader's 24 leave; no ping-pong; opt-in."""
     from pagoda.kernels import attention_hopper as H
     ws1 = [n for n, c in H.WS_CONFIGS.items() if c[5] == 1]
-    assert ws1 and set(ws1) == set(H.WS1_CTAS_PER_SM)
-    assert not set(ws1) & set(H.DEFAULT_CONFIG.values())
+    assert ws1 and set(ws1) <= set(H.WS_CTAS_PER_SM)
     for name in ws1:
-        ctas = H.WS1_CTAS_PER_SM[name]
+        ctas = H.WS_CTAS_PER_SM[name]
         for d in H.config_head_dims(name):
             bm, bn, stages, regs, pingpong, nc, maxnreg = H._ws_params(name, d)
             assert bm == 64 and nc == 1 and not pingpong
@@ -124,7 +123,7 @@ def test_ws3_configs_are_head_dim_64_only():
     from pagoda.kernels.attention_hopper_aot import compile_sm90
     ws3 = [n for n, c in H.WS_CONFIGS.items() if c[5] == 3]
     assert ws3 and all(H.config_head_dims(n) == (64,) for n in ws3)
-    assert all(H.config_head_dims(n) == (64, 128) for n in H.WS_CONFIGS if n not in ws3 and n not in H.WS1_CTAS_PER_SM)
+    assert all(H.config_head_dims(n) == (64, 128) for n in H.WS_CONFIGS if n not in ws3 and n not in H.WS_CTAS_PER_SM)
     for name in ws3:
         assert H.WS_CONFIGS[name][0] == 192
         with pytest.raises(ValueError, match="head_dim"):
