@@ -3,7 +3,7 @@
 # by the last session (stage "next"), the sampling study beside FlashInfer (stage "sampling", a call of
 # its own: FlashInfer's sampling JIT takes ~100 s) or HF generate (stage "e2e"); results under $OUT.
 # The one-off stages that produced earlier results (verify, gluon, check, check2, final5) are in git history.
-# From the repo root: bash benchmarks/gpu_final.sh tests|bench|next|paged|sampling|e2e
+# From the repo root: bash benchmarks/gpu_final.sh tests|bench|next|paged|sampling|e2e|s12
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 . benchmarks/stage_peer.sh
@@ -68,6 +68,19 @@ s9b)
   timeout -k 5 200 python3 -m pytest tests/kernels/test_sampling_split.py tests/ops/test_sampling.py \
     tests/bench/test_bench_sampling.py -m gpu -q -p no:cacheprovider -n 8 --timeout 150 > $OUT/gpu-tests.log 2>&1
   tail -5 $OUT/gpu-tests.log
+  ;;
+s12)
+  # Session 12 (~8 min): the short-sequence default configs (SHORT_CONFIG: one consumer warpgroup per CTA,
+  # 2-3 CTAs per SM; d=64 now takes the Gluon kernel at every length): the Gluon kernel GPU tests, the
+  # attention op GPU tests (every shape of flash_attn_func / varlen through the new dispatch), then the full
+  # attention grid (one `pagoda bench` run, every backend). The grid runs only if the Gluon tests pass.
+  timeout -k 5 150 python3 -m pytest tests/kernels/test_attention_hopper_gpu.py -m gpu -q -p no:cacheprovider -n 8 \
+    --timeout 120 > $OUT/gpu-tests-hopper.log 2>&1; ok=$?; tail -3 $OUT/gpu-tests-hopper.log
+  [ $ok = 0 ] || exit 1
+  timeout -k 5 200 python3 -m pytest tests/ops/test_attention.py tests/kernels/test_attention_hopper_gpu.py -m gpu -q \
+    -p no:cacheprovider -n 8 --timeout 150 > $OUT/gpu-tests-attention.log 2>&1; tail -3 $OUT/gpu-tests-attention.log
+  mkdir -p $OUT/attn
+  timeout -k 5 330 python3 -m pagoda bench --out $OUT/attn 2>&1 | grep -v "^attention \[" | tail -60
   ;;
 s11)
   # Session 11, first call (~9.5 min): the dense warp-specialised kernels with causal tiles aligned to the last

@@ -307,7 +307,8 @@ WS_CONFIGS = {
     # are a large share; the SM then overlaps one CTA's prologue and epilogue with the others' loops. The
     # launch caps registers so that many CTAs fit (x2: 128, x3: 80, x4: 64 per thread), and setmaxnreg
     # gives the consumer what the loader leaves (x2: 232, x3: 136, x4: 104; ptxas 12.8 spills a little at
-    # x4). CONSUMER_REGS records that budget (there is no worker consumer to raise). Opt-in until measured.
+    # x4). CONSUMER_REGS records that budget (there is no worker consumer to raise). ws1x3-m64n64s2 and
+    # ws1x2-m64n64s2 are the short-sequence defaults (SHORT_CONFIG); the others lost in the H200 probe.
     "ws1x2-m64n128s2": (64, 128, 2, 232, False, 1),
     "ws1x2-m64n64s2": (64, 64, 2, 232, False, 1),
     "ws1x3-m64n64s2": (64, 64, 2, 136, False, 1),
@@ -336,17 +337,32 @@ def _ws_persistent(config: str) -> bool:
 # d=128; at d=64 three consumer warpgroups (BLOCK_M 192) beat two (2026-12-01, above).
 DEFAULT_CONFIG = {(64, False): "ws3-m192n128s2", (64, True): "ws3-m192n128s2",
                   (128, False): "wspp-m128n128s2", (128, True): "ws-m128n128s2"}
-# Shortest key length that the Gluon kernel takes per head_dim by default (`prefer_hopper`): at d=64 it is
-# behind the autotuned Triton kernel up to s=1024 (H200 bench, 2026-11-30: 290 vs 320 TF/s at b32 s512,
-# 358 vs 372 at b16 s1024), ahead from 2048 on. At d=128 ahead in every cell but one: causal b32 s512 read
-# 189 TF/s in that bench against the Triton kernel's 226 of 2026-11-22, while the probe timed the kernel at
-# 261 there (one run each: to re-check before giving short causal d=128 calls back to Triton).
-MIN_SEQLEN_K = {64: 2048, 128: 0}
+# Shortest key length that the Gluon kernel takes per head_dim by default (`prefer_hopper`). Until 2026-12-02
+# d=64 took it only from 2048 keys (the autotuned Triton kernel was ahead below: 320 against 290 TF/s at b32
+# s512, H200 bench of 2026-11-30); the one-consumer, several-CTAs-per-SM configs of SHORT_CONFIG are ahead
+# of it at every length at both head dims.
+MIN_SEQLEN_K = {64: 0, 128: 0}
+# Short sequences, per (head_dim, causal): (longest seqlen_k, config). A CTA there runs few key tiles, and
+# several one-warpgroup CTAs per SM overlap each other's launch, Q / K_0 latency and O store. H200 probe of
+# 2026-12-02 (`results/2026-12-02-h200-session12/hopper-probe-ws*.txt`, TF/s, LSE written):
+#   d=64 full     s512 356 (ws3 292, Triton 322), 1k 390 (ws 366, Triton 365); 2k: ws3 428 > ws1x3 410
+#   d=64 causal   s512 250 (ws 175, Triton 194), 1k 320, 2k 363 (ws3 323); 4k: ws3 397 > ws1x3 387
+#   d=128 causal  s512 292 (ws 256); 1k 374 against wspp 380 / ws 371; 2k: ws 463 > ws1x2 427
+SHORT_CONFIG = {(64, False): (1024, "ws1x3-m64n64s2"), (64, True): (2048, "ws1x3-m64n64s2"),
+                (128, True): (512, "ws1x2-m64n64s2")}
 
 
 def prefer_hopper(head_dim: int, seqlen_k: int) -> bool:
     """Default-dispatch policy: whether a supported call should take the Gluon kernel."""
     return seqlen_k >= MIN_SEQLEN_K.get(head_dim, 1 << 62)
+
+
+def default_config(head_dim: int, causal: bool, seqlen_k: int) -> str:
+    """The Gluon config a call takes by default: SHORT_CONFIG up to its length, else DEFAULT_CONFIG."""
+    short = SHORT_CONFIG.get((head_dim, bool(causal)))
+    if short is not None and seqlen_k <= short[0]:
+        return short[1]
+    return DEFAULT_CONFIG[head_dim, bool(causal)]
 
 
 # Kernel-wide register cap of the warp-specialised launch, per consumer-warpgroup count: all warps (the
@@ -468,7 +484,7 @@ def _gluon_launch(kernel, grid, *args, num_warps, maxnreg=None, **constexprs):
 def _launch_hopper(q, k, v, out, lse, softmax_scale, causal, config):
     b, sq, hq, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
-    config = config or DEFAULT_CONFIG[d, bool(causal)]
+    config = config or default_config(d, causal, sk)
     ls = (lse.stride(0), lse.stride(1), lse.stride(2)) if lse is not None else (0, 0, 0)
     if config in WS_CONFIGS:
         bm, bn, stages, regs, pingpong, nc, maxnreg = _ws_params(config, d)

@@ -75,12 +75,20 @@ def test_hopper_supported_is_false_on_cpu():
 
 
 def test_default_dispatch_policy():
-    """d=64 takes the Gluon kernel from 2048 keys on (the Triton kernel is faster below), d=128 always,
-    other head dims never."""
+    """d=64 and d=128 take the Gluon kernel at every length, other head dims never; short key ranges take the
+    several-CTAs-per-SM configs (up to 1024 keys at d=64 full attention, 2048 causal, 512 at d=128 causal),
+    longer ones the 2-3 consumer defaults."""
     from pagoda.kernels import attention_hopper as H
-    assert not H.prefer_hopper(64, 1024) and H.prefer_hopper(64, 2048)
-    assert H.prefer_hopper(128, 1)
+    assert H.prefer_hopper(64, 1) and H.prefer_hopper(64, 2048) and H.prefer_hopper(128, 1)
     assert not H.prefer_hopper(96, 1 << 20)
+    assert H.default_config(64, False, 1024) == H.default_config(64, True, 2048) == "ws1x3-m64n64s2"
+    assert H.default_config(64, False, 1025) == H.DEFAULT_CONFIG[64, False]
+    assert H.default_config(64, True, 2049) == H.DEFAULT_CONFIG[64, True] == "ws3-m192n128s2"
+    assert H.default_config(128, True, 512) == "ws1x2-m64n64s2"
+    assert H.default_config(128, True, 513) == H.DEFAULT_CONFIG[128, True]
+    assert H.default_config(128, False, 1) == H.DEFAULT_CONFIG[128, False] == "wspp-m128n128s2"
+    for (d, causal), (_, name) in H.SHORT_CONFIG.items():
+        assert d in H.config_head_dims(name) and H.WS_CTAS_PER_SM[name] >= 2
 
 
 def test_persistent_ws_configs_are_opt_in():
