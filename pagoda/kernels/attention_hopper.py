@@ -302,29 +302,23 @@ WS_CONFIGS = {
     # boxes: 192 KB at d=128, so STAGES 2 only). Opt-in until measured (short sequences: b32 s512).
     "pws-m128n128s2": (128, 128, 2, 240, False, 2),
     "pwspp-m128n128s2": (128, 128, 2, 240, True, 2),
-    # One consumer warpgroup per CTA (BLOCK_M 64) and several CTAs per SM ("x2" .. "x4", WS_CTAS_PER_SM):
-    # for short sequences, where a CTA runs only 4-8 key tiles and its launch, Q / K_0 latency and O store
-    # are a large share; the SM then overlaps one CTA's prologue and epilogue with the others' loops. The
-    # launch caps registers so that many CTAs fit (x2: 128, x3: 80, x4: 64 per thread), and setmaxnreg
-    # gives the consumer what the loader leaves (x2: 232, x3: 136, x4: 104; ptxas 12.8 spills a little at
-    # x4). CONSUMER_REGS records that budget (there is no worker consumer to raise). ws1x3-m64n64s2 and
-    # ws1x2-m64n64s2 are the short-sequence defaults (SHORT_CONFIG); the others lost in the H200 probe.
-    "ws1x2-m64n128s2": (64, 128, 2, 232, False, 1),
+    # Short sequences: one consumer warpgroup per CTA (BLOCK_M 64) and several CTAs per SM ("x2" / "x3",
+    # WS_CTAS_PER_SM). A CTA there runs only 4-8 key tiles, so its launch, Q / K_0 latency and O store are a
+    # large share; the SM overlaps one CTA's prologue and epilogue with the others' loops. The launch caps
+    # registers so that that many CTAs fit (x2: 128, x3: 80 per thread), and setmaxnreg gives the consumer
+    # what the loader leaves (x2: 232, x3: 136); CONSUMER_REGS records that budget (there is no worker
+    # consumer to raise). The SHORT_CONFIG defaults. Also probed on the H200 (2026-12-02) and dropped:
+    # ws1x2-m64n128s2, ws1x3-m64n64s3, ws1x4-m64n64s2 (x4: cap 64, ptxas spills), and two consumers at two
+    # CTAs per SM (ws2x2[pp]-m128n64s2, cap 80). Against ws1x3-m64n64s2: ws1x4 1% above at d=64 causal s512
+    # and 4-17% below elsewhere, the others 0-17% below everywhere.
     "ws1x2-m64n64s2": (64, 64, 2, 232, False, 1),
     "ws1x3-m64n64s2": (64, 64, 2, 136, False, 1),
-    "ws1x3-m64n64s3": (64, 64, 3, 136, False, 1),
-    "ws1x4-m64n64s2": (64, 64, 2, 104, False, 1),
-    # Two consumer warpgroups sharing each K/V tile, two CTAs per SM (launch cap 80: consumers 112 / 104).
-    "ws2x2-m128n64s2": (128, 64, 2, 104, False, 2),
-    "ws2x2pp-m128n64s2": (128, 64, 2, 104, True, 2),
 }
 WS3_HEAD_DIMS = (64,)
-WS_CTAS_PER_SM = {"ws1x2-m64n128s2": 2, "ws1x2-m64n64s2": 2, "ws1x3-m64n64s2": 3, "ws1x3-m64n64s3": 3,
-                  "ws1x4-m64n64s2": 4, "ws2x2-m128n64s2": 2, "ws2x2pp-m128n64s2": 2}
+WS_CTAS_PER_SM = {"ws1x2-m64n64s2": 2, "ws1x3-m64n64s2": 3}
 # Head dims at which a config fits its CTAs per SM (shared memory: Q + STAGES x (K + V) boxes per CTA,
 # 228 KB per SM; registers: at d=128 O alone is 64 per thread) when not every head dim does.
-_WS_HEAD_DIMS = {"ws1x2-m64n128s2": (64,), "ws1x3-m64n64s2": (64,), "ws1x3-m64n64s3": (64,),
-                 "ws1x4-m64n64s2": (64,), "ws2x2-m128n64s2": (64,), "ws2x2pp-m128n64s2": (64,)}
+_WS_HEAD_DIMS = {"ws1x3-m64n64s2": (64,)}
 
 
 def _ws_persistent(config: str) -> bool:
