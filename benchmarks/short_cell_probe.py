@@ -1,6 +1,8 @@
 """Re-time single cells of the attention grid through `pagoda.flash_attn_func` beside cuDNN SDPA (GPU only):
 a check of one surprising grid figure (host-bound or a kernel regression). Per cell: 5 rounds of
-`do_bench` (median of each), and the CUDA-graph-replayed time of one call (device time, no host).
+`do_bench` (median of each), and the CUDA-graph-replayed time of one call (`graph_time_ms`: device time, no
+host, L2 flushed between replays as `do_bench` does). The run of 19d0ff4 replayed back to back instead (L2
+not flushed).
 
     PYTHONPATH=$PWD python3 benchmarks/short_cell_probe.py 32x512x128x0 32x512x64x0   # b x s x d x causal
 """
@@ -12,23 +14,7 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import pagoda
-
-
-def graph_ms(fn, reps=50):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+from pagoda.bench.timing import graph_time_ms
 
 
 for cell in sys.argv[1:]:
@@ -42,7 +28,7 @@ for cell in sys.argv[1:]:
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
         for name, fn in fns.items():
             rounds = [triton.testing.do_bench(fn, return_mode="median") for _ in range(5)]
-            gms = graph_ms(fn)
+            gms = graph_time_ms(fn, q.device)
             print(f"b={b} s={s} d={d} causal={c} {name:7s} do_bench rounds "
                   + " ".join(f"{flops / ms / 1e9:6.1f}" for ms in rounds)
                   + f" TF/s | graph {gms * 1e3:7.1f} us {flops / gms / 1e9:6.1f} TF/s", flush=True)
