@@ -3,7 +3,7 @@
 # by the last session (stage "next"), the sampling study beside FlashInfer (stage "sampling", a call of
 # its own: FlashInfer's sampling JIT takes ~100 s) or HF generate (stage "e2e"); results under $OUT.
 # The one-off stages that produced earlier results (verify, gluon, check, check2, final5) are in git history.
-# From the repo root: bash benchmarks/gpu_final.sh tests|bench|next|paged|sampling|e2e|s12
+# From the repo root: bash benchmarks/gpu_final.sh tests|bench|next|paged|sampling|e2e|s12|s13
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 . benchmarks/stage_peer.sh
@@ -68,6 +68,13 @@ s9b)
   timeout -k 5 200 python3 -m pytest tests/kernels/test_sampling_split.py tests/ops/test_sampling.py \
     tests/bench/test_bench_sampling.py -m gpu -q -p no:cacheprovider -n 8 --timeout 150 > $OUT/gpu-tests.log 2>&1
   tail -5 $OUT/gpu-tests.log
+  ;;
+s13)
+  # For the next session's first call (~1.5 min): where the ~100 µs of host time of a short flash_attn_func
+  # call go (cProfile of the Gluon path), and the short grid cells' do_bench rounds against graph time.
+  timeout -k 5 120 python3 benchmarks/attn_host_profile.py 2>&1 | tee $OUT/attn-host-profile.txt | head -40
+  timeout -k 5 120 python3 benchmarks/short_cell_probe.py 32x512x128x0 32x512x128x1 32x512x64x0 16x1024x64x0 \
+    2>&1 | tee $OUT/short-cell-probe.txt
   ;;
 s12)
   # Session 12 (~8 min): the short-sequence default configs (SHORT_CONFIG: one consumer warpgroup per CTA,
