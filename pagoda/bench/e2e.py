@@ -350,8 +350,9 @@ def _run_study(cfg, impls, device, dtype, out, command) -> dict:
                 bar.step(f"{impl} {cache} {proc} b={batch}: {shown}")
                 checkpoint()
             # The allocator's cache is emptied between groups only: the processors of one group share the
-            # group's warm-up. (Emptying it before a timed generate made that generate cudaMalloc its whole
-            # working set again, inside the timing: 15-50% slower samples in the 2026-12-02 run.)
+            # group's warm-up. (A generate timed right after emptying it would cudaMalloc its whole working
+            # set again inside the timing. Removing that did not remove the run-to-run noise of the H200
+            # machine's host: NOTES "Session 12".)
             free(device)
 
     if search:
