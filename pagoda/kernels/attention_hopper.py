@@ -22,9 +22,9 @@ warpgroups, each warpgroup owning 64 query rows of the wgmma):
 Work items are numbered query-tile major, heaviest (most keys under a causal mask) first. The default
 grid runs one item per program; the ``p-*`` configs launch one program per SM that strides over the
 items (persistent), carrying the ring's slot / mbarrier-phase counters from item to item. The ``ws-*``
-configs use the warp-specialised kernel of `attention_hopper_ws` (TMA producer warp + 2 consumer
-warpgroups; the opt-in ``ws3-*`` configs, head_dim 64 only: 3 consumer warpgroups, BLOCK_M = 192); the
-opt-in ``pws-*`` / ``pwspp-*`` configs run it persistently (`attention_hopper_pws`).
+configs use the warp-specialised kernel of `attention_hopper_ws` (TMA producer warp + 1-3 consumer
+warpgroups); the opt-in ``pws-*`` / ``pwspp-*`` configs run it persistently (`attention_hopper_pws`). The
+configs and the default-dispatch policy are in `attention_hopper_configs`.
 
 So the exponentials of tile j overlap the P.V GEMM of tile j-1 (FA3's intra-warpgroup overlap), and
 the loads run STAGES-1 tiles ahead. Scores stay in base 2: max over raw products, then
@@ -43,6 +43,12 @@ import os
 import torch
 
 from pagoda.kernels._launch import device_of, launch
+# The launch configurations and the dispatch policy (re-exported: the launch code, probes and tests use them
+# from here).
+from pagoda.kernels.attention_hopper_configs import (CONFIGS, DEFAULT_CONFIG, HEAD_DIMS, MIN_SEQLEN_K,  # noqa: F401
+                                                     SHORT_CONFIG, WS3_HEAD_DIMS, WS_CONFIGS, WS_CTAS_PER_SM,
+                                                     _WS_MAXNREG, _ws_params, _ws_persistent, config_head_dims,
+                                                     default_config, prefer_hopper)
 
 try:  # Gluon is experimental: any import problem just disables this path.
     from triton.experimental import gluon
@@ -65,7 +71,6 @@ except Exception:  # pragma: no cover - depends on the installed triton
     _GLUON_OK = False
 
 LOG2E = 1.4426950408889634
-HEAD_DIMS = (64, 128)
 
 
 if _GLUON_OK:
@@ -269,125 +274,6 @@ if _GLUON_OK:
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(k_bars.index(i))
             mbarrier.invalidate(v_bars.index(i))
-
-# Launch configurations (BLOCK_M, BLOCK_N, STAGES, num_warps), selectable by name (the probe sweeps them).
-# "p-" configs launch a persistent grid (one program per SM striding over the work items).
-CONFIGS = {
-    "m128n128s2w8": (128, 128, 2, 8),
-    "m128n128s3w8": (128, 128, 3, 8),
-    "m128n64s3w8": (128, 64, 3, 8),
-    "m64n128s2w4": (64, 128, 2, 4),
-    "p-m128n128s2w8": (128, 128, 2, 8),
-    "p-m128n128s3w8": (128, 128, 3, 8),
-}
-# Warp-specialised variant (attention_hopper_ws): (BLOCK_M, BLOCK_N, STAGES, consumer registers, ping-pong,
-# consumer warpgroups); BLOCK_M = 64 x consumer warpgroups.
-# "ws3" (FA3's head_dim-64 layout, BLOCK_N 128 as Gluon shapes are powers of two): 3 consumer warpgroups of
-# ~160 registers + the loader fit 64K registers, so head_dim 64 only (WS3_HEAD_DIMS): at d=128 a thread
-# holds S (64 regs), O (64) and P (32) before any softmax temporaries (ptxas 12.8: 832 bytes of spills per
-# thread); at d=64 S 64 + O 32 + P 32 fit without spills. The d=64 default since the H200 probe of
-# 2026-12-01 (benchmarks/results/2026-12-01-h200-hopper): 1.02x / 1.10x cuDNN non-causal at s = 4k / 16k
-# (2-consumer ws: 0.94x / 0.97x), causal 0.94x / 1.09x (ws: 0.94x / 1.01x).
-WS_CONFIGS = {
-    "ws-m128n128s2": (128, 128, 2, 240, False, 2),
-    "ws-m128n128s3": (128, 128, 3, 240, False, 2),
-    "ws-m128n64s3": (128, 64, 3, 240, False, 2),
-    "wspp-m128n128s2": (128, 128, 2, 240, True, 2),
-    "wspp-m128n128s3": (128, 128, 3, 240, True, 2),
-    "ws3-m192n128s2": (192, 128, 2, 160, False, 3),
-    "ws3pp-m192n128s2": (192, 128, 2, 160, True, 3),
-    "ws3pp-m192n128s3": (192, 128, 3, 160, True, 3),
-    # Persistent warp-specialised (attention_hopper_pws): grid min(#items, #SMs), the loader prefetches the
-    # next item's Q / K / V during the current item's tail, O stores drain in the background (own smem
-    # boxes: 192 KB at d=128, so STAGES 2 only). Opt-in until measured (short sequences: b32 s512).
-    "pws-m128n128s2": (128, 128, 2, 240, False, 2),
-    "pwspp-m128n128s2": (128, 128, 2, 240, True, 2),
-    # Short sequences: one consumer warpgroup per CTA (BLOCK_M 64) and several CTAs per SM ("x2" / "x3",
-    # WS_CTAS_PER_SM). A CTA there runs only 4-8 key tiles, so its launch, Q / K_0 latency and O store are a
-    # large share; the SM overlaps one CTA's prologue and epilogue with the others' loops. The launch caps
-    # registers so that that many CTAs fit (x2: 128, x3: 80 per thread), and setmaxnreg gives the consumer
-    # what the loader leaves (x2: 232, x3: 136); CONSUMER_REGS records that budget (there is no worker
-    # consumer to raise). The SHORT_CONFIG defaults. Also probed on the H200 (2026-12-02) and dropped:
-    # ws1x2-m64n128s2, ws1x3-m64n64s3, ws1x4-m64n64s2 (x4: cap 64, ptxas spills), and two consumers at two
-    # CTAs per SM (ws2x2[pp]-m128n64s2, cap 80). Against ws1x3-m64n64s2: ws1x4 1% above at d=64 causal s512
-    # and 4-17% below elsewhere, the others 0-17% below everywhere.
-    "ws1x2-m64n64s2": (64, 64, 2, 232, False, 1),
-    "ws1x3-m64n64s2": (64, 64, 2, 136, False, 1),
-}
-WS3_HEAD_DIMS = (64,)
-WS_CTAS_PER_SM = {"ws1x2-m64n64s2": 2, "ws1x3-m64n64s2": 3}
-# Head dims at which a config fits its CTAs per SM (shared memory: Q + STAGES x (K + V) boxes per CTA,
-# 228 KB per SM; registers: at d=128 O alone is 64 per thread) when not every head dim does.
-_WS_HEAD_DIMS = {"ws1x3-m64n64s2": (64,)}
-
-
-def _ws_persistent(config: str) -> bool:
-    """Whether a WS_CONFIGS entry is the persistent kernel of `attention_hopper_pws`."""
-    return config.startswith("pws")
-
-
-# Per (head_dim, causal): the warp-specialised kernel won every s >= 4096 case of the probe on an H200
-# (2026-11-30, benchmarks/results/2026-11-30-h200-hopper); ping-pong helps the longer non-causal loops at
-# d=128; at d=64 three consumer warpgroups (BLOCK_M 192) beat two (2026-12-01, above).
-DEFAULT_CONFIG = {(64, False): "ws3-m192n128s2", (64, True): "ws3-m192n128s2",
-                  (128, False): "wspp-m128n128s2", (128, True): "ws-m128n128s2"}
-# Shortest key length that the Gluon kernel takes per head_dim by default (`prefer_hopper`). Until 2026-12-02
-# d=64 took it only from 2048 keys (the autotuned Triton kernel was ahead below: 320 against 290 TF/s at b32
-# s512, H200 bench of 2026-11-30); the one-consumer, several-CTAs-per-SM configs of SHORT_CONFIG are ahead
-# of it at every length at both head dims.
-MIN_SEQLEN_K = {64: 0, 128: 0}
-# Short sequences, per (head_dim, causal): (longest seqlen_k, config). A CTA there runs few key tiles, and
-# several one-warpgroup CTAs per SM overlap each other's launch, Q / K_0 latency and O store. H200 probe of
-# 2026-12-02 (`results/2026-12-02-h200-session12/hopper-probe-ws*.txt`, TF/s, LSE written):
-#   d=64 full     s512 356 (ws3 292, Triton 322), 1k 390 (ws 366, Triton 365); 2k: ws3 428 > ws1x3 410
-#   d=64 causal   s512 250 (ws 175, Triton 194), 1k 320, 2k 363 (ws3 323); 4k: ws3 397 > ws1x3 387
-#   d=128 causal  s512 292 (ws 256); 1k 374 against wspp 380 / ws 371; 2k: ws 463 > ws1x2 427
-SHORT_CONFIG = {(64, False): (1024, "ws1x3-m64n64s2"), (64, True): (2048, "ws1x3-m64n64s2"),
-                (128, True): (512, "ws1x2-m64n64s2")}
-
-
-def prefer_hopper(head_dim: int, seqlen_k: int) -> bool:
-    """Default-dispatch policy: whether a supported call should take the Gluon kernel."""
-    return seqlen_k >= MIN_SEQLEN_K.get(head_dim, 1 << 62)
-
-
-def default_config(head_dim: int, causal: bool, seqlen_k: int) -> str:
-    """The Gluon config a call takes by default: SHORT_CONFIG up to its length, else DEFAULT_CONFIG."""
-    short = SHORT_CONFIG.get((head_dim, bool(causal)))
-    if short is not None and seqlen_k <= short[0]:
-        return short[1]
-    return DEFAULT_CONFIG[head_dim, bool(causal)]
-
-
-# Kernel-wide register cap of the warp-specialised launch, per consumer-warpgroup count: all warps (the
-# consumers' plus one warpgroup for the loader warp and its padding) must fit 64K registers before
-# setmaxnreg moves the loader's share to the consumers: 12 warps x 32 x 168, 16 warps x 32 x 128 <= 65536.
-_WS_MAXNREG = {2: 168, 3: 128}
-
-
-def config_head_dims(config: str) -> tuple:
-    """Head dims a named config (CONFIGS / WS_CONFIGS) compiles for: the 3-consumer ``ws3`` ones only 64."""
-    if config in WS_CONFIGS and WS_CONFIGS[config][5] == 3:
-        return WS3_HEAD_DIMS
-    return _WS_HEAD_DIMS.get(config, HEAD_DIMS)
-
-
-def _ws_params(config: str, head_dim: int):
-    """(BLOCK_M, BLOCK_N, STAGES, consumer regs, ping-pong, consumers, maxnreg) of a WS_CONFIGS entry;
-    ValueError for a head dim it does not fit (the ws3 configs at d=128: register budget)."""
-    bm, bn, stages, regs, pingpong, nc = WS_CONFIGS[config]
-    if head_dim not in config_head_dims(config):
-        why = ("S, O and P alone take 160 registers per thread at d=128" if nc == 3 else
-               f"its {WS_CTAS_PER_SM.get(config, 1)} CTAs per SM do not fit the SM's registers or shared memory")
-        raise ValueError(f"attention config {config!r} ({nc} consumer warpgroups of {regs} registers) supports "
-                         f"head_dim {config_head_dims(config)}, not {head_dim}: {why}")
-    assert bm == 64 * nc, config
-    if config in WS_CTAS_PER_SM:  # several CTAs per SM: every warp (consumers + loader warpgroup) under the cap
-        maxnreg = 65536 // (WS_CTAS_PER_SM[config] * 4 * (nc + 1) * 32) // 8 * 8
-        assert nc > 1 or (regs == 2 * maxnreg - 24 and not pingpong), config
-        return bm, bn, stages, regs, pingpong, nc, maxnreg
-    return bm, bn, stages, regs, pingpong, nc, _WS_MAXNREG[nc]
-
 
 _GL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"} if _GLUON_OK else {}
 
