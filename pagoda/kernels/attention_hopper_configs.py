@@ -114,7 +114,7 @@ def config_head_dims(config: str) -> tuple:
 
 def _ws_params(config: str, head_dim: int):
     """(BLOCK_M, BLOCK_N, STAGES, consumer regs, ping-pong, consumers, maxnreg) of a WS_CONFIGS entry;
-    ValueError for a head dim it does not fit (the ws3 configs at d=128: register budget)."""
+    ValueError for a head dim it does not fit (ws3 and ws1x3 at d=128: register or shared-memory budget)."""
     bm, bn, stages, regs, pingpong, nc = WS_CONFIGS[config]
     if head_dim not in config_head_dims(config):
         why = ("S, O and P alone take 160 registers per thread at d=128" if nc == 3 else
