@@ -70,11 +70,16 @@ s9b)
   tail -5 $OUT/gpu-tests.log
   ;;
 s13)
-  # For the next session's first call (~1.5 min): where the ~100 µs of host time of a short flash_attn_func
-  # call go (cProfile of the Gluon path), and the short grid cells' do_bench rounds against graph time.
-  timeout -k 5 120 python3 benchmarks/attn_host_profile.py 2>&1 | tee $OUT/attn-host-profile.txt | head -40
-  timeout -k 5 120 python3 benchmarks/short_cell_probe.py 32x512x128x0 32x512x128x1 32x512x64x0 16x1024x64x0 \
-    2>&1 | tee $OUT/short-cell-probe.txt
+  # Session 13, first call (~5 min): where the ~100 µs of host time of a short flash_attn_func call go (cProfile
+  # of the Gluon path); the persistent one-consumer configs (pws1x2 / pws1x3: several programs per SM striding
+  # over the work items) on their GPU tests, then probed at the short grid shapes beside the ws1 defaults.
+  timeout -k 5 100 python3 benchmarks/attn_host_profile.py 2>&1 | tee $OUT/attn-host-profile.txt | head -40
+  timeout -k 5 150 python3 -m pytest tests/kernels/test_attention_hopper_gpu.py -m gpu -q -p no:cacheprovider -n 8 \
+    -k "every_config and (pws or ws1)" --timeout 120 > $OUT/gpu-tests-pws1.log 2>&1; ok=$?; tail -3 $OUT/gpu-tests-pws1.log
+  [ $ok = 0 ] || exit 1
+  timeout -k 5 200 python3 benchmarks/hopper_probe.py --shapes 32x512,16x1024,8x2048 --budget 150 \
+    --configs pws1x3-m64n64s2,pws1x3-m64n64s3,pws1x2-m64n64s2,ws1x3-m64n64s2,ws1x2-m64n64s2,wspp-m128n128s2,ws-m128n128s2 \
+    > $OUT/hopper-probe-pws1.txt 2>&1; grep -A40 SUMMARY $OUT/hopper-probe-pws1.txt
   ;;
 s12)
   # Session 12 (~8 min): the short-sequence default configs (SHORT_CONFIG: one consumer warpgroup per CTA,

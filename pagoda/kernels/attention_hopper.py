@@ -371,8 +371,9 @@ def _launch_hopper(q, k, v, out, lse, softmax_scale, causal, config):
         if _ws_persistent(config):  # one program per SM (at most), striding over the work items
             from pagoda.kernels.attention_hopper_pws import _attn_fwd_hopper_pws_kernel
             items = (sq + bm - 1) // bm * hq * b
+            programs = _num_sms(q.device.index) * WS_CTAS_PER_SM.get(config, 1)
             return _gluon_launch(
-                _attn_fwd_hopper_pws_kernel, (min(items, _num_sms(q.device.index)),),
+                _attn_fwd_hopper_pws_kernel, (min(items, programs),),
                 _desc(q, 64), _desc(k, bn), _desc(v, bn), _desc(out, 64), lse if lse is not None else out,
                 *ls, sq, sk, hq // hk, hq, items, softmax_scale * LOG2E,
                 HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=bool(causal),

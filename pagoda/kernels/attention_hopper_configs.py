@@ -53,12 +53,20 @@ WS_CONFIGS = {
     # and 4-17% below elsewhere, the others 0-17% below everywhere.
     "ws1x2-m64n64s2": (64, 64, 2, 232, False, 1),
     "ws1x3-m64n64s2": (64, 64, 2, 136, False, 1),
+    # The same, persistent (`attention_hopper_pws` with one consumer): a grid of that many programs per SM,
+    # each striding over the work items, so the loader brings the next item's Q and K_0 while the consumer
+    # finishes the current one and the O store drains in the background (O in its own box: d=64 48 KB per
+    # CTA at STAGES 2, 64 KB at 3; d=128 96 KB at STAGES 2). Probed on the H200 2026-12-02 (session 13).
+    "pws1x2-m64n64s2": (64, 64, 2, 232, False, 1),
+    "pws1x3-m64n64s2": (64, 64, 2, 136, False, 1),
+    "pws1x3-m64n64s3": (64, 64, 3, 136, False, 1),
 }
 WS3_HEAD_DIMS = (64,)
-WS_CTAS_PER_SM = {"ws1x2-m64n64s2": 2, "ws1x3-m64n64s2": 3}
+WS_CTAS_PER_SM = {"ws1x2-m64n64s2": 2, "ws1x3-m64n64s2": 3, "pws1x2-m64n64s2": 2, "pws1x3-m64n64s2": 3,
+                  "pws1x3-m64n64s3": 3}
 # Head dims at which a config fits its CTAs per SM (shared memory: Q + STAGES x (K + V) boxes per CTA,
 # 228 KB per SM; registers: at d=128 O alone is 64 per thread) when not every head dim does.
-_WS_HEAD_DIMS = {"ws1x3-m64n64s2": (64,)}
+_WS_HEAD_DIMS = {"ws1x3-m64n64s2": (64,), "pws1x3-m64n64s2": (64,), "pws1x3-m64n64s3": (64,)}
 
 
 def _ws_persistent(config: str) -> bool:

@@ -118,7 +118,8 @@ if _GLUON_OK:
         ``[b, s, h*d]`` with boxes q/o ``[1, 64, d]``, k/v ``[1, BLOCK_N, d]``; LSE ``[b, hq, sq]``
         (strides given) when WRITE_LSE."""
         gl.static_assert(num_warps == 4, "the default partition is consumer 0 (one warpgroup)")
-        gl.static_assert(NUM_CONSUMERS == 2, "the persistent variant has 2 consumer warpgroups")
+        gl.static_assert(NUM_CONSUMERS == 1 or NUM_CONSUMERS == 2, "1 or 2 consumer warpgroups")
+        gl.static_assert(NUM_CONSUMERS > 1 or not PINGPONG, "ping-pong needs two consumer warpgroups")
         gl.static_assert(BLOCK_M == NUM_CONSUMERS * q_desc.block_type.shape[1], "one q/o box per consumer")
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
@@ -149,17 +150,29 @@ if _GLUON_OK:
         # 24 registers). (The argument tuples are written out: a tuple bound to a name turns its constexprs
         # into tensors; the literal warpgroup index
         # ending a consumer's tuple stays a constexpr.)
-        gl.warp_specialize([
-            (_pws_consumer_wg, (q_desc, o_desc, LSE, q_smem, o_smem, k_bufs, v_bufs, q_bars, q_empty, k_ready,
-                                k_empty, v_ready, v_empty, turns, stride_lb, stride_lh, stride_lt, seqlen_q,
-                                seqlen_k, group_size, num_heads, num_items, qk_scale, HEAD_DIM, BLOCK_M,
-                                BLOCK_N, STAGES, CAUSAL, WRITE_LSE, PINGPONG, NUM_CONSUMERS, 0)),
-            (_pws_consumer_wg, (q_desc, o_desc, LSE, q_smem, o_smem, k_bufs, v_bufs, q_bars, q_empty, k_ready,
-                                k_empty, v_ready, v_empty, turns, stride_lb, stride_lh, stride_lt, seqlen_q,
-                                seqlen_k, group_size, num_heads, num_items, qk_scale, HEAD_DIM, BLOCK_M,
-                                BLOCK_N, STAGES, CAUSAL, WRITE_LSE, PINGPONG, NUM_CONSUMERS, 1)),
-            (_pws_loader, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, o_smem, k_bufs, v_bufs, q_bars, q_empty,
-                           k_ready, k_empty, v_ready, v_empty, turns, stride_lb, stride_lh, stride_lt, seqlen_q,
-                           seqlen_k, group_size, num_heads, num_items, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                           CAUSAL, WRITE_LSE, PINGPONG, NUM_CONSUMERS)),
-        ], [4, 1], [CONSUMER_REGS, 24])
+        if NUM_CONSUMERS == 1:
+            gl.warp_specialize([
+                (_pws_consumer_wg, (q_desc, o_desc, LSE, q_smem, o_smem, k_bufs, v_bufs, q_bars, q_empty, k_ready,
+                                    k_empty, v_ready, v_empty, turns, stride_lb, stride_lh, stride_lt, seqlen_q,
+                                    seqlen_k, group_size, num_heads, num_items, qk_scale, HEAD_DIM, BLOCK_M,
+                                    BLOCK_N, STAGES, CAUSAL, WRITE_LSE, PINGPONG, NUM_CONSUMERS, 0)),
+                (_pws_loader, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, o_smem, k_bufs, v_bufs, q_bars, q_empty,
+                               k_ready, k_empty, v_ready, v_empty, turns, stride_lb, stride_lh, stride_lt, seqlen_q,
+                               seqlen_k, group_size, num_heads, num_items, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N,
+                               STAGES, CAUSAL, WRITE_LSE, PINGPONG, NUM_CONSUMERS)),
+            ], [1], [24])
+        else:
+            gl.warp_specialize([
+                (_pws_consumer_wg, (q_desc, o_desc, LSE, q_smem, o_smem, k_bufs, v_bufs, q_bars, q_empty, k_ready,
+                                    k_empty, v_ready, v_empty, turns, stride_lb, stride_lh, stride_lt, seqlen_q,
+                                    seqlen_k, group_size, num_heads, num_items, qk_scale, HEAD_DIM, BLOCK_M,
+                                    BLOCK_N, STAGES, CAUSAL, WRITE_LSE, PINGPONG, NUM_CONSUMERS, 0)),
+                (_pws_consumer_wg, (q_desc, o_desc, LSE, q_smem, o_smem, k_bufs, v_bufs, q_bars, q_empty, k_ready,
+                                    k_empty, v_ready, v_empty, turns, stride_lb, stride_lh, stride_lt, seqlen_q,
+                                    seqlen_k, group_size, num_heads, num_items, qk_scale, HEAD_DIM, BLOCK_M,
+                                    BLOCK_N, STAGES, CAUSAL, WRITE_LSE, PINGPONG, NUM_CONSUMERS, 1)),
+                (_pws_loader, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, o_smem, k_bufs, v_bufs, q_bars, q_empty,
+                               k_ready, k_empty, v_ready, v_empty, turns, stride_lb, stride_lh, stride_lt, seqlen_q,
+                               seqlen_k, group_size, num_heads, num_items, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
+                               CAUSAL, WRITE_LSE, PINGPONG, NUM_CONSUMERS)),
+            ], [4, 1], [CONSUMER_REGS, 24])

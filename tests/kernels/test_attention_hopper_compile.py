@@ -29,7 +29,7 @@ cases += [(64, dt, c, name) for name in ws3 for dt, c in itertools.product(("bf1
           if (dt, c) != ("bf16", True)]
 pws = [name for name in H.WS_CONFIGS if H._ws_persistent(name)]
 assert pws and not set(pws) & set(H.DEFAULT_CONFIG.values()), "the persistent ws configs are opt-in"
-cases += [(d, dt, c, name) for name in pws for d in (64, 128)
+cases += [(d, dt, c, name) for name in pws for d in H.config_head_dims(name)
           for dt, c in itertools.product(("bf16", "fp16"), (True, False)) if (dt, c) != ("bf16", True)]
 sass_done = set()
 for d, dt, causal, cfg in cases:
@@ -57,7 +57,7 @@ for d, dt, causal, cfg in cases:
             assert "USETMAXREG" in sass and "HGMMA" in sass and "UTMALDG" in sass
             if name in pws:  # Q + O boxes + the K/V ring; no spills to local memory in any partition
                 assert "UTMASTG" in sass and not re.search(r"\b(STL|LDL)\b", sass), name
-                assert smem >= 2 * 2 * 64 * d * 2 + 2 * stages * bn * d * 2, smem
+                assert smem >= 2 * nc * 64 * d * 2 + 2 * stages * bn * d * 2, smem
             sass_done.add(name)
 print("COMPILED")
 '''
@@ -91,17 +91,19 @@ def test_default_dispatch_policy():
         assert d in H.config_head_dims(name) and H.WS_CTAS_PER_SM[name] >= 2
 
 
-def test_persistent_ws_configs_are_opt_in():
-    """pws* configs: 2 consumer warpgroups, STAGES 2 (Q + O boxes + the ring fit 227 KB at d=128), every head
-    dim, never the default."""
+def test_persistent_ws_configs_fit_shared_memory():
+    """pws* configs: 1 or 2 consumer warpgroups; the Q and O boxes of every consumer plus the K/V ring fit the
+    SM's 227 KB as many times as the config has programs per SM, at every head dim it accepts."""
     from pagoda.kernels import attention_hopper as H
     pws = [n for n in H.WS_CONFIGS if H._ws_persistent(n)]
-    assert set(pws) >= {"pws-m128n128s2", "pwspp-m128n128s2"}
+    assert set(pws) >= {"pws-m128n128s2", "pwspp-m128n128s2", "pws1x3-m64n64s2"}
     assert not set(pws) & set(H.DEFAULT_CONFIG.values())
     for name in pws:
         bm, bn, stages, regs, pingpong, nc = H.WS_CONFIGS[name]
-        assert nc == 2 and H.config_head_dims(name) == (64, 128)
-        assert 2 * 2 * 64 * 128 * 2 + 2 * stages * bn * 128 * 2 <= 227 * 1024
+        assert nc in (1, 2) and bm == 64 * nc
+        for d in H.config_head_dims(name):
+            smem = 2 * nc * 64 * d * 2 + 2 * stages * bn * d * 2 + 1024
+            assert H.WS_CTAS_PER_SM.get(name, 1) * smem <= 227 * 1024, (name, d)
     assert not any(H._ws_persistent(n) for n in H.CONFIGS)
 
 
@@ -118,7 +120,8 @@ def test_ws1_configs_fit_their_ctas_per_sm():
             bm, bn, stages, regs, pingpong, nc, maxnreg = H._ws_params(name, d)
             assert bm == 64 and nc == 1 and not pingpong
             assert ctas * 8 * 32 * maxnreg <= 65536 and regs == 2 * maxnreg - 24
-            smem = 64 * d * 2 + stages * 2 * bn * d * 2 + 1024
+            o_box = 64 * d * 2 if H._ws_persistent(name) else 0  # the persistent kernel stages O on its own
+            smem = 64 * d * 2 + o_box + stages * 2 * bn * d * 2 + 1024
             assert ctas * (smem + 1024) <= 228 * 1024, (name, d, smem)
         for d in set(H.HEAD_DIMS) - set(H.config_head_dims(name)):
             with pytest.raises(ValueError, match="head_dim"):

@@ -6,6 +6,7 @@ element must be written; rows past seqlen_q of the TMA box must not leak into th
 import pytest
 import torch
 
+from pagoda.kernels import attention_hopper_configs as _CONFIGS
 from pagoda.reference.attention import flash_attn_func as ref_attn
 from tests.helpers import assert_finite_lse_close, rel_err
 
@@ -57,15 +58,11 @@ def test_hopper_gqa(group, causal):
 
 
 @requires_sm90
-@pytest.mark.parametrize("name", ["m128n128s2w8", "m128n128s3w8", "m128n64s3w8", "m64n128s2w4", "p-m128n128s2w8",
-                                  "p-m128n128s3w8", "ws-m128n128s2",
-                                  "ws-m128n128s3", "ws-m128n64s3", "wspp-m128n128s2", "wspp-m128n128s3",
-                                  "ws3-m192n128s2", "ws3pp-m192n128s2", "ws3pp-m192n128s3", "pws-m128n128s2",
-                                  "pwspp-m128n128s2"])
+@pytest.mark.parametrize("name", [*_CONFIGS.CONFIGS, *_CONFIGS.WS_CONFIGS])
 @pytest.mark.parametrize("d", [64, 128])
 def test_hopper_every_config(name, d):
     from pagoda.kernels import attention_hopper as H
-    if d not in H.config_head_dims(name):  # the 3-consumer ws3 configs: head_dim 64 only (registers)
+    if d not in H.config_head_dims(name):  # ws3 / ws1x3 / pws1x3: head_dim 64 only (registers, smem per SM)
         with pytest.raises(ValueError):
             _run(1, 17, 17, 2, 2, d, True, torch.bfloat16, config=name)
         pytest.skip(f"{name} does not support head_dim {d}")
