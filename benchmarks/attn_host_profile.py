@@ -1,9 +1,10 @@
 """Where do the ~100 µs of host time of one short `pagoda.flash_attn_func` call go? (GPU only.)
 
 At b32 s512 the Gluon kernels take 110-190 µs and a call ~100-150 µs of host time, so a slow host shows in
-the grid (NOTES "Session 12"). Per case: host µs per call (no sync; the public call, the Gluon launch alone
-with prebuilt output, the normal and the cached launch of the kernel), then cProfile's top functions by own
-time of the public call (`pagoda.bench.hf_overhead._profile`).
+the grid (NOTES "Session 12"). Per case: host µs per call (no sync): the public call and the Gluon launch
+alone (prebuilt output), each with the repeat launch of `pagoda.kernels._tma_launch` (the default) and with
+Triton's own (PAGODA_GLUON_FAST_LAUNCH=0); then cProfile's top functions by own time of the public call
+(`pagoda.bench.hf_overhead._profile`).
 
     PYTHONPATH=$PWD python3 benchmarks/attn_host_profile.py > $OUT/attn-host-profile.txt
 """
@@ -27,14 +28,13 @@ def main():
         out = torch.empty_like(q)
         public = lambda: pagoda.flash_attn_func(q, k, v, causal=causal)  # noqa: E731
         gluon = lambda: H.attention_fwd_hopper(q, k, v, out, None, d ** -0.5, causal)  # noqa: E731
-        desc = lambda: [H._desc(t, 64) for t in (q, k, v, out)]  # noqa: E731
-        row = {"public": host_us(public, 500), "attention_fwd_hopper": host_us(gluon, 500),
-               "4 TensorDescriptors": host_us(desc, 500)}
-        os.environ["PAGODA_GLUON_FAST_LAUNCH"] = "1"
+        row = {"public": host_us(public, 500), "attention_fwd_hopper": host_us(gluon, 500)}
+        os.environ["PAGODA_GLUON_FAST_LAUNCH"] = "0"
         try:
-            row["attention_fwd_hopper, cached launch"] = host_us(gluon, 500)
+            row["public, Triton launch"] = host_us(public, 500)
+            row["attention_fwd_hopper, Triton launch"] = host_us(gluon, 500)
         finally:
-            os.environ["PAGODA_GLUON_FAST_LAUNCH"] = "0"
+            os.environ.pop("PAGODA_GLUON_FAST_LAUNCH")
         print(f"d={d} causal={causal:d} b={b} s={s} config={H.default_config(d, causal, s)}: host µs per call "
               + ", ".join(f"{name} {us:.1f}" for name, us in row.items()), flush=True)
         for line in _profile(public, 500, top=25):

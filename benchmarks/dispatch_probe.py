@@ -3,9 +3,10 @@
 The 2026-11-30 attention grid read 189 TF/s for d=128 causal b32 s512 while `hopper_probe.py` timed the
 Gluon kernel it dispatches to at 261. Per short shape this times, with the same `do_bench` (median, L2
 flushed): the public call, the Gluon kernel called directly (default config), the Triton kernel called
-directly, and the host time of one public call (no sync); then the public call again with the Gluon
-kernels' cached launch (PAGODA_GLUON_FAST_LAUNCH=1): TFLOP/s, host time, and its largest difference from
-the normal launch's output (0 expected: same kernel, same inputs).
+directly, and the host time of one public call (no sync), all with Triton's own launch
+(PAGODA_GLUON_FAST_LAUNCH=0); then the public call again with the Gluon kernels' repeat launch
+(`pagoda.kernels._tma_launch`, the default since 2026-12-02): TFLOP/s, host time, and its largest
+difference from the normal launch's output (0 expected: same kernel, same inputs).
 
     PYTHONPATH=$PWD python3 benchmarks/dispatch_probe.py
 """
@@ -22,6 +23,7 @@ from pagoda.kernels.attention_fwd import attention_fwd
 
 
 def main():
+    os.environ["PAGODA_GLUON_FAST_LAUNCH"] = "0"
     for d, causal, b, s in ((128, True, 32, 512), (128, False, 32, 512), (64, True, 32, 512), (128, True, 16, 1024),
                             (64, False, 4, 4096), (64, True, 4, 4096)):
         h = 2048 // d
@@ -46,7 +48,7 @@ def main():
             except Exception as exc:  # noqa: BLE001 - report and go on
                 row[name + "_TFs"] = f"{type(exc).__name__}: {exc}"[:120]
         row["flash_attn_func_host_us"] = round(host_us(fns["flash_attn_func"]), 1)
-        # The Gluon kernels through the cached launch (opt-in, `attention_hopper._gluon_launch`).
+        # The Gluon kernels through the repeat launch (`pagoda.kernels._tma_launch`).
         os.environ["PAGODA_GLUON_FAST_LAUNCH"] = "1"
         try:
             fast = fns["flash_attn_func"]

@@ -3,7 +3,7 @@
 # by the last session (stage "next"), the sampling study beside FlashInfer (stage "sampling", a call of
 # its own: FlashInfer's sampling JIT takes ~100 s) or HF generate (stage "e2e"); results under $OUT.
 # The one-off stages that produced earlier results (verify, gluon, check, check2, final5) are in git history.
-# From the repo root: bash benchmarks/gpu_final.sh tests|bench|next|paged|sampling|e2e|s12|s13
+# From the repo root: bash benchmarks/gpu_final.sh tests|bench|next|paged|sampling|e2e|s12|s13|s13b
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 . benchmarks/stage_peer.sh
@@ -80,6 +80,21 @@ s13)
   timeout -k 5 200 python3 benchmarks/hopper_probe.py --shapes 32x512,16x1024,8x2048 --budget 150 \
     --configs pws1x3-m64n64s2,pws1x3-m64n64s3,pws1x2-m64n64s2,ws1x3-m64n64s2,ws1x2-m64n64s2,wspp-m128n128s2,ws-m128n128s2 \
     > $OUT/hopper-probe-pws1.txt 2>&1; grep -A40 SUMMARY $OUT/hopper-probe-pws1.txt
+  ;;
+s13b)
+  # Session 13, second call (~5 min): the repeat launch of the Gluon kernels (`_tma_launch`, now the default),
+  # the plain-call shortcut of the checks and the persistent ws items numbered (batch, head) major: the Gluon
+  # and attention-op GPU tests, the host profile, the persistent configs against the one-item-per-CTA ones at
+  # the short grid shapes, and the short cells' do_bench rounds through flash_attn_func.
+  timeout -k 5 200 python3 -m pytest tests/kernels/test_attention_hopper_gpu.py tests/ops/test_attention.py -m gpu -q \
+    -p no:cacheprovider -n 8 --timeout 150 > $OUT/gpu-tests-attention.log 2>&1; ok=$?; tail -3 $OUT/gpu-tests-attention.log
+  [ $ok = 0 ] || grep -E "^(FAILED|ERROR)" $OUT/gpu-tests-attention.log | head -20
+  timeout -k 5 100 python3 benchmarks/attn_host_profile.py 2>&1 | tee $OUT/attn-host-profile.txt | grep "^d="
+  timeout -k 5 200 python3 benchmarks/hopper_probe.py --shapes 32x512,16x1024,8x2048 --budget 150 \
+    --configs pws1x3-m64n64s2,pws1x3-m64n64s3,pws1x2-m64n64s2,ws1x3-m64n64s2,ws1x2-m64n64s2,pws-m128n128s2,wspp-m128n128s2,ws-m128n128s2 \
+    > $OUT/hopper-probe-pws1.txt 2>&1; grep -A40 SUMMARY $OUT/hopper-probe-pws1.txt
+  timeout -k 5 120 python3 benchmarks/short_cell_probe.py 32x512x128x0 32x512x128x1 32x512x64x0 16x1024x64x0 \
+    2>&1 | tee $OUT/short-cell-probe.txt
   ;;
 s12)
   # Session 12 (~8 min): the short-sequence default configs (SHORT_CONFIG: one consumer warpgroup per CTA,

@@ -38,11 +38,12 @@ a contiguous last dim and 16-byte aligned strides and bases (checked by `hopper_
 from __future__ import annotations
 
 import functools
-import os
+import math
 
 import torch
 
-from pagoda.kernels._launch import device_of, launch
+from pagoda.kernels._launch import device_of
+from pagoda.kernels._tma_launch import tma_launch
 # The launch configurations and the dispatch policy (re-exported: the launch code, probes and tests use them
 # from here).
 from pagoda.kernels.attention_hopper_configs import (CONFIGS, DEFAULT_CONFIG, HEAD_DIMS, MIN_SEQLEN_K,  # noqa: F401
@@ -55,7 +56,7 @@ try:  # Gluon is experimental: any import problem just disables this path.
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                     warpgroup_mma, warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: F401 - what _tma_launch builds
     # Triton 3.6 names the shared-memory view `_reinterpret`; later releases `reinterpret` (3.9 has only
     # that). The kernels call `reinterpret`, so give 3.6 the public name.
     _smem_desc = gl.shared_memory_descriptor
@@ -288,10 +289,10 @@ def _layout(block: tuple, dtype: torch.dtype):
 
 
 def _aligned(t: torch.Tensor) -> bool:
-    d = t.shape[-1]
+    st = t.stride()
     es = t.element_size()
-    return (t.stride(-1) == 1 and t.stride(2) == d and t.data_ptr() % 16 == 0
-            and (t.stride(0) * es) % 16 == 0 and (t.stride(1) * es) % 16 == 0)
+    return (st[3] == 1 and st[2] == t.shape[3] and t.data_ptr() % 16 == 0
+            and (st[0] * es) % 16 == 0 and (st[1] * es) % 16 == 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -304,7 +305,7 @@ def hopper_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
                      alibi_slopes=None) -> bool:
     """True when the Gluon kernel can run this call: sm_90 exactly, dense 4-D fp16/bf16 inputs, head_dim
     in HEAD_DIMS, causal (window (-1, 0)) or full attention, no softcap/ALiBi, TMA-compatible strides."""
-    if not _GLUON_OK or not q.is_cuda or cu_seqlens_q is not None or q.dim() != 4:
+    if not _GLUON_OK or not q.is_cuda or cu_seqlens_q is not None or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return False
     if softcap > 0 or alibi_slopes is not None or window_left >= 0 or window_right > 0:
         return False
@@ -315,12 +316,11 @@ def hopper_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
         return False
     if q.shape[1] == 0 or k.shape[1] == 0 or q.shape[0] == 0:
         return False
-    tensors = (q, k, v) if out is None else (q, k, v, out)
-    if out is not None and (out.dtype != q.dtype or out.shape != q.shape):
+    if out is not None and (out.dtype != q.dtype or out.shape != q.shape or not _aligned(out)):
         return False
-    if not all(_aligned(t) for t in tensors):
+    if not (_aligned(q) and _aligned(k) and _aligned(v)):
         return False
-    return _is_sm90(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    return _is_sm90(q.get_device())
 
 
 @functools.lru_cache(maxsize=None)
@@ -328,11 +328,13 @@ def _num_sms(device_index) -> int:
     return torch.cuda.get_device_properties(device_index if device_index is not None else 0).multi_processor_count
 
 
-def _desc(t: torch.Tensor, block_rows: int) -> "TensorDescriptor":
-    """TMA descriptor over the 3-D view ``[b, s, h*d]`` of a ``[b, s, h, d]`` tensor, box ``[1, block_rows, d]``."""
+def _desc_spec(t: torch.Tensor, block_rows: int) -> tuple:
+    """The TMA descriptor over the 3-D view ``[b, s, h*d]`` of a ``[b, s, h, d]`` tensor with box
+    ``[1, block_rows, d]``, as `tma_launch` takes it: (tensor, global shape, global strides, box, layout)."""
     b, s, h, d = t.shape
+    st = t.stride()
     block = (1, block_rows, d)
-    return TensorDescriptor(t, [b, s, h * d], [t.stride(0), t.stride(1), 1], list(block), _layout(block, t.dtype))
+    return t, [b, s, h * d], [st[0], st[1], 1], block, _layout(block, t.dtype)
 
 
 def attention_fwd_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -343,56 +345,62 @@ def attention_fwd_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     q ``[b, sq, hq, d]``, k/v ``[b, sk, hk, d]``, out like q (written), lse ``[b, hq, sq]`` float32
     natural-log (written when given; any strides). ``config`` names an entry of CONFIGS or WS_CONFIGS
     (ValueError for a ws3 config at a head dim other than 64).
-    Returns the launched CompiledKernel (``n_regs``, ``n_spills``, ``metadata.shared``); None with
-    PAGODA_GLUON_FAST_LAUNCH=1 (`_gluon_launch`).
+    Returns the CompiledKernel (``n_regs``, ``n_spills``, ``metadata.shared``). Repeats of a launch
+    configuration skip Triton's launch path (`pagoda.kernels._tma_launch`; PAGODA_GLUON_FAST_LAUNCH=0 turns
+    that off).
     """
     with device_of((q,)):   # TMA descriptors and the launch on q's device, whichever device is current
         return _launch_hopper(q, k, v, out, lse, softmax_scale, causal, config)
 
 
-def _gluon_launch(kernel, grid, *args, num_warps, maxnreg=None, **constexprs):
-    """``kernel[grid](...)``; with PAGODA_GLUON_FAST_LAUNCH=1 through `pagoda.kernels._launch.launch`
-    (the compiled launcher on repeats: Triton's JIT launch of these kernels costs 40-110 µs of host time per
-    call on the H200 machine, `benchmarks/results/2026-12-01-h200-hopper/dispatch-probe.txt`). Opt-in until
-    run on a GPU: the cached path keys the descriptors by dtype, block shape and layout (`_launch._desc_key`)."""
-    if os.environ.get("PAGODA_GLUON_FAST_LAUNCH", "0") == "1":
-        return launch(kernel, grid, *args, num_warps=num_warps, maxnreg=maxnreg, **constexprs)
-    options = {"num_warps": num_warps} if maxnreg is None else {"num_warps": num_warps, "maxnreg": maxnreg}
-    return kernel[grid](*args, **constexprs, **options)
+def _gluon_launch(kernel, grid, descs, args, constexprs, num_warps, maxnreg, lse_or_out):
+    """`pagoda.kernels._tma_launch.tma_launch` keyed by everything the compiled kernel depends on: the kernel,
+    the dtype and box of each descriptor, every constexpr and the register cap, the LSE pointer's 16-byte
+    alignment (q/k/v/out are 16-byte aligned: `hopper_supported`) and the device."""
+    key = (kernel, descs[0][0].dtype, descs[0][3], descs[1][3], *constexprs.values(), num_warps, maxnreg,
+           lse_or_out.data_ptr() % 16 == 0, lse_or_out.get_device())
+    return tma_launch(key, kernel, grid, descs, args, constexprs, num_warps, maxnreg)
+
+
+def _pws_programs(items: int, num_m: int, causal: bool, most: int) -> int:
+    """Programs of a persistent ws launch: at most ``most`` and ``items``; under a causal mask coprime with
+    ``num_m`` (query tiles per head), so that each program's items (w, w + P, ...: `attention_hopper_pws`)
+    take every tile height in turn instead of the same one or two."""
+    p = min(items, most)
+    while causal and p > 1 and math.gcd(p, num_m) != 1:
+        p -= 1
+    return p
 
 
 def _launch_hopper(q, k, v, out, lse, softmax_scale, causal, config):
     b, sq, hq, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     config = config or default_config(d, causal, sk)
-    ls = (lse.stride(0), lse.stride(1), lse.stride(2)) if lse is not None else (0, 0, 0)
+    lse_or_out = lse if lse is not None else out
+    ls = lse.stride() if lse is not None else (0, 0, 0)
     if config in WS_CONFIGS:
         bm, bn, stages, regs, pingpong, nc, maxnreg = _ws_params(config, d)
-        if _ws_persistent(config):  # one program per SM (at most), striding over the work items
+        # One 64-row Q/O box per consumer warpgroup; 4 warps = consumer 0 (the others are partitions).
+        descs = (_desc_spec(q, 64), _desc_spec(k, bn), _desc_spec(v, bn), _desc_spec(out, 64))
+        constexprs = dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=bool(causal),
+                          WRITE_LSE=lse is not None, CONSUMER_REGS=regs, PINGPONG=pingpong, NUM_CONSUMERS=nc)
+        if _ws_persistent(config):  # a few programs per SM (at most), striding over the work items
             from pagoda.kernels.attention_hopper_pws import _attn_fwd_hopper_pws_kernel
             items = (sq + bm - 1) // bm * hq * b
-            programs = _num_sms(q.device.index) * WS_CTAS_PER_SM.get(config, 1)
-            return _gluon_launch(
-                _attn_fwd_hopper_pws_kernel, (min(items, programs),),
-                _desc(q, 64), _desc(k, bn), _desc(v, bn), _desc(out, 64), lse if lse is not None else out,
-                *ls, sq, sk, hq // hk, hq, items, softmax_scale * LOG2E,
-                HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=bool(causal),
-                WRITE_LSE=lse is not None, CONSUMER_REGS=regs, PINGPONG=pingpong, NUM_CONSUMERS=nc, num_warps=4,
-                maxnreg=maxnreg)
+            programs = _pws_programs(items, (sq + bm - 1) // bm, causal,
+                                     _num_sms(q.device.index) * WS_CTAS_PER_SM.get(config, 1))
+            args = (lse_or_out, *ls, sq, sk, hq // hk, hq, items, softmax_scale * LOG2E)
+            return _gluon_launch(_attn_fwd_hopper_pws_kernel, (programs,), descs, args, constexprs, 4,
+                                 maxnreg, lse_or_out)
         from pagoda.kernels.attention_hopper_ws import _attn_fwd_hopper_ws_kernel
-        # One 64-row Q/O box per consumer warpgroup; 4 warps = consumer 0 (the others are partitions).
-        return _gluon_launch(
-            _attn_fwd_hopper_ws_kernel, ((sq + bm - 1) // bm, hq, b),
-            _desc(q, 64), _desc(k, bn), _desc(v, bn), _desc(out, 64), lse if lse is not None else out,
-            *ls, sq, sk, hq // hk, softmax_scale * LOG2E,
-            HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=bool(causal), WRITE_LSE=lse is not None,
-            CONSUMER_REGS=regs, PINGPONG=pingpong, NUM_CONSUMERS=nc, num_warps=4, maxnreg=maxnreg)
+        args = (lse_or_out, *ls, sq, sk, hq // hk, softmax_scale * LOG2E)
+        return _gluon_launch(_attn_fwd_hopper_ws_kernel, ((sq + bm - 1) // bm, hq, b), descs, args, constexprs, 4,
+                             maxnreg, lse_or_out)
     bm, bn, stages, warps = CONFIGS[config]
     items = (sq + bm - 1) // bm * hq * b
     grid = (min(items, _num_sms(q.device.index)) if config.startswith("p-") else items,)
-    return _gluon_launch(
-        _attn_fwd_hopper_kernel, grid,
-        _desc(q, bm), _desc(k, bn), _desc(v, bn), _desc(out, bm), lse if lse is not None else out,
-        *ls, sq, sk, hq // hk, hq, items, softmax_scale * LOG2E,
-        HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=bool(causal), WRITE_LSE=lse is not None,
-        PERSISTENT=config.startswith("p-"), num_warps=warps)
+    descs = (_desc_spec(q, bm), _desc_spec(k, bn), _desc_spec(v, bn), _desc_spec(out, bm))
+    args = (lse_or_out, *ls, sq, sk, hq // hk, hq, items, softmax_scale * LOG2E)
+    constexprs = dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=bool(causal),
+                      WRITE_LSE=lse is not None, PERSISTENT=config.startswith("p-"))
+    return _gluon_launch(_attn_fwd_hopper_kernel, grid, descs, args, constexprs, warps, None, lse_or_out)

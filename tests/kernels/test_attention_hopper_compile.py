@@ -142,3 +142,20 @@ def test_ws3_configs_are_head_dim_64_only():
         if H._GLUON_OK:
             with pytest.raises(ValueError, match="head_dim"):
                 compile_sm90(128, "bf16", True, name)
+
+
+def test_persistent_program_count():
+    """Persistent ws launches: at most the items and the programs the SMs hold; under a causal mask coprime with
+    the query tiles per head, so that each program's items w, w + P, ... cycle through every tile height (their
+    key-tile counts differ) instead of repeating one or two."""
+    import math
+
+    from pagoda.kernels.attention_hopper import _pws_programs
+    for items, num_m, most in ((8192, 8, 396), (4096, 16, 264), (5, 8, 396), (100, 1, 396), (2048, 12, 132)):
+        full = _pws_programs(items, num_m, False, most)
+        assert full == min(items, most)
+        p = _pws_programs(items, num_m, True, most)
+        assert 1 <= p <= min(items, most) and math.gcd(p, num_m) == 1
+        assert p >= min(items, most) - num_m  # never far below what fits
+        heights = {(w % num_m) for w in range(0, items, p)}
+        assert len(heights) == min(num_m, len(range(0, items, p)))

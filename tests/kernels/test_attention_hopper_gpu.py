@@ -135,14 +135,36 @@ def test_dispatch_through_flash_attn_func(monkeypatch):
 
 
 @requires_sm90
-@pytest.mark.parametrize("name", [None, "pws-m128n128s2", "m128n128s2w8"])
-def test_gluon_fast_launch_matches_reference(monkeypatch, name):
-    """PAGODA_GLUON_FAST_LAUNCH=1: repeats go through the compiled launcher with new descriptors (other
-    shapes of one specialisation included) and stay exact."""
-    from pagoda.kernels import _launch
-    monkeypatch.setenv("PAGODA_GLUON_FAST_LAUNCH", "1")
-    before = len(_launch._compiled)
+@pytest.mark.parametrize("name", [None, "pws-m128n128s2", "m128n128s2w8", "ws1x3-m64n64s2", "ws3-m192n128s2"])
+def test_gluon_fast_launch_matches_normal_launch(monkeypatch, name):
+    """Repeats of a launch configuration go through `_tma_launch` (descriptors encoded by pagoda, the C
+    launcher called directly): with other shapes, other tensors, with and without LSE, they give the same bits
+    as Triton's own launch (PAGODA_GLUON_FAST_LAUNCH=0) and match the reference."""
+    from pagoda.kernels import _tma_launch
+    from pagoda.kernels import attention_hopper as H
+    d = 64 if name in (None, "ws1x3-m64n64s2", "ws3-m192n128s2") else 128
     for shape in ((2, 300, 300), (2, 300, 300), (1, 1000, 777), (3, 64, 200)):
-        _run(*shape, 4, 2, 128, True, torch.bfloat16, config=name)
-    if _launch._ENABLED:
-        assert len(_launch._compiled) > before    # the first launch was cached for the repeats
+        _run(*shape, 4, 2, d, True, torch.bfloat16, config=name)
+    calls = []
+    real = _tma_launch._FILL[0] if _tma_launch._FILL else None
+    if _tma_launch.enabled():
+        monkeypatch.setattr(_tma_launch, "_FILL", [lambda *a: (calls.append(1), real(*a))[1]])
+    for b, sq, sk, causal, with_lse in ((2, 300, 300, True, True), (3, 129, 500, False, False),
+                                        (1, 700, 700, True, False), (2, 64, 4000, False, True)):
+        q = torch.randn(b, sq, 8, d, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(b, sk, 2, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        outs = []
+        for fast in ("1", "1", "0"):
+            monkeypatch.setenv("PAGODA_GLUON_FAST_LAUNCH", fast)
+            out = torch.full_like(q, float("nan"))
+            lse = torch.full((b, 8, sq), float("nan"), device="cuda") if with_lse else None
+            H.attention_fwd_hopper(q, k, v, out, lse, d ** -0.5, causal, config=name)
+            outs.append((out, lse))
+        for out, lse in outs[:2]:
+            assert torch.equal(out, outs[2][0]), "the repeat launch differs from Triton's"
+            if with_lse:
+                assert torch.equal(lse, outs[2][1])
+        r = ref_attn(q, k, v, causal=causal)
+        assert rel_err(outs[0][0], r) < 1.2e-2
+    if _tma_launch.enabled():
+        assert calls, "no launch took the repeat path"

@@ -104,3 +104,48 @@ def test_cu_seqlens_inference_tensors_failed_checks_are_not_remembered():
         good = torch.tensor([0, 4, 9], dtype=torch.int32)
         out = pagoda.flash_attn_varlen_func(q, q, q, good, good, 5, 5)
         assert out.shape == q.shape
+
+
+def _full_checks(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes):
+    """What `flash_attn_func` runs when `plain_dense_call` is False: (window_left, window_right) or raises."""
+    from pagoda.ops import _checks
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _checks.check_tensor(name, t, ndim=4)
+    _checks.check_attention_dtypes(q, k, v)
+    _checks.check_head_dims(q, k, v)
+    if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0] or v.shape[1] != k.shape[1]:
+        raise ValueError("batch / seqlen_k")
+    left_right = _checks.check_options(dropout_p, softmax_scale, causal, window_size, softcap)
+    _checks.check_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device)
+    return left_right
+
+
+def test_plain_dense_call_accepts_only_what_the_checks_accept():
+    """The checks' shortcut (`_checks.plain_dense_call`) over random argument sets, good and bad: whenever it
+    says "plain", the full checks pass and give the window it implies; it says "plain" for the ordinary call."""
+    import random
+
+    from pagoda.ops import _checks
+    rng = random.Random(0)
+    shapes = [(2, 5, 4, 64), (2, 7, 2, 64), (2, 7, 3, 64), (1, 5, 4, 64), (2, 5, 4, 60), (2, 5, 4, 264), (2, 5, 4, 0),
+              (2, 5, 0, 64), (2, 5, 4, 128), (5, 4, 64), (2, 5, 1, 64)]
+    values = dict(dropout_p=[0.0, 0, 0.1, False, -0.0, "0", None], softmax_scale=[None, 0.125, 1, 0.0, -1.0,
+                  float("inf"), float("nan"), True, "x"], causal=[False, True, 0, 1, None],
+                  window_size=[(-1, -1), (-1, -1), [-1, -1], (-1, 0), (4, 0), (-1,), (-2, -1), (True, -1)],
+                  softcap=[0.0, 0, 5.0, -1.0, False, float("nan")], alibi_slopes=[None, None, torch.ones(4)])
+    dtypes = [torch.float16, torch.bfloat16, torch.float32]
+    plain = 0
+    for _ in range(3000):
+        q = torch.empty(rng.choice(shapes[:-2]), dtype=rng.choice(dtypes))
+        k = torch.empty(q.shape if rng.random() < 0.6 else rng.choice(shapes),
+                        dtype=q.dtype if rng.random() < 0.7 else rng.choice(dtypes))
+        v = k if rng.random() < 0.7 else torch.empty(rng.choice(shapes), dtype=rng.choice(dtypes))
+        # Mostly the ordinary values (the first two of each list), so that many draws are plain.
+        opts = {name: rng.choice(vals[:2] if rng.random() < 0.8 else vals) for name, vals in values.items()}
+        if _checks.plain_dense_call(q, k, v, **opts):
+            plain += 1
+            assert _full_checks(q, k, v, **opts) == (-1, 0 if opts["causal"] else -1), opts
+    assert plain > 20
+    q = torch.empty(2, 5, 4, 64, dtype=torch.bfloat16)
+    assert _checks.plain_dense_call(q, q, q, 0.0, None, True, (-1, -1), 0.0, None)
+    assert not _checks.plain_dense_call(q.float(), q.float(), q.float(), 0.0, None, True, (-1, -1), 0.0, None)
