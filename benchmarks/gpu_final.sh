@@ -3,7 +3,7 @@
 # by the last session (stage "next"), the sampling study beside FlashInfer (stage "sampling", a call of
 # its own: FlashInfer's sampling JIT takes ~100 s) or HF generate (stage "e2e"); results under $OUT.
 # The one-off stages that produced earlier results (verify, gluon, check, check2, final5) are in git history.
-# From the repo root: bash benchmarks/gpu_final.sh tests|bench|next|paged|sampling|e2e|s12|s13|s13b
+# From the repo root: bash benchmarks/gpu_final.sh tests|bench|next|paged|sampling|e2e|s12|s13|s13b|s13c
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 . benchmarks/stage_peer.sh
@@ -95,6 +95,15 @@ s13b)
     > $OUT/hopper-probe-pws1.txt 2>&1; grep -A40 SUMMARY $OUT/hopper-probe-pws1.txt
   timeout -k 5 120 python3 benchmarks/short_cell_probe.py 32x512x128x0 32x512x128x1 32x512x64x0 16x1024x64x0 \
     2>&1 | tee $OUT/short-cell-probe.txt
+  ;;
+s13c)
+  # Session 13, third call (~3 min): the persistent ws configs (items (batch, head) major) at the long grid
+  # shapes beside the defaults, and ws3's tile persistent (pws3, d=64), with its GPU tests first.
+  timeout -k 5 100 python3 -m pytest tests/kernels/test_attention_hopper_gpu.py -m gpu -q -p no:cacheprovider -n 8 \
+    -k "every_config and pws3" --timeout 80 > $OUT/gpu-tests-pws3.log 2>&1; tail -2 $OUT/gpu-tests-pws3.log
+  timeout -k 5 230 python3 benchmarks/hopper_probe.py --shapes 8x2048,4x4096,2x8192,1x16384 --budget 200 \
+    --configs pws-m128n128s2,pwspp-m128n128s2,wspp-m128n128s2,ws-m128n128s2,pws3-m192n128s2,ws3-m192n128s2,pws1x3-m64n64s2 \
+    > $OUT/hopper-probe-long.txt 2>&1; grep -A40 SUMMARY $OUT/hopper-probe-long.txt
   ;;
 s12)
   # Session 12 (~8 min): the short-sequence default configs (SHORT_CONFIG: one consumer warpgroup per CTA,

@@ -42,6 +42,8 @@ WS_CONFIGS = {
     # boxes: 192 KB at d=128, so STAGES 2 only). Opt-in until measured (short sequences: b32 s512).
     "pws-m128n128s2": (128, 128, 2, 240, False, 2),
     "pwspp-m128n128s2": (128, 128, 2, 240, True, 2),
+    # ws3's tile (3 consumer warpgroups, head_dim 64), persistent: Q, O 3 x 8 KB + K/V ring 64 KB.
+    "pws3-m192n128s2": (192, 128, 2, 160, False, 3),
     # Short sequences: one consumer warpgroup per CTA (BLOCK_M 64) and several CTAs per SM ("x2" / "x3",
     # WS_CTAS_PER_SM). A CTA there runs only 4-8 key tiles, so its launch, Q / K_0 latency and O store are a
     # large share; the SM overlaps one CTA's prologue and epilogue with the others' loops. The launch caps

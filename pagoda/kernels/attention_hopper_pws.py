@@ -1,8 +1,8 @@
 """Persistent variant of the warp-specialised Gluon sm_90 attention forward (``pws-*`` / ``pwspp-*`` configs).
 
 Same partitions as `attention_hopper_ws` (TMA loader warp + NUM_CONSUMERS = 2 consumer warpgroups of 64
-query rows, ``pwspp``: ping-pong GEMM turns; or one consumer, ``pws1x2`` / ``pws1x3``, with 2-3 programs per
-SM), but the grid is ``min(#work items, #SMs x programs per SM)`` programs and each program strides over the
+query rows, ``pwspp``: ping-pong GEMM turns; three, ``pws3``, head_dim 64; or one consumer, ``pws1x2`` /
+``pws1x3``, with 2-3 programs per SM), but the grid is ``min(#work items, #SMs x programs per SM)`` programs and each program strides over the
 work items w = program_id, program_id + num_programs, ... A work item is (query tile of BLOCK_M rows, head,
 batch), numbered (batch, head) major and, within a head, last query tile first (under a causal mask the
 most keys first). So the programs running at one time share a few heads' K/V in L2: numbered query-tile
@@ -122,7 +122,7 @@ if _GLUON_OK:
         ``[b, s, h*d]`` with boxes q/o ``[1, 64, d]``, k/v ``[1, BLOCK_N, d]``; LSE ``[b, hq, sq]``
         (strides given) when WRITE_LSE."""
         gl.static_assert(num_warps == 4, "the default partition is consumer 0 (one warpgroup)")
-        gl.static_assert(NUM_CONSUMERS == 1 or NUM_CONSUMERS == 2, "1 or 2 consumer warpgroups")
+        gl.static_assert(NUM_CONSUMERS >= 1 and NUM_CONSUMERS <= 3, "1 to 3 consumer warpgroups")
         gl.static_assert(NUM_CONSUMERS > 1 or not PINGPONG, "ping-pong needs two consumer warpgroups")
         gl.static_assert(BLOCK_M == NUM_CONSUMERS * q_desc.block_type.shape[1], "one q/o box per consumer")
         dtype: gl.constexpr = q_desc.dtype
@@ -165,7 +165,7 @@ if _GLUON_OK:
                                seqlen_k, group_size, num_heads, num_items, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N,
                                STAGES, CAUSAL, WRITE_LSE, PINGPONG, NUM_CONSUMERS)),
             ], [1], [24])
-        else:
+        elif NUM_CONSUMERS == 2:
             gl.warp_specialize([
                 (_pws_consumer_wg, (q_desc, o_desc, LSE, q_smem, o_smem, k_bufs, v_bufs, q_bars, q_empty, k_ready,
                                     k_empty, v_ready, v_empty, turns, stride_lb, stride_lh, stride_lt, seqlen_q,
@@ -180,3 +180,22 @@ if _GLUON_OK:
                                seqlen_k, group_size, num_heads, num_items, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
                                CAUSAL, WRITE_LSE, PINGPONG, NUM_CONSUMERS)),
             ], [4, 1], [CONSUMER_REGS, 24])
+        else:
+            gl.warp_specialize([
+                (_pws_consumer_wg, (q_desc, o_desc, LSE, q_smem, o_smem, k_bufs, v_bufs, q_bars, q_empty, k_ready,
+                                    k_empty, v_ready, v_empty, turns, stride_lb, stride_lh, stride_lt, seqlen_q,
+                                    seqlen_k, group_size, num_heads, num_items, qk_scale, HEAD_DIM, BLOCK_M,
+                                    BLOCK_N, STAGES, CAUSAL, WRITE_LSE, PINGPONG, NUM_CONSUMERS, 0)),
+                (_pws_consumer_wg, (q_desc, o_desc, LSE, q_smem, o_smem, k_bufs, v_bufs, q_bars, q_empty, k_ready,
+                                    k_empty, v_ready, v_empty, turns, stride_lb, stride_lh, stride_lt, seqlen_q,
+                                    seqlen_k, group_size, num_heads, num_items, qk_scale, HEAD_DIM, BLOCK_M,
+                                    BLOCK_N, STAGES, CAUSAL, WRITE_LSE, PINGPONG, NUM_CONSUMERS, 1)),
+                (_pws_consumer_wg, (q_desc, o_desc, LSE, q_smem, o_smem, k_bufs, v_bufs, q_bars, q_empty, k_ready,
+                                    k_empty, v_ready, v_empty, turns, stride_lb, stride_lh, stride_lt, seqlen_q,
+                                    seqlen_k, group_size, num_heads, num_items, qk_scale, HEAD_DIM, BLOCK_M,
+                                    BLOCK_N, STAGES, CAUSAL, WRITE_LSE, PINGPONG, NUM_CONSUMERS, 2)),
+                (_pws_loader, (q_desc, k_desc, v_desc, o_desc, LSE, q_smem, o_smem, k_bufs, v_bufs, q_bars, q_empty,
+                               k_ready, k_empty, v_ready, v_empty, turns, stride_lb, stride_lh, stride_lt, seqlen_q,
+                               seqlen_k, group_size, num_heads, num_items, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
+                               CAUSAL, WRITE_LSE, PINGPONG, NUM_CONSUMERS)),
+            ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
