@@ -3,7 +3,7 @@
 # by the last session (stage "next"), the sampling study beside FlashInfer (stage "sampling", a call of
 # its own: FlashInfer's sampling JIT takes ~100 s) or HF generate (stage "e2e"); results under $OUT.
 # The one-off stages that produced earlier results (verify, gluon, check, check2, final5) are in git history.
-# From the repo root: bash benchmarks/gpu_final.sh tests|bench|next|paged|sampling|e2e|s12|s13|s13b|s13c
+# From the repo root: bash benchmarks/gpu_final.sh tests|bench|next|paged|sampling|e2e|s12|s13|s13b|s13c|s13d|s13e
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 . benchmarks/stage_peer.sh
@@ -104,6 +104,27 @@ s13c)
   timeout -k 5 230 python3 benchmarks/hopper_probe.py --shapes 8x2048,4x4096,2x8192,1x16384 --budget 200 \
     --configs pws-m128n128s2,pwspp-m128n128s2,wspp-m128n128s2,ws-m128n128s2,pws3-m192n128s2,ws3-m192n128s2,pws1x3-m64n64s2 \
     > $OUT/hopper-probe-long.txt 2>&1; grep -A40 SUMMARY $OUT/hopper-probe-long.txt
+  ;;
+s13d)
+  # Session 13, final call (~7 min): the length-ranged default configs (CONFIG_BY_LENGTH: persistent ws kernels
+  # up to 2-4k keys, d=128 full attention persistent at every length) with the repeat launch: the Gluon and
+  # attention-op GPU tests, the HF integration GPU tests (flash_attn_func's check shortcut), then the full
+  # attention grid (one `pagoda bench` run, every backend). The grid runs only if the Gluon tests pass.
+  timeout -k 5 200 python3 -m pytest tests/kernels/test_attention_hopper_gpu.py tests/ops/test_attention.py -m gpu -q \
+    -p no:cacheprovider -n 8 --timeout 150 > $OUT/gpu-tests-attention.log 2>&1; ok=$?; tail -3 $OUT/gpu-tests-attention.log
+  [ $ok = 0 ] || { grep -E "^(FAILED|ERROR)" $OUT/gpu-tests-attention.log | head -20; exit 1; }
+  mkdir -p $OUT/attn
+  timeout -k 5 300 python3 -m pagoda bench --out $OUT/attn 2>&1 | grep -v "^attention \[" | tail -60
+  timeout -k 5 150 python3 -m pytest tests/integrations -m gpu -q -p no:cacheprovider -n 4 --timeout 140 \
+    > $OUT/gpu-tests-integrations.log 2>&1; tail -3 $OUT/gpu-tests-integrations.log
+  ;;
+s13e)
+  # Session 13 (~3 min): the short and long defaults' candidates without the LSE (the grid's case; the LSE
+  # probes read ws3 / ws1x3 6-10% below the grid), at every grid shape.
+  timeout -k 5 280 python3 benchmarks/hopper_probe.py --no-lse --budget 250 \
+    --shapes 32x512,16x1024,8x2048,4x4096,2x8192,1x16384 \
+    --configs pws1x3-m64n64s2,ws1x3-m64n64s2,pws1x2-m64n64s2,pws-m128n128s2,pwspp-m128n128s2,wspp-m128n128s2,ws-m128n128s2,ws3-m192n128s2,pws3-m192n128s2 \
+    > $OUT/hopper-probe-nolse.txt 2>&1; grep -A40 SUMMARY $OUT/hopper-probe-nolse.txt
   ;;
 s12)
   # Session 12 (~8 min): the short-sequence default configs (SHORT_CONFIG: one consumer warpgroup per CTA,

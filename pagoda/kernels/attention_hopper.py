@@ -23,7 +23,7 @@ Work items are numbered query-tile major, heaviest (most keys under a causal mas
 grid runs one item per program; the ``p-*`` configs launch one program per SM that strides over the
 items (persistent), carrying the ring's slot / mbarrier-phase counters from item to item. The ``ws-*``
 configs use the warp-specialised kernel of `attention_hopper_ws` (TMA producer warp + 1-3 consumer
-warpgroups); the opt-in ``pws-*`` / ``pwspp-*`` configs run it persistently (`attention_hopper_pws`). The
+warpgroups); the ``pws*`` configs run it persistently (`attention_hopper_pws`). The
 configs and the default-dispatch policy are in `attention_hopper_configs`.
 
 So the exponentials of tile j overlap the P.V GEMM of tile j-1 (FA3's intra-warpgroup overlap), and
@@ -47,7 +47,7 @@ from pagoda.kernels._tma_launch import tma_launch
 # The launch configurations and the dispatch policy (re-exported: the launch code, probes and tests use them
 # from here).
 from pagoda.kernels.attention_hopper_configs import (CONFIGS, DEFAULT_CONFIG, HEAD_DIMS, MIN_SEQLEN_K,  # noqa: F401
-                                                     SHORT_CONFIG, WS3_HEAD_DIMS, WS_CONFIGS, WS_CTAS_PER_SM,
+                                                     CONFIG_BY_LENGTH, WS3_HEAD_DIMS, WS_CONFIGS, WS_CTAS_PER_SM,
                                                      _WS_MAXNREG, _ws_params, _ws_persistent, config_head_dims,
                                                      default_config, prefer_hopper)
 

@@ -39,17 +39,19 @@ WS_CONFIGS = {
     "ws3pp-m192n128s3": (192, 128, 3, 160, True, 3),
     # Persistent warp-specialised (attention_hopper_pws): grid min(#items, #SMs), the loader prefetches the
     # next item's Q / K / V during the current item's tail, O stores drain in the background (own smem
-    # boxes: 192 KB at d=128, so STAGES 2 only). Opt-in until measured (short sequences: b32 s512).
+    # boxes: 192 KB at d=128, so STAGES 2 only). Items (batch, head) major since session 13 (K/V reuse in
+    # L2): the defaults of CONFIG_BY_LENGTH up to 2-4k keys, and of d=128 full attention at every length.
     "pws-m128n128s2": (128, 128, 2, 240, False, 2),
     "pwspp-m128n128s2": (128, 128, 2, 240, True, 2),
-    # ws3's tile (3 consumer warpgroups, head_dim 64), persistent: Q, O 3 x 8 KB + K/V ring 64 KB.
+    # ws3's tile (3 consumer warpgroups, head_dim 64), persistent: Q, O 3 x 8 KB + K/V ring 64 KB. Each
+    # consumer keeps 160 registers, and ptxas spills 6 words (the persistent loop's counters) there.
     "pws3-m192n128s2": (192, 128, 2, 160, False, 3),
     # Short sequences: one consumer warpgroup per CTA (BLOCK_M 64) and several CTAs per SM ("x2" / "x3",
     # WS_CTAS_PER_SM). A CTA there runs only 4-8 key tiles, so its launch, Q / K_0 latency and O store are a
     # large share; the SM overlaps one CTA's prologue and epilogue with the others' loops. The launch caps
     # registers so that that many CTAs fit (x2: 128, x3: 80 per thread), and setmaxnreg gives the consumer
     # what the loader leaves (x2: 232, x3: 136); CONSUMER_REGS records that budget (there is no worker
-    # consumer to raise). The SHORT_CONFIG defaults. Also probed on the H200 (2026-12-02) and dropped:
+    # consumer to raise). Also probed on the H200 (2026-12-02) and dropped:
     # ws1x2-m64n128s2, ws1x3-m64n64s3, ws1x4-m64n64s2 (x4: cap 64, ptxas spills), and two consumers at two
     # CTAs per SM (ws2x2[pp]-m128n64s2, cap 80). Against ws1x3-m64n64s2: ws1x4 1% above at d=64 causal s512
     # and 4-17% below elsewhere, the others 0-17% below everywhere.
@@ -58,17 +60,16 @@ WS_CONFIGS = {
     # The same, persistent (`attention_hopper_pws` with one consumer): a grid of that many programs per SM,
     # each striding over the work items, so the loader brings the next item's Q and K_0 while the consumer
     # finishes the current one and the O store drains in the background (O in its own box: d=64 48 KB per
-    # CTA at STAGES 2, 64 KB at 3; d=128 96 KB at STAGES 2). Probed on the H200 2026-12-02 (session 13).
+    # CTA; d=128 96 KB). H200, 2026-12-02: ahead of ws1x2 / ws1x3 at every short shape probed (session 13);
+    # STAGES 3 (pws1x3-m64n64s3) read the same as 2 at d=64 s512 (361 against 360 TF/s) and was dropped.
     "pws1x2-m64n64s2": (64, 64, 2, 232, False, 1),
     "pws1x3-m64n64s2": (64, 64, 2, 136, False, 1),
-    "pws1x3-m64n64s3": (64, 64, 3, 136, False, 1),
 }
 WS3_HEAD_DIMS = (64,)
-WS_CTAS_PER_SM = {"ws1x2-m64n64s2": 2, "ws1x3-m64n64s2": 3, "pws1x2-m64n64s2": 2, "pws1x3-m64n64s2": 3,
-                  "pws1x3-m64n64s3": 3}
+WS_CTAS_PER_SM = {"ws1x2-m64n64s2": 2, "ws1x3-m64n64s2": 3, "pws1x2-m64n64s2": 2, "pws1x3-m64n64s2": 3}
 # Head dims at which a config fits its CTAs per SM (shared memory: Q + STAGES x (K + V) boxes per CTA,
 # 228 KB per SM; registers: at d=128 O alone is 64 per thread) when not every head dim does.
-_WS_HEAD_DIMS = {"ws1x3-m64n64s2": (64,), "pws1x3-m64n64s2": (64,), "pws1x3-m64n64s3": (64,)}
+_WS_HEAD_DIMS = {"ws1x3-m64n64s2": (64,), "pws1x3-m64n64s2": (64,)}
 
 
 def _ws_persistent(config: str) -> bool:
@@ -76,24 +77,36 @@ def _ws_persistent(config: str) -> bool:
     return config.startswith("pws")
 
 
-# Per (head_dim, causal): the warp-specialised kernel won every s >= 4096 case of the probe on an H200
-# (2026-11-30, benchmarks/results/2026-11-30-h200-hopper); ping-pong helps the longer non-causal loops at
-# d=128; at d=64 three consumer warpgroups (BLOCK_M 192) beat two (2026-12-01, above).
+# Per (head_dim, causal), the config of calls longer than every CONFIG_BY_LENGTH entry. The warp-specialised
+# kernel has won every s >= 4096 case of the probes on an H200 since 2026-11-30; at d=64 three consumer
+# warpgroups (BLOCK_M 192) beat two (2026-12-01); ping-pong at d=128 (H200 probe of 2026-12-02, session 13,
+# `results/2026-12-02-h200-session13/hopper-probe-long.txt`, TF/s with LSE: full 4k / 8k / 16k pwspp 608 /
+# 621 / 628 against wspp 594 / 613 / 563; causal wspp 531 / 566 / 610 against ws 529 / 505 / 555 and the
+# persistent pws 505 / 486 / 425, whose static striding over the items balances long causal rows badly).
 DEFAULT_CONFIG = {(64, False): "ws3-m192n128s2", (64, True): "ws3-m192n128s2",
-                  (128, False): "wspp-m128n128s2", (128, True): "ws-m128n128s2"}
+                  (128, False): "pwspp-m128n128s2", (128, True): "wspp-m128n128s2"}
 # Shortest key length that the Gluon kernel takes per head_dim by default (`prefer_hopper`). Until 2026-12-02
 # d=64 took it only from 2048 keys (the autotuned Triton kernel was ahead below: 320 against 290 TF/s at b32
-# s512, H200 bench of 2026-11-30); the one-consumer, several-CTAs-per-SM configs of SHORT_CONFIG are ahead
-# of it at every length at both head dims.
+# s512, H200 bench of 2026-11-30); the short-sequence configs below are ahead of it at every length at both
+# head dims.
 MIN_SEQLEN_K = {64: 0, 128: 0}
-# Short sequences, per (head_dim, causal): (longest seqlen_k, config). A CTA there runs few key tiles, and
-# several one-warpgroup CTAs per SM overlap each other's launch, Q / K_0 latency and O store. H200 probe of
-# 2026-12-02 (`results/2026-12-02-h200-session12/hopper-probe-ws*.txt`, TF/s, LSE written):
-#   d=64 full     s512 356 (ws3 292, Triton 322), 1k 390 (ws 366, Triton 365); 2k: ws3 428 > ws1x3 410
-#   d=64 causal   s512 250 (ws 175, Triton 194), 1k 320, 2k 363 (ws3 323); 4k: ws3 397 > ws1x3 387
-#   d=128 causal  s512 292 (ws 256); 1k 374 against wspp 380 / ws 371; 2k: ws 463 > ws1x2 427
-SHORT_CONFIG = {(64, False): (1024, "ws1x3-m64n64s2"), (64, True): (2048, "ws1x3-m64n64s2"),
-                (128, True): (512, "ws1x2-m64n64s2")}
+# Per (head_dim, causal): ((longest seqlen_k, config), ...) in increasing length; longer calls take
+# DEFAULT_CONFIG. A CTA of a short call runs few key tiles, so its launch, Q / K_0 latency and O store weigh:
+# the persistent configs (pws*) overlap them with the previous item's work, the one-consumer ones (x2 / x3)
+# also run several programs per SM. H200 probes of 2026-12-02, session 13 (`hopper-probe-pws1.txt`,
+# `hopper-probe-long.txt`; TF/s with LSE, the best other in brackets):
+#   d=64 full     s512 pws1x3 360 (ws1x3 359), 1k pws 412 (ws1x3 395), 2k / 4k pws3 455 / 466 (pws 437 / 445,
+#                 ws3 420 / 452); 8k / 16k ws3 504 / 511 (pws3 496 / 511)
+#   d=64 causal   s512 pws1x3 268 (ws1x3 249), 1k 333 (ws1x3 325), 2k / 4k pws 373 / 409 (ws3 334 / 404);
+#                 8k / 16k ws3 452 / 490 (pws 389 / 372)
+#   d=128 full    s512 / 1k / 2k pws 487 / 562 / 600 (wspp 415 / 513 / 576)
+#   d=128 causal  s512 pws1x2 322 (ws1x2 291), 1k / 2k pws 420 / 512 (wspp 382 / 471)
+CONFIG_BY_LENGTH = {
+    (64, False): ((512, "pws1x3-m64n64s2"), (1024, "pws-m128n128s2"), (4096, "pws3-m192n128s2")),
+    (64, True): ((1024, "pws1x3-m64n64s2"), (4096, "pws-m128n128s2")),
+    (128, False): ((2048, "pws-m128n128s2"),),
+    (128, True): ((512, "pws1x2-m64n64s2"), (2048, "pws-m128n128s2")),
+}
 
 
 def prefer_hopper(head_dim: int, seqlen_k: int) -> bool:
@@ -102,10 +115,11 @@ def prefer_hopper(head_dim: int, seqlen_k: int) -> bool:
 
 
 def default_config(head_dim: int, causal: bool, seqlen_k: int) -> str:
-    """The Gluon config a call takes by default: SHORT_CONFIG up to its length, else DEFAULT_CONFIG."""
-    short = SHORT_CONFIG.get((head_dim, bool(causal)))
-    if short is not None and seqlen_k <= short[0]:
-        return short[1]
+    """The Gluon config a call takes by default: the first CONFIG_BY_LENGTH entry whose length it does not
+    exceed, else DEFAULT_CONFIG."""
+    for longest, name in CONFIG_BY_LENGTH.get((head_dim, bool(causal)), ()):
+        if seqlen_k <= longest:
+            return name
     return DEFAULT_CONFIG[head_dim, bool(causal)]
 
 

@@ -23,12 +23,12 @@ cases = [(d, dt, c, None) for d, dt, c in itertools.product((64, 128), ("bf16", 
 cases += [(d, "bf16", True, name) for name in list(H.CONFIGS) + list(H.WS_CONFIGS) for d in H.config_head_dims(name)]
 cases += [(d, "fp16", False, name) for d in (64, 128) for name in ("ws-m128n128s2", "wspp-m128n128s2")]
 ws3 = [name for name, c in H.WS_CONFIGS.items() if c[5] == 3]
-assert ws3 and {H.DEFAULT_CONFIG[64, c] for c in (False, True)} <= set(ws3), "ws3 is the head_dim 64 default"
+assert ws3 and {H.DEFAULT_CONFIG[64, c] for c in (False, True)} <= set(ws3), "ws3 is the long head_dim 64 default"
 assert not set(ws3) & {H.DEFAULT_CONFIG[128, c] for c in (False, True)}
 cases += [(64, dt, c, name) for name in ws3 for dt, c in itertools.product(("bf16", "fp16"), (True, False))
           if (dt, c) != ("bf16", True)]
 pws = [name for name in H.WS_CONFIGS if H._ws_persistent(name)]
-assert pws and not set(pws) & set(H.DEFAULT_CONFIG.values()), "the persistent ws configs are opt-in"
+assert pws
 cases += [(d, dt, c, name) for name in pws for d in H.config_head_dims(name)
           for dt, c in itertools.product(("bf16", "fp16"), (True, False)) if (dt, c) != ("bf16", True)]
 sass_done = set()
@@ -55,8 +55,10 @@ for d, dt, causal, cfg in cases:
         if name not in sass_done:  # the SASS keeps them (USETMAXREG), once per config
             sass = get_sass(k.asm["cubin"])
             assert "USETMAXREG" in sass and "HGMMA" in sass and "UTMALDG" in sass
-            if name in pws:  # Q + O boxes + the K/V ring; no spills to local memory in any partition
-                assert "UTMASTG" in sass and not re.search(r"\b(STL|LDL)\b", sass), name
+            if name in pws:  # Q + O boxes + the K/V ring; no spills to local memory in any partition but pws3's
+                # 3 x 160-register consumers (64K registers exactly), where ptxas spills a few words.
+                spills = len(re.findall(r"\bSTL\b", sass))
+                assert "UTMASTG" in sass and spills <= (8 if nc == 3 else 0), (name, spills)
                 assert smem >= 2 * nc * 64 * d * 2 + 2 * stages * bn * d * 2, smem
             sass_done.add(name)
 print("COMPILED")
@@ -75,20 +77,27 @@ def test_hopper_supported_is_false_on_cpu():
 
 
 def test_default_dispatch_policy():
-    """d=64 and d=128 take the Gluon kernel at every length, other head dims never; short key ranges take the
-    several-CTAs-per-SM configs (up to 1024 keys at d=64 full attention, 2048 causal, 512 at d=128 causal),
-    longer ones the 2-3 consumer defaults."""
+    """d=64 and d=128 take the Gluon kernel at every length, other head dims never; each (head_dim, causal) takes
+    the CONFIG_BY_LENGTH entries in increasing length up to their bounds (inclusive), then DEFAULT_CONFIG; every
+    default config compiles for its head dim."""
     from pagoda.kernels import attention_hopper as H
     assert H.prefer_hopper(64, 1) and H.prefer_hopper(64, 2048) and H.prefer_hopper(128, 1)
     assert not H.prefer_hopper(96, 1 << 20)
-    assert H.default_config(64, False, 1024) == H.default_config(64, True, 2048) == "ws1x3-m64n64s2"
-    assert H.default_config(64, False, 1025) == H.DEFAULT_CONFIG[64, False]
-    assert H.default_config(64, True, 2049) == H.DEFAULT_CONFIG[64, True] == "ws3-m192n128s2"
-    assert H.default_config(128, True, 512) == "ws1x2-m64n64s2"
-    assert H.default_config(128, True, 513) == H.DEFAULT_CONFIG[128, True]
-    assert H.default_config(128, False, 1) == H.DEFAULT_CONFIG[128, False] == "wspp-m128n128s2"
-    for (d, causal), (_, name) in H.SHORT_CONFIG.items():
-        assert d in H.config_head_dims(name) and H.WS_CTAS_PER_SM[name] >= 2
+    assert H.default_config(64, False, 512) == "pws1x3-m64n64s2" and H.default_config(64, False, 513) == "pws-m128n128s2"
+    assert H.default_config(64, False, 4096) == "pws3-m192n128s2"
+    assert H.default_config(64, False, 4097) == H.DEFAULT_CONFIG[64, False] == "ws3-m192n128s2"
+    assert H.default_config(64, True, 1) == H.default_config(64, True, 1024) == "pws1x3-m64n64s2"
+    assert H.default_config(64, True, 4096) == "pws-m128n128s2"
+    assert H.default_config(64, True, 4097) == H.DEFAULT_CONFIG[64, True] == "ws3-m192n128s2"
+    assert H.default_config(128, True, 512) == "pws1x2-m64n64s2" and H.default_config(128, True, 2048) == "pws-m128n128s2"
+    assert H.default_config(128, True, 2049) == H.DEFAULT_CONFIG[128, True] == "wspp-m128n128s2"
+    assert H.default_config(128, False, 1) == H.default_config(128, False, 2048) == "pws-m128n128s2"
+    assert H.default_config(128, False, 2049) == H.DEFAULT_CONFIG[128, False] == "pwspp-m128n128s2"
+    for (d, causal), entries in H.CONFIG_BY_LENGTH.items():
+        assert [n for n, _ in entries] == sorted(n for n, _ in entries), "entries in increasing length"
+        assert all(d in H.config_head_dims(name) for _, name in entries)
+    for (d, causal), name in H.DEFAULT_CONFIG.items():
+        assert d in H.config_head_dims(name)
 
 
 def test_persistent_ws_configs_fit_shared_memory():
@@ -96,8 +105,7 @@ def test_persistent_ws_configs_fit_shared_memory():
     SM's 227 KB as many times as the config has programs per SM, at every head dim it accepts."""
     from pagoda.kernels import attention_hopper as H
     pws = [n for n in H.WS_CONFIGS if H._ws_persistent(n)]
-    assert set(pws) >= {"pws-m128n128s2", "pwspp-m128n128s2", "pws1x3-m64n64s2"}
-    assert not set(pws) & set(H.DEFAULT_CONFIG.values())
+    assert set(pws) >= {"pws-m128n128s2", "pwspp-m128n128s2", "pws1x3-m64n64s2", "pws3-m192n128s2"}
     for name in pws:
         bm, bn, stages, regs, pingpong, nc = H.WS_CONFIGS[name]
         assert nc in (1, 2, 3) and bm == 64 * nc

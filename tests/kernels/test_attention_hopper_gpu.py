@@ -84,7 +84,9 @@ def test_hopper_every_config(name, d):
 
 
 @requires_sm90
-@pytest.mark.parametrize("name, d", [("ws3-m192n128s2", 64), ("ws-m128n128s2", 128), ("wspp-m128n128s2", 128)])
+@pytest.mark.parametrize("name, d", [("ws3-m192n128s2", 64), ("ws-m128n128s2", 128), ("wspp-m128n128s2", 128),
+                                     ("pws-m128n128s2", 128), ("pws3-m192n128s2", 64), ("pws1x3-m64n64s2", 64),
+                                     ("pws1x2-m64n64s2", 128)])
 @pytest.mark.parametrize("sq, sk", [(1000, 1000), (4096 + 64, 4096 + 64), (700, 1500)])
 def test_causal_bottom_aligned_tiles_stay_in_bounds(name, d, sq, sk):
     """Causal tiles are aligned to the last query row; when sq is not a multiple of BLOCK_M the top tile is
