@@ -40,11 +40,12 @@ WS_CONFIGS = {
     # Persistent warp-specialised (attention_hopper_pws): grid min(#items, #SMs), the loader prefetches the
     # next item's Q / K / V during the current item's tail, O stores drain in the background (own smem
     # boxes: 192 KB at d=128, so STAGES 2 only). Items (batch, head) major since session 13 (K/V reuse in
-    # L2): the defaults of CONFIG_BY_LENGTH up to 2-4k keys, and of d=128 full attention at every length.
+    # L2): pwspp the default of d=128 full attention, the others of some lengths (CONFIG_BY_LENGTH).
     "pws-m128n128s2": (128, 128, 2, 240, False, 2),
     "pwspp-m128n128s2": (128, 128, 2, 240, True, 2),
     # ws3's tile (3 consumer warpgroups, head_dim 64), persistent: Q, O 3 x 8 KB + K/V ring 64 KB. Each
-    # consumer keeps 160 registers, and ptxas spills 6 words (the persistent loop's counters) there.
+    # consumer keeps 160 registers; ptxas spills 6 words there without a mask, 63 with the causal one (the
+    # causal variant is no default: ws3 and ws1x3 beat it at every causal length).
     "pws3-m192n128s2": (192, 128, 2, 160, False, 3),
     # Short sequences: one consumer warpgroup per CTA (BLOCK_M 64) and several CTAs per SM ("x2" / "x3",
     # WS_CTAS_PER_SM). A CTA there runs only 4-8 key tiles, so its launch, Q / K_0 latency and O store are a
@@ -79,10 +80,13 @@ def _ws_persistent(config: str) -> bool:
 
 # Per (head_dim, causal), the config of calls longer than every CONFIG_BY_LENGTH entry. The warp-specialised
 # kernel has won every s >= 4096 case of the probes on an H200 since 2026-11-30; at d=64 three consumer
-# warpgroups (BLOCK_M 192) beat two (2026-12-01); ping-pong at d=128 (H200 probe of 2026-12-02, session 13,
-# `results/2026-12-02-h200-session13/hopper-probe-long.txt`, TF/s with LSE: full 4k / 8k / 16k pwspp 608 /
-# 621 / 628 against wspp 594 / 613 / 563; causal wspp 531 / 566 / 610 against ws 529 / 505 / 555 and the
-# persistent pws 505 / 486 / 425, whose static striding over the items balances long causal rows badly).
+# warpgroups (BLOCK_M 192) beat two (2026-12-01); at d=128 full attention the persistent ping-pong kernel, at
+# d=128 causal the ping-pong one. H200 probes of 2026-12-02 (session 13, `results/2026-12-02-h200-session13/`,
+# TF/s, 4k / 8k / 16k; without the LSE, as `flash_attn_func` runs, `hopper-probe-nolse.txt`, and with it,
+# `hopper-probe-long.txt`): d=128 full pwspp 612 / 621 / 599 (wspp 549 / 541 / 599, ws 582 / 592 / 599);
+# with LSE 608 / 621 / 628 (wspp 594 / 613 / 563). d=128 causal wspp 516 / 552 / 556 against ws 506 / 544 /
+# 590; with LSE 531 / 566 / 610 against 529 / 505 / 555 (the persistent kernels' static striding over the
+# items balances long causal rows badly: pws 495 / 478 / 415).
 DEFAULT_CONFIG = {(64, False): "ws3-m192n128s2", (64, True): "ws3-m192n128s2",
                   (128, False): "pwspp-m128n128s2", (128, True): "wspp-m128n128s2"}
 # Shortest key length that the Gluon kernel takes per head_dim by default (`prefer_hopper`). Until 2026-12-02
@@ -93,18 +97,15 @@ MIN_SEQLEN_K = {64: 0, 128: 0}
 # Per (head_dim, causal): ((longest seqlen_k, config), ...) in increasing length; longer calls take
 # DEFAULT_CONFIG. A CTA of a short call runs few key tiles, so its launch, Q / K_0 latency and O store weigh:
 # the persistent configs (pws*) overlap them with the previous item's work, the one-consumer ones (x2 / x3)
-# also run several programs per SM. H200 probes of 2026-12-02, session 13 (`hopper-probe-pws1.txt`,
-# `hopper-probe-long.txt`; TF/s with LSE, the best other in brackets):
-#   d=64 full     s512 pws1x3 360 (ws1x3 359), 1k pws 412 (ws1x3 395), 2k / 4k pws3 455 / 466 (pws 437 / 445,
-#                 ws3 420 / 452); 8k / 16k ws3 504 / 511 (pws3 496 / 511)
-#   d=64 causal   s512 pws1x3 268 (ws1x3 249), 1k 333 (ws1x3 325), 2k / 4k pws 373 / 409 (ws3 334 / 404);
-#                 8k / 16k ws3 452 / 490 (pws 389 / 372)
-#   d=128 full    s512 / 1k / 2k pws 487 / 562 / 600 (wspp 415 / 513 / 576)
-#   d=128 causal  s512 pws1x2 322 (ws1x2 291), 1k / 2k pws 420 / 512 (wspp 382 / 471)
+# run several programs per SM. H200 probe without the LSE of 2026-12-02 (session 13, `hopper-probe-nolse.txt`;
+# TF/s, the next best in brackets):
+#   d=64 full     s512 ws1x3 364 (pws1x3 362), 1k 394 (pwspp 391); 2k / 4k / 8k pws3 459 / 485 / 518 (ws3 440 /
+#                 479 / 510); 16k ws3 519 (pws3 496)
+#   d=64 causal   s512 pws1x3 270 (ws1x3 254); 1k / 2k ws1x3 323 / 364 (pws1x3 316, pws 361); 4k+ ws3
+#   d=128 causal  s512 pws1x2 324 (pws 278); 1k / 2k pws 416 / 506 (wspp 377 / 461); 4k+ wspp
 CONFIG_BY_LENGTH = {
-    (64, False): ((512, "pws1x3-m64n64s2"), (1024, "pws-m128n128s2"), (4096, "pws3-m192n128s2")),
-    (64, True): ((1024, "pws1x3-m64n64s2"), (4096, "pws-m128n128s2")),
-    (128, False): ((2048, "pws-m128n128s2"),),
+    (64, False): ((1024, "ws1x3-m64n64s2"), (8192, "pws3-m192n128s2")),
+    (64, True): ((512, "pws1x3-m64n64s2"), (2048, "ws1x3-m64n64s2")),
     (128, True): ((512, "pws1x2-m64n64s2"), (2048, "pws-m128n128s2")),
 }
 
