@@ -44,8 +44,8 @@ WS_CONFIGS = {
     "pws-m128n128s2": (128, 128, 2, 240, False, 2),
     "pwspp-m128n128s2": (128, 128, 2, 240, True, 2),
     # ws3's tile (3 consumer warpgroups, head_dim 64), persistent: Q, O 3 x 8 KB + K/V ring 64 KB. Each
-    # consumer keeps 160 registers; ptxas spills 6 words there without a mask, 63 with the causal one (the
-    # causal variant is no default: ws3 and ws1x3 beat it at every causal length).
+    # consumer keeps 160 registers; ptxas spills there: without a mask 6 words (Triton 3.6; none with 3.9),
+    # with the causal one 63 / 83 (that variant is no default: ws3 and ws1x3 beat it at every causal length).
     "pws3-m192n128s2": (192, 128, 2, 160, False, 3),
     # Short sequences: one consumer warpgroup per CTA (BLOCK_M 64) and several CTAs per SM ("x2" / "x3",
     # WS_CTAS_PER_SM). A CTA there runs only 4-8 key tiles, so its launch, Q / K_0 latency and O store are a
