@@ -33,6 +33,7 @@ _VERSION_OK = triton.__version__.split(".")[:2] == ["3", "6"]
 _MAX_ENTRIES = 256
 # key -> (compiled kernel, C launcher, launcher head, per-descriptor encoding, constexpr values)
 _entries: dict = {}
+_FILL: list = []        # [fill_tma_descriptor] of the active driver, set on the first keyed launch
 
 
 def enabled() -> bool:
@@ -72,8 +73,8 @@ def tma_launch(key, kernel, grid: tuple, descs, args: tuple, constexprs: dict, n
     descs: one ``(tensor, global_shape, global_strides, block_shape, layout)`` per leading descriptor
     parameter (a Gluon ``TensorDescriptor`` over ``tensor``'s memory; ``global_strides`` in elements, the
     last one 1). args: the runtime arguments after them; constexprs: every other constexpr by name (a Gluon
-    kernel's ``num_warps`` parameter takes the launch option). Returns the CompiledKernel (the one of the first launch on repeats). The caller runs this with
-    the tensors' device current.
+    kernel's ``num_warps`` parameter takes the launch option). Returns the CompiledKernel (on repeats the one
+    of the first launch). The caller runs this with the tensors' device current.
     """
     entry = _entries.get(key)
     if entry is not None and _no_hooks() and os.environ.get("PAGODA_GLUON_FAST_LAUNCH", "1") != "0":
@@ -107,6 +108,3 @@ def tma_launch(key, kernel, grid: tuple, descs, args: tuple, constexprs: dict, n
             # takes one object per parameter and ignores the constexpr ones).
             _entries[key] = (*resolved, tuple(merged[n] for n in tail_names))
     return ck
-
-
-_FILL: list = []        # [fill_tma_descriptor] of the active driver, set on the first keyed launch
