@@ -2,8 +2,8 @@
 
 Same partitions as `attention_hopper_ws` (TMA loader warp + NUM_CONSUMERS = 2 consumer warpgroups of 64
 query rows, ``pwspp``: ping-pong GEMM turns; three, ``pws3``, head_dim 64; or one consumer, ``pws1x2`` /
-``pws1x3``, with 2-3 programs per SM), but the grid is ``min(#work items, #SMs x programs per SM)`` programs and each program strides over the
-work items w = program_id, program_id + num_programs, ... A work item is (query tile of BLOCK_M rows, head,
+``pws1x3``, with 2-3 programs per SM), but the grid is ``min(#work items, #SMs x programs per SM)`` programs
+and each program strides over the work items w = program_id, program_id + num_programs, ... A work item is (query tile of BLOCK_M rows, head,
 batch), numbered (batch, head) major and, within a head, last query tile first (under a causal mask the
 most keys first). So the programs running at one time share a few heads' K/V in L2: numbered query-tile
 major (the first version), every running item read another head's K/V, and at b32 s512 d=64 each head's
@@ -55,7 +55,7 @@ if _GLUON_OK:
     from pagoda.kernels.attention_hopper_ws import _ws_consume, _ws_load_item
 
     @gluon.jit
-    def _pws_item(w, seqlen_q, seqlen_k, group_size, num_heads, num_items, HEAD_DIM: gl.constexpr,
+    def _pws_item(w, seqlen_q, seqlen_k, group_size, num_heads, HEAD_DIM: gl.constexpr,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
         """Work item w -> (batch, head, first query row m0, K/V column, key tiles n_tiles, mask_from): (batch,
         head) major, last query tile first; keys [0, n_tiles * BLOCK_N), those >= mask_from maybe masked."""
@@ -79,7 +79,7 @@ if _GLUON_OK:
         item = 0
         for w in range(gl.program_id(0), num_items, gl.num_programs(0)):
             batch, head, m0, kv_col, n_tiles, mask_from = _pws_item(w, seqlen_q, seqlen_k, group_size, num_heads,
-                                                                    num_items, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL)
+                                                                    HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL)
             _ws_load_item(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bars, q_empty, k_ready, k_empty,
                           v_ready, v_empty, batch, head, m0, kv_col, n_tiles, it, item, HEAD_DIM, BLOCK_N, STAGES,
                           NUM_CONSUMERS, True)
@@ -99,7 +99,7 @@ if _GLUON_OK:
         item = 0
         for w in range(gl.program_id(0), num_items, gl.num_programs(0)):
             batch, head, m0, kv_col, n_tiles, mask_from = _pws_item(w, seqlen_q, seqlen_k, group_size, num_heads,
-                                                                    num_items, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL)
+                                                                    HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL)
             _ws_consume(q_desc, o_desc, LSE, q_smem.index(WG), o_smem.index(WG), k_bufs, v_bufs, q_bars.index(WG),
                         q_empty.index(WG), k_ready, k_empty, v_ready, v_empty, turns.index(WG),
                         turns.index((WG + 1) % NUM_CONSUMERS), batch, head, m0 + WG * WG_M, n_tiles, it, item,
@@ -118,8 +118,8 @@ if _GLUON_OK:
                                     STAGES: gl.constexpr, CAUSAL: gl.constexpr, WRITE_LSE: gl.constexpr,
                                     CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr,
                                     NUM_CONSUMERS: gl.constexpr, num_warps: gl.constexpr):
-        """Grid ``(min(num_items, #SMs),)``, num_items = cdiv(sq, BLOCK_M) * hq * b; descriptors over
-        ``[b, s, h*d]`` with boxes q/o ``[1, 64, d]``, k/v ``[1, BLOCK_N, d]``; LSE ``[b, hq, sq]``
+        """Grid ``(min(num_items, #SMs x programs per SM),)``, num_items = cdiv(sq, BLOCK_M) * hq * b;
+        descriptors over ``[b, s, h*d]`` with boxes q/o ``[1, 64, d]``, k/v ``[1, BLOCK_N, d]``; LSE ``[b, hq, sq]``
         (strides given) when WRITE_LSE."""
         gl.static_assert(num_warps == 4, "the default partition is consumer 0 (one warpgroup)")
         gl.static_assert(NUM_CONSUMERS >= 1 and NUM_CONSUMERS <= 3, "1 to 3 consumer warpgroups")
