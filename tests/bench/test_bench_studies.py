@@ -66,7 +66,7 @@ def test_e2e_leftover_budget_re_times_every_contender(monkeypatch):
     """Re-timing covers pagoda and every implementation near the cell's best (not only the single best
     one, whose lucky first sample would otherwise stand), round-robin, and rows report the median."""
     import time
-    delay = {"pagoda": 0.010, "sdpa": 0.012, "eager": 0.060}      # eager: far below the best, left alone
+    delay = {"pagoda": 0.010, "sdpa": 0.011, "eager": 0.060}      # eager: far below the best, left alone
 
     def fake(model, impl, b, prompt_len, new_tokens, cache, proc, device):
         return lambda: time.sleep(delay[impl])
@@ -99,6 +99,10 @@ def test_e2e_times_no_generate_right_after_the_allocator_cache_was_emptied(monke
     monkeypatch.setattr(e2e, "_generate_fn", fake)
     monkeypatch.setattr(e2e, "_timed", timed)
     monkeypatch.setattr(e2e, "free", lambda device: events.append(("free",)))
+    # Every row is re-timed whatever its first figure: a no-op generate's timings are pure noise (CI saw a
+    # row fall below REFINE_WITHIN of the cell's best and keep one sample), and the selection is not what
+    # this test checks (test_e2e_leftover_budget_re_times_every_contender does).
+    monkeypatch.setattr(e2e, "REFINE_WITHIN", 0.0)
     cfg = e2e.E2EConfig(batch_sizes=(1,), new_tokens=2, caches=("dynamic", "static"), repeats=1, refine_to=3,
                         budget_s=600.0, case_limit_s=60.0, host_overhead=False)
     rep = e2e.run_study(cfg, ["pagoda", "sdpa"], torch.device("cpu"), torch.float32)
