@@ -22,6 +22,11 @@ Every attention call of the model then runs through `pagoda.flash_attn_func` or
   ragged batch for `flash_attn_varlen_func`. A mask of any other shape (custom masks, packed
   documents) is handled exactly by falling back to torch SDPA with that mask for that call.
 
+Under torch.compile (HF compiles a static cache's decode step, with CUDA graphs on a GPU) nothing may
+read a mask back to the host: decode then runs the `pagoda::decode_hf` custom op with the visible keys
+computed from the mask on the device (keys past the last visible one are not read), and a prefill runs
+`flash_attn_func` without a mask or exact SDPA with one (`_traced_forward`). No graph breaks.
+
 HF builds one mask per forward and hands the same tensor to every layer, so the reading of a mask
 (the only host synchronisation of this module) is done once per forward and reused by the other
 layers (`_LAYOUTS`); a decode step therefore costs one sync, not one per layer (`generate` runs under
@@ -34,6 +39,7 @@ import weakref
 import torch
 
 from pagoda.ops.attention import flash_attn_func, flash_attn_varlen_func
+from pagoda.ops import _decode_op  # noqa: F401 - registers torch.ops.pagoda.decode_hf
 from pagoda.ops.decode_dense import decode_dense, decode_hf, kernel_takes
 
 __all__ = ["register", "pagoda_attention_forward", "ATTN_IMPLEMENTATION"]
@@ -165,6 +171,9 @@ def pagoda_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
 
     Returns ``(attn_output [b, q, hq, d], None)`` (attention weights are never materialised).
     """
+    if torch.compiler.is_compiling():
+        return _traced_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal,
+                               sliding_window, softcap), None
     if attention_mask is None and query.shape[2] == 1 and not sliding_window and not softcap and not (
             dropout and module.training):
         # Decode without a mask (generate's steps over unpadded batches): the least host work per layer.
@@ -216,6 +225,46 @@ def pagoda_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         out[iq] = packed
         return out, None
     return _sdpa_fallback(module, query, key, value, attention_mask[..., :sk], scaling, cap), None
+
+
+def _traced_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, sliding_window, softcap):
+    """The attention under torch.compile (HF compiles a static cache's decode step, with CUDA graphs): no
+    host sync and no graph break. Decode: the `pagoda::decode_hf` op with the visible keys read from the mask
+    on the device. Prefill: `flash_attn_func` (its own custom op) without a mask, exact SDPA with one."""
+    if dropout and module.training:
+        raise NotImplementedError("pagoda attention is inference-only: dropout is not supported in training mode")
+    b, hq, sq, d = query.shape
+    hk, sk = key.shape[1], key.shape[2]
+    cap = float(softcap) if softcap else 0.0
+    decode = (sq == 1 and sk > 0 and key.shape[0] == b and value.shape == key.shape and d % 8 == 0 and d <= 256
+              and hq % hk == 0 and query.dtype in (torch.float16, torch.bfloat16, torch.float32)
+              and key.dtype == query.dtype and value.dtype == query.dtype)
+    if decode and attention_mask is not None:
+        mask = attention_mask[..., :sk]
+        decode = mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1 and mask.shape[3] == sk
+    if decode:
+        if attention_mask is None:
+            # No mask: every key is visible (HF drops the mask only then; a window longer than the cache).
+            key_mask = None
+            kv_len = torch.full((b,), sk, dtype=torch.int32, device=query.device)
+            if sliding_window and sk > int(sliding_window):
+                key_mask = (torch.arange(sk, device=query.device) >= sk - int(sliding_window)).expand(b, sk)
+        else:
+            allowed = mask[:, 0, 0] if mask.dtype == torch.bool else mask[:, 0, 0] == 0
+            key_mask = allowed.expand(b, sk)
+            # One past the last visible key (0 if none): the keys after it (a static cache's empty slots)
+            # are not read at all.
+            kv_len = (key_mask * torch.arange(1, sk + 1, device=query.device)).amax(dim=1).to(torch.int32)
+        return torch.ops.pagoda.decode_hf(query, key, value, key_mask, kv_len, _scale(scaling, query), cap)
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    if attention_mask is None:
+        q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        if causal and 1 < sq < sk:
+            k, v = k[:, :sq], v[:, :sq]       # a prefill into an empty static cache (see the eager path)
+        window_left = int(sliding_window) - 1 if sliding_window else -1
+        window = (window_left, 0 if causal else -1) if window_left >= 0 else (-1, -1)
+        return flash_attn_func(q, k, v, softmax_scale=scaling, causal=causal, window_size=window, softcap=cap)
+    return _sdpa_fallback(module, query, key, value, attention_mask[..., :sk], scaling, cap)
 
 
 def _sdpa_fallback(module, query, key, value, attention_mask, scaling, softcap):

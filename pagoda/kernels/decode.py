@@ -41,10 +41,11 @@ def _kv_len(KV_INDPTR, KV_LAST, b, page_size):
 @triton.jit
 def _decode_tile(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, t, hi, offs_d, partner, page_size, page_shift,
                  stride_kp, stride_kt, stride_vp, stride_vt, qk_scale, softcap_log2, rope_rcp_scale, log2_theta,
-                 slope_log2, kv_len, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr,
-                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr,
-                 ADDR: tl.constexpr):
-    """One tile of keys ``t [BLOCK_N]`` (all below ``hi`` unless MASKED): the updated (acc, l_i, m_i)."""
+                 slope_log2, kv_len, KM_B, stride_kmt, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                 MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ROPE: tl.constexpr,
+                 IEEE: tl.constexpr, ADDR: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
+    """One tile of keys ``t [BLOCK_N]`` (all below ``hi`` unless MASKED): the updated (acc, l_i, m_i).
+    HAS_KEY_MASK: key ``t`` is seen only where the request's mask row ``KM_B[t * stride_kmt]`` is nonzero."""
     valid = t < hi
     off_k, off_v = paged_offsets(KV_INDICES, p0, t, valid, page_size, page_shift, stride_kp, stride_kt, stride_vp,
                                  stride_vt, MASKED, ADDR)
@@ -52,7 +53,10 @@ def _decode_tile(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, t, hi, offs_d, part
                       HEAD_DIM, HEAD_DIM_PAD, MASKED, HAS_SOFTCAP, ROPE, IEEE)
     if HAS_ALIBI:
         sc = sc - slope_log2[:, None] * (kv_len - 1 - t).to(tl.float32)[None, :]
-    if MASKED:
+    if HAS_KEY_MASK:
+        seen = tl.load(KM_B + t * stride_kmt, mask=valid, other=0) != 0
+        sc = tl.where(seen[None, :], sc, float("-inf"))
+    elif MASKED:
         sc = tl.where(valid[None, :], sc, float("-inf"))
     return softmax_pv_update(acc, l_i, m_i, sc, V_H, off_v, valid, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED, IEEE)
 
@@ -64,11 +68,11 @@ def _decode_kernel(
     stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
     stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_sb,
     page_size, page_shift, group_size, qk_scale, softcap_log2, window_left, rope_rcp_scale, log2_theta,
-    COUNTER, OUT_F, LSE_F, stride_fob, stride_foh, stride_flb,
+    COUNTER, OUT_F, LSE_F, stride_fob, stride_foh, stride_flb, KEY_MASK, stride_kmb, stride_kmt,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     ROPE: tl.constexpr, IEEE: tl.constexpr, FUSED_MERGE: tl.constexpr = False, ADDR: tl.constexpr = 0,
-    WHOLE_TILES: tl.constexpr = False,
+    WHOLE_TILES: tl.constexpr = False, HAS_KEY_MASK: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -113,6 +117,7 @@ def _decode_kernel(
     acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
     K_H = K + kvh * stride_kh
     V_H = V + kvh * stride_vh
+    KM_B = KEY_MASK + b.to(tl.int64) * stride_kmb
     if WHOLE_TILES:
         # Whole tiles without bounds masks, then the ragged last tile (masked).
         hi_full = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
@@ -120,18 +125,21 @@ def _decode_kernel(
             acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, start + offs_n, hi, offs_d,
                                          partner, page_size, page_shift, stride_kp, stride_kt, stride_vp, stride_vt,
                                          qk_scale, softcap_log2, rope_rcp_scale, log2_theta, slope_log2, kv_len,
-                                         HEAD_DIM, HEAD_DIM_PAD, False, HAS_SOFTCAP, HAS_ALIBI, ROPE, IEEE, ADDR)
+                                         KM_B, stride_kmt, HEAD_DIM, HEAD_DIM_PAD, False, HAS_SOFTCAP, HAS_ALIBI,
+                                         ROPE, IEEE, ADDR, HAS_KEY_MASK)
         if hi_full < hi:
             acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, hi_full + offs_n, hi, offs_d,
                                          partner, page_size, page_shift, stride_kp, stride_kt, stride_vp, stride_vt,
                                          qk_scale, softcap_log2, rope_rcp_scale, log2_theta, slope_log2, kv_len,
-                                         HEAD_DIM, HEAD_DIM_PAD, True, HAS_SOFTCAP, HAS_ALIBI, ROPE, IEEE, ADDR)
+                                         KM_B, stride_kmt, HEAD_DIM, HEAD_DIM_PAD, True, HAS_SOFTCAP, HAS_ALIBI,
+                                         ROPE, IEEE, ADDR, HAS_KEY_MASK)
     else:
         for start in range(lo, hi, BLOCK_N):
             acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, start + offs_n, hi, offs_d,
                                          partner, page_size, page_shift, stride_kp, stride_kt, stride_vp, stride_vt,
                                          qk_scale, softcap_log2, rope_rcp_scale, log2_theta, slope_log2, kv_len,
-                                         HEAD_DIM, HEAD_DIM_PAD, True, HAS_SOFTCAP, HAS_ALIBI, ROPE, IEEE, ADDR)
+                                         KM_B, stride_kmt, HEAD_DIM, HEAD_DIM_PAD, True, HAS_SOFTCAP, HAS_ALIBI,
+                                         ROPE, IEEE, ADDR, HAS_KEY_MASK)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -264,7 +272,7 @@ def default_block_n(head_dim: int) -> int:
 def decode_fwd(q, k_cache, v_cache, k_strides, v_strides, kv_indptr, kv_indices, kv_last_page_len, page_size,
                num_kv_heads: int, out, lse, *, chunk, num_splits: int, o_part=None, lse_part=None, sm_scale: float,
                window_left: int = -1, logits_soft_cap: float = 0.0, alibi_slopes=None, rope=None,
-               block_n: int | None = None, num_warps: int | None = None, counters=None) -> None:
+               block_n: int | None = None, num_warps: int | None = None, counters=None, key_mask=None) -> None:
     """Launch decode (and merge when ``num_splits > 0``); arguments validated by `pagoda.ops.decode`.
 
     q ``[B, Hq, D]`` (last dim contiguous); k/v caches 4-D with ``(page, token, head)`` strides;
@@ -276,6 +284,9 @@ def decode_fwd(q, k_cache, v_cache, k_strides, v_strides, kv_indptr, kv_indices,
     kernel instead of a second launch. ``rope``: None or ``(rope_scale, rope_theta)`` (ROPE_LLAMA on the fly).
     ``alibi_slopes``: float32 ``[Hq]`` or ``[B, Hq]``. A request's KV length is
     ``(pages - 1) * page_size + kv_last_page_len`` (a block-table caller may pass a last length below 1).
+    ``key_mask``: None or ``[B, >= max KV length]`` bool/uint8 (any strides): key ``t`` of request ``b`` (its
+    position in the request, page table resolved) is seen only where ``key_mask[b, t]`` is nonzero, on top of
+    the window; a request that sees no key gets zeros (LSE -inf).
     """
     batch, hq, dim = q.shape
     hk = num_kv_heads
@@ -304,10 +315,12 @@ def decode_fwd(q, k_cache, v_cache, k_strides, v_strides, kv_indptr, kv_indices,
         alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
         page_size, page_size.bit_length() - 1, group, qk_scale, softcap_log2, window_left, rope_rcp_scale,
         log2_theta, counters if fused else kv_indptr, out, lse, out.stride(0), out.stride(1), lse.stride(0),
+        key_mask.view(torch.uint8) if key_mask is not None else kv_indptr,
+        *(key_mask.stride() if key_mask is not None else (0, 0)),
         HEAD_DIM=dim, HEAD_DIM_PAD=dim_pad, GROUP_PAD=max(16, next_pow2(group)), BLOCK_N=block_n,
         SPLIT=split, HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
         ROPE=rope is not None, IEEE=q.dtype == torch.float32, FUSED_MERGE=fused,
-        ADDR=addr, WHOLE_TILES=whole_tiles(page_size, addr),
+        ADDR=addr, WHOLE_TILES=whole_tiles(page_size, addr), HAS_KEY_MASK=key_mask is not None,
         num_warps=num_warps or CONFIG["num_warps"], num_stages=CONFIG["num_stages"],
     )
     if split and not fused:

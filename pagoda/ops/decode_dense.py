@@ -101,6 +101,38 @@ def decode_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
     return out
 
 
+def decode_dense_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
+                        key_mask: torch.Tensor | None, kv_len: torch.Tensor, softcap: float = 0.0,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """`decode_dense` with the visible keys given on the device, so that nothing is read back to the host
+    (capturable in a CUDA graph): row ``b`` attends its keys ``t < kv_len[b]`` where ``key_mask[b, t]`` is
+    nonzero. kv_len int32 ``[batch]`` (at most ``seqlen``; keys past it are not read), key_mask None or
+    bool/uint8 ``[batch, >= seqlen]`` (any strides); ``softcap > 0``: tanh soft-capping. A row that sees no
+    key gets zeros. Same preconditions as `decode_dense` (the caller's); returns ``[batch, num_qo_heads,
+    head_dim]``, written into ``out`` when given (a view of that shape, last dimension contiguous)."""
+    b, hq, d = q.shape
+    s, hk = k.shape[1], k.shape[2]
+    if s == 0 or b == 0 or not _paged.use_triton(q):
+        from pagoda.reference.decode import decode_masked
+
+        res = torch.zeros_like(q) if s == 0 or b == 0 else decode_masked(
+            q, k, v, key_mask, kv_len, sm_scale=softmax_scale, logits_soft_cap=softcap)
+        return res if out is None else out.copy_(res)
+    from pagoda.kernels import decode as _kdecode
+
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    indptr, indices, _, chunk, splits, o_part, lse_part, lse, counters = _metadata(q.device, b, s, hk, hq, d)
+    out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device) if out is None else out
+    # One page of `s` slots per row: the row's KV length is its last page's length, read on the device.
+    _kdecode.decode_fwd(q, k, v, (k.stride(0), k.stride(1), k.stride(2)), (v.stride(0), v.stride(1), v.stride(2)),
+                        indptr, indices, kv_len, s, hk, out, lse, chunk=chunk, num_splits=splits, o_part=o_part,
+                        lse_part=lse_part, sm_scale=float(softmax_scale), logits_soft_cap=float(softcap),
+                        counters=counters, key_mask=key_mask)
+    return out
+
+
 # The current CUDA device index and raw stream, without torch.cuda's Python wrappers (a hit of `decode_hf`
 # holds CUDA tensors, so CUDA is initialised); the wrappers where this build lacks the C functions.
 _current_device = getattr(torch._C, "_cuda_getDevice", None) or (lambda: torch.cuda.current_device())

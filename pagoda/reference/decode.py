@@ -23,7 +23,7 @@ from pagoda.reference.attention import attention_ref
 from pagoda.reference.page import gather_paged_kv
 from pagoda.reference.rope import rope_frequencies, rope_ref
 
-__all__ = ["POS_ENCODING_MODES", "alibi_slopes", "decode_one", "batch_decode_with_paged_kv_cache",
+__all__ = ["POS_ENCODING_MODES", "alibi_slopes", "decode_one", "decode_masked", "batch_decode_with_paged_kv_cache",
            "single_decode_with_kv_cache"]
 
 POS_ENCODING_MODES = ("NONE", "ROPE_LLAMA", "ALIBI")
@@ -56,6 +56,26 @@ def decode_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sm_scale: f
     out, lse = attention_ref(q[None], k, v, softmax_scale=sm_scale, window_left=window_left, window_right=-1,
                              softcap=logits_soft_cap, alibi_slopes=slopes, compute_dtype=compute_dtype)
     return out[0], lse[:, 0]
+
+
+def decode_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+                  kv_len: torch.Tensor, *, sm_scale: float, logits_soft_cap: float = 0.0) -> torch.Tensor:
+    """Decode over a dense per-request cache with a key mask, batched: q ``[B, Hq, D]``, k/v ``[B, S, Hk, D]``,
+    ``kv_len`` int ``[B]`` (keys ``[0, kv_len)`` of a row are candidates), ``key_mask`` None or bool/uint8
+    ``[B, >= S]`` (nonzero = seen). Returns out ``[B, Hq, D]`` (q.dtype); a row that sees no key gets zeros."""
+    b, hq, d = q.shape
+    s, hk = k.shape[1], k.shape[2]
+    seen = torch.arange(s, device=q.device)[None, :] < kv_len.to(q.device)[:, None]
+    if key_mask is not None:
+        seen = seen & (key_mask[:, :s] != 0)
+    kf = k.float().repeat_interleave(hq // hk, dim=2)
+    vf = v.float().repeat_interleave(hq // hk, dim=2)
+    scores = torch.einsum("bhd,bshd->bhs", q.float(), kf) * sm_scale
+    if logits_soft_cap > 0:
+        scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
+    scores = scores.masked_fill(~seen[:, None, :], -math.inf)
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)        # rows with nothing seen: NaN -> 0
+    return torch.einsum("bhs,bshd->bhd", p, vf).to(q.dtype)
 
 
 def batch_decode_with_paged_kv_cache(q, paged_kv_cache, kv_indptr, kv_indices, kv_last_page_len,

@@ -36,11 +36,15 @@ for varlen, causal, extra in ((False, False, False), (True, True, True)):
         build(A._attn_fwd_kernel, dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_M=128, BLOCK_N=128 if tma else 64,
                                        IS_VARLEN=varlen, HAS_LEFT=extra, HAS_RIGHT=causal, HAS_SOFTCAP=extra,
                                        HAS_ALIBI=extra, WRITE_LSE=True, USE_TMA=tma), ptrs, warps=8)
-for split, opts, fused in ((False, False, False), (True, True, False), (True, False, True)):
+# The key-mask variant: HF's compiled static-cache decode (one page per request, split, fused merge).
+for split, opts, fused, key_mask in ((False, False, False, False), (True, True, False, False),
+                                     (True, False, True, False), (True, False, True, True)):
     build(D._decode_kernel, dict(HEAD_DIM=128, HEAD_DIM_PAD=128, GROUP_PAD=16, BLOCK_N=64, SPLIT=split,
                                  HAS_WINDOW=opts, HAS_SOFTCAP=opts, HAS_ALIBI=opts, ROPE=opts, IEEE=False,
-                                 FUSED_MERGE=fused, ADDR=3 if fused else (4 if opts else 0), WHOLE_TILES=fused),
-          {**ptrs, "O": "*fp32" if split else "*bf16", "COUNTER": "*i32", "OUT_F": "*bf16", "LSE_F": "*fp32"})
+                                 FUSED_MERGE=fused, ADDR=3 if fused else (4 if opts else 0), WHOLE_TILES=fused,
+                                 HAS_KEY_MASK=key_mask),
+          {**ptrs, "O": "*fp32" if split else "*bf16", "COUNTER": "*i32", "OUT_F": "*bf16", "LSE_F": "*fp32",
+           "KEY_MASK": "*u8"})
 # Paged prefill: the long-prefill tile (128 rows, GQA 4), a 64-row split variant and the decode-like
 # 16-row split tile with every option; split variants write float32 partial states.
 for bm, group, split, opts, warps in ((128, 4, False, False, 8), (64, 1, True, False, 4), (16, 4, True, True, 4)):

@@ -1,0 +1,111 @@
+"""Decode with the visible keys given on the device (`decode_dense_masked`, the `pagoda::decode_hf` op): what HF's
+compiled static-cache decode step runs. Kernel path in the interpreter, CPU reference path, the custom op's
+fake, against a float64 attention over exactly the visible keys."""
+import os
+
+import pytest
+import torch
+
+from pagoda.ops import _decode_op, _decode_plan
+from pagoda.ops import decode_dense as dd
+from pagoda.reference import attention as ref
+from pagoda.reference.decode import decode_masked
+from tests.helpers import rel_err
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_caches(monkeypatch):
+    for name in ("_static_cache", "_len_cache", "_chunk_cache", "_ws_cache", "_bound", "_hf"):
+        monkeypatch.setattr(dd, name, {})
+
+
+def _case(b, hq, hk, s, d, dtype, seed, holes=True):
+    """q [b, hq, d]; k, v [b, s, hk, d] views of HF's [b, hk, s, d] cache; a mask with left padding, the
+    static cache's empty tail and (holes) a few hidden keys inside; kv_len = one past the last seen key;
+    one row sees nothing at all."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, d, generator=g).to(dtype)
+    k = torch.randn(b, hk, s, d, generator=g).to(dtype).transpose(1, 2)
+    v = torch.randn(b, hk, s, d, generator=g).to(dtype).transpose(1, 2)
+    mask = torch.zeros(b, s, dtype=torch.bool)
+    for i in range(b - 1):
+        start = int(torch.randint(0, s // 3, (1,), generator=g))
+        end = int(torch.randint(start + 1, s + 1, (1,), generator=g))
+        mask[i, start:end] = True
+        if holes:
+            mask[i, torch.randint(0, s, (3,), generator=g)] = False
+    kv_len = (mask * torch.arange(1, s + 1)).amax(dim=1).to(torch.int32)
+    return q, k, v, mask, kv_len
+
+
+def _want(q, k, v, mask, scale, softcap=0.0):
+    """float64 attention of each row over its seen keys (zeros when none)."""
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for i in range(q.shape[0]):
+        idx = mask[i].nonzero()[:, 0]
+        if len(idx):
+            out[i] = ref.flash_attn_func(q[i:i + 1, None].double(), k[i:i + 1, idx].double(), v[i:i + 1, idx].double(),
+                                         softmax_scale=scale, softcap=softcap, compute_dtype=torch.float64)[0, 0]
+    return out
+
+
+@pytest.mark.parametrize("softcap", [0.0, 5.0])
+def test_reference_path_matches_attention_over_the_seen_keys(softcap):
+    q, k, v, mask, kv_len = _case(4, 8, 2, 40, 32, torch.float32, seed=1)
+    out = dd.decode_dense_masked(q, k, v, 0.3, mask, kv_len, softcap)
+    assert out.shape == q.shape and rel_err(out, _want(q, k, v, mask, 0.3, softcap)) < 1e-5
+    assert torch.equal(out[-1], torch.zeros_like(out[-1]))       # the row that sees nothing
+
+
+def test_kv_len_alone_bounds_the_keys():
+    """Without a key mask the first kv_len keys are seen (a static cache with no padding)."""
+    q, k, v, _, _ = _case(3, 4, 4, 30, 16, torch.float32, seed=2)
+    kv_len = torch.tensor([30, 7, 0], dtype=torch.int32)
+    mask = torch.arange(30)[None, :] < kv_len[:, None]
+    out = decode_masked(q, k, v, None, kv_len, sm_scale=0.25)
+    assert rel_err(out, _want(q, k, v, mask, 0.25)) < 1e-5
+
+
+@pytest.mark.skipif(not INTERPRET, reason="interpreter test (no CUDA)")
+@pytest.mark.parametrize("hq,hk", [(4, 4), (8, 2)])
+@pytest.mark.parametrize("sms", [1, 64])          # 64 SMs: each row split across programs (fused merge)
+@pytest.mark.parametrize("holes", [False, True])
+def test_kernel_path_matches_reference(monkeypatch, hq, hk, sms, holes):
+    monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
+    monkeypatch.setattr(_decode_plan, "num_sms", lambda device: sms)
+    b, s, d = 3, 300 if sms > 1 else 45, 32
+    q, k, v, mask, kv_len = _case(b, hq, hk, s, d, torch.float16, seed=hq + sms + holes, holes=holes)
+    out = dd.decode_dense_masked(q, k, v, d ** -0.5, mask, kv_len)
+    if sms > 1:
+        assert next(iter(dd._ws_cache))[1] > 1, "the split path was not taken"
+    assert out.dtype == torch.float16 and out.shape == q.shape
+    assert rel_err(out.float(), _want(q, k, v, mask, d ** -0.5)) < 2e-3
+    assert torch.equal(out[-1], torch.zeros_like(out[-1]))
+
+
+@pytest.mark.skipif(not INTERPRET, reason="interpreter test (no CUDA)")
+def test_kernel_reads_no_key_past_kv_len(monkeypatch):
+    """Keys past kv_len are never read: NaN there (a static cache's garbage) leaves the output finite."""
+    monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
+    q, k, v, mask, kv_len = _case(2, 4, 2, 64, 16, torch.float16, seed=5, holes=False)
+    kv_len = torch.tensor([20, 33], dtype=torch.int32)
+    mask = torch.arange(64)[None, :] < kv_len[:, None]
+    k, v = k.clone(), v.clone()
+    for i, n in enumerate(kv_len.tolist()):
+        k[i, n:] = float("nan")
+        v[i, n:] = float("nan")
+    out = dd.decode_dense_masked(q, k, v, 0.25, None, kv_len)
+    assert torch.isfinite(out).all() and rel_err(out.float(), _want(q, k, v, mask, 0.25)) < 2e-3
+
+
+def test_custom_op_and_its_fake():
+    """The op in HF's layout: same result as the function, and torch.library's checks of its registration
+    (fake tensor shapes, schema, dispatch) pass."""
+    q, k, v, mask, kv_len = _case(3, 8, 2, 24, 16, torch.float32, seed=7)
+    query, key, value = q[:, :, None], k.transpose(1, 2), v.transpose(1, 2)   # [b, hq, 1, d], [b, hk, s, d]
+    out = torch.ops.pagoda.decode_hf(query, key, value, mask, kv_len, 0.25, 0.0)
+    assert out.shape == (3, 1, 8, 16) and torch.equal(out[:, 0], dd.decode_dense_masked(q, k, v, 0.25, mask, kv_len))
+    torch.library.opcheck(_decode_op.decode_hf_op, (query, key, value, mask, kv_len, 0.25, 0.0))
+    torch.library.opcheck(_decode_op.decode_hf_op, (query, key, value, None, kv_len, 0.25, 2.0))
