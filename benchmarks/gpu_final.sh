@@ -3,7 +3,7 @@
 # by the last session (stage "next"), the sampling study beside FlashInfer (stage "sampling", a call of
 # its own: FlashInfer's sampling JIT takes ~100 s) or HF generate (stage "e2e"); results under $OUT.
 # The one-off stages that produced earlier results (verify, gluon, check, check2, final5) are in git history.
-# From the repo root: bash benchmarks/gpu_final.sh tests|bench|next|paged|sampling|e2e|s12|s13|s13b|s13c|s13d|s13e
+# From the repo root: bash benchmarks/gpu_final.sh tests|bench|next|paged|sampling|e2e|s12|s13|s13b|s13c|s13d|s13e|s14|s14b
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 . benchmarks/stage_peer.sh
@@ -68,6 +68,25 @@ s9b)
   timeout -k 5 200 python3 -m pytest tests/kernels/test_sampling_split.py tests/ops/test_sampling.py \
     tests/bench/test_bench_sampling.py -m gpu -q -p no:cacheprovider -n 8 --timeout 150 > $OUT/gpu-tests.log 2>&1
   tail -5 $OUT/gpu-tests.log
+  ;;
+s14)
+  # Session 14 (no GPU that session), for the next one's first call (~4 min): the decode op of HF's compiled
+  # static-cache step (key mask and KV length on the device, `pagoda::decode_hf`) on its GPU tests (bf16 /
+  # fp16 against the reference, CUDA-graph capture and replay), the dense-decode tests beside it, and the HF
+  # integration GPU tests (one compiles the decode step with Inductor + CUDA graphs, as generate does).
+  timeout -k 5 280 python3 -m pytest tests/ops/test_decode_masked.py tests/ops/test_decode_dense.py tests/integrations \
+    -m gpu -q -p no:cacheprovider -n 4 --timeout 250 > $OUT/gpu-tests-decode-compiled.log 2>&1; ok=$?
+  tail -3 $OUT/gpu-tests-decode-compiled.log
+  [ $ok = 0 ] || { grep -E "^(FAILED|ERROR)" $OUT/gpu-tests-decode-compiled.log | head -20; exit 1; }
+  ;;
+s14b)
+  # Issue 5's GPU-bound configuration (~9 min, a call of its own): HF generate with the static cache compiled as
+  # HF does by default on a GPU (Inductor, CUDA graphs: the ~30 ms of Python per step gone), batch 64 and 128,
+  # no logits processor. One compile per implementation x batch (untimed warm-up), so four implementations.
+  mkdir -p $OUT/e2e-compiled
+  timeout -k 10 560 python3 -m pagoda.bench.e2e --caches compiled --processors none --batch-sizes 64,128 \
+    --backends pagoda,sdpa,sdpa_efficient,eager --new-tokens 64 --budget-s 520 --no-max-batch-search \
+    --out $OUT/e2e-compiled 2>&1 | grep -v "^e2e \[" | tail -30
   ;;
 s13)
   # Session 13, first call (~5 min): where the ~100 µs of host time of a short flash_attn_func call go (cProfile

@@ -25,11 +25,7 @@ def agreement(model, device, caches=("dynamic", "static"), batch: int = 4, promp
         for impl in ("sdpa", "pagoda"):
             e2e._set_impl(model, impl)
             kw = dict(max_new_tokens=steps, do_sample=False, pad_token_id=0, output_scores=True,
-                      return_dict_in_generate=True)
-            if cache == "static":
-                kw["cache_implementation"] = "static"
-                if e2e._can_disable_compile():
-                    kw["disable_compile"] = True
+                      return_dict_in_generate=True, **e2e.cache_kwargs(cache))
             with torch.no_grad():
                 o = model.generate(input_ids=ids, attention_mask=mask, **kw)
             outs[impl] = (o.sequences[:, prompt_len:], torch.stack(o.scores).float())

@@ -166,6 +166,23 @@ def test_e2e_module_cli_on_cpu(tmp_path, capsys):
     report = json.loads((tmp_path / "e2e.json").read_text())
     assert report["meta"]["command"].startswith("python3 -m pagoda.bench.e2e")
     assert {r["impl"] for r in report["results"] if r["status"] == "ok"} == {"pagoda", "sdpa"}
+    # The study's axes from the command line: the "compiled" cache (eager on a CPU), one processor, lengths.
+    out = tmp_path / "compiled"
+    assert e2e.main(["--device", "cpu", "--backends", "pagoda", "--batch-sizes", "2", "--caches", "compiled",
+                     "--processors", "none", "--prompt-len", "5", "--new-tokens", "3", "--out", str(out)]) == 0
+    report = json.loads((out / "e2e.json").read_text())
+    assert [(r["impl"], r["cache"], r["processor"], r["batch"], r["status"]) for r in report["results"]] == [
+        ("pagoda", "compiled", "none", 2, "ok")]
+    assert report["meta"]["prompt_len"] == 5 and report["meta"]["new_tokens"] == 3
+
+
+def test_e2e_cache_settings():
+    """dynamic: HF's default; static: StaticCache with generate's auto-compile off; compiled: left on."""
+    assert e2e.cache_kwargs("dynamic") == {}
+    assert e2e.cache_kwargs("compiled") == {"cache_implementation": "static"}
+    static = e2e.cache_kwargs("static")
+    assert static["cache_implementation"] == "static"
+    assert static.get("disable_compile", False) == e2e._can_disable_compile()
 
 
 def test_e2e_config_validation():

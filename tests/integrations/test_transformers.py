@@ -7,19 +7,6 @@ transformers = pytest.importorskip("transformers")
 from pagoda.integrations import transformers as pt  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny random-weight Llama (GQA 4/2) saved as a real safetensors folder."""
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    model = transformers.LlamaForCausalLM(cfg)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path, safe_serialization=True)
-    return path
-
-
 def _load(path, impl):
     pt.register()
     return transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl,

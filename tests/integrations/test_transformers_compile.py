@@ -7,7 +7,7 @@ transformers = pytest.importorskip("transformers")
 
 from pagoda.integrations import transformers as pt  # noqa: E402
 from pagoda.ops import _decode_op  # noqa: E402
-from tests.integrations.test_transformers import _batch, _load, model_dir  # noqa: E402,F401 - fixture
+from tests.integrations.test_transformers import _batch, _load  # noqa: E402
 from tests.integrations.test_transformers_masks import _mask, _module, _reference  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def test_traced_paths_without_a_mask_and_with_a_pattern_mask():
                                _reference(q, k, v, per_head, 0.3))
 
 
-def test_compiled_static_generate_is_one_graph_and_equals_eager(model_dir, monkeypatch):  # noqa: F811
+def test_compiled_static_generate_is_one_graph_and_equals_eager(model_dir, monkeypatch):
     """HF's own auto-compile of the decode step (static cache), forced on the CPU, with fullgraph=True: a graph
     break anywhere in pagoda's attention would raise. The decode op runs, and the greedy tokens equal the
     uncompiled sdpa and pagoda generates (padded batch)."""
@@ -68,3 +68,29 @@ def test_compiled_static_generate_is_one_graph_and_equals_eager(model_dir, monke
     torch._dynamo.reset()
     assert calls, "the compiled decode step did not run pagoda's decode op"
     assert torch.equal(got, want) and torch.equal(eager, want)
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_static_generate_close_to_sdpa(model_dir, monkeypatch):
+    """HF's default for a static cache on a GPU: the decode step compiled by Inductor with CUDA graphs
+    (reduce-overhead). pagoda's decode op is captured (it ran while recording), and the scores match sdpa's
+    compiled generate on a padded batch."""
+    calls = []
+    real = _decode_op.decode_dense_masked
+    monkeypatch.setattr(_decode_op, "decode_dense_masked", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ids, mask = (t.cuda() for t in _batch())
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True,
+              cache_implementation="static")
+    scores = {}
+    for impl in ("sdpa", "pagoda"):
+        torch._dynamo.reset()
+        pt.register()
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=impl,
+                                                                  dtype=torch.float16).cuda().eval()
+        with torch.no_grad():
+            for _ in range(2):                      # the second generate replays the recorded graphs
+                scores[impl] = torch.stack(model.generate(input_ids=ids, attention_mask=mask, **kw).scores)
+    torch._dynamo.reset()
+    assert calls, "the compiled decode step did not run pagoda's decode op"
+    a, b = scores["pagoda"].float(), scores["sdpa"].float()
+    assert ((a - b).norm() / b.norm()).item() < 1e-2

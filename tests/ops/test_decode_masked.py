@@ -109,3 +109,39 @@ def test_custom_op_and_its_fake():
     assert out.shape == (3, 1, 8, 16) and torch.equal(out[:, 0], dd.decode_dense_masked(q, k, v, 0.25, mask, kv_len))
     torch.library.opcheck(_decode_op.decode_hf_op, (query, key, value, mask, kv_len, 0.25, 0.0))
     torch.library.opcheck(_decode_op.decode_hf_op, (query, key, value, None, kv_len, 0.25, 2.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,s", [(1, 1), (7, 17), (64, 1000), (2, 4100)])
+@pytest.mark.parametrize("hq,hk,d", [(8, 8, 64), (32, 8, 128), (16, 2, 256), (8, 1, 80)])
+def test_gpu_matches_reference(dtype, b, s, hq, hk, d):
+    q, k, v, mask, kv_len = _case(b, hq, hk, s, d, dtype, seed=b * s + d)
+    if b == 1:
+        mask[:] = True
+        kv_len[:] = s
+    q, k, v, mask_d, kv_len_d = (t.cuda() for t in (q, k, v, mask, kv_len))
+    out = dd.decode_dense_masked(q, k, v, d ** -0.5, mask_d, kv_len_d)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert rel_err(out.float().cpu(), _want(q.cpu(), k.cpu(), v.cpu(), mask, d ** -0.5)) < 2e-2
+    if b > 1:
+        assert torch.equal(out[-1].cpu(), torch.zeros_like(out[-1].cpu()))
+
+
+@pytest.mark.gpu
+def test_gpu_capturable_in_a_cuda_graph():
+    """Captured once, replayed after the mask and lengths changed in place: the new keys are seen."""
+    b, hq, hk, s, d = 4, 16, 4, 512, 128
+    q, k, v, mask, kv_len = (t.cuda() for t in _case(b, hq, hk, s, d, torch.bfloat16, seed=3))
+    dd.decode_dense_masked(q, k, v, d ** -0.5, mask, kv_len)          # metadata and launches made outside
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = dd.decode_dense_masked(q, k, v, d ** -0.5, mask, kv_len)
+    new_mask = torch.rand(b, s, device="cuda") > 0.5
+    mask.copy_(new_mask)
+    kv_len.copy_((new_mask * torch.arange(1, s + 1, device="cuda")).amax(dim=1).to(torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    want = _want(q.cpu(), k.cpu(), v.cpu(), new_mask.cpu(), d ** -0.5)
+    assert rel_err(out.float().cpu(), want) < 2e-2
