@@ -101,6 +101,63 @@ def decode_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
     return out
 
 
+_graph_meta: dict = {}       # (device, batch, seqlen, kv heads, qo heads, head_dim) -> metadata; never freed
+_MAX_GRAPH_META = 64
+
+
+def _outside_graph_pools(make, device: torch.device):
+    """``make()`` on a helper thread, then synchronised: its tensors come from the ordinary caching allocator
+    even while this thread allocates from a CUDA-graph pool (Inductor's cudagraph trees route a thread's
+    allocations to their pool while they warm a graph up; a tensor kept from there would sit in memory that
+    another graph of the tree reuses)."""
+    box: list = []
+
+    def run():
+        try:
+            with torch.cuda.device(device):
+                box.append(make())
+                torch.cuda.synchronize(device)
+        except BaseException as exc:  # handed to the caller
+            box.append(exc)
+
+    import threading
+
+    worker = threading.Thread(target=run, name="pagoda-graph-safe-alloc")
+    worker.start()
+    worker.join()
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
+
+
+def _graph_safe_metadata(device, b, s, hk, hq, d):
+    """`_metadata` for calls that CUDA graphs capture (`decode_dense_masked`, HF's compiled decode step): a
+    graph keeps the addresses of these tensors, so they are never freed, and they are made outside any graph
+    pool. Inside a capture (nothing kept yet) or past ``_MAX_GRAPH_META`` shapes they are made per call: the
+    graph then owns them (its memory, its captured fills).
+    Returns (kv_indptr, kv_indices, chunk, o_part, lse_part, lse, counters, splits)."""
+    key = (device, b, s, hk, hq, d)
+    hit = _graph_meta.get(key)
+    if hit is not None:
+        return hit
+    chunk, splits = _plan.choose_chunk(s, b, hk, _plan.num_sms(device), 1, None, False, _plan.MAX_SPLITS)
+
+    def make():
+        indptr = torch.arange(b + 1, dtype=torch.int32, device=device)                # one page per row
+        work = torch.empty(max(splits, 1) * b * hq * (d + 1), dtype=torch.float32, device=device)
+        return (indptr, indptr[:b], torch.full((1,), max(chunk, 1), dtype=torch.int32, device=device),
+                *_plan.workspace_views(work, b, splits, hq, d),
+                torch.empty(b, hq, dtype=torch.float32, device=device),              # LSE: written, never read
+                torch.zeros(b * hk, dtype=torch.int32, device=device), splits)        # merge tickets (left 0)
+
+    if device.type != "cuda":
+        return make()
+    if torch.cuda.is_current_stream_capturing() or len(_graph_meta) >= _MAX_GRAPH_META:
+        return make()
+    hit = _graph_meta[key] = _outside_graph_pools(make, device)
+    return hit
+
+
 def decode_dense_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
                         key_mask: torch.Tensor | None, kv_len: torch.Tensor, softcap: float = 0.0,
                         out: torch.Tensor | None = None) -> torch.Tensor:
@@ -123,7 +180,7 @@ def decode_dense_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softm
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
-    indptr, indices, _, chunk, splits, o_part, lse_part, lse, counters = _metadata(q.device, b, s, hk, hq, d)
+    indptr, indices, chunk, o_part, lse_part, lse, counters, splits = _graph_safe_metadata(q.device, b, s, hk, hq, d)
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device) if out is None else out
     # One page of `s` slots per row: the row's KV length is its last page's length, read on the device.
     _kdecode.decode_fwd(q, k, v, (k.stride(0), k.stride(1), k.stride(2)), (v.stride(0), v.stride(1), v.stride(2)),

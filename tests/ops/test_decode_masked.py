@@ -17,7 +17,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 @pytest.fixture(autouse=True)
 def _fresh_caches(monkeypatch):
-    for name in ("_static_cache", "_len_cache", "_chunk_cache", "_ws_cache", "_bound", "_hf"):
+    for name in ("_static_cache", "_len_cache", "_chunk_cache", "_ws_cache", "_bound", "_hf", "_graph_meta"):
         monkeypatch.setattr(dd, name, {})
 
 
@@ -78,8 +78,8 @@ def test_kernel_path_matches_reference(monkeypatch, hq, hk, sms, holes):
     b, s, d = 3, 300 if sms > 1 else 45, 32
     q, k, v, mask, kv_len = _case(b, hq, hk, s, d, torch.float16, seed=hq + sms + holes, holes=holes)
     out = dd.decode_dense_masked(q, k, v, d ** -0.5, mask, kv_len)
-    if sms > 1:
-        assert next(iter(dd._ws_cache))[1] > 1, "the split path was not taken"
+    splits = dd._graph_safe_metadata(q.device, b, s, hk, hq, d)[-1]
+    assert (splits > 1) == (sms > 1), "the split path was (not) taken"
     assert out.dtype == torch.float16 and out.shape == q.shape
     assert rel_err(out.float(), _want(q, k, v, mask, d ** -0.5)) < 2e-3
     assert torch.equal(out[-1], torch.zeros_like(out[-1]))
@@ -129,11 +129,19 @@ def test_gpu_matches_reference(dtype, b, s, hq, hk, d):
 
 
 @pytest.mark.gpu
-def test_gpu_capturable_in_a_cuda_graph():
-    """Captured once, replayed after the mask and lengths changed in place: the new keys are seen."""
+@pytest.mark.parametrize("warm", [True, False])
+def test_gpu_capturable_in_a_cuda_graph(warm):
+    """Captured once, replayed after the mask and lengths changed in place: the new keys are seen. warm: the
+    metadata was made (and kept, outside the graph's pool) by an earlier call; cold: made inside the capture."""
     b, hq, hk, s, d = 4, 16, 4, 512, 128
     q, k, v, mask, kv_len = (t.cuda() for t in _case(b, hq, hk, s, d, torch.bfloat16, seed=3))
-    dd.decode_dense_masked(q, k, v, d ** -0.5, mask, kv_len)          # metadata and launches made outside
+    if warm:
+        dd.decode_dense_masked(q, k, v, d ** -0.5, mask, kv_len)
+        assert len(dd._graph_meta) == 1
+    else:
+        # The kernel compiled before the capture (a compile inside it would fail), through another shape.
+        dd.decode_dense_masked(q[:, :8], k[:, :, :2], v[:, :, :2], d ** -0.5, mask, kv_len)
+        dd._graph_meta.clear()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -145,3 +153,4 @@ def test_gpu_capturable_in_a_cuda_graph():
     torch.cuda.synchronize()
     want = _want(q.cpu(), k.cpu(), v.cpu(), new_mask.cpu(), d ** -0.5)
     assert rel_err(out.float().cpu(), want) < 2e-2
+    assert len(dd._graph_meta) == (1 if warm else 0)          # nothing made inside a capture is kept
