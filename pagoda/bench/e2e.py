@@ -282,7 +282,7 @@ def _run_study(cfg, impls, device, dtype, out, command) -> dict:
                                   if _can_disable_compile() else "HF StaticCache (generate may auto-compile)"),
                  "compiled_cache": "HF StaticCache with generate's auto torch.compile of the decode step (Inductor, "
                                    "reduce-overhead: CUDA graphs) on CUDA; eager elsewhere",
-                 "pagoda_autotune": os.environ.get("PAGODA_AUTOTUNE", "1"), "budget_s": cfg.budget_s,
+                 "pagoda_autotune": os.environ.get("PAGODA_AUTOTUNE", "1"), "budget_s": cfg.budget_s, "case_limit_s": cfg.case_limit_s,
                  "batch_sizes": list(cfg.batch_sizes), "status": "running"},
         "backends": {n: {"available": unavailable[n] is None, "reason": unavailable[n]} for n in names},
         "results": [],
@@ -458,6 +458,7 @@ def main(argv=None) -> int:
     p.add_argument("--model")
     p.add_argument("--batch-sizes")
     p.add_argument("--budget-s", type=float)
+    p.add_argument("--case-limit-s", type=float, help="upper bound of one case (its warm-up compiles included)")
     p.add_argument("--caches", help=f"comma-separated, of {','.join(CACHES)}")
     p.add_argument("--processors", help="comma-separated, of none,repetition_penalty")
     p.add_argument("--prompt-len", type=int)
@@ -475,6 +476,8 @@ def main(argv=None) -> int:
         cfg.batch_sizes = tuple(int(x) for x in a.batch_sizes.split(",") if x.strip())
     if a.budget_s is not None:
         cfg.budget_s = a.budget_s
+    if a.case_limit_s is not None:
+        cfg.case_limit_s = a.case_limit_s
     if a.caches:
         cfg.caches = tuple(x.strip() for x in a.caches.split(",") if x.strip())
     if a.processors:

@@ -169,11 +169,13 @@ def test_e2e_module_cli_on_cpu(tmp_path, capsys):
     # The study's axes from the command line: the "compiled" cache (eager on a CPU), one processor, lengths.
     out = tmp_path / "compiled"
     assert e2e.main(["--device", "cpu", "--backends", "pagoda", "--batch-sizes", "2", "--caches", "compiled",
-                     "--processors", "none", "--prompt-len", "5", "--new-tokens", "3", "--out", str(out)]) == 0
+                     "--processors", "none", "--prompt-len", "5", "--new-tokens", "3", "--case-limit-s", "120",
+                     "--out", str(out)]) == 0
     report = json.loads((out / "e2e.json").read_text())
     assert [(r["impl"], r["cache"], r["processor"], r["batch"], r["status"]) for r in report["results"]] == [
         ("pagoda", "compiled", "none", 2, "ok")]
     assert report["meta"]["prompt_len"] == 5 and report["meta"]["new_tokens"] == 3
+    assert report["meta"]["case_limit_s"] == 120
 
 
 def test_e2e_cache_settings():
