@@ -74,10 +74,15 @@ s14)
   # static-cache step (key mask and KV length on the device, `pagoda::decode_hf`) on its GPU tests (bf16 /
   # fp16 against the reference, CUDA-graph capture and replay), the dense-decode tests beside it, and the HF
   # integration GPU tests (one compiles the decode step with Inductor + CUDA graphs, as generate does).
+  # Then the paged Gluon prefill, now launched through `tma_launch` (normal path), and its opt-in repeat
+  # launch (PAGODA_PAGED_FAST_LAUNCH=1, bit-exact against Triton's launch): if these pass, make it the default.
   timeout -k 5 280 python3 -m pytest tests/ops/test_decode_masked.py tests/ops/test_decode_dense.py tests/integrations \
     -m gpu -q -p no:cacheprovider -n 4 --timeout 250 > $OUT/gpu-tests-decode-compiled.log 2>&1; ok=$?
   tail -3 $OUT/gpu-tests-decode-compiled.log
-  [ $ok = 0 ] || { grep -E "^(FAILED|ERROR)" $OUT/gpu-tests-decode-compiled.log | head -20; exit 1; }
+  [ $ok = 0 ] || grep -E "^(FAILED|ERROR)" $OUT/gpu-tests-decode-compiled.log | head -20
+  timeout -k 5 200 python3 -m pytest tests/kernels/test_attention_hopper_paged.py tests/ops/test_prefill.py -m gpu -q \
+    -p no:cacheprovider -n 8 --timeout 150 > $OUT/gpu-tests-paged.log 2>&1; tail -3 $OUT/gpu-tests-paged.log
+  grep -E "^(FAILED|ERROR)" $OUT/gpu-tests-paged.log | head -20
   ;;
 s14b)
   # Issue 5's GPU-bound configuration (~9 min, a call of its own): HF generate with the static cache compiled as

@@ -31,10 +31,12 @@ so 16-row boxes stack in a slot exactly as one 128-row box would land.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
 from pagoda.kernels._launch import device_of
+from pagoda.kernels._tma_launch import tma_launch
 from pagoda.kernels.attention_hopper import _GLUON_OK, _WS_MAXNREG, WS_CONFIGS, _is_sm90, _layout
 
 # The tile and register plan of the dense "ws-m128n128s2" config (2 consumer warpgroups of 64 rows each).
@@ -48,8 +50,6 @@ if _GLUON_OK:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
     from pagoda.kernels.attention_hopper import _key_tiles, _nvmma_2d
     from pagoda.kernels.attention_hopper_ws import _ws_mainloop
 
@@ -305,11 +305,12 @@ def paged_supported(q, k_cache, v_cache, k_strides, v_strides, page_size: int, n
     return _is_sm90(q.device.index if q.device.index is not None else torch.cuda.current_device())
 
 
-def _cache_desc(cache, strides, page_size, num_kv_heads, d, box):
+def _cache_spec(cache, strides, page_size, num_kv_heads, d, box):
+    """The TMA descriptor over the cache's 2-D token-row view, as `tma_launch` takes it (tensor, global shape,
+    global strides, box, layout), and the view's rows_per_page, rows_per_head, cols_per_head."""
     rows, cols, rpp, rph, cph = cache_rows(cache, strides, page_size, num_kv_heads, d)
     block = (box, d)
-    desc = TensorDescriptor(cache, [rows, cols], [strides[1], 1], list(block), _layout(block, cache.dtype))
-    return desc, rpp, rph, cph
+    return (cache, [rows, cols], [strides[1], 1], block, _layout(block, cache.dtype)), rpp, rph, cph
 
 
 @functools.lru_cache(maxsize=None)
@@ -335,23 +336,33 @@ def prefill_paged_hopper(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, k
     _check_slot_layout(box, d, q.dtype)
     with device_of((q,)):
         qb = (64, d)
-        q_desc = TensorDescriptor(q, [q.shape[0], hq * d], [q.stride(0), 1], list(qb), _layout(qb, q.dtype))
-        k_desc, rpp, rph, cph = _cache_desc(k_cache, k_strides, page_size, num_kv_heads, d, box)
-        v_desc, v_rpp, v_rph, v_cph = _cache_desc(v_cache, v_strides, page_size, num_kv_heads, d, box)
+        q_spec = (q, [q.shape[0], hq * d], [q.stride(0), 1], qb, _layout(qb, q.dtype))
+        k_spec, rpp, rph, cph = _cache_spec(k_cache, k_strides, page_size, num_kv_heads, d, box)
+        v_spec, v_rpp, v_rph, v_cph = _cache_spec(v_cache, v_strides, page_size, num_kv_heads, d, box)
         if (v_rpp, v_rph, v_cph) != (rpp, rph, cph):
             raise ValueError("paged Gluon prefill needs K and V caches of one layout")
         o_tma = o_tma and _rows_aligned(out, d)
-        o_desc = TensorDescriptor(out, [out.shape[0], hq * d], [out.stride(0), 1], list(qb), _layout(qb, out.dtype)) \
-            if o_tma else q_desc
+        o_spec = (out, [out.shape[0], hq * d], [out.stride(0), 1], qb, _layout(qb, out.dtype)) if o_tma else q_spec
         lse_t, lse_strides = (lse, lse.stride()) if lse is not None else (out, (0, 0))
         grid = ((max_qo_len + BLOCK_M - 1) // BLOCK_M, hq, batch)
-        return _paged_prefill_ws_kernel[grid](
-            q_desc, k_desc, v_desc, o_desc, out, lse_t, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
-            out.stride(0), out.stride(1), lse_strides[0], lse_strides[1], page_size, rpp, rph, cph,
-            hq // num_kv_heads, sm_scale * LOG2E,
-            HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BOX=box, STAGES=STAGES, CAUSAL=bool(causal),
-            CONSUMER_REGS=CONSUMER_REGS, PINGPONG=bool(pingpong), O_TMA=o_tma, WRITE_LSE=lse is not None,
-            num_warps=4, maxnreg=MAXNREG)
+        pointers = (out, lse_t, qo_indptr, kv_indptr, kv_indices, kv_last_page_len)
+        args = (*pointers, out.stride(0), out.stride(1), lse_strides[0], lse_strides[1], page_size, rpp, rph, cph,
+                hq // num_kv_heads, sm_scale * LOG2E)
+        constexprs = dict(HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BOX=box, STAGES=STAGES, CAUSAL=bool(causal),
+                          CONSUMER_REGS=CONSUMER_REGS, PINGPONG=bool(pingpong), O_TMA=o_tma,
+                          WRITE_LSE=lse is not None)
+        # Repeat launches (`_tma_launch`) are keyed by all the compiled kernel depends on: the dtype and boxes,
+        # the constexprs, each pointer's 16-byte alignment (every int argument is do_not_specialize), the device.
+        key = (_paged_prefill_ws_kernel, q.dtype, box, *constexprs.values(),
+               *(t.data_ptr() % 16 == 0 for t in pointers), q.get_device()) if fast_launch_enabled() else None
+        return tma_launch(key, _paged_prefill_ws_kernel, grid, (q_spec, k_spec, v_spec, o_spec), args, constexprs, 4,
+                          MAXNREG)
+
+
+def fast_launch_enabled() -> bool:
+    """Repeat launches of the paged kernel through `_tma_launch`: opt-in (PAGODA_PAGED_FAST_LAUNCH=1) until its GPU
+    test (`test_paged_fast_launch_matches_normal_launch`) has run; PAGODA_GLUON_FAST_LAUNCH=0 turns it off too."""
+    return os.environ.get("PAGODA_PAGED_FAST_LAUNCH", "0") == "1"
 
 
 def _rows_aligned(t: torch.Tensor, d: int) -> bool:

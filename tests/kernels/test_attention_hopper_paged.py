@@ -254,3 +254,33 @@ def test_o_by_tma_and_lse_skip_change_no_value():
             assert torch.all(lse[sum(qo):] == 7.0)
         outs.append(out)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU and Gluon")
+def test_paged_fast_launch_matches_normal_launch(monkeypatch):
+    """PAGODA_PAGED_FAST_LAUNCH=1: repeats go through `_tma_launch` (descriptors encoded by pagoda, the C
+    launcher called directly). Other page tables, caches, layouts and options give the same bits as Triton's
+    own launch (PAGODA_GLUON_FAST_LAUNCH=0)."""
+    from pagoda.kernels import _tma_launch
+    monkeypatch.delenv("PAGODA_HOPPER_ATTN", raising=False)
+    monkeypatch.setenv("PAGODA_PAGED_FAST_LAUNCH", "1")
+    calls = []
+    cases = [(CASES[0], 16, "NHD", True), (CASES[2], 16, "NHD", True), (CASES[0], 64, "HND", False),
+             (CASES[2], 128, "NHD", False), (CASES[0], 16, "NHD", True)]
+    for (kv, qo), ps, layout, causal in cases:
+        q, cache, meta, k, v = _case(kv, qo, ps, 32, 8, 128, layout, torch.bfloat16)
+        outs = []
+        for fast in ("1", "1", "0"):
+            monkeypatch.setenv("PAGODA_GLUON_FAST_LAUNCH", fast)
+            if fast == "1" and _tma_launch._FILL and not calls:
+                real = _tma_launch._FILL[0]
+                monkeypatch.setattr(_tma_launch, "_FILL", [lambda *a: (calls.append(1), real(*a))[1]])
+            outs.append(_run(q, cache, meta, qo, ps, 8, layout, causal))
+        for out, lse in outs[:2]:
+            assert torch.equal(out, outs[2][0]) and torch.equal(lse.isnan(), outs[2][1].isnan())
+            assert torch.equal(lse.nan_to_num(), outs[2][1].nan_to_num()), "the repeat launch differs from Triton's"
+        want, _ = _varlen(q, k, v, qo, kv, causal)
+        assert rel_err(outs[0][0], want) < 1e-2
+    if _tma_launch.enabled():
+        assert calls, "no launch took the repeat path"
