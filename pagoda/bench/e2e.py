@@ -16,7 +16,6 @@ so that even a killed run leaves its data. Every failure of one case is recorded
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import statistics
@@ -447,61 +446,11 @@ def _refine(model, cfg, device, report, clock, checkpoint) -> None:
 
 
 def main(argv=None) -> int:
-    """``python3 -m pagoda.bench.e2e``: the study with the presets the bench CLI does not expose."""
-    from pagoda.bench.plots import plot
+    """``python3 -m pagoda.bench.e2e``: the study with the presets the bench CLI does not expose
+    (`pagoda.bench.e2e_cli`)."""
+    from pagoda.bench.e2e_cli import main as cli_main
 
-    p = argparse.ArgumentParser(prog="python3 -m pagoda.bench.e2e", description=__doc__.splitlines()[0])
-    p.add_argument("--grid", default=None, choices=sorted(GRIDS), help="default: gpu on CUDA, small elsewhere")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--backends", help="comma-separated implementations (default: all)")
-    p.add_argument("--model")
-    p.add_argument("--batch-sizes")
-    p.add_argument("--budget-s", type=float)
-    p.add_argument("--case-limit-s", type=float, help="upper bound of one case (its warm-up compiles included)")
-    p.add_argument("--caches", help=f"comma-separated, of {','.join(CACHES)}")
-    p.add_argument("--processors", help="comma-separated, of none,repetition_penalty")
-    p.add_argument("--prompt-len", type=int)
-    p.add_argument("--new-tokens", type=int)
-    p.add_argument("--no-max-batch-search", action="store_true")
-    p.add_argument("--out")
-    a = p.parse_args(argv)
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    cfg = default_config(device, a.grid or ("gpu" if device.type == "cuda" else "small"))
-    if a.model:
-        cfg.model = a.model
-    if a.batch_sizes:
-        cfg.batch_sizes = tuple(int(x) for x in a.batch_sizes.split(",") if x.strip())
-    if a.budget_s is not None:
-        cfg.budget_s = a.budget_s
-    if a.case_limit_s is not None:
-        cfg.case_limit_s = a.case_limit_s
-    if a.caches:
-        cfg.caches = tuple(x.strip() for x in a.caches.split(",") if x.strip())
-    if a.processors:
-        cfg.processors = tuple(x.strip() for x in a.processors.split(",") if x.strip())
-    if a.prompt_len:
-        cfg.prompt_len = a.prompt_len
-    if a.new_tokens:
-        cfg.new_tokens = a.new_tokens
-    if a.no_max_batch_search:
-        cfg.max_batch_search = False
-    cfg.__post_init__()
-    backends = [x.strip() for x in a.backends.split(",") if x.strip()] if a.backends else None
-    import sys
-    report = run_study(cfg, backends, device, dtype, out=a.out,
-                       command=" ".join(["python3 -m pagoda.bench.e2e"] + list(sys.argv[1:] if argv is None else argv)))
-    print(tables(report))
-    if a.out:
-        paths = _report.write_outputs(a.out, "e2e", report, tables(report, markdown=True))
-        try:
-            paths += plot(report, a.out)
-        except Exception as exc:  # the data is written; a plot failure is only reported
-            print(f"e2e: plot failed: {reason(exc)}")
-        print("\nwrote " + ", ".join(str(x) for x in paths))
-    return 0
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
