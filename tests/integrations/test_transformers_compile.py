@@ -94,3 +94,37 @@ def test_gpu_compiled_static_generate_close_to_sdpa(model_dir, monkeypatch):
     assert calls, "the compiled decode step did not run pagoda's decode op"
     a, b = scores["pagoda"].float(), scores["sdpa"].float()
     assert ((a - b).norm() / b.norm()).item() < 1e-2
+
+
+_ARCHS = {  # tiny configs: GQA 4/2; Qwen3's q/k norms; Gemma2's soft cap and sliding layers; Mistral's window
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=16, sliding_window=6, attn_logit_softcapping=20.0,
+                                                         final_logit_softcapping=None)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=6)),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(_ARCHS))
+def test_compiled_static_generate_of_other_architectures(arch, tmp_path, monkeypatch):
+    """The traced path under the masks these models build (sliding-window layers, a soft cap), the generate
+    longer than the window: one graph (fullgraph=True), every decode attention through pagoda's op (2 layers
+    x 7 compiled steps), and the same greedy tokens as eager attention."""
+    calls = []
+    real = _decode_op.decode_dense_masked
+    monkeypatch.setattr(_decode_op, "decode_dense_masked", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    cfg_name, model_name, extra = _ARCHS[arch]
+    cfg = getattr(transformers, cfg_name)(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                          pad_token_id=0, eos_token_id=1, bos_token_id=2, **extra)
+    torch.manual_seed(0)
+    getattr(transformers, model_name)(cfg).save_pretrained(tmp_path)
+    ids, mask = _batch()
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, cache_implementation="static")
+    compile_cfg = transformers.CompileConfig(backend="aot_eager", fullgraph=True)
+    compile_cfg._compile_all_devices = True
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = _load(tmp_path, "eager").generate(input_ids=ids, attention_mask=mask, disable_compile=True, **kw)
+        got = _load(tmp_path, "pagoda").generate(input_ids=ids, attention_mask=mask, compile_config=compile_cfg, **kw)
+    torch._dynamo.reset()
+    assert torch.equal(got, want) and len(calls) == 2 * 7
