@@ -244,10 +244,20 @@ def run_study(cfg: E2EConfig, impls: list[str] | None, device: torch.device, dty
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)
+    import torch._dynamo.config as dynamo_config
+
+    # The compiled cache compiles HF's decode step once per implementation x batch (and for the agreement
+    # check), all of one code object: past Dynamo's recompile limit (8) the later rows would silently run
+    # uncompiled.
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    limit = getattr(dynamo_config, name)
+    if "compiled" in cfg.caches:
+        setattr(dynamo_config, name, max(limit, 64))
     try:
         return _run_study(cfg, impls, device, dtype, out, command)
     finally:
         torch.set_num_threads(threads)
+        setattr(dynamo_config, name, limit)
 
 
 def _run_study(cfg, impls, device, dtype, out, command) -> dict:
