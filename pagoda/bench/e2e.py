@@ -352,8 +352,11 @@ def _run_study(cfg, impls, device, dtype, out, command) -> dict:
                             if device.type == "cuda":
                                 torch.cuda.reset_peak_memory_stats(device)
                             if not warm:
+                                breaks = _graph_breaks()
                                 fn()           # warm-up: compiles, autotuning, cuDNN plans of every shape
                                 warm = True
+                                if cache == "compiled":      # what the compiled step left to eager Python
+                                    row["graph_breaks"] = _graph_breaks() - breaks
                             samples = [_timed(fn, device) for _ in range(cfg.repeats)]
                         ms = statistics.median(samples)
                         report["samples_ms"][_label(impl, cache, proc, batch)] = [round(s, 3) for s in samples]
@@ -397,6 +400,13 @@ def _run_study(cfg, impls, device, dtype, out, command) -> dict:
     report["meta"]["status"] = "complete"
     checkpoint()
     return report
+
+
+def _graph_breaks() -> int:
+    """Graph breaks Dynamo has counted in this process (a compiled row's warm-up adds its own)."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
 
 
 def _label(impl, cache, proc, batch) -> str:

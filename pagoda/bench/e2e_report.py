@@ -65,6 +65,9 @@ def tables(report: dict, markdown: bool = False) -> str:
                  for (c, p, b), v in sorted(paired.items())]
         out.append("pagoda / toughest other, paired rounds (median over rounds of other ms / pagoda ms):\n"
                    + "\n".join(("- " if markdown else "  ") + line for line in lines))
+    breaks = [f"{r['impl']} b{r['batch']}: {r['graph_breaks']}" for r in rows_all if "graph_breaks" in r]
+    if breaks:
+        out.append("Graph breaks in the compiled decode step (counted over its warm-up generate): " + ", ".join(breaks))
     mb = report.get("max_batch")
     if isinstance(mb, dict) and mb:
         def fmt(v):

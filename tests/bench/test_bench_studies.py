@@ -176,6 +176,9 @@ def test_e2e_module_cli_on_cpu(tmp_path, capsys):
         ("pagoda", "compiled", "none", 2, "ok")]
     assert report["meta"]["prompt_len"] == 5 and report["meta"]["new_tokens"] == 3
     assert report["meta"]["case_limit_s"] == 120
+    # On a CPU HF does not compile: no graph was traced, so none broke; the count is reported.
+    assert report["results"][0]["graph_breaks"] == 0
+    assert "Graph breaks in the compiled decode step" in (out / "e2e.md").read_text()
 
 
 def test_e2e_cache_settings():
