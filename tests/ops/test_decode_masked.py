@@ -72,11 +72,14 @@ def test_kv_len_alone_bounds_the_keys():
 @pytest.mark.parametrize("hq,hk", [(4, 4), (8, 2)])
 @pytest.mark.parametrize("sms", [1, 64])          # 64 SMs: each row split across programs (fused merge)
 @pytest.mark.parametrize("holes", [False, True])
-def test_kernel_path_matches_reference(monkeypatch, hq, hk, sms, holes):
+@pytest.mark.parametrize("pow2", [False, True])   # a power-of-two cache length takes the whole-tile key loop
+def test_kernel_path_matches_reference(monkeypatch, hq, hk, sms, holes, pow2):
     monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
     monkeypatch.setattr(_decode_plan, "num_sms", lambda device: sms)
-    b, s, d = 3, 300 if sms > 1 else 45, 32
-    q, k, v, mask, kv_len = _case(b, hq, hk, s, d, torch.float16, seed=hq + sms + holes, holes=holes)
+    b, s, d = 3, (512 if pow2 else 300) if sms > 1 else (128 if pow2 else 45), 32
+    q, k, v, mask, kv_len = _case(b, hq, hk, s, d, torch.float16, seed=hq + sms + holes + 7 * pow2, holes=holes)
+    from pagoda.kernels import decode as kdecode
+    assert kdecode.whole_tiles(s, kdecode.addr_flags(s, k.stride()[:3], v.stride()[:3])) == pow2
     out = dd.decode_dense_masked(q, k, v, d ** -0.5, mask, kv_len)
     splits = dd._graph_safe_metadata(q.device, b, s, hk, hq, d)[-1]
     assert (splits > 1) == (sms > 1), "the split path was (not) taken"
