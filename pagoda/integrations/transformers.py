@@ -170,7 +170,11 @@ def pagoda_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     """transformers attention function. query ``[b, hq, q, d]``, key/value ``[b, hk, k, d]``.
 
     Returns ``(attn_output [b, q, hq, d], None)`` (attention weights are never materialised).
+    Attention sinks (``s_aux``, GPT-OSS) are not supported: NotImplementedError rather than a wrong result.
     """
+    if kwargs and kwargs.get("s_aux") is not None:
+        raise NotImplementedError("pagoda attention does not support attention sinks (s_aux); use "
+                                  "attn_implementation='eager' for this model")
     if torch.compiler.is_compiling():
         return _traced_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal,
                                sliding_window, softcap), None

@@ -171,3 +171,12 @@ def test_decode_rows_without_keys_give_zeros(starts, ends):
     rows = mask[:, 0].any(-1)
     assert (out[~rows] == 0).all()
     torch.testing.assert_close(out[rows], _reference(q, k, v, mask, 0.25)[rows], atol=1e-5, rtol=1e-5)
+
+
+def test_attention_sinks_are_refused():
+    """GPT-OSS hands per-head sinks (s_aux) that change the softmax's denominator: refused, never ignored."""
+    q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 5, 16)
+    with pytest.raises(NotImplementedError, match="s_aux"):
+        pt.pagoda_attention_forward(_module(), q, k, k, None, scaling=0.25, s_aux=torch.zeros(4))
+    out, _ = pt.pagoda_attention_forward(_module(), q, k, k, None, scaling=0.25, s_aux=None)   # absent: fine
+    assert out.shape == (1, 1, 4, 16)
