@@ -70,14 +70,18 @@ s9b)
   tail -5 $OUT/gpu-tests.log
   ;;
 s14)
-  # Session 14 (no GPU that session), for the next one's first call (~4 min): the decode op of HF's compiled
+  # Session 14 (no GPU that session), for the next one's first call (~6 min): the decode op of HF's compiled
   # static-cache step (key mask and KV length on the device, `pagoda::decode_hf`) on its GPU tests (bf16 /
   # fp16 against the reference, CUDA-graph capture and replay), the dense-decode tests beside it, and the HF
   # integration GPU tests (one compiles the decode step with Inductor + CUDA graphs, as generate does).
   # Then the paged Gluon prefill, now launched through `tma_launch` (normal path), and its opt-in repeat
   # launch (PAGODA_PAGED_FAST_LAUNCH=1, bit-exact against Triton's launch): if these pass, make it the default.
+  # The decode kernel's signature grew (key mask): every decode caller's GPU tests run (paged, dense, kvcache,
+  # cascade, the launch cache, the device guard).
   timeout -k 5 280 python3 -m pytest tests/ops/test_decode_masked.py tests/ops/test_decode_dense.py tests/integrations \
-    -m gpu -q -p no:cacheprovider -n 4 --timeout 250 > $OUT/gpu-tests-decode-compiled.log 2>&1; ok=$?
+    tests/ops/test_decode.py tests/ops/test_kvcache.py tests/ops/test_cascade.py tests/ops/test_cascade_merge.py \
+    tests/kernels/test_launch_gpu.py tests/ops/test_device_guard_gpu.py \
+    -m gpu -q -p no:cacheprovider -n 8 --timeout 250 > $OUT/gpu-tests-decode-compiled.log 2>&1; ok=$?
   tail -3 $OUT/gpu-tests-decode-compiled.log
   [ $ok = 0 ] || grep -E "^(FAILED|ERROR)" $OUT/gpu-tests-decode-compiled.log | head -20
   timeout -k 5 200 python3 -m pytest tests/kernels/test_attention_hopper_paged.py tests/ops/test_prefill.py -m gpu -q \
