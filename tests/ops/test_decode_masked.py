@@ -157,3 +157,26 @@ def test_gpu_capturable_in_a_cuda_graph(warm):
     want = _want(q.cpu(), k.cpu(), v.cpu(), new_mask.cpu(), d ** -0.5)
     assert rel_err(out.float().cpu(), want) < 2e-2
     assert len(dd._graph_meta) == (1 if warm else 0)          # nothing made inside a capture is kept
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("query_rank", "query must be"), ("kv_shape", "key/value must be"), ("heads", "multiple of key/value heads"),
+    ("dtype", "share a dtype"), ("kv_len_dtype", "kv_len must be int32"), ("mask_short", "key_mask must be"),
+])
+def test_custom_op_rejects_bad_arguments(bad, match):
+    q, k, v, mask, kv_len = _case(2, 4, 2, 16, 16, torch.float32, seed=9)
+    query, key, value = q[:, :, None], k.transpose(1, 2), v.transpose(1, 2)
+    if bad == "query_rank":
+        query = q
+    elif bad == "kv_shape":
+        value = value[:, :, :8]
+    elif bad == "heads":
+        query = torch.randn(2, 3, 1, 16)
+    elif bad == "dtype":
+        key = key.half()
+    elif bad == "kv_len_dtype":
+        kv_len = kv_len.long()
+    else:
+        mask = mask[:, :8]
+    with pytest.raises((ValueError, TypeError), match=match):
+        torch.ops.pagoda.decode_hf(query, key, value, mask, kv_len, 0.25, 0.0)
