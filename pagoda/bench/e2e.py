@@ -291,7 +291,8 @@ def _run_study(cfg, impls, device, dtype, out, command) -> dict:
                                   if _can_disable_compile() else "HF StaticCache (generate may auto-compile)"),
                  "compiled_cache": "HF StaticCache with generate's auto torch.compile of the decode step (Inductor, "
                                    "reduce-overhead: CUDA graphs) on CUDA; eager elsewhere",
-                 "pagoda_autotune": os.environ.get("PAGODA_AUTOTUNE", "1"), "budget_s": cfg.budget_s, "case_limit_s": cfg.case_limit_s,
+                 "pagoda_autotune": os.environ.get("PAGODA_AUTOTUNE", "1"), "budget_s": cfg.budget_s,
+                 "case_limit_s": cfg.case_limit_s,
                  "batch_sizes": list(cfg.batch_sizes), "status": "running"},
         "backends": {n: {"available": unavailable[n] is None, "reason": unavailable[n]} for n in names},
         "results": [],

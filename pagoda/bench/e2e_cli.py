@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     if a.model:
         cfg.model = a.model
     if a.batch_sizes:
-        cfg.batch_sizes = tuple(int(x) for x in a.batch_sizes.split(",") if x.strip())
+        cfg.batch_sizes = tuple(int(x) for x in _names(a.batch_sizes))
     if a.budget_s is not None:
         cfg.budget_s = a.budget_s
     if a.case_limit_s is not None:
@@ -60,9 +60,9 @@ def main(argv=None) -> int:
     if a.no_max_batch_search:
         cfg.max_batch_search = False
     cfg.__post_init__()
-    backends = [x.strip() for x in a.backends.split(",") if x.strip()] if a.backends else None
-    report = e2e.run_study(cfg, backends, device, dtype, out=a.out,
-                       command=" ".join(["python3 -m pagoda.bench.e2e"] + list(sys.argv[1:] if argv is None else argv)))
+    backends = list(_names(a.backends)) if a.backends else None
+    command = " ".join(["python3 -m pagoda.bench.e2e"] + list(sys.argv[1:] if argv is None else argv))
+    report = e2e.run_study(cfg, backends, device, dtype, out=a.out, command=command)
     print(tables(report))
     if a.out:
         paths = _report.write_outputs(a.out, "e2e", report, tables(report, markdown=True))

@@ -186,9 +186,7 @@ def pagoda_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
             return out, None
     if dropout and module.training:
         raise NotImplementedError("pagoda attention is inference-only: dropout is not supported in training mode")
-    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-    window_left = int(sliding_window) - 1 if sliding_window else -1
-    window = (window_left, 0 if causal else -1) if window_left >= 0 else (-1, -1)
+    causal, window_left, window = _causal_window(module, is_causal, sliding_window)
     cap = float(softcap) if softcap else 0.0
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)   # [b, s, h, d] views
     sq, sk = q.shape[1], k.shape[1]
@@ -197,13 +195,9 @@ def pagoda_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     decode = sq == 1 and sk > 0 and window_left < 0 and not cap and kernel_takes(q, k, v, q.shape[2], k.shape[2])
 
     if attention_mask is None:
-        if causal and 1 < sq < sk:
-            # HF skips the mask of a prefill into an empty static cache: the keys past the prompt are empty
-            # slots, and SDPA's top-left causal mask never reaches them. Bottom-right alignment would.
-            k, v = k[:, :sq], v[:, :sq]
         if decode:
             return decode_dense(q[:, 0], k, v, _scale(scaling, q))[:, None], None
-        return flash_attn_func(q, k, v, softmax_scale=scaling, causal=causal, window_size=window, softcap=cap), None
+        return _unmasked(q, k, v, scaling, causal, window, cap), None
 
     layout = _layout(attention_mask, causal, window_left, sq, sk)
     kind = layout[0]
@@ -229,6 +223,23 @@ def pagoda_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         out[iq] = packed
         return out, None
     return _sdpa_fallback(module, query, key, value, attention_mask[..., :sk], scaling, cap), None
+
+
+def _causal_window(module, is_causal, sliding_window):
+    """(causal, window_left, flash-attn window_size) of one HF attention call."""
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    window_left = int(sliding_window) - 1 if sliding_window else -1
+    return causal, window_left, (window_left, 0 if causal else -1) if window_left >= 0 else (-1, -1)
+
+
+def _unmasked(q, k, v, scaling, causal, window, cap):
+    """`flash_attn_func` on ``[b, s, h, d]`` views of a call without a mask."""
+    sq, sk = q.shape[1], k.shape[1]
+    if causal and 1 < sq < sk:
+        # HF skips the mask of a prefill into an empty static cache: the keys past the prompt are empty
+        # slots, and SDPA's top-left causal mask never reaches them. Bottom-right alignment would.
+        k, v = k[:, :sq], v[:, :sq]
+    return flash_attn_func(q, k, v, softmax_scale=scaling, causal=causal, window_size=window, softcap=cap)
 
 
 def _traced_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, sliding_window, softcap):
@@ -260,14 +271,10 @@ def _traced_forward(module, query, key, value, attention_mask, dropout, scaling,
             # are not read at all.
             kv_len = (key_mask * torch.arange(1, sk + 1, device=query.device)).amax(dim=1).to(torch.int32)
         return torch.ops.pagoda.decode_hf(query, key, value, key_mask, kv_len, _scale(scaling, query), cap)
-    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     if attention_mask is None:
-        q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-        if causal and 1 < sq < sk:
-            k, v = k[:, :sq], v[:, :sq]       # a prefill into an empty static cache (see the eager path)
-        window_left = int(sliding_window) - 1 if sliding_window else -1
-        window = (window_left, 0 if causal else -1) if window_left >= 0 else (-1, -1)
-        return flash_attn_func(q, k, v, softmax_scale=scaling, causal=causal, window_size=window, softcap=cap)
+        causal, _, window = _causal_window(module, is_causal, sliding_window)
+        return _unmasked(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scaling, causal, window,
+                         cap)
     return _sdpa_fallback(module, query, key, value, attention_mask[..., :sk], scaling, cap)
 
 
