@@ -252,7 +252,7 @@ def _traced_forward(module, query, key, value, attention_mask, dropout, scaling,
     hk, sk = key.shape[1], key.shape[2]
     cap = float(softcap) if softcap else 0.0
     decode = (sq == 1 and sk > 0 and key.shape[0] == b and value.shape == key.shape and d % 8 == 0 and d <= 256
-              and hq % hk == 0 and query.dtype in (torch.float16, torch.bfloat16, torch.float32)
+              and hk > 0 and hq % hk == 0 and query.dtype in (torch.float16, torch.bfloat16, torch.float32)
               and key.dtype == query.dtype and value.dtype == query.dtype)
     if decode and attention_mask is not None:
         mask = attention_mask[..., :sk]
@@ -278,13 +278,33 @@ def _traced_forward(module, query, key, value, attention_mask, dropout, scaling,
     return _sdpa_fallback(module, query, key, value, attention_mask[..., :sk], scaling, cap)
 
 
+# SDPA's own GQA (torch >= 2.5): the keys are not repeated per query head.
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
 def _sdpa_fallback(module, query, key, value, attention_mask, scaling, softcap):
-    """Exact attention under an arbitrary mask (used only for masks that are not padding + causal)."""
-    if softcap:
-        raise NotImplementedError("pagoda attention: soft-capping with a non causal/padding mask is not supported")
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-    mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask.to(query.dtype)
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    """Exact attention under an arbitrary mask (used only for masks that are not padding + causal), ``[b, h, s,
+    d]`` in, ``[b, s, hq, d]`` out. GQA without copying the keys per query head. With a soft cap (which SDPA
+    lacks) the scores are computed here, as HF's eager attention does: in the inputs' dtype, capped and
+    softmaxed in float32; a row whose bool mask hides every key gets zeros."""
+    b, hq, sq, d = query.shape
+    hk, sk = key.shape[1], key.shape[2]
+    groups = hq // hk
+    if not softcap:
+        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask.to(query.dtype)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        if groups > 1 and not _SDPA_GQA:
+            key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+        gqa = {"enable_gqa": True} if groups > 1 and _SDPA_GQA else {}
+        out = sdpa(query, key, value, attn_mask=mask, scale=scaling, **gqa)
+        return out.transpose(1, 2).contiguous()
+    # Query heads h = kv_head * groups + j, so [b, hq, sq, d] -> [b, hk, groups * sq, d] is a view.
+    scores = torch.matmul(query.reshape(b, hk, groups * sq, d), key.transpose(-1, -2)).float()
+    scores = scores * _scale(scaling, query)
+    scores = (torch.tanh(scores / softcap) * softcap).view(b, hk, groups, sq, sk)
+    m = attention_mask
+    m = m[:, :, None] if m.shape[1] == 1 else m.reshape(m.shape[0], hk, groups, m.shape[2], m.shape[3])
+    scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(value.dtype).view(b, hk, groups * sq, sk)
+    out = torch.matmul(probs, value).view(b, hq, sq, d)
     return out.transpose(1, 2).contiguous()

@@ -153,10 +153,11 @@ def _attn_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
 
-    q_base = Q + q_off + head * stride_qh
-    k_base = K + k_off + kv_head * stride_kh
-    v_base = V + v_off + kv_head * stride_vh
-    o_base = O + o_off + head * stride_oh
+    # 64-bit head offsets: a [b, h, s, d] view (HF's layout transposed) has a head stride of s * d elements.
+    q_base = Q + q_off + head.to(tl.int64) * stride_qh
+    k_base = K + k_off + kv_head.to(tl.int64) * stride_kh
+    v_base = V + v_off + kv_head.to(tl.int64) * stride_vh
+    o_base = O + o_off + head.to(tl.int64) * stride_oh
     q_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
     k_desc = None
     v_desc = None

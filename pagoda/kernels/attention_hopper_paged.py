@@ -352,8 +352,9 @@ def prefill_paged_hopper(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, k
                           CONSUMER_REGS=CONSUMER_REGS, PINGPONG=bool(pingpong), O_TMA=o_tma,
                           WRITE_LSE=lse is not None)
         # Repeat launches (`_tma_launch`) are keyed by all the compiled kernel depends on: the dtype and boxes,
-        # the constexprs, each pointer's 16-byte alignment (every int argument is do_not_specialize), the device.
-        key = (_paged_prefill_ws_kernel, q.dtype, box, *constexprs.values(),
+        # the constexprs, each pointer's element type and 16-byte alignment (every int argument is
+        # do_not_specialize), the device.
+        key = (_paged_prefill_ws_kernel, q.dtype, box, *constexprs.values(), *(t.dtype for t in pointers),
                *(t.data_ptr() % 16 == 0 for t in pointers), q.get_device()) if fast_launch_enabled() else None
         return tma_launch(key, _paged_prefill_ws_kernel, grid, (q_spec, k_spec, v_spec, o_spec), args, constexprs, 4,
                           MAXNREG)

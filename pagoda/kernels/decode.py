@@ -115,8 +115,8 @@ def _decode_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
-    K_H = K + kvh * stride_kh
-    V_H = V + kvh * stride_vh
+    K_H = K + kvh.to(tl.int64) * stride_kh     # HF's [b, h, s, d] cache: a head stride of s * d elements
+    V_H = V + kvh.to(tl.int64) * stride_vh
     KM_B = KEY_MASK + b.to(tl.int64) * stride_kmb
     if WHOLE_TILES:
         # Whole tiles without bounds masks, then the ragged last tile (masked).

@@ -43,6 +43,8 @@ def _check(query, key, value, key_mask, kv_len) -> None:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({key.shape[1]})")
     if d % 8 or d > 256:
         raise ValueError(f"head_dim must be a multiple of 8 up to 256, got {d}")
+    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"query must be float16, bfloat16 or float32, got {query.dtype}")
     if key.dtype != query.dtype or value.dtype != query.dtype:
         raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
     if kv_len.shape != (b,) or kv_len.dtype != torch.int32:
@@ -58,5 +60,6 @@ def _check(query, key, value, key_mask, kv_len) -> None:
 
 @decode_hf_op.register_fake
 def _decode_hf_fake(query, key, value, key_mask, kv_len, scale, softcap):
+    _check(query, key, value, key_mask, kv_len)      # bad arguments fail while tracing, not at the first run
     b, hq, _, d = query.shape
     return query.new_empty((b, 1, hq, d))

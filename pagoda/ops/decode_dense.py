@@ -4,7 +4,8 @@
 q ``[batch, num_qo_heads, head_dim]`` attends every key of its own row of k/v ``[batch, seqlen, num_kv_heads,
 head_dim]`` (any strides with a contiguous last dimension, e.g. HF's ``[b, h, s, d]`` cache transposed, or
 the filled slice of a static cache). The rows are handed to the split-KV decode kernel as one page per
-sequence (``page_size = seqlen``), as `flash_attn_with_kvcache` does, but without its appends, rotary,
+sequence, as `flash_attn_with_kvcache` does (``page_size`` = seqlen rounded up to a power of two, `page_for`:
+the kernel then gathers keys with a shift and runs whole tiles unmasked), but without its appends, rotary,
 per-call argument scan or host syncs: the page table for ``(batch, seqlen)`` is built once and reused by
 every layer of the step, and the caller is trusted for the checks below (shapes, dtypes, devices, GQA
 ratio). GQA: the query heads that share a KV head are computed together, so each key is read once.
@@ -36,6 +37,13 @@ def _cached(cache: dict, key, make, limit: int = 16):
     return hit
 
 
+def page_for(s: int) -> int:
+    """The page size of a row of ``s`` keys: one page per row, any size >= s gives the same addresses (the
+    row's length is its last page's length), and a power of two takes the decode kernel's fast key loop
+    (`pagoda.kernels.decode.whole_tiles`; an H200 measured a non-power-of-two page at 359 us against 262)."""
+    return 1 << max(s - 1, 0).bit_length()
+
+
 def _metadata(device, b, s, hk, hq, d):
     """Launch metadata of (batch, seqlen): the per-batch tensors are made once, a new seqlen (every decode
     step of HF's growing cache) costs one small fill (kv_last_page_len), a new split plan its chunk tensor."""
@@ -65,8 +73,8 @@ def _launch_fn(q, k, v, out, softmax_scale):
 
     def launch_fn():
         _kdecode.decode_fwd(q, k, v, (k.stride(0), k.stride(1), k.stride(2)), (v.stride(0), v.stride(1), v.stride(2)),
-                            indptr, indices, last, s, hk, out, lse, chunk=chunk, num_splits=splits, o_part=o_part,
-                            lse_part=lse_part, sm_scale=float(softmax_scale), counters=counters)
+                            indptr, indices, last, page_for(s), hk, out, lse, chunk=chunk, num_splits=splits,
+                            o_part=o_part, lse_part=lse_part, sm_scale=float(softmax_scale), counters=counters)
 
     return launch_fn, 1 + (splits > 0 and not _kdecode.merge_is_fused(splits, True))
 
@@ -101,7 +109,7 @@ def decode_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
     return out
 
 
-_graph_meta: dict = {}       # (device, batch, seqlen, kv heads, qo heads, head_dim) -> metadata; never freed
+_graph_meta: dict = {}       # (device, batch, kv heads, qo heads, head_dim, chunk, splits) -> metadata; never freed
 _MAX_GRAPH_META = 64
 
 
@@ -134,13 +142,14 @@ def _graph_safe_metadata(device, b, s, hk, hq, d):
     """`_metadata` for calls that CUDA graphs capture (`decode_dense_masked`, HF's compiled decode step): a
     graph keeps the addresses of these tensors, so they are never freed, and they are made outside any graph
     pool. Inside a capture (nothing kept yet) or past ``_MAX_GRAPH_META`` shapes they are made per call: the
-    graph then owns them (its memory, its captured fills).
+    graph then owns them (its memory, its captured fills). Keyed by the split plan, not the length: a cache
+    that grows under torch.compile without CUDA graphs makes a new entry only when its plan changes.
     Returns (kv_indptr, kv_indices, chunk, o_part, lse_part, lse, counters, splits)."""
-    key = (device, b, s, hk, hq, d)
+    chunk, splits = _plan.choose_chunk(s, b, hk, _plan.num_sms(device), 1, None, False, _plan.MAX_SPLITS)
+    key = (device, b, hk, hq, d, chunk, splits)
     hit = _graph_meta.get(key)
     if hit is not None:
         return hit
-    chunk, splits = _plan.choose_chunk(s, b, hk, _plan.num_sms(device), 1, None, False, _plan.MAX_SPLITS)
 
     def make():
         indptr = torch.arange(b + 1, dtype=torch.int32, device=device)                # one page per row
@@ -178,14 +187,15 @@ def decode_dense_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softm
     from pagoda.kernels import decode as _kdecode
 
     q = q if q.stride(-1) == 1 else q.contiguous()
+    kv_len = kv_len.contiguous()             # the kernel reads kv_len[b] at unit stride
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
     indptr, indices, chunk, o_part, lse_part, lse, counters, splits = _graph_safe_metadata(q.device, b, s, hk, hq, d)
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device) if out is None else out
-    # One page of `s` slots per row: the row's KV length is its last page's length, read on the device.
+    # One page per row (`page_for(s)` slots): the row's KV length is its last page's length, read on the device.
     _kdecode.decode_fwd(q, k, v, (k.stride(0), k.stride(1), k.stride(2)), (v.stride(0), v.stride(1), v.stride(2)),
-                        indptr, indices, kv_len, s, hk, out, lse, chunk=chunk, num_splits=splits, o_part=o_part,
-                        lse_part=lse_part, sm_scale=float(softmax_scale), logits_soft_cap=float(softcap),
+                        indptr, indices, kv_len, page_for(s), hk, out, lse, chunk=chunk, num_splits=splits,
+                        o_part=o_part, lse_part=lse_part, sm_scale=float(softmax_scale), logits_soft_cap=float(softcap),
                         counters=counters, key_mask=key_mask)
     return out
 

@@ -180,3 +180,38 @@ def test_attention_sinks_are_refused():
         pt.pagoda_attention_forward(_module(), q, k, k, None, scaling=0.25, s_aux=torch.zeros(4))
     out, _ = pt.pagoda_attention_forward(_module(), q, k, k, None, scaling=0.25, s_aux=None)   # absent: fine
     assert out.shape == (1, 1, 4, 16)
+
+
+def _naive(q, k, v, allowed, scale, softcap=0.0):
+    """float64 attention with the keys repeated per query head, soft cap, bool mask; zeros where a row sees
+    no key."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    s = q.double() @ k.transpose(-1, -2) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+    return (p @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 30.0, 2.0])
+@pytest.mark.parametrize("float_mask", [False, True])
+def test_exact_fallback_with_gqa_and_soft_cap(softcap, float_mask):
+    """Masks that are not padding + causal go to the exact fallback: GQA without repeating the keys, and a
+    soft cap (Gemma 2) computed there instead of refused; per-head masks; a bool row that sees nothing gives
+    zeros."""
+    torch.manual_seed(1)
+    b, hq, hk, sq, sk, d = 2, 8, 2, 3, 7, 16
+    q, k, v = torch.randn(b, hq, sq, d), torch.randn(b, hk, sk, d), torch.randn(b, hk, sk, d)
+    allowed = torch.rand(b, hq, sq, sk) > 0.4
+    allowed[..., 0] = True
+    if not float_mask:
+        allowed[1, 3, 2] = False                     # one row of one head sees nothing
+    given = (torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min) if float_mask
+             else allowed)
+    out = pt._sdpa_fallback(_module(), q, k, v, given, 0.3, softcap)
+    assert out.shape == (b, sq, hq, d)
+    torch.testing.assert_close(out.double(), _naive(q, k, v, allowed, 0.3, softcap), atol=1e-5, rtol=1e-5)
+    shared = allowed[:, :1].clone()                   # HF's usual [b, 1, q, k] mask
+    out = pt._sdpa_fallback(_module(), q, k, v, shared, 0.3, softcap)
+    torch.testing.assert_close(out.double(), _naive(q, k, v, shared, 0.3, softcap), atol=1e-5, rtol=1e-5)

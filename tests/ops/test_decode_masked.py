@@ -72,14 +72,17 @@ def test_kv_len_alone_bounds_the_keys():
 @pytest.mark.parametrize("hq,hk", [(4, 4), (8, 2)])
 @pytest.mark.parametrize("sms", [1, 64])          # 64 SMs: each row split across programs (fused merge)
 @pytest.mark.parametrize("holes", [False, True])
-@pytest.mark.parametrize("pow2", [False, True])   # a power-of-two cache length takes the whole-tile key loop
+@pytest.mark.parametrize("pow2", [False, True])   # cache length a power of two (one page exactly) or not
 def test_kernel_path_matches_reference(monkeypatch, hq, hk, sms, holes, pow2):
     monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
     monkeypatch.setattr(_decode_plan, "num_sms", lambda device: sms)
     b, s, d = 3, (512 if pow2 else 300) if sms > 1 else (128 if pow2 else 45), 32
     q, k, v, mask, kv_len = _case(b, hq, hk, s, d, torch.float16, seed=hq + sms + holes + 7 * pow2, holes=holes)
     from pagoda.kernels import decode as kdecode
-    assert kdecode.whole_tiles(s, kdecode.addr_flags(s, k.stride()[:3], v.stride()[:3])) == pow2
+    # Any length takes the whole-tile key loop: the row's page is its length rounded up to a power of two.
+    page = dd.page_for(s)
+    assert page >= s and page & (page - 1) == 0 and (page == s) == pow2
+    assert kdecode.whole_tiles(page, kdecode.addr_flags(page, k.stride()[:3], v.stride()[:3]))
     out = dd.decode_dense_masked(q, k, v, d ** -0.5, mask, kv_len)
     splits = dd._graph_safe_metadata(q.device, b, s, hk, hq, d)[-1]
     assert (splits > 1) == (sms > 1), "the split path was (not) taken"
@@ -101,6 +104,16 @@ def test_kernel_reads_no_key_past_kv_len(monkeypatch):
         v[i, n:] = float("nan")
     out = dd.decode_dense_masked(q, k, v, 0.25, None, kv_len)
     assert torch.isfinite(out).all() and rel_err(out.float(), _want(q, k, v, mask, 0.25)) < 2e-3
+
+
+@pytest.mark.skipif(not INTERPRET, reason="interpreter test (no CUDA)")
+def test_kernel_reads_kv_len_of_any_stride(monkeypatch):
+    """kv_len given as a strided view (a column of a bigger tensor): each row still reads its own length."""
+    monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
+    q, k, v, mask, kv_len = _case(3, 4, 2, 64, 16, torch.float16, seed=11)
+    table = torch.stack([kv_len, torch.full_like(kv_len, 1000)], dim=1)      # [b, 2]: column 1 is garbage
+    out = dd.decode_dense_masked(q, k, v, 0.25, mask, table[:, 0])
+    assert rel_err(out.float(), _want(q, k, v, mask, 0.25)) < 2e-3
 
 
 def test_custom_op_and_its_fake():
@@ -140,7 +153,8 @@ def test_gpu_capturable_in_a_cuda_graph(warm):
     q, k, v, mask, kv_len = (t.cuda() for t in _case(b, hq, hk, s, d, torch.bfloat16, seed=3))
     if warm:
         dd.decode_dense_masked(q, k, v, d ** -0.5, mask, kv_len)
-        assert len(dd._graph_meta) == 1
+        dd.decode_dense_masked(q, k[:, :s - 1], v[:, :s - 1], d ** -0.5, mask, kv_len.clamp(max=s - 1))
+        assert len(dd._graph_meta) == 1         # keyed by the split plan: one length less shares it
     else:
         # The kernel compiled before the capture (a compile inside it would fail), through another shape.
         dd.decode_dense_masked(q[:, :8], k[:, :, :2], v[:, :, :2], d ** -0.5, mask, kv_len)
@@ -179,4 +193,17 @@ def test_custom_op_rejects_bad_arguments(bad, match):
     else:
         mask = mask[:, :8]
     with pytest.raises((ValueError, TypeError), match=match):
+        torch.ops.pagoda.decode_hf(query, key, value, mask, kv_len, 0.25, 0.0)
+    # The fake checks too: under torch.compile bad arguments fail while tracing, not at the first run.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fakes = [None if t is None else mode.from_tensor(t) for t in (query, key, value, mask, kv_len)]
+        with pytest.raises((ValueError, TypeError), match=match):
+            torch.ops.pagoda.decode_hf(*fakes, 0.25, 0.0)
+
+
+def test_custom_op_rejects_an_unsupported_dtype():
+    q, k, v, mask, kv_len = _case(2, 4, 2, 16, 16, torch.float32, seed=9)
+    query, key, value = (t.double() for t in (q[:, :, None], k.transpose(1, 2), v.transpose(1, 2)))
+    with pytest.raises(TypeError, match="query must be float16, bfloat16 or float32"):
         torch.ops.pagoda.decode_hf(query, key, value, mask, kv_len, 0.25, 0.0)
