@@ -116,16 +116,20 @@ def test_repeat_calls_replay_the_recorded_launch_with_the_new_tensors(monkeypatc
     k2, v2 = _hf_cache(2, 2, 40, 16, torch.float32, seed=2)
     dd.decode_dense(q1, k1, v1, 0.25)
     out2 = dd.decode_dense(q2, k2, v2, 0.25)
-    assert [e[0] for e in log] == ["planned", "replay"] and fwd_calls == [40], "the 2nd call must be a replay"
+    # One page per row: 40 keys rounded up to a page of 64.
+    assert [e[0] for e in log] == ["planned", "replay"] and fwd_calls == [64], "the 2nd call must be a replay"
     replayed = log[1][1]
     assert replayed[0] is q2 and replayed[1] is k2 and replayed[2] is v2 and replayed[3] is out2
-    assert replayed[4] is log[0][1][4] and replayed[5] == 40         # LSE scratch and scalars kept
+    assert replayed[4] is log[0][1][4] and replayed[5] == 64         # LSE scratch and scalars kept
     kept = next(iter(dd._bound.values())).calls[0][1][9:]
     assert kept[:4] == [None] * 4, "the first call's q/k/v/out must not be held between calls"
     dd.decode_dense(q2, k2, v2, 0.5)                                   # another scale: planned again
-    k3, v3 = _hf_cache(2, 2, 41, 16, torch.float32)                    # another length: planned again
-    dd.decode_dense(q2, k3, v3, 0.25)
-    assert [e[0] for e in log] == ["planned", "replay", "planned", "planned"] and fwd_calls == [40, 40, 41]
+    k3, v3 = _hf_cache(2, 2, 41, 16, torch.float32)                    # another length: planned again,
+    dd.decode_dense(q2, k3, v3, 0.25)                                  # the same page (64): the kernel replays
+    k4, v4 = _hf_cache(2, 2, 65, 16, torch.float32)                    # another page (128): compiled again
+    dd.decode_dense(q2, k4, v4, 0.25)
+    assert [e[0] for e in log] == ["planned", "replay", "planned", "replay", "planned"]
+    assert fwd_calls == [64, 64, 64, 128]
 
 
 def _fake_decode(monkeypatch, log):
@@ -163,11 +167,11 @@ def test_hf_layout_repeat_calls_replay_with_the_hf_tensors_swapped_in(monkeypatc
     planned, replayed = log[0][1], log[1][1]
     assert planned[0].data_ptr() == q1.data_ptr() and planned[3].data_ptr() == out1.data_ptr()
     assert replayed[0] is q2 and replayed[1] is k2 and replayed[2] is v2 and replayed[3] is out2
-    assert replayed[4] is planned[4] and replayed[5] == 40
+    assert replayed[4] is planned[4] and replayed[5] == 64
     kept = next(iter(dd._hf.values()))[0].calls[0][1][9:]
     assert kept[:4] == [None] * 4
     dd.decode_hf(q2, k2, v2, 0.5)                                           # another scale
-    q3, k3, v3 = _hf_step(2, 4, 2, 41, 16, 3)                               # another length
+    q3, k3, v3 = _hf_step(2, 4, 2, 65, 16, 3)                               # another length and page
     dd.decode_hf(q3, k3, v3, 0.25)
     raw = torch.empty(2 * 4 * 16 + 1, dtype=torch.float16)
     q4 = raw[1:].view(2, 4, 1, 16)                                          # 2-byte aligned
