@@ -137,7 +137,7 @@ if _GLUON_OK:
             for c in gl.static_range(WG_M // 16):
                 r = m_w + c * 16 + gl.arange(0, 16, layout=gl.SliceLayout(1, blk))
                 x = q_box.slice(c * 16, 16, dim=0).load(blk)
-                ptrs = O + gl.expand_dims((q_start + r).to(gl.int64) * stride_ot + head * stride_oh, 1) + \
+                ptrs = O + gl.expand_dims((q_start + r).to(gl.int64) * stride_ot + head.to(gl.int64) * stride_oh, 1) + \
                     gl.expand_dims(cols, 0)
                 gl.store(ptrs, x, mask=gl.expand_dims(r < qo_len, 1) & gl.expand_dims(cols < HEAD_DIM, 0))
         if WRITE_LSE:
@@ -159,7 +159,7 @@ if _GLUON_OK:
         cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, blk))
         live = offs < qo_len
         tok = (q_start + offs).to(gl.int64)
-        ptrs = O + gl.expand_dims(tok * stride_ot + head * stride_oh, 1) + gl.expand_dims(cols, 0)
+        ptrs = O + gl.expand_dims(tok * stride_ot + head.to(gl.int64) * stride_oh, 1) + gl.expand_dims(cols, 0)
         zero = gl.zeros([BLOCK_M, HEAD_DIM], O.dtype.element_ty, layout=blk)
         gl.store(ptrs, zero, mask=gl.expand_dims(live, 1) & gl.expand_dims(cols < HEAD_DIM, 0))
         if WRITE_LSE:

@@ -36,7 +36,7 @@ def _merge_states_kernel(V, S, V_B, S_B, O, LSE, MASK, num_states, num_heads, he
     # otherwise V/S hold num_states states along dimension 1 (merge_states).
     row = tl.program_id(0)
     tok = row // num_heads
-    head = row % num_heads
+    head = (row % num_heads).to(tl.int64)     # 64-bit: v/out may be head-major views
     if HAS_MASK:
         if tl.load(MASK + tok) == 0:
             return

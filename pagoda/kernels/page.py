@@ -35,7 +35,7 @@ def _append_kernel(
     page = tl.load(KV_INDICES + page_slot).to(tl.int64)
     slot = (pos % page_size).to(tl.int64)
 
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_h = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)   # heads-outermost storage
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask = (offs_h[:, None] < num_heads) & (offs_d[None, :] < HEAD_DIM)
     tok64 = tok.to(tl.int64)

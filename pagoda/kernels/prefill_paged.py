@@ -132,7 +132,7 @@ def _prefill_paged_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     tok = offs_r // GROUP
-    head = kvh * GROUP + offs_r % GROUP
+    head = (kvh * GROUP + offs_r % GROUP).to(tl.int64)     # 64-bit: q/out may be head-major views (HF layout)
     q_pos = tok + shift
     row_mask = tok < qo_len
     q_mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
@@ -231,7 +231,8 @@ def _merge_splits_kernel(O_PART, LSE_PART, QO_INDPTR, O, LSE, n_req, num_splits,
     l_sum = tl.sum(w, 0)
     empty = l_sum == 0.0
     out = tl.sum(w[:, None] * o, 0) / tl.where(empty, 1.0, l_sum)
-    tl.store(O + r64 * stride_ot + h * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    tl.store(O + r64 * stride_ot + h.to(tl.int64) * stride_oh + offs_d, out.to(O.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
     lse_out = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, l_sum))) * 0.6931471805599453)
     tl.store(LSE + r64 * stride_lt + h * stride_lh, lse_out)
 

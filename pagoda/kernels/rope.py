@@ -22,7 +22,7 @@ def _rope_kernel(
     INTERLEAVE: tl.constexpr, COPY_REST: tl.constexpr,
 ):
     tok = tl.program_id(0)
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_h = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)   # head-major views: s * d strides
     offs_i = tl.arange(0, HALF_PAD)
     hmask = offs_h < num_heads
     imask = offs_i < half
