@@ -40,8 +40,11 @@ def _cached(cache: dict, key, make, limit: int = 16):
 def page_for(s: int) -> int:
     """The page size of a row of ``s`` keys: one page per row, any size >= s gives the same addresses (the
     row's length is its last page's length), and a power of two takes the decode kernel's fast key loop
-    (`pagoda.kernels.decode.whole_tiles`; an H200 measured a non-power-of-two page at 359 us against 262)."""
-    return 1 << max(s - 1, 0).bit_length()
+    (`pagoda.kernels.decode.whole_tiles`; an H200 measured a non-power-of-two page at 359 us against 262).
+    ``s >= 1``."""
+    from pagoda.kernels._launch import next_pow2
+
+    return next_pow2(s)
 
 
 def _metadata(device, b, s, hk, hq, d):
