@@ -1,7 +1,7 @@
 """Hugging Face transformers integration: ``attn_implementation="pagoda"``.
 
     import pagoda.integrations.transformers as pt
-    pt.register()                       # once per process
+    pt.register()                       # once per process (register(sampling=True): the samplers too)
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="pagoda")
 
 Every attention call of the model then runs through `pagoda.flash_attn_func` or
@@ -42,7 +42,7 @@ from pagoda.ops.attention import flash_attn_func, flash_attn_varlen_func
 from pagoda.ops import _decode_op  # noqa: F401 - registers torch.ops.pagoda.decode_hf
 from pagoda.ops.decode_dense import decode_dense, decode_hf, kernel_takes
 
-__all__ = ["register", "pagoda_attention_forward", "ATTN_IMPLEMENTATION"]
+__all__ = ["register", "register_sampling", "pagoda_attention_forward", "ATTN_IMPLEMENTATION"]
 
 ATTN_IMPLEMENTATION = "pagoda"
 
@@ -54,9 +54,14 @@ _MAX_LAYOUTS = 16
 _FALLBACK = ("fallback",)
 
 
-def register(name: str = ATTN_IMPLEMENTATION) -> str:
-    """Register pagoda with transformers' attention (and, where it exists, mask) interfaces; returns ``name``."""
+def register(name: str = ATTN_IMPLEMENTATION, *, sampling: bool = False) -> str:
+    """Register pagoda with transformers' attention (and, where it exists, mask) interfaces; returns ``name``.
+    ``sampling=True`` also makes every ``generate(do_sample=True, ...)`` use pagoda's sorting-free top-k / top-p /
+    min-p / temperature warpers (`register_sampling`)."""
     from transformers import AttentionInterface
+
+    if sampling:
+        register_sampling()
 
     AttentionInterface.register(name, pagoda_attention_forward)
     try:  # transformers >= 4.53: masks are built per attention implementation
@@ -66,6 +71,15 @@ def register(name: str = ATTN_IMPLEMENTATION) -> str:
     # SDPA's mask builder: a boolean [b, 1, q, k] mask, or None when the plain causal mask suffices.
     AttentionMaskInterface.register(name, sdpa_mask)
     return name
+
+
+def register_sampling() -> None:
+    """``generate(do_sample=True, top_k=..., top_p=..., min_p=..., temperature=...)`` samples through pagoda's
+    sorting-free warpers in this process, with HF's distribution (`pagoda.integrations.hf_sampling`); greedy and
+    every other processor unchanged. Attention is not touched. ``hf_sampling.disable()`` undoes it."""
+    from pagoda.integrations import hf_sampling
+
+    hf_sampling.enable()
 
 
 def _allowed(mask: torch.Tensor) -> torch.Tensor | None:
