@@ -2,7 +2,7 @@
 
 Every op runs on CUDA through Triton kernels compiled on first use, and anywhere else through a
 plain-PyTorch reference path. The flash-attn 2 entry points and FlashInfer's wrappers, page, RoPE,
-cascade and sampling ops are all exported here; the samplers also from `pagoda.sampling`.
+cascade, sampling, norm and activation ops are all exported here; the samplers also from `pagoda.sampling`.
 """
 from pagoda import sampling
 from pagoda.ops import *  # noqa: F401,F403  (the public API; see pagoda.ops.__all__)

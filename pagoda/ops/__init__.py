@@ -1,9 +1,11 @@
 """Public kernel API: validation and dispatch (Triton on CUDA, the PyTorch reference elsewhere)."""
+from pagoda.ops.activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul
 from pagoda.ops.attention import flash_attn_func, flash_attn_varlen_func
 from pagoda.ops.cascade import MultiLevelCascadeAttentionWrapper, merge_state, merge_state_in_place, merge_states
 from pagoda.ops.cascade_levels import CascadeLevels, build_cascade_levels
 from pagoda.ops.decode import BatchDecodeWithPagedKVCacheWrapper, single_decode_with_kv_cache
 from pagoda.ops.kvcache import flash_attn_with_kvcache
+from pagoda.ops.norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, rmsnorm
 from pagoda.ops.page import (append_paged_kv_cache, append_paged_kv_cache_with_rope, block_table_to_csr,
                              csr_to_block_table, get_batch_indices_positions, get_seq_lens)
 from pagoda.ops.prefill import (BatchPrefillWithPagedKVCacheWrapper, BatchPrefillWithRaggedKVCacheWrapper,
@@ -29,4 +31,6 @@ __all__ = [
     "sampling_from_logits", "sampling_from_probs", "top_p_sampling_from_probs", "top_k_sampling_from_probs",
     "min_p_sampling_from_probs", "top_k_top_p_sampling_from_logits", "top_k_top_p_sampling_from_probs",
     "top_p_renorm_probs", "top_k_renorm_probs", "top_k_mask_logits", "chain_speculative_sampling",
+    "rmsnorm", "fused_add_rmsnorm", "gemma_rmsnorm", "gemma_fused_add_rmsnorm",
+    "silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul",
 ]
