@@ -1,0 +1,228 @@
+"""One engine loop beside the event loop: a thread drives ``LLMEngine.step()``, the event loop serves HTTP.
+
+Handover, both ways thread-safe and batched per step:
+- event loop -> engine thread: a ``queue.SimpleQueue`` of ("add" | "abort" | "stop") commands, drained by the
+  engine thread between steps (the engine is only ever touched from its own thread);
+- engine thread -> event loop: one ``loop.call_soon_threadsafe(deliver, events)`` per step carrying every
+  request's output of that step (and add acknowledgements), fanned out to per-request ``asyncio.Queue``s.
+
+``add_request`` waits for the engine's acknowledgement, so a request the engine refuses (``ValueError`` at
+``add_request``: e.g. it can never fit the KV cache) is a 400 before any response byte is sent.
+An abort (client gone) drops the request's queue at once and frees its KV pages at the next step boundary.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+from pagoda.server.errors import APIError
+from pagoda.server.metrics import ServerMetrics
+
+log = logging.getLogger("pagoda.server")
+
+_IDLE_POLL_S = 1.0         # an idle engine thread wakes this often to refresh gauges (and notice a stop)
+
+
+class RequestStream:
+    """The outputs of one request as the event loop sees them: an async iterator of ``RequestOutput``.
+
+    Raises the ``APIError`` the loop puts in instead (shutdown, engine failure)."""
+
+    __slots__ = ("request_id", "queue", "finished", "arrival", "first_token_at", "last_token_at")
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.finished = False
+        self.arrival = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.finished and self.queue.empty():
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.finished:
+            self.finished = True
+        return item
+
+
+class EngineLoop:
+    """Owns the engine thread; every public method is called from the event loop's thread."""
+
+    def __init__(self, engine: Any, metrics: ServerMetrics | None = None):
+        self.engine = engine
+        self.metrics = metrics
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}
+        self._acks: dict[str, asyncio.Future] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._error: str | None = None        # set once the loop stops: why new requests are refused
+        self.steps = 0
+
+    # ---- event-loop side -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="pagoda-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def healthy(self) -> bool:
+        return self._error is None and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_streams(self) -> int:
+        return len(self._streams)
+
+    async def add_request(self, request_id: str, prompt: dict, params: Any) -> RequestStream:
+        """Hand a request to the engine and wait for it to be accepted (APIError 400 if refused)."""
+        if self._error is not None:
+            raise APIError(self._error, status=503, code="unavailable")
+        stream = RequestStream(request_id)
+        ack = self._loop.create_future()
+        self._streams[request_id] = stream
+        self._acks[request_id] = ack
+        self._inbox.put(("add", request_id, prompt, params))
+        try:
+            await ack
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(len(prompt["prompt_token_ids"]))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Forget the request now; the engine drops it (and frees its pages) at the next step boundary."""
+        stream = self._streams.pop(request_id, None)
+        if stream is not None and self._error is None:
+            self._inbox.put(("abort", request_id))
+
+    def fail_all(self, message: str) -> None:
+        """End every request with a 503 error and refuse new ones (shutdown); the thread stops after its step."""
+        if self._error is None:
+            self._error = message
+        err = APIError(message, status=503, code="unavailable")
+        for ack in self._acks.values():
+            if not ack.done():
+                ack.set_exception(err)
+        self._acks.clear()
+        for stream in self._streams.values():
+            stream.queue.put_nowait(err)
+        self._streams.clear()
+        self._inbox.put(("stop",))
+
+    async def shutdown(self, message: str = "The server is shutting down.", timeout: float = 30.0) -> None:
+        self.fail_all(message)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, timeout)
+
+    def _deliver(self, events: list) -> None:
+        """Event-loop side of one step: acknowledgements, then outputs to each request's queue."""
+        now = time.perf_counter()
+        m = self.metrics
+        for kind, rid, payload in events:
+            if kind == "ack":
+                ack = self._acks.pop(rid, None)
+                if ack is None or ack.done():        # the client left while waiting: the stream was aborted
+                    continue
+                if payload is None:
+                    ack.set_result(None)
+                else:
+                    ack.set_exception(payload)
+                continue
+            stream = self._streams.get(rid)
+            if stream is None:                      # aborted: late outputs are dropped
+                continue
+            if kind == "error":
+                stream.queue.put_nowait(payload)
+                del self._streams[rid]
+                continue
+            new_tokens = sum(len(c.token_ids) for c in payload.outputs)
+            if new_tokens and m is not None:
+                m.generation_tokens.inc(new_tokens)
+                if stream.first_token_at is None:
+                    m.time_to_first_token.observe(now - stream.arrival)
+                else:
+                    m.inter_token_latency.observe(now - stream.last_token_at)
+            if new_tokens:
+                stream.first_token_at = stream.first_token_at or now
+                stream.last_token_at = now
+            stream.queue.put_nowait(payload)
+            if payload.finished:
+                del self._streams[rid]
+                if m is not None:
+                    m.e2e_latency.observe(now - stream.arrival)
+
+    # ---- engine thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        engine, live = self.engine, set()
+        try:
+            while True:
+                events: list = []
+                busy = engine.has_unfinished_requests()
+                if not self._drain(engine, live, events, block=not busy):
+                    break
+                if engine.has_unfinished_requests():
+                    for out in engine.step():
+                        events.append(("out", out.request_id, out))
+                        if out.finished:
+                            live.discard(out.request_id)
+                    self.steps += 1
+                if self.metrics is not None:
+                    self.metrics.observe_engine(engine)
+                if events:
+                    self._loop.call_soon_threadsafe(self._deliver, events)
+        except BaseException as exc:  # an engine failure ends every request; the server reports unhealthy
+            log.exception("engine loop failed")
+            self._post_failure(f"The engine failed: {type(exc).__name__}: {exc}")
+        finally:
+            if live:       # shutdown with requests in flight: free their pages
+                try:
+                    engine.abort_request(list(live))
+                except Exception:
+                    log.exception("aborting requests at shutdown failed")
+
+    def _drain(self, engine, live: set, events: list, block: bool) -> bool:
+        """Apply queued commands; False once a stop arrives. Blocks (briefly) only when the engine is idle."""
+        while True:
+            try:
+                cmd = self._inbox.get(timeout=_IDLE_POLL_S) if block else self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+            block = False
+            if cmd[0] == "stop":
+                return False
+            if cmd[0] == "add":
+                _, rid, prompt, params = cmd
+                try:
+                    engine.add_request(rid, prompt, params)
+                except (ValueError, TypeError) as exc:
+                    events.append(("ack", rid, APIError(str(exc), code="invalid_value")))
+                    continue
+                live.add(rid)
+                events.append(("ack", rid, None))
+            else:
+                rid = cmd[1]
+                if rid in live:
+                    live.discard(rid)
+                    engine.abort_request([rid])
+
+    def _post_failure(self, message: str) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self.fail_all, message)
+            except RuntimeError:     # the loop closed meanwhile
+                pass

@@ -1,0 +1,60 @@
+"""``pagoda serve``: build the engine, the application and a uvicorn server that shuts down cleanly.
+
+On SIGINT / SIGTERM uvicorn stops accepting connections and then waits for open responses to finish;
+``PagodaServer`` first ends every running request with an error (a streamed request gets an error event
+and ``data: [DONE]``, a waiting one a 503), so nothing waits on generations that will not come, then the
+engine thread stops after its current step. A second SIGINT forces the exit.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+
+import uvicorn
+
+from pagoda.server.cli_args import engine_kwargs
+
+log = logging.getLogger("pagoda.server")
+
+
+class PagodaServer(uvicorn.Server):
+    """uvicorn's server, failing the running requests as shutdown begins (uvicorn would wait for them)."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        app = self.config.loaded_app
+        while hasattr(app, "app") and not hasattr(app, "state"):   # uvicorn's middleware wrappers
+            app = app.app
+        loop = getattr(getattr(app, "state", None), "engine_loop", None)
+        if loop is not None:
+            loop.fail_all("The server is shutting down.")
+        await super().shutdown(sockets)
+
+
+def build_engine(model: str, **kwargs):
+    from pagoda.engine.llm_engine import LLMEngine
+    return LLMEngine.from_kwargs(model, **kwargs)
+
+
+def make_server(app, host: str, port: int, log_level: str = "info", shutdown_timeout: float = 10.0,
+                fd: int | None = None) -> PagodaServer:
+    config = uvicorn.Config(app, host=host, port=port, fd=fd, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=shutdown_timeout, lifespan="on")
+    return PagodaServer(config)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Entry point of ``pagoda serve`` (parsed arguments from ``cli_args.add_serve_arguments``)."""
+    from transformers import AutoTokenizer
+
+    from pagoda.server.app import build_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    engine = build_engine(args.model, **engine_kwargs(args))
+    # The server's own tokenizer: prompts are encoded on the event loop while the engine thread decodes.
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, local_files_only=True)
+    app = build_app(engine, served_model_name=args.served_model_name or args.model, tokenizer=tokenizer,
+                    api_key=args.api_key)
+    log.info("serving %s on http://%s:%d/v1", args.served_model_name or args.model, args.host, args.port)
+    make_server(app, args.host, args.port, args.log_level, args.shutdown_timeout).run()
+    return 0

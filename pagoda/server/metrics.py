@@ -1,0 +1,86 @@
+"""``GET /metrics``: Prometheus text through prometheus-client, vLLM's metric meanings under ``pagoda:``.
+
+Each server owns its registry (several servers in one process, as tests start them, never collide).
+Gauges about the engine (running / waiting requests, KV usage) are refreshed by the engine thread after
+every step from ``engine_stats``; counters and latency histograms are fed by the engine loop as outputs
+arrive (time to first token from the request's arrival, inter-token latency between a request's outputs).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Buckets as vLLM's (seconds): TTFT spans milliseconds to minutes, inter-token latency ms to seconds.
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                480.0, 960.0, 1920.0, 7680.0)
+
+
+def engine_stats(engine: Any) -> dict[str, float]:
+    """Running / waiting requests, KV-cache usage (0..1) and prefix-cache token counts of an ``LLMEngine``."""
+    sched = engine.scheduler
+    bm = sched.block_manager
+    return {"running": float(len(sched.running)), "waiting": float(len(sched.waiting)), "kv_usage": bm.usage,
+            "prefix_queries": float(bm.num_queried_tokens), "prefix_hits": float(bm.num_hit_tokens)}
+
+
+class ServerMetrics:
+    """The server's metrics in a private registry; ``render()`` gives the Prometheus text."""
+
+    def __init__(self, model_name: str):
+        self.registry = reg = CollectorRegistry()
+        labels = ["model_name"]
+
+        def gauge(name, doc):
+            return Gauge(f"pagoda:{name}", doc, labels, registry=reg).labels(model_name)
+
+        def counter(name, doc):
+            return Counter(f"pagoda:{name}", doc, labels, registry=reg).labels(model_name)
+
+        def histogram(name, doc, buckets):
+            return Histogram(f"pagoda:{name}", doc, labels, buckets=buckets, registry=reg).labels(model_name)
+
+        self.num_requests_running = gauge("num_requests_running", "Requests in the engine's running batch.")
+        self.num_requests_waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_cache_usage = gauge("kv_cache_usage_perc", "Fraction of KV-cache pages in use (1 = full).")
+        self.prefix_cache_hit_rate = gauge("prefix_cache_hit_rate",
+                                           "Prompt tokens served from the prefix cache / prompt tokens, so far.")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of accepted requests.")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens.")
+        self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.requests_finished = Counter("pagoda:request_success", "Finished requests by finish reason.",
+                                         ["model_name", "finished_reason"], registry=reg)
+        self._model_name = model_name
+        self._seen = (0.0, 0.0)
+        self.time_to_first_token = histogram("time_to_first_token_seconds",
+                                             "Time from a request's arrival to its first token.", _TTFT_BUCKETS)
+        self.inter_token_latency = histogram("inter_token_latency_seconds",
+                                             "Time between a request's consecutive outputs.", _ITL_BUCKETS)
+        self.e2e_latency = histogram("e2e_request_latency_seconds", "Time from arrival to the last token.",
+                                     _E2E_BUCKETS)
+
+    def observe_engine(self, engine: Any) -> None:
+        """Called by the engine thread after each step (prometheus-client metrics are thread-safe)."""
+        stats = engine_stats(engine)
+        self.num_requests_running.set(stats["running"])
+        self.num_requests_waiting.set(stats["waiting"])
+        self.kv_cache_usage.set(stats["kv_usage"])
+        # The engine keeps running totals; the counters take the increase since the last step.
+        dq, dh = stats["prefix_queries"] - self._seen[0], stats["prefix_hits"] - self._seen[1]
+        if dq > 0 or dh > 0:
+            self.prefix_cache_queries.inc(max(dq, 0.0))
+            self.prefix_cache_hits.inc(max(dh, 0.0))
+            self._seen = (stats["prefix_queries"], stats["prefix_hits"])
+
+    def finished(self, reason: str | None) -> None:
+        self.requests_finished.labels(self._model_name, reason or "unknown").inc()
+
+    def render(self) -> bytes:
+        queries = self.prefix_cache_queries._value.get()
+        self.prefix_cache_hit_rate.set(self.prefix_cache_hits._value.get() / queries if queries else 0.0)
+        return generate_latest(self.registry)
