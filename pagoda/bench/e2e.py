@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pagoda.bench import e2e_sampling
 from pagoda.bench import report as _report
 from pagoda.bench.budget import CaseTimeout, Clock, free, is_oom, reason, time_limit, time_ms
 from pagoda.bench.e2e_report import tables
@@ -55,6 +56,7 @@ _ORDER = ["pagoda", "sdpa", "eager", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient
 # decode step); and "compiled", the StaticCache as HF runs it by default on a GPU: the decode step compiled
 # (Inductor, CUDA graphs), host overhead gone (one compile per implementation x batch, a minute or more each).
 CACHES = ("dynamic", "static", "compiled")
+_PROCESSORS = {"none", "repetition_penalty", *e2e_sampling.SAMPLERS}   # values of the processor axis
 CLAIM_BATCH = 64        # the issue's claim: tokens/s at batch >= 64 vs the best other implementation
 REFINE_WITHIN = 0.75    # re-timed rows: every implementation within this fraction of the cell's best
 
@@ -84,7 +86,7 @@ class E2EConfig:
             raise ValueError(f"batch_sizes must be positive, got {self.batch_sizes}")
         if self.prompt_len < 1 or self.new_tokens < 1:
             raise ValueError("prompt_len and new_tokens must be >= 1")
-        bad = set(self.caches) - set(CACHES) or set(self.processors) - {"none", "repetition_penalty"}
+        bad = set(self.caches) - set(CACHES) or set(self.processors) - _PROCESSORS
         if bad:
             raise ValueError(f"unknown cache/processor setting(s): {sorted(bad)}")
         if self.repeats < 1:
@@ -103,6 +105,13 @@ GRIDS: dict[str, dict] = {
     "gpu": dict(model="qwen3-0.6b", batch_sizes=(64, 128, 16, 1), prompt_len=128, new_tokens=32, repeats=1,
                 max_batch_search=True, budget_s=430.0, case_limit_s=90.0, refine_to=5, max_batch_budget_s=50.0,
                 max_batch_resolution=4),
+    # generate(do_sample=True, top_k=50, top_p=0.9) with HF's sorting warpers against pagoda's, beside greedy
+    # (python3 -m pagoda.bench.e2e --grid sampling --backends sdpa,pagoda). ~1.1 s per generate (32 new tokens
+    # at ~33 ms per host-bound step); 10 per (impl, cache, batch) -> ~11 s x 2 impls x 2 caches x 3 batches
+    # ~ 130 s, plus the model build, the agreement check and the sampling-step timing: ~3 minutes.
+    "sampling": dict(model="qwen3-0.6b", batch_sizes=(128, 16, 1), prompt_len=128, new_tokens=32, repeats=3,
+                     caches=("dynamic", "static"), processors=("none", *e2e_sampling.SAMPLERS), budget_s=280.0,
+                     case_limit_s=60.0, host_overhead=False),
 }
 
 
@@ -217,9 +226,10 @@ def _generate_fn(model, impl: str, batch: int, prompt_len: int, new_tokens: int,
     kw = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **cache_kwargs(cache))
     if processor == "repetition_penalty":
         kw["repetition_penalty"] = 1.1
+    kw.update(e2e_sampling.generate_kwargs(processor))
 
     def run():
-        with torch.no_grad():
+        with torch.no_grad(), e2e_sampling.context(processor):
             if impl in _SDPA_FORCED:
                 from torch.nn.attention import SDPBackend, sdpa_kernel
                 with sdpa_kernel([getattr(SDPBackend, _SDPA_FORCED[impl])]):
@@ -328,6 +338,15 @@ def _run_study(cfg, impls, device, dtype, out, command) -> dict:
                 report["agreement"] = e2e_checks.agreement(model, device, cfg.caches)
         except Exception as exc:
             report["agreement"] = {"error": reason(exc)}
+        checkpoint()
+    if any(map(e2e_sampling.is_sampling, cfg.processors)) and runnable:
+        # Also the warm-up of both warper chains at every batch (pagoda's kernels compile on their first call;
+        # a group's warm-up generate runs its first processor only).
+        try:
+            with time_limit(clock.limit(60.0)):
+                report["sampling_step"] = e2e_sampling.sampling_step(model, device, cfg.batch_sizes)
+        except Exception as exc:
+            report["sampling_step"] = {"error": reason(exc)}
         checkpoint()
     groups = _case_order(cfg, runnable)
     reserve = cfg.max_batch_budget_s if search else 0.0

@@ -3,6 +3,7 @@ cache x logits processor, then the max-batch search, the pagoda-vs-SDPA agreemen
 attention call and what could not run."""
 from __future__ import annotations
 
+from pagoda.bench import e2e_sampling
 from pagoda.bench import report as _report
 
 
@@ -59,6 +60,7 @@ def tables(report: dict, markdown: bool = False) -> str:
         title = f"{report['meta']['model']}: tokens/s, cache={cache}, logits processor={proc}"
         table = _report.markdown_table(headers, rows) if markdown else _report.format_table(headers, rows, 0)
         out.append((f"### {title}\n\n" if markdown else title + "\n") + table)
+    out += e2e_sampling.tables(report, markdown)
     paired = paired_ratios(report)
     if paired:
         lines = [f"{c}/{p}/b{b}: {v['toughest']:.2f}x (" + ", ".join(f"{k} {r:.2f}x" for k, r in v["vs"].items()) + ")"
