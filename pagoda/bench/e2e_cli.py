@@ -31,7 +31,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float)
     p.add_argument("--case-limit-s", type=float, help="upper bound of one case (its warm-up compiles included)")
     p.add_argument("--caches", help=f"comma-separated, of {','.join(e2e.CACHES)}")
-    p.add_argument("--processors", help="comma-separated, of none,repetition_penalty")
+    p.add_argument("--processors", help="comma-separated, of none,repetition_penalty,sample_hf,sample_pagoda "
+                   "(the last two: do_sample=True, top_k=50, top_p=0.9 with HF's or pagoda's warpers)")
     p.add_argument("--prompt-len", type=int)
     p.add_argument("--new-tokens", type=int)
     p.add_argument("--no-max-batch-search", action="store_true")
