@@ -1,0 +1,273 @@
+"""`LLMEngine`: the step-level engine (vLLM's interface) that `LLM` and a server drive.
+
+``add_request`` validates and queues a request, ``step`` runs one scheduled model step and returns the
+outputs of the requests it advanced, ``abort_request`` drops requests. One step: schedule, run the
+model (`ModelRunner`), then for every sampled token: stop checks, incremental detokenization, stop
+strings, and the request's `RequestOutput` as its ``output_kind`` asks.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from pagoda.engine.block_manager import BlockManager
+from pagoda.engine.config import EngineConfig
+from pagoda.engine.detokenizer import IncrementalDetokenizer, find_stop_string
+from pagoda.engine.model_runner import ModelRunner
+from pagoda.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from pagoda.engine.sampling_params import RequestOutputKind, SamplingParams
+from pagoda.engine.scheduler import Scheduler
+from pagoda.engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+def _eos_ids(tokenizer, model_dir: str) -> frozenset[int]:
+    """The tokenizer's EOS and those of the model's generation_config.json (some models end turns with
+    a token other than the tokenizer's EOS)."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    path = os.path.join(model_dir, "generation_config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            eos = json.load(f).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    return frozenset(ids)
+
+
+class LLMEngine:
+    """The engine over one model. ``LLMEngine(EngineConfig(model_dir, ...))`` or
+    ``LLMEngine.from_kwargs(model_dir, **engine_settings)``."""
+
+    def __init__(self, config: EngineConfig):
+        from transformers import AutoTokenizer
+
+        self.config = config
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model, local_files_only=True)
+        self.model_runner = ModelRunner(config)
+        self.vocab_size = self.model_runner.vocab_size
+        self.block_manager = BlockManager(self.model_runner.num_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.enable_chunked_prefill)
+        self.eos_token_ids = _eos_ids(self.tokenizer, config.model)
+        self.requests: dict[str, _Request] = {}
+        self.num_steps = 0
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> LLMEngine:
+        return cls(EngineConfig(model=model, **kwargs))
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    # -- requests ------------------------------------------------------------------------------------------
+    def _parse_prompt(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            text, ids = prompt, None
+        elif isinstance(prompt, dict):
+            unknown = set(prompt) - {"prompt", "prompt_token_ids"}
+            if unknown or not prompt:
+                raise ValueError(f"a prompt dict has 'prompt' (text) or 'prompt_token_ids', got keys {sorted(prompt)}")
+            text, ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
+            if text is not None and not isinstance(text, str):
+                raise TypeError(f"prompt must be a str, got {type(text).__name__}")
+        else:
+            raise TypeError(f"prompt must be a str, {{'prompt': str}} or {{'prompt_token_ids': [...]}}, "
+                            f"got {type(prompt).__name__}")
+        if ids is None:
+            if not text:
+                raise ValueError("prompt is empty")
+            return text, self.tokenizer.encode(text)
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise TypeError("prompt_token_ids must be a list of int")
+        if not ids:
+            raise ValueError("prompt_token_ids is empty")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_token_ids has ids outside the vocabulary [0, {self.vocab_size}): {bad[:8]}")
+        return text, list(ids)
+
+    def add_request(self, request_id: str, prompt, params: SamplingParams, arrival_time: float | None = None) -> None:
+        """Queue a request. ``prompt``: a str, ``{"prompt": str}`` or ``{"prompt_token_ids": [...]}``.
+        ValueError (naming what is wrong) for a duplicate id, an empty prompt, ids outside the vocabulary,
+        or a request that could never fit in ``max_model_len`` or the KV cache; the engine is unchanged."""
+        if not isinstance(request_id, str):
+            raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise ValueError(f"logprobs={params.logprobs} is more than max_logprobs={self.config.max_logprobs}")
+        text, ids = self._parse_prompt(prompt)
+        max_len = self.config.max_model_len
+        if len(ids) >= max_len:
+            raise ValueError(f"the prompt (length {len(ids)}) is too long: max_model_len is {max_len} and at least "
+                             "one token must be generated")
+        max_tokens = params.max_tokens if params.max_tokens is not None else max_len - len(ids)
+        if len(ids) + max_tokens > max_len:
+            raise ValueError(f"prompt length {len(ids)} + max_tokens {max_tokens} exceeds max_model_len {max_len}")
+        needed = self.block_manager.blocks_for(len(ids) + max_tokens - 1)   # the last token's KV is never needed
+        if needed > self.block_manager.num_blocks:
+            raise ValueError(f"the request needs up to {needed} KV blocks but the cache has "
+                             f"{self.block_manager.num_blocks}: it could never run (lower max_tokens or the prompt, "
+                             "or give the cache more blocks)")
+        params = params.clone()
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        device = self.model_runner.device
+        seqs = []
+        for i in range(params.n):
+            gen = None if params.seed is None else torch.Generator(device=device).manual_seed(params.seed + i)
+            seq = Sequence(request_id, i, ids, params, max_tokens, self.eos_token_ids, gen, arrival)
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+            seqs.append(seq)
+        self.requests[request_id] = _Request(request_id, text, list(ids), params, seqs)
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        """Drop requests (unknown or finished ids are ignored); their pages are released at once."""
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        for rid in request_ids:
+            req = self.requests.pop(rid, None)
+            if req is None:
+                continue
+            for seq in req.seqs:
+                if not seq.is_finished:
+                    self.scheduler.finish(seq)
+                    seq.finish_reason = "abort"
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # -- stepping ------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one step; return a RequestOutput for each request it advanced (as its output_kind says)."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        result = self.model_runner.execute(batch)
+        self.scheduler.update_after_step(batch)
+        touched: dict[str, _Request] = {}
+        lp = result.logprobs
+        lp_row = {row: j for j, row in enumerate(lp[0])} if lp is not None else {}
+        for i, (seq, token) in enumerate(zip(result.seqs, result.token_ids, strict=True)):
+            logprobs = None
+            if i in lp_row:
+                j = lp_row[i]
+                logprobs = self._logprobs_entry(seq, token, lp[1][j], lp[2][j], lp[3][j], lp[4][j])
+            self._append_token(seq, token, logprobs)
+            touched[seq.request_id] = self.requests[seq.request_id]
+        outputs = []
+        for req in touched.values():
+            out = self._make_output(req)
+            if out is not None:
+                outputs.append(out)
+            if req.finished:
+                del self.requests[req.request_id]
+        self.num_steps += 1
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("step %d: %d seqs, %d tokens (%s); running %d, waiting %d; KV usage %.1f%%, prefix-cache "
+                         "hit rate %.1f%%", self.num_steps, len(batch.seqs), batch.num_tokens,
+                         "decode" if batch.is_decode_only else "prefill", len(self.scheduler.running),
+                         len(self.scheduler.waiting), 100 * self.block_manager.usage,
+                         100 * self.block_manager.hit_rate)
+        return outputs
+
+    def _logprobs_entry(self, seq, token, top_ids, top_lp, token_lp, rank) -> dict[int, Logprob]:
+        """vLLM's layout: the sampled token first, then the k most likely (the sampled one counted once)."""
+        entry = {token: Logprob(token_lp, rank, self._token_text(token))}
+        k = seq.params.logprobs
+        for r, (tid, value) in enumerate(zip(top_ids[:k], top_lp[:k], strict=True), start=1):
+            if tid not in entry:
+                entry[tid] = Logprob(value, r, self._token_text(tid))
+        return entry
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.convert_tokens_to_string([self.tokenizer.convert_ids_to_tokens(token_id)])
+
+    def _append_token(self, seq: Sequence, token: int, logprobs: dict[int, Logprob] | None) -> None:
+        """Add a sampled token; finish the sequence on a stop condition (vLLM's order of checks)."""
+        params = seq.params
+        seq.token_ids.append(token)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+            seq.cumulative_logprob += logprobs[token].logprob
+        finish: tuple[str, int | str | None] | None = None
+        if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            finish = ("length", None)
+        elif seq.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token in seq.eos_token_ids:
+                finish = ("stop", None)
+            elif token in params.stop_token_ids:
+                finish = ("stop", token)
+        detok = seq.detokenizer
+        stopped_by_token = finish is not None and finish[0] == "stop"
+        cut = None
+        if not stopped_by_token or params.include_stop_str_in_output:
+            delta = detok.add(token)
+            if params.stop and seq.num_output_tokens > params.min_tokens:
+                hit = find_stop_string(detok.output_text, len(delta), params.stop, params.include_stop_str_in_output)
+                if hit is not None:
+                    finish, cut = ("stop", hit[0]), hit[1]
+        if finish is None:
+            return
+        if cut is not None:
+            detok.output_text = detok.output_text[:cut]
+        else:
+            detok.flush()
+        seq.finish_reason, seq.stop_reason = finish
+        self.scheduler.finish(seq)
+
+    def _make_output(self, req: _Request) -> RequestOutput | None:
+        kind = req.params.output_kind
+        finished = req.finished
+        if kind is RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        completions = []
+        for seq in req.seqs:
+            text = seq.detokenizer.output_text
+            if not seq.is_finished:
+                text = text[:max(len(text) - req.params.output_text_buffer_length, 0)]
+            tokens = seq.output_token_ids
+            logprobs = seq.logprobs
+            if kind is RequestOutputKind.DELTA:
+                if seq.final_sent or (len(tokens) == seq.sent_tokens and not seq.is_finished):
+                    continue
+                text, sent_text = text[seq.sent_text:], len(text)
+                tokens, sent_tokens = tokens[seq.sent_tokens:], len(tokens)
+                logprobs = logprobs[seq.sent_tokens:] if logprobs is not None else None
+                seq.sent_text, seq.sent_tokens, seq.final_sent = sent_text, sent_tokens, seq.is_finished
+            else:
+                logprobs = list(logprobs) if logprobs is not None else None
+            completions.append(CompletionOutput(seq.index, text, list(tokens), seq.cumulative_logprob, logprobs,
+                                                seq.finish_reason, seq.stop_reason))
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, None, completions, finished,
+                             num_cached_tokens=max(s.num_cached_tokens for s in req.seqs))
