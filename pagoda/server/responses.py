@@ -66,7 +66,10 @@ class LogprobsFormatter:
             tok = self.text(tid, lp)
             out["tokens"].append(tok)
             out["token_logprobs"].append(_finite(lp.logprob) if lp is not None else None)
-            out["top_logprobs"].append({self.text(t, e): _finite(e.logprob) for t, e in _top(step, self.k)})
+            top: dict[str, float] = {}
+            for t, e in _top(step, self.k):      # tokens that decode alike keep the likeliest's value
+                top.setdefault(self.text(t, e), _finite(e.logprob))
+            out["top_logprobs"].append(top)
             out["text_offset"].append(offset)
             offset += len(tok)
         return out, offset
