@@ -19,12 +19,15 @@ __all__ = ["ReplicatedLinear", "ColumnParallelLinear", "MergedColumnParallelLine
            "RowParallelLinear"]
 
 
-def _copy(param: nn.Parameter, loaded: torch.Tensor, what: str) -> None:
-    """``param <- loaded`` (dtype converted on the way), with a shape check naming the target."""
-    if tuple(loaded.shape) != tuple(param.shape):
-        raise ValueError(f"{what}: expected a tensor of shape {tuple(param.shape)} for this rank, "
-                         f"got {tuple(loaded.shape)}")
-    param.copy_(loaded)
+def _load_shard(dst: torch.Tensor, loaded: torch.Tensor, dim: int | None, rank: int, size: int, what: str) -> None:
+    """``dst <- rank``'s slice of the full tensor ``loaded`` along ``dim`` (None: all of it), dtype converted
+    on the way. The full shape is checked first, so a wrong checkpoint tensor is named, not mis-sliced."""
+    full = list(dst.shape)
+    if dim is not None:
+        full[dim] *= size
+    if list(loaded.shape) != full:
+        raise ValueError(f"{what}: expected a tensor of shape {tuple(full)}, got {tuple(loaded.shape)}")
+    dst.copy_(loaded if dim is None else loaded.narrow(dim, rank * dst.shape[dim], dst.shape[dim]))
 
 
 class LinearBase(nn.Module):
@@ -63,7 +66,7 @@ class ReplicatedLinear(LinearBase):
 
     @torch.no_grad()
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
-        _copy(param, loaded_weight, type(self).__name__)
+        _load_shard(param, loaded_weight, None, 0, 1, type(self).__name__)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -75,8 +78,7 @@ class ColumnParallelLinear(LinearBase):
 
     @torch.no_grad()
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
-        size = param.shape[0]
-        _copy(param, loaded_weight.narrow(0, self.tp_rank * size, size), type(self).__name__)
+        _load_shard(param, loaded_weight, 0, self.tp_rank, self.tp_size, type(self).__name__)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -96,8 +98,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             raise ValueError(f"shard_id must be an output index in 0..{len(self.output_sizes) - 1}, got {shard_id!r}")
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         size = self.output_sizes[shard_id] // self.tp_size
-        _copy(param.narrow(0, offset, size), loaded_weight.narrow(0, self.tp_rank * size, size),
-              f"{type(self).__name__} shard {shard_id}")
+        _load_shard(param.narrow(0, offset, size), loaded_weight, 0, self.tp_rank, self.tp_size,
+                    f"{type(self).__name__} shard {shard_id}")
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -120,8 +122,8 @@ class QKVParallelLinear(ColumnParallelLinear):
         if shard_id not in spans:
             raise ValueError(f"shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
         offset, size = spans[shard_id]
-        _copy(param.narrow(0, offset, size), loaded_weight.narrow(0, self.tp_rank * size, size),
-              f"{type(self).__name__} shard {shard_id}")
+        _load_shard(param.narrow(0, offset, size), loaded_weight, 0, self.tp_rank, self.tp_size,
+                    f"{type(self).__name__} shard {shard_id}")
 
 
 class RowParallelLinear(LinearBase):
@@ -133,11 +135,8 @@ class RowParallelLinear(LinearBase):
 
     @torch.no_grad()
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
-        if param.dim() == 1:  # the bias: whole on every rank
-            _copy(param, loaded_weight, f"{type(self).__name__} bias")
-            return
-        size = param.shape[1]
-        _copy(param, loaded_weight.narrow(1, self.tp_rank * size, size), type(self).__name__)
+        dim = 1 if param.dim() == 2 else None  # the bias is whole on every rank
+        _load_shard(param, loaded_weight, dim, self.tp_rank, self.tp_size, type(self).__name__)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[..., input_size / tp]`` -> ``[..., output_size]`` (summed over ranks)."""
