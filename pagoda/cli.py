@@ -1,4 +1,5 @@
-"""Command line: ``pagoda bench [STUDY] [options]`` and ``pagoda bench compare A.json B.json``."""
+"""Command line: ``pagoda bench [STUDY] [options]``, ``pagoda bench compare A.json B.json`` and
+``pagoda generate MODEL_DIR --prompt ...`` (`pagoda.engine.cli`)."""
 from __future__ import annotations
 
 import argparse
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     bench.add_argument("--out", help="directory for JSON, CSV, Markdown and PNG results")
     bench.set_defaults(func=_bench)
+    from pagoda.engine.cli import add_generate_parser
+
+    add_generate_parser(sub)
     return parser
 
 
