@@ -73,15 +73,14 @@ def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """HF's top-p kept set of ``probs`` (float32 ``[b, v]``, rows summing to 1) as bool ``[b, v]``, from pagoda's
     sorting-free nucleus: whole tie groups, then the tie group at the boundary cut to HF's count."""
     inside = _ops.top_p_renorm_probs(probs, top_p) > 0
-    t = probs.masked_fill(~inside, float("inf")).amin(-1, keepdim=True)     # smallest kept probability
+    t = torch.where(inside, probs, float("inf")).amin(-1, keepdim=True)      # smallest kept probability
     above = probs > t
     tied = probs == t
-    mass_above = probs.masked_fill(~above, 0.0).sum(-1, keepdim=True, dtype=torch.float64)
-    total = probs.sum(-1, keepdim=True, dtype=torch.float64)
+    mass_above = torch.where(above, probs, 0.0).sum(-1, keepdim=True, dtype=torch.float64)
     n_tied = tied.sum(-1, keepdim=True)
     # HF removes an ascending position while the mass up to and including it is <= 1 - top_p: of the tied
     # group it keeps the last ceil((top_p - mass_above) / t) (at least one: the row's maximum when t is it).
-    keep_tied = ((top_p * total - mass_above) / t.double()).ceil().clamp(min=1).minimum(n_tied)
+    keep_tied = ((top_p - mass_above) / t.double()).ceil().clamp(min=1).minimum(n_tied)
     drop = n_tied - keep_tied.long()
     rank = tied.cumsum(-1, dtype=torch.int32)                                # 1-based rank within the group
     return above | (tied & (rank > drop))
@@ -115,7 +114,7 @@ def warp_logits(scores: torch.Tensor, temperature: float | None = None, top_k: i
         # As HF: after top-p, relative to the maximum (which every filter keeps, so the order does not matter).
         kept_min = probs >= min_p * probs.amax(-1, keepdim=True)
         keep = kept_min if keep is None else keep & kept_min
-    return x.masked_fill(~keep, float("-inf")).reshape(shape)
+    return torch.where(keep, x, float("-inf")).reshape(shape)
 
 
 @torch.library.custom_op("pagoda::hf_warp_logits", mutates_args=())
