@@ -27,12 +27,12 @@ def assert_finite_lse_close(lse: torch.Tensor, ref: torch.Tensor, atol: float) -
 
 
 def fake_fast_launch(monkeypatch, log: list, arg_names):
-    """A stand-in Triton kernel for tests of `pagoda.kernels._launch` on the CPU, with the fast path forced on:
+    """A stand-in Triton kernel for tests of `pagoda.kernels.launch.fast` on the CPU, with the fast path forced on:
     ``kernel[grid](*args)`` appends ``("planned", args)`` to ``log`` and returns a compiled kernel whose
     launcher appends ``("replay", args)``. Returns the kernel."""
     import types
 
-    from pagoda.kernels import _launch
+    from pagoda.kernels.launch import fast as _launch
 
     class Compiled:
         packed_metadata, function = "meta", "fn"

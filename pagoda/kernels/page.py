@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from pagoda.kernels._launch import cdiv, launch, next_pow2
+from pagoda.kernels.launch.fast import cdiv, launch, next_pow2
 
 
 @triton.jit

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 def _launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q, batch_size, softmax_scale,
             window_left, window_right, softcap):
-    from pagoda.kernels.attention_fwd import attention_fwd
+    from pagoda.kernels.attention.fwd import attention_fwd
 
     attention_fwd(q, k, v, out, lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                   batch_size=batch_size, softmax_scale=softmax_scale, window_left=window_left,
@@ -30,7 +30,7 @@ def attention_fwd_custom_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
                             cu_seqlens_k: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor],
                             max_seqlen_q: int, batch_size: int, softmax_scale: float, window_left: int,
                             window_right: int, softcap: float) -> None:
-    """`pagoda.kernels.attention_fwd.attention_fwd` (shapes there); arguments already validated."""
+    """`pagoda.kernels.attention.fwd.attention_fwd` (shapes there); arguments already validated."""
     _launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q, batch_size, softmax_scale,
             window_left, window_right, softcap)
 

@@ -1,6 +1,6 @@
 """`BatchPrefillWithRaggedKVCacheWrapper` and `single_prefill_with_kv_cache` (exported by `pagoda.ops.prefill`).
 
-The ragged wrapper runs pagoda's dense varlen kernel (`pagoda.kernels.attention_fwd`, bottom-right
+The ragged wrapper runs pagoda's dense varlen kernel (`pagoda.kernels.attention.fwd`, bottom-right
 causal alignment as FlashInfer's) on CUDA without host reads, `flash_attn_varlen_func`'s reference
 elsewhere; ``ROPE_LLAMA`` rotates copies of q and k first, ``ALIBI`` passes the
 standard slopes. `single_prefill_with_kv_cache` runs the paged prefill kernel over a one-page table.
@@ -143,7 +143,7 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         # (and, with use_cuda_graph, the grid depends only on q's shape).
         if q.is_cuda and q.dtype == torch.float32:
             raise TypeError("q: the ragged prefill kernel takes float16/bfloat16 on CUDA (its dots run in tf32)")
-        from pagoda.kernels.attention_fwd import attention_fwd
+        from pagoda.kernels.attention.fwd import attention_fwd
 
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         out = torch.zeros_like(q, memory_format=torch.contiguous_format) if out is None else out.zero_()
@@ -190,7 +190,7 @@ def single_prefill_with_kv_cache(q, k, v, custom_mask=None, packed_custom_mask=N
         kk, vv = (k, v) if kv_layout == "NHD" else (k.transpose(0, 1), v.transpose(0, 1))
         out, lse = _ref.prefill_one(q, kk, vv, **opts)
         return (out, lse) if return_lse else out
-    from pagoda.kernels.prefill_paged import prefill_paged_fwd
+    from pagoda.kernels.attention.prefill_paged import prefill_paged_fwd
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     dev = q.device

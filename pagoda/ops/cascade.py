@@ -51,7 +51,7 @@ def merge_state(v_a: torch.Tensor, s_a: torch.Tensor, v_b: torch.Tensor, s_b: to
     _check_same("v_a", v_a, "v_b", v_b)
     if not v_a.is_cuda:
         return _ref.merge_state(v_a, s_a, v_b, s_b)
-    from pagoda.kernels.merge import merge_state_fwd
+    from pagoda.kernels.attention.merge import merge_state_fwd
 
     v_a, v_b = _contig(v_a), _contig(v_b)
     out = torch.empty_like(v_a)
@@ -83,7 +83,7 @@ def merge_state_in_place(v: torch.Tensor, s: torch.Tensor, v_other: torch.Tensor
         return
     if v.stride(-1) != 1:
         raise ValueError("v must have a contiguous last dimension to be updated in place")
-    from pagoda.kernels.merge import merge_state_fwd
+    from pagoda.kernels.attention.merge import merge_state_fwd
 
     merge_state_fwd(v, s, _contig(v_other), s_other, v, s, mask)
 
@@ -109,7 +109,7 @@ def merge_states(v: torch.Tensor, s: torch.Tensor):
                 torch.full((seq, heads), float("-inf"), dtype=torch.float32, device=v.device))
     if not v.is_cuda:
         return _ref.merge_states(v, s)
-    from pagoda.kernels.merge import merge_states_fwd
+    from pagoda.kernels.attention.merge import merge_states_fwd
 
     v = _contig(v)
     seq, _, heads, dim = v.shape

@@ -2,7 +2,7 @@
 
 `BatchDecodeWithPagedKVCacheWrapper` plans once per batch (page table, split-KV decision; may sync)
 and runs once per layer (no host sync; CUDA-graph capturable with ``use_cuda_graph=True``).
-On CUDA the Triton split-KV kernel in `pagoda.kernels.decode` runs; elsewhere the reference.
+On CUDA the Triton split-KV kernel in `pagoda.kernels.attention.decode` runs; elsewhere the reference.
 Semantics: `pagoda.reference.decode`.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ __all__ = ["BatchDecodeWithPagedKVCacheWrapper", "single_decode_with_kv_cache"]
 
 def _launch(q, k_cache, v_cache, kv_layout, indptr, indices, last, page_size, hk, out, lse, chunk_buf, splits,
             o_part, lse_part, opts, counters=None):
-    from pagoda.kernels.decode import decode_fwd
+    from pagoda.kernels.attention.decode import decode_fwd
 
     decode_fwd(q, k_cache, v_cache, _paged.cache_strides(k_cache, kv_layout), _paged.cache_strides(v_cache, kv_layout),
                indptr, indices, last, page_size, hk, out, lse, chunk=chunk_buf, num_splits=splits, o_part=o_part,
@@ -29,12 +29,12 @@ _KERNEL_MODULES: tuple = ()
 
 
 def _kernel_modules():
-    """(pagoda.kernels._launch, pagoda.kernels.decode), imported on first use (they import triton) and then
+    """(pagoda.kernels.launch.fast, pagoda.kernels.attention.decode), imported on first use (they import triton) and then
     kept: a function-level import costs ~1 µs per call on the per-layer path."""
     global _KERNEL_MODULES
     if not _KERNEL_MODULES:
-        from pagoda.kernels import _launch as fast
-        from pagoda.kernels import decode as kdecode
+        from pagoda.kernels.launch import fast
+        from pagoda.kernels.attention import decode as kdecode
         _KERNEL_MODULES = (fast, kdecode)
     return _KERNEL_MODULES
 

@@ -40,9 +40,9 @@ def _cached(cache: dict, key, make, limit: int = 16):
 def page_for(s: int) -> int:
     """The page size of a row of ``s`` keys: one page per row, any size >= s gives the same addresses (the
     row's length is its last page's length), and a power of two takes the decode kernel's fast key loop
-    (`pagoda.kernels.decode.whole_tiles`; an H200 measured a non-power-of-two page at 359 us against 262).
+    (`pagoda.kernels.attention.decode.whole_tiles`; an H200 measured a non-power-of-two page at 359 us against 262).
     ``s >= 1``."""
-    from pagoda.kernels._launch import next_pow2
+    from pagoda.kernels.launch.fast import next_pow2
 
     return next_pow2(s)
 
@@ -68,7 +68,7 @@ def _metadata(device, b, s, hk, hq, d):
 def _launch_fn(q, k, v, out, softmax_scale):
     """The launches of one call (q ``[b, hq, d]``, k/v ``[b, s, hk, d]`` views, out ``[b, hq, d]``) and
     how many there are."""
-    from pagoda.kernels import decode as _kdecode
+    from pagoda.kernels.attention import decode as _kdecode
 
     b, hq, d = q.shape
     s, hk = k.shape[1], k.shape[2]
@@ -96,7 +96,7 @@ def decode_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
         from pagoda.reference.attention import flash_attn_func as ref
 
         return ref(q[:, None], k, v, softmax_scale=softmax_scale)[:, 0].to(q.dtype)
-    from pagoda.kernels import _launch
+    from pagoda.kernels.launch import fast as _launch
 
     q = q if q.stride(-1) == 1 else q.contiguous()
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
@@ -187,7 +187,7 @@ def decode_dense_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softm
         res = torch.zeros_like(q) if s == 0 or b == 0 else decode_masked(
             q, k, v, key_mask, kv_len, sm_scale=softmax_scale, logits_soft_cap=softcap)
         return res if out is None else out.copy_(res)
-    from pagoda.kernels import decode as _kdecode
+    from pagoda.kernels.attention import decode as _kdecode
 
     q = q if q.stride(-1) == 1 else q.contiguous()
     kv_len = kv_len.contiguous()             # the kernel reads kv_len[b] at unit stride
@@ -235,7 +235,7 @@ def decode_hf(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scali
     The per-layer hot path of HF ``generate``: a call whose shapes, strides, dtypes, device and scale were
     seen before (every layer after the first of a decode step) and whose tensors are 16-byte aligned issues
     the recorded launches with only query, key, value and the output swapped: no views, no argument
-    rebuild, Triton's C launcher called directly (`pagoda.kernels._launch.Bound`)."""
+    rebuild, Triton's C launcher called directly (`pagoda.kernels.launch.fast.Bound`)."""
     hk_key = _hf_key(query, key, value, scaling)
     hit = _hf.get(hk_key)
     if hit is not None and not ((query.data_ptr() | key.data_ptr() | value.data_ptr()) & 15):
@@ -255,7 +255,7 @@ def decode_hf(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scali
     q, k, v = query[:, :, 0], key.transpose(1, 2), value.transpose(1, 2)   # [b, hq, d], [b, s, hk, d] views
     if s == 0 or b == 0 or not _paged.use_triton(q):
         return decode_dense(q, k, v, scale)[:, None]
-    from pagoda.kernels import _launch
+    from pagoda.kernels.launch import fast as _launch
 
     out = torch.empty(b, 1, hq, d, dtype=q.dtype, device=q.device)
     o3 = out[:, 0]

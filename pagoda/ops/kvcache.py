@@ -153,8 +153,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
 
 def _kernel_path(q, k_cache, v_cache, k, v, cos, sin, seqlens, batch_idx, block_table, softmax_scale, causal,
                  window, softcap, interleaved, alibi_slopes, num_splits, return_lse, capacity):
-    from pagoda.kernels.decode import decode_fwd
-    from pagoda.kernels.prefill_paged import prefill_paged_fwd
+    from pagoda.kernels.attention.decode import decode_fwd
+    from pagoda.kernels.attention.prefill_paged import prefill_paged_fwd
 
     b, sq, hq, d = q.shape
     hk, dev = k_cache.shape[2], q.device

@@ -1,7 +1,7 @@
 """Prefill/append attention with FlashInfer's API (``flashinfer.prefill``).
 
 * `BatchPrefillWithPagedKVCacheWrapper`: queries ragged by ``qo_indptr``, keys in a paged cache; the
-  Triton kernel in `pagoda.kernels.prefill_paged` on CUDA, with split-KV planned by
+  Triton kernel in `pagoda.kernels.attention.prefill_paged` on CUDA, with split-KV planned by
   `pagoda.ops._prefill_split` when the batch is too small to fill the GPU.
 * `BatchPrefillWithRaggedKVCacheWrapper`: queries and keys both ragged; runs
   `pagoda.ops.attention.flash_attn_varlen_func` (RoPE, when asked, is applied to copies first).
@@ -148,7 +148,7 @@ class BatchPrefillWithPagedKVCacheWrapper:
         self._block_m, self._splits = None, 0
         if not _paged.use_triton(self._workspace):
             return
-        from pagoda.kernels.prefill_paged import SPLIT_ALIGN, choose_block_m
+        from pagoda.kernels.attention.prefill_paged import SPLIT_ALIGN, choose_block_m
 
         group, sms = hq // hk, _plan.num_sms(self.device)
         if self._use_cuda_graph:
@@ -203,7 +203,7 @@ class BatchPrefillWithPagedKVCacheWrapper:
             out = o if out is None else out.copy_(o)
             lse = l if lse is None else lse.copy_(l)
             return _common.finish(out, lse, v_scale, return_lse)
-        from pagoda.kernels.prefill_paged import prefill_paged_fwd
+        from pagoda.kernels.attention.prefill_paged import prefill_paged_fwd
 
         q = q if q.stride(-1) == 1 else q.contiguous()
         # Rows past qo_indptr[-1] are never written by the kernel: they get zeros / -inf.

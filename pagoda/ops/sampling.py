@@ -1,7 +1,7 @@
 """FlashInfer-compatible sampling (``flashinfer.sampling``): same names, argument order, defaults, returns.
 
-CUDA tensors run pagoda's sorting-free Triton kernels (`pagoda.kernels.sampling`,
-`pagoda.kernels.sampling_filters`): no sort, no host synchronisation, so a sampler can sit inside a
+CUDA tensors run pagoda's sorting-free Triton kernels (`pagoda.kernels.sampling.row`,
+`pagoda.kernels.sampling.filters`): no sort, no host synchronisation, so a sampler can sit inside a
 captured CUDA graph when ``seed``/``offset`` are given as int64 device tensors. Other devices run
 the sort-based reference (`pagoda.reference.sampling`), which also documents the exact semantics
 (tie rules, clamping of out-of-range per-row tensor values, degenerate rows).
@@ -41,18 +41,20 @@ _kernel_modules = None
 
 
 def _kernels():
-    """(`pagoda.kernels.sampling`, `pagoda.kernels.sampling_filters`, `pagoda.kernels.sampling_split`): imported
+    """(`pagoda.kernels.sampling.row`, `pagoda.kernels.sampling.filters`, `pagoda.kernels.sampling.split`): imported
     at the first CUDA call (the CPU path needs no Triton), then kept (an import statement per call costs ~1 µs)."""
     global _kernel_modules
     if _kernel_modules is None:
-        from pagoda.kernels import sampling, sampling_filters, sampling_split
+        from pagoda.kernels.sampling import row as sampling
+        from pagoda.kernels.sampling import filters as sampling_filters
+        from pagoda.kernels.sampling import split as sampling_split
 
         _kernel_modules = (sampling, sampling_filters, sampling_split)
     return _kernel_modules
 
 
 # Plain and min-p sampling of small batches with each row split over several programs
-# (`pagoda.kernels.sampling_split`): one program per row leaves a batch-1 row on one SM (~28 GB/s).
+# (`pagoda.kernels.sampling.split`): one program per row leaves a batch-1 row on one SM (~28 GB/s).
 # PAGODA_SAMPLING_SPLIT=0 keeps the one-program kernel (read once, at import).
 SPLIT_ROWS = os.environ.get("PAGODA_SAMPLING_SPLIT", "1") != "0"
 # Race frontiers on the split path (`sampling_split._frontier_slice`). min-p: one exact pass instead of
@@ -320,7 +322,7 @@ def chain_speculative_sampling(draft_probs, draft_token_ids, target_probs, maybe
                                                maybe_output_accepted_token_num,
                                                maybe_output_emitted_draft_token_num, deterministic, generator,
                                                seed, offset)
-    from pagoda.kernels.speculative import chain_speculative
+    from pagoda.kernels.sampling.speculative import chain_speculative
 
     dev = draft_probs.device
     s, o = _a.philox_seed_offset(generator, dev, b, b * max(vocab, 4) + b * n, seed, offset)   # as in _launch

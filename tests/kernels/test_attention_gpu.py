@@ -9,7 +9,7 @@ pytestmark = pytest.mark.gpu
 
 
 def _configs():
-    from pagoda.kernels.attention_fwd import _TILES
+    from pagoda.kernels.attention.fwd import _TILES
     return [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, USE_TMA=tma) for bm, bn, w, st, tma in _TILES]
 
 
@@ -18,7 +18,7 @@ def _configs():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_every_config_varlen(cfg, d, causal, dtype):
-    from pagoda.kernels.attention_fwd import attention_fwd, tma_supported
+    from pagoda.kernels.attention.fwd import attention_fwd, tma_supported
 
     lens_q = [0, 1, 130, 257, 64, 1]
     lens_k = [3, 1, 130, 300, 0, 513]

@@ -14,8 +14,8 @@ pytest.importorskip("triton")
 
 _AOT = r'''
 import itertools, re, sys
-from pagoda.kernels import attention_hopper as H
-from pagoda.kernels.attention_hopper_aot import compile_sm90
+from pagoda.kernels.hopper import attention as H
+from pagoda.kernels.hopper.aot import compile_sm90
 if not H._GLUON_OK:
     print("NO_GLUON"); sys.exit(0)
 from triton.tools.disasm import get_sass
@@ -72,7 +72,7 @@ def test_hopper_attention_compiles_for_sm90():
 
 def test_hopper_supported_is_false_on_cpu():
     import torch
-    from pagoda.kernels import attention_hopper as H
+    from pagoda.kernels.hopper import attention as H
     q = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16)
     assert not H.hopper_supported(q, q, q)
 
@@ -81,7 +81,7 @@ def test_default_dispatch_policy():
     """d=64 and d=128 take the Gluon kernel at every length, other head dims never; each (head_dim, causal) takes
     the CONFIG_BY_LENGTH entries in increasing length up to their bounds (inclusive), then DEFAULT_CONFIG; every
     default config compiles for its head dim."""
-    from pagoda.kernels import attention_hopper as H
+    from pagoda.kernels.hopper import attention as H
     assert H.prefer_hopper(64, 1) and H.prefer_hopper(64, 2048) and H.prefer_hopper(128, 1)
     assert not H.prefer_hopper(96, 1 << 20)
     assert H.default_config(64, False, 1) == H.default_config(64, False, 1024) == "ws1x3-m64n64s2"
@@ -102,7 +102,7 @@ def test_default_dispatch_policy():
 def test_persistent_ws_configs_fit_shared_memory():
     """pws* configs: 1 to 3 consumer warpgroups; the Q and O boxes of every consumer plus the K/V ring fit the
     SM's 227 KB as many times as the config has programs per SM, at every head dim it accepts."""
-    from pagoda.kernels import attention_hopper as H
+    from pagoda.kernels.hopper import attention as H
     pws = [n for n in H.WS_CONFIGS if H._ws_persistent(n)]
     assert set(pws) >= {"pws-m128n128s2", "pwspp-m128n128s2", "pws1x3-m64n64s2", "pws3-m192n128s2"}
     for name in pws:
@@ -118,7 +118,7 @@ def test_ws1_configs_fit_their_ctas_per_sm():
     """One consumer warpgroup per CTA, several CTAs per SM: at every head dim a config accepts, the launch's
     register cap times the CTA's 8 warps, and its shared memory (Q box + STAGES K/V boxes + barriers), fit the
     SM that many times; the consumer's setmaxnreg budget is what the loader's 24 leave; no ping-pong; opt-in."""
-    from pagoda.kernels import attention_hopper as H
+    from pagoda.kernels.hopper import attention as H
     ws1 = [n for n, c in H.WS_CONFIGS.items() if c[5] == 1]
     assert ws1 and set(ws1) <= set(H.WS_CTAS_PER_SM)
     for name in ws1:
@@ -137,8 +137,8 @@ def test_ws1_configs_fit_their_ctas_per_sm():
 
 def test_ws3_configs_are_head_dim_64_only():
     """3 consumer warpgroups of 160 registers cannot hold a d=128 tile: a clear error, not a spilling kernel."""
-    from pagoda.kernels import attention_hopper as H
-    from pagoda.kernels.attention_hopper_aot import compile_sm90
+    from pagoda.kernels.hopper import attention as H
+    from pagoda.kernels.hopper.aot import compile_sm90
     ws3 = [n for n, c in H.WS_CONFIGS.items() if c[5] == 3]
     assert ws3 and all(H.config_head_dims(n) == (64,) for n in ws3)
     assert all(H.config_head_dims(n) == (64, 128) for n in H.WS_CONFIGS if n not in ws3 and n not in H.WS_CTAS_PER_SM)
@@ -157,7 +157,7 @@ def test_persistent_program_count():
     key-tile counts differ) instead of repeating one or two."""
     import math
 
-    from pagoda.kernels.attention_hopper import _pws_programs
+    from pagoda.kernels.hopper.attention import _pws_programs
     for items, num_m, most in ((8192, 8, 396), (4096, 16, 264), (5, 8, 396), (100, 1, 396), (2048, 12, 132)):
         full = _pws_programs(items, num_m, False, most)
         assert full == min(items, most)

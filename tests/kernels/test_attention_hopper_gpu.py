@@ -1,4 +1,4 @@
-"""The Gluon sm_90 attention kernel (`pagoda.kernels.attention_hopper`) against the float32 reference.
+"""The Gluon sm_90 attention kernel (`pagoda.kernels.hopper.attention`) against the float32 reference.
 
 Runs only on an sm_90 GPU (H100/H200). Outputs and LSE are NaN-poisoned before the launch so every
 element must be written; rows past seqlen_q of the TMA box must not leak into the next batch.
@@ -6,7 +6,7 @@ element must be written; rows past seqlen_q of the TMA box must not leak into th
 import pytest
 import torch
 
-from pagoda.kernels import attention_hopper_configs as _CONFIGS
+from pagoda.kernels.hopper import configs as _CONFIGS
 from pagoda.reference.attention import flash_attn_func as ref_attn
 from tests.helpers import assert_finite_lse_close, rel_err
 
@@ -25,7 +25,7 @@ _SHAPES = [(1, 1, 1), (2, 17, 17), (3, 128, 128), (1, 1000, 1000), (1, 4096, 409
 
 
 def _run(b, sq, sk, hq, hk, d, causal, dtype, config=None):
-    from pagoda.kernels import attention_hopper as H
+    from pagoda.kernels.hopper import attention as H
     q = torch.randn(b, sq, hq, d, device="cuda", dtype=dtype)
     k = torch.randn(b, sk, hk, d, device="cuda", dtype=dtype)
     v = torch.randn(b, sk, hk, d, device="cuda", dtype=dtype)
@@ -61,7 +61,7 @@ def test_hopper_gqa(group, causal):
 @pytest.mark.parametrize("name", [*_CONFIGS.CONFIGS, *_CONFIGS.WS_CONFIGS])
 @pytest.mark.parametrize("d", [64, 128])
 def test_hopper_every_config(name, d):
-    from pagoda.kernels import attention_hopper as H
+    from pagoda.kernels.hopper import attention as H
     if d not in H.config_head_dims(name):  # ws3 / ws1x3 / pws1x3: head_dim 64 only (registers, smem per SM)
         with pytest.raises(ValueError):
             _run(1, 17, 17, 2, 2, d, True, torch.bfloat16, config=name)
@@ -93,7 +93,7 @@ def test_causal_bottom_aligned_tiles_stay_in_bounds(name, d, sq, sk):
     clamped to row 0 and overlaps the next one (both write the shared rows). O is a view inside a NaN-filled
     buffer: the rows around it stay NaN, and every row of O is written and matches the reference, LSE
     included."""
-    from pagoda.kernels import attention_hopper as H
+    from pagoda.kernels.hopper import attention as H
     b, hq, hk = 2, 4, 2
     q = torch.randn(b, sq, hq, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(b, sk, hk, d, device="cuda", dtype=torch.bfloat16)
@@ -115,7 +115,7 @@ def test_causal_bottom_aligned_tiles_stay_in_bounds(name, d, sq, sk):
 @requires_sm90
 def test_dispatch_through_flash_attn_func(monkeypatch):
     import pagoda
-    from pagoda.kernels import attention_hopper as H
+    from pagoda.kernels.hopper import attention as H
     monkeypatch.delenv("PAGODA_HOPPER_ATTN", raising=False)  # on by default on sm_90
     calls = []
     real = H.attention_fwd_hopper
@@ -142,8 +142,8 @@ def test_gluon_fast_launch_matches_normal_launch(monkeypatch, name):
     """Repeats of a launch configuration go through `_tma_launch` (descriptors encoded by pagoda, the C
     launcher called directly): with other shapes, other tensors, with and without LSE, they give the same bits
     as Triton's own launch (PAGODA_GLUON_FAST_LAUNCH=0) and match the reference."""
-    from pagoda.kernels import _tma_launch
-    from pagoda.kernels import attention_hopper as H
+    from pagoda.kernels.launch import tma as _tma_launch
+    from pagoda.kernels.hopper import attention as H
     d = 64 if name in (None, "ws1x3-m64n64s2", "ws3-m192n128s2") else 128
     for shape in ((2, 300, 300), (2, 300, 300), (1, 1000, 777), (3, 64, 200)):
         _run(*shape, 4, 2, d, True, torch.bfloat16, config=name)

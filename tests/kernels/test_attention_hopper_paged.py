@@ -1,4 +1,4 @@
-"""Paged Gluon prefill (`pagoda.kernels.attention_hopper_paged`): the 2-D token-row view of paged caches and
+"""Paged Gluon prefill (`pagoda.kernels.hopper.paged`): the 2-D token-row view of paged caches and
 the page-size policy on the CPU, an ahead-of-time sm_90 compile, and on an H100/H200 the kernel against the
 reference and the Triton paged kernel (page sizes 16-256, NHD/HND, GQA, NaN in unused slots)."""
 import pytest
@@ -9,7 +9,7 @@ from tests.helpers import assert_finite_lse_close, rel_err, run_aot_script
 from tests.paged_utils import empty_cache, fill_cache, random_page_table
 
 pytest.importorskip("triton")
-from pagoda.kernels import attention_hopper_paged as P  # noqa: E402
+from pagoda.kernels.hopper import paged as P  # noqa: E402
 
 def test_box_rows_policy():
     assert [P.box_rows(p) for p in (16, 32, 64, 128, 256, 384)] == [16, 32, 64, 128, 128, 128]
@@ -79,10 +79,10 @@ def test_paged_scope_reasons():
 _AOT = r'''
 import re, sys
 import triton
-from pagoda.kernels import attention_hopper as H
+from pagoda.kernels.hopper import attention as H
 if not H._GLUON_OK:
     print("NO_GLUON"); sys.exit(0)
-from pagoda.kernels.attention_hopper_aot import compile_paged_sm90
+from pagoda.kernels.hopper.aot import compile_paged_sm90
 from triton.tools.disasm import get_sass
 for d, dt, causal, box, pp, o_tma, lse in [(128, "bf16", True, 16, False, True, True),
                                            (64, "fp16", False, 32, False, False, True),
@@ -126,7 +126,7 @@ def test_paged_kernel_does_not_spill_with_triton_3_6():
 
 def _sm90():
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and \
-        __import__("pagoda.kernels.attention_hopper", fromlist=["_GLUON_OK"])._GLUON_OK
+        __import__("pagoda.kernels.hopper.attention", fromlist=["_GLUON_OK"])._GLUON_OK
 
 
 def _indptr(lens):
@@ -154,7 +154,7 @@ def _varlen(q, k, v, qo, kv, causal):
 
 
 def _run(q, cache, meta, qo, ps, hk, layout, causal):
-    from pagoda.kernels.prefill_paged import prefill_paged_fwd
+    from pagoda.kernels.attention.prefill_paged import prefill_paged_fwd
     kc, vc = cache[:, 0], cache[:, 1]
     out = torch.zeros_like(q)
     lse = torch.full((q.shape[0], q.shape[1]), float("nan"), dtype=torch.float32, device="cuda")
@@ -178,7 +178,7 @@ CASES = [  # (kv lens, qo lens): empty, length-1, long, partial last pages, fewe
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [True, False])
 def test_gluon_paged_prefill_matches_reference(monkeypatch, ps, layout, hq, hk, d, causal):
-    import pagoda.kernels.prefill_paged as pp
+    import pagoda.kernels.attention.prefill_paged as pp
     calls = []
     real = pp.prefill_paged_hopper
     monkeypatch.setattr(pp, "prefill_paged_hopper", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -213,7 +213,7 @@ def test_gluon_paged_prefill_equals_triton_kernel(monkeypatch, dtype):
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 def test_wrapper_runs_the_gluon_kernel(monkeypatch, layout):
     """BatchPrefillWithPagedKVCacheWrapper (planned BLOCK_M, no split) reaches the Gluon kernel."""
-    import pagoda.kernels.prefill_paged as pp
+    import pagoda.kernels.attention.prefill_paged as pp
     from pagoda.ops.prefill import BatchPrefillWithPagedKVCacheWrapper
     calls = []
     real = pp.prefill_paged_hopper
@@ -236,7 +236,7 @@ def test_wrapper_runs_the_gluon_kernel(monkeypatch, layout):
 def test_o_by_tma_and_lse_skip_change_no_value():
     """O by TMA boxes (whole 64-row tiles) equals O by masked stores bit for bit; rows of other requests
     and past nnz stay untouched; lse=None writes no LSE and the same O."""
-    from pagoda.kernels.attention_hopper_paged import prefill_paged_hopper
+    from pagoda.kernels.hopper.paged import prefill_paged_hopper
     kv, qo = CASES[0]
     q, cache, (indptr, indices, last), _, _ = _case(kv, qo, 16, 32, 8, 128, "NHD", torch.bfloat16)
     kc, vc = cache[:, 0], cache[:, 1]
@@ -262,7 +262,7 @@ def test_paged_fast_launch_matches_normal_launch(monkeypatch):
     """PAGODA_PAGED_FAST_LAUNCH=1: repeats go through `_tma_launch` (descriptors encoded by pagoda, the C
     launcher called directly). Other page tables, caches, layouts and options give the same bits as Triton's
     own launch (PAGODA_GLUON_FAST_LAUNCH=0)."""
-    from pagoda.kernels import _tma_launch
+    from pagoda.kernels.launch import tma as _tma_launch
     monkeypatch.delenv("PAGODA_HOPPER_ATTN", raising=False)
     monkeypatch.setenv("PAGODA_PAGED_FAST_LAUNCH", "1")
     calls = []

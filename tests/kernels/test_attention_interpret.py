@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", 
                                 reason="interpreter tests run only where TRITON_INTERPRET=1 (no CUDA)")
 
 triton = pytest.importorskip("triton")
-from pagoda.kernels.attention_fwd import attention_fwd  # noqa: E402
+from pagoda.kernels.attention.fwd import attention_fwd  # noqa: E402
 
 CFG = {"BLOCK_M": 16, "BLOCK_N": 16}
 

@@ -15,7 +15,10 @@ _AOT = r'''
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from pagoda.kernels import attention_fwd as A, decode as D, prefill_paged as P, merge as M
+from pagoda.kernels.attention import fwd as A
+from pagoda.kernels.attention import decode as D
+from pagoda.kernels.attention import prefill_paged as P
+from pagoda.kernels.attention import merge as M
 
 def build(fn, consts, ptrs, warps=4, stages=3):
     names = [n for n in fn.arg_names if n not in consts]

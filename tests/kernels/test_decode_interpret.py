@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", 
                                 reason="interpreter tests run only where TRITON_INTERPRET=1 (no CUDA)")
 
 triton = pytest.importorskip("triton")
-from pagoda.kernels.decode import decode_fwd  # noqa: E402
+from pagoda.kernels.attention.decode import decode_fwd  # noqa: E402
 
 
 def _run(lens, page_size, hq, hk, d, layout, dtype, chunk=None, mode="NONE", window_left=-1, soft_cap=0.0,
@@ -88,7 +88,7 @@ def test_head_dims(d):
 def test_address_flags(monkeypatch, page_size, flags):
     """Each ADDR variant of the key gather (shift/mask page index, one offset for K and V, 64-bit slots) reads
     the same keys as the plain one; the cache slice of `_run` lets K and V share strides, so bit 2 is real."""
-    import pagoda.kernels.decode as D
+    import pagoda.kernels.attention.decode as D
     seen = []
     monkeypatch.setattr(D, "addr_flags", lambda *a: seen.append(flags) or flags)
     out, lse, want, want_lse = _run([37, 16, 1], page_size, 4, 2, 32, "NHD", torch.float16, 16 if flags & 1 else None,

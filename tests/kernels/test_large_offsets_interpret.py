@@ -32,7 +32,7 @@ torch.manual_seed(0)
 
 _CASES = {
     "prefill_paged_q_and_out": r'''
-from pagoda.kernels.prefill_paged import prefill_paged_fwd
+from pagoda.kernels.attention.prefill_paged import prefill_paged_fwd
 q = head_major(H, S, D, N); q.copy_(torch.randn(N, H, D).half())
 out = head_major(H, S, D, N)
 k = torch.randn(1, 16, HK, D).half(); v = torch.randn_like(k); lse = torch.empty(N, H)
@@ -75,7 +75,7 @@ for h in (0, 6, 7):
 print("OK")
 ''',
     "merge_out": r'''
-from pagoda.kernels.merge import merge_state_fwd
+from pagoda.kernels.attention.merge import merge_state_fwd
 out = head_major(H, S, D, N)
 v = torch.randn(N, H, D).half(); s = torch.randn(N, H); lse = torch.empty(N, H)
 merge_state_fwd(v, s, v, s, out, lse)

@@ -1,10 +1,10 @@
-"""The cached-launch fast path (`pagoda.kernels._launch`): reuse only for an identical specialisation."""
+"""The cached-launch fast path (`pagoda.kernels.launch.fast`): reuse only for an identical specialisation."""
 import types
 
 import pytest
 import torch
 
-from pagoda.kernels import _launch
+from pagoda.kernels.launch import fast as _launch
 
 
 class _FakeCompiled:
@@ -253,7 +253,7 @@ def test_device_of_is_a_no_op_for_cpu_and_current_device_tensors(two_devices):
 
 
 def _gluon_desc(t, block):
-    from pagoda.kernels import attention_hopper as H
+    from pagoda.kernels.hopper import attention as H
     if not H._GLUON_OK:
         pytest.skip("no Gluon in this Triton")
     return H.TensorDescriptor(t, list(t.shape), list(t.stride()), list(block), H._layout(tuple(block), t.dtype))
@@ -301,7 +301,7 @@ def test_an_unhashable_argument_takes_the_normal_launch(fast):
 
 
 def test_a_descriptor_argument_sets_the_launch_device(two_devices):
-    from pagoda.kernels import attention_hopper as H
+    from pagoda.kernels.hopper import attention as H
     if not H._GLUON_OK:
         pytest.skip("no Gluon in this Triton")
     t = torch.Tensor._make_subclass(_OnDevice1, torch.zeros(4, 64, 128, dtype=torch.bfloat16))

@@ -3,7 +3,7 @@ alignment changes between calls (a new specialisation must go through the normal
 import pytest
 import torch
 
-from pagoda.kernels import _launch
+from pagoda.kernels.launch import fast as _launch
 from pagoda.ops.decode import BatchDecodeWithPagedKVCacheWrapper
 from pagoda.reference import decode as ref
 from tests.helpers import rel_err
@@ -38,7 +38,7 @@ def test_repeated_and_misaligned_launches_match_reference():
 @pytest.mark.parametrize("block_m", [16, 64, 128])
 def test_every_autotuned_paged_prefill_config_matches_reference(block_m):
     """Each (BLOCK_N, warps, stages) the autotuner may pick, compiled for this GPU, split and not."""
-    from pagoda.kernels.prefill_paged import _TILES, SPLIT_ALIGN, prefill_paged_fwd
+    from pagoda.kernels.attention.prefill_paged import _TILES, SPLIT_ALIGN, prefill_paged_fwd
     from pagoda.ops import _paged
     from pagoda.reference import prefill as pref
 

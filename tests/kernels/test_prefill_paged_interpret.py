@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", 
                                 reason="interpreter tests run only where TRITON_INTERPRET=1 (no CUDA)")
 
 triton = pytest.importorskip("triton")
-from pagoda.kernels.prefill_paged import prefill_paged_fwd  # noqa: E402
+from pagoda.kernels.attention.prefill_paged import prefill_paged_fwd  # noqa: E402
 
 KV = [0, 1, 37, 20, 5]
 QO = [0, 1, 10, 20, 5]
@@ -128,7 +128,7 @@ def test_split_kv_rows_without_keys():
 @pytest.mark.parametrize("wide", [False, True])
 def test_kv_caches_with_different_strides(monkeypatch, wide):
     """V in a wider buffer than K (its own page/token strides), and the 64-bit in-page offsets (forced)."""
-    import pagoda.kernels.prefill_paged as pp
+    import pagoda.kernels.attention.prefill_paged as pp
 
     if wide:
         real = pp.addr_flags
@@ -160,7 +160,7 @@ def test_head_dim_not_a_power_of_two(split):
 
 
 def _tile_pairs():
-    from pagoda.kernels.prefill_paged import _TILES
+    from pagoda.kernels.attention.prefill_paged import _TILES
     return sorted({(bm, bn) for bm, tiles in _TILES.items() for bn, _, _ in tiles})
 
 
@@ -168,7 +168,7 @@ def _tile_pairs():
 def test_every_autotuned_tile_shape_matches_reference(block_m, block_n):
     """The autotuner may pick any (BLOCK_M, BLOCK_N) of `_TILES`; each must be exact, with split-KV
     chunks of SPLIT_ALIGN keys as the tuned launch uses them."""
-    from pagoda.kernels.prefill_paged import SPLIT_ALIGN
+    from pagoda.kernels.attention.prefill_paged import SPLIT_ALIGN
     kv, qo = [0, 1, 37, 300, 5], [0, 1, 10, 7, 5]
     splits = -(-max(kv) // SPLIT_ALIGN)
     out, lse, want, want_lse = _run(16, "NHD", torch.float16, True, 8, 2, kv=kv, qo=qo, block_m=block_m,

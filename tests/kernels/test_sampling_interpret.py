@@ -28,9 +28,9 @@ pytestmark = [
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from pagoda.kernels import sampling as K  # noqa: E402
-from pagoda.kernels import sampling_filters as F  # noqa: E402
-from pagoda.kernels import speculative as S  # noqa: E402
+from pagoda.kernels.sampling import row as K  # noqa: E402
+from pagoda.kernels.sampling import filters as F  # noqa: E402
+from pagoda.kernels.sampling import speculative as S  # noqa: E402
 
 warnings.filterwarnings("ignore", "divide by zero", RuntimeWarning)
 
@@ -499,7 +499,9 @@ _AOT = r'''
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from pagoda.kernels import sampling as K, sampling_filters as F, speculative as S
+from pagoda.kernels.sampling import row as K
+from pagoda.kernels.sampling import filters as F
+from pagoda.kernels.sampling import speculative as S
 ptr = {"x_ptr": "*bf16", "rows_ptr": "*i64", "out_ptr": "*i64", "valid_ptr": "*i8", "top_k_ptr": "*i32",
        "top_p_ptr": "*fp32", "min_p_ptr": "*fp32", "floor_ptr": "*fp32", "seed_ptr": "*i64",
        "offset_ptr": "*i64", "d_ptr": "*i32",

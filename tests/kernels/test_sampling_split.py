@@ -1,4 +1,4 @@
-"""The split-row sampler (`pagoda.kernels.sampling_split`): under the Triton interpreter (CPU, fp32/fp16) exact
+"""The split-row sampler (`pagoda.kernels.sampling.split`): under the Triton interpreter (CPU, fp32/fp16) exact
 plain and min-p draws, the rejection fallback of min-p, degenerate rows, tickets left at zero; on a GPU the
 same laws at a 151,936-token vocabulary in bf16/fp32 and a captured graph replaying the eager call."""
 import math
@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels import sampling_split as S
+from pagoda.kernels.sampling import split as S
 
 interp = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
                             reason="interpreter tests run only where TRITON_INTERPRET=1 (no CUDA)")
@@ -251,7 +251,7 @@ _AOT = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from pagoda.kernels import sampling_split as S
+from pagoda.kernels.sampling import split as S
 ptr = {"x_ptr": "*bf16", "rows_ptr": "*i32", "out_ptr": "*i32", "valid_ptr": "*i8", "min_p_ptr": "*fp32",
        "min_p_val": "fp32", "top_p_ptr": "*fp32", "top_p_val": "fp32", "part_key_ptr": "*fp32", "part_idx_ptr": "*i32", "part_max_ptr": "*fp32",
        "ticket_ptr": "*i32", "fr_p_ptr": "*fp32", "fr_key_ptr": "*fp32", "fr_tok_ptr": "*i32", "fr_cnt_ptr": "*i32",

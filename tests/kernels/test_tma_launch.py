@@ -1,4 +1,4 @@
-"""`pagoda.kernels._tma_launch` on the CPU, with a stand-in kernel and C launcher: what a repeat launch passes
+"""`pagoda.kernels.launch.tma` on the CPU, with a stand-in kernel and C launcher: what a repeat launch passes
 to Triton 3.6's C launcher (grid, stream, the launcher head, each descriptor expanded to its encoded map, shape
 and strides, the runtime arguments, one object per constexpr), and when it falls back to ``kernel[grid]``.
 The GPU tests (`test_attention_hopper_gpu.py::test_gluon_fast_launch_matches_normal_launch`) compare its
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from pagoda.kernels import _tma_launch as T  # noqa: E402
+from pagoda.kernels.launch import tma as T  # noqa: E402
 
 
 class _Kernel:

@@ -85,7 +85,7 @@ def _kernel_device():
 
 @pytest.mark.parametrize("dim", [64, 80])
 def test_kernels_match_reference(dim):
-    from pagoda.kernels.merge import merge_state_fwd, merge_states_fwd
+    from pagoda.kernels.attention.merge import merge_state_fwd, merge_states_fwd
 
     dev = _kernel_device()
     dt = torch.float16

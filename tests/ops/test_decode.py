@@ -324,7 +324,7 @@ def test_graph_mode_replan_must_keep_options():
 
 
 def test_split_merge_is_fused_only_for_few_splits():
-    from pagoda.kernels import decode as kd
+    from pagoda.kernels.attention import decode as kd
 
     assert kd.merge_is_fused(3, True) and kd.merge_is_fused(kd.FUSED_MAX_SPLITS, True)
     assert not kd.merge_is_fused(kd.FUSED_MAX_SPLITS + 1, True)      # a serial merge of many splits is slower
@@ -335,8 +335,8 @@ def test_repeat_runs_replay_the_recorded_launch_with_the_new_tensors(monkeypatch
     """A second `run` with the same layouts, alignments and scale re-launches the recorded kernel with only q,
     the caches and out/lse swapped; a re-plan or another layout launches through `decode_fwd` again. The
     recording keeps none of the caller's tensors."""
-    from pagoda.kernels import _launch
-    from pagoda.kernels import decode as kdecode
+    from pagoda.kernels.launch import fast as _launch
+    from pagoda.kernels.attention import decode as kdecode
     from pagoda.ops import _decode_plan
 
     log = []

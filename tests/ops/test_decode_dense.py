@@ -74,7 +74,7 @@ def test_hf_decode_step_runs_the_decode_kernel(monkeypatch):
 
     from pagoda.integrations import transformers as pt
 
-    from pagoda.kernels import decode as kdecode
+    from pagoda.kernels.attention import decode as kdecode
 
     monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
     calls = []
@@ -97,8 +97,8 @@ def test_hf_decode_step_runs_the_decode_kernel(monkeypatch):
 def test_repeat_calls_replay_the_recorded_launch_with_the_new_tensors(monkeypatch):
     """A second call with the same shapes, strides, alignment and scale re-launches the recorded kernel with
     only q, k, v and out swapped; any change of those re-plans through `decode_fwd`."""
-    from pagoda.kernels import _launch
-    from pagoda.kernels import decode as kdecode
+    from pagoda.kernels.launch import fast as _launch
+    from pagoda.kernels.attention import decode as kdecode
 
     log = []
     kernel = fake_fast_launch(monkeypatch, log, ["Q", "K", "V", "O", "L", "n", "scale"])
@@ -133,8 +133,8 @@ def test_repeat_calls_replay_the_recorded_launch_with_the_new_tensors(monkeypatc
 
 
 def _fake_decode(monkeypatch, log):
-    from pagoda.kernels import _launch
-    from pagoda.kernels import decode as kdecode
+    from pagoda.kernels.launch import fast as _launch
+    from pagoda.kernels.attention import decode as kdecode
 
     kernel = fake_fast_launch(monkeypatch, log, ["Q", "K", "V", "O", "L", "n", "scale"])
 

@@ -78,7 +78,7 @@ def test_kernel_path_matches_reference(monkeypatch, hq, hk, sms, holes, pow2):
     monkeypatch.setattr(_decode_plan, "num_sms", lambda device: sms)
     b, s, d = 3, (512 if pow2 else 300) if sms > 1 else (128 if pow2 else 45), 32
     q, k, v, mask, kv_len = _case(b, hq, hk, s, d, torch.float16, seed=hq + sms + holes + 7 * pow2, holes=holes)
-    from pagoda.kernels import decode as kdecode
+    from pagoda.kernels.attention import decode as kdecode
     # Any length takes the whole-tile key loop: the row's page is its length rounded up to a power of two.
     page = dd.page_for(s)
     assert page >= s and page & (page - 1) == 0 and (page == s) == pow2

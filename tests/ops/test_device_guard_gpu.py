@@ -1,7 +1,7 @@
 """Ops on tensors of a CUDA device that is not the current one run on the tensors' device.
 
 Needs two GPUs: with ``cuda:0`` current, every call gets ``cuda:1`` tensors and must give the result it
-gives on ``cuda:0`` (the launches go through `pagoda.kernels._launch`'s device guard; the Gluon attention
+gives on ``cuda:0`` (the launches go through `pagoda.kernels.launch.fast`'s device guard; the Gluon attention
 kernel through `device_of`), leave ``cuda:0`` current and write nothing on ``cuda:0``.
 """
 import pytest

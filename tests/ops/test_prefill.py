@@ -202,7 +202,7 @@ def test_split_plan_heuristic():
 
 
 def test_launch_config_classes():
-    pp = pytest.importorskip("pagoda.kernels.prefill_paged")
+    pp = pytest.importorskip("pagoda.kernels.attention.prefill_paged")
     assert [pp.choose_block_m(r, 128) for r in (1, 16, 17, 64, 65)] == [16, 16, 64, 64, 128]
     assert pp.choose_block_m(4096, 256) == 64 and pp.choose_block_m(4096, 128, fp32=True) == 64
     configs = pp._prefill_paged_tuned.configs

@@ -27,7 +27,7 @@ import os
 
 import triton
 
-from pagoda.kernels._launch import _current, _no_hooks
+from pagoda.kernels.launch.fast import _current, _no_hooks
 
 _VERSION_OK = triton.__version__.split(".")[:2] == ["3", "6"]
 _MAX_ENTRIES = 256

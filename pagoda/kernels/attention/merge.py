@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels._launch import launch, next_pow2
+from pagoda.kernels.launch.fast import launch, next_pow2
 
 LOG2E = 1.4426950408889634
 

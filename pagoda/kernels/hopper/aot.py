@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from pagoda.kernels import attention_hopper as H
+from pagoda.kernels.hopper import attention as H
 
 
 def compile_sm90(head_dim: int, dtype: str = "bf16", causal: bool = True, config: str | None = None,
@@ -23,9 +23,9 @@ def compile_sm90(head_dim: int, dtype: str = "bf16", causal: bool = True, config
     persistent = H._ws_persistent(config) if ws else config.startswith("p-")
     if ws:
         if persistent:
-            from pagoda.kernels.attention_hopper_pws import _attn_fwd_hopper_pws_kernel as fn
+            from pagoda.kernels.hopper.pws import _attn_fwd_hopper_pws_kernel as fn
         else:
-            from pagoda.kernels.attention_hopper_ws import _attn_fwd_hopper_ws_kernel as fn
+            from pagoda.kernels.hopper.ws import _attn_fwd_hopper_ws_kernel as fn
         bm, bn, stages, regs, pingpong, nc, maxnreg = H._ws_params(config, head_dim)
         q_rows, warps, options = 64, 4, {"num_warps": 4, "maxnreg": maxnreg}
     else:
@@ -65,7 +65,7 @@ def compile_paged_sm90(head_dim: int, dtype: str = "bf16", causal: bool = True, 
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from pagoda.kernels import attention_hopper_paged as P
+    from pagoda.kernels.hopper import paged as P
 
     tdt = torch.float16 if dtype == "fp16" else torch.bfloat16
 

@@ -1,5 +1,5 @@
 """Sorting-free samplers: category, top-k, top-p, min-p (and joint) sampling (chain speculative sampling:
-`pagoda.kernels.speculative`).
+`pagoda.kernels.sampling.speculative`).
 
 One program per output row streams the vocabulary in chunks of ``BLOCK`` tokens; token t belongs to
 lane ``t % BLOCK`` (LANES = BLOCK per-lane accumulators, 4-8 per thread). No sort, no host
@@ -70,9 +70,9 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels._launch import cdiv, launch, next_pow2
-from pagoda.kernels.sampling_kth import _count_cut, _kth_value_bits, _peeled_floor_set  # noqa: F401
-from pagoda.kernels.sampling_race import (_exp1, _exp_at, _exp_run, _in_set, _philox_chunk, _philox_state,  # noqa: F401
+from pagoda.kernels.launch.fast import cdiv, launch, next_pow2
+from pagoda.kernels.sampling.kth import _count_cut, _kth_value_bits, _peeled_floor_set  # noqa: F401
+from pagoda.kernels.sampling.race import (_exp1, _exp_at, _exp_run, _in_set, _philox_chunk, _philox_state,  # noqa: F401
                                           _race_fold, _race_key, _race_winner, _row_param, _source_row,
                                           _chunk_row_quads)
 

@@ -2,7 +2,7 @@
 
 A tile of keys ``t [BLOCK_N]`` of one request is gathered through the page table: key ``t`` lives in
 page ``KV_INDICES[p0 + t // page_size]`` at slot ``t % page_size``. Scores are kept in base 2, as in
-`pagoda.kernels.attention_fwd`.
+`pagoda.kernels.attention.fwd`.
 """
 import triton
 import triton.language as tl

@@ -2,7 +2,7 @@
 
 Scope: dense batches q ``[b, sq, hq, d]``, k/v ``[b, sk, hk, d]`` (hq a multiple of hk), fp16/bf16,
 head_dim 64 or 128, causal (bottom-right aligned, as flash-attn 2) or not. Everything else (windows,
-ALiBi, softcap, varlen, other head dims) keeps using `pagoda.kernels.attention_fwd`.
+ALiBi, softcap, varlen, other head dims) keeps using `pagoda.kernels.attention.fwd`.
 
 Pipeline of one work item (one BLOCK_M tile of queries of one (batch, head); 4 or 8 warps = 1 or 2
 warpgroups, each warpgroup owning 64 query rows of the wgmma):
@@ -42,11 +42,11 @@ import math
 
 import torch
 
-from pagoda.kernels._launch import device_of
-from pagoda.kernels._tma_launch import tma_launch
+from pagoda.kernels.launch.fast import device_of
+from pagoda.kernels.launch.tma import tma_launch
 # The launch configurations and the dispatch policy (re-exported: the launch code, probes and tests use them
 # from here).
-from pagoda.kernels.attention_hopper_configs import (CONFIGS, DEFAULT_CONFIG, HEAD_DIMS, MIN_SEQLEN_K,  # noqa: F401
+from pagoda.kernels.hopper.configs import (CONFIGS, DEFAULT_CONFIG, HEAD_DIMS, MIN_SEQLEN_K,  # noqa: F401
                                                      CONFIG_BY_LENGTH, WS3_HEAD_DIMS, WS_CONFIGS, WS_CTAS_PER_SM,
                                                      _WS_MAXNREG, _ws_params, _ws_persistent, config_head_dims,
                                                      default_config, prefer_hopper)
@@ -346,7 +346,7 @@ def attention_fwd_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     natural-log (written when given; any strides). ``config`` names an entry of CONFIGS or WS_CONFIGS
     (ValueError for a ws3 config at a head dim other than 64).
     Returns the CompiledKernel (``n_regs``, ``n_spills``, ``metadata.shared``). Repeats of a launch
-    configuration skip Triton's launch path (`pagoda.kernels._tma_launch`; PAGODA_GLUON_FAST_LAUNCH=0 turns
+    configuration skip Triton's launch path (`pagoda.kernels.launch.tma`; PAGODA_GLUON_FAST_LAUNCH=0 turns
     that off).
     """
     with device_of((q,)):   # TMA descriptors and the launch on q's device, whichever device is current
@@ -354,7 +354,7 @@ def attention_fwd_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
 
 
 def _gluon_launch(kernel, grid, descs, args, constexprs, num_warps, maxnreg, lse_or_out):
-    """`pagoda.kernels._tma_launch.tma_launch` keyed by everything the compiled kernel depends on: the kernel,
+    """`pagoda.kernels.launch.tma.tma_launch` keyed by everything the compiled kernel depends on: the kernel,
     the dtype and box of each descriptor, every constexpr and the register cap, the LSE pointer's 16-byte
     alignment (q/k/v/out are 16-byte aligned: `hopper_supported`) and the device."""
     key = (kernel, descs[0][0].dtype, descs[0][3], descs[1][3], *constexprs.values(), num_warps, maxnreg,
@@ -385,14 +385,14 @@ def _launch_hopper(q, k, v, out, lse, softmax_scale, causal, config):
         constexprs = dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, CAUSAL=bool(causal),
                           WRITE_LSE=lse is not None, CONSUMER_REGS=regs, PINGPONG=pingpong, NUM_CONSUMERS=nc)
         if _ws_persistent(config):  # a few programs per SM (at most), striding over the work items
-            from pagoda.kernels.attention_hopper_pws import _attn_fwd_hopper_pws_kernel
+            from pagoda.kernels.hopper.pws import _attn_fwd_hopper_pws_kernel
             items = (sq + bm - 1) // bm * hq * b
             programs = _pws_programs(items, (sq + bm - 1) // bm, causal,
                                      _num_sms(q.device.index) * WS_CTAS_PER_SM.get(config, 1))
             args = (lse_or_out, *ls, sq, sk, hq // hk, hq, items, softmax_scale * LOG2E)
             return _gluon_launch(_attn_fwd_hopper_pws_kernel, (programs,), descs, args, constexprs, 4,
                                  maxnreg, lse_or_out)
-        from pagoda.kernels.attention_hopper_ws import _attn_fwd_hopper_ws_kernel
+        from pagoda.kernels.hopper.ws import _attn_fwd_hopper_ws_kernel
         args = (lse_or_out, *ls, sq, sk, hq // hk, softmax_scale * LOG2E)
         return _gluon_launch(_attn_fwd_hopper_ws_kernel, ((sq + bm - 1) // bm, hq, b), descs, args, constexprs, 4,
                              maxnreg, lse_or_out)

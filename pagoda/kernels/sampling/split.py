@@ -1,6 +1,6 @@
 """Split-row sampler for small batches: plain and min-p sampling with each row read by several programs.
 
-Why: `pagoda.kernels.sampling` streams a row on one program, i.e. one SM. At batch 1 an SM's load path
+Why: `pagoda.kernels.sampling.row` streams a row on one program, i.e. one SM. At batch 1 an SM's load path
 reads ~28 GB/s on the H200 whatever the prefetch depth (`benchmarks/sampling_b1_probe.py`, 2026-12-01:
 24.9 µs for a 151,936-token row, where torch.amax spreads the same row over many SMs in 10.7 µs). Here a
 row is cut into ``S`` slices of whole ``SLICE``-token steps, one program per (output row, slice):
@@ -41,9 +41,9 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels._launch import cdiv, launch, next_pow2
-from pagoda.kernels.sampling import _lane_draw, _track_pass
-from pagoda.kernels.sampling_race import (INF_BITS, _chunk_row_quads, _exp1, _in_set, _philox_state, _race_fold,
+from pagoda.kernels.launch.fast import cdiv, launch, next_pow2
+from pagoda.kernels.sampling.row import _lane_draw, _track_pass
+from pagoda.kernels.sampling.race import (INF_BITS, _chunk_row_quads, _exp1, _in_set, _philox_state, _race_fold,
                                           _race_key, _race_winner, _row_param, _source_row)
 
 SLICE = 4096          # tokens per step of a slice program (8 warps: 16 tokens a thread, 4 Philox words each)
@@ -369,7 +369,7 @@ def split_sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: 
     accept-or-redraw. ``top_p`` (a float or float32 ``[batch]`` tensor; not with min_p): top-p sampling from
     the frontiers (see the kernel), which needs every slice to be one step. Inside a CUDA-graph capture the
     workspace must already exist (`ready`): call once outside the capture first."""
-    from pagoda.kernels.sampling import _seed_args
+    from pagoda.kernels.sampling.row import _seed_args
 
     batch, vocab = out.shape[0], x.shape[1]
     if batch == 0:

@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels._launch import launch, next_pow2
-from pagoda.kernels.paged_tile import addr_flags, paged_offsets, paged_scores, rope_rows, softmax_pv_update
+from pagoda.kernels.launch.fast import launch, next_pow2
+from pagoda.kernels.attention.paged_tile import addr_flags, paged_offsets, paged_scores, rope_rows, softmax_pv_update
 
 LOG2E = 1.4426950408889634
 

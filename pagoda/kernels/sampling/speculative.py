@@ -1,6 +1,6 @@
 """Chain speculative sampling (verification of draft tokens), one program per request, no host sync.
 
-Shares the Philox layout, the exponential race and the launch configuration of `pagoda.kernels.sampling`.
+Shares the Philox layout, the exponential race and the launch configuration of `pagoda.kernels.sampling.row`.
 """
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels._launch import launch, next_pow2
-from pagoda.kernels.sampling import _seed_args, launch_config
-from pagoda.kernels.sampling_race import (_chunk_row_quads, _exp1, _philox_chunk, _philox_state, _race_fold,
+from pagoda.kernels.launch.fast import launch, next_pow2
+from pagoda.kernels.sampling.row import _seed_args, launch_config
+from pagoda.kernels.sampling.race import (_chunk_row_quads, _exp1, _philox_chunk, _philox_state, _race_fold,
                                           _race_key, _race_winner)
 
 

@@ -1,4 +1,4 @@
-"""The k-th largest value of a row for "top_k_first" sampling (`pagoda.kernels.sampling`, K_FIRST), when
+"""The k-th largest value of a row for "top_k_first" sampling (`pagoda.kernels.sampling.row`, K_FIRST), when
 pass 0's tracked set did not settle it: one "peel" pass one level deeper per lane, a bisection over the
 peeled entries in registers, and (rarely) counting passes; then the floor set from the peeled entries.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from pagoda.kernels.sampling_race import _in_set
+from pagoda.kernels.sampling.race import _in_set
 
 
 @triton.jit

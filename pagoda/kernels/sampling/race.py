@@ -1,5 +1,5 @@
-"""Random draws and exponential races of the sorting-free samplers (`pagoda.kernels.sampling`,
-`pagoda.kernels.speculative`): Philox counters laid out per token, Exp(1) variates exact in the tail, and
+"""Random draws and exponential races of the sorting-free samplers (`pagoda.kernels.sampling.row`,
+`pagoda.kernels.sampling.speculative`): Philox counters laid out per token, Exp(1) variates exact in the tail, and
 the per-lane race state (largest key wins, lowest index on ties) that is reduced once after the loop.
 """
 from __future__ import annotations

@@ -31,10 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels._launch import cdiv, launch, launch_tuned, next_pow2
-from pagoda.kernels.attention_fwd import _autotune_enabled, _hopper_on, _interpreting
-from pagoda.kernels.attention_hopper_paged import paged_supported, prefill_paged_hopper
-from pagoda.kernels.paged_tile import addr_flags, load_rows, paged_offsets, rope_rows
+from pagoda.kernels.launch.fast import cdiv, launch, launch_tuned, next_pow2
+from pagoda.kernels.attention.fwd import _autotune_enabled, _hopper_on, _interpreting
+from pagoda.kernels.hopper.paged import paged_supported, prefill_paged_hopper
+from pagoda.kernels.attention.paged_tile import addr_flags, load_rows, paged_offsets, rope_rows
 
 LOG2E = 1.4426950408889634
 SPLIT_ALIGN = 128  # split chunks are multiples of this, which every config's BLOCK_N divides

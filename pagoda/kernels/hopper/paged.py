@@ -35,9 +35,9 @@ import os
 
 import torch
 
-from pagoda.kernels._launch import device_of
-from pagoda.kernels._tma_launch import tma_launch
-from pagoda.kernels.attention_hopper import _GLUON_OK, _WS_MAXNREG, WS_CONFIGS, _is_sm90, _layout
+from pagoda.kernels.launch.fast import device_of
+from pagoda.kernels.launch.tma import tma_launch
+from pagoda.kernels.hopper.attention import _GLUON_OK, _WS_MAXNREG, WS_CONFIGS, _is_sm90, _layout
 
 # The tile and register plan of the dense "ws-m128n128s2" config (2 consumer warpgroups of 64 rows each).
 BLOCK_M, BLOCK_N, STAGES = 128, 128, 2
@@ -50,8 +50,8 @@ if _GLUON_OK:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
-    from pagoda.kernels.attention_hopper import _key_tiles, _nvmma_2d
-    from pagoda.kernels.attention_hopper_ws import _ws_mainloop
+    from pagoda.kernels.hopper.attention import _key_tiles, _nvmma_2d
+    from pagoda.kernels.hopper.ws import _ws_mainloop
 
     _LOADER_REGS = gl.constexpr(LOADER_REGS)
     _IDS_LAYOUT = gl.constexpr(gl.BlockedLayout([1], [32], [1], [0]))  # a tile's page ids in the loader warp
@@ -325,7 +325,7 @@ def prefill_paged_hopper(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, k
                          kv_last_page_len, page_size: int, num_kv_heads: int, max_qo_len: int, out, lse, *,
                          sm_scale: float, causal: bool, pingpong: bool = False, o_tma: bool = True):
     """Launch the Gluon paged prefill (callers check `paged_supported`). Arguments as
-    `pagoda.kernels.prefill_paged.prefill_paged_fwd`: q/out ``[nnz, hq, d]``, lse float32 ``[nnz, hq]`` or
+    `pagoda.kernels.attention.prefill_paged.prefill_paged_fwd`: q/out ``[nnz, hq, d]``, lse float32 ``[nnz, hq]`` or
     None (not written). o_tma: whole 64-row boxes of O go out by TMA when out's rows allow it (else every
     row by masked stores)."""
     batch = qo_indptr.shape[0] - 1

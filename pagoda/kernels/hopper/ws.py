@@ -29,7 +29,7 @@ The persistent ``pws*`` configs (`attention_hopper_pws`) run the same per-item b
 """
 from __future__ import annotations
 
-from pagoda.kernels.attention_hopper import _GLUON_OK
+from pagoda.kernels.hopper.attention import _GLUON_OK
 
 if _GLUON_OK:
     from triton.experimental import gluon
@@ -37,7 +37,7 @@ if _GLUON_OK:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                     warpgroup_mma, warpgroup_mma_wait)
 
-    from pagoda.kernels.attention_hopper import _key_tiles, _nvmma_2d, _softmax_tile
+    from pagoda.kernels.hopper.attention import _key_tiles, _nvmma_2d, _softmax_tile
 
     @gluon.jit
     def _ws_load_item(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bars, q_empty, k_ready, k_empty, v_ready,

@@ -44,15 +44,15 @@ O boxes: only their own consumer touches them; it waits for its previous TMA sto
 """
 from __future__ import annotations
 
-from pagoda.kernels.attention_hopper import _GLUON_OK
+from pagoda.kernels.hopper.attention import _GLUON_OK
 
 if _GLUON_OK:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
-    from pagoda.kernels.attention_hopper import _key_tiles
-    from pagoda.kernels.attention_hopper_ws import _ws_consume, _ws_load_item
+    from pagoda.kernels.hopper.attention import _key_tiles
+    from pagoda.kernels.hopper.ws import _ws_consume, _ws_load_item
 
     @gluon.jit
     def _pws_item(w, seqlen_q, seqlen_k, group_size, num_heads, HEAD_DIM: gl.constexpr,

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels._launch import cdiv, launch, launch_tuned, next_pow2
+from pagoda.kernels.launch.fast import cdiv, launch, launch_tuned, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -314,7 +314,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
     """
     varlen = cu_seqlens_q is not None
     if (config is None and not varlen and window_left < 0 and window_right in (-1, 0) and _hopper_on()):
-        from pagoda.kernels import attention_hopper as H
+        from pagoda.kernels.hopper import attention as H
         if H.prefer_hopper(q.shape[-1], k.shape[1]) and H.hopper_supported(
                 q, k, v, out, window_left=window_left, window_right=window_right, softcap=softcap,
                 alibi_slopes=alibi_slopes):
@@ -383,7 +383,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
 
 def _hopper_on() -> bool:
     """Dense fp16/bf16 d=64/128 calls on sm_90 go to the warp-specialised Gluon kernel
-    (`pagoda.kernels.attention_hopper`) unless PAGODA_HOPPER_ATTN=0 (then to the Triton kernel)."""
+    (`pagoda.kernels.hopper.attention`) unless PAGODA_HOPPER_ATTN=0 (then to the Triton kernel)."""
     return os.environ.get("PAGODA_HOPPER_ATTN", "1") not in ("", "0") and not _interpreting()
 
 
