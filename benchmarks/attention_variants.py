@@ -12,7 +12,7 @@ import triton.testing
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pagoda.kernels.attention_fwd import attention_fwd
+from pagoda.kernels.attention.fwd import attention_fwd
 
 CASES = [(d, causal, b, s) for d in (64, 128) for causal in (False, True) for b, s in ((32, 512), (4, 4096), (1, 16384))]
 TILES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3)]

@@ -2,7 +2,7 @@
 
 At b32 s512 the Gluon kernels take 110-190 µs and a call ~100-150 µs of host time, so a slow host shows in
 the grid (NOTES "Session 12"). Per case: host µs per call (no sync): the public call and the Gluon launch
-alone (prebuilt output), each with the repeat launch of `pagoda.kernels._tma_launch` (the default) and with
+alone (prebuilt output), each with the repeat launch of `pagoda.kernels.launch.tma` (the default) and with
 Triton's own (PAGODA_GLUON_FAST_LAUNCH=0); then cProfile's top functions by own time of the public call
 (`pagoda.bench.hf_overhead._profile`).
 
@@ -18,7 +18,7 @@ from overhead_probe import host_us  # noqa: E402
 
 import pagoda  # noqa: E402
 from pagoda.bench.hf_overhead import _profile  # noqa: E402
-from pagoda.kernels import attention_hopper as H  # noqa: E402
+from pagoda.kernels.hopper import attention as H  # noqa: E402
 
 
 def main():

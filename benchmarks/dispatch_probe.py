@@ -5,7 +5,7 @@ Gluon kernel it dispatches to at 261. Per short shape this times, with the same 
 flushed): the public call, the Gluon kernel called directly (default config), the Triton kernel called
 directly, and the host time of one public call (no sync), all with Triton's own launch
 (PAGODA_GLUON_FAST_LAUNCH=0); then the public call again with the Gluon kernels' repeat launch
-(`pagoda.kernels._tma_launch`, the default since 2026-12-02): TFLOP/s, host time, and its largest
+(`pagoda.kernels.launch.tma`, the default since 2026-12-02): TFLOP/s, host time, and its largest
 difference from the normal launch's output (0 expected: same kernel, same inputs).
 
     PYTHONPATH=$PWD python3 benchmarks/dispatch_probe.py
@@ -18,8 +18,8 @@ import triton.testing
 from overhead_probe import host_us  # benchmarks/ is sys.path[0] when run as a script
 
 import pagoda
-from pagoda.kernels import attention_hopper as H
-from pagoda.kernels.attention_fwd import attention_fwd
+from pagoda.kernels.hopper import attention as H
+from pagoda.kernels.attention.fwd import attention_fwd
 
 
 def main():
@@ -48,7 +48,7 @@ def main():
             except Exception as exc:  # noqa: BLE001 - report and go on
                 row[name + "_TFs"] = f"{type(exc).__name__}: {exc}"[:120]
         row["flash_attn_func_host_us"] = round(host_us(fns["flash_attn_func"]), 1)
-        # The Gluon kernels through the repeat launch (`pagoda.kernels._tma_launch`).
+        # The Gluon kernels through the repeat launch (`pagoda.kernels.launch.tma`).
         os.environ["PAGODA_GLUON_FAST_LAUNCH"] = "1"
         try:
             fast = fns["flash_attn_func"]

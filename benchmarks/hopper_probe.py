@@ -44,7 +44,7 @@ def _watchdog(limit_s: float) -> None:
 
 _SMOKE = r'''
 import sys, torch
-from pagoda.kernels import attention_hopper as H
+from pagoda.kernels.hopper import attention as H
 from pagoda.reference.attention import flash_attn_func as ref
 name = sys.argv[1]
 torch.manual_seed(0)
@@ -126,8 +126,8 @@ def main():
     from torch.nn import functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from pagoda.kernels import attention_hopper as H
-    from pagoda.kernels.attention_fwd import attention_fwd
+    from pagoda.kernels.hopper import attention as H
+    from pagoda.kernels.attention.fwd import attention_fwd
 
     t_start = time.time()
     threading.Thread(target=_watchdog, args=(150.0,), daemon=True).start()

@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import pagoda  # noqa: E402
-from pagoda.kernels import _launch  # noqa: E402
-from pagoda.kernels import decode as kdecode  # noqa: E402
+from pagoda.kernels.launch import fast as _launch  # noqa: E402
+from pagoda.kernels.attention import decode as kdecode  # noqa: E402
 from pagoda.ops import _decode_plan  # noqa: E402
 
 

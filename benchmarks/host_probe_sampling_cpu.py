@@ -26,9 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from pagoda.kernels import _launch  # noqa: E402
-from pagoda.kernels import sampling as ksampling  # noqa: E402
-from pagoda.kernels import sampling_filters as kfilters  # noqa: E402
+from pagoda.kernels.launch import fast as _launch  # noqa: E402
+from pagoda.kernels.sampling import row as ksampling  # noqa: E402
+from pagoda.kernels.sampling import filters as kfilters  # noqa: E402
 from pagoda.ops import sampling as S  # noqa: E402
 
 VOCAB = {1: 151936, 128: 32768}

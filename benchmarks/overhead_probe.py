@@ -95,7 +95,7 @@ def decode_cases():
 def decode_tiles():
     """b1 page 16 vs page 1 (the 2026-12-01 bench: b1 4k 0.36 vs 0.83 TB/s): bench / graph / host time per page
     size with the whole-tile key loop forced on and off, so a gap is placed on the host or the device."""
-    import pagoda.kernels.decode as kd
+    import pagoda.kernels.attention.decode as kd
     from pagoda.ops.decode import BatchDecodeWithPagedKVCacheWrapper
 
     rows = []
@@ -118,7 +118,7 @@ def decode_tiles():
 
 def decode_sweep():
     """Device time (graph replay) of the decode kernel per launch configuration and split heuristic."""
-    import pagoda.kernels.decode as kd
+    import pagoda.kernels.attention.decode as kd
     import pagoda.ops._decode_plan as plan
     from pagoda.ops.decode import BatchDecodeWithPagedKVCacheWrapper
 
@@ -153,8 +153,8 @@ def decode_sweep():
 
 def _decode_kernel_occupancy():
     """(shared bytes, registers, spills) of the decode kernels compiled so far through the cached launch."""
-    from pagoda.kernels import _launch
-    from pagoda.kernels.decode import _decode_kernel
+    from pagoda.kernels.launch import fast as _launch
+    from pagoda.kernels.attention.decode import _decode_kernel
 
     out = []
     for key, ck in _launch._compiled.items():
@@ -168,7 +168,7 @@ def decode_split_sweep():
     """Device time (graph replay) per (split count, block_n, stages): does the split count that fills the
     GPU in whole waves of resident programs win? Prints each compiled kernel's shared memory and registers
     (they set how many programs an SM holds at once)."""
-    import pagoda.kernels.decode as kd
+    import pagoda.kernels.attention.decode as kd
     from pagoda.ops.decode import BatchDecodeWithPagedKVCacheWrapper
 
     rows = []

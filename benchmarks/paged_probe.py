@@ -51,7 +51,7 @@ def _graph_ms(fn, reps=20):
 
 
 def epilogue():
-    import pagoda.kernels.prefill_paged as PP
+    import pagoda.kernels.attention.prefill_paged as PP
     hopper = PP.prefill_paged_hopper
     g = torch.Generator().manual_seed(0)
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")

@@ -7,8 +7,8 @@ import json
 import torch
 
 from pagoda.bench.timing import graph_time_ms
-from pagoda.kernels import sampling as K
-from pagoda.kernels import sampling_split as SP
+from pagoda.kernels.sampling import row as K
+from pagoda.kernels.sampling import split as SP
 
 
 def main():

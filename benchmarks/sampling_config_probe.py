@@ -2,7 +2,7 @@
 the CUDA-graph replay time (L2 flushed) of one call: a replayed graph repeats one draw, and the rejection
 paths' cost depends on the draw.
 
-1. The one-program sampler (`pagoda.kernels.sampling.sample`) at batch 1 / 8 / 32 for top-p, top-k, min-p
+1. The one-program sampler (`pagoda.kernels.sampling.row.sample`) at batch 1 / 8 / 32 for top-p, top-k, min-p
    and top-k + top-p, under (BLOCK, num_warps) = (4096, 16) (the default below 132 rows), (4096, 32) and
    (8192, 32). The SM streaming probe of 2026-12-01 read 0.6 MB on one SM in 11.0-11.7 µs with 16-32 warps
    and 3 loads in flight, 18.6 µs with 16 warps and 1 in flight: the rounds after pass 0 keep one in flight.
@@ -17,8 +17,8 @@ import json
 import torch
 
 from pagoda.bench.timing import graph_time_ms
-from pagoda.kernels import sampling as K
-from pagoda.kernels import sampling_split as SP
+from pagoda.kernels.sampling import row as K
+from pagoda.kernels.sampling import split as SP
 
 SEEDS = 8
 CONFIGS = ((4096, 16), (4096, 32), (8192, 32))
