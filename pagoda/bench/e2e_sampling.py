@@ -59,8 +59,9 @@ def _logits(model, source: str, batch: int, device) -> torch.Tensor:
 
 def sampling_step(model, device, batch_sizes, time_fn=None) -> list[dict]:
     """One row per (batch, logits source): ms of one sampling step with HF's warpers and with pagoda's, their ratio,
-    and whether the two kept the same tokens (isfinite of the processed scores; ties at the top-p boundary are
-    kept alike only where HF's sort is stable, as CUDA's is on long rows)."""
+    and how far apart the kept sets are (isfinite of the processed scores): tokens kept by one only, and their
+    largest mass in a row (ties at the top-p boundary are kept alike only where HF's sort is stable, as CUDA's is on
+    long rows; HF's float32 cumsum places its boundary to within rounding)."""
     from pagoda.bench.timing import time_ms
 
     time_fn = time_fn or time_ms
@@ -81,7 +82,11 @@ def sampling_step(model, device, batch_sizes, time_fn=None) -> list[dict]:
             row["speedup"] = round(row["sample_hf_ms"] / row["sample_pagoda_ms"], 2)
             hf, pg = (torch.isfinite(chains[n](ids, logits)) for n in SAMPLERS)
             row["kept_tokens_hf"] = round(float(hf.sum(-1).double().mean()), 1)
-            row["kept_sets_equal"] = bool(torch.equal(hf, pg))
+            row["kept_tokens_differ"] = int((hf ^ pg).sum())
+            # Mass of the tokens one kept and the other did not, under the softmax over both kept sets (the larger
+            # of the two distributions' total variation, per row): rounding-size where HF's float32 cumsum decides.
+            p = torch.where(hf | pg, logits.double(), float("-inf")).softmax(-1)
+            row["kept_differ_mass"] = float(f"{float((p * (hf ^ pg)).sum(-1).max()):.3g}")
             rows.append(row)
     return rows
 
@@ -93,9 +98,10 @@ def tables(report: dict, markdown: bool = False) -> list[str]:
     fmt = _report.markdown_table if markdown else (lambda h, r: _report.format_table(h, r, 0))
     step = report.get("sampling_step")
     if isinstance(step, list) and step:
-        headers = ["batch", "logits", "HF warpers ms", "pagoda warpers ms", "HF / pagoda", "kept sets equal"]
+        headers = ["batch", "logits", "HF warpers ms", "pagoda warpers ms", "HF / pagoda", "tokens kept by HF",
+                   "kept by one only (max mass)"]
         rows = [[r["batch"], r["logits"], r["sample_hf_ms"], r["sample_pagoda_ms"], f"{r['speedup']:.2f}x",
-                 "yes" if r["kept_sets_equal"] else "no"] for r in step]
+                 r["kept_tokens_hf"], f"{r['kept_tokens_differ']} ({r['kept_differ_mass']:.2g})"] for r in step]
         title = (f"One sampling step (top-k {TOP_K}, top-p {TOP_P}: processors + softmax + multinomial, as HF's "
                  f"_sample), vocab {step[0]['vocab']}")
         out.append((f"### {title}\n\n" if markdown else title + "\n") + fmt(headers, rows))

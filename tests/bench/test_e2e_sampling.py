@@ -50,7 +50,8 @@ def test_study_with_sampling_cases_reports_the_step_and_the_ratio(tmp_path):
     assert [(r["batch"], r["logits"]) for r in step] == [(2, "model"), (2, "randn*3")]
     for r in step:
         assert r["sample_hf_ms"] > 0 and r["sample_pagoda_ms"] > 0 and r["vocab"] == 256
-        assert r["kept_sets_equal"] and 1 <= r["kept_tokens_hf"] <= e2e_sampling.TOP_K
+        assert r["kept_tokens_differ"] == 0 and r["kept_differ_mass"] == 0.0
+        assert 1 <= r["kept_tokens_hf"] <= e2e_sampling.TOP_K
     saved = json.loads((tmp_path / "e2e.json").read_text())
     assert saved["sampling_step"] == step
     md = (tmp_path / "e2e.md").read_text()
@@ -66,9 +67,9 @@ def test_sampling_tables_read_the_rows():
         {**row, "batch": 8, "processor": "sample_hf", "status": "timeout", "tokens_per_s": None},
         {**row, "batch": 8, "processor": "sample_pagoda", "tokens_per_s": 50.0}],
         "sampling_step": [dict(batch=4, vocab=10, logits="model", sample_hf_ms=2.0, sample_pagoda_ms=0.5, speedup=4.0,
-                               kept_tokens_hf=3.0, kept_sets_equal=False)]}
+                               kept_tokens_hf=3.0, kept_tokens_differ=2, kept_differ_mass=3e-7)]}
     text = "\n".join(e2e_sampling.tables(report))
-    assert "1.20x" in text and "4.00x" in text and "timeout" in text and " no" in text
+    assert "1.20x" in text and "4.00x" in text and "timeout" in text and "2 (3e-07)" in text
     assert e2e_sampling.tables({"meta": {"model": "m"}, "results": [{**row, "processor": "none"}]}) == []
     assert e2e_sampling.tables({"results": [], "sampling_step": {"error": "boom"}}) == ["Sampling step: boom"]
 
