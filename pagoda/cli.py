@@ -14,6 +14,13 @@ def _csv(text: str | None, cast=str):
     return [cast(x.strip()) for x in text.split(",") if x.strip()] if text else None
 
 
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _bench(args) -> int:
     from pagoda.bench.plots import plot
     from pagoda.bench.report import write_outputs
@@ -33,7 +40,13 @@ def _bench(args) -> int:
         dtype=_DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")],
         backends=_csv(args.backends), head_dims=tuple(_csv(args.head_dims, int) or (64, 128)),
         model=args.model, batch_sizes=tuple(_csv(args.batch_sizes, int) or ()) or None,
-        max_batch_search=args.max_batch_search)
+        max_batch_search=args.max_batch_search, budget_s=args.budget_s)
+    if device.type == "cpu":
+        # One intra-op thread by default: on a shared or busy host, OpenMP's spinning threads make
+        # millisecond-scale CPU figures jump by 10x between neighbouring cells.
+        torch.set_num_threads(args.threads or 1)
+    elif args.threads:
+        torch.set_num_threads(args.threads)
     study = STUDIES[args.study]
     report = study.run(opts)
     print(study.tables(report))
@@ -63,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-sizes", help="e2e: comma-separated batch sizes")
     bench.add_argument("--max-batch-search", action=argparse.BooleanOptionalAction, default=None,
                        help="e2e: search the largest batch before OOM (GPU only)")
+    bench.add_argument("--budget-s", type=_non_negative,
+                       help="sampling, e2e: start no case past this many seconds (the first always runs); the "
+                            "cases not run are listed in the report")
+    bench.add_argument("--threads", type=int, help="torch intra-op threads (default on a CPU: 1, for stable figures)")
     bench.add_argument("--dtype", choices=sorted(_DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     bench.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     bench.add_argument("--out", help="directory for JSON, CSV, Markdown and PNG results")

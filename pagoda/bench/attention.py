@@ -3,9 +3,14 @@
 GPU grid (flash-attention's benchmark): (batch, seqlen) in (32,512) ... (1,16384) at 16k tokens,
 hidden size 2048 (nheads = 2048 / head_dim), head dims 64 and 128, causal and not. The CPU grid is
 a small embedded one that finishes in well under a minute.
+
+Every figure is a median with its spread (interquartile range over the median, `timing.time_stats`);
+the tables print the median and one line on the spread. torch.compile'd peers (FlexAttention) are
+compiled for every shape and watched for graph breaks and eager fallbacks (`pagoda.bench.compiled`).
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 from dataclasses import asdict, dataclass
 
@@ -13,8 +18,11 @@ import torch
 
 from pagoda.bench import report as _report
 from pagoda.bench.backends import ATTENTION_BACKENDS, attention_flops, default_scale
+from pagoda.bench.compiled import CompileWatch, silently_eager, users_compile
 from pagoda.bench.progress import Progress
-from pagoda.bench.timing import peak_extra_mb, time_ms
+from pagoda.bench.timing import cpu_clock, peak_extra_mb, time_stats
+
+CPU_REP_MS = 200.0   # CPU: wall time spent timing each (case, backend) beyond the minimum number of runs
 
 
 @dataclass(slots=True, frozen=True)
@@ -74,21 +82,29 @@ def run_case(case: AttentionCase, backend_names: list[str], device: torch.device
     rows = []
     for name in backend_names:
         row = {**asdict(case), "backend": name, "dtype": str(dtype).replace("torch.", ""),
-               "status": "ok", "reason": None, "ms": None, "tflops": None, "peak_mem_mb": None}
+               "status": "ok", "reason": None, "ms": None, "spread": None, "tflops": None, "peak_mem_mb": None}
         if unavailable.get(name):
             row.update(status="unavailable", reason=unavailable[name])
             rows.append(row)
             continue
+        backend = ATTENTION_BACKENDS[name]
+        watch = CompileWatch() if backend.compiled else None
         try:
-            fn = ATTENTION_BACKENDS[name].prepare(q, k, v, case.causal, default_scale(case.head_dim))
+            fn = backend.prepare(q, k, v, case.causal, default_scale(case.head_dim))
             fn()  # compile / autotune / warm up outside timing
-            ms = time_ms(fn, device)
-            row.update(ms=round(ms, 5), tflops=round(flops / ms / 1e9, 6),
+            rep_ms = 100.0 if device.type == "cuda" else CPU_REP_MS
+            ms, spread = time_stats(fn, device, rep_ms=rep_ms)
+            row.update(ms=round(ms, 5), spread=round(spread, 4), tflops=round(flops / ms / 1e9, 6),
                        peak_mem_mb=None if (m := peak_extra_mb(fn, device)) is None else round(m, 1))
             del fn
         except Exception as exc:  # one backend failing must not stop the study
             status, reason = _classify(exc)
             row.update(status=status, reason=reason)
+        if watch is not None:
+            row["compile"] = watch.delta()
+            why = silently_eager(row["compile"])
+            if why and row["status"] == "ok":   # a figure of partly eager code is not the peer's figure
+                row.update(status="error", reason=why, ms=None, spread=None, tflops=None)
         rows.append(row)
         if device.type == "cuda":
             gc.collect()
@@ -105,14 +121,20 @@ def run_study(grid: str, backends: list[str] | None, device: torch.device, dtype
     unavailable = {n: ATTENTION_BACKENDS[n].unavailable(device) for n in names}
     cases = attention_grid(grid, head_dims=head_dims)
     results: list[dict] = []
-    with Progress(len(cases), "attention") as bar:
+    compiled = any(ATTENTION_BACKENDS[n].compiled and not unavailable[n] for n in names)
+    with (users_compile() if compiled else contextlib.nullcontext(None)) as dynamo, \
+            Progress(len(cases), "attention") as bar:
         for case in cases:
             results += run_case(case, names, device, dtype, unavailable)
             bar.step(case.label())
     return {
         "study": "attention",
         "meta": {**_report.environment(device), "grid": grid, "dtype": str(dtype).replace("torch.", ""),
-                 "flops": "4*b*s^2*h*d, halved when causal"},
+                 "flops": "4*b*s^2*h*d, halved when causal",
+                 "timing": "median; spread = interquartile range / median ("
+                           + ("triton do_bench, L2 flushed" if device.type == "cuda" else
+                              f"{cpu_clock()}, >= 10 runs and >= {CPU_REP_MS:.0f} ms per figure") + ")",
+                 "clock": None if device.type == "cuda" else cpu_clock(), "dynamo": dynamo},
         "backends": {n: {"available": unavailable[n] is None, "reason": unavailable[n],
                          "describe": ATTENTION_BACKENDS[n].describe} for n in names},
         "results": results,
@@ -150,10 +172,25 @@ def tables(report: dict, markdown: bool = False) -> str:
             row.append(pg.get("peak_mem_mb"))
             rows.append(row)
         title = f"head_dim={d} {'causal' if causal else 'non-causal'}, TFLOP/s ({report['meta']['dtype']})"
+        if report["meta"].get("clock"):
+            title += f", {report['meta']['clock']}"
         if markdown:
             out.append(f"### {title}\n\n" + _report.markdown_table(headers, rows))
         else:
             out.append(title + "\n" + _report.format_table(headers, rows, align_left=0))
+    spreads = [(r["spread"], r) for r in report["results"] if r["status"] == "ok" and r.get("spread") is not None]
+    if spreads:
+        spreads.sort(key=lambda t: t[0])
+        w = spreads[-1][1]
+        where = AttentionCase(w["batch"], w["seqlen"], w["nheads"], w["head_dim"], w["causal"]).label()
+        out.append(f"Spread (interquartile range / median) over {len(spreads)} figures: median "
+                   f"{spreads[len(spreads) // 2][0]:.1%}, largest {w['spread']:.1%} ({w['backend']}, {where})")
+    watched = [r for r in report["results"] if "compile" in r]
+    for name in sorted({r["backend"] for r in watched}):
+        mine = [r["compile"] for r in watched if r["backend"] == name]
+        total = {k: sum(c[k] for c in mine) for k in mine[0]}
+        out.append(f"{name} compiles: {total['graphs']} graphs over {len(mine)} cases, "
+                   f"{total['graph_breaks']} graph breaks, {total['eager_fallbacks']} eager fallbacks")
     reasons = [f"{n}: {b['reason']}" for n, b in report["backends"].items() if not b["available"]]
     if reasons:
         out.append(("Unavailable backends:\n" if not markdown else "Unavailable backends:\n\n")

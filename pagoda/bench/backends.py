@@ -7,10 +7,11 @@ says why (`unavailable`), and the study reports that reason instead of a figure:
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -21,21 +22,25 @@ class Backend:
     describe: str
     unavailable: Callable[[torch.device], str | None]
     prepare: Callable[..., Callable[[], torch.Tensor]]
+    compiled: bool = False     # torch.compile'd: timed under `compiled.users_compile`, each row watched
 
 
 def _needs_cuda(device: torch.device) -> str | None:
     return None if device.type == "cuda" else "needs a CUDA device"
 
 
-def _needs_module(module: str, cuda: bool = True):
+def needs_module(module: str, cuda: bool = True):
+    """Every reason the backend cannot run here, joined: the package import first, then the device."""
     def check(device: torch.device) -> str | None:
-        if cuda and device.type != "cuda":
-            return "needs a CUDA device"
+        reasons = []
         try:
             importlib.import_module(module)
         except Exception as exc:  # ImportError, or a broken install raising something else
-            return f"{module} not importable ({type(exc).__name__})"
-        return None
+            reasons.append(f"{module} not importable ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})"
+                           if str(exc) else f"{module} not importable ({type(exc).__name__})")
+        if cuda and device.type != "cuda":
+            reasons.append("needs a CUDA device")
+        return "; ".join(reasons) or None
     return check
 
 
@@ -84,8 +89,27 @@ def _sdpa(backend_name: str | None):
     return prep
 
 
+@functools.cache
+def _compiled_flex():
+    """``torch.compile(flex_attention)`` once per process, as its users write it; ``fullgraph=True`` so that a
+    graph break raises rather than running part of it eagerly (see `pagoda.bench.compiled`)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False, fullgraph=True)
+
+
+def _flex_unavailable(device: torch.device) -> str | None:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except Exception as exc:
+        return f"this torch has no FlexAttention ({type(exc).__name__})"
+    if device.type != "cuda":
+        return "needs a CUDA device (the study times FlexAttention compiled by Inductor's CUDA backend)"
+    return None
+
+
 def _prep_flex(q, k, v, causal, scale):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
 
     qt, kt, vt = _bhsd(q, k, v)
     block_mask = None
@@ -95,7 +119,7 @@ def _prep_flex(q, k, v, causal, scale):
         def causal_mod(b, h, qi, kj):
             return kj <= qi + shift
         block_mask = create_block_mask(causal_mod, None, None, qt.shape[2], kt.shape[2], device=q.device)
-    compiled = torch.compile(flex_attention, dynamic=False)
+    compiled = _compiled_flex()
     gqa = qt.shape[1] != kt.shape[1]
 
     def run():
@@ -104,14 +128,8 @@ def _prep_flex(q, k, v, causal, scale):
 
 
 def flashinfer_missing(device: torch.device) -> str | None:
-    """Why FlashInfer cannot run here (a CUDA device and the package are needed), or None."""
-    if device.type != "cuda":
-        return "needs a CUDA device"
-    try:
-        import flashinfer  # noqa: F401
-    except Exception as exc:
-        return f"flashinfer not importable ({type(exc).__name__})"
-    return None
+    """Why FlashInfer cannot run here (the package and a CUDA device are needed), or None."""
+    return needs_module("flashinfer")(device)
 
 
 def _prep_flash_attn(q, k, v, causal, scale):
@@ -149,10 +167,13 @@ def _prep_pagoda(q, k, v, causal, scale):
 
 
 def _cudnn_unavailable(device):
-    if device.type != "cuda":
-        return "needs a CUDA device"
     from torch.nn.attention import SDPBackend
-    return None if hasattr(SDPBackend, "CUDNN_ATTENTION") else "this torch has no cuDNN SDPA backend"
+
+    if not hasattr(SDPBackend, "CUDNN_ATTENTION"):
+        return "this torch has no cuDNN SDPA backend"
+    if device.type != "cuda":
+        return "needs a CUDA device (cuDNN)"
+    return None
 
 
 ATTENTION_BACKENDS: dict[str, Backend] = {b.name: b for b in [
@@ -162,11 +183,12 @@ ATTENTION_BACKENDS: dict[str, Backend] = {b.name: b for b in [
     Backend("sdpa_cudnn", "torch SDPA forced to CUDNN_ATTENTION", _cudnn_unavailable, _sdpa("CUDNN_ATTENTION")),
     Backend("sdpa_efficient", "torch SDPA forced to EFFICIENT_ATTENTION", _needs_cuda, _sdpa("EFFICIENT_ATTENTION")),
     Backend("sdpa_math", "torch SDPA forced to MATH", lambda d: None, _sdpa("MATH")),
-    Backend("flex", "FlexAttention, torch.compile'd", _needs_cuda, _prep_flex),
-    Backend("flash_attn", "flash-attn package (flash_attn_func)", _needs_module("flash_attn"), _prep_flash_attn),
-    Backend("flashinfer", "FlashInfer BatchPrefillWithRaggedKVCacheWrapper", _needs_module("flashinfer"),
+    Backend("flex", "FlexAttention, torch.compile(fullgraph=True), one graph per shape", _flex_unavailable,
+            _prep_flex, compiled=True),
+    Backend("flash_attn", "flash-attn package (flash_attn_func)", needs_module("flash_attn"), _prep_flash_attn),
+    Backend("flashinfer", "FlashInfer BatchPrefillWithRaggedKVCacheWrapper", needs_module("flashinfer"),
             _prep_flashinfer),
-    Backend("xformers", "xformers memory_efficient_attention", _needs_module("xformers.ops"), _prep_xformers),
+    Backend("xformers", "xformers memory_efficient_attention", needs_module("xformers.ops"), _prep_xformers),
     Backend("pagoda", "pagoda.flash_attn_func (Triton on CUDA, reference on CPU)", lambda d: None, _prep_pagoda),
 ]}
 

@@ -5,7 +5,7 @@ per request (decode), GQA 32/8, head_dim 128, page size 16, pages in random orde
 pagoda's `MultiLevelCascadeAttentionWrapper` (2 levels) and `BatchDecodeWithPagedKVCacheWrapper`
 over the concatenated pages, FlashInfer's two when importable. The GPU grid sweeps prefix x batch to
 find the crossover below which cascade does not pay. The floor: the shared level's FLOPs at the
-dense prefill kernel's measured rate (the issue's definition) plus the unique KV bytes at the measured
+rate of a dense prefill kernel (``PREFILL_FLOPS``) plus the unique KV bytes at the measured
 copy bandwidth (H200 figures; other GPUs: indicative only).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pagoda.bench.backends import flashinfer_missing
 from pagoda.bench.progress import Progress
 from pagoda.bench.timing import time_ms
 
-PREFILL_FLOPS = 505e12    # pagoda's dense prefill at its best on the H200 (d128 16k, benchmarks/results, 2026-11-22)
+PREFILL_FLOPS = 505e12    # the floor's prefill rate: pagoda's Triton prefill kernel at d128 16k on an H200
 COPY_BYTES_PER_S = 4.25e12
 BACKENDS = ("pagoda_cascade", "pagoda_decode", "flashinfer_cascade", "flashinfer_decode")
 

@@ -1,4 +1,4 @@
-"""The decode and paged-prefill studies (issue 3's grids), on one shared paged-KV setup.
+"""The decode and paged-prefill studies, on one shared paged-KV setup.
 
 ``decode``: bf16, GQA 32/8, head_dim 128, pages in random order; pagoda's
 `BatchDecodeWithPagedKVCacheWrapper` at page size 16 and 1, FlashInfer's wrapper with tensor cores off
@@ -171,8 +171,8 @@ def _run(study: str, grid: str, backends, device: torch.device, dtype: torch.dty
                     row["status"], row["reason"] = _classify(exc)
             # Every backend is timed in PASSES rounds, in turn, and keeps its best median: a call whose host
             # time is close to its device time (batch 1) read up to 2x slower when timed first after the
-            # case's inputs were built (H200, 2026-12-01: b1 4k page 16 0.36 TB/s in the bench, 0.86 in a
-            # probe of the same call), which one more round in another position removes.
+            # case's inputs were built (on an H200, b1 4k page 16 read 0.36 TB/s in one round and 0.86 in
+            # another), which one more round in another position removes.
             for _ in range(PASSES):
                 for row in rows:
                     if row["backend"] not in fns or row["status"] != "ok":

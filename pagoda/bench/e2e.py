@@ -4,7 +4,6 @@ Axes: attn_implementation (eager, sdpa, sdpa forced to each backend, flash_atten
 flex_attention where they run, pagoda), batch size, dynamic vs static KV cache, and with/without a
 per-token logits processor (repetition penalty), on a random-weight model of a named shape or a
 local model folder. Nothing is downloaded: presets are configs, weights are random.
-pagoda's own engine gets a row too; it reports "unavailable" until the engine exists.
 
 Runs under a wall-clock budget when one is set (the GPU preset fits one 10-minute call): cases are
 ordered so the ones that back the claim (batch >= 64) come first, every case is bounded, a case that
@@ -46,18 +45,18 @@ PRESETS: dict[str, dict] = {
 }
 
 IMPLEMENTATIONS = ["eager", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flash_attention_2",
-                   "flex_attention", "pagoda", "pagoda_engine"]
+                   "flex_attention", "pagoda"]
 _SDPA_FORCED = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION",
                 "sdpa_efficient": "EFFICIENT_ATTENTION"}
 # Run order: the claim's rows first; torch.compile-based implementations (long first compile) last.
 _ORDER = ["pagoda", "sdpa", "eager", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flash_attention_2",
-          "flex_attention", "pagoda_engine"]
+          "flex_attention"]
 # KV caches of the study: HF's DynamicCache; its StaticCache with generate's auto torch.compile off (eager
 # decode step); and "compiled", the StaticCache as HF runs it by default on a GPU: the decode step compiled
 # (Inductor, CUDA graphs), host overhead gone (one compile per implementation x batch, a minute or more each).
 CACHES = ("dynamic", "static", "compiled")
 _PROCESSORS = {"none", "repetition_penalty", *e2e_sampling.SAMPLERS}   # values of the processor axis
-CLAIM_BATCH = 64        # the issue's claim: tokens/s at batch >= 64 vs the best other implementation
+CLAIM_BATCH = 64        # the claim's rows: tokens/s at batch >= 64 vs the best other implementation
 REFINE_WITHIN = 0.75    # re-timed rows: every implementation within this fraction of the cell's best
 
 
@@ -97,7 +96,7 @@ GRIDS: dict[str, dict] = {
     "small": {},
     "full": dict(model="qwen3-0.6b", batch_sizes=(1, 16, 64, 128), prompt_len=512, new_tokens=128,
                  max_batch_search=True),
-    # One 10-minute GPU call (benchmarks/gpu_final.sh e2e). A generate of 32 new tokens takes ~1.1 s at a
+    # One 10-minute GPU run (benchmarks/gpu.sh e2e). A generate of 32 new tokens takes ~1.1 s at a
     # conservative 30 ms per host-bound decode step (+ ~0.1 s prefill); 3 generates per (impl, cache, batch)
     # (warm-up, no processor, repetition penalty) x 7 CUDA implementations x 2 caches x 4 batches -> ~180 s,
     # the rest of the 430 s for start-up, first compiles (flex_attention's torch.compile), the max-batch
@@ -127,8 +126,6 @@ def default_config(device: torch.device, grid: str) -> E2EConfig:
 
 def unavailable_reason(impl: str, device: torch.device) -> str | None:
     """Why ``impl`` cannot run here (None if it can)."""
-    if impl == "pagoda_engine":
-        return "pagoda's inference engine is not built yet (reserved row of the study)"
     if impl in _SDPA_FORCED or impl in ("flash_attention_2", "flex_attention"):
         if device.type != "cuda":
             return "needs a CUDA device"
@@ -172,16 +169,6 @@ def build_model(name_or_path: str, device: torch.device, dtype: torch.dtype, see
     # logits processor to the "no processor" rows.
     model.generation_config.eos_token_id = None
     return model.eval()
-
-
-def probe_model():
-    """(device, model, sync) for the probe scripts of `benchmarks/` (e2e_profile, e2e_order_probe,
-    e2e_host_cprofile): the qwen3-0.6b shape in bf16 on CUDA; without CUDA (a smoke run) the tiny preset in
-    fp32 on the CPU. ``sync()`` waits for the device (nothing on the CPU)."""
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    model = build_model("qwen3-0.6b" if cuda else "tiny", device, torch.bfloat16 if cuda else torch.float32)
-    return device, model, (torch.cuda.synchronize if cuda else (lambda: None))
 
 
 def _set_impl(model, impl: str) -> None:
@@ -295,8 +282,9 @@ def _run_study(cfg, impls, device, dtype, out, command) -> dict:
                  "metric": f"tokens/s = batch * new_tokens / generate() wall time (prefill included), median of "
                            f"{cfg.repeats} after one warm-up generate of the same shapes"
                            + (f" (rows of batch >= {CLAIM_BATCH} near the cell's best: up to {cfg.refine_to}, the "
-                              f"rest re-timed round-robin after an untimed warm-up round)" if cfg.refine_to > cfg.repeats
-                              else "") + "; gc collected and frozen around each timed generate",
+                              f"rest re-timed round-robin after an untimed warm-up round)"
+                              if cfg.refine_to > cfg.repeats else "")
+                           + "; gc collected and frozen around each timed generate",
                  "static_cache": ("HF StaticCache, generate's auto torch.compile disabled (eager decode step)"
                                   if _can_disable_compile() else "HF StaticCache (generate may auto-compile)"),
                  "compiled_cache": "HF StaticCache with generate's auto torch.compile of the decode step (Inductor, "
@@ -395,8 +383,8 @@ def _run_study(cfg, impls, device, dtype, out, command) -> dict:
                 checkpoint()
             # The allocator's cache is emptied between groups only: the processors of one group share the
             # group's warm-up. (A generate timed right after emptying it would cudaMalloc its whole working
-            # set again inside the timing. Removing that did not remove the run-to-run noise of the H200
-            # machine's host: NOTES "Session 12".)
+            # set again inside the timing. Run-to-run noise of a host-bound generate remains: see
+            # docs/host-overhead.md.)
             free(device)
 
     if search:

@@ -39,7 +39,7 @@ def _per_call_us(fn, n: int, sync, chunks: int = 5) -> float:
 @contextlib.contextmanager
 def _stubbed_launch():
     """CPU only: take pagoda's CUDA path with the Triton launch replaced by a no-op."""
-    from pagoda.kernels import decode as _decode_kernels
+    from pagoda.kernels.attention import decode as _decode_kernels
     from pagoda.ops import _attention_op
     with mock.patch.object(torch.Tensor, "is_cuda", property(lambda self: True)), \
             mock.patch.object(_attention_op, "_launch", lambda *a, **kw: None), \

@@ -42,10 +42,10 @@ def plot(report: dict, out_dir: str | Path) -> list[Path]:
     panels_by, x, y, series, xlabel, ylabel, logx = spec
     panels = sorted({tuple(r[k] for k in panels_by) for r in rows}, key=str)
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
+    for ax, panel in zip(axes[0], panels, strict=False):
         sub = [r for r in rows if tuple(r[k] for k in panels_by) == panel]
         _lines(ax, sub, x, y, series)
-        ax.set_title(", ".join(f"{k}={v}" for k, v in zip(panels_by, panel)))
+        ax.set_title(", ".join(f"{k}={v}" for k, v in zip(panels_by, panel, strict=False)))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         if logx:

@@ -25,6 +25,7 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "device": str(device),
+        "threads": torch.get_num_threads(),
         "device_name": platform.processor() or platform.machine(),
     }
     try:
@@ -46,7 +47,8 @@ def format_table(headers: list[str], rows: list[list], align_left: int = 1) -> s
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
 
     def fmt(r):
-        return "  ".join(c.ljust(w) if i < align_left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        return "  ".join(c.ljust(w) if i < align_left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(r, widths, strict=True)))
     lines = [fmt(cells[0]), "  ".join("-" * w for w in widths)]
     lines += [fmt(r) for r in cells[1:]]
     return "\n".join(lines)

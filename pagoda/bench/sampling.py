@@ -1,7 +1,7 @@
 """The sampling study: time per call of every sampler, beside PyTorch's sort-based samplers, FlashInfer
 and the read-once floor, over a (vocab, batch) grid.
 
-GPU grid (the issue's): vocab 32,000 / 128,256 / 151,936 x batch 1 / 32 / 128 / 512, float32
+GPU grid: vocab 32,000 / 128,256 / 151,936 x batch 1 / 32 / 128 / 512, float32
 probabilities (FlashInfer's samplers take float32). CPU grid: a small embedded one (seconds), where
 pagoda runs its sort-based reference. The floor is one read of the probabilities (``amax`` over each
 row): its achieved GB/s is reported, and every sampler's time is also given as GB/s of that same
@@ -11,17 +11,17 @@ Two figures per call on CUDA, both medians with L2 flushed between runs:
     graph_us  device time: one call captured in a CUDA graph and replayed (`timing.graph_time_ms`), the
               Philox seed/offset passed as device tensors (how a serving engine runs a sampler inside its
               captured decode step); the mean over GRAPH_SEEDS seeds, each captured and replayed on its
-              own (a replay repeats one draw; rejection-based samplers cost what their draws cost). The headline ``us`` and the comparisons use it whenever both sides
-              have it: at these µs-scale calls it is what separates the kernels, where
+              own (a replay repeats one draw; rejection-based samplers cost what their draws cost). The
+              headline ``us`` and the comparisons use it whenever both sides have it: at these µs-scale
+              calls it is what separates the kernels, where
     eager_us  one Python call (`timing.time_ms`) also holds the host's launch path, and moved by up to
-              ±45 % between two H200 runs (2026-12-01) at batch 1-32.
+              ±45 % between two H200 runs at batch 1-32.
 On the CPU only ``eager_us`` exists.
 """
 from __future__ import annotations
 
 import gc
 import importlib
-import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -29,6 +29,7 @@ import torch
 
 from pagoda.bench import report as _report
 from pagoda.bench.attention import _classify
+from pagoda.bench.backends import needs_module
 from pagoda.bench.progress import Progress
 from pagoda.bench.timing import graph_time_ms, time_ms
 
@@ -53,7 +54,7 @@ class SamplingCase:
 
 
 def sampling_grid(name: str) -> list[SamplingCase]:
-    """``full``: the GPU grid of the issue; ``small``: the embedded CPU default."""
+    """``full``: the GPU grid; ``small``: the embedded CPU default."""
     if name == "full":
         vocabs, batches = FULL_VOCABS, FULL_BATCHES
     elif name == "small":
@@ -125,13 +126,7 @@ def _prep_flashinfer(op, probs, gen, seed=None, offset=None):
 
 
 def _flashinfer_unavailable(device):
-    if device.type != "cuda":
-        return "needs a CUDA device"
-    try:
-        importlib.import_module("flashinfer.sampling")
-    except Exception as exc:  # ImportError, or a broken install raising something else
-        return f"flashinfer not importable ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
-    return None
+    return needs_module("flashinfer.sampling")(device)
 
 
 BACKENDS = {
@@ -177,7 +172,7 @@ def run_case(case: SamplingCase, names: list[str], device: torch.device, dtype: 
 
     Every call (the floor included) is timed in PASSES rounds, in turn, keeping its best median: at batch 1
     a call's host time is close to what ``do_bench``'s L2 flush hides, and the first call timed after the
-    case's inputs were built read up to 3x slow (H200, 2026-12-01: V=32000 b=1 plain sampling 34.6 µs in
+    case's inputs were built read up to 3x slow (on an H200, V=32000 b=1 plain sampling read 34.6 µs in
     one round, against 10.7 µs at b=32 in the same run). On CUDA each call is also captured in a CUDA
     graph and its replay timed (``graph_us``, the headline ``us`` when the capture works)."""
     logits = torch.randn(case.batch, case.vocab, device=device) * 3.0
@@ -206,7 +201,7 @@ def run_case(case: SamplingCase, names: list[str], device: torch.device, dtype: 
                 if cuda:
                     graph_fns[id(row)] = BACKENDS[name][2](op, probs, None, seed_t, offset_t)
             except Exception as exc:  # one backend failing must not stop the study
-                row.update(zip(("status", "reason"), _classify(exc)))
+                row.update(zip(("status", "reason"), _classify(exc), strict=False))
     floor = {}
     amax = lambda: torch.amax(probs, -1)  # noqa: E731
     for _ in range(PASSES):
@@ -220,7 +215,7 @@ def run_case(case: SamplingCase, names: list[str], device: torch.device, dtype: 
             try:
                 _best(row, "eager_us", time_ms(fn, device, **_timing(device)))
             except Exception as exc:
-                row.update(zip(("status", "reason"), _classify(exc)))
+                row.update(zip(("status", "reason"), _classify(exc), strict=False))
                 continue
             gfn = graph_fns.get(id(row))
             if gfn is not None:
@@ -246,8 +241,12 @@ def run_case(case: SamplingCase, names: list[str], device: torch.device, dtype: 
     return rows
 
 
-def run_study(grid: str, backends: list[str] | None, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
-    """Run the sampling study; returns the report (``study``, ``meta``, ``backends``, ``results``)."""
+def run_study(grid: str, backends: list[str] | None, device: torch.device, dtype: torch.dtype = torch.float32,
+              budget_s: float | None = None) -> dict:
+    """Run the sampling study; returns the report (``study``, ``meta``, ``backends``, ``results``).
+
+    ``budget_s``: no case starts once this many seconds have passed (the first case always runs), so that a
+    bounded run still leaves its data; the cases not run are listed in the report."""
     names = backends or list(BACKENDS)
     unknown = [n for n in names if n not in BACKENDS]
     if unknown:
@@ -255,11 +254,13 @@ def run_study(grid: str, backends: list[str] | None, device: torch.device, dtype
     unavailable = {n: BACKENDS[n][1](device) for n in names}
     cases = sampling_grid(grid)
     results: list[dict] = []
-    budget_s = float(os.environ.get("PAGODA_BENCH_BUDGET_S", "inf"))   # a bounded GPU call still leaves data
+    if budget_s is not None and budget_s < 0:
+        raise ValueError(f"budget_s must be >= 0, got {budget_s}")
+    limit = float("inf") if budget_s is None else budget_s
     start, skipped = time.monotonic(), []
     with Progress(len(cases), "sampling") as bar:
         for case in cases:
-            if results and time.monotonic() - start > budget_s:   # the first case always runs
+            if results and time.monotonic() - start > limit:   # the first case always runs
                 skipped.append(case.label())
             else:
                 results += run_case(case, names, device, dtype, unavailable)
@@ -273,7 +274,7 @@ def run_study(grid: str, backends: list[str] | None, device: torch.device, dtype
                            "Philox seeds, each its own graph) where captured, else eager_us (triton do_bench of the "
                            "Python call, the generator advancing); ratios compare the same method on both sides",
                  "skipped_cases": skipped,
-                 "skipped_why": f"started past PAGODA_BENCH_BUDGET_S={budget_s:g} s" if skipped else None},
+                 "skipped_why": f"started past --budget-s {limit:g}" if skipped else None},
         "backends": {n: {"available": unavailable[n] is None, "reason": unavailable[n], "describe": BACKENDS[n][0]}
                      for n in names},
         "results": results,
@@ -323,7 +324,8 @@ def tables(report: dict, markdown: bool = False) -> str:
             any_row = next(iter(cells.values()))
             row = [key[0], key[1]] + [_cell(cells.get(n)) for n in names] + [any_row["floor_us"], any_row["floor_gbps"]]
             pg = cells.get("pagoda")
-            row += [_ratio(cells.get(p), pg) for p in peers] + [_ratio(cells.get(p), pg, "eager_us") for p in eager_peers]
+            row += [_ratio(cells.get(p), pg) for p in peers]
+            row += [_ratio(cells.get(p), pg, "eager_us") for p in eager_peers]
             if "pagoda" in names:
                 ok = pg is not None and pg["status"] == "ok"
                 floor = (pg.get("floor_graph_us") if pg.get("graph_us") else pg.get("floor_eager_us")) if ok else None
@@ -342,7 +344,8 @@ def tables(report: dict, markdown: bool = False) -> str:
                    + "\n".join(("- " if markdown else "  ") + r for r in reasons))
     if report["meta"].get("skipped_cases"):
         out.append(f"Cases not run ({report['meta']['skipped_why']}): " + ", ".join(report["meta"]["skipped_cases"]))
-    uncaptured = sorted({f"{r['backend']} {r['op']}: {r['graph_error']}" for r in report["results"] if r.get("graph_error")})
+    uncaptured = sorted({f"{r['backend']} {r['op']}: {r['graph_error']}" for r in report["results"]
+                         if r.get("graph_error")})
     if uncaptured:
         out.append("Not captured in a CUDA graph (eager figures, marked (e)):\n"
                    + "\n".join(("- " if markdown else "  ") + e for e in uncaptured))

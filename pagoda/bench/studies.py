@@ -6,8 +6,8 @@ A study module provides a runner returning a report dict (``study``, ``meta``, `
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -22,6 +22,7 @@ class BenchOptions:
     model: str | None = None                   # e2e: preset name or local folder
     batch_sizes: tuple | None = None           # e2e
     max_batch_search: bool | None = None       # e2e
+    budget_s: float | None = None              # sampling, e2e: no case starts past this many seconds
 
     def __post_init__(self):
         if self.grid not in ("small", "full"):
@@ -50,15 +51,22 @@ def _e2e(o: BenchOptions) -> dict:
         cfg.batch_sizes = tuple(o.batch_sizes)
     if o.max_batch_search is not None:
         cfg.max_batch_search = o.max_batch_search
+    if o.budget_s is not None:
+        cfg.budget_s = o.budget_s
     cfg.__post_init__()
     return e2e.run_study(cfg, o.backends, o.device, o.dtype)
 
 
-def _grid_study(module: str, runner: str = "run_study", dtype: torch.dtype | None = None):
+def _sampling(o: BenchOptions) -> dict:
+    from pagoda.bench import sampling
+    return sampling.run_study(o.grid, o.backends, o.device, torch.float32, budget_s=o.budget_s)  # float32 probs
+
+
+def _grid_study(module: str, runner: str = "run_study"):
     """Runner for a study module whose entry is ``runner(grid, backends, device, dtype)``."""
     def run(o: BenchOptions) -> dict:
         fn = getattr(importlib.import_module(f"pagoda.bench.{module}"), runner)
-        return fn(o.grid, o.backends, o.device, dtype or o.dtype)
+        return fn(o.grid, o.backends, o.device, o.dtype)
     return run
 
 
@@ -78,7 +86,7 @@ STUDIES: dict[str, Study] = {s.name: s for s in [
     Study("cascade", "decode over a shared prefix: cascade vs plain paged decode, crossover grid",
           _grid_study("cascade"), _tables_of("cascade")),
     Study("sampling", "samplers over (vocab, batch): pagoda vs torch sort-based vs FlashInfer vs read floor",
-          _grid_study("sampling", dtype=torch.float32), _tables_of("sampling")),  # float32 probabilities
+          _sampling, _tables_of("sampling")),
     Study("e2e", "HF generate tokens/s per attn_implementation, batch size, cache, logits processor",
           _e2e, _tables_of("e2e")),
 ]}

@@ -3,6 +3,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from pagoda.bench.attention import attention_grid, tables
 from pagoda.bench.backends import ATTENTION_BACKENDS, attention_flops
@@ -47,6 +48,15 @@ def test_default_bench_writes_json_csv_markdown(tmp_path, capsys):
     assert len(ok_pagoda) == len(attention_grid("small"))
     with (tmp_path / "attention.csv").open() as f:
         assert len(list(csv.DictReader(f))) == len(rows)
+    # The newcomer's first minute: every backend that could not run is named with its reason, every figure
+    # has its spread, and the CPU run uses one intra-op thread (stable figures on a busy host).
+    unavailable = printed.split("Unavailable backends:")[1]
+    for name in ("flex", "flash_attn", "flashinfer", "xformers", "sdpa_cudnn", "sdpa_flash"):
+        assert f"  {name}: " in unavailable, name
+    assert "flash_attn not importable" in unavailable and "needs a CUDA device" in unavailable
+    assert "Spread (interquartile range / median)" in printed
+    assert all(r["spread"] is not None and r["spread"] >= 0 for r in ok_pagoda)
+    assert report["meta"]["threads"] == 1
     md = (tmp_path / "attention.md").read_text()
     assert md.startswith("# pagoda bench: attention") and "| batch | seqlen |" in md
     assert tables(report)
@@ -55,3 +65,13 @@ def test_default_bench_writes_json_csv_markdown(tmp_path, capsys):
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="unknown backend"):
         main(["bench", "--device", "cpu", "--backends", "nope"])
+
+
+def test_cpu_timing_takes_enough_runs_and_reports_the_spread():
+    from pagoda.bench import timing
+
+    calls = []
+    ms, spread = timing.time_stats(lambda: calls.append(1), torch.device("cpu"), rep_ms=0)
+    assert len(calls) == timing.CPU_WARMUP + timing.CPU_MIN_RUNS and ms >= 0 and spread >= 0
+    assert timing.spread([1.0, 1.0, 1.0, 1.0, 1.0]) == 0
+    assert timing.spread([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(1.0)   # quartiles 1.5 and 4.5, median 3

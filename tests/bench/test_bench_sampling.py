@@ -6,9 +6,10 @@ import torch
 
 from pagoda.bench import sampling
 from pagoda.bench.report import write_outputs
+from pagoda.cli import main
 
 
-def test_full_grid_is_the_issue_grid():
+def test_full_grid_is_the_vocab_by_batch_grid():
     grid = sampling.sampling_grid("full")
     assert {(c.vocab, c.batch) for c in grid} == {(v, b) for v in (32000, 128256, 151936) for b in (1, 32, 128, 512)}
     with pytest.raises(ValueError, match="grid"):
@@ -47,19 +48,31 @@ def test_cpu_study_schema(tmp_path):
             assert r["us"] > 0 and r["gbps"] > 0
     json.dumps(report)  # serialisable as is
     text = sampling.tables(report)
-    assert "top_p sampling" in text and "vs torch_sort" in text and "flashinfer: needs a CUDA device" in text
+    assert "top_p sampling" in text and "vs torch_sort" in text
+    assert "flashinfer: flashinfer.sampling not importable" in text and "needs a CUDA device" in text
     paths = write_outputs(tmp_path, "sampling", report, sampling.tables(report, markdown=True))
     assert json.loads(paths[0].read_text())["study"] == "sampling"
     assert "| vocab | batch |" in paths[2].read_text()
 
 
-def test_budget_skips_the_cases_it_cannot_start_and_says_so(monkeypatch):
-    monkeypatch.setenv("PAGODA_BENCH_BUDGET_S", "0")     # past the budget once the first case has run
-    report = sampling.run_study("small", ["torch_sort"], torch.device("cpu"), torch.float32)
-    grid = sampling.sampling_grid("small")
+def test_budget_skips_the_cases_it_cannot_start_and_says_so():
+    report = sampling.run_study("small", ["torch_sort"], torch.device("cpu"), torch.float32, budget_s=0)
+    grid = sampling.sampling_grid("small")   # past the budget once the first case has run
     assert {(r["vocab"], r["batch"]) for r in report["results"]} == {(grid[0].vocab, grid[0].batch)}
     assert report["meta"]["skipped_cases"] == [c.label() for c in grid[1:]]
-    assert "Cases not run (started past PAGODA_BENCH_BUDGET_S=0 s)" in sampling.tables(report)
+    assert "Cases not run (started past --budget-s 0)" in sampling.tables(report)
+    with pytest.raises(ValueError, match="budget_s"):
+        sampling.run_study("small", ["torch_sort"], torch.device("cpu"), torch.float32, budget_s=-1)
+
+
+def test_budget_is_a_command_line_option(tmp_path, capsys):
+    assert main(["bench", "sampling", "--device", "cpu", "--backends", "torch_sort", "--budget-s", "0",
+                 "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "sampling.json").read_text())
+    assert len(report["meta"]["skipped_cases"]) == len(sampling.sampling_grid("small")) - 1
+    assert "started past --budget-s 0" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["bench", "sampling", "--device", "cpu", "--budget-s", "-3"])
 
 
 def test_ratios_compare_the_same_timing_method():
@@ -102,12 +115,3 @@ def test_gpu_case_times_pagoda_and_torch_inside_a_cuda_graph():
     text = sampling.tables({"meta": {"dtype": "float32"}, "backends": {n: {"available": True, "reason": None}
                             for n in ("pagoda", "torch_sort")}, "results": rows})
     assert "CUDA-graph replay" in text
-
-
-def test_sm_bandwidth_probe_compiles_for_sm90():
-    """The single-SM streaming probe (`benchmarks/sm_bandwidth_probe.py`, next session's first GPU call) compiles
-    for sm_90: its plain loads, and its descriptor loads as TMA bulk copies."""
-    from tests.helpers import run_aot_script
-
-    run_aot_script("import runpy, sys; sys.argv = ['probe', '--aot']; "
-                   "runpy.run_path('benchmarks/sm_bandwidth_probe.py', run_name='__main__')")
