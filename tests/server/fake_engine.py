@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 from pagoda.engine.outputs import CompletionOutput, Logprob, RequestOutput
 
@@ -58,12 +59,13 @@ class _Scheduler:
 class FakeEngine:
     """step() sleeps ``step_s`` (to hold requests open); every call runs on one thread, checked."""
 
-    def __init__(self, vocab_size: int = 100, max_model_len: int = 64, step_s: float = 0.0):
+    def __init__(self, vocab_size: int = 100, max_model_len: int = 256, step_s: float = 0.0):
         self.vocab_size = vocab_size
-        self.max_model_len = max_model_len
+        self.config = SimpleNamespace(max_model_len=max_model_len)
         self.step_s = step_s
         self.tokenizer = FakeTokenizer()
         self.scheduler = _Scheduler()
+        self.block_manager = self.scheduler.block_manager
         self.reqs: dict[str, _Req] = {}
         self.aborted: list[str] = []
         self.added: list[str] = []
