@@ -87,10 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     from pagoda.engine.cli import add_generate_parser
 
     add_generate_parser(sub)
+    from pagoda.server.cli_args import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["bench", "serve"]:   # the HTTP load generator has options of its own
+        from pagoda.bench.serve import main as bench_serve
+        return bench_serve(argv[2:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

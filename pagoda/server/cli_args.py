@@ -46,3 +46,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """The engine options of parsed ``pagoda serve`` arguments, as ``EngineConfig`` keywords."""
     return {name: getattr(args, name) for name in ENGINE_ARG_NAMES}
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``pagoda serve`` on the CLI's subparsers."""
+    parser = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server over a model folder",
+                                   description="Serve MODEL over the OpenAI API: /v1/completions, "
+                                               "/v1/chat/completions, /v1/models, /health, /metrics.")
+    add_serve_arguments(parser)
+
+    def run(args) -> int:
+        from pagoda.server.launcher import serve
+        return serve(args)
+
+    parser.set_defaults(func=run)
+    return parser

@@ -1,0 +1,247 @@
+"""``pagoda bench serve``: a load generator for an OpenAI-compatible server, as vLLM's serving benchmark.
+
+Random requests (prompt token ids drawn uniformly from the vocabulary, input and output lengths uniform in
+``[L * (1 - range_ratio), L * (1 + range_ratio)]``, ``ignore_eos`` so every request generates exactly its
+output length), sent as streaming ``/v1/completions`` calls over HTTP (httpx, asyncio) either at a request
+rate (Poisson arrivals; ``inf`` = all at once) and/or under a concurrency cap. Reported as vLLM does:
+requests/s, output and total tokens/s, time to first token (TTFT), time per output token after the first
+(TPOT), inter-token latency between streamed chunks (ITL) and end-to-end latency: mean, median, p99.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ServeBenchConfig:
+    base_url: str = "http://127.0.0.1:8000"
+    model: str | None = None                 # None: the first model of GET /v1/models
+    api_key: str | None = None
+    num_prompts: int = 1000
+    input_len: int = 1024
+    output_len: int = 128
+    range_ratio: float = 0.0
+    vocab_size: int = 32000                  # prompt ids are drawn from [0, vocab_size)
+    request_rate: float = float("inf")
+    max_concurrency: int | None = None
+    seed: int = 0
+    warmup: int = 1                          # requests sent (and waited for) before timing starts
+
+    def __post_init__(self) -> None:
+        for name in ("num_prompts", "input_len", "output_len", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.range_ratio < 1.0:
+            raise ValueError(f"range_ratio must be in [0, 1), got {self.range_ratio}")
+        if not self.request_rate > 0:
+            raise ValueError(f"request_rate must be positive (inf: all at once), got {self.request_rate}")
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {self.max_concurrency}")
+
+
+@dataclass
+class RequestResult:
+    prompt_len: int
+    output_len: int                          # asked for
+    ok: bool = False
+    error: str | None = None
+    output_tokens: int = 0                   # the server's usage count
+    ttft: float = 0.0
+    latency: float = 0.0
+    itl: list[float] = field(default_factory=list)
+
+
+def sample_requests(cfg: ServeBenchConfig) -> list[tuple[list[int], int]]:
+    """(prompt token ids, output length) per request, reproducible from ``cfg.seed``."""
+    rng = random.Random(cfg.seed)
+
+    def length(mean: int) -> int:
+        lo, hi = max(1, int(mean * (1 - cfg.range_ratio))), max(1, int(mean * (1 + cfg.range_ratio)))
+        return rng.randint(lo, hi)
+
+    return [([rng.randrange(cfg.vocab_size) for _ in range(length(cfg.input_len))], length(cfg.output_len))
+            for _ in range(cfg.num_prompts)]
+
+
+async def _one(client, cfg: ServeBenchConfig, model: str, ids: list[int], out_len: int) -> RequestResult:
+    res = RequestResult(len(ids), out_len)
+    body = {"model": model, "prompt": ids, "max_tokens": out_len, "temperature": 0.0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    start = last = time.perf_counter()
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                res.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:200]}"
+                return res
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    res.error = chunk["error"].get("message", "error")
+                    return res
+                now = time.perf_counter()
+                if chunk.get("usage"):
+                    res.output_tokens = chunk["usage"]["completion_tokens"]
+                if any(c.get("text") for c in chunk.get("choices", ())):
+                    if res.ttft == 0.0:
+                        res.ttft = now - start
+                    else:
+                        res.itl.append(now - last)
+                    last = now
+        res.latency = time.perf_counter() - start
+        res.ok = res.output_tokens > 0
+        if not res.ok:
+            res.error = "no tokens"
+    except Exception as exc:  # a failed request is counted, not fatal (as vLLM's benchmark)
+        res.error = f"{type(exc).__name__}: {exc}"
+    return res
+
+
+async def _run(cfg: ServeBenchConfig) -> tuple[list[RequestResult], float, str]:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    limit = cfg.max_concurrency or cfg.num_prompts
+    async with httpx.AsyncClient(base_url=cfg.base_url, headers=headers, timeout=httpx.Timeout(None),
+                                 limits=httpx.Limits(max_connections=limit + 4, max_keepalive_connections=limit)) as c:
+        model = cfg.model
+        if model is None:
+            r = await c.get("/v1/models")
+            r.raise_for_status()
+            model = r.json()["data"][0]["id"]
+        reqs = sample_requests(cfg)
+        for ids, _ in reqs[:cfg.warmup]:
+            warm = await _one(c, cfg, model, ids, 4)
+            if not warm.ok:
+                raise RuntimeError(f"the warm-up request failed: {warm.error}")
+        sem = asyncio.Semaphore(limit)
+        rng = random.Random(cfg.seed + 1)
+
+        async def limited(ids, n):
+            async with sem:
+                return await _one(c, cfg, model, ids, n)
+
+        tasks = []
+        start = time.perf_counter()
+        for ids, n in reqs:
+            tasks.append(asyncio.create_task(limited(ids, n)))
+            if cfg.request_rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(cfg.request_rate))
+        results = await asyncio.gather(*tasks)
+        return results, time.perf_counter() - start, model
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100
+    lo = int(pos)
+    return s[lo] + (s[min(lo + 1, len(s) - 1)] - s[lo]) * (pos - lo)
+
+
+def summarize(results: list[RequestResult], duration: float) -> dict:
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.output_tokens for r in ok)
+    in_tokens = sum(r.prompt_len for r in ok)
+    ms = 1000.0
+
+    def stats(name: str, values: list[float]) -> dict:
+        return {f"mean_{name}_ms": sum(values) / len(values) * ms if values else 0.0,
+                f"median_{name}_ms": _pct(values, 50) * ms, f"p99_{name}_ms": _pct(values, 99) * ms}
+
+    tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    return {"completed": len(ok), "failed": len(results) - len(ok), "duration_s": duration,
+            "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
+            "request_throughput": len(ok) / duration, "output_throughput": out_tokens / duration,
+            "total_token_throughput": (in_tokens + out_tokens) / duration,
+            **stats("ttft", [r.ttft for r in ok]), **stats("tpot", tpot),
+            **stats("itl", [x for r in ok for x in r.itl]), **stats("e2el", [r.latency for r in ok]),
+            "errors": sorted({r.error for r in results if r.error})[:10]}
+
+
+def run(cfg: ServeBenchConfig) -> dict:
+    """Run the benchmark against ``cfg.base_url``; the report dict (``study``, ``meta``, ``config``, ``results``)."""
+    import datetime as dt
+    import platform
+
+    results, duration, model = asyncio.run(_run(cfg))
+    meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["pagoda"] + sys.argv[1:]) if "pagoda" in sys.argv[0] else " ".join(sys.argv),
+            "python": platform.python_version(), "model": model}
+    config = {k: (None if v == float("inf") else v) for k, v in asdict(cfg).items() if k != "api_key"}
+    return {"study": "serve", "meta": meta, "config": config, "results": summarize(results, duration)}
+
+
+_ROWS = [("Successful requests", "completed", "{:d}"), ("Failed requests", "failed", "{:d}"),
+         ("Benchmark duration (s)", "duration_s", "{:.2f}"), ("Total input tokens", "total_input_tokens", "{:d}"),
+         ("Total generated tokens", "total_output_tokens", "{:d}"),
+         ("Request throughput (req/s)", "request_throughput", "{:.2f}"),
+         ("Output token throughput (tok/s)", "output_throughput", "{:.2f}"),
+         ("Total token throughput (tok/s)", "total_token_throughput", "{:.2f}")]
+
+
+def tables(report: dict, markdown: bool = False) -> str:
+    res, cfg = report["results"], report["config"]
+    rows = [(label, fmt.format(res[key])) for label, key, fmt in _ROWS]
+    for name, title in (("ttft", "Time to first token"), ("tpot", "Time per output token (excl. 1st)"),
+                        ("itl", "Inter-token latency"), ("e2el", "End-to-end latency")):
+        for stat in ("mean", "median", "p99"):
+            rows.append((f"{title}: {stat} (ms)", f"{res[f'{stat}_{name}_ms']:.2f}"))
+    head = (f"serve benchmark: {report['meta']['model']} at {cfg['base_url']}, {cfg['num_prompts']} requests, "
+            f"input {cfg['input_len']} / output {cfg['output_len']} tokens (range ratio {cfg['range_ratio']}), "
+            f"request rate {cfg['request_rate'] or 'inf'}, max concurrency {cfg['max_concurrency'] or 'none'}")
+    if markdown:
+        return "\n".join([f"**{head}**", "", "| metric | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows])
+    width = max(len(a) for a, _ in rows)
+    return "\n".join([head, "-" * len(head)] + [f"{a:<{width}}  {b:>12}" for a, b in rows]
+                     + ([f"errors: {res['errors']}"] if res["errors"] else []))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pagoda bench serve", description=__doc__.split("\n\n")[0])
+    d = ServeBenchConfig()
+    p.add_argument("--base-url", default=d.base_url, help=f"server address (default: {d.base_url})")
+    p.add_argument("--model", help="model name to send (default: the server's first model)")
+    p.add_argument("--api-key", help="sent as `Authorization: Bearer KEY`")
+    p.add_argument("--num-prompts", type=int, default=d.num_prompts, help=f"requests (default: {d.num_prompts})")
+    p.add_argument("--input-len", type=int, default=d.input_len, help=f"mean prompt tokens (default: {d.input_len})")
+    p.add_argument("--output-len", type=int, default=d.output_len,
+                   help=f"mean generated tokens, EOS ignored (default: {d.output_len})")
+    p.add_argument("--range-ratio", type=float, default=d.range_ratio,
+                   help="lengths uniform in [L*(1-r), L*(1+r)] (default: 0, fixed lengths)")
+    p.add_argument("--vocab-size", type=int, default=d.vocab_size,
+                   help=f"prompt token ids drawn from [0, V) (default: {d.vocab_size})")
+    p.add_argument("--request-rate", type=float, default=d.request_rate,
+                   help="requests per second, Poisson arrivals (default: inf, all at once)")
+    p.add_argument("--max-concurrency", type=int, help="requests in flight at most (default: no cap)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed requests first (default: 1)")
+    p.add_argument("--out", help="directory for serve.json and serve.md")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = ServeBenchConfig(**{k: v for k, v in vars(args).items() if k != "out"})
+    report = run(cfg)
+    print(tables(report))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "serve.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / "serve.md").write_text(tables(report, markdown=True) + "\n")
+        print(f"\nwrote {out / 'serve.json'}, {out / 'serve.md'}")
+    return 0 if report["results"]["completed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
