@@ -115,7 +115,7 @@ class BlockManager:
         seq.block_table.extend(computed_blocks)
         if computed_blocks:
             seq.num_computed_tokens = computed
-            seq.num_cached_tokens = max(seq.num_cached_tokens, computed)
+            seq.num_cached_tokens = max(seq.num_cached_tokens, min(computed, seq.num_prompt_tokens))
             parent = None
             for block_id in computed_blocks:
                 parent = self.blocks[block_id].hash

@@ -63,7 +63,7 @@ def compute_logprobs(raw_logits: torch.Tensor, tokens: torch.Tensor, seqs: list[
         return None
     idx = _host_to(rows, torch.int64, raw_logits.device)
     lp = torch.log_softmax(raw_logits[idx].float(), dim=-1)
-    k = max(seqs[i].params.logprobs for i in rows)
+    k = min(max(seqs[i].params.logprobs for i in rows), lp.shape[1])
     top_lp, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
     token_lp = lp.gather(1, tokens[idx, None]).squeeze(1)
     rank = (lp > token_lp[:, None]).sum(dim=-1) + 1
