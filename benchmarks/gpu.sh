@@ -26,8 +26,8 @@
 # this script installs what .peer/ holds (PEER_DIR overrides) into a scratch site-packages.
 #
 # Environment: STAGE_TIMEOUT (seconds per stage, default 580: a hung study still leaves its partial files),
-# SAMPLING_BUDGET_S (default 460: no sampling case starts later), PAGODA_AUTOTUNE (e2e default 0: fixed
-# launch configs; generate is host-bound and autotuning would spend ~45 s of the run).
+# SAMPLING_BUDGET_S (default 460: no sampling case starts later). pagoda's own switches (PAGODA_*) pass through
+# and are recorded in COMMAND.
 set -uo pipefail
 
 stage=${1:?usage: bash benchmarks/gpu.sh tests|attention|decode|paged|cascade|serving|sampling|e2e|e2e-compiled|all [OUTDIR]}
@@ -56,8 +56,8 @@ run() {
   local dir
   dir="$out/$(date -u +%F)-$gpu-$name"
   mkdir -p "$dir"
-  local envs=""
-  [ -n "${PAGODA_AUTOTUNE:-}" ] && envs="PAGODA_AUTOTUNE=$PAGODA_AUTOTUNE "
+  local envs
+  envs=$(env | grep '^PAGODA_' | sort | tr '\n' ' ')
   printf 'bash benchmarks/gpu.sh %s\n# which ran, from the repository root:\n%sPYTHONPATH=$PWD %s --out <this folder>\n' \
     "$stage" "$envs" "$*" > "$dir/COMMAND"
   echo "== $name -> $dir"
@@ -82,10 +82,10 @@ one() {
   cascade) run cascade python3 -m pagoda bench cascade ;;
   serving) one decode; one paged; one cascade ;;
   sampling) run sampling python3 -m pagoda bench sampling --budget-s "${SAMPLING_BUDGET_S:-460}" ;;
-  e2e) PAGODA_AUTOTUNE=${PAGODA_AUTOTUNE:-0} run e2e python3 -m pagoda.bench.e2e --grid gpu ;;
+  e2e) run e2e python3 -m pagoda.bench.e2e --grid gpu ;;
   e2e-compiled)
     # One compile per implementation x batch (a minute or more each) plus the agreement check's two.
-    PAGODA_AUTOTUNE=${PAGODA_AUTOTUNE:-0} run e2e-compiled python3 -m pagoda.bench.e2e --caches compiled \
+    run e2e-compiled python3 -m pagoda.bench.e2e --caches compiled \
       --processors none --batch-sizes 64,128 --backends pagoda,sdpa,eager --new-tokens 64 --budget-s 520 \
       --case-limit-s 240 --no-max-batch-search ;;
   all) one tests; one attention; one serving; one sampling; one e2e ;;
