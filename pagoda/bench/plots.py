@@ -36,6 +36,7 @@ def plot(report: dict, out_dir: str | Path) -> list[Path]:
         "attention": (("head_dim", "causal"), "seqlen", "tflops", "backend", "sequence length", "TFLOP/s", True),
         "e2e": (("cache", "processor"), "batch", "tokens_per_s", "impl", "batch size", "tokens/s", True),
         "decode": (("batch",), "context", "tb_per_s", "backend", "context length", "KV read TB/s", True),
+        "layers": (("op",), "tokens", "copy_frac", "series", "tokens", "fraction of copy bandwidth", True),
     }.get(study)
     if spec is None or not rows or not all(k in rows[0] for k in spec[0] + (spec[1], spec[2], spec[3])):
         return []

@@ -62,6 +62,11 @@ def _sampling(o: BenchOptions) -> dict:
     return sampling.run_study(o.grid, o.backends, o.device, torch.float32, budget_s=o.budget_s)  # float32 probs
 
 
+def _layers(o: BenchOptions) -> dict:
+    from pagoda.bench import layers
+    return layers.run_study(o.grid, o.backends, o.device, o.dtype, budget_s=o.budget_s)
+
+
 def _grid_study(module: str, runner: str = "run_study"):
     """Runner for a study module whose entry is ``runner(grid, backends, device, dtype)``."""
     def run(o: BenchOptions) -> dict:
@@ -87,6 +92,8 @@ STUDIES: dict[str, Study] = {s.name: s for s in [
           _grid_study("cascade"), _tables_of("cascade")),
     Study("sampling", "samplers over (vocab, batch): pagoda vs torch sort-based vs FlashInfer vs read floor",
           _sampling, _tables_of("sampling")),
+    Study("layers", "fused RMSNorm / gated activations vs PyTorch eager, torch.compile, FlashInfer, copy bandwidth",
+          _layers, _tables_of("layers")),
     Study("e2e", "HF generate tokens/s per attn_implementation, batch size, cache, logits processor",
           _e2e, _tables_of("e2e")),
 ]}
