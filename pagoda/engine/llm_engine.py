@@ -221,13 +221,13 @@ class LLMEngine:
             seq.logprobs.append(logprobs)
             seq.cumulative_logprob += logprobs[token].logprob
         finish: tuple[str, int | str | None] | None = None
-        if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.config.max_model_len:
-            finish = ("length", None)
-        elif seq.num_output_tokens >= params.min_tokens:
+        if seq.num_output_tokens >= params.min_tokens:     # (min_tokens <= max_tokens)
             if not params.ignore_eos and token in seq.eos_token_ids:
                 finish = ("stop", None)
             elif token in params.stop_token_ids:
                 finish = ("stop", token)
+            elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.config.max_model_len:
+                finish = ("length", None)
         detok = seq.detokenizer
         stopped_by_token = finish is not None and finish[0] == "stop"
         cut = None

@@ -88,6 +88,8 @@ def test_stop_token_ids(greedy, llm):
     assert c.token_ids == tokens[:first + 1] and c.finish_reason == "stop" and c.stop_reason == stop_id
     tok = llm.get_tokenizer()
     assert c.text == tok.decode(tokens[:first])          # the stop token's text is left out
+    c = _gen(llm, stop_token_ids=[stop_id], max_tokens=first + 1)
+    assert c.finish_reason == "stop" and c.stop_reason == stop_id   # a stop token on the last allowed step
 
 
 def test_eos(greedy, llm):

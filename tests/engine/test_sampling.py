@@ -120,3 +120,23 @@ def test_n_completions(llm):
         single = llm.generate(PROMPTS[0], SamplingParams(temperature=1.0, max_tokens=8, seed=10 + i), use_tqdm=False)
         assert _tokens(out, i) == _tokens(single[0])
     assert all(c.finish_reason == "length" for c in out.outputs) and out.finished
+
+
+def test_logits_processor_hook(llm):
+    """A processor added to the model runner edits the logits before sampling; logprobs stay raw."""
+    params = SamplingParams(temperature=0, max_tokens=1, logprobs=1)
+    first = llm.generate(PROMPTS[0], params, use_tqdm=False)[0].outputs[0]
+    banned = first.token_ids[0]
+
+    def ban(logits, seqs):
+        logits[:, banned] = float("-inf")
+        return logits
+
+    runner = llm.llm_engine.model_runner
+    runner.logits_processors.append(ban)
+    try:
+        c = llm.generate(PROMPTS[0], params, use_tqdm=False)[0].outputs[0]
+    finally:
+        runner.logits_processors.remove(ban)
+    assert c.token_ids[0] != banned and c.logprobs[0][c.token_ids[0]].rank == 2
+    assert c.logprobs[0][banned].logprob == pytest.approx(first.logprobs[0][banned].logprob)
