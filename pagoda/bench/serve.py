@@ -139,6 +139,47 @@ async def _run(cfg: ServeBenchConfig) -> tuple[list[RequestResult], float, str]:
         return results, time.perf_counter() - start, model
 
 
+def run_offline(cfg: ServeBenchConfig, model_dir: str, **engine_kwargs) -> dict:
+    """The same requests through ``LLMEngine`` in this process, no HTTP: the figure the server is held to.
+
+    ``max_num_seqs`` defaults to ``cfg.max_concurrency`` (the same number of requests in flight)."""
+    import datetime as dt
+
+    from pagoda.engine.llm_engine import LLMEngine
+    from pagoda.engine.sampling_params import RequestOutputKind, SamplingParams
+
+    if cfg.max_concurrency is not None:
+        engine_kwargs["max_num_seqs"] = cfg.max_concurrency
+    engine = LLMEngine.from_kwargs(model_dir, **engine_kwargs)
+    reqs = sample_requests(cfg)
+
+    def params(n: int) -> SamplingParams:
+        return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
+
+    for i, (ids, _) in enumerate(reqs[:cfg.warmup]):
+        engine.add_request(f"warmup-{i}", {"prompt_token_ids": ids}, params(4))
+    while engine.has_unfinished_requests():
+        engine.step()
+    start = time.perf_counter()
+    for i, (ids, n) in enumerate(reqs):
+        engine.add_request(str(i), {"prompt_token_ids": ids}, params(n))
+    out_tokens = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            out_tokens += sum(len(c.token_ids) for c in out.outputs)
+    duration = time.perf_counter() - start
+    in_tokens = sum(len(ids) for ids, _ in reqs)
+    config = {k: (None if v == float("inf") else v) for k, v in asdict(cfg).items() if k != "api_key"}
+    return {"study": "serve-offline",
+            "meta": {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "model": model_dir,
+                     "engine": {k: v for k, v in engine_kwargs.items() if v is not None}},
+            "config": config,
+            "results": {"completed": len(reqs), "duration_s": duration, "total_input_tokens": in_tokens,
+                        "total_output_tokens": out_tokens, "request_throughput": len(reqs) / duration,
+                        "output_throughput": out_tokens / duration,
+                        "total_token_throughput": (in_tokens + out_tokens) / duration}}
+
+
 def _pct(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -191,7 +232,15 @@ _ROWS = [("Successful requests", "completed", "{:d}"), ("Failed requests", "fail
 
 def tables(report: dict, markdown: bool = False) -> str:
     res, cfg = report["results"], report["config"]
-    rows = [(label, fmt.format(res[key])) for label, key, fmt in _ROWS]
+    rows = [(label, fmt.format(res[key])) for label, key, fmt in _ROWS if key in res]
+    if report["study"] == "serve-offline":
+        head = (f"offline engine (no HTTP): {report['meta']['model']}, {cfg['num_prompts']} requests, input "
+                f"{cfg['input_len']} / output {cfg['output_len']} tokens (range ratio {cfg['range_ratio']}), "
+                f"max_num_seqs {cfg['max_concurrency'] or 'default'}")
+        if markdown:
+            return "\n".join([f"**{head}**", "", "| metric | value |", "|---|---|"]
+                             + [f"| {a} | {b} |" for a, b in rows])
+        return "\n".join([head, "-" * len(head)] + [f"{a:<32}  {b:>12}" for a, b in rows])
     for name, title in (("ttft", "Time to first token"), ("tpot", "Time per output token (excl. 1st)"),
                         ("itl", "Inter-token latency"), ("e2el", "End-to-end latency")):
         for stat in ("mean", "median", "p99"):
@@ -225,21 +274,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrency", type=int, help="requests in flight at most (default: no cap)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed requests first (default: 1)")
-    p.add_argument("--out", help="directory for serve.json and serve.md")
+    p.add_argument("--out", help="directory for serve.json and serve.md (serve-offline.* with --offline)")
+    p.add_argument("--offline", metavar="MODEL_DIR",
+                   help="run the same requests through the engine in this process (no server, no HTTP) with the "
+                        "engine options below; max_num_seqs = --max-concurrency when given")
+    from pagoda.server.cli_args import add_engine_arguments
+    add_engine_arguments(p.add_argument_group("engine (with --offline; --seed is shared)"), skip=("--seed",))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pagoda.server.cli_args import ENGINE_ARG_NAMES, engine_kwargs
+
     args = build_parser().parse_args(argv)
-    cfg = ServeBenchConfig(**{k: v for k, v in vars(args).items() if k != "out"})
-    report = run(cfg)
+    skip = {"out", "offline", *ENGINE_ARG_NAMES} - {"seed"}
+    cfg = ServeBenchConfig(**{k: v for k, v in vars(args).items() if k not in skip})
+    report = run_offline(cfg, args.offline, **engine_kwargs(args)) if args.offline else run(cfg)
     print(tables(report))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "serve.json").write_text(json.dumps(report, indent=2) + "\n")
-        (out / "serve.md").write_text(tables(report, markdown=True) + "\n")
-        print(f"\nwrote {out / 'serve.json'}, {out / 'serve.md'}")
+        name = report["study"]
+        (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / f"{name}.md").write_text(tables(report, markdown=True) + "\n")
+        print(f"\nwrote {out / (name + '.json')}, {out / (name + '.md')}")
     return 0 if report["results"]["completed"] else 1
 
 

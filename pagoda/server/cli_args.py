@@ -35,12 +35,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument("--shutdown-timeout", type=float, default=10.0,
                         help="seconds to wait for responses to close after SIGINT/SIGTERM before cancelling them")
-    group = parser.add_argument_group("engine")
+    add_engine_arguments(parser.add_argument_group("engine"))
+    return parser
+
+
+def add_engine_arguments(group, skip: tuple[str, ...] = ()) -> None:
+    """The engine's options (``EngineConfig`` fields) as ``--flags``, but those in ``skip`` (which the caller
+    defines itself, under the same name); ``engine_kwargs`` reads them back."""
     for flag, typ, default, help_ in _ENGINE_ARGS:
+        if flag in skip:
+            continue
         group.add_argument(flag, type=typ, default=default, help=f"{help_} (default: {default})")
     for flag, default, help_ in _ENGINE_FLAGS:
         group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
-    return parser
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

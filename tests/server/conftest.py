@@ -1,5 +1,5 @@
-"""Fixtures of the server tests: one real server over a tiny random-weight Qwen3 engine, shared by the module
-tests that talk to it (the engine is built once; each test checks that every KV page is free afterwards)."""
+"""Fixtures of the server tests: a real server over a tiny random-weight Qwen3 engine, shared by a module's tests
+(the model folder is made once per session; each test checks that every KV page is free afterwards)."""
 from dataclasses import dataclass
 
 import pytest
@@ -28,7 +28,7 @@ class LiveServer:
         assert bm.num_free_blocks == bm.num_blocks
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def live_server(tiny_model):  # noqa: F811
     """The server on a loopback port over ``LLMEngine`` (tiny Qwen3, float32, CPU)."""
     from transformers import AutoTokenizer

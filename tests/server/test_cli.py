@@ -89,3 +89,15 @@ def test_bench_serve_then_sigterm_with_a_stream_running(served, tmp_path, capsys
     assert "shutting down" in json.loads(rest[-2][6:])["error"]["message"]
     proc.wait(timeout=30)
     assert time.monotonic() - t0 < 30
+
+
+def test_bench_serve_offline_same_requests(tiny_model, tmp_path):
+    args = ["--num-prompts", "12", "--input-len", "8", "--output-len", "4", "--range-ratio", "0.5",
+            "--vocab-size", "300", "--max-concurrency", "4"]
+    assert main(["bench", "serve", *args, "--offline", str(tiny_model("qwen3")), "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "serve-offline.json").read_text())
+    want = sum(n for _, n in sample_requests(ServeBenchConfig(num_prompts=12, input_len=8, output_len=4,
+                                                              range_ratio=0.5, vocab_size=300)))
+    assert report["results"]["completed"] == 12 and report["results"]["total_output_tokens"] == want
+    assert report["meta"]["engine"]["max_num_seqs"] == 4
+    assert "Output token throughput" in (tmp_path / "serve-offline.md").read_text()
