@@ -1,0 +1,4 @@
+"""Shim: `flashinfer.prefill` is pagoda (re-export only; see benchmarks/conformance/README.md)."""
+from _conformance_shim import install
+
+install(__name__, globals())
