@@ -90,5 +90,6 @@ def test_preempted_sequence_finds_its_blocks_in_the_prefix_cache():
     assert b.status is SequenceStatus.WAITING
     sched.finish(a)
     plan = _step(sched)
-    assert plan == [(b, 1)] and b.num_cached_tokens == 8   # its two full blocks were still cached
+    assert plan == [(b, 1)]                          # its two full blocks (8 tokens) were still cached
+    assert b.num_cached_tokens == 7                  # (counted as prompt tokens found in the cache)
     _finish_all(sched)
