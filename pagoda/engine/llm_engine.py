@@ -172,6 +172,8 @@ class LLMEngine:
         """Run one step; return a RequestOutput for each request it advanced (as its output_kind says)."""
         batch = self.scheduler.schedule()
         if not batch.seqs:
+            if self.scheduler.has_unfinished():   # every request fits the cache alone: this is a bug, not a wait
+                raise RuntimeError("the scheduler found nothing to run while requests are unfinished")
             return []
         result = self.model_runner.execute(batch)
         self.scheduler.update_after_step(batch)
