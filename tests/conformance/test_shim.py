@@ -1,7 +1,6 @@
 """The shim re-exports pagoda and implements nothing: a name pagoda lacks fails when used, not on import."""
 import importlib
 import sys
-
 from pathlib import Path
 
 import pytest
