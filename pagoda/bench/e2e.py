@@ -16,13 +16,13 @@ so that even a killed run leaves its data. Every failure of one case is recorded
 from __future__ import annotations
 
 import gc
-import os
 import statistics
 import time
 from dataclasses import dataclass
 
 import torch
 
+from pagoda import _switches
 from pagoda.bench import e2e_sampling
 from pagoda.bench import report as _report
 from pagoda.bench.budget import CaseTimeout, Clock, free, is_oom, reason, time_limit, time_ms
@@ -289,7 +289,7 @@ def _run_study(cfg, impls, device, dtype, out, command) -> dict:
                                   if _can_disable_compile() else "HF StaticCache (generate may auto-compile)"),
                  "compiled_cache": "HF StaticCache with generate's auto torch.compile of the decode step (Inductor, "
                                    "reduce-overhead: CUDA graphs) on CUDA; eager elsewhere",
-                 "pagoda_autotune": os.environ.get("PAGODA_AUTOTUNE", "1"), "budget_s": cfg.budget_s,
+                 "pagoda_autotune": "1" if _switches.autotune() else "0", "budget_s": cfg.budget_s,
                  "case_limit_s": cfg.case_limit_s,
                  "batch_sizes": list(cfg.batch_sizes), "status": "running"},
         "backends": {n: {"available": unavailable[n] is None, "reason": unavailable[n]} for n in names},
