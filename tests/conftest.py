@@ -4,6 +4,8 @@ import os
 import pytest
 import torch
 
+from pagoda import _switches
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -15,6 +17,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def triton_on_cpu(monkeypatch):
+    """For one test, the ops send CPU tensors to the Triton kernels (run by the interpreter) instead of the
+    reference; tests that switch mid-way set `pagoda._switches.TRITON_ON_CPU` with monkeypatch themselves."""
+    monkeypatch.setattr(_switches, "TRITON_ON_CPU", True)
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,8 @@ import sys
 
 import torch
 
+from pagoda import _switches
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -48,9 +50,9 @@ def fake_fast_launch(monkeypatch, log: list, arg_names):
             return lambda *a, **kw: log.append(("planned", a)) or Compiled()
 
     Kernel.arg_names = list(arg_names)
-    monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
+    monkeypatch.setattr(_switches, "TRITON_ON_CPU", True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(_launch, "_ENABLED", True)
+    monkeypatch.setattr(_launch, "enabled", lambda: True)
     monkeypatch.setattr(_launch, "_compiled", {})
     monkeypatch.setattr(_launch, "_device_stream", (lambda: 0, lambda device: 7))
     return Kernel()

@@ -6,17 +6,42 @@ from pagoda.ops.cascade_levels import CascadeLevels, build_cascade_levels
 from pagoda.ops.decode import BatchDecodeWithPagedKVCacheWrapper, single_decode_with_kv_cache
 from pagoda.ops.kvcache import flash_attn_with_kvcache
 from pagoda.ops.norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, rmsnorm
-from pagoda.ops.page import (append_paged_kv_cache, append_paged_kv_cache_with_rope, block_table_to_csr,
-                             csr_to_block_table, get_batch_indices_positions, get_seq_lens)
-from pagoda.ops.prefill import (BatchPrefillWithPagedKVCacheWrapper, BatchPrefillWithRaggedKVCacheWrapper,
-                                single_prefill_with_kv_cache)
-from pagoda.ops.rope import (apply_llama31_rope, apply_llama31_rope_inplace, apply_llama31_rope_pos_ids,
-                             apply_llama31_rope_pos_ids_inplace, apply_rope, apply_rope_inplace, apply_rope_pos_ids,
-                             apply_rope_pos_ids_inplace)
-from pagoda.ops.sampling import (chain_speculative_sampling, min_p_sampling_from_probs, sampling_from_logits,
-                                 sampling_from_probs, top_k_mask_logits, top_k_renorm_probs, top_k_sampling_from_probs,
-                                 top_k_top_p_sampling_from_logits, top_k_top_p_sampling_from_probs, top_p_renorm_probs,
-                                 top_p_sampling_from_probs)
+from pagoda.ops.page import (
+                             append_paged_kv_cache,
+                             append_paged_kv_cache_with_rope,
+                             block_table_to_csr,
+                             csr_to_block_table,
+                             get_batch_indices_positions,
+                             get_seq_lens,
+)
+from pagoda.ops.prefill import (
+                             BatchPrefillWithPagedKVCacheWrapper,
+                             BatchPrefillWithRaggedKVCacheWrapper,
+                             single_prefill_with_kv_cache,
+)
+from pagoda.ops.rope import (
+                             apply_llama31_rope,
+                             apply_llama31_rope_inplace,
+                             apply_llama31_rope_pos_ids,
+                             apply_llama31_rope_pos_ids_inplace,
+                             apply_rope,
+                             apply_rope_inplace,
+                             apply_rope_pos_ids,
+                             apply_rope_pos_ids_inplace,
+)
+from pagoda.ops.sampling import (
+                             chain_speculative_sampling,
+                             min_p_sampling_from_probs,
+                             sampling_from_logits,
+                             sampling_from_probs,
+                             top_k_mask_logits,
+                             top_k_renorm_probs,
+                             top_k_sampling_from_probs,
+                             top_k_top_p_sampling_from_logits,
+                             top_k_top_p_sampling_from_probs,
+                             top_p_renorm_probs,
+                             top_p_sampling_from_probs,
+)
 
 __all__ = [
     "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",

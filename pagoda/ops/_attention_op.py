@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 def _launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q, batch_size, softmax_scale,
             window_left, window_right, softcap):
-    from pagoda.kernels.attention.fwd import attention_fwd
+    from pagoda.ops._dispatch import attention_fwd
 
     attention_fwd(q, k, v, out, lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                   batch_size=batch_size, softmax_scale=softmax_scale, window_left=window_left,

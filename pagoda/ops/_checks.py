@@ -105,7 +105,8 @@ def plain_dense_call(q, k, v, dropout_p, softmax_scale, causal, window_size, sof
     rank 4 on one device, shared batch / head_dim (a multiple of 8 up to 256), k and v of one shape, nheads_q a
     multiple of nheads_k, no dropout, softcap, window or ALiBi, a bool ``causal`` and a finite positive (or
     no) softmax_scale. A few attribute reads and comparisons instead of the checks' calls; False means "run
-    the checks" (which then raise or accept), never "invalid". The effective window is then ``(-1, 0 if causal else -1)``."""
+    the checks" (which then raise or accept), never "invalid". The effective window is then ``(-1, 0 if causal else
+    -1)``."""
     tensor = torch.Tensor
     if type(q) is not tensor or type(k) is not tensor or type(v) is not tensor or alibi_slopes is not None:
         return False

@@ -55,7 +55,8 @@ def _check(query, key, value, key_mask, kv_len) -> None:
                          f"{tuple(key_mask.shape)}")
     devices = {t.device for t in (query, key, value, kv_len, key_mask) if t is not None}
     if len(devices) != 1:
-        raise ValueError(f"query, key, value, kv_len and key_mask must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError("query, key, value, kv_len and key_mask must be on one device, got "
+                         f"{sorted(map(str, devices))}")
 
 
 @decode_hf_op.register_fake

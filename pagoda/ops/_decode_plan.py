@@ -18,7 +18,7 @@ MAX_SPLITS = 64         # partial results per request the merge kernel reduces i
 MIN_CHUNK = 256         # keys per split below which the merge costs more than the parallelism gains
 WAVES = 2               # programs to aim for, per SM
 FEW_WAVES = 4           # ... when a handful of (request, KV head) pairs must fill the GPU alone (b1 32k: 64
-                        # splits of 512 keys, 2.53 TB/s, against 2.31 with 32 splits; H200 2026-11-22)
+                        # splits of 512 keys, 2.53 TB/s, against 2.31 with 32 splits, on an H200)
 
 
 def as_int(name: str, value, minimum: int) -> int:
@@ -82,9 +82,12 @@ def canonical_dtype(name: str, value) -> torch.dtype:
 
 
 def num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
+    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter's grids)."""
+    if device.type != "cuda":
+        return 1
+    from pagoda.kernels._common import sm_count
+
+    return sm_count(device)
 
 
 def choose_chunk(longest: int, batch: int, num_kv_heads: int, sms: int, page_size: int,

@@ -6,10 +6,9 @@ dtypes are checked and the kernels' own bounds masks keep memory access legal.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from pagoda import _switches
 from pagoda.ops import _checks
 
 KV_LAYOUTS = ("NHD", "HND")
@@ -25,11 +24,9 @@ def check_kv_layout(kv_layout) -> str:
 
 def use_triton(t: torch.Tensor) -> bool:
     """Dispatch rule of the paged/RoPE/decode/prefill ops: the Triton kernels for CUDA tensors, the reference
-    otherwise. ``PAGODA_TRITON_ON_CPU=1`` together with ``TRITON_INTERPRET=1`` sends CPU tensors to the kernels
-    (run by the interpreter) so tests cover the ops' kernel path end to end without a GPU."""
-    if t.is_cuda:
-        return True
-    return os.environ.get("PAGODA_TRITON_ON_CPU") == "1" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    otherwise. Tests send CPU tensors to the kernels too (run by the interpreter: `pagoda._switches.triton_on_cpu`)
+    so that they cover the ops' kernel path end to end without a GPU."""
+    return t.is_cuda or _switches.triton_on_cpu()
 
 
 def capturing(t: torch.Tensor) -> bool:

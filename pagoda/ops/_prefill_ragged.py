@@ -143,7 +143,7 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         # (and, with use_cuda_graph, the grid depends only on q's shape).
         if q.is_cuda and q.dtype == torch.float32:
             raise TypeError("q: the ragged prefill kernel takes float16/bfloat16 on CUDA (its dots run in tf32)")
-        from pagoda.kernels.attention.fwd import attention_fwd
+        from pagoda.ops._dispatch import attention_fwd
 
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         out = torch.zeros_like(q, memory_format=torch.contiguous_format) if out is None else out.zero_()
@@ -190,7 +190,7 @@ def single_prefill_with_kv_cache(q, k, v, custom_mask=None, packed_custom_mask=N
         kk, vv = (k, v) if kv_layout == "NHD" else (k.transpose(0, 1), v.transpose(0, 1))
         out, lse = _ref.prefill_one(q, kk, vv, **opts)
         return (out, lse) if return_lse else out
-    from pagoda.kernels.attention.prefill_paged import prefill_paged_fwd
+    from pagoda.ops._dispatch import prefill_paged
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     dev = q.device
@@ -202,9 +202,9 @@ def single_prefill_with_kv_cache(q, k, v, custom_mask=None, packed_custom_mask=N
     lse = torch.empty(qo_len, hq, dtype=torch.float32, device=dev)
     kc, vc = k[None], v[None]
     mode = opts["pos_encoding_mode"]
-    prefill_paged_fwd(q, kc, vc, _paged.cache_strides(kc, kv_layout), _paged.cache_strides(vc, kv_layout), qo_indptr,
-                      kv_indptr, indices, last, kv_len, hk, qo_len, out, lse, sm_scale=opts["sm_scale"],
-                      causal=opts["causal"], window_left=opts["window_left"], logits_soft_cap=opts["logits_soft_cap"],
-                      alibi_slopes=_dref.alibi_slopes(hq, device=dev) if mode == "ALIBI" else None,
-                      rope=(opts["rope_scale"], opts["rope_theta"]) if mode == "ROPE_LLAMA" else None)
+    prefill_paged(q, kc, vc, _paged.cache_strides(kc, kv_layout), _paged.cache_strides(vc, kv_layout), qo_indptr,
+                  kv_indptr, indices, last, kv_len, hk, qo_len, out, lse, sm_scale=opts["sm_scale"],
+                  causal=opts["causal"], window_left=opts["window_left"], logits_soft_cap=opts["logits_soft_cap"],
+                  alibi_slopes=_dref.alibi_slopes(hq, device=dev) if mode == "ALIBI" else None,
+                  rope=(opts["rope_scale"], opts["rope_theta"]) if mode == "ROPE_LLAMA" else None)
     return (out, lse) if return_lse else out

@@ -5,7 +5,8 @@ the batch alone cannot fill the GPU (fewer than ``WAVES * SMs`` programs: a shar
 with a few hundred queries against tens of thousands of keys, a decode-like batch of long requests),
 each request's keys are cut into chunks of ``chunk`` keys (a multiple of the kernel's ``SPLIT_ALIGN``)
 processed by separate programs, and the float32 partial states are merged by LSE. The split count
-targets one wave of ``WAVES`` programs per SM (``FEW_WAVES`` for a handful of decode-like programs); chunks stay at least ``MIN_CHUNK`` keys long so the
+targets one wave of ``WAVES`` programs per SM (``FEW_WAVES`` for a handful of decode-like programs); chunks stay at
+least ``MIN_CHUNK`` keys long so the
 partial writes and the merge stay small next to the keys read.
 """
 from __future__ import annotations

@@ -101,7 +101,8 @@ def _check_scalar(name: str, value, batch: int, kind: str, is_int: bool):
     return min(int(value), 2 ** 31 - 1) if is_int else v  # top_k >= vocab keeps every token anyway
 
 
-_raw_stream = None     # torch._C._cuda_getCurrentRawStream where this build has it (as Triton's driver uses)
+# torch._C._cuda_getCurrentRawStream where this build has it (as Triton's driver uses): set at the first call.
+_raw_stream = None
 
 
 def _uncaptured_stream(device: torch.device) -> int | None:

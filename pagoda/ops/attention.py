@@ -5,7 +5,6 @@ reference in `pagoda.reference.attention` (same semantics, float32 arithmetic).
 """
 from __future__ import annotations
 
-
 import torch
 
 from pagoda.ops import _checks

@@ -37,7 +37,8 @@ def _contig(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def merge_state(v_a: torch.Tensor, s_a: torch.Tensor, v_b: torch.Tensor, s_b: torch.Tensor):
+def merge_state(v_a: torch.Tensor, s_a: torch.Tensor, v_b: torch.Tensor,
+                s_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge the attention states of two KV segments A and B of the same queries.
 
     Args:
@@ -45,6 +46,9 @@ def merge_state(v_a: torch.Tensor, s_a: torch.Tensor, v_b: torch.Tensor, s_b: to
         s_a, s_b: ``[seq_len, num_heads]`` float32 natural-log LSEs (``-inf`` = empty segment).
     Returns:
         ``(V [seq_len, num_heads, head_dim], S [seq_len, num_heads] float32)``: attention over [A; B].
+
+    Example:
+        >>> v, s = pagoda.merge_state(v_prefix, s_prefix, v_suffix, s_suffix)   # shared prefix + own suffix
     """
     _check_pair("v_a", v_a, "s_a", s_a)
     _check_pair("v_b", v_b, "s_b", s_b)
@@ -88,13 +92,16 @@ def merge_state_in_place(v: torch.Tensor, s: torch.Tensor, v_other: torch.Tensor
     merge_state_fwd(v, s, _contig(v_other), s_other, v, s, mask)
 
 
-def merge_states(v: torch.Tensor, s: torch.Tensor):
-    """Merge ``num_states`` attention states per query.
+def merge_states(v: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge ``num_states`` attention states per query (e.g. the splits of a long KV).
 
     Args:
         v: ``[seq_len, num_states, num_heads, head_dim]``; s: ``[seq_len, num_states, num_heads]`` float32.
     Returns:
-        ``(V [seq_len, num_heads, head_dim], S [seq_len, num_heads] float32)``.
+        ``(V [seq_len, num_heads, head_dim], S [seq_len, num_heads] float32)``; no states: zeros and ``-inf``.
+
+    Example:
+        >>> v, s = pagoda.merge_states(torch.stack([v_a, v_b, v_c], 1), torch.stack([s_a, s_b, s_c], 1))
     """
     _checks.check_tensor("v", v, ndim=4, dtypes=_V_DTYPES)
     _checks.check_tensor("s", s, ndim=3, dtypes=(torch.float32,))

@@ -25,16 +25,16 @@ def _launch(q, k_cache, v_cache, kv_layout, indptr, indices, last, page_size, hk
                lse_part=lse_part, counters=counters, **opts)
 
 
-_KERNEL_MODULES: tuple = ()
+_KERNEL_MODULES: tuple = ()   # the kernel modules, set at the first CUDA call and kept for the process
 
 
 def _kernel_modules():
-    """(pagoda.kernels.launch.fast, pagoda.kernels.attention.decode), imported on first use (they import triton) and then
-    kept: a function-level import costs ~1 µs per call on the per-layer path."""
+    """(pagoda.kernels.launch.fast, pagoda.kernels.attention.decode), imported on first use (they import triton)
+    and then kept: a function-level import costs ~1 µs per call on the per-layer path."""
     global _KERNEL_MODULES
     if not _KERNEL_MODULES:
-        from pagoda.kernels.launch import fast
         from pagoda.kernels.attention import decode as kdecode
+        from pagoda.kernels.launch import fast
         _KERNEL_MODULES = (fast, kdecode)
     return _KERNEL_MODULES
 
@@ -179,7 +179,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
             if batch > grid_batch:
                 raise ValueError(f"batch size {batch} exceeds the CUDA-graph buffers' batch size {grid_batch}")
             if ptr[-1] > self._indices_buf.shape[0]:
-                raise ValueError(f"{ptr[-1]} pages exceed paged_kv_indices_buffer's length {self._indices_buf.shape[0]}")
+                raise ValueError(f"{ptr[-1]} pages exceed paged_kv_indices_buffer's length "
+                                 f"{self._indices_buf.shape[0]}")
             self._indptr_buf[:batch + 1].copy_(indptr, non_blocking=non_blocking)
             self._indptr_buf[batch + 1:].fill_(ptr[-1])
             self._last_buf[:batch].copy_(last_page_len, non_blocking=non_blocking)

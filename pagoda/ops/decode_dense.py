@@ -19,6 +19,8 @@ import torch
 from pagoda.ops import _decode_plan as _plan
 from pagoda.ops import _paged
 
+# Process-wide caches of the dense decode path, each emptied when it reaches its limit (`_cached`: 16 entries;
+# `_bound` / `_hf`: _MAX_BOUND), so a long-running server that sees many shapes keeps a bounded set.
 _static_cache: dict = {}     # (device, batch, num_kv_heads, num_qo_heads) -> per-batch metadata
 _len_cache: dict = {}        # (device, batch, seqlen) -> kv_last_page_len
 _chunk_cache: dict = {}      # (device, chunk) -> chunk tensor
@@ -112,7 +114,9 @@ def decode_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
     return out
 
 
-_graph_meta: dict = {}       # (device, batch, kv heads, qo heads, head_dim, chunk, splits) -> metadata; never freed
+# (device, batch, kv heads, qo heads, head_dim, chunk, splits) -> metadata that captured graphs point into: never
+# freed; past _MAX_GRAPH_META shapes new calls build theirs per call instead.
+_graph_meta: dict = {}
 _MAX_GRAPH_META = 64
 
 

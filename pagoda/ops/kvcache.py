@@ -110,7 +110,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         try:
             n = operator.index(cache_seqlens)
         except TypeError:
-            raise TypeError(f"cache_seqlens must be an int or an int32 tensor, got {type(cache_seqlens).__name__}") from None
+            raise TypeError("cache_seqlens must be an int or an int32 tensor, got "
+                            f"{type(cache_seqlens).__name__}") from None
         if not 0 <= n <= capacity:
             raise ValueError(f"cache_seqlens = {n} must be in 0..{capacity} (the cache's capacity)")
         seqlens = torch.full((b,), n, dtype=torch.int32, device=dev)
@@ -154,7 +155,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
 def _kernel_path(q, k_cache, v_cache, k, v, cos, sin, seqlens, batch_idx, block_table, softmax_scale, causal,
                  window, softcap, interleaved, alibi_slopes, num_splits, return_lse, capacity):
     from pagoda.kernels.attention.decode import decode_fwd
-    from pagoda.kernels.attention.prefill_paged import prefill_paged_fwd
+    from pagoda.ops._dispatch import prefill_paged
 
     b, sq, hq, d = q.shape
     hk, dev = k_cache.shape[2], q.device
@@ -211,9 +212,9 @@ def _kernel_path(q, k_cache, v_cache, k, v, cos, sin, seqlens, batch_idx, block_
         out = torch.empty_like(qf)
         lse = torch.empty(b * sq, hq, dtype=torch.float32, device=dev)
         qo_indptr = torch.arange(b + 1, dtype=torch.int32, device=dev) * sq
-        prefill_paged_fwd(qf, k_cache, v_cache, strides, v_strides, qo_indptr, indptr, indices, last, page_size, hk,
-                          sq, out, lse, sm_scale=scale, causal=causal, window_left=left, window_right=right,
-                          logits_soft_cap=softcap, alibi_slopes=alibi_slopes)
+        prefill_paged(qf, k_cache, v_cache, strides, v_strides, qo_indptr, indptr, indices, last, page_size, hk,
+                      sq, out, lse, sm_scale=scale, causal=causal, window_left=left, window_right=right,
+                      logits_soft_cap=softcap, alibi_slopes=alibi_slopes)
         out = out.view(b, sq, hq, d)
         lse = lse.view(b, sq, hq).transpose(1, 2).contiguous()
     return (out, lse) if return_lse else out

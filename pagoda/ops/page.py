@@ -1,11 +1,13 @@
 """Paged KV cache ops with FlashInfer's signatures (``flashinfer.page``): CSR metadata and append.
 
 Layout: see `pagoda.reference.page`. ``append_paged_kv_cache`` (and the fused RoPE + append,
-``append_paged_kv_cache_with_rope``) runs a Triton kernel on CUDA and the PyTorch reference elsewhere. The metadata helpers are a few vectorised torch ops, so the same code
+``append_paged_kv_cache_with_rope``) runs a Triton kernel on CUDA and the PyTorch reference elsewhere. The metadata
+helpers are a few vectorised torch ops, so the same code
 serves every device (`get_batch_indices_positions` does not sync with the host).
 """
 from __future__ import annotations
 
+import functools
 
 import torch
 
@@ -164,12 +166,24 @@ def append_paged_kv_cache_with_rope(append_key, append_value, batch_indices, pos
     `pagoda.ops.rope.apply_rope_pos_ids` (``llama31=True``: as `apply_llama31_rope_pos_ids`, with its
     ``rope_scale``/``low_freq_factor``/``high_freq_factor``/``old_context_len``).
     """
+    _append_with_rope(append_key, append_value, batch_indices, positions, paged_kv_cache, kv_indices, kv_indptr,
+                      kv_last_page_len, kv_layout, q, rotary_dim, interleave, rope_scale, rope_theta, llama31,
+                      low_freq_factor, high_freq_factor, old_context_len, check_values=True)
+
+
+def _append_with_rope(append_key, append_value, batch_indices, positions, paged_kv_cache, kv_indices, kv_indptr,
+                      kv_last_page_len, kv_layout="NHD", q=None, rotary_dim=None, interleave=False, rope_scale=1.0,
+                      rope_theta=1e4, llama31=False, low_freq_factor=1.0, high_freq_factor=4.0, old_context_len=8192,
+                      *, check_values: bool = True) -> None:
+    """`append_paged_kv_cache_with_rope`; with ``check_values=False`` (a serving engine that built the
+    metadata itself) only shapes, dtypes and devices are checked: no value of ``batch_indices``,
+    ``positions`` or the page table is read on the host, so a step never waits for the device."""
     from pagoda.ops import rope as _rope
     from pagoda.reference import rope as _rope_ref
 
     k_cache, v_cache, page_size, nnz = _check_append(append_key, append_value, batch_indices, positions,
                                                       paged_kv_cache, kv_indices, kv_indptr, kv_last_page_len,
-                                                      kv_layout)
+                                                      kv_layout, check_values)
     if not isinstance(llama31, bool):
         raise TypeError(f"llama31 must be a bool, got {type(llama31).__name__}")
     if q is not None:
@@ -184,7 +198,8 @@ def append_paged_kv_cache_with_rope(append_key, append_value, batch_indices, pos
         freq_args = _rope._llama_args(rope_scale, rope_theta, low_freq_factor, high_freq_factor, old_context_len)
     else:
         freq_args = (_rope._positive("rope_scale", rope_scale), _rope._positive("rope_theta", rope_theta))
-    freqs = _rope_ref.rope_frequencies(rd, *freq_args, device=append_key.device)
+    freqs = (_rope_ref.rope_frequencies(rd, *freq_args, device=append_key.device) if check_values
+             else _cached_frequencies(rd, tuple(freq_args), append_key.device))
     if nnz == 0:
         return
     if not _paged.use_triton(k_cache):
@@ -200,9 +215,30 @@ def append_paged_kv_cache_with_rope(append_key, append_value, batch_indices, pos
             kv_last_page_len, kv_layout, page_size, nnz, freqs.to(torch.float32), interleave)
 
 
+@functools.lru_cache(maxsize=16)
+def _cached_frequencies(rotary_dim: int, freq_args: tuple, device: torch.device) -> torch.Tensor:
+    """RoPE frequencies of one model, computed once (read-only): no kernels per layer and step."""
+    from pagoda.reference import rope as _rope_ref
+
+    return _rope_ref.rope_frequencies(rotary_dim, *freq_args, device=device).to(torch.float32)
+
+
+def _check_csr_shapes(kv_indptr, kv_indices, kv_last_page_len, device) -> int:
+    """`_paged.check_kv_csr` without reading any value: int32 1-D tensors on ``device``, consistent lengths."""
+    for name, t in (("kv_indptr", kv_indptr), ("kv_indices", kv_indices), ("kv_last_page_len", kv_last_page_len)):
+        _checks.check_tensor(name, t, ndim=1, dtypes=(torch.int32,))
+        if t.device != device:
+            raise ValueError(f"{name} must be on {device}, got {t.device}")
+    if kv_indptr.shape[0] < 1 or kv_last_page_len.shape[0] != kv_indptr.shape[0] - 1:
+        raise ValueError(f"kv_indptr must have length len(kv_last_page_len) + 1 = {kv_last_page_len.shape[0] + 1}, "
+                         f"got {kv_indptr.shape[0]}")
+    return kv_indptr.shape[0] - 1
+
+
 def _check_append(append_key, append_value, batch_indices, positions, paged_kv_cache, kv_indices, kv_indptr,
-                  kv_last_page_len, kv_layout):
-    """Validate append arguments; return ``(k_cache, v_cache, page_size, nnz)``."""
+                  kv_last_page_len, kv_layout, check_values: bool = True):
+    """Validate append arguments; return ``(k_cache, v_cache, page_size, nnz)``. ``check_values=False``:
+    shapes, dtypes and devices only (no host read)."""
     k_cache, v_cache, page_size, heads, dim = _paged.check_paged_kv_cache(paged_kv_cache, kv_layout)
     for name, t in (("append_key", append_key), ("append_value", append_value)):
         _checks.check_tensor(name, t, ndim=3)
@@ -222,6 +258,9 @@ def _check_append(append_key, append_value, batch_indices, positions, paged_kv_c
         if t.shape[0] < nnz or t.device != k_cache.device:
             raise ValueError(f"{name} must be an int32 tensor of length >= nnz ({nnz}) on {k_cache.device}, "
                              f"got {tuple(t.shape)} on {t.device}")
+    if not check_values:
+        _check_csr_shapes(kv_indptr, kv_indices, kv_last_page_len, k_cache.device)
+        return k_cache, v_cache, page_size, nnz
     batch = _paged.check_kv_csr(kv_indptr, kv_indices, kv_last_page_len, page_size, k_cache.shape[0],
                                 k_cache.device)
     if nnz and not _paged.capturing(append_key):

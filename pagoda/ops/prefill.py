@@ -53,7 +53,8 @@ class BatchPrefillWithPagedKVCacheWrapper:
         self._bufs = None
         if use_cuda_graph:
             bufs = dict(qo_indptr_buf=qo_indptr_buf, paged_kv_indptr_buf=paged_kv_indptr_buf,
-                        paged_kv_indices_buf=paged_kv_indices_buf, paged_kv_last_page_len_buf=paged_kv_last_page_len_buf)
+                        paged_kv_indices_buf=paged_kv_indices_buf,
+                        paged_kv_last_page_len_buf=paged_kv_last_page_len_buf)
             for name, buf in bufs.items():
                 if buf is None:
                     raise ValueError(f"{name} is required when use_cuda_graph=True")
@@ -203,7 +204,7 @@ class BatchPrefillWithPagedKVCacheWrapper:
             out = o if out is None else out.copy_(o)
             lse = l if lse is None else lse.copy_(l)
             return _common.finish(out, lse, v_scale, return_lse)
-        from pagoda.kernels.attention.prefill_paged import prefill_paged_fwd
+        from pagoda.ops._dispatch import prefill_paged
 
         q = q if q.stride(-1) == 1 else q.contiguous()
         # Rows past qo_indptr[-1] are never written by the kernel: they get zeros / -inf.
@@ -224,13 +225,13 @@ class BatchPrefillWithPagedKVCacheWrapper:
             splits = 0  # graph mode: the workspace cannot hold this q's partial states; never write past it
         o_part, lse_part = _plan.workspace_views(self._workspace, rows, splits, hq, d)
         mode = opts["pos_encoding_mode"]
-        prefill_paged_fwd(q, k_cache, v_cache, _paged.cache_strides(k_cache, self._kv_layout),
-                          _paged.cache_strides(v_cache, self._kv_layout), *self._meta, page_size, hk, max_qo, out, lse,
-                          sm_scale=opts["sm_scale"], causal=opts["causal"], window_left=opts["window_left"],
-                          logits_soft_cap=opts["logits_soft_cap"], alibi_slopes=self._alibi if mode == "ALIBI" else None,
-                          rope=(opts["rope_scale"], opts["rope_theta"]) if mode == "ROPE_LLAMA" else None,
-                          block_m=self._block_m, num_splits=splits, chunk=self._chunk_buf, o_part=o_part,
-                          lse_part=lse_part, write_lse=write_lse)
+        prefill_paged(q, k_cache, v_cache, _paged.cache_strides(k_cache, self._kv_layout),
+                      _paged.cache_strides(v_cache, self._kv_layout), *self._meta, page_size, hk, max_qo, out, lse,
+                      sm_scale=opts["sm_scale"], causal=opts["causal"], window_left=opts["window_left"],
+                      logits_soft_cap=opts["logits_soft_cap"], alibi_slopes=self._alibi if mode == "ALIBI" else None,
+                      rope=(opts["rope_scale"], opts["rope_theta"]) if mode == "ROPE_LLAMA" else None,
+                      block_m=self._block_m, num_splits=splits, chunk=self._chunk_buf, o_part=o_part,
+                      lse_part=lse_part, write_lse=write_lse)
         return _common.finish(out, lse, v_scale, return_lse)
 
     forward = run

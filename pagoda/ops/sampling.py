@@ -21,13 +21,18 @@ Shared arguments:
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from pagoda import _switches
 from pagoda.ops import _checks
 from pagoda.ops import _sampling_args as _a
 from pagoda.reference import sampling as _ref
+
+Tensor = torch.Tensor
+# A per-request parameter: one value for every row, or a ``[batch]`` tensor.
+PerRow = float | Tensor
+# An explicit Philox seed or offset: an int, or an int64 tensor of length 1 or batch (graph-capturable).
+Philox = int | Tensor | None
 
 __all__ = [
     "softmax", "sampling_from_logits", "sampling_from_probs", "top_p_sampling_from_probs",
@@ -37,7 +42,7 @@ __all__ = [
 ]
 
 
-_kernel_modules = None
+_kernel_modules = None   # the kernel modules (`_kernels`), set at the first CUDA call and kept for the process
 
 
 def _kernels():
@@ -45,8 +50,8 @@ def _kernels():
     at the first CUDA call (the CPU path needs no Triton), then kept (an import statement per call costs ~1 µs)."""
     global _kernel_modules
     if _kernel_modules is None:
-        from pagoda.kernels.sampling import row as sampling
         from pagoda.kernels.sampling import filters as sampling_filters
+        from pagoda.kernels.sampling import row as sampling
         from pagoda.kernels.sampling import split as sampling_split
 
         _kernel_modules = (sampling, sampling_filters, sampling_split)
@@ -55,19 +60,12 @@ def _kernels():
 
 # Plain and min-p sampling of small batches with each row split over several programs
 # (`pagoda.kernels.sampling.split`): one program per row leaves a batch-1 row on one SM (~28 GB/s).
-# PAGODA_SAMPLING_SPLIT=0 keeps the one-program kernel (read once, at import).
-SPLIT_ROWS = os.environ.get("PAGODA_SAMPLING_SPLIT", "1") != "0"
-# Race frontiers on the split path (`sampling_split._frontier_slice`). min-p: one exact pass instead of
-# accept-or-redraw (whose redraw runs on one program for the draws outside N), taken where every slice is one
-# step and the row has >= FRONTIER_MIN_SLICES slices. H200, 2026-12-01, mean of 8 seeds (session 9's
-# `benchmarks/sampling_config_probe.py`): b1 V=65536 13.5 vs 18.0 µs, V=128256 14.5 vs 19.7, V=151936 15.1
-# vs 17.2; b4 V=128256 15.3 vs 24.0; V=32000 (8 slices) 13.7 vs 12.8 (the redraw is cheap on a short row).
-# top-p from frontiers (at batch <= 8) measured slower than the one-program kernel (b1: 24.6 vs 14.3 µs at
-# V=32000, 51 vs 29 at 128256): opt-in only. PAGODA_SAMPLING_FRONTIER=1: both everywhere they apply;
-# =0: neither; unset: min-p by the rule above.
-_FRONTIER_ENV = os.environ.get("PAGODA_SAMPLING_FRONTIER", "")
-FRONTIER = _FRONTIER_ENV == "1"                 # top-p frontiers, and min-p frontiers at any slice count
-MIN_P_FRONTIER = _FRONTIER_ENV != "0"           # min-p frontiers from FRONTIER_MIN_SLICES slices on
+# PAGODA_SAMPLING_SPLIT=0 keeps the one-program kernel.
+# min-p on the split path takes the race frontiers (`split._frontier_slice`: one exact pass instead of
+# accept-or-redraw, whose redraw runs on one program for the draws outside N) where every slice is one step and
+# the row has >= FRONTIER_MIN_SLICES slices. H200, mean of 8 seeds: b1 V=65536 13.5 vs 18.0 µs, V=128256 14.5 vs
+# 19.7, V=151936 15.1 vs 17.2; b4 V=128256 15.3 vs 24.0; V=32000 (8 slices) 13.7 vs 12.8 (the redraw is cheap on a
+# short row).
 FRONTIER_MIN_SLICES = 16
 MIN_SPLIT = 4          # fewer slices per row than this: the one-program kernel
 MAX_SPLIT_BATCH = 8    # larger batches fill the SMs with one program per row (measured there: >= 1.1x FlashInfer)
@@ -75,15 +73,13 @@ MAX_SPLIT_BATCH = 8    # larger batches fill the SMs with one program per row (m
 
 def _split_slices(x, batch, top_k, top_p, min_p, from_logits, k_first) -> int:
     """Slices per row for the split-row sampler, 0 when the call keeps the one-program kernel."""
-    if (not SPLIT_ROWS or batch > MAX_SPLIT_BATCH or from_logits or k_first or top_k is not None
-            or (top_p is not None and (not FRONTIER or min_p is not None))):
+    if (batch > MAX_SPLIT_BATCH or from_logits or k_first or top_k is not None or top_p is not None
+            or not _switches.sampling_split()):
         return 0
     sampling, _, sampling_split = _kernels()
     n = sampling_split.num_slices(x.shape[1], batch, sampling.sm_count(x.device))
     if n < MIN_SPLIT or (torch.cuda.is_current_stream_capturing() and not sampling_split.ready(x.device, batch)):
         return 0
-    if top_p is not None and n * sampling_split.SLICE < x.shape[1]:
-        return 0   # top-p from frontiers needs one step per slice
     return n
 
 
@@ -98,8 +94,8 @@ def _launch(x, indices, batch, generator, seed, offset, return_valid, top_k=None
     valid = torch.empty(batch, dtype=torch.bool, device=x.device)
     slices = _split_slices(x, batch, top_k, top_p, min_p, from_logits, k_first)
     if slices:
-        frontier = FRONTIER or (MIN_P_FRONTIER and slices >= FRONTIER_MIN_SLICES)
-        _kernels()[2].split_sample(x, out, valid, indices, min_p, s, o, slices, frontier=frontier, top_p=top_p)
+        _kernels()[2].split_sample(x, out, valid, indices, min_p, s, o, slices,
+                                   frontier=slices >= FRONTIER_MIN_SLICES)
     else:
         _k.sample(x, out, valid, indices, top_k, top_p, min_p, s, o, from_logits, k_first=k_first)
     return (out, valid) if return_valid else out
@@ -119,7 +115,7 @@ def _cpu(result, device):
     return result.to(device)
 
 
-def softmax(logits, temperature=None, enable_pdl=None):
+def softmax(logits: Tensor, temperature: PerRow | None = None, enable_pdl: bool | None = None) -> Tensor:
     """Row softmax of ``logits / temperature``: float32 ``[batch, vocab]``.
 
     temperature: None (1.0), a float >= 0 or a ``[batch]`` tensor; 0 gives the one-hot of the first
@@ -136,8 +132,9 @@ def softmax(logits, temperature=None, enable_pdl=None):
     return out
 
 
-def sampling_from_logits(logits, indices=None, deterministic=True, generator=None, check_nan=False, seed=None,
-                         offset=None):
+def sampling_from_logits(logits: Tensor, indices: Tensor | None = None, deterministic: bool = True,
+                         generator: torch.Generator | None = None, check_nan: bool = False, seed: Philox = None,
+                         offset: Philox = None) -> Tensor:
     """One token per row from ``softmax(logits)`` (Gumbel-max: one pass, no softmax materialised).
     Returns ``[batch]`` int32 (or indices' dtype)."""
     logits, batch = _prepare("logits", logits, indices, check_nan, logits=True)
@@ -148,9 +145,42 @@ def sampling_from_logits(logits, indices=None, deterministic=True, generator=Non
     return _launch(logits, indices, batch, generator, seed, offset, False, from_logits=True)
 
 
-def sampling_from_probs(probs, indices=None, deterministic=True, generator=None, check_nan=False, seed=None,
-                        offset=None, return_valid=False):
-    """One token per row from ``probs`` (renormalised). Returns ``[batch]`` (and ``valid``)."""
+def sampling_from_probs(probs: Tensor, indices: Tensor | None = None, deterministic: bool = True,
+                        generator: torch.Generator | None = None, check_nan: bool = False, seed: Philox = None,
+                        offset: Philox = None, return_valid: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """One token per row from ``probs`` (need not be normalised).
+
+    Parameters
+    ----------
+    probs : torch.Tensor
+        ``[num_rows, vocab]`` float32/float16/bfloat16 probabilities.
+    indices : torch.Tensor, optional
+        int32/int64 ``[batch]``: output i is drawn from row ``indices[i]`` (default: one output per row).
+    deterministic : bool
+        Accepted for compatibility; pagoda's kernels are always deterministic.
+    generator : torch.Generator, optional
+        Random state on the input's device (default generator when None); its offset is advanced.
+    check_nan : bool
+        Raise ValueError naming the rows that hold NaN/inf (a host sync).
+    seed, offset : int or torch.Tensor, optional
+        Explicit Philox state (ints, or int64 tensors of length 1 or batch; both or neither), instead of
+        ``generator``: with device tensors the call can be captured in a CUDA graph.
+    return_valid : bool
+        Also return ``valid``.
+
+    Returns
+    -------
+    samples : torch.Tensor
+        ``[batch]`` token ids, int32 (indices' dtype when given).
+    valid : torch.Tensor
+        bool ``[batch]``, only with ``return_valid``: False for rows with no positive mass (token 0).
+
+    Example
+    -------
+    >>> probs = torch.softmax(torch.randn(4, 32000, device="cuda"), -1)
+    >>> pagoda.sampling.sampling_from_probs(probs, seed=0, offset=0).shape
+    torch.Size([4])
+    """
     probs, batch = _prepare("probs", probs, indices, check_nan)
     if not probs.is_cuda:
         _a.check_generator_cpu(generator, seed, offset)
@@ -159,10 +189,47 @@ def sampling_from_probs(probs, indices=None, deterministic=True, generator=None,
     return _launch(probs, indices, batch, generator, seed, offset, return_valid)
 
 
-def top_p_sampling_from_probs(probs, top_p, indices=None, deterministic=True, generator=None, check_nan=False,
-                              seed=None, offset=None, return_valid=False):
-    """Nucleus sampling: draw from the smallest set of most likely tokens whose mass reaches
-    ``top_p`` (ties at the threshold kept). top_p: float in (0, 1] or ``[batch]``."""
+def top_p_sampling_from_probs(probs: Tensor, top_p: PerRow, indices: Tensor | None = None,
+                              deterministic: bool = True, generator: torch.Generator | None = None,
+                              check_nan: bool = False, seed: Philox = None, offset: Philox = None,
+                              return_valid: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Nucleus sampling: draw from the smallest set of most likely tokens whose mass reaches ``top_p`` of the
+    row's total (ties at the threshold kept). No sort: a threshold search inside one kernel.
+
+    Parameters
+    ----------
+    probs : torch.Tensor
+        ``[num_rows, vocab]`` float32/float16/bfloat16 probabilities (need not be normalised).
+    top_p : float or torch.Tensor
+        In (0, 1], one for every row or float32 ``[batch]``.
+    indices : torch.Tensor, optional
+        int32/int64 ``[batch]``: output i is drawn from row ``indices[i]`` (default: one output per row).
+    deterministic : bool
+        Accepted for compatibility; pagoda's kernels are always deterministic.
+    generator : torch.Generator, optional
+        Random state on the input's device (default generator when None); its offset is advanced.
+    check_nan : bool
+        Raise ValueError naming the rows that hold NaN/inf (a host sync).
+    seed, offset : int or torch.Tensor, optional
+        Explicit Philox state (ints, or int64 tensors of length 1 or batch; both or neither), instead of
+        ``generator``: with device tensors the call can be captured in a CUDA graph.
+    return_valid : bool
+        Also return ``valid``.
+
+    Returns
+    -------
+    samples : torch.Tensor
+        ``[batch]`` token ids, int32 (indices' dtype when given).
+    valid : torch.Tensor
+        bool ``[batch]``, only with ``return_valid``: False for rows with no positive mass (token 0).
+
+    Example
+    -------
+    >>> probs = torch.softmax(torch.randn(4, 32000, device="cuda"), -1)
+    >>> tokens = pagoda.sampling.top_p_sampling_from_probs(probs, 0.9)
+    >>> tokens.dtype, tokens.shape
+    (torch.int32, torch.Size([4]))
+    """
     probs, batch = _prepare("probs", probs, indices, check_nan)
     tp = _a.row_param("top_p", top_p, batch, probs.device, "prob")
     if not probs.is_cuda:
@@ -172,10 +239,45 @@ def top_p_sampling_from_probs(probs, top_p, indices=None, deterministic=True, ge
     return _launch(probs, indices, batch, generator, seed, offset, return_valid, top_p=tp)
 
 
-def top_k_sampling_from_probs(probs, top_k, indices=None, deterministic=True, generator=None, check_nan=False,
-                              seed=None, offset=None, return_valid=False):
-    """Top-k sampling: draw among tokens >= the k-th largest probability (ties kept).
-    top_k: int >= 1 or int ``[batch]``; values >= vocab (or <= 0 in a tensor) keep every token."""
+def top_k_sampling_from_probs(probs: Tensor, top_k: int | Tensor, indices: Tensor | None = None,
+                              deterministic: bool = True, generator: torch.Generator | None = None,
+                              check_nan: bool = False, seed: Philox = None, offset: Philox = None,
+                              return_valid: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Top-k sampling: draw among the tokens at or above the k-th largest probability (ties kept).
+
+    Parameters
+    ----------
+    probs : torch.Tensor
+        ``[num_rows, vocab]`` float32/float16/bfloat16 probabilities (need not be normalised).
+    top_k : int or torch.Tensor
+        >= 1, one for every row or int32 ``[batch]``; values >= vocab (or <= 0 in a tensor) keep every token.
+    indices : torch.Tensor, optional
+        int32/int64 ``[batch]``: output i is drawn from row ``indices[i]`` (default: one output per row).
+    deterministic : bool
+        Accepted for compatibility; pagoda's kernels are always deterministic.
+    generator : torch.Generator, optional
+        Random state on the input's device (default generator when None); its offset is advanced.
+    check_nan : bool
+        Raise ValueError naming the rows that hold NaN/inf (a host sync).
+    seed, offset : int or torch.Tensor, optional
+        Explicit Philox state (ints, or int64 tensors of length 1 or batch; both or neither), instead of
+        ``generator``: with device tensors the call can be captured in a CUDA graph.
+    return_valid : bool
+        Also return ``valid``.
+
+    Returns
+    -------
+    samples : torch.Tensor
+        ``[batch]`` token ids, int32 (indices' dtype when given).
+    valid : torch.Tensor
+        bool ``[batch]``, only with ``return_valid``: False for rows with no positive mass (token 0).
+
+    Example
+    -------
+    >>> probs = torch.softmax(torch.randn(4, 32000, device="cuda"), -1)
+    >>> pagoda.sampling.top_k_sampling_from_probs(probs, torch.tensor([1, 5, 50, 0], device="cuda")).shape
+    torch.Size([4])
+    """
     probs, batch = _prepare("probs", probs, indices, check_nan)
     tk = _a.row_param("top_k", top_k, batch, probs.device, "top_k")
     if not probs.is_cuda:
@@ -185,9 +287,45 @@ def top_k_sampling_from_probs(probs, top_k, indices=None, deterministic=True, ge
     return _launch(probs, indices, batch, generator, seed, offset, return_valid, top_k=tk)
 
 
-def min_p_sampling_from_probs(probs, min_p, indices=None, deterministic=True, generator=None, check_nan=False,
-                              seed=None, offset=None, return_valid=False):
-    """Min-p sampling: draw among tokens with ``p >= min_p * max(p)``. min_p: float in [0, 1] or ``[batch]``."""
+def min_p_sampling_from_probs(probs: Tensor, min_p: PerRow, indices: Tensor | None = None,
+                              deterministic: bool = True, generator: torch.Generator | None = None,
+                              check_nan: bool = False, seed: Philox = None, offset: Philox = None,
+                              return_valid: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Min-p sampling: draw among the tokens with ``p >= min_p * max(p)``.
+
+    Parameters
+    ----------
+    probs : torch.Tensor
+        ``[num_rows, vocab]`` float32/float16/bfloat16 probabilities (need not be normalised).
+    min_p : float or torch.Tensor
+        In [0, 1], one for every row or float32 ``[batch]``.
+    indices : torch.Tensor, optional
+        int32/int64 ``[batch]``: output i is drawn from row ``indices[i]`` (default: one output per row).
+    deterministic : bool
+        Accepted for compatibility; pagoda's kernels are always deterministic.
+    generator : torch.Generator, optional
+        Random state on the input's device (default generator when None); its offset is advanced.
+    check_nan : bool
+        Raise ValueError naming the rows that hold NaN/inf (a host sync).
+    seed, offset : int or torch.Tensor, optional
+        Explicit Philox state (ints, or int64 tensors of length 1 or batch; both or neither), instead of
+        ``generator``: with device tensors the call can be captured in a CUDA graph.
+    return_valid : bool
+        Also return ``valid``.
+
+    Returns
+    -------
+    samples : torch.Tensor
+        ``[batch]`` token ids, int32 (indices' dtype when given).
+    valid : torch.Tensor
+        bool ``[batch]``, only with ``return_valid``: False for rows with no positive mass (token 0).
+
+    Example
+    -------
+    >>> probs = torch.softmax(torch.randn(1, 151936, device="cuda"), -1)
+    >>> pagoda.sampling.min_p_sampling_from_probs(probs, 0.05, return_valid=True)[1]
+    tensor([True], device='cuda:0')
+    """
     probs, batch = _prepare("probs", probs, indices, check_nan)
     mp = _a.row_param("min_p", min_p, batch, probs.device, "min_p")
     if not probs.is_cuda:
@@ -224,8 +362,10 @@ def _top_k_top_p(name, x, top_k, top_p, indices, filter_apply_order, generator, 
     return _launch(x, indices, batch, generator, seed, offset, return_valid, top_k=tk, top_p=tp, k_first=True)
 
 
-def top_k_top_p_sampling_from_logits(logits, top_k, top_p, indices=None, filter_apply_order="top_k_first",
-                                     deterministic=True, generator=None, check_nan=False, seed=None, offset=None):
+def top_k_top_p_sampling_from_logits(logits: Tensor, top_k: int | Tensor, top_p: PerRow, indices: Tensor | None = None,
+                                     filter_apply_order: str = "top_k_first", deterministic: bool = True,
+                                     generator: torch.Generator | None = None, check_nan: bool = False,
+                                     seed: Philox = None, offset: Philox = None) -> Tensor:
     """Top-k and top-p sampling from pre-softmax logits. ``"top_k_first"``: mask to the top-k logits,
     softmax, then top-p over the result; ``"joint"``: softmax, then keep tokens passing both filters
     (top-p relative to the full distribution). Returns ``[batch]`` int32 (or indices' dtype)."""
@@ -233,11 +373,51 @@ def top_k_top_p_sampling_from_logits(logits, top_k, top_p, indices=None, filter_
                         offset, False, True)
 
 
-def top_k_top_p_sampling_from_probs(probs, top_k, top_p, indices=None, filter_apply_order="top_k_first",
-                                    deterministic=True, generator=None, check_nan=False, seed=None, offset=None,
-                                    return_valid=False):
-    """Top-k and top-p sampling from probabilities (``filter_apply_order`` as in the logits form:
-    ``"top_k_first"`` renormalises the top-k set before top-p). Returns ``[batch]`` (and ``valid``)."""
+def top_k_top_p_sampling_from_probs(probs: Tensor, top_k: int | Tensor, top_p: PerRow, indices: Tensor | None = None,
+                                    filter_apply_order: str = "top_k_first", deterministic: bool = True,
+                                    generator: torch.Generator | None = None, check_nan: bool = False,
+                                    seed: Philox = None, offset: Philox = None,
+                                    return_valid: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Top-k and top-p sampling from probabilities.
+
+    Parameters
+    ----------
+    probs : torch.Tensor
+        ``[num_rows, vocab]`` float32/float16/bfloat16 probabilities (need not be normalised).
+    top_k : int or torch.Tensor
+        As in `top_k_sampling_from_probs`.
+    top_p : float or torch.Tensor
+        As in `top_p_sampling_from_probs`.
+    filter_apply_order : str
+        ``"top_k_first"``: top-p over the renormalised top-k set (one launch); ``"joint"``: tokens passing both
+        filters, top-p relative to the full row.
+    indices : torch.Tensor, optional
+        int32/int64 ``[batch]``: output i is drawn from row ``indices[i]`` (default: one output per row).
+    deterministic : bool
+        Accepted for compatibility; pagoda's kernels are always deterministic.
+    generator : torch.Generator, optional
+        Random state on the input's device (default generator when None); its offset is advanced.
+    check_nan : bool
+        Raise ValueError naming the rows that hold NaN/inf (a host sync).
+    seed, offset : int or torch.Tensor, optional
+        Explicit Philox state (ints, or int64 tensors of length 1 or batch; both or neither), instead of
+        ``generator``: with device tensors the call can be captured in a CUDA graph.
+    return_valid : bool
+        Also return ``valid``.
+
+    Returns
+    -------
+    samples : torch.Tensor
+        ``[batch]`` token ids, int32 (indices' dtype when given).
+    valid : torch.Tensor
+        bool ``[batch]``, only with ``return_valid``: False for rows with no positive mass (token 0).
+
+    Example
+    -------
+    >>> probs = torch.softmax(torch.randn(4, 32000, device="cuda"), -1)
+    >>> pagoda.sampling.top_k_top_p_sampling_from_probs(probs, 50, 0.9).shape
+    torch.Size([4])
+    """
     return _top_k_top_p("probs", probs, top_k, top_p, indices, filter_apply_order, generator, check_nan, seed,
                         offset, return_valid, False)
 
@@ -256,19 +436,19 @@ def _renorm(name, x, value, kind, renorm):
     return out
 
 
-def top_p_renorm_probs(probs, top_p, is_deterministic=False):
+def top_p_renorm_probs(probs: Tensor, top_p: PerRow, is_deterministic: bool = False) -> Tensor:
     """Zero the tokens outside the top-p nucleus and renormalise: ``[batch, vocab]``, probs' dtype.
     is_deterministic: accepted for compatibility (always deterministic)."""
     return _renorm("probs", probs, top_p, "prob", True)
 
 
-def top_k_renorm_probs(probs, top_k, is_deterministic=False):
+def top_k_renorm_probs(probs: Tensor, top_k: int | Tensor, is_deterministic: bool = False) -> Tensor:
     """Zero the tokens below the k-th largest probability (ties kept) and renormalise:
     ``[batch, vocab]``, probs' dtype."""
     return _renorm("probs", probs, top_k, "top_k", True)
 
 
-def top_k_mask_logits(logits, top_k):
+def top_k_mask_logits(logits: Tensor, top_k: int | Tensor) -> Tensor:
     """Set logits below the k-th largest to -inf (ties kept): ``[batch, vocab]``, logits' dtype."""
     return _renorm("logits", logits, top_k, "top_k", False)
 
@@ -277,9 +457,11 @@ top_p_renorm_prob = top_p_renorm_probs
 top_k_renorm_prob = top_k_renorm_probs
 
 
-def chain_speculative_sampling(draft_probs, draft_token_ids, target_probs, maybe_output_accepted_token_num=None,
-                               maybe_output_emitted_draft_token_num=None, deterministic=True, generator=None,
-                               seed=None, offset=None):
+def chain_speculative_sampling(draft_probs: Tensor, draft_token_ids: Tensor, target_probs: Tensor,
+                               maybe_output_accepted_token_num: Tensor | None = None,
+                               maybe_output_emitted_draft_token_num: Tensor | None = None,
+                               deterministic: bool = True, generator: torch.Generator | None = None,
+                               seed: Philox = None, offset: Philox = None) -> tuple[Tensor, Tensor, Tensor]:
     """Verify a chain of ``n`` draft tokens per request against the target model (speculative sampling).
 
     Args:

@@ -13,7 +13,8 @@ def _configs():
     return [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, USE_TMA=tma) for bm, bn, w, st, tma in _TILES]
 
 
-@pytest.mark.parametrize("cfg", _configs(), ids=lambda c: "{BLOCK_M}x{BLOCK_N}w{num_warps}s{num_stages}tma{USE_TMA}".format(**c))
+@pytest.mark.parametrize("cfg", _configs(),
+                         ids=lambda c: "{BLOCK_M}x{BLOCK_N}w{num_warps}s{num_stages}tma{USE_TMA}".format(**c))
 @pytest.mark.parametrize("d", [80, 128])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -11,6 +11,7 @@ from tests.paged_utils import empty_cache, fill_cache, random_page_table
 pytest.importorskip("triton")
 from pagoda.kernels.hopper import paged as P  # noqa: E402
 
+
 def test_box_rows_policy():
     assert [P.box_rows(p) for p in (16, 32, 64, 128, 256, 384)] == [16, 32, 64, 128, 128, 128]
     assert [P.box_rows(p) for p in (1, 7, 8, 48, 96, 200)] == [None] * 6
@@ -79,8 +80,8 @@ def test_paged_scope_reasons():
 _AOT = r'''
 import re, sys
 import triton
-from pagoda.kernels.hopper import attention as H
-if not H._GLUON_OK:
+from pagoda.kernels.hopper.gluon import GLUON_OK
+if not GLUON_OK:
     print("NO_GLUON"); sys.exit(0)
 from pagoda.kernels.hopper.aot import compile_paged_sm90
 from triton.tools.disasm import get_sass
@@ -126,7 +127,7 @@ def test_paged_kernel_does_not_spill_with_triton_3_6():
 
 def _sm90():
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and \
-        __import__("pagoda.kernels.hopper.attention", fromlist=["_GLUON_OK"])._GLUON_OK
+        __import__("pagoda.kernels.hopper.gluon", fromlist=["GLUON_OK"]).GLUON_OK
 
 
 def _indptr(lens):
@@ -154,12 +155,12 @@ def _varlen(q, k, v, qo, kv, causal):
 
 
 def _run(q, cache, meta, qo, ps, hk, layout, causal):
-    from pagoda.kernels.attention.prefill_paged import prefill_paged_fwd
+    from pagoda.ops._dispatch import prefill_paged
     kc, vc = cache[:, 0], cache[:, 1]
     out = torch.zeros_like(q)
     lse = torch.full((q.shape[0], q.shape[1]), float("nan"), dtype=torch.float32, device="cuda")
-    prefill_paged_fwd(q, kc, vc, _paged.cache_strides(kc, layout), _paged.cache_strides(vc, layout), _indptr(qo),
-                      *meta, ps, hk, max(qo), out, lse, sm_scale=q.shape[-1] ** -0.5, causal=causal)
+    prefill_paged(q, kc, vc, _paged.cache_strides(kc, layout), _paged.cache_strides(vc, layout), _indptr(qo),
+                  *meta, ps, hk, max(qo), out, lse, sm_scale=q.shape[-1] ** -0.5, causal=causal)
     return out, lse
 
 
@@ -178,7 +179,7 @@ CASES = [  # (kv lens, qo lens): empty, length-1, long, partial last pages, fewe
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [True, False])
 def test_gluon_paged_prefill_matches_reference(monkeypatch, ps, layout, hq, hk, d, causal):
-    import pagoda.kernels.attention.prefill_paged as pp
+    import pagoda.kernels.hopper.paged as pp
     calls = []
     real = pp.prefill_paged_hopper
     monkeypatch.setattr(pp, "prefill_paged_hopper", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -213,7 +214,7 @@ def test_gluon_paged_prefill_equals_triton_kernel(monkeypatch, dtype):
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 def test_wrapper_runs_the_gluon_kernel(monkeypatch, layout):
     """BatchPrefillWithPagedKVCacheWrapper (planned BLOCK_M, no split) reaches the Gluon kernel."""
-    import pagoda.kernels.attention.prefill_paged as pp
+    import pagoda.kernels.hopper.paged as pp
     from pagoda.ops.prefill import BatchPrefillWithPagedKVCacheWrapper
     calls = []
     real = pp.prefill_paged_hopper
@@ -259,7 +260,7 @@ def test_o_by_tma_and_lse_skip_change_no_value():
 @pytest.mark.gpu
 @pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU and Gluon")
 def test_paged_fast_launch_matches_normal_launch(monkeypatch):
-    """PAGODA_PAGED_FAST_LAUNCH=1: repeats go through `_tma_launch` (descriptors encoded by pagoda, the C
+    """PAGODA_PAGED_FAST_LAUNCH=1: repeats go through `launch.tma` (descriptors encoded by pagoda, the C
     launcher called directly). Other page tables, caches, layouts and options give the same bits as Triton's
     own launch (PAGODA_GLUON_FAST_LAUNCH=0)."""
     from pagoda.kernels.launch import tma as _tma_launch
@@ -275,7 +276,7 @@ def test_paged_fast_launch_matches_normal_launch(monkeypatch):
             monkeypatch.setenv("PAGODA_GLUON_FAST_LAUNCH", fast)
             if fast == "1" and _tma_launch._FILL and not calls:
                 real = _tma_launch._FILL[0]
-                monkeypatch.setattr(_tma_launch, "_FILL", [lambda *a: (calls.append(1), real(*a))[1]])
+                monkeypatch.setattr(_tma_launch, "_FILL", [lambda *a, real=real: (calls.append(1), real(*a))[1]])
             outs.append(_run(q, cache, meta, qo, ps, 8, layout, causal))
         for out, lse in outs[:2]:
             assert torch.equal(out, outs[2][0]) and torch.equal(lse.isnan(), outs[2][1].isnan())

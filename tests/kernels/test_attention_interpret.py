@@ -4,7 +4,8 @@ import os
 import pytest
 import torch
 
-from pagoda.reference.attention import flash_attn_func as ref_dense, flash_attn_varlen_func as ref_varlen
+from pagoda.reference.attention import flash_attn_func as ref_dense
+from pagoda.reference.attention import flash_attn_varlen_func as ref_varlen
 from tests.helpers import assert_finite_lse_close, rel_err
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),

@@ -84,8 +84,8 @@ for h in (0, 27, 31):
 print("OK")
 ''',
     "decode_hf_layout": r'''
-import os
-os.environ["PAGODA_TRITON_ON_CPU"] = "1"
+from pagoda import _switches
+_switches.TRITON_ON_CPU = True
 from pagoda.ops.decode_dense import decode_dense_masked
 SK, HKV, n = 1_200_000, 16, 8                  # 15 * 1.2e6 * 128 = 2.30e9 > 2^31
 try:

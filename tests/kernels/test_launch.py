@@ -35,7 +35,7 @@ class _FakeKernel:
 
 @pytest.fixture
 def fast(monkeypatch):
-    monkeypatch.setattr(_launch, "_ENABLED", True)
+    monkeypatch.setattr(_launch, "enabled", lambda: True)
     monkeypatch.setattr(_launch, "_compiled", {})
     monkeypatch.setattr(_launch, "_device_stream", (lambda: 0, lambda device: 7))
 
@@ -99,7 +99,7 @@ def test_constexpr_and_bool_arguments_stay_keyed_by_value(fast):
 
 
 def test_disabled_always_takes_the_normal_path(monkeypatch):
-    monkeypatch.setattr(_launch, "_ENABLED", False)
+    monkeypatch.setattr(_launch, "enabled", lambda: False)
     k, x = _FakeKernel(), torch.zeros(4)
     for _ in range(3):
         _launch.launch(k, (1,), x, 16, 0.5, BLOCK=32, num_warps=2)
@@ -183,7 +183,7 @@ def test_replay_refuses_when_launch_hooks_are_installed(fast, monkeypatch):
 
 
 def test_recording_is_empty_when_the_fast_path_is_off(monkeypatch):
-    monkeypatch.setattr(_launch, "_ENABLED", False)
+    monkeypatch.setattr(_launch, "enabled", lambda: False)
     k, x = _FakeKernel(), torch.zeros(4)
     with _launch.recording() as launches:
         _launch.launch(k, (1,), x, 16, 0.5, BLOCK=32)
@@ -253,10 +253,10 @@ def test_device_of_is_a_no_op_for_cpu_and_current_device_tensors(two_devices):
 
 
 def _gluon_desc(t, block):
-    from pagoda.kernels.hopper import attention as H
-    if not H._GLUON_OK:
+    from pagoda.kernels.hopper import gluon as G
+    if not G.GLUON_OK:
         pytest.skip("no Gluon in this Triton")
-    return H.TensorDescriptor(t, list(t.shape), list(t.stride()), list(block), H._layout(tuple(block), t.dtype))
+    return G.TensorDescriptor(t, list(t.shape), list(t.stride()), list(block), G.smem_layout(tuple(block), t.dtype))
 
 
 def test_descriptor_arguments_are_keyed_by_dtype_block_and_layout(fast):
@@ -275,7 +275,8 @@ def test_descriptor_arguments_are_keyed_by_dtype_block_and_layout(fast):
 def test_maxnreg_and_a_num_warps_parameter(fast):
     class _GluonLike(_FakeKernel):
         arg_names = ["X", "n", "scale", "BLOCK", "num_warps"]
-        params = [types.SimpleNamespace(name=n, has_default=False, default=None, is_constexpr=n in ("BLOCK", "num_warps"))
+        params = [types.SimpleNamespace(name=n, has_default=False, default=None,
+                                        is_constexpr=n in ("BLOCK", "num_warps"))
                   for n in arg_names]
     k, x = _GluonLike(), torch.zeros(64)
     _launch.launch(k, (1,), x, 16, 0.5, BLOCK=32, num_warps=4, maxnreg=168)
@@ -301,11 +302,11 @@ def test_an_unhashable_argument_takes_the_normal_launch(fast):
 
 
 def test_a_descriptor_argument_sets_the_launch_device(two_devices):
-    from pagoda.kernels.hopper import attention as H
-    if not H._GLUON_OK:
+    from pagoda.kernels.hopper import gluon as G
+    if not G.GLUON_OK:
         pytest.skip("no Gluon in this Triton")
     t = torch.Tensor._make_subclass(_OnDevice1, torch.zeros(4, 64, 128, dtype=torch.bfloat16))
-    desc = H.TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 64, 128], H._layout((1, 64, 128), t.dtype))
+    desc = G.TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 64, 128], G.smem_layout((1, 64, 128), t.dtype))
     k = _TypedKernel()
     _launch.launch(k, (1,), desc, 16, 0.5, BLOCK=32)
     assert two_devices["entered"] == [1]

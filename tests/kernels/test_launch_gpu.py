@@ -30,7 +30,7 @@ def test_repeated_and_misaligned_launches_match_reference():
         o_ref, l_ref = ref.batch_decode_with_paged_kv_cache(q.float(), cache.float(), indptr, indices, last, "NHD")
         assert rel_err(out.float(), o_ref) < 2e-2
         assert torch.equal(torch.isinf(lse), torch.isinf(l_ref))
-    if _launch._ENABLED:
+    if _launch.enabled():
         assert _launch._compiled                                     # the fast path's cache was filled
 
 

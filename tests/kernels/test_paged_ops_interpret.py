@@ -1,16 +1,16 @@
 """The public paged/RoPE/decode/prefill ops end to end through their Triton path, under the interpreter:
-PAGODA_TRITON_ON_CPU=1 sends CPU tensors to the kernels, and each result is compared with the same call on
+`pagoda._switches.TRITON_ON_CPU` sends CPU tensors to the kernels, and each result is compared with the same call on
 the reference path (plan decisions, workspace views, graph-mode buffers and launches are all exercised)."""
 import os
 
 import pytest
 import torch
 
-from pagoda.ops import _decode_plan
+from pagoda import _switches
+from pagoda.ops import _decode_plan, rope
 from pagoda.ops import decode as dec
 from pagoda.ops import page as page_ops
 from pagoda.ops import prefill as pf
-from pagoda.ops import rope
 from tests.helpers import assert_finite_lse_close, rel_err
 from tests.paged_utils import empty_cache, fill_cache, random_page_table
 
@@ -20,9 +20,9 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", 
 
 def _both(monkeypatch, fn):
     """fn() on the reference path, then on the Triton path (interpreter)."""
-    monkeypatch.delenv("PAGODA_TRITON_ON_CPU", raising=False)
+    monkeypatch.setattr(_switches, "TRITON_ON_CPU", False)
     want = fn()
-    monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
+    monkeypatch.setattr(_switches, "TRITON_ON_CPU", True)
     got = fn()
     return got, want
 
@@ -87,7 +87,7 @@ def test_decode_wrapper(monkeypatch, layout, fixed_split_size, mode):
 
 
 def test_decode_graph_mode_replan(monkeypatch):
-    monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
+    monkeypatch.setattr(_switches, "TRITON_ON_CPU", True)
     bufs = dict(paged_kv_indptr_buffer=torch.zeros(5, dtype=torch.int32),
                 paged_kv_indices_buffer=torch.zeros(64, dtype=torch.int32),
                 paged_kv_last_page_len_buffer=torch.zeros(4, dtype=torch.int32))
@@ -100,10 +100,10 @@ def test_decode_graph_mode_replan(monkeypatch):
         q[:len(lens)] = torch.randn(len(lens), 4, 32)
         w.plan(*meta, 4, 2, 32, 8, q_data_type=torch.float32)
         out = w.run(q, cache)
-        monkeypatch.delenv("PAGODA_TRITON_ON_CPU")
+        monkeypatch.setattr(_switches, "TRITON_ON_CPU", False)
         eager.plan(*meta, 4, 2, 32, 8, q_data_type=torch.float32)
         want = eager.run(q[:len(lens)], cache)
-        monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
+        monkeypatch.setattr(_switches, "TRITON_ON_CPU", True)
         assert rel_err(out[:len(lens)], want) < 1e-5 and (out[len(lens):] == 0).all()
 
 

@@ -26,8 +26,9 @@ def _run(page_size, layout, dtype, causal, hq=4, hk=2, d=32, mode="NONE", window
     extra q rows past qo_indptr[-1] must be left untouched (NaN)."""
     indptr, indices, last, max_pages = random_page_table(kv, page_size)
     cache = empty_cache(max_pages, page_size, hk, d, layout, dtype)
-    fill_cache(cache, [torch.randn(n, hk, d, dtype=dtype) for n in kv], [torch.randn(n, hk, d, dtype=dtype) for n in kv],
-               indptr, indices, page_size, layout)
+    keys = [torch.randn(n, hk, d, dtype=dtype) for n in kv]
+    values = [torch.randn(n, hk, d, dtype=dtype) for n in kv]
+    fill_cache(cache, keys, values, indptr, indices, page_size, layout)
     qptr = torch.zeros(len(qo) + 1, dtype=torch.int32)
     qptr[1:] = torch.cumsum(torch.tensor(qo), 0)
     nnz = sum(qo)
@@ -133,7 +134,7 @@ def test_kv_caches_with_different_strides(monkeypatch, wide):
     if wide:
         real = pp.addr_flags
         monkeypatch.setattr(pp, "addr_flags", lambda *a: real(*a) | 4)
-    kv, qo, ps, hq, hk, d = [37, 20], [10, 20], 4, 8, 2, 32
+    kv, ps, hq, hk, d = [37, 20], 4, 8, 2, 32   # queries: 10 and 20 (qptr)
     indptr, indices, last, max_pages = random_page_table(kv, ps)
     k_cache = torch.randn(max_pages, ps, hk, d)
     v_cache = torch.randn(max_pages, ps, hk + 1, d)[:, :, 1:]

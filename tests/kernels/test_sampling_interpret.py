@@ -28,8 +28,8 @@ pytestmark = [
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from pagoda.kernels.sampling import row as K  # noqa: E402
 from pagoda.kernels.sampling import filters as F  # noqa: E402
+from pagoda.kernels.sampling import row as K  # noqa: E402
 from pagoda.kernels.sampling import speculative as S  # noqa: E402
 
 warnings.filterwarnings("ignore", "divide by zero", RuntimeWarning)
@@ -202,8 +202,9 @@ def test_rejection_rounds_follow_the_law():
     vocab, n = 64, 160
     p = torch.softmax(torch.linspace(1.0, 0.0, vocab), -1)[None]
     rows = torch.zeros(n, dtype=torch.int32)
+    top_k = torch.full((n,), 20, dtype=torch.int32)
     for kw, keep in ((dict(top_p=torch.full((n,), 0.6)), ref.keep_top_p(p.double(), torch.tensor([0.6]).double())),
-                     (dict(top_k=torch.full((n,), 20, dtype=torch.int32)), ref.keep_top_k(p.double(), torch.tensor([20])))):
+                     (dict(top_k=top_k), ref.keep_top_k(p.double(), torch.tensor([20])))):
         out, valid = _run(p, rows=rows, seed=11, **kw)
         assert valid.all()
         want = torch.where(keep[0], p[0].double(), 0.0)
@@ -512,17 +513,20 @@ def build(fn, consts, warps):
     sig = {n: ptr.get(n, "i32") for n in names}
     triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": warps})
-build(K._sample_kernel, {"SCALAR_PARAMS": False, "HAS_ROWS": True, "HAS_TOP_K": True, "HAS_TOP_P": True, "HAS_MIN_P": True,
-                         "HAS_FLOOR": True, "K_FIRST": False, "FROM_LOGITS": False, "SEED_PTR": True, "BLOCK": 1024,
+build(K._sample_kernel, {"SCALAR_PARAMS": False, "HAS_ROWS": True, "HAS_TOP_K": True, "HAS_TOP_P": True,
+                         "HAS_MIN_P": True, "HAS_FLOOR": True, "K_FIRST": False, "FROM_LOGITS": False, "SEED_PTR": True,
+                         "BLOCK": 1024,
                          "NCP": 256, "ROUNDS": K.MAX_ROUNDS}, 8)
 for logits, filters in ((True, False), (False, False), (False, True)):
-    build(K._sample_kernel, {"SCALAR_PARAMS": filters, "HAS_ROWS": False, "HAS_TOP_K": filters, "HAS_TOP_P": filters, "HAS_MIN_P": filters,
-                             "HAS_FLOOR": False, "K_FIRST": False, "FROM_LOGITS": logits, "SEED_PTR": False,
+    build(K._sample_kernel, {"SCALAR_PARAMS": filters, "HAS_ROWS": False, "HAS_TOP_K": filters, "HAS_TOP_P": filters,
+                             "HAS_MIN_P": filters, "HAS_FLOOR": False, "K_FIRST": False, "FROM_LOGITS": logits,
+                             "SEED_PTR": False,
                              "BLOCK": 4096, "NCP": 64, "ROUNDS": K.MAX_ROUNDS}, 16)
 # "top_k_first" in one launch (top_k read by K_FIRST, HAS_TOP_K off), both launch configs of the ops layer
 for block, warps, rows, seed_ptr in ((4096, 16, False, False), (1024, 8, True, True)):
-    build(K._sample_kernel, {"SCALAR_PARAMS": not rows, "HAS_ROWS": rows, "HAS_TOP_K": False, "HAS_TOP_P": True, "HAS_MIN_P": False,
-                             "HAS_FLOOR": False, "K_FIRST": True, "FROM_LOGITS": False, "SEED_PTR": seed_ptr,
+    build(K._sample_kernel, {"SCALAR_PARAMS": not rows, "HAS_ROWS": rows, "HAS_TOP_K": False, "HAS_TOP_P": True,
+                             "HAS_MIN_P": False, "HAS_FLOOR": False, "K_FIRST": True, "FROM_LOGITS": False,
+                             "SEED_PTR": seed_ptr,
                              "BLOCK": block, "NCP": triton.next_power_of_2(triton.cdiv(151936, block)),
                              "ROUNDS": K.MAX_ROUNDS}, warps)
 build(S._chain_spec_kernel, {"SEED_PTR": False, "N_PAD": 4, "BLOCK": 2048}, 8)

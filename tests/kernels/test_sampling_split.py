@@ -18,12 +18,12 @@ interp = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
 T = 256     # tokens per slice step in the interpreter tests (the GPU tests use the default, S.SLICE)
 
 
-def _run(x, n_out=None, min_p=None, seed=5, offset=0, slices=3, slice_tokens=T, frontier=False, top_p=None):
+def _run(x, n_out=None, min_p=None, seed=5, offset=0, slices=3, slice_tokens=T, frontier=False):
     n = x.shape[0] if n_out is None else n_out
     rows = None if n_out is None else torch.zeros(n, dtype=torch.int32, device=x.device)
     out = torch.full((n,), -7, dtype=torch.int32, device=x.device)
     valid = torch.zeros(n, dtype=torch.bool, device=x.device)
-    S.split_sample(x, out, valid, rows, min_p, seed, offset, slices, slice_tokens, frontier, top_p)
+    S.split_sample(x, out, valid, rows, min_p, seed, offset, slices, slice_tokens, frontier)
     return out.cpu(), valid.cpu()
 
 
@@ -142,64 +142,6 @@ def test_min_p_frontier_per_row_thresholds_and_degenerate_rows():
     assert one_step[0].item() in (3, T + 1) and one_step[1].all()
 
 
-def _top_p_case(top_p=0.6):
-    """softmax(2 N(0,1)) over 2T tokens (two one-step slices) and its top-p set N (ties kept), renormalised."""
-    g = torch.Generator().manual_seed(0)
-    p = torch.softmax(torch.randn(1, 2 * T, generator=g) * 2, -1)
-    sp = p[0].sort(descending=True).values
-    b = sp[int((sp.cumsum(0) < top_p * sp.sum()).sum())]
-    keep = p[0] >= b
-    return p, keep, torch.where(keep, p[0], 0.0).double() / p[0][keep].sum().double()
-
-
-def _law_ok(out, keep, want):
-    toks = keep.nonzero().flatten()
-    counts = torch.tensor([(out == t).sum().item() for t in toks], dtype=torch.float64)
-    return bool(keep[out.long()].all()) and _chi2_ok(counts, want[toks], out.numel())
-
-
-@interp
-def test_top_p_from_frontiers_is_exact_and_reuses_the_plain_race():
-    p, keep, want = _top_p_case()
-    n = 150
-    out, valid = _run(p, n_out=n, slices=2, top_p=0.6)
-    assert valid.all() and 2 <= int(keep.sum()) <= 6 and _law_ok(out, keep, want)
-    plain, _ = _run(p, n_out=n, slices=2)
-    inside = keep[plain.long()]
-    assert inside.sum() >= 40 and torch.equal(out[inside], plain[inside])
-
-
-@interp
-@pytest.mark.parametrize("k, m", [(1, 4), (8, 1)])
-def test_top_p_falls_back_to_the_exact_threshold(monkeypatch, k, m):
-    """K = 1: rows where a slice's frontier (2-3 entries on average) overflows take the exact threshold search
-    and the two-level draw over N; M = 1: rows whose best key lies outside N do. The law holds either way;
-    rows that kept the frontier answer give the unconstrained kernel's token, the redrawn ones fresh draws."""
-    p, keep, want = _top_p_case()
-    n = 60
-    full, _ = _run(p, n_out=n, slices=2, top_p=0.6)               # K = 8, M = 4: the frontier answers
-    monkeypatch.setattr(S, "FRONTIER_K", k)
-    monkeypatch.setattr(S, "TOP_P_CANDIDATES", m)
-    out, valid = _run(p, n_out=n, slices=2, top_p=0.6)
-    assert valid.all() and _law_ok(out, keep, want)
-    assert (out != full).any(), "some rows must have been redrawn"
-    if m == 1:   # the best key's token is kept exactly when it lies in N
-        plain, _ = _run(p, n_out=n, slices=2)
-        inside = keep[plain.long()]
-        assert torch.equal(out[inside], plain[inside])
-
-
-@interp
-def test_top_p_per_row_values_and_degenerate_rows():
-    p, keep, _ = _top_p_case()
-    x = torch.cat([p, p, torch.zeros(1, 2 * T), torch.full((1, 2 * T), float("nan"))])
-    out, valid = _run(x, slices=2, top_p=torch.tensor([1e-6, 1.0, 0.5, 0.5]))
-    assert out[0].item() == int(p[0].argmax()) and 0 <= out[1].item() < 2 * T and out[2:].tolist() == [0, 0]
-    assert valid.tolist() == [True, True, False, False]
-    with pytest.raises(ValueError, match="one step per slice"):
-        _run(p, slices=1, top_p=0.5)
-
-
 @interp
 def test_rows_draw_independent_numbers():
     """Two output rows with their mass tied on the tail of row 0 and the head of row 1, where a row stride of
@@ -253,14 +195,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from pagoda.kernels.sampling import split as S
 ptr = {"x_ptr": "*bf16", "rows_ptr": "*i32", "out_ptr": "*i32", "valid_ptr": "*i8", "min_p_ptr": "*fp32",
-       "min_p_val": "fp32", "top_p_ptr": "*fp32", "top_p_val": "fp32", "part_key_ptr": "*fp32", "part_idx_ptr": "*i32", "part_max_ptr": "*fp32",
+       "min_p_val": "fp32", "part_key_ptr": "*fp32", "part_idx_ptr": "*i32", "part_max_ptr": "*fp32",
        "ticket_ptr": "*i32", "fr_p_ptr": "*fp32", "fr_key_ptr": "*fp32", "fr_tok_ptr": "*i32", "fr_cnt_ptr": "*i32",
        "seed_ptr": "*i64", "offset_ptr": "*i64", "seed_val": "i64", "offset_val": "i64"}
 for min_p, rows, seed_ptr in ((False, False, False), (True, True, True)):
     consts = {"SCALAR_PARAMS": not rows, "HAS_ROWS": rows, "HAS_MIN_P": min_p, "SEED_PTR": seed_ptr,
               "SLICES_PAD": S.MAX_SLICES, "SLICE": S.SLICE, "LANES": S.FALLBACK_LANES, "NCP": 128,
-              "FRONTIER": min_p, "K": S.FRONTIER_K,
-              "HAS_TOP_P": False, "M": S.TOP_P_CANDIDATES}
+              "FRONTIER": min_p, "K": S.FRONTIER_K}
     fn = S._split_sample_kernel
     sig = {n: ptr.get(n, "i32") for n in fn.arg_names if n not in consts}
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
@@ -293,8 +234,8 @@ def test_gpu_split_draws_follow_the_law_and_replay_in_a_graph(dtype, min_p, fron
                       frontier=frontier)
     assert valid.all() and ((out >= 0) & (out < vocab)).all()
     assert keep[out.long()].all()                       # min-p: only tokens of N (the fallback redraws)
-    buckets = torch.tensor([(out == t).sum().item() for t in hot] + [(~torch.isin(out, torch.tensor(hot))).sum().item()],
-                           dtype=torch.float64)
+    outside = (~torch.isin(out, torch.tensor(hot))).sum().item()
+    buckets = torch.tensor([(out == t).sum().item() for t in hot] + [outside], dtype=torch.float64)
     law = torch.cat([want[hot], (1 - want[hot].sum()).clamp(min=0).reshape(1)])
     assert _chi2_ok(buckets, law, n)
     # captured once, replayed: the eager call's tokens for the same device seed/offset; tickets left at zero
@@ -319,41 +260,6 @@ def test_gpu_split_draws_follow_the_law_and_replay_in_a_graph(dtype, min_p, fron
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_top_p_from_frontiers_follows_the_law_and_replays_in_a_graph(dtype):
-    g = torch.Generator().manual_seed(1)
-    x = torch.softmax(torch.randn(1, 151936, generator=g) * 3, -1).to("cuda", dtype)
-    pf = x.float().cpu()[0].double()
-    sp = pf.sort(descending=True).values
-    keep = pf >= sp[int((sp.cumsum(0) < 0.9 * sp.sum()).sum())]
-    want = torch.where(keep, pf, 0.0) / pf[keep].sum()
-    n = 4000
-    out, valid = _run(x, n_out=n, slices=S.num_slices(151936, 1, 132), slice_tokens=S.SLICE, top_p=0.9)
-    assert valid.all() and keep[out.long()].all()
-    top = want.argsort(descending=True)[:8]
-    buckets = torch.tensor([(out == t).sum().item() for t in top.tolist()] + [(~torch.isin(out, top)).sum().item()],
-                           dtype=torch.float64)
-    assert _chi2_ok(buckets, torch.cat([want[top], (1 - want[top].sum()).clamp(min=0).reshape(1)]), n)
-    seed, off = torch.tensor([3], device="cuda"), torch.tensor([12], device="cuda")
-    rows = torch.zeros(8, dtype=torch.int32, device="cuda")
-    o1, v1 = torch.empty(8, dtype=torch.int32, device="cuda"), torch.empty(8, dtype=torch.bool, device="cuda")
-    S.split_sample(x, o1, v1, rows, None, seed, off, 38, top_p=0.9)
-    o2, v2 = torch.empty_like(o1), torch.empty_like(v1)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        S.split_sample(x, o2, v2, rows, None, seed, off, 38, top_p=0.9)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        S.split_sample(x, o2, v2, rows, None, seed, off, 38, top_p=0.9)
-    o2.fill_(-1)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(o1, o2) and torch.equal(v1, v2) and (S._workspaces[x.device][3] == 0).all()
-
-
-@pytest.mark.gpu
 def test_gpu_ops_take_the_split_path_unless_disabled_or_too_many_rows(monkeypatch):
     from pagoda.ops import sampling as ops
 
@@ -367,27 +273,19 @@ def test_gpu_ops_take_the_split_path_unless_disabled_or_too_many_rows(monkeypatc
 
     monkeypatch.setattr(S, "split_sample", spy)
     probs = torch.softmax(torch.randn(2, 151936, device="cuda") * 3, -1)
-    monkeypatch.setattr(ops, "SPLIT_ROWS", False)       # PAGODA_SAMPLING_SPLIT=0
+    monkeypatch.setenv("PAGODA_SAMPLING_SPLIT", "0")
     ops.sampling_from_probs(probs)
     assert calls == []
-    monkeypatch.setattr(ops, "SPLIT_ROWS", True)        # the default
+    monkeypatch.delenv("PAGODA_SAMPLING_SPLIT")          # the default
     tok = ops.sampling_from_probs(probs)
     tok2 = ops.min_p_sampling_from_probs(probs, 0.1)
     assert len(calls) == 2 and calls[0] >= ops.FRONTIER_MIN_SLICES
     assert frontiers[1]                                  # min-p over >= 16 slices: one-pass frontiers
-    monkeypatch.setattr(ops, "MIN_P_FRONTIER", False)   # PAGODA_SAMPLING_FRONTIER=0: accept-or-redraw
-    ops.min_p_sampling_from_probs(probs, 0.1)
-    assert frontiers[2] is False
-    monkeypatch.setattr(ops, "MIN_P_FRONTIER", True)
     ops.min_p_sampling_from_probs(probs[:, :32000].contiguous(), 0.1)
-    assert calls[3] < ops.FRONTIER_MIN_SLICES and frontiers[3] is False   # 8 slices: accept-or-redraw
+    assert calls[2] < ops.FRONTIER_MIN_SLICES and frontiers[2] is False   # 8 slices: accept-or-redraw
     del calls[2:], frontiers[2:]
     assert ((tok >= 0) & (tok < 151936)).all() and ((tok2 >= 0) & (tok2 < 151936)).all()
     ops.top_p_sampling_from_probs(probs, 0.9)            # top-p / top-k keep the one-program kernel
     assert len(calls) == 2
-    monkeypatch.setattr(ops, "FRONTIER", True)          # PAGODA_SAMPLING_FRONTIER=1: top-p from frontiers
-    tok3 = ops.top_p_sampling_from_probs(probs, 0.9)
-    assert len(calls) == 3 and ((tok3 >= 0) & (tok3 < 151936)).all()
-    monkeypatch.setattr(ops, "FRONTIER", False)
     ops.sampling_from_probs(torch.softmax(torch.randn(ops.MAX_SPLIT_BATCH + 1, 151936, device="cuda"), -1))
-    assert len(calls) == 3                               # too many rows: one program per row
+    assert len(calls) == 2                               # too many rows: one program per row

@@ -26,7 +26,8 @@ class _Kernel:
 
 
 def _descs(a, b):
-    return ((a, [2, 8, 64], [512, 64, 1], (1, 4, 64), "layout-a"), (b, [2, 8, 64], [512, 64, 1], (1, 8, 64), "layout-b"))
+    return ((a, [2, 8, 64], [512, 64, 1], (1, 4, 64), "layout-a"),
+            (b, [2, 8, 64], [512, 64, 1], (1, 8, 64), "layout-b"))
 
 
 def test_repeat_passes_the_c_launcher_layout(monkeypatch):

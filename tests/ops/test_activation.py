@@ -1,5 +1,5 @@
 """`pagoda.ops.activation` (FlashInfer's gated activations) on the reference path and the kernel path
-(interpreter on the CPU, PAGODA_TRITON_ON_CPU=1), against the float64 reference and HF's activation modules."""
+(interpreter on the CPU, the `triton_on_cpu` switch), against the float64 reference and HF's activation modules."""
 import inspect
 import os
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import pagoda
+from pagoda import _switches
 from pagoda.ops import activation as act
 from pagoda.reference import activation as ref
 from tests.helpers import rel_err
@@ -24,9 +25,9 @@ def path(request, monkeypatch):
     if request.param == "triton":
         if not INTERPRET:
             pytest.skip("the kernel path on the CPU needs TRITON_INTERPRET=1")
-        monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
+        monkeypatch.setattr(_switches, "TRITON_ON_CPU", True)
     else:
-        monkeypatch.delenv("PAGODA_TRITON_ON_CPU", raising=False)
+        monkeypatch.setattr(_switches, "TRITON_ON_CPU", False)
     return request.param
 
 

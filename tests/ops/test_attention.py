@@ -143,8 +143,9 @@ def test_gpu_head_dims_and_odd_lengths(dtype, d, s, causal, dense_kernel):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group", [1, 4, 8])
 @pytest.mark.parametrize("sq,sk", [(97, 1000), (1000, 97), (1, 1000)])
-@pytest.mark.parametrize("opts", [dict(causal=True), dict(window_size=(64, 16)), dict(causal=True, window_size=(100, 0)),
-                                  dict(softcap=30.0), dict(causal=True, alibi=True)])
+@pytest.mark.parametrize("opts", [dict(causal=True), dict(window_size=(64, 16)),
+                                  dict(causal=True, window_size=(100, 0)), dict(softcap=30.0),
+                                  dict(causal=True, alibi=True)])
 def test_gpu_gqa_masks_and_options(dtype, group, sq, sk, opts, dense_kernel):
     opts = dict(opts)
     if opts.pop("alibi", False):

@@ -10,7 +10,7 @@ from pagoda.ops.cascade_levels import build_cascade_levels
 WS = torch.empty(1 << 20, dtype=torch.uint8)
 
 
-def I(*a):
+def i32(*a):
     return torch.tensor(a, dtype=torch.int32)
 
 
@@ -25,12 +25,12 @@ def test_cascade_wrapper_use_cuda_graph_bool():
         pagoda.MultiLevelCascadeAttentionWrapper(2, WS, use_cuda_graph="no")
 
 
-@pytest.mark.parametrize("bad,err", [(I(), ValueError), (None, TypeError), ([0, 4], TypeError),
-                                     (I(0, 4)[None], ValueError)])
+@pytest.mark.parametrize("bad,err", [(i32(), ValueError), (None, TypeError), ([0, 4], TypeError),
+                                     (i32(0, 4)[None], ValueError)])
 def test_cascade_plan_qo_indptr_checked(bad, err):
     w = pagoda.MultiLevelCascadeAttentionWrapper(2, WS)
     with pytest.raises(err, match=r"qo_indptr_arr\[0\]"):
-        w.plan([bad, I(0, 2, 4)], [I(0, 1), I(0, 1, 2)], [I(0), I(1, 2)], [I(4), I(2, 3)], 4, 2, 16, 4,
+        w.plan([bad, i32(0, 2, 4)], [i32(0, 1), i32(0, 1, 2)], [i32(0), i32(1, 2)], [i32(4), i32(2, 3)], 4, 2, 16, 4,
                q_data_type=torch.float32)
 
 

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from pagoda import _switches
 from pagoda.ops.cascade import MultiLevelCascadeAttentionWrapper
 from pagoda.ops.cascade_levels import build_cascade_levels
 from pagoda.reference.prefill import batch_prefill_with_paged_kv_cache
@@ -120,7 +121,7 @@ def test_cascade_gpu(page_size, prefix, unique, qo_lens, num_levels, dtype):
 @pytest.mark.skipif(not INTERPRET, reason="interpreter test (TRITON_INTERPRET=1, no CUDA)")
 @pytest.mark.parametrize("page_size,prefix,unique,qo_lens", CASES[:2] + CASES[3:])
 def test_cascade_kernel_path_in_interpreter(monkeypatch, page_size, prefix, unique, qo_lens):
-    monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
+    monkeypatch.setattr(_switches, "TRITON_ON_CPU", True)
     cache, q, pages, last = _scenario(page_size, prefix, unique, qo_lens, 4, 2, 32, "NHD", torch.float32, "cpu")
     out, _ = _cascade(q, cache, pages, last, qo_lens, page_size, 2, "NHD")
     assert rel_err(out, _plain(q, cache, pages, last, qo_lens, "NHD")) < 1e-4
@@ -135,7 +136,7 @@ def test_cascade_split_kv_shared_level_in_interpreter(monkeypatch, page_size, pr
     """A long shared level with few queries is split over the keys (as on a GPU with many SMs)."""
     from pagoda.ops import _decode_plan, _prefill_split
 
-    monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
+    monkeypatch.setattr(_switches, "TRITON_ON_CPU", True)
     monkeypatch.setattr(_decode_plan, "num_sms", lambda device: 64)
     monkeypatch.setattr(_prefill_split, "MIN_CHUNK_SMALL", 128)
     monkeypatch.setattr(_prefill_split, "MIN_CHUNK", 128)

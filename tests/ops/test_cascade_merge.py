@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import pagoda.ops.cascade as cascade
-from pagoda.reference.attention import attention_ref
 from pagoda.reference import cascade as ref
+from pagoda.reference.attention import attention_ref
 from tests.helpers import rel_err
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -335,8 +335,8 @@ def test_repeat_runs_replay_the_recorded_launch_with_the_new_tensors(monkeypatch
     """A second `run` with the same layouts, alignments and scale re-launches the recorded kernel with only q,
     the caches and out/lse swapped; a re-plan or another layout launches through `decode_fwd` again. The
     recording keeps none of the caller's tensors."""
-    from pagoda.kernels.launch import fast as _launch
     from pagoda.kernels.attention import decode as kdecode
+    from pagoda.kernels.launch import fast as _launch
     from pagoda.ops import _decode_plan
 
     log = []

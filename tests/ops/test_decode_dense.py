@@ -1,10 +1,11 @@
 """`pagoda.ops.decode_dense`: decode over HF-style contiguous caches (strided views), kernel path in the
-interpreter (PAGODA_TRITON_ON_CPU=1) and the CPU reference path, against the float64 reference."""
+interpreter (`pagoda._switches.TRITON_ON_CPU`) and the CPU reference path, against the float64 reference."""
 import os
 
 import pytest
 import torch
 
+from pagoda import _switches
 from pagoda.ops import _decode_plan
 from pagoda.ops import decode_dense as dd
 from pagoda.reference import attention as ref
@@ -47,7 +48,7 @@ def test_cpu_reference_path(hq, hk, static_len):
 @pytest.mark.parametrize("static_len", [None, 64])
 @pytest.mark.parametrize("sms", [1, 64])          # 64 SMs: a lone request is split across programs
 def test_kernel_path_matches_reference(monkeypatch, hq, hk, static_len, sms):
-    monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
+    monkeypatch.setattr(_switches, "TRITON_ON_CPU", True)
     monkeypatch.setattr(_decode_plan, "num_sms", lambda device: sms)
     b, s, d = 2, 600 if sms > 1 else 37, 32
     q = torch.randn(b, hq, d).half()
@@ -73,10 +74,9 @@ def test_hf_decode_step_runs_the_decode_kernel(monkeypatch):
     import types
 
     from pagoda.integrations import transformers as pt
-
     from pagoda.kernels.attention import decode as kdecode
 
-    monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
+    monkeypatch.setattr(_switches, "TRITON_ON_CPU", True)
     calls = []
     real = kdecode.decode_fwd
     monkeypatch.setattr(kdecode, "decode_fwd", lambda *a, **kw: calls.append(1) or real(*a, **kw))
@@ -97,8 +97,8 @@ def test_hf_decode_step_runs_the_decode_kernel(monkeypatch):
 def test_repeat_calls_replay_the_recorded_launch_with_the_new_tensors(monkeypatch):
     """A second call with the same shapes, strides, alignment and scale re-launches the recorded kernel with
     only q, k, v and out swapped; any change of those re-plans through `decode_fwd`."""
-    from pagoda.kernels.launch import fast as _launch
     from pagoda.kernels.attention import decode as kdecode
+    from pagoda.kernels.launch import fast as _launch
 
     log = []
     kernel = fake_fast_launch(monkeypatch, log, ["Q", "K", "V", "O", "L", "n", "scale"])
@@ -133,8 +133,8 @@ def test_repeat_calls_replay_the_recorded_launch_with_the_new_tensors(monkeypatc
 
 
 def _fake_decode(monkeypatch, log):
-    from pagoda.kernels.launch import fast as _launch
     from pagoda.kernels.attention import decode as kdecode
+    from pagoda.kernels.launch import fast as _launch
 
     kernel = fake_fast_launch(monkeypatch, log, ["Q", "K", "V", "O", "L", "n", "scale"])
 
@@ -198,7 +198,7 @@ def test_hf_layout_declines_what_the_decode_kernel_does_not_take(change):
 
 @pytest.mark.skipif(not INTERPRET, reason="interpreter test (no CUDA)")
 def test_hf_layout_kernel_path_matches_reference(monkeypatch):
-    monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
+    monkeypatch.setattr(_switches, "TRITON_ON_CPU", True)
     q, k, v = _hf_step(3, 8, 2, 37, 32, 4)
     out = dd.decode_hf(q, k, v, None)
     want = _want(q[:, :, 0], k.transpose(1, 2), v.transpose(1, 2), 32 ** -0.5)

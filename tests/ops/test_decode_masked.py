@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from pagoda import _switches
 from pagoda.ops import _decode_op, _decode_plan
 from pagoda.ops import decode_dense as dd
 from pagoda.reference import attention as ref
@@ -74,7 +75,7 @@ def test_kv_len_alone_bounds_the_keys():
 @pytest.mark.parametrize("holes", [False, True])
 @pytest.mark.parametrize("pow2", [False, True])   # cache length a power of two (one page exactly) or not
 def test_kernel_path_matches_reference(monkeypatch, hq, hk, sms, holes, pow2):
-    monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
+    monkeypatch.setattr(_switches, "TRITON_ON_CPU", True)
     monkeypatch.setattr(_decode_plan, "num_sms", lambda device: sms)
     b, s, d = 3, (512 if pow2 else 300) if sms > 1 else (128 if pow2 else 45), 32
     q, k, v, mask, kv_len = _case(b, hq, hk, s, d, torch.float16, seed=hq + sms + holes + 7 * pow2, holes=holes)
@@ -94,7 +95,7 @@ def test_kernel_path_matches_reference(monkeypatch, hq, hk, sms, holes, pow2):
 @pytest.mark.skipif(not INTERPRET, reason="interpreter test (no CUDA)")
 def test_kernel_reads_no_key_past_kv_len(monkeypatch):
     """Keys past kv_len are never read: NaN there (a static cache's garbage) leaves the output finite."""
-    monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
+    monkeypatch.setattr(_switches, "TRITON_ON_CPU", True)
     q, k, v, mask, kv_len = _case(2, 4, 2, 64, 16, torch.float16, seed=5, holes=False)
     kv_len = torch.tensor([20, 33], dtype=torch.int32)
     mask = torch.arange(64)[None, :] < kv_len[:, None]
@@ -109,7 +110,7 @@ def test_kernel_reads_no_key_past_kv_len(monkeypatch):
 @pytest.mark.skipif(not INTERPRET, reason="interpreter test (no CUDA)")
 def test_kernel_reads_kv_len_of_any_stride(monkeypatch):
     """kv_len given as a strided view (a column of a bigger tensor): each row still reads its own length."""
-    monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
+    monkeypatch.setattr(_switches, "TRITON_ON_CPU", True)
     q, k, v, mask, kv_len = _case(3, 4, 2, 64, 16, torch.float16, seed=11)
     table = torch.stack([kv_len, torch.full_like(kv_len, 1000)], dim=1)      # [b, 2]: column 1 is garbage
     out = dd.decode_dense_masked(q, k, v, 0.25, mask, table[:, 0])

@@ -43,7 +43,10 @@ def _case(b=3, sq=1, s_new=1, hq=8, hk=2, d=64, s_cache=80, page_size=None, seql
                 k_cache[pool[i, t // page_size], t % page_size] = hist_k[i][t]
                 v_cache[pool[i, t // page_size], t % page_size] = hist_v[i][t]
         kw["block_table"] = pool.to(device)
-    to = (lambda t: None if t is None else t.to(device))
+
+    def to(t):
+        return None if t is None else t.to(device)
+
     kw.update(q=to(q), k_cache=to(k_cache), v_cache=to(v_cache), k=to(k_new), v=to(v_new),
               cache_seqlens=seqlens.to(device))
     return kw, hist_k, hist_v

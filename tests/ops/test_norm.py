@@ -1,11 +1,12 @@
 """`pagoda.ops.norm` (FlashInfer's RMSNorm ops) on the reference path and the kernel path (interpreter on the
-CPU, PAGODA_TRITON_ON_CPU=1), against the float64 reference and Hugging Face's RMSNorm modules."""
+CPU, the `triton_on_cpu` switch), against the float64 reference and Hugging Face's RMSNorm modules."""
 import os
 
 import pytest
 import torch
 
 import pagoda
+from pagoda import _switches
 from pagoda.ops import norm
 from pagoda.reference import norm as ref
 from tests.helpers import rel_err
@@ -23,9 +24,9 @@ def path(request, monkeypatch):
     if request.param == "triton":
         if not INTERPRET:
             pytest.skip("the kernel path on the CPU needs TRITON_INTERPRET=1")
-        monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
+        monkeypatch.setattr(_switches, "TRITON_ON_CPU", True)
     else:
-        monkeypatch.delenv("PAGODA_TRITON_ON_CPU", raising=False)
+        monkeypatch.setattr(_switches, "TRITON_ON_CPU", False)
     return request.param
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import pagoda
+from pagoda import _switches
 from pagoda.ops import prefill as pf
 from pagoda.reference import decode as dref
 from pagoda.reference import prefill as ref
@@ -80,8 +81,9 @@ def test_cpu_ragged_wrapper_matches_paged_reference(layout, mode):
            q_data_type="float32")
     kk, vv = (k, v) if layout == "NHD" else (k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous())
     out, lse = w.run(q, kk, vv, return_lse=True)
-    want, want_lse = ref.batch_prefill_with_paged_kv_cache(q, cache.nan_to_num(), _indptr(QO), *meta, "NHD", causal=True,
-                                                           sm_scale=0.125, pos_encoding_mode=mode, rope_theta=5e5)
+    want, want_lse = ref.batch_prefill_with_paged_kv_cache(q, cache.nan_to_num(), _indptr(QO), *meta, "NHD",
+                                                           causal=True, sm_scale=0.125, pos_encoding_mode=mode,
+                                                           rope_theta=5e5)
     assert rel_err(out, want) < 1e-5
     assert_finite_lse_close(lse, want_lse, atol=1e-4)
 
@@ -167,7 +169,7 @@ def kernel_path(monkeypatch):
     so that small batches split their keys."""
     from pagoda.ops import _decode_plan, _prefill_split
 
-    monkeypatch.setenv("PAGODA_TRITON_ON_CPU", "1")
+    monkeypatch.setattr(_switches, "TRITON_ON_CPU", True)
     monkeypatch.setattr(_decode_plan, "num_sms", lambda device: 64)
     monkeypatch.setattr(_prefill_split, "MIN_CHUNK", 128)
     monkeypatch.setattr(_prefill_split, "MIN_CHUNK_SMALL", 128)

@@ -62,7 +62,7 @@ def test_varlen_equals_dense_per_sequence():
     q, k, v = torch.randn(int(cu_q[-1]), 4, 8), torch.randn(int(cu_k[-1]), 4, 8), torch.randn(int(cu_k[-1]), 4, 8)
     out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 6, 5, causal=True, return_attn_probs=True,
                                          compute_dtype=torch.float64)
-    for b, (a, c) in enumerate(lens):
+    for b in range(len(lens)):
         qs, ks = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
         ref, ref_lse = naive(q[qs], k[ks], v[ks], 8 ** -0.5, -1, 0)
         torch.testing.assert_close(out[qs].double(), ref, atol=1e-5, rtol=1e-5)

@@ -24,10 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels.launch.fast import launch, next_pow2
+from pagoda.kernels._common import LN2_JIT, LOG2E, LOG2E_JIT
 from pagoda.kernels.attention.paged_tile import addr_flags, paged_offsets, paged_scores, rope_rows, softmax_pv_update
-
-LOG2E = 1.4426950408889634
+from pagoda.kernels.launch.fast import launch, next_pow2
 
 
 @triton.jit
@@ -110,7 +109,7 @@ def _decode_kernel(
         q = rope_rows(q, q2, q_pos, offs_d, rope_rcp_scale, log2_theta, HEAD_DIM).to(Q.dtype.element_ty)
     slope_log2 = tl.zeros([GROUP_PAD], dtype=tl.float32)
     if HAS_ALIBI:
-        slope_log2 = tl.load(SLOPES + b * stride_sb + heads, mask=gmask, other=0.0) * 1.4426950408889634
+        slope_log2 = tl.load(SLOPES + b * stride_sb + heads, mask=gmask, other=0.0) * LOG2E_JIT
 
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
@@ -162,7 +161,7 @@ def _decode_kernel(
                              stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_fob, stride_foh,
                              stride_flb, HEAD_DIM_PAD, GROUP_PAD)
     else:
-        tl.store(l_ptrs, lse2 * 0.6931471805599453, mask=gmask)
+        tl.store(l_ptrs, lse2 * LN2_JIT, mask=gmask)
 
 
 @triton.jit
@@ -202,7 +201,7 @@ def _merge_group(O_PART, LSE_PART, OUT_F, LSE_F, b, heads, gmask, offs_d, dmask,
         m = m_new
     empty = l_sum == 0.0
     out = acc / tl.where(empty, 1.0, l_sum)[:, None]
-    lse = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, l_sum))) * 0.6931471805599453)
+    lse = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, l_sum))) * LN2_JIT)
     tl.store(OUT_F + b.to(tl.int64) * stride_fob + heads[:, None] * stride_foh + offs_d[None, :],
              out.to(OUT_F.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
     tl.store(LSE_F + b.to(tl.int64) * stride_flb + heads, lse, mask=gmask)
@@ -235,37 +234,36 @@ def _merge_kernel(
     out = tl.sum(w[:, None] * o, 0) / tl.where(empty, 1.0, l_sum)
     tl.store(OUT + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty),
              mask=offs_d < HEAD_DIM)
-    lse_out = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, l_sum))) * 0.6931471805599453)
+    lse_out = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, l_sum))) * LN2_JIT)
     tl.store(LSE + b.to(tl.int64) * stride_lb + h, lse_out)
 
 
-# Launch configuration of the decode kernel (keys per tile, warps, software-pipeline stages); a module
-# attribute so that benchmarks/overhead_probe.py can sweep it.
-CONFIG = {"block_n": None, "num_warps": 4, "num_stages": 3}
+# Launch configuration of the decode kernel: warps and software-pipeline stages (keys per tile:
+# `default_block_n`).
+NUM_WARPS = 4
+NUM_STAGES = 3
 # Merge the split partials in the decode kernel itself (last chunk to finish) when the caller hands
-# counters and there are few splits; False: always the separate `_merge_kernel` launch. H200, graph
-# replay (2026-11-22): b16 ctx 4k, 3 splits: 81.9 µs fused vs 85.8 µs two launches; b1 ctx 32k, 64 splits:
+# counters and there are few splits; more splits take the separate `_merge_kernel` launch. H200, graph
+# replay: b16 ctx 4k, 3 splits: 81.9 µs fused vs 85.8 µs two launches; b1 ctx 32k, 64 splits:
 # 79.9 vs 52.0 (the last program reads 64 partials one after another; the merge kernel reads them at once).
-FUSED_MERGE_ENABLED = True
 FUSED_MAX_SPLITS = 8
 
 
 def merge_is_fused(num_splits: int, has_counters: bool) -> bool:
     """Whether `decode_fwd` merges the splits inside the decode kernel (one launch) or launches the merge."""
-    return 0 < num_splits <= FUSED_MAX_SPLITS and has_counters and FUSED_MERGE_ENABLED
+    return 0 < num_splits <= FUSED_MAX_SPLITS and has_counters
 
 
 def whole_tiles(page_size: int, addr: int) -> bool:
     """Whether the key loop runs whole tiles without bounds masks (plus one masked last tile). Measured on
-    an H200 (2026-11-30, graph replay, b64 ctx 4096, GQA 32/8, d 128): page 16 with the shift/mask gather
+    an H200 (graph replay, b64 ctx 4096, GQA 32/8, d 128): page 16 with the shift/mask gather
     258 us against 264 all-masked; but page 1 335 against 262, and a non-power-of-two page (integer
     division) 359: there every tile stays masked."""
     return bool(addr & 1) and page_size >= 16
 
 
 def default_block_n(head_dim: int) -> int:
-    if CONFIG["block_n"]:
-        return CONFIG["block_n"]
+    """Keys per tile: 64, or 32 above head_dim 128 (the tile's registers)."""
     return 64 if head_dim <= 128 else 32
 
 
@@ -321,7 +319,7 @@ def decode_fwd(q, k_cache, v_cache, k_strides, v_strides, kv_indptr, kv_indices,
         SPLIT=split, HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
         ROPE=rope is not None, IEEE=q.dtype == torch.float32, FUSED_MERGE=fused,
         ADDR=addr, WHOLE_TILES=whole_tiles(page_size, addr), HAS_KEY_MASK=key_mask is not None,
-        num_warps=num_warps or CONFIG["num_warps"], num_stages=CONFIG["num_stages"],
+        num_warps=num_warps or NUM_WARPS, num_stages=NUM_STAGES,
     )
     if split and not fused:
         launch(

@@ -21,15 +21,13 @@ A query row that sees no key yields zeros and LSE ``-inf``.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from pagoda.kernels._common import LN2_JIT, LOG2E, LOG2E_JIT, online_softmax, soft_cap
 from pagoda.kernels.launch.fast import cdiv, launch, launch_tuned, next_pow2
-
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -66,9 +64,7 @@ def _attn_fwd_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kt,
     if HAS_SOFTCAP or HAS_ALIBI:
         # General path: scores in base 2, then the usual max / exp2.
         if HAS_SOFTCAP:
-            # softcap * tanh(scale * qk / softcap), tanh via exp2 (no libdevice; exact at +-inf).
-            t = qk * qk_scale
-            s = softcap_log2 * (1.0 - 2.0 / (tl.exp2(t * (2.0 * 1.4426950408889634)) + 1.0))
+            s = soft_cap(qk, qk_scale, softcap_log2)
         else:
             s = qk * qk_scale
         if HAS_ALIBI:
@@ -88,15 +84,7 @@ def _attn_fwd_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kt,
         if HAS_LEFT:
             visible = visible & (cols[None, :] >= offs_m[:, None] + shift - window_left)
         s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
-    if MASKED:
-        # A row with nothing visible yet keeps m = -inf; subtract 0 instead so 2^(-inf - -inf) != NaN.
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_sub = m_new
-    alpha = tl.exp2(m_i - m_sub)
-    p = tl.exp2(s * scale - m_sub[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, m_new, l_i = online_softmax(s, m_i, l_i, scale, MASKED)
     acc = acc * alpha[:, None]
     v = _load_kv_tile(v_base, v_desc, stride_vt, cols, offs_d, start_n, seqlen_k, HEAD_DIM, HEAD_DIM_PAD,
                       MASKED, USE_TMA)
@@ -170,7 +158,7 @@ def _attn_fwd_kernel(
 
     slope_log2 = 0.0
     if HAS_ALIBI:
-        slope_log2 = tl.load(SLOPES + batch * stride_sb + head).to(tl.float32) * 1.4426950408889634
+        slope_log2 = tl.load(SLOPES + batch * stride_sb + head).to(tl.float32) * LOG2E_JIT
 
     # Key range [lo, hi) seen by any query of the tile, and the fully visible sub-range [full_lo, full_hi).
     lo = 0
@@ -215,13 +203,13 @@ def _attn_fwd_kernel(
     tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=q_mask)
     if WRITE_LSE:
-        lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+        lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2_JIT)
         l_base = LSE + l_off + head.to(tl.int64) * stride_lh
         tl.store(l_base + offs_m.to(tl.int64) * stride_lt, lse, mask=offs_m < seqlen_q)
 
 
-# Launch configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages, USE_TMA). Chosen from the sweeps of
-# benchmarks/attention_variants.py on an H200 (benchmarks/NOTES.md): 128x128 tiles with 8 warps and TMA
+# Launch configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages, USE_TMA). Chosen from sweeps of every
+# tile on an H200: 128x128 tiles with 8 warps and TMA
 # lead at head_dim 128; 128x64 with 8 warps at head_dim 64; 64x64 wins at short causal sequences.
 _TILES = [
     (128, 128, 8, 3, True), (128, 128, 8, 3, False), (128, 64, 8, 3, False), (128, 64, 4, 4, True),
@@ -237,7 +225,7 @@ def _configs():
 _TRITON_HAS_TMA = hasattr(triton, "set_allocator") and hasattr(triton.language, "make_tensor_descriptor")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache   # one entry per device, kept for the process
 def _sm_major(device_index: int) -> int:
     return torch.cuda.get_device_capability(device_index)[0]
 
@@ -282,22 +270,17 @@ _attn_fwd_tuned = triton.autotune(
 )(_attn_fwd_kernel)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _autotune_enabled() -> bool:
-    """PAGODA_AUTOTUNE=0 swaps the first-call autotuning for `default_config` (fast start, tests)."""
-    return os.environ.get("PAGODA_AUTOTUNE", "1") not in ("", "0")
-
-
 def default_config(head_dim: int, tma: bool = False) -> dict:
-    """A launch configuration that is correct and reasonable everywhere (no tuning)."""
+    """A launch configuration that is correct and reasonable everywhere (no tuning: ``PAGODA_AUTOTUNE=0``)."""
     if head_dim <= 64:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
     if head_dim <= 128:
         return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "USE_TMA": tma}
     return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+
+
+# Small tiles for the Triton interpreter (tests on the CPU): its cost grows with the tile, not the grid.
+INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -309,17 +292,11 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
 
     Dense: q ``[b, sq, hq, d]``, k/v ``[b, sk, hk, d]``, out like q, lse ``[b, hq, sq]`` fp32.
     Varlen (cu_seqlens given): q ``[total_q, hq, d]``, k/v ``[total_k, hk, d]``, lse ``[hq, total_q]``.
-    The last dimension of q, k, v, out must be contiguous. ``config`` forces BLOCK_M/BLOCK_N/num_warps/
-    num_stages (used by the interpreter tests); otherwise the autotuned kernel runs.
+    The last dimension of q, k, v, out must be contiguous. ``config`` fixes BLOCK_M/BLOCK_N/num_warps/
+    num_stages (and USE_TMA) as `default_config` and `INTERPRETER_CONFIG` give them; None runs the autotuned
+    kernel. Which kernel serves a call, and with which configuration, is decided in `pagoda.ops._dispatch`.
     """
     varlen = cu_seqlens_q is not None
-    if (config is None and not varlen and window_left < 0 and window_right in (-1, 0) and _hopper_on()):
-        from pagoda.kernels.hopper import attention as H
-        if H.prefer_hopper(q.shape[-1], k.shape[1]) and H.hopper_supported(
-                q, k, v, out, window_left=window_left, window_right=window_right, softcap=softcap,
-                alibi_slopes=alibi_slopes):
-            H.attention_fwd_hopper(q, k, v, out, lse, softmax_scale, causal=window_right == 0)
-            return
     head_dim = q.shape[-1]
     hq, hk = q.shape[-2], k.shape[-2]
     if varlen:
@@ -358,10 +335,6 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
         IS_VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, WRITE_LSE=lse is not None,
     )
-    if config is None and _interpreting():
-        config = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    elif config is None and not _autotune_enabled():
-        config = default_config(head_dim, tma_supported(k, v))
     if config is not None:
         bm = config["BLOCK_M"]
         extra = {}
@@ -381,12 +354,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
         launch_tuned(_attn_fwd_tuned, _attn_fwd_kernel, grid, *args, extra_key=(tma,), **meta)
 
 
-def _hopper_on() -> bool:
-    """Dense fp16/bf16 d=64/128 calls on sm_90 go to the warp-specialised Gluon kernel
-    (`pagoda.kernels.hopper.attention`) unless PAGODA_HOPPER_ATTN=0 (then to the Triton kernel)."""
-    return os.environ.get("PAGODA_HOPPER_ATTN", "1") not in ("", "0") and not _interpreting()
-
-
+# Whether torch's allocator is installed as Triton's scratch allocator: set once per process, never cleared.
 _TMA_ALLOCATOR_SET = False
 
 

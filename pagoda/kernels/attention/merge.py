@@ -11,9 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagoda.kernels._common import LN2_JIT, LOG2E_JIT
 from pagoda.kernels.launch.fast import launch, next_pow2
-
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -48,21 +47,21 @@ def _merge_states_kernel(V, S, V_B, S_B, O, LSE, MASK, num_states, num_heads, he
     total = tl.zeros([], tl.float32)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     if TWO_TENSORS:
-        s_a = tl.load(s_row).to(tl.float32) * 1.4426950408889634
+        s_a = tl.load(s_row).to(tl.float32) * LOG2E_JIT
         v_a = tl.load(v_row + offs_d, mask=dmask, other=0.0).to(tl.float32)
-        s_b = tl.load(S_B + tok.to(tl.int64) * stride_sbt + head * stride_sbh).to(tl.float32) * 1.4426950408889634
+        s_b = tl.load(S_B + tok.to(tl.int64) * stride_sbt + head * stride_sbh).to(tl.float32) * LOG2E_JIT
         v_b = tl.load(V_B + tok.to(tl.int64) * stride_bt + head * stride_bh + offs_d, mask=dmask,
                       other=0.0).to(tl.float32)
         m, total, acc = _merge_step(m, total, acc, s_a, v_a)
         m, total, acc = _merge_step(m, total, acc, s_b, v_b)
     else:
         for i in range(0, num_states):
-            s_i = tl.load(s_row + i * stride_sn).to(tl.float32) * 1.4426950408889634   # to base 2
+            s_i = tl.load(s_row + i * stride_sn).to(tl.float32) * LOG2E_JIT   # to base 2
             v_i = tl.load(v_row + i * stride_vn + offs_d, mask=dmask, other=0.0).to(tl.float32)
             m, total, acc = _merge_step(m, total, acc, s_i, v_i)
     empty = total == 0.0
     out = acc / tl.where(empty, 1.0, total)
-    lse = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, total))) * 0.6931471805599453)
+    lse = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, total))) * LN2_JIT)
     tl.store(O + tok.to(tl.int64) * stride_ot + head * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=dmask)
     tl.store(LSE + tok.to(tl.int64) * stride_lt + head * stride_lh, lse)
 
@@ -86,7 +85,8 @@ def _launch(v, s, v_b, s_b, out, lse, mask, num_states, two):
 
 
 def merge_states_fwd(v: torch.Tensor, s: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """v ``[seq, states, heads, dim]``, s ``[seq, states, heads]`` -> out ``[seq, heads, dim]``, lse ``[seq, heads]``."""
+    """v ``[seq, states, heads, dim]``, s ``[seq, states, heads]`` -> out ``[seq, heads, dim]``, lse ``[seq,
+    heads]``."""
     _launch(v, s, v, s, out, lse, None, v.shape[1], False)
 
 

@@ -7,6 +7,8 @@ page ``KV_INDICES[p0 + t // page_size]`` at slot ``t % page_size``. Scores are k
 import triton
 import triton.language as tl
 
+from pagoda.kernels._common import online_softmax, soft_cap
+
 
 def addr_flags(page_size: int, k_strides, v_strides) -> int:
     """Constexpr ``ADDR`` of the paged kernels: 1 = power-of-two page size, 2 = K and V share (page, token) strides,
@@ -81,9 +83,7 @@ def paged_scores(q, K_H, off_k, t, valid, offs_d, partner, qk_scale, softcap_log
     else:
         qk = tl.dot(q, tl.trans(k))
     if HAS_SOFTCAP:
-        # softcap * tanh(scale * qk / softcap) in base 2; tanh via exp2 (exact at +-inf).
-        x = qk * qk_scale
-        s = softcap_log2 * (1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0))
+        s = soft_cap(qk, qk_scale, softcap_log2)
     else:
         s = qk * qk_scale
     return s
@@ -93,11 +93,7 @@ def paged_scores(q, K_H, off_k, t, valid, offs_d, partner, qk_scale, softcap_log
 def softmax_pv_update(acc, l_i, m_i, s, V_H, off_v, valid, offs_d, HEAD_DIM: tl.constexpr,
                       HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr):
     """Online-softmax update with masked base-2 scores ``s`` (-inf where hidden) and the V rows at ``off_v``."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing visible yet: no NaN
-    alpha = tl.exp2(m_i - m_sub)
-    p = tl.exp2(s - m_sub[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, m_new, l_i = online_softmax(s, m_i, l_i, 1.0, True)
     v = load_rows(V_H, off_v, offs_d, valid, MASKED, HEAD_DIM, HEAD_DIM_PAD)
     if IEEE:
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")

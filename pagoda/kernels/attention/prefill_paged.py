@@ -31,16 +31,11 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels.launch.fast import cdiv, launch, launch_tuned, next_pow2
-from pagoda.kernels.attention.fwd import _autotune_enabled, _hopper_on, _interpreting
-from pagoda.kernels.hopper.paged import paged_supported, prefill_paged_hopper
+from pagoda.kernels._common import LN2_JIT, LOG2E, LOG2E_JIT, online_softmax, soft_cap
 from pagoda.kernels.attention.paged_tile import addr_flags, load_rows, paged_offsets, rope_rows
+from pagoda.kernels.launch.fast import cdiv, launch, launch_tuned, next_pow2
 
-LOG2E = 1.4426950408889634
 SPLIT_ALIGN = 128  # split chunks are multiples of this, which every config's BLOCK_N divides
-# Requests with at least this many queries (max over the batch) take the Gluon sm_90 kernel where it applies
-# (`attention_hopper_paged`); shorter, decode-like batches keep this kernel's GQA row packing.
-GLUON_MIN_QO = 128
 
 
 @triton.jit
@@ -67,8 +62,8 @@ def _paged_block(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, page_size, page_shi
     else:
         qk = tl.dot(q, tl.trans(k))
     if HAS_SOFTCAP or HAS_ALIBI:
-        if HAS_SOFTCAP:  # softcap * tanh(scale * qk / softcap) in base 2; tanh via exp2 (exact at +-inf)
-            s = softcap_log2 * (1.0 - 2.0 / (tl.exp2(qk * qk_scale * (2.0 * 1.4426950408889634)) + 1.0))
+        if HAS_SOFTCAP:
+            s = soft_cap(qk, qk_scale, softcap_log2)
         else:
             s = qk * qk_scale
         if HAS_ALIBI:
@@ -86,14 +81,7 @@ def _paged_block(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, page_size, page_shi
         if HAS_WINDOW:
             visible = visible & (t[None, :] >= q_pos[:, None] - window_left)
         s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
-    if MASKED:  # rows with nothing visible yet keep m = -inf: subtract 0 instead (no NaN)
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_sub = m_new
-    alpha = tl.exp2(m_i - m_sub)
-    p = tl.exp2(s * scale - m_sub[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, m_new, l_i = online_softmax(s, m_i, l_i, scale, MASKED)
     v = load_rows(V_H, off_v, offs_d, valid, MASKED, HEAD_DIM, HEAD_DIM_PAD)
     if IEEE:
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
@@ -145,7 +133,7 @@ def _prefill_paged_kernel(
         q = rope_rows(q, q2, q_pos, offs_d, rope_rcp_scale, log2_theta, HEAD_DIM).to(Q.dtype.element_ty)
     slope_log2 = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_ALIBI:
-        slope_log2 = tl.load(SLOPES + b * stride_sb + head, mask=row_mask, other=0.0) * 1.4426950408889634
+        slope_log2 = tl.load(SLOPES + b * stride_sb + head, mask=row_mask, other=0.0) * LOG2E_JIT
 
     # Keys any row of the tile may see: [lo, hi); keys every row sees: [full_lo, full_hi). The rows hold
     # queries tok_lo..tok_hi (later rows of the tile are padding).
@@ -204,7 +192,7 @@ def _prefill_paged_kernel(
         tl.store(l_ptrs, lse2, mask=row_mask)
     else:
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_mask)
-        tl.store(l_ptrs, lse2 * 0.6931471805599453, mask=row_mask)
+        tl.store(l_ptrs, lse2 * LN2_JIT, mask=row_mask)
 
 
 @triton.jit
@@ -233,7 +221,7 @@ def _merge_splits_kernel(O_PART, LSE_PART, QO_INDPTR, O, LSE, n_req, num_splits,
     out = tl.sum(w[:, None] * o, 0) / tl.where(empty, 1.0, l_sum)
     tl.store(O + r64 * stride_ot + h.to(tl.int64) * stride_oh + offs_d, out.to(O.dtype.element_ty),
              mask=offs_d < HEAD_DIM)
-    lse_out = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, l_sum))) * 0.6931471805599453)
+    lse_out = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, l_sum))) * LN2_JIT)
     tl.store(LSE + r64 * stride_lt + h * stride_lh, lse_out)
 
 
@@ -259,7 +247,7 @@ def default_config(head_dim: int, block_m: int, fp32: bool = False) -> dict:
 
 
 # Autotuned (BLOCK_N, num_warps, num_stages) per BLOCK_M class. 128 x 64 tiles, 8 warps, 3 stages is what
-# the dense kernel picks on an H200 at head_dim 128 (benchmarks/NOTES.md).
+# the dense kernel picks on an H200 at head_dim 128.
 _TILES = {
     16: [(64, 4, 3), (128, 4, 3), (64, 4, 4), (32, 4, 3), (128, 8, 3)],
     64: [(64, 4, 3), (64, 4, 2), (128, 4, 3), (32, 4, 3), (64, 8, 3)],
@@ -292,7 +280,7 @@ def prefill_paged_fwd(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_i
                       page_size: int, num_kv_heads: int, max_qo_len: int, out, lse, *, sm_scale: float, causal: bool,
                       window_left: int = -1, logits_soft_cap: float = 0.0, alibi_slopes=None, rope=None,
                       window_right: int | None = None, config: dict | None = None, block_m: int | None = None,
-                      num_splits: int = 0, chunk=None, o_part=None, lse_part=None, write_lse: bool = True) -> None:
+                      num_splits: int = 0, chunk=None, o_part=None, lse_part=None) -> None:
     """Launch; arguments validated by the ops layer. q/out ``[nnz_qo, Hq, D]`` (last dim contiguous),
     lse float32 ``[nnz_qo, Hq]``; caches 4-D with ``(page, token, head)`` strides; ``rope`` None or
     ``(rope_scale, rope_theta)``; alibi_slopes float32 ``[Hq]`` or ``[batch, Hq]``. ``window_right``
@@ -303,36 +291,23 @@ def prefill_paged_fwd(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_i
     cache by equal-width page rows (block tables) may pass a ``kv_last_page_len`` below 1 so that the
     formula gives the true length.
 
-    On sm_90, calls with ``max_qo_len >= GLUON_MIN_QO``, no split and no forced ``config`` that the Gluon kernel
-    supports (`attention_hopper_paged.paged_supported`) run there (``block_m`` is then unused).
-    ``block_m`` fixes the rows per tile (default `choose_block_m`); ``config`` forces BLOCK_M/BLOCK_N/
-    num_warps/num_stages (interpreter tests), otherwise the autotuned kernel runs (`default_config` with
-    PAGODA_AUTOTUNE=0). Split-KV with ``num_splits > 0``: ``chunk`` is an int32 ``[1]`` device tensor (keys
-    per split, a multiple of BLOCK_N: of `SPLIT_ALIGN` for the tuned kernel) with
+    ``block_m`` fixes the rows per tile (default `choose_block_m`); ``config`` fixes BLOCK_N/num_warps/
+    num_stages (and BLOCK_M) as `default_config` gives them, None runs the autotuned kernel. Which kernel serves
+    a call (this one or the Gluon sm_90 one), and with which configuration, is decided in `pagoda.ops._dispatch`.
+    Split-KV with ``num_splits > 0``: ``chunk`` is an int32 ``[1]`` device tensor (keys per split, a multiple of
+    BLOCK_N: of `SPLIT_ALIGN` for the tuned kernel) with
     ``num_splits * chunk >= `` every kv_len, and ``o_part [>= nnz_qo, num_splits, Hq, D]`` /
     ``lse_part [>= nnz_qo, num_splits, Hq]`` float32 workspace views; rows below ``qo_indptr[-1]`` of
-    out/lse are then written by the merge. ``write_lse=False``: the caller does not read lse (the Gluon kernel
-    then skips it; the Triton kernels write it regardless)."""
+    out/lse are then written by the merge."""
     batch = qo_indptr.shape[0] - 1
     hq, dim = q.shape[1], q.shape[2]
     if batch == 0 or max_qo_len == 0 or q.shape[0] == 0:
         return
     if window_right is None:
         window_right = 0 if causal else -1
-    if (config is None and max_qo_len >= GLUON_MIN_QO and _hopper_on()
-            and window_right <= 0 and paged_supported(
-                q, k_cache, v_cache, k_strides, v_strides, page_size, num_kv_heads, window_left=window_left,
-                window_right=window_right, logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes, rope=rope,
-                num_splits=num_splits)):
-        prefill_paged_hopper(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_indptr, kv_indices,
-                             kv_last_page_len, page_size, num_kv_heads, max_qo_len, out, lse if write_lse else None,
-                             sm_scale=sm_scale, causal=window_right == 0)
-        return
     group = hq // num_kv_heads
     fp32 = q.dtype == torch.float32
     bm = (config or {}).get("BLOCK_M") or block_m or choose_block_m(max_qo_len * group, dim, fp32)
-    if config is None and (_interpreting() or not _autotune_enabled()):
-        config = default_config(dim, bm, fp32)
     if softcap := float(logits_soft_cap):
         qk_scale, softcap_log2 = sm_scale / softcap, softcap * LOG2E
     else:

@@ -1,56 +1,46 @@
-"""Ahead-of-time compilation of the Gluon sm_90 attention kernels (`attention_hopper`, `_ws`, `_pws`) for
-a named config, on any machine (no GPU needed): the compile tests read shared memory, register budgets,
+"""Ahead-of-time compilation of the Gluon sm_90 attention kernels (`ws`, `pws`, `paged`) for a named config, on any
+machine (no GPU needed): the compile tests read shared memory, register budgets,
 PTX and SASS from it (`tests/kernels/test_attention_hopper_compile.py`)."""
 from __future__ import annotations
 
 import torch
 
-from pagoda.kernels.hopper import attention as H
+from pagoda.kernels.hopper import configs as C
+from pagoda.kernels.hopper.gluon import smem_layout
 
 
 def compile_sm90(head_dim: int, dtype: str = "bf16", causal: bool = True, config: str | None = None,
                  write_lse: bool = True):
     """Compile the kernel ahead of time for sm_90 (works on a CPU-only machine). Returns the CompiledKernel
     (``.metadata.shared``, ``.n_regs``/``.n_spills`` are filled only after loading on a GPU). Launch options
-    as `attention_fwd_hopper` (ws configs: 4 warps + partitions, maxnreg per consumer count)."""
+    as `attention.attention_fwd_hopper` (4 warps + partitions, maxnreg per consumer count)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    config = config or H.DEFAULT_CONFIG[head_dim, bool(causal)]
+    config = config or C.DEFAULT_CONFIG[head_dim, bool(causal)]
     tdt = torch.float16 if dtype == "fp16" else torch.bfloat16
-    ws = config in H.WS_CONFIGS
-    persistent = H._ws_persistent(config) if ws else config.startswith("p-")
-    if ws:
-        if persistent:
-            from pagoda.kernels.hopper.pws import _attn_fwd_hopper_pws_kernel as fn
-        else:
-            from pagoda.kernels.hopper.ws import _attn_fwd_hopper_ws_kernel as fn
-        bm, bn, stages, regs, pingpong, nc, maxnreg = H._ws_params(config, head_dim)
-        q_rows, warps, options = 64, 4, {"num_warps": 4, "maxnreg": maxnreg}
+    persistent = C.ws_persistent(config)
+    if persistent:
+        from pagoda.kernels.hopper.pws import _attn_fwd_hopper_pws_kernel as fn
     else:
-        fn = H._attn_fwd_hopper_kernel
-        bm, bn, stages, warps = H.CONFIGS[config]
-        q_rows, options = bm, {"num_warps": warps}
+        from pagoda.kernels.hopper.ws import _attn_fwd_hopper_ws_kernel as fn
+    bm, bn, stages, regs, pingpong, nc, maxnreg = C.ws_params(config, head_dim)
+    q_rows, warps, options = 64, 4, {"num_warps": 4, "maxnreg": maxnreg}
 
     def desc_sig(rows):
         block = (1, rows, head_dim)
-        return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{H._layout(block, tdt)!r}>"
+        return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{smem_layout(block, tdt)!r}>"
 
     sig = {"q_desc": desc_sig(q_rows), "k_desc": desc_sig(bn), "v_desc": desc_sig(bn), "o_desc": desc_sig(q_rows),
            "LSE": "*fp32", "stride_lb": "i32", "stride_lh": "i32", "stride_lt": "i32", "seqlen_q": "i32",
            "seqlen_k": "i32", "group_size": "i32", "qk_scale": "fp32"}
-    if not ws or persistent:  # the persistent kernels also take num_heads, num_items
+    if persistent:  # the persistent kernels also take num_heads, num_items
         sig = {**{n: t for n, t in sig.items() if n != "qk_scale"}, "num_heads": "i32", "num_items": "i32",
                "qk_scale": "fp32"}
     consts = {"HEAD_DIM": head_dim, "BLOCK_M": bm, "BLOCK_N": bn, "STAGES": stages, "CAUSAL": causal,
-              "WRITE_LSE": write_lse, "num_warps": warps}
-    if ws:
-        consts["CONSUMER_REGS"] = regs
-        consts["PINGPONG"] = pingpong
-        consts["NUM_CONSUMERS"] = nc
-    else:
-        consts["PERSISTENT"] = persistent
+              "WRITE_LSE": write_lse, "num_warps": warps, "CONSUMER_REGS": regs, "PINGPONG": pingpong,
+              "NUM_CONSUMERS": nc}
     for name in consts:
         sig[name] = "constexpr"
     src = GluonASTSource(fn=fn, signature=sig, constexprs=consts)
@@ -59,7 +49,7 @@ def compile_sm90(head_dim: int, dtype: str = "bf16", causal: bool = True, config
 
 def compile_paged_sm90(head_dim: int, dtype: str = "bf16", causal: bool = True, box: int = 16,
                        pingpong: bool = False, o_tma: bool = True, write_lse: bool = True):
-    """Compile the paged Gluon prefill (`attention_hopper_paged`) ahead of time for sm_90, boxes of ``box``
+    """Compile the paged Gluon prefill (`paged`) ahead of time for sm_90, boxes of ``box``
     cache rows (a page size of 16, 32, 64, or 128 for larger pages)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -71,7 +61,7 @@ def compile_paged_sm90(head_dim: int, dtype: str = "bf16", causal: bool = True, 
 
     def desc_sig(rows):
         block = (rows, head_dim)
-        return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{H._layout(block, tdt)!r}>"
+        return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{smem_layout(block, tdt)!r}>"
 
     sig = {"q_desc": desc_sig(64), "k_desc": desc_sig(box), "v_desc": desc_sig(box), "o_desc": desc_sig(64),
            "O": f"*{dtype}",

@@ -1,4 +1,4 @@
-"""Paged-KV prefill on sm_90 in Gluon: the warp-specialised consumers of `attention_hopper_ws` fed by a
+"""Paged-KV prefill on sm_90 in Gluon: the warp-specialised consumers of `ws` fed by a
 loader warp that gathers every K/V tile page by page with TMA.
 
 Scope (`paged_supported`): fp16/bf16, head_dim 64 or 128, causal (bottom-right aligned: query i of a
@@ -31,26 +31,29 @@ so 16-row boxes stack in a slot exactly as one 128-row box would land.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
+from pagoda import _switches
+from pagoda.kernels._common import LN2_JIT, LOG2E
+from pagoda.kernels.hopper.configs import WS_MAXNREG
+from pagoda.kernels.hopper.gluon import GLUON_OK, is_sm90, smem_layout
 from pagoda.kernels.launch.fast import device_of
 from pagoda.kernels.launch.tma import tma_launch
-from pagoda.kernels.hopper.attention import _GLUON_OK, _WS_MAXNREG, WS_CONFIGS, _is_sm90, _layout
 
-# The tile and register plan of the dense "ws-m128n128s2" config (2 consumer warpgroups of 64 rows each).
+# The tile and register plan of the dense two-consumer configs (`configs.WS_CONFIGS`: 2 consumer warpgroups of 64
+# rows each, 240 registers per consumer thread under the kernel-wide cap).
 BLOCK_M, BLOCK_N, STAGES = 128, 128, 2
-CONSUMER_REGS, MAXNREG = WS_CONFIGS["ws-m128n128s2"][3], _WS_MAXNREG[2]
+CONSUMER_REGS, MAXNREG = 240, WS_MAXNREG[2]
 # Loader warp registers (the warp is padded to a warpgroup): 128 x (240 + 240 + 24) <= 64K.
 LOADER_REGS = 24
-LOG2E = 1.4426950408889634
 
-if _GLUON_OK:
+if GLUON_OK:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
-    from pagoda.kernels.hopper.attention import _key_tiles, _nvmma_2d
+
+    from pagoda.kernels.hopper.gluon import key_tiles, nvmma_2d
     from pagoda.kernels.hopper.ws import _ws_mainloop
 
     _LOADER_REGS = gl.constexpr(LOADER_REGS)
@@ -145,7 +148,7 @@ if _GLUON_OK:
             live = offs < qo_len
             tok = (q_start + offs).to(gl.int64)
             m_o = gl.convert_layout(m_i, row_o)
-            lse = gl.where(empty, float("-inf"), (m_o + gl.log2(gl.where(empty, 1.0, l_o))) * 0.6931471805599453)
+            lse = gl.where(empty, float("-inf"), (m_o + gl.log2(gl.where(empty, 1.0, l_o))) * LN2_JIT)
             gl.store(LSE + tok * stride_lt + head * stride_lh, lse, mask=live)
         if O_TMA:
             tma.store_wait(pendings=0)
@@ -200,9 +203,9 @@ if _GLUON_OK:
             _write_empty(O, LSE, q_start, head, m0, qo_len, stride_ot, stride_oh, stride_lt, stride_lh,
                          HEAD_DIM, BLOCK_M, WRITE_LSE)
             return
-        n_tiles, mask_from = _key_tiles(m0, qo_len, kv_len, BLOCK_M, BLOCK_N, CAUSAL)
+        n_tiles, mask_from = key_tiles(m0, qo_len, kv_len, BLOCK_M, BLOCK_N, CAUSAL)
         kvh = head // group_size
-        slot2d: gl.constexpr = _nvmma_2d(BLOCK_N, HEAD_DIM, dtype)
+        slot2d: gl.constexpr = nvmma_2d(BLOCK_N, HEAD_DIM, dtype)
         q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
         k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], slot2d)
         v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], slot2d)
@@ -298,11 +301,11 @@ def paged_unsupported(q, k_cache, v_cache, k_strides, v_strides, page_size: int,
 def paged_supported(q, k_cache, v_cache, k_strides, v_strides, page_size: int, num_kv_heads: int, **options) -> bool:
     """Whether `prefill_paged_hopper` can run this call: sm_90, Gluon, and `paged_unsupported` finds nothing
     (keyword options as there)."""
-    if not _GLUON_OK or not q.is_cuda:
+    if not GLUON_OK or not q.is_cuda:
         return False
     if paged_unsupported(q, k_cache, v_cache, k_strides, v_strides, page_size, num_kv_heads, **options) is not None:
         return False
-    return _is_sm90(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    return is_sm90(q.device.index if q.device.index is not None else torch.cuda.current_device())
 
 
 def _cache_spec(cache, strides, page_size, num_kv_heads, d, box):
@@ -310,13 +313,13 @@ def _cache_spec(cache, strides, page_size, num_kv_heads, d, box):
     global strides, box, layout), and the view's rows_per_page, rows_per_head, cols_per_head."""
     rows, cols, rpp, rph, cph = cache_rows(cache, strides, page_size, num_kv_heads, d)
     block = (box, d)
-    return (cache, [rows, cols], [strides[1], 1], block, _layout(block, cache.dtype)), rpp, rph, cph
+    return (cache, [rows, cols], [strides[1], 1], block, smem_layout(block, cache.dtype)), rpp, rph, cph
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache   # one entry per (box, head_dim, dtype) checked, kept for the process
 def _check_slot_layout(box: int, d: int, dtype: torch.dtype) -> None:
     """The box layout must be the ring slot's layout (row slices of one swizzled tile)."""
-    slot, b = _layout((BLOCK_N, d), dtype), _layout((box, d), dtype)
+    slot, b = smem_layout((BLOCK_N, d), dtype), smem_layout((box, d), dtype)
     if slot != b:
         raise RuntimeError(f"paged Gluon prefill: box layout {b!r} differs from the slot layout {slot!r}")
 
@@ -336,13 +339,13 @@ def prefill_paged_hopper(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, k
     _check_slot_layout(box, d, q.dtype)
     with device_of((q,)):
         qb = (64, d)
-        q_spec = (q, [q.shape[0], hq * d], [q.stride(0), 1], qb, _layout(qb, q.dtype))
+        q_spec = (q, [q.shape[0], hq * d], [q.stride(0), 1], qb, smem_layout(qb, q.dtype))
         k_spec, rpp, rph, cph = _cache_spec(k_cache, k_strides, page_size, num_kv_heads, d, box)
         v_spec, v_rpp, v_rph, v_cph = _cache_spec(v_cache, v_strides, page_size, num_kv_heads, d, box)
         if (v_rpp, v_rph, v_cph) != (rpp, rph, cph):
             raise ValueError("paged Gluon prefill needs K and V caches of one layout")
         o_tma = o_tma and _rows_aligned(out, d)
-        o_spec = (out, [out.shape[0], hq * d], [out.stride(0), 1], qb, _layout(qb, out.dtype)) if o_tma else q_spec
+        o_spec = (out, [out.shape[0], hq * d], [out.stride(0), 1], qb, smem_layout(qb, out.dtype)) if o_tma else q_spec
         lse_t, lse_strides = (lse, lse.stride()) if lse is not None else (out, (0, 0))
         grid = ((max_qo_len + BLOCK_M - 1) // BLOCK_M, hq, batch)
         pointers = (out, lse_t, qo_indptr, kv_indptr, kv_indices, kv_last_page_len)
@@ -351,7 +354,7 @@ def prefill_paged_hopper(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, k
         constexprs = dict(HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BOX=box, STAGES=STAGES, CAUSAL=bool(causal),
                           CONSUMER_REGS=CONSUMER_REGS, PINGPONG=bool(pingpong), O_TMA=o_tma,
                           WRITE_LSE=lse is not None)
-        # Repeat launches (`_tma_launch`) are keyed by all the compiled kernel depends on: the dtype and boxes,
+        # Repeat launches (`launch.tma`) are keyed by all the compiled kernel depends on: the dtype and boxes,
         # the constexprs, each pointer's element type and 16-byte alignment (every int argument is
         # do_not_specialize), the device.
         key = (_paged_prefill_ws_kernel, q.dtype, box, *constexprs.values(), *(t.dtype for t in pointers),
@@ -361,9 +364,9 @@ def prefill_paged_hopper(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, k
 
 
 def fast_launch_enabled() -> bool:
-    """Repeat launches of the paged kernel through `_tma_launch`: opt-in (PAGODA_PAGED_FAST_LAUNCH=1) until its GPU
+    """Repeat launches of the paged kernel through `launch.tma`: opt-in (PAGODA_PAGED_FAST_LAUNCH=1) until its GPU
     test (`test_paged_fast_launch_matches_normal_launch`) has run; PAGODA_GLUON_FAST_LAUNCH=0 turns it off too."""
-    return os.environ.get("PAGODA_PAGED_FAST_LAUNCH", "0") == "1"
+    return _switches.paged_fast_launch()
 
 
 def _rows_aligned(t: torch.Tensor, d: int) -> bool:

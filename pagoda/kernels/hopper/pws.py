@@ -1,14 +1,15 @@
 """Persistent variant of the warp-specialised Gluon sm_90 attention forward (``pws-*`` / ``pwspp-*`` configs).
 
-Same partitions as `attention_hopper_ws` (TMA loader warp + NUM_CONSUMERS = 2 consumer warpgroups of 64
+Same partitions as `ws` (TMA loader warp + NUM_CONSUMERS = 2 consumer warpgroups of 64
 query rows, ``pwspp``: ping-pong GEMM turns; three, ``pws3``, head_dim 64; or one consumer, ``pws1x2`` /
 ``pws1x3``, with 2-3 programs per SM), but the grid is ``min(#work items, #SMs x programs per SM)`` programs
-and each program strides over the work items w = program_id, program_id + num_programs, ... A work item is (query tile of BLOCK_M rows, head,
+and each program strides over the work items w = program_id, program_id + num_programs, ... A work item is (query tile
+of BLOCK_M rows, head,
 batch), numbered (batch, head) major and, within a head, last query tile first (under a causal mask the
 most keys first). So the programs running at one time share a few heads' K/V in L2: numbered query-tile
-major (the first version), every running item read another head's K/V, and at b32 s512 d=64 each head's
-K/V (128 KB, 134 MB in all) came from DRAM once per query tile, 8 times (H200, 2026-12-02: 233 against
-346 TF/s for the same kernel with one item per CTA). Under a causal mask the host makes the program count
+major, every running item would read another head's K/V, and at b32 s512 d=64 each head's K/V (128 KB,
+134 MB in all) would come from DRAM once per query tile, 8 times (H200: 233 against 346 TF/s for the same
+kernel with one item per CTA). Under a causal mask the host makes the program count
 coprime with the query tiles per head, so that every program's items cycle through all tile heights.
 
 Why: at short sequences (b=32, s=512: 4 key tiles per item) a one-item CTA spends a large share of its
@@ -44,14 +45,14 @@ O boxes: only their own consumer touches them; it waits for its previous TMA sto
 """
 from __future__ import annotations
 
-from pagoda.kernels.hopper.attention import _GLUON_OK
+from pagoda.kernels.hopper.gluon import GLUON_OK
 
-if _GLUON_OK:
+if GLUON_OK:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
-    from pagoda.kernels.hopper.attention import _key_tiles
+    from pagoda.kernels.hopper.gluon import key_tiles
     from pagoda.kernels.hopper.ws import _ws_consume, _ws_load_item
 
     @gluon.jit
@@ -65,7 +66,7 @@ if _GLUON_OK:
         batch = (w // num_m) // num_heads
         m0 = start_m * BLOCK_M
         kv_col = (head // group_size) * HEAD_DIM
-        n_tiles, mask_from = _key_tiles(m0, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
+        n_tiles, mask_from = key_tiles(m0, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
         return batch, head, m0, kv_col, n_tiles, mask_from
 
     @gluon.jit

@@ -1,9 +1,21 @@
-"""Warp-specialised variant of the Gluon sm_90 attention forward (see `attention_hopper` for the maths).
+"""Warp-specialised Gluon sm_90 attention forward (FA3-style): TMA + mbarrier ring + async wgmma.
+
+The maths of one consumer warpgroup (64 query rows), per key tile j (scores in base 2, `gluon.softmax_tile`):
+
+    S_j = Q K_j^T (async wgmma, smem x smem);  O += P_{j-1} V_{j-1} (async wgmma, P from registers)
+    wait until S_j is done (P_{j-1} V_{j-1} still running), softmax(S_j) on the CUDA cores:
+        m_new = max(m, rowmax(S_j) * scale);  P_j = 2^(S_j * scale - m_new) (one FMA + ex2 per score)
+        l = l * alpha + rowsum(P_j), alpha = 2^(m - m_new)
+    wait for P_{j-1} V_{j-1}; O *= alpha
+    epilogue: O += P_{n-1} V_{n-1}; O / l -> shared memory -> TMA store (clipped at sq);
+              LSE = (m + log2 l) ln 2 -> masked store into lse ``[b, hq, sq]``.
+
+So the exponentials of tile j overlap the P.V GEMM of tile j-1. Work items are numbered query-tile major,
+heaviest (most keys under a causal mask) first.
 
 One CTA = one BLOCK_M = 64 * NUM_CONSUMERS tile of queries of one (batch, head) (NUM_CONSUMERS = 2:
-128 rows, the ``ws-*`` / ``wspp-*`` configs; 3: 192 rows, ``ws3-*`` / ``ws3pp-*``, head_dim 64 only;
-1: 64 rows, ``ws1x2-*`` / ``ws1x3-*``, two or three CTAs per SM for short sequences),
-split over 1 + NUM_CONSUMERS partitions:
+128 rows, the ``wspp-*`` config; 3: 192 rows, ``ws3-*``, head_dim 64 only; 1: 64 rows, ``ws1x3-*``, three CTAs
+per SM for short sequences), split over 1 + NUM_CONSUMERS partitions:
 
     loader       (1 warp)   TMA: Q (NUM_CONSUMERS boxes ``[1, 64, d]``), then K_i, V_i ``[1, BLOCK_N, d]``
                             into a ring of STAGES slots; waits on the slot's "empty" mbarrier (released by
@@ -24,20 +36,26 @@ must fit the SM's 64K registers: 168 for 12 warps, 128 for 16), then the partiti
 loader's share to the consumers: worker consumers CONSUMER_REGS, loader 24, and Triton gives consumer 0
 what is left (2 consumers: 240 / 240 / 24; 3 consumers: 168 / 160 / 160 / 24 = 64K exactly).
 
-The persistent ``pws*`` configs (`attention_hopper_pws`) run the same per-item bodies, `_ws_load_item` and
+The persistent ``pws*`` configs (`pws`) run the same per-item bodies, `_ws_load_item` and
 `_ws_consume`, with PERSISTENT=True (ring / phase counters carried across items, O staged in its own box).
 """
 from __future__ import annotations
 
-from pagoda.kernels.hopper.attention import _GLUON_OK
+from pagoda.kernels._common import LN2_JIT
+from pagoda.kernels.hopper.gluon import GLUON_OK
 
-if _GLUON_OK:
+if GLUON_OK:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
-                                                                    warpgroup_mma, warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
 
-    from pagoda.kernels.hopper.attention import _key_tiles, _nvmma_2d, _softmax_tile
+    from pagoda.kernels.hopper.gluon import key_tiles, nvmma_2d, softmax_tile
 
     @gluon.jit
     def _ws_load_item(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bars, q_empty, k_ready, k_empty, v_ready,
@@ -84,7 +102,7 @@ if _GLUON_OK:
                      m0, n_tiles, it, item, mask_from, seqlen_q, seqlen_k, qk_scale, HEAD_DIM: gl.constexpr,
                      BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
                      PERSISTENT: gl.constexpr, TAIL_V: gl.constexpr):
-        """One consumer warpgroup's pipeline (`attention_hopper`'s maths) on the 64 query rows from m0:
+        """One consumer warpgroup's pipeline (the module's maths) on the 64 query rows from m0:
         returns the unnormalised O ``[64, HEAD_DIM]`` (fp32, wgmma layout), m_i and l_i (base 2).
 
         q_smem: this warpgroup's Q box (``[1, 64, d]`` or ``[64, d]``); k_bufs / v_bufs: the rings of
@@ -113,8 +131,8 @@ if _GLUON_OK:
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        smem2d: gl.constexpr = _nvmma_2d(BLOCK_N, HEAD_DIM, dtype)
-        qsmem2d: gl.constexpr = _nvmma_2d(WG_M, HEAD_DIM, dtype)
+        smem2d: gl.constexpr = nvmma_2d(BLOCK_N, HEAD_DIM, dtype)
+        qsmem2d: gl.constexpr = nvmma_2d(WG_M, HEAD_DIM, dtype)
         shift = seqlen_k - seqlen_q
 
         rows = m0 + gl.arange(0, WG_M, layout=row_s)
@@ -136,7 +154,7 @@ if _GLUON_OK:
         s = warpgroup_mma_wait(0, deps=(s_tok,))
         gl.thread_barrier()
         mbarrier.arrive(k_empty.index(it % STAGES), count=1)
-        p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, qk_scale, 0, mask_from, rows, seqlen_k, shift,
+        p, alpha, m_i, l_i = softmax_tile(s, m_i, l_i, qk_scale, 0, mask_from, rows, seqlen_k, shift,
                                            CAUSAL, BLOCK_N, s_layout)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
 
@@ -157,7 +175,7 @@ if _GLUON_OK:
             s = warpgroup_mma_wait(1, deps=(s_tok,))
             gl.thread_barrier()
             mbarrier.arrive(k_empty.index(slot), count=1)
-            p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, qk_scale, j * BLOCK_N, mask_from, rows, seqlen_k,
+            p, alpha, m_i, l_i = softmax_tile(s, m_i, l_i, qk_scale, j * BLOCK_N, mask_from, rows, seqlen_k,
                                                shift, CAUSAL, BLOCK_N, s_layout)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             acc = warpgroup_mma_wait(0, deps=(o_tok,))
@@ -215,7 +233,7 @@ if _GLUON_OK:
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, HEAD_DIM, 16])
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        qsmem2d: gl.constexpr = _nvmma_2d(WG_M, HEAD_DIM, dtype)
+        qsmem2d: gl.constexpr = nvmma_2d(WG_M, HEAD_DIM, dtype)
         acc, m_i, l_i = _ws_mainloop(q_smem, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty,
                                      my_turn, next_turn, m0, n_tiles, it, item, mask_from, seqlen_q, seqlen_k,
                                      qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, PINGPONG, PERSISTENT, False)
@@ -232,7 +250,7 @@ if _GLUON_OK:
         tma.async_store(o_desc, [batch, m0, head * HEAD_DIM], o_smem)
         if WRITE_LSE:
             m_o = gl.convert_layout(m_i, row_o)
-            lse = gl.where(empty, float("-inf"), (m_o + gl.log2(gl.where(empty, 1.0, l_o))) * 0.6931471805599453)
+            lse = gl.where(empty, float("-inf"), (m_o + gl.log2(gl.where(empty, 1.0, l_o))) * LN2_JIT)
             offs = m0 + gl.arange(0, WG_M, layout=row_o)
             base = LSE + batch.to(gl.int64) * stride_lb + head.to(gl.int64) * stride_lh
             gl.store(base + offs.to(gl.int64) * stride_lt, lse, mask=offs < seqlen_q)
@@ -287,7 +305,7 @@ if _GLUON_OK:
         # Key range of the whole tile (every consumer runs the same n_tiles; a warpgroup whose rows see
         # fewer keys gets fully masked rows in the last tiles, which leave its softmax state unchanged;
         # each warpgroup masks from its own first row, `_ws_consumer_wg`).
-        n_tiles, mask_from = _key_tiles(m0, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
+        n_tiles, mask_from = key_tiles(m0, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
 
         q_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
         k_bufs = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)

@@ -2,7 +2,7 @@
 
 ``kernel[grid](...)`` costs ~30 µs of Python per launch for a kernel with ~40 arguments on the H200
 machine (binding, specialisation of every argument, cache lookup), against ~7 µs for the compiled
-kernel's own launcher (measured 2026-11-22, Triton 3.6; `benchmarks/launch_probe.py`). A decode step
+kernel's own launcher (Triton 3.6). A decode step
 launches two kernels per layer, so this is the difference between hiding the launch behind the GPU and
 being bound by it.
 
@@ -27,10 +27,11 @@ path every time.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
+
+from pagoda import _switches
+
 
 def next_pow2(n: int) -> int:
     """``triton.next_power_of_2`` for host code: that one is a ConstexprFunction costing ~3 µs per call
@@ -46,12 +47,10 @@ def cdiv(a: int, b: int) -> int:
 _VERSION_OK = triton.__version__.split(".")[:2] in (["3", "4"], ["3", "5"], ["3", "6"])
 
 
-def _enabled() -> bool:
-    return (_VERSION_OK and os.environ.get("PAGODA_FAST_LAUNCH", "1") != "0"
-            and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
-
-
-_ENABLED = _enabled()
+def enabled() -> bool:
+    """The fast path is on: a Triton whose launcher this module knows, not interpreting, PAGODA_FAST_LAUNCH not
+    off (read at every launch: two environment lookups, well under a microsecond)."""
+    return _VERSION_OK and not _switches.interpreting() and _switches.fast_launch()
 
 
 def _knobs_runtime():
@@ -75,13 +74,14 @@ def _no_hooks() -> bool:
             and (exit_ is None or not getattr(exit_, "calls", True)))
 
 
+# Process-wide launch caches. `_compiled` is emptied when it reaches _MAX_ENTRIES specialisations (the next
+# launches recompile nothing: Triton's own cache still holds the binaries, the first call per key just takes the
+# normal path again); the per-kernel tables hold one entry per kernel pagoda launches and are never cleared.
 _MAX_ENTRIES = 256
 _compiled: dict[tuple, object] = {}     # (kernel, specialisation key) -> compiled kernel
 _names: dict[object, tuple] = {}        # kernel -> its parameter names in order
 _defaults: dict[object, dict] = {}      # kernel -> {parameter: default} for those that have one
-
-
-_runtime: dict[object, tuple] = {}       # kernel -> per parameter: True for a runtime (non-constexpr) one
+_runtime: dict[object, tuple] = {}      # kernel -> per parameter: True for a runtime (non-constexpr) one
 
 
 def _int_class(v: int) -> tuple:
@@ -99,7 +99,7 @@ def _descriptor_types() -> set:
     found = set()
     for module in ("triton.tools.tensor_descriptor", "triton.experimental.gluon.nvidia.hopper"):
         try:
-            found.add(getattr(__import__(module, fromlist=["TensorDescriptor"]), "TensorDescriptor"))
+            found.add(__import__(module, fromlist=["TensorDescriptor"]).TensorDescriptor)
         except Exception:  # noqa: BLE001 - an experimental module may fail to import in many ways
             pass
     return found
@@ -151,7 +151,8 @@ def device_of(tensors):
     return _NO_GUARD
 
 
-_device_stream = None     # (get_current_device, get_current_stream) of Triton's active driver, set lazily
+# (get_current_device, get_current_stream) of Triton's active driver: set at the first launch, never cleared.
+_device_stream = None
 
 
 def _current():
@@ -178,7 +179,7 @@ def launch(kernel, grid: tuple, *args, num_warps: int = 4, num_stages: int | Non
     when repeated. ``kwargs`` must name every parameter after the positional ones (constexprs included).
     Host tensor descriptors (Gluon's or ``triton.tools``') are keyed by what Triton specialises them on
     (`_desc_key`); their shapes, strides and base address are runtime values."""
-    if not _ENABLED:
+    if not enabled():
         with device_of(args):
             kernel[grid](*args, **kwargs, **_options(num_warps, num_stages, maxnreg))
         return
@@ -339,7 +340,9 @@ def replay_or_record(bound: dict, key, tensors: tuple, launch_fn, n_launches: in
     bound[key] = Bound(launches, tensors)
 
 
-_tuned_configs: dict[tuple, object] = {}     # (autotuner, tuning key) -> the triton.Config it chose
+# (autotuner, tuning key) -> the triton.Config it chose: one entry per tuned shape class, never cleared (the
+# autotuner keeps the same choice itself).
+_tuned_configs: dict[tuple, object] = {}
 
 
 def launch_tuned(tuned, kernel, grid, *args, extra_key=(), **kwargs) -> None:
@@ -348,7 +351,7 @@ def launch_tuned(tuned, kernel, grid, *args, extra_key=(), **kwargs) -> None:
     calls launch the configuration it chose through `launch` (the autotuner's own per-call dispatch
     costs as much as the launch itself). ``grid`` may be a callable of the launch meta-parameters.
     ``extra_key``: whatever else the autotuner's pruning depends on (e.g. whether TMA is possible)."""
-    if not _ENABLED:
+    if not enabled():
         with device_of(args):
             tuned[grid](*args, **kwargs)
         return

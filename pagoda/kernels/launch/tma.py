@@ -1,7 +1,7 @@
 """Cheap repeat launches of Gluon kernels whose leading arguments are host TMA descriptors.
 
 A short ``pagoda.flash_attn_func`` call on the Gluon path cost 80-110 µs of host time inside the launch on
-the H200 machine (`benchmarks/results/2026-12-02-h200-session13/attn-host-profile.txt`), about as long as
+the H200 machine (a host profile of the call), about as long as
 the kernel itself at b32 s512: building four ``TensorDescriptor`` dataclasses (their validation and layout
 ``repr`` included, ~15 µs), Triton's ``JITFunction.run`` (binding and specialising every argument, ~35 µs),
 and the launcher wrapper, which encodes each descriptor (``fill_tma_descriptor``) and rebuilds the argument
@@ -23,23 +23,22 @@ current one, and ``PAGODA_GLUON_FAST_LAUNCH=0`` launch normally every time.
 """
 from __future__ import annotations
 
-import os
-
 import triton
 
+from pagoda import _switches
 from pagoda.kernels.launch.fast import _current, _no_hooks
 
 _VERSION_OK = triton.__version__.split(".")[:2] == ["3", "6"]
+# key -> (compiled kernel, C launcher, launcher head, per-descriptor encoding, constexpr values): emptied when it
+# reaches _MAX_ENTRIES keys (the next launch of each key takes the normal path once and is kept again).
 _MAX_ENTRIES = 256
-# key -> (compiled kernel, C launcher, launcher head, per-descriptor encoding, constexpr values)
 _entries: dict = {}
-_FILL: list = []        # [fill_tma_descriptor] of the active driver, set on the first keyed launch
+_FILL: list = []        # [fill_tma_descriptor] of the active driver: set on the first keyed launch, never cleared
 
 
 def enabled() -> bool:
-    """The repeat path is on (Triton 3.6, not interpreting, PAGODA_GLUON_FAST_LAUNCH not 0)."""
-    return (_VERSION_OK and os.environ.get("PAGODA_GLUON_FAST_LAUNCH", "1") != "0"
-            and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+    """The repeat path is on (Triton 3.6, not interpreting, PAGODA_GLUON_FAST_LAUNCH not off)."""
+    return _VERSION_OK and not _switches.interpreting() and _switches.gluon_fast_launch()
 
 
 def _resolve(ck, n_descs: int):
@@ -77,7 +76,7 @@ def tma_launch(key, kernel, grid: tuple, descs, args: tuple, constexprs: dict, n
     of the first launch). The caller runs this with the tensors' device current.
     """
     entry = _entries.get(key)
-    if entry is not None and _no_hooks() and os.environ.get("PAGODA_GLUON_FAST_LAUNCH", "1") != "0":
+    if entry is not None and _no_hooks() and _switches.gluon_fast_launch():
         ck, c_launch, head, encodings, tail = entry
         get_device, get_stream = _current()
         values = []

@@ -26,9 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagoda.kernels._common import sm_count
 from pagoda.kernels.launch.fast import launch, next_pow2
-
-from pagoda.kernels.sampling.row import sm_count
 
 NUM_PIVOTS = 8  # 16 would save about one pass in 6-8 but double the compare work of every pass
 MAX_PASSES = 12

@@ -56,25 +56,35 @@ b_k whenever it lies above m3 (counts above m3 are exact), and then C restricted
 exactly what pass 0 with that floor would have tracked, so the row still costs one pass. Otherwise
 (some lane holds three of the top k: ~C(k,3)/LANES^2 of the rows, 0.1% for k = 50 and 4096 lanes)
 `_kth_value_bits` settles b_k with one more pass that also holds the whole top-k set (rarely a counting
-bisection, then pass 0 is repeated over the floor). (`sampling_filters.top_k_floor`, a separate pivot-search kernel, did this before and
-cost 6-8 unpipelined passes on those rows, which set the time of the whole batch.)
+bisection, then pass 0 is repeated over the floor). (A separate pivot-search kernel, `filters.top_k_floor`,
+costs 6-8 unpipelined passes on those rows, which would set the time of the whole batch.)
 Rows with no positive, finite-comparable mass (all zero / NaN) return token 0 with ``valid = False``.
 Every stored token is in ``[0, vocab)``. Logits (`sampling_from_logits`) use the Gumbel race with a
 per-token exponential (`_philox_chunk` layout), one pass.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from pagoda.kernels._common import sm_count
 from pagoda.kernels.launch.fast import cdiv, launch, next_pow2
 from pagoda.kernels.sampling.kth import _count_cut, _kth_value_bits, _peeled_floor_set  # noqa: F401
-from pagoda.kernels.sampling.race import (_exp1, _exp_at, _exp_run, _in_set, _philox_chunk, _philox_state,  # noqa: F401
-                                          _race_fold, _race_key, _race_winner, _row_param, _source_row,
-                                          _chunk_row_quads)
+from pagoda.kernels.sampling.race import (  # noqa: F401
+    _chunk_row_quads,
+    _exp1,
+    _exp_at,
+    _exp_run,
+    _in_set,
+    _philox_chunk,
+    _philox_state,
+    _race_fold,
+    _race_key,
+    _race_winner,
+    _row_param,
+    _source_row,
+)
 
 MAX_ROUNDS = 34
 
@@ -138,7 +148,7 @@ def _track_pass(base, a0, vocab, lanes, BLOCK: tl.constexpr, TRACK: tl.constexpr
     v3 = tl.zeros((BLOCK,), tl.float32)
     if not TRACK:
         # Plain mass (~30 registers a thread): four chunks in flight. A batch-1 row streams on one SM, at
-        # (bytes in flight) / (DRAM latency): 2 chunks of 16 KB read ~32 GB/s on the H200 (2026-12-01).
+        # (bytes in flight) / (DRAM latency): 2 chunks of 16 KB read ~32 GB/s on the H200.
         x1 = tl.load(base + lanes, mask=lanes < vocab, other=0.0)
         x2 = tl.load(base + (lanes + BLOCK), mask=lanes + BLOCK < vocab, other=0.0)
         x3 = tl.load(base + (lanes + 2 * BLOCK), mask=lanes + 2 * BLOCK < vocab, other=0.0)
@@ -312,7 +322,8 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
                 # The winner's token: the first of its lane equal to its value, or the second when it
                 # is the lower of two equal values (the lane kept the first occurrence in front).
                 cols = lane + tl.arange(0, NCP) * LANES
-                live = tl.where(win < 2147483647, cols < vocab, False)  # (vector & scalar: int32 in the 3.9 interpreter)
+                # (not vector & scalar: that is int32 in the 3.9 interpreter)
+                live = tl.where(win < 2147483647, cols < vocab, False)
                 eq = live & (tl.load(base + cols, mask=live, other=0.0).to(tl.float32) == val)
                 first = tl.min(tl.where(eq, cols, 2147483647), 0)
                 second = tl.min(tl.where(eq & (cols > first), cols, 2147483647), 0)
@@ -381,12 +392,6 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
     tl.store(valid_ptr + pid, (found & (accepted != 0)).to(tl.int8))
 
 
-@functools.lru_cache(maxsize=None)
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (1 elsewhere: the interpreter)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 def launch_config(vocab: int, batch: int, device: torch.device, block: int | None = None) -> tuple[int, int]:
     """(BLOCK, num_warps): BLOCK tokens (= per-lane accumulators) per loop step, and the next step's
     load is issued before the current one is folded. One program streams one row: with fewer rows
@@ -419,10 +424,11 @@ def sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.
     valid: ``[batch]`` bool. rows: optional int ``[batch]`` mapping outputs to rows of x.
     top_k int32 / top_p, min_p float32: ``[batch]`` tensors, Python numbers (the same for every row: passed
     as kernel arguments, so no fill kernel runs, not even inside a captured graph) or None. floor: float32
-    ``[batch]`` or None: restrict row i to ``{p >= floor[i]}`` before everything else (see `top_k_floor`). k_first: "top_k_first"
+    ``[batch]`` or None: restrict row i to ``{p >= floor[i]}`` before everything else (see `top_k_floor`). k_first:
+    "top_k_first"
     filtering (needs top_k and top_p, no floor): top-p over the renormalised top-k set, the k-th value
     found in the kernel. seed/offset: ints or int64 device tensors of length 1 or batch (graph-capturable).
-    block / warps: override `launch_config`'s choice (probes).
+    block / warps: override `launch_config`'s choice (tests and benchmarks).
     """
     if k_first and (top_k is None or top_p is None or floor is not None):
         raise ValueError("k_first needs top_k and top_p and no floor")
@@ -451,6 +457,6 @@ def sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.
         *(v if isinstance(v, torch.Tensor) else dummy for v in params), floor if floor is not None else dummy,
         *vals, *seed_args[:6], vocab, x.shape[0],
         SCALAR_PARAMS=scalar, HAS_ROWS=rows is not None, HAS_TOP_K=top_k is not None and not k_first,
-        HAS_TOP_P=top_p is not None, HAS_MIN_P=min_p is not None, HAS_FLOOR=floor is not None, K_FIRST=k_first, FROM_LOGITS=from_logits,
-        SEED_PTR=seed_args[6],
+        HAS_TOP_P=top_p is not None, HAS_MIN_P=min_p is not None, HAS_FLOOR=floor is not None, K_FIRST=k_first,
+        FROM_LOGITS=from_logits, SEED_PTR=seed_args[6],
         BLOCK=block, NCP=next_pow2(cdiv(vocab, block)), ROUNDS=MAX_ROUNDS, num_warps=warps)

@@ -9,9 +9,16 @@ import triton
 import triton.language as tl
 
 from pagoda.kernels.launch.fast import launch, next_pow2
+from pagoda.kernels.sampling.race import (
+    _chunk_row_quads,
+    _exp1,
+    _philox_chunk,
+    _philox_state,
+    _race_fold,
+    _race_key,
+    _race_winner,
+)
 from pagoda.kernels.sampling.row import _seed_args, launch_config
-from pagoda.kernels.sampling.race import (_chunk_row_quads, _exp1, _philox_chunk, _philox_state, _race_fold,
-                                          _race_key, _race_winner)
 
 
 @triton.jit

@@ -1,16 +1,16 @@
 """Split-row sampler for small batches: plain and min-p sampling with each row read by several programs.
 
 Why: `pagoda.kernels.sampling.row` streams a row on one program, i.e. one SM. At batch 1 an SM's load path
-reads ~28 GB/s on the H200 whatever the prefetch depth (`benchmarks/sampling_b1_probe.py`, 2026-12-01:
-24.9 µs for a 151,936-token row, where torch.amax spreads the same row over many SMs in 10.7 µs). Here a
+reads ~28 GB/s on the H200 whatever the prefetch depth (24.9 µs for a 151,936-token row, where torch.amax spreads the
+same row over many SMs in 10.7 µs). Here a
 row is cut into ``S`` slices of whole ``SLICE``-token steps, one program per (output row, slice):
 
     slice program   exponential race over its tokens: key ``-E_t / p_t`` (larger wins), E_t ~ Exp(1) from
                     Philox (`_philox_chunk` layout, stage 0; rows `_chunk_row_quads(vocab, SLICE)` counters
                     apart), over ``{p > 0}``. A step's four sub-block loads are issued before its Philox
-                    math, so a slice of one step costs one DRAM round trip (a first version looped over
-                    1024-token steps, one round trip each: 16 µs for a 151,936-token row against 25 for
-                    one program, H200 2026-12-01). Writes its best (key, token) and its largest p, then
+                    math, so a slice of one step costs one DRAM round trip (1024-token steps, one round
+                    trip each, took 16 µs for a 151,936-token row against 25 for one program on an H200). Writes its
+                    best (key, token) and its largest p, then
                     takes a ticket (atomic add, acq_rel, gpu scope).
     last program    (the one whose ticket is S - 1) reads the S partials from L2 (.cg), zeroes the ticket
                     for the next call (graph replays start clean), and picks the best key: an exact draw
@@ -24,12 +24,10 @@ row is cut into ``S`` slices of whole ``SLICE``-token steps, one program per (ou
                     p restricted to N (P(t) = p_t + (1 - p(N)) p_t / p(N) = p_t / p(N) for t in N,
                     normalised p). softmax(3 N(0,1)) rows with min_p = 0.05 keep ~97% of their mass in N.
 
-Race frontiers (slices of one step; the ops layer takes them for min-p on rows of >= 16 slices, for top-p
-only with `PAGODA_SAMPLING_FRONTIER=1`, measured slower than one program per row): a slice records,
-for its own keys, the best-key token of every threshold (`_frontier_slice`, ~2-3 entries). min-p then needs
-no redraw: the draw is the largest key among all entries with p >= the row's threshold. top-p: the last
-program tests the few largest-key entries against N (one pass for ``mass(p > p_e)``); a miss falls back to
-the exact threshold search (`_top_p_bound`) and a two-level draw over N.
+Race frontiers (min-p on slices of one step; the ops layer takes them on rows of >= 16 slices, where they beat
+accept-or-redraw): a slice records, for its own keys, the best-key token of every threshold (`_frontier_slice`,
+~2-3 entries). min-p then needs no redraw: the draw is the largest key among all entries with p >= the row's
+threshold.
 
 Rows with no positive, finite-comparable mass give token 0 and valid = False. Every token is in
 ``[0, vocab)``. The partials and tickets are a per-device workspace shared by all calls: calls are assumed
@@ -42,18 +40,25 @@ import triton
 import triton.language as tl
 
 from pagoda.kernels.launch.fast import cdiv, launch, next_pow2
+from pagoda.kernels.sampling.race import (
+    _chunk_row_quads,
+    _exp1,
+    _in_set,
+    _philox_state,
+    _race_fold,
+    _race_key,
+    _race_winner,
+    _row_param,
+    _source_row,
+)
 from pagoda.kernels.sampling.row import _lane_draw, _track_pass
-from pagoda.kernels.sampling.race import (INF_BITS, _chunk_row_quads, _exp1, _in_set, _philox_state, _race_fold,
-                                          _race_key, _race_winner, _row_param, _source_row)
 
 SLICE = 4096          # tokens per step of a slice program (8 warps: 16 tokens a thread, 4 Philox words each)
 MIN_SLICE = SLICE     # tokens per slice at least: below that a program's fixed cost outweighs its share
 MAX_SLICES = 64       # partials per row in the workspace
 FALLBACK_LANES = 2048  # lanes of the last program's min-p redraw (8 warps, 4 chunks in flight)
 NUM_WARPS = 8
-FRONTIER_K = 8        # frontier entries a slice keeps for min-p / top-p (`_frontier_slice`)
-TOP_P_CANDIDATES = 4  # top-p: entries (largest keys first) tested against N in the last program's one pass;
-                      # simulated softmax(3 N(0,1)) rows at top_p 0.9: the draw is within the first 3
+FRONTIER_K = 8        # frontier entries a slice keeps for min-p (`_frontier_slice`)
 
 
 @triton.jit
@@ -98,7 +103,7 @@ def _frontier_slice(base, seed, rng_base, lo, hi, min_p, fr_p_ptr, fr_key_ptr, f
     entry with p >= t (by induction: while p_(w_i) < t, E_i still holds all of {p >= t}); entries have increasing p and
     decreasing keys, so it is also the largest key among the entries with p >= t. Writes at most K entries
     (p, key, token) at ``fslot * K``; returns (entry count, K + 1 when E was not empty after K entries; the
-    slice's largest p; its total mass). Simulated for min-p 0.05 on softmax(3 N(0,1)) rows: 2.2 entries on
+    slice's largest p). Simulated for min-p 0.05 on softmax(3 N(0,1)) rows: 2.2 entries on
     average, at most 9, and the entry that decides a row's draw within the first 6, in 4,600 slices."""
     Q: tl.constexpr = SLICE // 4
     offs = tl.arange(0, Q)
@@ -119,7 +124,6 @@ def _frontier_slice(base, seed, rng_base, lo, hi, min_p, fr_p_ptr, fr_key_ptr, f
     e3 = (c3 < hi) & _in_set(x3, 1)
     m = tl.max(tl.maximum(tl.maximum(tl.where(e0, x0, 0.0), tl.where(e1, x1, 0.0)),
                           tl.maximum(tl.where(e2, x2, 0.0), tl.where(e3, x3, 0.0))), 0)
-    total = tl.sum((tl.where(e0, x0, 0.0) + tl.where(e1, x1, 0.0)) + (tl.where(e2, x2, 0.0) + tl.where(e3, x3, 0.0)), 0)
     tb = tl.maximum(tl.minimum(min_p * m, m).to(tl.int32, bitcast=True), 1)
     k0 = tl.where(e0 & _in_set(x0, tb), _race_key(x0, _exp1(r0), False), float("-inf"))
     k1 = tl.where(e1 & _in_set(x1, tb), _race_key(x1, _exp1(r1), False), float("-inf"))
@@ -129,8 +133,9 @@ def _frontier_slice(base, seed, rng_base, lo, hi, min_p, fr_p_ptr, fr_key_ptr, f
     cnt = tl.zeros((), tl.int32)
     for i in range(K):
         if best > float("-inf"):
-            w = tl.min(tl.minimum(tl.minimum(tl.where(k0 == best, c0, 2147483647), tl.where(k1 == best, c1, 2147483647)),
-                                  tl.minimum(tl.where(k2 == best, c2, 2147483647), tl.where(k3 == best, c3, 2147483647))), 0)
+            big = 2147483647
+            w = tl.min(tl.minimum(tl.minimum(tl.where(k0 == best, c0, big), tl.where(k1 == best, c1, big)),
+                                  tl.minimum(tl.where(k2 == best, c2, big), tl.where(k3 == best, c3, big))), 0)
             pw = tl.max(tl.maximum(tl.maximum(tl.where(c0 == w, x0, 0.0), tl.where(c1 == w, x1, 0.0)),
                                    tl.maximum(tl.where(c2 == w, x2, 0.0), tl.where(c3 == w, x3, 0.0))), 0)
             tl.store(fr_p_ptr + fslot * K + i, pw)
@@ -142,35 +147,7 @@ def _frontier_slice(base, seed, rng_base, lo, hi, min_p, fr_p_ptr, fr_key_ptr, f
             k2 = tl.where(x2 > pw, k2, float("-inf"))
             k3 = tl.where(x3 > pw, k3, float("-inf"))
             best = tl.max(tl.maximum(tl.maximum(k0, k1), tl.maximum(k2, k3)), 0)
-    return tl.where(best > float("-inf"), K + 1, cnt), m, total
-
-
-@triton.jit
-def _mass_at(base, vocab, t_bits, lanes, LANES: tl.constexpr):
-    """``mass(p >= t_j)`` for the M bit thresholds ``t_bits [M]`` (>= 1) in one pass over the row: ``[M]``."""
-    acc = tl.zeros((t_bits.shape[0], LANES), tl.float32)
-    for start in range(0, vocab, LANES):
-        cols = start + lanes
-        x = tl.load(base + cols, mask=cols < vocab, other=0.0).to(tl.float32)
-        bits = x.to(tl.int32, bitcast=True)[None, :]
-        acc += tl.where((bits >= t_bits[:, None]) & (bits <= INF_BITS), x[None, :], 0.0)
-    return tl.sum(acc, 1)
-
-
-@triton.jit
-def _top_p_bound(base, vocab, target, m, lanes, LANES: tl.constexpr, M: tl.constexpr):
-    """Bits of ``b = max{t : mass(p >= t) >= target}`` (top-p's threshold; 0 < target <= total), by an
-    (M + 1)-ary search over fp32 bit patterns in (0, bits(m)]: one `_mass_at` pass per step, ~14 passes."""
-    lo = tl.full((), 1, tl.int32)                          # mass(p >= smallest positive) = total >= target
-    hi = m.to(tl.int32, bitcast=True) + 1                  # nothing lies above the max
-    j = tl.arange(0, M)
-    for _step in range(32):
-        if hi - lo > 1:
-            t = tl.maximum(lo + ((hi - lo).to(tl.int64) * (j + 1) // (M + 1)).to(tl.int32), lo + 1)
-            ok = _mass_at(base, vocab, t, lanes, LANES) >= target
-            lo = tl.maximum(lo, tl.max(tl.where(ok, t, lo), 0))
-            hi = tl.minimum(hi, tl.min(tl.where(ok, hi, t), 0))
-    return lo
+    return tl.where(best > float("-inf"), K + 1, cnt), m
 
 
 @triton.jit
@@ -206,25 +183,19 @@ def _redraw(base, a_bits, seed, rng_base, vocab, LANES: tl.constexpr, NCP: tl.co
 
 
 @triton.jit
-def _split_sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, min_p_ptr, min_p_val, top_p_ptr, top_p_val,
+def _split_sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, min_p_ptr, min_p_val,
                          part_key_ptr, part_idx_ptr, part_max_ptr, ticket_ptr,
                          fr_p_ptr, fr_key_ptr, fr_tok_ptr, fr_cnt_ptr,
                          seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val, vocab, num_rows,
                          slice_len, num_slices,
                          SCALAR_PARAMS: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_MIN_P: tl.constexpr,
                          SEED_PTR: tl.constexpr, SLICES_PAD: tl.constexpr, SLICE: tl.constexpr,
-                         LANES: tl.constexpr, NCP: tl.constexpr, FRONTIER: tl.constexpr, K: tl.constexpr,
-                         HAS_TOP_P: tl.constexpr, M: tl.constexpr):
+                         LANES: tl.constexpr, NCP: tl.constexpr, FRONTIER: tl.constexpr, K: tl.constexpr):
     """Grid ``(batch, num_slices)``; workspace ``part_* [batch, SLICES_PAD]``, ``ticket [batch]`` (zeros),
     ``fr_* [batch, SLICES_PAD, K]`` / ``fr_cnt [batch, SLICES_PAD]`` (FRONTIER). LANES / NCP: the min-p
     redraw's lanes and ``next_pow2(ceil(vocab / LANES))``. FRONTIER (with HAS_MIN_P, one step per slice):
     min-p from each slice's race frontier (`_frontier_slice`) instead of accept-or-redraw; the redraw then
-    runs only when a slice's frontier outgrew K entries before reaching the row's threshold. HAS_TOP_P (with
-    FRONTIER, without HAS_MIN_P): top-p; the frontiers start from every positive token, the last program takes
-    the M entries with the largest keys and, in one pass over the row (from L2), ``mass(p > p_e)`` for each:
-    an entry lies in N iff that mass is below ``top_p * total``; the first in key order is the draw. A slice
-    that outgrew K, or no entry among the M in N, falls back to the exact threshold (`_top_p_bound`) and the
-    two-level draw over N."""
+    runs only when a slice's frontier outgrew K entries before reaching the row's threshold."""
     pid = tl.program_id(0)
     sl = tl.program_id(1)
     row = _source_row(rows_ptr, pid, num_rows, HAS_ROWS)
@@ -235,13 +206,9 @@ def _split_sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, min_p_pt
     hi = tl.minimum(lo + slice_len, vocab)
     slot = pid * SLICES_PAD + sl
     if FRONTIER:
-        mp = 0.0
-        if HAS_MIN_P:
-            mp = _row_param(min_p_ptr, min_p_val, pid, SCALAR_PARAMS, tl.float32)
-        cnt, pmax, stotal = _frontier_slice(base, seed, rng_base, lo, hi, mp, fr_p_ptr, fr_key_ptr, fr_tok_ptr, slot,
-                                            K, SLICE)
+        mp = _row_param(min_p_ptr, min_p_val, pid, SCALAR_PARAMS, tl.float32)
+        cnt, pmax = _frontier_slice(base, seed, rng_base, lo, hi, mp, fr_p_ptr, fr_key_ptr, fr_tok_ptr, slot, K, SLICE)
         tl.store(fr_cnt_ptr + slot, cnt)
-        tl.store(part_key_ptr + slot, stotal)   # top-p: the slice's mass (part_key is free in frontier mode)
     else:
         key, tok, pmax = _race_slice(base, seed, rng_base, lo, hi, SLICE)
         tl.store(part_key_ptr + slot, key)
@@ -254,37 +221,7 @@ def _split_sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, min_p_pt
         s = tl.arange(0, SLICES_PAD)
         live = s < num_slices
         maxes = tl.load(part_max_ptr + pid * SLICES_PAD + s, mask=live, other=0.0, cache_modifier=".cg")
-        if FRONTIER and HAS_TOP_P:
-            m = tl.max(maxes, 0)
-            total = tl.sum(tl.load(part_key_ptr + pid * SLICES_PAD + s, mask=live, other=0.0, cache_modifier=".cg"), 0)
-            target = tl.minimum(_row_param(top_p_ptr, top_p_val, pid, SCALAR_PARAMS, tl.float32), 1.0) * total
-            counts, have, ps, ks, ts = _load_frontiers(fr_p_ptr, fr_key_ptr, fr_tok_ptr, fr_cnt_ptr, pid, num_slices,
-                                                       SLICES_PAD, K)
-            # The M entries with the largest keys (ties: lower token first), in key order.
-            jm = tl.arange(0, M)
-            sel_p = tl.zeros((M,), tl.float32)
-            sel_t = tl.full((M,), 2147483647, tl.int32)
-            for i in tl.static_range(M):
-                kb = tl.max(tl.max(ks, 1), 0)
-                tb = tl.min(tl.min(tl.where(ks == kb, ts, 2147483647), 1), 0)
-                hit = tl.where(kb > float("-inf"), (ks == kb) & (ts == tb), False)   # (no vector & scalar: 3.9 interpreter)
-                sel_p = tl.where(jm == i, tl.max(tl.max(tl.where(hit, ps, 0.0), 1), 0), sel_p)
-                sel_t = tl.where(jm == i, tl.where(kb > float("-inf"), tb, 2147483647), sel_t)
-                ks = tl.where(hit, float("-inf"), ks)
-            lanes = tl.arange(0, LANES)
-            # mass(p > p_e) = mass(p >= p_e + 1 ulp); an absent entry (p 0) gets the whole mass: never in N.
-            above = _mass_at(base, vocab, tl.maximum(sel_p.to(tl.int32, bitcast=True) + 1, 1), lanes, LANES)
-            in_n = (sel_t < 2147483647) & (above < target)
-            first = tl.min(tl.where(in_n, jm, M), 0)
-            cand = tl.sum(tl.where(jm == first, sel_t, 0), 0)
-            found = m > 0.0
-            lost = tl.max(tl.max((counts > K).to(tl.int32), 1), 0)
-            if found & ((lost > 0) | (first == M)):
-                cand = _redraw(base, _top_p_bound(base, vocab, target, m, lanes, LANES, M), seed, rng_base, vocab,
-                               LANES, NCP)
-            accepted = found & (cand >= 0)
-            found = accepted
-        elif FRONTIER:
+        if FRONTIER:
             m = tl.max(maxes, 0)
             thr_bits = _min_p_bits(min_p_ptr, min_p_val, pid, m, SCALAR_PARAMS)
             counts, have, ps, ks, ts = _load_frontiers(fr_p_ptr, fr_key_ptr, fr_tok_ptr, fr_cnt_ptr, pid, num_slices,
@@ -320,8 +257,9 @@ def _split_sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, min_p_pt
         tl.store(valid_ptr + pid, accepted.to(tl.int8))
 
 
-_workspaces: dict = {}   # device -> (part_key, part_idx, part_max, ticket, fr_p, fr_key, fr_tok, fr_cnt), grown
-                         # on demand
+# device -> (part_key, part_idx, part_max, ticket, fr_p, fr_key, fr_tok, fr_cnt): grown (replaced) when a larger
+# batch comes, never cleared (captured graphs point into it).
+_workspaces: dict = {}
 _retired: list = []      # outgrown workspaces: a captured graph may still launch with them, so never freed
 
 
@@ -357,8 +295,7 @@ def num_slices(vocab: int, batch: int, sms: int) -> int:
 
 
 def split_sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor | None,
-                 min_p, seed, offset, slices: int, slice_tokens: int = SLICE, frontier: bool = False,
-                 top_p=None) -> None:
+                 min_p, seed, offset, slices: int, slice_tokens: int = SLICE, frontier: bool = False) -> None:
     """Plain (``min_p`` None) or min-p sampling with ``slices`` programs per output row.
 
     x ``[num_rows, vocab]`` probabilities (last dim contiguous); out ``[batch]`` int32/int64; valid
@@ -366,9 +303,8 @@ def split_sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: 
     seed/offset ints or int64 device tensors of length 1 or batch (as `sampling.sample`). ``slice_tokens``:
     tokens per step of a slice program (a power of two >= 64; tests use small ones). ``frontier``: min-p from
     each slice's race frontier (exact, one pass; see `_frontier_slice`) where every slice is one step, else
-    accept-or-redraw. ``top_p`` (a float or float32 ``[batch]`` tensor; not with min_p): top-p sampling from
-    the frontiers (see the kernel), which needs every slice to be one step. Inside a CUDA-graph capture the
-    workspace must already exist (`ready`): call once outside the capture first."""
+    accept-or-redraw. Inside a CUDA-graph capture the workspace must already exist (`ready`): call once outside
+    the capture first."""
     from pagoda.kernels.sampling.row import _seed_args
 
     batch, vocab = out.shape[0], x.shape[1]
@@ -378,23 +314,16 @@ def split_sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: 
     n = cdiv(vocab, slice_len)
     if x.is_cuda and torch.cuda.is_current_stream_capturing() and not ready(x.device, batch):
         raise RuntimeError("split_sample: its workspace is made outside CUDA-graph capture (run one call first)")
-    if top_p is not None and (min_p is not None or slice_len != slice_tokens):
-        raise ValueError("split_sample: top_p needs min_p None and one step per slice (slices * slice_tokens >= vocab)")
     ws = _workspace(x.device, batch)
-    use_frontier = (frontier and min_p is not None or top_p is not None) and slice_len == slice_tokens
-    scalar = not isinstance(min_p, torch.Tensor) and not isinstance(top_p, torch.Tensor)
-    if not scalar:   # mixed: both as [batch] tensors (the kernel reads one form for every parameter)
-        min_p, top_p = (v if v is None or isinstance(v, torch.Tensor)
-                        else torch.full((batch,), float(v), dtype=torch.float32, device=x.device) for v in (min_p, top_p))
+    use_frontier = frontier and min_p is not None and slice_len == slice_tokens
+    scalar = not isinstance(min_p, torch.Tensor)
     # <= slice_tokens: the redraw's lane counters (LANES / 4) stay inside the row's chunk counters.
     lanes = max(16, min(FALLBACK_LANES, slice_tokens, next_pow2(vocab)))
     launch(
         _split_sample_kernel, (batch, n),
         x, x.stride(0), rows if rows is not None else out, out, valid.view(torch.int8),
         min_p if isinstance(min_p, torch.Tensor) else out, float(min_p) if scalar and min_p is not None else 0.0,
-        top_p if isinstance(top_p, torch.Tensor) else out, float(top_p) if scalar and top_p is not None else 0.0,
         *ws, *_seed_args(seed, offset, out)[:6], vocab, x.shape[0], slice_len, n,
         SCALAR_PARAMS=scalar, HAS_ROWS=rows is not None, HAS_MIN_P=min_p is not None,
         SEED_PTR=isinstance(seed, torch.Tensor), SLICES_PAD=MAX_SLICES, SLICE=slice_tokens, LANES=lanes,
-        NCP=next_pow2(cdiv(vocab, lanes)), FRONTIER=use_frontier, K=FRONTIER_K, HAS_TOP_P=top_p is not None,
-        M=TOP_P_CANDIDATES, num_warps=NUM_WARPS)
+        NCP=next_pow2(cdiv(vocab, lanes)), FRONTIER=use_frontier, K=FRONTIER_K, num_warps=NUM_WARPS)
