@@ -1,5 +1,5 @@
 """What the kernel families share: base-2 constants, the soft cap and online-softmax step of the Triton attention
-kernels, the SM count, and the interpreter test.
+kernels, and the SM count (the interpreter test is `pagoda._switches.interpreting`).
 
 Scores are kept in base 2 throughout (``exp2`` is one instruction), so ``log2(e)`` and ``ln(2)`` appear in every
 attention kernel. Host code uses the floats `LOG2E` / `LN2`; kernels may read only ``constexpr`` globals, so

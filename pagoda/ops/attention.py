@@ -19,8 +19,11 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 
-def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                    softmax_scale: float | None = None, causal: bool = False,
+                    window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                    alibi_slopes: torch.Tensor | None = None, deterministic: bool = False,
+                    return_attn_probs: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, None]:
     """Attention over a dense batch, flash-attn 2's ``flash_attn_func``.
 
     Args:
@@ -39,6 +42,12 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         ``out [batch, seqlen_q, nheads, headdim]`` (q.dtype); with ``return_attn_probs`` the tuple
         ``(out, softmax_lse [batch, nheads, seqlen_q] float32 natural log, None)`` — the attention
         probabilities are never materialised. Rows that see no key get zeros and LSE ``-inf``.
+
+    Example:
+        >>> q = torch.randn(2, 1024, 32, 128, device="cuda", dtype=torch.bfloat16)
+        >>> k = v = torch.randn(2, 1024, 8, 128, device="cuda", dtype=torch.bfloat16)   # GQA 32/8
+        >>> pagoda.flash_attn_func(q, k, v, causal=True).shape
+        torch.Size([2, 1024, 32, 128])
     """
     if _checks.plain_dense_call(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes):
         b, sq, hq, d = q.shape  # every check below would pass (a short call's host time is what it costs)
@@ -71,9 +80,13 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     return out
 
 
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                           alibi_slopes=None, deterministic=False, return_attn_probs=False):
+def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                           softmax_scale: float | None = None, causal: bool = False,
+                           window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                           alibi_slopes: torch.Tensor | None = None, deterministic: bool = False,
+                           return_attn_probs: bool = False
+                           ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, None]:
     """Attention over a ragged batch, flash-attn 2's ``flash_attn_varlen_func``.
 
     Args:
@@ -86,6 +99,12 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     Returns:
         ``out [total_q, nheads, headdim]``; with ``return_attn_probs`` the tuple
         ``(out, softmax_lse [nheads, total_q] float32, None)``. Tokens past ``cu_seqlens_q[-1]`` get zeros.
+
+    Example:
+        >>> cu = torch.tensor([0, 100, 1100], dtype=torch.int32, device="cuda")        # two sequences
+        >>> q = k = v = torch.randn(1100, 8, 64, device="cuda", dtype=torch.float16)
+        >>> pagoda.flash_attn_varlen_func(q, k, v, cu, cu, 1000, 1000, causal=True).shape
+        torch.Size([1100, 8, 64])
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _checks.check_tensor(name, t, ndim=3)

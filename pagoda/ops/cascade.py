@@ -137,9 +137,11 @@ class MultiLevelCascadeAttentionWrapper:
     `pagoda.ops.cascade_levels.build_cascade_levels` builds the per-level metadata from page lists.
     """
 
-    def __init__(self, num_levels, float_workspace_buffer, kv_layout="NHD", use_cuda_graph=False,
-                 qo_indptr_buf_arr=None, paged_kv_indptr_buf_arr=None, paged_kv_indices_buf_arr=None,
-                 paged_kv_last_page_len_buf_arr=None):
+    def __init__(self, num_levels: int, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD",
+                 use_cuda_graph: bool = False, qo_indptr_buf_arr: list[torch.Tensor] | None = None,
+                 paged_kv_indptr_buf_arr: list[torch.Tensor] | None = None,
+                 paged_kv_indices_buf_arr: list[torch.Tensor] | None = None,
+                 paged_kv_last_page_len_buf_arr: list[torch.Tensor] | None = None):
         from pagoda.ops.prefill import BatchPrefillWithPagedKVCacheWrapper
 
         if not isinstance(num_levels, int) or isinstance(num_levels, bool) or num_levels < 1:
@@ -172,10 +174,12 @@ class MultiLevelCascadeAttentionWrapper:
     def is_cuda_graph_enabled(self) -> bool:
         return self._use_cuda_graph
 
-    def plan(self, qo_indptr_arr, paged_kv_indptr_arr, paged_kv_indices_arr, paged_kv_last_page_len, num_qo_heads,
-             num_kv_heads, head_dim, page_size, causal=False, pos_encoding_mode="NONE", use_fp16_qk_reduction=False,
-             sm_scale=None, window_left=-1, logits_soft_cap=None, rope_scale=None, rope_theta=None,
-             q_data_type="float16", kv_data_type=None):
+    def plan(self, qo_indptr_arr: list[torch.Tensor], paged_kv_indptr_arr: list[torch.Tensor],
+             paged_kv_indices_arr: list[torch.Tensor], paged_kv_last_page_len: list[torch.Tensor], num_qo_heads: int,
+             num_kv_heads: int, head_dim: int, page_size: int, causal: bool = False, pos_encoding_mode: str = "NONE",
+             use_fp16_qk_reduction: bool = False, sm_scale: float | None = None, window_left: int = -1,
+             logits_soft_cap: float | None = None, rope_scale: float | None = None, rope_theta: float | None = None,
+             q_data_type: str | torch.dtype = "float16", kv_data_type: str | torch.dtype | None = None) -> None:
         """Per-level lists (length ``num_levels``) of int32 ``qo_indptr``, ``paged_kv_indptr``,
         ``paged_kv_indices`` and ``paged_kv_last_page_len``; every ``qo_indptr[-1]`` is the total number
         of queries. Other arguments as `BatchPrefillWithPagedKVCacheWrapper.plan`."""
@@ -201,7 +205,8 @@ class MultiLevelCascadeAttentionWrapper:
 
     begin_forward = plan
 
-    def run(self, q, paged_kv_cache):
+    def run(self, q: torch.Tensor, paged_kv_cache: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+           ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """q ``[total_queries, num_qo_heads, head_dim]`` -> out of the same shape (attention over every level)."""
         out, lse = self._wrappers[0].run(q, paged_kv_cache, return_lse=True)
         for w in self._wrappers[1:]:

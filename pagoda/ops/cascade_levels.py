@@ -63,7 +63,7 @@ def _tensors(groups, device):
 
 
 def build_cascade_levels(page_lists: list[list[int]], last_page_lens: list[int], qo_lens: list[int], page_size: int,
-                         num_levels: int = 2, device=None) -> CascadeLevels:
+                         num_levels: int = 2, device: torch.device | str | None = None) -> CascadeLevels:
     """Split each request's pages into shared levels and a unique last level.
 
     Args:

@@ -60,11 +60,19 @@ class BatchDecodeWithPagedKVCacheWrapper:
         paged_kv_indptr_buffer / paged_kv_indices_buffer / paged_kv_last_page_len_buffer: int32 device
             buffers ``[max_batch + 1]`` / ``[max_pages]`` / ``[max_batch]``, required with use_cuda_graph.
         backend: ``"auto"`` only; jit_args: must be None.
+
+    Example:
+        >>> w = pagoda.BatchDecodeWithPagedKVCacheWrapper(torch.empty(128 << 20, dtype=torch.uint8, device="cuda"))
+        >>> w.plan(kv_indptr, kv_indices, kv_last_page_len, 32, 8, 128, 16, q_data_type=torch.bfloat16)
+        >>> for layer in range(num_layers):                  # plan once per batch, run per layer
+        ...     out = w.run(q[layer], kv_cache[layer])         # [batch, 32, 128]
     """
 
-    def __init__(self, float_workspace_buffer, kv_layout="NHD", use_cuda_graph=False, use_tensor_cores=False,
-                 paged_kv_indptr_buffer=None, paged_kv_indices_buffer=None, paged_kv_last_page_len_buffer=None,
-                 backend="auto", jit_args=None):
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
+                 use_tensor_cores: bool = False, paged_kv_indptr_buffer: torch.Tensor | None = None,
+                 paged_kv_indices_buffer: torch.Tensor | None = None,
+                 paged_kv_last_page_len_buffer: torch.Tensor | None = None, backend: str = "auto",
+                 jit_args: object | None = None):
         _checks.check_tensor("float_workspace_buffer", float_workspace_buffer)
         if not float_workspace_buffer.is_contiguous():
             raise ValueError("float_workspace_buffer must be contiguous")
@@ -115,7 +123,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
     def is_cuda_graph_enabled(self) -> bool:
         return self._use_cuda_graph
 
-    def reset_workspace_buffer(self, float_workspace_buffer, int_workspace_buffer=None) -> None:
+    def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor,
+                               int_workspace_buffer: torch.Tensor | None = None) -> None:
         """Swap the float workspace (the int workspace is accepted and unused); re-plan afterwards."""
         _checks.check_tensor("float_workspace_buffer", float_workspace_buffer)
         if float_workspace_buffer.device != self.device or not float_workspace_buffer.is_contiguous():
@@ -123,11 +132,14 @@ class BatchDecodeWithPagedKVCacheWrapper:
         self._workspace = float_workspace_buffer
         self._planned = False
 
-    def plan(self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
-             pos_encoding_mode="NONE", window_left=-1, logits_soft_cap=None, q_data_type="float16",
-             kv_data_type=None, o_data_type=None, data_type=None, sm_scale=None, rope_scale=None, rope_theta=None,
-             non_blocking=True, block_tables=None, seq_lens=None, fixed_split_size=None, disable_split_kv=False,
-             q_len_per_req=1) -> None:
+    def plan(self, indptr: torch.Tensor, indices: torch.Tensor, last_page_len: torch.Tensor, num_qo_heads: int,
+             num_kv_heads: int, head_dim: int, page_size: int, pos_encoding_mode: str = "NONE", window_left: int = -1,
+             logits_soft_cap: float | None = None, q_data_type: str | torch.dtype = "float16",
+             kv_data_type: str | torch.dtype | None = None, o_data_type: str | torch.dtype | None = None,
+             data_type: str | torch.dtype | None = None, sm_scale: float | None = None, rope_scale: float | None = None,
+             rope_theta: float | None = None, non_blocking: bool = True, block_tables: torch.Tensor | None = None,
+             seq_lens: torch.Tensor | None = None, fixed_split_size: int | None = None, disable_split_kv: bool = False,
+             q_len_per_req: int = 1) -> None:
         """Plan a batch: page table (int32 ``indptr [batch+1]``, ``indices [>= indptr[-1]]``,
         ``last_page_len [batch]``, on the host or the device), head counts, head_dim, page_size and
         the attention options (``pos_encoding_mode`` NONE/ROPE_LLAMA/ALIBI, ``window_left``,
@@ -230,8 +242,11 @@ class BatchDecodeWithPagedKVCacheWrapper:
 
     begin_forward = plan
 
-    def run(self, q, paged_kv_cache, *args, q_scale=None, k_scale=None, v_scale=None, out=None, lse=None,
-            return_lse=False, enable_pdl=None, window_left=None):
+    def run(self, q: torch.Tensor, paged_kv_cache: torch.Tensor | tuple[torch.Tensor, torch.Tensor], *args: object,
+            q_scale: float | None = None, k_scale: float | None = None, v_scale: float | None = None,
+            out: torch.Tensor | None = None, lse: torch.Tensor | None = None, return_lse: bool = False,
+            enable_pdl: bool | None = None, window_left: int | None = None
+           ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Attend ``q [batch, num_qo_heads, head_dim]`` (the planned q_data_type) to ``paged_kv_cache``
         (``[max_pages, 2, page_size, Hk, D]`` NHD / ``[max_pages, 2, Hk, page_size, D]`` HND, or a
         ``(k_cache, v_cache)`` tuple; the planned kv_data_type).
@@ -316,7 +331,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
         _fast.replay_or_record(self._bound, key, (q, k_cache, v_cache, out, lse), launch_fn,
                                1 + (self._splits > 0 and not fused))
 
-    def run_return_lse(self, q, paged_kv_cache, *args, **kwargs):
+    def run_return_lse(self, q: torch.Tensor, paged_kv_cache: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                       *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
         """`run` with ``return_lse=True``."""
         return self.run(q, paged_kv_cache, *args, **kwargs, return_lse=True)
 
@@ -324,9 +340,13 @@ class BatchDecodeWithPagedKVCacheWrapper:
         """Kept for compatibility; nothing to release."""
 
 
-def single_decode_with_kv_cache(q, k, v, kv_layout="NHD", pos_encoding_mode="NONE", use_tensor_cores=False,
-                                q_scale=None, k_scale=None, v_scale=None, window_left=-1, logits_soft_cap=None,
-                                sm_scale=None, rope_scale=None, rope_theta=None, return_lse=False):
+def single_decode_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layout: str = "NHD",
+                                pos_encoding_mode: str = "NONE", use_tensor_cores: bool = False,
+                                q_scale: float | None = None, k_scale: float | None = None,
+                                v_scale: float | None = None, window_left: int = -1,
+                                logits_soft_cap: float | None = None, sm_scale: float | None = None,
+                                rope_scale: float | None = None, rope_theta: float | None = None,
+                                return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Decode one request: q ``[num_qo_heads, head_dim]``; k, v ``[kv_len, num_kv_heads, head_dim]`` (NHD) or
     ``[num_kv_heads, kv_len, head_dim]`` (HND); fp16/bf16 (fp32 too), all the same dtype.
 

@@ -229,7 +229,7 @@ def _hf_key(query, key, value, scaling):
             key.dtype, value.dtype, query.get_device(), scaling)
 
 
-def decode_hf(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None):
+def decode_hf(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None) -> torch.Tensor:
     """Decode in Hugging Face's layout: ``out [batch, 1, num_qo_heads, head_dim]`` (what an HF attention
     function returns) for query ``[batch, num_qo_heads, 1, head_dim]`` and key/value ``[batch, num_kv_heads,
     seqlen, head_dim]`` (any strides, last dim contiguous); ``scaling`` None means ``head_dim ** -0.5``.

@@ -131,8 +131,8 @@ def get_batch_indices_positions(append_indptr: torch.Tensor, seq_lens: torch.Ten
 
 
 def append_paged_kv_cache(append_key: torch.Tensor, append_value: torch.Tensor, batch_indices: torch.Tensor,
-                          positions: torch.Tensor, paged_kv_cache, kv_indices: torch.Tensor,
-                          kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor,
+                          positions: torch.Tensor, paged_kv_cache: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                          kv_indices: torch.Tensor, kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor,
                           kv_layout: str = "NHD") -> None:
     """Append ragged keys/values into a paged KV cache in place (FlashInfer's signature).
 
@@ -146,6 +146,14 @@ def append_paged_kv_cache(append_key: torch.Tensor, append_value: torch.Tensor, 
         kv_indices, kv_indptr, kv_last_page_len: int32 CSR page table of the cache *after* the
             append; every position must fall inside its request's KV length.
         kv_layout: ``"NHD"`` or ``"HND"``.
+
+    Returns:
+        None; the cache is written in place.
+
+    Example:
+        >>> batch_indices, positions = pagoda.get_batch_indices_positions(append_indptr, seq_lens, nnz)
+        >>> pagoda.append_paged_kv_cache(k, v, batch_indices, positions, kv_cache, kv_indices, kv_indptr,
+        ...                              kv_last_page_len)
     """
     k_cache, v_cache, page_size, nnz = _check_append(append_key, append_value, batch_indices, positions,
                                                       paged_kv_cache, kv_indices, kv_indptr, kv_last_page_len,
@@ -154,10 +162,14 @@ def append_paged_kv_cache(append_key: torch.Tensor, append_value: torch.Tensor, 
             kv_last_page_len, kv_layout, page_size, nnz)
 
 
-def append_paged_kv_cache_with_rope(append_key, append_value, batch_indices, positions, paged_kv_cache, kv_indices,
-                                    kv_indptr, kv_last_page_len, kv_layout="NHD", q=None, rotary_dim=None,
-                                    interleave=False, rope_scale=1.0, rope_theta=1e4, llama31=False,
-                                    low_freq_factor=1.0, high_freq_factor=4.0, old_context_len=8192) -> None:
+def append_paged_kv_cache_with_rope(append_key: torch.Tensor, append_value: torch.Tensor, batch_indices: torch.Tensor,
+                                    positions: torch.Tensor,
+                                    paged_kv_cache: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                                    kv_indices: torch.Tensor, kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor,
+                                    kv_layout: str = "NHD", q: torch.Tensor | None = None,
+                                    rotary_dim: int | None = None, interleave: bool = False, rope_scale: float = 1.0,
+                                    rope_theta: float = 1e4, llama31: bool = False, low_freq_factor: float = 1.0,
+                                    high_freq_factor: float = 4.0, old_context_len: int = 8192) -> None:
     """Fused "rotate k, then append": `append_paged_kv_cache` whose keys are RoPE-rotated at their KV
     ``positions`` on the way into the cache (``append_key`` itself is not modified).
 

@@ -35,11 +35,19 @@ class BatchPrefillWithPagedKVCacheWrapper:
     batches are padded with empty requests) and `run`'s grid depends only on ``q.shape`` and the first
     plan. ``float_workspace_buffer`` holds the float32 partial states of split-KV
     (``rows * splits * num_qo_heads * (head_dim + 1) * 4`` bytes); a smaller one only limits splitting.
+
+    Example:
+        >>> w = pagoda.BatchPrefillWithPagedKVCacheWrapper(torch.empty(128 << 20, dtype=torch.uint8, device="cuda"))
+        >>> w.plan(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, 32, 8, 128, 16, causal=True,
+        ...        q_data_type=torch.bfloat16)
+        >>> out = w.run(q, kv_cache)            # q [qo_indptr[-1], 32, 128] -> out of the same shape
     """
 
-    def __init__(self, float_workspace_buffer, kv_layout="NHD", use_cuda_graph=False, qo_indptr_buf=None,
-                 paged_kv_indptr_buf=None, paged_kv_indices_buf=None, paged_kv_last_page_len_buf=None,
-                 custom_mask_buf=None, mask_indptr_buf=None, backend="auto", jit_args=None):
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
+                 qo_indptr_buf: torch.Tensor | None = None, paged_kv_indptr_buf: torch.Tensor | None = None,
+                 paged_kv_indices_buf: torch.Tensor | None = None,
+                 paged_kv_last_page_len_buf: torch.Tensor | None = None, custom_mask_buf: torch.Tensor | None = None,
+                 mask_indptr_buf: torch.Tensor | None = None, backend: str = "auto", jit_args: object | None = None):
         _common.check_constructor(float_workspace_buffer, kv_layout, use_cuda_graph, backend, jit_args,
                                   custom_mask_buf, mask_indptr_buf)
         self.device = float_workspace_buffer.device
@@ -73,11 +81,15 @@ class BatchPrefillWithPagedKVCacheWrapper:
     def is_cuda_graph_enabled(self) -> bool:
         return self._use_cuda_graph
 
-    def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads, num_kv_heads,
-             head_dim_qk, page_size, head_dim_vo=None, custom_mask=None, packed_custom_mask=None, causal=False,
-             pos_encoding_mode="NONE", use_fp16_qk_reduction=False, sm_scale=None, window_left=-1,
-             logits_soft_cap=None, rope_scale=None, rope_theta=None, q_data_type="float16", kv_data_type=None,
-             o_data_type=None, non_blocking=True, fixed_split_size=None, disable_split_kv=False) -> None:
+    def plan(self, qo_indptr: torch.Tensor, paged_kv_indptr: torch.Tensor, paged_kv_indices: torch.Tensor,
+             paged_kv_last_page_len: torch.Tensor, num_qo_heads: int, num_kv_heads: int, head_dim_qk: int,
+             page_size: int, head_dim_vo: int | None = None, custom_mask: torch.Tensor | None = None,
+             packed_custom_mask: torch.Tensor | None = None, causal: bool = False, pos_encoding_mode: str = "NONE",
+             use_fp16_qk_reduction: bool = False, sm_scale: float | None = None, window_left: int = -1,
+             logits_soft_cap: float | None = None, rope_scale: float | None = None, rope_theta: float | None = None,
+             q_data_type: str | torch.dtype = "float16", kv_data_type: str | torch.dtype | None = None,
+             o_data_type: str | torch.dtype | None = None, non_blocking: bool = True,
+             fixed_split_size: int | None = None, disable_split_kv: bool = False) -> None:
         """Plan: int32 ``qo_indptr [batch+1]`` and the CSR page table (``paged_kv_indptr [batch+1]``,
         ``paged_kv_indices``, ``paged_kv_last_page_len [batch]``), head counts, head_dim, page_size and the
         options (causal, pos_encoding_mode NONE/ROPE_LLAMA/ALIBI, window_left, logits_soft_cap, sm_scale,
@@ -172,8 +184,11 @@ class BatchPrefillWithPagedKVCacheWrapper:
         if self._splits:
             self._chunk_buf.fill_(chunk)
 
-    def run(self, q, paged_kv_cache, *args, q_scale=None, k_scale=None, v_scale=None, out=None, lse=None,
-            return_lse=False, enable_pdl=None, window_left=None):
+    def run(self, q: torch.Tensor, paged_kv_cache: torch.Tensor | tuple[torch.Tensor, torch.Tensor], *args: object,
+            q_scale: float | None = None, k_scale: float | None = None, v_scale: float | None = None,
+            out: torch.Tensor | None = None, lse: torch.Tensor | None = None, return_lse: bool = False,
+            enable_pdl: bool | None = None, window_left: int | None = None
+           ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``q [qo_indptr[-1], num_qo_heads, head_dim]`` against ``paged_kv_cache`` (5-D or (k, v) tuple, the
         planned layout). Returns ``out`` like q (rows past qo_indptr[-1] are zero), or ``(out, lse)`` with
         ``lse [nnz_qo, num_qo_heads]`` float32 natural log (``-inf`` for rows that see no key)."""
@@ -236,7 +251,8 @@ class BatchPrefillWithPagedKVCacheWrapper:
 
     forward = run
 
-    def run_return_lse(self, q, paged_kv_cache, *args, **kwargs):
+    def run_return_lse(self, q: torch.Tensor, paged_kv_cache: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                       *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
         return self.run(q, paged_kv_cache, *args, **kwargs, return_lse=True)
 
     def end_forward(self) -> None:

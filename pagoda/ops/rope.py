@@ -124,7 +124,9 @@ def _llama_args(rope_scale, rope_theta, low_freq_factor, high_freq_factor, old_c
     return rope_scale, rope_theta, True, low, high, old
 
 
-def apply_rope_pos_ids(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=1, rope_theta=1e4):
+def apply_rope_pos_ids(q: torch.Tensor, k: torch.Tensor, pos_ids: torch.Tensor, rotary_dim: int | None = None,
+                       interleave: bool = False, rope_scale: float = 1, rope_theta: float = 1e4
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE at explicit positions; returns rotated copies ``(q_rope, k_rope)``.
 
     Args:
@@ -138,14 +140,16 @@ def apply_rope_pos_ids(q, k, pos_ids, rotary_dim=None, interleave=False, rope_sc
                 (_positive("rope_scale", rope_scale), _positive("rope_theta", rope_theta)), False)
 
 
-def apply_rope_pos_ids_inplace(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=1,
-                               rope_theta=1e4) -> None:
+def apply_rope_pos_ids_inplace(q: torch.Tensor, k: torch.Tensor, pos_ids: torch.Tensor, rotary_dim: int | None = None,
+                               interleave: bool = False, rope_scale: float = 1, rope_theta: float = 1e4) -> None:
     """In-place `apply_rope_pos_ids` (q and k are overwritten; returns None)."""
     _run(q, k, lambda: _check_pos_ids(pos_ids, q.shape[0], q.device), rotary_dim, interleave,
          (_positive("rope_scale", rope_scale), _positive("rope_theta", rope_theta)), True)
 
 
-def apply_rope(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=1, rope_theta=1e4):
+def apply_rope(q: torch.Tensor, k: torch.Tensor, indptr: torch.Tensor, offsets: torch.Tensor,
+               rotary_dim: int | None = None, interleave: bool = False, rope_scale: float = 1, rope_theta: float = 1e4
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE over a ragged batch; returns ``(q_rope, k_rope)``.
 
     indptr: int ``[batch + 1]`` (request b owns tokens ``indptr[b]:indptr[b+1]``, ``indptr[-1] == nnz``);
@@ -156,15 +160,18 @@ def apply_rope(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_sc
                 (_positive("rope_scale", rope_scale), _positive("rope_theta", rope_theta)), False)
 
 
-def apply_rope_inplace(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=1,
-                       rope_theta=1e4) -> None:
+def apply_rope_inplace(q: torch.Tensor, k: torch.Tensor, indptr: torch.Tensor, offsets: torch.Tensor,
+                       rotary_dim: int | None = None, interleave: bool = False, rope_scale: float = 1,
+                       rope_theta: float = 1e4) -> None:
     """In-place `apply_rope`."""
     _run(q, k, lambda: _indptr_positions(indptr, offsets, q.shape[0], q.device), rotary_dim, interleave,
          (_positive("rope_scale", rope_scale), _positive("rope_theta", rope_theta)), True)
 
 
-def apply_llama31_rope_pos_ids(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=8, rope_theta=5e5,
-                               low_freq_factor=1, high_freq_factor=4, old_context_len=8192):
+def apply_llama31_rope_pos_ids(q: torch.Tensor, k: torch.Tensor, pos_ids: torch.Tensor, rotary_dim: int | None = None,
+                               interleave: bool = False, rope_scale: float = 8, rope_theta: float = 5e5,
+                               low_freq_factor: float = 1, high_freq_factor: float = 4, old_context_len: int = 8192
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Llama 3.1 scaled RoPE at explicit positions; returns ``(q_rope, k_rope)``.
 
     rope_scale is the context-extension factor applied to long wavelengths, blended over the band
@@ -174,24 +181,28 @@ def apply_llama31_rope_pos_ids(q, k, pos_ids, rotary_dim=None, interleave=False,
                 _llama_args(rope_scale, rope_theta, low_freq_factor, high_freq_factor, old_context_len), False)
 
 
-def apply_llama31_rope_pos_ids_inplace(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=8,
-                                       rope_theta=5e5, low_freq_factor=1, high_freq_factor=4,
-                                       old_context_len=8192) -> None:
+def apply_llama31_rope_pos_ids_inplace(q: torch.Tensor, k: torch.Tensor, pos_ids: torch.Tensor,
+                                       rotary_dim: int | None = None, interleave: bool = False, rope_scale: float = 8,
+                                       rope_theta: float = 5e5, low_freq_factor: float = 1, high_freq_factor: float = 4,
+                                       old_context_len: int = 8192) -> None:
     """In-place `apply_llama31_rope_pos_ids`."""
     _run(q, k, lambda: _check_pos_ids(pos_ids, q.shape[0], q.device), rotary_dim, interleave,
          _llama_args(rope_scale, rope_theta, low_freq_factor, high_freq_factor, old_context_len), True)
 
 
-def apply_llama31_rope(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=8, rope_theta=5e5,
-                       low_freq_factor=1, high_freq_factor=4, old_context_len=8192):
+def apply_llama31_rope(q: torch.Tensor, k: torch.Tensor, indptr: torch.Tensor, offsets: torch.Tensor,
+                       rotary_dim: int | None = None, interleave: bool = False, rope_scale: float = 8,
+                       rope_theta: float = 5e5, low_freq_factor: float = 1, high_freq_factor: float = 4,
+                       old_context_len: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
     """Llama 3.1 scaled RoPE over a ragged batch (``indptr``/``offsets`` as in `apply_rope`)."""
     return _run(q, k, lambda: _indptr_positions(indptr, offsets, q.shape[0], q.device), rotary_dim, interleave,
                 _llama_args(rope_scale, rope_theta, low_freq_factor, high_freq_factor, old_context_len), False)
 
 
-def apply_llama31_rope_inplace(q, k, indptr, offsets, rotary_dim=None, interleave=False, rope_scale=8,
-                               rope_theta=5e5, low_freq_factor=1, high_freq_factor=4,
-                               old_context_len=8192) -> None:
+def apply_llama31_rope_inplace(q: torch.Tensor, k: torch.Tensor, indptr: torch.Tensor, offsets: torch.Tensor,
+                               rotary_dim: int | None = None, interleave: bool = False, rope_scale: float = 8,
+                               rope_theta: float = 5e5, low_freq_factor: float = 1, high_freq_factor: float = 4,
+                               old_context_len: int = 8192) -> None:
     """In-place `apply_llama31_rope`."""
     _run(q, k, lambda: _indptr_positions(indptr, offsets, q.shape[0], q.device), rotary_dim, interleave,
          _llama_args(rope_scale, rope_theta, low_freq_factor, high_freq_factor, old_context_len), True)

@@ -13,7 +13,7 @@ row is cut into ``S`` slices of whole ``SLICE``-token steps, one program per (ou
                     best (key, token) and its largest p, then
                     takes a ticket (atomic add, acq_rel, gpu scope).
     last program    (the one whose ticket is S - 1) reads the S partials from L2 (.cg), zeroes the ticket
-                    for the next call (graph replays start clean), and picks the best key: an exact draw
+                    for the following call (graph replays start clean), and picks the best key: an exact draw
                     from p (the winner of an exponential race over all tokens). min-p: with M the largest
                     p, the row keeps ``N = {p >= min(min_p * M, M)}``; a winner inside N is accepted; else
                     the last program draws again from p restricted to N, exactly and with fresh numbers,
@@ -217,7 +217,7 @@ def _split_sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, min_p_pt
     tl.debug_barrier()   # every thread's stores before the ticket (release covers them from here)
     ticket = tl.atomic_add(ticket_ptr + pid, 1, sem="acq_rel", scope="gpu")
     if ticket == num_slices - 1:
-        tl.atomic_xchg(ticket_ptr + pid, 0, sem="relaxed", scope="gpu")   # zero again for the next call
+        tl.atomic_xchg(ticket_ptr + pid, 0, sem="relaxed", scope="gpu")   # zero again for the following call
         s = tl.arange(0, SLICES_PAD)
         live = s < num_slices
         maxes = tl.load(part_max_ptr + pid * SLICES_PAD + s, mask=live, other=0.0, cache_modifier=".cg")
