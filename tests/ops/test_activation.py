@@ -1,18 +1,18 @@
 """`pagoda.ops.activation` (FlashInfer's gated activations) on the reference path and the kernel path
-(interpreter on the CPU, the `triton_on_cpu` switch), against the float64 reference and HF's activation modules."""
+(interpreter on the CPU, the `pagoda._switches.TRITON_ON_CPU` hook), against the float64 reference and HF's
+activation modules."""
 import inspect
-import os
 
 import pytest
 import torch
 
 import pagoda
 from pagoda import _switches
+from pagoda.ops import _paged
 from pagoda.ops import activation as act
 from pagoda.reference import activation as ref
 from tests.helpers import rel_err
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 2e-6}
 NAMES = ("silu", "gelu", "gelu_tanh")
 HF_NAMES = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
@@ -22,12 +22,13 @@ REF_SHAPES = [(1, 1), (1, 5120), (7, 896), (7, 1000), (97, 64), (97, 3072)]
 
 @pytest.fixture(params=["reference", "triton"])
 def path(request, monkeypatch):
-    if request.param == "triton":
-        if not INTERPRET:
-            pytest.skip("the kernel path on the CPU needs TRITON_INTERPRET=1")
-        monkeypatch.setattr(_switches, "TRITON_ON_CPU", True)
-    else:
-        monkeypatch.setattr(_switches, "TRITON_ON_CPU", False)
+    """Which implementation the ops take on the CPU: the reference, or the Triton kernels in the interpreter
+    (the `pagoda._switches.TRITON_ON_CPU` test hook)."""
+    triton = request.param == "triton"
+    if triton and not _switches.interpreting():
+        pytest.skip("the kernel path on the CPU needs TRITON_INTERPRET=1")
+    monkeypatch.setattr(_switches, "TRITON_ON_CPU", triton)
+    assert _paged.use_triton(torch.empty(1)) == triton, "the ops' dispatch did not follow the test hook"
     return request.param
 
 
