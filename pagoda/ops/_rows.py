@@ -15,6 +15,9 @@ import torch
 
 def _collapse(t: torch.Tensor) -> list[list[int]]:
     """Leading dimensions of ``t`` as ``[size, stride]`` pairs, size-1 ones dropped, even steps merged."""
+    if t.dim() == 2:            # the common [tokens, hidden] case, on every call of a layer op: no loop
+        n = t.shape[0]
+        return [[n, t.stride(0)]] if n != 1 else []
     dims: list[list[int]] = []
     for n, s in zip(t.shape[:-1], t.stride()[:-1], strict=True):
         if n == 1:
