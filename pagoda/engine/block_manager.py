@@ -153,7 +153,9 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        for i in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
+        # Only blocks whose tokens are known: a token sampled on the device may have its KV computed before
+        # the host has read it (the engine reads sampled tokens one step behind).
+        for i in range(len(seq.block_hashes), min(seq.num_computed_tokens, seq.num_tokens) // bs):
             parent = seq.block_hashes[-1] if seq.block_hashes else None
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             h = block_hash(parent, tokens)

@@ -1,9 +1,16 @@
 """`LLMEngine`: the step-level engine (vLLM's interface) that `LLM` and a server drive.
 
 ``add_request`` validates and queues a request, ``step`` runs one scheduled model step and returns the
-outputs of the requests it advanced, ``abort_request`` drops requests. One step: schedule, run the
-model (`ModelRunner`), then for every sampled token: stop checks, incremental detokenization, stop
-strings, and the request's `RequestOutput` as its ``output_kind`` asks.
+outputs of the requests it advanced, ``abort_request`` drops requests.
+
+The host works one step ahead of the device: ``step`` schedules step N+1 and queues its forward pass
+while step N may still run, then reads step N's sampled tokens (the one host-device synchronisation)
+and processes them (stop checks, incremental detokenization, stop strings, the requests'
+`RequestOutput` as their ``output_kind`` asks) while the device computes step N+1. Step N+1's inputs
+take step N's tokens from device memory. A sequence that step N finishes (a stop token, a stop
+string) may already be in step N+1: that row's work is dropped. The first ``step`` of a batch returns
+no token yet; every later one returns the previous step's. The same bookkeeping runs on the CPU (where
+each launch completes at once).
 """
 from __future__ import annotations
 
@@ -19,10 +26,10 @@ import torch
 from pagoda.engine.block_manager import BlockManager
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.detokenizer import IncrementalDetokenizer, find_stop_string
-from pagoda.engine.model_runner import ModelRunner
+from pagoda.engine.model_runner import InFlightStep, ModelRunner, StepResult
 from pagoda.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from pagoda.engine.sampling_params import RequestOutputKind, SamplingParams
-from pagoda.engine.scheduler import Scheduler
+from pagoda.engine.scheduler import ScheduledBatch, Scheduler
 from pagoda.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -39,6 +46,32 @@ class _Request:
     @property
     def finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
+
+
+@dataclass
+class StepStats:
+    """Counters of the steps run: how many, how many decode-only and replayed from a CUDA graph, and the
+    host's time in ``step`` outside the wait for the device (``host_s``) and in it (``wait_s``)."""
+    steps: int = 0
+    decode_steps: int = 0
+    graph_steps: int = 0
+    tokens: int = 0
+    host_s: float = 0.0
+    wait_s: float = 0.0
+    decode_host_s: float = 0.0
+    decode_wait_s: float = 0.0
+
+    def add(self, batch: ScheduledBatch, graph_batch: int | None, host_s: float, wait_s: float) -> None:
+        self.steps += 1
+        self.tokens += batch.num_tokens
+        self.host_s += host_s
+        self.wait_s += wait_s
+        if batch.is_decode_only:
+            self.decode_steps += 1
+            self.decode_host_s += host_s
+            self.decode_wait_s += wait_s
+        if graph_batch is not None:
+            self.graph_steps += 1
 
 
 def _eos_ids(tokenizer, model_dir: str) -> frozenset[int]:
@@ -73,6 +106,8 @@ class LLMEngine:
         self.eos_token_ids = _eos_ids(self.tokenizer, config.model)
         self.requests: dict[str, _Request] = {}
         self.num_steps = 0
+        self._in_flight: InFlightStep | None = None    # launched, tokens not yet read back
+        self.stats = StepStats()
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> LLMEngine:
@@ -136,6 +171,8 @@ class LLMEngine:
                              f"{self.block_manager.num_blocks}: it could never run (lower max_tokens or the prompt, "
                              "or give the cache more blocks)")
         params = params.clone()
+        # Model-dependent checks of the logits processing (vocabulary ids, bad words, grammar): ValueError here.
+        self.model_runner.logits_pipeline.prepare(params, self.tokenizer, self.eos_token_ids)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         device = self.model_runner.device
         seqs = []
@@ -169,18 +206,60 @@ class LLMEngine:
 
     # -- stepping ------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one step; return a RequestOutput for each request it advanced (as its output_kind says)."""
+        """Run one step; return a RequestOutput for each request it advanced (as its output_kind says).
+
+        Queues the next step before reading the previous one's tokens (module docstring): the outputs
+        returned are those of the previous step."""
+        t0 = time.perf_counter()
+        runner = self.model_runner
         batch = self.scheduler.schedule()
-        if not batch.seqs:
+        prev = self._in_flight
+        if not batch.seqs and prev is None:
             if self.scheduler.has_unfinished():   # every request fits the cache alone: this is a bug, not a wait
                 raise RuntimeError("the scheduler found nothing to run while requests are unfinished")
             return []
-        result = self.model_runner.execute(batch)
-        self.scheduler.update_after_step(batch)
+        launched = new = None
+        if batch.seqs:
+            launched = runner.launch(batch, prev)
+            self.scheduler.update_after_step(batch)
+            if not runner.needs_exact_state(launched):
+                new = runner.sample(launched)     # queued right behind the forward pass
+        outputs: list[RequestOutput] = []
+        wait = 0.0
+        if prev is not None:
+            t1 = time.perf_counter()
+            result = prev.resolve()
+            wait = time.perf_counter() - t1
+            outputs = self._process(result)
+            self.scheduler.cache_blocks(result.seqs)
+        if launched is not None and new is None:
+            new = runner.sample(launched)         # processors that must see the tokens just read
+        if new is not None:
+            for seq in new.seqs:
+                seq.num_pending_tokens += 1
+        self._in_flight = new
+        if batch.seqs:
+            self.num_steps += 1
+            self.stats.add(batch, launched.graph_batch, time.perf_counter() - t0 - wait, wait)
+        if logger.isEnabledFor(logging.DEBUG) and batch.seqs:
+            logger.debug("step %d: %d seqs, %d tokens (%s%s); running %d, waiting %d; KV usage %.1f%%, prefix-cache "
+                         "hit rate %.1f%%", self.num_steps, len(batch.seqs), batch.num_tokens,
+                         "decode" if batch.is_decode_only else "prefill",
+                         f", graph {launched.graph_batch}" if launched.graph_batch else "",
+                         len(self.scheduler.running), len(self.scheduler.waiting), 100 * self.block_manager.usage,
+                         100 * self.block_manager.hit_rate)
+        return outputs
+
+    def _process(self, result: StepResult) -> list[RequestOutput]:
+        """Append a step's tokens (read back) to their sequences; the outputs of the requests they advanced.
+        Sequences finished meanwhile (a stop in the step before, an abort) drop theirs."""
         touched: dict[str, _Request] = {}
         lp = result.logprobs
         lp_row = {row: j for j, row in enumerate(lp[0])} if lp is not None else {}
         for i, (seq, token) in enumerate(zip(result.seqs, result.token_ids, strict=True)):
+            seq.num_pending_tokens -= 1
+            if seq.is_finished:
+                continue
             logprobs = None
             if i in lp_row:
                 j = lp_row[i]
@@ -194,13 +273,6 @@ class LLMEngine:
                 outputs.append(out)
             if req.finished:
                 del self.requests[req.request_id]
-        self.num_steps += 1
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("step %d: %d seqs, %d tokens (%s); running %d, waiting %d; KV usage %.1f%%, prefix-cache "
-                         "hit rate %.1f%%", self.num_steps, len(batch.seqs), batch.num_tokens,
-                         "decode" if batch.is_decode_only else "prefill", len(self.scheduler.running),
-                         len(self.scheduler.waiting), 100 * self.block_manager.usage,
-                         100 * self.block_manager.hit_rate)
         return outputs
 
     def _logprobs_entry(self, seq, token, top_ids, top_lp, token_lp, rank) -> dict[int, Logprob]:

@@ -1,21 +1,33 @@
-"""Runs one scheduled step on the model: inputs, the step's page table and attention plan, the forward
-pass, logits of the sampling rows, logits processing and sampling.
+"""Runs scheduled steps on the model: inputs, the step's page table and attention plan, the forward pass
+(eager, or a captured CUDA graph for decode-only steps), logits processing and sampling.
+
+A step is launched in two calls so that the engine can overlap the host's work with the device's:
+`ModelRunner.launch` queues the forward pass (and the LM head of the sampling rows), `ModelRunner.sample`
+queues logits processing, sampling and the copy of the sampled tokens into pinned host memory, and
+`InFlightStep.resolve` later waits for that copy: the only host-device synchronisation of a step. The
+sampled tokens stay on the device for the next step, whose inputs take them from there
+(`Sequence.num_pending_tokens`), so the host can prepare step N+1 before it has read step N's tokens.
 
 Every attention layer of a step shares one plan: `BatchPrefillWithPagedKVCacheWrapper` (causal) when
 the step holds prefill tokens (chunks mixed with decodes), `BatchDecodeWithPagedKVCacheWrapper` for
-decode-only steps. The KV cache is one tensor ``[num_layers, num_blocks, 2, block_size, num_kv_heads,
-head_dim]`` (NHD pages); each attention layer gets its slice.
+decode-only steps. The plans read host (pinned) copies of the page table; the KV append trusts the
+metadata the runner built (``validate=False``: no value is read back). The KV cache is one tensor
+``[num_layers, num_blocks, 2, block_size, num_kv_heads, head_dim]`` (NHD pages); each attention layer
+gets its slice.
 """
 from __future__ import annotations
 
+import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 import pagoda
 from pagoda.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
-from pagoda.engine.logits import LogitsProcessor, min_tokens_processor
+from pagoda.engine.cuda_graph import DecodeGraphs, capture_sizes
+from pagoda.engine.logits import LogitsPipeline, LogitsProcessor, min_tokens_processor
 from pagoda.engine.sampler import compute_logprobs, sample
 from pagoda.engine.scheduler import ScheduledBatch
 from pagoda.engine.sequence import Sequence
@@ -25,15 +37,57 @@ logger = logging.getLogger(__name__)
 
 # FlashInfer's customary float workspace on a GPU (split-KV partial outputs); the CPU path needs none.
 WORKSPACE_BYTES = 128 << 20
+# Device memory kept back from the KV cache for the decode CUDA graphs beyond their estimated activations
+# (graph executables, cuBLAS workspaces of the capture).
+GRAPH_RESERVE_BYTES = 256 << 20
 
 
 @dataclass
 class StepResult:
-    """The sequences that sampled this step, their new tokens, and their logprobs (see
-    `sampler.compute_logprobs`; None when no one asked)."""
+    """The sequences that sampled in a step, their new tokens, and their logprobs (``(rows, top_ids,
+    top_lp, token_lp, rank)`` host lists, see `sampler.compute_logprobs`; None when no one asked)."""
     seqs: list[Sequence]
     token_ids: list[int]
     logprobs: tuple | None
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose forward pass is queued: the sampling sequences and their raw logits (device)."""
+    seqs: list[Sequence]
+    logits: torch.Tensor | None
+    graph_batch: int | None = None      # the captured size that ran it (None: eager)
+
+
+@dataclass
+class InFlightStep:
+    """A step whose sampled tokens are queued for the host. ``row_of`` maps a sequence id to its row of
+    ``tokens`` (int64 device ``[S]``), which the next step's inputs read."""
+    seqs: list[Sequence]
+    tokens: torch.Tensor
+    row_of: dict[int, int]
+    host_tokens: torch.Tensor
+    logprobs: tuple | None = None       # (rows, device tensors...) copied to pinned host tensors
+    event: object = None
+    _result: StepResult | None = field(default=None, repr=False)
+
+    def resolve(self) -> StepResult:
+        """Wait for the step's tokens (and logprobs) and return them as host lists (once)."""
+        if self._result is None:
+            if self.event is not None:
+                self.event.synchronize()
+            logprobs = None
+            if self.logprobs is not None:
+                rows, *parts = self.logprobs
+                logprobs = (rows, *(p.tolist() for p in parts))
+            self._result = StepResult(self.seqs, self.host_tokens.tolist(), logprobs)
+        return self._result
+
+
+def _host(values: list[int], dtype, pin: bool) -> torch.Tensor:
+    """A host tensor of ``values`` (pinned on a GPU, so that copies from it do not wait for the device)."""
+    t = torch.from_numpy(np.asarray(values, dtype=np.int32 if dtype == torch.int32 else np.int64))
+    return t.pin_memory() if pin else t
 
 
 class ModelRunner:
@@ -44,6 +98,7 @@ class ModelRunner:
         self.device = config.device
         self.dtype = config.torch_dtype
         self.block_size = config.block_size
+        self.pin = self.device.type == "cuda"
         model = models.build_model(config.hf_config, self.dtype, self.device)
         if config.load_format == "dummy":
             models.init_dummy_weights(model, seed=config.seed)
@@ -56,12 +111,19 @@ class ModelRunner:
         self.kv_dtype = spec.dtype
         self.num_qo_heads = model.attention_layers()[0].num_heads
         self.plan_kwargs = dict(model.attn_plan_kwargs)
-        ws = torch.empty(WORKSPACE_BYTES if self.device.type == "cuda" else 1024, dtype=torch.uint8, device=self.device)
-        self.prefill_wrapper = pagoda.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
-        self.decode_wrapper = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+        self.workspace = torch.empty(WORKSPACE_BYTES if self.device.type == "cuda" else 1024, dtype=torch.uint8,
+                                     device=self.device)
+        self.prefill_wrapper = pagoda.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        self.decode_wrapper = pagoda.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD")
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        # Run in order on each step's logits before sampling (see `pagoda.engine.logits`).
-        self.logits_processors: list[LogitsProcessor] = [min_tokens_processor]
+        # Run in order on each step's logits before sampling (see `pagoda.engine.logits`). A processor may
+        # carry ``is_active(seqs) -> bool``: False skips it for that batch (see `needs_exact_state`).
+        self.logits_pipeline = LogitsPipeline(config, self.device, self.vocab_size)
+        self.logits_processors: list[LogitsProcessor] = [self.logits_pipeline]
+        self.use_cuda_graph = self.device.type == "cuda" and not config.enforce_eager
+        self.graph_sizes = capture_sizes(config.max_num_seqs) if self.use_cuda_graph else []
+        self.max_pages_per_seq = -(-config.max_model_len // self.block_size)
+        self.graphs: DecodeGraphs | None = None    # captured once the KV cache exists
         self.num_blocks = self._num_blocks()
         self.kv_cache = torch.zeros(self.num_layers, self.num_blocks, 2, self.block_size, self.num_kv_heads,
                                     self.head_dim, dtype=self.kv_dtype, device=self.device)
@@ -69,6 +131,11 @@ class ModelRunner:
             layer.kv_cache = self.kv_cache[i]
         logger.debug("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
                      self.kv_cache.numel() * self.kv_cache.element_size() / 2**20)
+        if self.use_cuda_graph:
+            self.graphs = DecodeGraphs(model, self.workspace, self._plan_heads(), self._decode_plan_kwargs(),
+                                       self.graph_sizes, self.max_pages_per_seq, config.hf_config.hidden_size,
+                                       self.dtype)
+            self.graphs.capture()
 
     # -- KV cache size -------------------------------------------------------------------------------------
     @property
@@ -80,15 +147,31 @@ class ModelRunner:
         cfg = self.config
         if cfg.num_gpu_blocks_override is not None:
             return cfg.num_gpu_blocks_override
-        per_seq = -(-cfg.max_model_len // self.block_size)
+        per_seq = self.max_pages_per_seq
         if self.device.type != "cuda":
             return max(min(CPU_KV_CACHE_BYTES // self.block_bytes, cfg.max_num_seqs * per_seq), per_seq)
-        free_bytes = self._profile_free_bytes()
+        free_bytes = self._profile_free_bytes() - self.graph_reserve_bytes()
         num = int(free_bytes // self.block_bytes)
         if num < 1:
             raise ValueError(f"no memory left for the KV cache at gpu_memory_utilization="
                              f"{cfg.gpu_memory_utilization} (raise it, or lower max_num_batched_tokens)")
         return num
+
+    def graph_reserve_bytes(self) -> int:
+        """Device memory the decode graphs will take (0 without graphs): the activations of the largest
+        captured batch (twice, for the allocator's rounding), each size's output, the page-table
+        buffers, and `GRAPH_RESERVE_BYTES`. The capture measures what it really took
+        (`DecodeGraphs.memory_bytes`)."""
+        if not self.graph_sizes:
+            return 0
+        cfg = self.config.hf_config
+        elt = torch.empty(0, dtype=self.dtype).element_size()
+        hidden, inter = cfg.hidden_size, cfg.intermediate_size
+        q, kv = self.num_qo_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        per_token = elt * (2 * (q + 2 * kv) + 2 * q + 4 * hidden + 3 * inter)
+        outputs = sum(self.graph_sizes) * hidden * elt
+        tables = 4 * max(self.graph_sizes) * (self.max_pages_per_seq + 4)
+        return 2 * per_token * max(self.graph_sizes) + outputs + tables + GRAPH_RESERVE_BYTES
 
     @torch.inference_mode()
     def _profile_free_bytes(self) -> int:
@@ -130,67 +213,168 @@ class ModelRunner:
         return budget
 
     # -- one step ------------------------------------------------------------------------------------------
-    def _to_device(self, values: list[int], dtype=torch.int32) -> torch.Tensor:
-        host = torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda")
-        return host.to(self.device, non_blocking=True)
+    def _plan_heads(self) -> tuple:
+        return self.num_qo_heads, self.num_kv_heads, self.head_dim, self.block_size
 
-    @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepResult:
-        """Compute the KV of the scheduled tokens and sample for every sequence whose last token was among
-        them. One host read: the sampled tokens (and the logprobs, when asked)."""
+    def _decode_plan_kwargs(self) -> dict:
+        kw = self.plan_kwargs
+        return dict(window_left=kw.get("window_left", -1), logits_soft_cap=kw.get("logits_soft_cap"),
+                    sm_scale=kw.get("sm_scale"), q_data_type=self.dtype, kv_data_type=self.kv_dtype)
+
+    def _inputs(self, batch: ScheduledBatch, prev: InFlightStep | None) -> dict:
+        """Host arrays of a step. A token sampled by ``prev`` and not yet read back is taken from
+        ``prev.tokens`` on the device (``pending``: rows of this step, rows of prev)."""
         bs = self.block_size
-        input_ids: list[int] = []
+        ids: list[int] = []
         positions: list[int] = []
-        qo_indptr, kv_indptr, kv_indices, last_page_len = [0], [0], [], []
         batch_indices: list[int] = []
+        qo_indptr, kv_indptr, kv_indices, last = [0], [0], [], []
         sample_rows: list[int] = []
         sampling: list[Sequence] = []
+        pend_rows: list[int] = []
+        pend_src: list[int] = []
+        row_of = prev.row_of if prev is not None else {}
+        t = 0
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            input_ids += seq.token_ids[start:end]
+            known = seq.num_tokens
+            ids += seq.token_ids[start:min(end, known)]
+            if end > known:
+                # At most one token is pending (the previous step's), and it is this sequence's next input.
+                src = row_of.get(seq.seq_id)
+                if end - known != 1 or seq.num_pending_tokens < 1 or src is None:
+                    raise RuntimeError(f"{seq!r}: {end - known} inputs not yet read back, and not from the "
+                                       "previous step")
+                pend_rows.append(t + known - start)
+                pend_src.append(src)
+                ids.append(0)
             positions += range(start, end)
             batch_indices += [i] * n
-            qo_indptr.append(qo_indptr[-1] + n)
+            t += n
+            qo_indptr.append(t)
             pages = -(-end // bs)
             kv_indices += seq.block_table[:pages]
             kv_indptr.append(kv_indptr[-1] + pages)
-            last_page_len.append(end - (pages - 1) * bs)
-            if end == seq.num_tokens:
-                sample_rows.append(qo_indptr[-1] - 1)
+            last.append(end - (pages - 1) * bs)
+            if end == known + seq.num_pending_tokens:
+                sample_rows.append(t - 1)
                 sampling.append(seq)
-        host = {name: torch.tensor(v, dtype=torch.int32) for name, v in
-                (("qo_indptr", qo_indptr), ("kv_indptr", kv_indptr), ("kv_indices", kv_indices),
-                 ("last", last_page_len))}
-        wrapper = self._plan(host, batch.is_decode_only)
-        positions_d = self._to_device(positions)
-        ctx = ForwardContext(
-            wrapper=wrapper, batch_indices=self._to_device(batch_indices), positions=positions_d,
-            kv_indices=self._to_device(kv_indices), kv_indptr=self._to_device(kv_indptr),
-            kv_last_page_len=self._to_device(last_page_len))
-        with forward_context(ctx):
-            hidden = self.model(self._to_device(input_ids, torch.int64), positions_d)
+        return dict(ids=ids, positions=positions, batch_indices=batch_indices, qo_indptr=qo_indptr,
+                    kv_indptr=kv_indptr, kv_indices=kv_indices, last=last, sample_rows=sample_rows,
+                    sampling=sampling, pend_rows=pend_rows, pend_src=pend_src)
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, prev: InFlightStep | None = None) -> LaunchedStep:
+        """Queue the forward pass of ``batch`` (and the LM head of its sampling rows). ``prev``: the step
+        whose tokens are not yet read back (its sampled tokens feed this step's pending inputs)."""
+        inp = self._inputs(batch, prev)
+        n_tok, n_req = len(inp["ids"]), len(batch.seqs)
+        # One pinned int32 and one int64 host tensor, one copy each to the device.
+        i32 = (inp["positions"] + inp["batch_indices"] + inp["qo_indptr"] + inp["kv_indptr"] + inp["last"]
+               + inp["sample_rows"] + inp["kv_indices"])
+        host32 = _host(i32, torch.int32, self.pin)
+        host64 = _host(inp["ids"] + inp["pend_rows"] + inp["pend_src"], torch.int64, self.pin)
+        o = list(itertools.accumulate([0, n_tok, n_tok, n_req + 1, n_req + 1, n_req, len(inp["sample_rows"]),
+                                       len(inp["kv_indices"])]))
+        names = ("positions", "batch_indices", "qo_indptr", "kv_indptr", "last", "sample_rows", "kv_indices")
+        host = {k: host32[o[j]:o[j + 1]] for j, k in enumerate(names)}
+        dev64 = host64.to(self.device, non_blocking=True)
+        ids = dev64[:n_tok]
+        k = len(inp["pend_rows"])
+        pending = (dev64[n_tok:n_tok + k], dev64[n_tok + k:]) if k else None
+        sampling = inp["sampling"]
+        graph_b = None
+        if (self.graphs is not None and batch.is_decode_only and n_req <= self.graphs.max_batch):
+            graph_b = self.graphs.size_for(n_req)
+            graph_host = dict(positions=host["positions"], batch_indices=host["batch_indices"],
+                              kv_indptr=host["kv_indptr"], kv_indices=host["kv_indices"],
+                              kv_last_page_len=host["last"])
+            hidden = self.graphs.replay(n_req, graph_host, ids, pending, prev.tokens if pending else None)
+            rows = None    # every request of a decode-only step samples, in order
+        else:
+            dev32 = host32.to(self.device, non_blocking=True)
+            dv = {k2: dev32[o[j]:o[j + 1]] for j, k2 in enumerate(names)}
+            if pending is not None:
+                ids.index_copy_(0, pending[0], prev.tokens.index_select(0, pending[1]))
+            wrapper = self._plan(host, batch.is_decode_only)
+            ctx = ForwardContext(wrapper=wrapper, batch_indices=dv["batch_indices"], positions=dv["positions"],
+                                 kv_indices=dv["kv_indices"], kv_indptr=dv["kv_indptr"], kv_last_page_len=dv["last"],
+                                 validate=False)
+            with forward_context(ctx):
+                hidden = self.model(ids, dv["positions"])
+            rows = None if len(sampling) == n_tok else dv["sample_rows"]
         if not sampling:
-            return StepResult([], [], None)
-        raw_logits = self.model.compute_logits(hidden[self._to_device(sample_rows, torch.int64)])
+            return LaunchedStep([], None, graph_b)
+        if rows is not None:
+            hidden = hidden.index_select(0, rows)
+        return LaunchedStep(sampling, self.model.compute_logits(hidden), graph_b)
+
+    def active_processors(self, seqs: list[Sequence]) -> list[LogitsProcessor]:
+        """The logits processors that act on a batch of sampling ``seqs``: the min-tokens processor while
+        one of them has fewer than ``min_tokens`` output tokens (pending ones counted), every other one
+        unless its ``is_active(seqs)`` says False."""
+        active = []
+        for p in self.logits_processors:
+            if p is min_tokens_processor:
+                on = any(s.num_output_tokens + s.num_pending_tokens < s.params.min_tokens for s in seqs)
+            else:
+                check = getattr(p, "is_active", None)
+                on = True if check is None else bool(check(seqs))
+            if on:
+                active.append(p)
+        return active
+
+    def needs_exact_state(self, step: LaunchedStep) -> bool:
+        """True when the step's logits processors must see every earlier token (so the engine reads the
+        previous step's tokens before sampling this one); False lets sampling follow the forward pass
+        at once."""
+        # A processor may say it keeps its state on the device (``needs_host_tokens(seqs)`` False).
+        return bool(step.seqs) and any(getattr(p, "needs_host_tokens", lambda seqs: True)(step.seqs)
+                                       for p in self.active_processors(step.seqs))
+
+    @torch.inference_mode()
+    def sample(self, step: LaunchedStep) -> InFlightStep | None:
+        """Queue logits processing, sampling and the copy of the tokens (and logprobs) to the host."""
+        seqs = step.seqs
+        if not seqs:
+            return None
+        raw_logits = step.logits
+        processors = self.active_processors(seqs)
         # Logprobs are of the raw logits: keep them apart from the processors' in-place edits.
-        wants_logprobs = any(s.params.logprobs is not None for s in sampling)
-        logits = raw_logits.clone() if wants_logprobs and self.logits_processors else raw_logits
-        for processor in self.logits_processors:
-            logits = processor(logits, sampling)
-        tokens = sample(logits, sampling, self.generator)
-        logprobs = compute_logprobs(raw_logits, tokens, sampling)
-        return StepResult(sampling, tokens.tolist(), logprobs)
+        wants_logprobs = any(s.params.logprobs is not None for s in seqs)
+        logits = raw_logits.clone() if wants_logprobs and processors else raw_logits
+        for processor in processors:
+            logits = processor(logits, seqs)
+        tokens = sample(logits, seqs, self.generator)
+        self.logits_pipeline.on_sampled(seqs, tokens)   # device-side counts (no-op unless it ran)
+        logprobs = compute_logprobs(raw_logits, tokens, seqs)
+        host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=self.pin)
+        host_tokens.copy_(tokens, non_blocking=True)
+        if logprobs is not None:
+            rows, *parts = logprobs
+            host_parts = []
+            for p in parts:
+                h = torch.empty(p.shape, dtype=p.dtype, pin_memory=self.pin)
+                host_parts.append(h.copy_(p, non_blocking=True))
+            logprobs = (rows, *host_parts)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return InFlightStep(seqs, tokens, {s.seq_id: i for i, s in enumerate(seqs)}, host_tokens, logprobs, event)
+
+    def execute(self, batch: ScheduledBatch, prev: InFlightStep | None = None) -> StepResult:
+        """Launch, sample and read back one step (no overlap)."""
+        step = self.sample(self.launch(batch, prev))
+        return step.resolve() if step is not None else StepResult([], [], None)
 
     def _plan(self, host: dict[str, torch.Tensor], decode_only: bool):
-        """Plan the step's wrapper once (every layer runs it). Plans read host tensors."""
-        kw = self.plan_kwargs
-        heads = (self.num_qo_heads, self.num_kv_heads, self.head_dim, self.block_size)
+        """Plan the step's wrapper once (every layer runs it), from host tensors (no device read)."""
+        heads = self._plan_heads()
         if decode_only:
             self.decode_wrapper.plan(host["kv_indptr"], host["kv_indices"], host["last"], *heads,
-                                     window_left=kw.get("window_left", -1),
-                                     logits_soft_cap=kw.get("logits_soft_cap"), sm_scale=kw.get("sm_scale"),
-                                     q_data_type=self.dtype, kv_data_type=self.kv_dtype)
+                                     **self._decode_plan_kwargs())
             return self.decode_wrapper
         self.prefill_wrapper.plan(host["qo_indptr"], host["kv_indptr"], host["kv_indices"], host["last"], *heads,
-                                  causal=True, q_data_type=self.dtype, kv_data_type=self.kv_dtype, **kw)
+                                  causal=True, q_data_type=self.dtype, kv_data_type=self.kv_dtype, **self.plan_kwargs)
         return self.prefill_wrapper

@@ -52,19 +52,20 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generato
 
 def compute_logprobs(raw_logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]):
     """Logprobs of the model's raw logits (before any processing or temperature, vLLM's default) for the
-    rows whose request asked for them.
+    rows whose request asked for them, computed on the device (read back with the sampled tokens).
 
-    Returns None when no row asked, else ``(rows, top_ids, top_lp, token_lp, token_rank)`` as host lists:
-    ``rows`` the row indices, then per such row the ``k_max`` most likely token ids and their logprobs
-    (the row's own k is a prefix), the sampled token's logprob and its 1-based rank.
+    Returns None when no row asked, else ``(rows, top_ids, top_lp, token_lp, token_rank)``: ``rows`` the
+    row indices (a host list), then device tensors: per such row the ``k_max`` most likely token ids
+    ``[R, k_max]`` and their logprobs (the row's own k is a prefix), the sampled token's logprob ``[R]``
+    and its 1-based rank ``[R]``.
     """
     rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     if not rows:
         return None
     idx = _host_to(rows, torch.int64, raw_logits.device)
-    lp = torch.log_softmax(raw_logits[idx].float(), dim=-1)
+    lp = torch.log_softmax(raw_logits.index_select(0, idx).float(), dim=-1)
     k = min(max(seqs[i].params.logprobs for i in rows), lp.shape[1])
     top_lp, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
-    token_lp = lp.gather(1, tokens[idx, None]).squeeze(1)
+    token_lp = lp.gather(1, tokens.index_select(0, idx)[:, None]).squeeze(1)
     rank = (lp > token_lp[:, None]).sum(dim=-1) + 1
-    return rows, top_ids.tolist(), top_lp.tolist(), token_lp.tolist(), rank.tolist()
+    return rows, top_ids, top_lp, token_lp, rank

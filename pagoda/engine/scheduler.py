@@ -7,6 +7,11 @@ A prompt longer than what is left of the budget is prefilled in chunks over seve
 prefill), sharing each step with the decodes. When pages run out, the most recently admitted running
 sequence is preempted: its pages are released (its full blocks stay in the prefix cache) and it goes
 back to the front of the waiting queue, to be recomputed later; its outputs do not change.
+
+The engine reads each step's sampled tokens one step behind (`Sequence.num_pending_tokens`): a sequence
+whose token is still on the device decodes it next (its KV slot and position are known, its id is read
+from device memory), and one whose pending tokens already reach ``max_tokens`` is not scheduled again
+(it finishes when they are read).
 """
 from __future__ import annotations
 
@@ -68,8 +73,8 @@ class Scheduler:
                     break
                 if seq.status is not SequenceStatus.RUNNING or seq.seq_id in scheduled:
                     continue
-                remaining = seq.num_tokens - seq.num_computed_tokens
-                if (remaining == 1) != want_decode:
+                remaining = seq.num_tokens + seq.num_pending_tokens - seq.num_computed_tokens
+                if remaining <= 0 or (remaining == 1) != want_decode or self.finishes_when_read(seq):
                     continue
                 n = min(remaining, budget)
                 if n < remaining and not self.enable_chunked_prefill:
@@ -87,6 +92,8 @@ class Scheduler:
         # Waiting sequences, unless pages just ran out (admitting one would only preempt it again).
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending_tokens:    # preempted with a token not yet read: admitted once it is
+                break
             hits = self.block_manager.get_computed_blocks(seq)
             remaining = seq.num_tokens - len(hits) * self.block_manager.block_size
             n = min(remaining, budget)
@@ -102,6 +109,12 @@ class Scheduler:
             scheduled.add(seq.seq_id)
             budget -= n
         return batch
+
+    @staticmethod
+    def finishes_when_read(seq: Sequence) -> bool:
+        """True when the tokens sampled for ``seq`` but not yet read already make ``max_tokens``: it finishes
+        (by length, or earlier by a stop) when they are read, so a further step would be wasted."""
+        return seq.num_pending_tokens > 0 and seq.num_output_tokens + seq.num_pending_tokens >= seq.max_tokens
 
     def _allocate_or_preempt(self, seq: Sequence, n: int, scheduled: set[int]) -> bool:
         """Pages for ``n`` more tokens of ``seq``, preempting the latest admitted sequence not yet in this
@@ -124,10 +137,17 @@ class Scheduler:
         logger.debug("preempted %r (KV usage %.1f%%)", seq, 100 * self.block_manager.usage)
 
     def update_after_step(self, batch: ScheduledBatch) -> None:
-        """The step computed the scheduled tokens' KV: count them and register the blocks they filled."""
+        """The step (launched) computes the scheduled tokens' KV: count them and register the blocks they
+        filled whose tokens are known (the rest once the pending tokens are read: `cache_blocks`)."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
             self.block_manager.cache_full_blocks(seq)
+
+    def cache_blocks(self, seqs: list[Sequence]) -> None:
+        """Register the full blocks of running ``seqs`` completed by tokens just read back."""
+        for seq in seqs:
+            if seq.status is SequenceStatus.RUNNING:
+                self.block_manager.cache_full_blocks(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished or aborted sequence and release its pages."""

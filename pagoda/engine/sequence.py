@@ -44,6 +44,9 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0          # prompt tokens found in the prefix cache at first schedule
+        # Tokens sampled on the device but not yet read back (the engine reads each step's tokens one step
+        # behind): they follow token_ids, and the next step's inputs take them from device memory.
+        self.num_pending_tokens = 0
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []   # hashes of the leading full blocks already registered
         self.finish_reason: str | None = None

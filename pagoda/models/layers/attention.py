@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-import pagoda
 from pagoda.models.layers.context import get_forward_context
 from pagoda.models.layers.rotary import RopeConfig
+from pagoda.ops.page import _append_with_rope  # pagoda.append_paged_kv_cache_with_rope, values optionally trusted
 
 __all__ = ["PagedAttention", "KVCacheSpec"]
 
@@ -52,7 +52,9 @@ class PagedAttention(nn.Module):
         """q ``[T, num_heads, head_dim]``, k/v ``[T, num_kv_heads, head_dim]`` (this step's tokens, not yet
         rotated) -> ``[T, num_heads, head_dim]``.
 
-        Rotates q in place, writes rotated k and v into ``kv_cache`` at the context's positions, then
+        Rotates q in place, writes rotated k and v into ``kv_cache`` at the context's positions
+        (`pagoda.append_paged_kv_cache_with_rope`; the metadata's values are checked unless the
+        context says ``validate=False``), then
         attends with the context's planned wrapper. Without a ``kv_cache`` (a profiling pass before the
         cache exists) the attention is skipped and zeros come out.
         """
@@ -61,8 +63,8 @@ class PagedAttention(nn.Module):
         ctx = get_forward_context()
         if q.stride(-1) != 1:
             q = q.contiguous()
-        pagoda.append_paged_kv_cache_with_rope(k, v, ctx.batch_indices, ctx.positions, self.kv_cache, ctx.kv_indices,
-                                               ctx.kv_indptr, ctx.kv_last_page_len, "NHD", q=q, **self._rope_kwargs)
+        _append_with_rope(k, v, ctx.batch_indices, ctx.positions, self.kv_cache, ctx.kv_indices, ctx.kv_indptr,
+                          ctx.kv_last_page_len, "NHD", q=q, check_values=ctx.validate, **self._rope_kwargs)
         return ctx.wrapper.run(q, self.kv_cache)
 
     def extra_repr(self) -> str:

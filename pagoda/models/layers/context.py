@@ -29,6 +29,9 @@ class ForwardContext:
         kv_indices: int32 ``[total_pages]``, CSR page ids of the step *after* this step's append.
         kv_indptr: int32 ``[num_reqs + 1]``.
         kv_last_page_len: int32 ``[num_reqs]``.
+        validate: check the metadata's values against each other in the KV append (reads them on the
+            host: a sync per layer on a GPU). A serving engine that built them itself passes False, and
+            only shapes and dtypes are checked.
     """
 
     wrapper: object
@@ -37,6 +40,7 @@ class ForwardContext:
     kv_indices: Tensor
     kv_indptr: Tensor
     kv_last_page_len: Tensor
+    validate: bool = True
 
 
 # The running step's context: set by the engine (through `forward_context`) around each model call and

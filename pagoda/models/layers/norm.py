@@ -1,13 +1,16 @@
 """RMSNorm, with the fused "add the residual, then normalise" form the decoder layers chain.
 
-Plain PyTorch: the variance is taken in float32 and the normalised value is cast back to the input
-dtype before the weight multiplies it, in the order Hugging Face's Llama/Qwen/Mistral do it, so
-low-precision outputs round the same way.
+On a GPU pagoda's fused kernels run (`pagoda.ops.rmsnorm`, `pagoda.ops.fused_add_rmsnorm`: one pass over
+the rows, the residual add in the same kernel, graph-capturable). Elsewhere plain PyTorch. Both round as
+Hugging Face's Llama/Qwen/Mistral do: the variance in float32, the normalised value cast back to the
+input dtype before the weight multiplies it, and the fused form normalises the rounded ``x + residual``.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from pagoda.ops import fused_add_rmsnorm, rmsnorm
 
 __all__ = ["RMSNorm"]
 
@@ -28,7 +31,14 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor,
                 residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x ``[..., hidden_size]`` -> normalised x. With ``residual`` (same shape): ``s = x + residual``,
-        returns ``(norm(s), s)``, the new residual stream being ``s``."""
+        returns ``(norm(s), s)``, the new residual stream being ``s``. On a GPU the fused form works in
+        place: ``x`` is overwritten by ``norm(s)`` and ``residual`` by ``s`` (both returned)."""
+        if x.is_cuda and x.dtype == self.weight.dtype:
+            if residual is None:
+                return rmsnorm(x, self.weight, self.eps)
+            if x.stride(-1) == 1 and residual.stride(-1) == 1 and residual.shape == x.shape:
+                fused_add_rmsnorm(x, residual, self.weight, self.eps)
+                return x, residual
         if residual is None:
             return self._norm(x)
         s = x + residual

@@ -1,0 +1,169 @@
+"""CUDA graphs of the decode step: the model's forward pass captured once per batch size of a ladder.
+
+A decode-only step of ``n`` requests replays the graph of the smallest captured size ``b >= n``; rows
+``n .. b-1`` are padding (token 0 at position 0, batch index -1: the KV append skips them, and the
+attention wrapper plans them as requests without pages). What changes between replays lives in static
+device buffers that each step copies into before the replay:
+
+- ``input_ids`` int64, ``positions`` and ``batch_indices`` int32 ``[max_batch]``;
+- the CSR page table (``kv_indptr [max_batch + 1]``, ``kv_indices [max_pages]``, ``kv_last_page_len
+  [max_batch]``), written by the plan of a `BatchDecodeWithPagedKVCacheWrapper` created with
+  ``use_cuda_graph=True`` over views of these buffers (one wrapper per captured size, since the
+  wrapper's grid is its buffers' batch size), and read by the KV append of every layer too.
+
+The plan runs on the host before each replay, from host (pinned) copies of the page table: it reads
+them without waiting for the device. All graphs share one memory pool and the float workspace of the
+eager wrappers; they are captured from the largest size down so that the smaller ones reuse the larger
+ones' intermediate memory. The graph covers the forward pass up to the last hidden state; the LM head,
+the logits processors and the sampler run eagerly right after the replay (a few kernels).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence as SequenceABC
+
+import torch
+
+import pagoda
+from pagoda.models import ForwardContext, forward_context
+
+logger = logging.getLogger(__name__)
+
+# Largest batch captured by default (decode batches above it run eagerly).
+MAX_CAPTURE_SIZE = 512
+
+
+def capture_sizes(max_num_seqs: int, limit: int = MAX_CAPTURE_SIZE) -> list[int]:
+    """The ladder of captured batch sizes: 1, 2, 4, 8, then every 8 up to ``min(max_num_seqs, limit)``
+    (which is always included)."""
+    top = min(max_num_seqs, limit)
+    sizes = [s for s in (1, 2, 4, 8) if s <= top] + list(range(16, top + 1, 8))
+    if top not in sizes:
+        sizes.append(top)
+    return sizes
+
+
+class DecodeGraphs:
+    """The captured decode graphs of one model and KV cache.
+
+    Args:
+        model: the `DecoderForCausalLM` whose attention layers already hold their ``kv_cache``.
+        workspace: the float workspace buffer shared with the eager wrappers.
+        plan_args: ``(num_qo_heads, num_kv_heads, head_dim, page_size)``; plan_kwargs: the decode plan's
+            keyword arguments (window_left, logits_soft_cap, sm_scale, q/kv data types).
+        sizes: the batch sizes to capture; max_pages_per_seq: pages of the longest sequence.
+    """
+
+    def __init__(self, model, workspace: torch.Tensor, plan_args: tuple, plan_kwargs: dict, sizes: SequenceABC[int],
+                 max_pages_per_seq: int, hidden_size: int, dtype: torch.dtype):
+        if not sizes:
+            raise ValueError("sizes must name at least one batch size to capture")
+        self.model = model
+        self.workspace = workspace
+        self.device = workspace.device
+        self.plan_args = plan_args
+        self.plan_kwargs = dict(plan_kwargs)
+        self.sizes = sorted(set(int(s) for s in sizes))
+        self.max_batch = self.sizes[-1]
+        dev = self.device
+        mb = self.max_batch
+        self.input_ids = torch.zeros(mb, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(mb, dtype=torch.int32, device=dev)
+        self.batch_indices = torch.full((mb,), -1, dtype=torch.int32, device=dev)
+        self.kv_indptr = torch.zeros(mb + 1, dtype=torch.int32, device=dev)
+        self.kv_indices = torch.zeros(mb * max_pages_per_seq, dtype=torch.int32, device=dev)
+        self.kv_last_page_len = torch.zeros(mb, dtype=torch.int32, device=dev)
+        self.wrappers: dict[int, pagoda.BatchDecodeWithPagedKVCacheWrapper] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.hidden_size, self.dtype = hidden_size, dtype
+        self.pool = None
+        self.memory_bytes = 0          # device memory the capture took (graph pool and driver), measured
+        self.capture_s = 0.0
+
+    def size_for(self, n: int) -> int | None:
+        """The captured size that serves a batch of ``n`` (None: larger than every captured size)."""
+        for b in self.sizes:
+            if b >= n:
+                return b
+        return None
+
+    def _context(self, b: int) -> ForwardContext:
+        return ForwardContext(wrapper=self.wrappers[b], batch_indices=self.batch_indices[:b],
+                              positions=self.positions[:b], kv_indices=self.kv_indices,
+                              kv_indptr=self.kv_indptr[:b + 1], kv_last_page_len=self.kv_last_page_len[:b],
+                              validate=False)
+
+    def _plan(self, b: int, indptr: torch.Tensor, indices: torch.Tensor, last: torch.Tensor) -> None:
+        self.wrappers[b].plan(indptr, indices, last, *self.plan_args, **self.plan_kwargs)
+
+    def _forward(self, b: int) -> torch.Tensor:
+        with forward_context(self._context(b)):
+            return self.model(self.input_ids[:b], self.positions[:b])
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every size, largest first, into one pool. Uses page 0 of the cache as the dummy
+        requests' page (written by the warm-up runs only; no request holds pages yet)."""
+        torch.cuda.synchronize(self.device)
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        start = time.perf_counter()
+        for b in self.sizes:
+            self.wrappers[b] = pagoda.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace, "NHD", use_cuda_graph=True,
+                paged_kv_indptr_buffer=self.kv_indptr[:b + 1], paged_kv_indices_buffer=self.kv_indices,
+                paged_kv_last_page_len_buffer=self.kv_last_page_len[:b])
+        self.pool = torch.cuda.graph_pool_handle()
+        for b in reversed(self.sizes):
+            indptr = torch.arange(b + 1, dtype=torch.int32)
+            indices = torch.zeros(b, dtype=torch.int32)
+            last = torch.ones(b, dtype=torch.int32)
+            self._plan(b, indptr, indices, last)
+            self.input_ids[:b].zero_()
+            self.positions[:b].zero_()
+            self.batch_indices[:b].copy_(torch.arange(b, dtype=torch.int32))
+            # Warm-up on a side stream (compiles the kernels of this size), as capture requires.
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._forward(b)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self._forward(b)
+            self.graphs[b], self.outputs[b] = graph, out
+        self.batch_indices.fill_(-1)
+        torch.cuda.synchronize(self.device)
+        self.capture_s = time.perf_counter() - start
+        self.memory_bytes = max(free_before - torch.cuda.mem_get_info(self.device)[0], 0)
+        logger.info("captured %d decode CUDA graphs (batch %d..%d) in %.1f s, %.1f MiB", len(self.sizes),
+                    self.sizes[0], self.max_batch, self.capture_s, self.memory_bytes / 2**20)
+
+    def replay(self, n: int, host: dict, pending: tuple[torch.Tensor, torch.Tensor] | None,
+               prev_tokens: torch.Tensor | None) -> torch.Tensor:
+        """Run a decode step of ``n`` requests; returns the hidden states ``[n, hidden]`` (graph output:
+        valid until the next replay).
+
+        host: pinned host tensors of the step: ``input_ids [n]`` (int64; pending rows hold anything), int32
+        ``positions [n]``, ``batch_indices [n]`` (0..n-1), ``kv_indptr [n + 1]``, ``kv_indices``,
+        ``kv_last_page_len [n]``.
+        pending: ``(rows, prev_rows)`` int64 device tensors: ``input_ids[rows] = prev_tokens[prev_rows]``
+        (tokens sampled by the previous step, still on the device).
+        """
+        b = self.size_for(n)
+        if b is None:
+            raise ValueError(f"batch {n} exceeds the largest captured size {self.max_batch}")
+        self._plan(b, host["kv_indptr"], host["kv_indices"], host["kv_last_page_len"])
+        self.input_ids[:n].copy_(host["input_ids"], non_blocking=True)
+        self.positions[:n].copy_(host["positions"], non_blocking=True)
+        self.batch_indices[:n].copy_(host["batch_indices"], non_blocking=True)
+        if n < b:   # padding rows: token 0 at position 0, skipped by the append (the previous replay may differ)
+            self.input_ids[n:b].zero_()
+            self.positions[n:b].zero_()
+            self.batch_indices[n:b].fill_(-1)
+        if pending is not None:
+            rows, prev_rows = pending
+            self.input_ids.index_copy_(0, rows, prev_tokens.index_select(0, prev_rows))
+        self.graphs[b].replay()
+        return self.outputs[b][:n]
