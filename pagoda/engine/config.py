@@ -35,7 +35,11 @@ def _bool(name: str, value) -> None:
 class EngineConfig:
     """Engine settings (see `pagoda.LLM` for what each means). After construction ``hf_config`` holds
     the model's transformers config, ``torch_dtype`` the resolved dtype, ``max_model_len`` and
-    ``max_num_batched_tokens`` their resolved values, and ``device`` a torch.device."""
+    ``max_num_batched_tokens`` their resolved values, and ``device`` a torch.device.
+
+    ``enforce_eager``: no CUDA graphs (every step eager). ``async_scheduling`` (vLLM's name): the host
+    prepares step N+1 while the device runs step N and reads sampled tokens one step behind (False: each
+    step's tokens are read before the next step is scheduled)."""
     model: str
     tokenizer: str | None = None
     dtype: str | torch.dtype = "auto"
@@ -53,6 +57,8 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     device: str | torch.device | None = None
     max_logprobs: int = 20
+    async_scheduling: bool = True
+    logits_processors: list | None = None   # batch-level LogitsProcessor classes (pagoda.engine.logits_processors)
     hf_config: object = field(default=None, repr=False)
     torch_dtype: torch.dtype = field(default=None, repr=False)
 
@@ -81,7 +87,7 @@ class EngineConfig:
         if (isinstance(self.gpu_memory_utilization, bool) or not isinstance(self.gpu_memory_utilization, (int, float))
                 or not 0 < self.gpu_memory_utilization <= 1):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
-        for name in ("enforce_eager", "enable_prefix_caching", "enable_chunked_prefill"):
+        for name in ("enforce_eager", "enable_prefix_caching", "enable_chunked_prefill", "async_scheduling"):
             _bool(name, getattr(self, name))
         _positive_int("num_gpu_blocks_override", self.num_gpu_blocks_override, allow_none=True)
         if self.load_format not in LOAD_FORMATS:

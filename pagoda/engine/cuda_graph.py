@@ -32,6 +32,14 @@ logger = logging.getLogger(__name__)
 
 # Largest batch captured by default (decode batches above it run eagerly).
 MAX_CAPTURE_SIZE = 512
+# Test hook: on a CPU, "capture" and "replay" run the same forward pass eagerly on the static buffers, so the
+# CPU tests cover the graph path's buffers, padding and planning (everything but the CUDA graph itself).
+EMULATE_ON_CPU = False
+
+
+def graphs_available(device: torch.device) -> bool:
+    """Whether decode graphs run on ``device``: CUDA, or a CPU under the `EMULATE_ON_CPU` test hook."""
+    return device.type == "cuda" or EMULATE_ON_CPU
 
 
 def capture_sizes(max_num_seqs: int, limit: int = MAX_CAPTURE_SIZE) -> list[int]:
@@ -106,15 +114,17 @@ class DecodeGraphs:
     def capture(self) -> None:
         """Capture every size, largest first, into one pool. Uses page 0 of the cache as the dummy
         requests' page (written by the warm-up runs only; no request holds pages yet)."""
-        torch.cuda.synchronize(self.device)
-        free_before = torch.cuda.mem_get_info(self.device)[0]
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            free_before = torch.cuda.mem_get_info(self.device)[0]
+            self.pool = torch.cuda.graph_pool_handle()
         start = time.perf_counter()
         for b in self.sizes:
             self.wrappers[b] = pagoda.BatchDecodeWithPagedKVCacheWrapper(
                 self.workspace, "NHD", use_cuda_graph=True,
                 paged_kv_indptr_buffer=self.kv_indptr[:b + 1], paged_kv_indices_buffer=self.kv_indices,
                 paged_kv_last_page_len_buffer=self.kv_last_page_len[:b])
-        self.pool = torch.cuda.graph_pool_handle()
         for b in reversed(self.sizes):
             indptr = torch.arange(b + 1, dtype=torch.int32)
             indices = torch.zeros(b, dtype=torch.int32)
@@ -123,6 +133,9 @@ class DecodeGraphs:
             self.input_ids[:b].zero_()
             self.positions[:b].zero_()
             self.batch_indices[:b].copy_(torch.arange(b, dtype=torch.int32))
+            if not cuda:     # EMULATE_ON_CPU: replay runs the forward pass itself
+                self.outputs[b] = self._forward(b)
+                continue
             # Warm-up on a side stream (compiles the kernels of this size), as capture requires.
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
@@ -134,9 +147,10 @@ class DecodeGraphs:
                 out = self._forward(b)
             self.graphs[b], self.outputs[b] = graph, out
         self.batch_indices.fill_(-1)
-        torch.cuda.synchronize(self.device)
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            self.memory_bytes = max(free_before - torch.cuda.mem_get_info(self.device)[0], 0)
         self.capture_s = time.perf_counter() - start
-        self.memory_bytes = max(free_before - torch.cuda.mem_get_info(self.device)[0], 0)
         logger.info("captured %d decode CUDA graphs (batch %d..%d) in %.1f s, %.1f MiB", len(self.sizes),
                     self.sizes[0], self.max_batch, self.capture_s, self.memory_bytes / 2**20)
 
@@ -165,5 +179,8 @@ class DecodeGraphs:
         if pending is not None:
             rows, prev_rows = pending
             self.input_ids.index_copy_(0, rows, prev_tokens.index_select(0, prev_rows))
-        self.graphs[b].replay()
+        if b in self.graphs:
+            self.graphs[b].replay()
+        else:
+            self.outputs[b] = self._forward(b)     # EMULATE_ON_CPU
         return self.outputs[b][:n]

@@ -32,13 +32,14 @@ class LLM:
         block_size: tokens per KV page.
         gpu_memory_utilization: fraction of the GPU's memory the engine may use (weights, activations
             and the KV cache, which takes what is left after a profiling pass).
-        enforce_eager: accepted; pagoda does not capture CUDA graphs yet, so every step is eager.
+        enforce_eager: run every step eagerly (default: decode-only steps replay CUDA graphs captured at
+            start-up for batch sizes 1, 2, 4, 8, 16, 24, ... up to max_num_seqs).
         enable_prefix_caching: reuse the KV pages of shared prompt prefixes.
         enable_chunked_prefill: split long prompts over steps shared with decodes.
         num_gpu_blocks_override: the number of KV pages (skips the memory profile).
         load_format: "auto" (safetensors) or "dummy" (random weights, for benchmarks).
         tensor_parallel_size: 1 (more raises NotImplementedError for now).
-        **kwargs: other `EngineConfig` fields (``device``, ``max_logprobs``).
+        **kwargs: other `EngineConfig` fields (``device``, ``max_logprobs``, ``async_scheduling``).
     """
 
     def __init__(self, model: str, tokenizer: str | None = None, dtype: str = "auto", seed: int = 0,

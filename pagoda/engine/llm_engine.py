@@ -237,6 +237,13 @@ class LLMEngine:
         if new is not None:
             for seq in new.seqs:
                 seq.num_pending_tokens += 1
+            if not self.config.async_scheduling:     # read this step's tokens now (no overlap)
+                t1 = time.perf_counter()
+                result = new.resolve()
+                wait += time.perf_counter() - t1
+                outputs += self._process(result)
+                self.scheduler.cache_blocks(result.seqs)
+                new = None
         self._in_flight = new
         if batch.seqs:
             self.num_steps += 1

@@ -26,7 +26,7 @@ import torch
 
 import pagoda
 from pagoda.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
-from pagoda.engine.cuda_graph import DecodeGraphs, capture_sizes
+from pagoda.engine.cuda_graph import DecodeGraphs, capture_sizes, graphs_available
 from pagoda.engine.logits import LogitsPipeline, LogitsProcessor, min_tokens_processor
 from pagoda.engine.sampler import compute_logprobs, sample
 from pagoda.engine.scheduler import ScheduledBatch
@@ -111,8 +111,12 @@ class ModelRunner:
         self.kv_dtype = spec.dtype
         self.num_qo_heads = model.attention_layers()[0].num_heads
         self.plan_kwargs = dict(model.attn_plan_kwargs)
-        self.workspace = torch.empty(WORKSPACE_BYTES if self.device.type == "cuda" else 1024, dtype=torch.uint8,
-                                     device=self.device)
+        self.use_cuda_graph = graphs_available(self.device) and not config.enforce_eager
+        self.graph_sizes = capture_sizes(config.max_num_seqs) if self.use_cuda_graph else []
+        # On a CPU (reference kernels) no split-KV partials: a token workspace, or what graph wrappers need.
+        cpu_ws = 4 * max(self.graph_sizes, default=0) * self.num_qo_heads * (self.head_dim + 1) * 4
+        self.workspace = torch.empty(WORKSPACE_BYTES if self.device.type == "cuda" else max(cpu_ws, 1024),
+                                     dtype=torch.uint8, device=self.device)
         self.prefill_wrapper = pagoda.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
         self.decode_wrapper = pagoda.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD")
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
@@ -120,8 +124,6 @@ class ModelRunner:
         # carry ``is_active(seqs) -> bool``: False skips it for that batch (see `needs_exact_state`).
         self.logits_pipeline = LogitsPipeline(config, self.device, self.vocab_size)
         self.logits_processors: list[LogitsProcessor] = [self.logits_pipeline]
-        self.use_cuda_graph = self.device.type == "cuda" and not config.enforce_eager
-        self.graph_sizes = capture_sizes(config.max_num_seqs) if self.use_cuda_graph else []
         self.max_pages_per_seq = -(-config.max_model_len // self.block_size)
         self.graphs: DecodeGraphs | None = None    # captured once the KV cache exists
         self.num_blocks = self._num_blocks()
@@ -290,7 +292,7 @@ class ModelRunner:
                               kv_indptr=host["kv_indptr"], kv_indices=host["kv_indices"],
                               kv_last_page_len=host["last"])
             hidden = self.graphs.replay(n_req, graph_host, ids, pending, prev.tokens if pending else None)
-            rows = None    # every request of a decode-only step samples, in order
+            rows = None if len(sampling) == n_req else host["sample_rows"].to(self.device, non_blocking=True)
         else:
             dev32 = host32.to(self.device, non_blocking=True)
             dv = {k2: dev32[o[j]:o[j + 1]] for j, k2 in enumerate(names)}
