@@ -154,14 +154,14 @@ class DecodeGraphs:
         logger.info("captured %d decode CUDA graphs (batch %d..%d) in %.1f s, %.1f MiB", len(self.sizes),
                     self.sizes[0], self.max_batch, self.capture_s, self.memory_bytes / 2**20)
 
-    def replay(self, n: int, host: dict, pending: tuple[torch.Tensor, torch.Tensor] | None,
+    def replay(self, n: int, host: dict, input_ids: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor] | None,
                prev_tokens: torch.Tensor | None) -> torch.Tensor:
         """Run a decode step of ``n`` requests; returns the hidden states ``[n, hidden]`` (graph output:
         valid until the next replay).
 
-        host: pinned host tensors of the step: ``input_ids [n]`` (int64; pending rows hold anything), int32
-        ``positions [n]``, ``batch_indices [n]`` (0..n-1), ``kv_indptr [n + 1]``, ``kv_indices``,
-        ``kv_last_page_len [n]``.
+        host: pinned int32 host tensors of the step: ``positions [n]``, ``batch_indices [n]`` (0..n-1),
+        ``kv_indptr [n + 1]``, ``kv_indices``, ``kv_last_page_len [n]``. input_ids: int64 ``[n]`` on the
+        device (pending rows hold anything).
         pending: ``(rows, prev_rows)`` int64 device tensors: ``input_ids[rows] = prev_tokens[prev_rows]``
         (tokens sampled by the previous step, still on the device).
         """
@@ -169,7 +169,7 @@ class DecodeGraphs:
         if b is None:
             raise ValueError(f"batch {n} exceeds the largest captured size {self.max_batch}")
         self._plan(b, host["kv_indptr"], host["kv_indices"], host["kv_last_page_len"])
-        self.input_ids[:n].copy_(host["input_ids"], non_blocking=True)
+        self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(host["positions"], non_blocking=True)
         self.batch_indices[:n].copy_(host["batch_indices"], non_blocking=True)
         if n < b:   # padding rows: token 0 at position 0, skipped by the append (the previous replay may differ)
