@@ -18,12 +18,15 @@ elements, plus the weight); ``fused_add_rmsnorm`` reads input and residual and w
 
 The PyTorch functions are the models' own forms: HF's ``LlamaRMSNorm`` / ``GemmaRMSNorm`` (with ``residual +
 input`` first for the fused forms, out of place) and ``act_fn(gate) * up`` in the dtype; ``torch_compile``
-compiles each once per (op, width) (tokens become dynamic after the second size, as torch.compile does).
+compiles each once per (op, width) with ``fullgraph=True`` (tokens become dynamic after the second size, as
+torch.compile does; Dynamo's recompile limit raised, a row that ran uncompiled is an error, `pagoda.bench.compiled`).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import time
+import types
 from dataclasses import asdict, dataclass
 
 import torch
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 
 from pagoda.bench import report as _report
 from pagoda.bench.attention import _classify
+from pagoda.bench.compiled import CompileWatch, silently_eager, users_compile
 from pagoda.bench.progress import Progress
 from pagoda.bench.timing import time_ms
 from pagoda.reference import norm as _ref_norm
@@ -149,12 +153,21 @@ def _prep_torch(op, t):
 _compiled: dict[tuple, object] = {}     # (op, width, device) -> torch.compile'd function
 
 
+def _own_code(fn, name: str):
+    """``fn`` with a code object of its own: Dynamo keeps its compiled graphs and its automatic-dynamic record
+    per code object, and the closures of `torch_function` share one per form, so without this a second width
+    would compile the hidden size as dynamic (a looped reduction), not as the static size a model has."""
+    code = fn.__code__.replace(co_name=name, co_qualname=name) if hasattr(fn.__code__, "co_qualname") \
+        else fn.__code__.replace(co_name=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+
+
 def _prep_compile(op, t):
     x = t["x"]
     key = (op, x.shape[-1], x.device)
     fn = _compiled.get(key)
     if fn is None:
-        fn = _compiled[key] = torch.compile(torch_function(op))
+        fn = _compiled[key] = torch.compile(_own_code(torch_function(op), f"{op}_w{x.shape[-1]}"), fullgraph=True)
     return lambda: fn(**t) if op not in ACT_OPS else fn(x)
 
 
@@ -233,6 +246,7 @@ def run_case(case: LayerCase, names: list[str], device: torch.device, dtype: tor
         if unavailable.get(name):
             row.update(status="unavailable", reason=unavailable[name])
             continue
+        watch = CompileWatch() if name == "torch_compile" else None
         try:
             fn = BACKENDS[name][2](case.op, t)
             fn()  # compile / warm up outside timing
@@ -240,6 +254,13 @@ def run_case(case: LayerCase, names: list[str], device: torch.device, dtype: tor
         except Exception as exc:  # one backend failing must not stop the study
             row.update(zip(("status", "reason"), _classify(exc), strict=True))
             continue
+        if watch is not None:
+            delta = watch.delta()
+            row["compiled_graphs"] = delta["graphs"]
+            why = silently_eager(delta)
+            if why:      # never an eager figure under the compiled backend's name
+                row.update(status="error", reason=why)
+                continue
         gbps = nbytes / (us * 1e-6) / 1e9
         row.update(us=_sig(us), gbps=_sig(gbps), copy_frac=_sig(gbps / peak_gbps, 3), x_copy=_sig(us / floor, 3))
     return rows
@@ -263,7 +284,10 @@ def run_study(grid: str, backends: list[str] | None, device: torch.device, dtype
     peak = copy_gbps(device)
     results: list[dict] = []
     start, skipped = time.monotonic(), []
-    with Progress(len(cases), "layers") as bar:
+    # Every (op, width) shares its function's code object with the other widths (and the gemma / act variants):
+    # past Dynamo's recompile limit it would run them uncompiled. Raised here, and a fallback raises.
+    compiling = users_compile() if "torch_compile" in names else contextlib.nullcontext({})
+    with compiling as dynamo, Progress(len(cases), "layers") as bar:
         for case in cases:
             if results and time.monotonic() - start > limit:   # the first case always runs
                 skipped.append(case.label())
@@ -274,7 +298,7 @@ def run_study(grid: str, backends: list[str] | None, device: torch.device, dtype
     return {
         "study": "layers",
         "meta": {**_report.environment(device), "grid": grid, "dtype": str(dtype).replace("torch.", ""),
-                 "eps": EPS, "copy_gbps": _sig(peak),
+                 "eps": EPS, "copy_gbps": _sig(peak), "dynamo": dynamo,
                  "copy": f"device-to-device copy of {2 * COPY_BYTES if device.type == 'cuda' else 1 << 27} bytes "
                          "(half read, half written), do_bench median",
                  "bytes": "rmsnorm 2NH+H, fused_add_rmsnorm 4NH+H, *_and_mul 3Nd elements",
