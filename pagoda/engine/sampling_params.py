@@ -75,6 +75,7 @@ class SamplingParams:
     follows a JSON schema, regex, choice or grammar (`StructuredOutputsParams`). logits_processors:
     per-request callables ``fn(output_token_ids, logits_row) -> logits_row`` (vLLM's earlier interface;
     they run on the host side of the step, one call per row: see `pagoda.engine.logits_processors`).
+    extra_args: free-form values for user logits processors (unused by pagoda itself).
     """
     n: int = 1
     presence_penalty: float = 0.0
@@ -98,6 +99,7 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | None = None
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    extra_args: dict | None = None
     bad_words: list[str] | None = None
 
     def __post_init__(self) -> None:
@@ -186,6 +188,8 @@ class SamplingParams:
             for fn in self.logits_processors:
                 if not callable(fn):
                     raise TypeError(f"logits_processors must contain callables, got {type(fn).__name__}")
+        if self.extra_args is not None and not isinstance(self.extra_args, dict):
+            raise TypeError(f"extra_args must be a dict or None, got {type(self.extra_args).__name__}")
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             raise TypeError(f"structured_outputs must be a StructuredOutputsParams, "
                             f"got {type(self.structured_outputs).__name__}")
