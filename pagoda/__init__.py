@@ -10,7 +10,7 @@ from pagoda.ops import *  # noqa: F401,F403  (the public API; see pagoda.ops.__a
 from pagoda.ops import __all__ as _ops_all
 
 __version__ = "0.1.0"
-_ENGINE_NAMES = ("LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput")
+_ENGINE_NAMES = ("LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "StructuredOutputsParams")
 __all__ = list(_ops_all) + ["sampling", "__version__", *_ENGINE_NAMES]
 
 

@@ -5,6 +5,7 @@ from pagoda.engine.llm import LLM
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from pagoda.engine.sampling_params import RequestOutputKind, SamplingParams
+from pagoda.engine.structured_params import StructuredOutputsParams
 
 __all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutputKind", "RequestOutput",
-           "CompletionOutput", "Logprob"]
+           "CompletionOutput", "Logprob", "StructuredOutputsParams"]
