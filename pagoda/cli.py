@@ -98,6 +98,9 @@ def main(argv=None) -> int:
     if argv[:2] == ["bench", "serve"]:   # the HTTP load generator has options of its own
         from pagoda.bench.serve import main as bench_serve
         return bench_serve(argv[2:])
+    if argv[:2] == ["bench", "engine"]:  # the engine benchmark too (workload, --batch-1, --no-hf)
+        from pagoda.bench.engine import main as bench_engine
+        return bench_engine(argv[2:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -81,6 +81,14 @@ def _tables_of(module: str):
     return tables
 
 
+def _engine(o: BenchOptions) -> dict:
+    from pagoda.bench import engine
+    cfg = engine.EngineBenchConfig(model=o.model)
+    if o.budget_s is not None:
+        cfg.hf_budget_s = o.budget_s
+    return engine.run_study(cfg, o.device)
+
+
 STUDIES: dict[str, Study] = {s.name: s for s in [
     Study("attention", "prefill attention grid: TFLOP/s of every backend (flash-attention's grid on GPU)",
           _attention, _tables_of("attention")),
@@ -96,4 +104,6 @@ STUDIES: dict[str, Study] = {s.name: s for s in [
           _layers, _tables_of("layers")),
     Study("e2e", "HF generate tokens/s per attn_implementation, batch size, cache, logits processor",
           _e2e, _tables_of("e2e")),
+    Study("engine", "pagoda.LLM on nano-vLLM's benchmark vs its bandwidth ceiling and HF generate (own options: "
+          "pagoda bench engine --help)", _engine, _tables_of("engine")),
 ]}

@@ -108,6 +108,9 @@ class LLMEngine:
         self.num_steps = 0
         self._in_flight: InFlightStep | None = None    # launched, tokens not yet read back
         self.stats = StepStats()
+        # Set to a dict to record, per (request_id, index), the time.perf_counter() at which each token was
+        # read back (benchmarks: time to first token, inter-token latency).
+        self.token_times: dict[tuple[str, int], list[float]] | None = None
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> LLMEngine:
@@ -261,6 +264,7 @@ class LLMEngine:
         """Append a step's tokens (read back) to their sequences; the outputs of the requests they advanced.
         Sequences finished meanwhile (a stop in the step before, an abort) drop theirs."""
         touched: dict[str, _Request] = {}
+        times, now = self.token_times, time.perf_counter()
         lp = result.logprobs
         lp_row = {row: j for j, row in enumerate(lp[0])} if lp is not None else {}
         for i, (seq, token) in enumerate(zip(result.seqs, result.token_ids, strict=True)):
@@ -273,6 +277,8 @@ class LLMEngine:
                 logprobs = self._logprobs_entry(seq, token, lp[1][j], lp[2][j], lp[3][j], lp[4][j])
             self._append_token(seq, token, logprobs)
             touched[seq.request_id] = self.requests[seq.request_id]
+            if times is not None:
+                times.setdefault((seq.request_id, seq.index), []).append(now)
         outputs = []
         for req in touched.values():
             out = self._make_output(req)

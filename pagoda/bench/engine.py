@@ -1,0 +1,366 @@
+"""``pagoda bench engine``: pagoda's engine (`pagoda.LLMEngine`) on nano-vLLM's throughput benchmark, beside
+its bandwidth ceiling and HF transformers' ``generate`` on the same requests.
+
+Workload (nano-vLLM's ``bench.py``): 256 requests submitted at once, each a prompt of ``randint(100, 1024)``
+token ids drawn from ``randint(0, 10000)`` and ``max_tokens = randint(100, 1024)``, ``temperature=0.6``,
+``ignore_eos=True`` (Python's ``random`` seeded with 0, prompts first), ``max_model_len=4096``. Default
+model: Qwen3-0.6B's shapes with dummy weights (config built here; the tokenizer is a word-level one over
+the vocabulary, since prompts are token ids). ``--model DIR``: any supported local folder.
+
+Figures: output tokens/s, total (prompt + output) tokens/s, time to first token and inter-token latency
+(p50/p99, each token timed when the host reads it back), peak KV-cache usage, the host's share of a
+decode step, and the ceiling computed from the same requests (`ceiling`): every decode step reads every
+weight once and the KV of every running request once (all requests run together from the start: the
+fewest steps), at the device-to-device copy bandwidth measured in the same run, plus the prefill FLOPs
+at the bf16 matmul rate measured in the same run.
+
+``--batch-1``: one request's decode on a Llama-3-8B-shaped dummy model, time per token beside its floor
+(weight bytes and the request's KV at the copy bandwidth).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from pagoda.bench import report as _report
+
+QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
+                  max_position_embeddings=40960, tie_word_embeddings=True, rms_norm_eps=1e-6)
+LLAMA_3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+                  max_position_embeddings=8192, tie_word_embeddings=False, rms_norm_eps=1e-5)
+_sig = _report.significant
+
+
+@dataclass
+class EngineBenchConfig:
+    model: str | None = None            # local folder; None: Qwen3-0.6B (Llama-3-8B with batch_1) dummy
+    num_requests: int = 256
+    min_len: int = 100                  # input and output lengths: randint(min_len, max_len)
+    max_len: int = 1024
+    max_token_id: int = 10000
+    seed: int = 0
+    temperature: float = 0.6
+    max_model_len: int = 4096
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
+    hf: bool = True
+    hf_impls: tuple = ("sdpa", "pagoda")
+    hf_budget_s: float = 150.0          # per implementation: generate stops past it (partial figure)
+    batch_1: bool = False
+    batch_1_prompt: int = 512
+    batch_1_tokens: int = 256
+    dtype: str = "auto"
+
+    def __post_init__(self):
+        if not 1 <= self.min_len <= self.max_len:
+            raise ValueError(f"need 1 <= min_len <= max_len, got {self.min_len}, {self.max_len}")
+        if self.num_requests < 1:
+            raise ValueError(f"num_requests must be >= 1, got {self.num_requests}")
+
+
+def make_requests(cfg: EngineBenchConfig) -> list[tuple[list[int], int]]:
+    """nano-vLLM's requests: ``(prompt_token_ids, max_tokens)``, prompts drawn first, then the lengths."""
+    rng = random.Random(cfg.seed)
+    prompts = [[rng.randint(0, cfg.max_token_id) for _ in range(rng.randint(cfg.min_len, cfg.max_len))]
+               for _ in range(cfg.num_requests)]
+    outs = [rng.randint(cfg.min_len, cfg.max_len) for _ in range(cfg.num_requests)]
+    return list(zip(prompts, outs, strict=True))
+
+
+def dummy_model_dir(spec: dict, arch: str, out: Path) -> Path:
+    """A model folder with ``spec``'s config (no weights: load with ``load_format="dummy"``) and a word-level
+    tokenizer that names every id of the vocabulary."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    cls = {"qwen3": transformers.Qwen3Config, "llama": transformers.LlamaConfig}[arch]
+    arch_name = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}[arch]
+    cls(**spec, architectures=[arch_name], bos_token_id=1, eos_token_id=2).save_pretrained(out)
+    vocab = {f"t{i}": i for i in range(spec["vocab_size"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2")
+    fast.save_pretrained(out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ floors
+
+def param_bytes(hf_config, itemsize: int) -> int:
+    """Bytes of every weight (each read once per decode step; a tied LM head counted once)."""
+    c = hf_config
+    d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    hq, hk, h, i = c.num_attention_heads, c.num_key_value_heads, c.hidden_size, c.intermediate_size
+    qk_norm = 2 * d if getattr(c, "model_type", "") == "qwen3" else 0
+    bias = (hq + 2 * hk) * d if getattr(c, "model_type", "") == "qwen2" else 0
+    layer = h * (hq + 2 * hk) * d + hq * d * h + 3 * h * i + 2 * h + qk_norm + bias
+    emb = c.vocab_size * h * (1 if getattr(c, "tie_word_embeddings", False) else 2)
+    return (c.num_hidden_layers * layer + emb + h) * itemsize
+
+
+def kv_bytes_per_token(hf_config, itemsize: int) -> int:
+    c = hf_config
+    d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return c.num_hidden_layers * 2 * c.num_key_value_heads * d * itemsize
+
+
+def prefill_flops(hf_config, prompt_lens: list[int]) -> float:
+    """Matmul FLOPs of the prompts: 2 x (weights touched per token) per token, plus causal attention
+    (QK^T and PV over n(n+1)/2 pairs per head); the LM head for the last token only."""
+    c = hf_config
+    d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    hq, hk, h, i = c.num_attention_heads, c.num_key_value_heads, c.hidden_size, c.intermediate_size
+    per_token = 2 * c.num_hidden_layers * (h * (hq + 2 * hk) * d + hq * d * h + 3 * h * i)
+    attn = sum(2 * 2 * c.num_hidden_layers * hq * d * n * (n + 1) / 2 for n in prompt_lens)
+    return float(sum(prompt_lens) * per_token + attn + 2 * len(prompt_lens) * h * c.vocab_size)
+
+
+def ceiling(hf_config, itemsize: int, requests: list[tuple[list[int], int]], copy_gbps: float,
+            matmul_tflops: float) -> dict:
+    """The workload's floor time: ``max(out)`` decode steps, each reading every weight and the KV of the
+    requests still running (request r at step t reads ``len(prompt) + t`` tokens), at ``copy_gbps``; plus
+    the prefill FLOPs at ``matmul_tflops``. All requests run together (they fit the cache)."""
+    kvt = kv_bytes_per_token(hf_config, itemsize)
+    kv = sum(kvt * (out * len(p) + out * (out - 1) // 2) for p, out in requests)
+    weights = param_bytes(hf_config, itemsize) * max(out for _, out in requests)
+    flops = prefill_flops(hf_config, [len(p) for p, _ in requests])
+    t = (kv + weights) / (copy_gbps * 1e9) + flops / (matmul_tflops * 1e12)
+    outs = sum(out for _, out in requests)
+    return dict(kv_tb=kv / 1e12, weight_tb=weights / 1e12, prefill_pflop=flops / 1e15, seconds=t,
+                output_tok_s=outs / t, total_tok_s=(outs + sum(len(p) for p, _ in requests)) / t)
+
+
+def measure_rates(device: torch.device, dtype: torch.dtype, hidden: int, inter: int) -> tuple[float, float]:
+    """(device-to-device copy GB/s, matmul TFLOP/s of a ``[8192, hidden] x [hidden, inter]`` GEMM)."""
+    from pagoda.bench.layers import copy_gbps
+    from pagoda.bench.timing import time_ms
+
+    gbps = copy_gbps(device)
+    m = 8192 if device.type == "cuda" else 64
+    a = torch.randn(m, hidden, device=device, dtype=dtype)
+    b = torch.randn(hidden, inter, device=device, dtype=dtype)
+    ms = time_ms(lambda: a @ b, device)
+    return gbps, 2 * m * hidden * inter / (ms * 1e-3) / 1e12
+
+
+# ------------------------------------------------------------------------------------------------ engine
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))]
+
+
+def run_engine(model_dir: str, requests, cfg: EngineBenchConfig, load_format: str, warmup=None) -> tuple[dict, dict]:
+    """Run the requests through one `LLMEngine`, all submitted at once; ``(row, engine facts)``."""
+    from pagoda.engine import EngineConfig, LLMEngine, RequestOutputKind, SamplingParams
+
+    engine = LLMEngine(EngineConfig(model=model_dir, load_format=load_format, dtype=cfg.dtype, seed=cfg.seed,
+                                    max_model_len=cfg.max_model_len, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                                    enforce_eager=cfg.enforce_eager,
+                                    max_num_seqs=max(1, min(256, len(requests))) if cfg.batch_1 else 256))
+    device = engine.model_runner.device
+
+    def params(n):
+        return SamplingParams(temperature=cfg.temperature, ignore_eos=True, max_tokens=n,
+                              output_kind=RequestOutputKind.FINAL_ONLY)
+
+    def drive(engine, reqs, tag):
+        for j, (p, n) in enumerate(reqs):
+            engine.add_request(f"{tag}{j}", {"prompt_token_ids": p}, params(n))
+        peak = 0.0
+        while engine.has_unfinished_requests():
+            engine.step()
+            peak = max(peak, engine.block_manager.usage)
+        return peak
+
+    if warmup:                 # compiles every kernel shape the run meets (other prompts: no prefix hits)
+        drive(engine, warmup, "w")
+    engine.block_manager.reset_prefix_cache()
+    from pagoda.engine.llm_engine import StepStats
+    engine.stats = StepStats()
+    engine.token_times = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    peak = drive(engine, requests, "r")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - t0
+    ttft, itl = [], []
+    for times in engine.token_times.values():
+        ttft.append(times[0] - t0)
+        itl += [b - a for a, b in zip(times, times[1:], strict=False)]
+    outs = sum(n for _, n in requests)
+    ins = sum(len(p) for p, _ in requests)
+    st = engine.stats
+    runner = engine.model_runner
+    row = dict(system="pagoda", status="ok", requests=len(requests), elapsed_s=_sig(elapsed),
+               output_tok_s=_sig(outs / elapsed), total_tok_s=_sig((outs + ins) / elapsed),
+               ttft_p50_ms=_sig(1e3 * _pct(ttft, 50)), ttft_p99_ms=_sig(1e3 * _pct(ttft, 99)),
+               itl_p50_ms=_sig(1e3 * _pct(itl, 50)) if itl else None,
+               itl_p99_ms=_sig(1e3 * _pct(itl, 99)) if itl else None,
+               peak_kv_usage=_sig(peak), steps=st.steps, decode_steps=st.decode_steps, graph_steps=st.graph_steps,
+               decode_step_ms=_sig(1e3 * (st.decode_host_s + st.decode_wait_s) / max(st.decode_steps, 1)),
+               decode_host_ms=_sig(1e3 * st.decode_host_s / max(st.decode_steps, 1)),
+               decode_host_frac=_sig(st.decode_host_s / max(st.decode_host_s + st.decode_wait_s, 1e-12)))
+    graphs = runner.graphs
+    facts = dict(num_blocks=runner.num_blocks, block_size=runner.block_size,
+                 kv_cache_gib=_sig(runner.kv_cache.numel() * runner.kv_cache.element_size() / 2**30),
+                 graph_sizes=list(runner.graph_sizes), graph_capture_mib=_sig(graphs.memory_bytes / 2**20)
+                 if graphs else None, graph_capture_s=_sig(graphs.capture_s) if graphs else None,
+                 graph_reserve_mib=_sig(runner.graph_reserve_bytes() / 2**20),
+                 dtype=str(runner.dtype), hf_config=engine.config.hf_config)
+    if device.type == "cuda":
+        facts["peak_memory_gib"] = _sig(torch.cuda.max_memory_allocated(device) / 2**30)
+        facts["memory_total_gib"] = _sig(torch.cuda.mem_get_info(device)[1] / 2**30)
+    del engine, runner, graphs
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row, facts
+
+
+# ------------------------------------------------------------------------------------------------ study
+
+def run_study(cfg: EngineBenchConfig, device: torch.device | None = None) -> dict:
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        if cfg.model:
+            model_dir, load_format = cfg.model, "auto"
+        elif cfg.batch_1:
+            model_dir, load_format = str(dummy_model_dir(LLAMA_3_8B, "llama", Path(tmp))), "dummy"
+        else:
+            model_dir, load_format = str(dummy_model_dir(QWEN3_0_6B, "qwen3", Path(tmp))), "dummy"
+        from transformers import AutoConfig
+
+        vocab = AutoConfig.from_pretrained(model_dir, local_files_only=True).vocab_size
+        if cfg.max_token_id >= vocab:        # a small model: ids inside its vocabulary
+            cfg = EngineBenchConfig(**{**asdict(cfg), "max_token_id": vocab - 1})
+        if cfg.batch_1:
+            rng = random.Random(cfg.seed)
+            requests = [([rng.randint(0, cfg.max_token_id) for _ in range(cfg.batch_1_prompt)], cfg.batch_1_tokens)]
+            warmup = [([rng.randint(0, cfg.max_token_id) for _ in range(cfg.batch_1_prompt)], 8)]
+        else:
+            requests = make_requests(cfg)
+            warm_cfg = EngineBenchConfig(**{**asdict(cfg), "seed": cfg.seed + 1})
+            warmup = [(p, 4) for p, _ in make_requests(warm_cfg)[:min(32, cfg.num_requests)]]
+        row, facts = run_engine(model_dir, requests, cfg, load_format, warmup)
+        hf_config = facts.pop("hf_config")
+        dtype = {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16}.get(facts["dtype"], torch.float32)
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        gbps, tflops = measure_rates(device, dtype, hf_config.hidden_size, hf_config.intermediate_size)
+        rows = [row]
+        if cfg.batch_1:
+            p, n = requests[0]
+            ctx = len(p) + n / 2
+            floor_ms = (param_bytes(hf_config, itemsize) + kv_bytes_per_token(hf_config, itemsize) * ctx) / (gbps * 1e6)
+            row.update(floor_ms_per_token=_sig(floor_ms),
+                       frac_of_floor=_sig(floor_ms / row["itl_p50_ms"]) if row["itl_p50_ms"] else None)
+        else:
+            ceil = ceiling(hf_config, itemsize, requests, gbps, tflops)
+            rows.append(dict(system="ceiling", status="ok", requests=len(requests), elapsed_s=_sig(ceil["seconds"]),
+                             output_tok_s=_sig(ceil["output_tok_s"]), total_tok_s=_sig(ceil["total_tok_s"]),
+                             kv_tb=_sig(ceil["kv_tb"]), weight_tb=_sig(ceil["weight_tb"]),
+                             prefill_pflop=_sig(ceil["prefill_pflop"])))
+            row["frac_of_ceiling"] = _sig(row["output_tok_s"] / ceil["output_tok_s"])
+            if cfg.hf:
+                from pagoda.bench.engine_hf import run_hf
+                rows += run_hf(model_dir, hf_config, requests, cfg, device, dtype)
+    meta = _report.environment(device)
+    meta.update(workload=dict(num_requests=cfg.num_requests, lengths=[cfg.min_len, cfg.max_len], seed=cfg.seed,
+                              temperature=cfg.temperature, ignore_eos=True, max_model_len=cfg.max_model_len,
+                              batch_1=cfg.batch_1, model=cfg.model or ("llama-3-8b dummy" if cfg.batch_1
+                                                                       else "qwen3-0.6b dummy")),
+                copy_gbps=_sig(gbps), matmul_tflops=_sig(tflops), **facts)
+    return {"study": "engine", "meta": meta, "backends": {}, "results": rows}
+
+
+def tables(report: dict, markdown: bool = False) -> str:
+    rows = report["results"]
+    meta = report["meta"]
+    cols = ["system", "requests", "elapsed_s", "output_tok_s", "total_tok_s", "ttft_p50_ms", "ttft_p99_ms",
+            "itl_p50_ms", "itl_p99_ms", "peak_kv_usage", "frac_of_ceiling", "floor_ms_per_token", "frac_of_floor",
+            "decode_step_ms", "decode_host_ms", "decode_host_frac", "graph_steps", "kv_tb", "weight_tb",
+            "prefill_pflop", "note"]
+    cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
+    body = [[r.get(c) for c in cols] for r in rows]
+    fmt = _report.markdown_table if markdown else _report.format_table
+    head = (f"copy bandwidth {meta.get('copy_gbps')} GB/s, matmul {meta.get('matmul_tflops')} TFLOP/s; KV cache "
+            f"{meta.get('kv_cache_gib')} GiB ({meta.get('num_blocks')} blocks of {meta.get('block_size')}); decode "
+            f"graphs {meta.get('graph_sizes')} took {meta.get('graph_capture_mib')} MiB in "
+            f"{meta.get('graph_capture_s')} s (reserved {meta.get('graph_reserve_mib')} MiB)")
+    return head + "\n\n" + fmt(cols, body)
+
+
+def plot_engine(plt, report: dict, out: Path) -> list[Path]:
+    """Bars: output tokens/s of each system (the ceiling included)."""
+    rows = [r for r in report["results"] if r.get("output_tok_s")]
+    if not rows:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = [r["system"] for r in rows]
+    ax.bar(names, [r["output_tok_s"] for r in rows],
+           color=["tab:green" if n == "pagoda" else "tab:gray" if n == "ceiling" else "tab:blue" for n in names])
+    ax.set_ylabel("output tokens/s")
+    meta = report["meta"]
+    ax.set_title(f"pagoda bench engine · {meta.get('device_name')} · {meta['workload']['model']}", fontsize=9)
+    fig.tight_layout()
+    path = out / "engine.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = EngineBenchConfig()
+    p = argparse.ArgumentParser(prog="pagoda bench engine", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="local model folder (default: Qwen3-0.6B shapes, dummy weights)")
+    p.add_argument("--num-requests", type=int, default=d.num_requests)
+    p.add_argument("--min-len", type=int, default=d.min_len, help="shortest input and output length")
+    p.add_argument("--max-len", type=int, default=d.max_len, help="longest input and output length")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--max-model-len", type=int, default=d.max_model_len)
+    p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--no-hf", action="store_true", help="skip HF transformers' generate")
+    p.add_argument("--hf-impls", default=",".join(d.hf_impls), help="attn_implementation values for HF generate")
+    p.add_argument("--budget-s", type=float, default=d.hf_budget_s,
+                   help="HF generate: seconds per implementation before it stops (partial figure)")
+    p.add_argument("--batch-1", action="store_true", help="one request's decode, Llama-3-8B-shaped dummy model")
+    p.add_argument("--batch-1-tokens", type=int, default=d.batch_1_tokens)
+    p.add_argument("--dtype", default=d.dtype, help="auto (bf16 on a GPU), float32, float16, bfloat16")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--out", help="directory for JSON, CSV, Markdown and PNG results")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    cfg = EngineBenchConfig(model=a.model, num_requests=a.num_requests, min_len=a.min_len, max_len=a.max_len,
+                            seed=a.seed, max_model_len=a.max_model_len, gpu_memory_utilization=a.gpu_memory_utilization,
+                            enforce_eager=a.enforce_eager, hf=not a.no_hf,
+                            hf_impls=tuple(x for x in a.hf_impls.split(",") if x), hf_budget_s=a.budget_s,
+                            batch_1=a.batch_1, batch_1_tokens=a.batch_1_tokens, dtype=a.dtype)
+    device = torch.device(a.device) if a.device else None
+    report = run_study(cfg, device)
+    print(tables(report))
+    if a.out:
+        from pagoda.bench.plots import _pyplot
+        paths = _report.write_outputs(a.out, "engine", report, tables(report, markdown=True))
+        plt = _pyplot()
+        if plt is not None:
+            Path(a.out).mkdir(parents=True, exist_ok=True)
+            paths += plot_engine(plt, report, Path(a.out))
+        print("\nwrote " + ", ".join(str(p) for p in paths))
+    return 0
