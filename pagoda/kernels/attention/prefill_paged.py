@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from pagoda.kernels._common import LN2_JIT, LOG2E, LOG2E_JIT, online_softmax, soft_cap
+from pagoda.kernels.attention.mask_tile import custom_mask_bits
 from pagoda.kernels.attention.paged_tile import addr_flags, load_rows, paged_offsets, rope_rows
 from pagoda.kernels.launch.fast import cdiv, launch, launch_tuned, next_pow2
 
@@ -41,13 +42,14 @@ SPLIT_ALIGN = 128  # split chunks are multiples of this, which every config's BL
 @triton.jit
 def _paged_block(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, page_size, page_shift, stride_kp, stride_kt, stride_vp,
                  stride_vt, q_pos, slope_log2, offs_n, offs_d, partner, start_n, kv_len, window_left, window_right,
-                 qk_scale, softcap_log2, rope_rcp_scale, log2_theta,
+                 qk_scale, softcap_log2, rope_rcp_scale, log2_theta, MASK_WORDS, mask_row, row_mask,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                  HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ROPE: tl.constexpr,
-                 IEEE: tl.constexpr, ADDR: tl.constexpr):
+                 IEEE: tl.constexpr, ADDR: tl.constexpr, CUSTOM_MASK: tl.constexpr = False):
     """One ``BLOCK_N`` tile of keys ``start_n + offs_n``: the updated online-softmax state (acc, l_i, m_i).
     Without MASKED every key of the tile exists and every row sees it (no bounds or mask math).
-    ``ADDR`` bits (see `addr_flags`) trim the gather's integer work, which the hot loop pays per key."""
+    ``ADDR`` bits (see `addr_flags`) trim the gather's integer work, which the hot loop pays per key.
+    CUSTOM_MASK (with MASKED): a key is visible iff its bit in the rows' mask words (`custom_mask_bits`) is set."""
     t = start_n + offs_n
     valid = t < kv_len
     off_k, off_v = paged_offsets(KV_INDICES, p0, t, valid, page_size, page_shift, stride_kp, stride_kt, stride_vp,
@@ -74,7 +76,9 @@ def _paged_block(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, page_size, page_shi
         # Raw products, scaled inside the exponent (one FMA per score); max commutes with scale > 0.
         s = qk
         scale = qk_scale
-    if MASKED:
+    if CUSTOM_MASK:
+        s = tl.where(custom_mask_bits(MASK_WORDS, mask_row, row_mask, start_n, offs_n), s, float("-inf"))
+    elif MASKED:
         visible = valid[None, :]
         if CAUSAL:
             visible = visible & (t[None, :] <= q_pos[:, None] + window_right)
@@ -92,14 +96,14 @@ def _paged_block(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, page_size, page_shi
 
 @triton.jit
 def _prefill_paged_kernel(
-    Q, K, V, QO_INDPTR, KV_INDPTR, KV_INDICES, KV_LAST, SLOPES, CHUNK, O, LSE,
-    stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+    Q, K, V, QO_INDPTR, KV_INDPTR, KV_INDICES, KV_LAST, SLOPES, CHUNK, O, LSE, MASK_WORDS, MASK_META, TILE_INDPTR,
+    TILE_LIST, stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
     stride_ot, stride_os, stride_oh, stride_lt, stride_ls, stride_lh, stride_sb,
     page_size, page_shift, num_splits, qk_scale, softcap_log2, window_left, window_right, rope_rcp_scale, log2_theta,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr,
-    ADDR: tl.constexpr,
+    ADDR: tl.constexpr, CUSTOM_MASK: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     split = pid % num_splits
@@ -162,24 +166,44 @@ def _prefill_paged_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    for start_n in range(lo, seg1, BLOCK_N):
-        acc, l_i, m_i = _paged_block(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, page_size, page_shift, stride_kp,
-                                     stride_kt, stride_vp, stride_vt, q_pos, slope_log2, offs_n, offs_d, partner,
-                                     start_n, kv_len, window_left, window_right, qk_scale, softcap_log2,
-                                     rope_rcp_scale, log2_theta, HEAD_DIM, HEAD_DIM_PAD, True, CAUSAL, HAS_WINDOW,
-                                     HAS_SOFTCAP, HAS_ALIBI, ROPE, IEEE, ADDR)
-    for start_n in range(seg1, seg2, BLOCK_N):
-        acc, l_i, m_i = _paged_block(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, page_size, page_shift, stride_kp,
-                                     stride_kt, stride_vp, stride_vt, q_pos, slope_log2, offs_n, offs_d, partner,
-                                     start_n, kv_len, window_left, window_right, qk_scale, softcap_log2,
-                                     rope_rcp_scale, log2_theta, HEAD_DIM, HEAD_DIM_PAD, False, CAUSAL, HAS_WINDOW,
-                                     HAS_SOFTCAP, HAS_ALIBI, ROPE, IEEE, ADDR)
-    for start_n in range(seg2, hi, BLOCK_N):
-        acc, l_i, m_i = _paged_block(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, page_size, page_shift, stride_kp,
-                                     stride_kt, stride_vp, stride_vt, q_pos, slope_log2, offs_n, offs_d, partner,
-                                     start_n, kv_len, window_left, window_right, qk_scale, softcap_log2,
-                                     rope_rcp_scale, log2_theta, HEAD_DIM, HEAD_DIM_PAD, True, CAUSAL, HAS_WINDOW,
-                                     HAS_SOFTCAP, HAS_ALIBI, ROPE, IEEE, ADDR)
+    if CUSTOM_MASK:
+        # Custom mask: walk only the key tiles listed for this query tile (plan: `pagoda.ops._mask`); the mask
+        # bits already hold the window and the key bounds, so no causal / window arithmetic here.
+        q_tile = tl.load(MASK_META + b * 3 + 2) + start_m
+        mask_row = tl.load(MASK_META + b * 3).to(tl.int64) + tok.to(tl.int64) * tl.load(MASK_META + b * 3 + 1)
+        for it in range(tl.load(TILE_INDPTR + q_tile), tl.load(TILE_INDPTR + q_tile + 1)):
+            start_n = tl.load(TILE_LIST + it) * BLOCK_N
+            acc, l_i, m_i = _paged_block(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, page_size, page_shift,
+                                         stride_kp, stride_kt, stride_vp, stride_vt, q_pos, slope_log2, offs_n,
+                                         offs_d, partner, start_n, kv_len, window_left, window_right, qk_scale,
+                                         softcap_log2, rope_rcp_scale, log2_theta, MASK_WORDS, mask_row, row_mask,
+                                         HEAD_DIM, HEAD_DIM_PAD, True, False, False, HAS_SOFTCAP, HAS_ALIBI, ROPE,
+                                         IEEE, ADDR, True)
+    else:
+        for start_n in range(lo, seg1, BLOCK_N):
+            acc, l_i, m_i = _paged_block(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, page_size, page_shift,
+                                         stride_kp, stride_kt, stride_vp, stride_vt, q_pos, slope_log2, offs_n,
+                                         offs_d, partner, start_n, kv_len, window_left, window_right, qk_scale,
+                                         softcap_log2, rope_rcp_scale, log2_theta, MASK_WORDS, offs_r, row_mask,
+                                         HEAD_DIM,
+                                         HEAD_DIM_PAD, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, ROPE, IEEE,
+                                         ADDR)
+        for start_n in range(seg1, seg2, BLOCK_N):
+            acc, l_i, m_i = _paged_block(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, page_size, page_shift,
+                                         stride_kp, stride_kt, stride_vp, stride_vt, q_pos, slope_log2, offs_n,
+                                         offs_d, partner, start_n, kv_len, window_left, window_right, qk_scale,
+                                         softcap_log2, rope_rcp_scale, log2_theta, MASK_WORDS, offs_r, row_mask,
+                                         HEAD_DIM,
+                                         HEAD_DIM_PAD, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, ROPE, IEEE,
+                                         ADDR)
+        for start_n in range(seg2, hi, BLOCK_N):
+            acc, l_i, m_i = _paged_block(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, page_size, page_shift,
+                                         stride_kp, stride_kt, stride_vp, stride_vt, q_pos, slope_log2, offs_n,
+                                         offs_d, partner, start_n, kv_len, window_left, window_right, qk_scale,
+                                         softcap_log2, rope_rcp_scale, log2_theta, MASK_WORDS, offs_r, row_mask,
+                                         HEAD_DIM,
+                                         HEAD_DIM_PAD, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, ROPE, IEEE,
+                                         ADDR)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -280,7 +304,7 @@ def prefill_paged_fwd(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_i
                       page_size: int, num_kv_heads: int, max_qo_len: int, out, lse, *, sm_scale: float, causal: bool,
                       window_left: int = -1, logits_soft_cap: float = 0.0, alibi_slopes=None, rope=None,
                       window_right: int | None = None, config: dict | None = None, block_m: int | None = None,
-                      num_splits: int = 0, chunk=None, o_part=None, lse_part=None) -> None:
+                      num_splits: int = 0, chunk=None, o_part=None, lse_part=None, custom_mask=None) -> None:
     """Launch; arguments validated by the ops layer. q/out ``[nnz_qo, Hq, D]`` (last dim contiguous),
     lse float32 ``[nnz_qo, Hq]``; caches 4-D with ``(page, token, head)`` strides; ``rope`` None or
     ``(rope_scale, rope_theta)``; alibi_slopes float32 ``[Hq]`` or ``[batch, Hq]``. ``window_right``
@@ -298,7 +322,12 @@ def prefill_paged_fwd(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_i
     BLOCK_N: of `SPLIT_ALIGN` for the tuned kernel) with
     ``num_splits * chunk >= `` every kv_len, and ``o_part [>= nnz_qo, num_splits, Hq, D]`` /
     ``lse_part [>= nnz_qo, num_splits, Hq]`` float32 workspace views; rows below ``qo_indptr[-1]`` of
-    out/lse are then written by the merge."""
+    out/lse are then written by the merge.
+
+    ``custom_mask``: a planned mask (`pagoda.ops._mask.MaskPlan`: ``words``, ``meta``, ``tile_indptr``,
+    ``tile_list`` and the launch ``config`` its tile lists were built for). The kernel then walks only the listed
+    key tiles and applies the mask bits (which hold the window); ``causal``/``window_*`` and ``config`` are
+    ignored, and split-KV is not used."""
     batch = qo_indptr.shape[0] - 1
     hq, dim = q.shape[1], q.shape[2]
     if batch == 0 or max_qo_len == 0 or q.shape[0] == 0:
@@ -307,6 +336,8 @@ def prefill_paged_fwd(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_i
         window_right = 0 if causal else -1
     group = hq // num_kv_heads
     fp32 = q.dtype == torch.float32
+    if custom_mask is not None:
+        config, window_left, window_right, num_splits = custom_mask.config, -1, -1, 0
     bm = (config or {}).get("BLOCK_M") or block_m or choose_block_m(max_qo_len * group, dim, fp32)
     if softcap := float(logits_soft_cap):
         qk_scale, softcap_log2 = sm_scale / softcap, softcap * LOG2E
@@ -324,6 +355,8 @@ def prefill_paged_fwd(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_i
     stride_sb = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
     args = (q, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
             alibi_slopes if alibi_slopes is not None else q, chunk if split else qo_indptr, dst_o, dst_l,
+            *((custom_mask.words, custom_mask.meta, custom_mask.tile_indptr, custom_mask.tile_list)
+              if custom_mask is not None else (qo_indptr,) * 4),
             q.stride(0), q.stride(1), *k_strides, *v_strides, *so, *sl, stride_sb,
             page_size, page_size.bit_length() - 1, max(num_splits, 1), qk_scale, softcap_log2, window_left,
             window_right, rope_rcp_scale, log2_theta)
@@ -331,6 +364,8 @@ def prefill_paged_fwd(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_i
                 CAUSAL=window_right >= 0, HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=softcap > 0,
                 HAS_ALIBI=alibi_slopes is not None, ROPE=rope is not None, IEEE=fp32,
                 ADDR=addr_flags(page_size, k_strides, v_strides))
+    if custom_mask is not None:
+        meta["CUSTOM_MASK"] = True
     if config is not None:
         launch(_prefill_paged_kernel, grid, *args, **meta, BLOCK_N=config["BLOCK_N"],
                num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
