@@ -6,6 +6,7 @@ from pagoda.ops.cascade_levels import CascadeLevels, build_cascade_levels
 from pagoda.ops.decode import BatchDecodeWithPagedKVCacheWrapper, single_decode_with_kv_cache
 from pagoda.ops.kvcache import flash_attn_with_kvcache
 from pagoda.ops.norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, rmsnorm
+from pagoda.ops.packbits import packbits, segment_packbits
 from pagoda.ops.page import (
                              append_paged_kv_cache,
                              append_paged_kv_cache_with_rope,
@@ -49,6 +50,7 @@ __all__ = [
     "CascadeLevels", "build_cascade_levels",
     "BatchDecodeWithPagedKVCacheWrapper", "single_decode_with_kv_cache",
     "BatchPrefillWithPagedKVCacheWrapper", "BatchPrefillWithRaggedKVCacheWrapper", "single_prefill_with_kv_cache",
+    "packbits", "segment_packbits",
     "append_paged_kv_cache", "append_paged_kv_cache_with_rope", "block_table_to_csr", "csr_to_block_table",
     "get_batch_indices_positions", "get_seq_lens",
     "apply_rope", "apply_rope_inplace", "apply_rope_pos_ids", "apply_rope_pos_ids_inplace", "apply_llama31_rope",

@@ -56,11 +56,12 @@ def prefill_paged(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_indpt
                   page_size: int, num_kv_heads: int, max_qo_len: int, out, lse, *, sm_scale: float, causal: bool,
                   window_left: int = -1, logits_soft_cap: float = 0.0, alibi_slopes=None, rope=None,
                   window_right: int | None = None, block_m: int | None = None, num_splits: int = 0, chunk=None,
-                  o_part=None, lse_part=None, write_lse: bool = True) -> None:
+                  o_part=None, lse_part=None, write_lse: bool = True, custom_mask=None) -> None:
     """Paged prefill into ``out`` / ``lse`` (arguments: `pagoda.kernels.attention.prefill_paged.prefill_paged_fwd`).
 
     ``write_lse=False``: the caller does not read lse (the Gluon kernel then skips it; the Triton kernels write it
-    regardless). ``block_m`` is the Triton kernel's rows per tile (unused by the Gluon kernel)."""
+    regardless). ``block_m`` is the Triton kernel's rows per tile (unused by the Gluon kernel). A ``custom_mask``
+    (`pagoda.ops._mask.MaskPlan`) always takes the Triton kernel, with the launch configuration it was planned for."""
     from pagoda.kernels.attention import prefill_paged as paged
 
     if qo_indptr.shape[0] <= 1 or max_qo_len == 0 or q.shape[0] == 0:
@@ -68,7 +69,8 @@ def prefill_paged(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_indpt
     if window_right is None:
         window_right = 0 if causal else -1
     interpreting = _switches.interpreting()
-    if (max_qo_len >= GLUON_MIN_QO and not interpreting and window_right <= 0 and _switches.hopper_attention()):
+    if (max_qo_len >= GLUON_MIN_QO and not interpreting and custom_mask is None and window_right <= 0
+            and _switches.hopper_attention()):
         from pagoda.kernels.hopper import paged as hopper_paged
 
         if hopper_paged.paged_supported(q, k_cache, v_cache, k_strides, v_strides, page_size, num_kv_heads,
@@ -90,4 +92,5 @@ def prefill_paged(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_indpt
                             kv_last_page_len, page_size, num_kv_heads, max_qo_len, out, lse, sm_scale=sm_scale,
                             causal=causal, window_left=window_left, logits_soft_cap=logits_soft_cap,
                             alibi_slopes=alibi_slopes, rope=rope, window_right=window_right, config=config,
-                            block_m=block_m, num_splits=num_splits, chunk=chunk, o_part=o_part, lse_part=lse_part)
+                            block_m=block_m, num_splits=num_splits, chunk=chunk, o_part=o_part, lse_part=lse_part,
+                            custom_mask=custom_mask)

@@ -54,6 +54,7 @@ class MaskPlan:
     kv_lens: list
     visited: float              # fraction of (query tile, key tile) pairs the kernel reads
     _host: list | None = field(default=None)
+    _pages: tuple | None = field(default=None)   # ragged K/V as one-token pages (`ragged_as_pages`), made once
 
     def host_masks(self) -> list[torch.Tensor]:
         """One bool ``[qo_len, kv_len]`` per request (CPU), for the reference path."""
@@ -173,3 +174,102 @@ def plan_mask(custom_mask, packed_custom_mask, qo_lens: list, kv_lens: list, gro
     return MaskPlan(words=words, meta=meta, tile_indptr=tile_indptr, tile_list=tile_list, config=config,
                     packed=packed, qo_lens=list(qo_lens), kv_lens=list(kv_lens),
                     visited=tile_list.numel() / total if total else 0.0)
+
+
+def plan_for_wrapper(custom_mask, packed_custom_mask, qo_lens: list, kv_lens: list, group: int, head_dim: int,
+                     q_dtype: torch.dtype, window_left: int, device, use_cuda_graph: bool) -> MaskPlan | None:
+    """A prefill wrapper's plan step: None without a mask; NotImplementedError for a mask under CUDA graphs (the
+    tile lists are sized per plan, so a captured launch could not replay them)."""
+    if not check_mask_args(custom_mask, packed_custom_mask):
+        return None
+    if use_cuda_graph:
+        raise NotImplementedError("custom_mask / packed_custom_mask with use_cuda_graph=True are not supported "
+                                  "(plan the masked batch on a wrapper without CUDA graphs)")
+    return plan_mask(custom_mask, packed_custom_mask, qo_lens, kv_lens, group, head_dim, q_dtype == torch.float32,
+                     window_left, device)
+
+
+def _ref_opts(opts: dict) -> dict:
+    """The plan options the masked reference takes (``causal`` does not apply with a custom mask)."""
+    return {k: v for k, v in opts.items() if k != "causal"}
+
+
+def reference_paged(q, paged_kv_cache, host_meta, kv_layout: str, plan: MaskPlan, opts: dict):
+    """Reference path of the paged wrapper with a mask: ``(out, lse)`` as the kernel path gives them (natural log)."""
+    from pagoda.reference.mask import batch_masked_prefill
+    from pagoda.reference.page import gather_paged_kv
+
+    qo_indptr, kv_indptr, kv_indices, kv_last = host_meta
+    kv = gather_paged_kv(paged_kv_cache, kv_indptr, kv_indices, kv_last, kv_layout)
+    return batch_masked_prefill(q, kv, qo_indptr, plan.host_masks(), **_ref_opts(opts))
+
+
+def reference_ragged(q, k, v, qo_indptr: list, kv_indptr: list, plan: MaskPlan, opts: dict):
+    """Reference path of ragged K/V ``[nnz_kv, Hk, D]`` with a mask: ``(out, lse)`` (natural log)."""
+    from pagoda.reference.mask import batch_masked_prefill
+
+    kv = [(k[a:b], v[a:b]) for a, b in zip(kv_indptr, kv_indptr[1:])]
+    return batch_masked_prefill(q, kv, torch.tensor(qo_indptr), plan.host_masks(), **_ref_opts(opts))
+
+
+def ragged_as_pages(kv_indptr: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ragged K/V seen as a paged cache of one-token pages (token ``t`` is page ``t``): ``(kv_indptr, kv_indices,
+    kv_last_page_len)`` for the paged kernel, so ragged and paged masks share one kernel."""
+    n = kv_indptr.shape[0] - 1
+    total = int(kv_indptr[-1]) if n >= 0 else 0
+    return (kv_indptr.to(device=device, dtype=torch.int32), torch.arange(total, dtype=torch.int32, device=device),
+            torch.ones(n, dtype=torch.int32, device=device))
+
+
+def run_ragged(q, k, v, plan: MaskPlan, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, num_kv_heads: int,
+               opts: dict, alibi_slopes, out: torch.Tensor | None, lse: torch.Tensor | None):
+    """Masked attention of ``q [>= nnz_qo, Hq, D]`` against ragged ``k``/``v`` ``[>= nnz_kv, Hk, D]`` (token-major
+    views; ragged by the int32 device indptrs). Writes and returns ``(out, lse)``: out like q, lse float32
+    ``[q rows, Hq]`` natural log; rows past ``qo_indptr[-1]`` get zeros / -inf. Kernel path: the paged kernel
+    over one-token pages (`ragged_as_pages`)."""
+    from pagoda.ops import _paged
+
+    hq = q.shape[1]
+    if out is None:
+        out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    if lse is None:
+        lse = torch.full((q.shape[0], hq), float("-inf"), dtype=torch.float32, device=q.device)
+    if not _paged.use_triton(q):
+        o, l = reference_ragged(q, k, v, qo_indptr.tolist(), kv_indptr.tolist(), plan, opts)
+        return out.copy_(o), lse.copy_(l)
+    from pagoda.ops._dispatch import prefill_paged
+
+    nnz = sum(plan.qo_lens)
+    if q.shape[0] > nnz:    # the kernel writes rows below qo_indptr[-1] only
+        out[nnz:].zero_()
+        lse[nnz:].fill_(float("-inf"))
+    if plan._pages is None:
+        plan._pages = ragged_as_pages(kv_indptr, q.device)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    kc, vc = k[:, None], v[:, None]
+    mode = opts["pos_encoding_mode"]
+    prefill_paged(q, kc, vc, _paged.cache_strides(kc, "NHD"), _paged.cache_strides(vc, "NHD"), qo_indptr,
+                  *plan._pages, 1, num_kv_heads, max(plan.qo_lens, default=0), out, lse,
+                  sm_scale=opts["sm_scale"], causal=False, logits_soft_cap=opts["logits_soft_cap"],
+                  alibi_slopes=alibi_slopes if mode == "ALIBI" else None,
+                  rope=(opts["rope_scale"], opts["rope_theta"]) if mode == "ROPE_LLAMA" else None, custom_mask=plan)
+    return out, lse
+
+
+def run_single(q, k, v, kv_layout: str, custom_mask, packed_custom_mask, opts: dict):
+    """`single_prefill_with_kv_cache` with a mask: q ``[qo_len, Hq, D]``, k/v in ``kv_layout``, the mask
+    ``[qo_len, kv_len]`` (any shape with that many elements) or its packed bytes. Returns ``(out, lse)``,
+    natural log."""
+    from pagoda.reference.decode import alibi_slopes
+
+    if kv_layout == "HND":
+        k, v = k.transpose(0, 1), v.transpose(0, 1)
+    qo_len, hq, d = q.shape
+    kv_len, hk = k.shape[0], k.shape[1]
+    plan = plan_mask(custom_mask, packed_custom_mask, [qo_len], [kv_len], hq // hk, d, q.dtype == torch.float32,
+                     opts["window_left"], q.device)
+    dev = q.device
+    qo_indptr = torch.tensor([0, qo_len], dtype=torch.int32, device=dev)
+    kv_indptr = torch.tensor([0, kv_len], dtype=torch.int32, device=dev)
+    slopes = alibi_slopes(hq, device=dev) if opts["pos_encoding_mode"] == "ALIBI" else None
+    return run_ragged(q, k, v, plan, qo_indptr, kv_indptr, hk, opts, slopes, None, None)
