@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from pagoda.ops import _checks, _paged
+from pagoda.ops import _checks, _lse, _paged
 from pagoda.ops import _decode_plan as _plan
 
 
@@ -66,10 +66,13 @@ def run_checks(q, hq, d, nnz, q_dtype, device, out, lse):
         raise ValueError(f"lse must be a float32 [{q.shape[0]}, {hq}] tensor on {q.device}")
 
 
-def finish(out, lse, v_scale, return_lse):
-    """v_scale: None or a value already checked by `pagoda.ops._decode_plan.run_scales`."""
+def finish(out, lse, v_scale, return_lse, lse_given=False):
+    """v_scale: None or a value already checked by `pagoda.ops._decode_plan.run_scales`. The kernels write
+    natural-log LSEs; what the caller sees (returned, or the ``lse`` buffer it passed) is FlashInfer's base 2."""
     if v_scale is not None:
         out.mul_(v_scale)
+    if return_lse or lse_given:
+        _lse.to_base2_(lse)
     return (out, lse) if return_lse else out
 
 

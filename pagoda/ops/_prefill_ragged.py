@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from pagoda.ops import _checks, _paged
+from pagoda.ops import _checks, _lse, _paged
 from pagoda.ops import _decode_plan as _plan
 from pagoda.ops import _prefill_common as _common
 from pagoda.ops.attention import flash_attn_varlen_func
@@ -105,9 +105,10 @@ class BatchPrefillWithRaggedKVCacheWrapper:
     def run(self, q, k, v, *args, q_scale=None, k_scale=None, v_scale=None, out=None, lse=None, return_lse=False,
             enable_pdl=None, window_left=None):
         """``q [qo_indptr[-1], Hq, D]``, ``k``/``v`` ragged by kv_indptr -> ``out`` like q, or ``(out, lse)``
-        with ``lse [nnz_qo, Hq]`` float32 natural log."""
+        with ``lse [nnz_qo, Hq]`` float32 base 2 (FlashInfer's convention)."""
         if not self._planned:
             raise RuntimeError("call plan() before run()")
+        lse_given = lse is not None
         if args:
             raise TypeError(f"run() takes no extra positional arguments, got {len(args)}")
         opts = self._opts
@@ -138,7 +139,7 @@ class BatchPrefillWithRaggedKVCacheWrapper:
                 alibi_slopes=alibi, return_attn_probs=True)
             out = o if out is None else out.copy_(o)
             lse = l.t().contiguous() if lse is None else lse.copy_(l.t())
-            return _common.finish(out, lse, v_scale, return_lse)
+            return _common.finish(out, lse, v_scale, return_lse, lse_given)
         # The dense varlen kernel directly: plan validated the indptrs, so run reads nothing on the host
         # (and, with use_cuda_graph, the grid depends only on q's shape).
         if q.is_cuda and q.dtype == torch.float32:
@@ -155,7 +156,7 @@ class BatchPrefillWithRaggedKVCacheWrapper:
                           window_right=0 if opts["causal"] else -1, softcap=opts["logits_soft_cap"],
                           alibi_slopes=alibi)
         lse = lse_t.t().contiguous() if lse is None else lse.copy_(lse_t.t())
-        return _common.finish(out, lse, v_scale, return_lse)
+        return _common.finish(out, lse, v_scale, return_lse, lse_given)
 
     forward = run
 
@@ -171,7 +172,7 @@ def single_prefill_with_kv_cache(q, k, v, custom_mask=None, packed_custom_mask=N
                                  logits_soft_cap=None, rope_scale=None, rope_theta=None, return_lse=False):
     """Prefill for one request: q ``[qo_len, Hq, D]``; k, v ``[kv_len, Hk, D]`` (NHD) or ``[Hk, kv_len, D]``
     (HND); fp16/bf16/fp32, all one dtype. Query i sits at key position ``i + kv_len - qo_len``.
-    Returns ``out [qo_len, Hq, D]``, or ``(out, lse [qo_len, Hq] float32)`` with return_lse."""
+    Returns ``out [qo_len, Hq, D]``, or ``(out, lse [qo_len, Hq] float32 base 2)`` with return_lse."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _checks.check_tensor(name, t, ndim=3, dtypes=_paged.CACHE_DTYPES)
     _checks.check_same("q, k, v", (q, k, v), "dtype")
@@ -189,7 +190,7 @@ def single_prefill_with_kv_cache(q, k, v, custom_mask=None, packed_custom_mask=N
     if not _paged.use_triton(q) or kv_len == 0 or qo_len == 0:
         kk, vv = (k, v) if kv_layout == "NHD" else (k.transpose(0, 1), v.transpose(0, 1))
         out, lse = _ref.prefill_one(q, kk, vv, **opts)
-        return (out, lse) if return_lse else out
+        return (out, _lse.to_base2_(lse)) if return_lse else out
     from pagoda.ops._dispatch import prefill_paged
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -207,4 +208,4 @@ def single_prefill_with_kv_cache(q, k, v, custom_mask=None, packed_custom_mask=N
                   causal=opts["causal"], window_left=opts["window_left"], logits_soft_cap=opts["logits_soft_cap"],
                   alibi_slopes=_dref.alibi_slopes(hq, device=dev) if mode == "ALIBI" else None,
                   rope=(opts["rope_scale"], opts["rope_theta"]) if mode == "ROPE_LLAMA" else None)
-    return (out, lse) if return_lse else out
+    return (out, _lse.to_base2_(lse)) if return_lse else out

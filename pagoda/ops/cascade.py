@@ -1,6 +1,9 @@
 """Cascade attention building blocks, FlashInfer-compatible: merging attention states by LSE.
 
-LSEs are float32 natural logs, ``-inf`` for an empty segment (what pagoda's attention ops return).
+LSEs are float32 **base 2**, as in FlashInfer (``s = m * log2(e) + log2(sum)``, merged with ``exp2``/``log2``),
+``-inf`` for an empty segment: exactly what pagoda's FlashInfer-style ops return with ``return_lse=True``
+(the wrappers' ``run``/``run_return_lse``, `single_prefill_with_kv_cache`, `single_decode_with_kv_cache`). The
+flash-attn entry points return natural-log LSEs: multiply those by ``log2(e)`` before merging them here.
 """
 from __future__ import annotations
 
@@ -43,9 +46,9 @@ def merge_state(v_a: torch.Tensor, s_a: torch.Tensor, v_b: torch.Tensor,
 
     Args:
         v_a, v_b: ``[seq_len, num_heads, head_dim]`` fp16/bf16/fp32 attention outputs.
-        s_a, s_b: ``[seq_len, num_heads]`` float32 natural-log LSEs (``-inf`` = empty segment).
+        s_a, s_b: ``[seq_len, num_heads]`` float32 base-2 LSEs (``-inf`` = empty segment).
     Returns:
-        ``(V [seq_len, num_heads, head_dim], S [seq_len, num_heads] float32)``: attention over [A; B].
+        ``(V [seq_len, num_heads, head_dim], S [seq_len, num_heads] float32 base 2)``: attention over [A; B].
 
     Example:
         >>> v, s = pagoda.merge_state(v_prefix, s_prefix, v_suffix, s_suffix)   # shared prefix + own suffix
@@ -54,13 +57,13 @@ def merge_state(v_a: torch.Tensor, s_a: torch.Tensor, v_b: torch.Tensor,
     _check_pair("v_b", v_b, "s_b", s_b)
     _check_same("v_a", v_a, "v_b", v_b)
     if not v_a.is_cuda:
-        return _ref.merge_state(v_a, s_a, v_b, s_b)
+        return _ref.merge_state(v_a, s_a, v_b, s_b, base2=True)
     from pagoda.kernels.attention.merge import merge_state_fwd
 
     v_a, v_b = _contig(v_a), _contig(v_b)
     out = torch.empty_like(v_a)
     lse = torch.empty_like(s_a)
-    merge_state_fwd(v_a, s_a, v_b, s_b, out, lse)
+    merge_state_fwd(v_a, s_a, v_b, s_b, out, lse, base2=True)
     return out, lse
 
 
@@ -69,7 +72,7 @@ def merge_state_in_place(v: torch.Tensor, s: torch.Tensor, v_other: torch.Tensor
     """Merge ``(v_other, s_other)`` into ``(v, s)`` in place.
 
     Args:
-        v: ``[seq_len, num_heads, head_dim]`` (updated); s: ``[seq_len, num_heads]`` float32 (updated).
+        v: ``[seq_len, num_heads, head_dim]`` (updated); s: ``[seq_len, num_heads]`` float32 base-2 LSE (updated).
         v_other, s_other: the state to fold in, same shapes.
         mask: optional bool ``[seq_len]``: rows where it is False are left as they are (CUDA-graph
             friendly way to merge only some requests).
@@ -83,22 +86,22 @@ def merge_state_in_place(v: torch.Tensor, s: torch.Tensor, v_other: torch.Tensor
             raise ValueError(f"mask must be a bool [{v.shape[0]}] tensor on {v.device}, "
                              f"got {tuple(mask.shape)} on {mask.device}")
     if not v.is_cuda:
-        _ref.merge_state_in_place(v, s, v_other, s_other, mask)
+        _ref.merge_state_in_place(v, s, v_other, s_other, mask, base2=True)
         return
     if v.stride(-1) != 1:
         raise ValueError("v must have a contiguous last dimension to be updated in place")
     from pagoda.kernels.attention.merge import merge_state_fwd
 
-    merge_state_fwd(v, s, _contig(v_other), s_other, v, s, mask)
+    merge_state_fwd(v, s, _contig(v_other), s_other, v, s, mask, base2=True)
 
 
 def merge_states(v: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge ``num_states`` attention states per query (e.g. the splits of a long KV).
 
     Args:
-        v: ``[seq_len, num_states, num_heads, head_dim]``; s: ``[seq_len, num_states, num_heads]`` float32.
+        v: ``[seq_len, num_states, num_heads, head_dim]``; s: ``[seq_len, num_states, num_heads]`` float32 base-2 LSEs.
     Returns:
-        ``(V [seq_len, num_heads, head_dim], S [seq_len, num_heads] float32)``; no states: zeros and ``-inf``.
+        ``(V [seq_len, num_heads, head_dim], S [seq_len, num_heads] float32 base 2)``; no states: zeros and ``-inf``.
 
     Example:
         >>> v, s = pagoda.merge_states(torch.stack([v_a, v_b, v_c], 1), torch.stack([s_a, s_b, s_c], 1))
@@ -115,14 +118,14 @@ def merge_states(v: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.
         return (torch.zeros(seq, heads, dim, dtype=v.dtype, device=v.device),
                 torch.full((seq, heads), float("-inf"), dtype=torch.float32, device=v.device))
     if not v.is_cuda:
-        return _ref.merge_states(v, s)
+        return _ref.merge_states(v, s, base2=True)
     from pagoda.kernels.attention.merge import merge_states_fwd
 
     v = _contig(v)
     seq, _, heads, dim = v.shape
     out = torch.empty(seq, heads, dim, dtype=v.dtype, device=v.device)
     lse = torch.empty(seq, heads, dtype=torch.float32, device=v.device)
-    merge_states_fwd(v, s, out, lse)
+    merge_states_fwd(v, s, out, lse, base2=True)
     return out, lse
 
 

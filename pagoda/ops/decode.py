@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from pagoda.ops import _checks, _paged
+from pagoda.ops import _checks, _lse, _paged
 from pagoda.ops import _decode_plan as _plan
 from pagoda.reference import decode as _ref
 
@@ -252,10 +252,11 @@ class BatchDecodeWithPagedKVCacheWrapper:
         ``(k_cache, v_cache)`` tuple; the planned kv_data_type).
 
         Returns ``out [batch, num_qo_heads, head_dim]``, or ``(out, lse [batch, num_qo_heads])`` with
-        ``return_lse`` (float32, natural log; ``-inf`` and zero output for a request with no keys).
+        ``return_lse`` (float32, base 2 as FlashInfer's; ``-inf`` and zero output for a request with no keys).
         ``out``/``lse`` may be passed preallocated. Does not sync with the host."""
         if not self._planned:
             raise RuntimeError("call plan() before run()")
+        lse_given = lse is not None
         if args:
             raise TypeError(f"run() takes no extra positional arguments (custom kernels), got {len(args)}")
         mode, scale, planned_window, soft_cap, rope_scale, rope_theta = self._opts
@@ -306,6 +307,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
             self._launch_bound(q, k_cache, v_cache, out, lse, scale)
         if v_scale is not None:
             out.mul_(v_scale)
+        if return_lse or lse_given:
+            _lse.to_base2_(lse)   # the kernel writes natural log; FlashInfer's API is base 2
         return (out, lse) if return_lse else out
 
     forward = run
@@ -350,7 +353,7 @@ def single_decode_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     """Decode one request: q ``[num_qo_heads, head_dim]``; k, v ``[kv_len, num_kv_heads, head_dim]`` (NHD) or
     ``[num_kv_heads, kv_len, head_dim]`` (HND); fp16/bf16 (fp32 too), all the same dtype.
 
-    Returns ``out [num_qo_heads, head_dim]``, or ``(out, lse [num_qo_heads] float32)`` with return_lse.
+    Returns ``out [num_qo_heads, head_dim]``, or ``(out, lse [num_qo_heads] float32 base 2)`` with return_lse.
     Options as in `BatchDecodeWithPagedKVCacheWrapper.plan`. Splits the keys across programs (no sync).
     """
     _checks.check_tensor("q", q, ndim=2)
@@ -398,4 +401,4 @@ def single_decode_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         out, lse = out[0], lse[0]
     if v_scale is not None:
         out = out * _plan.optional_positive("v_scale", v_scale, 1.0)
-    return (out, lse) if return_lse else out
+    return (out, _lse.to_base2_(lse)) if return_lse else out

@@ -191,9 +191,10 @@ class BatchPrefillWithPagedKVCacheWrapper:
            ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``q [qo_indptr[-1], num_qo_heads, head_dim]`` against ``paged_kv_cache`` (5-D or (k, v) tuple, the
         planned layout). Returns ``out`` like q (rows past qo_indptr[-1] are zero), or ``(out, lse)`` with
-        ``lse [nnz_qo, num_qo_heads]`` float32 natural log (``-inf`` for rows that see no key)."""
+        ``lse [nnz_qo, num_qo_heads]`` float32 **base 2** as FlashInfer's (``-inf`` for rows that see no key)."""
         if not self._planned:
             raise RuntimeError("call plan() before run()")
+        lse_given = lse is not None
         if args:
             raise TypeError(f"run() takes no extra positional arguments, got {len(args)}")
         opts = dict(self._opts)
@@ -218,7 +219,7 @@ class BatchPrefillWithPagedKVCacheWrapper:
                                                           **opts)
             out = o if out is None else out.copy_(o)
             lse = l if lse is None else lse.copy_(l)
-            return _common.finish(out, lse, v_scale, return_lse)
+            return _common.finish(out, lse, v_scale, return_lse, lse_given)
         from pagoda.ops._dispatch import prefill_paged
 
         q = q if q.stride(-1) == 1 else q.contiguous()
@@ -247,7 +248,7 @@ class BatchPrefillWithPagedKVCacheWrapper:
                       rope=(opts["rope_scale"], opts["rope_theta"]) if mode == "ROPE_LLAMA" else None,
                       block_m=self._block_m, num_splits=splits, chunk=self._chunk_buf, o_part=o_part,
                       lse_part=lse_part, write_lse=write_lse)
-        return _common.finish(out, lse, v_scale, return_lse)
+        return _common.finish(out, lse, v_scale, return_lse, lse_given)
 
     forward = run
 

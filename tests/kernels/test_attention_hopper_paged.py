@@ -1,6 +1,8 @@
 """Paged Gluon prefill (`pagoda.kernels.hopper.paged`): the 2-D token-row view of paged caches and
 the page-size policy on the CPU, an ahead-of-time sm_90 compile, and on an H100/H200 the kernel against the
 reference and the Triton paged kernel (page sizes 16-256, NHD/HND, GQA, NaN in unused slots)."""
+import math
+
 import pytest
 import torch
 
@@ -229,7 +231,7 @@ def test_wrapper_runs_the_gluon_kernel(monkeypatch, layout):
     want, want_lse = _varlen(q, k, v, qo, kv, True)
     assert calls, "the wrapper did not reach the Gluon kernel"
     assert rel_err(out, want) < 1e-2
-    assert_finite_lse_close(lse, want_lse, atol=2e-2)
+    assert_finite_lse_close(lse, want_lse / math.log(2.0), atol=2e-2)   # the wrapper's LSE is base 2
 
 
 @pytest.mark.gpu

@@ -59,7 +59,7 @@ build(P._merge_splits_kernel, dict(HEAD_DIM=128, HEAD_DIM_PAD=128, SPLITS_PAD=16
       {"O_PART": "*fp32", "LSE_PART": "*fp32", "QO_INDPTR": "*i32", "O": "*bf16", "LSE": "*fp32"})
 mp = {"O": "*bf16", "V": "*bf16", "V_B": "*bf16", "S": "*fp32", "S_B": "*fp32", "LSE": "*fp32", "MASK": "*i1"}
 for two in (False, True):
-    build(M._merge_states_kernel, dict(BLOCK_D=128, HAS_MASK=two, TWO_TENSORS=two), mp)
+    build(M._merge_states_kernel, dict(BLOCK_D=128, HAS_MASK=two, TWO_TENSORS=two, BASE2=two), mp)
 print("COMPILED")
 '''
 

@@ -1,5 +1,6 @@
 """Batch prefill wrappers (paged and ragged) and single prefill: against flash_attn_varlen_func on the same
 data laid out contiguously (CPU path here; the Triton kernels under @gpu), options, validation, graphs."""
+import math
 import os
 
 import pytest
@@ -12,6 +13,8 @@ from pagoda.reference import decode as dref
 from pagoda.reference import prefill as ref
 from tests.helpers import assert_finite_lse_close, rel_err
 from tests.paged_utils import empty_cache, fill_cache, random_page_table
+
+LOG2E = 1.0 / math.log(2.0)   # the FlashInfer API's LSEs are base 2; the oracles' natural log
 
 KV = [0, 1, 300, 17, 64, 129, 9]
 QO = [0, 1, 300, 5, 1, 64, 9]
@@ -57,7 +60,7 @@ def test_cpu_paged_prefill_matches_varlen(layout, page_size, hq, hk, causal):
     want, want_lse = _varlen(q, k, v, QO, KV, causal)
     assert out.shape == q.shape and lse.shape == (q.shape[0], hq)
     assert rel_err(out, want) < 1e-5
-    assert_finite_lse_close(lse, want_lse, atol=1e-4)
+    assert_finite_lse_close(lse, want_lse * LOG2E, atol=1e-4)
 
 
 @pytest.mark.parametrize("d", [128, 256])
@@ -69,7 +72,7 @@ def test_cpu_paged_prefill_head_dims_and_options(d):
     want, want_lse = _varlen(q, k, v, QO, KV, True, window_size=(20, -1), softcap=4.0, softmax_scale=0.1)
     out, lse = w.run(q, cache, return_lse=True)
     assert rel_err(out, want) < 1e-5
-    assert_finite_lse_close(lse, want_lse, atol=1e-4)
+    assert_finite_lse_close(lse, want_lse * LOG2E, atol=1e-4)
 
 
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
@@ -85,7 +88,7 @@ def test_cpu_ragged_wrapper_matches_paged_reference(layout, mode):
                                                            causal=True, sm_scale=0.125, pos_encoding_mode=mode,
                                                            rope_theta=5e5)
     assert rel_err(out, want) < 1e-5
-    assert_finite_lse_close(lse, want_lse, atol=1e-4)
+    assert_finite_lse_close(lse, want_lse * LOG2E, atol=1e-4)
 
 
 def test_cpu_single_prefill_and_alibi_equals_flash_attn():
@@ -94,7 +97,7 @@ def test_cpu_single_prefill_and_alibi_equals_flash_attn():
     o, l, _ = pagoda.flash_attn_func(q[None], k[None], v[None], causal=True, alibi_slopes=dref.alibi_slopes(8),
                                      return_attn_probs=True)
     assert rel_err(out, o[0]) < 1e-5
-    assert_finite_lse_close(lse, l[0].t(), atol=1e-4)
+    assert_finite_lse_close(lse, l[0].t() * LOG2E, atol=1e-4)
     hnd = pf.single_prefill_with_kv_cache(q, k.transpose(0, 1), v.transpose(0, 1), causal=True, kv_layout="HND",
                                           pos_encoding_mode="ALIBI")
     assert torch.equal(hnd, out)
@@ -232,7 +235,7 @@ def test_kernel_path_split_kv(kernel_path, page_size, hq, hk, layout, causal, wi
     out, lse = w.run(q, cache, return_lse=True)
     want, want_lse = _ref_paged(q, cache, SPLIT_QO, meta, layout, causal, window_left=window_left)
     assert rel_err(out, want) < 1e-5
-    assert_finite_lse_close(lse, want_lse.float(), atol=1e-4)
+    assert_finite_lse_close(lse, want_lse.float() * LOG2E, atol=1e-4)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="interpreter test (TRITON_INTERPRET=1, no CUDA)")
@@ -247,7 +250,7 @@ def test_kernel_path_split_fallbacks(kernel_path, ws_bytes, disable, splits):
     out, lse = w.run(qp, cache, return_lse=True)
     want, want_lse = _ref_paged(q, cache, [6, 2], meta, "NHD", True)
     assert rel_err(out[:8], want) < 2e-3
-    assert_finite_lse_close(lse[:8], want_lse.float(), atol=2e-3)
+    assert_finite_lse_close(lse[:8], want_lse.float() * LOG2E, atol=2e-3)
     assert (out[8:] == 0).all() and torch.isneginf(lse[8:]).all()
 
 
@@ -274,7 +277,7 @@ def test_kernel_path_graph_mode_split_replans(kernel_path):
         want, want_lse = _ref_paged(q, cache, qo, meta, "NHD", True)
         n = q.shape[0]
         assert rel_err(out[:n], want) < 1e-5
-        assert_finite_lse_close(lse[:n], want_lse.float(), atol=1e-4)
+        assert_finite_lse_close(lse[:n], want_lse.float() * LOG2E, atol=1e-4)
         assert (out[n:] == 0).all() and torch.isneginf(lse[n:]).all()
 
 
@@ -297,7 +300,7 @@ def test_cuda_paged_prefill_bf16(layout, page_size, hq, hk, d, causal):
     out, lse = w.run(q, cache, return_lse=True)
     want, want_lse = _varlen(q, k, v, GPU_QO, GPU_KV, causal)
     assert rel_err(out, want) < 1e-2
-    assert_finite_lse_close(lse, want_lse, atol=2e-2)
+    assert_finite_lse_close(lse, want_lse * LOG2E, atol=2e-2)
 
 
 @pytest.mark.gpu
@@ -314,7 +317,7 @@ def test_cuda_paged_prefill_options(mode, dtype):
         sm_scale=128 ** -0.5, window_left=100, logits_soft_cap=30.0, pos_encoding_mode=mode,
         compute_dtype=torch.float64)
     assert rel_err(out.cpu(), want) < (2e-3 if dtype == torch.float16 else 1e-4)
-    assert_finite_lse_close(lse.cpu(), want_lse.float(), atol=2e-3)
+    assert_finite_lse_close(lse.cpu(), want_lse.float() * LOG2E, atol=2e-3)
 
 
 @pytest.mark.gpu
