@@ -96,6 +96,8 @@ STUDIES: dict[str, Study] = {s.name: s for s in [
           _grid_study("decode", "run_decode"), _tables_of("decode")),
     Study("paged", "paged prefill TFLOP/s vs pagoda's dense kernel and FlashInfer's paged prefill",
           _grid_study("decode", "run_paged"), _tables_of("decode")),
+    Study("mask", "paged prefill with a custom mask (random, half-empty tiles) vs the unmasked kernel, same shape",
+          _grid_study("masks"), _tables_of("masks")),
     Study("cascade", "decode over a shared prefix: cascade vs plain paged decode, crossover grid",
           _grid_study("cascade"), _tables_of("cascade")),
     Study("sampling", "samplers over (vocab, batch): pagoda vs torch sort-based vs FlashInfer vs read floor",

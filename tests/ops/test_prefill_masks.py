@@ -203,6 +203,14 @@ def test_interpreted_masked_kernel_options(triton_on_cpu, opts):
     assert_finite_lse_close(lse, want_lse.float(), atol=1e-4)
 
 
+def test_interpreted_masked_kernel_signed_alibi_right_of_the_diagonal(triton_on_cpu):
+    # FlashInfer's ALiBi is signed (slope * (key - query position)): keys right of the diagonal get a bonus.
+    masks = _masks("random")
+    out, lse, want, want_lse, _ = _paged_run(masks, KV, QO, hq=4, hk=4, pos_encoding_mode="ALIBI")
+    assert rel_err(out, want) < 1e-5
+    assert_finite_lse_close(lse, want_lse.float(), atol=1e-4)
+
+
 def test_interpreted_ragged_and_single(triton_on_cpu):
     qo, kv, hq, hk, d = [3, 40, 0], [50, 40, 6], 4, 2, 32
     q = torch.randn(sum(qo), hq, d, dtype=torch.float16)
