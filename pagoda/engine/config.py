@@ -10,6 +10,8 @@ import torch
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16, "half": torch.float16,
            "bfloat16": torch.bfloat16}
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+# Cascade attention of decode steps over shared prefix pages (`pagoda.engine.cascade`).
+CASCADE_MODES = ("auto", "on", "off")
 # Default token budget of a step with chunked prefill (vLLM's offline default of its first V1 releases).
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
 # KV cache size without a GPU (no memory profiling there): this many bytes, or less when that already
@@ -59,6 +61,7 @@ class EngineConfig:
     max_logprobs: int = 20
     async_scheduling: bool = True
     logits_processors: list | None = None   # batch-level LogitsProcessor classes (pagoda.engine.logits_processors)
+    cascade: str = "auto"                   # one of CASCADE_MODES (pagoda.engine.cascade)
     hf_config: object = field(default=None, repr=False)
     torch_dtype: torch.dtype = field(default=None, repr=False)
 
@@ -93,6 +96,10 @@ class EngineConfig:
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         _positive_int("max_logprobs", self.max_logprobs)
+        if not isinstance(self.cascade, str):
+            raise TypeError(f"cascade must be a str, got {type(self.cascade).__name__}")
+        if self.cascade not in CASCADE_MODES:
+            raise ValueError(f"cascade must be one of {CASCADE_MODES}, got {self.cascade!r}")
         self.device = torch.device(self.device if self.device is not None
                                    else ("cuda" if torch.cuda.is_available() else "cpu"))
         self._resolve_from_model()
