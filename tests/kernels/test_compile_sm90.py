@@ -53,8 +53,15 @@ for split, opts, fused, key_mask in ((False, False, False, False), (True, True, 
 for bm, group, split, opts, warps in ((128, 4, False, False, 8), (64, 1, True, False, 4), (16, 4, True, True, 4)):
     build(P._prefill_paged_kernel, dict(HEAD_DIM=128, HEAD_DIM_PAD=128, GROUP=group, BLOCK_M=bm, BLOCK_N=64,
                                         SPLIT=split, CAUSAL=not opts, HAS_WINDOW=opts, HAS_SOFTCAP=opts,
-                                        HAS_ALIBI=opts, ROPE=opts, IEEE=False, ADDR=3 if opts else 4),
+                                        HAS_ALIBI=opts, ROPE=opts, IEEE=False, ADDR=3 if opts else 4,
+                                        CUSTOM_MASK=False),
           {**ptrs, "O": "*fp32"} if split else ptrs, warps=warps)
+# Custom masks: the tile-list loop and the mask bits (the long-prefill tile; a decode-like tile with options).
+mask_ptrs = {**ptrs, **dict.fromkeys(["MASK_WORDS", "MASK_META", "TILE_INDPTR", "TILE_LIST"], "*i32")}
+for bm, opts, warps in ((128, False, 8), (16, True, 4)):
+    build(P._prefill_paged_kernel, dict(HEAD_DIM=128, HEAD_DIM_PAD=128, GROUP=4, BLOCK_M=bm, BLOCK_N=64, SPLIT=False,
+                                        CAUSAL=False, HAS_WINDOW=False, HAS_SOFTCAP=opts, HAS_ALIBI=2 if opts else 0,
+                                        ROPE=opts, IEEE=False, ADDR=3, CUSTOM_MASK=True), mask_ptrs, warps=warps)
 build(P._merge_splits_kernel, dict(HEAD_DIM=128, HEAD_DIM_PAD=128, SPLITS_PAD=16),
       {"O_PART": "*fp32", "LSE_PART": "*fp32", "QO_INDPTR": "*i32", "O": "*bf16", "LSE": "*fp32"})
 mp = {"O": "*bf16", "V": "*bf16", "V_B": "*bf16", "S": "*fp32", "S_B": "*fp32", "LSE": "*fp32", "MASK": "*i1"}
