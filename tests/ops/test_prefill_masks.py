@@ -203,6 +203,16 @@ def test_interpreted_masked_kernel_options(triton_on_cpu, opts):
     assert_finite_lse_close(lse, want_lse.float(), atol=1e-4)
 
 
+def test_interpreted_masked_kernel_head_dim_256(triton_on_cpu):
+    # head_dim > 128 takes 32-key tiles: one mask word per row and tile, the bit offset from the tile's start.
+    assert _mask.tile_shape(64, 256, True)["BLOCK_N"] == 32
+    kv, qo = [70, 33], [9, 33]
+    masks = [mu.tree_mask(a, b) for a, b in zip(qo, kv)]
+    out, lse, want, want_lse, _ = _paged_run(masks, kv, qo, hq=2, hk=1, d=256, page_size=16)
+    assert rel_err(out, want) < 1e-5
+    assert_finite_lse_close(lse, want_lse.float(), atol=1e-4)
+
+
 def test_interpreted_masked_kernel_signed_alibi_right_of_the_diagonal(triton_on_cpu):
     # FlashInfer's ALiBi is signed (slope * (key - query position)): keys right of the diagonal get a bonus.
     masks = _masks("random")
