@@ -10,7 +10,8 @@ sampled tokens stay on the device for the next step, whose inputs take them from
 
 Every attention layer of a step shares one plan: `BatchPrefillWithPagedKVCacheWrapper` (causal) when
 the step holds prefill tokens (chunks mixed with decodes), `BatchDecodeWithPagedKVCacheWrapper` for
-decode-only steps. The plans read host (pinned) copies of the page table; the KV append trusts the
+decode-only steps, or the levels of `pagoda.engine.cascade.CascadeDecode` (eager) for decode-only steps
+whose requests share prefix pages where ``EngineConfig.cascade`` says it pays. The plans read host (pinned) copies of the page table; the KV append trusts the
 metadata the runner built (``validate=False``: no value is read back). The KV cache is one tensor
 ``[num_layers, num_blocks, 2, block_size, num_kv_heads, head_dim]`` (NHD pages); each attention layer
 gets its slice.
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 import pagoda
+from pagoda.engine.cascade import CascadeDecode, group_shared_prefixes, should_cascade
 from pagoda.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from pagoda.engine.cuda_graph import DecodeGraphs, capture_sizes, graphs_available
 from pagoda.engine.logits import LogitsPipeline, LogitsProcessor, min_tokens_processor
@@ -119,6 +121,11 @@ class ModelRunner:
                                      dtype=torch.uint8, device=self.device)
         self.prefill_wrapper = pagoda.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
         self.decode_wrapper = pagoda.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD")
+        # Decode steps over shared prefix pages (`pagoda.engine.cascade`); a sliding window never cascades (a
+        # shared level ignores positions). cascade_steps: cascade steps run, per number of levels.
+        self.cascade = CascadeDecode(self.workspace, "NHD")
+        self.cascade_mode = config.cascade if self.plan_kwargs.get("window_left", -1) < 0 else "off"
+        self.cascade_steps: dict[int, int] = {}
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         # Run in order on each step's logits before sampling (see `pagoda.engine.logits`). A processor may
         # carry ``is_active(seqs) -> bool``: False skips it for that batch (see `needs_exact_state`).
@@ -286,7 +293,8 @@ class ModelRunner:
         pending = (dev64[n_tok:n_tok + k], dev64[n_tok + k:]) if k else None
         sampling = inp["sampling"]
         graph_b = None
-        if (self.graphs is not None and batch.is_decode_only and n_req <= self.graphs.max_batch):
+        cascade = self._plan_cascade(batch, inp) if batch.is_decode_only else None   # eager when it cascades
+        if (cascade is None and self.graphs is not None and batch.is_decode_only and n_req <= self.graphs.max_batch):
             graph_b = self.graphs.size_for(n_req)
             graph_host = dict(positions=host["positions"], batch_indices=host["batch_indices"],
                               kv_indptr=host["kv_indptr"], kv_indices=host["kv_indices"],
@@ -298,7 +306,7 @@ class ModelRunner:
             dv = {k2: dev32[o[j]:o[j + 1]] for j, k2 in enumerate(names)}
             if pending is not None:
                 ids.index_copy_(0, pending[0], prev.tokens.index_select(0, pending[1]))
-            wrapper = self._plan(host, batch.is_decode_only)
+            wrapper = cascade if cascade is not None else self._plan(host, batch.is_decode_only)
             ctx = ForwardContext(wrapper=wrapper, batch_indices=dv["batch_indices"], positions=dv["positions"],
                                  kv_indices=dv["kv_indices"], kv_indptr=dv["kv_indptr"], kv_last_page_len=dv["last"],
                                  validate=False)
@@ -369,6 +377,21 @@ class ModelRunner:
         """Launch, sample and read back one step (no overlap)."""
         step = self.sample(self.launch(batch, prev))
         return step.resolve() if step is not None else StepResult([], [], None)
+
+    def _plan_cascade(self, batch: ScheduledBatch, inp: dict) -> CascadeDecode | None:
+        """The cascade attention of a decode-only step whose requests share prefix pages, planned, when
+        ``cascade_mode`` says it runs (`pagoda.engine.cascade.should_cascade`); else None."""
+        if self.cascade_mode == "off":
+            return None
+        ptr = inp["kv_indptr"]
+        pages = [ptr[i + 1] - ptr[i] for i in range(len(batch.seqs))]
+        groups = group_shared_prefixes([s.block_table for s in batch.seqs], pages, inp["last"], self.block_size)
+        if not should_cascade(self.cascade_mode, groups):
+            return None
+        self.cascade_steps[groups.num_levels] = self.cascade_steps.get(groups.num_levels, 0) + 1
+        kw = self._decode_plan_kwargs()
+        kw.pop("window_left")
+        return self.cascade.plan(groups, self._plan_heads(), kw, self.pin)
 
     def _plan(self, host: dict[str, torch.Tensor], decode_only: bool):
         """Plan the step's wrapper once (every layer runs it), from host tensors (no device read)."""

@@ -1,0 +1,143 @@
+"""Automatic cascade attention of decode steps (`pagoda.engine.cascade`): the grouping of requests by shared
+prefix pages, the measured-crossover rule of ``cascade="auto"``, and a three-level engine case (system
+prompt, two conversations, turns) whose greedy tokens equal the plain engine's and HF's."""
+from __future__ import annotations
+
+import pytest
+
+from pagoda.engine import LLM, SamplingParams, cuda_graph
+from pagoda.engine.cascade import cascade_pays, group_shared_prefixes, should_cascade
+from pagoda.engine.config import EngineConfig
+
+
+@pytest.mark.parametrize(("tokens", "size", "pays"), [
+    (4096, 128, True), (4096, 127, False), (16384, 127, False), (16384, 128, True), (32768, 32, True),
+    (32768, 31, False), (131072, 32, True), (4095, 100_000, False), (1024, 512, False), (0, 2, False)])
+def test_cascade_pays_follows_the_measured_crossover(tokens, size, pays):
+    assert cascade_pays(tokens, size) is pays
+
+
+def _tables(prefixes: list[list[int]], first_free: int = 1000, own: int = 2) -> list[list[int]]:
+    """Block tables: each prefix (shared page ids) then ``own`` fresh pages."""
+    tables, nxt = [], first_free
+    for p in prefixes:
+        tables.append(list(p) + list(range(nxt, nxt + own)))
+        nxt += own
+    return tables
+
+
+def _check_levels(groups, tables, pages, lasts):
+    """Every request's pages, level by level, are its own block table; level queries add up."""
+    assert sorted(groups.order) == list(range(len(tables)))
+    per_row = {r: [] for r in groups.order}
+    for level in groups.levels:
+        assert sum(nq for nq, _, _ in level) == len(tables)
+        rows = iter(groups.order)
+        for nq, p, _ in level:
+            for _ in range(nq):
+                per_row[next(rows)] += p
+    for r, got in per_row.items():
+        assert got == tables[r][:pages[r]]
+    assert [lpl for _, _, lpl in groups.levels[-1]] == [lasts[r] for r in groups.order]
+
+
+def test_grouping_three_levels_and_order():
+    system = list(range(8))
+    conv_a, conv_b = list(range(100, 104)), list(range(200, 206))
+    prefixes = [system + conv_a, [500, 501], system + conv_b, system + conv_a, system + conv_b, system, []]
+    tables = _tables(prefixes)
+    pages = [len(t) for t in tables]
+    lasts = [3, 16, 1, 7, 16, 2, 5]
+    groups = group_shared_prefixes(tables, pages, lasts, 16)
+    assert groups.num_levels == 3
+    _check_levels(groups, tables, pages, lasts)
+    # Requests sharing the system prompt are adjacent, conversations adjacent within it.
+    assert groups.order == [0, 3, 2, 4, 5, 1, 6]
+    assert [(nq, len(p)) for nq, p, _ in groups.levels[0]] == [(5, 8), (1, 0), (1, 0)]
+    assert [(nq, len(p)) for nq, p, _ in groups.levels[1]] == [(2, 4), (2, 6), (1, 0), (1, 0), (1, 0)]
+    assert sorted(groups.shared) == sorted([(8 * 16, 5), (12 * 16, 2), (14 * 16, 2)])
+
+
+def test_grouping_two_levels_last_page_never_shared():
+    # The third request's page 8 is not its last: shared; its page 12 is being written: its own.
+    tables = [[7, 8, 9, 10], [7, 8, 13, 11], [7, 8, 12]]
+    groups = group_shared_prefixes(tables, [4, 4, 3], [16, 1, 4], 16)
+    assert groups.num_levels == 2
+    assert groups.levels[0] == [(3, [7, 8], 16)]
+    assert groups.shared == [(32, 3)]
+    _check_levels(groups, tables, [4, 4, 3], [16, 1, 4])
+    # A shared last page (the one written this step) is not a shared prefix.
+    assert group_shared_prefixes([[7], [7]], [1, 1], [3, 4], 16) is None
+    assert group_shared_prefixes([[1, 2], [3, 4]], [2, 2], [1, 1], 16) is None
+
+
+def test_grouping_unequal_middle_page():
+    # Same first and third page, different second page: only the first is shared.
+    tables = [[1, 2, 3, 9], [1, 5, 3, 10]]
+    groups = group_shared_prefixes(tables, [4, 4], [1, 1], 4)
+    assert groups.levels[0] == [(2, [1], 4)]
+    _check_levels(groups, tables, [4, 4], [1, 1])
+
+
+@pytest.mark.parametrize(("mode", "batch", "shared_pages", "expected"), [
+    ("auto", 128, 256, True), ("auto", 127, 256, False), ("auto", 32, 2048, True), ("auto", 31, 2048, False),
+    ("auto", 512, 255, False), ("on", 2, 1, True), ("off", 512, 4096, False)])
+def test_auto_decisions_on_synthetic_groups(mode, batch, shared_pages, expected):
+    """page_size 16: 256 pages = 4k tokens, 2048 = 32k."""
+    tables = _tables([list(range(shared_pages))] * batch, first_free=10**6)
+    groups = group_shared_prefixes(tables, [len(t) for t in tables], [1] * batch, 16)
+    assert should_cascade(mode, groups) is expected
+
+
+def test_auto_decision_counts_a_subgroup():
+    # 40 requests share 1 page; 32 of them share 32k tokens below it: the subgroup passes the rule.
+    deep = [0] + list(range(1, 2048))
+    tables = _tables([deep] * 32 + [[0]] * 8, first_free=10**6)
+    groups = group_shared_prefixes(tables, [len(t) for t in tables], [1] * 40, 16)
+    assert groups.num_levels == 3 and should_cascade("auto", groups)
+    assert (2048 * 16, 32) in groups.shared
+
+
+def test_cascade_config_validated(tiny_model):
+    with pytest.raises(ValueError, match="cascade"):
+        EngineConfig(str(tiny_model("qwen3")), cascade="always")
+    with pytest.raises(TypeError, match="cascade"):
+        EngineConfig(str(tiny_model("qwen3")), cascade=True)
+
+
+def _conversations():
+    """Token ids: a 12-token system prompt, two conversations of 8 more tokens, and five turns."""
+    system = [(7 * i + 3) % 50 + 5 for i in range(12)]
+    conv = {"a": [60 + i for i in range(8)], "b": [90 - i for i in range(8)]}
+    turns = [("a", [11, 12, 13]), ("b", [21, 22, 23, 24, 25]), ("a", [31, 32, 33, 34]), ("b", [41, 42]),
+             ("b", [51, 52, 53, 54, 55, 56])]
+    warm = [system + conv["a"], system + conv["b"]]
+    prompts = [system + conv[c] + t for c, t in turns] + [[70, 71, 72, 73, 74, 75, 76]]   # + one unrelated
+    return warm, prompts
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_three_levels_equal_plain_engine_and_hf(graphs, tiny_model, hf_greedy, monkeypatch):
+    """System prompt, two conversations and their turns: the decode steps run three cascade levels (the
+    conversations' pages cached by earlier requests), and the greedy tokens equal the plain engine's and
+    HF's. With the decode graphs (emulated), the cascade steps run eagerly and the others replay."""
+    monkeypatch.setattr(cuda_graph, "EMULATE_ON_CPU", graphs)
+    model_dir = str(tiny_model("qwen3"))
+    warm, prompts = _conversations()
+    kw = dict(block_size=4, max_model_len=64, max_num_seqs=8, async_scheduling=not graphs)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    got = {}
+    for mode in ("on", "off"):
+        llm = LLM(model_dir, cascade=mode, **kw)
+        llm.generate([{"prompt_token_ids": p} for p in warm], SamplingParams(max_tokens=1), use_tqdm=False)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        got[mode] = [o.outputs[0].token_ids for o in outs]
+        runner = llm.llm_engine.model_runner
+        if mode == "on":
+            assert runner.cascade_steps.get(3, 0) >= 4, runner.cascade_steps
+            assert all(o.num_cached_tokens == 20 for o in outs[:5])
+        else:
+            assert runner.cascade_steps == {}
+    assert got["on"] == got["off"]
+    for p, toks in zip(prompts, got["on"], strict=True):
+        assert toks == hf_greedy(model_dir, p, 6)
