@@ -27,7 +27,6 @@ from pagoda.models.layers import (
     SiluAndMul,
     VocabParallelEmbedding,
 )
-from pagoda.models.layers.parallel import divide, tp_size
 
 __all__ = ["DecoderOptions", "DecoderForCausalLM", "head_dim_of"]
 
@@ -56,10 +55,10 @@ class DecoderAttention(nn.Module):
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         self.head_dim = head_dim_of(config)
-        self.num_heads = divide(heads, tp_size(), "num_attention_heads")
-        self.num_kv_heads = divide(kv_heads, tp_size(), "num_key_value_heads")
-        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, heads, kv_heads, bias=opts.qkv_bias)
+        # This rank's heads (KV heads replicated when there are fewer than ranks).
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.o_proj = RowParallelLinear(heads * self.head_dim, config.hidden_size, bias=opts.o_bias)
         if opts.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)

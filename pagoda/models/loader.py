@@ -1,10 +1,11 @@
 """Build a model and fill its weights: from a Hugging Face safetensors folder, or random (dummy).
 
 `load_weights` reads ``model.safetensors`` or the shards listed in ``model.safetensors.index.json``.
-Each shard is opened with ``safe_open(..., device=<model device>)``: tensors come out of the memory
-map straight onto the model's device, one at a time, and each parameter's ``weight_loader`` copies
-this rank's slice into place (q/k/v and gate/up into their fused parameters through the model's
-``packed_modules_mapping``). Every checkpoint name is checked against the model before anything is
+Each shard is opened with ``safe_open(..., device=<model device>)`` and each checkpoint tensor handed to
+its parameter's ``weight_loader`` as a lazy slice (`CheckpointSlice`): the loader narrows it to this
+rank's part, and only that part is read from the memory map and moved to the device (q/k/v and gate/up
+into their fused parameters through the model's ``packed_modules_mapping``). Under tensor parallelism
+no process reads, let alone holds, more than its own shards. Every checkpoint name is checked against the model before anything is
 copied, so a missing or unexpected tensor is reported by name without a half-loaded model.
 """
 from __future__ import annotations
@@ -19,12 +20,43 @@ from torch import nn
 from pagoda.models.layers import RMSNorm
 from pagoda.models.registry import get_model_class
 
-__all__ = ["build_model", "load_weights", "init_dummy_weights", "checkpoint_files"]
+__all__ = ["build_model", "load_weights", "init_dummy_weights", "checkpoint_files", "CheckpointSlice"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Buffers that some checkpoints carry and that pagoda recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointSlice:
+    """A tensor of an open safetensors file, not read yet: ``shape``, ``dim()`` and ``narrow`` (which
+    only record the range) as on a tensor; ``materialize()`` reads the selected range (safetensors'
+    ``get_slice``), on the file's device. Satisfies `pagoda.models.layers.parallel.LazyTensor`."""
+
+    def __init__(self, file_slice, shape: tuple[int, ...], ranges: tuple[tuple[int, int], ...] | None = None):
+        self._slice = file_slice
+        self.shape = torch.Size(shape if ranges is None else [b - a for a, b in ranges])
+        self._ranges = ranges if ranges is not None else tuple((0, n) for n in shape)
+
+    @classmethod
+    def open(cls, f, name: str) -> CheckpointSlice:
+        """The tensor ``name`` of the open file ``f`` (``safe_open``)."""
+        sl = f.get_slice(name)
+        return cls(sl, tuple(sl.get_shape()))
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def narrow(self, dim: int, start: int, length: int) -> CheckpointSlice:
+        if not 0 <= dim < self.dim() or start < 0 or length < 0 or start + length > self.shape[dim]:
+            raise ValueError(f"narrow({dim}, {start}, {length}) is outside a tensor of shape {tuple(self.shape)}")
+        ranges = list(self._ranges)
+        a = ranges[dim][0] + start
+        ranges[dim] = (a, a + length)
+        return CheckpointSlice(self._slice, (), tuple(ranges))
+
+    def materialize(self) -> torch.Tensor:
+        return self._slice[tuple(slice(a, b) for a, b in self._ranges)]   # () for a 0-d tensor
 
 
 def build_model(config, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
@@ -138,12 +170,12 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
             for name, target, shard in entries:
                 param = params[target]
                 loader = getattr(param, "weight_loader", None)
-                tensor = f.get_tensor(name)
+                tensor = CheckpointSlice.open(f, name)
                 try:
                     if loader is None:
                         if tensor.shape != param.shape:
                             raise ValueError(f"expected shape {tuple(param.shape)}, got {tuple(tensor.shape)}")
-                        param.copy_(tensor)
+                        param.copy_(tensor.materialize())
                     else:
                         loader(param, tensor, shard)
                 except ValueError as e:

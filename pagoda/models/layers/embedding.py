@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from pagoda.models.layers.parallel import divide, tp_rank, tp_size
+from pagoda.models.layers.parallel import LazyTensor, divide, materialize, tp_rank, tp_size
 
 __all__ = ["VocabParallelEmbedding", "ParallelLMHead"]
 
@@ -30,13 +30,13 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     @torch.no_grad()
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor | LazyTensor, shard_id=None) -> None:
         n = param.shape[0]
         if loaded_weight.dim() != 2 or loaded_weight.shape[0] != self.num_embeddings or \
                 loaded_weight.shape[1] != param.shape[1]:
             raise ValueError(f"{type(self).__name__}: expected a [{self.num_embeddings}, {param.shape[1]}] table, "
                              f"got {tuple(loaded_weight.shape)}")
-        param.copy_(loaded_weight.narrow(0, self.tp_rank * n, n))
+        param.copy_(materialize(loaded_weight.narrow(0, self.tp_rank * n, n)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:

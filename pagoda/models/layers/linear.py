@@ -4,7 +4,8 @@ Column-parallel layers split the output features across ranks (each rank compute
 communication); row-parallel layers split the input features (each rank computes a partial sum, then
 an all-reduce). A Megatron MLP or attention block is column-parallel in, row-parallel out: one
 all-reduce per block. Every parameter carries ``weight_loader(param, loaded_weight, shard_id=None)``,
-which copies this rank's slice of a full checkpoint tensor into it.
+which copies this rank's slice of a full checkpoint tensor into it (``loaded_weight`` a tensor, or a lazy
+checkpoint slice of which only this rank's part is read).
 """
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from pagoda.models.layers.parallel import divide, tp_rank, tp_size
+from pagoda.models.layers.parallel import LazyTensor, divide, materialize, tp_rank, tp_size
 
 __all__ = ["ReplicatedLinear", "ColumnParallelLinear", "MergedColumnParallelLinear", "QKVParallelLinear",
            "RowParallelLinear"]
 
 
-def _load_shard(dst: torch.Tensor, loaded: torch.Tensor, dim: int | None, rank: int, size: int, what: str) -> None:
+def _load_shard(dst: torch.Tensor, loaded: torch.Tensor | LazyTensor, dim: int | None, rank: int, size: int,
+                what: str) -> None:
     """``dst <- rank``'s slice of the full tensor ``loaded`` along ``dim`` (None: all of it), dtype converted
     on the way. The full shape is checked first, so a wrong checkpoint tensor is named, not mis-sliced."""
     full = list(dst.shape)
@@ -27,7 +29,7 @@ def _load_shard(dst: torch.Tensor, loaded: torch.Tensor, dim: int | None, rank: 
         full[dim] *= size
     if list(loaded.shape) != full:
         raise ValueError(f"{what}: expected a tensor of shape {tuple(full)}, got {tuple(loaded.shape)}")
-    dst.copy_(loaded if dim is None else loaded.narrow(dim, rank * dst.shape[dim], dst.shape[dim]))
+    dst.copy_(materialize(loaded if dim is None else loaded.narrow(dim, rank * dst.shape[dim], dst.shape[dim])))
 
 
 class LinearBase(nn.Module):
@@ -104,26 +106,47 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 class QKVParallelLinear(ColumnParallelLinear):
     """The q, k and v projections in one matmul, heads split across ranks: rank r holds its query heads,
-    then its key heads, then its value heads (``shard_id`` "q", "k" or "v")."""
+    then its key heads, then its value heads (``shard_id`` "q", "k" or "v").
+
+    With fewer KV heads than ranks (``tp_size % total_num_kv_heads == 0``) each rank holds one KV head,
+    the one its query heads attend to: ``tp_size / total_num_kv_heads`` ranks replicate each KV head."""
 
     def __init__(self, hidden_size: int, head_size: int, total_num_heads: int,
                  total_num_kv_heads: int | None = None, bias: bool = False):
         total_num_kv_heads = total_num_heads if total_num_kv_heads is None else total_num_kv_heads
+        tp = tp_size()
         self.head_size = head_size
         self.shard_ids = ("q", "k", "v")  # what the loader must deliver
-        self.num_heads = divide(total_num_heads, tp_size(), "num_attention_heads")
-        self.num_kv_heads = divide(total_num_kv_heads, tp_size(), "num_key_value_heads")
-        super().__init__(hidden_size, (total_num_heads + 2 * total_num_kv_heads) * head_size, bias)
+        self.total_num_kv_heads = total_num_kv_heads
+        self.num_heads = divide(total_num_heads, tp, "num_attention_heads")
+        if total_num_kv_heads >= tp:
+            self.num_kv_heads = divide(total_num_kv_heads, tp, "num_key_value_heads")
+            self.num_kv_head_replicas = 1
+        else:
+            if tp % total_num_kv_heads:
+                raise ValueError(f"the tensor-parallel size ({tp}) must be a multiple of num_key_value_heads "
+                                 f"({total_num_kv_heads}) when it is larger")
+            self.num_kv_heads, self.num_kv_head_replicas = 1, tp // total_num_kv_heads
+        super().__init__(hidden_size, (total_num_heads + 2 * self.num_kv_heads * tp) * head_size, bias)
 
     @torch.no_grad()
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor | LazyTensor, shard_id=None) -> None:
         q, kv = self.num_heads * self.head_size, self.num_kv_heads * self.head_size
         spans = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}
         if shard_id not in spans:
             raise ValueError(f"shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
         offset, size = spans[shard_id]
-        _load_shard(param.narrow(0, offset, size), loaded_weight, 0, self.tp_rank, self.tp_size,
-                    f"{type(self).__name__} shard {shard_id}")
+        what = f"{type(self).__name__} shard {shard_id}"
+        if shard_id == "q":
+            _load_shard(param.narrow(0, offset, size), loaded_weight, 0, self.tp_rank, self.tp_size, what)
+            return
+        # This rank's KV heads: block r of the KV heads, or the one head that ranks r.. share when replicated.
+        dst = param.narrow(0, offset, size)
+        full = [self.total_num_kv_heads * self.head_size, *dst.shape[1:]]
+        if list(loaded_weight.shape) != full:
+            raise ValueError(f"{what}: expected a tensor of shape {tuple(full)}, got {tuple(loaded_weight.shape)}")
+        start = (self.tp_rank // self.num_kv_head_replicas) * kv
+        dst.copy_(materialize(loaded_weight.narrow(0, start, kv)))
 
 
 class RowParallelLinear(LinearBase):

@@ -6,6 +6,9 @@ group), not of the model code.
 """
 from __future__ import annotations
 
+from typing import Protocol
+
+import torch
 import torch.distributed as dist
 
 
@@ -24,3 +27,23 @@ def divide(numerator: int, denominator: int, what: str) -> int:
     if numerator % denominator:
         raise ValueError(f"{what} ({numerator}) must be divisible by the tensor-parallel size ({denominator})")
     return numerator // denominator
+
+
+class LazyTensor(Protocol):
+    """A checkpoint tensor not read yet (`pagoda.models.loader.CheckpointSlice`): its ``shape``, ``dim()``
+    and ``narrow(dim, start, length)`` (another lazy tensor) as a tensor has them; ``materialize()`` reads
+    only the selected part. Weight loaders narrow to their rank's part first, so a rank never reads
+    what another rank holds."""
+
+    shape: torch.Size
+
+    def dim(self) -> int: ...
+
+    def narrow(self, dim: int, start: int, length: int) -> LazyTensor: ...
+
+    def materialize(self) -> torch.Tensor: ...
+
+
+def materialize(x: torch.Tensor | LazyTensor) -> torch.Tensor:
+    """``x`` itself when it is a tensor, else the part of the checkpoint it selects, read now."""
+    return x if isinstance(x, torch.Tensor) else x.materialize()
