@@ -121,7 +121,7 @@ def test_cpu_paged_graph_mode_pads_batch():
     (dict(num_qo_heads=5), ValueError, "num_qo_heads"),
     (dict(head_dim_qk=20), ValueError, "head_dim"),
     (dict(head_dim_vo=32), NotImplementedError, "head_dim_vo"),
-    (dict(custom_mask=torch.ones(3, dtype=torch.bool)), NotImplementedError, "custom_mask"),
+    (dict(custom_mask=torch.ones(3, dtype=torch.bool)), ValueError, "custom_mask must hold"),
     (dict(causal=1), TypeError, "causal"),
     (dict(qo_indptr=torch.tensor([0, 5, 3], dtype=torch.int32)), ValueError, "qo_indptr"),
     (dict(qo_indptr=torch.tensor([0, 3], dtype=torch.int32)), ValueError, "paged_kv_indptr"),
