@@ -11,8 +11,9 @@ sampled tokens stay on the device for the next step, whose inputs take them from
 Every attention layer of a step shares one plan: `BatchPrefillWithPagedKVCacheWrapper` (causal) when
 the step holds prefill tokens (chunks mixed with decodes), `BatchDecodeWithPagedKVCacheWrapper` for
 decode-only steps, or the levels of `pagoda.engine.cascade.CascadeDecode` (eager) for decode-only steps
-whose requests share prefix pages where ``EngineConfig.cascade`` says it pays. The plans read host (pinned) copies of the page table; the KV append trusts the
-metadata the runner built (``validate=False``: no value is read back). The KV cache is one tensor
+whose requests share prefix pages where ``EngineConfig.cascade`` says it pays. The plans read host
+(pinned) copies of the page table; the KV append trusts the metadata the runner built
+(``validate=False``: no value is read back). The KV cache is one tensor
 ``[num_layers, num_blocks, 2, block_size, num_kv_heads, head_dim]`` (NHD pages); each attention layer
 gets its slice.
 """
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 import pagoda
-from pagoda.engine.cascade import CascadeDecode, group_shared_prefixes, should_cascade
+from pagoda.engine.cascade import CascadeDecode, cascade_groups
 from pagoda.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from pagoda.engine.cuda_graph import DecodeGraphs, capture_sizes, graphs_available
 from pagoda.engine.logits import LogitsPipeline, LogitsProcessor, min_tokens_processor
@@ -380,13 +381,14 @@ class ModelRunner:
 
     def _plan_cascade(self, batch: ScheduledBatch, inp: dict) -> CascadeDecode | None:
         """The cascade attention of a decode-only step whose requests share prefix pages, planned, when
-        ``cascade_mode`` says it runs (`pagoda.engine.cascade.should_cascade`); else None."""
+        ``cascade_mode`` says it runs (`pagoda.engine.cascade.cascade_groups`); else None."""
         if self.cascade_mode == "off":
             return None
         ptr = inp["kv_indptr"]
         pages = [ptr[i + 1] - ptr[i] for i in range(len(batch.seqs))]
-        groups = group_shared_prefixes([s.block_table for s in batch.seqs], pages, inp["last"], self.block_size)
-        if not should_cascade(self.cascade_mode, groups):
+        groups = cascade_groups(self.cascade_mode, [s.block_table for s in batch.seqs], pages, inp["last"],
+                                self.block_size)
+        if groups is None:
             return None
         self.cascade_steps[groups.num_levels] = self.cascade_steps.get(groups.num_levels, 0) + 1
         kw = self._decode_plan_kwargs()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pagoda.engine import LLM, SamplingParams, cuda_graph
-from pagoda.engine.cascade import cascade_pays, group_shared_prefixes, should_cascade
+from pagoda.engine.cascade import cascade_groups, cascade_pays, group_shared_prefixes, should_cascade
 from pagoda.engine.config import EngineConfig
 
 
@@ -87,6 +87,17 @@ def test_auto_decisions_on_synthetic_groups(mode, batch, shared_pages, expected)
     tables = _tables([list(range(shared_pages))] * batch, first_free=10**6)
     groups = group_shared_prefixes(tables, [len(t) for t in tables], [1] * batch, 16)
     assert should_cascade(mode, groups) is expected
+
+
+@pytest.mark.parametrize("batch", [31, 32, 127, 128])
+@pytest.mark.parametrize("shared_pages", [255, 256, 2047, 2048])
+def test_cascade_groups_equals_the_full_decision(batch, shared_pages):
+    """`cascade_groups`' O(batch) pre-check never turns down a step the full grouping would cascade."""
+    tables = _tables([list(range(shared_pages))] * batch + [[5]] * 3, first_free=10**6)
+    args = (tables, [len(t) for t in tables], [1] * len(tables), 16)
+    for mode in ("auto", "on", "off"):
+        got = cascade_groups(mode, *args)
+        assert (got is not None) is should_cascade(mode, group_shared_prefixes(*args))
 
 
 def test_auto_decision_counts_a_subgroup():
