@@ -2,6 +2,7 @@
 against the float64 masked reference on the CPU path, the masked Triton kernel in the interpreter (fp16/fp32),
 tile skipping, bad input; the GPU cases under @gpu."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -15,6 +16,9 @@ from tests.ops import mask_utils as mu
 from tests.paged_utils import empty_cache, fill_cache, random_page_table
 
 LOG2E = 1.0 / math.log(2.0)   # FlashInfer's API LSE is base 2; the reference's natural log
+# The kernel on CPU tensors needs the interpreter (set by conftest where there is no CUDA device).
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                                 reason="runs the Triton kernel in the interpreter (TRITON_INTERPRET=1)")
 
 
 def _indptr(lens, device="cpu"):
@@ -183,6 +187,7 @@ def test_bad_masks_raise_naming_the_argument():
 
 # ---------------------------------------------------------------- the masked kernel in the interpreter
 
+@interpreted
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("kind", ["random", "tree", "prefix_lm", "empty_rows"])
 def test_interpreted_paged_masked_kernel(triton_on_cpu, dtype, kind):
@@ -195,6 +200,7 @@ def test_interpreted_paged_masked_kernel(triton_on_cpu, dtype, kind):
 
 @pytest.mark.parametrize("opts", [dict(pos_encoding_mode="ROPE_LLAMA"), dict(logits_soft_cap=2.0),
                                   dict(window_left=9), dict(pos_encoding_mode="ALIBI")])
+@interpreted
 def test_interpreted_masked_kernel_options(triton_on_cpu, opts):
     # Masks inside the causal region, where every ALiBi convention (signed or |i - j|) agrees.
     masks = [mu.random_mask(a, b, 0.6, causal=True) for a, b in zip(QO, KV)]
@@ -203,6 +209,7 @@ def test_interpreted_masked_kernel_options(triton_on_cpu, opts):
     assert_finite_lse_close(lse, want_lse.float(), atol=1e-4)
 
 
+@interpreted
 def test_interpreted_masked_kernel_head_dim_256(triton_on_cpu):
     # head_dim > 128 takes 32-key tiles: one mask word per row and tile, the bit offset from the tile's start.
     assert _mask.tile_shape(64, 256, True)["BLOCK_N"] == 32
@@ -213,6 +220,7 @@ def test_interpreted_masked_kernel_head_dim_256(triton_on_cpu):
     assert_finite_lse_close(lse, want_lse.float(), atol=1e-4)
 
 
+@interpreted
 def test_interpreted_masked_kernel_signed_alibi_right_of_the_diagonal(triton_on_cpu):
     # FlashInfer's ALiBi is signed (slope * (key - query position)): keys right of the diagonal get a bonus.
     masks = _masks("random")
@@ -221,6 +229,7 @@ def test_interpreted_masked_kernel_signed_alibi_right_of_the_diagonal(triton_on_
     assert_finite_lse_close(lse, want_lse.float(), atol=1e-4)
 
 
+@interpreted
 def test_interpreted_ragged_and_single(triton_on_cpu):
     qo, kv, hq, hk, d = [3, 40, 0], [50, 40, 6], 4, 2, 32
     q = torch.randn(sum(qo), hq, d, dtype=torch.float16)
@@ -240,6 +249,7 @@ def test_interpreted_ragged_and_single(triton_on_cpu):
     assert_finite_lse_close(l1, want_lse[3:43].float(), atol=5e-3)
 
 
+@interpreted
 def test_interpreted_kernel_skips_hidden_tiles(triton_on_cpu):
     # NaN in every key/value that only hidden tiles hold: a read of one would turn the output NaN (0 * NaN).
     qo, kv, hq, hk, d, ps = [64], [256], 2, 2, 16, 16
