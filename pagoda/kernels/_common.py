@@ -18,6 +18,18 @@ LN2 = 0.6931471805599453     # ln(2): base-2 quantities times this are natural-l
 LOG2E_JIT = tl.constexpr(LOG2E)
 LN2_JIT = tl.constexpr(LN2)
 
+# The attention kernels' ``HAS_ALIBI`` constexpr names the ALiBi form: False none, True flash-attn's
+# ``-slope * |pos_q - pos_k|``, ALIBI_SIGNED FlashInfer's ``slope * (pos_k - pos_q)`` (they differ right of the
+# diagonal only, i.e. without a causal mask).
+ALIBI_SIGNED = tl.constexpr(2)
+
+
+def alibi_mode(alibi_slopes, signed: bool):
+    """The ``HAS_ALIBI`` value of a launch: False without slopes, ALIBI_SIGNED's value for FlashInfer's form."""
+    if alibi_slopes is None:
+        return False
+    return 2 if signed else True
+
 
 @functools.cache   # one entry per device, kept for the process (a property query costs µs)
 def sm_count(device: torch.device | int | None) -> int:

@@ -27,8 +27,9 @@ GLUON_MIN_QO = 128
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None,
                   *, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int,
                   batch_size: int, softmax_scale: float, window_left: int, window_right: int, softcap: float,
-                  alibi_slopes: torch.Tensor | None) -> None:
-    """Dense or varlen attention forward into ``out`` / ``lse`` (shapes: `pagoda.kernels.attention.fwd`)."""
+                  alibi_slopes: torch.Tensor | None, alibi_signed: bool = False) -> None:
+    """Dense or varlen attention forward into ``out`` / ``lse`` (shapes: `pagoda.kernels.attention.fwd`).
+    ``alibi_signed``: FlashInfer's ALiBi form (``slope * (pos_k - pos_q)``) instead of flash-attn's."""
     from pagoda.kernels.attention import fwd
 
     interpreting = _switches.interpreting()
@@ -49,14 +50,15 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
     fwd.attention_fwd(q, k, v, out, lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                       max_seqlen_q=max_seqlen_q, batch_size=batch_size, softmax_scale=softmax_scale,
                       window_left=window_left, window_right=window_right, softcap=softcap,
-                      alibi_slopes=alibi_slopes, config=config)
+                      alibi_slopes=alibi_slopes, config=config, alibi_signed=alibi_signed)
 
 
 def prefill_paged(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
                   page_size: int, num_kv_heads: int, max_qo_len: int, out, lse, *, sm_scale: float, causal: bool,
                   window_left: int = -1, logits_soft_cap: float = 0.0, alibi_slopes=None, rope=None,
                   window_right: int | None = None, block_m: int | None = None, num_splits: int = 0, chunk=None,
-                  o_part=None, lse_part=None, write_lse: bool = True, custom_mask=None) -> None:
+                  o_part=None, lse_part=None, write_lse: bool = True, custom_mask=None,
+                  alibi_signed: bool = False) -> None:
     """Paged prefill into ``out`` / ``lse`` (arguments: `pagoda.kernels.attention.prefill_paged.prefill_paged_fwd`).
 
     ``write_lse=False``: the caller does not read lse (the Gluon kernel then skips it; the Triton kernels write it
@@ -93,4 +95,4 @@ def prefill_paged(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_indpt
                             causal=causal, window_left=window_left, logits_soft_cap=logits_soft_cap,
                             alibi_slopes=alibi_slopes, rope=rope, window_right=window_right, config=config,
                             block_m=block_m, num_splits=num_splits, chunk=chunk, o_part=o_part, lse_part=lse_part,
-                            custom_mask=custom_mask)
+                            custom_mask=custom_mask, alibi_signed=alibi_signed)

@@ -251,7 +251,7 @@ def run_ragged(q, k, v, plan: MaskPlan, qo_indptr: torch.Tensor, kv_indptr: torc
     prefill_paged(q, kc, vc, _paged.cache_strides(kc, "NHD"), _paged.cache_strides(vc, "NHD"), qo_indptr,
                   *plan._pages, 1, num_kv_heads, max(plan.qo_lens, default=0), out, lse,
                   sm_scale=opts["sm_scale"], causal=False, logits_soft_cap=opts["logits_soft_cap"],
-                  alibi_slopes=alibi_slopes if mode == "ALIBI" else None,
+                  alibi_slopes=alibi_slopes if mode == "ALIBI" else None, alibi_signed=True,
                   rope=(opts["rope_scale"], opts["rope_theta"]) if mode == "ROPE_LLAMA" else None, custom_mask=plan)
     return out, lse
 

@@ -1,9 +1,9 @@
 """`BatchPrefillWithRaggedKVCacheWrapper` and `single_prefill_with_kv_cache` (exported by `pagoda.ops.prefill`).
 
 The ragged wrapper runs pagoda's dense varlen kernel (`pagoda.kernels.attention.fwd`, bottom-right
-causal alignment as FlashInfer's) on CUDA without host reads, `flash_attn_varlen_func`'s reference
-elsewhere; ``ROPE_LLAMA`` rotates copies of q and k first, ``ALIBI`` passes the
-standard slopes. `single_prefill_with_kv_cache` runs the paged prefill kernel over a one-page table.
+causal alignment as FlashInfer's) on CUDA without host reads, the prefill reference elsewhere;
+``ROPE_LLAMA`` rotates copies of q and k first, ``ALIBI`` passes the standard slopes with FlashInfer's signed
+bias ``slope * (pos_k - pos_q)``. `single_prefill_with_kv_cache` runs the paged prefill kernel over a one-page table.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import torch
 from pagoda.ops import _checks, _lse, _paged
 from pagoda.ops import _decode_plan as _plan
 from pagoda.ops import _prefill_common as _common
-from pagoda.ops.attention import flash_attn_varlen_func
 from pagoda.ops.rope import rotate_llama
 from pagoda.reference import decode as _dref
 from pagoda.reference import prefill as _ref
@@ -133,12 +132,13 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         scale = opts["sm_scale"] * qk_factor
         alibi = self._alibi if opts["pos_encoding_mode"] == "ALIBI" else None
         if not _paged.use_triton(q):
-            o, l, _ = flash_attn_varlen_func(
-                q, k, v, self._meta[0], self._meta[1], self._max_q, self._max_k, softmax_scale=scale,
-                causal=opts["causal"], window_size=(opts["window_left"], -1), softcap=opts["logits_soft_cap"],
-                alibi_slopes=alibi, return_attn_probs=True)
+            # The prefill reference (FlashInfer's signed ALiBi), on the copies RoPE already rotated.
+            o, l = _ref.batch_prefill_with_ragged_kv_cache(
+                q, k, v, self._meta[0], self._meta[1], causal=opts["causal"], sm_scale=scale,
+                window_left=opts["window_left"], logits_soft_cap=opts["logits_soft_cap"],
+                pos_encoding_mode="NONE" if alibi is None else "ALIBI")
             out = o if out is None else out.copy_(o)
-            lse = l.t().contiguous() if lse is None else lse.copy_(l.t())
+            lse = l if lse is None else lse.copy_(l)
             return _common.finish(out, lse, v_scale, return_lse, lse_given)
         # The dense varlen kernel directly: plan validated the indptrs, so run reads nothing on the host
         # (and, with use_cuda_graph, the grid depends only on q's shape).
@@ -154,7 +154,7 @@ class BatchPrefillWithRaggedKVCacheWrapper:
                           max_seqlen_q=q.shape[0] if self._use_cuda_graph else max(self._max_q, 1),
                           batch_size=self._grid_batch, softmax_scale=scale, window_left=opts["window_left"],
                           window_right=0 if opts["causal"] else -1, softcap=opts["logits_soft_cap"],
-                          alibi_slopes=alibi)
+                          alibi_slopes=alibi, alibi_signed=True)
         lse = lse_t.t().contiguous() if lse is None else lse.copy_(lse_t.t())
         return _common.finish(out, lse, v_scale, return_lse, lse_given)
 
@@ -206,6 +206,6 @@ def single_prefill_with_kv_cache(q, k, v, custom_mask=None, packed_custom_mask=N
     prefill_paged(q, kc, vc, _paged.cache_strides(kc, kv_layout), _paged.cache_strides(vc, kv_layout), qo_indptr,
                   kv_indptr, indices, last, kv_len, hk, qo_len, out, lse, sm_scale=opts["sm_scale"],
                   causal=opts["causal"], window_left=opts["window_left"], logits_soft_cap=opts["logits_soft_cap"],
-                  alibi_slopes=_dref.alibi_slopes(hq, device=dev) if mode == "ALIBI" else None,
+                  alibi_slopes=_dref.alibi_slopes(hq, device=dev) if mode == "ALIBI" else None, alibi_signed=True,
                   rope=(opts["rope_scale"], opts["rope_theta"]) if mode == "ROPE_LLAMA" else None)
     return (out, _lse.to_base2_(lse)) if return_lse else out

@@ -245,6 +245,7 @@ class BatchPrefillWithPagedKVCacheWrapper:
                       _paged.cache_strides(v_cache, self._kv_layout), *self._meta, page_size, hk, max_qo, out, lse,
                       sm_scale=opts["sm_scale"], causal=opts["causal"], window_left=opts["window_left"],
                       logits_soft_cap=opts["logits_soft_cap"], alibi_slopes=self._alibi if mode == "ALIBI" else None,
+                      alibi_signed=True,
                       rope=(opts["rope_scale"], opts["rope_theta"]) if mode == "ROPE_LLAMA" else None,
                       block_m=self._block_m, num_splits=splits, chunk=self._chunk_buf, o_part=o_part,
                       lse_part=lse_part, write_lse=write_lse)

@@ -37,11 +37,13 @@ def visibility_mask(seqlen_q: int, seqlen_k: int, window_left: int, window_right
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_scale: float,
                   window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
                   alibi_slopes: torch.Tensor | None = None,
-                  compute_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+                  compute_dtype: torch.dtype = torch.float32,
+                  alibi_signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention for one sequence.
 
     q: ``[seqlen_q, nheads_q, head_dim]``; k, v: ``[seqlen_k, nheads_kv, head_dim]``;
-    alibi_slopes: ``[nheads_q]`` float or None.
+    alibi_slopes: ``[nheads_q]`` float or None: flash-attn's bias ``-slope * |i + sk - sq - j|``, or with
+    ``alibi_signed`` FlashInfer's ``slope * (j - (i + sk - sq))`` (equal left of the diagonal).
     Returns ``out [seqlen_q, nheads_q, head_dim]`` (q.dtype) and ``lse [nheads_q, seqlen_q]`` float32.
     """
     sq, hq, d = q.shape
@@ -56,7 +58,7 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_
     if alibi_slopes is not None:
         i = torch.arange(sq, device=q.device)[:, None] + (sk - sq)
         j = torch.arange(sk, device=q.device)[None, :]
-        dist = (i - j).abs().to(compute_dtype)
+        dist = (i - j).to(compute_dtype) if alibi_signed else (i - j).abs().to(compute_dtype)
         s = s - alibi_slopes.to(compute_dtype)[:, None, None] * dist
     mask = visibility_mask(sq, sk, window_left, window_right, device=q.device)
     s = s.masked_fill(~mask, -math.inf)

@@ -4,8 +4,9 @@ Request ``b`` has ``qo_len`` queries and ``kv_len`` keys; query ``i`` sits at ke
 ``i + kv_len - qo_len`` (the queries are the last tokens of the KV: chunked prefill, prefix caching).
 ``causal`` hides keys after that position; ``window_left >= 0`` hides keys before
 ``position - window_left``; ``logits_soft_cap``, ``ROPE_LLAMA`` (q at its position, k at its index)
-and ``ALIBI`` (``-slope * |position - j|``) as in `pagoda.reference.decode`. Rows that see no key get
-zeros and LSE ``-inf``; LSE is natural-log float32 ``[nnz_qo, num_qo_heads]``.
+and ``ALIBI``, FlashInfer's signed bias ``slope * (j - position)`` (with or without ``causal``; flash-attn's
+``-slope * |position - j|`` equals it only left of the diagonal). Rows that see no key get zeros and LSE ``-inf``;
+LSE is natural-log float32 ``[nnz_qo, num_qo_heads]`` (the public FlashInfer-style ops hand it out in base 2).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def prefill_one(q, k, v, *, causal: bool, sm_scale: float, window_left: int = -1
         slopes = alibi_slopes(hq, device=q.device)
     out, lse = attention_ref(q, k, v, softmax_scale=sm_scale, window_left=window_left,
                              window_right=0 if causal else -1, softcap=logits_soft_cap, alibi_slopes=slopes,
-                             compute_dtype=compute_dtype)
+                             compute_dtype=compute_dtype, alibi_signed=True)
     return out, lse.transpose(0, 1).contiguous()
 
 

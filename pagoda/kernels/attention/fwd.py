@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels._common import LN2_JIT, LOG2E, LOG2E_JIT, online_softmax, soft_cap
+from pagoda.kernels._common import ALIBI_SIGNED, LN2_JIT, LOG2E, LOG2E_JIT, alibi_mode, online_softmax, soft_cap
 from pagoda.kernels.launch.fast import cdiv, launch, launch_tuned, next_pow2
 
 
@@ -67,7 +67,9 @@ def _attn_fwd_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kt,
             s = soft_cap(qk, qk_scale, softcap_log2)
         else:
             s = qk * qk_scale
-        if HAS_ALIBI:
+        if HAS_ALIBI == ALIBI_SIGNED:   # FlashInfer's bias: slope * (key - query position), signed
+            s = s + slope_log2 * (cols[None, :] - (offs_m[:, None] + shift)).to(tl.float32)
+        elif HAS_ALIBI:                 # flash-attn's: -slope * |query position - key|
             dist = (offs_m[:, None] + shift) - cols[None, :]
             dist = tl.where(dist < 0, -dist, dist)
             s = s - slope_log2 * dist.to(tl.float32)
@@ -287,8 +289,11 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
                   lse: torch.Tensor | None, *, cu_seqlens_q: torch.Tensor | None,
                   cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, batch_size: int,
                   softmax_scale: float, window_left: int, window_right: int, softcap: float,
-                  alibi_slopes: torch.Tensor | None, config: dict | None = None) -> None:
+                  alibi_slopes: torch.Tensor | None, config: dict | None = None, alibi_signed: bool = False) -> None:
     """Launch the forward kernel; arguments are assumed validated by `pagoda.ops.attention`.
+
+    ALiBi adds flash-attn's ``-slope * |pos_q - pos_k|``, or FlashInfer's ``slope * (pos_k - pos_q)`` with
+    ``alibi_signed`` (the ragged prefill wrapper).
 
     Dense: q ``[b, sq, hq, d]``, k/v ``[b, sk, hk, d]``, out like q, lse ``[b, hq, sq]`` fp32.
     Varlen (cu_seqlens given): q ``[total_q, hq, d]``, k/v ``[total_k, hk, d]``, lse ``[hq, total_q]``.
@@ -333,7 +338,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
     meta = dict(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, next_pow2(head_dim)),
         IS_VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
-        HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, WRITE_LSE=lse is not None,
+        HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_mode(alibi_slopes, alibi_signed), WRITE_LSE=lse is not None,
     )
     if config is not None:
         bm = config["BLOCK_M"]

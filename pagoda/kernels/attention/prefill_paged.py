@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.kernels._common import LN2_JIT, LOG2E, LOG2E_JIT, online_softmax, soft_cap
+from pagoda.kernels._common import ALIBI_SIGNED, LN2_JIT, LOG2E, LOG2E_JIT, alibi_mode, online_softmax, soft_cap
 from pagoda.kernels.attention.mask_tile import custom_mask_bits
 from pagoda.kernels.attention.paged_tile import addr_flags, load_rows, paged_offsets, rope_rows
 from pagoda.kernels.launch.fast import cdiv, launch, launch_tuned, next_pow2
@@ -68,7 +68,9 @@ def _paged_block(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, page_size, page_shi
             s = soft_cap(qk, qk_scale, softcap_log2)
         else:
             s = qk * qk_scale
-        if HAS_ALIBI:
+        if HAS_ALIBI == ALIBI_SIGNED:   # FlashInfer's bias: slope * (key - query position), signed
+            s = s + slope_log2[:, None] * (t[None, :] - q_pos[:, None]).to(tl.float32)
+        elif HAS_ALIBI:                 # flash-attn's: -slope * |query position - key|
             dist = q_pos[:, None] - t[None, :]
             s = s - slope_log2[:, None] * tl.where(dist < 0, -dist, dist).to(tl.float32)
         scale = 1.0
@@ -304,10 +306,12 @@ def prefill_paged_fwd(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_i
                       page_size: int, num_kv_heads: int, max_qo_len: int, out, lse, *, sm_scale: float, causal: bool,
                       window_left: int = -1, logits_soft_cap: float = 0.0, alibi_slopes=None, rope=None,
                       window_right: int | None = None, config: dict | None = None, block_m: int | None = None,
-                      num_splits: int = 0, chunk=None, o_part=None, lse_part=None, custom_mask=None) -> None:
+                      num_splits: int = 0, chunk=None, o_part=None, lse_part=None, custom_mask=None,
+                      alibi_signed: bool = False) -> None:
     """Launch; arguments validated by the ops layer. q/out ``[nnz_qo, Hq, D]`` (last dim contiguous),
     lse float32 ``[nnz_qo, Hq]``; caches 4-D with ``(page, token, head)`` strides; ``rope`` None or
-    ``(rope_scale, rope_theta)``; alibi_slopes float32 ``[Hq]`` or ``[batch, Hq]``. ``window_right``
+    ``(rope_scale, rope_theta)``; alibi_slopes float32 ``[Hq]`` or ``[batch, Hq]``, the bias flash-attn's
+    ``-slope * |pos - j|`` or, with ``alibi_signed``, FlashInfer's ``slope * (j - pos)``. ``window_right``
     (keys right of the diagonal, -1 = unbounded) defaults to 0 with causal and -1 without.
     ``max_qo_len`` bounds every request's queries (the grid covers ``max_qo_len * Hq / Hk`` rows).
 
@@ -362,7 +366,7 @@ def prefill_paged_fwd(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_i
             window_right, rope_rcp_scale, log2_theta)
     meta = dict(HEAD_DIM=dim, HEAD_DIM_PAD=max(16, next_pow2(dim)), GROUP=group, BLOCK_M=bm, SPLIT=split,
                 CAUSAL=window_right >= 0, HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=softcap > 0,
-                HAS_ALIBI=alibi_slopes is not None, ROPE=rope is not None, IEEE=fp32,
+                HAS_ALIBI=alibi_mode(alibi_slopes, alibi_signed), ROPE=rope is not None, IEEE=fp32,
                 ADDR=addr_flags(page_size, k_strides, v_strides))
     if custom_mask is not None:
         meta["CUSTOM_MASK"] = True
