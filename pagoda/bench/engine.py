@@ -16,6 +16,10 @@ at the bf16 matmul rate measured in the same run.
 
 ``--batch-1``: one request's decode on a Llama-3-8B-shaped dummy model, time per token beside its floor
 (weight bytes and the request's KV at the copy bandwidth).
+
+``--processors``: the same requests with a logits constraint, through HF generate's Python processor (static
+and dynamic caches) and pagoda's built-in, batch-level and per-request processors, each beside its own run
+without them (`pagoda.bench.engine_processors`).
 """
 from __future__ import annotations
 
@@ -339,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HF generate: seconds per implementation before it stops (partial figure)")
     p.add_argument("--batch-1", action="store_true", help="one request's decode, Llama-3-8B-shaped dummy model")
     p.add_argument("--batch-1-tokens", type=int, default=d.batch_1_tokens)
+    p.add_argument("--processors", action="store_true",
+                   help="logits processors: HF generate's Python processor vs pagoda's built-in, batch-level "
+                        "and per-request forms, each against its own run without them")
     p.add_argument("--dtype", default=d.dtype, help="auto (bf16 on a GPU), float32, float16, bfloat16")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--out", help="directory for JSON, CSV, Markdown and PNG results")
@@ -353,6 +360,14 @@ def main(argv: list[str] | None = None) -> int:
                             hf_impls=tuple(x for x in a.hf_impls.split(",") if x), hf_budget_s=a.budget_s,
                             batch_1=a.batch_1, batch_1_tokens=a.batch_1_tokens, dtype=a.dtype)
     device = torch.device(a.device) if a.device else None
+    if a.processors:
+        from pagoda.bench import engine_processors as ep
+        report = ep.run_study(cfg, device)
+        print(ep.tables(report))
+        if a.out:
+            paths = _report.write_outputs(a.out, "engine-processors", report, ep.tables(report, markdown=True))
+            print("\nwrote " + ", ".join(str(p) for p in paths))
+        return 0
     report = run_study(cfg, device)
     print(tables(report))
     if a.out:
