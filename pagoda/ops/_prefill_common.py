@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from pagoda.ops import _checks, _lse, _paged
+from pagoda.ops import _checks, _lse, _mask, _paged
 from pagoda.ops import _decode_plan as _plan
 
 
@@ -12,8 +12,8 @@ def options(head_dim_qk, head_dim_vo, custom_mask, packed_custom_mask, causal, p
     """Validate the shared plan options; return them resolved to defaults."""
     if head_dim_vo is not None and head_dim_vo != head_dim_qk:
         raise NotImplementedError(f"head_dim_vo ({head_dim_vo}) different from head_dim_qk ({head_dim_qk})")
-    if custom_mask is not None or packed_custom_mask is not None:
-        raise NotImplementedError("custom_mask/packed_custom_mask are not supported (use causal/window_left)")
+    if _mask.check_mask_args(custom_mask, packed_custom_mask):
+        causal = False   # FlashInfer: causal applies only without a custom mask (plan builds it: `_mask.plan_mask`)
     for name, flag in (("causal", causal), ("use_fp16_qk_reduction", use_fp16_qk_reduction)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
@@ -85,5 +85,7 @@ def check_constructor(float_workspace_buffer, kv_layout, use_cuda_graph, backend
         raise TypeError(f"use_cuda_graph must be a bool, got {type(use_cuda_graph).__name__}")
     if backend != "auto":
         raise ValueError(f"backend must be 'auto', got {backend!r}")
-    if jit_args is not None or custom_mask_buf is not None or mask_indptr_buf is not None:
-        raise NotImplementedError("jit_args and custom masks are not supported")
+    if jit_args is not None:
+        raise NotImplementedError("jit_args (custom attention variants) are not supported")
+    # custom_mask_buf / mask_indptr_buf: FlashInfer reads them only under CUDA graphs, where pagoda's prefill
+    # wrappers refuse a custom mask at plan (the mask's tile lists are sized per plan).

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from pagoda.ops import _checks, _lse, _paged
+from pagoda.ops import _checks, _lse, _mask, _paged
 from pagoda.ops import _decode_plan as _plan
 from pagoda.ops import _prefill_common as _common
 from pagoda.ops.rope import rotate_llama
@@ -93,6 +93,10 @@ class BatchPrefillWithRaggedKVCacheWrapper:
                               torch.tensor(k_pos, dtype=torch.int32).to(self.device))
         if opts["pos_encoding_mode"] == "ALIBI" and (self._alibi is None or self._alibi.shape[0] != hq):
             self._alibi = _dref.alibi_slopes(hq, device=self.device)
+        # A custom mask (FlashInfer's layouts): the masked paged kernel's bit words and tile lists.
+        self._mask = _mask.plan_for_wrapper(custom_mask, packed_custom_mask, [b - a for a, b in zip(qptr, qptr[1:])],
+                                            [b - a for a, b in zip(kptr, kptr[1:])], hq // hk, d, q_dtype,
+                                            opts["window_left"], self.device, self._use_cuda_graph)
         self._nnz, self._nnz_kv = qptr[-1], kptr[-1]
         self._max_q = max((b - a for a, b in zip(qptr, qptr[1:])), default=0)
         self._max_k = max((b - a for a, b in zip(kptr, kptr[1:])), default=0)
@@ -124,6 +128,11 @@ class BatchPrefillWithRaggedKVCacheWrapper:
                              f"(kv_indptr[-1], num_kv_heads, head_dim), got {tuple(k.shape)} and {tuple(v.shape)}")
         if k.device != self.device or v.device != self.device:
             raise ValueError(f"k and v must be on {self.device}")
+        if self._mask is not None:   # RoPE, ALiBi and the soft cap inside the masked kernel
+            qk_factor, v_scale = _plan.run_scales(q_scale, k_scale, v_scale)
+            out, lse = _mask.run_ragged(q, k, v, self._mask, self._meta[0], self._meta[1], hk,
+                                        dict(opts, sm_scale=opts["sm_scale"] * qk_factor), self._alibi, out, lse)
+            return _common.finish(out, lse, v_scale, return_lse, lse_given)
         if self._rope_pos is not None:
             n, m = self._nnz, self._nnz_kv
             q = torch.cat([rotate_llama(q[:n], self._rope_pos[0], opts["rope_scale"], opts["rope_theta"]), q[n:]])
@@ -186,6 +195,9 @@ def single_prefill_with_kv_cache(q, k, v, custom_mask=None, packed_custom_mask=N
         raise ValueError(f"k/v head_dim ({k.shape[2]}) must equal q's ({d})")
     opts = _common.options(d, None, custom_mask, packed_custom_mask, causal, pos_encoding_mode, use_fp16_qk_reduction,
                            window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta)
+    if _mask.check_mask_args(custom_mask, packed_custom_mask):   # causal is ignored with a mask (FlashInfer's rule)
+        out, lse = _mask.run_single(q, k, v, kv_layout, custom_mask, packed_custom_mask, opts)
+        return (out, _lse.to_base2_(lse)) if return_lse else out
     qo_len = q.shape[0]
     if not _paged.use_triton(q) or kv_len == 0 or qo_len == 0:
         kk, vv = (k, v) if kv_layout == "NHD" else (k.transpose(0, 1), v.transpose(0, 1))

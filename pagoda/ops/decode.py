@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from pagoda.ops import _checks, _lse, _paged
+from pagoda.ops import _checks, _decode_multi, _lse, _paged
 from pagoda.ops import _decode_plan as _plan
 from pagoda.reference import decode as _ref
 
@@ -146,6 +146,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
         ``logits_soft_cap``, ``sm_scale`` default ``head_dim**-0.5``, ``rope_scale`` 1, ``rope_theta`` 1e4).
         ``q_data_type``/``kv_data_type`` (``data_type`` sets both) are checked against `run`'s tensors.
         ``fixed_split_size`` (pages per split) or ``disable_split_kv`` override the split heuristic.
+        ``q_len_per_req = n > 1`` (speculative verification; needs ``use_tensor_cores=True`` and every
+        ``kv_len >= n``): `run` then takes ``q [batch * n, Hq, D]``, each request's ``n`` tokens being the last ``n``
+        keys of its cache, causal among themselves (`pagoda.ops._decode_multi`; fixed with the CUDA graph).
         Reads the page table on the host; never call it inside a CUDA graph capture."""
         hq, hk, d = _plan.check_heads(num_qo_heads, num_kv_heads, head_dim)
         page_size = _plan.as_int("page_size", page_size, 1)
@@ -166,8 +169,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
         if block_tables is not None or seq_lens is not None:
             raise NotImplementedError("block_tables/seq_lens planning is not supported: pass the CSR page table "
                                       "(pagoda.ops.page.block_table_to_csr converts)")
-        if q_len_per_req != 1:
-            raise NotImplementedError("q_len_per_req > 1 is not supported by batch decode (use the prefill wrapper)")
+        q_len_per_req = _decode_multi.check_q_len(q_len_per_req, self._use_tensor_cores,
+                                                  getattr(self, "_backend", "auto"),
+                                                  getattr(self, "_graph_q_len", None))
         if fixed_split_size is not None:
             fixed_split_size = _plan.as_int("fixed_split_size", fixed_split_size, 1)
         if not isinstance(disable_split_kv, bool):
@@ -182,6 +186,18 @@ class BatchDecodeWithPagedKVCacheWrapper:
                 for i in range(batch)]
         used = indices[:ptr[-1]]
         self._max_page_id = int(used.max()) if used.numel() else -1   # ids >= 0: checked by check_kv_csr
+        self._multi = None
+        if self._use_cuda_graph:
+            self._graph_q_len = q_len_per_req
+        if q_len_per_req > 1:   # speculative verification rows: the causal paged prefill (`pagoda.ops._decode_multi`)
+            self._multi = _decode_multi.plan_multi(
+                self, indptr, indices, last_page_len, lens, q_len_per_req, num_qo_heads=hq, num_kv_heads=hk,
+                head_dim=d, page_size=page_size, pos_encoding_mode=mode, window_left=window_left,
+                logits_soft_cap=soft_cap, sm_scale=scale, rope_scale=rope_scale, rope_theta=rope_theta,
+                q_dtype=q_dtype, kv_dtype=kv_dtype, non_blocking=non_blocking, fixed_split_size=fixed_split_size,
+                disable_split_kv=disable_split_kv)
+            self._planned = True
+            return
 
         sms = _plan.num_sms(self.device)
         graph_key = (hq, hk, d, page_size, q_dtype, kv_dtype, mode, scale, window_left, soft_cap, rope_scale,
@@ -259,6 +275,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
         lse_given = lse is not None
         if args:
             raise TypeError(f"run() takes no extra positional arguments (custom kernels), got {len(args)}")
+        if self._multi is not None:
+            return self._multi.run(q, paged_kv_cache, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, out=out,
+                                   lse=lse, return_lse=return_lse, window_left=window_left)
         mode, scale, planned_window, soft_cap, rope_scale, rope_theta = self._opts
         if window_left is not None and window_left != planned_window:
             raise ValueError(f"window_left={window_left} differs from the planned {planned_window}; re-plan")
@@ -273,7 +292,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
         _checks.check_tensor("q", q, ndim=3)
         if q.shape[0] not in (self._batch, self._grid_batch) or tuple(q.shape[1:]) != (hq, d):
             raise ValueError(f"q must have shape [{self._batch}, {hq}, {d}] (planned batch, num_qo_heads, "
-                             f"head_dim), got {tuple(q.shape)}")
+                             f"head_dim), got {tuple(q.shape)}; several rows per request need "
+                             "plan(..., q_len_per_req=n)")
         if q.dtype != self._q_dtype or k_cache.dtype != self._kv_dtype:
             raise TypeError(f"q/paged_kv_cache dtypes ({q.dtype}, {k_cache.dtype}) differ from the planned "
                             f"q_data_type/kv_data_type ({self._q_dtype}, {self._kv_dtype})")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from pagoda.ops import _checks, _paged
+from pagoda.ops import _checks, _mask, _paged
 from pagoda.ops import _decode_plan as _plan
 from pagoda.ops import _prefill_common as _common
 from pagoda.ops import _prefill_split as _split
@@ -95,7 +95,13 @@ class BatchPrefillWithPagedKVCacheWrapper:
         options (causal, pos_encoding_mode NONE/ROPE_LLAMA/ALIBI, window_left, logits_soft_cap, sm_scale,
         rope_scale/rope_theta). With ``causal=True`` every request needs kv_len >= qo_len. Reads indptrs on the host.
         ``fixed_split_size`` (pages per split) or ``disable_split_kv`` override the split-KV heuristic (a
-        CUDA-graph wrapper fixes its split count at the first plan)."""
+        CUDA-graph wrapper fixes its split count at the first plan).
+
+        ``custom_mask`` (bool, each request's ``[qo_len, kv_len]`` mask flattened and concatenated: True = visible)
+        or ``packed_custom_mask`` (uint8, the same bits packed little-endian per request by `segment_packbits`;
+        wins over custom_mask) replaces ``causal`` (ignored, as in FlashInfer) and combines with ``window_left``.
+        The masked Triton kernel reads one bit per score and skips key tiles the mask hides entirely
+        (`pagoda.ops._mask`); not with ``use_cuda_graph=True`` (NotImplementedError)."""
         hq, hk, d = _plan.check_heads(num_qo_heads, num_kv_heads, head_dim_qk)
         page_size = _plan.as_int("page_size", page_size, 1)
         opts = _common.options(d, head_dim_vo, custom_mask, packed_custom_mask, causal, pos_encoding_mode,
@@ -120,6 +126,10 @@ class BatchPrefillWithPagedKVCacheWrapper:
             if opts["causal"] and not self._short_kv_ok and qptr[i + 1] - qptr[i] > kv_lens[i]:
                 raise ValueError(f"request {i} has {qptr[i + 1] - qptr[i]} queries but only {kv_lens[i]} keys: "
                                  "append the new tokens to the cache before prefill (kv_len >= qo_len)")
+        # A custom mask (FlashInfer's layouts) becomes the masked kernel's bit words and tile lists here.
+        self._mask = _mask.plan_for_wrapper(custom_mask, packed_custom_mask, [b - a for a, b in zip(qptr, qptr[1:])],
+                                            kv_lens, hq // hk, d, q_dtype, opts["window_left"], self.device,
+                                            self._use_cuda_graph)
         used = paged_kv_indices[:kptr[-1]]
         self._max_page_id = int(used.max()) if used.numel() else -1
         if self._use_cuda_graph:
@@ -215,8 +225,11 @@ class BatchPrefillWithPagedKVCacheWrapper:
         qk_factor, v_scale = _plan.run_scales(q_scale, k_scale, v_scale)
         opts["sm_scale"] *= qk_factor
         if not _paged.use_triton(q):
-            o, l = _ref.batch_prefill_with_paged_kv_cache(q, (k_cache, v_cache), *self._host_meta, self._kv_layout,
-                                                          **opts)
+            if self._mask is not None:
+                o, l = _mask.reference_paged(q, (k_cache, v_cache), self._host_meta, self._kv_layout, self._mask, opts)
+            else:
+                o, l = _ref.batch_prefill_with_paged_kv_cache(q, (k_cache, v_cache), *self._host_meta,
+                                                              self._kv_layout, **opts)
             out = o if out is None else out.copy_(o)
             lse = l if lse is None else lse.copy_(l)
             return _common.finish(out, lse, v_scale, return_lse, lse_given)
@@ -248,7 +261,7 @@ class BatchPrefillWithPagedKVCacheWrapper:
                       alibi_signed=True,
                       rope=(opts["rope_scale"], opts["rope_theta"]) if mode == "ROPE_LLAMA" else None,
                       block_m=self._block_m, num_splits=splits, chunk=self._chunk_buf, o_part=o_part,
-                      lse_part=lse_part, write_lse=write_lse)
+                      lse_part=lse_part, write_lse=write_lse, custom_mask=self._mask)
         return _common.finish(out, lse, v_scale, return_lse, lse_given)
 
     forward = run
