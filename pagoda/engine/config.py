@@ -41,7 +41,13 @@ class EngineConfig:
 
     ``enforce_eager``: no CUDA graphs (every step eager). ``async_scheduling`` (vLLM's name): the host
     prepares step N+1 while the device runs step N and reads sampled tokens one step behind (False: each
-    step's tokens are read before the next step is scheduled)."""
+    step's tokens are read before the next step is scheduled).
+
+    Tensor parallelism (``tensor_parallel_size`` > 1, `pagoda.engine.distributed`):
+    ``distributed_executor_backend`` (vLLM's name) is "mp" (this process is rank 0 and spawns the others)
+    or "external_launcher" (every rank was started by ``torchrun``); None picks "external_launcher" when
+    the environment is a torchrun's of ``tensor_parallel_size`` processes, else "mp".
+    ``worker_multiproc_method``: how "mp" starts the ranks, "spawn" or "fork" (the CPU only)."""
     model: str
     tokenizer: str | None = None
     dtype: str | torch.dtype = "auto"
@@ -62,6 +68,8 @@ class EngineConfig:
     async_scheduling: bool = True
     logits_processors: list | None = None   # batch-level LogitsProcessor classes (pagoda.engine.logits_processors)
     cascade: str = "auto"                   # one of CASCADE_MODES (pagoda.engine.cascade)
+    distributed_executor_backend: str | None = None
+    worker_multiproc_method: str = "spawn"
     hf_config: object = field(default=None, repr=False)
     torch_dtype: torch.dtype = field(default=None, repr=False)
 
@@ -76,9 +84,6 @@ class EngineConfig:
             if not os.path.isdir(self.tokenizer):
                 raise ValueError(f"tokenizer folder {self.tokenizer!r} does not exist")
         _positive_int("tensor_parallel_size", self.tensor_parallel_size)
-        if self.tensor_parallel_size > 1:
-            raise NotImplementedError(f"tensor_parallel_size={self.tensor_parallel_size}: tensor parallelism is "
-                                      "not implemented yet (use 1)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
         _positive_int("max_model_len", self.max_model_len, allow_none=True)
@@ -103,6 +108,8 @@ class EngineConfig:
         self.device = torch.device(self.device if self.device is not None
                                    else ("cuda" if torch.cuda.is_available() else "cpu"))
         self._resolve_from_model()
+        from pagoda.engine.distributed import check_parallel_config
+        check_parallel_config(self)
 
     def _resolve_from_model(self) -> None:
         from transformers import AutoConfig

@@ -38,8 +38,13 @@ class LLM:
         enable_chunked_prefill: split long prompts over steps shared with decodes.
         num_gpu_blocks_override: the number of KV pages (skips the memory profile).
         load_format: "auto" (safetensors) or "dummy" (random weights, for benchmarks).
-        tensor_parallel_size: 1 (more raises NotImplementedError for now).
-        **kwargs: other `EngineConfig` fields (``device``, ``max_logprobs``, ``async_scheduling``).
+        tensor_parallel_size: ranks the model is split over (Megatron-style: attention heads, MLP columns
+            and the vocabulary; one GPU each with NCCL, or CPU processes with gloo). This process is rank 0
+            and starts the others, unless ``torchrun`` started every rank: then each calls ``LLM(...)``,
+            rank 0 returns and drives, and the others serve its steps inside ``LLM(...)`` and exit when rank
+            0 calls `shutdown` (or exits). See `pagoda.engine.executor`.
+        **kwargs: other `EngineConfig` fields (``device``, ``max_logprobs``, ``async_scheduling``,
+            ``distributed_executor_backend``, ``worker_multiproc_method``).
     """
 
     def __init__(self, model: str, tokenizer: str | None = None, dtype: str = "auto", seed: int = 0,
@@ -60,6 +65,25 @@ class LLM:
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
+
+    def collective_rpc(self, method, timeout: float | None = None, args: tuple = (),
+                       kwargs: dict | None = None) -> list:
+        """vLLM's: ``method`` on every tensor-parallel rank's worker, results in rank order (see
+        `LLMEngine.collective_rpc`); e.g. ``llm.collective_rpc("weight_bytes")``."""
+        return self.llm_engine.collective_rpc(method, timeout, args, kwargs)
+
+    def shutdown(self) -> None:
+        """Stop the engine's other processes (tensor parallelism) now; also done at garbage collection and
+        at interpreter exit. The LLM cannot generate afterwards."""
+        engine = getattr(self, "llm_engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+    def __del__(self):
+        try:
+            self.shutdown()
+        except Exception:   # interpreter teardown: modules may be gone
+            pass
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the model's generation_config.json defaults (temperature, top_p, top_k,

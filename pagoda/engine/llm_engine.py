@@ -96,8 +96,18 @@ class LLMEngine:
         from transformers import AutoTokenizer
 
         self.config = config
-        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model, local_files_only=True)
-        self.model_runner = ModelRunner(config)
+        # Tensor parallelism: this process is rank 0 (under torchrun the other ranks never return from here:
+        # they serve rank 0's steps, then exit). See `pagoda.engine.executor`.
+        self.executor = None
+        if config.tensor_parallel_size > 1:
+            from pagoda.engine.executor import TensorParallelExecutor
+            self.executor = TensorParallelExecutor(config)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model, local_files_only=True)
+        except BaseException:
+            self.shutdown()
+            raise
+        self.model_runner = ModelRunner(config) if self.executor is None else self.executor.runner
         self.vocab_size = self.model_runner.vocab_size
         self.block_manager = BlockManager(self.model_runner.num_blocks, config.block_size,
                                           config.enable_prefix_caching)
@@ -212,7 +222,41 @@ class LLMEngine:
         """Run one step; return a RequestOutput for each request it advanced (as its output_kind says).
 
         Queues the next step before reading the previous one's tokens (module docstring): the outputs
-        returned are those of the previous step."""
+        returned are those of the previous step. Under tensor parallelism an exception that escapes a
+        step (a rank that died: `pagoda.engine.executor.WorkerError`; Ctrl-C) shuts every rank down."""
+        if self.executor is None:
+            return self._step()
+        self.executor.check()
+        try:
+            return self._step()
+        except BaseException as e:
+            raise self.executor.fail(e) from None
+
+    def collective_rpc(self, method, timeout: float | None = None, args: tuple = (),
+                       kwargs: dict | None = None) -> list:
+        """vLLM's: call ``method`` on every rank's worker (`pagoda.engine.worker.Worker`: a method name such
+        as ``"info"`` or ``"weight_bytes"``, or a module-level function taking the worker first); the results
+        in rank order (one process: a list of one)."""
+        if self.executor is not None:
+            return self.executor.collective_rpc(method, timeout, args, kwargs)
+        if timeout is not None:
+            raise NotImplementedError("collective_rpc(timeout=...) is not supported")
+        from pagoda.engine.distributed import ParallelState
+        from pagoda.engine.worker import RpcError, Worker, call
+
+        worker = Worker(ParallelState(0, 1, self.model_runner.device, None, "none"), self.model_runner)
+        out = call(worker, method, tuple(args), dict(kwargs or {}))
+        if isinstance(out, RpcError):
+            raise RuntimeError(f"collective_rpc({method!r}) raised:\n{out.text}")
+        return [out]
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (if any) and leave the process group; idempotent. Also runs
+        at interpreter exit."""
+        if getattr(self, "executor", None) is not None:
+            self.executor.shutdown()
+
+    def _step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         runner = self.model_runner
         batch = self.scheduler.schedule()

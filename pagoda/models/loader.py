@@ -5,8 +5,9 @@ Each shard is opened with ``safe_open(..., device=<model device>)`` and each che
 its parameter's ``weight_loader`` as a lazy slice (`CheckpointSlice`): the loader narrows it to this
 rank's part, and only that part is read from the memory map and moved to the device (q/k/v and gate/up
 into their fused parameters through the model's ``packed_modules_mapping``). Under tensor parallelism
-no process reads, let alone holds, more than its own shards. Every checkpoint name is checked against the model before anything is
-copied, so a missing or unexpected tensor is reported by name without a half-loaded model.
+no process reads, let alone holds, more than its own shards. Every checkpoint name is checked against the
+model before anything is copied, so a missing or unexpected tensor is reported by name without a
+half-loaded model.
 """
 from __future__ import annotations
 

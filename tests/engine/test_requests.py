@@ -193,7 +193,7 @@ def test_request_that_can_never_fit(model_dir):
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(tensor_parallel_size=2), NotImplementedError, "tensor_parallel_size"),
+    (dict(tensor_parallel_size=0), ValueError, "tensor_parallel_size"),
     (dict(dtype="int8"), ValueError, "dtype"),
     (dict(block_size=12), ValueError, "block_size"),
     (dict(block_size=0), ValueError, "block_size"),

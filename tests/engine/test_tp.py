@@ -1,0 +1,190 @@
+"""Tensor parallelism on the CPU (gloo, float32): two ranks give the same tokens as one, each rank holds
+about half of the weights, and the engine comes down cleanly (shutdown, Ctrl-C, a rank that dies)."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from pagoda.engine import LLM, SamplingParams
+from pagoda.engine.executor import WorkerError
+
+# Text prompts (some sharing a beginning: prefix-cache hits) and one given as ids; lengths past Mistral's window.
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "The quick brown fox jumps over the lazy dog. A paged key-value cache stores",
+    "Rotary position embeddings rotate pairs of features by an angle",
+    {"prompt_token_ids": [5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11, 12]},
+    "Numbers: 0 1 2 3 4 5",
+]
+# Small pages, a small step budget (chunked prefill) and a small cache (preemption): every path of the step
+# messages (new sequences, growing page tables, tables rebuilt after a preemption) runs.
+ENGINE = dict(block_size=4, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16, num_gpu_blocks_override=20)
+# fork: the rank inherits the test process's imports (a spawned rank imports torch and transformers anew:
+# seconds); the kill test below uses spawn, the start method of GPUs.
+FAST = dict(worker_multiproc_method="fork")
+
+
+def _params() -> list[SamplingParams]:
+    greedy = SamplingParams(temperature=0.0, max_tokens=10, min_tokens=10)
+    seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=8, logprobs=2)
+    return [greedy, greedy, greedy, seeded, SamplingParams(temperature=0.0, n=2, max_tokens=6, ignore_eos=True)]
+
+
+def _tokens(outputs) -> list[list[list[int]]]:
+    return [[c.token_ids for c in o.outputs] for o in outputs]
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _children() -> list[int]:
+    """Live child processes of this test process, but multiprocessing's own resource tracker (one per
+    interpreter, started with the first spawned process, shared by everything that uses multiprocessing)."""
+    me, kids = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if int(fields[1]) == me and fields[0] != "Z" and b"multiprocessing.resource_tracker" not in cmdline:
+                kids.append(int(entry))
+    return kids
+
+
+def _wait_gone(pids: list[int], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in pids if _alive(p)], "worker processes left behind"
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+@pytest.mark.parametrize("arch", ["llama3.1", "qwen3", "mistral"])
+def test_tp2_equals_tp1(arch, kv_heads, tiny_model):
+    """KV heads fewer than (1: replicated), equal to (2) and more than (4) the ranks; greedy, seeded sampling
+    with logprobs and n=2 give the same tokens; each rank holds about half of the weights and its share of
+    the KV heads."""
+    path = str(tiny_model(arch, num_key_value_heads=kv_heads))
+    one = LLM(path, **ENGINE)
+    want = one.generate(PROMPTS, _params(), use_tqdm=False)
+    total = one.collective_rpc("weight_bytes")[0]
+    assert one.llm_engine.scheduler.num_preemptions > 0     # the small cache did preempt
+    llm = LLM(path, tensor_parallel_size=2, **ENGINE, **FAST)
+    try:
+        got = llm.generate(PROMPTS, _params(), use_tqdm=False)
+        assert _tokens(got) == _tokens(want)
+        lp_got, lp_want = got[3].outputs[0].logprobs, want[3].outputs[0].logprobs
+        for a, b in zip(lp_got, lp_want, strict=True):
+            assert a.keys() == b.keys()
+            assert all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
+        info = llm.llm_engine.executor.worker_info
+        assert [i["rank"] for i in info] == [0, 1] and info[1]["pid"] != os.getpid()
+        assert [i["num_kv_heads"] for i in info] == [max(kv_heads // 2, 1)] * 2
+        assert [i["num_qo_heads"] for i in info] == [2, 2]
+        per_rank = llm.collective_rpc("weight_bytes")
+        # Half of everything split, all of the (small) norms: ~0.5; a replicated KV head adds its k/v rows.
+        assert all(0.5 * total <= b <= 0.54 * total for b in per_rank), (per_rank, total)
+        pids = [i["pid"] for i in info[1:]]
+    finally:
+        llm.shutdown()
+    _wait_gone(pids, timeout=1.0)
+    with pytest.raises(RuntimeError, match="shut down"):
+        llm.generate(PROMPTS[:1], use_tqdm=False)
+
+
+def test_tp2_sync_scheduling_and_rpc_errors(tiny_model):
+    """Scheduling without the one-step overlap gives the same tokens; an exception inside a rank's RPC is
+    reported with its traceback and leaves the engine serving."""
+    path = str(tiny_model("qwen3"))
+    want = _tokens(LLM(path, **ENGINE).generate(PROMPTS, _params(), use_tqdm=False))
+    llm = LLM(path, tensor_parallel_size=2, async_scheduling=False, **ENGINE, **FAST)
+    try:
+        assert _tokens(llm.generate(PROMPTS, _params(), use_tqdm=False)) == want
+        with pytest.raises(RuntimeError, match=r"(?s)raised on rank 0.*AttributeError"):
+            llm.collective_rpc("no_such_method")
+        with pytest.raises(TypeError, match="pickle"):
+            llm.collective_rpc(lambda worker: 1)
+        assert llm.collective_rpc(_rank_and_heads) == [(0, 2), (1, 2)]
+        assert _tokens(llm.generate(PROMPTS, _params(), use_tqdm=False)) == want
+    finally:
+        llm.shutdown()
+
+
+def _rank_and_heads(worker):
+    return worker.rank, worker.model_runner.num_qo_heads
+
+
+def test_tp2_ctrl_c_shuts_every_rank_down(tiny_model):
+    """A KeyboardInterrupt in rank 0 in the middle of a generation: it propagates, and no rank is left."""
+    path = str(tiny_model("llama3.1"))
+    llm = LLM(path, tensor_parallel_size=2, **ENGINE, **FAST)
+    pids = [i["pid"] for i in llm.llm_engine.executor.worker_info[1:]]
+    calls = []
+
+    def interrupt(token_ids, logits):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return logits
+
+    params = SamplingParams(temperature=0.0, max_tokens=20, logits_processors=[interrupt])
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(PROMPTS[:2], params, use_tqdm=False)
+    _wait_gone(pids, timeout=5.0)
+    with pytest.raises(RuntimeError, match="shut down"):
+        llm.generate(PROMPTS[:1], use_tqdm=False)
+
+
+def test_tp2_killed_rank_raises_within_seconds(tiny_model):
+    """A rank killed (SIGKILL) in the middle of a generation: the call raises a WorkerError naming it within
+    seconds, every process is gone, and the engine refuses further work. Spawned ranks (as on GPUs)."""
+    path = str(tiny_model("qwen3", num_key_value_heads=1))
+    before = set(_children())
+    llm = LLM(path, tensor_parallel_size=2, **ENGINE)
+    pids = [i["pid"] for i in llm.llm_engine.executor.worker_info[1:]]
+    assert set(_children()) - before >= set(pids)
+    killed_at = []
+
+    def kill_rank_1(token_ids, logits):
+        if len(token_ids) == 3 and not killed_at:
+            os.kill(pids[0], signal.SIGKILL)
+            killed_at.append(time.monotonic())
+        return logits
+
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, logits_processors=[kill_rank_1])
+    with pytest.raises(WorkerError, match=r"rank 1 \(pid \d+\) was killed by SIGKILL"):
+        llm.generate([PROMPTS[0], PROMPTS[4]], params, use_tqdm=False)
+    assert time.monotonic() - killed_at[0] < 5.0
+    _wait_gone(pids, timeout=5.0)
+    assert not set(_children()) - before, "processes left behind"
+    with pytest.raises(WorkerError, match="rank 1"):
+        llm.generate(PROMPTS[:1], use_tqdm=False)
+    llm.shutdown()
+
+
+def test_tp_config_errors(tiny_model, monkeypatch):
+    path = str(tiny_model("qwen3", num_key_value_heads=2))
+    with pytest.raises(ValueError, match=r"num_attention_heads \(4\) must be divisible by tensor_parallel_size \(3\)"):
+        LLM(path, tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="worker_multiproc_method"):
+        LLM(path, tensor_parallel_size=2, worker_multiproc_method="forkserver")
+    with pytest.raises(ValueError, match="distributed_executor_backend must be one of"):
+        LLM(path, tensor_parallel_size=2, distributed_executor_backend="ray")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match="needs torchrun's environment"):
+        LLM(path, tensor_parallel_size=2, distributed_executor_backend="external_launcher")
+    with pytest.raises(ValueError, match="needs tensor_parallel_size > 1"):
+        LLM(path, distributed_executor_backend="external_launcher")
