@@ -1,6 +1,13 @@
 """Public kernel API: validation and dispatch (Triton on CUDA, the PyTorch reference elsewhere)."""
 from pagoda.ops.activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul
 from pagoda.ops.attention import flash_attn_func, flash_attn_varlen_func
+from pagoda.ops.attention_packed import (
+                             flash_attn_kvpacked_func,
+                             flash_attn_qkvpacked_func,
+                             flash_attn_varlen_kvpacked_func,
+                             flash_attn_varlen_qkvpacked_func,
+)
+from pagoda.ops.bert_padding import pad_input, unpad_input
 from pagoda.ops.cascade import MultiLevelCascadeAttentionWrapper, merge_state, merge_state_in_place, merge_states
 from pagoda.ops.cascade_levels import CascadeLevels, build_cascade_levels
 from pagoda.ops.decode import BatchDecodeWithPagedKVCacheWrapper, single_decode_with_kv_cache
@@ -35,6 +42,7 @@ from pagoda.ops.sampling import (
                              min_p_sampling_from_probs,
                              sampling_from_logits,
                              sampling_from_probs,
+                             softmax,
                              top_k_mask_logits,
                              top_k_renorm_probs,
                              top_k_sampling_from_probs,
@@ -45,7 +53,9 @@ from pagoda.ops.sampling import (
 )
 
 __all__ = [
-    "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",
+    "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "flash_attn_qkvpacked_func",
+    "flash_attn_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func",
+    "unpad_input", "pad_input", "softmax",
     "merge_state", "merge_state_in_place", "merge_states", "MultiLevelCascadeAttentionWrapper",
     "CascadeLevels", "build_cascade_levels",
     "BatchDecodeWithPagedKVCacheWrapper", "single_decode_with_kv_cache",

@@ -69,8 +69,41 @@ def check_head_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"nheads of q ({hq}) must be a positive multiple of nheads of k/v ({hk})")
 
 
-def check_options(dropout_p, softmax_scale, causal, window_size, softcap) -> tuple[int, int]:
-    """Validate the flash-attn option set; return the effective (window_left, window_right)."""
+def _window_entry(w) -> int | None:
+    """An int, or a 0-d integer tensor (flash-attn's tests draw windows with ``torch.randint``); None otherwise."""
+    if isinstance(w, torch.Tensor):
+        if w.dim() != 0 or w.dtype.is_floating_point or w.dtype.is_complex or w.dtype == torch.bool:
+            return None
+        return int(w.item())
+    if isinstance(w, bool):
+        return None
+    try:
+        return operator.index(w)
+    except TypeError:
+        return None
+
+
+def window_pair(window_size) -> tuple[int, int]:
+    """``window_size`` as flash-attn takes it: a tuple, list or 1-D tensor of two ints (-1 = unbounded)."""
+    if isinstance(window_size, torch.Tensor):
+        entries = list(window_size) if window_size.dim() == 1 else [None]
+    elif isinstance(window_size, (tuple, list)):
+        entries = list(window_size)
+    else:
+        entries = [None]
+    pair = [_window_entry(w) for w in entries]
+    if len(pair) != 2 or None in pair:
+        raise ValueError(f"window_size must be a pair of ints (left, right) as a tuple, list or tensor, "
+                         f"got {window_size!r}")
+    return pair[0], pair[1]
+
+
+def check_options(dropout_p, softmax_scale, causal, window_size, softcap, seqlen_k: int | None = None
+                  ) -> tuple[int, int]:
+    """Validate the flash-attn option set; return the effective (window_left, window_right).
+
+    As flash-attn does: ``causal=True`` sets the right window to 0 (whatever was given), and with ``seqlen_k``
+    (the keys, or ``max_seqlen_k`` of a varlen call) a window bound ``>= seqlen_k`` becomes -1 (unbounded)."""
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
     if dropout_p > 0.0:
@@ -84,15 +117,12 @@ def check_options(dropout_p, softmax_scale, causal, window_size, softcap) -> tup
         raise ValueError(f"softmax_scale must be a finite float > 0 or None, got {softmax_scale!r}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
-        raise ValueError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
-    left, right = window_size
+    left, right = window_pair(window_size)
     if left < -1 or right < -1:
-        raise ValueError(f"window_size entries must be >= -1 (-1 = unbounded), got {tuple(window_size)}")
-    if causal and right > 0:
-        raise ValueError(f"window_size={tuple(window_size)} with causal=True: a causal mask admits no "
-                         "keys to the right (use window_size=(left, 0) or (left, -1))")
+        raise ValueError(f"window_size entries must be >= -1 (-1 = unbounded), got {(left, right)}")
+    if seqlen_k is not None:
+        left = -1 if left >= seqlen_k else left
+        right = -1 if right >= seqlen_k else right
     if causal:
         right = 0
     if not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from pagoda.ops import _checks
+from pagoda.ops import _attention_paged, _checks, _paged
 from pagoda.ops._attention_op import attention_fwd_op
 from pagoda.reference import attention as _ref
 
@@ -32,7 +32,8 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
         dropout_p: must be 0.0 (inference only); > 0 raises NotImplementedError.
         softmax_scale: defaults to ``headdim ** -0.5``.
         causal: mask aligned to the bottom-right corner when seqlen_q != seqlen_k.
-        window_size: ``(left, right)`` sliding window, -1 = unbounded.
+        window_size: ``(left, right)`` sliding window, -1 = unbounded; a tuple, list or tensor of two ints. As
+            in flash-attn, ``causal=True`` sets ``right`` to 0 and a bound ``>= seqlen_k`` means unbounded.
         softcap: > 0 applies ``softcap * tanh(scores / softcap)``.
         alibi_slopes: float32 ``[nheads]`` or ``[batch, nheads]``; adds ``-slope * |i + sk - sq - j|``.
         deterministic: accepted for compatibility (the forward pass is always deterministic).
@@ -62,12 +63,12 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
             raise ValueError(f"q, k, v must share batch size, got {b}, {k.shape[0]}, {v.shape[0]}")
         if v.shape[1] != k.shape[1]:
             raise ValueError(f"k and v must have the same seqlen_k, got {k.shape[1]} and {v.shape[1]}")
-        left, right = _checks.check_options(dropout_p, softmax_scale, causal, window_size, softcap)
+        left, right = _checks.check_options(dropout_p, softmax_scale, causal, window_size, softcap, k.shape[1])
         alibi_slopes = _checks.check_alibi(alibi_slopes, b, hq, q.device)
     scale = float(softmax_scale) if softmax_scale is not None else d ** -0.5
 
     if not q.is_cuda:
-        return _ref.flash_attn_func(q, k, v, 0.0, scale, causal, window_size, float(softcap), alibi_slopes,
+        return _ref.flash_attn_func(q, k, v, 0.0, scale, causal, (left, right), float(softcap), alibi_slopes,
                                     deterministic, return_attn_probs)
 
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -85,7 +86,7 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
                            softmax_scale: float | None = None, causal: bool = False,
                            window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
                            alibi_slopes: torch.Tensor | None = None, deterministic: bool = False,
-                           return_attn_probs: bool = False
+                           return_attn_probs: bool = False, block_table: torch.Tensor | None = None
                            ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, None]:
     """Attention over a ragged batch, flash-attn 2's ``flash_attn_varlen_func``.
 
@@ -95,6 +96,9 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
             (0, non-decreasing, last entry <= total tokens). Sequences may be empty.
         max_seqlen_q, max_seqlen_k: ints, at least the longest query / key sequence.
         Other options as in `flash_attn_func`; alibi_slopes ``[nheads]`` or ``[batch, nheads]``.
+        block_table: int32 ``[batch, max_blocks]``: k, v are then a paged cache ``[num_blocks, page_block_size,
+            nheads_k, headdim]`` (any page size), sequence ``b`` reading the pages ``block_table[b]`` and
+            ``cu_seqlens_k[b + 1] - cu_seqlens_k[b]`` keys (`pagoda.ops._attention_paged`).
 
     Returns:
         ``out [total_q, nheads, headdim]``; with ``return_attn_probs`` the tuple
@@ -106,27 +110,44 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         >>> pagoda.flash_attn_varlen_func(q, k, v, cu, cu, 1000, 1000, causal=True).shape
         torch.Size([1100, 8, 64])
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _checks.check_tensor(name, t, ndim=3)
+    paged = block_table is not None
+    _checks.check_tensor("q", q, ndim=3)
+    for name, t in (("k", k), ("v", v)):
+        _checks.check_tensor(name, t, ndim=4 if paged else 3)
     _checks.check_attention_dtypes(q, k, v)
     _checks.check_head_dims(q, k, v)
-    if v.shape[0] != k.shape[0]:
+    if not paged and v.shape[0] != k.shape[0]:
         raise ValueError(f"k and v must have the same number of tokens, got {k.shape[0]} and {v.shape[0]}")
     max_seqlen_q = _checks.check_int("max_seqlen_q", max_seqlen_q)
     max_seqlen_k = _checks.check_int("max_seqlen_k", max_seqlen_k)
     _checks.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, None, q.shape[0], q.device, max_seqlen_q,
                              "max_seqlen_q")
     batch = cu_seqlens_q.shape[0] - 1
-    _checks.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, batch, k.shape[0], q.device, max_seqlen_k,
-                             "max_seqlen_k")
-    left, right = _checks.check_options(dropout_p, softmax_scale, causal, window_size, softcap)
+    if paged:
+        page_size = _attention_paged.check_paged_kv(k, v, block_table, batch, q.device)
+        total_k = batch * block_table.shape[1] * page_size   # each sequence within its own row of pages
+        _checks.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, batch, total_k, q.device, max_seqlen_k,
+                                 "max_seqlen_k")
+        if batch and not _paged.capturing(cu_seqlens_k):
+            longest = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
+            if longest > block_table.shape[1] * page_size:
+                raise ValueError(f"a sequence of cu_seqlens_k has {longest} keys, more than block_table's "
+                                 f"{block_table.shape[1]} pages of {page_size} hold")
+    else:
+        _checks.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, batch, k.shape[0], q.device, max_seqlen_k,
+                                 "max_seqlen_k")
+    left, right = _checks.check_options(dropout_p, softmax_scale, causal, window_size, softcap, max_seqlen_k)
     hq = q.shape[1]
     alibi_slopes = _checks.check_alibi(alibi_slopes, batch, hq, q.device)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+    if paged:
+        out, lse = _attention_paged.paged_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_table,
+                                                 scale, (left, right), float(softcap), alibi_slopes)
+        return (out, lse, None) if return_attn_probs else out
 
     if not q.is_cuda:
         return _ref.flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                           0.0, scale, causal, window_size, float(softcap), alibi_slopes,
+                                           0.0, scale, causal, (left, right), float(softcap), alibi_slopes,
                                            deterministic, return_attn_probs)
 
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))

@@ -151,7 +151,7 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
     if not _paged.use_triton(q):
         return _ref.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens,
-                                            cache_batch_idx, None, block_table, softmax_scale, causal, window_size,
+                                            cache_batch_idx, None, block_table, softmax_scale, causal, (left, right),
                                             softcap, rotary_interleaved, alibi_slopes, num_splits, return_softmax_lse)
     return _kernel_path(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, cache_batch_idx, block_table,
                         softmax_scale, causal, (left, right), float(softcap), rotary_interleaved, alibi_slopes,

@@ -47,7 +47,6 @@ def _qkv(b=1, s=4, h=2, d=16, dtype=torch.float16):
     (dict(dropout_p=-1.0), ValueError, "dropout_p"),
     (dict(window_size=(-2, 0)), ValueError, "window_size"),
     (dict(window_size=(4,)), ValueError, "window_size"),
-    (dict(causal=True, window_size=(4, 3)), ValueError, "causal"),
     (dict(softcap=-1.0), ValueError, "softcap"),
     (dict(softmax_scale=float("nan")), ValueError, "softmax_scale"),
     (dict(softmax_scale=-0.1), ValueError, "softmax_scale"),
