@@ -2,9 +2,13 @@
 about half of the weights, and the engine comes down cleanly (shutdown, Ctrl-C, a rank that dies)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -173,6 +177,60 @@ def test_tp2_killed_rank_raises_within_seconds(tiny_model):
     with pytest.raises(WorkerError, match="rank 1"):
         llm.generate(PROMPTS[:1], use_tqdm=False)
     llm.shutdown()
+
+
+def test_torchrun_ranks(tiny_model, tmp_path):
+    """Under torchrun every rank calls LLM(...): rank 0 drives and gets TP1's tokens; rank 1 serves its steps
+    and exits cleanly when rank 0 shuts down."""
+    path = str(tiny_model("mistral", num_key_value_heads=2))
+    out = tmp_path / "out.json"
+    script = Path(__file__).with_name("tp_torchrun_main.py")
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), path, str(out)], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(out.read_text())
+    assert got["rank"] == 0 and got["backend"] == "external_launcher"
+    from tests.engine.tp_torchrun_main import ENGINE as T_ENGINE
+    from tests.engine.tp_torchrun_main import PROMPTS as T_PROMPTS
+
+    want = LLM(path, **T_ENGINE).generate(T_PROMPTS, SamplingParams(temperature=0.0, max_tokens=8, min_tokens=8),
+                                          use_tqdm=False)
+    assert got["tokens"] == [o.outputs[0].token_ids for o in want]
+    assert len(set(got["pids"])) == 2 and got["weight_bytes"][0] == got["weight_bytes"][1]
+    _wait_gone(got["pids"], timeout=1.0)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_rank_reads_only_its_shards(rank, tiny_model, monkeypatch):
+    """Loading rank r of 2 reads from the safetensors files exactly the bytes the rank holds (the tied
+    embedding once); its fused q/k/v rows are its query heads and the one KV head it shares (1 KV head)."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    from pagoda.models import build_model, load_weights
+    from pagoda.models import loader as loader_mod
+    from pagoda.models.layers import embedding, linear
+
+    for mod in (linear, embedding):
+        monkeypatch.setattr(mod, "tp_rank", lambda: rank)
+        monkeypatch.setattr(mod, "tp_size", lambda: 2)
+    path = tiny_model("llama3.1", num_key_value_heads=1)
+    read = []
+    materialize = loader_mod.CheckpointSlice.materialize
+    monkeypatch.setattr(loader_mod.CheckpointSlice, "materialize",
+                        lambda self: read.append(materialize(self)) or read[-1])
+    model = build_model(transformers.AutoConfig.from_pretrained(path), torch.float32, "cpu")
+    load_weights(model, path)
+    held = {id(p): p for p in model.parameters()}.values()
+    assert sum(t.nbytes for t in read) == sum(p.nbytes for p in held)
+    full = load_file(str(Path(path) / "model.safetensors"))
+    attn = "model.layers.1.self_attn."
+    q, k, v = full[attn + "q_proj.weight"], full[attn + "k_proj.weight"], full[attn + "v_proj.weight"]
+    want = torch.cat([q[32 * rank:32 * (rank + 1)], k, v])     # 2 of 4 query heads of 16; the only KV head
+    assert torch.equal(model.model.layers[1].self_attn.qkv_proj.weight, want)
 
 
 def test_tp_config_errors(tiny_model, monkeypatch):
