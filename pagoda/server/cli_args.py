@@ -15,6 +15,8 @@ _ENGINE_ARGS = [
     ("--num-gpu-blocks-override", int, None, "fix the number of KV-cache pages"),
     ("--load-format", str, "auto", "auto, safetensors or dummy (random weights, for benchmarks)"),
     ("--tokenizer", str, None, "tokenizer folder (default: the model folder)"),
+    ("--tensor-parallel-size", int, 1, "GPUs (ranks) the model is split over; this process is rank 0 and starts "
+     "the others, or every rank runs `pagoda serve` under torchrun"),
 ]
 _ENGINE_FLAGS = [  # boolean engine options: --name / --no-name
     ("--enforce-eager", False, "never capture CUDA graphs"),
