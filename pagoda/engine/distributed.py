@@ -125,6 +125,10 @@ def init_process_group(rank: int, world_size: int, device: torch.device, launche
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
+        if rank == 0:
+            # Rank 0 is the user's process: on a NCCL error or timeout, abort the communicators and raise
+            # (rather than PyTorch's default of tearing the process down); the other ranks keep the default.
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
     kwargs = dict(backend="nccl" if cuda else "gloo", rank=rank, world_size=world_size,
                   timeout=DEVICE_TIMEOUT if cuda else CONTROL_TIMEOUT)
     if store is not None:
