@@ -83,9 +83,41 @@ def check_constructor(float_workspace_buffer, kv_layout, use_cuda_graph, backend
     _paged.check_kv_layout(kv_layout)
     if not isinstance(use_cuda_graph, bool):
         raise TypeError(f"use_cuda_graph must be a bool, got {type(use_cuda_graph).__name__}")
-    if backend != "auto":
-        raise ValueError(f"backend must be 'auto', got {backend!r}")
+    check_backend(backend)
     if jit_args is not None:
         raise NotImplementedError("jit_args (custom attention variants) are not supported")
     # custom_mask_buf / mask_indptr_buf: FlashInfer reads them only under CUDA graphs, where pagoda's prefill
     # wrappers refuse a custom mask at plan (the mask's tile lists are sized per plan).
+
+
+# FlashInfer's backend names (0.6): each selects one of its kernel families; pagoda runs its own kernel for all.
+BACKENDS = ("auto", "fa2", "fa3", "trtllm-gen", "cudnn", "cutlass", "cute-dsl")
+
+
+def check_backend(backend) -> str:
+    """``backend`` one of FlashInfer's names (`BACKENDS`): accepted, pagoda's kernels serve every one."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} (FlashInfer's names; pagoda runs its own kernel for "
+                         f"each), got {backend!r}")
+    return backend
+
+
+def check_unsupported_plan_args(**kwargs) -> None:
+    """FlashInfer 0.6 plan arguments pagoda does not implement (multi-item scoring; trtllm-gen's block tables and
+    sequence lengths): NotImplementedError naming those that were given (None / default means absent)."""
+    given = [name for name, value in kwargs.items()
+             if value is not None and not (name == "token_pos_in_items_len" and value == 0)]
+    scoring = [n for n in given if n in ("prefix_len_ptr", "token_pos_in_items_ptr", "token_pos_in_items_len",
+                                         "max_item_len_ptr")]
+    if scoring:
+        raise NotImplementedError(f"{', '.join(scoring)}: multi-item scoring is not supported by pagoda")
+    if given:
+        raise NotImplementedError(f"{', '.join(given)}: the trtllm-gen planning arguments are not supported by "
+                                  "pagoda (pass the CSR page table)")
+
+
+def forward_options(head_dim, causal, pos_encoding_mode, use_fp16_qk_reduction, window_left, logits_soft_cap,
+                    sm_scale, rope_scale, rope_theta) -> dict:
+    """The options of FlashInfer's deprecated ``forward`` / ``forward_return_lse``, which replace the planned ones."""
+    return options(head_dim, None, None, None, causal, pos_encoding_mode, use_fp16_qk_reduction, window_left,
+                   logits_soft_cap, sm_scale, rope_scale, rope_theta)

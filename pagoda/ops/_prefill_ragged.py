@@ -176,16 +176,33 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         """Kept for compatibility; nothing to release."""
 
 
-def single_prefill_with_kv_cache(q, k, v, custom_mask=None, packed_custom_mask=None, causal=False, kv_layout="NHD",
-                                 pos_encoding_mode="NONE", use_fp16_qk_reduction=False, sm_scale=None, window_left=-1,
-                                 logits_soft_cap=None, rope_scale=None, rope_theta=None, return_lse=False):
-    """Prefill for one request: q ``[qo_len, Hq, D]``; k, v ``[kv_len, Hk, D]`` (NHD) or ``[Hk, kv_len, D]``
-    (HND); fp16/bf16/fp32, all one dtype. Query i sits at key position ``i + kv_len - qo_len``.
+def single_prefill_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 scale_q: torch.Tensor | None = None, scale_k: torch.Tensor | None = None,
+                                 scale_v: torch.Tensor | None = None, o_dtype: torch.dtype | None = None,
+                                 custom_mask: torch.Tensor | None = None,
+                                 packed_custom_mask: torch.Tensor | None = None, causal: bool = False,
+                                 kv_layout: str = "NHD", pos_encoding_mode: str = "NONE",
+                                 use_fp16_qk_reduction: bool = False, sm_scale: float | None = None,
+                                 window_left: int = -1, logits_soft_cap: float | None = None,
+                                 rope_scale: float | None = None, rope_theta: float | None = None,
+                                 backend: str = "auto", return_lse: bool = False
+                                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Prefill for one request, FlashInfer 0.6's signature: q ``[qo_len, Hq, D]``; k, v ``[kv_len, Hk, D]`` (NHD)
+    or ``[Hk, kv_len, D]`` (HND); fp16/bf16/fp32, all one dtype. Query i sits at key position ``i + kv_len - qo_len``.
+    ``backend``: any of FlashInfer's names (pagoda's kernel runs for each); ``scale_q/k/v`` (FP8 per-head scales)
+    raise NotImplementedError, ``o_dtype`` must be None or q's dtype.
     Returns ``out [qo_len, Hq, D]``, or ``(out, lse [qo_len, Hq] float32 base 2)`` with return_lse."""
+    _common.check_backend(backend)
+    given = [n for n, t in (("scale_q", scale_q), ("scale_k", scale_k), ("scale_v", scale_v)) if t is not None]
+    if given:
+        raise NotImplementedError(f"{', '.join(given)}: FP8 per-head scales are not supported (pagoda's attention "
+                                  "takes fp16/bf16/fp32 q, k, v)")
     for name, t in (("q", q), ("k", k), ("v", v)):
         _checks.check_tensor(name, t, ndim=3, dtypes=_paged.CACHE_DTYPES)
     _checks.check_same("q, k, v", (q, k, v), "dtype")
     _checks.check_same("q, k, v", (q, k, v), "device")
+    if o_dtype is not None and o_dtype != q.dtype:
+        raise NotImplementedError(f"o_dtype={o_dtype} different from q's dtype {q.dtype} is not supported")
     _paged.check_kv_layout(kv_layout)
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")

@@ -59,7 +59,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         use_tensor_cores: accepted for compatibility (the kernel always uses ``tl.dot``).
         paged_kv_indptr_buffer / paged_kv_indices_buffer / paged_kv_last_page_len_buffer: int32 device
             buffers ``[max_batch + 1]`` / ``[max_pages]`` / ``[max_batch]``, required with use_cuda_graph.
-        backend: ``"auto"`` only; jit_args: must be None.
+        backend: ``"auto"`` or any FlashInfer backend name (pagoda's kernel runs for each); jit_args: must be None.
 
     Example:
         >>> w = pagoda.BatchDecodeWithPagedKVCacheWrapper(torch.empty(128 << 20, dtype=torch.uint8, device="cuda"))
@@ -80,8 +80,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
         for name, flag in (("use_cuda_graph", use_cuda_graph), ("use_tensor_cores", use_tensor_cores)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-        if backend != "auto":
-            raise ValueError(f"backend must be 'auto' (pagoda has one decode kernel), got {backend!r}")
+        from pagoda.ops._prefill_common import check_backend
+
+        check_backend(backend)   # FlashInfer's backend names: pagoda's decode kernel serves each
         if jit_args is not None:
             raise NotImplementedError("jit_args (custom attention variants) are not supported")
         self.device = float_workspace_buffer.device

@@ -89,7 +89,12 @@ class BatchPrefillWithPagedKVCacheWrapper:
              logits_soft_cap: float | None = None, rope_scale: float | None = None, rope_theta: float | None = None,
              q_data_type: str | torch.dtype = "float16", kv_data_type: str | torch.dtype | None = None,
              o_data_type: str | torch.dtype | None = None, non_blocking: bool = True,
-             fixed_split_size: int | None = None, disable_split_kv: bool = False) -> None:
+             prefix_len_ptr: torch.Tensor | None = None, token_pos_in_items_ptr: torch.Tensor | None = None,
+             token_pos_in_items_len: int = 0, max_item_len_ptr: torch.Tensor | None = None,
+             seq_lens: torch.Tensor | None = None, seq_lens_q: torch.Tensor | None = None,
+             block_tables: torch.Tensor | None = None, max_token_per_sequence: int | None = None,
+             max_sequence_kv: int | None = None, fixed_split_size: int | None = None,
+             disable_split_kv: bool = False) -> None:
         """Plan: int32 ``qo_indptr [batch+1]`` and the CSR page table (``paged_kv_indptr [batch+1]``,
         ``paged_kv_indices``, ``paged_kv_last_page_len [batch]``), head counts, head_dim, page_size and the
         options (causal, pos_encoding_mode NONE/ROPE_LLAMA/ALIBI, window_left, logits_soft_cap, sm_scale,
@@ -102,6 +107,11 @@ class BatchPrefillWithPagedKVCacheWrapper:
         wins over custom_mask) replaces ``causal`` (ignored, as in FlashInfer) and combines with ``window_left``.
         The masked Triton kernel reads one bit per score and skips key tiles the mask hides entirely
         (`pagoda.ops._mask`); not with ``use_cuda_graph=True`` (NotImplementedError)."""
+        _common.check_unsupported_plan_args(
+            prefix_len_ptr=prefix_len_ptr, token_pos_in_items_ptr=token_pos_in_items_ptr,
+            token_pos_in_items_len=token_pos_in_items_len, max_item_len_ptr=max_item_len_ptr, seq_lens=seq_lens,
+            seq_lens_q=seq_lens_q, block_tables=block_tables, max_token_per_sequence=max_token_per_sequence,
+            max_sequence_kv=max_sequence_kv)
         hq, hk, d = _plan.check_heads(num_qo_heads, num_kv_heads, head_dim_qk)
         page_size = _plan.as_int("page_size", page_size, 1)
         opts = _common.options(d, head_dim_vo, custom_mask, packed_custom_mask, causal, pos_encoding_mode,
@@ -264,11 +274,42 @@ class BatchPrefillWithPagedKVCacheWrapper:
                       lse_part=lse_part, write_lse=write_lse, custom_mask=self._mask)
         return _common.finish(out, lse, v_scale, return_lse, lse_given)
 
-    forward = run
-
     def run_return_lse(self, q: torch.Tensor, paged_kv_cache: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
                        *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """`run` with ``return_lse=True``: ``(out, lse)``, lse base 2."""
         return self.run(q, paged_kv_cache, *args, **kwargs, return_lse=True)
+
+    def forward(self, q: torch.Tensor, paged_kv_cache: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                causal: bool = False, pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False,
+                k_scale: float | None = None, v_scale: float | None = None, window_left: int = -1,
+                logits_soft_cap: float | None = None, sm_scale: float | None = None, rope_scale: float | None = None,
+                rope_theta: float | None = None, *, _return_lse: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """FlashInfer's deprecated form of `run`: as in FlashInfer, the options given here replace the planned
+        ones for this call (a CUDA-graph wrapper must keep its planned options)."""
+        opts = _common.forward_options(self._shape[2], causal, pos_encoding_mode, use_fp16_qk_reduction, window_left,
+                                       logits_soft_cap, sm_scale, rope_scale, rope_theta)
+        planned, alibi = self._opts, self._alibi
+        if self._use_cuda_graph and opts != planned:
+            raise ValueError("forward() options differ from the plan's; a CUDA-graph wrapper keeps its planned "
+                             "options (re-plan, or call run())")
+        if opts["pos_encoding_mode"] == "ALIBI" and (alibi is None or alibi.shape[0] != self._shape[0]):
+            self._alibi = _dref.alibi_slopes(self._shape[0], device=self.device)
+        self._opts = opts
+        try:
+            return self.run(q, paged_kv_cache, k_scale=k_scale, v_scale=v_scale, return_lse=_return_lse)
+        finally:
+            self._opts, self._alibi = planned, alibi
+
+    def forward_return_lse(self, q: torch.Tensor, paged_kv_cache: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                           causal: bool = False, pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False,
+                           k_scale: float | None = None, v_scale: float | None = None, window_left: int = -1,
+                           logits_soft_cap: float | None = None, sm_scale: float | None = None,
+                           rope_scale: float | None = None, rope_theta: float | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` returning ``(out, lse)`` (lse base 2), FlashInfer's deprecated ``forward_return_lse``."""
+        return self.forward(q, paged_kv_cache, causal, pos_encoding_mode, use_fp16_qk_reduction, k_scale, v_scale,
+                            window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, _return_lse=True)
 
     def end_forward(self) -> None:
         """Kept for compatibility; nothing to release."""
