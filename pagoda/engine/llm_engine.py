@@ -342,7 +342,10 @@ class LLMEngine:
         return entry
 
     def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.convert_tokens_to_string([self.tokenizer.convert_ids_to_tokens(token_id)])
+        token = self.tokenizer.convert_ids_to_tokens(token_id)
+        # A model's vocabulary may be larger than its tokenizer's (padding rows, dummy checkpoints): such an
+        # id has no text, as in vLLM.
+        return "" if token is None else self.tokenizer.convert_tokens_to_string([token])
 
     def _append_token(self, seq: Sequence, token: int, logprobs: dict[int, Logprob] | None) -> None:
         """Add a sampled token; finish the sequence on a stop condition (vLLM's order of checks)."""
