@@ -87,6 +87,14 @@ class InFlightStep:
         return self._result
 
 
+def _device_memory(device: torch.device) -> tuple[int, int]:
+    """``(bytes allocated by torch, bytes held outside torch's allocator)`` on ``device`` now (0, 0 off CUDA)."""
+    if device.type != "cuda":
+        return 0, 0
+    free, total = torch.cuda.mem_get_info(device)
+    return torch.cuda.memory_allocated(device), max((total - free) - torch.cuda.memory_reserved(device), 0)
+
+
 def _host(values: list[int], dtype, pin: bool) -> torch.Tensor:
     """A host tensor of ``values`` (pinned on a GPU, so that copies from it do not wait for the device)."""
     t = torch.from_numpy(np.asarray(values, dtype=np.int32 if dtype == torch.int32 else np.int64))
@@ -102,6 +110,9 @@ class ModelRunner:
         self.dtype = config.torch_dtype
         self.block_size = config.block_size
         self.pin = self.device.type == "cuda"
+        # What the process held before this engine (other engines, the caller's tensors): the profile counts
+        # only this engine's own memory against gpu_memory_utilization, as vLLM does.
+        self._mem_before = _device_memory(self.device)
         model = models.build_model(config.hf_config, self.dtype, self.device)
         if config.load_format == "dummy":
             models.init_dummy_weights(model, seed=config.seed)
@@ -212,12 +223,17 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         for layer in self.model.attention_layers():
             layer.kv_cache = None
-        peak = torch.cuda.max_memory_allocated(self.device) - temp.numel() * temp.element_size()
+        allocated_before, non_torch_before = self._mem_before
+        peak = torch.cuda.max_memory_allocated(self.device) - temp.numel() * temp.element_size() - allocated_before
         del temp
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
-        non_torch = (total - free) - torch.cuda.memory_reserved(self.device)
+        non_torch = (total - free) - torch.cuda.memory_reserved(self.device) - non_torch_before
         budget = int(total * cfg.gpu_memory_utilization) - peak - max(non_torch, 0)
+        # Never more than is free now (less a margin for the allocator's rounding): another engine or tensor of
+        # this process, or another process, may hold memory this engine's share would otherwise count on.
+        budget = min(budget, int(free * 0.97) - max(peak - torch.cuda.memory_allocated(self.device)
+                                                    + allocated_before, 0))
         logger.debug("memory profile: total %.2f GiB, peak %.2f GiB, other %.2f GiB, KV budget %.2f GiB",
                      total / 2**30, peak / 2**30, non_torch / 2**30, budget / 2**30)
         return budget
