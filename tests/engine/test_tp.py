@@ -152,6 +152,46 @@ def test_tp2_ctrl_c_shuts_every_rank_down(tiny_model):
         llm.generate(PROMPTS[:1], use_tqdm=False)
 
 
+def _session_processes(sid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if int(fields[4]) == sid and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
+def test_tp2_sigint_to_the_process_group(tiny_model):
+    """Ctrl-C in a terminal (SIGINT to every process of the group) while two ranks generate: rank 0 raises
+    KeyboardInterrupt and exits, the other rank (which ignores SIGINT) is stopped, nothing is left."""
+    path = str(tiny_model("qwen3"))
+    script = Path(__file__).with_name("tp_sigint_main.py")
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, str(script), path], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("ready"), proc.stderr.read()[-3000:]
+        time.sleep(0.5)                         # in the middle of generating
+        os.killpg(proc.pid, signal.SIGINT)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=20)
+        assert time.monotonic() - t0 < 10
+        assert proc.returncode != 0 and "KeyboardInterrupt" in err, err[-3000:]
+        _wait_gone([int(p) for p in line.split()[1:]], timeout=2.0)
+        assert not _session_processes(proc.pid)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def test_tp2_killed_rank_raises_within_seconds(tiny_model):
     """A rank killed (SIGKILL) in the middle of a generation: the call raises a WorkerError naming it within
     seconds, every process is gone, and the engine refuses further work. Spawned ranks (as on GPUs)."""
