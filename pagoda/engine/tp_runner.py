@@ -34,6 +34,11 @@ class ShardedModelRunner(ModelRunner):
     def _num_blocks(self) -> int:
         return min_across_ranks(super()._num_blocks())
 
+    def sample(self, step: LaunchedStep) -> InFlightStep | None:
+        """Rank 0 samples (its logits cover the vocabulary); the others only run the forward passes (the
+        memory profile's pass included)."""
+        return super().sample(step) if self.parallel.is_driver else None
+
 
 class DriverModelRunner(ShardedModelRunner):
     """Rank 0's runner: each `launch` first broadcasts the step to the other ranks, each `sample`

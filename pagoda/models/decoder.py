@@ -169,7 +169,8 @@ class DecoderForCausalLM(nn.Module):
         return self.model(input_ids)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """hidden ``[N, H]`` (e.g. each request's last token) -> float32 logits ``[N, vocab_size]``."""
+        """hidden ``[N, H]`` (e.g. each request's last token) -> float32 logits ``[N, vocab_size]`` (under
+        tensor parallelism on rank 0; the other ranks get their vocabulary slice)."""
         return self.lm_head(hidden_states)
 
     def attention_layers(self) -> list[PagedAttention]:

@@ -110,13 +110,15 @@ def test_tp2_equals_tp1(arch, kv_heads, tiny_model):
 
 
 def test_tp2_sync_scheduling_and_rpc_errors(tiny_model):
-    """Scheduling without the one-step overlap gives the same tokens; an exception inside a rank's RPC is
+    """Scheduling without the one-step overlap, and cascade attention over the shared prefix pages (planned
+    by every rank from the mirrored page tables), give the same tokens; an exception inside a rank's RPC is
     reported with its traceback and leaves the engine serving."""
     path = str(tiny_model("qwen3"))
-    want = _tokens(LLM(path, **ENGINE).generate(PROMPTS, _params(), use_tqdm=False))
-    llm = LLM(path, tensor_parallel_size=2, async_scheduling=False, **ENGINE, **FAST)
+    want = _tokens(LLM(path, **ENGINE, cascade="on").generate(PROMPTS, _params(), use_tqdm=False))
+    llm = LLM(path, tensor_parallel_size=2, async_scheduling=False, cascade="on", **ENGINE, **FAST)
     try:
         assert _tokens(llm.generate(PROMPTS, _params(), use_tqdm=False)) == want
+        assert llm.collective_rpc(_cascade_steps)[1] == llm.llm_engine.model_runner.cascade_steps != {}
         with pytest.raises(RuntimeError, match=r"(?s)raised on rank 0.*AttributeError"):
             llm.collective_rpc("no_such_method")
         with pytest.raises(TypeError, match="pickle"):
@@ -125,6 +127,10 @@ def test_tp2_sync_scheduling_and_rpc_errors(tiny_model):
         assert _tokens(llm.generate(PROMPTS, _params(), use_tqdm=False)) == want
     finally:
         llm.shutdown()
+
+
+def _cascade_steps(worker):
+    return worker.model_runner.cascade_steps
 
 
 def _rank_and_heads(worker):

@@ -2,7 +2,7 @@
 
 Rank r holds rows ``[r * V/tp, (r+1) * V/tp)`` of the ``[V, hidden]`` table. The embedding looks up the
 ids it owns, zeroes the others and all-reduces; the LM head computes its slice of the logits and
-all-gathers them. With tied embeddings the LM head shares the embedding's parameter.
+gathers them on rank 0, the rank that samples. With tied embeddings the LM head shares the embedding's parameter.
 """
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """``[N, hidden]`` -> ``[N, vocab]`` float32 logits (the whole vocabulary on every rank)."""
+    """``[N, hidden]`` -> ``[N, vocab]`` float32 logits on rank 0 (the whole vocabulary); the other ranks
+    get their own slice ``[N, vocab / tp]`` back (they do not sample)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, bias: bool = False):
         if bias:
@@ -69,7 +70,8 @@ class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x, self.weight).float()
         if self.tp_size > 1:
-            parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
-            dist.all_gather(parts, logits)
-            logits = torch.cat(parts, dim=-1)
+            parts = [torch.empty_like(logits) for _ in range(self.tp_size)] if self.tp_rank == 0 else None
+            dist.gather(logits, parts, dst=0)
+            if self.tp_rank == 0:
+                logits = torch.cat(parts, dim=-1)
         return logits
