@@ -38,8 +38,8 @@ import weakref
 
 import torch
 
-from pagoda.ops.attention import flash_attn_func, flash_attn_varlen_func
 from pagoda.ops import _decode_op  # noqa: F401 - registers torch.ops.pagoda.decode_hf
+from pagoda.ops.attention import flash_attn_func, flash_attn_varlen_func
 from pagoda.ops.decode_dense import decode_dense, decode_hf, kernel_takes
 
 __all__ = ["register", "register_sampling", "pagoda_attention_forward", "ATTN_IMPLEMENTATION"]
