@@ -22,7 +22,8 @@ QO = [0, 1, 10, 20, 5]
 
 def _run(page_size, layout, dtype, causal, hq=4, hk=2, d=32, mode="NONE", window_left=-1, soft_cap=0.0, kv=KV,
          qo=QO, block_m=16, block_n=16, chunk=0, num_splits=0, pad_rows=0):
-    """Kernel vs float64 reference; ``chunk``/``num_splits`` > 0 runs split-KV (partials + merge); ``pad_rows``
+    """Kernel vs float64 reference (ALiBi in FlashInfer's signed form, as the paged wrappers run it);
+    ``chunk``/``num_splits`` > 0 runs split-KV (partials + merge); ``pad_rows``
     extra q rows past qo_indptr[-1] must be left untouched (NaN)."""
     indptr, indices, last, max_pages = random_page_table(kv, page_size)
     cache = empty_cache(max_pages, page_size, hk, d, layout, dtype)
@@ -45,7 +46,7 @@ def _run(page_size, layout, dtype, causal, hq=4, hk=2, d=32, mode="NONE", window
                       indices, last, page_size, hk, max(qo), out, lse, sm_scale=d ** -0.5, causal=causal,
                       window_left=window_left, logits_soft_cap=soft_cap,
                       alibi_slopes=dref.alibi_slopes(hq) if mode == "ALIBI" else None,
-                      rope=(1.0, 1e4) if mode == "ROPE_LLAMA" else None,
+                      rope=(1.0, 1e4) if mode == "ROPE_LLAMA" else None, alibi_signed=True,
                       config={"BLOCK_M": block_m, "BLOCK_N": block_n}, **split)
     if pad_rows:
         assert out[nnz:].isnan().all() and lse[nnz:].isnan().all(), "rows past qo_indptr[-1] were written"
