@@ -19,6 +19,7 @@ import atexit
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import pickle
 import signal
 import threading
@@ -84,7 +85,6 @@ class TensorParallelExecutor:
         self.world_size = config.tensor_parallel_size
         self.launcher = config.distributed_executor_backend
         self._procs: list = []
-        self._conns: list = []
         self._failure: RankFailure | None = None
         self._failed = threading.Event()
         self._broken = False
@@ -127,13 +127,10 @@ class TensorParallelExecutor:
                               wait_for_workers=False)
         self._errors = ctx.SimpleQueue()
         for rank in range(1, self.world_size):
-            reader, writer = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=worker_main, args=(rank, cfg, store.port, reader, self._errors), daemon=True,
+            p = ctx.Process(target=worker_main, args=(rank, cfg, store.port, os.getpid(), self._errors), daemon=True,
                             name=f"pagoda-tp-rank{rank}")
             p.start()
-            reader.close()
             self._procs.append(p)
-            self._conns.append(writer)
         self._wake = ctx.Pipe(duplex=False)
         self._watcher = threading.Thread(target=self._watch, daemon=True, name="pagoda-tp-watch")
         self._watcher.start()
@@ -282,7 +279,5 @@ class TensorParallelExecutor:
                 p.join()
         if self.state is not None:
             destroy_process_group()
-        for c in self._conns:
-            c.close()
         if self._watcher is not None and self._watcher is not threading.current_thread():
             self._watcher.join(1.0)

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 
 import torch
@@ -33,6 +34,11 @@ from pagoda.engine.distributed import (
 from pagoda.engine.tp_runner import ShardedModelRunner, StepMirror, replay_step
 
 logger = logging.getLogger(__name__)
+
+# Seconds between checks that rank 0's process still exists.
+PARENT_POLL_S = 0.5
+# The end of a failed rank's traceback that goes back to rank 0 (well under a pipe's buffer).
+MAX_TRACEBACK_CHARS = 16000
 
 
 class Worker:
@@ -90,39 +96,40 @@ def serve(worker: Worker) -> None:
             raise RuntimeError(f"unknown message {kind!r} from rank 0")
 
 
-def _watch_parent(conn) -> None:
-    """Exit at once when rank 0's process is gone (its end of ``conn`` closes), however it ended."""
-    try:
-        conn.recv()
-    except (EOFError, OSError):
-        pass
+def _watch_parent(parent_pid: int) -> None:
+    """Exit at once when rank 0's process is gone, however it ended (this process is then re-parented)."""
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL_S)
     os._exit(1)
 
 
-def worker_main(rank: int, config: EngineConfig, port: int, parent_conn, errors) -> None:
+def worker_main(rank: int, config: EngineConfig, port: int, parent_pid: int, errors) -> None:
     """Entry point of a spawned rank: join rank 0's store and group, build the shard, serve.
 
-    ``parent_conn``: the read end of a pipe whose write end only rank 0 holds (EOF: rank 0 is gone).
-    ``errors``: a queue for ``(rank, traceback)`` when this rank fails (rank 0 reports it)."""
+    ``parent_pid``: rank 0's process (this rank exits when it is gone). ``errors``: a queue for ``(rank,
+    traceback)`` when this rank fails (rank 0 reports it; the text is cut to `MAX_TRACEBACK_CHARS` so that
+    the write never waits on a full pipe)."""
     import torch.distributed as dist
 
     from pagoda.engine.distributed import device_of_rank
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is rank 0's to handle: it stops the ranks
-    threading.Thread(target=_watch_parent, args=(parent_conn,), daemon=True, name="pagoda-parent-watch").start()
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="pagoda-parent-watch").start()
     world = config.tensor_parallel_size
     try:
         device = device_of_rank(config.device, rank)
         config.device = device
         if device.type == "cpu":   # the ranks share the cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)   # a bad device fails here, before rank 0 enters the rendezvous
         store = dist.TCPStore("127.0.0.1", port, world, False, timeout=RENDEZVOUS_TIMEOUT)
         store.set(f"pagoda-ready/{rank}", "1")
         state = init_process_group(rank, world, device, "mp", store)
         worker = Worker(state, ShardedModelRunner(config, state))
         serve(worker)
     except BaseException:
-        errors.put((rank, traceback.format_exc()))
+        errors.put((rank, traceback.format_exc()[-MAX_TRACEBACK_CHARS:]))
         os._exit(1)     # skip destructors that could wait on collectives of a broken group
     destroy_process_group()
     # Stopped by rank 0: leave without the interpreter's teardown (seconds of module finalisers for nothing).
