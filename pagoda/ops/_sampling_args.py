@@ -41,18 +41,21 @@ def check_indices(indices, num_rows: int, device) -> int:
     return indices.shape[0]
 
 
-def per_row(name: str, value, batch: int, device, kind: str) -> torch.Tensor:
+def per_row(name: str, value, batch: int, device, kind: str, rows: int | None = None) -> torch.Tensor:
     """A scalar or ``[batch]`` tensor parameter as a contiguous ``[batch]`` tensor on ``device``.
 
     kind: ``"top_k"`` (int, >= 1 as a scalar), ``"prob"`` (float in (0, 1]: top_p), ``"min_p"``
     (float in [0, 1]) or ``"temperature"`` (float >= 0). Tensor values are not range-checked (that
     would synchronise with the device); the kernels clamp them as documented in the reference.
+    ``rows``: the input's row count (default ``batch``), which a top_k/top_p/min_p tensor's length must
+    match as in FlashInfer (`filter_tensor`).
     """
     is_int = kind == "top_k"
     dtype = torch.int32 if is_int else torch.float32
     if isinstance(value, torch.Tensor):
-        allowed = INDEX_DTYPES if is_int else FLOAT_DTYPES + (torch.float64,)
-        _checks.check_tensor(name, value, dtypes=allowed)
+        if kind != "temperature":
+            return filter_tensor(name, value, batch, batch if rows is None else rows, device, dtype)
+        _checks.check_tensor(name, value, dtypes=FLOAT_DTYPES + (torch.float64,))
         if value.dim() > 1 or value.numel() not in (1, batch):
             raise ValueError(f"{name} must be a scalar or a tensor of shape ({batch},), got {tuple(value.shape)}")
         if value.device != device:
@@ -67,12 +70,44 @@ def per_row(name: str, value, batch: int, device, kind: str) -> torch.Tensor:
     return torch.full((batch,), fill, dtype=dtype, device=device)
 
 
-def row_param(name: str, value, batch: int, device, kind: str):
+def filter_tensor(name: str, value: torch.Tensor, batch: int, rows: int, device, dtype: torch.dtype) -> torch.Tensor:
+    """A top_k / top_p / min_p tensor, accepted and rejected as FlashInfer 0.6 does: any real dtype (bool, int,
+    float; converted by value as its ``.int()`` / ``.float()`` do), one dimension of length ``rows`` (the input's
+    rows), with FlashInfer's ValueError wording for a 0-D tensor, a tensor of more dimensions, or another length.
+
+    With ``indices`` (``batch`` outputs drawn from ``rows`` rows) FlashInfer's kernels read entry ``i`` for output
+    ``i``; pagoda does the same, and also takes a tensor of length ``batch`` (one value per output). A length-``rows``
+    tensor with more outputs than rows would be read past its end there: ValueError. Returns int32/float32 ``[batch]``.
+    """
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
+    if value.is_complex():
+        raise TypeError(f"{name} must be a real (bool, integer or floating) tensor, got {value.dtype}")
+    if value.dim() == 0:
+        raise ValueError(f"{name}: Expected a 1D tensor of shape (batch_size,) or scalar for the sampling parameter, "
+                         "but got a 0-dimensional tensor.")
+    if value.dim() > 1:
+        raise ValueError(f"{name}: Expected a 1D tensor or scalar for the sampling parameter, but got a "
+                         f"{value.dim()}D tensor.")
+    n = value.shape[0]
+    if n != rows and n != batch:
+        raise ValueError(f"{name}: Sampling parameter tensor batch size mismatch: expected length {rows} to match "
+                         f"the reference tensor batch size, but got length {n}.")
+    if n < batch:
+        raise ValueError(f"{name} has {n} values for {batch} outputs (indices selects more outputs than the input "
+                         "has rows): pass one value per output")
+    if value.device != device:
+        raise ValueError(f"{name} must be on {device}, got {value.device}")
+    value = value[:batch] if n > batch else value
+    return value.to(dtype).contiguous()
+
+
+def row_param(name: str, value, batch: int, device, kind: str, rows: int | None = None):
     """`per_row` for the samplers: a tensor becomes the ``[batch]`` tensor, a scalar stays a checked Python
     number (``int`` for top_k, else ``float``), which the CUDA sampler takes as a kernel argument: no fill
     kernel, not even when the call is captured in a CUDA graph."""
     if isinstance(value, torch.Tensor):
-        return per_row(name, value, batch, device, kind)
+        return per_row(name, value, batch, device, kind, rows)
     return _check_scalar(name, value, batch, kind, kind == "top_k")
 
 

@@ -11,7 +11,9 @@ Shared arguments:
         normalised: filters are relative to each row's sum).
     indices: optional int32/int64 ``[batch]``: output i is drawn from row ``indices[i]``; the output
         then has indices' dtype, otherwise int32 ``[num_rows]``.
-    top_k / top_p / min_p: a scalar or a ``[batch]`` tensor (one value per output row).
+    top_k / top_p / min_p: a scalar or a 1-D tensor of length ``num_rows`` (with ``indices``: entry ``i`` for
+        output ``i``, or one value per output), any real dtype (converted by value), checked as FlashInfer 0.6
+        checks it (`pagoda.ops._sampling_args.filter_tensor`: ValueError for 0-D, 2-D or another length).
     deterministic: accepted for compatibility; pagoda's kernels are always deterministic.
     generator: a ``torch.Generator`` on the input's device (default generator when None); on CUDA the
         Philox (seed, offset) is read from it and its offset advanced, as FlashInfer does.
@@ -231,7 +233,7 @@ def top_p_sampling_from_probs(probs: Tensor, top_p: PerRow, indices: Tensor | No
     (torch.int32, torch.Size([4]))
     """
     probs, batch = _prepare("probs", probs, indices, check_nan)
-    tp = _a.row_param("top_p", top_p, batch, probs.device, "prob")
+    tp = _a.row_param("top_p", top_p, batch, probs.device, "prob", probs.shape[0])
     if not probs.is_cuda:
         _a.check_generator_cpu(generator, seed, offset)
         return _cpu(_ref.top_p_sampling_from_probs(probs, tp, indices, deterministic, generator, False, seed,
@@ -279,7 +281,7 @@ def top_k_sampling_from_probs(probs: Tensor, top_k: int | Tensor, indices: Tenso
     torch.Size([4])
     """
     probs, batch = _prepare("probs", probs, indices, check_nan)
-    tk = _a.row_param("top_k", top_k, batch, probs.device, "top_k")
+    tk = _a.row_param("top_k", top_k, batch, probs.device, "top_k", probs.shape[0])
     if not probs.is_cuda:
         _a.check_generator_cpu(generator, seed, offset)
         return _cpu(_ref.top_k_sampling_from_probs(probs, tk, indices, deterministic, generator, False, seed,
@@ -327,7 +329,7 @@ def min_p_sampling_from_probs(probs: Tensor, min_p: PerRow, indices: Tensor | No
     tensor([True], device='cuda:0')
     """
     probs, batch = _prepare("probs", probs, indices, check_nan)
-    mp = _a.row_param("min_p", min_p, batch, probs.device, "min_p")
+    mp = _a.row_param("min_p", min_p, batch, probs.device, "min_p", probs.shape[0])
     if not probs.is_cuda:
         _a.check_generator_cpu(generator, seed, offset)
         return _cpu(_ref.min_p_sampling_from_probs(probs, mp, indices, deterministic, generator, False, seed,
@@ -339,8 +341,8 @@ def _top_k_top_p(name, x, top_k, top_p, indices, filter_apply_order, generator, 
                  return_valid, from_logits):
     _a.check_filter_order(filter_apply_order)
     x, batch = _prepare(name, x, indices, check_nan, logits=from_logits)
-    tk = _a.row_param("top_k", top_k, batch, x.device, "top_k")
-    tp = _a.row_param("top_p", top_p, batch, x.device, "prob")
+    tk = _a.row_param("top_k", top_k, batch, x.device, "top_k", x.shape[0])
+    tp = _a.row_param("top_p", top_p, batch, x.device, "prob", x.shape[0])
     if not x.is_cuda:
         _a.check_generator_cpu(generator, seed, offset)
         fn = _ref.top_k_top_p_sampling_from_logits if from_logits else _ref.top_k_top_p_sampling_from_probs

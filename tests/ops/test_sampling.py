@@ -326,7 +326,7 @@ def test_nan_rows_detected_or_harmless(device):
     (lambda p: S.top_k_sampling_from_probs(p, 2.5), TypeError, "top_k"),
     (lambda p: S.min_p_sampling_from_probs(p, -0.1), ValueError, "min_p"),
     (lambda p: S.top_p_sampling_from_probs(p, torch.full((3,), 0.5)), ValueError, "top_p"),
-    (lambda p: S.top_k_sampling_from_probs(p, torch.full((4,), 2.0)), TypeError, "top_k"),
+    (lambda p: S.top_k_sampling_from_probs(p, torch.full((4,), 2 + 0j)), TypeError, "top_k"),
     (lambda p: S.sampling_from_probs(p[0]), ValueError, "probs"),
     (lambda p: S.sampling_from_probs(p.to(torch.int32)), TypeError, "probs"),
     (lambda p: S.sampling_from_probs(p[:, :0]), ValueError, "probs"),
