@@ -138,3 +138,35 @@ def max_splits_for(buffer: torch.Tensor, batch: int, num_qo_heads: int, head_dim
     """The most splits whose partials fit in ``buffer`` (capped at MAX_SPLITS)."""
     per_split = max(batch, 1) * num_qo_heads * (head_dim + 1) * 4
     return min(MAX_SPLITS, buffer.numel() * buffer.element_size() // per_split)
+
+
+def fast_tables(wrapper, indptr, indices, last_page_len, page_size: int, indptr_host, exact_lens: bool):
+    """The page table as `pagoda.ops.decode_graph.fast_decode_plan` reads it: ``(batch, host indptr list, lengths)``.
+
+    Shapes and dtypes are checked, values are not (FlashInfer's fast plan checks none). Only ``indptr`` is read on the
+    host (``indptr_host`` when given, e.g. a CPU copy the caller keeps); the lengths are bounded by whole pages
+    (``pages * page_size``: the split-KV chunking only needs an upper bound) unless ``exact_lens`` (multi-token rows,
+    which FlashInfer also reads ``last_page_len`` for). A CUDA-graph wrapper needs exactly its fixed batch size."""
+    for name, t in (("indptr", indptr), ("indices", indices), ("last_page_len", last_page_len)):
+        _checks.check_tensor(name, t, ndim=1, dtypes=(torch.int32,))
+    batch = last_page_len.shape[0]
+    if indptr.shape[0] != batch + 1:
+        raise ValueError(f"indptr must have length len(last_page_len) + 1 = {batch + 1}, got {indptr.shape[0]}")
+    if wrapper.is_cuda_graph_enabled:
+        if batch != wrapper._fixed_batch_size:
+            raise ValueError(f"The batch size should be fixed in cudagraph mode, the runtime batch size {batch} "
+                             f"mismatches the batch size set during initialization {wrapper._fixed_batch_size}")
+        if indices.shape[0] > wrapper._indices_buf.shape[0]:
+            raise ValueError("The size of indices should be less than or equal to the allocated buffer "
+                             f"({indices.shape[0]} > {wrapper._indices_buf.shape[0]})")
+    if indptr_host is not None:
+        _checks.check_tensor("global_override_indptr_cpu", indptr_host, ndim=1)
+        if indptr_host.shape[0] != batch + 1:
+            raise ValueError(f"global_override_indptr_cpu must have length {batch + 1}, got {indptr_host.shape[0]}")
+    ptr = (indptr_host if indptr_host is not None else indptr).tolist()
+    if exact_lens:
+        last = last_page_len.tolist()
+        lens = [(ptr[i + 1] - ptr[i] - 1) * page_size + last[i] if ptr[i + 1] > ptr[i] else 0 for i in range(batch)]
+    else:
+        lens = [(ptr[i + 1] - ptr[i]) * page_size for i in range(batch)]
+    return batch, ptr, lens

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from pagoda.ops import _checks, _lse, _mask, _paged
+from pagoda.ops import _checks, _lse, _mask, _paged, _workspace
 from pagoda.ops import _decode_plan as _plan
 from pagoda.ops import _prefill_common as _common
 from pagoda.ops.rope import rotate_llama
@@ -17,7 +17,7 @@ from pagoda.reference import decode as _dref
 from pagoda.reference import prefill as _ref
 
 
-class BatchPrefillWithRaggedKVCacheWrapper:
+class BatchPrefillWithRaggedKVCacheWrapper(_workspace.RaggedWorkspace):
     """Prefill attention with ragged queries and ragged keys/values (FlashInfer's wrapper).
 
     k/v are ``[kv_indptr[-1], num_kv_heads, head_dim]`` (NHD) or ``[num_kv_heads, kv_indptr[-1], head_dim]``
@@ -30,6 +30,7 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         _common.check_constructor(float_workspace_buffer, kv_layout, use_cuda_graph, backend, jit_args,
                                   custom_mask_buf, mask_indptr_buf)
         self.device = float_workspace_buffer.device
+        self._workspace = float_workspace_buffer
         self._kv_layout = kv_layout
         self._use_cuda_graph = use_cuda_graph
         if use_cuda_graph:
@@ -81,16 +82,8 @@ class BatchPrefillWithRaggedKVCacheWrapper:
             self._meta = (qo_indptr.to(self.device, non_blocking=non_blocking),
                           kv_indptr.to(self.device, non_blocking=non_blocking))
             self._grid_batch = batch
-        self._rope_pos = None
-        if opts["pos_encoding_mode"] == "ROPE_LLAMA":
-            # Query t of request b sits at (t - qo_start) + kv_len - qo_len; key t at t - kv_start.
-            q_pos, k_pos = [], []
-            for b in range(batch):
-                qo, kv = qptr[b + 1] - qptr[b], kptr[b + 1] - kptr[b]
-                q_pos += range(kv - qo, kv)
-                k_pos += range(kv)
-            self._rope_pos = (torch.tensor(q_pos, dtype=torch.int32).to(self.device),
-                              torch.tensor(k_pos, dtype=torch.int32).to(self.device))
+        self._host_ptrs = (qptr, kptr)
+        self._rope_pos = self._rope_positions() if opts["pos_encoding_mode"] == "ROPE_LLAMA" else None
         if opts["pos_encoding_mode"] == "ALIBI" and (self._alibi is None or self._alibi.shape[0] != hq):
             self._alibi = _dref.alibi_slopes(hq, device=self.device)
         # A custom mask (FlashInfer's layouts): the masked paged kernel's bit words and tile lists.
@@ -104,6 +97,18 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         self._planned = True
 
     begin_forward = plan
+
+    def _rope_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE positions of the planned queries and keys: query t of request b sits at
+        ``(t - qo_start) + kv_len - qo_len``, key t at ``t - kv_start``."""
+        qptr, kptr = self._host_ptrs
+        q_pos, k_pos = [], []
+        for b in range(len(qptr) - 1):
+            qo, kv = qptr[b + 1] - qptr[b], kptr[b + 1] - kptr[b]
+            q_pos += range(kv - qo, kv)
+            k_pos += range(kv)
+        return (torch.tensor(q_pos, dtype=torch.int32).to(self.device),
+                torch.tensor(k_pos, dtype=torch.int32).to(self.device))
 
     def run(self, q, k, v, *args, q_scale=None, k_scale=None, v_scale=None, out=None, lse=None, return_lse=False,
             enable_pdl=None, window_left=None):
@@ -167,10 +172,51 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         lse = lse_t.t().contiguous() if lse is None else lse.copy_(lse_t.t())
         return _common.finish(out, lse, v_scale, return_lse, lse_given)
 
-    forward = run
-
     def run_return_lse(self, q, k, v, *args, **kwargs):
+        """`run` with ``return_lse=True``: ``(out, lse)``, lse base 2."""
         return self.run(q, k, v, *args, **kwargs, return_lse=True)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False, window_left: int = -1,
+                logits_soft_cap: float | None = None, sm_scale: float | None = None, rope_scale: float | None = None,
+                rope_theta: float | None = None, *, _return_lse: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """FlashInfer's deprecated form of `run`: the options given here replace the planned ones for this call (a
+        CUDA-graph wrapper must keep its planned options; a planned custom mask stays, and with it ``causal`` is
+        ignored and ``window_left`` must be the planned one)."""
+        if not self._planned:
+            raise RuntimeError("call plan() before forward()")
+        opts = _common.forward_options(self._shape[2], causal, pos_encoding_mode, use_fp16_qk_reduction, window_left,
+                                       logits_soft_cap, sm_scale, rope_scale, rope_theta)
+        planned = (self._opts, self._alibi, self._rope_pos)
+        if self._mask is not None:
+            if opts["window_left"] != self._opts["window_left"]:
+                raise ValueError(f"window_left={window_left} differs from the planned {self._opts['window_left']}, "
+                                 "which the custom mask's tiles were planned with; re-plan")
+            opts["causal"] = False   # FlashInfer: the custom mask replaces causal
+        if self._use_cuda_graph and opts != self._opts:
+            raise ValueError("forward() options differ from the plan's; a CUDA-graph wrapper keeps its planned "
+                             "options (re-plan, or call run())")
+        if opts["pos_encoding_mode"] == "ALIBI" and (self._alibi is None or self._alibi.shape[0] != self._shape[0]):
+            self._alibi = _dref.alibi_slopes(self._shape[0], device=self.device)
+        if opts["pos_encoding_mode"] == "ROPE_LLAMA":
+            self._rope_pos = self._rope_pos if self._rope_pos is not None else self._rope_positions()
+        else:
+            self._rope_pos = None
+        self._opts = opts
+        try:
+            return self.run(q, k, v, return_lse=_return_lse)
+        finally:
+            self._opts, self._alibi, self._rope_pos = planned
+
+    def forward_return_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                           pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False,
+                           window_left: int = -1, logits_soft_cap: float | None = None,
+                           sm_scale: float | None = None, rope_scale: float | None = None,
+                           rope_theta: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` returning ``(out, lse)`` (lse base 2), FlashInfer's deprecated ``forward_return_lse``."""
+        return self.forward(q, k, v, causal, pos_encoding_mode, use_fp16_qk_reduction, window_left, logits_soft_cap,
+                            sm_scale, rope_scale, rope_theta, _return_lse=True)
 
     def end_forward(self) -> None:
         """Kept for compatibility; nothing to release."""

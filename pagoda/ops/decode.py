@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from pagoda.ops import _checks, _decode_multi, _lse, _paged
+from pagoda.ops import _checks, _decode_multi, _lse, _paged, _workspace
 from pagoda.ops import _decode_plan as _plan
 from pagoda.reference import decode as _ref
 
@@ -45,7 +45,7 @@ def _kernel_opts(slopes, mode, sm_scale, window_left, soft_cap, rope_scale, rope
                 rope=(rope_scale, rope_theta) if mode == "ROPE_LLAMA" else None)
 
 
-class BatchDecodeWithPagedKVCacheWrapper:
+class BatchDecodeWithPagedKVCacheWrapper(_workspace.DecodeWorkspace):
     """Batch decode (one query token per request) over a paged KV cache, FlashInfer's wrapper.
 
     Args:
@@ -73,7 +73,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
                  paged_kv_indices_buffer: torch.Tensor | None = None,
                  paged_kv_last_page_len_buffer: torch.Tensor | None = None, backend: str = "auto",
                  jit_args: object | None = None):
-        _checks.check_tensor("float_workspace_buffer", float_workspace_buffer)
+        _workspace.check_alignment(float_workspace_buffer, "float_workspace_buffer")
         if not float_workspace_buffer.is_contiguous():
             raise ValueError("float_workspace_buffer must be contiguous")
         _paged.check_kv_layout(kv_layout)
@@ -126,10 +126,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
 
     def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor,
                                int_workspace_buffer: torch.Tensor | None = None) -> None:
-        """Swap the float workspace (the int workspace is accepted and unused); re-plan afterwards."""
-        _checks.check_tensor("float_workspace_buffer", float_workspace_buffer)
-        if float_workspace_buffer.device != self.device or not float_workspace_buffer.is_contiguous():
-            raise ValueError(f"float_workspace_buffer must be a contiguous tensor on {self.device}")
+        """Swap the float workspace (both buffers 16-byte aligned; the int workspace is unused); re-plan afterwards.
+        `workspace_size` gives the bytes a plan needs."""
+        _workspace.check_new_buffers(self, float_workspace_buffer, int_workspace_buffer)
         self._workspace = float_workspace_buffer
         self._planned = False
 
@@ -151,6 +150,21 @@ class BatchDecodeWithPagedKVCacheWrapper:
         ``kv_len >= n``): `run` then takes ``q [batch * n, Hq, D]``, each request's ``n`` tokens being the last ``n``
         keys of its cache, causal among themselves (`pagoda.ops._decode_multi`; fixed with the CUDA graph).
         Reads the page table on the host; never call it inside a CUDA graph capture."""
+        self._plan_impl(indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
+                        pos_encoding_mode, window_left, logits_soft_cap, q_data_type, kv_data_type, o_data_type,
+                        data_type, sm_scale, rope_scale, rope_theta, non_blocking, block_tables, seq_lens,
+                        fixed_split_size, disable_split_kv, q_len_per_req)
+
+    begin_forward = plan
+
+    def _plan_impl(self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
+                   pos_encoding_mode, window_left, logits_soft_cap, q_data_type, kv_data_type, o_data_type, data_type,
+                   sm_scale, rope_scale, rope_theta, non_blocking, block_tables, seq_lens, fixed_split_size,
+                   disable_split_kv, q_len_per_req, fast: bool = False, indptr_host: torch.Tensor | None = None
+                   ) -> None:
+        """`plan`'s body. ``fast`` (`pagoda.ops.decode_graph.fast_decode_plan`): no value checks of the page table,
+        only ``indptr`` read on the host (``indptr_host`` when given), lengths bounded by whole pages, and a
+        CUDA-graph wrapper's buffers taken as already written by the caller."""
         hq, hk, d = _plan.check_heads(num_qo_heads, num_kv_heads, head_dim)
         page_size = _plan.as_int("page_size", page_size, 1)
         mode = _plan.check_pos_encoding(pos_encoding_mode)
@@ -177,16 +191,21 @@ class BatchDecodeWithPagedKVCacheWrapper:
             fixed_split_size = _plan.as_int("fixed_split_size", fixed_split_size, 1)
         if not isinstance(disable_split_kv, bool):
             raise TypeError(f"disable_split_kv must be a bool, got {type(disable_split_kv).__name__}")
-        batch = _paged.check_kv_csr(indptr, indices, last_page_len, page_size, None, None,
-                                    names=("indptr", "indices", "last_page_len"))
-        if indices.device != indptr.device or last_page_len.device != indptr.device:
-            raise ValueError("indptr, indices and last_page_len must be on the same device")
-        ptr = indptr.tolist()
-        last_host = last_page_len.tolist()
-        lens = [(ptr[i + 1] - ptr[i] - 1) * page_size + last_host[i] if ptr[i + 1] > ptr[i] else 0
-                for i in range(batch)]
-        used = indices[:ptr[-1]]
-        self._max_page_id = int(used.max()) if used.numel() else -1   # ids >= 0: checked by check_kv_csr
+        if fast:
+            batch, ptr, lens = _plan.fast_tables(self, indptr, indices, last_page_len, page_size, indptr_host,
+                                            q_len_per_req > 1)
+            self._max_page_id = -1   # the page ids are not read (FlashInfer's fast plan checks none either)
+        else:
+            batch = _paged.check_kv_csr(indptr, indices, last_page_len, page_size, None, None,
+                                        names=("indptr", "indices", "last_page_len"))
+            if indices.device != indptr.device or last_page_len.device != indptr.device:
+                raise ValueError("indptr, indices and last_page_len must be on the same device")
+            ptr = indptr.tolist()
+            last_host = last_page_len.tolist()
+            lens = [(ptr[i + 1] - ptr[i] - 1) * page_size + last_host[i] if ptr[i + 1] > ptr[i] else 0
+                    for i in range(batch)]
+            used = indices[:ptr[-1]]
+            self._max_page_id = int(used.max()) if used.numel() else -1   # ids >= 0: checked by check_kv_csr
         self._multi = None
         if self._use_cuda_graph:
             self._graph_q_len = q_len_per_req
@@ -210,11 +229,12 @@ class BatchDecodeWithPagedKVCacheWrapper:
             if ptr[-1] > self._indices_buf.shape[0]:
                 raise ValueError(f"{ptr[-1]} pages exceed paged_kv_indices_buffer's length "
                                  f"{self._indices_buf.shape[0]}")
-            self._indptr_buf[:batch + 1].copy_(indptr, non_blocking=non_blocking)
-            self._indptr_buf[batch + 1:].fill_(ptr[-1])
-            self._last_buf[:batch].copy_(last_page_len, non_blocking=non_blocking)
-            self._last_buf[batch:].fill_(0)
-            self._indices_buf[:ptr[-1]].copy_(indices[:ptr[-1]], non_blocking=non_blocking)
+            if not fast:   # the fast plan's caller has written the buffers (FlashInfer's contract)
+                self._indptr_buf[:batch + 1].copy_(indptr, non_blocking=non_blocking)
+                self._indptr_buf[batch + 1:].fill_(ptr[-1])
+                self._last_buf[:batch].copy_(last_page_len, non_blocking=non_blocking)
+                self._last_buf[batch:].fill_(0)
+                self._indices_buf[:ptr[-1]].copy_(indices[:ptr[-1]], non_blocking=non_blocking)
             if self._graph_splits is None:
                 cap = _plan.max_splits_for(self._workspace, grid_batch, hq, d)
                 if cap < 1:
@@ -256,8 +276,6 @@ class BatchDecodeWithPagedKVCacheWrapper:
         self._host_meta = (indptr.cpu(), indices.cpu(), last_page_len.cpu()) if self.device.type != "cuda" else None
         self._bound = {}      # the launches' scalars, grid and buffers may all have changed
         self._planned = True
-
-    begin_forward = plan
 
     def run(self, q: torch.Tensor, paged_kv_cache: torch.Tensor | tuple[torch.Tensor, torch.Tensor], *args: object,
             q_scale: float | None = None, k_scale: float | None = None, v_scale: float | None = None,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from pagoda.ops import _checks, _mask, _paged
+from pagoda.ops import _checks, _mask, _paged, _workspace
 from pagoda.ops import _decode_plan as _plan
 from pagoda.ops import _prefill_common as _common
 from pagoda.ops import _prefill_split as _split
@@ -26,7 +26,7 @@ __all__ = ["BatchPrefillWithPagedKVCacheWrapper", "BatchPrefillWithRaggedKVCache
            "single_prefill_with_kv_cache"]
 
 
-class BatchPrefillWithPagedKVCacheWrapper:
+class BatchPrefillWithPagedKVCacheWrapper(_workspace.PrefillWorkspace):
     """Prefill/append attention: ragged queries against a paged KV cache (FlashInfer's wrapper).
 
     Constructor as FlashInfer's; with ``use_cuda_graph=True`` the int32 buffers ``qo_indptr_buf``,
@@ -50,6 +50,7 @@ class BatchPrefillWithPagedKVCacheWrapper:
                  mask_indptr_buf: torch.Tensor | None = None, backend: str = "auto", jit_args: object | None = None):
         _common.check_constructor(float_workspace_buffer, kv_layout, use_cuda_graph, backend, jit_args,
                                   custom_mask_buf, mask_indptr_buf)
+        _workspace.check_alignment(float_workspace_buffer, "float_workspace_buffer")
         self.device = float_workspace_buffer.device
         self._workspace = float_workspace_buffer
         # Keys per split, read by the kernel from device memory (a captured graph replays for new lengths).
