@@ -42,13 +42,21 @@ def test_fields_map_to_sampling_params():
     assert chat.logprobs == 5
 
 
-def test_unsupported_fields_refused_unless_neutral_or_supported():
+def test_unsupported_fields_refused_unless_neutral_or_supported(monkeypatch):
+    import pagoda.server.params as server_params
+
+    # An engine whose SamplingParams lacks penalties, bias and structured output: those fields are refused by name.
+    lacking = {"presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "structured_outputs"}
+    field_names = server_params._field_names
+    monkeypatch.setattr(server_params, "_field_names", lambda cls: field_names(cls) - lacking)
     for body, name in (({"presence_penalty": 0.1}, "presence_penalty"), ({"logit_bias": {"3": 1}}, "logit_bias"),
-                       ({"frequency_penalty": -1}, "frequency_penalty")):
+                       ({"frequency_penalty": -1}, "frequency_penalty"),
+                       ({"response_format": {"type": "json_object"}}, "response_format")):
         with pytest.raises(APIError) as e:
             _params(**body)
         assert e.value.param == name and e.value.status == 400 and e.value.code == "unsupported_parameter"
     _params(presence_penalty=0, frequency_penalty=0.0, logit_bias={}, repetition_penalty=1.0)
+    monkeypatch.undo()
     richer = ModelInfo("m", 100, 50, _RicherParams)
     p = _params(richer, presence_penalty=0.5, frequency_penalty=0.25, logit_bias={"3": -100, "7": 2.5})
     assert (p.presence_penalty, p.frequency_penalty, p.logit_bias) == (0.5, 0.25, {3: -100.0, 7: 2.5})
@@ -85,3 +93,11 @@ def test_validation_errors_name_the_field():
     assert (err.param, err.code) == ("n", "invalid_value")
     body = err.body()["error"]
     assert set(body) == {"message", "type", "param", "code"} and body["type"] == "invalid_request_error"
+
+
+def test_engine_penalties_bias_and_response_format_pass_through():
+    p = _params(presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.3, logit_bias={"3": -100})
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, -0.5, 1.3)
+    assert p.logit_bias == {3: -100.0}
+    p = _params(response_format={"type": "json_object"})
+    assert p.structured_outputs is not None and p.structured_outputs.json_object
