@@ -1,4 +1,5 @@
-"""Validation and random-state helpers for `pagoda.ops.sampling` (errors name the argument)."""
+"""Validation and random-state helpers for `pagoda.ops.sampling` and its sibling modules (errors name the
+argument), and the type aliases of their signatures."""
 from __future__ import annotations
 
 import functools
@@ -11,6 +12,12 @@ from pagoda.ops import _checks
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 FILTER_ORDERS = ("top_k_first", "joint")
+
+Tensor = torch.Tensor
+# A per-request parameter: one value for every row, or a ``[batch]`` tensor.
+PerRow = float | Tensor
+# An explicit Philox seed or offset: an int, or an int64 tensor of length 1 or batch (graph-capturable).
+Philox = int | Tensor | None
 
 
 def check_rows(name: str, x) -> torch.Tensor:

@@ -6,6 +6,10 @@ captured CUDA graph when ``seed``/``offset`` are given as int64 device tensors. 
 the sort-based reference (`pagoda.reference.sampling`), which also documents the exact semantics
 (tie rules, clamping of out-of-range per-row tensor values, degenerate rows).
 
+The samplers live here; the filters that return a distribution (``softmax``, ``top_*_renorm_probs``,
+``top_k_mask_logits``) in `pagoda.ops.sampling_filters`, speculative verification in `pagoda.ops.speculative`;
+all are importable from this module.
+
 Shared arguments:
     probs / logits: ``[num_rows, vocab]`` float32/float16/bfloat16 (probabilities need not be
         normalised: filters are relative to each row's sum).
@@ -26,15 +30,18 @@ from __future__ import annotations
 import torch
 
 from pagoda import _switches
-from pagoda.ops import _checks
 from pagoda.ops import _sampling_args as _a
+from pagoda.ops._sampling_args import PerRow, Philox, Tensor
+from pagoda.ops.sampling_filters import (
+    softmax,
+    top_k_mask_logits,
+    top_k_renorm_prob,
+    top_k_renorm_probs,
+    top_p_renorm_prob,
+    top_p_renorm_probs,
+)
+from pagoda.ops.speculative import chain_speculative_sampling
 from pagoda.reference import sampling as _ref
-
-Tensor = torch.Tensor
-# A per-request parameter: one value for every row, or a ``[batch]`` tensor.
-PerRow = float | Tensor
-# An explicit Philox seed or offset: an int, or an int64 tensor of length 1 or batch (graph-capturable).
-Philox = int | Tensor | None
 
 __all__ = [
     "softmax", "sampling_from_logits", "sampling_from_probs", "top_p_sampling_from_probs",
@@ -115,23 +122,6 @@ def _cpu(result, device):
     if isinstance(result, tuple):
         return tuple(r.to(device) for r in result)
     return result.to(device)
-
-
-def softmax(logits: Tensor, temperature: PerRow | None = None, enable_pdl: bool | None = None) -> Tensor:
-    """Row softmax of ``logits / temperature``: float32 ``[batch, vocab]``.
-
-    temperature: None (1.0), a float >= 0 or a ``[batch]`` tensor; 0 gives the one-hot of the first
-    maximum (greedy), exactly. enable_pdl: accepted for compatibility, ignored.
-    """
-    logits = _a.check_rows("logits", logits)
-    temp = None if temperature is None else _a.per_row("temperature", temperature, logits.shape[0], logits.device,
-                                                      "temperature")
-    if not logits.is_cuda:
-        return _ref.softmax(logits, temp).to(logits.device)
-    _f = _kernels()[1]
-    out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-    _f.softmax(logits, out, temp)
-    return out
 
 
 def sampling_from_logits(logits: Tensor, indices: Tensor | None = None, deterministic: bool = True,
@@ -422,103 +412,3 @@ def top_k_top_p_sampling_from_probs(probs: Tensor, top_k: int | Tensor, top_p: P
     """
     return _top_k_top_p("probs", probs, top_k, top_p, indices, filter_apply_order, generator, check_nan, seed,
                         offset, return_valid, False)
-
-
-def _renorm(name, x, value, kind, renorm):
-    x = _a.check_rows(name, x)
-    param = _a.per_row("top_k" if kind == "top_k" else "top_p", value, x.shape[0], x.device, kind)
-    if not x.is_cuda:
-        if not renorm:
-            return _ref.top_k_mask_logits(x, param).to(x.device)
-        fn = _ref.top_k_renorm_probs if kind == "top_k" else _ref.top_p_renorm_probs
-        return fn(x, param).to(x.device)
-    _f = _kernels()[1]
-    out = torch.empty_like(x)
-    _f.threshold_filter(x, out, param if kind == "top_k" else None, param if kind == "prob" else None, renorm)
-    return out
-
-
-def top_p_renorm_probs(probs: Tensor, top_p: PerRow, is_deterministic: bool = False) -> Tensor:
-    """Zero the tokens outside the top-p nucleus and renormalise: ``[batch, vocab]``, probs' dtype.
-    is_deterministic: accepted for compatibility (always deterministic)."""
-    return _renorm("probs", probs, top_p, "prob", True)
-
-
-def top_k_renorm_probs(probs: Tensor, top_k: int | Tensor, is_deterministic: bool = False) -> Tensor:
-    """Zero the tokens below the k-th largest probability (ties kept) and renormalise:
-    ``[batch, vocab]``, probs' dtype."""
-    return _renorm("probs", probs, top_k, "top_k", True)
-
-
-def top_k_mask_logits(logits: Tensor, top_k: int | Tensor) -> Tensor:
-    """Set logits below the k-th largest to -inf (ties kept): ``[batch, vocab]``, logits' dtype."""
-    return _renorm("logits", logits, top_k, "top_k", False)
-
-
-top_p_renorm_prob = top_p_renorm_probs
-top_k_renorm_prob = top_k_renorm_probs
-
-
-def chain_speculative_sampling(draft_probs: Tensor, draft_token_ids: Tensor, target_probs: Tensor,
-                               maybe_output_accepted_token_num: Tensor | None = None,
-                               maybe_output_emitted_draft_token_num: Tensor | None = None,
-                               deterministic: bool = True, generator: torch.Generator | None = None,
-                               seed: Philox = None, offset: Philox = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Verify a chain of ``n`` draft tokens per request against the target model (speculative sampling).
-
-    Args:
-        draft_probs: ``[batch, n, vocab]`` float; draft_token_ids: int32/int64 ``[batch, n]``;
-        target_probs: ``[batch, n + 1, vocab]`` float (one extra row for the bonus token).
-        maybe_output_accepted_token_num / maybe_output_emitted_draft_token_num: optional int
-            ``[batch]`` tensors the counts are ADDED to in place (and returned).
-
-    Returns:
-        ``(output_token_ids [batch, n+1] int32`` (accepted drafts, then the corrected or bonus token,
-        then -1 padding), ``output_accepted_token_num [batch]`` (positions passing their test,
-        counted independently), ``output_emitted_draft_token_num [batch])`` (drafts emitted before
-        the first rejection; bonus excluded). The emitted tokens follow the target distribution.
-    """
-    _checks.check_tensor("draft_probs", draft_probs, ndim=3, dtypes=_a.FLOAT_DTYPES)
-    _checks.check_tensor("draft_token_ids", draft_token_ids, ndim=2, dtypes=_a.INDEX_DTYPES)
-    _checks.check_tensor("target_probs", target_probs, ndim=3, dtypes=_a.FLOAT_DTYPES)
-    b, n, vocab = draft_probs.shape
-    if tuple(draft_token_ids.shape) != (b, n):
-        raise ValueError(f"draft_token_ids must have shape ({b}, {n}), got {tuple(draft_token_ids.shape)}")
-    if tuple(target_probs.shape) != (b, n + 1, vocab):
-        raise ValueError(f"target_probs must have shape ({b}, {n + 1}, {vocab}), got {tuple(target_probs.shape)}")
-    if vocab == 0:
-        raise ValueError("draft_probs must have a non-empty vocabulary (last dimension)")
-    _checks.check_same("draft_probs, draft_token_ids, target_probs", (draft_probs, draft_token_ids, target_probs),
-                       "device")
-    for name, t in (("maybe_output_accepted_token_num", maybe_output_accepted_token_num),
-                    ("maybe_output_emitted_draft_token_num", maybe_output_emitted_draft_token_num)):
-        if t is not None:
-            _checks.check_tensor(name, t, ndim=1, dtypes=_a.INDEX_DTYPES)
-            if t.shape[0] != b or t.device != draft_probs.device:
-                raise ValueError(f"{name} must have shape ({b},) on {draft_probs.device}, got "
-                                 f"{tuple(t.shape)} on {t.device}")
-    if not draft_probs.is_cuda:
-        if draft_token_ids.numel() and (int(draft_token_ids.min()) < 0 or int(draft_token_ids.max()) >= vocab):
-            raise ValueError(f"draft_token_ids must lie in [0, {vocab}), got values in "
-                             f"[{int(draft_token_ids.min())}, {int(draft_token_ids.max())}]")
-        _a.check_generator_cpu(generator, seed, offset)
-        return _ref.chain_speculative_sampling(draft_probs, draft_token_ids, target_probs,
-                                               maybe_output_accepted_token_num,
-                                               maybe_output_emitted_draft_token_num, deterministic, generator,
-                                               seed, offset)
-    from pagoda.kernels.sampling.speculative import chain_speculative
-
-    dev = draft_probs.device
-    s, o = _a.philox_seed_offset(generator, dev, b, b * max(vocab, 4) + b * n, seed, offset)   # as in _launch
-    out = torch.empty(b, n + 1, dtype=torch.int32, device=dev)
-    accepted = torch.empty(b, dtype=torch.int32, device=dev)
-    emitted = torch.empty(b, dtype=torch.int32, device=dev)
-    contig = [t if t.stride(-1) == 1 else t.contiguous() for t in (draft_probs, draft_token_ids, target_probs)]
-    chain_speculative(*contig, out, accepted, emitted, s, o)
-    if maybe_output_accepted_token_num is not None:
-        maybe_output_accepted_token_num += accepted.to(maybe_output_accepted_token_num.dtype)
-        accepted = maybe_output_accepted_token_num
-    if maybe_output_emitted_draft_token_num is not None:
-        maybe_output_emitted_draft_token_num += emitted.to(maybe_output_emitted_draft_token_num.dtype)
-        emitted = maybe_output_emitted_draft_token_num
-    return out, accepted, emitted
