@@ -57,10 +57,36 @@ def _build(model_dir: str, hf_config, device, dtype, dummy: bool):
     return model.to(device).eval()
 
 
-def run_hf(model_dir: str, hf_config, requests, cfg, device: torch.device, dtype: torch.dtype) -> list[dict]:
-    """One row per ``cfg.hf_impls`` entry (status "error: ..." when one fails)."""
+def _generate_timed(model, batch, generate_kwargs: dict, temperature: float, device: torch.device, warm_up: bool,
+                    left_s: float) -> tuple[int, float]:
+    """One static batch through ``model.generate``: ``batch`` is ``[(prompt ids, max_tokens)]``, left-padded to
+    its longest prompt and sampled (``temperature``, no top-k / top-p) to its longest ``max_tokens``, stopped past
+    ``left_s`` seconds. ``warm_up``: first an untimed generate of the same shapes stopped after a few tokens (the
+    compile). Returns (tokens generated per row, seconds of the timed generate)."""
     from transformers import MaxTimeCriteria, StoppingCriteriaList
 
+    longest = max(len(p) for p, _ in batch)
+    ids = torch.zeros(len(batch), longest, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for r, (p, _) in enumerate(batch):
+        ids[r, longest - len(p):] = torch.tensor(p, device=device)
+        mask[r, longest - len(p):] = 1
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=max(n for _, n in batch), do_sample=True,
+              temperature=temperature, top_k=0, top_p=1.0, pad_token_id=0, **generate_kwargs)
+    with torch.no_grad():
+        if warm_up:
+            model.generate(**kw, stopping_criteria=StoppingCriteriaList([_StopAfter(3)]))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        out = model.generate(**kw, stopping_criteria=StoppingCriteriaList([MaxTimeCriteria(left_s)]))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return out.shape[1] - longest, time.perf_counter() - t0
+
+
+def run_hf(model_dir: str, hf_config, requests, cfg, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """One row per ``cfg.hf_impls`` entry (status "error: ..." when one fails)."""
     from pagoda.bench.budget import reason
     from pagoda.bench.e2e import _set_impl, cache_kwargs
 
@@ -82,31 +108,13 @@ def run_hf(model_dir: str, hf_config, requests, cfg, device: torch.device, dtype
             elapsed = 0.0
             partial = False
             for j, batch in enumerate(batches):
-                longest = max(len(p) for p, _ in batch)
-                ids = torch.zeros(len(batch), longest, dtype=torch.long, device=device)
-                mask = torch.zeros_like(ids)
-                for r, (p, _) in enumerate(batch):
-                    ids[r, longest - len(p):] = torch.tensor(p, device=device)
-                    mask[r, longest - len(p):] = 1
-                new = max(n for _, n in batch)
-                kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=True,
-                          temperature=cfg.temperature, top_k=0, top_p=1.0, pad_token_id=0, **cache)
-                with torch.no_grad():
-                    if j == 0:    # compile (and autotune) outside the timed run: same shapes, a few tokens
-                        model.generate(**kw, stopping_criteria=StoppingCriteriaList([_StopAfter(3)]))
-                    left = cfg.hf_budget_s - elapsed
-                    if left <= 0:
-                        partial = True
-                        break
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    t0 = time.perf_counter()
-                    out = model.generate(**kw, stopping_criteria=StoppingCriteriaList([MaxTimeCriteria(left)]))
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    elapsed += time.perf_counter() - t0
-                steps = out.shape[1] - longest
-                partial = partial or steps < new
+                left = cfg.hf_budget_s - elapsed
+                if left <= 0:
+                    partial = True
+                    break
+                steps, seconds = _generate_timed(model, batch, cache, cfg.temperature, device, j == 0, left)
+                elapsed += seconds
+                partial = partial or steps < max(n for _, n in batch)
                 done_out += sum(min(n, steps) for _, n in batch)
                 done_in += sum(len(p) for p, _ in batch)
                 done_req += len(batch)

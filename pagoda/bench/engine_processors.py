@@ -150,11 +150,9 @@ def run_hf(model_dir: str, hf_config, requests, cfg, device: torch.device, dtype
            caches=HF_CACHES) -> list[dict]:
     """Per cache: HF generate (sdpa) without and with the Python constraint, static batches as
     `pagoda.bench.engine_hf` runs them, each run stopped past ``cfg.hf_budget_s`` (partial figure)."""
-    from transformers import MaxTimeCriteria, StoppingCriteriaList
-
     from pagoda.bench.budget import reason
     from pagoda.bench.e2e import _set_impl, cache_kwargs
-    from pagoda.bench.engine_hf import _batch_size, _build, _StopAfter
+    from pagoda.bench.engine_hf import _batch_size, _build, _generate_timed
 
     try:
         model = _build(model_dir, hf_config, device, dtype, dummy=cfg.model is None)
@@ -175,34 +173,14 @@ def run_hf(model_dir: str, hf_config, requests, cfg, device: torch.device, dtype
             try:
                 done_out, elapsed, partial = 0, 0.0, False
                 for j, batch in enumerate(batches):
-                    longest = max(len(p) for p, _ in batch)
-                    ids = torch.zeros(len(batch), longest, dtype=torch.long, device=device)
-                    mask = torch.zeros_like(ids)
-                    for r, (p, _) in enumerate(batch):
-                        ids[r, longest - len(p):] = torch.tensor(p, device=device)
-                        mask[r, longest - len(p):] = 1
-                    new = max(n for _, n in batch)
-                    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=True,
-                              temperature=cfg.temperature, top_k=0, top_p=1.0, pad_token_id=0,
-                              **cache_kwargs(name))
-                    if with_proc:
-                        kw["logits_processor"] = constraint
                     left = cfg.hf_budget_s - elapsed
                     if left <= 0:
                         partial = True
                         break
-                    with torch.no_grad():
-                        if j == 0:    # compile / warm up outside the timed run: same shapes, a few tokens
-                            model.generate(**kw, stopping_criteria=StoppingCriteriaList([_StopAfter(3)]))
-                        if device.type == "cuda":
-                            torch.cuda.synchronize(device)
-                        t0 = time.perf_counter()
-                        out = model.generate(**kw, stopping_criteria=StoppingCriteriaList([MaxTimeCriteria(left)]))
-                        if device.type == "cuda":
-                            torch.cuda.synchronize(device)
-                    elapsed += time.perf_counter() - t0
-                    steps = out.shape[1] - longest
-                    partial = partial or steps < new
+                    extra = dict(cache_kwargs(name), **({"logits_processor": constraint} if with_proc else {}))
+                    steps, seconds = _generate_timed(model, batch, extra, cfg.temperature, device, j == 0, left)
+                    elapsed += seconds
+                    partial = partial or steps < max(n for _, n in batch)
                     done_out += sum(min(n, steps) for _, n in batch)
                     if partial:
                         break
