@@ -64,6 +64,31 @@ def reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
+def case_limit(budget_s: float | None) -> float:
+    """A study's ``budget_s`` as seconds (inf for None); ValueError below 0."""
+    if budget_s is not None and budget_s < 0:
+        raise ValueError(f"budget_s must be >= 0, got {budget_s}")
+    return float("inf") if budget_s is None else budget_s
+
+
+def run_cases(cases: list, study: str, limit: float, run) -> tuple[list[dict], list[str]]:
+    """``run(case)`` (a list of result rows) for each case under a progress bar, no case started once ``limit``
+    seconds have passed (the first case that gives rows always runs), so a bounded run still leaves its data.
+    Returns (the rows, the labels of the cases not run)."""
+    from pagoda.bench.progress import Progress
+
+    results: list[dict] = []
+    start, skipped = time.monotonic(), []
+    with Progress(len(cases), study) as bar:
+        for case in cases:
+            if results and time.monotonic() - start > limit:
+                skipped.append(case.label())
+            else:
+                results += run(case)
+            bar.step(case.label())
+    return results, skipped
+
+
 def free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":

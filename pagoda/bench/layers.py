@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import time
 import types
 from dataclasses import asdict, dataclass
 
@@ -34,8 +33,8 @@ import torch.nn.functional as F
 
 from pagoda.bench import report as _report
 from pagoda.bench.attention import _classify
+from pagoda.bench.budget import case_limit, run_cases
 from pagoda.bench.compiled import CompileWatch, silently_eager, users_compile
-from pagoda.bench.progress import Progress
 from pagoda.bench.timing import time_ms
 from pagoda.reference import norm as _ref_norm
 
@@ -272,9 +271,7 @@ def run_study(grid: str, backends: list[str] | None, device: torch.device, dtype
 
     ``budget_s``: no case starts once this many seconds have passed (the first case always runs); the cases
     not run are listed in the report, so a bounded GPU call still leaves data."""
-    if budget_s is not None and budget_s < 0:
-        raise ValueError(f"budget_s must be >= 0, got {budget_s}")
-    limit = float("inf") if budget_s is None else budget_s
+    limit = case_limit(budget_s)
     names = backends or list(BACKENDS)
     unknown = [n for n in names if n not in BACKENDS]
     if unknown:
@@ -282,18 +279,12 @@ def run_study(grid: str, backends: list[str] | None, device: torch.device, dtype
     unavailable = {n: BACKENDS[n][1](device) for n in names}
     cases = layer_grid(grid)
     peak = copy_gbps(device)
-    results: list[dict] = []
-    start, skipped = time.monotonic(), []
     # Every (op, width) shares its function's code object with the other widths (and the gemma / act variants):
     # past Dynamo's recompile limit it would run them uncompiled. Raised here, and a fallback raises.
     compiling = users_compile() if "torch_compile" in names else contextlib.nullcontext({})
-    with compiling as dynamo, Progress(len(cases), "layers") as bar:
-        for case in cases:
-            if results and time.monotonic() - start > limit:   # the first case always runs
-                skipped.append(case.label())
-            else:
-                results += run_case(case, names, device, dtype, unavailable, peak)
-            bar.step(case.label())
+    with compiling as dynamo:
+        results, skipped = run_cases(cases, "layers", limit,
+                                     lambda c: run_case(c, names, device, dtype, unavailable, peak))
     _compiled.clear()
     return {
         "study": "layers",
@@ -352,12 +343,7 @@ def tables(report: dict, markdown: bool = False) -> str:
             out.append(f"### {title}\n\n" + _report.markdown_table(headers, rows))
         else:
             out.append(title + "\n" + _report.format_table(headers, rows, align_left=0))
-    reasons = [f"{n}: {b['reason']}" for n, b in report["backends"].items() if not b["available"]]
-    if reasons:
-        out.append("Unavailable backends:\n" + ("\n" if markdown else "")
-                   + "\n".join(("- " if markdown else "  ") + r for r in reasons))
-    if report["meta"].get("skipped_cases"):
-        out.append(f"Cases not run ({report['meta']['skipped_why']}): " + ", ".join(report["meta"]["skipped_cases"]))
+    out += _report.backend_notes(report, markdown)
     skips = sorted({f"{r['backend']} {r['op']}: {r['reason']}" for r in report["results"]
                     if r["status"] in ("error", "unsupported", "oom")})
     if skips:

@@ -60,6 +60,18 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
+def backend_notes(report: dict, markdown: bool = False) -> list[str]:
+    """The paragraphs under a study's tables: the backends not available and why, the cases the budget left out."""
+    out = []
+    reasons = [f"{n}: {b['reason']}" for n, b in report["backends"].items() if not b["available"]]
+    if reasons:
+        out.append("Unavailable backends:\n" + ("\n" if markdown else "")
+                   + "\n".join(("- " if markdown else "  ") + r for r in reasons))
+    if report["meta"].get("skipped_cases"):
+        out.append(f"Cases not run ({report['meta']['skipped_why']}): " + ", ".join(report["meta"]["skipped_cases"]))
+    return out
+
+
 def write_outputs(out_dir: str | Path, name: str, report: dict, markdown: str) -> list[Path]:
     """Write ``{name}.json``, ``{name}.csv`` (one row per result) and ``{name}.md`` under ``out_dir``."""
     out = Path(out_dir)

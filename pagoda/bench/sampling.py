@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import gc
 import importlib
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -30,7 +29,7 @@ import torch
 from pagoda.bench import report as _report
 from pagoda.bench.attention import _classify
 from pagoda.bench.backends import needs_module
-from pagoda.bench.progress import Progress
+from pagoda.bench.budget import case_limit, run_cases
 from pagoda.bench.timing import graph_time_ms, time_ms
 
 TOP_P, TOP_K, MIN_P = 0.9, 50, 0.05
@@ -253,18 +252,8 @@ def run_study(grid: str, backends: list[str] | None, device: torch.device, dtype
         raise ValueError(f"unknown backend(s) {unknown}; known: {sorted(BACKENDS)}")
     unavailable = {n: BACKENDS[n][1](device) for n in names}
     cases = sampling_grid(grid)
-    results: list[dict] = []
-    if budget_s is not None and budget_s < 0:
-        raise ValueError(f"budget_s must be >= 0, got {budget_s}")
-    limit = float("inf") if budget_s is None else budget_s
-    start, skipped = time.monotonic(), []
-    with Progress(len(cases), "sampling") as bar:
-        for case in cases:
-            if results and time.monotonic() - start > limit:   # the first case always runs
-                skipped.append(case.label())
-            else:
-                results += run_case(case, names, device, dtype, unavailable)
-            bar.step(case.label())
+    limit = case_limit(budget_s)
+    results, skipped = run_cases(cases, "sampling", limit, lambda c: run_case(c, names, device, dtype, unavailable))
     return {
         "study": "sampling",
         "meta": {**_report.environment(device), "grid": grid, "dtype": str(dtype).replace("torch.", ""),
@@ -338,12 +327,7 @@ def tables(report: dict, markdown: bool = False) -> str:
             out.append(f"### {title}\n\n" + _report.markdown_table(headers, rows))
         else:
             out.append(title + "\n" + _report.format_table(headers, rows, align_left=0))
-    reasons = [f"{n}: {b['reason']}" for n, b in report["backends"].items() if not b["available"]]
-    if reasons:
-        out.append("Unavailable backends:\n" + ("\n" if markdown else "")
-                   + "\n".join(("- " if markdown else "  ") + r for r in reasons))
-    if report["meta"].get("skipped_cases"):
-        out.append(f"Cases not run ({report['meta']['skipped_why']}): " + ", ".join(report["meta"]["skipped_cases"]))
+    out += _report.backend_notes(report, markdown)
     uncaptured = sorted({f"{r['backend']} {r['op']}: {r['graph_error']}" for r in report["results"]
                          if r.get("graph_error")})
     if uncaptured:
