@@ -1,6 +1,6 @@
 """Running a study under a wall-clock budget: the clock, a per-case time limit, failure reasons.
 
-A GPU call is bounded (10 minutes on the lent machine); a study that may not finish must still leave its
+A benchmark run may be bounded in time (a CI job, a shared machine); a study that may not finish must still leave its
 data. `Clock` says how long is left, `time_limit` interrupts one case that runs past its share (SIGALRM,
 main thread), and the caller records the case as skipped/timed out and goes on.
 """

@@ -270,7 +270,7 @@ def run_study(grid: str, backends: list[str] | None, device: torch.device, dtype
     """Run the layers study; returns the report (``study``, ``meta``, ``backends``, ``results``).
 
     ``budget_s``: no case starts once this many seconds have passed (the first case always runs); the cases
-    not run are listed in the report, so a bounded GPU call still leaves data."""
+    not run are listed in the report, so a run bounded in time still leaves data."""
     limit = case_limit(budget_s)
     names = backends or list(BACKENDS)
     unknown = [n for n in names if n not in BACKENDS]
