@@ -7,8 +7,6 @@ import pytest
 import torch
 
 import pagoda
-from pagoda import _switches
-from pagoda.ops import _paged
 from pagoda.ops import activation as act
 from pagoda.reference import activation as ref
 from tests.helpers import rel_err
@@ -18,18 +16,6 @@ NAMES = ("silu", "gelu", "gelu_tanh")
 HF_NAMES = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 KERNEL_SHAPES = [(1, 1), (1, 3000), (7, 1000), (97, 64), (3, 896)]          # (rows, d)
 REF_SHAPES = [(1, 1), (1, 5120), (7, 896), (7, 1000), (97, 64), (97, 3072)]
-
-
-@pytest.fixture(params=["reference", "triton"])
-def path(request, monkeypatch):
-    """Which implementation the ops take on the CPU: the reference, or the Triton kernels in the interpreter
-    (the `pagoda._switches.TRITON_ON_CPU` test hook)."""
-    triton = request.param == "triton"
-    if triton and not _switches.interpreting():
-        pytest.skip("the kernel path on the CPU needs TRITON_INTERPRET=1")
-    monkeypatch.setattr(_switches, "TRITON_ON_CPU", triton)
-    assert _paged.use_triton(torch.empty(1)) == triton, "the ops' dispatch did not follow the test hook"
-    return request.param
 
 
 def _fn(name):

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 import pagoda
-from pagoda import _switches
-from pagoda.ops import _paged, norm
+from pagoda.ops import norm
 from pagoda.reference import norm as ref
 from tests.helpers import rel_err
 
@@ -13,18 +12,6 @@ TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 2e-6}
 # (rows, hidden) for the interpreter: odd row counts, non-power-of-two hiddens, packed rows and one long row.
 KERNEL_SHAPES = [(1, 5120), (7, 1000), (97, 896), (97, 64), (7, 4096)]
 REF_SHAPES = [(1, 64), (1, 5120), (7, 896), (7, 1000), (97, 64), (97, 4096)]
-
-
-@pytest.fixture(params=["reference", "triton"])
-def path(request, monkeypatch):
-    """Which implementation the ops take on the CPU: the reference, or the Triton kernels in the interpreter
-    (the `pagoda._switches.TRITON_ON_CPU` test hook)."""
-    triton = request.param == "triton"
-    if triton and not _switches.interpreting():
-        pytest.skip("the kernel path on the CPU needs TRITON_INTERPRET=1")
-    monkeypatch.setattr(_switches, "TRITON_ON_CPU", triton)
-    assert _paged.use_triton(torch.empty(1)) == triton, "the ops' dispatch did not follow the test hook"
-    return request.param
 
 
 def _shapes(path):
