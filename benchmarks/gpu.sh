@@ -14,7 +14,15 @@
 #   sampling      pagoda bench sampling: samplers vs FlashInfer, torch sort    (~9 min; FlashInfer's JIT ~100 s)
 #   e2e           HF generate tokens/s per attn_implementation, dynamic/static caches (~8 min, own budget)
 #   e2e-compiled  the same with HF's compiled static-cache decode step (Inductor + CUDA graphs)
-#   all           tests attention serving sampling e2e
+#   mask          pagoda bench mask: custom-mask prefill vs the unmasked kernel  (~2 min)
+#   layers        pagoda bench layers: fused norm / activation kernels vs eager and torch.compile (~2 min)
+#   engine        pagoda bench engine: throughput (nano-vLLM workload) and batch-1 decode (~5 min)
+#   engine-extra  pagoda bench engine --processors and --cascade                   (~6 min)
+#   serve         pagoda serve (Qwen3-0.6B dummy) under pagoda bench serve, 64 and 256 clients, and the
+#                 offline engine on the same requests                               (~4 min)
+#   conformance   flash-attn's and FlashInfer's own tests against pagoda (benchmarks/conformance; fetch the
+#                 suites first: python3 benchmarks/conformance/fetch_suites.py, carry .conformance/)
+#   all           tests attention serving sampling e2e mask layers engine engine-extra serve
 #
 # Each study writes OUTDIR/<date>-<gpu>-<study>/ (e.g. 2026-12-02-h200-attention/): its JSON, CSV, Markdown
 # and plots, the console log, and COMMAND, the exact command that made it. A folder that backs a figure in
@@ -65,12 +73,49 @@ run() {
 }
 
 tests() {
+  # Kernels, ops, integrations and models in 8 workers; the engine's tests one at a time (each engine takes a
+  # fraction of the whole GPU's memory). -v: every test's outcome is in the log even if the stage times out.
   mkdir -p "$out"
-  timeout -k 10 "$limit" python3 -m pytest -m gpu -q -p no:cacheprovider -n 8 "$@" > "$out/gpu-tests.log" 2>&1
+  timeout -k 10 "$limit" python3 -m pytest -m gpu -v -rfE -p no:cacheprovider -n 8 --ignore=tests/engine "$@" \
+    > "$out/gpu-tests.log" 2>&1
   local rc=$?
-  tail -5 "$out/gpu-tests.log"
-  grep -E "^(FAILED|ERROR)" "$out/gpu-tests.log" | head -30
-  return $rc
+  timeout -k 10 "$limit" python3 -m pytest -m gpu -v -rfE -p no:cacheprovider -p no:xdist tests/engine "$@" \
+    > "$out/gpu-tests-engine.log" 2>&1
+  local rc2=$?
+  for log in "$out/gpu-tests.log" "$out/gpu-tests-engine.log"; do
+    tail -3 "$log"
+    grep -E "^(FAILED|ERROR)" "$log" | head -30
+  done
+  return $((rc || rc2))
+}
+
+# pagoda serve on a dummy Qwen3-0.6B, loaded by pagoda bench serve at 64 and 256 concurrent clients, then the
+# offline engine on the same requests (--offline). The server's log lands beside the results.
+serve() {
+  local dir model port=${SERVE_PORT:-8123}
+  dir="$out/$(date -u +%F)-$gpu-serve"
+  model=$dir/qwen3-0.6b-dummy
+  mkdir -p "$dir"
+  python3 -c "import sys; from pathlib import Path; from pagoda.bench.engine import QWEN3_0_6B, dummy_model_dir; \
+dummy_model_dir(QWEN3_0_6B, 'qwen3', Path(sys.argv[1]))" "$model" || return 1
+  python3 -m pagoda serve "$model" --load-format dummy --port "$port" --max-model-len 4096 \
+    > "$dir/server.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 180); do
+    python3 -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" \
+      "http://127.0.0.1:$port/health" 2>/dev/null && break
+    kill -0 "$pid" 2>/dev/null || { tail -20 "$dir/server.log"; return 1; }
+    sleep 1
+  done
+  local c
+  for c in 64 256; do
+    run "serve-c$c" python3 -m pagoda bench serve --base-url "http://127.0.0.1:$port" --num-prompts $((c * 4)) \
+      --input-len 1024 --output-len 128 --vocab-size 10000 --max-concurrency "$c" --warmup 4
+  done
+  kill "$pid"; wait "$pid" 2>/dev/null
+  run serve-offline python3 -m pagoda bench serve --offline "$model" --load-format dummy --num-prompts 1024 \
+    --input-len 1024 --output-len 128 --vocab-size 10000 --max-model-len 4096
+  rm -rf "$model"
 }
 
 one() {
@@ -88,7 +133,19 @@ one() {
     run e2e-compiled python3 -m pagoda.bench.e2e --caches compiled \
       --processors none --batch-sizes 64,128 --backends pagoda,sdpa,eager --new-tokens 64 --budget-s 520 \
       --case-limit-s 240 --no-max-batch-search ;;
-  all) one tests; one attention; one serving; one sampling; one e2e ;;
+  mask) run mask python3 -m pagoda bench mask ;;
+  layers) run layers python3 -m pagoda bench layers ;;
+  engine)
+    run engine python3 -m pagoda bench engine --hf-impls pagoda --budget-s 60
+    run engine-batch-1 python3 -m pagoda bench engine --batch-1 ;;
+  engine-extra)
+    run engine-processors python3 -m pagoda bench engine --processors --budget-s 40
+    run engine-cascade python3 -m pagoda bench engine --cascade ;;
+  serve) serve ;;
+  conformance)
+    run conformance python3 benchmarks/conformance/run.py --suites "${SUITES:-.conformance}" ;;
+  all) one tests; one attention; one serving; one sampling; one e2e; one mask; one layers; one engine
+       one engine-extra; one serve ;;
   *) echo "unknown stage: $1 (see the top of $0)" >&2; return 2 ;;
   esac
 }

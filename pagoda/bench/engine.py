@@ -20,6 +20,9 @@ at the bf16 matmul rate measured in the same run.
 ``--processors``: the same requests with a logits constraint, through HF generate's Python processor (static
 and dynamic caches) and pagoda's built-in, batch-level and per-request processors, each beside its own run
 without them (`pagoda.bench.engine_processors`).
+
+``--cascade``: the decode step over a 4,096-token shared system prompt with cascade attention and without
+(`pagoda.bench.engine_cascade`).
 """
 from __future__ import annotations
 
@@ -346,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processors", action="store_true",
                    help="logits processors: HF generate's Python processor vs pagoda's built-in, batch-level "
                         "and per-request forms, each against its own run without them")
+    p.add_argument("--cascade", action="store_true",
+                   help="decode over a shared 4,096-token system prompt, cascade attention on vs off")
     p.add_argument("--dtype", default=d.dtype, help="auto (bf16 on a GPU), float32, float16, bfloat16")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--out", help="directory for JSON, CSV, Markdown and PNG results")
@@ -360,12 +365,16 @@ def main(argv: list[str] | None = None) -> int:
                             hf_impls=tuple(x for x in a.hf_impls.split(",") if x), hf_budget_s=a.budget_s,
                             batch_1=a.batch_1, batch_1_tokens=a.batch_1_tokens, dtype=a.dtype)
     device = torch.device(a.device) if a.device else None
-    if a.processors:
-        from pagoda.bench import engine_processors as ep
-        report = ep.run_study(cfg, device)
-        print(ep.tables(report))
+    if a.processors or a.cascade:
+        if a.processors:
+            from pagoda.bench import engine_processors as sub
+            name, report = "engine-processors", sub.run_study(cfg, device)
+        else:
+            from pagoda.bench import engine_cascade as sub
+            name, report = "engine-cascade", sub.run_study()
+        print(sub.tables(report))
         if a.out:
-            paths = _report.write_outputs(a.out, "engine-processors", report, ep.tables(report, markdown=True))
+            paths = _report.write_outputs(a.out, name, report, sub.tables(report, markdown=True))
             print("\nwrote " + ", ".join(str(p) for p in paths))
         return 0
     report = run_study(cfg, device)

@@ -57,3 +57,26 @@ def test_the_forms_apply_the_same_constraint():
     assert torch.equal(torch.isneginf(one), torch.isneginf(batch[0]))
     bias = ep._sampling_kwargs("builtin", torch.device("cpu"), vocab)["logit_bias"]
     assert sorted(bias) == ep.banned(vocab) and set(bias.values()) == {-100.0}
+
+
+def test_structured_variant_constrains_every_token(tmp_path):
+    """The structured row's regex on the benchmark's own tokenizer (tokens ``t<id>``): every generated token is
+    one whose text starts with t1..t5, and the grammar never ends before ``max_tokens``."""
+    import re
+
+    from pagoda.engine import LLM, SamplingParams
+
+    spec = dict(eb.QWEN3_0_6B, vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    model = eb.dummy_model_dir(spec, "qwen3", tmp_path / "m")
+    llm = LLM(str(model), load_format="dummy", dtype="float32", max_model_len=64, device="cpu")
+    kw = ep._sampling_kwargs("structured", torch.device("cpu"), 600)
+    outs = llm.generate([{"prompt_token_ids": [5, 6, 7]}] * 4,
+                        SamplingParams(temperature=1.0, seed=3, max_tokens=24, ignore_eos=True, **kw))
+    for o in outs:
+        ids = o.outputs[0].token_ids
+        assert len(ids) == 24
+        assert all(re.fullmatch(r"t[1-5][0-9]*", f"t{t}") for t in ids), ids
+    free = SamplingParams(temperature=1.0, seed=3, max_tokens=24, ignore_eos=True)
+    unconstrained = llm.generate([{"prompt_token_ids": [5, 6, 7]}] * 4, free)
+    assert any(not re.fullmatch(r"t[1-5][0-9]*", f"t{t}") for o in unconstrained for t in o.outputs[0].token_ids)

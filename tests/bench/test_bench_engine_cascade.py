@@ -1,0 +1,25 @@
+"""``pagoda bench engine --cascade`` on the CPU at a tiny size: both engines run the same requests, the shared
+prompt is cached for every request, the cascade engine takes the cascade path on every timed step, and the
+float32 greedy tokens agree."""
+from __future__ import annotations
+
+import json
+
+from pagoda.bench import engine as eb
+from pagoda.bench import engine_cascade as ec
+
+
+def test_bench_engine_cascade_cli_tiny(monkeypatch, tmp_path):
+    monkeypatch.setattr(ec, "LLAMA_2_7B_8_LAYERS", dict(
+        ec.LLAMA_2_7B_8_LAYERS, vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=32))
+    for name, value in dict(SYSTEM=48, UNIQUE=8, BATCH=4, WARM=1, TIMED=2).items():
+        monkeypatch.setattr(ec, name, value)
+    monkeypatch.setattr(ec, "run_study", lambda f=ec.run_study: f(dtypes=("float32",)))
+    out = tmp_path / "out"
+    assert eb.main(["--cascade", "--out", str(out)]) == 0
+    (row,) = json.loads((out / "engine-cascade.json").read_text())["results"]
+    assert row["dtype"] == "float32" and row["requests"] == 4
+    assert row["same_tokens"] + row["first_diff_at_near_tie"] == 4
+    assert row["cascade_steps"] >= 3 and row["plain_step_ms"] > 0 and row["cascade_step_ms"] > 0
+    assert "cascade" in (out / "engine-cascade.md").read_text()
