@@ -6,9 +6,13 @@ pagoda's samplers.
     model.generate(ids, do_sample=True, top_k=50, top_p=0.9)
 
 HF's `TopPLogitsWarper` sorts every row of the vocabulary at every step (and `TopKLogitsWarper` runs
-``torch.topk``). `PagodaLogitsWarper` computes the same filtered logits from pagoda's sorting-free ops
-(`top_k_mask_logits`, `softmax`, `top_p_renorm_probs`), so HF's own softmax and multinomial then draw from
-exactly the distribution HF's chain gives. The switch replaces, in the processor list ``generate`` builds, each
+``torch.topk``). `PagodaLogitsWarper` computes the same filtered logits without sorting, so HF's own softmax and
+multinomial then draw from exactly the distribution HF's chain gives (the same token, seed for seed):
+
+- with top-k (HF's default, top_k=50): one ``torch.topk`` and a few full-row passes decide the whole chain,
+  ties included (`pagoda.integrations.hf_topk`; replayed from a CUDA graph at small batch);
+- without it (top-p or min-p alone): pagoda's sorting-free ops (`top_k_mask_logits`, `softmax`,
+  `top_p_renorm_probs`). The switch replaces, in the processor list ``generate`` builds, each
 run of HF's ``Temperature -> TopK -> TopP -> MinP`` warpers (the order HF applies them in) by one
 `PagodaLogitsWarper`; every other processor, greedy decoding and ``do_sample=False`` are untouched.
 
@@ -28,7 +32,7 @@ Only ``min_tokens_to_keep == 1`` (every sampling mode but beam sampling) is take
 Where HF's float32 cumulative sum lands within rounding of the top-p boundary the two may differ by that one
 boundary token (a rounding-size mass).
 
-CUDA: pagoda's Triton kernels plus a few elementwise torch ops; no sort, no host synchronisation, so the warper
+CUDA: torch.topk or pagoda's Triton kernels plus small torch ops; no sort, no host synchronisation, so the warper
 can be captured in a CUDA graph. Under ``torch.compile`` it is one custom op (``pagoda::hf_warp_logits``): no
 graph break. Elsewhere pagoda's reference path (sort-based, float64) runs.
 
@@ -46,6 +50,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from pagoda.integrations import hf_topk as _topk
 from pagoda.ops import sampling as _ops
 
 __all__ = ["PagodaLogitsWarper", "warp_logits", "swap_warpers", "enable", "disable", "is_enabled", "sampling",
@@ -98,6 +103,11 @@ def warp_logits(scores: torch.Tensor, temperature: float | None = None, top_k: i
         top_p = None                                     # keeps every token
     shape = scores.shape
     x = scores.reshape(-1, shape[-1])
+    if top_k and x.numel():
+        # One torch.topk, no sort: the common case (HF's GenerationConfig defaults to top_k=50).
+        return _topk.topk_warp(x, None if temperature in (None, 1.0) else float(temperature), top_k,
+                               None if top_p is None else float(top_p),
+                               None if min_p is None else float(min_p)).reshape(shape)
     if temperature is not None and temperature != 1.0:
         x = x / temperature
     elif x.numel() == 0 or not (top_k or top_p is not None or min_p is not None):

@@ -13,10 +13,11 @@ from pagoda.integrations import hf_sampling  # noqa: E402
 
 @pytest.fixture
 def op_calls(monkeypatch):
-    """Calls of pagoda's nucleus op (what only pagoda's warpers run); pagoda sampling left off after the test."""
+    """Calls of pagoda's warper function (what only pagoda's warpers run); pagoda sampling left off after the
+    test."""
     calls = []
-    real = hf_sampling._ops.top_p_renorm_probs
-    monkeypatch.setattr(hf_sampling._ops, "top_p_renorm_probs", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = hf_sampling.warp_logits
+    monkeypatch.setattr(hf_sampling, "warp_logits", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     yield calls
     hf_sampling.disable()
 

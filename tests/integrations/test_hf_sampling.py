@@ -165,11 +165,12 @@ def tiny_model():
 
 @pytest.fixture
 def spies(monkeypatch):
-    """Counts of pagoda's sorting-free ops; HF's sorting warpers raise if they run. Pagoda sampling off after."""
-    calls = {"top_k_mask_logits": 0, "top_p_renorm_probs": 0}
-    for name in calls:
-        real = getattr(hs._ops, name)
-        monkeypatch.setattr(hs._ops, name, lambda *a, _n=name, _r=real, **kw: calls.__setitem__(_n, calls[_n] + 1)
+    """Counts of pagoda's sorting-free paths (the top-k one, pagoda's ops without top-k). Pagoda sampling off
+    after."""
+    calls = {"topk_warp": 0, "top_k_mask_logits": 0, "top_p_renorm_probs": 0}
+    for module, name in [(hs._topk, "topk_warp"), (hs._ops, "top_k_mask_logits"), (hs._ops, "top_p_renorm_probs")]:
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _n=name, _r=real, **kw: calls.__setitem__(_n, calls[_n] + 1)
                             or _r(*a, **kw))
     yield calls
     hs.disable()
@@ -184,7 +185,8 @@ def _generate(model, seed, **kw):
 
 
 def test_generate_samples_through_pagoda_with_hf_tokens(tiny_model, spies, monkeypatch):
-    """After ``register(sampling=True)`` HF's top-k/top-p warpers never run, pagoda's ops run once per step, and
+    """After ``register(sampling=True)`` HF's top-k/top-p warpers never run, pagoda's top-k path runs once per step,
+    and
     with the same seed generate gives HF's tokens and HF's processed scores (HF's multinomial draws from the same
     logits)."""
     kw = dict(do_sample=True, top_k=50, top_p=0.9, output_scores=True, output_logits=True,
@@ -195,7 +197,7 @@ def test_generate_samples_through_pagoda_with_hf_tokens(tiny_model, spies, monke
     for cls in (lp.TopKLogitsWarper, lp.TopPLogitsWarper):
         monkeypatch.setattr(cls, "__call__", lambda *a, **k: pytest.fail("HF's sorting warper ran"))
     pg = _generate(tiny_model, 5, **kw)
-    assert spies == {"top_k_mask_logits": 8, "top_p_renorm_probs": 8}
+    assert spies == {"topk_warp": 8, "top_k_mask_logits": 0, "top_p_renorm_probs": 0}
     assert ((pg.sequences >= 0) & (pg.sequences < tiny_model.config.vocab_size)).all()
     assert torch.equal(pg.sequences, hf.sequences)
     for a, b in zip(pg.scores, hf.scores, strict=True):
@@ -210,7 +212,7 @@ def test_greedy_and_do_sample_false_are_untouched(tiny_model, spies):
         greedy = _generate(tiny_model, 3, do_sample=False)
         ignored = _generate(tiny_model, 3, do_sample=False, top_k=5, top_p=0.5)   # HF ignores them without sampling
     assert torch.equal(greedy, base) and torch.equal(ignored, base)
-    assert spies == {"top_k_mask_logits": 0, "top_p_renorm_probs": 0}
+    assert spies == {"topk_warp": 0, "top_k_mask_logits": 0, "top_p_renorm_probs": 0}
     assert not hs.is_enabled()
 
 
@@ -219,7 +221,7 @@ def test_custom_generate_callable(tiny_model, spies):
     hf = _generate(tiny_model, 9, do_sample=True, top_k=30, top_p=0.8, temperature=0.7)
     pg = _generate(tiny_model, 9, do_sample=True, top_k=30, top_p=0.8, temperature=0.7,
                    custom_generate=hs.generate)
-    assert torch.equal(pg, hf) and spies["top_p_renorm_probs"] == 8 and not hs.is_enabled()
+    assert torch.equal(pg, hf) and spies["topk_warp"] == 8 and not hs.is_enabled()
     with pytest.raises(ValueError, match="num_beams"):
         _generate(tiny_model, 9, do_sample=False, num_beams=2, custom_generate=hs.generate)
 
