@@ -21,6 +21,8 @@ at the bf16 matmul rate measured in the same run.
 and dynamic caches) and pagoda's built-in, batch-level and per-request processors, each beside its own run
 without them (`pagoda.bench.engine_processors`).
 
+``--profile``: a profile of decode steps with every request running (`pagoda.bench.engine_profile`).
+
 ``--cascade``: the decode step over a 4,096-token shared system prompt with cascade attention and without
 (`pagoda.bench.engine_cascade`).
 """
@@ -293,6 +295,27 @@ def run_study(cfg: EngineBenchConfig, device: torch.device | None = None) -> dic
     return {"study": "engine", "meta": meta, "backends": {}, "results": rows}
 
 
+def profile_study(cfg: EngineBenchConfig, device: torch.device | None = None) -> dict:
+    """``--profile``: `pagoda.bench.engine_profile.profile_decode` on the benchmark's model and requests."""
+    from pagoda.bench.engine_profile import profile_decode
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        if cfg.model:
+            model_dir, load_format = cfg.model, "auto"
+        else:
+            model_dir, load_format = str(dummy_model_dir(QWEN3_0_6B, "qwen3", Path(tmp))), "dummy"
+        from transformers import AutoConfig
+
+        vocab = AutoConfig.from_pretrained(model_dir, local_files_only=True).vocab_size
+        if cfg.max_token_id >= vocab:
+            cfg = EngineBenchConfig(**{**asdict(cfg), "max_token_id": vocab - 1})
+        prof = profile_decode(model_dir, cfg, load_format)
+    meta = _report.environment(device)
+    meta.update(running=prof["running"], steps=prof["steps"], model=cfg.model or "qwen3-0.6b dummy")
+    return {"study": "engine-profile", "meta": meta, "backends": {}, "results": prof["rows"]}
+
+
 def tables(report: dict, markdown: bool = False) -> str:
     rows = report["results"]
     meta = report["meta"]
@@ -349,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processors", action="store_true",
                    help="logits processors: HF generate's Python processor vs pagoda's built-in, batch-level "
                         "and per-request forms, each against its own run without them")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler over decode steps with every request running: device busy time vs wall")
     p.add_argument("--cascade", action="store_true",
                    help="decode over a shared 4,096-token system prompt, cascade attention on vs off")
     p.add_argument("--dtype", default=d.dtype, help="auto (bf16 on a GPU), float32, float16, bfloat16")
@@ -365,8 +390,11 @@ def main(argv: list[str] | None = None) -> int:
                             hf_impls=tuple(x for x in a.hf_impls.split(",") if x), hf_budget_s=a.budget_s,
                             batch_1=a.batch_1, batch_1_tokens=a.batch_1_tokens, dtype=a.dtype)
     device = torch.device(a.device) if a.device else None
-    if a.processors or a.cascade:
-        if a.processors:
+    if a.processors or a.cascade or a.profile:
+        if a.profile:
+            from pagoda.bench import engine_profile as sub
+            name, report = "engine-profile", profile_study(cfg, device)
+        elif a.processors:
             from pagoda.bench import engine_processors as sub
             name, report = "engine-processors", sub.run_study(cfg, device)
         else:

@@ -7,6 +7,7 @@ import json
 
 from pagoda.bench import engine as eb
 from pagoda.bench import engine_cascade as ec
+from tests.models.tiny import tiny_model  # noqa: F401
 
 
 def test_bench_engine_cascade_cli_tiny(monkeypatch, tmp_path):
@@ -23,3 +24,17 @@ def test_bench_engine_cascade_cli_tiny(monkeypatch, tmp_path):
     assert row["same_tokens"] + row["first_diff_at_near_tie"] == 4
     assert row["cascade_steps"] >= 3 and row["plain_step_ms"] > 0 and row["cascade_step_ms"] > 0
     assert "cascade" in (out / "engine-cascade.md").read_text()
+
+
+def test_bench_engine_profile_cli_tiny(tiny_model, tmp_path):  # noqa: F811
+    """``--profile`` on the CPU: every request is decoding when the profile starts, the step row has a wall time
+    and a host share in [0, 1], and host operators are listed."""
+    out = tmp_path / "out"
+    rc = eb.main(["--profile", "--model", str(tiny_model("qwen3")), "--num-requests", "6", "--min-len", "3",
+                  "--max-len", "6", "--max-model-len", "128", "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "engine-profile.json").read_text())
+    step = report["results"][0]
+    assert step["kind"] == "step" and report["meta"]["running"] == 6 and step["ms_per_step"] > 0
+    assert 0 <= step["host_share"] <= 1
+    assert any(r["kind"] == "host op" for r in report["results"])
