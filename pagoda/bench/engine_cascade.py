@@ -107,7 +107,11 @@ def run_study(dtypes=("bfloat16", "float32")) -> dict:
 
         model_dir = str(dummy_model_dir(LLAMA_2_7B_8_LAYERS, "llama", Path(tmp)))
         for dtype in dtypes:
-            runs = {mode: run_mode(model_dir, dtype, mode) for mode in ("off", "on")}
+            runs = {}
+            for mode in ("off", "on"):
+                runs[mode] = run_mode(model_dir, dtype, mode)
+                print(f"engine-cascade: {dtype} cascade={mode}: {1e3 * runs[mode]['per_step_s']:.3f} ms a step",
+                      flush=True)
             same, tie = agreement(runs["off"], runs["on"])
             plain, casc = runs["off"]["per_step_s"], runs["on"]["per_step_s"]
             rows.append(dict(dtype=dtype, requests=BATCH, system_tokens=SYSTEM, unique_tokens=UNIQUE,
@@ -115,6 +119,7 @@ def run_study(dtypes=("bfloat16", "float32")) -> dict:
                              speedup=_sig(plain / casc), same_tokens=same, first_diff_at_near_tie=tie,
                              cascade_steps=runs["on"]["cascade_steps"].get(2, 0),
                              plain_graph_steps=runs["off"]["graph_steps"]))
+            print(f"engine-cascade: {rows[-1]}", flush=True)
     meta = _report.environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     meta.update(model="llama-2-7b layer shapes, 8 layers, dummy weights", warm_steps=WARM, timed_steps=TIMED)
     return {"study": "engine-cascade", "meta": meta, "backends": {}, "results": rows}
