@@ -7,6 +7,11 @@ decodes to U+FFFD until its last byte arrives, and is held back until then, so i
 """
 from __future__ import annotations
 
+try:
+    from tokenizers.decoders import DecodeStream as _DecodeStream
+except ImportError:          # tokenizers < 0.21: the Python window below
+    _DecodeStream = None
+
 # Prompt tokens decoded with the first output token, for its leading space (vLLM uses 5 too).
 INITIAL_CONTEXT = 5
 REPLACEMENT = "\ufffd"
@@ -23,6 +28,16 @@ class IncrementalDetokenizer:
         self._prefix = 0                  # window start: text before it is already in output_text
         self._read = len(self._ids)       # tokens before it have been turned into output_text
         self.output_text = ""
+        # A fast (Rust) tokenizer decodes a stream itself (`tokenizers.decoders.DecodeStream`, as vLLM does):
+        # one call of ~2 µs a token instead of two Python-level decodes of ~8 µs each. The stream is primed with
+        # the prompt's last tokens, for the first token's leading space.
+        self._stream = self._backend = None
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and _DecodeStream is not None:
+            self._backend, self._stream = backend, _DecodeStream(skip_special_tokens=skip_special_tokens)
+            for t in self._ids:
+                self._stream.step(backend, t)
+            self._ids, self._read = [], 0  # here: the tokens whose text the stream still holds back
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
@@ -30,6 +45,17 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         """Append one token; return the text it completes ("" while a character is incomplete)."""
+        if self._stream is not None:
+            try:
+                delta = self._stream.step(self._backend, token_id)
+            except Exception:        # an id the tokenizer does not know: no text, as the decode path gives
+                delta = None
+            if not delta:
+                self._ids.append(token_id)
+                return ""
+            self._ids.clear()
+            self.output_text += delta
+            return delta
         self._ids.append(token_id)
         prefix_text = self._decode(self._ids[self._prefix:self._read])
         new_text = self._decode(self._ids[self._prefix:])
@@ -44,6 +70,11 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """At the end: whatever text is still held back (e.g. bytes that never became a character)."""
+        if self._stream is not None:
+            delta = self._decode(self._ids) if self._ids else ""
+            self._ids.clear()
+            self.output_text += delta
+            return delta
         prefix_text = self._decode(self._ids[self._prefix:self._read])
         new_text = self._decode(self._ids[self._prefix:])
         delta = new_text[len(prefix_text):] if new_text.startswith(prefix_text) else ""

@@ -139,4 +139,8 @@ def test_gpu_bf16(tokens, d, name):
     out = _fn(name)(x)
     assert _close(out, x, name, TOL[torch.bfloat16])
     want = ACT2FN[HF_NAMES[name]](x[:, :d]) * x[:, d:]                # HF's rounding, PyTorch on the GPU
-    assert (out != want).float().mean() < 0.05
+    # PyTorch's GELU-tanh computes 0.5 * g * (1 + tanh(z)): for g below about -2 the sum cancels (float32
+    # tanh near -1), so its bf16 result there is off by more than a rounding; pagoda's sigmoid(2z) form is not
+    # (checked against float64 above). Rounding agreement is asserted where PyTorch's value is accurate.
+    where = x[:, :d] > -2 if name == "gelu_tanh" else torch.ones_like(out, dtype=torch.bool)
+    assert (out != want)[where].float().mean() < 0.05
