@@ -260,7 +260,7 @@ def test_top_k_first_kth_value_is_exact():
     p[5, 100:] = 0.0
     stages = set()
     # k around every size where the path can change (the interpreter takes ~4 s a launch: not every k)
-    for k in [1, 2, 3, 4, 6, 9, 13, 17, 22, 28, 33, 39, 47, 64, 65, 80, 99, 100, 101, 120, 149]:
+    for k in [1, 3, 6, 13, 22, 39, 64, 65, 100, 101, 149]:
         kk = torch.full((6,), k, dtype=torch.int32)
         out = torch.full((6,), float("nan"))
         path = torch.full((6,), -1, dtype=torch.int32)
@@ -293,7 +293,7 @@ def test_top_k_first_fused_follows_the_law():
     """top_k_first in one launch on rows longer than the tracked values (flat, 64 tokens in 16 lanes):
     top_k 6 settles in pass 0 only sometimes, top_k 30 always needs the k-th value passes; the draws
     follow p restricted to the reference's set, renormalised."""
-    vocab, n = 64, 160
+    vocab, n = 64, 112
     p = torch.softmax(torch.linspace(1.0, 0.0, vocab)[torch.randperm(vocab)], -1)[None]
     rows = torch.zeros(n, dtype=torch.int32)
     p64 = p.double()
