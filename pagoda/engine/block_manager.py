@@ -96,6 +96,9 @@ class BlockManager:
         """Make the pages of ``seq`` cover its first ``num_computed_tokens + num_new_tokens`` tokens (after
         taking ``computed_blocks``, the cached prefix of a sequence without pages). False, changing
         nothing, when there are not enough free pages."""
+        if not computed_blocks and -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size) \
+                <= len(seq.block_table):
+            return True          # a decode step inside the last page: nothing to take (the common case)
         computed_blocks = list(computed_blocks)
         if computed_blocks and seq.block_table:
             raise ValueError("computed_blocks are only taken by a sequence that holds no pages")
@@ -153,6 +156,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
+        if len(seq.block_hashes) >= min(seq.num_computed_tokens, seq.num_tokens) // bs:
+            return               # no block filled since the last call (15 steps in 16 at page 16)
         # Only blocks whose tokens are known: a token sampled on the device may have its KV computed before
         # the host has read it (the engine reads sampled tokens one step behind).
         for i in range(len(seq.block_hashes), min(seq.num_computed_tokens, seq.num_tokens) // bs):

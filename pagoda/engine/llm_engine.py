@@ -324,11 +324,14 @@ class LLMEngine:
             if times is not None:
                 times.setdefault((seq.request_id, seq.index), []).append(now)
         outputs = []
+        final_only = RequestOutputKind.FINAL_ONLY
         for req in touched.values():
-            out = self._make_output(req)
-            if out is not None:
-                outputs.append(out)
-            if req.finished:
+            finished = req.finished
+            if finished or req.params.output_kind is not final_only:   # (a FINAL_ONLY request: only at the end)
+                out = self._make_output(req)
+                if out is not None:
+                    outputs.append(out)
+            if finished:
                 del self.requests[req.request_id]
         return outputs
 
