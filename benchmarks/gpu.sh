@@ -16,7 +16,8 @@
 #   e2e-compiled  the same with HF's compiled static-cache decode step (Inductor + CUDA graphs)
 #   mask          pagoda bench mask: custom-mask prefill vs the unmasked kernel  (~2 min)
 #   layers        pagoda bench layers: fused norm / activation kernels vs eager and torch.compile (~2 min)
-#   engine        pagoda bench engine: throughput (nano-vLLM workload) and batch-1 decode (~5 min)
+#   engine        pagoda bench engine: throughput (nano-vLLM workload), batch-1 decode, a decode-step
+#                 profile at full batch                                            (~5 min)
 #   engine-extra  pagoda bench engine --processors and --cascade                   (~6 min)
 #   serve         pagoda serve (Qwen3-0.6B dummy) under pagoda bench serve, 64 and 256 clients, and the
 #                 offline engine on the same requests                               (~4 min)
@@ -137,7 +138,8 @@ one() {
   layers) run layers python3 -m pagoda bench layers ;;
   engine)
     run engine python3 -m pagoda bench engine --hf-impls pagoda --budget-s 60
-    run engine-batch-1 python3 -m pagoda bench engine --batch-1 ;;
+    run engine-batch-1 python3 -m pagoda bench engine --batch-1
+    run engine-profile python3 -m pagoda bench engine --profile ;;
   engine-extra)
     run engine-processors python3 -m pagoda bench engine --processors --budget-s 40
     run engine-cascade python3 -m pagoda bench engine --cascade ;;
