@@ -25,9 +25,11 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generato
     rows without a seed. Returns int64 ``[S]`` token ids on the device (no host sync)."""
     device = logits.device
     greedy = [s.params.is_greedy for s in seqs]
-    tokens = logits.argmax(dim=-1)
     if all(greedy):
-        return tokens
+        return logits.argmax(dim=-1)
+    # Every non-greedy row is written below (shared or seeded draw): the argmax pass only when some row needs it.
+    tokens = logits.argmax(dim=-1) if any(greedy) else torch.empty(len(seqs), dtype=torch.int64,
+                                                                   device=device)
     temps = [0.0 if g else s.params.temperature for g, s in zip(greedy, seqs, strict=True)]
     temperature = _host_to(temps, torch.float32, device)
     probs = ps.softmax(logits, temperature=temperature)     # greedy rows: one-hot (they keep the argmax anyway)
