@@ -4,11 +4,15 @@ The engine benchmark's requests (`pagoda.bench.engine.make_requests`), every out
 are decoding together; once every prompt is prefilled, ``torch.profiler`` records ``steps`` engine steps. Figures:
 wall time per step, the device's busy time per step (the sum of its kernels' and copies' own times: an upper
 bound on what the host could hide), the host's share of the step (1 - busy / wall), the kernels by device time and
-the host-side operators by their own CPU time.
+the host-side operators by their own CPU time; then, without the profiler, the same number of steps timed by
+phase of `pagoda.LLMEngine.step` (scheduling, input building and launch, sampling, the wait for the previous
+step's tokens, their processing): where the host's part of a step goes.
 """
 from __future__ import annotations
 
+import contextlib
 import time
+from collections import Counter
 
 import torch
 
@@ -61,9 +65,43 @@ def profile_decode(model_dir: str, cfg, load_format: str, steps: int = 12) -> di
              for e in kernels[:20]]
     rows += [dict(kind="host op", name=e.key[:90], calls=e.count,
                   ms_per_step=_sig(e.self_cpu_time_total / steps / 1e3)) for e in host_ops[:20]]
+    phases = _phase_times(engine, steps)
+    rows += [dict(kind="host phase", name=name, calls=steps, ms_per_step=_sig(1e3 * t / steps))
+             for name, t in phases.items()]
     while engine.has_unfinished_requests():
         engine.abort_request(list(engine.requests))
     return dict(running=running, steps=steps, wall_ms=1e3 * wall, busy_ms=1e3 * busy, rows=rows)
+
+
+def _phase_times(engine, steps: int) -> Counter:
+    """Seconds spent in each phase of ``steps`` engine steps (methods wrapped with timers for the duration)."""
+    times: Counter = Counter()
+    runner, sched = engine.model_runner, engine.scheduler
+    targets = [(sched, "schedule", "schedule"), (runner, "launch", "inputs + launch"), (runner, "sample", "sample"),
+               (sched, "update_after_step", "update"), (engine, "_process", "process tokens"),
+               (sched, "cache_blocks", "cache blocks")]
+
+    def timed(fn, name):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                times[name] += time.perf_counter() - t0
+        return wrapper
+
+    with contextlib.ExitStack() as stack:
+        for obj, attr, name in targets:
+            setattr(obj, attr, timed(getattr(obj, attr), name))
+            stack.callback(delattr, obj, attr)        # back to the class's method
+        wait0 = engine.stats.decode_wait_s
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        total = time.perf_counter() - t0
+    times["wait for tokens"] = engine.stats.decode_wait_s - wait0
+    times["step (all)"] = total
+    return times
 
 
 def tables(report: dict, markdown: bool = False) -> str:

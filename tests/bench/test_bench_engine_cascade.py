@@ -38,3 +38,6 @@ def test_bench_engine_profile_cli_tiny(tiny_model, tmp_path):  # noqa: F811
     assert step["kind"] == "step" and report["meta"]["running"] == 6 and step["ms_per_step"] > 0
     assert 0 <= step["host_share"] <= 1
     assert any(r["kind"] == "host op" for r in report["results"])
+    phases = {r["name"]: r["ms_per_step"] for r in report["results"] if r["kind"] == "host phase"}
+    assert {"schedule", "inputs + launch", "sample", "process tokens", "step (all)"} <= set(phases)
+    assert phases["step (all)"] >= phases["inputs + launch"] > 0
