@@ -5,7 +5,9 @@ attends. The cache is contiguous per sequence or paged through ``block_table`` w
 (flash-attn needs multiples of 256). On CUDA: one query token per sequence runs the split-KV decode
 kernel, longer queries the paged prefill kernel; a contiguous cache is handed to them as one page per
 sequence, a block table as equal-width page rows, so no page table is built and nothing syncs except
-the argument checks (skipped while a CUDA graph is being captured). Semantics: `pagoda.reference.kvcache`.
+the argument checks (skipped while a CUDA graph is being captured). A ``cache_leftpad`` start is folded into
+the page description (`_leftpad_view`): each sequence's one page begins at its first attended token, still
+without a copy of the cache. Semantics: `pagoda.reference.kvcache`.
 """
 from __future__ import annotations
 
@@ -46,7 +48,9 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             ``cache_seqlens + i``; q too when causal or local, else all of q at ``cache_seqlens``.
         cache_seqlens: int or int32 ``[b]``, keys already in each sequence (None: the full cache).
         cache_batch_idx: int32 ``[b]`` cache row of each sequence (contiguous cache only).
-        cache_leftpad: not supported (NotImplementedError).
+        cache_leftpad: int32 ``[b]``, the cache position where each sequence starts (None: 0). Keys before it
+            are not attended; positions stay absolute (new k/v at ``cache_seqlens + i``, rotary tables read
+            there), while causal/window/ALiBi count from the start. Contiguous cache only (as flash-attn).
         block_table: int32 ``[b, max_blocks]`` page ids of each sequence; any page_size >= 1.
         softmax_scale, causal, window_size, softcap, alibi_slopes: as in `pagoda.flash_attn_func`.
         rotary_interleaved: GPT-J pairs ``(2i, 2i+1)`` (default) or halves.
@@ -69,8 +73,6 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     _plan.check_heads(hq, hk, d)
     if k_cache.shape[3] != d:
         raise ValueError(f"k_cache head_dim ({k_cache.shape[3]}) must equal q's ({d})")
-    if cache_leftpad is not None:
-        raise NotImplementedError("cache_leftpad is not supported")
     dev = q.device
     left, right = _checks.check_options(0.0, softmax_scale, causal, window_size, softcap)
     alibi_slopes = _checks.check_alibi(alibi_slopes, b, hq, dev)
@@ -92,6 +94,11 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             _check_int_vec("cache_batch_idx", cache_batch_idx, b, dev)
         elif k_cache.shape[0] < b:
             raise ValueError(f"k_cache has {k_cache.shape[0]} rows for a batch of {b} (pass cache_batch_idx)")
+    if cache_leftpad is not None:
+        if block_table is not None:
+            # flash-attn 2.8.3 refuses this pair too (paged KV and leftpad_k not supported together).
+            raise ValueError("cache_leftpad cannot be combined with block_table (paged KV), as in flash-attn")
+        _check_int_vec("cache_leftpad", cache_leftpad, b, dev)
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together")
     s_new = 0
@@ -146,20 +153,42 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             if k is not None and s_new and torch.unique(cache_batch_idx).numel() != b:
                 # Two sequences appending into one cache row would race (and overwrite each other).
                 raise ValueError("cache_batch_idx must not repeat a cache row when appending k/v")
+        if cache_leftpad is not None and b and bool(((cache_leftpad < 0) | (cache_leftpad.long() > lens)).any()):
+            raise ValueError("cache_leftpad must be in 0..cache_seqlens[i] for every sequence i (it is where the "
+                             f"cache starts), got {cache_leftpad.tolist()} with cache_seqlens {lens.tolist()}")
         if rotary_cos is not None and b and int(lens.max()) + max(s_new, sq) > rotary_cos.shape[0]:
             raise ValueError(f"rotary tables have {rotary_cos.shape[0]} rows, fewer than the positions used")
 
     if not _paged.use_triton(q):
         return _ref.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens,
-                                            cache_batch_idx, None, block_table, softmax_scale, causal, (left, right),
+                                            cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal,
+                                            (left, right),
                                             softcap, rotary_interleaved, alibi_slopes, num_splits, return_softmax_lse)
-    return _kernel_path(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, cache_batch_idx, block_table,
-                        softmax_scale, causal, (left, right), float(softcap), rotary_interleaved, alibi_slopes,
-                        num_splits, return_softmax_lse, capacity)
+    return _kernel_path(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, cache_batch_idx, cache_leftpad,
+                        block_table, softmax_scale, causal, (left, right), float(softcap), rotary_interleaved,
+                        alibi_slopes, num_splits, return_softmax_lse, capacity)
 
 
-def _kernel_path(q, k_cache, v_cache, k, v, cos, sin, seqlens, batch_idx, block_table, softmax_scale, causal,
-                 window, softcap, interleaved, alibi_slopes, num_splits, return_lse, capacity):
+def _leftpad_view(k_cache, v_cache, rows, leftpad, capacity):
+    """Dense caches ``[b_cache, s_cache, hk, d]`` seen as one page per sequence that starts at its
+    ``leftpad``: ``(k_view, v_view, indices)`` with views ``[n, capacity, hk, d]`` whose page stride is one
+    token, so page ``rows * (s0 / s1) + leftpad`` begins at token ``leftpad`` of cache row ``rows`` (pages
+    overlap; the kernels only read them). The views' extent is the caches' own, so the Hopper kernel's TMA
+    bounds hold. Caches whose row stride is not a whole number of tokens (or differs between k and v in
+    tokens) are copied contiguous first: the read happens after the append, so the copy is up to date."""
+    if not all(c.stride(1) > 0 and c.stride(0) % c.stride(1) == 0 for c in (k_cache, v_cache)) or (
+            k_cache.stride(0) // k_cache.stride(1) != v_cache.stride(0) // v_cache.stride(1)):
+        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+    per_row = k_cache.stride(0) // k_cache.stride(1)
+    n = (k_cache.shape[0] - 1) * per_row + 1
+    views = [c.as_strided((n, capacity, c.shape[2], c.shape[3]), (c.stride(1), c.stride(1), c.stride(2), 1))
+             for c in (k_cache, v_cache)]
+    indices = (rows.long() * per_row + leftpad.long()).to(torch.int32)
+    return views[0], views[1], indices
+
+
+def _kernel_path(q, k_cache, v_cache, k, v, cos, sin, seqlens, batch_idx, leftpad, block_table, softmax_scale,
+                 causal, window, softcap, interleaved, alibi_slopes, num_splits, return_lse, capacity):
     from pagoda.kernels.attention.decode import decode_fwd
     from pagoda.ops._dispatch import prefill_paged
 
@@ -182,6 +211,10 @@ def _kernel_path(q, k_cache, v_cache, k, v, cos, sin, seqlens, batch_idx, block_
         page_size = k_cache.shape[1]
         indices = batch_idx if batch_idx is not None else torch.arange(b, dtype=torch.int32, device=dev)
         indptr = torch.arange(b + 1, dtype=torch.int32, device=dev)
+        if leftpad is not None:
+            # Keys before leftpad are outside the page: lengths and masks count from the start.
+            k_cache, v_cache, indices = _leftpad_view(k_cache, v_cache, indices, leftpad, capacity)
+            kv_len = kv_len - leftpad
         last = kv_len.to(torch.int32)
     else:
         page_size, width = k_cache.shape[1], block_table.shape[1]

@@ -8,7 +8,9 @@ Steps, per flash-attn 2's contract:
    (``[num_blocks, page_size, hk, d]`` through ``block_table [b, max_blocks]``).
 2. Rotate q: at ``cache_seqlens + i`` when causal or local, else every query at ``cache_seqlens``.
 3. Attend q to the first ``cache_seqlens[b] + s_new`` keys of each sequence (bottom-right aligned
-   causal/window masks, softcap, ALiBi), as `pagoda.reference.attention.attention_ref`.
+   causal/window masks, softcap, ALiBi), as `pagoda.reference.attention.attention_ref`. With
+   ``cache_leftpad`` the keys before ``cache_leftpad[b]`` are dropped first, so the masks and ALiBi count
+   from there; the append and the rotary positions (steps 1-2) stay absolute cache positions.
 
 The append and rotation helpers here are vectorised torch ops (no host sync) shared by the ops layer.
 """
@@ -71,12 +73,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                             rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False,
                             compute_dtype=torch.float32):
-    """Reference for `pagoda.flash_attn_with_kvcache`; ``cache_seqlens`` must be an int32 tensor ``[b]`` here.
+    """Reference for `pagoda.flash_attn_with_kvcache`; ``cache_seqlens`` must be an int32 tensor ``[b]`` here,
+    ``cache_leftpad`` None or int32 ``[b]``.
 
     Returns ``out [b, sq, hq, d]``, or ``(out, lse [b, hq, sq] float32)`` with return_softmax_lse.
     """
-    if cache_leftpad is not None:
-        raise NotImplementedError("cache_leftpad is not supported")
     b, sq, hq, d = q.shape
     s_new = 0 if k is None else k.shape[1]
     if k is not None:
@@ -91,19 +92,20 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
     left, right = int(window_size[0]), (0 if causal else int(window_size[1]))
     kv_lens = (cache_seqlens.long() + s_new).tolist()
+    starts = [0] * b if cache_leftpad is None else cache_leftpad.tolist()
     out = torch.empty_like(q)
     lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
     for i, n in enumerate(kv_lens):
         if block_table is None:
             row = i if cache_batch_idx is None else int(cache_batch_idx[i])
-            kk, vv = k_cache[row, :n], v_cache[row, :n]
+            kk, vv = k_cache[row, starts[i]:n], v_cache[row, starts[i]:n]
         else:
             ps = k_cache.shape[1]
             pages = block_table[i, : -(-n // ps)].long()
-            kk = k_cache[pages].reshape(-1, *k_cache.shape[2:])[:n]
-            vv = v_cache[pages].reshape(-1, *v_cache.shape[2:])[:n]
+            kk = k_cache[pages].reshape(-1, *k_cache.shape[2:])[starts[i]:n]
+            vv = v_cache[pages].reshape(-1, *v_cache.shape[2:])[starts[i]:n]
         slopes = None if alibi_slopes is None else (alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[i])
-        o, l = attention_ref(q[i], kk, vv, softmax_scale=scale, window_left=left, window_right=right,
-                             softcap=softcap, alibi_slopes=slopes, compute_dtype=compute_dtype)
-        out[i], lse[i] = o, l
+        o, row_lse = attention_ref(q[i], kk, vv, softmax_scale=scale, window_left=left, window_right=right,
+                                   softcap=softcap, alibi_slopes=slopes, compute_dtype=compute_dtype)
+        out[i], lse[i] = o, row_lse
     return (out, lse) if return_softmax_lse else out

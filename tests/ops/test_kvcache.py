@@ -113,7 +113,6 @@ def test_cpu_int_seqlens_softcap_alibi_gqa():
 
 
 @pytest.mark.parametrize("change,err,match", [
-    (dict(cache_leftpad=torch.zeros(3, dtype=torch.int32)), NotImplementedError, "cache_leftpad"),
     (dict(cache_seqlens=torch.tensor([0, 17, 80], dtype=torch.int32)), ValueError, "capacity"),
     (dict(cache_seqlens=torch.tensor([0, 17, 60], dtype=torch.int64)), TypeError, "cache_seqlens"),
     (dict(cache_seqlens=None), ValueError, "cache_seqlens"),
