@@ -50,6 +50,12 @@ class BatchPrefillWithRaggedKVCacheWrapper(_workspace.RaggedWorkspace):
     def is_cuda_graph_enabled(self) -> bool:
         return self._use_cuda_graph
 
+    @property
+    def _plan_info(self) -> tuple | None:
+        """FlashInfer's name for a wrapper's plan state (callers test it against None after `plan`): None until
+        `plan` runs, else pagoda's plan: ``(qo_indptr, kv_indptr)``, the device indptrs the kernels read."""
+        return self._meta if self._planned else None
+
     def plan(self, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo=None, custom_mask=None,
              packed_custom_mask=None, causal=False, pos_encoding_mode="NONE", use_fp16_qk_reduction=False,
              window_left=-1, logits_soft_cap=None, sm_scale=None, rope_scale=None, rope_theta=None,

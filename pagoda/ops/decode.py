@@ -124,6 +124,16 @@ class BatchDecodeWithPagedKVCacheWrapper(_workspace.DecodeWorkspace):
     def is_cuda_graph_enabled(self) -> bool:
         return self._use_cuda_graph
 
+    @property
+    def _plan_info(self) -> object | None:
+        """FlashInfer's name for a wrapper's plan state (callers test it against None after `plan`): None until
+        `plan` runs, and again after `reset_workspace_buffer` (which voids a decode plan here); else pagoda's
+        plan: the multi-token sub-plan (``q_len_per_req > 1``), or ``(indptr, indices, last_page_len,
+        num_splits)``, the device page table the kernel reads and the planned split-KV count."""
+        if not self._planned:
+            return None
+        return self._multi if self._multi is not None else (self._indptr, self._indices, self._last, self._splits)
+
     def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor,
                                int_workspace_buffer: torch.Tensor | None = None) -> None:
         """Swap the float workspace (both buffers 16-byte aligned; the int workspace is unused); re-plan afterwards.
@@ -331,14 +341,14 @@ class BatchDecodeWithPagedKVCacheWrapper(_workspace.DecodeWorkspace):
             if tuple(lse.shape) != (b, hq) or lse.device != q.device:
                 raise ValueError(f"lse must be a float32 [{b}, {hq}] tensor on {q.device}")
         if not _paged.use_triton(q):
-            o, l = _ref.batch_decode_with_paged_kv_cache(
+            o, o_lse = _ref.batch_decode_with_paged_kv_cache(
                 q[:self._batch], (k_cache, v_cache), self._host_meta[0], self._host_meta[1], self._host_meta[2],
                 self._kv_layout, sm_scale=scale, window_left=planned_window, logits_soft_cap=soft_cap,
                 pos_encoding_mode=mode, rope_scale=rope_scale, rope_theta=rope_theta)
             o = torch.cat([o, torch.zeros_like(q[self._batch:])])
-            l = torch.cat([l, torch.full((b - self._batch, hq), float("-inf"), device=q.device)])
+            o_lse = torch.cat([o_lse, torch.full((b - self._batch, hq), float("-inf"), device=q.device)])
             out = o if out is None else out.copy_(o)
-            lse = l if lse is None else lse.copy_(l)
+            lse = o_lse if lse is None else lse.copy_(o_lse)
         else:
             q = q if q.stride(-1) == 1 else q.contiguous()
             out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out

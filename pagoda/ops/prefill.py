@@ -82,6 +82,13 @@ class BatchPrefillWithPagedKVCacheWrapper(_workspace.PrefillWorkspace):
     def is_cuda_graph_enabled(self) -> bool:
         return self._use_cuda_graph
 
+    @property
+    def _plan_info(self) -> tuple | None:
+        """FlashInfer's name for a wrapper's plan state (callers test it against None after `plan`): None until
+        `plan` runs, else pagoda's plan: ``(qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len,
+        num_splits)``, the device tables the kernels read and the planned split-KV count."""
+        return (*self._meta, self._splits) if self._planned else None
+
     def plan(self, qo_indptr: torch.Tensor, paged_kv_indptr: torch.Tensor, paged_kv_indices: torch.Tensor,
              paged_kv_last_page_len: torch.Tensor, num_qo_heads: int, num_kv_heads: int, head_dim_qk: int,
              page_size: int, head_dim_vo: int | None = None, custom_mask: torch.Tensor | None = None,
@@ -138,9 +145,9 @@ class BatchPrefillWithPagedKVCacheWrapper(_workspace.PrefillWorkspace):
                 raise ValueError(f"request {i} has {qptr[i + 1] - qptr[i]} queries but only {kv_lens[i]} keys: "
                                  "append the new tokens to the cache before prefill (kv_len >= qo_len)")
         # A custom mask (FlashInfer's layouts) becomes the masked kernel's bit words and tile lists here.
-        self._mask = _mask.plan_for_wrapper(custom_mask, packed_custom_mask, [b - a for a, b in zip(qptr, qptr[1:])],
-                                            kv_lens, hq // hk, d, q_dtype, opts["window_left"], self.device,
-                                            self._use_cuda_graph)
+        qo_lens = [b - a for a, b in zip(qptr, qptr[1:], strict=False)]
+        self._mask = _mask.plan_for_wrapper(custom_mask, packed_custom_mask, qo_lens, kv_lens, hq // hk, d, q_dtype,
+                                            opts["window_left"], self.device, self._use_cuda_graph)
         used = paged_kv_indices[:kptr[-1]]
         self._max_page_id = int(used.max()) if used.numel() else -1
         if self._use_cuda_graph:
@@ -168,7 +175,6 @@ class BatchPrefillWithPagedKVCacheWrapper(_workspace.PrefillWorkspace):
         if opts["pos_encoding_mode"] == "ALIBI" and (self._alibi is None or self._alibi.shape[0] != hq):
             self._alibi = _dref.alibi_slopes(hq, device=self.device)
         self._host_meta = tuple(t.cpu() for t in (qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len))
-        qo_lens = [b - a for a, b in zip(qptr, qptr[1:])]
         self._nnz, self._max_qo = qptr[-1], max(qo_lens, default=0)
         self._plan_split(qo_lens, max(kv_lens, default=0), hq, hk, d, page_size, q_dtype,
                          None if fixed_split_size is None else fixed_split_size * page_size, disable_split_kv)
@@ -237,12 +243,13 @@ class BatchPrefillWithPagedKVCacheWrapper(_workspace.PrefillWorkspace):
         opts["sm_scale"] *= qk_factor
         if not _paged.use_triton(q):
             if self._mask is not None:
-                o, l = _mask.reference_paged(q, (k_cache, v_cache), self._host_meta, self._kv_layout, self._mask, opts)
+                o, o_lse = _mask.reference_paged(q, (k_cache, v_cache), self._host_meta, self._kv_layout, self._mask,
+                                                 opts)
             else:
-                o, l = _ref.batch_prefill_with_paged_kv_cache(q, (k_cache, v_cache), *self._host_meta,
-                                                              self._kv_layout, **opts)
+                o, o_lse = _ref.batch_prefill_with_paged_kv_cache(q, (k_cache, v_cache), *self._host_meta,
+                                                                  self._kv_layout, **opts)
             out = o if out is None else out.copy_(o)
-            lse = l if lse is None else lse.copy_(l)
+            lse = o_lse if lse is None else lse.copy_(o_lse)
             return _common.finish(out, lse, v_scale, return_lse, lse_given)
         from pagoda.ops._dispatch import prefill_paged
 
