@@ -191,9 +191,8 @@ def test_cuda_leftpad(sq, s_new, causal, num_splits):
     opts = dict(causal=causal, num_splits=num_splits)
     if s_new:
         opts.update(rotary_cos=cos, rotary_sin=sin)
-    cpu = {n: t for n, t in kw.items()}
-    want = _oracle(cpu["q"], cpu["k_cache"], cpu["v_cache"], cpu["k"], cpu["v"], cpu["cache_seqlens"],
-                   cpu["cache_leftpad"], torch.arange(2), causal=causal, rotary=(cos, sin) if s_new else None)
+    want = _oracle(kw["q"], kw["k_cache"], kw["v_cache"], kw["k"], kw["v"], kw["cache_seqlens"], kw["cache_leftpad"],
+                   torch.arange(2), causal=causal, rotary=(cos, sin) if s_new else None)
     gpu = {n: (t.cuda() if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
     opts_gpu = {n: (t.cuda() if isinstance(t, torch.Tensor) else t) for n, t in opts.items()}
     out = flash_attn_with_kvcache(**gpu, **opts_gpu)
