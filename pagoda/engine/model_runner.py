@@ -260,6 +260,8 @@ class ModelRunner:
         pend_rows: list[int] = []
         pend_src: list[int] = []
         row_of = prev.row_of if prev is not None else {}
+        if batch.is_decode_only:
+            return self._decode_inputs(batch, row_of)
         t = 0
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
@@ -286,6 +288,47 @@ class ModelRunner:
                 sample_rows.append(t - 1)
                 sampling.append(seq)
         return dict(ids=ids, positions=positions, batch_indices=batch_indices, qo_indptr=qo_indptr,
+                    kv_indptr=kv_indptr, kv_indices=kv_indices, last=last, sample_rows=sample_rows,
+                    sampling=sampling, pend_rows=pend_rows, pend_src=pend_src)
+
+    def _decode_inputs(self, batch: ScheduledBatch, row_of: dict) -> dict:
+        """`_inputs` of a step of one new token a sequence (decodes, and one-token prefill chunks, which are not
+        sampled unless they end their prompt): the same arrays, built without the multi-token cases (the
+        engine's steady state, once per step over every running request)."""
+        bs = self.block_size
+        seqs = batch.seqs
+        n = len(seqs)
+        ids: list[int] = []
+        positions: list[int] = []
+        kv_indptr, kv_indices, last = [0], [], []
+        pend_rows: list[int] = []
+        pend_src: list[int] = []
+        sample_rows: list[int] = []
+        sampling: list[Sequence] = []
+        pages_total = 0
+        for i, seq in enumerate(seqs):
+            pos = seq.num_computed_tokens
+            known = seq.num_tokens      # (a tensor-parallel mirror holds only a window of token_ids: slices)
+            if pos + 1 == known + seq.num_pending_tokens:
+                sample_rows.append(i)
+                sampling.append(seq)
+            if pos < known:
+                ids += seq.token_ids[pos:pos + 1]
+            else:
+                src = row_of.get(seq.seq_id)
+                if pos != known or seq.num_pending_tokens < 1 or src is None:
+                    raise RuntimeError(f"{seq!r}: {pos + 1 - known} inputs not yet read back, and not from the "
+                                       "previous step")
+                pend_rows.append(i)
+                pend_src.append(src)
+                ids.append(0)
+            positions.append(pos)
+            pages = pos // bs + 1
+            kv_indices += seq.block_table[:pages]
+            pages_total += pages
+            kv_indptr.append(pages_total)
+            last.append(pos + 1 - (pages - 1) * bs)
+        return dict(ids=ids, positions=positions, batch_indices=list(range(n)), qo_indptr=list(range(n + 1)),
                     kv_indptr=kv_indptr, kv_indices=kv_indices, last=last, sample_rows=sample_rows,
                     sampling=sampling, pend_rows=pend_rows, pend_src=pend_src)
 
