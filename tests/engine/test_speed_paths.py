@@ -148,3 +148,52 @@ def test_emulated_graphs_with_preemption_and_sampling(tiny_model, monkeypatch):
     assert graphs.llm_engine.scheduler.num_preemptions > 0 and graphs.llm_engine.stats.graph_steps > 0
     plain = LLM(str(model_dir), enforce_eager=True, async_scheduling=False, **kw)
     assert _tokens(plain.generate(PROMPTS[:4], params, use_tqdm=False)) == _tokens(got)
+
+
+def test_one_token_inputs_equal_the_general_path():
+    """`ModelRunner._decode_inputs` (one new token a sequence) builds the same step arrays as the general loop of
+    `_inputs`, on random batches mixing decodes with a pending token, decodes without, and one-token prefill
+    chunks in the middle of a prompt (not sampled)."""
+    import random
+    import types
+
+    from pagoda.engine import model_runner as mr
+
+    class Seq:
+        def __init__(self, sid, toks, computed, pending, table):
+            self.seq_id, self.token_ids, self.num_computed_tokens = sid, toks, computed
+            self.num_pending_tokens, self.block_table = pending, table
+
+        @property
+        def num_tokens(self):
+            return len(self.token_ids)
+
+    class Batch:
+        is_decode_only = True
+
+        def __init__(self, seqs):
+            self.seqs, self.num_new_tokens = seqs, [1] * len(seqs)
+
+    runner = object.__new__(mr.ModelRunner)
+    runner.block_size = 16
+    rng = random.Random(0)
+    kinds = set()
+    for _ in range(500):
+        seqs, row_of = [], {}
+        for i in range(rng.randint(1, 9)):
+            length, pending = rng.randint(1, 80), rng.choice([0, 0, 1])
+            computed = length if pending else rng.randint(0, length - 1)
+            if pending:
+                row_of[i] = rng.randint(0, 20)
+            kinds.add("pending" if pending else "decode" if computed == length - 1 else "chunk")
+            table = list(range(100 * i, 100 * i + computed // 16 + 2))
+            seqs.append(Seq(i, list(range(length)), computed, pending, table))
+        batch = Batch(seqs)
+        fast = runner._decode_inputs(batch, row_of)
+        Batch.is_decode_only = False
+        try:
+            general = mr.ModelRunner._inputs(runner, batch, types.SimpleNamespace(row_of=row_of))
+        finally:
+            Batch.is_decode_only = True
+        assert fast == general
+    assert kinds == {"pending", "decode", "chunk"}
