@@ -14,6 +14,7 @@
 #   sampling      pagoda bench sampling: samplers vs FlashInfer, torch sort    (~9 min; FlashInfer's JIT ~100 s)
 #   e2e           HF generate tokens/s per attn_implementation, dynamic/static caches (~8 min, own budget)
 #   e2e-compiled  the same with HF's compiled static-cache decode step (Inductor + CUDA graphs)
+#   e2e-sampling  HF generate with do_sample: HF's warpers vs pagoda's, batch 1/16/128, SDPA and pagoda (~8 min)
 #   mask          pagoda bench mask: custom-mask prefill vs the unmasked kernel  (~2 min)
 #   layers        pagoda bench layers: fused norm / activation kernels vs eager and torch.compile (~2 min)
 #   engine        pagoda bench engine: throughput (nano-vLLM workload), batch-1 decode, a decode-step
@@ -39,7 +40,7 @@
 # and are recorded in COMMAND.
 set -uo pipefail
 
-stage=${1:?usage: bash benchmarks/gpu.sh tests|attention|decode|paged|cascade|serving|sampling|e2e|e2e-compiled|all [OUTDIR]}
+stage=${1:?usage: bash benchmarks/gpu.sh tests|attention|decode|paged|cascade|serving|sampling|e2e|e2e-compiled|e2e-sampling|mask|layers|engine|engine-extra|serve|conformance|all [OUTDIR]}
 out=${2:-${OUT:-gpu-out}}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -134,6 +135,9 @@ one() {
     run e2e-compiled python3 -m pagoda.bench.e2e --caches compiled \
       --processors none --batch-sizes 64,128 --backends pagoda,sdpa,eager --new-tokens 64 --budget-s 520 \
       --case-limit-s 240 --no-max-batch-search ;;
+  e2e-sampling)
+    run e2e-sampling python3 -m pagoda.bench.e2e --grid sampling --backends sdpa,pagoda --caches dynamic \
+      --budget-s 450 ;;
   mask) run mask python3 -m pagoda bench mask ;;
   layers) run layers python3 -m pagoda bench layers ;;
   engine)
