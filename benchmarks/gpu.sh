@@ -19,9 +19,10 @@
 #   layers        pagoda bench layers: fused norm / activation kernels vs eager and torch.compile (~2 min)
 #   engine        pagoda bench engine: throughput (nano-vLLM workload), batch-1 decode, a decode-step
 #                 profile at full batch                                            (~5 min)
-#   engine-extra  pagoda bench engine --processors and --cascade                   (~6 min)
+#   engine-extra  pagoda bench engine --processors and --cascade (needs xgrammar)  (~6 min)
 #   serve         pagoda serve (Qwen3-0.6B dummy) under pagoda bench serve, 64 and 256 clients, and the
-#                 offline engine on the same requests                               (~4 min)
+#                 offline engine on the same requests (needs pagoda's `serve` extra: FastAPI, uvicorn,
+#                 prometheus-client, httpx; offline, put their wheels in a folder and set PEER_DIR to it) (~4 min)
 #   conformance   flash-attn's and FlashInfer's own tests against pagoda (benchmarks/conformance; fetch the
 #                 suites first: python3 benchmarks/conformance/fetch_suites.py, carry .conformance/)
 #   all           tests attention serving sampling e2e mask layers engine engine-extra serve
