@@ -6,11 +6,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from transformers import LogitsProcessorList  # noqa: E402
 from transformers.generation import logits_process as lp  # noqa: E402
 
 from pagoda.integrations import hf_sampling as hs  # noqa: E402
 from pagoda.integrations import transformers as pt  # noqa: E402
+from tests.integrations.hf_helpers import generate, hf_chain, stable_sort  # noqa: E402
 
 V = 1000
 # (temperature, top_k, top_p, min_p); top_p values keep the flat row's boundary off an exact multiple of 1/V.
@@ -33,32 +33,12 @@ def _logits(seed: int = 0) -> torch.Tensor:
     return x
 
 
-def _hf_chain(temperature, top_k, top_p, min_p) -> LogitsProcessorList:
-    chain = LogitsProcessorList()
-    if temperature is not None:
-        chain.append(lp.TemperatureLogitsWarper(temperature))
-    if top_k:
-        chain.append(lp.TopKLogitsWarper(top_k))
-    if top_p is not None:
-        chain.append(lp.TopPLogitsWarper(top_p))
-    if min_p is not None:
-        chain.append(lp.MinPLogitsWarper(min_p))
-    return chain
-
-
-def _stable_sort(monkeypatch):
-    """HF's top-p warper with a stable sort (what CUDA's sort of a long row does): a tie group straddling the
-    boundary is then cut at its lowest indices, a definite oracle (the CPU's unstable sort cuts it anywhere)."""
-    real = torch.sort
-    monkeypatch.setattr(torch, "sort", lambda x, *a, **kw: real(x, *a, **{**kw, "stable": True}))
-
-
 @pytest.mark.parametrize("config", CONFIGS)
 def test_kept_set_and_probabilities_equal_hf_chain(config, monkeypatch):
     x = _logits()
     out = hs.warp_logits(x, *config)
-    _stable_sort(monkeypatch)
-    ref = _hf_chain(*config)(None, x.clone())
+    stable_sort(monkeypatch)
+    ref = hf_chain(*config)(None, x.clone())
     kept = torch.isfinite(ref)
     assert torch.equal(torch.isfinite(out), kept)
     assert torch.equal(out[kept], ref[kept])                      # the scaled logits, bit for bit
@@ -89,8 +69,8 @@ def test_draws_follow_hf_distribution(config, monkeypatch):
     never drawn, per-token counts within binomial bounds of HF's exact probabilities, chi-square far from its tail."""
     x = _logits(2)
     out = hs.warp_logits(x, *config)
-    _stable_sort(monkeypatch)
-    target = _hf_chain(*config)(None, x.clone()).double().softmax(-1)
+    stable_sort(monkeypatch)
+    target = hf_chain(*config)(None, x.clone()).double().softmax(-1)
     n = 20000
     g = torch.Generator().manual_seed(7)
     draws = torch.multinomial(torch.softmax(out, dim=-1), n, replacement=True, generator=g)
@@ -152,17 +132,6 @@ def test_warper_is_one_graph_under_torch_compile():
 
 # --- generate -------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   pad_token_id=0, eos_token_id=None, bos_token_id=1)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    model.generation_config.eos_token_id = None
-    return model
-
-
 @pytest.fixture
 def spies(monkeypatch):
     """Counts of pagoda's sorting-free paths (the top-k one, pagoda's ops without top-k). Pagoda sampling off
@@ -176,14 +145,6 @@ def spies(monkeypatch):
     hs.disable()
 
 
-def _generate(model, seed, **kw):
-    ids = torch.randint(2, model.config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(1))
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, pad_token_id=0,
-                              **kw)
-
-
 def test_generate_samples_through_pagoda_with_hf_tokens(tiny_model, spies, monkeypatch):
     """After ``register(sampling=True)`` HF's top-k/top-p warpers never run, pagoda's top-k path runs once per step,
     and
@@ -191,12 +152,12 @@ def test_generate_samples_through_pagoda_with_hf_tokens(tiny_model, spies, monke
     logits)."""
     kw = dict(do_sample=True, top_k=50, top_p=0.9, output_scores=True, output_logits=True,
               return_dict_in_generate=True)
-    hf = _generate(tiny_model, 5, **kw)
+    hf = generate(tiny_model, 5, 8, **kw)
     pt.register(sampling=True)
     assert hs.is_enabled()
     for cls in (lp.TopKLogitsWarper, lp.TopPLogitsWarper):
         monkeypatch.setattr(cls, "__call__", lambda *a, **k: pytest.fail("HF's sorting warper ran"))
-    pg = _generate(tiny_model, 5, **kw)
+    pg = generate(tiny_model, 5, 8, **kw)
     assert spies == {"topk_warp": 8, "top_k_mask_logits": 0, "top_p_renorm_probs": 0}
     assert ((pg.sequences >= 0) & (pg.sequences < tiny_model.config.vocab_size)).all()
     assert torch.equal(pg.sequences, hf.sequences)
@@ -207,10 +168,10 @@ def test_generate_samples_through_pagoda_with_hf_tokens(tiny_model, spies, monke
 
 
 def test_greedy_and_do_sample_false_are_untouched(tiny_model, spies):
-    base = _generate(tiny_model, 3, do_sample=False)
+    base = generate(tiny_model, 3, 8, do_sample=False)
     with hs.sampling(True):
-        greedy = _generate(tiny_model, 3, do_sample=False)
-        ignored = _generate(tiny_model, 3, do_sample=False, top_k=5, top_p=0.5)   # HF ignores them without sampling
+        greedy = generate(tiny_model, 3, 8, do_sample=False)
+        ignored = generate(tiny_model, 3, 8, do_sample=False, top_k=5, top_p=0.5)   # HF ignores them without sampling
     assert torch.equal(greedy, base) and torch.equal(ignored, base)
     assert spies == {"topk_warp": 0, "top_k_mask_logits": 0, "top_p_renorm_probs": 0}
     assert not hs.is_enabled()
@@ -218,12 +179,12 @@ def test_greedy_and_do_sample_false_are_untouched(tiny_model, spies):
 
 def test_custom_generate_callable(tiny_model, spies):
     """HF's per-call hook: ``custom_generate=hf_sampling.generate`` without the global switch."""
-    hf = _generate(tiny_model, 9, do_sample=True, top_k=30, top_p=0.8, temperature=0.7)
-    pg = _generate(tiny_model, 9, do_sample=True, top_k=30, top_p=0.8, temperature=0.7,
+    hf = generate(tiny_model, 9, 8, do_sample=True, top_k=30, top_p=0.8, temperature=0.7)
+    pg = generate(tiny_model, 9, 8, do_sample=True, top_k=30, top_p=0.8, temperature=0.7,
                    custom_generate=hs.generate)
     assert torch.equal(pg, hf) and spies["topk_warp"] == 8 and not hs.is_enabled()
     with pytest.raises(ValueError, match="num_beams"):
-        _generate(tiny_model, 9, do_sample=False, num_beams=2, custom_generate=hs.generate)
+        generate(tiny_model, 9, 8, do_sample=False, num_beams=2, custom_generate=hs.generate)
 
 
 # --- GPU ------------------------------------------------------------------------------------------------------
@@ -239,8 +200,8 @@ def test_gpu_kept_set_equals_hf_at_qwen_vocab(monkeypatch):
     for config in [(None, 50, 0.9, None), (None, None, 0.9, None), (0.7, None, 0.95, 0.05), (None, 50, None, None)]:
         out = hs.warp_logits(x, *config)
         with monkeypatch.context() as m:
-            _stable_sort(m)
-            ref = _hf_chain(*config)(None, x.clone())
+            stable_sort(m)
+            ref = hf_chain(*config)(None, x.clone())
         ko, kr = torch.isfinite(out), torch.isfinite(ref)
         both = ko & kr
         assert torch.equal(out[both], ref[both]), config

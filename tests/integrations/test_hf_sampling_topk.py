@@ -8,11 +8,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from transformers import LogitsProcessorList  # noqa: E402
-from transformers.generation import logits_process as lp  # noqa: E402
 
 from pagoda.integrations import hf_sampling as hs  # noqa: E402
 from pagoda.integrations import hf_topk  # noqa: E402
+from tests.integrations.hf_helpers import generate, hf_chain, stable_sort  # noqa: E402
 
 NEG = float("-inf")
 
@@ -20,18 +19,9 @@ NEG = float("-inf")
 def _hf(scores, temperature, top_k, top_p, min_p, monkeypatch):
     """HF's chain with a stable sort (CUDA's sort of a long row is stable; it cuts a tie group at its lowest
     indices, the definite rule pagoda follows)."""
-    chain = LogitsProcessorList()
-    if temperature is not None:
-        chain.append(lp.TemperatureLogitsWarper(temperature))
-    chain.append(lp.TopKLogitsWarper(top_k))
-    if top_p is not None:
-        chain.append(lp.TopPLogitsWarper(top_p))
-    if min_p is not None:
-        chain.append(lp.MinPLogitsWarper(min_p))
-    real = torch.sort
     with monkeypatch.context() as m:
-        m.setattr(torch, "sort", lambda x, *a, **kw: real(x, *a, **{**kw, "stable": True}))
-        return chain(None, scores.clone())
+        stable_sort(m)
+        return hf_chain(temperature, top_k, top_p, min_p)(None, scores.clone())
 
 
 def _tie_rows(n: int, vocab: int, seed: int) -> torch.Tensor:
@@ -143,32 +133,13 @@ def test_falls_back_to_pagoda_ops_without_top_k(monkeypatch):
 
 # --- generate -------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   pad_token_id=0, eos_token_id=None, bos_token_id=1)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    model.generation_config.eos_token_id = None
-    return model
-
-
-def _generate(model, seed, **kw):
-    ids = torch.randint(2, model.config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(1))
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, pad_token_id=0,
-                              **kw)
-
-
 def test_generate_seeded_runs_reproduce_hf_tokens(tiny_model):
     """Same seed, same tokens: run to run, and as HF's warpers (HF's multinomial draws from the same scores)."""
     kw = dict(do_sample=True, top_k=40, top_p=0.85, temperature=0.7, min_p=0.01)
-    hf = _generate(tiny_model, 21, **kw)
+    hf = generate(tiny_model, 21, 6, **kw)
     with hs.sampling(True):
-        first, second = _generate(tiny_model, 21, **kw), _generate(tiny_model, 21, **kw)
-        other = _generate(tiny_model, 22, **kw)
+        first, second = generate(tiny_model, 21, 6, **kw), generate(tiny_model, 21, 6, **kw)
+        other = generate(tiny_model, 22, 6, **kw)
     assert torch.equal(first, second) and torch.equal(first, hf) and not torch.equal(first, other)
 
 
@@ -176,11 +147,11 @@ def test_beam_search_untouched(tiny_model, monkeypatch):
     calls = []
     real = hf_topk.topk_warp
     monkeypatch.setattr(hf_topk, "topk_warp", lambda *a, **k: calls.append(1) or real(*a, **k))
-    beam = _generate(tiny_model, 4, do_sample=False, num_beams=2)
-    beam_sample = _generate(tiny_model, 4, do_sample=True, num_beams=2, top_k=20, top_p=0.9)
+    beam = generate(tiny_model, 4, 6, do_sample=False, num_beams=2)
+    beam_sample = generate(tiny_model, 4, 6, do_sample=True, num_beams=2, top_k=20, top_p=0.9)
     with hs.sampling(True):
-        assert torch.equal(_generate(tiny_model, 4, do_sample=False, num_beams=2), beam)
-        assert torch.equal(_generate(tiny_model, 4, do_sample=True, num_beams=2, top_k=20, top_p=0.9), beam_sample)
+        assert torch.equal(generate(tiny_model, 4, 6, do_sample=False, num_beams=2), beam)
+        assert torch.equal(generate(tiny_model, 4, 6, do_sample=True, num_beams=2, top_k=20, top_p=0.9), beam_sample)
     assert calls == []                     # beam sampling keeps 2 tokens at least: HF's own warpers stay
 
 
