@@ -41,3 +41,22 @@ def fill_cache(cache, keys, values, indptr, indices, page_size, layout):
             k_cache[page, slot], v_cache[page, slot] = k, v
         else:
             k_cache[page, :, slot], v_cache[page, :, slot] = k, v
+
+
+def indptr_of(lens, device="cpu") -> torch.Tensor:
+    """int32 CSR offsets ``[len(lens) + 1]`` of segments of ``lens``."""
+    p = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    p[1:] = torch.cumsum(torch.tensor(lens), 0)
+    return p.to(device)
+
+
+def paged_inputs(kv, qo, page_size, hq, hk, d, layout, dtype, device="cpu"):
+    """Random queries (``sum(qo)`` rows) and a filled paged cache for requests of ``kv`` keys: ``(q, cache,
+    keys, values, (kv_indptr, kv_indices, kv_last_page_len))`` with ``keys``/``values`` lists of ``[kv_b, hk, d]``."""
+    indptr, indices, last, max_pages = random_page_table(kv, page_size, device=device)
+    cache = empty_cache(max_pages, page_size, hk, d, layout, dtype, device=device)
+    keys = [torch.randn(n, hk, d, dtype=dtype, device=device) for n in kv]
+    vals = [torch.randn(n, hk, d, dtype=dtype, device=device) for n in kv]
+    fill_cache(cache, keys, vals, indptr.cpu(), indices.cpu(), page_size, layout)
+    q = torch.randn(sum(qo), hq, d, dtype=dtype, device=device)
+    return q, cache, keys, vals, (indptr, indices, last)

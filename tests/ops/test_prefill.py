@@ -12,7 +12,7 @@ from pagoda.ops import prefill as pf
 from pagoda.reference import decode as dref
 from pagoda.reference import prefill as ref
 from tests.helpers import assert_finite_lse_close, rel_err
-from tests.paged_utils import empty_cache, fill_cache, random_page_table
+from tests.paged_utils import indptr_of, paged_inputs
 
 LOG2E = 1.0 / math.log(2.0)   # the FlashInfer API's LSEs are base 2; the oracles' natural log
 
@@ -20,25 +20,15 @@ KV = [0, 1, 300, 17, 64, 129, 9]
 QO = [0, 1, 300, 5, 1, 64, 9]
 
 
-def _indptr(lens, device="cpu"):
-    p = torch.zeros(len(lens) + 1, dtype=torch.int32)
-    p[1:] = torch.cumsum(torch.tensor(lens), 0)
-    return p.to(device)
-
-
 def _data(kv, qo, page_size, hq, hk, d, layout, dtype, device="cpu"):
-    indptr, indices, last, max_pages = random_page_table(kv, page_size, device=device)
-    cache = empty_cache(max_pages, page_size, hk, d, layout, dtype, device=device)
-    keys = [torch.randn(n, hk, d, dtype=dtype, device=device) for n in kv]
-    vals = [torch.randn(n, hk, d, dtype=dtype, device=device) for n in kv]
-    fill_cache(cache, keys, vals, indptr.cpu(), indices.cpu(), page_size, layout)
-    q = torch.randn(sum(qo), hq, d, dtype=dtype, device=device)
-    return q, cache, torch.cat(keys), torch.cat(vals), (indptr, indices, last)
+    """`paged_inputs` with the keys and values of all requests concatenated ``[sum(kv), hk, d]``."""
+    q, cache, keys, vals, meta = paged_inputs(kv, qo, page_size, hq, hk, d, layout, dtype, device)
+    return q, cache, torch.cat(keys), torch.cat(vals), meta
 
 
 def _varlen(q, k, v, qo, kv, causal, **kw):
     """The independent oracle: pagoda.flash_attn_varlen_func on contiguous ragged k/v."""
-    o, l, _ = pagoda.flash_attn_varlen_func(q, k, v, _indptr(qo, q.device), _indptr(kv, q.device), max(qo), max(kv),
+    o, l, _ = pagoda.flash_attn_varlen_func(q, k, v, indptr_of(qo, q.device), indptr_of(kv, q.device), max(qo), max(kv),
                                             causal=causal, return_attn_probs=True, **kw)
     return o, l.t()
 
@@ -55,7 +45,7 @@ def test_cpu_paged_prefill_matches_varlen(layout, page_size, hq, hk, causal):
     d = 64
     q, cache, k, v, meta = _data(KV, QO, page_size, hq, hk, d, layout, torch.float32)
     w = pf.BatchPrefillWithPagedKVCacheWrapper(_ws(), layout)
-    w.plan(_indptr(QO), *meta, hq, hk, d, page_size, causal=causal, q_data_type=torch.float32)
+    w.plan(indptr_of(QO), *meta, hq, hk, d, page_size, causal=causal, q_data_type=torch.float32)
     out, lse = w.run(q, cache, return_lse=True)
     want, want_lse = _varlen(q, k, v, QO, KV, causal)
     assert out.shape == q.shape and lse.shape == (q.shape[0], hq)
@@ -67,7 +57,7 @@ def test_cpu_paged_prefill_matches_varlen(layout, page_size, hq, hk, causal):
 def test_cpu_paged_prefill_head_dims_and_options(d):
     q, cache, k, v, meta = _data(KV, QO, 16, 8, 2, d, "NHD", torch.float32)
     w = pf.BatchPrefillWithPagedKVCacheWrapper(_ws(), "NHD")
-    w.plan(_indptr(QO), *meta, 8, 2, d, 16, causal=True, window_left=20, logits_soft_cap=4.0, sm_scale=0.1,
+    w.plan(indptr_of(QO), *meta, 8, 2, d, 16, causal=True, window_left=20, logits_soft_cap=4.0, sm_scale=0.1,
            q_data_type=torch.float32)
     want, want_lse = _varlen(q, k, v, QO, KV, True, window_size=(20, -1), softcap=4.0, softmax_scale=0.1)
     out, lse = w.run(q, cache, return_lse=True)
@@ -80,11 +70,11 @@ def test_cpu_paged_prefill_head_dims_and_options(d):
 def test_cpu_ragged_wrapper_matches_paged_reference(layout, mode):
     q, cache, k, v, meta = _data(KV, QO, 5, 8, 2, 64, "NHD", torch.float32)
     w = pf.BatchPrefillWithRaggedKVCacheWrapper(_ws(), layout)
-    w.plan(_indptr(QO), _indptr(KV), 8, 2, 64, causal=True, pos_encoding_mode=mode, rope_theta=5e5,
+    w.plan(indptr_of(QO), indptr_of(KV), 8, 2, 64, causal=True, pos_encoding_mode=mode, rope_theta=5e5,
            q_data_type="float32")
     kk, vv = (k, v) if layout == "NHD" else (k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous())
     out, lse = w.run(q, kk, vv, return_lse=True)
-    want, want_lse = ref.batch_prefill_with_paged_kv_cache(q, cache.nan_to_num(), _indptr(QO), *meta, "NHD",
+    want, want_lse = ref.batch_prefill_with_paged_kv_cache(q, cache.nan_to_num(), indptr_of(QO), *meta, "NHD",
                                                            causal=True, sm_scale=0.125, pos_encoding_mode=mode,
                                                            rope_theta=5e5)
     assert rel_err(out, want) < 1e-5
@@ -110,7 +100,7 @@ def test_cpu_paged_graph_mode_pads_batch():
                 paged_kv_last_page_len_buf=torch.zeros(4, dtype=torch.int32))
     w = pf.BatchPrefillWithPagedKVCacheWrapper(_ws(), "NHD", use_cuda_graph=True, **bufs)
     q, cache, k, v, meta = _data([10, 30], [3, 30], ps, hq, hk, d, "NHD", torch.float32)
-    w.plan(_indptr([3, 30]), *meta, hq, hk, d, ps, causal=True, q_data_type=torch.float32)
+    w.plan(indptr_of([3, 30]), *meta, hq, hk, d, ps, causal=True, q_data_type=torch.float32)
     assert bufs["qo_indptr_buf"].tolist() == [0, 3, 33, 33, 33]
     assert bufs["paged_kv_last_page_len_buf"].tolist()[2:] == [0, 0]
     out = w.run(q, cache)
@@ -132,7 +122,7 @@ def test_cpu_paged_graph_mode_pads_batch():
 ])
 def test_paged_plan_validation(kw, err, match):
     _, _, _, _, (indptr, indices, last) = _data([10, 30], [3, 30], 8, 4, 2, 64, "NHD", torch.float32)
-    args = dict(qo_indptr=_indptr([3, 30]), paged_kv_indptr=indptr, paged_kv_indices=indices,
+    args = dict(qo_indptr=indptr_of([3, 30]), paged_kv_indptr=indptr, paged_kv_indices=indices,
                 paged_kv_last_page_len=last, num_qo_heads=4, num_kv_heads=2, head_dim_qk=64, page_size=8)
     args.update(kw)
     with pytest.raises(err, match=match):
@@ -144,7 +134,7 @@ def test_run_validation():
     w = pf.BatchPrefillWithPagedKVCacheWrapper(_ws())
     with pytest.raises(RuntimeError, match="plan"):
         w.run(q, cache)
-    w.plan(_indptr([3, 30]), *meta, 4, 2, 64, 8)
+    w.plan(indptr_of([3, 30]), *meta, 4, 2, 64, 8)
     with pytest.raises(ValueError, match="q must have shape"):
         w.run(q[:5], cache)
     with pytest.raises(ValueError, match="num_kv_heads"):
@@ -152,11 +142,11 @@ def test_run_validation():
     with pytest.raises(TypeError, match="paged_kv_cache"):
         w.run(q, cache.float())
     r = pf.BatchPrefillWithRaggedKVCacheWrapper(_ws())
-    r.plan(_indptr([3, 30]), _indptr([10, 30]), 4, 2, 64)
+    r.plan(indptr_of([3, 30]), indptr_of([10, 30]), 4, 2, 64)
     with pytest.raises(ValueError, match="k and v"):
         r.run(q, k[:5], v[:5])
     with pytest.raises(ValueError, match="kv_indptr"):
-        r.plan(_indptr([3, 30]), _indptr([10]), 4, 2, 64)
+        r.plan(indptr_of([3, 30]), indptr_of([10]), 4, 2, 64)
 
 
 # ------------------------------------------- the Triton kernel path in the interpreter (no CUDA)
@@ -179,7 +169,7 @@ def kernel_path(monkeypatch):
 
 
 def _ref_paged(q, cache, qo, meta, layout, causal, **kw):
-    return ref.batch_prefill_with_paged_kv_cache(q, cache.nan_to_num(), _indptr(qo), *meta, layout, causal=causal,
+    return ref.batch_prefill_with_paged_kv_cache(q, cache.nan_to_num(), indptr_of(qo), *meta, layout, causal=causal,
                                                  sm_scale=q.shape[-1] ** -0.5, compute_dtype=torch.float64, **kw)
 
 
@@ -229,7 +219,7 @@ def test_kernel_path_split_kv(kernel_path, page_size, hq, hk, layout, causal, wi
     d = 16
     q, cache, _, _, meta = _data(SPLIT_KV, SPLIT_QO, page_size, hq, hk, d, layout, torch.float32)
     w = pf.BatchPrefillWithPagedKVCacheWrapper(_ws(), layout)
-    w.plan(_indptr(SPLIT_QO), *meta, hq, hk, d, page_size, causal=causal, window_left=window_left,
+    w.plan(indptr_of(SPLIT_QO), *meta, hq, hk, d, page_size, causal=causal, window_left=window_left,
            q_data_type=torch.float32, fixed_split_size=fixed)
     assert w._splits >= 2
     out, lse = w.run(q, cache, return_lse=True)
@@ -244,7 +234,7 @@ def test_kernel_path_split_fallbacks(kernel_path, ws_bytes, disable, splits):
     """disable_split_kv and a workspace too small for the partial states run unsplit; padded q rows stay zero."""
     q, cache, _, _, meta = _data([300, 20], [6, 2], 16, 8, 2, 16, "NHD", torch.float16)
     w = pf.BatchPrefillWithPagedKVCacheWrapper(torch.empty(ws_bytes, dtype=torch.uint8), "NHD")
-    w.plan(_indptr([6, 2]), *meta, 8, 2, 16, 16, causal=True, q_data_type=torch.float16, disable_split_kv=disable)
+    w.plan(indptr_of([6, 2]), *meta, 8, 2, 16, 16, causal=True, q_data_type=torch.float16, disable_split_kv=disable)
     assert w._splits == splits
     qp = torch.cat([q, torch.randn(3, 8, 16, dtype=q.dtype)])
     out, lse = w.run(qp, cache, return_lse=True)
@@ -268,7 +258,7 @@ def test_kernel_path_graph_mode_split_replans(kernel_path):
     chunk_buf = w._chunk_buf
     for kv, qo in (([200, 40, 9], [4, 3, 9]), ([700], [5]), ([0, 3], [0, 1])):
         q, cache, _, _, meta = _data(kv, qo, ps, hq, hk, d, "NHD", torch.float32)
-        w.plan(_indptr(qo), *meta, hq, hk, d, ps, causal=True, q_data_type=torch.float32)
+        w.plan(indptr_of(qo), *meta, hq, hk, d, ps, causal=True, q_data_type=torch.float32)
         assert w._splits >= 2 and w._chunk_buf is chunk_buf
         assert w._splits * int(chunk_buf) >= max(kv)
         q_static.normal_()
@@ -296,7 +286,7 @@ GPU_QO = [0, 1, 2048, 37, 1, 200, 16]
 def test_cuda_paged_prefill_bf16(layout, page_size, hq, hk, d, causal):
     q, cache, k, v, meta = _data(GPU_KV, GPU_QO, page_size, hq, hk, d, layout, torch.bfloat16, "cuda")
     w = pf.BatchPrefillWithPagedKVCacheWrapper(_ws("cuda"), layout)
-    w.plan(_indptr(GPU_QO, "cuda"), *meta, hq, hk, d, page_size, causal=causal, q_data_type=torch.bfloat16)
+    w.plan(indptr_of(GPU_QO, "cuda"), *meta, hq, hk, d, page_size, causal=causal, q_data_type=torch.bfloat16)
     out, lse = w.run(q, cache, return_lse=True)
     want, want_lse = _varlen(q, k, v, GPU_QO, GPU_KV, causal)
     assert rel_err(out, want) < 1e-2
@@ -309,11 +299,11 @@ def test_cuda_paged_prefill_bf16(layout, page_size, hq, hk, d, causal):
 def test_cuda_paged_prefill_options(mode, dtype):
     q, cache, _, _, meta = _data(GPU_KV, GPU_QO, 16, 8, 2, 128, "NHD", dtype, "cuda")
     w = pf.BatchPrefillWithPagedKVCacheWrapper(_ws("cuda"), "NHD")
-    w.plan(_indptr(GPU_QO, "cuda"), *meta, 8, 2, 128, 16, causal=True, pos_encoding_mode=mode, window_left=100,
+    w.plan(indptr_of(GPU_QO, "cuda"), *meta, 8, 2, 128, 16, causal=True, pos_encoding_mode=mode, window_left=100,
            logits_soft_cap=30.0, q_data_type=dtype)
     out, lse = w.run(q, cache, return_lse=True)
     want, want_lse = ref.batch_prefill_with_paged_kv_cache(
-        q.cpu(), cache.cpu().nan_to_num(), _indptr(GPU_QO), *(t.cpu() for t in meta), "NHD", causal=True,
+        q.cpu(), cache.cpu().nan_to_num(), indptr_of(GPU_QO), *(t.cpu() for t in meta), "NHD", causal=True,
         sm_scale=128 ** -0.5, window_left=100, logits_soft_cap=30.0, pos_encoding_mode=mode,
         compute_dtype=torch.float64)
     assert rel_err(out.cpu(), want) < (2e-3 if dtype == torch.float16 else 1e-4)
@@ -325,10 +315,10 @@ def test_cuda_paged_prefill_options(mode, dtype):
 def test_cuda_ragged_and_single(mode):
     q, cache, k, v, meta = _data(GPU_KV, GPU_QO, 16, 32, 8, 128, "NHD", torch.bfloat16, "cuda")
     r = pf.BatchPrefillWithRaggedKVCacheWrapper(_ws("cuda"))
-    r.plan(_indptr(GPU_QO, "cuda"), _indptr(GPU_KV, "cuda"), 32, 8, 128, causal=True, pos_encoding_mode=mode,
+    r.plan(indptr_of(GPU_QO, "cuda"), indptr_of(GPU_KV, "cuda"), 32, 8, 128, causal=True, pos_encoding_mode=mode,
            q_data_type=torch.bfloat16)
     p = pf.BatchPrefillWithPagedKVCacheWrapper(_ws("cuda"))
-    p.plan(_indptr(GPU_QO, "cuda"), *meta, 32, 8, 128, 16, causal=True, pos_encoding_mode=mode,
+    p.plan(indptr_of(GPU_QO, "cuda"), *meta, 32, 8, 128, 16, causal=True, pos_encoding_mode=mode,
            q_data_type=torch.bfloat16)
     assert rel_err(r.run(q, k, v), p.run(q, cache)) < 1e-2
     s = pf.single_prefill_with_kv_cache(q[1:2049], k[1:2049], v[1:2049], causal=True, pos_encoding_mode=mode)
@@ -348,7 +338,7 @@ def test_cuda_paged_prefill_graph_replay():
     # One static cache, large enough for every batch replayed below (the graph captures its address).
     cache = torch.zeros((128,) + tuple(cache0.shape[1:]), dtype=cache0.dtype, device="cuda")
     cache[:cache0.shape[0]].copy_(cache0)
-    w.plan(_indptr([100, 40, 1, 7], "cuda"), *meta, hq, hk, d, ps, causal=True, q_data_type=torch.float16)
+    w.plan(indptr_of([100, 40, 1, 7], "cuda"), *meta, hq, hk, d, ps, causal=True, q_data_type=torch.float16)
     q_static[:148].copy_(q)
     w.run(q_static, cache)
     torch.cuda.synchronize()
@@ -359,7 +349,7 @@ def test_cuda_paged_prefill_graph_replay():
         q, cache2, k, v, meta = _data(kv, qo, ps, hq, hk, d, "NHD", torch.float16, "cuda")
         assert cache2.shape[0] <= cache.shape[0]
         cache[:cache2.shape[0]].copy_(cache2)
-        w.plan(_indptr(qo, "cuda"), *meta, hq, hk, d, ps, causal=True, q_data_type=torch.float16)
+        w.plan(indptr_of(qo, "cuda"), *meta, hq, hk, d, ps, causal=True, q_data_type=torch.float16)
         q_static.zero_()
         q_static[:q.shape[0]].copy_(q)
         graph.replay()
@@ -372,9 +362,9 @@ def test_cuda_paged_prefill_graph_replay():
 def test_cuda_runs_do_not_sync():
     q, cache, k, v, meta = _data(GPU_KV, GPU_QO, 16, 32, 8, 128, "NHD", torch.bfloat16, "cuda")
     r = pf.BatchPrefillWithRaggedKVCacheWrapper(_ws("cuda"))
-    r.plan(_indptr(GPU_QO, "cuda"), _indptr(GPU_KV, "cuda"), 32, 8, 128, causal=True, q_data_type=torch.bfloat16)
+    r.plan(indptr_of(GPU_QO, "cuda"), indptr_of(GPU_KV, "cuda"), 32, 8, 128, causal=True, q_data_type=torch.bfloat16)
     p = pf.BatchPrefillWithPagedKVCacheWrapper(_ws("cuda"))
-    p.plan(_indptr(GPU_QO, "cuda"), *meta, 32, 8, 128, 16, causal=True, q_data_type=torch.bfloat16)
+    p.plan(indptr_of(GPU_QO, "cuda"), *meta, 32, 8, 128, 16, causal=True, q_data_type=torch.bfloat16)
     want = r.run(q, k, v)  # compiles
     p.run(q, cache)
     torch.cuda.synchronize()

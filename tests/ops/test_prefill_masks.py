@@ -13,7 +13,7 @@ from pagoda.ops import _mask
 from pagoda.reference import mask as mref
 from tests.helpers import assert_finite_lse_close, rel_err
 from tests.ops import mask_utils as mu
-from tests.paged_utils import empty_cache, fill_cache, random_page_table
+from tests.paged_utils import indptr_of, paged_inputs
 
 LOG2E = 1.0 / math.log(2.0)   # FlashInfer's API LSE is base 2; the reference's natural log
 # The kernel on CPU tensors needs the interpreter (set by conftest where there is no CUDA device).
@@ -21,25 +21,9 @@ interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("",
                                  reason="runs the Triton kernel in the interpreter (TRITON_INTERPRET=1)")
 
 
-def _indptr(lens, device="cpu"):
-    p = torch.zeros(len(lens) + 1, dtype=torch.int32)
-    p[1:] = torch.cumsum(torch.tensor(lens), 0)
-    return p.to(device)
-
-
-def _paged(kv, qo, page_size, hq, hk, d, layout, dtype, device="cpu"):
-    indptr, indices, last, max_pages = random_page_table(kv, page_size, device=device)
-    cache = empty_cache(max_pages, page_size, hk, d, layout, dtype, device=device)
-    keys = [torch.randn(n, hk, d, dtype=dtype, device=device) for n in kv]
-    vals = [torch.randn(n, hk, d, dtype=dtype, device=device) for n in kv]
-    fill_cache(cache, keys, vals, indptr.cpu(), indices.cpu(), page_size, layout)
-    q = torch.randn(sum(qo), hq, d, dtype=dtype, device=device)
-    return q, cache, keys, vals, (indptr, indices, last)
-
-
 def _want(q, keys, vals, qo, masks, **kw):
     kv = [(k.double().cpu(), v.double().cpu()) for k, v in zip(keys, vals)]
-    o, l = mref.batch_masked_prefill(q.double().cpu(), kv, _indptr(qo), masks, compute_dtype=torch.float64,
+    o, l = mref.batch_masked_prefill(q.double().cpu(), kv, indptr_of(qo), masks, compute_dtype=torch.float64,
                                      sm_scale=kw.pop("sm_scale", q.shape[-1] ** -0.5), **kw)
     return o, l * LOG2E
 
@@ -50,12 +34,12 @@ def _ws(device="cpu"):
 
 def _paged_run(masks, kv, qo, *, page_size=16, hq=4, hk=2, d=32, layout="NHD", dtype=torch.float32, packed=False,
                causal=False, device="cpu", **opts):
-    q, cache, keys, vals, meta = _paged(kv, qo, page_size, hq, hk, d, layout, dtype, device)
+    q, cache, keys, vals, meta = paged_inputs(kv, qo, page_size, hq, hk, d, layout, dtype, device)
     flat = mu.flat(masks).to(device)
-    mask_kw = {"packed_custom_mask": pagoda.segment_packbits(flat, _indptr([a * b for a, b in zip(qo, kv)], device),
+    mask_kw = {"packed_custom_mask": pagoda.segment_packbits(flat, indptr_of([a * b for a, b in zip(qo, kv)], device),
                                                              bitorder="little")[0]} if packed else {"custom_mask": flat}
     w = pagoda.BatchPrefillWithPagedKVCacheWrapper(_ws(device), layout)
-    w.plan(_indptr(qo, device), *meta, hq, hk, d, page_size, causal=causal, q_data_type=dtype, **mask_kw, **opts)
+    w.plan(indptr_of(qo, device), *meta, hq, hk, d, page_size, causal=causal, q_data_type=dtype, **mask_kw, **opts)
     out, lse = w.run(q, cache, return_lse=True)
     want, want_lse = _want(q, keys, vals, qo, masks, **opts)
     return out, lse, want, want_lse, w
@@ -97,10 +81,10 @@ def test_mask_of_causal_tril_equals_causal_plan():
     kv, qo = [40, 70], [40, 9]
     masks = [torch.tril(torch.ones(a, b, dtype=torch.bool), diagonal=b - a) for a, b in zip(qo, kv)]
     out, lse, *_ , w = _paged_run(masks, kv, qo)
-    q, cache, _, _, meta = _paged(kv, qo, 16, 4, 2, 32, "NHD", torch.float32)
-    w.plan(_indptr(qo), *meta, 4, 2, 32, 16, custom_mask=mu.flat(masks), q_data_type=torch.float32)
+    q, cache, _, _, meta = paged_inputs(kv, qo, 16, 4, 2, 32, "NHD", torch.float32)
+    w.plan(indptr_of(qo), *meta, 4, 2, 32, 16, custom_mask=mu.flat(masks), q_data_type=torch.float32)
     o_mask, l_mask = w.run(q, cache, return_lse=True)
-    w.plan(_indptr(qo), *meta, 4, 2, 32, 16, causal=True, q_data_type=torch.float32)
+    w.plan(indptr_of(qo), *meta, 4, 2, 32, 16, causal=True, q_data_type=torch.float32)
     o_causal, l_causal = w.run(q, cache, return_lse=True)
     assert rel_err(o_mask, o_causal) < 1e-6
     assert_finite_lse_close(l_mask, l_causal, atol=1e-5)
@@ -160,10 +144,10 @@ def test_single_prefill_mask_2d_and_hnd():
 # ---------------------------------------------------------------- bad input
 
 def test_bad_masks_raise_naming_the_argument():
-    q, cache, _, _, meta = _paged(KV, QO, 16, 4, 2, 32, "NHD", torch.float32)
+    q, cache, _, _, meta = paged_inputs(KV, QO, 16, 4, 2, 32, "NHD", torch.float32)
     w = pagoda.BatchPrefillWithPagedKVCacheWrapper(_ws())
     n = sum(a * b for a, b in zip(QO, KV))
-    args = (_indptr(QO), *meta, 4, 2, 32, 16)
+    args = (indptr_of(QO), *meta, 4, 2, 32, 16)
     with pytest.raises(ValueError, match="custom_mask must hold"):
         w.plan(*args, custom_mask=torch.ones(n - 1, dtype=torch.bool))
     with pytest.raises(TypeError, match="custom_mask"):
@@ -237,7 +221,7 @@ def test_interpreted_ragged_and_single(triton_on_cpu):
     vals = [torch.randn(n, hk, d, dtype=torch.float16) for n in kv]
     masks = [mu.tree_mask(a, b) if a <= b else mu.random_mask(a, b) for a, b in zip(qo, kv)]
     w = pagoda.BatchPrefillWithRaggedKVCacheWrapper(_ws())
-    w.plan(_indptr(qo), _indptr(kv), hq, hk, d, custom_mask=mu.flat(masks), q_data_type=torch.float16,
+    w.plan(indptr_of(qo), indptr_of(kv), hq, hk, d, custom_mask=mu.flat(masks), q_data_type=torch.float16,
            pos_encoding_mode="ROPE_LLAMA")
     out, lse = w.run(q, torch.cat(keys), torch.cat(vals), return_lse=True)
     want, want_lse = _want(q, keys, vals, qo, masks, pos_encoding_mode="ROPE_LLAMA")
@@ -253,7 +237,7 @@ def test_interpreted_ragged_and_single(triton_on_cpu):
 def test_interpreted_kernel_skips_hidden_tiles(triton_on_cpu):
     # NaN in every key/value that only hidden tiles hold: a read of one would turn the output NaN (0 * NaN).
     qo, kv, hq, hk, d, ps = [64], [256], 2, 2, 16, 16
-    q, cache, keys, vals, meta = _paged(kv, qo, ps, hq, hk, d, "NHD", torch.float32)
+    q, cache, keys, vals, meta = paged_inputs(kv, qo, ps, hq, hk, d, "NHD", torch.float32)
     m = torch.zeros(64, 256, dtype=torch.bool)
     m[:, :64] = torch.rand(64, 64) < 0.5          # key tile 0 of 64 keys only
     m[:, 192:] = torch.rand(64, 64) < 0.5         # and tile 3
@@ -263,7 +247,7 @@ def test_interpreted_kernel_skips_hidden_tiles(triton_on_cpu):
     for t in range(64, 192):                      # poison keys 64..191 in the cache
         cache[indices[t // ps], :, t % ps] = float("nan")
     w = pagoda.BatchPrefillWithPagedKVCacheWrapper(_ws())
-    w.plan(_indptr(qo), *meta, hq, hk, d, ps, custom_mask=m.reshape(-1), q_data_type=torch.float32)
+    w.plan(indptr_of(qo), *meta, hq, hk, d, ps, custom_mask=m.reshape(-1), q_data_type=torch.float32)
     assert w._mask.visited == 0.5
     out = w.run(q, cache)
     keys[0][64:192], vals[0][64:192] = 0, 0
@@ -294,9 +278,9 @@ def test_gpu_ragged_mask_equals_causal():
     v = torch.randn_like(k)
     m = mu.flat([torch.tril(torch.ones(a, b, dtype=torch.bool), diagonal=b - a) for a, b in zip(qo, kv)])
     w = pagoda.BatchPrefillWithRaggedKVCacheWrapper(_ws("cuda"))
-    w.plan(_indptr(qo, "cuda"), _indptr(kv, "cuda"), hq, hk, d, custom_mask=m.cuda())
+    w.plan(indptr_of(qo, "cuda"), indptr_of(kv, "cuda"), hq, hk, d, custom_mask=m.cuda())
     o_mask, l_mask = w.run(q, k, v, return_lse=True)
-    w.plan(_indptr(qo, "cuda"), _indptr(kv, "cuda"), hq, hk, d, causal=True)
+    w.plan(indptr_of(qo, "cuda"), indptr_of(kv, "cuda"), hq, hk, d, causal=True)
     o_causal, l_causal = w.run(q, k, v, return_lse=True)
     torch.testing.assert_close(o_mask, o_causal, rtol=1e-3, atol=1e-3)
     assert_finite_lse_close(l_mask.cpu(), l_causal.cpu(), atol=1e-3)
