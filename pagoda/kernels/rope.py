@@ -14,6 +14,28 @@ from pagoda.kernels.launch.fast import cdiv, launch, next_pow2
 
 
 @triton.jit
+def _rotate_heads(x_row, o_row, cos, sin, offs_i, half, head_dim, hmask, mask, REST_PAD: tl.constexpr,
+                  INTERLEAVE: tl.constexpr, COPY_REST: tl.constexpr):
+    """One token's block of heads: ``x_row``/``o_row`` ``[BLOCK_H, 1]`` pointers to each head's first element,
+    ``cos``/``sin`` float32 ``[1, HALF_PAD]``; pair i is (2i, 2i + 1) interleaved, else (i, i + half). Writes
+    ``(x1 cos - x2 sin, x2 cos + x1 sin)`` and, with COPY_REST, the dimensions past ``2 * half`` unchanged."""
+    if INTERLEAVE:
+        d1 = 2 * offs_i
+        d2 = 2 * offs_i + 1
+    else:
+        d1 = offs_i
+        d2 = offs_i + half
+    x1 = tl.load(x_row + d1[None, :], mask=mask).to(tl.float32)
+    x2 = tl.load(x_row + d2[None, :], mask=mask).to(tl.float32)
+    tl.store(o_row + d1[None, :], (x1 * cos - x2 * sin).to(o_row.dtype.element_ty), mask=mask)
+    tl.store(o_row + d2[None, :], (x2 * cos + x1 * sin).to(o_row.dtype.element_ty), mask=mask)
+    if COPY_REST:
+        offs_r = 2 * half + tl.arange(0, REST_PAD)
+        rmask = hmask[:, None] & (offs_r[None, :] < head_dim)
+        tl.store(o_row + offs_r[None, :], tl.load(x_row + offs_r[None, :], mask=rmask), mask=rmask)
+
+
+@triton.jit
 def _rope_kernel(
     X, OUT, POS, FREQS,
     stride_xt, stride_xh, stride_ot, stride_oh,
@@ -33,25 +55,10 @@ def _rope_kernel(
     angle = pos * freq
     cos = tl.cos(angle)[None, :]
     sin = tl.sin(angle)[None, :]
-    if INTERLEAVE:
-        d1 = 2 * offs_i
-        d2 = 2 * offs_i + 1
-    else:
-        d1 = offs_i
-        d2 = offs_i + half
-
     tok64 = tok.to(tl.int64)
-    x_row = X + tok64 * stride_xt + offs_h[:, None] * stride_xh
-    o_row = OUT + tok64 * stride_ot + offs_h[:, None] * stride_oh
-    x1 = tl.load(x_row + d1[None, :], mask=mask).to(tl.float32)
-    x2 = tl.load(x_row + d2[None, :], mask=mask).to(tl.float32)
-    tl.store(o_row + d1[None, :], (x1 * cos - x2 * sin).to(OUT.dtype.element_ty), mask=mask)
-    tl.store(o_row + d2[None, :], (x2 * cos + x1 * sin).to(OUT.dtype.element_ty), mask=mask)
-    if COPY_REST:
-        offs_r = 2 * half + tl.arange(0, REST_PAD)
-        rmask = hmask[:, None] & (offs_r[None, :] < head_dim)
-        rest = tl.load(x_row + offs_r[None, :], mask=rmask)
-        tl.store(o_row + offs_r[None, :], rest, mask=rmask)
+    _rotate_heads(X + tok64 * stride_xt + offs_h[:, None] * stride_xh,
+                  OUT + tok64 * stride_ot + offs_h[:, None] * stride_oh,
+                  cos, sin, offs_i, half, head_dim, hmask, mask, REST_PAD, INTERLEAVE, COPY_REST)
 
 
 def rope_fwd(x, out, pos, freqs, interleave: bool) -> None:

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from pagoda.kernels.launch.fast import cdiv, launch, next_pow2
+from pagoda.kernels.rope import _rotate_heads
 
 
 @triton.jit
@@ -40,24 +41,9 @@ def _rope_table_kernel(
     sin = tl.load(SIN + row_c * stride_sin + offs_i, mask=imask, other=0.0).to(tl.float32)
     cos = tl.where(inside, cos, 1.0)[None, :]
     sin = tl.where(inside, sin, 0.0)[None, :]
-    if INTERLEAVE:
-        d1 = 2 * offs_i
-        d2 = 2 * offs_i + 1
-    else:
-        d1 = offs_i
-        d2 = offs_i + half
-
-    x_row = X + outer * stride_xo + row * stride_xi + offs_h[:, None] * stride_xh
-    o_row = OUT + outer * stride_oo + row * stride_oi + offs_h[:, None] * stride_oh
-    x1 = tl.load(x_row + d1[None, :], mask=mask).to(tl.float32)
-    x2 = tl.load(x_row + d2[None, :], mask=mask).to(tl.float32)
-    tl.store(o_row + d1[None, :], (x1 * cos - x2 * sin).to(OUT.dtype.element_ty), mask=mask)
-    tl.store(o_row + d2[None, :], (x2 * cos + x1 * sin).to(OUT.dtype.element_ty), mask=mask)
-    if COPY_REST:
-        offs_r = 2 * half + tl.arange(0, REST_PAD)
-        rmask = hmask[:, None] & (offs_r[None, :] < head_dim)
-        tl.store(o_row + offs_r[None, :], tl.load(x_row + offs_r[None, :], mask=rmask), mask=rmask)
-
+    _rotate_heads(X + outer * stride_xo + row * stride_xi + offs_h[:, None] * stride_xh,
+                  OUT + outer * stride_oo + row * stride_oi + offs_h[:, None] * stride_oh,
+                  cos, sin, offs_i, half, head_dim, hmask, mask, REST_PAD, INTERLEAVE, COPY_REST)
 
 def rope_table_fwd(x, out, pos, cos, sin, interleave: bool) -> None:
     """Rotate ``x [outer, inner, H, D]`` (any strides, last dim contiguous) into ``out`` (same shape; may be ``x``:
