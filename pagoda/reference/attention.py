@@ -38,12 +38,13 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_
                   window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
                   alibi_slopes: torch.Tensor | None = None,
                   compute_dtype: torch.dtype = torch.float32,
-                  alibi_signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  alibi_signed: bool = False, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention for one sequence.
 
     q: ``[seqlen_q, nheads_q, head_dim]``; k, v: ``[seqlen_k, nheads_kv, head_dim]``;
     alibi_slopes: ``[nheads_q]`` float or None: flash-attn's bias ``-slope * |i + sk - sq - j|``, or with
-    ``alibi_signed`` FlashInfer's ``slope * (j - (i + sk - sq))`` (equal left of the diagonal).
+    ``alibi_signed`` FlashInfer's ``slope * (j - (i + sk - sq))`` (equal left of the diagonal);
+    mask: optional bool ``[seqlen_q, seqlen_k]`` (True = visible), intersected with the window.
     Returns ``out [seqlen_q, nheads_q, head_dim]`` (q.dtype) and ``lse [nheads_q, seqlen_q]`` float32.
     """
     sq, hq, d = q.shape
@@ -60,8 +61,10 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_
         j = torch.arange(sk, device=q.device)[None, :]
         dist = (i - j).to(compute_dtype) if alibi_signed else (i - j).abs().to(compute_dtype)
         s = s - alibi_slopes.to(compute_dtype)[:, None, None] * dist
-    mask = visibility_mask(sq, sk, window_left, window_right, device=q.device)
-    s = s.masked_fill(~mask, -math.inf)
+    visible = visibility_mask(sq, sk, window_left, window_right, device=q.device)
+    if mask is not None:
+        visible &= mask.to(device=q.device, dtype=torch.bool)
+    s = s.masked_fill(~visible, -math.inf)
     lse = torch.logsumexp(s, dim=-1)                                          # [hq, sq]
     p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
     p = torch.nan_to_num(p, nan=0.0)

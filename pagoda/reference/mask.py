@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from pagoda.reference.attention import attention_ref
 from pagoda.reference.decode import alibi_slopes
 from pagoda.reference.rope import rope_frequencies, rope_ref
 
@@ -52,25 +53,10 @@ def masked_prefill_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
         freqs = rope_frequencies(d, rope_scale, rope_theta, device=q.device)
         q = rope_ref(q, pos_q, freqs, False)
         k = rope_ref(k, pos_k, freqs, False)
-    group = hq // hk
-    qc = q.to(compute_dtype).transpose(0, 1)                                   # [Hq, qo, D]
-    kc = k.to(compute_dtype).transpose(0, 1).repeat_interleave(group, 0)       # [Hq, kv, D]
-    vc = v.to(compute_dtype).transpose(0, 1).repeat_interleave(group, 0)
-    s = torch.matmul(qc, kc.transpose(1, 2)) * sm_scale                        # [Hq, qo, kv]
-    if logits_soft_cap > 0:
-        s = logits_soft_cap * torch.tanh(s / logits_soft_cap)
-    if pos_encoding_mode == "ALIBI":
-        slopes = alibi_slopes(hq, device=q.device).to(compute_dtype)
-        s = s + slopes[:, None, None] * (pos_k[None, :] - pos_q[:, None]).to(compute_dtype)
-    visible = mask.to(device=q.device, dtype=torch.bool).clone()
-    if window_left >= 0:
-        visible &= pos_k[None, :] >= pos_q[:, None] - window_left
-    s = s.masked_fill(~visible, -math.inf)
-    lse = torch.logsumexp(s, dim=-1)                                           # [Hq, qo]
-    p = torch.nan_to_num(torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None]), nan=0.0)
-    out = torch.matmul(p, vc).transpose(0, 1)
-    return out.to(q.dtype), lse.transpose(0, 1).to(torch.float32).contiguous()
-
+    slopes = alibi_slopes(hq, device=q.device) if pos_encoding_mode == "ALIBI" else None
+    out, lse = attention_ref(q, k, v, softmax_scale=sm_scale, window_left=window_left, softcap=logits_soft_cap,
+                             alibi_slopes=slopes, alibi_signed=True, compute_dtype=compute_dtype, mask=mask)
+    return out, lse.transpose(0, 1).contiguous()
 
 def batch_masked_prefill(q: torch.Tensor, kv_pairs, qo_indptr: torch.Tensor, masks: list[torch.Tensor],
                          **kw) -> tuple[torch.Tensor, torch.Tensor]:
