@@ -52,13 +52,12 @@ def positions_from_indptr(indptr: torch.Tensor, offsets: torch.Tensor, nnz: int)
     return torch.where(t < ptr[-1], pos, 0)
 
 
-def rope_ref(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor, interleave: bool,
-             compute_dtype=torch.float32) -> torch.Tensor:
-    """Rotate ``x [nnz, heads, head_dim]`` at positions ``pos [nnz]`` with pair frequencies ``freqs``."""
-    half = freqs.shape[0]
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool,
+                 compute_dtype=torch.float32) -> torch.Tensor:
+    """Rotate ``x [nnz, heads, head_dim]`` by per-token angles given as ``cos``/``sin`` ``[nnz, 1, half]``: pair i
+    is (2i, 2i + 1) interleaved, else (i, i + half); dimensions past ``2 * half`` unchanged. x's dtype."""
+    half = cos.shape[-1]
     rd = 2 * half
-    angle = pos.to(compute_dtype)[:, None] * freqs.to(compute_dtype)[None, :]   # [nnz, half]
-    cos, sin = torch.cos(angle)[:, None, :], torch.sin(angle)[:, None, :]
     xc = x.to(compute_dtype)
     if interleave:
         x1, x2 = xc[..., 0:rd:2], xc[..., 1:rd:2]
@@ -73,6 +72,12 @@ def rope_ref(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor, interleave
         out[..., :half], out[..., half:rd] = r1, r2
     return out.to(x.dtype)
 
+
+def rope_ref(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor, interleave: bool,
+             compute_dtype=torch.float32) -> torch.Tensor:
+    """Rotate ``x [nnz, heads, head_dim]`` at positions ``pos [nnz]`` with pair frequencies ``freqs``."""
+    angle = pos.to(compute_dtype)[:, None] * freqs.to(compute_dtype)[None, :]   # [nnz, half]
+    return rotate_pairs(x, torch.cos(angle)[:, None, :], torch.sin(angle)[:, None, :], interleave, compute_dtype)
 
 def apply_rope_pos_ids(q, k, pos_ids, rotary_dim=None, interleave=False, rope_scale=1.0, rope_theta=1e4,
                        compute_dtype=torch.float32):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from pagoda.reference.rope import rotate_pairs
+
 __all__ = ["rotate_with_table"]
 
 
@@ -18,7 +20,6 @@ def rotate_with_table(x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin
     """Rotate ``x [n, heads, head_dim]`` at int positions ``pos [n]`` with tables ``cos, sin [L, rotary_dim / 2]``;
     returns a new tensor of x's dtype (math in ``compute_dtype``)."""
     half = cos.shape[1]
-    rd = 2 * half
     p = pos.to(torch.int64)
     inside = (p >= 0) & (p < cos.shape[0])
     if cos.shape[0]:
@@ -28,16 +29,4 @@ def rotate_with_table(x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin
     else:
         c = torch.ones(p.shape[0], half, dtype=compute_dtype, device=x.device)
         s = torch.zeros(p.shape[0], half, dtype=compute_dtype, device=x.device)
-    c, s = c[:, None, :], s[:, None, :]
-    xc = x.to(compute_dtype)
-    if interleave:
-        x1, x2 = xc[..., 0:rd:2], xc[..., 1:rd:2]
-    else:
-        x1, x2 = xc[..., :half], xc[..., half:rd]
-    r1, r2 = x1 * c - x2 * s, x2 * c + x1 * s
-    out = xc.clone()
-    if interleave:
-        out[..., 0:rd:2], out[..., 1:rd:2] = r1, r2
-    else:
-        out[..., :half], out[..., half:rd] = r1, r2
-    return out.to(x.dtype)
+    return rotate_pairs(x, c[:, None, :], s[:, None, :], interleave, compute_dtype)
