@@ -242,20 +242,26 @@ def run_engine(model_dir: str, requests, cfg: EngineBenchConfig, load_format: st
 
 # ------------------------------------------------------------------------------------------------ study
 
+def bench_model(cfg: EngineBenchConfig, tmp: str):
+    """``(model_dir, load_format, hf_config, cfg)`` of a study: ``cfg.model``, else a dummy Qwen3-0.6B (Llama-3-8B
+    with ``batch_1``) written under ``tmp``; ``cfg`` with prompt ids kept inside the model's vocabulary."""
+    from transformers import AutoConfig
+
+    if cfg.model:
+        model_dir, load_format = cfg.model, "auto"
+    else:
+        spec, arch = (LLAMA_3_8B, "llama") if cfg.batch_1 else (QWEN3_0_6B, "qwen3")
+        model_dir, load_format = str(dummy_model_dir(spec, arch, Path(tmp))), "dummy"
+    hf_config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    if cfg.max_token_id >= hf_config.vocab_size:        # a small model: ids inside its vocabulary
+        cfg = EngineBenchConfig(**{**asdict(cfg), "max_token_id": hf_config.vocab_size - 1})
+    return model_dir, load_format, hf_config, cfg
+
+
 def run_study(cfg: EngineBenchConfig, device: torch.device | None = None) -> dict:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        if cfg.model:
-            model_dir, load_format = cfg.model, "auto"
-        elif cfg.batch_1:
-            model_dir, load_format = str(dummy_model_dir(LLAMA_3_8B, "llama", Path(tmp))), "dummy"
-        else:
-            model_dir, load_format = str(dummy_model_dir(QWEN3_0_6B, "qwen3", Path(tmp))), "dummy"
-        from transformers import AutoConfig
-
-        vocab = AutoConfig.from_pretrained(model_dir, local_files_only=True).vocab_size
-        if cfg.max_token_id >= vocab:        # a small model: ids inside its vocabulary
-            cfg = EngineBenchConfig(**{**asdict(cfg), "max_token_id": vocab - 1})
+        model_dir, load_format, _, cfg = bench_model(cfg, tmp)
         if cfg.batch_1:
             rng = random.Random(cfg.seed)
             requests = [([rng.randint(0, cfg.max_token_id) for _ in range(cfg.batch_1_prompt)], cfg.batch_1_tokens)]
@@ -301,15 +307,7 @@ def profile_study(cfg: EngineBenchConfig, device: torch.device | None = None) ->
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        if cfg.model:
-            model_dir, load_format = cfg.model, "auto"
-        else:
-            model_dir, load_format = str(dummy_model_dir(QWEN3_0_6B, "qwen3", Path(tmp))), "dummy"
-        from transformers import AutoConfig
-
-        vocab = AutoConfig.from_pretrained(model_dir, local_files_only=True).vocab_size
-        if cfg.max_token_id >= vocab:
-            cfg = EngineBenchConfig(**{**asdict(cfg), "max_token_id": vocab - 1})
+        model_dir, load_format, _, cfg = bench_model(cfg, tmp)
         prof = profile_decode(model_dir, cfg, load_format)
     meta = _report.environment(device)
     meta.update(running=prof["running"], steps=prof["steps"], model=cfg.model or "qwen3-0.6b dummy")

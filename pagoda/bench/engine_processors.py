@@ -25,7 +25,6 @@ import gc
 import tempfile
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 
@@ -222,15 +221,7 @@ def _add_ratios(rows: list[dict]) -> None:
 def run_study(cfg, device: torch.device | None = None, variants=PAGODA_VARIANTS, caches=HF_CACHES) -> dict:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        if cfg.model:
-            model_dir, load_format = cfg.model, "auto"
-        else:
-            model_dir, load_format = str(_eb.dummy_model_dir(_eb.QWEN3_0_6B, "qwen3", Path(tmp))), "dummy"
-        from transformers import AutoConfig
-
-        hf_config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-        if cfg.max_token_id >= hf_config.vocab_size:
-            cfg = _eb.EngineBenchConfig(**{**asdict(cfg), "max_token_id": hf_config.vocab_size - 1})
+        model_dir, load_format, hf_config, cfg = _eb.bench_model(cfg, tmp)
         requests = _eb.make_requests(cfg)
         warm_cfg = _eb.EngineBenchConfig(**{**asdict(cfg), "seed": cfg.seed + 1})
         warmup = [(p, 4) for p, _ in _eb.make_requests(warm_cfg)[:min(32, cfg.num_requests)]]
