@@ -220,6 +220,8 @@ def run_engine(model_dir: str, requests, cfg: EngineBenchConfig, load_format: st
                itl_p50_ms=_sig(1e3 * _pct(itl, 50)) if itl else None,
                itl_p99_ms=_sig(1e3 * _pct(itl, 99)) if itl else None,
                peak_kv_usage=_sig(peak), steps=st.steps, decode_steps=st.decode_steps, graph_steps=st.graph_steps,
+               prefill_step_ms=_sig(1e3 * (st.host_s + st.wait_s - st.decode_host_s - st.decode_wait_s)
+                                    / max(st.steps - st.decode_steps, 1)),
                decode_step_ms=_sig(1e3 * (st.decode_host_s + st.decode_wait_s) / max(st.decode_steps, 1)),
                decode_host_ms=_sig(1e3 * st.decode_host_s / max(st.decode_steps, 1)),
                decode_host_frac=_sig(st.decode_host_s / max(st.decode_host_s + st.decode_wait_s, 1e-12)))
@@ -310,7 +312,8 @@ def profile_study(cfg: EngineBenchConfig, device: torch.device | None = None) ->
         model_dir, load_format, _, cfg = bench_model(cfg, tmp)
         prof = profile_decode(model_dir, cfg, load_format)
     meta = _report.environment(device)
-    meta.update(running=prof["running"], steps=prof["steps"], model=cfg.model or "qwen3-0.6b dummy")
+    meta.update(running=prof["running"], steps=prof["steps"], prefill_steps=prof["prefill_steps"],
+                model=cfg.model or "qwen3-0.6b dummy")
     return {"study": "engine-profile", "meta": meta, "backends": {}, "results": prof["rows"]}
 
 
@@ -319,8 +322,8 @@ def tables(report: dict, markdown: bool = False) -> str:
     meta = report["meta"]
     cols = ["system", "requests", "elapsed_s", "output_tok_s", "total_tok_s", "ttft_p50_ms", "ttft_p99_ms",
             "itl_p50_ms", "itl_p99_ms", "peak_kv_usage", "frac_of_ceiling", "floor_ms_per_token", "frac_of_floor",
-            "decode_step_ms", "decode_host_ms", "decode_host_frac", "graph_steps", "kv_tb", "weight_tb",
-            "prefill_pflop", "note"]
+            "steps", "decode_steps", "prefill_step_ms", "decode_step_ms", "decode_host_ms", "decode_host_frac",
+            "graph_steps", "kv_tb", "weight_tb", "prefill_pflop", "note"]
     cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
     body = [[r.get(c) for c in cols] for r in rows]
     fmt = _report.markdown_table if markdown else _report.format_table

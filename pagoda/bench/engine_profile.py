@@ -1,12 +1,14 @@
-"""``pagoda bench engine --profile``: where a decode step at full batch spends its time.
+"""``pagoda bench engine --profile``: where a step of the engine benchmark spends its time.
 
 The engine benchmark's requests (`pagoda.bench.engine.make_requests`), every output long enough that all of them
-are decoding together; once every prompt is prefilled, ``torch.profiler`` records ``steps`` engine steps. Figures:
-wall time per step, the device's busy time per step (the sum of its kernels' and copies' own times: an upper
-bound on what the host could hide), the host's share of the step (1 - busy / wall), the kernels by device time and
-the host-side operators by their own CPU time; then, without the profiler, the same number of steps timed by
-phase of `pagoda.LLMEngine.step` (scheduling, input building and launch, sampling, the wait for the previous
-step's tokens, their processing): where the host's part of a step goes.
+are decoding together, after a warm-up on other prompts (every kernel shape compiled). First the prefill: the
+first ``prefill_steps`` steps (chunks of ``max_num_batched_tokens`` prompt tokens) under ``torch.profiler``, then
+every step until no prompt waits, timed by phase. Then, once every prompt is prefilled, ``steps`` decode steps
+under ``torch.profiler`` and again timed by phase. Figures for each: wall time per step, the device's busy time
+per step (the sum of its kernels' and copies' own times: an upper bound on what the host could hide), the
+host's share of the step (1 - busy / wall), the kernels by device time and the host-side operators by their own
+CPU time, and the phases of `pagoda.LLMEngine.step` (scheduling, input building and launch, sampling, the wait
+for the previous step's tokens, their processing): where the host's part of a step goes.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def _dev_time(evt) -> float:
     return 0.0
 
 
-def profile_decode(model_dir: str, cfg, load_format: str, steps: int = 12) -> dict:
+def profile_decode(model_dir: str, cfg, load_format: str, steps: int = 12, prefill_steps: int = 3) -> dict:
     from pagoda.bench.engine import make_requests
     from pagoda.engine import EngineConfig, LLMEngine, RequestOutputKind, SamplingParams
 
@@ -40,13 +42,41 @@ def profile_decode(model_dir: str, cfg, load_format: str, steps: int = 12) -> di
     requests = make_requests(cfg)
     params = SamplingParams(temperature=cfg.temperature, ignore_eos=True, max_tokens=steps + 64,
                             output_kind=RequestOutputKind.FINAL_ONLY)
+    warm = make_requests(type(cfg)(**{**vars(cfg), "seed": cfg.seed + 1}))[:min(32, len(requests))]
+    for j, (p, _) in enumerate(warm):
+        engine.add_request(f"w{j}", {"prompt_token_ids": p[:cfg.max_model_len - 8]}, params.clone())
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.block_manager.reset_prefix_cache()
     for j, (p, _) in enumerate(requests):
         engine.add_request(str(j), {"prompt_token_ids": p[:cfg.max_model_len - steps - 80]}, params)
-    while engine.scheduler.waiting or engine.stats.decode_steps < 4:
-        engine.step()
-    running = len(engine.scheduler.running)
     cuda = engine.model_runner.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    rows = []
+    tokens0 = engine.stats.tokens
+    first = _profiled(engine, prefill_steps, sync, cuda)
+    rest = _phase_times(engine, None, until=lambda: not engine.scheduler.waiting)
+    n_pre = prefill_steps + rest.pop("steps")
+    rows += _rows(first, f"prefill step, {(engine.stats.tokens - tokens0) // max(n_pre, 1)} tokens", "prefill ")
+    rows += [dict(kind="prefill phase", name=name, calls=n_pre - prefill_steps,
+                  ms_per_step=_sig(1e3 * t / max(n_pre - prefill_steps, 1))) for name, t in rest.items()]
+    while engine.stats.decode_steps < 4 or any(s.is_prefill for s in engine.scheduler.running):
+        engine.step()
+    running = len(engine.scheduler.running)
+    decode = _profiled(engine, steps, sync, cuda)
+    rows = _rows(decode, f"decode step, {running} running", "") + rows
+    phases = _phase_times(engine, steps)
+    phases.pop("steps")
+    rows += [dict(kind="host phase", name=name, calls=steps, ms_per_step=_sig(1e3 * t / steps))
+             for name, t in phases.items()]
+    while engine.has_unfinished_requests():
+        engine.abort_request(list(engine.requests))
+    return dict(running=running, steps=steps, prefill_steps=n_pre, wall_ms=decode["wall_ms"],
+                busy_ms=decode["busy_ms"], rows=rows)
+
+
+def _profiled(engine, steps: int, sync, cuda: bool) -> dict:
+    """``steps`` engine steps under ``torch.profiler``: wall and device-busy ms per step, the profiler's events."""
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     sync()
     with torch.profiler.profile(activities=acts) as prof:
@@ -59,22 +89,23 @@ def profile_decode(model_dir: str, cfg, load_format: str, steps: int = 12) -> di
     kernels = sorted((e for e in events if _dev_time(e) > 0), key=_dev_time, reverse=True)
     busy = sum(_dev_time(e) for e in kernels) / steps / 1e6
     host_ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
-    rows = [dict(kind="step", name=f"decode step, {running} running", calls=steps, ms_per_step=_sig(1e3 * wall),
-                 device_busy_ms=_sig(1e3 * busy), host_share=_sig(max(0.0, 1 - busy / wall)))]
-    rows += [dict(kind="kernel", name=e.key[:90], calls=e.count, ms_per_step=_sig(_dev_time(e) / steps / 1e3))
-             for e in kernels[:20]]
-    rows += [dict(kind="host op", name=e.key[:90], calls=e.count,
-                  ms_per_step=_sig(e.self_cpu_time_total / steps / 1e3)) for e in host_ops[:20]]
-    phases = _phase_times(engine, steps)
-    rows += [dict(kind="host phase", name=name, calls=steps, ms_per_step=_sig(1e3 * t / steps))
-             for name, t in phases.items()]
-    while engine.has_unfinished_requests():
-        engine.abort_request(list(engine.requests))
-    return dict(running=running, steps=steps, wall_ms=1e3 * wall, busy_ms=1e3 * busy, rows=rows)
+    return dict(steps=steps, wall_ms=1e3 * wall, busy_ms=1e3 * busy, kernels=kernels, host_ops=host_ops)
 
 
-def _phase_times(engine, steps: int) -> Counter:
-    """Seconds spent in each phase of ``steps`` engine steps (methods wrapped with timers for the duration)."""
+def _rows(p: dict, title: str, prefix: str) -> list[dict]:
+    steps, wall, busy = p["steps"], p["wall_ms"], p["busy_ms"]
+    rows = [dict(kind=prefix + "step", name=title, calls=steps, ms_per_step=_sig(wall), device_busy_ms=_sig(busy),
+                 host_share=_sig(max(0.0, 1 - busy / wall)) if wall > 0 else None)]
+    rows += [dict(kind=prefix + "kernel", name=e.key[:90], calls=e.count, ms_per_step=_sig(_dev_time(e) / steps / 1e3))
+             for e in p["kernels"][:20]]
+    rows += [dict(kind=prefix + "host op", name=e.key[:90], calls=e.count,
+                  ms_per_step=_sig(e.self_cpu_time_total / steps / 1e3)) for e in p["host_ops"][:20]]
+    return rows
+
+
+def _phase_times(engine, steps: int | None, until=None) -> Counter:
+    """Seconds spent in each phase of ``steps`` engine steps, or of the steps run until ``until()`` is true
+    (methods wrapped with timers for the duration); ``"steps"``: how many ran."""
     times: Counter = Counter()
     runner, sched = engine.model_runner, engine.scheduler
     targets = [(sched, "schedule", "schedule"), (runner, "launch", "inputs + launch"), (runner, "sample", "sample"),
@@ -94,12 +125,15 @@ def _phase_times(engine, steps: int) -> Counter:
         for obj, attr, name in targets:
             setattr(obj, attr, timed(getattr(obj, attr), name))
             stack.callback(delattr, obj, attr)        # back to the class's method
-        wait0 = engine.stats.decode_wait_s
+        wait0 = engine.stats.wait_s
         t0 = time.perf_counter()
-        for _ in range(steps):
+        n = 0
+        while (n < steps) if steps is not None else not until():
             engine.step()
+            n += 1
         total = time.perf_counter() - t0
-    times["wait for tokens"] = engine.stats.decode_wait_s - wait0
+    times["steps"] = n
+    times["wait for tokens"] = engine.stats.wait_s - wait0
     times["step (all)"] = total
     return times
 

@@ -41,3 +41,5 @@ def test_bench_engine_profile_cli_tiny(tiny_model, tmp_path):  # noqa: F811
     phases = {r["name"]: r["ms_per_step"] for r in report["results"] if r["kind"] == "host phase"}
     assert {"schedule", "inputs + launch", "sample", "process tokens", "step (all)"} <= set(phases)
     assert phases["step (all)"] >= phases["inputs + launch"] > 0
+    prefill = [r for r in report["results"] if r["kind"] == "prefill step"]
+    assert len(prefill) == 1 and prefill[0]["ms_per_step"] > 0 and report["meta"]["prefill_steps"] >= 3
