@@ -30,7 +30,7 @@ from pagoda.engine.model_runner import InFlightStep, ModelRunner, StepResult
 from pagoda.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from pagoda.engine.sampling_params import RequestOutputKind, SamplingParams
 from pagoda.engine.scheduler import ScheduledBatch, Scheduler
-from pagoda.engine.sequence import Sequence
+from pagoda.engine.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
 
@@ -311,18 +311,22 @@ class LLMEngine:
         times, now = self.token_times, time.perf_counter()
         lp = result.logprobs
         lp_row = {row: j for j, row in enumerate(lp[0])} if lp is not None else {}
+        requests, finished_status = self.requests, SequenceStatus.FINISHED
+        append = self._append_token
         for i, (seq, token) in enumerate(zip(result.seqs, result.token_ids, strict=True)):
             seq.num_pending_tokens -= 1
-            if seq.is_finished:
+            if seq.status is finished_status:
                 continue
             logprobs = None
-            if i in lp_row:
+            if lp_row and i in lp_row:
                 j = lp_row[i]
                 logprobs = self._logprobs_entry(seq, token, lp[1][j], lp[2][j], lp[3][j], lp[4][j])
-            self._append_token(seq, token, logprobs)
-            touched[seq.request_id] = self.requests[seq.request_id]
+            append(seq, token, logprobs)
+            rid = seq.request_id
+            if rid not in touched:
+                touched[rid] = requests[rid]
             if times is not None:
-                times.setdefault((seq.request_id, seq.index), []).append(now)
+                times.setdefault((rid, seq.index), []).append(now)
         outputs = []
         final_only = RequestOutputKind.FINAL_ONLY
         for req in touched.values():
@@ -353,24 +357,25 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, token: int, logprobs: dict[int, Logprob] | None) -> None:
         """Add a sampled token; finish the sequence on a stop condition (vLLM's order of checks)."""
         params = seq.params
-        seq.token_ids.append(token)
+        token_ids = seq.token_ids
+        token_ids.append(token)
         if logprobs is not None:
             seq.logprobs.append(logprobs)
             seq.cumulative_logprob += logprobs[token].logprob
         finish: tuple[str, int | str | None] | None = None
-        if seq.num_output_tokens >= params.min_tokens:     # (min_tokens <= max_tokens)
+        num_output = len(token_ids) - seq.num_prompt_tokens
+        if num_output >= params.min_tokens:     # (min_tokens <= max_tokens)
             if not params.ignore_eos and token in seq.eos_token_ids:
                 finish = ("stop", None)
-            elif token in params.stop_token_ids:
+            elif params.stop_token_ids and token in params.stop_token_ids:
                 finish = ("stop", token)
-            elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            elif num_output >= seq.max_tokens or len(token_ids) >= self.config.max_model_len:
                 finish = ("length", None)
         detok = seq.detokenizer
-        stopped_by_token = finish is not None and finish[0] == "stop"
         cut = None
-        if not stopped_by_token or params.include_stop_str_in_output:
+        if finish is None or finish[0] != "stop" or params.include_stop_str_in_output:
             delta = detok.add(token)
-            if params.stop and seq.num_output_tokens > params.min_tokens:
+            if params.stop and num_output > params.min_tokens:
                 hit = find_stop_string(detok.output_text, len(delta), params.stop, params.include_stop_str_in_output)
                 if hit is not None:
                     finish, cut = ("stop", hit[0]), hit[1]

@@ -60,6 +60,7 @@ class LaunchedStep:
     seqs: list[Sequence]
     logits: torch.Tensor | None
     graph_batch: int | None = None      # the captured size that ran it (None: eager)
+    processors: list | None = None      # the active logits processors, once asked (`ModelRunner.processors_of`)
 
 
 @dataclass
@@ -394,13 +395,20 @@ class ModelRunner:
                 active.append(p)
         return active
 
+    def processors_of(self, step: LaunchedStep) -> list[LogitsProcessor]:
+        """`active_processors` of a step's sampling sequences, found once a step. (Reading the previous step's
+        tokens between the two calls moves tokens from pending to output: the counts the checks use stay.)"""
+        if step.processors is None:
+            step.processors = self.active_processors(step.seqs)
+        return step.processors
+
     def needs_exact_state(self, step: LaunchedStep) -> bool:
         """True when the step's logits processors must see every earlier token (so the engine reads the
         previous step's tokens before sampling this one); False lets sampling follow the forward pass
         at once."""
         # A processor may say it keeps its state on the device (``needs_host_tokens(seqs)`` False).
         return bool(step.seqs) and any(getattr(p, "needs_host_tokens", lambda seqs: True)(step.seqs)
-                                       for p in self.active_processors(step.seqs))
+                                       for p in self.processors_of(step))
 
     @torch.inference_mode()
     def sample(self, step: LaunchedStep) -> InFlightStep | None:
@@ -409,7 +417,7 @@ class ModelRunner:
         if not seqs:
             return None
         raw_logits = step.logits
-        processors = self.active_processors(seqs)
+        processors = self.processors_of(step)
         # Logprobs are of the raw logits: keep them apart from the processors' in-place edits.
         wants_logprobs = any(s.params.logprobs is not None for s in seqs)
         logits = raw_logits.clone() if wants_logprobs and processors else raw_logits

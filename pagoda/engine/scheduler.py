@@ -66,29 +66,47 @@ class Scheduler:
         scheduled: set[int] = set()
         budget = self.max_num_batched_tokens
         preempted = False
-        # Running sequences: decodes first (one token each), then the chunks of unfinished prefills.
-        for want_decode in (True, False):
-            for seq in list(self.running):
-                if budget == 0:
-                    break
-                if seq.status is not SequenceStatus.RUNNING or seq.seq_id in scheduled:
-                    continue
-                remaining = seq.num_tokens + seq.num_pending_tokens - seq.num_computed_tokens
-                if remaining <= 0 or (remaining == 1) != want_decode or self.finishes_when_read(seq):
-                    continue
-                n = min(remaining, budget)
-                if n < remaining and not self.enable_chunked_prefill:
-                    continue
-                if not self._allocate_or_preempt(seq, n, scheduled):
-                    preempted = True
-                    continue
-                if seq.status is not SequenceStatus.RUNNING:   # it preempted itself
-                    preempted = True
-                    continue
-                batch.seqs.append(seq)
-                batch.num_new_tokens.append(n)
-                scheduled.add(seq.seq_id)
-                budget -= n
+        # Running sequences: decodes first (one token each), then the chunks of unfinished prefills (in the
+        # order they run; a decode's allocation may have preempted some of them meanwhile).
+        prefills: list[Sequence] = []
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            remaining = seq.num_tokens + seq.num_pending_tokens - seq.num_computed_tokens
+            if remaining != 1:
+                if remaining > 1:
+                    prefills.append(seq)
+                continue
+            if self.finishes_when_read(seq):
+                continue
+            if not self._allocate_or_preempt(seq, 1, scheduled):
+                preempted = True
+                continue
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(1)
+            scheduled.add(seq.seq_id)
+            budget -= 1
+        for seq in prefills:
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING or self.finishes_when_read(seq):
+                continue
+            remaining = seq.num_tokens + seq.num_pending_tokens - seq.num_computed_tokens
+            n = min(remaining, budget)
+            if n < remaining and not self.enable_chunked_prefill:
+                continue
+            if not self._allocate_or_preempt(seq, n, scheduled):
+                preempted = True
+                continue
+            if seq.status is not SequenceStatus.RUNNING:   # it preempted itself
+                preempted = True
+                continue
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(n)
+            scheduled.add(seq.seq_id)
+            budget -= n
         # Waiting sequences, unless pages just ran out (admitting one would only preempt it again).
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
