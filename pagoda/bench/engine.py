@@ -52,6 +52,7 @@ _sig = _report.significant
 @dataclass
 class EngineBenchConfig:
     model: str | None = None            # local folder; None: Qwen3-0.6B (Llama-3-8B with batch_1) dummy
+    load_format: str = "auto"           # of ``model``: "auto" (its safetensors) or "dummy" (random weights)
     num_requests: int = 256
     min_len: int = 100                  # input and output lengths: randint(min_len, max_len)
     max_len: int = 1024
@@ -250,7 +251,7 @@ def bench_model(cfg: EngineBenchConfig, tmp: str):
     from transformers import AutoConfig
 
     if cfg.model:
-        model_dir, load_format = cfg.model, "auto"
+        model_dir, load_format = cfg.model, cfg.load_format
     else:
         spec, arch = (LLAMA_3_8B, "llama") if cfg.batch_1 else (QWEN3_0_6B, "qwen3")
         model_dir, load_format = str(dummy_model_dir(spec, arch, Path(tmp))), "dummy"
@@ -357,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = EngineBenchConfig()
     p = argparse.ArgumentParser(prog="pagoda bench engine", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="local model folder (default: Qwen3-0.6B shapes, dummy weights)")
+    p.add_argument("--load-format", default=d.load_format, choices=("auto", "dummy"),
+                   help="--model's weights: auto (its safetensors) or dummy (random, its config's shapes)")
     p.add_argument("--num-requests", type=int, default=d.num_requests)
     p.add_argument("--min-len", type=int, default=d.min_len, help="shortest input and output length")
     p.add_argument("--max-len", type=int, default=d.max_len, help="longest input and output length")
@@ -385,8 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    cfg = EngineBenchConfig(model=a.model, num_requests=a.num_requests, min_len=a.min_len, max_len=a.max_len,
-                            seed=a.seed, max_model_len=a.max_model_len, gpu_memory_utilization=a.gpu_memory_utilization,
+    cfg = EngineBenchConfig(model=a.model, load_format=a.load_format, num_requests=a.num_requests, min_len=a.min_len,
+                            max_len=a.max_len, seed=a.seed, max_model_len=a.max_model_len,
+                            gpu_memory_utilization=a.gpu_memory_utilization,
                             enforce_eager=a.enforce_eager, hf=not a.no_hf,
                             hf_impls=tuple(x for x in a.hf_impls.split(",") if x), hf_budget_s=a.budget_s,
                             batch_1=a.batch_1, batch_1_tokens=a.batch_1_tokens, dtype=a.dtype)
