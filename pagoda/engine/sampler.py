@@ -20,34 +20,57 @@ def _host_to(values: list, dtype: torch.dtype, device: torch.device) -> torch.Te
     return t.to(device, non_blocking=True)
 
 
+def _row_param(values: list, dtype: torch.dtype, device: torch.device):
+    """A sampler parameter: the common value as a Python number when every row has it (the samplers take it
+    as a kernel argument: no copy to the device, and the filters a value leaves off are skipped), else a
+    ``[rows]`` device tensor."""
+    first = values[0]
+    for v in values:
+        if v != first:
+            return _host_to(values, dtype, device)
+    return first
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator) -> torch.Tensor:
     """logits float32 ``[S, vocab]`` (processed), ``seqs[i]`` the sequence of row i; ``generator`` draws for
     rows without a seed. Returns int64 ``[S]`` token ids on the device (no host sync)."""
     device = logits.device
-    greedy = [s.params.is_greedy for s in seqs]
+    params = [s.params for s in seqs]
+    greedy = [p.is_greedy for p in params]
     if all(greedy):
         return logits.argmax(dim=-1)
+    vocab = logits.shape[1]
     # Every non-greedy row is written below (shared or seeded draw): the argmax pass only when some row needs it.
-    tokens = logits.argmax(dim=-1) if any(greedy) else torch.empty(len(seqs), dtype=torch.int64,
-                                                                   device=device)
-    temps = [0.0 if g else s.params.temperature for g, s in zip(greedy, seqs, strict=True)]
-    temperature = _host_to(temps, torch.float32, device)
+    tokens = logits.argmax(dim=-1) if any(greedy) else None
+    temperature = _row_param([0.0 if g else p.temperature for g, p in zip(greedy, params, strict=True)],
+                             torch.float32, device)
     probs = ps.softmax(logits, temperature=temperature)     # greedy rows: one-hot (they keep the argmax anyway)
-    min_p = [0.0 if g else s.params.min_p for g, s in zip(greedy, seqs, strict=True)]
+    min_p = [0.0 if g else p.min_p for g, p in zip(greedy, params, strict=True)]
     if any(min_p):
-        mp = _host_to(min_p, torch.float32, device)
-        probs = probs.masked_fill(probs < mp[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
-    top_k = _host_to([max(s.params.top_k, 0) for s in seqs], torch.int32, device)   # <= 0 keeps every token
-    top_p = _host_to([s.params.top_p for s in seqs], torch.float32, device)
+        mp = _row_param(min_p, torch.float32, device)
+        mp = mp[:, None] if isinstance(mp, torch.Tensor) else mp
+        probs = probs.masked_fill(probs < mp * probs.amax(dim=-1, keepdim=True), 0.0)
+    # top_k <= 0 keeps every token: k = vocab (a scalar k >= vocab leaves the filter off).
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    top_p = [p.top_p for p in params]
     shared = [i for i, (g, s) in enumerate(zip(greedy, seqs, strict=True)) if not g and s.generator is None]
     if shared:
-        idx = _host_to(shared, torch.int64, device)
-        drawn = ps.top_k_top_p_sampling_from_probs(probs, top_k[idx], top_p[idx], indices=idx, generator=generator)
-        tokens[idx] = drawn.to(torch.int64)
+        every_row = len(shared) == len(seqs)
+        k = _row_param(top_k if every_row else [top_k[i] for i in shared], torch.int32, device)
+        p = _row_param(top_p if every_row else [top_p[i] for i in shared], torch.float32, device)
+        if every_row:      # (then no greedy row: tokens is None)
+            tokens = ps.top_k_top_p_sampling_from_probs(probs, k, p, generator=generator).to(torch.int64)
+        else:
+            idx = _host_to(shared, torch.int64, device)
+            drawn = ps.top_k_top_p_sampling_from_probs(probs, k, p, indices=idx, generator=generator)
+            if tokens is None:
+                tokens = torch.empty(len(seqs), dtype=torch.int64, device=device)
+            tokens[idx] = drawn.to(torch.int64)
+    if tokens is None:
+        tokens = torch.empty(len(seqs), dtype=torch.int64, device=device)
     for i, (g, s) in enumerate(zip(greedy, seqs, strict=True)):
         if not g and s.generator is not None:
-            drawn = ps.top_k_top_p_sampling_from_probs(probs[i:i + 1], top_k[i:i + 1], top_p[i:i + 1],
-                                                       generator=s.generator)
+            drawn = ps.top_k_top_p_sampling_from_probs(probs[i:i + 1], top_k[i], top_p[i], generator=s.generator)
             tokens[i:i + 1] = drawn.to(torch.int64)
     return tokens
 

@@ -85,6 +85,26 @@ def test_samples_stay_inside_the_filters(llm):
         assert e[t].rank <= 20 and above < 0.5 + 1e-5
 
 
+@pytest.mark.parametrize("rows", ["uniform", "mixed"])
+def test_unseeded_batches_stay_inside_the_filters(llm, rows):
+    """Unseeded rows share one draw: with every row's filters equal (passed to the sampler as numbers) and with
+    them differing between rows (tensors), beside a greedy row, each token lies in its row's kept set."""
+    n = 10
+    if rows == "uniform":
+        params = [SamplingParams(temperature=1.3, top_k=2, top_p=0.9, max_tokens=n, logprobs=2, ignore_eos=True)] * 6
+    else:
+        params = [SamplingParams(temperature=t, top_k=k, max_tokens=n, logprobs=4, ignore_eos=True) for t, k in
+                  ((0.7, 2), (1.5, 4), (1.0, 3), (1.2, 1), (0.9, 2))] + [SamplingParams(temperature=0, max_tokens=n,
+                                                                                      ignore_eos=True)]
+    outs = llm.generate([PROMPTS[i % 3] for i in range(len(params))], params, use_tqdm=False)
+    for out, sp in zip(outs, params, strict=True):
+        c = out.outputs[0]
+        assert len(c.token_ids) == n
+        if sp.temperature == 0:
+            continue
+        assert all(e[t].rank <= sp.top_k for t, e in zip(c.token_ids, c.logprobs, strict=True)), sp
+
+
 def test_seeded_sampling_is_reproducible_across_runs_and_batches(llm, model_dir):
     params = SamplingParams(temperature=1.0, top_p=0.95, seed=1234, max_tokens=10)
     alone = _tokens(llm.generate(PROMPTS[0], params, use_tqdm=False)[0])
