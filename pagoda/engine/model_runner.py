@@ -56,7 +56,8 @@ class StepResult:
 
 @dataclass
 class LaunchedStep:
-    """A step whose forward pass is queued: the sampling sequences and their raw logits (device)."""
+    """A step whose forward pass is queued: the sampling sequences and their raw logits (device, the model's
+    dtype)."""
     seqs: list[Sequence]
     logits: torch.Tensor | None
     graph_batch: int | None = None      # the captured size that ran it (None: eager)
@@ -378,7 +379,9 @@ class ModelRunner:
             return LaunchedStep([], None, graph_b)
         if rows is not None:
             hidden = hidden.index_select(0, rows)
-        return LaunchedStep(sampling, self.model.compute_logits(hidden), graph_b)
+        # Logits in the model's dtype: the sampler and the logprobs read them as float32 themselves (the
+        # logits processors get a float32 copy), so no float32 copy of every row's vocabulary is written.
+        return LaunchedStep(sampling, self.model.compute_logits(hidden, float32=False), graph_b)
 
     def active_processors(self, seqs: list[Sequence]) -> list[LogitsProcessor]:
         """The logits processors that act on a batch of sampling ``seqs``: the min-tokens processor while
@@ -418,9 +421,12 @@ class ModelRunner:
             return None
         raw_logits = step.logits
         processors = self.processors_of(step)
-        # Logprobs are of the raw logits: keep them apart from the processors' in-place edits.
-        wants_logprobs = any(s.params.logprobs is not None for s in seqs)
-        logits = raw_logits.clone() if wants_logprobs and processors else raw_logits
+        logits = raw_logits
+        if processors:
+            # The processors work in float32, in place; logprobs are of the raw logits: keep them apart.
+            logits = raw_logits.float()
+            if logits is raw_logits and any(s.params.logprobs is not None for s in seqs):
+                logits = raw_logits.clone()
         for processor in processors:
             logits = processor(logits, seqs)
         tokens = sample(logits, seqs, self.generator)

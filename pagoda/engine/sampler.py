@@ -32,8 +32,8 @@ def _row_param(values: list, dtype: torch.dtype, device: torch.device):
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator) -> torch.Tensor:
-    """logits float32 ``[S, vocab]`` (processed), ``seqs[i]`` the sequence of row i; ``generator`` draws for
-    rows without a seed. Returns int64 ``[S]`` token ids on the device (no host sync)."""
+    """logits ``[S, vocab]`` (processed: float32; raw: the model's dtype), ``seqs[i]`` the sequence of row i;
+    ``generator`` draws for rows without a seed. Returns int64 ``[S]`` token ids on the device (no host sync)."""
     device = logits.device
     params = [s.params for s in seqs]
     greedy = [p.is_greedy for p in params]

@@ -168,10 +168,11 @@ class DecoderForCausalLM(nn.Module):
         """input_ids int64 ``[T]``, positions int ``[T]`` (equal to the context's) -> hidden ``[T, H]``."""
         return self.model(input_ids)
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """hidden ``[N, H]`` (e.g. each request's last token) -> float32 logits ``[N, vocab_size]`` (under
-        tensor parallelism on rank 0; the other ranks get their vocabulary slice)."""
-        return self.lm_head(hidden_states)
+    def compute_logits(self, hidden_states: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """hidden ``[N, H]`` (e.g. each request's last token) -> logits ``[N, vocab_size]`` (under tensor
+        parallelism on rank 0; the other ranks get their vocabulary slice): float32, or with ``float32=False``
+        the model's dtype."""
+        return self.lm_head(hidden_states, float32=float32)
 
     def attention_layers(self) -> list[PagedAttention]:
         """The attention layers in layer order (the engine assigns each one's ``kv_cache``)."""

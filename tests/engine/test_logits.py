@@ -257,3 +257,32 @@ def test_sampling_params_validation():
             SamplingParams(**{field: value})
     assert SamplingParams(logit_bias={"5": 1}).logit_bias == {5: 1.0}      # OpenAI's JSON keys
     assert SamplingParams(bad_words=["a", "a", "b"]).bad_words == ["a", "b"]
+
+
+def test_bf16_logits_reach_the_sampler_uncopied_and_processors_in_float32(model_dir):
+    """In bf16 the LM head's logits stay bf16 up to the sampler and the logprobs (each reads them in float32);
+    a step with an active processor works on a float32 copy. A processor that changes nothing (a zero bias)
+    then gives the same tokens and logprobs as no processor, and the raw logits keep their dtype."""
+    llm = LLM(str(model_dir), dtype="bfloat16", block_size=4, max_model_len=64, max_num_seqs=8)
+    runner = llm.llm_engine.model_runner
+    hidden = torch.randn(2, runner.model.lm_head.weight.shape[1], dtype=torch.bfloat16)
+    assert runner.model.compute_logits(hidden, float32=False).dtype == torch.bfloat16
+    assert runner.model.compute_logits(hidden).dtype == torch.float32
+    seen = []
+    apply = runner.logits_pipeline.builtin.apply
+
+    def spy(logits, row_slots):
+        seen.append(logits.dtype)
+        return apply(logits, row_slots)
+
+    runner.logits_pipeline.builtin.apply = spy
+    plain = SamplingParams(temperature=0, max_tokens=N, logprobs=3, ignore_eos=True)
+    zero_bias = SamplingParams(temperature=0, max_tokens=N, logprobs=3, ignore_eos=True, logit_bias={5: 0.0})
+    a = llm.generate(PROMPTS, plain, use_tqdm=False)
+    assert not seen
+    b = llm.generate(PROMPTS, zero_bias, use_tqdm=False)
+    assert seen and set(seen) == {torch.float32}
+    for x, y in zip(a, b, strict=True):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        for ex, ey in zip(x.outputs[0].logprobs, y.outputs[0].logprobs, strict=True):
+            assert {t: v.logprob for t, v in ex.items()} == {t: v.logprob for t, v in ey.items()}

@@ -52,8 +52,9 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """``[N, hidden]`` -> ``[N, vocab]`` float32 logits on rank 0 (the whole vocabulary); the other ranks
-    get their own slice ``[N, vocab / tp]`` back (they do not sample)."""
+    """``[N, hidden]`` -> ``[N, vocab]`` logits on rank 0 (the whole vocabulary); the other ranks get their
+    own slice ``[N, vocab / tp]`` back (they do not sample). float32 by default; ``forward(x, float32=False)``
+    keeps the weights' dtype (a consumer that reads them in float32 itself saves the copy)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, bias: bool = False):
         if bias:
@@ -67,8 +68,10 @@ class ParallelLMHead(VocabParallelEmbedding):
                              f"{tuple(embedding.weight.shape)}")
         self.weight = embedding.weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x, self.weight).float()
+    def forward(self, x: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        logits = F.linear(x, self.weight)
+        if float32:
+            logits = logits.float()
         if self.tp_size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp_size)] if self.tp_rank == 0 else None
             dist.gather(logits, parts, dst=0)
