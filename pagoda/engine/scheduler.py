@@ -157,9 +157,13 @@ class Scheduler:
     def update_after_step(self, batch: ScheduledBatch) -> None:
         """The step (launched) computes the scheduled tokens' KV: count them and register the blocks they
         filled whose tokens are known (the rest once the pending tokens are read: `cache_blocks`)."""
+        cache = self.block_manager.cache_full_blocks
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
-            self.block_manager.cache_full_blocks(seq)
+            # A step whose last input is a token not yet read (a decode, one step behind) completes no block
+            # whose tokens are known beyond what `cache_blocks` registered when that token's step was read.
+            if seq.num_computed_tokens <= seq.num_tokens:
+                cache(seq)
 
     def cache_blocks(self, seqs: list[Sequence]) -> None:
         """Register the full blocks of running ``seqs`` completed by tokens just read back."""

@@ -50,6 +50,20 @@ def test_greedy_equals_hf(arch, tiny_model, hf_greedy):
     assert llm.llm_engine.block_manager.hit_rate > 0
 
 
+def test_generated_blocks_are_cached_for_the_next_turn(tiny_model, hf_greedy):
+    """The blocks a decode fills (tokens read one step behind the device) are registered in the prefix cache:
+    a next turn whose prompt is the first turn's prompt and output finds all of it but the last block, and
+    its greedy tokens still equal HF's."""
+    model_dir = tiny_model("qwen3")
+    llm = LLM(str(model_dir), block_size=4, max_model_len=64, max_num_seqs=8)
+    first = llm.generate({"prompt_token_ids": list(range(3, 12))}, _greedy(23), use_tqdm=False)[0]
+    turn = first.prompt_token_ids + first.outputs[0].token_ids          # 32 tokens: 8 blocks
+    second = llm.generate({"prompt_token_ids": turn}, _greedy(), use_tqdm=False)
+    # Every token but the last had its KV computed; the cache serves all full blocks a prompt may skip.
+    assert second[0].num_cached_tokens == 28
+    _check(llm, model_dir, hf_greedy, [{"prompt_token_ids": turn}], second)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_without_prefix_caching(arch, tiny_model, hf_greedy):
     model_dir = tiny_model(arch)
