@@ -10,6 +10,30 @@ from pagoda.reference import sampling as ref
 from tests.ops.sampling_laws import _gen, _k_first_keep, _many, _rows, assert_law
 
 
+def _without_sync(*calls) -> None:
+    """Run ``calls`` with CUDA's sync debug mode set to error: any host synchronisation raises."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for call in calls:
+            call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def _captured(call):
+    """``(graph, output)``: ``call`` warmed up on a side stream (compiles outside the capture), then captured."""
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        out = call()
+    return graph, out
+
+
 @pytest.mark.gpu
 def test_gpu_no_host_sync_and_cuda_graph_capture():
     p = _rows(5000, n_rows=8, device="cuda", temp=2.0)
@@ -17,22 +41,10 @@ def test_gpu_no_host_sync_and_cuda_graph_capture():
     offset = torch.tensor([0], dtype=torch.int64, device="cuda")
     top_p = torch.full((8,), 0.9, device="cuda")
     eager = S.top_p_sampling_from_probs(p, top_p, seed=seed, offset=offset)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        S.top_p_sampling_from_probs(p, 0.9, generator=_gen("cuda"))
-        S.top_k_top_p_sampling_from_logits(p.log(), 50, 0.9, generator=_gen("cuda"))
-        S.min_p_sampling_from_probs(p, 0.1, seed=seed, offset=offset)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    graph = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        S.top_p_sampling_from_probs(p, top_p, seed=seed, offset=offset)  # warm-up (compile) outside capture
-    torch.cuda.current_stream().wait_stream(s)
-    with torch.cuda.graph(graph):
-        captured = S.top_p_sampling_from_probs(p, top_p, seed=seed, offset=offset)
+    _without_sync(lambda: S.top_p_sampling_from_probs(p, 0.9, generator=_gen("cuda")),
+                  lambda: S.top_k_top_p_sampling_from_logits(p.log(), 50, 0.9, generator=_gen("cuda")),
+                  lambda: S.min_p_sampling_from_probs(p, 0.1, seed=seed, offset=offset))
+    graph, captured = _captured(lambda: S.top_p_sampling_from_probs(p, top_p, seed=seed, offset=offset))
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, eager)
@@ -111,25 +123,17 @@ def test_gpu_top_k_top_p_graph_safe():
     top_k = torch.tensor([50, 2000] * (rows // 2), dtype=torch.int32, device="cuda")
     top_p = torch.full((rows,), 0.9, device="cuda")
     for order in ("top_k_first", "joint"):
-        eager = S.top_k_top_p_sampling_from_probs(p, top_k, top_p, filter_apply_order=order, seed=seed,
-                                                  offset=offset)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            S.top_k_top_p_sampling_from_probs(p, top_k, top_p, filter_apply_order=order, seed=seed, offset=offset)
-            S.top_k_top_p_sampling_from_probs(p, 50, 0.9, filter_apply_order=order, generator=_gen("cuda"))
-            S.top_k_top_p_sampling_from_logits(p.log(), 50, 0.9, filter_apply_order=order, generator=_gen("cuda"))
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        graph = torch.cuda.CUDAGraph()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            S.top_k_top_p_sampling_from_probs(p, top_k, top_p, filter_apply_order=order, seed=seed, offset=offset)
-        torch.cuda.current_stream().wait_stream(s)
-        with torch.cuda.graph(graph):
-            captured = S.top_k_top_p_sampling_from_probs(p, top_k, top_p, filter_apply_order=order, seed=seed,
-                                                         offset=offset)
+        def seeded(order=order):
+            return S.top_k_top_p_sampling_from_probs(p, top_k, top_p, filter_apply_order=order, seed=seed,
+                                                     offset=offset)
+
+        eager = seeded()
+        _without_sync(seeded,
+                      lambda o=order: S.top_k_top_p_sampling_from_probs(p, 50, 0.9, filter_apply_order=o,
+                                                                        generator=_gen("cuda")),
+                      lambda o=order: S.top_k_top_p_sampling_from_logits(p.log(), 50, 0.9, filter_apply_order=o,
+                                                                         generator=_gen("cuda")))
+        graph, captured = _captured(seeded)
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(captured, eager), order
