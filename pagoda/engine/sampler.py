@@ -1,16 +1,19 @@
 """One step's sampling: every sequence's next token from its row of logits, in as few sampler calls as
 the batch allows, and the logprobs asked for.
 
-Rows that decode greedily take the argmax (the first maximum, as ``torch.argmax`` and HF do). The other
-rows go through temperature (pagoda's softmax with per-row temperatures), min-p, then top-k and top-p
-(``filter_apply_order="top_k_first"``, vLLM's order) in ONE pagoda sampler call with per-row
-tensors. A request with a seed draws from its own generator, in a call of its own, so that its tokens do
-not depend on which other requests share the batch.
+Rows that decode greedily take the argmax (the first maximum, as ``torch.argmax`` and HF do). When no
+other row filters (no top-k, top-p or min-p), they draw from ``softmax(logits / temperature)`` by Gumbel-max
+in one pass over the logits (no probabilities written). Otherwise they go through temperature (pagoda's
+softmax with per-row temperatures), min-p, then top-k and top-p (``filter_apply_order="top_k_first"``,
+vLLM's order) in ONE pagoda sampler call. A parameter every row shares is passed as a number (no copy to
+the device), else as a per-row tensor. A request with a seed draws from its own generator, in a call of its
+own, so that its tokens do not depend on which other requests share the batch.
 """
 from __future__ import annotations
 
 import torch
 
+import pagoda.ops.sampling as pso
 import pagoda.sampling as ps
 from pagoda.engine.sequence import Sequence
 
@@ -42,6 +45,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generato
     vocab = logits.shape[1]
     # Every non-greedy row is written below (shared or seeded draw): the argmax pass only when some row needs it.
     tokens = logits.argmax(dim=-1) if any(greedy) else None
+    if not any(not g and (p.min_p or 0 < p.top_k < vocab or p.top_p < 1.0) for g, p in zip(greedy, params,
+                                                                                         strict=True)):
+        return _sample_temperature(logits, seqs, params, greedy, tokens, generator)
     temperature = _row_param([0.0 if g else p.temperature for g, p in zip(greedy, params, strict=True)],
                              torch.float32, device)
     probs = ps.softmax(logits, temperature=temperature)     # greedy rows: one-hot (they keep the argmax anyway)
@@ -71,6 +77,33 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generato
     for i, (g, s) in enumerate(zip(greedy, seqs, strict=True)):
         if not g and s.generator is not None:
             drawn = ps.top_k_top_p_sampling_from_probs(probs[i:i + 1], top_k[i], top_p[i], generator=s.generator)
+            tokens[i:i + 1] = drawn.to(torch.int64)
+    return tokens
+
+
+def _sample_temperature(logits, seqs, params, greedy, tokens, generator) -> torch.Tensor:
+    """`sample` when no row filters: each non-greedy row draws from ``softmax(logits / temperature)`` by
+    Gumbel-max in one pass over its logits (`pagoda.ops.sampling.temperature_sampling_from_logits`: no
+    probabilities written)."""
+    device = logits.device
+    shared = [i for i, (g, s) in enumerate(zip(greedy, seqs, strict=True)) if not g and s.generator is None]
+    if shared:
+        every_row = len(shared) == len(seqs)
+        t = _row_param([params[i].temperature for i in shared], torch.float32, device)
+        if every_row:      # (then no greedy row: tokens is None)
+            tokens = pso.temperature_sampling_from_logits(logits, t, generator=generator).to(torch.int64)
+        else:
+            idx = _host_to(shared, torch.int64, device)
+            drawn = pso.temperature_sampling_from_logits(logits, t, indices=idx, generator=generator)
+            if tokens is None:
+                tokens = torch.empty(len(seqs), dtype=torch.int64, device=device)
+            tokens[idx] = drawn
+    if tokens is None:
+        tokens = torch.empty(len(seqs), dtype=torch.int64, device=device)
+    for i, (g, s) in enumerate(zip(greedy, seqs, strict=True)):
+        if not g and s.generator is not None:
+            drawn = pso.temperature_sampling_from_logits(logits[i:i + 1], params[i].temperature,
+                                                         generator=s.generator)
             tokens[i:i + 1] = drawn.to(torch.int64)
     return tokens
 

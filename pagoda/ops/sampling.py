@@ -137,6 +137,36 @@ def sampling_from_logits(logits: Tensor, indices: Tensor | None = None, determin
     return _launch(logits, indices, batch, generator, seed, offset, False, from_logits=True)
 
 
+def temperature_sampling_from_logits(logits: Tensor, temperature: PerRow, indices: Tensor | None = None,
+                                     generator: torch.Generator | None = None, seed: Philox = None,
+                                     offset: Philox = None) -> Tensor:
+    """One token per output from ``softmax(logits[row] / temperature)``: Gumbel-max in one pass over the
+    logits (any float dtype), no scaled copy and no probabilities written. pagoda's (FlashInfer has no such
+    call; it is what a serving engine's plain temperature sampling needs).
+
+    temperature: a float > 0, or a float32 ``[batch]`` tensor (values > 0, not checked: that would read them
+    back). indices: as in `sampling_from_logits`. Returns ``[batch]`` int32 (or indices' dtype)."""
+    logits, batch = _prepare("logits", logits, indices, False, logits=True)
+    if isinstance(temperature, torch.Tensor):
+        temp = _a.per_row("temperature", temperature, batch, logits.device, "temperature")
+    else:
+        if _a.row_param("temperature", temperature, batch, logits.device, "temperature") <= 0:
+            raise ValueError(f"temperature must be > 0 (0 is greedy: take the argmax), got {temperature!r}")
+        temp = _a.per_row("temperature", temperature, batch, logits.device, "temperature")
+    if not logits.is_cuda:
+        _a.check_generator_cpu(generator, seed, offset)
+        rows = logits if indices is None else logits[indices.long()]
+        scaled = rows.double() / temp.to(rows.device, torch.float64)[:, None]
+        out = _ref.sampling_from_logits(scaled, None, True, generator, False, seed, offset)
+        return _cpu(out.to(indices.dtype) if indices is not None else out, logits.device)
+    _k = _kernels()[0]
+    s, o = _a.philox_seed_offset(generator, logits.device, batch, batch * max(logits.shape[1], 4), seed, offset)
+    out = torch.empty(batch, dtype=indices.dtype if indices is not None else torch.int32, device=logits.device)
+    valid = torch.empty(batch, dtype=torch.bool, device=logits.device)
+    _k.sample(logits, out, valid, indices, None, None, None, s, o, from_logits=True, temperature=temp)
+    return out
+
+
 def sampling_from_probs(probs: Tensor, indices: Tensor | None = None, deterministic: bool = True,
                         generator: torch.Generator | None = None, check_nan: bool = False, seed: Philox = None,
                         offset: Philox = None, return_valid: bool = False) -> Tensor | tuple[Tensor, Tensor]:

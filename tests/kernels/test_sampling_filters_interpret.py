@@ -92,7 +92,7 @@ from pagoda.kernels.sampling import filters as F
 from pagoda.kernels.sampling import speculative as S
 ptr = {"x_ptr": "*bf16", "rows_ptr": "*i64", "out_ptr": "*i64", "valid_ptr": "*i8", "top_k_ptr": "*i32",
        "top_p_ptr": "*fp32", "min_p_ptr": "*fp32", "floor_ptr": "*fp32", "seed_ptr": "*i64",
-       "offset_ptr": "*i64", "d_ptr": "*i32",
+       "offset_ptr": "*i64", "d_ptr": "*i32", "temp_ptr": "*fp32",
        "q_ptr": "*fp16", "p_ptr": "*fp32", "acc_ptr": "*i32", "emit_ptr": "*i32", "seed_val": "i64",
        "offset_val": "i64", "top_p_val": "fp32", "min_p_val": "fp32"}
 def build(fn, consts, warps):
@@ -103,19 +103,19 @@ def build(fn, consts, warps):
 build(K._sample_kernel, {"SCALAR_PARAMS": False, "HAS_ROWS": True, "HAS_TOP_K": True, "HAS_TOP_P": True,
                          "HAS_MIN_P": True, "HAS_FLOOR": True, "K_FIRST": False, "FROM_LOGITS": False, "SEED_PTR": True,
                          "BLOCK": 1024,
-                         "NCP": 256, "ROUNDS": K.MAX_ROUNDS}, 8)
-for logits, filters in ((True, False), (False, False), (False, True)):
-    build(K._sample_kernel, {"SCALAR_PARAMS": filters, "HAS_ROWS": False, "HAS_TOP_K": filters, "HAS_TOP_P": filters,
+                         "NCP": 256, "ROUNDS": K.MAX_ROUNDS, "HAS_TEMP": False}, 8)
+for logits, filters, temp in ((True, False, False), (True, False, True), (False, False, False), (False, True, False)):
+    build(K._sample_kernel, {"SCALAR_PARAMS": filters, "HAS_ROWS": temp, "HAS_TOP_K": filters, "HAS_TOP_P": filters,
                              "HAS_MIN_P": filters, "HAS_FLOOR": False, "K_FIRST": False, "FROM_LOGITS": logits,
                              "SEED_PTR": False,
-                             "BLOCK": 4096, "NCP": 64, "ROUNDS": K.MAX_ROUNDS}, 16)
+                             "BLOCK": 4096, "NCP": 64, "ROUNDS": K.MAX_ROUNDS, "HAS_TEMP": temp}, 16)
 # "top_k_first" in one launch (top_k read by K_FIRST, HAS_TOP_K off), both launch configs of the ops layer
 for block, warps, rows, seed_ptr in ((4096, 16, False, False), (1024, 8, True, True)):
     build(K._sample_kernel, {"SCALAR_PARAMS": not rows, "HAS_ROWS": rows, "HAS_TOP_K": False, "HAS_TOP_P": True,
                              "HAS_MIN_P": False, "HAS_FLOOR": False, "K_FIRST": True, "FROM_LOGITS": False,
                              "SEED_PTR": seed_ptr,
                              "BLOCK": block, "NCP": triton.next_power_of_2(triton.cdiv(151936, block)),
-                             "ROUNDS": K.MAX_ROUNDS}, warps)
+                             "ROUNDS": K.MAX_ROUNDS, "HAS_TEMP": False}, warps)
 build(S._chain_spec_kernel, {"SEED_PTR": False, "N_PAD": 4, "BLOCK": 2048}, 8)
 ptr["x_ptr"] = ptr["out_ptr"] = "*fp32"
 for mode in (0, 1):

@@ -336,6 +336,22 @@ def test_logits_race_is_gumbel_max():
     assert out[1] < 3
 
 
+def test_logits_race_with_temperature_is_gumbel_max_of_scaled_logits():
+    """Per-output temperatures (outputs mapped to rows): the race of ``x[row] / t`` with the same exponentials,
+    exactly; fp16 logits are read as they are."""
+    x = (torch.randn(3, 29) * 2).to(torch.float16)
+    rows = torch.tensor([0, 2, 2, 1], dtype=torch.int64)
+    t = torch.tensor([0.25, 1.0, 3.0, 0.7])
+    out = torch.full((4,), -7, dtype=torch.int64)
+    valid = torch.zeros(4, dtype=torch.bool)
+    K.sample(x, out, valid, rows, None, None, None, 9, 0, from_logits=True, block=16, temperature=t)
+    e = _exponentials(4, 29, 9, 0).numpy()
+    scaled = x.float()[rows].numpy() / t.numpy()[:, None]
+    assert valid.all() and torch.equal(out, torch.from_numpy(np.argmax(scaled - np.log(e), -1)))
+    with pytest.raises(ValueError, match="temperature needs from_logits"):
+        K.sample(x.float().softmax(-1), out, valid, rows, None, None, None, 9, 0, temperature=t)
+
+
 def test_indices_and_per_output_parameters():
     p = _probs(3, 20)
     rows = torch.tensor([2, 0, 2, 1, 0], dtype=torch.int64)

@@ -163,3 +163,22 @@ def test_gpu_unlikely_tokens_keep_their_mass():
                     lambda: S.sampling_from_logits(p.log(), indices=_many("cuda", n), generator=_gen("cuda"))):
         tail = (sampler() != 0).sum().item()
         assert abs(tail - 0.01 * n) < 5 * math.sqrt(0.01 * 0.99 * n), tail
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_temperature_sampling_from_logits_law(dtype):
+    """`temperature_sampling_from_logits` (pagoda's, the engine's plain-temperature path): the law of
+    ``softmax(logits / t)`` per output, outputs mapped to rows; a scalar temperature too."""
+    from pagoda.ops.sampling import temperature_sampling_from_logits
+
+    logits = (torch.randn(2, 300, device="cuda") * 2).to(dtype)
+    n = N
+    rows = torch.arange(n, device="cuda") % 2
+    t = torch.where(rows == 0, 0.5, 2.0).float()
+    out = temperature_sampling_from_logits(logits, t, indices=rows, generator=_gen("cuda"))
+    assert out.dtype == torch.int64
+    for r, temp in ((0, 0.5), (1, 2.0)):
+        assert_law(out[r::2], torch.softmax(logits[r].double().cpu() / temp, -1))
+    one = temperature_sampling_from_logits(logits[:1], 1.5, indices=_many("cuda"), generator=_gen("cuda"))
+    assert_law(one, torch.softmax(logits[0].double().cpu() / 1.5, -1))

@@ -177,9 +177,9 @@ def _track_pass(base, a0, vocab, lanes, BLOCK: tl.constexpr, TRACK: tl.constexpr
 
 
 @triton.jit
-def _logits_race(base, seed, rng_base, vocab, BLOCK: tl.constexpr):
-    """Gumbel-max over logits, one exponential per token (`_philox_chunk` layout): the winner, -1 if
-    every logit is -inf or NaN."""
+def _logits_race(base, seed, rng_base, vocab, temperature, BLOCK: tl.constexpr, HAS_TEMP: tl.constexpr):
+    """Gumbel-max over logits (divided by ``temperature`` with HAS_TEMP), one exponential per token
+    (`_philox_chunk` layout): the winner, -1 if every logit is -inf or NaN."""
     Q: tl.constexpr = BLOCK // 4
     offs = tl.arange(0, Q)
     key_v = tl.full((Q,), float("-inf"), tl.float32)
@@ -190,6 +190,8 @@ def _logits_race(base, seed, rng_base, vocab, BLOCK: tl.constexpr):
             cols = start + j * Q + offs
             inb = cols < vocab
             x = tl.load(base + cols, mask=inb, other=0.0).to(tl.float32)
+            if HAS_TEMP:
+                x = x / temperature
             elig = inb & (x > float("-inf"))  # NaN compares false: never eligible
             key_v, idx_v = _race_fold(_race_key(x, _exp1(rs[j]), True), elig, cols, key_v, idx_v)
     return _race_winner(key_v, idx_v)
@@ -197,18 +199,19 @@ def _logits_race(base, seed, rng_base, vocab, BLOCK: tl.constexpr):
 
 @triton.jit
 def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top_p_ptr, min_p_ptr, floor_ptr,
-                   top_k_val, top_p_val, min_p_val,
+                   temp_ptr, top_k_val, top_p_val, min_p_val,
                    seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val, vocab, num_rows,
                    SCALAR_PARAMS: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_TOP_K: tl.constexpr,
                    HAS_TOP_P: tl.constexpr, HAS_MIN_P: tl.constexpr, HAS_FLOOR: tl.constexpr, K_FIRST: tl.constexpr,
                    FROM_LOGITS: tl.constexpr, SEED_PTR: tl.constexpr, BLOCK: tl.constexpr, NCP: tl.constexpr,
-                   ROUNDS: tl.constexpr):
+                   ROUNDS: tl.constexpr, HAS_TEMP: tl.constexpr = False):
     """HAS_FLOOR: only tokens with ``p >= floor[i]`` exist for row i (its total, max, race and
     filters are those of that restricted, renormalised row). K_FIRST ("top_k_first", with HAS_TOP_P and
     without HAS_TOP_K/HAS_FLOOR): the same floor, the row's k-th largest value (``top_k_ptr``), is found
     in the kernel: from pass 0's tracked set when it settles it (no extra pass), else `_kth_value_bits`.
     BLOCK: tokens per loop step = lanes; NCP = next_power_of_2(ceil(vocab / BLOCK)). SCALAR_PARAMS: top-k /
-    top-p / min-p are the ``*_val`` arguments, the same for every row (no ``[batch]`` tensor to fill)."""
+    top-p / min-p are the ``*_val`` arguments, the same for every row (no ``[batch]`` tensor to fill).
+    HAS_TEMP (with FROM_LOGITS): output i draws from ``softmax(logits / temp[i])`` (temp > 0)."""
     FILTERS: tl.constexpr = HAS_TOP_K or HAS_TOP_P or HAS_MIN_P or K_FIRST
     LANES: tl.constexpr = BLOCK
     pid = tl.program_id(0)
@@ -222,7 +225,10 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
     lanes = tl.arange(0, LANES)
 
     if FROM_LOGITS:
-        cand = _logits_race(base, seed, rng_base, vocab, BLOCK)
+        temperature = 1.0
+        if HAS_TEMP:
+            temperature = tl.load(temp_ptr + pid)
+        cand = _logits_race(base, seed, rng_base, vocab, temperature, BLOCK, HAS_TEMP)
         accepted = (cand >= 0).to(tl.int32)
     else:
         a0 = 1  # bits of the smallest positive float
@@ -416,7 +422,8 @@ def _seed_args(seed, offset, dummy: torch.Tensor):
 def sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor | None,
            top_k: torch.Tensor | None, top_p: torch.Tensor | None, min_p: torch.Tensor | None,
            seed, offset, from_logits: bool = False, block: int | None = None,
-           floor: torch.Tensor | None = None, k_first: bool = False, warps: int | None = None) -> None:
+           floor: torch.Tensor | None = None, k_first: bool = False, warps: int | None = None,
+           temperature: torch.Tensor | None = None) -> None:
     """Launch the race sampler.
 
     x: ``[num_rows, vocab]`` probabilities (fp32/fp16/bf16, rows need not sum to 1) or, with
@@ -428,10 +435,14 @@ def sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.
     "top_k_first"
     filtering (needs top_k and top_p, no floor): top-p over the renormalised top-k set, the k-th value
     found in the kernel. seed/offset: ints or int64 device tensors of length 1 or batch (graph-capturable).
+    temperature: with ``from_logits`` only, float32 ``[batch]`` (> 0): output i draws from
+    ``softmax(x[row] / temperature[i])``, in the same one pass.
     block / warps: override `launch_config`'s choice (tests and benchmarks).
     """
     if k_first and (top_k is None or top_p is None or floor is not None):
         raise ValueError("k_first needs top_k and top_p and no floor")
+    if temperature is not None and not from_logits:
+        raise ValueError("temperature needs from_logits")
     batch, vocab = out.shape[0], x.shape[1]
     if batch == 0:
         return
@@ -455,8 +466,9 @@ def sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.
         _sample_kernel, (batch,),
         x, x.stride(0), rows if rows is not None else dummy, out, valid.view(torch.int8),
         *(v if isinstance(v, torch.Tensor) else dummy for v in params), floor if floor is not None else dummy,
-        *vals, *seed_args[:6], vocab, x.shape[0],
+        temperature if temperature is not None else dummy, *vals, *seed_args[:6], vocab, x.shape[0],
         SCALAR_PARAMS=scalar, HAS_ROWS=rows is not None, HAS_TOP_K=top_k is not None and not k_first,
         HAS_TOP_P=top_p is not None, HAS_MIN_P=min_p is not None, HAS_FLOOR=floor is not None, K_FIRST=k_first,
         FROM_LOGITS=from_logits, SEED_PTR=seed_args[6],
-        BLOCK=block, NCP=next_pow2(cdiv(vocab, block)), ROUNDS=MAX_ROUNDS, num_warps=warps)
+        BLOCK=block, NCP=next_pow2(cdiv(vocab, block)), ROUNDS=MAX_ROUNDS, HAS_TEMP=temperature is not None,
+        num_warps=warps)
