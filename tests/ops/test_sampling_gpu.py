@@ -7,7 +7,7 @@ import torch
 
 import pagoda.sampling as S
 from pagoda.reference import sampling as ref
-from tests.ops.sampling_laws import _gen, _k_first_keep, _many, _rows, assert_law
+from tests.ops.sampling_laws import N, _gen, _k_first_keep, _many, _rows, assert_law
 
 
 def _without_sync(*calls) -> None:
