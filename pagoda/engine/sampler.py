@@ -34,6 +34,20 @@ def _row_param(values: list, dtype: torch.dtype, device: torch.device):
     return first
 
 
+def _draw_shared(tokens: torch.Tensor | None, num_rows: int, shared: list[int], device: torch.device,
+                 draw) -> torch.Tensor:
+    """The tokens with the rows in ``shared`` drawn by one call, ``draw(indices)``: ``indices`` None when they
+    are every row (whose tokens are then the draw itself), else those rows (int64, device). ``tokens``: the
+    greedy rows' argmax, or None."""
+    if len(shared) == num_rows:
+        return draw(None).to(torch.int64)
+    idx = _host_to(shared, torch.int64, device)
+    if tokens is None:
+        tokens = torch.empty(num_rows, dtype=torch.int64, device=device)
+    tokens[idx] = draw(idx).to(torch.int64)
+    return tokens
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator) -> torch.Tensor:
     """logits ``[S, vocab]`` (processed: float32; raw: the model's dtype), ``seqs[i]`` the sequence of row i;
     ``generator`` draws for rows without a seed. Returns int64 ``[S]`` token ids on the device (no host sync)."""
@@ -61,17 +75,10 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generato
     top_p = [p.top_p for p in params]
     shared = [i for i, (g, s) in enumerate(zip(greedy, seqs, strict=True)) if not g and s.generator is None]
     if shared:
-        every_row = len(shared) == len(seqs)
-        k = _row_param(top_k if every_row else [top_k[i] for i in shared], torch.int32, device)
-        p = _row_param(top_p if every_row else [top_p[i] for i in shared], torch.float32, device)
-        if every_row:      # (then no greedy row: tokens is None)
-            tokens = ps.top_k_top_p_sampling_from_probs(probs, k, p, generator=generator).to(torch.int64)
-        else:
-            idx = _host_to(shared, torch.int64, device)
-            drawn = ps.top_k_top_p_sampling_from_probs(probs, k, p, indices=idx, generator=generator)
-            if tokens is None:
-                tokens = torch.empty(len(seqs), dtype=torch.int64, device=device)
-            tokens[idx] = drawn.to(torch.int64)
+        k = _row_param([top_k[i] for i in shared], torch.int32, device)
+        p = _row_param([top_p[i] for i in shared], torch.float32, device)
+        tokens = _draw_shared(tokens, len(seqs), shared, device, lambda idx: ps.top_k_top_p_sampling_from_probs(
+            probs, k, p, indices=idx, generator=generator))
     if tokens is None:
         tokens = torch.empty(len(seqs), dtype=torch.int64, device=device)
     for i, (g, s) in enumerate(zip(greedy, seqs, strict=True)):
@@ -88,16 +95,9 @@ def _sample_temperature(logits, seqs, params, greedy, tokens, generator) -> torc
     device = logits.device
     shared = [i for i, (g, s) in enumerate(zip(greedy, seqs, strict=True)) if not g and s.generator is None]
     if shared:
-        every_row = len(shared) == len(seqs)
         t = _row_param([params[i].temperature for i in shared], torch.float32, device)
-        if every_row:      # (then no greedy row: tokens is None)
-            tokens = pso.temperature_sampling_from_logits(logits, t, generator=generator).to(torch.int64)
-        else:
-            idx = _host_to(shared, torch.int64, device)
-            drawn = pso.temperature_sampling_from_logits(logits, t, indices=idx, generator=generator)
-            if tokens is None:
-                tokens = torch.empty(len(seqs), dtype=torch.int64, device=device)
-            tokens[idx] = drawn
+        tokens = _draw_shared(tokens, len(seqs), shared, device, lambda idx: pso.temperature_sampling_from_logits(
+            logits, t, indices=idx, generator=generator))
     if tokens is None:
         tokens = torch.empty(len(seqs), dtype=torch.int64, device=device)
     for i, (g, s) in enumerate(zip(greedy, seqs, strict=True)):
