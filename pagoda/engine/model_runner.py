@@ -252,6 +252,9 @@ class ModelRunner:
     def _inputs(self, batch: ScheduledBatch, prev: InFlightStep | None) -> dict:
         """Host arrays of a step. A token sampled by ``prev`` and not yet read back is taken from
         ``prev.tokens`` on the device (``pending``: rows of this step, rows of prev)."""
+        row_of = prev.row_of if prev is not None else {}
+        if batch.is_decode_only:
+            return self._decode_inputs(batch, row_of)
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -261,9 +264,6 @@ class ModelRunner:
         sampling: list[Sequence] = []
         pend_rows: list[int] = []
         pend_src: list[int] = []
-        row_of = prev.row_of if prev is not None else {}
-        if batch.is_decode_only:
-            return self._decode_inputs(batch, row_of)
         t = 0
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n

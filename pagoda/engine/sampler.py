@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import torch
 
-import pagoda.ops.sampling as pso
-import pagoda.sampling as ps
+import pagoda.ops.sampling as ps
 from pagoda.engine.sequence import Sequence
 
 
@@ -59,8 +58,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generato
     vocab = logits.shape[1]
     # Every non-greedy row is written below (shared or seeded draw): the argmax pass only when some row needs it.
     tokens = logits.argmax(dim=-1) if any(greedy) else None
-    if not any(not g and (p.min_p or 0 < p.top_k < vocab or p.top_p < 1.0) for g, p in zip(greedy, params,
-                                                                                         strict=True)):
+    filtered = any(not g and (p.min_p or 0 < p.top_k < vocab or p.top_p < 1.0)
+                   for g, p in zip(greedy, params, strict=True))
+    if not filtered:
         return _sample_temperature(logits, seqs, params, greedy, tokens, generator)
     temperature = _row_param([0.0 if g else p.temperature for g, p in zip(greedy, params, strict=True)],
                              torch.float32, device)
@@ -96,13 +96,13 @@ def _sample_temperature(logits, seqs, params, greedy, tokens, generator) -> torc
     shared = [i for i, (g, s) in enumerate(zip(greedy, seqs, strict=True)) if not g and s.generator is None]
     if shared:
         t = _row_param([params[i].temperature for i in shared], torch.float32, device)
-        tokens = _draw_shared(tokens, len(seqs), shared, device, lambda idx: pso.temperature_sampling_from_logits(
+        tokens = _draw_shared(tokens, len(seqs), shared, device, lambda idx: ps.temperature_sampling_from_logits(
             logits, t, indices=idx, generator=generator))
     if tokens is None:
         tokens = torch.empty(len(seqs), dtype=torch.int64, device=device)
     for i, (g, s) in enumerate(zip(greedy, seqs, strict=True)):
         if not g and s.generator is not None:
-            drawn = pso.temperature_sampling_from_logits(logits[i:i + 1], params[i].temperature,
+            drawn = ps.temperature_sampling_from_logits(logits[i:i + 1], params[i].temperature,
                                                          generator=s.generator)
             tokens[i:i + 1] = drawn.to(torch.int64)
     return tokens

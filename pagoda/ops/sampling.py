@@ -93,7 +93,7 @@ def _split_slices(x, batch, top_k, top_p, min_p, from_logits, k_first) -> int:
 
 
 def _launch(x, indices, batch, generator, seed, offset, return_valid, top_k=None, top_p=None, min_p=None,
-            from_logits=False, out_dtype=None, k_first=False):
+            from_logits=False, out_dtype=None, k_first=False, temperature=None):
     _k = _kernels()[0]
     # Counters a call may use: per row ceil(vocab/4) (`_exp_at`) or whole 16+-token chunks of 4 counters each
     # (`_chunk_row_quads`: at most vocab for vocab >= 16, 4 below): max(vocab, 4) a row covers both.
@@ -106,7 +106,8 @@ def _launch(x, indices, batch, generator, seed, offset, return_valid, top_k=None
         _kernels()[2].split_sample(x, out, valid, indices, min_p, s, o, slices,
                                    frontier=slices >= FRONTIER_MIN_SLICES)
     else:
-        _k.sample(x, out, valid, indices, top_k, top_p, min_p, s, o, from_logits, k_first=k_first)
+        _k.sample(x, out, valid, indices, top_k, top_p, min_p, s, o, from_logits, k_first=k_first,
+                  temperature=temperature)
     return (out, valid) if return_valid else out
 
 
@@ -147,24 +148,17 @@ def temperature_sampling_from_logits(logits: Tensor, temperature: PerRow, indice
     temperature: a float > 0, or a float32 ``[batch]`` tensor (values > 0, not checked: that would read them
     back). indices: as in `sampling_from_logits`. Returns ``[batch]`` int32 (or indices' dtype)."""
     logits, batch = _prepare("logits", logits, indices, False, logits=True)
-    if isinstance(temperature, torch.Tensor):
-        temp = _a.per_row("temperature", temperature, batch, logits.device, "temperature")
-    else:
-        if _a.row_param("temperature", temperature, batch, logits.device, "temperature") <= 0:
-            raise ValueError(f"temperature must be > 0 (0 is greedy: take the argmax), got {temperature!r}")
-        temp = _a.per_row("temperature", temperature, batch, logits.device, "temperature")
+    if (not isinstance(temperature, torch.Tensor)
+            and _a.row_param("temperature", temperature, batch, logits.device, "temperature") <= 0):
+        raise ValueError(f"temperature must be > 0 (0 is greedy: take the argmax), got {temperature!r}")
+    temp = _a.per_row("temperature", temperature, batch, logits.device, "temperature")
     if not logits.is_cuda:
         _a.check_generator_cpu(generator, seed, offset)
         rows = logits if indices is None else logits[indices.long()]
         scaled = rows.double() / temp.to(rows.device, torch.float64)[:, None]
         out = _ref.sampling_from_logits(scaled, None, True, generator, False, seed, offset)
         return _cpu(out.to(indices.dtype) if indices is not None else out, logits.device)
-    _k = _kernels()[0]
-    s, o = _a.philox_seed_offset(generator, logits.device, batch, batch * max(logits.shape[1], 4), seed, offset)
-    out = torch.empty(batch, dtype=indices.dtype if indices is not None else torch.int32, device=logits.device)
-    valid = torch.empty(batch, dtype=torch.bool, device=logits.device)
-    _k.sample(logits, out, valid, indices, None, None, None, s, o, from_logits=True, temperature=temp)
-    return out
+    return _launch(logits, indices, batch, generator, seed, offset, False, from_logits=True, temperature=temp)
 
 
 def sampling_from_probs(probs: Tensor, indices: Tensor | None = None, deterministic: bool = True,
