@@ -74,6 +74,16 @@ def _sync_calls(prof) -> dict[str, int]:
     return counts
 
 
+def _profiler_own_syncs() -> dict[str, int]:
+    """What `torch.profiler.profile` records of its own around an empty block (its exit synchronises the
+    device while it is still recording: one cudaDeviceSynchronize on torch 2.11)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        pass
+    return _sync_calls(prof)
+
+
 def test_one_host_sync_per_decode_step(tiny_model):
     """Steady decode (graph replays and the eager path): every step waits once, on the previous step's
     tokens (cudaEventSynchronize), and nothing else synchronises (sync debug mode "error" raises on a
@@ -99,8 +109,10 @@ def test_one_host_sync_per_decode_step(tiny_model):
         finally:
             torch.cuda.set_sync_debug_mode("default")
         counts = _sync_calls(prof)
+        own = _profiler_own_syncs()
         assert counts["cudaEventSynchronize"] == steps, counts
-        assert counts["cudaStreamSynchronize"] == counts["cudaDeviceSynchronize"] == counts["cudaMemcpy"] == 0, counts
+        assert all(counts[k] == own[k] for k in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy")), \
+            (counts, own)
         assert engine.stats.graph_steps == (0 if eager else engine.stats.decode_steps)
         engine.abort_request([str(i) for i in range(len(PROMPTS))])
 
