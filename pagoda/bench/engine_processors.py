@@ -46,7 +46,10 @@ HF_CACHES = ("static", "dynamic")
 
 
 class BanTokens(LogitsProcessor):
-    """A batch-level processor: every row's `BANNED` ids get -inf (one masked fill on the device)."""
+    """A batch-level processor: every row's `BANNED` ids get -inf (one masked fill on the device). It reads
+    no output tokens, so the engine keeps overlapping its steps."""
+
+    reads_output_token_ids = False
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         self.mask = torch.zeros(vllm_config.hf_config.vocab_size, dtype=torch.bool, device=device)

@@ -175,9 +175,10 @@ class LogitsPipeline:
 
     def needs_host_tokens(self, seqs: list[Sequence]) -> bool:
         """Whether this batch's processing reads output tokens on the host (grammars, Python callables,
-        batch-level processors); the built-in processing alone keeps its state on the device."""
-        return bool(self.custom) or any(s.params.structured_outputs is not None or s.params.logits_processors
-                                        for s in seqs)
+        batch-level processors unless they say ``reads_output_token_ids = False``); the built-in processing
+        alone keeps its state on the device."""
+        return (any(getattr(p, "reads_output_token_ids", True) for p in self.custom)
+                or any(s.params.structured_outputs is not None or s.params.logits_processors for s in seqs))
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         self._release_finished()
@@ -201,10 +202,11 @@ class LogitsPipeline:
         if callables:
             logits = apply_per_request(logits, callables)
         if self.custom:
-            logits = self._apply_custom(logits, seqs, row_slots)
+            logits = self._apply_custom(logits, seqs, slots, row_slots)
         return self.builtin.apply(logits, row_slots)
 
-    def _apply_custom(self, logits: torch.Tensor, seqs: list[Sequence], row_slots: torch.Tensor) -> torch.Tensor:
+    def _apply_custom(self, logits: torch.Tensor, seqs: list[Sequence], slots: list[int],
+                      row_slots: torch.Tensor) -> torch.Tensor:
         update = None
         if self._removed or self._added:
             update = BatchUpdate(self.batch_size, list(self._removed), list(self._added), [])
@@ -216,6 +218,11 @@ class LogitsPipeline:
         if not active:
             return logits
         # The processors see the persistent batch: row i is slot i (filler rows for slots not sampling now).
+        # When the step's rows are the persistent batch in order, the logits are that batch already.
+        if slots == list(range(self.batch_size)):
+            for proc in active:
+                logits = proc.apply(logits)
+            return logits
         idx = row_slots.long()
         view = logits.new_zeros(self.batch_size, logits.shape[1])
         view.index_copy_(0, idx, logits)

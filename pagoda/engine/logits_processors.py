@@ -12,8 +12,9 @@ host synchronisation, so it can run inside a captured CUDA graph.
 Differences from vLLM: a request joins the batch when it first samples (vLLM: when first scheduled); indices
 are never compacted (no ``moved`` entries: a leaving request leaves a hole, refilled by the next to join), so
 ``batch_size`` is one past the highest index in use and rows of absent or non-sampling requests are filler
-whose results are dropped; ``output_tok_ids`` is a live view of the output tokens read back so far (a token
-still on the device at the time of the call is not in it yet). Argmax-invariant processors are skipped in
+whose results are dropped; ``output_tok_ids`` is a live view of the output tokens read back so far, which is
+all of them unless the processor sets ``reads_output_token_ids = False`` (then the engine overlaps steps, and
+the token of the step before is still on the device when the processor runs). Argmax-invariant processors are skipped in
 steps where every row decodes greedily (vLLM applies them after temperature; pagoda applies them before,
 which an argmax-invariant processor should not notice). Processors run after the structured-output mask and
 before the built-in penalties, bias and bans.
@@ -60,6 +61,13 @@ class BatchUpdate:
 
 
 class LogitsProcessor(ABC):
+    #: pagoda's addition: False declares that ``apply`` and ``update_state`` never read the ``output_tok_ids``
+    #: of `BatchUpdate.added` (the processor keeps what it needs in its own device tensors, or needs nothing of
+    #: the output). The engine then samples right behind the forward pass and reads the tokens one step later,
+    #: overlapping its host work with the device's; with True (the default) it reads each step's tokens before
+    #: sampling the next, so that those lists are whole when the processor runs.
+    reads_output_token_ids: bool = True
+
     @classmethod
     def validate_params(cls, sampling_params) -> None:
         """Raise ValueError for sampling params this processor cannot serve (called at add_request)."""

@@ -51,8 +51,13 @@ class BuiltinLogitsState:
         self.slot_groups: dict[int, tuple[str, ...]] = {}
 
     # -- allocation ----------------------------------------------------------------------------------------
+    # A request joins while earlier steps still run on the device: what it brings goes up from pinned memory
+    # without blocking (a copy from pageable memory would wait for the whole queue).
     def _host(self, values, dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, pin_memory=self.pin).to(self.device, non_blocking=True)
+
+    def _pinned(self, t: torch.Tensor) -> torch.Tensor:
+        return t.pin_memory() if self.pin else t
 
     def _alloc_pen(self) -> None:
         S, V, d = self.capacity, self.vocab_size, self.device
@@ -110,7 +115,7 @@ class BuiltinLogitsState:
     # -- requests joining and leaving ----------------------------------------------------------------------
     def add_seq(self, slot: int, seq: Sequence, bad_words_token_ids: list[list[int]]) -> None:
         """Write what ``seq`` brings into ``slot`` (its output so far included, for a request that joins late)."""
-        p, V = seq.params, self.vocab_size
+        p = seq.params
         out = seq.output_token_ids
         groups = []
         self.num_output[slot] = len(out)
@@ -132,14 +137,16 @@ class BuiltinLogitsState:
         if p.logit_bias or p.allowed_token_ids is not None:
             if self.add is None:
                 self._alloc_add()
-            row = torch.zeros(V, dtype=torch.float32)
+            # Written on the device from the few ids given (no vocabulary-wide row crosses the bus).
+            row = self.add["logit_add"][slot]
             if p.allowed_token_ids is not None:
                 row.fill_(float("-inf"))
-                row[torch.tensor(p.allowed_token_ids, dtype=torch.int64)] = 0.0
+                row.index_fill_(0, self._host(p.allowed_token_ids, torch.int64), 0.0)
+            else:
+                row.zero_()
             if p.logit_bias:
-                ids = torch.tensor(list(p.logit_bias), dtype=torch.int64)
-                row.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), dtype=torch.float32))
-            self.add["logit_add"][slot].copy_(row, non_blocking=False)
+                row.index_add_(0, self._host(list(p.logit_bias), torch.int64),
+                               self._host(list(p.logit_bias.values()), torch.float32))
             self.add["use_add"][slot] = 1
             groups.append("add")
         stops = min_tokens_stop_ids(seq) if p.min_tokens > 0 else []
@@ -154,12 +161,12 @@ class BuiltinLogitsState:
             words = torch.full((self.bad_words.shape[1], L), -1, dtype=torch.int32)
             for i, w in enumerate(bad_words_token_ids):
                 words[i, L - len(w):] = torch.tensor(w, dtype=torch.int32)
-            self.bad_words[slot].copy_(words)
+            self.bad_words[slot].copy_(self._pinned(words), non_blocking=True)
             hist = torch.full((L,), -1, dtype=torch.int32)
             tail = out[-(L - 1):]
             if tail:
                 hist[L - 1 - len(tail):L - 1] = torch.tensor(tail, dtype=torch.int32)
-            self.last_tokens[slot].copy_(hist)
+            self.last_tokens[slot].copy_(self._pinned(hist), non_blocking=True)
             groups.append("bad")
         for g in groups:
             self.users[g] += 1

@@ -58,6 +58,21 @@ class TargetToken(LogitsProcessor):
         return logits
 
 
+class TargetTokenOnDevice(TargetToken):
+    """TargetToken declaring that it reads no output tokens: the engine may sample behind the forward pass.
+    Records, each time it runs, how many tokens of each targeted request were still on the device."""
+
+    reads_output_token_ids = False
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+        super().__init__(vllm_config, device, is_pin_memory)
+        self.pending: list[int] = []
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        self.pending += [v._seq().num_pending_tokens for v in self.outputs.values()]
+        return super().apply(logits)
+
+
 class CountingInvariant(LogitsProcessor):
     """Argmax-invariant (adds a constant per row): skipped when every row is greedy."""
     applied = 0
@@ -182,3 +197,24 @@ def test_bad_processor_refused(model_dir):
     with pytest.raises(TypeError, match="logits_processors"):
         llm.llm_engine.add_request("x", PROMPTS[0], SamplingParams(logits_processors=[lambda a: a]))
     assert not llm.llm_engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("cls", [TargetToken, TargetTokenOnDevice])
+def test_processor_reading_no_outputs_keeps_the_overlap(model_dir, plain, cls):
+    """Same tokens either way; a processor that reads output tokens runs after the previous step's tokens
+    are read (none pending), one with ``reads_output_token_ids = False`` runs while they are still on the
+    device (the engine's steps keep overlapping)."""
+    TargetToken.log.clear()
+    llm = LLM(str(model_dir), block_size=4, max_model_len=64, max_num_seqs=4, num_gpu_blocks_override=64,
+              logits_processors=[cls])
+    proc = TargetToken.log[-1]
+    targets = [None, 17, None, 42]
+    params = [SamplingParams(temperature=0, max_tokens=N, min_tokens=N,
+                             extra_args=None if t is None else {"target_token": t}) for t in targets]
+    outs = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    for t, got, ref in zip(targets, outs, plain, strict=True):
+        assert got == (ref if t is None else [t] * N)
+    if cls is TargetTokenOnDevice:
+        assert proc.pending and max(proc.pending) == 1 and proc.pending.count(1) >= N
+    else:
+        assert all(len(v) == N - 1 for v in proc.seen_outputs[-2:])   # the last step saw every earlier token

@@ -117,6 +117,41 @@ def test_one_host_sync_per_decode_step(tiny_model):
         engine.abort_request([str(i) for i in range(len(PROMPTS))])
 
 
+def test_a_request_joins_the_builtin_state_without_a_sync():
+    """A request bringing penalties, a logit bias, allowed tokens, bad words and min_tokens joins the built-in
+    logits state while the device is busy (a long matmul queued): nothing in the join waits for the device
+    (sync debug mode "error" raises on a blocking copy), and the slot holds what the request brought."""
+    from pagoda.engine.logits_processors_builtin import BuiltinLogitsState
+    from pagoda.engine.sequence import Sequence
+
+    vocab, dev = 1000, torch.device("cuda")
+    state = BuiltinLogitsState(vocab, dev, capacity=4)
+    params = SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, logit_bias={5: 2.0, 7: -1.0},
+                            allowed_token_ids=[5, 7, 9], min_tokens=3, stop_token_ids=[11])
+    seq = Sequence("r", 0, [1, 2, 3, 5], params, 16, frozenset({2}), None, 0.0)
+    seq.token_ids += [7, 9]                     # a request that joins late, with output tokens
+    busy = torch.randn(4096, 4096, device=dev)
+    torch.cuda.synchronize()
+    for _ in range(20):
+        busy = busy @ busy
+        busy /= busy.norm()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        state.add_seq(1, seq, [[3, 4], [8]])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want = torch.full((vocab,), float("-inf"))
+    want[[5, 7, 9]] = 0.0
+    want[5], want[7] = 2.0, -1.0
+    assert torch.equal(state.add["logit_add"][1].cpu(), want)
+    assert state.pen["output_counts"][1, [7, 9]].tolist() == [1, 1] and int(state.pen["output_counts"][1].sum()) == 2
+    assert state.pen["prompt_mask"][1, [1, 2, 3, 5]].tolist() == [1] * 4 and int(state.pen["prompt_mask"][1].sum()) == 4
+    assert state.stop_ids[1].tolist()[:2] == [2, 11] and int(state.num_output[1]) == 2
+    words = state.bad_words[1].tolist()
+    # words right-aligned in width 2; the history keeps the last (width - 1) output tokens, then a free cell
+    assert words[:2] == [[3, 4], [-1, 8]] and state.last_tokens[1].tolist() == [9, -1]
+
+
 def test_qwen3_0_6b_at_0_9_never_ooms(tmp_path):
     """Qwen3-0.6B shapes, dummy weights, gpu_memory_utilization=0.9: a full 256-request batch (prompts of
     100-1024 tokens, all decoding together through the graphs of every ladder size down to 1) runs; the
