@@ -86,6 +86,17 @@ def make_requests(cfg: EngineBenchConfig) -> list[tuple[list[int], int]]:
     return list(zip(prompts, outs, strict=True))
 
 
+def warmup_requests(cfg: EngineBenchConfig, n: int = 32) -> list[tuple[list[int], int]]:
+    """Requests run before a timed run so that it compiles nothing: other prompts (no prefix-cache hits) of the
+    workload's lengths, with output lengths staggered (2-9 tokens, the last one 16) so that the decode batch
+    shrinks through sizes that are and are not multiples of 16 down to 1. Triton compiles a kernel again for an
+    integer argument that becomes 1 or stops dividing by 16 (a batch size, a token count); a warm-up whose
+    requests all end together leaves those variants to the timed run, ~1 s of compilation each."""
+    warm_cfg = EngineBenchConfig(**{**asdict(cfg), "seed": cfg.seed + 1})
+    prompts = [p for p, _ in make_requests(warm_cfg)[:min(n, cfg.num_requests)]]
+    return [(p, 16 if j == len(prompts) - 1 else 2 + j % 8) for j, p in enumerate(prompts)]
+
+
 def dummy_model_dir(spec: dict, arch: str, out: Path) -> Path:
     """A model folder with ``spec``'s config (no weights: load with ``load_format="dummy"``) and a word-level
     tokenizer that names every id of the vocabulary."""
@@ -194,7 +205,7 @@ def run_engine(model_dir: str, requests, cfg: EngineBenchConfig, load_format: st
             peak = max(peak, engine.block_manager.usage)
         return peak
 
-    if warmup:                 # compiles every kernel shape the run meets (other prompts: no prefix hits)
+    if warmup:                 # compiles every kernel variant the run meets (`warmup_requests`)
         drive(engine, warmup, "w")
     engine.block_manager.reset_prefix_cache()
     from pagoda.engine.llm_engine import StepStats
@@ -271,8 +282,7 @@ def run_study(cfg: EngineBenchConfig, device: torch.device | None = None) -> dic
             warmup = [([rng.randint(0, cfg.max_token_id) for _ in range(cfg.batch_1_prompt)], 8)]
         else:
             requests = make_requests(cfg)
-            warm_cfg = EngineBenchConfig(**{**asdict(cfg), "seed": cfg.seed + 1})
-            warmup = [(p, 4) for p, _ in make_requests(warm_cfg)[:min(32, cfg.num_requests)]]
+            warmup = warmup_requests(cfg)
         row, facts = run_engine(model_dir, requests, cfg, load_format, warmup)
         hf_config = facts.pop("hf_config")
         dtype = {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16}.get(facts["dtype"], torch.float32)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import gc
 import tempfile
 import time
-from dataclasses import asdict
 
 import torch
 
@@ -226,8 +225,7 @@ def run_study(cfg, device: torch.device | None = None, variants=PAGODA_VARIANTS,
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, load_format, hf_config, cfg = _eb.bench_model(cfg, tmp)
         requests = _eb.make_requests(cfg)
-        warm_cfg = _eb.EngineBenchConfig(**{**asdict(cfg), "seed": cfg.seed + 1})
-        warmup = [(p, 4) for p, _ in _eb.make_requests(warm_cfg)[:min(32, cfg.num_requests)]]
+        warmup = _eb.warmup_requests(cfg)
         rows = run_pagoda(model_dir, requests, warmup, cfg, load_format, variants)
         if cfg.hf and caches:
             dtype = {"float32": torch.float32, "float16": torch.float16}.get(

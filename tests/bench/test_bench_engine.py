@@ -21,6 +21,19 @@ def test_requests_are_nano_vllm_s():
     assert eb.make_requests(cfg) == list(zip(prompts, outs, strict=True))
 
 
+def test_warmup_shrinks_the_batch_through_every_kind_of_size():
+    """The warm-up's requests end at staggered steps: the decode batch (requests still running at each step)
+    passes through sizes divisible by 16, sizes that are not, and 1; its prompts are not the timed ones."""
+    cfg = eb.EngineBenchConfig(num_requests=256)
+    warm = eb.warmup_requests(cfg)
+    assert len(warm) == 32 and warm[-1][1] == 16
+    sizes = {sum(n > t for _, n in warm) for t in range(max(n for _, n in warm))}
+    assert 32 in sizes and 1 in sizes and any(b % 16 for b in sizes if b > 1), sizes
+    timed = {tuple(p) for p, _ in eb.make_requests(cfg)}
+    assert not any(tuple(p) in timed for p, _ in warm)
+    assert all(cfg.min_len <= len(p) <= cfg.max_len for p, _ in warm)
+
+
 @pytest.mark.parametrize("arch, spec", [("qwen3", eb.QWEN3_0_6B), ("llama", eb.LLAMA_3_8B)])
 def test_weight_and_kv_bytes_match_the_model(arch, spec):
     """param_bytes equals the parameters of the HF model of that config (tied embeddings once); KV bytes
