@@ -18,8 +18,12 @@ When it pays is one rule, `cascade_pays`, from the measured crossover of cascade
 (``benchmarks/results/2026-11-22-h200-cascade/``, `docs/cascade.md`): a group of at least 32 requests
 sharing 32k tokens, or at least 128 sharing 4k; never below 4k shared tokens, where the cascade's extra
 launches cost more host time than the shared reads save. ``cascade="auto"`` cascades a step when some group
-passes it, ``"on"`` whenever some page is shared by two running requests, ``"off"`` never. Cascade steps
-run eagerly (outside the decode CUDA graphs): the level structure changes from step to step.
+passes it, ``"on"`` whenever some page is shared by two running requests, ``"off"`` never.
+
+A two-level step with at most `GRAPH_GROUPS` groups sharing pages replays a CUDA graph of its own
+(`pagoda.engine.cuda_graph.DecodeGraphs`, `cascade_graph_sizes`): the shared level is a graph-mode batch
+prefill over the groups' pages, each row's own pages a graph-mode batch decode (`graph_layout` puts the sharing
+groups' rows first). Three-level steps and steps with more groups run eagerly.
 """
 from __future__ import annotations
 
@@ -30,10 +34,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pagoda.ops.cascade import MultiLevelCascadeAttentionWrapper
+from pagoda.ops.cascade import MultiLevelCascadeAttentionWrapper, merge_state_in_place
+from pagoda.ops.decode import BatchDecodeWithPagedKVCacheWrapper
+from pagoda.ops.prefill import BatchPrefillWithPagedKVCacheWrapper
 
-__all__ = ["CASCADE_THRESHOLDS", "CascadeDecode", "CascadeGroups", "cascade_groups", "cascade_pays",
-           "group_shared_prefixes", "should_cascade"]
+__all__ = ["CASCADE_THRESHOLDS", "CascadeDecode", "CascadeGraphBuffers", "CascadeGroups", "cascade_groups",
+           "cascade_graph_sizes", "cascade_pays", "graph_layout", "group_shared_prefixes", "should_cascade"]
 
 # (shared tokens at least, requests sharing them at least): cascade pays from there on. Measured on an H200
 # (one attention call, page 16, 256 unique tokens per request): 32k shared tokens at batch 32 run 4.74x faster
@@ -178,6 +184,15 @@ def cascade_groups(mode: str, block_tables: list[list[int]], num_pages: list[int
     return groups if should_cascade(mode, groups) else None
 
 
+def cascade_graph_sizes(mode: str, sizes: list[int]) -> list[int]:
+    """The decode-graph sizes that also get a cascade graph: under ``"on"`` every size from 2, under ``"auto"``
+    those that can hold the smallest group `cascade_pays` accepts, under ``"off"`` none."""
+    if mode == "off":
+        return []
+    least = 2 if mode == "on" else min(size for _, size in CASCADE_THRESHOLDS)
+    return [b for b in sizes if b >= least]
+
+
 def should_cascade(mode: str, groups: CascadeGroups | None) -> bool:
     """The step's decision: ``"on"`` cascades whenever pages are shared, ``"auto"`` when some group passes
     `cascade_pays`, ``"off"`` never."""
@@ -188,25 +203,118 @@ def should_cascade(mode: str, groups: CascadeGroups | None) -> bool:
     return any(cascade_pays(tokens, size) for tokens, size in groups.shared)
 
 
+# Level-0 groups a CUDA-graph cascade holds at most (a step with more sharing groups runs eagerly): the shared
+# level's grid covers this many groups whatever the step has.
+GRAPH_GROUPS = 8
+
+
+@dataclass(slots=True)
+class CascadeGraphBuffers:
+    """The static device buffers of a CUDA-graph `CascadeDecode` of ``batch`` rows (all int32 but ``perm``):
+    the shared level's table for up to ``groups`` groups (``shared_qo_indptr``, ``shared_kv_indptr [groups +
+    1]``, ``shared_kv_indices [max_pages]``, ``shared_last [groups]``), each row's own pages (``own_kv_indptr
+    [batch + 1]``, ``own_kv_indices [max_pages]``, ``own_last [batch]``) and the int64 row permutation ``perm
+    [batch]``. Views of larger buffers serve smaller batches (one size runs at a time)."""
+    shared_qo_indptr: torch.Tensor
+    shared_kv_indptr: torch.Tensor
+    shared_kv_indices: torch.Tensor
+    shared_last: torch.Tensor
+    own_kv_indptr: torch.Tensor
+    own_kv_indices: torch.Tensor
+    own_last: torch.Tensor
+    perm: torch.Tensor
+
+    @classmethod
+    def allocate(cls, batch: int, max_pages: int, device: torch.device) -> CascadeGraphBuffers:
+        g = min(batch, GRAPH_GROUPS)
+
+        def i32(n):
+            return torch.zeros(n, dtype=torch.int32, device=device)
+        return cls(i32(g + 1), i32(g + 1), i32(max_pages), i32(g), i32(batch + 1), i32(max_pages), i32(batch),
+                   torch.arange(batch, dtype=torch.int64, device=device))
+
+    def view(self, batch: int) -> CascadeGraphBuffers:
+        """The buffers of a batch of ``batch`` rows (``<=`` this one's)."""
+        g = min(batch, GRAPH_GROUPS)
+        return CascadeGraphBuffers(self.shared_qo_indptr[:g + 1], self.shared_kv_indptr[:g + 1],
+                                   self.shared_kv_indices, self.shared_last[:g], self.own_kv_indptr[:batch + 1],
+                                   self.own_kv_indices, self.own_last[:batch], self.perm[:batch])
+
+    @property
+    def groups(self) -> int:
+        return self.shared_last.shape[0]
+
+
+def graph_layout(groups: CascadeGroups) -> tuple[list[int], list[tuple[int, list[int], int]],
+                                                  list[tuple[list[int], int]]]:
+    """A two-level step's layout for a CUDA-graph cascade: ``(order, shared, own)``, the rows of the groups
+    that share pages first (``shared``: ``(num_queries, pages, last_page_len)`` per such group), the rows that
+    share nothing after them; ``own``: each row's own ``(pages, last_page_len)`` in ``order``."""
+    if groups.num_levels != 2:
+        raise ValueError(f"a CUDA-graph cascade runs two levels, got {groups.num_levels}")
+    level0, last = groups.levels
+    own_of = {r: (p, lpl) for r, (_, p, lpl) in zip(groups.order, last, strict=True)}
+    first, tail, shared, i = [], [], [], 0
+    for nq, pages, lpl in level0:
+        rows = groups.order[i:i + nq]
+        i += nq
+        if pages:
+            first += rows
+            shared.append((nq, pages, lpl))
+        else:
+            tail += rows
+    order = first + tail
+    return order, shared, [own_of[r] for r in order]
+
+
 class CascadeDecode:
     """A decode step's attention through `MultiLevelCascadeAttentionWrapper` (two or three levels), with the
     engine's wrapper interface: `plan` once per step, ``run(q, kv_cache)`` in every layer.
 
     The batch keeps its order everywhere else (KV append, sampling rows); only attention sees the queries in
     cascade order: ``run`` gathers them, runs the levels and scatters the output back.
+
+    With ``graph`` (`CascadeGraphBuffers` of ``b`` rows) it is the attention of a captured decode graph of
+    batch ``b``: two levels only, every plan writes the same buffers, and ``run`` always permutes (rows past
+    the step's requests are padding: identity, no keys).
     """
 
-    def __init__(self, workspace: torch.Tensor, kv_layout: str = "NHD"):
+    def __init__(self, workspace: torch.Tensor, kv_layout: str = "NHD", graph: CascadeGraphBuffers | None = None):
         self.device = workspace.device
-        self.wrappers = {n: MultiLevelCascadeAttentionWrapper(n, workspace, kv_layout) for n in (2, 3)}
+        self.graph = graph
+        if graph is None:
+            self.wrappers = {n: MultiLevelCascadeAttentionWrapper(n, workspace, kv_layout) for n in (2, 3)}
+        else:
+            # The shared level as a batch prefill over the groups' pages; each row's own pages as a batch
+            # decode (one query a row: the decode kernel's grid, not a prefill grid sized by every row).
+            self.wrappers = {}
+            self.shared = BatchPrefillWithPagedKVCacheWrapper(
+                workspace, kv_layout, use_cuda_graph=True, qo_indptr_buf=graph.shared_qo_indptr,
+                paged_kv_indptr_buf=graph.shared_kv_indptr, paged_kv_indices_buf=graph.shared_kv_indices,
+                paged_kv_last_page_len_buf=graph.shared_last)
+            self.own = BatchDecodeWithPagedKVCacheWrapper(
+                workspace, kv_layout, use_cuda_graph=True, paged_kv_indptr_buffer=graph.own_kv_indptr,
+                paged_kv_indices_buffer=graph.own_kv_indices, paged_kv_last_page_len_buffer=graph.own_last)
         self.wrapper: MultiLevelCascadeAttentionWrapper | None = None
         self.perm: torch.Tensor | None = None     # int64 [batch] device: cascade row -> batch row (None: same)
         self._host = None                          # the pinned host arrays of the last plan (alive until copied)
+
+    @property
+    def graph_batch(self) -> int | None:
+        """The rows of a graph-mode instance (None: eager)."""
+        return None if self.graph is None else self.graph.perm.shape[0]
+
+    def fits(self, groups: CascadeGroups) -> bool:
+        """Whether a graph-mode instance can run ``groups`` (two levels, at most its number of sharing groups)."""
+        return (self.graph is not None and groups.num_levels == 2 and len(groups.order) <= self.graph_batch
+                and sum(1 for _, pages, _ in groups.levels[0] if pages) <= self.graph.groups)
 
     def plan(self, groups: CascadeGroups, plan_args: tuple, plan_kwargs: dict, pin: bool = False) -> CascadeDecode:
         """Plan the levels of ``groups``. plan_args: ``(num_qo_heads, num_kv_heads, head_dim, page_size)``;
         plan_kwargs: ``sm_scale``, ``logits_soft_cap``, ``q_data_type``, ``kv_data_type`` (window_left must
         be -1: a shared level ignores positions). Reads no device memory."""
+        if self.graph is not None:
+            return self._plan_graph(groups, plan_args, plan_kwargs, pin)
         qo, kvp, idx, last = [], [], [], []
         for entries in groups.levels:
             q_ptr, k_ptr = [0], [0]
@@ -241,8 +349,47 @@ class CascadeDecode:
             self.perm, self._host = perm.to(self.device, non_blocking=pin), (host, perm)
         return self
 
+    def _plan_graph(self, groups: CascadeGroups, plan_args: tuple, plan_kwargs: dict, pin: bool) -> CascadeDecode:
+        if not self.fits(groups):
+            raise ValueError(f"a CUDA-graph cascade of {self.graph_batch} rows and {self.graph.groups} groups "
+                             f"cannot run {len(groups.order)} rows in {groups.num_levels} levels")
+        order, shared, own = graph_layout(groups)
+        b, rows = self.graph_batch, len(order)
+        q_ptr, s_ptr, s_pages, s_last = [0], [0], [], []
+        for nq, pages, lpl in shared:
+            q_ptr.append(q_ptr[-1] + nq)
+            s_ptr.append(s_ptr[-1] + len(pages))
+            s_pages += pages
+            s_last.append(lpl)
+        o_ptr, o_pages, o_last = [0], [], []
+        for pages, lpl in own:
+            o_ptr.append(o_ptr[-1] + len(pages))
+            o_pages += pages
+            o_last.append(lpl if pages else 0)
+        arrays = (q_ptr, s_ptr, s_pages, s_last, o_ptr, o_pages, o_last)
+        flat = np.fromiter(itertools.chain.from_iterable(arrays), dtype=np.int32, count=sum(map(len, arrays)))
+        host = torch.from_numpy(flat)
+        perm = torch.from_numpy(np.concatenate([np.asarray(order, dtype=np.int64), np.arange(rows, b, dtype=np.int64)]))
+        if pin:
+            host, perm = host.pin_memory(), perm.pin_memory()
+        views, o = [], 0
+        for a in arrays:
+            views.append(host[o:o + len(a)])
+            o += len(a)
+        self.shared.plan(*views[:4], *plan_args, causal=False, **plan_kwargs)
+        self.own.plan(*views[4:], *plan_args, **plan_kwargs)
+        self.graph.perm.copy_(perm, non_blocking=pin)
+        self.perm, self._host = self.graph.perm, (host, perm)
+        return self
+
     def run(self, q: torch.Tensor, paged_kv_cache: torch.Tensor) -> torch.Tensor:
         """q ``[batch, num_qo_heads, head_dim]`` in batch order -> attention output, same shape and order."""
+        if self.graph is not None:
+            qp = q.index_select(0, self.perm)
+            out, lse = self.shared.run(qp, paged_kv_cache, return_lse=True)
+            own, own_lse = self.own.run(qp, paged_kv_cache, return_lse=True)
+            merge_state_in_place(out, lse, own, own_lse)
+            return torch.empty_like(out).index_copy_(0, self.perm, out)
         if self.perm is None:
             return self.wrapper.run(q, paged_kv_cache)
         out = self.wrapper.run(q.index_select(0, self.perm), paged_kv_cache)

@@ -16,6 +16,10 @@ them without waiting for the device. All graphs share one memory pool and the fl
 eager wrappers; they are captured from the largest size down so that the smaller ones reuse the larger
 ones' intermediate memory. The graph covers the forward pass up to the last hidden state; the LM head,
 the logits processors and the sampler run eagerly right after the replay (a few kernels).
+
+Decode steps that cascade over shared prefix pages (`pagoda.engine.cascade`) replay a second graph of the
+same size whose attention is a graph-mode `CascadeDecode` (its own page tables and row permutation in
+`CascadeGraphBuffers`); the KV append still reads the step's whole page table from the buffers above.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from collections.abc import Sequence as SequenceABC
 import torch
 
 import pagoda
+from pagoda.engine.cascade import CascadeDecode, CascadeGraphBuffers, CascadeGroups
 from pagoda.models import ForwardContext, forward_context
 
 logger = logging.getLogger(__name__)
@@ -64,7 +69,8 @@ class DecodeGraphs:
     """
 
     def __init__(self, model, workspace: torch.Tensor, plan_args: tuple, plan_kwargs: dict, sizes: SequenceABC[int],
-                 max_pages_per_seq: int, hidden_size: int, dtype: torch.dtype):
+                 max_pages_per_seq: int, hidden_size: int, dtype: torch.dtype,
+                 cascade_sizes: SequenceABC[int] = ()):
         if not sizes:
             raise ValueError("sizes must name at least one batch size to capture")
         self.model = model
@@ -86,6 +92,14 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.hidden_size, self.dtype = hidden_size, dtype
+        # Two-level cascade decode steps (`pagoda.engine.cascade`) of these sizes replay graphs of their own.
+        self.cascade_sizes = sorted(set(int(s) for s in cascade_sizes) & set(self.sizes))
+        self.cascade_buffers = (CascadeGraphBuffers.allocate(mb, mb * max_pages_per_seq, dev)
+                                if self.cascade_sizes else None)
+        self.cascades: dict[int, CascadeDecode] = {}
+        self.cascade_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.cascade_outputs: dict[int, torch.Tensor] = {}
+        self.cascade_kwargs = {k: v for k, v in self.plan_kwargs.items() if k != "window_left"}
         self.pool = None
         self.memory_bytes = 0          # device memory the capture took (graph pool and driver), measured
         self.capture_s = 0.0
@@ -97,8 +111,15 @@ class DecodeGraphs:
                 return b
         return None
 
-    def _context(self, b: int) -> ForwardContext:
-        return ForwardContext(wrapper=self.wrappers[b], batch_indices=self.batch_indices[:b],
+    def has_cascade(self, n: int, groups: CascadeGroups) -> bool:
+        """Whether a cascade step of ``n`` requests with ``groups`` replays a graph (a captured size, two levels,
+        at most `pagoda.engine.cascade.GRAPH_GROUPS` groups sharing pages)."""
+        b = self.size_for(n)
+        return b in self.cascades and self.cascades[b].fits(groups)
+
+    def _context(self, b: int, cascade: bool = False) -> ForwardContext:
+        wrapper = self.cascades[b] if cascade else self.wrappers[b]
+        return ForwardContext(wrapper=wrapper, batch_indices=self.batch_indices[:b],
                               positions=self.positions[:b], kv_indices=self.kv_indices,
                               kv_indptr=self.kv_indptr[:b + 1], kv_last_page_len=self.kv_last_page_len[:b],
                               validate=False)
@@ -106,9 +127,14 @@ class DecodeGraphs:
     def _plan(self, b: int, indptr: torch.Tensor, indices: torch.Tensor, last: torch.Tensor) -> None:
         self.wrappers[b].plan(indptr, indices, last, *self.plan_args, **self.plan_kwargs)
 
-    def _forward(self, b: int) -> torch.Tensor:
-        with forward_context(self._context(b)):
+    def _forward(self, b: int, cascade: bool = False) -> torch.Tensor:
+        with forward_context(self._context(b, cascade)):
             return self.model(self.input_ids[:b], self.positions[:b])
+
+    def _dummy_cascade(self, b: int) -> CascadeGroups:
+        """The capture's groups: one group of all ``b`` rows sharing page 0, each row's own page 0 after it."""
+        page = self.plan_args[3]
+        return CascadeGroups(list(range(b)), [[(b, [0], page)], [(1, [0], 1)] * b], [(page, b)])
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -146,16 +172,37 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=self.pool):
                 out = self._forward(b)
             self.graphs[b], self.outputs[b] = graph, out
+        for b in reversed(self.cascade_sizes):
+            self.cascades[b] = CascadeDecode(self.workspace, "NHD", self.cascade_buffers.view(b))
+            self.cascades[b].plan(self._dummy_cascade(b), self.plan_args, self.cascade_kwargs)
+            self._plan(b, torch.arange(b + 1, dtype=torch.int32), torch.zeros(b, dtype=torch.int32),
+                       torch.ones(b, dtype=torch.int32))
+            self.input_ids[:b].zero_()
+            self.positions[:b].zero_()
+            self.batch_indices[:b].copy_(torch.arange(b, dtype=torch.int32))
+            if not cuda:
+                self.cascade_outputs[b] = self._forward(b, cascade=True)
+                continue
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._forward(b, cascade=True)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self._forward(b, cascade=True)
+            self.cascade_graphs[b], self.cascade_outputs[b] = graph, out
         self.batch_indices.fill_(-1)
         if cuda:
             torch.cuda.synchronize(self.device)
             self.memory_bytes = max(free_before - torch.cuda.mem_get_info(self.device)[0], 0)
         self.capture_s = time.perf_counter() - start
-        logger.info("captured %d decode CUDA graphs (batch %d..%d) in %.1f s, %.1f MiB", len(self.sizes),
-                    self.sizes[0], self.max_batch, self.capture_s, self.memory_bytes / 2**20)
+        logger.info("captured %d decode CUDA graphs (batch %d..%d; %d of them cascade) in %.1f s, %.1f MiB",
+                    len(self.sizes) + len(self.cascade_sizes), self.sizes[0], self.max_batch, len(self.cascade_sizes),
+                    self.capture_s, self.memory_bytes / 2**20)
 
     def replay(self, n: int, host: dict, input_ids: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor] | None,
-               prev_tokens: torch.Tensor | None) -> torch.Tensor:
+               prev_tokens: torch.Tensor | None, cascade: CascadeGroups | None = None) -> torch.Tensor:
         """Run a decode step of ``n`` requests; returns the hidden states ``[n, hidden]`` (graph output:
         valid until the next replay).
 
@@ -164,11 +211,16 @@ class DecodeGraphs:
         device (pending rows hold anything).
         pending: ``(rows, prev_rows)`` int64 device tensors: ``input_ids[rows] = prev_tokens[prev_rows]``
         (tokens sampled by the previous step, still on the device).
+        cascade: the step's two-level cascade groups (`has_cascade` must hold): the cascade graph replays.
         """
         b = self.size_for(n)
         if b is None:
             raise ValueError(f"batch {n} exceeds the largest captured size {self.max_batch}")
+        if cascade is not None and not self.has_cascade(n, cascade):
+            raise ValueError(f"no cascade graph for a batch of {n} with {cascade.num_levels} levels")
         self._plan(b, host["kv_indptr"], host["kv_indices"], host["kv_last_page_len"])
+        if cascade is not None:
+            self.cascades[b].plan(cascade, self.plan_args, self.cascade_kwargs, pin=self.device.type == "cuda")
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(host["positions"], non_blocking=True)
         self.batch_indices[:n].copy_(host["batch_indices"], non_blocking=True)
@@ -179,6 +231,12 @@ class DecodeGraphs:
         if pending is not None:
             rows, prev_rows = pending
             self.input_ids.index_copy_(0, rows, prev_tokens.index_select(0, prev_rows))
+        if cascade is not None:
+            if b in self.cascade_graphs:
+                self.cascade_graphs[b].replay()
+            else:
+                self.cascade_outputs[b] = self._forward(b, cascade=True)     # EMULATE_ON_CPU
+            return self.cascade_outputs[b][:n]
         if b in self.graphs:
             self.graphs[b].replay()
         else:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import pagoda
-from pagoda.engine.cascade import CascadeDecode, cascade_groups
+from pagoda.engine.cascade import CascadeDecode, CascadeGroups, cascade_graph_sizes, cascade_groups
 from pagoda.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from pagoda.engine.cuda_graph import DecodeGraphs, capture_sizes, graphs_available
 from pagoda.engine.logits import LogitsPipeline, LogitsProcessor, min_tokens_processor
@@ -157,7 +157,7 @@ class ModelRunner:
         if self.use_cuda_graph:
             self.graphs = DecodeGraphs(model, self.workspace, self._plan_heads(), self._decode_plan_kwargs(),
                                        self.graph_sizes, self.max_pages_per_seq, config.hf_config.hidden_size,
-                                       self.dtype)
+                                       self.dtype, cascade_graph_sizes(self.cascade_mode, self.graph_sizes))
             self.graphs.capture()
 
     # -- KV cache size -------------------------------------------------------------------------------------
@@ -194,6 +194,11 @@ class ModelRunner:
         per_token = elt * (2 * (q + 2 * kv) + 2 * q + 4 * hidden + 3 * inter)
         outputs = sum(self.graph_sizes) * hidden * elt
         tables = 4 * max(self.graph_sizes) * (self.max_pages_per_seq + 4)
+        cascade = cascade_graph_sizes(self.cascade_mode, self.graph_sizes)
+        if cascade:   # their outputs, two more page tables, and the levels' queries, outputs and LSEs
+            outputs += sum(cascade) * hidden * elt
+            tables += 2 * tables
+            per_token += elt * 4 * q + 8 * self.num_qo_heads
         return 2 * per_token * max(self.graph_sizes) + outputs + tables + GRAPH_RESERVE_BYTES
 
     @torch.inference_mode()
@@ -355,20 +360,22 @@ class ModelRunner:
         pending = (dev64[n_tok:n_tok + k], dev64[n_tok + k:]) if k else None
         sampling = inp["sampling"]
         graph_b = None
-        cascade = self._plan_cascade(batch, inp) if batch.is_decode_only else None   # eager when it cascades
-        if (cascade is None and self.graphs is not None and batch.is_decode_only and n_req <= self.graphs.max_batch):
-            graph_b = self.graphs.size_for(n_req)
+        groups = self._cascade_groups(batch, inp) if batch.is_decode_only else None
+        graphs = self.graphs
+        if (graphs is not None and batch.is_decode_only and n_req <= graphs.max_batch
+                and (groups is None or graphs.has_cascade(n_req, groups))):
+            graph_b = graphs.size_for(n_req)
             graph_host = dict(positions=host["positions"], batch_indices=host["batch_indices"],
                               kv_indptr=host["kv_indptr"], kv_indices=host["kv_indices"],
                               kv_last_page_len=host["last"])
-            hidden = self.graphs.replay(n_req, graph_host, ids, pending, prev.tokens if pending else None)
+            hidden = graphs.replay(n_req, graph_host, ids, pending, prev.tokens if pending else None, groups)
             rows = None if len(sampling) == n_req else host["sample_rows"].to(self.device, non_blocking=True)
         else:
             dev32 = host32.to(self.device, non_blocking=True)
             dv = {k2: dev32[o[j]:o[j + 1]] for j, k2 in enumerate(names)}
             if pending is not None:
                 ids.index_copy_(0, pending[0], prev.tokens.index_select(0, pending[1]))
-            wrapper = cascade if cascade is not None else self._plan(host, batch.is_decode_only)
+            wrapper = self._plan_cascade(groups) if groups is not None else self._plan(host, batch.is_decode_only)
             ctx = ForwardContext(wrapper=wrapper, batch_indices=dv["batch_indices"], positions=dv["positions"],
                                  kv_indices=dv["kv_indices"], kv_indptr=dv["kv_indptr"], kv_last_page_len=dv["last"],
                                  validate=False)
@@ -452,18 +459,21 @@ class ModelRunner:
         step = self.sample(self.launch(batch, prev))
         return step.resolve() if step is not None else StepResult([], [], None)
 
-    def _plan_cascade(self, batch: ScheduledBatch, inp: dict) -> CascadeDecode | None:
-        """The cascade attention of a decode-only step whose requests share prefix pages, planned, when
-        ``cascade_mode`` says it runs (`pagoda.engine.cascade.cascade_groups`); else None."""
+    def _cascade_groups(self, batch: ScheduledBatch, inp: dict) -> CascadeGroups | None:
+        """The groups of a decode-only step whose requests share prefix pages, when ``cascade_mode`` says it
+        cascades (`pagoda.engine.cascade.cascade_groups`); else None. Counts the step in ``cascade_steps``."""
         if self.cascade_mode == "off":
             return None
         ptr = inp["kv_indptr"]
         pages = [ptr[i + 1] - ptr[i] for i in range(len(batch.seqs))]
         groups = cascade_groups(self.cascade_mode, [s.block_table for s in batch.seqs], pages, inp["last"],
                                 self.block_size)
-        if groups is None:
-            return None
-        self.cascade_steps[groups.num_levels] = self.cascade_steps.get(groups.num_levels, 0) + 1
+        if groups is not None:
+            self.cascade_steps[groups.num_levels] = self.cascade_steps.get(groups.num_levels, 0) + 1
+        return groups
+
+    def _plan_cascade(self, groups: CascadeGroups) -> CascadeDecode:
+        """The eager cascade attention of a step (one outside the cascade graphs), planned."""
         kw = self._decode_plan_kwargs()
         kw.pop("window_left")
         return self.cascade.plan(groups, self._plan_heads(), kw, self.pin)

@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 
 from pagoda.engine import LLM, SamplingParams, cuda_graph
-from pagoda.engine.cascade import cascade_groups, cascade_pays, group_shared_prefixes, should_cascade
+from pagoda.engine.cascade import (
+    cascade_graph_sizes,
+    cascade_groups,
+    cascade_pays,
+    graph_layout,
+    group_shared_prefixes,
+    should_cascade,
+)
 from pagoda.engine.config import EngineConfig
 
 
@@ -152,3 +159,54 @@ def test_three_levels_equal_plain_engine_and_hf(graphs, tiny_model, hf_greedy, m
     assert got["on"] == got["off"]
     for p, toks in zip(prompts, got["on"], strict=True):
         assert toks == hf_greedy(model_dir, p, 6)
+
+
+def test_graph_layout_puts_sharing_groups_first():
+    """A two-level step for a CUDA-graph cascade: rows of groups that share pages first (in group order),
+    rows sharing nothing after them; each row keeps its own pages."""
+    tables = [[9, 1, 2], [5, 6], [9, 1, 3, 4], [7, 8, 1], [9, 1, 5]]
+    groups = group_shared_prefixes(tables, [3, 2, 4, 3, 3], [1, 2, 3, 4, 1], page_size=4)
+    assert groups.num_levels == 2
+    order, shared, own = graph_layout(groups)
+    assert order == [0, 2, 4, 1, 3]
+    assert shared == [(3, [9, 1], 4)]
+    assert own == [([2], 1), ([3, 4], 3), ([5], 1), ([5, 6], 2), ([7, 8, 1], 4)]
+
+
+@pytest.mark.parametrize("mode", ["on", "auto"])
+def test_cascade_graph_sizes(mode):
+    sizes = [1, 2, 4, 8, 16, 24, 32, 40]
+    assert cascade_graph_sizes("off", sizes) == []
+    want = sizes[1:] if mode == "on" else [32, 40]
+    assert cascade_graph_sizes(mode, sizes) == want
+
+
+def test_two_level_cascade_graphs_equal_plain_engine_and_hf(tiny_model, hf_greedy, monkeypatch):
+    """A system prompt shared by six requests of ragged turns, plus one unrelated request: with the decode
+    graphs (emulated) every decode step replays a graph, the cascade ones the cascade graph of their padded
+    size (the batch of 7 shrinks through the sizes 8, 4 and 2 as requests end), and the greedy tokens equal the plain
+    engine's and HF's."""
+    monkeypatch.setattr(cuda_graph, "EMULATE_ON_CPU", True)
+    model_dir = str(tiny_model("qwen3"))
+    system = [(7 * i + 3) % 50 + 5 for i in range(12)]
+    turns = [[11, 12, 13], [21, 22, 23, 24, 25], [31, 32, 33, 34], [41, 42], [51, 52, 53, 54, 55, 56], [61]]
+    prompts = [[70, 71, 72, 73, 74, 75, 76]] + [system + t for t in turns]
+    params = [SamplingParams(temperature=0, max_tokens=3 + i, ignore_eos=True) for i in range(len(prompts))]
+    kw = dict(block_size=4, max_model_len=64, max_num_seqs=8)
+    got = {}
+    for mode in ("on", "off"):
+        llm = LLM(model_dir, cascade=mode, **kw)
+        llm.generate([{"prompt_token_ids": system + [5]}], SamplingParams(max_tokens=1), use_tqdm=False)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        got[mode] = [o.outputs[0].token_ids for o in outs]
+        runner, stats = llm.llm_engine.model_runner, llm.llm_engine.stats
+        assert stats.graph_steps == stats.decode_steps > 0
+        if mode == "on":
+            assert runner.graphs.cascade_sizes == [2, 4, 8]
+            assert runner.cascade_steps.get(2, 0) >= 5 and 3 not in runner.cascade_steps, runner.cascade_steps
+            assert all(o.num_cached_tokens == 12 for o in outs[1:])
+        else:
+            assert runner.cascade_steps == {} and runner.graphs.cascade_sizes == []
+    assert got["on"] == got["off"]
+    for p, prm, toks in zip(prompts, params, got["on"], strict=True):
+        assert toks == hf_greedy(model_dir, p, prm.max_tokens)
