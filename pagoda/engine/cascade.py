@@ -20,7 +20,7 @@ sharing 32k tokens, or at least 128 sharing 4k; never below 4k shared tokens, wh
 launches cost more host time than the shared reads save. ``cascade="auto"`` cascades a step when some group
 passes it, ``"on"`` whenever some page is shared by two running requests, ``"off"`` never.
 
-A two-level step with at most `GRAPH_GROUPS` groups sharing pages replays a CUDA graph of its own
+Under ``"on"``, a two-level step with at most `GRAPH_GROUPS` groups sharing pages replays a CUDA graph of its own
 (`pagoda.engine.cuda_graph.DecodeGraphs`, `cascade_graph_sizes`): the shared level is a graph-mode batch
 prefill over the groups' pages, each row's own pages a graph-mode batch decode (`graph_layout` puts the sharing
 groups' rows first). Three-level steps and steps with more groups run eagerly.
@@ -185,12 +185,11 @@ def cascade_groups(mode: str, block_tables: list[list[int]], num_pages: list[int
 
 
 def cascade_graph_sizes(mode: str, sizes: list[int]) -> list[int]:
-    """The decode-graph sizes that also get a cascade graph: under ``"on"`` every size from 2, under ``"auto"``
-    those that can hold the smallest group `cascade_pays` accepts, under ``"off"`` none."""
-    if mode == "off":
-        return []
-    least = 2 if mode == "on" else min(size for _, size in CASCADE_THRESHOLDS)
-    return [b for b in sizes if b >= least]
+    """The decode-graph sizes that also get a cascade graph: under ``"on"`` every size from 2; none under
+    ``"off"``, nor under ``"auto"``, whose rule (`CASCADE_THRESHOLDS`) was measured on eager cascades: its
+    cascade steps stay eager until the crossover is measured with the graphs, and its start-up captures no
+    second ladder."""
+    return [b for b in sizes if b >= 2] if mode == "on" else []
 
 
 def should_cascade(mode: str, groups: CascadeGroups | None) -> bool:

@@ -173,12 +173,10 @@ def test_graph_layout_puts_sharing_groups_first():
     assert own == [([2], 1), ([3, 4], 3), ([5], 1), ([5, 6], 2), ([7, 8, 1], 4)]
 
 
-@pytest.mark.parametrize("mode", ["on", "auto"])
-def test_cascade_graph_sizes(mode):
+def test_cascade_graph_sizes():
     sizes = [1, 2, 4, 8, 16, 24, 32, 40]
-    assert cascade_graph_sizes("off", sizes) == []
-    want = sizes[1:] if mode == "on" else [32, 40]
-    assert cascade_graph_sizes(mode, sizes) == want
+    assert cascade_graph_sizes("on", sizes) == sizes[1:]
+    assert cascade_graph_sizes("off", sizes) == cascade_graph_sizes("auto", sizes) == []
 
 
 def test_two_level_cascade_graphs_equal_plain_engine_and_hf(tiny_model, hf_greedy, monkeypatch):
