@@ -291,6 +291,9 @@ class CascadeDecode:
                 workspace, kv_layout, use_cuda_graph=True, qo_indptr_buf=graph.shared_qo_indptr,
                 paged_kv_indptr_buf=graph.shared_kv_indptr, paged_kv_indices_buf=graph.shared_kv_indices,
                 paged_kv_last_page_len_buf=graph.shared_last)
+            # A graph-mode grid is sized by the padded batch, not by the groups: keep the shared level on the
+            # Triton kernel (split-KV, query heads of a KV head packed in one tile) rather than the Gluon one.
+            self.shared._gluon_ok = False
             self.own = BatchDecodeWithPagedKVCacheWrapper(
                 workspace, kv_layout, use_cuda_graph=True, paged_kv_indptr_buffer=graph.own_kv_indptr,
                 paged_kv_indices_buffer=graph.own_kv_indices, paged_kv_last_page_len_buffer=graph.own_last)

@@ -92,6 +92,7 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.hidden_size, self.dtype = hidden_size, dtype
+        self.max_pages_per_seq = max_pages_per_seq
         # Two-level cascade decode steps (`pagoda.engine.cascade`) of these sizes replay graphs of their own.
         self.cascade_sizes = sorted(set(int(s) for s in cascade_sizes) & set(self.sizes))
         self.cascade_buffers = (CascadeGraphBuffers.allocate(mb, mb * max_pages_per_seq, dev)
@@ -132,9 +133,12 @@ class DecodeGraphs:
             return self.model(self.input_ids[:b], self.positions[:b])
 
     def _dummy_cascade(self, b: int) -> CascadeGroups:
-        """The capture's groups: one group of all ``b`` rows sharing page 0, each row's own page 0 after it."""
+        """The capture's groups: one group of all ``b`` rows sharing a long prefix (page 0 repeated: the shared
+        level's kernel is compiled, and tuned where autotuning is on, for long prefixes, not one page), each
+        row's own page 0 after it."""
         page = self.plan_args[3]
-        return CascadeGroups(list(range(b)), [[(b, [0], page)], [(1, [0], 1)] * b], [(page, b)])
+        shared = [0] * max(min(self.max_pages_per_seq - 1, 256), 1)
+        return CascadeGroups(list(range(b)), [[(b, shared, page)], [(1, [0], 1)] * b], [(page * len(shared), b)])
 
     @torch.inference_mode()
     def capture(self) -> None:

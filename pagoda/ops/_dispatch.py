@@ -58,8 +58,10 @@ def prefill_paged(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_indpt
                   window_left: int = -1, logits_soft_cap: float = 0.0, alibi_slopes=None, rope=None,
                   window_right: int | None = None, block_m: int | None = None, num_splits: int = 0, chunk=None,
                   o_part=None, lse_part=None, write_lse: bool = True, custom_mask=None,
-                  alibi_signed: bool = False) -> None:
+                  alibi_signed: bool = False, allow_gluon: bool = True) -> None:
     """Paged prefill into ``out`` / ``lse`` (arguments: `pagoda.kernels.attention.prefill_paged.prefill_paged_fwd`).
+
+    ``allow_gluon=False`` keeps the call on the Triton kernel.
 
     ``write_lse=False``: the caller does not read lse (the Gluon kernel then skips it; the Triton kernels write it
     regardless). ``block_m`` is the Triton kernel's rows per tile (unused by the Gluon kernel). A ``custom_mask``
@@ -71,7 +73,7 @@ def prefill_paged(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_indpt
     if window_right is None:
         window_right = 0 if causal else -1
     interpreting = _switches.interpreting()
-    if (max_qo_len >= GLUON_MIN_QO and not interpreting and custom_mask is None and window_right <= 0
+    if (allow_gluon and max_qo_len >= GLUON_MIN_QO and not interpreting and custom_mask is None and window_right <= 0
             and _switches.hopper_attention()):
         from pagoda.kernels.hopper import paged as hopper_paged
 

@@ -279,7 +279,8 @@ class BatchPrefillWithPagedKVCacheWrapper(_workspace.PrefillWorkspace):
                       alibi_signed=True,
                       rope=(opts["rope_scale"], opts["rope_theta"]) if mode == "ROPE_LLAMA" else None,
                       block_m=self._block_m, num_splits=splits, chunk=self._chunk_buf, o_part=o_part,
-                      lse_part=lse_part, write_lse=write_lse, custom_mask=self._mask)
+                      lse_part=lse_part, write_lse=write_lse, custom_mask=self._mask,
+                      allow_gluon=getattr(self, "_gluon_ok", True))
         return _common.finish(out, lse, v_scale, return_lse, lse_given)
 
     def run_return_lse(self, q: torch.Tensor, paged_kv_cache: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
