@@ -15,9 +15,11 @@ with tensor ops on the batch (its left padding is penalised too, as HF's own pro
 processor that fills the banned ids with -inf, or as a callable per request and step.
 
 Structured output: the regex `STRUCTURED_REGEX` (outputs made only of tokens whose text starts with ``t1`` to
-``t5``: about half of the benchmark tokenizer's vocabulary, a grammar that never ends, so every request still
-runs ``max_tokens`` steps); xgrammar fills each request's token bitmask on the host every step, the engine
-applies the masks on the device.
+``t5``: about half of the benchmark tokenizer's vocabulary); xgrammar fills each request's token bitmask on the
+host every step, the engine applies the masks on the device. The regex may end after any token, where the
+grammar allows EOS; with ``ignore_eos`` a sampled EOS would end the grammar but not the request, whose later
+tokens would run unconstrained. So the structured requests also set ``min_tokens = max_tokens`` (EOS banned by
+the built-in processing until the end): every step of every request is constrained.
 """
 from __future__ import annotations
 
@@ -91,9 +93,10 @@ def _drive(engine, requests, tag: str, extra: dict, cfg) -> float:
     from pagoda.engine import RequestOutputKind, SamplingParams
 
     for j, (p, n) in enumerate(requests):
+        floor = dict(min_tokens=n) if "structured_outputs" in extra else {}    # the grammar never sees EOS
         engine.add_request(f"{tag}{j}", {"prompt_token_ids": p},
                            SamplingParams(temperature=cfg.temperature, ignore_eos=True, max_tokens=n,
-                                          output_kind=RequestOutputKind.FINAL_ONLY, **extra))
+                                          output_kind=RequestOutputKind.FINAL_ONLY, **extra, **floor))
     sync = torch.cuda.synchronize if engine.model_runner.device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
