@@ -103,17 +103,22 @@ def plain(model_dir):
     return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
 
 
-def test_batch_level_processor(model_dir, plain):
-    TargetToken.log.clear()
-    llm = LLM(str(model_dir), block_size=4, max_model_len=64, max_num_seqs=2, num_gpu_blocks_override=64,
-              logits_processors=[TargetToken, CountingInvariant])
-    proc = TargetToken.log[-1]
+def _generate_targets(llm, plain) -> None:
+    """Requests 1 and 3 target tokens 17 and 42 (TargetToken); 0 and 2 must equal the plain engine's."""
     targets = [None, 17, None, 42]
     params = [SamplingParams(temperature=0, max_tokens=N, min_tokens=N,
                              extra_args=None if t is None else {"target_token": t}) for t in targets]
     outs = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
     for t, got, ref in zip(targets, outs, plain, strict=True):
         assert got == (ref if t is None else [t] * N)
+
+
+def test_batch_level_processor(model_dir, plain):
+    TargetToken.log.clear()
+    llm = LLM(str(model_dir), block_size=4, max_model_len=64, max_num_seqs=2, num_gpu_blocks_override=64,
+              logits_processors=[TargetToken, CountingInvariant])
+    proc = TargetToken.log[-1]
+    _generate_targets(llm, plain)
     # max_num_seqs=2: four requests pass through two persistent indices; every join and leave was reported.
     updates = [u for u in proc.updates if u is not None]
     added = [a[0] for u in updates for a in u.added]
@@ -208,12 +213,7 @@ def test_processor_reading_no_outputs_keeps_the_overlap(model_dir, plain, cls):
     llm = LLM(str(model_dir), block_size=4, max_model_len=64, max_num_seqs=4, num_gpu_blocks_override=64,
               logits_processors=[cls])
     proc = TargetToken.log[-1]
-    targets = [None, 17, None, 42]
-    params = [SamplingParams(temperature=0, max_tokens=N, min_tokens=N,
-                             extra_args=None if t is None else {"target_token": t}) for t in targets]
-    outs = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
-    for t, got, ref in zip(targets, outs, plain, strict=True):
-        assert got == (ref if t is None else [t] * N)
+    _generate_targets(llm, plain)
     if cls is TargetTokenOnDevice:
         assert proc.pending and max(proc.pending) == 1 and proc.pending.count(1) >= N
     else:
