@@ -223,9 +223,14 @@ class CascadeGraphBuffers:
     own_last: torch.Tensor
     perm: torch.Tensor
 
+    @staticmethod
+    def capacity(batch: int) -> int:
+        """Sharing groups a batch of ``batch`` rows can hold: two rows a group at least, `GRAPH_GROUPS` at most."""
+        return max(min(batch // 2, GRAPH_GROUPS), 1)
+
     @classmethod
     def allocate(cls, batch: int, max_pages: int, device: torch.device) -> CascadeGraphBuffers:
-        g = min(batch, GRAPH_GROUPS)
+        g = cls.capacity(batch)
 
         def i32(n):
             return torch.zeros(n, dtype=torch.int32, device=device)
@@ -234,7 +239,7 @@ class CascadeGraphBuffers:
 
     def view(self, batch: int) -> CascadeGraphBuffers:
         """The buffers of a batch of ``batch`` rows (``<=`` this one's)."""
-        g = min(batch, GRAPH_GROUPS)
+        g = self.capacity(batch)
         return CascadeGraphBuffers(self.shared_qo_indptr[:g + 1], self.shared_kv_indptr[:g + 1],
                                    self.shared_kv_indices, self.shared_last[:g], self.own_kv_indptr[:batch + 1],
                                    self.own_kv_indices, self.own_last[:batch], self.perm[:batch])

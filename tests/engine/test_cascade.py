@@ -7,6 +7,7 @@ import pytest
 
 from pagoda.engine import LLM, SamplingParams, cuda_graph
 from pagoda.engine.cascade import (
+    CascadeGraphBuffers,
     cascade_graph_sizes,
     cascade_groups,
     cascade_pays,
@@ -174,6 +175,8 @@ def test_graph_layout_puts_sharing_groups_first():
 
 
 def test_cascade_graph_sizes():
+    # a sharing group holds two rows at least: a graph of b rows plans b // 2 groups, 8 at most
+    assert [CascadeGraphBuffers.capacity(b) for b in (1, 2, 5, 8, 16, 64)] == [1, 1, 2, 4, 8, 8]
     sizes = [1, 2, 4, 8, 16, 24, 32, 40]
     assert cascade_graph_sizes("on", sizes) == sizes[1:]
     assert cascade_graph_sizes("off", sizes) == cascade_graph_sizes("auto", sizes) == []
