@@ -211,3 +211,42 @@ def test_two_level_cascade_graphs_equal_plain_engine_and_hf(tiny_model, hf_greed
     assert got["on"] == got["off"]
     for p, prm, toks in zip(prompts, params, got["on"], strict=True):
         assert toks == hf_greedy(model_dir, p, prm.max_tokens)
+
+
+def several_groups_workload():
+    """Three system prompts of 12 tokens, each under four requests with ragged turns, and two unrelated requests
+    (``(prefixes, prompts, max_tokens)``): decode steps with three sharing groups and rows that share nothing."""
+    prefixes = [[(7 * i + 3 + 11 * g) % 50 + 5 for i in range(12)] for g in range(3)]
+    prompts, max_tokens = [], []
+    for g, prefix in enumerate(prefixes):
+        for j in range(4):
+            prompts.append(prefix + [60 + 5 * g + j] * (1 + j))
+            max_tokens.append(3 + (g + 2 * j) % 5)
+    prompts += [[70, 71, 72, 73, 74, 75, 76], [80, 81, 82]]
+    max_tokens += [6, 4]
+    return prefixes, prompts, max_tokens
+
+
+def run_several_groups(model_dir: str, mode: str, logprobs: int | None = None, **kw):
+    """Greedy outputs (`CompletionOutput`) of `several_groups_workload` under ``cascade=mode`` (prefixes cached
+    first); the LLM too."""
+    prefixes, prompts, max_tokens = several_groups_workload()
+    llm = LLM(model_dir, cascade=mode, **kw)
+    llm.generate([{"prompt_token_ids": p + [5]} for p in prefixes], SamplingParams(max_tokens=1), use_tqdm=False)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=logprobs) for n in max_tokens]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [o.outputs[0] for o in outs], llm
+
+
+def test_cascade_graphs_with_several_groups(tiny_model, monkeypatch):
+    """Three sharing groups and two rows that share nothing, in a batch of 14 padded to 16: every decode step
+    replays a graph (the cascade ones with three groups' shared pages), and the tokens equal the plain
+    engine's."""
+    monkeypatch.setattr(cuda_graph, "EMULATE_ON_CPU", True)
+    model_dir = str(tiny_model("llama3.1"))
+    kw = dict(block_size=4, max_model_len=64, max_num_seqs=16)
+    got, llm = run_several_groups(model_dir, "on", **kw)
+    runner, stats = llm.llm_engine.model_runner, llm.llm_engine.stats
+    assert runner.cascade_steps.get(2, 0) >= 3 and stats.graph_steps == stats.decode_steps
+    plain, _ = run_several_groups(model_dir, "off", **kw)
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain]

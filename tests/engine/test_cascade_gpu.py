@@ -29,3 +29,27 @@ def test_cascade_decode_faster_and_same_tokens(dtype, tmp_path):
     if dtype == "float32":     # bf16 roundings of two different kernels may flip near-tied tokens of a random model
         same, tie = ec.agreement(plain, casc)
         assert same + tie == ec.BATCH, (same, tie)
+
+
+def test_cascade_graphs_with_several_groups_on_gpu(tiny_model):
+    """Real CUDA graphs: three sharing groups and two rows sharing nothing (batch 14 padded to 16); the cascade
+    decode steps replay their graphs and the float32 greedy tokens equal the plain engine's (or first differ
+    where the plain engine's two best logprobs tie within float32 noise)."""
+    from tests.engine.test_cascade import run_several_groups
+
+    model_dir = str(tiny_model("llama3.1"))
+    kw = dict(block_size=4, max_model_len=64, max_num_seqs=16, dtype="float32", gpu_memory_utilization=0.2)
+    got, llm = run_several_groups(model_dir, "on", logprobs=2, **kw)
+    runner, stats = llm.llm_engine.model_runner, llm.llm_engine.stats
+    assert runner.graphs.cascade_graphs and runner.cascade_steps.get(2, 0) >= 3
+    assert stats.graph_steps == stats.decode_steps
+    del llm, runner
+    plain, _ = run_several_groups(model_dir, "off", logprobs=2, **kw)
+    same = tie = 0
+    for a, b in zip(plain, got, strict=True):
+        if a.token_ids == b.token_ids:
+            same += 1
+            continue
+        i = next(j for j, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y)
+        tie += ec.near_tie(a.logprobs[i])
+    assert same + tie == len(plain), (same, tie)
