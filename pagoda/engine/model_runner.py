@@ -40,9 +40,12 @@ logger = logging.getLogger(__name__)
 
 # FlashInfer's customary float workspace on a GPU (split-KV partial outputs); the CPU path needs none.
 WORKSPACE_BYTES = 128 << 20
-# Device memory kept back from the KV cache for the decode CUDA graphs beyond their estimated activations
-# (graph executables, cuBLAS workspaces of the capture).
-GRAPH_RESERVE_BYTES = 256 << 20
+# Device memory kept back from the KV cache for the decode CUDA graphs beyond their estimated activations: a
+# fixed part (the kernels the capture loads, cuBLAS workspaces) and a part per captured graph (its executable and
+# outputs). The first engine of a process on an H100 (Qwen3-0.6B shapes, 35 graphs) took 1,162 MiB where the
+# activation estimate was 34 MiB: 512 MiB + 24 MiB a graph covers it (1,386 MiB).
+GRAPH_RESERVE_BYTES = 512 << 20
+GRAPH_BYTES_PER_CAPTURE = 24 << 20
 
 
 @dataclass
@@ -183,8 +186,8 @@ class ModelRunner:
     def graph_reserve_bytes(self) -> int:
         """Device memory the decode graphs will take (0 without graphs): the activations of the largest
         captured batch (twice, for the allocator's rounding), each size's output, the page-table
-        buffers, and `GRAPH_RESERVE_BYTES`. The capture measures what it really took
-        (`DecodeGraphs.memory_bytes`)."""
+        buffers, `GRAPH_RESERVE_BYTES` and `GRAPH_BYTES_PER_CAPTURE` for each graph. The capture measures
+        what it really took (`DecodeGraphs.memory_bytes`)."""
         if not self.graph_sizes:
             return 0
         cfg = self.config.hf_config
@@ -199,7 +202,9 @@ class ModelRunner:
             outputs += sum(cascade) * hidden * elt
             tables += 2 * tables
             per_token += elt * 4 * q + 8 * self.num_qo_heads
-        return 2 * per_token * max(self.graph_sizes) + outputs + tables + GRAPH_RESERVE_BYTES
+        graphs = len(self.graph_sizes) + len(cascade)
+        return (2 * per_token * max(self.graph_sizes) + outputs + tables + GRAPH_RESERVE_BYTES
+                + graphs * GRAPH_BYTES_PER_CAPTURE)
 
     @torch.inference_mode()
     def _profile_free_bytes(self) -> int:
