@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from pagoda.ops.cascade import MultiLevelCascadeAttentionWrapper, merge_state_in_place
+from pagoda.ops.cascade_levels import level_csr
 from pagoda.ops.decode import BatchDecodeWithPagedKVCacheWrapper
 from pagoda.ops.prefill import BatchPrefillWithPagedKVCacheWrapper
 
@@ -271,6 +272,20 @@ def graph_layout(groups: CascadeGroups) -> tuple[list[int], list[tuple[int, list
     return order, shared, [own_of[r] for r in order]
 
 
+def _host_int32(arrays: list[list[int]], pin: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The lists as one int32 host tensor (pinned with ``pin``, so that plans copy it without waiting) and a
+    view of it per list."""
+    flat = np.fromiter(itertools.chain.from_iterable(arrays), dtype=np.int32, count=sum(map(len, arrays)))
+    host = torch.from_numpy(flat)
+    if pin:
+        host = host.pin_memory()
+    views, o = [], 0
+    for a in arrays:
+        views.append(host[o:o + len(a)])
+        o += len(a)
+    return host, views
+
+
 class CascadeDecode:
     """A decode step's attention through `MultiLevelCascadeAttentionWrapper` (two or three levels), with the
     engine's wrapper interface: `plan` once per step, ``run(q, kv_cache)`` in every layer.
@@ -291,7 +306,6 @@ class CascadeDecode:
         else:
             # The shared level as a batch prefill over the groups' pages; each row's own pages as a batch
             # decode (one query a row: the decode kernel's grid, not a prefill grid sized by every row).
-            self.wrappers = {}
             self.shared = BatchPrefillWithPagedKVCacheWrapper(
                 workspace, kv_layout, use_cuda_graph=True, qo_indptr_buf=graph.shared_qo_indptr,
                 paged_kv_indptr_buf=graph.shared_kv_indptr, paged_kv_indices_buf=graph.shared_kv_indices,
@@ -322,29 +336,7 @@ class CascadeDecode:
         be -1: a shared level ignores positions). Reads no device memory."""
         if self.graph is not None:
             return self._plan_graph(groups, plan_args, plan_kwargs, pin)
-        qo, kvp, idx, last = [], [], [], []
-        for entries in groups.levels:
-            q_ptr, k_ptr = [0], [0]
-            pages: list[int] = []
-            lens = []
-            for nq, p, lpl in entries:
-                q_ptr.append(q_ptr[-1] + nq)
-                k_ptr.append(k_ptr[-1] + len(p))
-                pages += p
-                lens.append(lpl if p else 0)
-            qo.append(q_ptr)
-            kvp.append(k_ptr)
-            idx.append(pages)
-            last.append(lens)
-        arrays = [a for level in zip(qo, kvp, idx, last, strict=True) for a in level]
-        flat = np.fromiter(itertools.chain.from_iterable(arrays), dtype=np.int32, count=sum(len(a) for a in arrays))
-        host = torch.from_numpy(flat)
-        if pin:
-            host = host.pin_memory()
-        views, o = [], 0
-        for a in arrays:
-            views.append(host[o:o + len(a)])
-            o += len(a)
+        host, views = _host_int32([a for entries in groups.levels for a in level_csr(entries)], pin)
         n = groups.num_levels
         per = [views[i::4] for i in range(4)]     # qo_indptr, kv_indptr, kv_indices, last_page_len per level
         self.wrapper = self.wrappers[n]
@@ -362,27 +354,11 @@ class CascadeDecode:
                              f"cannot run {len(groups.order)} rows in {groups.num_levels} levels")
         order, shared, own = graph_layout(groups)
         b, rows = self.graph_batch, len(order)
-        q_ptr, s_ptr, s_pages, s_last = [0], [0], [], []
-        for nq, pages, lpl in shared:
-            q_ptr.append(q_ptr[-1] + nq)
-            s_ptr.append(s_ptr[-1] + len(pages))
-            s_pages += pages
-            s_last.append(lpl)
-        o_ptr, o_pages, o_last = [0], [], []
-        for pages, lpl in own:
-            o_ptr.append(o_ptr[-1] + len(pages))
-            o_pages += pages
-            o_last.append(lpl if pages else 0)
-        arrays = (q_ptr, s_ptr, s_pages, s_last, o_ptr, o_pages, o_last)
-        flat = np.fromiter(itertools.chain.from_iterable(arrays), dtype=np.int32, count=sum(map(len, arrays)))
-        host = torch.from_numpy(flat)
+        own_csr = level_csr([(1, pages, lpl) for pages, lpl in own])[1:]     # a decode: no qo_indptr
+        host, views = _host_int32([*level_csr(shared), *own_csr], pin)
         perm = torch.from_numpy(np.concatenate([np.asarray(order, dtype=np.int64), np.arange(rows, b, dtype=np.int64)]))
         if pin:
-            host, perm = host.pin_memory(), perm.pin_memory()
-        views, o = [], 0
-        for a in arrays:
-            views.append(host[o:o + len(a)])
-            o += len(a)
+            perm = perm.pin_memory()
         self.shared.plan(*views[:4], *plan_args, causal=False, **plan_kwargs)
         self.own.plan(*views[4:], *plan_args, **plan_kwargs)
         self.graph.perm.copy_(perm, non_blocking=pin)

@@ -33,17 +33,23 @@ def _row_param(values: list, dtype: torch.dtype, device: torch.device):
     return first
 
 
-def _draw_shared(tokens: torch.Tensor | None, num_rows: int, shared: list[int], device: torch.device,
-                 draw) -> torch.Tensor:
-    """The tokens with the rows in ``shared`` drawn by one call, ``draw(indices)``: ``indices`` None when they
-    are every row (whose tokens are then the draw itself), else those rows (int64, device). ``tokens``: the
-    greedy rows' argmax, or None."""
-    if len(shared) == num_rows:
-        return draw(None).to(torch.int64)
-    idx = _host_to(shared, torch.int64, device)
+def _draw(tokens: torch.Tensor | None, seqs: list[Sequence], greedy: list[bool], device: torch.device, draw,
+          draw_one) -> torch.Tensor:
+    """The step's tokens: ``tokens`` (the greedy rows' argmax, or None) with every non-greedy row drawn. Rows
+    without a seed in one call, ``draw(rows, indices)`` (``rows`` their positions; ``indices`` None when they
+    are every row, whose tokens are then the draw itself, else those rows, int64 on the device); each seeded
+    row alone, ``draw_one(i)``, from its own generator."""
+    shared = [i for i, (g, s) in enumerate(zip(greedy, seqs, strict=True)) if not g and s.generator is None]
+    if len(shared) == len(seqs):
+        return draw(shared, None).to(torch.int64)
     if tokens is None:
-        tokens = torch.empty(num_rows, dtype=torch.int64, device=device)
-    tokens[idx] = draw(idx).to(torch.int64)
+        tokens = torch.empty(len(seqs), dtype=torch.int64, device=device)
+    if shared:
+        idx = _host_to(shared, torch.int64, device)
+        tokens[idx] = draw(shared, idx).to(torch.int64)
+    for i, (g, s) in enumerate(zip(greedy, seqs, strict=True)):
+        if not g and s.generator is not None:
+            tokens[i:i + 1] = draw_one(i).to(torch.int64)
     return tokens
 
 
@@ -73,19 +79,14 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generato
     # top_k <= 0 keeps every token: k = vocab (a scalar k >= vocab leaves the filter off).
     top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     top_p = [p.top_p for p in params]
-    shared = [i for i, (g, s) in enumerate(zip(greedy, seqs, strict=True)) if not g and s.generator is None]
-    if shared:
-        k = _row_param([top_k[i] for i in shared], torch.int32, device)
-        p = _row_param([top_p[i] for i in shared], torch.float32, device)
-        tokens = _draw_shared(tokens, len(seqs), shared, device, lambda idx: ps.top_k_top_p_sampling_from_probs(
-            probs, k, p, indices=idx, generator=generator))
-    if tokens is None:
-        tokens = torch.empty(len(seqs), dtype=torch.int64, device=device)
-    for i, (g, s) in enumerate(zip(greedy, seqs, strict=True)):
-        if not g and s.generator is not None:
-            drawn = ps.top_k_top_p_sampling_from_probs(probs[i:i + 1], top_k[i], top_p[i], generator=s.generator)
-            tokens[i:i + 1] = drawn.to(torch.int64)
-    return tokens
+
+    def draw(rows, idx):
+        k = _row_param([top_k[i] for i in rows], torch.int32, device)
+        p = _row_param([top_p[i] for i in rows], torch.float32, device)
+        return ps.top_k_top_p_sampling_from_probs(probs, k, p, indices=idx, generator=generator)
+
+    return _draw(tokens, seqs, greedy, device, draw, lambda i: ps.top_k_top_p_sampling_from_probs(
+        probs[i:i + 1], top_k[i], top_p[i], generator=seqs[i].generator))
 
 
 def _sample_temperature(logits, seqs, params, greedy, tokens, generator) -> torch.Tensor:
@@ -93,19 +94,13 @@ def _sample_temperature(logits, seqs, params, greedy, tokens, generator) -> torc
     Gumbel-max in one pass over its logits (`pagoda.ops.sampling.temperature_sampling_from_logits`: no
     probabilities written)."""
     device = logits.device
-    shared = [i for i, (g, s) in enumerate(zip(greedy, seqs, strict=True)) if not g and s.generator is None]
-    if shared:
-        t = _row_param([params[i].temperature for i in shared], torch.float32, device)
-        tokens = _draw_shared(tokens, len(seqs), shared, device, lambda idx: ps.temperature_sampling_from_logits(
-            logits, t, indices=idx, generator=generator))
-    if tokens is None:
-        tokens = torch.empty(len(seqs), dtype=torch.int64, device=device)
-    for i, (g, s) in enumerate(zip(greedy, seqs, strict=True)):
-        if not g and s.generator is not None:
-            drawn = ps.temperature_sampling_from_logits(logits[i:i + 1], params[i].temperature,
-                                                         generator=s.generator)
-            tokens[i:i + 1] = drawn.to(torch.int64)
-    return tokens
+
+    def draw(rows, idx):
+        t = _row_param([params[i].temperature for i in rows], torch.float32, device)
+        return ps.temperature_sampling_from_logits(logits, t, indices=idx, generator=generator)
+
+    return _draw(tokens, seqs, greedy, device, draw, lambda i: ps.temperature_sampling_from_logits(
+        logits[i:i + 1], params[i].temperature, generator=seqs[i].generator))
 
 
 def compute_logprobs(raw_logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]):

@@ -15,7 +15,7 @@ import torch
 
 from pagoda.ops import _checks
 
-__all__ = ["CascadeLevels", "build_cascade_levels"]
+__all__ = ["CascadeLevels", "build_cascade_levels", "level_csr"]
 
 
 @dataclass(slots=True)
@@ -50,16 +50,21 @@ def _int_list(name: str, values, minimum: int) -> list[int]:
     return [_checks.check_int(f"{name}[{i}]", v, minimum) for i, v in enumerate(values)]
 
 
-def _tensors(groups, device):
-    """groups: [(num_queries, pages, last_page_len)] -> (qo_indptr, kv_indptr, kv_indices, last_page_len)."""
+def level_csr(groups) -> tuple[list[int], list[int], list[int], list[int]]:
+    """One level's ``[(num_queries, pages, last_page_len)]`` as ``(qo_indptr, kv_indptr, kv_indices,
+    last_page_len)`` lists (a group without pages has last_page_len 0)."""
     qo, kv, idx, last = [0], [0], [], []
     for nq, pages, lpl in groups:
         qo.append(qo[-1] + nq)
         kv.append(kv[-1] + len(pages))
         idx += pages
         last.append(lpl if pages else 0)
-    mk = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
-    return mk(qo), mk(kv), mk(idx), mk(last)
+    return qo, kv, idx, last
+
+
+def _tensors(groups, device):
+    """`level_csr` as int32 tensors on ``device``."""
+    return tuple(torch.tensor(x, dtype=torch.int32, device=device) for x in level_csr(groups))
 
 
 def build_cascade_levels(page_lists: list[list[int]], last_page_lens: list[int], qo_lens: list[int], page_size: int,

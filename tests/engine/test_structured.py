@@ -99,9 +99,9 @@ def test_mixed_with_unconstrained_and_greedy(llm):
 
 
 def test_compiled_once_per_schema(llm):
-    manager = llm.llm_engine.model_runner.logits_pipeline.structured
     so = StructuredOutputsParams(regex=r"[a-c]{3}")
     _run(llm, so, n=4)
+    manager = llm.llm_engine.model_runner.logits_pipeline.structured   # made by the first constrained request
     size = len(manager.cache)
     _run(llm, StructuredOutputsParams(regex=r"[a-c]{3}"), n=4)
     assert len(manager.cache) == size
