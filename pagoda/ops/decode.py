@@ -90,6 +90,7 @@ class BatchDecodeWithPagedKVCacheWrapper(_workspace.DecodeWorkspace):
         self._kv_layout = kv_layout
         self._use_cuda_graph = use_cuda_graph
         self._use_tensor_cores = use_tensor_cores
+        self._backend = backend   # FlashInfer's fa3 backend has no multi-token decode: plan() says so
         self._fixed_batch_size = 0
         if use_cuda_graph:
             bufs = (("paged_kv_indptr_buffer", paged_kv_indptr_buffer),
@@ -195,7 +196,7 @@ class BatchDecodeWithPagedKVCacheWrapper(_workspace.DecodeWorkspace):
             raise NotImplementedError("block_tables/seq_lens planning is not supported: pass the CSR page table "
                                       "(pagoda.ops.page.block_table_to_csr converts)")
         q_len_per_req = _decode_multi.check_q_len(q_len_per_req, self._use_tensor_cores,
-                                                  getattr(self, "_backend", "auto"),
+                                                  self._backend,
                                                   getattr(self, "_graph_q_len", None))
         if fixed_split_size is not None:
             fixed_split_size = _plan.as_int("fixed_split_size", fixed_split_size, 1)

@@ -65,7 +65,8 @@ def fast_decode_plan(self: BatchDecodeWithPagedKVCacheWrapper, indptr: torch.Ten
     if not isinstance(self, BatchDecodeWithPagedKVCacheWrapper):
         raise TypeError(f"fast_decode_plan's first argument must be a BatchDecodeWithPagedKVCacheWrapper, got "
                         f"{type(self).__name__}")
-    n = _decode_multi.check_q_len(q_len_per_req, self.use_tensor_cores, "auto", getattr(self, "_graph_q_len", None))
+    n = _decode_multi.check_q_len(q_len_per_req, self.use_tensor_cores, self._backend,
+                                  getattr(self, "_graph_q_len", None))
     if n > 1 and not hasattr(self, "_multi"):   # set by every plan (FlashInfer resolves its backend there)
         raise ValueError("fast_decode_plan with q_len_per_req > 1 requires a prior plan() call that resolves the "
                          "backend")

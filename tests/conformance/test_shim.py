@@ -32,6 +32,17 @@ def test_reexports_are_pagoda_objects(shim):
     assert fi_decode.flash_attn_varlen_func is pagoda.flash_attn_varlen_func
 
 
+def test_submodule_reached_as_attribute_of_the_package(shim):
+    """``import flashinfer; flashinfer.decode.BatchDecodeWithPagedKVCacheWrapper(...)``, as FlashInfer's own tests
+    write it: the real package imports its submodules, so the shim's attribute is the submodule file."""
+    fi = importlib.import_module("flashinfer")
+    assert "flashinfer.decode" not in sys.modules
+    assert fi.decode.BatchDecodeWithPagedKVCacheWrapper is pagoda.BatchDecodeWithPagedKVCacheWrapper
+    assert fi.prefill.single_prefill_with_kv_cache is pagoda.single_prefill_with_kv_cache
+    assert fi.sampling.top_p_sampling_from_probs is pagoda.sampling.top_p_sampling_from_probs
+    assert type(fi.SomeFunctionPagodaLacks).__name__ == "Missing"    # no file of that name: still a missing name
+
+
 def test_missing_name_fails_on_use_with_its_name(shim):
     from _conformance_shim import ShimMissingName
 

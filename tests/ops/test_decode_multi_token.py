@@ -73,6 +73,10 @@ def test_multi_token_decode_errors_follow_flashinfer():
     cuda_core = pagoda.BatchDecodeWithPagedKVCacheWrapper(torch.empty(1 << 20, dtype=torch.uint8), "NHD")
     with pytest.raises(ValueError, match="use_tensor_cores"):
         cuda_core.plan(*meta, 8, 2, 32, 16, q_data_type=torch.float32, q_len_per_req=2)
+    fa3 = _wrapper(backend="fa3")
+    with pytest.raises(NotImplementedError, match="fa2"):
+        fa3.plan(*meta, 8, 2, 32, 16, q_data_type=torch.float32, q_len_per_req=2)
+    fa3.plan(*meta, 8, 2, 32, 16, q_data_type=torch.float32)     # one token per request: any backend
     with pytest.raises(ValueError, match=">= 1"):
         w.plan(*meta, 8, 2, 32, 16, q_len_per_req=0)
     indptr, indices, _ = meta

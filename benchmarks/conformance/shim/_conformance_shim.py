@@ -17,6 +17,7 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import os
 import sys
 import types
 
@@ -87,9 +88,20 @@ def install(modname: str, namespace: dict) -> None:
         for src in sources:
             if hasattr(src, name):
                 return getattr(src, name)
+        if _has_submodule_file(namespace.get("__path__", ()), name):
+            # ``import flashinfer; flashinfer.decode.X``: the real package imports its submodules in its
+            # ``__init__``, so the attribute is the submodule, not a missing name.
+            return importlib.import_module(f"{modname}.{name}")
         return Missing(f"{modname}.{name}")
 
     namespace["__getattr__"] = __getattr__
+
+
+def _has_submodule_file(path, name: str) -> bool:
+    """Whether a folder of a package's ``__path__`` (the shim's, the peer's oracle package) holds the
+    submodule ``name`` as a file or a package."""
+    return any(os.path.isfile(os.path.join(d, name + ".py")) or os.path.isfile(os.path.join(d, name, "__init__.py"))
+               for d in path)
 
 
 class _ShimLoader(importlib.abc.Loader):
