@@ -6,7 +6,7 @@
 #
 # Stages (each fits in about 10 minutes on an H100/H200; "all" runs them in turn):
 #   tests         pytest -m gpu, the whole GPU test suite                      -> gpu-tests.log
-#   attention     pagoda bench attention: prefill grid, every backend          (~5 min)
+#   attention     pagoda bench attention: prefill grid, every backend          (~7 min with FlashInfer's first JIT builds)
 #   decode        pagoda bench decode: paged decode TB/s vs FlashInfer, cuDNN  (~2 min)
 #   paged         pagoda bench paged: paged prefill vs dense kernels, FlashInfer (~2 min)
 #   cascade       pagoda bench cascade: shared-prefix decode, crossover grid   (~2 min)

@@ -9,10 +9,11 @@ the vocabulary, since prompts are token ids). ``--model DIR``: any supported loc
 
 Figures: output tokens/s, total (prompt + output) tokens/s, time to first token and inter-token latency
 (p50/p99, each token timed when the host reads it back), peak KV-cache usage, the host's share of a
-decode step, and the ceiling computed from the same requests (`ceiling`): every decode step reads every
-weight once and the KV of every running request once (all requests run together from the start: the
-fewest steps), at the device-to-device copy bandwidth measured in the same run, plus the prefill FLOPs
-at the bf16 matmul rate measured in the same run.
+decode step and its per-step spread (p50, p90, max: compilation shows as a few outliers, a slower host
+as a higher median), each for ``--runs`` timed passes on one engine; and the ceiling computed from the
+same requests (`ceiling`): every decode step reads every weight once and the KV of every running request
+once (all requests run together from the start: the fewest steps), at the device-to-device copy
+bandwidth measured in the same run, plus the prefill FLOPs at the bf16 matmul rate measured in the same run.
 
 ``--batch-1``: one request's decode on a Llama-3-8B-shaped dummy model, time per token beside its floor
 (weight bytes and the request's KV at the copy bandwidth).
@@ -69,10 +70,13 @@ class EngineBenchConfig:
     batch_1_prompt: int = 512
     batch_1_tokens: int = 256
     dtype: str = "auto"
+    runs: int = 2                       # timed passes of the workload on one engine, after the warm-up
 
     def __post_init__(self):
         if not 1 <= self.min_len <= self.max_len:
             raise ValueError(f"need 1 <= min_len <= max_len, got {self.min_len}, {self.max_len}")
+        if self.runs < 1:
+            raise ValueError(f"runs must be >= 1, got {self.runs}")
         if self.num_requests < 1:
             raise ValueError(f"num_requests must be >= 1, got {self.num_requests}")
 
@@ -182,9 +186,49 @@ def _pct(values: list[float], q: float) -> float | None:
     return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))]
 
 
-def run_engine(model_dir: str, requests, cfg: EngineBenchConfig, load_format: str, warmup=None) -> tuple[dict, dict]:
-    """Run the requests through one `LLMEngine`, all submitted at once; ``(row, engine facts)``."""
+def _timed_run(engine, requests, drive, run: int, stats_cls) -> dict:
+    """One timed pass of ``requests`` through ``engine`` (prefix cache emptied first): its row."""
+    device = engine.model_runner.device
+    engine.block_manager.reset_prefix_cache()
+    engine.stats = stats_cls()
+    engine.token_times = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    peak = drive(engine, requests, f"r{run}-")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - t0
+    ttft, itl = [], []
+    for times in engine.token_times.values():
+        ttft.append(times[0] - t0)
+        itl += [b - a for a, b in zip(times, times[1:], strict=False)]
+    outs = sum(n for _, n in requests)
+    ins = sum(len(p) for p, _ in requests)
+    st = engine.stats
+    host = st.decode_host_steps
+    return dict(system="pagoda", run=run, status="ok", requests=len(requests), elapsed_s=_sig(elapsed),
+                output_tok_s=_sig(outs / elapsed), total_tok_s=_sig((outs + ins) / elapsed),
+                ttft_p50_ms=_sig(1e3 * _pct(ttft, 50)), ttft_p99_ms=_sig(1e3 * _pct(ttft, 99)),
+                itl_p50_ms=_sig(1e3 * _pct(itl, 50)) if itl else None,
+                itl_p99_ms=_sig(1e3 * _pct(itl, 99)) if itl else None,
+                peak_kv_usage=_sig(peak), steps=st.steps, decode_steps=st.decode_steps, graph_steps=st.graph_steps,
+                prefill_step_ms=_sig(1e3 * (st.host_s + st.wait_s - st.decode_host_s - st.decode_wait_s)
+                                     / max(st.steps - st.decode_steps, 1)),
+                decode_step_ms=_sig(1e3 * (st.decode_host_s + st.decode_wait_s) / max(st.decode_steps, 1)),
+                decode_host_ms=_sig(1e3 * st.decode_host_s / max(st.decode_steps, 1)),
+                decode_host_p50_ms=_sig(1e3 * _pct(host, 50)) if host else None,
+                decode_host_p90_ms=_sig(1e3 * _pct(host, 90)) if host else None,
+                decode_host_max_ms=_sig(1e3 * max(host)) if host else None,
+                decode_host_frac=_sig(st.decode_host_s / max(st.decode_host_s + st.decode_wait_s, 1e-12)))
+
+
+def run_engine(model_dir: str, requests, cfg: EngineBenchConfig, load_format: str, warmup=None) -> tuple[list, dict]:
+    """Run the requests through one `LLMEngine`, all submitted at once, ``cfg.runs`` times (after the
+    warm-up); ``(a row per run, engine facts)``. A later run that is faster than the first shows what the
+    first paid for work done once (kernel compilation the warm-up missed)."""
     from pagoda.engine import EngineConfig, LLMEngine, RequestOutputKind, SamplingParams
+    from pagoda.engine.llm_engine import StepStats
 
     engine = LLMEngine(EngineConfig(model=model_dir, load_format=load_format, dtype=cfg.dtype, seed=cfg.seed,
                                     max_model_len=cfg.max_model_len, gpu_memory_utilization=cfg.gpu_memory_utilization,
@@ -207,36 +251,8 @@ def run_engine(model_dir: str, requests, cfg: EngineBenchConfig, load_format: st
 
     if warmup:                 # compiles every kernel variant the run meets (`warmup_requests`)
         drive(engine, warmup, "w")
-    engine.block_manager.reset_prefix_cache()
-    from pagoda.engine.llm_engine import StepStats
-    engine.stats = StepStats()
-    engine.token_times = {}
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    peak = drive(engine, requests, "r")
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - t0
-    ttft, itl = [], []
-    for times in engine.token_times.values():
-        ttft.append(times[0] - t0)
-        itl += [b - a for a, b in zip(times, times[1:], strict=False)]
-    outs = sum(n for _, n in requests)
-    ins = sum(len(p) for p, _ in requests)
-    st = engine.stats
+    rows = [_timed_run(engine, requests, drive, k + 1, StepStats) for k in range(cfg.runs)]
     runner = engine.model_runner
-    row = dict(system="pagoda", status="ok", requests=len(requests), elapsed_s=_sig(elapsed),
-               output_tok_s=_sig(outs / elapsed), total_tok_s=_sig((outs + ins) / elapsed),
-               ttft_p50_ms=_sig(1e3 * _pct(ttft, 50)), ttft_p99_ms=_sig(1e3 * _pct(ttft, 99)),
-               itl_p50_ms=_sig(1e3 * _pct(itl, 50)) if itl else None,
-               itl_p99_ms=_sig(1e3 * _pct(itl, 99)) if itl else None,
-               peak_kv_usage=_sig(peak), steps=st.steps, decode_steps=st.decode_steps, graph_steps=st.graph_steps,
-               prefill_step_ms=_sig(1e3 * (st.host_s + st.wait_s - st.decode_host_s - st.decode_wait_s)
-                                    / max(st.steps - st.decode_steps, 1)),
-               decode_step_ms=_sig(1e3 * (st.decode_host_s + st.decode_wait_s) / max(st.decode_steps, 1)),
-               decode_host_ms=_sig(1e3 * st.decode_host_s / max(st.decode_steps, 1)),
-               decode_host_frac=_sig(st.decode_host_s / max(st.decode_host_s + st.decode_wait_s, 1e-12)))
     graphs = runner.graphs
     facts = dict(num_blocks=runner.num_blocks, block_size=runner.block_size,
                  kv_cache_gib=_sig(runner.kv_cache.numel() * runner.kv_cache.element_size() / 2**30),
@@ -251,7 +267,7 @@ def run_engine(model_dir: str, requests, cfg: EngineBenchConfig, load_format: st
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return row, facts
+    return rows, facts
 
 
 # ------------------------------------------------------------------------------------------------ study
@@ -283,25 +299,27 @@ def run_study(cfg: EngineBenchConfig, device: torch.device | None = None) -> dic
         else:
             requests = make_requests(cfg)
             warmup = warmup_requests(cfg)
-        row, facts = run_engine(model_dir, requests, cfg, load_format, warmup)
+        runs, facts = run_engine(model_dir, requests, cfg, load_format, warmup)
         hf_config = facts.pop("hf_config")
         dtype = {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16}.get(facts["dtype"], torch.float32)
         itemsize = torch.empty(0, dtype=dtype).element_size()
         gbps, tflops = measure_rates(device, dtype, hf_config.hidden_size, hf_config.intermediate_size)
-        rows = [row]
+        rows = list(runs)
         if cfg.batch_1:
             p, n = requests[0]
             ctx = len(p) + n / 2
             floor_ms = (param_bytes(hf_config, itemsize) + kv_bytes_per_token(hf_config, itemsize) * ctx) / (gbps * 1e6)
-            row.update(floor_ms_per_token=_sig(floor_ms),
-                       frac_of_floor=_sig(floor_ms / row["itl_p50_ms"]) if row["itl_p50_ms"] else None)
+            for row in runs:
+                row.update(floor_ms_per_token=_sig(floor_ms),
+                           frac_of_floor=_sig(floor_ms / row["itl_p50_ms"]) if row["itl_p50_ms"] else None)
         else:
             ceil = ceiling(hf_config, itemsize, requests, gbps, tflops)
             rows.append(dict(system="ceiling", status="ok", requests=len(requests), elapsed_s=_sig(ceil["seconds"]),
                              output_tok_s=_sig(ceil["output_tok_s"]), total_tok_s=_sig(ceil["total_tok_s"]),
                              kv_tb=_sig(ceil["kv_tb"]), weight_tb=_sig(ceil["weight_tb"]),
                              prefill_pflop=_sig(ceil["prefill_pflop"])))
-            row["frac_of_ceiling"] = _sig(row["output_tok_s"] / ceil["output_tok_s"])
+            for row in runs:
+                row["frac_of_ceiling"] = _sig(row["output_tok_s"] / ceil["output_tok_s"])
             if cfg.hf:
                 from pagoda.bench.engine_hf import run_hf
                 rows += run_hf(model_dir, hf_config, requests, cfg, device, dtype)
@@ -331,10 +349,11 @@ def profile_study(cfg: EngineBenchConfig, device: torch.device | None = None) ->
 def tables(report: dict, markdown: bool = False) -> str:
     rows = report["results"]
     meta = report["meta"]
-    cols = ["system", "requests", "elapsed_s", "output_tok_s", "total_tok_s", "ttft_p50_ms", "ttft_p99_ms",
+    cols = ["system", "run", "requests", "elapsed_s", "output_tok_s", "total_tok_s", "ttft_p50_ms", "ttft_p99_ms",
             "itl_p50_ms", "itl_p99_ms", "peak_kv_usage", "frac_of_ceiling", "floor_ms_per_token", "frac_of_floor",
-            "steps", "decode_steps", "prefill_step_ms", "decode_step_ms", "decode_host_ms", "decode_host_frac",
-            "graph_steps", "kv_tb", "weight_tb", "prefill_pflop", "note"]
+            "steps", "decode_steps", "prefill_step_ms", "decode_step_ms", "decode_host_ms", "decode_host_p50_ms",
+            "decode_host_p90_ms", "decode_host_max_ms", "decode_host_frac", "graph_steps", "kv_tb", "weight_tb",
+            "prefill_pflop", "note"]
     cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
     body = [[r.get(c) for c in cols] for r in rows]
     fmt = _report.markdown_table if markdown else _report.format_table
@@ -351,9 +370,10 @@ def plot_engine(plt, report: dict, out: Path) -> list[Path]:
     if not rows:
         return []
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    names = [r["system"] for r in rows]
+    names = [f"{r['system']} {r['run']}" if r.get("run") else r["system"] for r in rows]
     ax.bar(names, [r["output_tok_s"] for r in rows],
-           color=["tab:green" if n == "pagoda" else "tab:gray" if n == "ceiling" else "tab:blue" for n in names])
+           color=["tab:green" if n.startswith("pagoda") else "tab:gray" if n == "ceiling" else "tab:blue"
+                  for n in names])
     ax.set_ylabel("output tokens/s")
     meta = report["meta"]
     ax.set_title(f"pagoda bench engine · {meta.get('device_name')} · {meta['workload']['model']}", fontsize=9)
@@ -381,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-impls", default=",".join(d.hf_impls), help="attn_implementation values for HF generate")
     p.add_argument("--budget-s", type=float, default=d.hf_budget_s,
                    help="HF generate: seconds per implementation before it stops (partial figure)")
+    p.add_argument("--runs", type=int, default=d.runs,
+                   help="timed passes of the workload on one engine after the warm-up (each a row)")
     p.add_argument("--batch-1", action="store_true", help="one request's decode, Llama-3-8B-shaped dummy model")
     p.add_argument("--batch-1-tokens", type=int, default=d.batch_1_tokens)
     p.add_argument("--processors", action="store_true",
@@ -403,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
                             gpu_memory_utilization=a.gpu_memory_utilization,
                             enforce_eager=a.enforce_eager, hf=not a.no_hf,
                             hf_impls=tuple(x for x in a.hf_impls.split(",") if x), hf_budget_s=a.budget_s,
-                            batch_1=a.batch_1, batch_1_tokens=a.batch_1_tokens, dtype=a.dtype)
+                            batch_1=a.batch_1, batch_1_tokens=a.batch_1_tokens, dtype=a.dtype, runs=a.runs)
     device = torch.device(a.device) if a.device else None
     if a.processors or a.cascade or a.profile:
         if a.profile:

@@ -76,9 +76,13 @@ def test_bench_engine_cli_tiny(tiny_model, tmp_path):  # noqa: F811
                   "--out", str(out)])
     assert rc == 0
     report = json.loads((out / "engine.json").read_text())
+    runs = [r for r in report["results"] if r["system"] == "pagoda"]
+    assert [r["run"] for r in runs] == [1, 2]            # two timed passes on one engine by default
     rows = {r["system"]: r for r in report["results"]}
     assert set(rows) == {"pagoda", "ceiling", "hf-sdpa"}
     p = rows["pagoda"]
+    assert runs[0]["decode_steps"] == runs[1]["decode_steps"]    # the same schedule: the prefix cache was emptied
+    assert p["decode_host_p50_ms"] <= p["decode_host_p90_ms"] <= p["decode_host_max_ms"]
     reqs = eb.make_requests(eb.EngineBenchConfig(num_requests=3, min_len=3, max_len=6, max_token_id=383))
     outs = sum(n for _, n in reqs)
     assert p["status"] == "ok" and p["requests"] == 3
@@ -92,7 +96,7 @@ def test_bench_engine_cli_tiny(tiny_model, tmp_path):  # noqa: F811
 
 def test_bench_engine_batch_1_tiny(tiny_model, tmp_path):  # noqa: F811
     report = eb.run_study(eb.EngineBenchConfig(model=str(tiny_model("llama3.1")), batch_1=True, batch_1_prompt=8,
-                                               batch_1_tokens=5, max_model_len=32, hf=False),
+                                               batch_1_tokens=5, max_model_len=32, hf=False, runs=1),
                           torch.device("cpu"))
     (row,) = report["results"]
     assert row["requests"] == 1 and row["floor_ms_per_token"] > 0
