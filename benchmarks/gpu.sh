@@ -5,7 +5,9 @@
 #   bash benchmarks/gpu.sh STAGE [OUTDIR]       (from the repository root; OUTDIR defaults to $OUT, then ./gpu-out)
 #
 # Stages (each fits in about 10 minutes on an H100/H200; "all" runs them in turn):
-#   tests         pytest -m gpu, the whole GPU test suite                      -> gpu-tests.log
+#   tests         pytest -m gpu, the whole GPU test suite: tests-kernels, then tests-engine
+#   tests-kernels the kernels', ops', integrations' and models' GPU tests       (~6 min) -> gpu-tests.log
+#   tests-engine  the engine's GPU tests, alone on the GPU                      (~5 min) -> gpu-tests-engine.log
 #   attention     pagoda bench attention: prefill grid, every backend          (~7 min with FlashInfer's first JIT builds)
 #   decode        pagoda bench decode: paged decode TB/s vs FlashInfer, cuDNN  (~2 min)
 #   paged         pagoda bench paged: paged prefill vs dense kernels, FlashInfer (~2 min)
@@ -41,7 +43,7 @@
 # and are recorded in COMMAND.
 set -uo pipefail
 
-stage=${1:?usage: bash benchmarks/gpu.sh tests|attention|decode|paged|cascade|serving|sampling|e2e|e2e-compiled|e2e-sampling|mask|layers|engine|engine-extra|serve|conformance|all [OUTDIR]}
+stage=${1:?usage: bash benchmarks/gpu.sh tests|tests-kernels|tests-engine|attention|decode|paged|cascade|serving|sampling|e2e|e2e-compiled|e2e-sampling|mask|layers|engine|engine-extra|serve|conformance|all [OUTDIR]}
 out=${2:-${OUT:-gpu-out}}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -75,21 +77,19 @@ run() {
   timeout -k 10 "$limit" "$@" --out "$dir" 2>&1 | tee "$dir/log.txt" | grep -v "^$name \[" | tail -80
 }
 
-tests() {
-  # Kernels, ops, integrations and models in 8 workers; the engine's tests one at a time (each engine takes a
-  # fraction of the whole GPU's memory). -v: every test's outcome is in the log even if the stage times out.
+# tests-kernels: kernels, ops, integrations and models in 8 workers (~6 min on an H100).
+# tests-engine: the engine's tests one at a time (each engine takes a fraction of the whole GPU's memory; run
+# nothing else on the GPU meanwhile) (~5 min). -v and --print-failures-now: every outcome and failure is in the
+# log even if the stage times out.
+gpu_tests() {
+  local name=$1; shift
   mkdir -p "$out"
-  timeout -k 10 "$limit" python3 -m pytest -m gpu -v -rfE -p no:cacheprovider -n 8 --ignore=tests/engine "$@" \
-    > "$out/gpu-tests.log" 2>&1
+  timeout -k 10 "$limit" python3 -m pytest -m gpu -v -rfE -p no:cacheprovider --print-failures-now "$@" \
+    > "$out/$name.log" 2>&1
   local rc=$?
-  timeout -k 10 "$limit" python3 -m pytest -m gpu -v -rfE -p no:cacheprovider -p no:xdist tests/engine "$@" \
-    > "$out/gpu-tests-engine.log" 2>&1
-  local rc2=$?
-  for log in "$out/gpu-tests.log" "$out/gpu-tests-engine.log"; do
-    tail -3 "$log"
-    grep -E "^(FAILED|ERROR)" "$log" | head -30
-  done
-  return $((rc || rc2))
+  tail -3 "$out/$name.log"
+  grep -E "^(FAILED|ERROR)|^=== FAILURE" "$out/$name.log" | head -30
+  return $rc
 }
 
 # pagoda serve on a dummy Qwen3-0.6B, loaded by pagoda bench serve at 64 and 256 concurrent clients, then the
@@ -123,7 +123,9 @@ dummy_model_dir(QWEN3_0_6B, 'qwen3', Path(sys.argv[1]))" "$model" || return 1
 
 one() {
   case "$1" in
-  tests) tests ;;
+  tests-kernels) gpu_tests gpu-tests -n 8 --ignore=tests/engine ;;
+  tests-engine) gpu_tests gpu-tests-engine -p no:xdist tests/engine ;;
+  tests) one tests-kernels; one tests-engine ;;
   attention) run attention python3 -m pagoda bench attention ;;
   decode) run decode python3 -m pagoda bench decode ;;
   paged) run paged python3 -m pagoda bench paged ;;

@@ -10,6 +10,26 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--print-failures-now", action="store_true",
+                     help="print each failure's traceback when it happens, not only in the final summary (a run "
+                          "cut by a time limit keeps them; benchmarks/gpu.sh uses it)")
+
+
+def pytest_runtest_logreport(report):
+    # Runs in the controller under xdist too (workers forward their reports).
+    if report.failed and _print_failures_now:
+        print(f"\n=== FAILURE {report.nodeid} ({report.when})\n{report.longreprtext}\n=== END", flush=True)
+
+
+_print_failures_now = False
+
+
+def pytest_configure(config):
+    global _print_failures_now    # the --print-failures-now flag, read by the report hook; set once per session
+    _print_failures_now = config.getoption("--print-failures-now")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
