@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from pagoda.bench import report as _report
+from pagoda.bench.stats import percentile
 
 QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                   num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
@@ -179,13 +180,6 @@ def measure_rates(device: torch.device, dtype: torch.dtype, hidden: int, inter: 
 
 # ------------------------------------------------------------------------------------------------ engine
 
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    v = sorted(values)
-    return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))]
-
-
 def _timed_run(engine, requests, drive, run: int, stats_cls) -> dict:
     """One timed pass of ``requests`` through ``engine`` (prefix cache emptied first): its row."""
     device = engine.model_runner.device
@@ -209,16 +203,16 @@ def _timed_run(engine, requests, drive, run: int, stats_cls) -> dict:
     host = st.decode_host_steps
     return dict(system="pagoda", run=run, status="ok", requests=len(requests), elapsed_s=_sig(elapsed),
                 output_tok_s=_sig(outs / elapsed), total_tok_s=_sig((outs + ins) / elapsed),
-                ttft_p50_ms=_sig(1e3 * _pct(ttft, 50)), ttft_p99_ms=_sig(1e3 * _pct(ttft, 99)),
-                itl_p50_ms=_sig(1e3 * _pct(itl, 50)) if itl else None,
-                itl_p99_ms=_sig(1e3 * _pct(itl, 99)) if itl else None,
+                ttft_p50_ms=_sig(1e3 * percentile(ttft, 50)), ttft_p99_ms=_sig(1e3 * percentile(ttft, 99)),
+                itl_p50_ms=_sig(1e3 * percentile(itl, 50)) if itl else None,
+                itl_p99_ms=_sig(1e3 * percentile(itl, 99)) if itl else None,
                 peak_kv_usage=_sig(peak), steps=st.steps, decode_steps=st.decode_steps, graph_steps=st.graph_steps,
                 prefill_step_ms=_sig(1e3 * (st.host_s + st.wait_s - st.decode_host_s - st.decode_wait_s)
                                      / max(st.steps - st.decode_steps, 1)),
                 decode_step_ms=_sig(1e3 * (st.decode_host_s + st.decode_wait_s) / max(st.decode_steps, 1)),
                 decode_host_ms=_sig(1e3 * st.decode_host_s / max(st.decode_steps, 1)),
-                decode_host_p50_ms=_sig(1e3 * _pct(host, 50)) if host else None,
-                decode_host_p90_ms=_sig(1e3 * _pct(host, 90)) if host else None,
+                decode_host_p50_ms=_sig(1e3 * percentile(host, 50)) if host else None,
+                decode_host_p90_ms=_sig(1e3 * percentile(host, 90)) if host else None,
                 decode_host_max_ms=_sig(1e3 * max(host)) if host else None,
                 decode_host_frac=_sig(st.decode_host_s / max(st.decode_host_s + st.decode_wait_s, 1e-12)))
 

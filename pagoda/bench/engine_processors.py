@@ -31,6 +31,7 @@ import torch
 
 from pagoda.bench import engine as _eb
 from pagoda.bench import report as _report
+from pagoda.bench.stats import percentile
 from pagoda.engine.logits_processors import LogitsProcessor
 
 _sig = _report.significant
@@ -135,6 +136,8 @@ def run_pagoda(model_dir: str, requests, warmup, cfg, load_format: str, variants
                              output_tok_s=_sig(outs / elapsed), graph_steps=st.graph_steps,
                              decode_step_ms=_sig(1e3 * (st.decode_host_s + st.decode_wait_s)
                                                  / max(st.decode_steps, 1)),
+                             decode_host_p50_ms=_sig(1e3 * percentile(st.decode_host_steps, 50))
+                             if st.decode_host_steps else None,
                              decode_host_frac=_sig(st.decode_host_s / max(st.decode_host_s + st.decode_wait_s,
                                                                             1e-12))))
         del engine
@@ -246,7 +249,7 @@ def run_study(cfg, device: torch.device | None = None, variants=PAGODA_VARIANTS,
 def tables(report: dict, markdown: bool = False) -> str:
     rows = report["results"]
     cols = ["system", "status", "requests", "elapsed_s", "output_tok_s", "vs_plain", "decode_step_ms",
-            "decode_host_frac", "graph_steps", "note"]
+            "decode_host_p50_ms", "decode_host_frac", "graph_steps", "note"]
     cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
     fmt = _report.markdown_table if markdown else _report.format_table
     c = report["meta"]["constraint"]

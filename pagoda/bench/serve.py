@@ -18,6 +18,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pagoda.bench.stats import percentile
+
 
 @dataclass
 class ServeBenchConfig:
@@ -181,12 +183,7 @@ def run_offline(cfg: ServeBenchConfig, model_dir: str, **engine_kwargs) -> dict:
 
 
 def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    s = sorted(values)
-    pos = (len(s) - 1) * q / 100
-    lo = int(pos)
-    return s[lo] + (s[min(lo + 1, len(s) - 1)] - s[lo]) * (pos - lo)
+    return percentile(values, q) or 0.0
 
 
 def summarize(results: list[RequestResult], duration: float) -> dict:
