@@ -180,11 +180,13 @@ def measure_rates(device: torch.device, dtype: torch.dtype, hidden: int, inter: 
 
 # ------------------------------------------------------------------------------------------------ engine
 
-def _timed_run(engine, requests, drive, run: int, stats_cls) -> dict:
+def _timed_run(engine, requests, drive, run: int) -> dict:
     """One timed pass of ``requests`` through ``engine`` (prefix cache emptied first): its row."""
+    from pagoda.engine.llm_engine import StepStats
+
     device = engine.model_runner.device
     engine.block_manager.reset_prefix_cache()
-    engine.stats = stats_cls()
+    engine.stats = StepStats(decode_host_steps=[])
     engine.token_times = {}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -222,7 +224,6 @@ def run_engine(model_dir: str, requests, cfg: EngineBenchConfig, load_format: st
     warm-up); ``(a row per run, engine facts)``. A later run that is faster than the first shows what the
     first paid for work done once (kernel compilation the warm-up missed)."""
     from pagoda.engine import EngineConfig, LLMEngine, RequestOutputKind, SamplingParams
-    from pagoda.engine.llm_engine import StepStats
 
     engine = LLMEngine(EngineConfig(model=model_dir, load_format=load_format, dtype=cfg.dtype, seed=cfg.seed,
                                     max_model_len=cfg.max_model_len, gpu_memory_utilization=cfg.gpu_memory_utilization,
@@ -245,7 +246,7 @@ def run_engine(model_dir: str, requests, cfg: EngineBenchConfig, load_format: st
 
     if warmup:                 # compiles every kernel variant the run meets (`warmup_requests`)
         drive(engine, warmup, "w")
-    rows = [_timed_run(engine, requests, drive, k + 1, StepStats) for k in range(cfg.runs)]
+    rows = [_timed_run(engine, requests, drive, k + 1) for k in range(cfg.runs)]
     runner = engine.model_runner
     graphs = runner.graphs
     facts = dict(num_blocks=runner.num_blocks, block_size=runner.block_size,

@@ -127,7 +127,7 @@ def run_pagoda(model_dir: str, requests, warmup, cfg, load_format: str, variants
             extra = _sampling_kwargs(variant, device, engine.vocab_size)
             _drive(engine, warmup, f"w{variant}", extra, cfg)      # compiles every kernel shape of the variant
             engine.block_manager.reset_prefix_cache()
-            engine.stats = StepStats()
+            engine.stats = StepStats(decode_host_steps=[])
             elapsed = _drive(engine, requests, f"r{variant}", extra, cfg)
             engine.block_manager.reset_prefix_cache()
             st = engine.stats

@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -60,7 +60,9 @@ class StepStats:
     wait_s: float = 0.0
     decode_host_s: float = 0.0
     decode_wait_s: float = 0.0
-    decode_host_steps: list[float] = field(default_factory=list)   # each decode step's host seconds
+    # Each decode step's host seconds, when a caller asks for them (a list; None: not kept, since a serving
+    # engine's stats live as long as the process).
+    decode_host_steps: list[float] | None = None
 
     def add(self, batch: ScheduledBatch, graph_batch: int | None, host_s: float, wait_s: float) -> None:
         self.steps += 1
@@ -71,7 +73,8 @@ class StepStats:
             self.decode_steps += 1
             self.decode_host_s += host_s
             self.decode_wait_s += wait_s
-            self.decode_host_steps.append(host_s)
+            if self.decode_host_steps is not None:
+                self.decode_host_steps.append(host_s)
         if graph_batch is not None:
             self.graph_steps += 1
 
