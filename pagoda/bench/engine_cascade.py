@@ -5,13 +5,15 @@ attention (``cascade="on"``: the shared pages read once per layer, in the cascad
 Workload: 64 requests sharing a 4,096-token system prompt (cached by an earlier request) with 256 unique tokens
 each, greedy, every request decoding together. Model: Llama-2-7B's layer shapes (32 query and 32 KV heads of
 128), 8 layers, dummy weights. Plain decode reads 64 x 4,352 tokens of KV per layer and step, the cascade
-4,096 + 64 x 256: in bf16 per layer 4.6 GB against 0.34 GB. Figures: ms per decode step of the full batch (mean
-over the timed steps), the speedup, and whether the greedy tokens agree (float32: identical, or first differing
-where the plain engine's two best logprobs tie within float32 noise; bf16: the count of requests that agree).
+4,096 + 64 x 256: in bf16 per layer 4.6 GB against 0.34 GB. Figures: ms per decode step of the full batch (the
+median over the timed steps of the time between returns of ``step()``; the means beside it), the speedup, and
+whether the greedy tokens agree (float32: identical, or first differing where the plain engine's two best
+logprobs tie within float32 noise; bf16: the count of requests that agree).
 """
 from __future__ import annotations
 
 import gc
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -62,14 +64,19 @@ def run_mode(model_dir: str, dtype: str, mode: str, gpu_memory_utilization: floa
         step()
     sync()
     d0, t0 = engine.stats.decode_steps, time.perf_counter()
+    ends = []
     for _ in range(TIMED):
         step()
+        ends.append(time.perf_counter())
     sync()
-    per_step = (time.perf_counter() - t0) / TIMED
+    mean_step = (time.perf_counter() - t0) / TIMED
+    # One step() returns when the step before it has finished on the device, so in the steady state the time
+    # between returns is the step's period; the median keeps out a one-off (a kernel loaded on first use).
+    per_step = statistics.median(b - a for a, b in zip([t0, *ends], ends, strict=False))
     timed = engine.stats.decode_steps - d0
     while engine.has_unfinished_requests():
         step()
-    result = dict(per_step_s=per_step, timed_steps=timed, graph_steps=engine.stats.graph_steps,
+    result = dict(per_step_s=per_step, mean_step_s=mean_step, timed_steps=timed, graph_steps=engine.stats.graph_steps,
                   cascade_steps=dict(engine.model_runner.cascade_steps),
                   cached=[o.num_cached_tokens for o in outs.values()],
                   tokens={k: o.outputs[0].token_ids for k, o in outs.items()},
@@ -110,12 +117,15 @@ def run_study(dtypes=("bfloat16", "float32")) -> dict:
             runs = {}
             for mode in ("off", "on"):
                 runs[mode] = run_mode(model_dir, dtype, mode)
-                print(f"engine-cascade: {dtype} cascade={mode}: {1e3 * runs[mode]['per_step_s']:.3f} ms a step",
+                print(f"engine-cascade: {dtype} cascade={mode}: {1e3 * runs[mode]['per_step_s']:.3f} ms a step "
+                      f"(median; mean {1e3 * runs[mode]['mean_step_s']:.3f})",
                       flush=True)
             same, tie = agreement(runs["off"], runs["on"])
             plain, casc = runs["off"]["per_step_s"], runs["on"]["per_step_s"]
             rows.append(dict(dtype=dtype, requests=BATCH, system_tokens=SYSTEM, unique_tokens=UNIQUE,
                              plain_step_ms=_sig(1e3 * plain), cascade_step_ms=_sig(1e3 * casc),
+                             plain_mean_ms=_sig(1e3 * runs["off"]["mean_step_s"]),
+                             cascade_mean_ms=_sig(1e3 * runs["on"]["mean_step_s"]),
                              speedup=_sig(plain / casc), same_tokens=same, first_diff_at_near_tie=tie,
                              cascade_steps=runs["on"]["cascade_steps"].get(2, 0),
                              plain_graph_steps=runs["off"]["graph_steps"]))
@@ -128,6 +138,7 @@ def run_study(dtypes=("bfloat16", "float32")) -> dict:
 def tables(report: dict, markdown: bool = False) -> str:
     rows = report["results"]
     cols = ["dtype", "requests", "system_tokens", "unique_tokens", "plain_step_ms", "cascade_step_ms", "speedup",
+            "plain_mean_ms", "cascade_mean_ms",
             "same_tokens", "first_diff_at_near_tie", "cascade_steps", "plain_graph_steps"]
     fmt = _report.markdown_table if markdown else _report.format_table
     head = ("decode step of 64 requests over a shared 4,096-token system prompt: plain engine (decode CUDA "

