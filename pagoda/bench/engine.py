@@ -10,7 +10,8 @@ the vocabulary, since prompts are token ids). ``--model DIR``: any supported loc
 Figures: output tokens/s, total (prompt + output) tokens/s, time to first token and inter-token latency
 (p50/p99, each token timed when the host reads it back), peak KV-cache usage, the host's share of a
 decode step and its per-step spread (p50, p90, max: compilation shows as a few outliers, a slower host
-as a higher median), each for ``--runs`` timed passes on one engine; and the ceiling computed from the
+as a higher median) and the Triton kernels built on first use inside the pass (`pagoda.bench.jit_log`: what the
+warm-up missed), each for ``--runs`` timed passes on one engine; and the ceiling computed from the
 same requests (`ceiling`): every decode step reads every weight once and the KV of every running request
 once (all requests run together from the start: the fewest steps), at the device-to-device copy
 bandwidth measured in the same run, plus the prefill FLOPs at the bf16 matmul rate measured in the same run.
@@ -40,6 +41,7 @@ from pathlib import Path
 import torch
 
 from pagoda.bench import report as _report
+from pagoda.bench.jit_log import JitLog
 from pagoda.bench.stats import percentile
 
 QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
@@ -191,9 +193,10 @@ def _timed_run(engine, requests, drive, run: int) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    peak = drive(engine, requests, f"r{run}-")
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    with JitLog() as jit:
+        peak = drive(engine, requests, f"r{run}-")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t0
     ttft, itl = [], []
     for times in engine.token_times.values():
@@ -216,7 +219,9 @@ def _timed_run(engine, requests, drive, run: int) -> dict:
                 decode_host_p50_ms=_sig(1e3 * percentile(host, 50)) if host else None,
                 decode_host_p90_ms=_sig(1e3 * percentile(host, 90)) if host else None,
                 decode_host_max_ms=_sig(1e3 * max(host)) if host else None,
-                decode_host_frac=_sig(st.decode_host_s / max(st.decode_host_s + st.decode_wait_s, 1e-12)))
+                decode_host_frac=_sig(st.decode_host_s / max(st.decode_host_s + st.decode_wait_s, 1e-12)),
+                jit_builds=jit.count if jit.available else None, jit_s=_sig(jit.seconds) if jit.available else None,
+                jit_kernels=jit.summary() or None)
 
 
 def run_engine(model_dir: str, requests, cfg: EngineBenchConfig, load_format: str, warmup=None) -> tuple[list, dict]:
@@ -347,8 +352,8 @@ def tables(report: dict, markdown: bool = False) -> str:
     cols = ["system", "run", "requests", "elapsed_s", "output_tok_s", "total_tok_s", "ttft_p50_ms", "ttft_p99_ms",
             "itl_p50_ms", "itl_p99_ms", "peak_kv_usage", "frac_of_ceiling", "floor_ms_per_token", "frac_of_floor",
             "steps", "decode_steps", "prefill_step_ms", "decode_step_ms", "decode_host_ms", "decode_host_p50_ms",
-            "decode_host_p90_ms", "decode_host_max_ms", "decode_host_frac", "graph_steps", "kv_tb", "weight_tb",
-            "prefill_pflop", "note"]
+            "decode_host_p90_ms", "decode_host_max_ms", "decode_host_frac", "graph_steps", "jit_builds", "jit_s",
+            "kv_tb", "weight_tb", "prefill_pflop", "note"]
     cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
     body = [[r.get(c) for c in cols] for r in rows]
     fmt = _report.markdown_table if markdown else _report.format_table
@@ -356,7 +361,9 @@ def tables(report: dict, markdown: bool = False) -> str:
             f"{meta.get('kv_cache_gib')} GiB ({meta.get('num_blocks')} blocks of {meta.get('block_size')}); decode "
             f"graphs {meta.get('graph_sizes')} took {meta.get('graph_capture_mib')} MiB in "
             f"{meta.get('graph_capture_s')} s (reserved {meta.get('graph_reserve_mib')} MiB)")
-    return head + "\n\n" + fmt(cols, body)
+    jit = [f"run {r.get('run')}: {r['jit_kernels']}" for r in rows if r.get("jit_kernels")]
+    tail = ("\n\nTriton kernels built on first use inside the timed runs: " + "; ".join(jit)) if jit else ""
+    return head + "\n\n" + fmt(cols, body) + tail
 
 
 def plot_engine(plt, report: dict, out: Path) -> list[Path]:
