@@ -5,7 +5,10 @@ Random requests (prompt token ids drawn uniformly from the vocabulary, input and
 output length), sent as streaming ``/v1/completions`` calls over HTTP (httpx, asyncio) either at a request
 rate (Poisson arrivals; ``inf`` = all at once) and/or under a concurrency cap. Reported as vLLM does:
 requests/s, output and total tokens/s, time to first token (TTFT), time per output token after the first
-(TPOT), inter-token latency between streamed chunks (ITL) and end-to-end latency: mean, median, p99.
+(TPOT), inter-token latency between streamed chunks (ITL) and end-to-end latency: mean, median, p99. Against
+``pagoda serve``, also the engine's steps during the run, from its ``/metrics`` before and after: decode and
+prefill steps, those replayed from CUDA graphs, and each kind's mean host and wait time (``--offline``: the
+same from the engine's own counters), which tell the HTTP layer's cost from the engine's.
 """
 from __future__ import annotations
 
@@ -72,6 +75,56 @@ def sample_requests(cfg: ServeBenchConfig) -> list[tuple[list[int], int]]:
             for _ in range(cfg.num_prompts)]
 
 
+_STEP_COUNTERS = {"pagoda:engine_steps_total": "steps", "pagoda:engine_step_host_seconds_total": "host_s",
+                  "pagoda:engine_step_wait_seconds_total": "wait_s", "pagoda:engine_graph_steps_total": "graph_steps"}
+
+
+def engine_counters(text: str) -> dict[tuple[str, str], float]:
+    """pagoda's engine-step counters from a ``/metrics`` page: ``{(field, kind): value}`` (kind "" when the
+    counter has none); empty for a server without them."""
+    out: dict[tuple[str, str], float] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        field = _STEP_COUNTERS.get(name)
+        if field is None or "} " not in rest:
+            continue
+        labels, _, value = rest.rpartition("} ")
+        kind = next((x.split("=", 1)[1].strip('"') for x in labels.split(",") if x.startswith("kind=")), "")
+        out[(field, kind)] = out.get((field, kind), 0.0) + float(value)
+    return out
+
+
+def step_summary(steps: dict[str, float], host_s: dict[str, float], wait_s: dict[str, float],
+                 graph_steps: float) -> dict:
+    """Steps of each kind ("decode", "prefill") and their mean host and wait milliseconds."""
+    out: dict = {"graph_steps": int(graph_steps)}
+    for kind in ("decode", "prefill"):
+        n = steps.get(kind, 0)
+        out[f"{kind}_steps"] = int(n)
+        out[f"{kind}_host_ms"] = 1e3 * host_s.get(kind, 0.0) / n if n else None
+        out[f"{kind}_wait_ms"] = 1e3 * wait_s.get(kind, 0.0) / n if n else None
+    return out
+
+
+def _counter_delta(before: dict, after: dict) -> dict | None:
+    if not after:
+        return None
+    d = {k: after[k] - before.get(k, 0.0) for k in after}
+
+    def by_kind(field):
+        return {kind: v for (f, kind), v in d.items() if f == field}
+
+    return step_summary(by_kind("steps"), by_kind("host_s"), by_kind("wait_s"), d.get(("graph_steps", ""), 0.0))
+
+
+async def _scrape(client) -> dict:
+    try:
+        r = await client.get("/metrics")
+        return engine_counters(r.text) if r.status_code == 200 else {}
+    except Exception:      # a server without /metrics: the report has no engine section
+        return {}
+
+
 async def _one(client, cfg: ServeBenchConfig, model: str, ids: list[int], out_len: int) -> RequestResult:
     res = RequestResult(len(ids), out_len)
     body = {"model": model, "prompt": ids, "max_tokens": out_len, "temperature": 0.0, "ignore_eos": True,
@@ -107,7 +160,7 @@ async def _one(client, cfg: ServeBenchConfig, model: str, ids: list[int], out_le
     return res
 
 
-async def _run(cfg: ServeBenchConfig) -> tuple[list[RequestResult], float, str]:
+async def _run(cfg: ServeBenchConfig) -> tuple[list[RequestResult], float, str, dict | None]:
     import httpx
 
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
@@ -132,13 +185,15 @@ async def _run(cfg: ServeBenchConfig) -> tuple[list[RequestResult], float, str]:
                 return await _one(c, cfg, model, ids, n)
 
         tasks = []
+        before = await _scrape(c)
         start = time.perf_counter()
         for ids, n in reqs:
             tasks.append(asyncio.create_task(limited(ids, n)))
             if cfg.request_rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(cfg.request_rate))
         results = await asyncio.gather(*tasks)
-        return results, time.perf_counter() - start, model
+        duration = time.perf_counter() - start
+        return results, duration, model, _counter_delta(before, await _scrape(c))
 
 
 def run_offline(cfg: ServeBenchConfig, model_dir: str, **engine_kwargs) -> dict:
@@ -147,7 +202,7 @@ def run_offline(cfg: ServeBenchConfig, model_dir: str, **engine_kwargs) -> dict:
     ``max_num_seqs`` defaults to ``cfg.max_concurrency`` (the same number of requests in flight)."""
     import datetime as dt
 
-    from pagoda.engine.llm_engine import LLMEngine
+    from pagoda.engine.llm_engine import LLMEngine, StepStats
     from pagoda.engine.sampling_params import RequestOutputKind, SamplingParams
 
     if cfg.max_concurrency is not None:
@@ -162,6 +217,7 @@ def run_offline(cfg: ServeBenchConfig, model_dir: str, **engine_kwargs) -> dict:
         engine.add_request(f"warmup-{i}", {"prompt_token_ids": ids}, params(4))
     while engine.has_unfinished_requests():
         engine.step()
+    engine.stats = StepStats()
     start = time.perf_counter()
     for i, (ids, n) in enumerate(reqs):
         engine.add_request(str(i), {"prompt_token_ids": ids}, params(n))
@@ -170,6 +226,10 @@ def run_offline(cfg: ServeBenchConfig, model_dir: str, **engine_kwargs) -> dict:
         for out in engine.step():
             out_tokens += sum(len(c.token_ids) for c in out.outputs)
     duration = time.perf_counter() - start
+    st = engine.stats
+    steps = step_summary({"decode": st.decode_steps, "prefill": st.steps - st.decode_steps},
+                         {"decode": st.decode_host_s, "prefill": st.host_s - st.decode_host_s},
+                         {"decode": st.decode_wait_s, "prefill": st.wait_s - st.decode_wait_s}, st.graph_steps)
     in_tokens = sum(len(ids) for ids, _ in reqs)
     config = {k: (None if v == float("inf") else v) for k, v in asdict(cfg).items() if k != "api_key"}
     return {"study": "serve-offline",
@@ -179,7 +239,7 @@ def run_offline(cfg: ServeBenchConfig, model_dir: str, **engine_kwargs) -> dict:
             "results": {"completed": len(reqs), "duration_s": duration, "total_input_tokens": in_tokens,
                         "total_output_tokens": out_tokens, "request_throughput": len(reqs) / duration,
                         "output_throughput": out_tokens / duration,
-                        "total_token_throughput": (in_tokens + out_tokens) / duration}}
+                        "total_token_throughput": (in_tokens + out_tokens) / duration, "engine": steps}}
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -211,12 +271,13 @@ def run(cfg: ServeBenchConfig) -> dict:
     import datetime as dt
     import platform
 
-    results, duration, model = asyncio.run(_run(cfg))
+    results, duration, model, steps = asyncio.run(_run(cfg))
     meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(["pagoda"] + sys.argv[1:]) if "pagoda" in sys.argv[0] else " ".join(sys.argv),
             "python": platform.python_version(), "model": model}
     config = {k: (None if v == float("inf") else v) for k, v in asdict(cfg).items() if k != "api_key"}
-    return {"study": "serve", "meta": meta, "config": config, "results": summarize(results, duration)}
+    return {"study": "serve", "meta": meta, "config": config,
+            "results": {**summarize(results, duration), "engine": steps}}
 
 
 _ROWS = [("Successful requests", "completed", "{:d}"), ("Failed requests", "failed", "{:d}"),
@@ -227,6 +288,19 @@ _ROWS = [("Successful requests", "completed", "{:d}"), ("Failed requests", "fail
          ("Total token throughput (tok/s)", "total_token_throughput", "{:.2f}")]
 
 
+def _engine_rows(eng: dict | None) -> list[tuple[str, str]]:
+    """The engine's steps during the run (the server's ``/metrics``, or the offline engine's stats)."""
+    if not eng:
+        return []
+    rows = [("Engine decode / prefill steps", f"{eng['decode_steps']} / {eng['prefill_steps']}"),
+            ("Engine steps from CUDA graphs", f"{eng['graph_steps']}")]
+    for kind in ("decode", "prefill"):
+        if eng.get(f"{kind}_host_ms") is not None:
+            rows.append((f"{kind.capitalize()} step host / wait (ms)",
+                         f"{eng[f'{kind}_host_ms']:.2f} / {eng[f'{kind}_wait_ms']:.2f}"))
+    return rows
+
+
 def tables(report: dict, markdown: bool = False) -> str:
     res, cfg = report["results"], report["config"]
     rows = [(label, fmt.format(res[key])) for label, key, fmt in _ROWS if key in res]
@@ -234,6 +308,7 @@ def tables(report: dict, markdown: bool = False) -> str:
         head = (f"offline engine (no HTTP): {report['meta']['model']}, {cfg['num_prompts']} requests, input "
                 f"{cfg['input_len']} / output {cfg['output_len']} tokens (range ratio {cfg['range_ratio']}), "
                 f"max_num_seqs {cfg['max_concurrency'] or 'default'}")
+        rows += _engine_rows(res.get("engine"))
         if markdown:
             return "\n".join([f"**{head}**", "", "| metric | value |", "|---|---|"]
                              + [f"| {a} | {b} |" for a, b in rows])
@@ -242,6 +317,7 @@ def tables(report: dict, markdown: bool = False) -> str:
                         ("itl", "Inter-token latency"), ("e2el", "End-to-end latency")):
         for stat in ("mean", "median", "p99"):
             rows.append((f"{title}: {stat} (ms)", f"{res[f'{stat}_{name}_ms']:.2f}"))
+    rows += _engine_rows(res.get("engine"))
     head = (f"serve benchmark: {report['meta']['model']} at {cfg['base_url']}, {cfg['num_prompts']} requests, "
             f"input {cfg['input_len']} / output {cfg['output_len']} tokens (range ratio {cfg['range_ratio']}), "
             f"request rate {cfg['request_rate'] or 'inf'}, max concurrency {cfg['max_concurrency'] or 'none'}")

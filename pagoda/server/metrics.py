@@ -4,6 +4,8 @@ Each server owns its registry (several servers in one process, as tests start th
 Gauges about the engine (running / waiting requests, KV usage) are refreshed by the engine thread after
 every step from ``engine_stats``; counters and latency histograms are fed by the engine loop as outputs
 arrive (time to first token from the request's arrival, inter-token latency between a request's outputs).
+The engine's steps are counted by kind with the engine thread's host and wait seconds (``pagoda:engine_*``):
+what a load test reads to tell a host-bound server from a device-bound one.
 """
 from __future__ import annotations
 
@@ -57,6 +59,20 @@ class ServerMetrics:
                                          ["model_name", "finished_reason"], registry=reg)
         self._model_name = model_name
         self._seen = (0.0, 0.0)
+        # The engine's steps (`LLMEngine.stats`): how many of each kind, how many replayed a CUDA graph, and the
+        # engine thread's seconds in them outside the wait for the device (host) and in it (wait). A decode
+        # step carries no prompt tokens; a prefill step carries some (with or without decode rows).
+        kind = ["model_name", "kind"]
+        self.engine_steps = Counter("pagoda:engine_steps", "Engine steps by kind (decode: no prompt tokens).",
+                                    kind, registry=reg)
+        self.engine_graph_steps = counter("engine_graph_steps", "Engine steps replayed from a CUDA graph.")
+        self.engine_step_host = Counter("pagoda:engine_step_host_seconds",
+                                        "Engine thread seconds in steps outside the wait for the device.", kind,
+                                        registry=reg)
+        self.engine_step_wait = Counter("pagoda:engine_step_wait_seconds",
+                                        "Engine thread seconds in steps waiting for the device's tokens.", kind,
+                                        registry=reg)
+        self._steps_seen = (0, 0, 0, 0.0, 0.0, 0.0, 0.0)
         self.time_to_first_token = histogram("time_to_first_token_seconds",
                                              "Time from a request's arrival to its first token.", _TTFT_BUCKETS)
         self.inter_token_latency = histogram("inter_token_latency_seconds",
@@ -76,6 +92,28 @@ class ServerMetrics:
             self.prefix_cache_queries.inc(max(dq, 0.0))
             self.prefix_cache_hits.inc(max(dh, 0.0))
             self._seen = (stats["prefix_queries"], stats["prefix_hits"])
+        self._observe_steps(getattr(engine, "stats", None))
+
+    def _observe_steps(self, st: Any) -> None:
+        if st is None:
+            return
+        now = (st.steps, st.decode_steps, st.graph_steps, st.host_s, st.wait_s, st.decode_host_s, st.decode_wait_s)
+        if now == self._steps_seen:
+            return
+        d = [max(a - b, 0) for a, b in zip(now, self._steps_seen, strict=True)]
+        self._steps_seen = now
+        steps, dec, graph, host, wait, dhost, dwait = d
+        m = self._model_name
+        if dec:
+            self.engine_steps.labels(m, "decode").inc(dec)
+            self.engine_step_host.labels(m, "decode").inc(dhost)
+            self.engine_step_wait.labels(m, "decode").inc(dwait)
+        if steps - dec:
+            self.engine_steps.labels(m, "prefill").inc(steps - dec)
+            self.engine_step_host.labels(m, "prefill").inc(max(host - dhost, 0.0))
+            self.engine_step_wait.labels(m, "prefill").inc(max(wait - dwait, 0.0))
+        if graph:
+            self.engine_graph_steps.inc(graph)
 
     def finished(self, reason: str | None) -> None:
         self.requests_finished.labels(self._model_name, reason or "unknown").inc()

@@ -75,7 +75,11 @@ def test_bench_serve_then_sigterm_with_a_stream_running(served, tmp_path, capsys
                                                               range_ratio=0.5, vocab_size=300)))
     assert res["total_output_tokens"] == want
     assert 0 < res["median_ttft_ms"] <= res["p99_ttft_ms"] and res["output_throughput"] > 0
+    eng = res["engine"]            # the server's steps during the run, from its /metrics
+    assert eng["prefill_steps"] >= 1 and eng["decode_steps"] >= 3 and eng["decode_host_ms"] > 0
+    assert eng["prefill_steps"] + eng["decode_steps"] < 24 * 5     # batched: fewer steps than tokens
     assert "Output token throughput" in (tmp_path / "serve.md").read_text()
+    assert "Engine decode / prefill steps" in (tmp_path / "serve.md").read_text()
     assert "Time to first token" in capsys.readouterr().out
 
     with httpx.stream("POST", url + "/v1/completions", timeout=60,
@@ -100,4 +104,6 @@ def test_bench_serve_offline_same_requests(tiny_model, tmp_path):
                                                               range_ratio=0.5, vocab_size=300)))
     assert report["results"]["completed"] == 12 and report["results"]["total_output_tokens"] == want
     assert report["meta"]["engine"]["max_num_seqs"] == 4
+    eng = report["results"]["engine"]
+    assert eng["prefill_steps"] >= 3 and eng["decode_steps"] >= 3 and eng["graph_steps"] == 0   # CPU: no graphs
     assert "Output token throughput" in (tmp_path / "serve-offline.md").read_text()

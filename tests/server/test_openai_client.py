@@ -179,4 +179,8 @@ def test_batched_prompts_models_health_metrics(live_server, client):
     assert values['pagoda:inter_token_latency_seconds_count{model_name="tiny-qwen3"}'] > 0
     assert values['pagoda:num_requests_running{model_name="tiny-qwen3"}'] == 0
     assert 0 < values['pagoda:prefix_cache_hit_rate{model_name="tiny-qwen3"}'] <= 1   # the same prompts again
+    from pagoda.bench.serve import engine_counters
+    steps = engine_counters(text)
+    assert steps[("steps", "prefill")] >= 1 and steps[("steps", "decode")] >= 1
+    assert steps[("host_s", "decode")] > 0 and steps[("wait_s", "prefill")] >= 0
     live_server.assert_idle_and_free()
