@@ -54,3 +54,30 @@ class RequestOutput:
     finished: bool
     metrics: object | None = None
     num_cached_tokens: int | None = None
+
+    def add(self, next_output: RequestOutput, aggregate: bool) -> None:
+        """vLLM's: fold a later output of the same request into this one. ``aggregate=True`` (outputs of
+        RequestOutputKind.DELTA): each sample's new text, token ids and logprobs are appended and its latest
+        cumulative logprob, finish and stop reasons kept; ``aggregate=False`` (CUMULATIVE): the later sample
+        replaces the earlier. A sample this output lacks is added (the outputs stay sorted by index)."""
+        self.finished = self.finished or next_output.finished
+        if next_output.num_cached_tokens is not None:
+            self.num_cached_tokens = next_output.num_cached_tokens
+        mine = {c.index: i for i, c in enumerate(self.outputs)}
+        for c in next_output.outputs:
+            i = mine.get(c.index)
+            if i is None:
+                self.outputs.append(c)
+                mine[c.index] = len(self.outputs) - 1
+                continue
+            if not aggregate:
+                self.outputs[i] = c
+                continue
+            cur = self.outputs[i]
+            cur.text += c.text
+            cur.token_ids = [*cur.token_ids, *c.token_ids]
+            if c.logprobs is not None:
+                cur.logprobs = [*(cur.logprobs or []), *c.logprobs]
+            cur.cumulative_logprob = c.cumulative_logprob
+            cur.finish_reason, cur.stop_reason = c.finish_reason, c.stop_reason
+        self.outputs.sort(key=lambda c: c.index)

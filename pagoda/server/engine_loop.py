@@ -30,28 +30,44 @@ _IDLE_POLL_S = 1.0         # an idle engine thread wakes this often to refresh g
 class RequestStream:
     """The outputs of one request as the event loop sees them: an async iterator of ``RequestOutput``.
 
-    Raises the ``APIError`` the loop puts in instead (shutdown, engine failure)."""
+    Outputs that queued up while the reader was busy come out as one (`RequestOutput.add`: appended for
+    DELTA outputs, the latest for CUMULATIVE ones), as vLLM's output collector does: under load a stream
+    sends fewer, larger chunks instead of falling further behind. Raises the ``APIError`` the loop puts in
+    instead (shutdown, engine failure)."""
 
-    __slots__ = ("request_id", "queue", "finished", "arrival", "first_token_at", "last_token_at")
+    __slots__ = ("request_id", "queue", "finished", "arrival", "first_token_at", "last_token_at", "aggregate",
+                 "_held")
 
-    def __init__(self, request_id: str):
+    def __init__(self, request_id: str, aggregate: bool = True):
         self.request_id = request_id
         self.queue: asyncio.Queue = asyncio.Queue()
         self.finished = False
         self.arrival = time.perf_counter()
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
+        self.aggregate = aggregate
+        self._held: BaseException | None = None     # an error that arrived behind outputs being merged
 
     def __aiter__(self):
         return self
 
     async def __anext__(self):
-        if self.finished and self.queue.empty():
+        if self._held is not None:
+            item, self._held = self._held, None
+        elif self.finished and self.queue.empty():
             raise StopAsyncIteration
-        item = await self.queue.get()
+        else:
+            item = await self.queue.get()
         if isinstance(item, BaseException):
             self.finished = True
             raise item
+        q = self.queue
+        while not item.finished and not q.empty():
+            nxt = q.get_nowait()
+            if isinstance(nxt, BaseException):
+                self._held = nxt           # the outputs so far first, the error on the next call
+                break
+            item.add(nxt, self.aggregate)
         if item.finished:
             self.finished = True
         return item
@@ -89,7 +105,8 @@ class EngineLoop:
         """Hand a request to the engine and wait for it to be accepted (APIError 400 if refused)."""
         if self._error is not None:
             raise APIError(self._error, status=503, code="unavailable")
-        stream = RequestStream(request_id)
+        kind = getattr(getattr(params, "output_kind", None), "name", "DELTA")
+        stream = RequestStream(request_id, aggregate=kind != "CUMULATIVE")
         ack = self._loop.create_future()
         self._streams[request_id] = stream
         self._acks[request_id] = ack

@@ -1,0 +1,74 @@
+"""Outputs that queue up while a stream's reader is busy come out as one: `RequestOutput.add` (vLLM's merge of a
+later output into an earlier one) and `RequestStream`, which applies it to whatever waits in its queue."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pagoda.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from pagoda.server.engine_loop import RequestStream
+from pagoda.server.errors import APIError
+
+
+def _out(pieces: dict[int, tuple[str, list[int]]], finished=False, reasons=None, logprobs=False, cached=None):
+    reasons = reasons or {}
+    return RequestOutput("r", None, [1, 2], None, [
+        CompletionOutput(i, text, list(ids), -float(len(ids)),
+                         [{t: Logprob(-0.5, 1)} for t in ids] if logprobs else None, *reasons.get(i, (None, None)))
+        for i, (text, ids) in sorted(pieces.items())], finished, num_cached_tokens=cached)
+
+
+def test_add_appends_deltas_per_sample():
+    a = _out({0: ("he", [5]), 1: ("x", [9])}, logprobs=True, cached=0)
+    a.add(_out({1: ("y", [10])}, logprobs=True), aggregate=True)
+    a.add(_out({0: ("llo", [6, 7]), 1: ("", [])}, finished=True, reasons={0: ("stop", "\n"), 1: ("length", None)},
+               logprobs=True, cached=16), aggregate=True)
+    c0, c1 = a.outputs
+    assert (c0.index, c0.text, c0.token_ids, c0.finish_reason, c0.stop_reason) == (0, "hello", [5, 6, 7], "stop", "\n")
+    assert (c1.text, c1.token_ids, c1.finish_reason) == ("xy", [9, 10], "length")
+    assert [list(s) for s in c0.logprobs] == [[5], [6], [7]] and c0.cumulative_logprob == -2.0
+    assert a.finished and a.num_cached_tokens == 16
+
+
+def test_add_without_aggregate_replaces_and_adds_missing_samples():
+    a = _out({1: ("ab", [1, 2])})
+    a.add(_out({0: ("z", [3]), 1: ("abc", [1, 2, 4])}), aggregate=False)
+    assert [(c.index, c.text, c.token_ids) for c in a.outputs] == [(0, "z", [3]), (1, "abc", [1, 2, 4])]
+    assert not a.finished
+
+
+def _drain(stream: RequestStream, items) -> list:
+    async def run():
+        for x in items:
+            stream.queue.put_nowait(x)
+        got = []
+        try:
+            async for out in stream:
+                got.append(out)
+        except APIError as exc:
+            got.append(exc)
+        return got
+
+    return asyncio.run(run())
+
+
+def test_stream_merges_what_waits_and_stops_at_the_last():
+    items = [_out({0: (c, [i])}) for i, c in enumerate("abc")] + [_out({0: ("d", [3])}, finished=True,
+                                                                       reasons={0: ("length", None)})]
+    got = _drain(RequestStream("r"), items)
+    assert len(got) == 1 and got[0].outputs[0].text == "abcd" and got[0].outputs[0].token_ids == [0, 1, 2, 3]
+    assert got[0].finished
+
+
+def test_stream_delivers_outputs_before_an_error_behind_them():
+    err = APIError("The server is shutting down.", status=503, code="unavailable")
+    got = _drain(RequestStream("r"), [_out({0: ("a", [1])}), _out({0: ("b", [2])}), err])
+    assert got[0].outputs[0].text == "ab" and got[1] is err
+
+
+@pytest.mark.parametrize("aggregate", [True, False])
+def test_stream_appends_deltas_or_keeps_the_latest_cumulative(aggregate):
+    items = [_out({0: ("a", [1])}), _out({0: ("ab", [1, 2])}, finished=True, reasons={0: ("stop", None)})]
+    got = _drain(RequestStream("r", aggregate=aggregate), items)
+    assert got[0].outputs[0].text == ("aab" if aggregate else "ab")
