@@ -3,13 +3,17 @@ at the engine's shapes, beside the same function in PyTorch eager, under ``torch
 as time per call and as a fraction of the device-to-device copy bandwidth measured in the same run.
 
 GPU grid: hidden 1024 / 4096 / 8192 for the norms (Qwen3-0.6B, Llama-3-8B, 70B-class), intermediate 3072 /
-14336 for the activations, tokens 1 / 256 / 4096 / 16384. CPU grid: a tiny embedded one (seconds).
+14336 for the activations, tokens 1 / 256 / 8192 / 16384 (a decode step of one and of 256 requests, the engine's
+8,192-token prefill chunk, a long prompt). CPU grid: a tiny embedded one (seconds).
 
 Bytes that must move (each element read or written once): ``rmsnorm`` reads the rows and writes them (``2 N H``
 elements, plus the weight); ``fused_add_rmsnorm`` reads input and residual and writes both (``4 N H``);
 ``*_and_mul`` reads ``2 N d`` and writes ``N d``. Figures per call:
 
-    us         median time (`timing.time_ms`: `triton.testing.do_bench` on CUDA, L2 flushed between calls)
+    us         median device time of one call replayed from a CUDA graph (`timing.graph_time_ms`, L2 flushed
+               between replays), as the engine runs a decode step's layers: at a few microseconds a call, timing
+               the launch from Python would measure the launcher, not the kernel; a backend that cannot be
+               captured is timed with CUDA events around the call (the row's ``timing``); on the CPU, a clock
     gbps       bytes that must move / us
     copy_frac  gbps / the copy bandwidth of a large device-to-device copy measured at the start of the run
                (``copy_gbps`` in meta): how close the op comes to the memory system's streaming rate
@@ -35,13 +39,13 @@ from pagoda.bench import report as _report
 from pagoda.bench.attention import _classify
 from pagoda.bench.budget import case_limit, run_cases
 from pagoda.bench.compiled import CompileWatch, silently_eager, users_compile
-from pagoda.bench.timing import time_ms
+from pagoda.bench.timing import graph_time_ms, time_ms
 from pagoda.reference import norm as _ref_norm
 
 NORM_OPS = ("rmsnorm", "fused_add_rmsnorm", "gemma_rmsnorm", "gemma_fused_add_rmsnorm")
 ACT_OPS = ("silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul")
 OPS = NORM_OPS + ACT_OPS
-FULL_HIDDEN, FULL_INTER, FULL_TOKENS = (1024, 4096, 8192), (3072, 14336), (1, 256, 4096, 16384)
+FULL_HIDDEN, FULL_INTER, FULL_TOKENS = (1024, 4096, 8192), (3072, 14336), (1, 256, 8192, 16384)
 SMALL_HIDDEN, SMALL_INTER, SMALL_TOKENS = (64,), (48,), (1, 7)
 EPS = 1e-6
 COPY_BYTES = 1 << 30         # the peak-bandwidth copy: 1 GiB read + 1 GiB written on CUDA
@@ -215,12 +219,25 @@ def _timing(device):
 _sig = _report.significant
 
 
+def time_us(fn, device: torch.device) -> tuple[float, str]:
+    """``(median µs of one fn() call, how it was timed)``: replayed from a CUDA graph on CUDA ("graph"),
+    CUDA events around the call where capture fails ("events"), a clock on the CPU ("clock")."""
+    if device.type == "cuda":
+        try:
+            return graph_time_ms(fn, device, **_timing(device)) * 1e3, "graph"
+        except Exception:        # not capturable (a host sync inside): timed as called
+            torch.cuda.synchronize(device)
+            return time_ms(fn, device, **_timing(device)) * 1e3, "events"
+    return time_ms(fn, device, **_timing(device)) * 1e3, "clock"
+
+
 def copy_us(nbytes: int, device: torch.device) -> float:
-    """Median time of a device-to-device copy that moves ``nbytes`` (half read, half written), in µs."""
+    """Median time of a device-to-device copy that moves ``nbytes`` (half read, half written), in µs, timed
+    as the ops are (`time_us`)."""
     half = max(1, nbytes // 2)
     src = torch.empty(half, dtype=torch.uint8, device=device).random_(0, 256)
     dst = torch.empty_like(src)
-    return time_ms(lambda: dst.copy_(src), device, **_timing(device)) * 1e3
+    return time_us(lambda: dst.copy_(src), device)[0]
 
 
 def copy_gbps(device: torch.device, nbytes: int | None = None) -> float:
@@ -249,7 +266,7 @@ def run_case(case: LayerCase, names: list[str], device: torch.device, dtype: tor
         try:
             fn = BACKENDS[name][2](case.op, t)
             fn()  # compile / warm up outside timing
-            us = time_ms(fn, device, **_timing(device)) * 1e3
+            us, row["timing"] = time_us(fn, device)
         except Exception as exc:  # one backend failing must not stop the study
             row.update(zip(("status", "reason"), _classify(exc), strict=True))
             continue
@@ -293,7 +310,9 @@ def run_study(grid: str, backends: list[str] | None, device: torch.device, dtype
                  "copy": f"device-to-device copy of {2 * COPY_BYTES if device.type == 'cuda' else 1 << 27} bytes "
                          "(half read, half written), do_bench median",
                  "bytes": "rmsnorm 2NH+H, fused_add_rmsnorm 4NH+H, *_and_mul 3Nd elements",
-                 "timing": "do_bench median (L2 flushed between calls) on CUDA; wall-clock median on the CPU",
+                 "timing": "CUDA: median device time of one call replayed from a CUDA graph (do_bench, L2 flushed "
+                          "between replays; a row's timing says 'events' where capture failed); CPU: a clock's "
+                          "median",
                  "skipped_cases": skipped,
                  "skipped_why": f"started past --budget-s {limit:g}" if skipped else None},
         "backends": {n: {"available": unavailable[n] is None, "reason": unavailable[n], "describe": BACKENDS[n][0]}

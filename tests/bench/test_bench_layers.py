@@ -19,7 +19,7 @@ def test_full_grid_is_the_engines_shapes():
     grid = layers.layer_grid("full")
     norms = {(c.op, c.width, c.tokens) for c in grid if c.op in layers.NORM_OPS}
     acts = {(c.op, c.width, c.tokens) for c in grid if c.op in layers.ACT_OPS}
-    tokens = (1, 256, 4096, 16384)
+    tokens = (1, 256, 8192, 16384)    # decode at 1 and 256 requests, the 8,192-token prefill chunk, long
     assert norms == {(o, h, n) for o in layers.NORM_OPS for h in (1024, 4096, 8192) for n in tokens}
     assert acts == {(o, d, n) for o in layers.ACT_OPS for d in (3072, 14336) for n in tokens}
     with pytest.raises(ValueError, match="grid"):
@@ -73,6 +73,7 @@ def test_cpu_study_schema(tmp_path):
         else:
             assert r["status"] == "ok", r
             assert r["us"] > 0 and r["gbps"] > 0 and r["copy_frac"] > 0 and r["x_copy"] > 0
+            assert r["timing"] == "clock"          # CUDA: "graph" (or "events" where capture fails)
             assert r["gbps"] == pytest.approx(r["bytes"] / (r["us"] * 1e-6) / 1e9, rel=1e-3)
     json.dumps(report)
     text = layers.tables(report)
@@ -121,3 +122,14 @@ def test_gpu_cases_reach_the_streaming_rate():
         assert all(r["status"] == "ok" for r in rows), rows
         assert by["pagoda"]["copy_frac"] > 0.5, by["pagoda"]
         assert by["pagoda"]["us"] < by["torch"]["us"], rows
+
+
+def test_time_us_falls_back_from_graph_capture(monkeypatch):
+    """On CUDA a call is timed replayed from a CUDA graph; one that cannot be captured is timed as called."""
+    calls = []
+    monkeypatch.setattr(layers, "graph_time_ms", lambda fn, device, **kw: (_ for _ in ()).throw(RuntimeError("sync")))
+    monkeypatch.setattr(layers, "time_ms", lambda fn, device, **kw: calls.append(kw) or 0.002)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    assert layers.time_us(lambda: None, torch.device("cuda")) == (2.0, "events") and calls
+    monkeypatch.setattr(layers, "graph_time_ms", lambda fn, device, **kw: 0.003)
+    assert layers.time_us(lambda: None, torch.device("cuda")) == (3.0, "graph")
