@@ -77,21 +77,35 @@ def cache_strides(cache: torch.Tensor, kv_layout: str) -> tuple[int, int, int]:
     return cache.stride(0), cache.stride(2), cache.stride(1)
 
 
+def check_plan_device(name: str, t: torch.Tensor, device) -> None:
+    """A wrapper's plan-time metadata tensor: on the host or on the wrapper's ``device``, each tensor on its own
+    (FlashInfer's `plan` copies every one to the device, or into a CUDA-graph wrapper's buffers, wherever it
+    lies). A tensor on any other device (another GPU, say) is an error."""
+    device = torch.device(device)
+    if t.device != device and t.device.type != "cpu":
+        raise ValueError(f"{name} must be on the host (cpu) or on the wrapper's device {device}, got {t.device}")
+
+
 def check_kv_csr(kv_indptr, kv_indices, kv_last_page_len, page_size: int, max_pages: int | None, device,
-                 names=("kv_indptr", "kv_indices", "kv_last_page_len"), batch_size: int | None = None) -> int:
+                 names=("kv_indptr", "kv_indices", "kv_last_page_len"), batch_size: int | None = None,
+                 host_ok: bool = False) -> int:
     """CSR page table: int32 1-D tensors on ``device`` (None: kv_indptr's); return the batch size.
+    ``host_ok`` (a wrapper's `plan`): each tensor may also lie on the host (`check_plan_device`).
 
     Values (unless capturing a CUDA graph): ``kv_indptr[0] == 0``, non-decreasing, last entry
     ``<= len(kv_indices)``; every used page id in ``[0, max_pages)``; ``kv_last_page_len[b]`` in
     ``1..page_size`` for a request with pages and ``0`` for one with none.
     """
     n_ptr, n_idx, n_last = names
-    for name, t in ((n_ptr, kv_indptr), (n_idx, kv_indices), (n_last, kv_last_page_len)):
+    tensors = ((n_ptr, kv_indptr), (n_idx, kv_indices), (n_last, kv_last_page_len))
+    for name, t in tensors:
         _checks.check_tensor(name, t, ndim=1, dtypes=_INT32)
     if device is None:
         device = kv_indptr.device
-    for name, t in ((n_ptr, kv_indptr), (n_idx, kv_indices), (n_last, kv_last_page_len)):
-        if t.device != torch.device(device):
+    for name, t in tensors:
+        if host_ok:
+            check_plan_device(name, t, device)
+        elif t.device != torch.device(device):
             raise ValueError(f"{name} must be on {device}, got {t.device}")
     if kv_indptr.shape[0] < 1:
         raise ValueError(f"{n_ptr} must have length batch_size + 1 >= 1, got 0")
@@ -101,7 +115,7 @@ def check_kv_csr(kv_indptr, kv_indices, kv_last_page_len, page_size: int, max_pa
     if kv_last_page_len.shape[0] != batch:
         raise ValueError(f"{n_last} must have length batch_size = {batch} (len({n_ptr}) - 1), "
                          f"got {kv_last_page_len.shape[0]}")
-    if capturing(kv_indptr):
+    if any(capturing(t) for _, t in tensors):
         return batch
     ptr = kv_indptr.tolist()
     if ptr[0] != 0:

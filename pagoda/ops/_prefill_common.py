@@ -33,11 +33,15 @@ def dtypes(q_data_type, kv_data_type, o_data_type):
     return q_dtype, kv_dtype
 
 
-def check_indptr(name: str, indptr, device) -> list:
+def check_indptr(name: str, indptr, device, host_ok: bool = False) -> list:
+    """An int32 ``[batch + 1]`` indptr on ``device`` (also on the host with ``host_ok``: a wrapper's `plan`,
+    `pagoda.ops._paged.check_plan_device`), starting at 0 and non-decreasing: its values as a host list."""
     _checks.check_tensor(name, indptr, ndim=1, dtypes=(torch.int32,))
     if indptr.shape[0] < 1:
         raise ValueError(f"{name} must have length batch_size + 1 >= 1")
-    if indptr.device != device:
+    if host_ok:
+        _paged.check_plan_device(name, indptr, device)
+    elif indptr.device != device:
         raise ValueError(f"{name} must be on {device}, got {indptr.device}")
     ptr = indptr.tolist()
     if ptr[0] != 0 or any(b < a for a, b in zip(ptr, ptr[1:])):

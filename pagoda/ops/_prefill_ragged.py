@@ -60,17 +60,16 @@ class BatchPrefillWithRaggedKVCacheWrapper(_workspace.RaggedWorkspace):
              packed_custom_mask=None, causal=False, pos_encoding_mode="NONE", use_fp16_qk_reduction=False,
              window_left=-1, logits_soft_cap=None, sm_scale=None, rope_scale=None, rope_theta=None,
              q_data_type="float16", kv_data_type=None, o_data_type=None, non_blocking=True) -> None:
-        """Plan: int32 ``qo_indptr``/``kv_indptr [batch+1]`` (same device), head counts, head_dim and the
-        options of `BatchPrefillWithPagedKVCacheWrapper.plan`. Reads the indptrs on the host."""
+        """Plan: int32 ``qo_indptr``/``kv_indptr [batch+1]`` (each on the host or the device), head counts, head_dim
+        and the options of `BatchPrefillWithPagedKVCacheWrapper.plan`. Reads the indptrs on the host."""
         hq, hk, d = _plan.check_heads(num_qo_heads, num_kv_heads, head_dim_qk)
         opts = _common.options(d, head_dim_vo, custom_mask, packed_custom_mask, causal, pos_encoding_mode,
                                use_fp16_qk_reduction, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta)
         q_dtype, kv_dtype = _common.dtypes(q_data_type, kv_data_type, o_data_type)
         if q_dtype != kv_dtype:
             raise NotImplementedError("q_data_type and kv_data_type must be equal")
-        dev = qo_indptr.device if isinstance(qo_indptr, torch.Tensor) else None
-        qptr = _common.check_indptr("qo_indptr", qo_indptr, dev)
-        kptr = _common.check_indptr("kv_indptr", kv_indptr, dev)
+        qptr = _common.check_indptr("qo_indptr", qo_indptr, self.device, host_ok=True)
+        kptr = _common.check_indptr("kv_indptr", kv_indptr, self.device, host_ok=True)
         if len(kptr) != len(qptr):
             raise ValueError(f"kv_indptr must have the same length as qo_indptr ({len(qptr)}), got {len(kptr)}")
         batch = len(qptr) - 1

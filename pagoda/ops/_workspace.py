@@ -100,8 +100,8 @@ class DecodeWorkspace:
         q_dtype = _plan.canonical_dtype("q_data_type", q_data_type or data_type or "float16")
         if fixed_split_size is not None:
             fixed_split_size = _plan.as_int("fixed_split_size", fixed_split_size, 1)
-        batch = _paged.check_kv_csr(indptr, indices, last_page_len, page_size, None, None,
-                                    names=("indptr", "indices", "last_page_len"))
+        batch = _paged.check_kv_csr(indptr, indices, last_page_len, page_size, None, self.device,
+                                    names=("indptr", "indices", "last_page_len"), host_ok=True)
         lens = [int(x) for x in seq_lens.tolist()] if seq_lens is not None else _host_lens(indptr, last_page_len,
                                                                                            page_size)
         if n > 1:
@@ -174,10 +174,10 @@ class PrefillWorkspace:
         q_dtype, _ = _common.dtypes(q_data_type, kv_data_type, o_data_type)
         if fixed_split_size is not None:
             fixed_split_size = _plan.as_int("fixed_split_size", fixed_split_size, 1)
-        qptr = _common.check_indptr("qo_indptr", qo_indptr, qo_indptr.device)
+        qptr = _common.check_indptr("qo_indptr", qo_indptr, self.device, host_ok=True)
         _paged.check_kv_csr(paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, page_size, None,
-                            qo_indptr.device, names=("paged_kv_indptr", "paged_kv_indices", "paged_kv_last_page_len"),
-                            batch_size=len(qptr) - 1)
+                            self.device, names=("paged_kv_indptr", "paged_kv_indices", "paged_kv_last_page_len"),
+                            batch_size=len(qptr) - 1, host_ok=True)
         qo_lens = [b - a for a, b in zip(qptr, qptr[1:], strict=False)]
         kv_lens = _host_lens(paged_kv_indptr, paged_kv_last_page_len, page_size)
         return (prefill_float_bytes(self, qo_lens, kv_lens, hq, hk, d, q_dtype, page_size, fixed_split_size,

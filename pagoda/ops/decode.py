@@ -207,10 +207,10 @@ class BatchDecodeWithPagedKVCacheWrapper(_workspace.DecodeWorkspace):
                                             q_len_per_req > 1)
             self._max_page_id = -1   # the page ids are not read (FlashInfer's fast plan checks none either)
         else:
-            batch = _paged.check_kv_csr(indptr, indices, last_page_len, page_size, None, None,
-                                        names=("indptr", "indices", "last_page_len"))
-            if indices.device != indptr.device or last_page_len.device != indptr.device:
-                raise ValueError("indptr, indices and last_page_len must be on the same device")
+            # Each table may lie on the host or on the wrapper's device, independently (FlashInfer's plan copies
+            # it to the device, or into a CUDA-graph wrapper's buffers, wherever it lies).
+            batch = _paged.check_kv_csr(indptr, indices, last_page_len, page_size, None, self.device,
+                                        names=("indptr", "indices", "last_page_len"), host_ok=True)
             ptr = indptr.tolist()
             last_host = last_page_len.tolist()
             lens = [(ptr[i + 1] - ptr[i] - 1) * page_size + last_host[i] if ptr[i + 1] > ptr[i] else 0
@@ -245,7 +245,10 @@ class BatchDecodeWithPagedKVCacheWrapper(_workspace.DecodeWorkspace):
                 self._indptr_buf[batch + 1:].fill_(ptr[-1])
                 self._last_buf[:batch].copy_(last_page_len, non_blocking=non_blocking)
                 self._last_buf[batch:].fill_(0)
-                self._indices_buf[:ptr[-1]].copy_(indices[:ptr[-1]], non_blocking=non_blocking)
+                # From pageable host memory blocking, as FlashInfer's (the caller may reuse its table once plan
+                # returns); from the device or pinned memory as asked (an engine's pinned tables: no sync a step).
+                self._indices_buf[:ptr[-1]].copy_(indices[:ptr[-1]], non_blocking=non_blocking and (
+                    indices.device == self.device or indices.is_pinned()))
             if self._graph_splits is None:
                 cap = _plan.max_splits_for(self._workspace, grid_batch, hq, d)
                 if cap < 1:

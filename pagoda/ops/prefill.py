@@ -104,9 +104,10 @@ class BatchPrefillWithPagedKVCacheWrapper(_workspace.PrefillWorkspace):
              max_sequence_kv: int | None = None, fixed_split_size: int | None = None,
              disable_split_kv: bool = False) -> None:
         """Plan: int32 ``qo_indptr [batch+1]`` and the CSR page table (``paged_kv_indptr [batch+1]``,
-        ``paged_kv_indices``, ``paged_kv_last_page_len [batch]``), head counts, head_dim, page_size and the
-        options (causal, pos_encoding_mode NONE/ROPE_LLAMA/ALIBI, window_left, logits_soft_cap, sm_scale,
-        rope_scale/rope_theta). With ``causal=True`` every request needs kv_len >= qo_len. Reads indptrs on the host.
+        ``paged_kv_indices``, ``paged_kv_last_page_len [batch]``; each on the host or the device), head counts,
+        head_dim, page_size and the options (causal, pos_encoding_mode NONE/ROPE_LLAMA/ALIBI, window_left,
+        logits_soft_cap, sm_scale, rope_scale/rope_theta). With ``causal=True`` every request needs kv_len >= qo_len.
+        Reads indptrs on the host.
         ``fixed_split_size`` (pages per split) or ``disable_split_kv`` override the split-KV heuristic (a
         CUDA-graph wrapper fixes its split count at the first plan).
 
@@ -129,11 +130,12 @@ class BatchPrefillWithPagedKVCacheWrapper(_workspace.PrefillWorkspace):
             fixed_split_size = _plan.as_int("fixed_split_size", fixed_split_size, 1)
         if not isinstance(disable_split_kv, bool):
             raise TypeError(f"disable_split_kv must be a bool, got {type(disable_split_kv).__name__}")
-        dev = qo_indptr.device if isinstance(qo_indptr, torch.Tensor) else None
-        qptr = _common.check_indptr("qo_indptr", qo_indptr, dev)
-        batch = _paged.check_kv_csr(paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, page_size, None, dev,
-                                    names=("paged_kv_indptr", "paged_kv_indices", "paged_kv_last_page_len"),
-                                    batch_size=len(qptr) - 1)
+        # Each table may lie on the host or on the device (FlashInfer's plan copies it either way).
+        qptr = _common.check_indptr("qo_indptr", qo_indptr, self.device, host_ok=True)
+        batch = _paged.check_kv_csr(paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, page_size, None,
+                                    self.device, names=("paged_kv_indptr", "paged_kv_indices",
+                                                        "paged_kv_last_page_len"),
+                                    batch_size=len(qptr) - 1, host_ok=True)
         kptr, last = paged_kv_indptr.tolist(), paged_kv_last_page_len.tolist()
         kv_lens = [(kptr[i + 1] - kptr[i] - 1) * page_size + last[i] if kptr[i + 1] > kptr[i] else 0
                    for i in range(batch)]
@@ -167,7 +169,10 @@ class BatchPrefillWithPagedKVCacheWrapper(_workspace.PrefillWorkspace):
             kb[batch + 1:].fill_(kptr[-1])
             lb[:batch].copy_(paged_kv_last_page_len, non_blocking=non_blocking)
             lb[batch:].fill_(0)
-            ib[:kptr[-1]].copy_(paged_kv_indices[:kptr[-1]], non_blocking=non_blocking)
+            # From pageable host memory blocking, as FlashInfer's (the caller may reuse its table once plan
+            # returns); from the device or pinned memory as asked (an engine's pinned tables: no sync a step).
+            ib[:kptr[-1]].copy_(paged_kv_indices[:kptr[-1]], non_blocking=non_blocking and (
+                paged_kv_indices.device == self.device or paged_kv_indices.is_pinned()))
             self._meta = self._bufs
         else:
             self._meta = tuple(t.to(self.device, non_blocking=non_blocking) for t in

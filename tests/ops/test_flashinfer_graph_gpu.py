@@ -91,3 +91,73 @@ def test_decode_workspace_size_exact_buffer_on_gpu():
     assert w._splits * len(lens) * hq * (d + 1) * 4 == fl
     q = torch.randn(len(lens), hq, d, dtype=torch.float16, device="cuda")
     assert rel_err(w.run(q, cache).cpu(), _attend64(q.cpu(), [k.cpu() for k in keys], [v.cpu() for v in vals])) < 5e-3
+
+
+def test_graph_decode_plans_from_host_and_mixed_tables():
+    """FlashInfer's CUDA-graph decode test: the warm-up plan gets indptr/indices on the GPU and last_page_len on the
+    host, the re-plans between replays get host tables; each plan copies them into the wrapper's buffers."""
+    hq, hk, d, ps, batch, per_seq = 32, 4, 128, 16, 4, 8
+    pages = batch * per_seq
+    bufs = (torch.empty(batch + 1, dtype=torch.int32, device="cuda"),
+            torch.empty(pages, dtype=torch.int32, device="cuda"),
+            torch.empty(batch, dtype=torch.int32, device="cuda"))
+    w = pagoda.CUDAGraphBatchDecodeWithPagedKVCacheWrapper(torch.empty(128 << 20, dtype=torch.int8, device="cuda"),
+                                                           *bufs, "NHD")
+    cache = torch.randn(pages, 2, ps, hk, d, dtype=torch.float16, device="cuda")
+    q = torch.randn(batch, hq, d, dtype=torch.float16, device="cuda")
+    w.plan(torch.arange(batch + 1, dtype=torch.int32, device="cuda"),
+           torch.arange(batch, dtype=torch.int32, device="cuda"), torch.full((batch,), ps, dtype=torch.int32),
+           hq, hk, d, ps, data_type=torch.float16, q_data_type=torch.float16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            w.run(q, cache)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = w.run(q, cache)
+    for i in (*range(1, 4), per_seq):
+        last_len = ps if i < per_seq else 5
+        indptr, indices = torch.arange(batch + 1).int() * i, torch.arange(i * batch).int()
+        last = torch.full((batch,), last_len, dtype=torch.int32)
+        w.plan(indptr, indices, last, hq, hk, d, ps, data_type=torch.float16, q_data_type=torch.float16)
+        graph.replay()
+        torch.cuda.synchronize()
+        c = cache.cpu()
+        keys = [c[b * i:(b + 1) * i, 0].reshape(-1, hk, d)[:(i - 1) * ps + last_len] for b in range(batch)]
+        vals = [c[b * i:(b + 1) * i, 1].reshape(-1, hk, d)[:(i - 1) * ps + last_len] for b in range(batch)]
+        assert rel_err(out.cpu(), _attend64(q.cpu(), keys, vals)) < 5e-3
+
+
+def test_wrappers_plan_from_host_and_mixed_tables_on_gpu():
+    """Non-graph decode and both prefill wrappers: any mix of host and GPU tables plans as the all-GPU one."""
+    hq, hk, d, ps, lens, qo_lens = 8, 2, 64, 16, [37, 100, 5], [3, 7, 1]
+    indptr, indices, last, max_pages = random_page_table(lens, ps, device="cuda")
+    cache = empty_cache(max_pages, ps, hk, d, "NHD", torch.float16, device="cuda")
+    keys = [torch.randn(n, hk, d, dtype=torch.float16, device="cuda") for n in lens]
+    vals = [torch.randn(n, hk, d, dtype=torch.float16, device="cuda") for n in lens]
+    fill_cache(cache, keys, vals, indptr, indices, ps, "NHD")
+    qo = torch.tensor([0, 3, 10, 11], dtype=torch.int32, device="cuda")
+    kv_indptr = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    k_rag, v_rag = torch.cat(keys), torch.cat(vals)
+    ws = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    qd = torch.randn(len(lens), hq, d, dtype=torch.float16, device="cuda")
+    qp = torch.randn(sum(qo_lens), hq, d, dtype=torch.float16, device="cuda")
+    results = {}
+    for mix in ("cuda", "cpu", "mixed"):
+        def put(t, i, mix=mix):
+            return t.cpu() if mix == "cpu" or (mix == "mixed" and i % 2) else t
+        dec = pagoda.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+        dec.plan(put(indptr, 0), put(indices, 1), put(last, 2), hq, hk, d, ps, q_data_type=torch.float16)
+        paged = pagoda.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
+        paged.plan(put(qo, 1), put(indptr, 0), put(indices, 1), put(last, 0), hq, hk, d, ps, causal=True,
+                   q_data_type=torch.float16)
+        ragged = pagoda.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD")
+        ragged.plan(put(qo, 0), put(kv_indptr, 1), hq, hk, d, causal=True, q_data_type=torch.float16)
+        results[mix] = (dec.run(qd, cache), paged.run(qp, cache), ragged.run(qp, k_rag, v_rag))
+    for mix in ("cpu", "mixed"):
+        for got, want in zip(results[mix], results["cuda"], strict=True):
+            assert torch.equal(got, want)
+    assert rel_err(results["cuda"][0].cpu(), _attend64(qd.cpu(), [k.cpu() for k in keys],
+                                                       [v.cpu() for v in vals])) < 5e-3
