@@ -107,14 +107,9 @@ def check_backend(backend) -> str:
 
 
 def check_unsupported_plan_args(**kwargs) -> None:
-    """FlashInfer 0.6 plan arguments pagoda does not implement (multi-item scoring; trtllm-gen's block tables and
-    sequence lengths): NotImplementedError naming those that were given (None / default means absent)."""
-    given = [name for name, value in kwargs.items()
-             if value is not None and not (name == "token_pos_in_items_len" and value == 0)]
-    scoring = [n for n in given if n in ("prefix_len_ptr", "token_pos_in_items_ptr", "token_pos_in_items_len",
-                                         "max_item_len_ptr")]
-    if scoring:
-        raise NotImplementedError(f"{', '.join(scoring)}: multi-item scoring is not supported by pagoda")
+    """FlashInfer plan arguments pagoda does not implement (trtllm-gen's block tables and sequence lengths):
+    NotImplementedError naming those that were given (None means absent)."""
+    given = [name for name, value in kwargs.items() if value is not None]
     if given:
         raise NotImplementedError(f"{', '.join(given)}: the trtllm-gen planning arguments are not supported by "
                                   "pagoda (pass the CSR page table)")

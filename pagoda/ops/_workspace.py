@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from pagoda.ops import _checks, _paged
+from pagoda.ops import _checks, _multi_item, _paged
 from pagoda.ops import _decode_plan as _plan
 from pagoda.ops import _prefill_common as _common
 from pagoda.ops import _prefill_split as _split
@@ -163,14 +163,18 @@ class PrefillWorkspace:
         (`pagoda.ops._workspace`). Reads the indptrs on the host as plan does; allocates nothing."""
         check_alignment(self._workspace, "float_workspace_buffer")
         _common.check_unsupported_plan_args(
-            prefix_len_ptr=prefix_len_ptr, token_pos_in_items_ptr=token_pos_in_items_ptr,
-            token_pos_in_items_len=token_pos_in_items_len, max_item_len_ptr=max_item_len_ptr, seq_lens=seq_lens,
-            seq_lens_q=seq_lens_q, block_tables=block_tables, max_token_per_sequence=max_token_per_sequence,
-            max_sequence_kv=max_sequence_kv)
+            seq_lens=seq_lens, seq_lens_q=seq_lens_q, block_tables=block_tables,
+            max_token_per_sequence=max_token_per_sequence, max_sequence_kv=max_sequence_kv)
+        multi_item = _multi_item.given(prefix_len_ptr, token_pos_in_items_ptr, token_pos_in_items_len,
+                                       max_item_len_ptr)
+        if multi_item and (custom_mask is not None or packed_custom_mask is not None):
+            raise ValueError("multi-item scoring (prefix_len_ptr) builds its own mask: pass no custom_mask or "
+                             "packed_custom_mask with it")
         hq, hk, d = _plan.check_heads(num_qo_heads, num_kv_heads, head_dim_qk)
         page_size = _plan.as_int("page_size", page_size, 1)
-        _common.options(d, head_dim_vo, custom_mask, packed_custom_mask, causal, pos_encoding_mode,
-                        use_fp16_qk_reduction, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta)
+        _common.options(d, head_dim_vo, custom_mask, packed_custom_mask, False if multi_item else causal,
+                        pos_encoding_mode, use_fp16_qk_reduction, window_left, logits_soft_cap, sm_scale, rope_scale,
+                        rope_theta)
         q_dtype, _ = _common.dtypes(q_data_type, kv_data_type, o_data_type)
         if fixed_split_size is not None:
             fixed_split_size = _plan.as_int("fixed_split_size", fixed_split_size, 1)

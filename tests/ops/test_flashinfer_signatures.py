@@ -1,5 +1,6 @@
 """FlashInfer 0.6 signatures: `single_prefill_with_kv_cache`'s argument order and ``backend=``, the plan keywords
-of multi-item scoring and trtllm-gen (NotImplementedError naming them, never TypeError), the deprecated
+of trtllm-gen (NotImplementedError naming them, never TypeError; multi-item scoring's are implemented:
+tests/ops/test_multi_item_scoring.py), the deprecated
 ``forward`` / ``forward_return_lse`` (options given there replace the planned ones, k/v scales applied), backend
 names in the wrappers' constructors, and top-level ``softmax``."""
 import inspect
@@ -53,10 +54,9 @@ def _paged(kv_lens, qo_lens, causal_ok=True):
     return q, cache.nan_to_num(), ks, vs, qo_indptr, (indptr, indices, last), (hq, hk, d, ps)
 
 
-@pytest.mark.parametrize("name,value", [("prefix_len_ptr", torch.zeros(2, dtype=torch.uint32)),
-                                        ("token_pos_in_items_ptr", torch.zeros(4, dtype=torch.uint16)),
-                                        ("token_pos_in_items_len", 4), ("max_item_len_ptr", torch.zeros(2)),
-                                        ("block_tables", torch.zeros(2, 3, dtype=torch.int32))])
+@pytest.mark.parametrize("name,value", [("block_tables", torch.zeros(2, 3, dtype=torch.int32)),
+                                        ("seq_lens", torch.zeros(2, dtype=torch.int32)),
+                                        ("max_sequence_kv", 64)])
 def test_unsupported_plan_keywords_name_themselves(name, value):
     q, cache, _, _, qo_indptr, meta, (hq, hk, d, ps) = _paged([9, 5], [3, 5])
     w = pf.BatchPrefillWithPagedKVCacheWrapper(torch.empty(1 << 20, dtype=torch.uint8))
