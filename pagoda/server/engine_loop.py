@@ -4,11 +4,11 @@ Handover, both ways thread-safe and batched per step:
 - event loop -> engine thread: a ``queue.SimpleQueue`` of ("add" | "abort" | "stop") commands, drained by the
   engine thread between steps (the engine is only ever touched from its own thread);
 - engine thread -> event loop: one ``loop.call_soon_threadsafe(deliver, events)`` per step carrying every
-  request's output of that step (and add acknowledgements), fanned out to per-request ``asyncio.Queue``s.
+  request's output of that step (and add acknowledgements), fanned out to per-request `RequestStream`s.
 
 ``add_request`` waits for the engine's acknowledgement, so a request the engine refuses (``ValueError`` at
 ``add_request``: e.g. it can never fit the KV cache) is a 400 before any response byte is sent.
-An abort (client gone) drops the request's queue at once and frees its KV pages at the next step boundary.
+An abort (client gone) drops the request's stream at once and frees its KV pages at the next step boundary.
 """
 from __future__ import annotations
 
@@ -30,44 +30,55 @@ _IDLE_POLL_S = 1.0         # an idle engine thread wakes this often to refresh g
 class RequestStream:
     """The outputs of one request as the event loop sees them: an async iterator of ``RequestOutput``.
 
-    Outputs that queued up while the reader was busy come out as one (`RequestOutput.add`: appended for
-    DELTA outputs, the latest for CUMULATIVE ones), as vLLM's output collector does: under load a stream
-    sends fewer, larger chunks instead of falling further behind. Raises the ``APIError`` the loop puts in
-    instead (shutdown, engine failure)."""
+    A mailbox rather than an ``asyncio.Queue`` (the loop hands over hundreds of outputs a step: a queue's put
+    and get cost several times this). Outputs that arrived while the reader was busy come out as one
+    (`RequestOutput.add`: appended for DELTA outputs, the latest for CUMULATIVE ones), as vLLM's output
+    collector does: under load a stream sends fewer, larger chunks instead of falling further behind. Raises
+    the ``APIError`` the loop puts in instead (shutdown, engine failure), after the outputs before it."""
 
-    __slots__ = ("request_id", "queue", "finished", "arrival", "first_token_at", "last_token_at", "aggregate",
-                 "_held")
+    __slots__ = ("request_id", "finished", "arrival", "first_token_at", "last_token_at", "aggregate", "_items",
+                 "_waiter")
 
     def __init__(self, request_id: str, aggregate: bool = True):
         self.request_id = request_id
-        self.queue: asyncio.Queue = asyncio.Queue()
         self.finished = False
         self.arrival = time.perf_counter()
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.aggregate = aggregate
-        self._held: BaseException | None = None     # an error that arrived behind outputs being merged
+        self._items: list = []                         # outputs (and at most one error, last) not yet read
+        self._waiter: asyncio.Future | None = None     # the reader, waiting for the next put
+
+    def put(self, item) -> None:
+        """Event-loop side: an output or an exception for the reader."""
+        self._items.append(item)
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
 
     def __aiter__(self):
         return self
 
     async def __anext__(self):
-        if self._held is not None:
-            item, self._held = self._held, None
-        elif self.finished and self.queue.empty():
-            raise StopAsyncIteration
-        else:
-            item = await self.queue.get()
+        while not self._items:
+            if self.finished:
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        items = self._items
+        item = items[0]
         if isinstance(item, BaseException):
+            self._items = items[1:]
             self.finished = True
             raise item
-        q = self.queue
-        while not item.finished and not q.empty():
-            nxt = q.get_nowait()
-            if isinstance(nxt, BaseException):
-                self._held = nxt           # the outputs so far first, the error on the next call
-                break
-            item.add(nxt, self.aggregate)
+        n = 1
+        while n < len(items) and not item.finished and not isinstance(items[n], BaseException):
+            item.add(items[n], self.aggregate)
+            n += 1
+        self._items = items[n:]
         if item.finished:
             self.finished = True
         return item
@@ -136,7 +147,7 @@ class EngineLoop:
                 ack.set_exception(err)
         self._acks.clear()
         for stream in self._streams.values():
-            stream.queue.put_nowait(err)
+            stream.put(err)
         self._streams.clear()
         self._inbox.put(("stop",))
 
@@ -146,9 +157,10 @@ class EngineLoop:
             await asyncio.to_thread(self._thread.join, timeout)
 
     def _deliver(self, events: list) -> None:
-        """Event-loop side of one step: acknowledgements, then outputs to each request's queue."""
+        """Event-loop side of one step: acknowledgements, then outputs to each request's stream."""
         now = time.perf_counter()
         m = self.metrics
+        step_tokens = 0
         for kind, rid, payload in events:
             if kind == "ack":
                 ack = self._acks.pop(rid, None)
@@ -163,12 +175,13 @@ class EngineLoop:
             if stream is None:                      # aborted: late outputs are dropped
                 continue
             if kind == "error":
-                stream.queue.put_nowait(payload)
+                stream.put(payload)
                 del self._streams[rid]
                 continue
-            new_tokens = sum(len(c.token_ids) for c in payload.outputs)
+            outs = payload.outputs
+            new_tokens = len(outs[0].token_ids) if len(outs) == 1 else sum(len(c.token_ids) for c in outs)
+            step_tokens += new_tokens
             if new_tokens and m is not None:
-                m.generation_tokens.inc(new_tokens)
                 if stream.first_token_at is None:
                     m.time_to_first_token.observe(now - stream.arrival)
                 else:
@@ -176,11 +189,13 @@ class EngineLoop:
             if new_tokens:
                 stream.first_token_at = stream.first_token_at or now
                 stream.last_token_at = now
-            stream.queue.put_nowait(payload)
+            stream.put(payload)
             if payload.finished:
                 del self._streams[rid]
                 if m is not None:
                     m.e2e_latency.observe(now - stream.arrival)
+        if step_tokens and m is not None:       # one counter update a step (its lock costs as much as the rest)
+            m.generation_tokens.inc(step_tokens)
 
     # ---- engine thread ---------------------------------------------------------------------------
     def _run(self) -> None:

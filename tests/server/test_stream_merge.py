@@ -41,7 +41,7 @@ def test_add_without_aggregate_replaces_and_adds_missing_samples():
 def _drain(stream: RequestStream, items) -> list:
     async def run():
         for x in items:
-            stream.queue.put_nowait(x)
+            stream.put(x)
         got = []
         try:
             async for out in stream:
