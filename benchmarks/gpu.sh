@@ -22,8 +22,8 @@
 #   engine        pagoda bench engine: throughput (nano-vLLM workload), batch-1 decode, a decode-step
 #                 profile at full batch                                            (~5 min)
 #   engine-extra  pagoda bench engine --processors and --cascade (needs xgrammar)  (~6 min)
-#   serve         pagoda serve (Qwen3-0.6B dummy) under pagoda bench serve, 64 and 256 clients, and the
-#                 offline engine on the same requests (needs pagoda's `serve` extra: FastAPI, uvicorn,
+#   serve         pagoda serve (Qwen3-0.6B dummy) under pagoda bench serve, 64 and 256 clients after an untimed
+#                 load, and the offline engine on the same requests (needs pagoda's `serve` extra: FastAPI, uvicorn,
 #                 prometheus-client, httpx; offline, put their wheels in a folder and set PEER_DIR to it) (~4 min)
 #   conformance   flash-attn's and FlashInfer's own tests against pagoda (benchmarks/conformance; fetch the
 #                 suites first: python3 benchmarks/conformance/fetch_suites.py, carry .conformance/)
@@ -110,6 +110,10 @@ dummy_model_dir(QWEN3_0_6B, 'qwen3', Path(sys.argv[1]))" "$model" || return 1
     kill -0 "$pid" 2>/dev/null || { tail -20 "$dir/server.log"; return 1; }
     sleep 1
   done
+  # An untimed load first: the server's first requests would otherwise pay the kernels' first builds
+  # (Triton compiles a kernel variant on its first launch; seconds each on a machine that never built it).
+  python3 -m pagoda bench serve --base-url "http://127.0.0.1:$port" --num-prompts 256 --input-len 1024 \
+    --output-len 32 --vocab-size 10000 --max-concurrency 64 --warmup 1 > "$dir/warmup-load.log" 2>&1
   local c
   for c in 64 256; do
     run "serve-c$c" python3 -m pagoda bench serve --base-url "http://127.0.0.1:$port" --num-prompts $((c * 4)) \
