@@ -42,6 +42,16 @@ def given(prefix_len_ptr, token_pos_in_items_ptr, token_pos_in_items_len, max_it
     return True
 
 
+def check_plan(prefix_len_ptr, token_pos_in_items_ptr, token_pos_in_items_len, max_item_len_ptr, custom_mask,
+               packed_custom_mask) -> bool:
+    """`given`, and no user mask beside it (multi-item scoring builds its own): whether it is asked for."""
+    multi = given(prefix_len_ptr, token_pos_in_items_ptr, token_pos_in_items_len, max_item_len_ptr)
+    if multi and (custom_mask is not None or packed_custom_mask is not None):
+        raise ValueError("multi-item scoring (prefix_len_ptr) builds its own mask: pass no custom_mask or "
+                         "packed_custom_mask with it")
+    return multi
+
+
 def _host_ints(name: str, t, batch: int | None = None) -> list[int]:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be an integer tensor, got {type(t).__name__}")

@@ -119,11 +119,8 @@ class BatchPrefillWithPagedKVCacheWrapper(_workspace.PrefillWorkspace):
         _common.check_unsupported_plan_args(
             seq_lens=seq_lens, seq_lens_q=seq_lens_q, block_tables=block_tables,
             max_token_per_sequence=max_token_per_sequence, max_sequence_kv=max_sequence_kv)
-        multi_item = _multi_item.given(prefix_len_ptr, token_pos_in_items_ptr, token_pos_in_items_len,
-                                       max_item_len_ptr)
-        if multi_item and (custom_mask is not None or packed_custom_mask is not None):
-            raise ValueError("multi-item scoring (prefix_len_ptr) builds its own mask: pass no custom_mask or "
-                             "packed_custom_mask with it")
+        multi_item = _multi_item.check_plan(prefix_len_ptr, token_pos_in_items_ptr, token_pos_in_items_len,
+                                            max_item_len_ptr, custom_mask, packed_custom_mask)
         hq, hk, d = _plan.check_heads(num_qo_heads, num_kv_heads, head_dim_qk)
         page_size = _plan.as_int("page_size", page_size, 1)
         # (multi-item scoring: its mask holds the causality, as FlashInfer's kernel applies it whatever causal says)
