@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import ssl
@@ -176,10 +177,14 @@ async def _run(cfg: ServeBenchConfig) -> tuple[list[RequestResult], float, str, 
     # One client of one connection per request in flight: an httpx pool of N connections rescans all of them
     # on every request and response event, so at 256 streams the load generator, not the server, was the
     # bottleneck (a whole core at ~5,000 chunks/s). The queue of clients is also the concurrency cap.
+    clients = [client(1) for _ in range(limit)]
     pool: asyncio.Queue = asyncio.Queue()
-    for _ in range(limit):
-        pool.put_nowait(client(1))
-    async with client(2) as c:
+    for one in clients:
+        pool.put_nowait(one)
+    async with contextlib.AsyncExitStack() as stack:
+        for one in clients:                      # closed on every way out (an error, a cancel)
+            await stack.enter_async_context(one)
+        c = await stack.enter_async_context(client(2))
         model = cfg.model
         if model is None:
             r = await c.get("/v1/models")
@@ -209,8 +214,6 @@ async def _run(cfg: ServeBenchConfig) -> tuple[list[RequestResult], float, str, 
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
         steps = _counter_delta(before, await _scrape(c))
-        while not pool.empty():
-            await pool.get_nowait().aclose()
         return results, duration, model, steps
 
 

@@ -39,6 +39,7 @@ class SimConfig:
     num_prompts: int = 1024
     input_len: int = 8
     output_len: int = 128
+    timeout_s: float = 1800.0     # the load generator's run, at most (a wedged server must not hang the caller)
 
     def __post_init__(self):
         if self.host_ms < 0 or self.device_ms <= 0:
@@ -139,7 +140,7 @@ def run_one(cfg: SimConfig, clients: int) -> dict:
                    "--vocab-size", str(engine.vocab_size), "--max-concurrency", str(clients), "--out", out]
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[2]),
                                                                              os.environ.get("PYTHONPATH")]))}
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=cfg.timeout_s)
             cpu = time.process_time() - cpu0      # (idle while the client starts: over its timed run)
             if proc.returncode != 0:
                 raise RuntimeError(f"pagoda bench serve failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")

@@ -316,6 +316,8 @@ class CascadeDecode:
             self.own = BatchDecodeWithPagedKVCacheWrapper(
                 workspace, kv_layout, use_cuda_graph=True, paged_kv_indptr_buffer=graph.own_kv_indptr,
                 paged_kv_indices_buffer=graph.own_kv_indices, paged_kv_last_page_len_buffer=graph.own_last)
+            # Each step's tables are fresh pinned arrays kept alive until copied (`_host`): no wait for them.
+            self.shared._pinned_tables_async = self.own._pinned_tables_async = True
         self.wrapper: MultiLevelCascadeAttentionWrapper | None = None
         self.perm: torch.Tensor | None = None     # int64 [batch] device: cascade row -> batch row (None: same)
         self._host = None                          # the pinned host arrays of the last plan (alive until copied)

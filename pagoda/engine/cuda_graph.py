@@ -155,6 +155,7 @@ class DecodeGraphs:
                 self.workspace, "NHD", use_cuda_graph=True,
                 paged_kv_indptr_buffer=self.kv_indptr[:b + 1], paged_kv_indices_buffer=self.kv_indices,
                 paged_kv_last_page_len_buffer=self.kv_last_page_len[:b])
+            self.wrappers[b]._pinned_tables_async = True      # each step's tables: fresh pinned arrays
         for b in reversed(self.sizes):
             indptr = torch.arange(b + 1, dtype=torch.int32)
             indices = torch.zeros(b, dtype=torch.int32)

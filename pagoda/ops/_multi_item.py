@@ -75,6 +75,9 @@ def dense_mask(prefix_len_ptr, token_pos_in_items_ptr, token_pos_in_items_len: i
     parts = []
     for b, (qo, kv) in enumerate(zip(qo_lens, kv_lens, strict=True)):
         p = prefix[b]
+        if qo > kv:
+            raise ValueError(f"request {b} has {qo} queries but only {kv} keys: multi-item scoring is causal "
+                             "(append the new tokens to the cache before prefill, kv_len >= qo_len)")
         if not 0 <= p <= kv:
             raise ValueError(f"prefix_len_ptr[{b}] = {p} is outside the request's {kv} keys")
         i = torch.arange(kv - qo, kv, dtype=torch.int64)[:, None]          # each query's key position
@@ -91,6 +94,8 @@ def dense_mask(prefix_len_ptr, token_pos_in_items_ptr, token_pos_in_items_len: i
                 raise ValueError(f"token_pos_in_items_ptr has {pos.shape[0]} entries; request {b} needs "
                                  f"{lo + needed} (row {b} of length {stride})")
             tp = pos[lo:lo + needed]
+            if int(tp.min()) < 0:
+                raise ValueError(f"token_pos_in_items_ptr holds a negative position for request {b}")
             if bound is not None and int(tp.max()) > bound[b]:
                 raise ValueError(f"max_item_len_ptr[{b}] = {bound[b]} is below the request's longest item position "
                                  f"{int(tp.max())} (FlashInfer's kernel would skip keys that are visible)")

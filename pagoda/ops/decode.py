@@ -68,6 +68,11 @@ class BatchDecodeWithPagedKVCacheWrapper(_workspace.DecodeWorkspace):
         ...     out = w.run(q[layer], kv_cache[layer])         # [batch, 32, 128]
     """
 
+    # An engine's own CUDA-graph wrappers: page tables given in pinned host memory go up without waiting (their
+    # owner keeps each step's table alive and unchanged until the copy runs). Off by default: FlashInfer's plan
+    # waits for a host table's copy, so a caller may refill the table as soon as plan returns.
+    _pinned_tables_async = False
+
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
                  use_tensor_cores: bool = False, paged_kv_indptr_buffer: torch.Tensor | None = None,
                  paged_kv_indices_buffer: torch.Tensor | None = None,
@@ -245,10 +250,10 @@ class BatchDecodeWithPagedKVCacheWrapper(_workspace.DecodeWorkspace):
                 self._indptr_buf[batch + 1:].fill_(ptr[-1])
                 self._last_buf[:batch].copy_(last_page_len, non_blocking=non_blocking)
                 self._last_buf[batch:].fill_(0)
-                # From pageable host memory blocking, as FlashInfer's (the caller may reuse its table once plan
-                # returns); from the device or pinned memory as asked (an engine's pinned tables: no sync a step).
+                # From the host blocking, as FlashInfer's (the caller may refill its table once plan returns),
+                # unless the owner asked for pinned tables to go up without waiting (`_pinned_tables_async`).
                 self._indices_buf[:ptr[-1]].copy_(indices[:ptr[-1]], non_blocking=non_blocking and (
-                    indices.device == self.device or indices.is_pinned()))
+                    indices.device == self.device or (self._pinned_tables_async and indices.is_pinned())))
             if self._graph_splits is None:
                 cap = _plan.max_splits_for(self._workspace, grid_batch, hq, d)
                 if cap < 1:

@@ -43,6 +43,11 @@ class BatchPrefillWithPagedKVCacheWrapper(_workspace.PrefillWorkspace):
         >>> out = w.run(q, kv_cache)            # q [qo_indptr[-1], 32, 128] -> out of the same shape
     """
 
+    # An engine's own CUDA-graph wrappers: page tables given in pinned host memory go up without waiting (their
+    # owner keeps each step's table alive and unchanged until the copy runs). Off by default: FlashInfer's plan
+    # waits for a host table's copy, so a caller may refill the table as soon as plan returns.
+    _pinned_tables_async = False
+
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
                  qo_indptr_buf: torch.Tensor | None = None, paged_kv_indptr_buf: torch.Tensor | None = None,
                  paged_kv_indices_buf: torch.Tensor | None = None,
@@ -151,6 +156,10 @@ class BatchPrefillWithPagedKVCacheWrapper(_workspace.PrefillWorkspace):
         # A custom mask (FlashInfer's layouts) becomes the masked kernel's bit words and tile lists here.
         qo_lens = [b - a for a, b in zip(qptr, qptr[1:], strict=False)]
         if multi_item:
+            for name, t in zip(_multi_item.NAMES, (prefix_len_ptr, token_pos_in_items_ptr, None, max_item_len_ptr),
+                               strict=True):
+                if isinstance(t, torch.Tensor):
+                    _paged.check_plan_device(name, t, self.device)
             custom_mask = _multi_item.dense_mask(prefix_len_ptr, token_pos_in_items_ptr, token_pos_in_items_len,
                                                  max_item_len_ptr, qo_lens, kv_lens)
         self._mask = _mask.plan_for_wrapper(custom_mask, packed_custom_mask, qo_lens, kv_lens, hq // hk, d, q_dtype,
@@ -174,10 +183,11 @@ class BatchPrefillWithPagedKVCacheWrapper(_workspace.PrefillWorkspace):
             kb[batch + 1:].fill_(kptr[-1])
             lb[:batch].copy_(paged_kv_last_page_len, non_blocking=non_blocking)
             lb[batch:].fill_(0)
-            # From pageable host memory blocking, as FlashInfer's (the caller may reuse its table once plan
-            # returns); from the device or pinned memory as asked (an engine's pinned tables: no sync a step).
+            # From the host blocking, as FlashInfer's (the caller may refill its table once plan returns),
+            # unless the owner asked for pinned tables to go up without waiting (`_pinned_tables_async`).
             ib[:kptr[-1]].copy_(paged_kv_indices[:kptr[-1]], non_blocking=non_blocking and (
-                paged_kv_indices.device == self.device or paged_kv_indices.is_pinned()))
+                paged_kv_indices.device == self.device
+                or (self._pinned_tables_async and paged_kv_indices.is_pinned())))
             self._meta = self._bufs
         else:
             self._meta = tuple(t.to(self.device, non_blocking=non_blocking) for t in

@@ -100,15 +100,17 @@ class ServerMetrics:
         now = (st.steps, st.decode_steps, st.graph_steps, st.host_s, st.wait_s, st.decode_host_s, st.decode_wait_s)
         if now == self._steps_seen:
             return
-        d = [max(a - b, 0) for a, b in zip(now, self._steps_seen, strict=True)]
+        seen = self._steps_seen
+        if any(a < b for a, b in zip(now, seen, strict=True)):    # new counters (engine.stats replaced): from 0
+            seen = (0,) * len(now)
+        steps, dec, graph, host, wait, dhost, dwait = (a - b for a, b in zip(now, seen, strict=True))
         self._steps_seen = now
-        steps, dec, graph, host, wait, dhost, dwait = d
         m = self._model_name
         if dec:
             self.engine_steps.labels(m, "decode").inc(dec)
             self.engine_step_host.labels(m, "decode").inc(dhost)
             self.engine_step_wait.labels(m, "decode").inc(dwait)
-        if steps - dec:
+        if steps > dec:
             self.engine_steps.labels(m, "prefill").inc(steps - dec)
             self.engine_step_host.labels(m, "prefill").inc(max(host - dhost, 0.0))
             self.engine_step_wait.labels(m, "prefill").inc(max(wait - dwait, 0.0))

@@ -32,7 +32,8 @@ def test_config_checks():
 
 
 def test_small_study_end_to_end(tmp_path):
-    cfg = serve_sim.SimConfig(host_ms=0.5, device_ms=2.0, clients=(4,), num_prompts=12, output_len=6)
+    cfg = serve_sim.SimConfig(host_ms=0.5, device_ms=2.0, clients=(4,), num_prompts=12, output_len=6,
+                              timeout_s=120)
     report = serve_sim.run_study(cfg)
     (row,) = report["results"]
     assert row["completed"] == 12 and row["failed"] == 0

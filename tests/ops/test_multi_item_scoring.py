@@ -129,3 +129,11 @@ def _plan(**kw):
 def test_bad_input_names_the_argument(kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
         _plan(**kw)
+
+
+def test_more_queries_than_keys_is_an_error():
+    q, cache, keys, vals, meta = paged_inputs([6], [6], 5, 2, 2, 16, "NHD", torch.float32, "cpu")
+    w = pagoda.BatchPrefillWithPagedKVCacheWrapper(torch.empty(1 << 20, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="only 6 keys"):
+        w.plan(indptr_of([8]), *meta, 2, 2, 16, 5, q_data_type=torch.float32, prefix_len_ptr=torch.tensor([2]),
+               token_pos_in_items_ptr=torch.tensor(items(5)), token_pos_in_items_len=6)

@@ -72,3 +72,36 @@ def test_stream_appends_deltas_or_keeps_the_latest_cumulative(aggregate):
     items = [_out({0: ("a", [1])}), _out({0: ("ab", [1, 2])}, finished=True, reasons={0: ("stop", None)})]
     got = _drain(RequestStream("r", aggregate=aggregate), items)
     assert got[0].outputs[0].text == ("aab" if aggregate else "ab")
+
+
+def test_a_reader_cancelled_while_waiting_loses_nothing():
+    async def run():
+        s = RequestStream("r")
+        reader = asyncio.ensure_future(s.__anext__())
+        await asyncio.sleep(0)
+        reader.cancel()
+        s.put(_out({0: ("a", [1])}))           # lands after the cancel
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        s.put(_out({0: ("b", [2])}, finished=True, reasons={0: ("length", None)}))
+        return [o async for o in s]
+
+    got = asyncio.run(run())
+    assert len(got) == 1 and got[0].outputs[0].text == "ab" and got[0].finished
+
+
+def test_step_counters_survive_replaced_engine_stats():
+    """A caller that replaces engine.stats (new counters from 0) must not make a counter go down (prometheus
+    raises on a negative increment, which would end the engine thread)."""
+    from pagoda.bench.serve import engine_counters
+    from pagoda.engine.llm_engine import StepStats
+    from pagoda.server.metrics import ServerMetrics
+
+    m = ServerMetrics("x")
+    m._observe_steps(StepStats(steps=100, decode_steps=10, host_s=1.0, wait_s=1.0, decode_host_s=0.5,
+                               decode_wait_s=0.5))
+    m._observe_steps(StepStats(steps=1, decode_steps=1, host_s=0.1, wait_s=0.1, decode_host_s=0.1,
+                               decode_wait_s=0.1))
+    c = engine_counters(m.render().decode())
+    assert c[("steps", "decode")] == 11 and c[("steps", "prefill")] == 90
+    assert c[("host_s", "decode")] == pytest.approx(0.6)
