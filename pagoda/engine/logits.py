@@ -47,7 +47,9 @@ def min_tokens_processor(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Te
         rows += [i] * len(stops)
         cols += stops
     if rows:
-        logits[_to_device(rows, logits.device), _to_device(cols, logits.device)] = float("-inf")
+        # (a device-side value: item assignment of a Python number would copy a CPU scalar over, a sync)
+        logits.index_put_((_to_device(rows, logits.device), _to_device(cols, logits.device)),
+                          logits.new_full((), float("-inf")))
     return logits
 
 
