@@ -49,8 +49,7 @@ def _paged_block(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, page_size, page_shi
     """One ``BLOCK_N`` tile of keys ``start_n + offs_n``: the updated online-softmax state (acc, l_i, m_i).
     Without MASKED every key of the tile exists and every row sees it (no bounds or mask math).
     ``ADDR`` bits (see `addr_flags`) trim the gather's integer work, which the hot loop pays per key.
-    CUSTOM_MASK: a key is visible iff its bit in the rows' mask words (`custom_mask_bits`) is set; with MASKED
-    the tile may also hold keys past ``kv_len`` (bounds-checked loads), without it every key exists."""
+    CUSTOM_MASK (with MASKED): a key is visible iff its bit in the rows' mask words (`custom_mask_bits`) is set."""
     t = start_n + offs_n
     valid = t < kv_len
     off_k, off_v = paged_offsets(KV_INDICES, p0, t, valid, page_size, page_shift, stride_kp, stride_kt, stride_vp,
@@ -88,10 +87,7 @@ def _paged_block(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, page_size, page_shi
         if HAS_WINDOW:
             visible = visible & (t[None, :] >= q_pos[:, None] - window_left)
         s = tl.where(visible, s, float("-inf"))
-    if CUSTOM_MASK:     # a custom mask can hide a whole row of the tile even where every key exists
-        p, alpha, m_new, l_i = online_softmax(s, m_i, l_i, scale, True)
-    else:
-        p, alpha, m_new, l_i = online_softmax(s, m_i, l_i, scale, MASKED)
+    p, alpha, m_new, l_i = online_softmax(s, m_i, l_i, scale, MASKED)
     v = load_rows(V_H, off_v, offs_d, valid, MASKED, HEAD_DIM, HEAD_DIM_PAD)
     if IEEE:
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
@@ -177,21 +173,7 @@ def _prefill_paged_kernel(
         # bits already hold the window and the key bounds, so no causal / window arithmetic here.
         q_tile = tl.load(MASK_META + b * 3 + 2) + start_m
         mask_row = tl.load(MASK_META + b * 3).to(tl.int64) + tok.to(tl.int64) * tl.load(MASK_META + b * 3 + 1)
-        # The tiles are listed in key order, so only the last can hold keys past kv_len: the others take the
-        # loads without bounds (as the unmasked kernel's interior), the last, if partial, the checked ones.
-        beg = tl.load(TILE_INDPTR + q_tile)
-        end = tl.load(TILE_INDPTR + q_tile + 1)
-        last = tl.load(TILE_LIST + end - 1, mask=end > beg, other=0)
-        mid = end - ((end > beg) & (last * BLOCK_N + BLOCK_N > kv_len)).to(end.dtype)
-        for it in range(beg, mid):
-            start_n = tl.load(TILE_LIST + it) * BLOCK_N
-            acc, l_i, m_i = _paged_block(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, page_size, page_shift,
-                                         stride_kp, stride_kt, stride_vp, stride_vt, q_pos, slope_log2, offs_n,
-                                         offs_d, partner, start_n, kv_len, window_left, window_right, qk_scale,
-                                         softcap_log2, rope_rcp_scale, log2_theta, MASK_WORDS, mask_row, row_mask,
-                                         HEAD_DIM, HEAD_DIM_PAD, False, False, False, HAS_SOFTCAP, HAS_ALIBI, ROPE,
-                                         IEEE, ADDR, True)
-        for it in range(mid, end):
+        for it in range(tl.load(TILE_INDPTR + q_tile), tl.load(TILE_INDPTR + q_tile + 1)):
             start_n = tl.load(TILE_LIST + it) * BLOCK_N
             acc, l_i, m_i = _paged_block(acc, l_i, m_i, q, K_H, V_H, KV_INDICES, p0, page_size, page_shift,
                                          stride_kp, stride_kt, stride_vp, stride_vt, q_pos, slope_log2, offs_n,
