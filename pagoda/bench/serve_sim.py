@@ -1,13 +1,14 @@
 """``python -m pagoda.bench.serve_sim``: what the HTTP layer costs, without a GPU.
 
-`pagoda serve`'s application (`pagoda.server.app.build_app`, uvicorn, the engine thread) over a simulated
-engine, loaded by `pagoda bench serve` from a child process (its own interpreter, as a real client), streaming
+`pagoda serve`'s application (`pagoda.server.app.build_app`, uvicorn, the engine loop) over a simulated engine, in a
+process of its own as `pagoda serve` runs it (``--engine-thread``: in a thread of the server's process, sharing its
+GIL), loaded by `pagoda bench serve` from a child process (its own interpreter, as a real client), streaming
 ``/v1/completions`` at each concurrency. The simulated engine has `LLMEngine`'s step-level interface: each step
-spends ``host_ms`` of Python on the engine thread (holding the GIL, as scheduling, input building and output
-processing do), then waits off the GIL until ``device_ms`` have passed (as the wait for the GPU's tokens does),
-and gives one token to every running request. Alone it would run a step every ``max(host_ms, device_ms)``, so
-``clients / step`` tokens/s is the ceiling; the ratio to it is the HTTP layer's share of the serving cost: the
-event loop's per-token work competing with the engine thread for the GIL, and the load generator's own cost.
+spends ``host_ms`` of Python on the engine's thread (holding its GIL, as scheduling, input building and output
+processing do), then waits off the GIL until ``device_ms`` have passed (as the wait for the GPU's tokens does), and
+gives one token to every running request. Alone it would run a step every ``max(host_ms, device_ms)``, so ``clients
+/ step`` tokens/s is the ceiling; the ratio to it is the HTTP layer's share of the serving cost: the event loop's
+per-token work competing with the engine thread for the GIL, and the load generator's own cost.
 
 Figures per concurrency: output tokens/s, the ceiling and the fraction of it, the engine's mean step period,
 the server process's CPU seconds over the timed run's seconds (near 1: its one interpreter is the bottleneck), the
@@ -40,6 +41,7 @@ class SimConfig:
     input_len: int = 8
     output_len: int = 128
     timeout_s: float = 1800.0     # the load generator's run, at most (a wedged server must not hang the caller)
+    engine_process: bool = True   # the engine in its own process (pagoda serve's default), or a server thread
 
     def __post_init__(self):
         if self.host_ms < 0 or self.device_ms <= 0:
@@ -118,8 +120,12 @@ def run_one(cfg: SimConfig, clients: int) -> dict:
     from pagoda.server.app import build_app
     from pagoda.server.launcher import make_server
 
-    engine = SimEngine(cfg.host_ms, cfg.device_ms)
-    app = build_app(engine, served_model_name="sim", tokenizer=engine.tokenizer)
+    if cfg.engine_process:
+        from pagoda.server.engine_process import ProcessEngineLoop
+        engine = ProcessEngineLoop(SimEngine, (cfg.host_ms, cfg.device_ms)).launch(timeout=300)
+    else:
+        engine = SimEngine(cfg.host_ms, cfg.device_ms)
+    app = build_app(engine, served_model_name="sim", tokenizer=_Tokenizer())
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -134,7 +140,7 @@ def run_one(cfg: SimConfig, clients: int) -> dict:
                 raise RuntimeError("the simulated server did not start")
             time.sleep(0.01)
         with tempfile.TemporaryDirectory() as out:
-            cpu0, steps0 = time.process_time(), engine.stats.steps
+            cpu0 = time.process_time()
             cmd = [sys.executable, "-m", "pagoda", "bench", "serve", "--base-url", url, "--num-prompts",
                    str(cfg.num_prompts), "--input-len", str(cfg.input_len), "--output-len", str(cfg.output_len),
                    "--vocab-size", str(engine.vocab_size), "--max-concurrency", str(clients), "--out", out]
@@ -149,9 +155,9 @@ def run_one(cfg: SimConfig, clients: int) -> dict:
         server.should_exit = True
         thread.join(30)
         sock.close()
-    steps = engine.stats.steps - steps0
-    ceiling = clients / max(cfg.host_ms, cfg.device_ms) * 1e3
     eng = res.get("engine") or {}
+    steps = (eng.get("decode_steps") or 0) + (eng.get("prefill_steps") or 0)
+    ceiling = clients / max(cfg.host_ms, cfg.device_ms) * 1e3
     step_ms = (eng.get("decode_host_ms") or 0.0) + (eng.get("decode_wait_ms") or 0.0)
     return dict(clients=clients, completed=res["completed"], failed=res["failed"],
                 output_tok_s=_report.significant(res["output_throughput"]),
@@ -175,9 +181,10 @@ def tables(report: dict, markdown: bool = False) -> str:
     c = report["meta"]["config"]
     cols = ["clients", "completed", "failed", "output_tok_s", "ceiling_tok_s", "frac_of_ceiling", "engine_steps",
             "step_ms", "server_cpu_frac", "tpot_median_ms"]
-    head = (f"pagoda serve over a simulated engine ({c['host_ms']} ms of engine-thread Python, a {c['device_ms']} "
-            f"ms step), {c['num_prompts']} streaming requests of {c['output_len']} tokens, {report['meta']['cpus']} "
-            "CPUs")
+    where = "its own process" if c.get("engine_process", False) else "a thread of the server's process"
+    head = (f"pagoda serve over a simulated engine in {where} ({c['host_ms']} ms of engine Python, a "
+            f"{c['device_ms']} ms step), {c['num_prompts']} streaming requests of {c['output_len']} tokens, "
+            f"{report['meta']['cpus']} CPUs")
     fmt = _report.markdown_table if markdown else _report.format_table
     return head + "\n\n" + fmt(cols, [[r.get(k) for k in cols] for r in report["results"]])
 
@@ -190,11 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", default=",".join(map(str, d.clients)), help="concurrencies, comma-separated")
     p.add_argument("--num-prompts", type=int, default=d.num_prompts)
     p.add_argument("--output-len", type=int, default=d.output_len)
+    p.add_argument("--engine-thread", action="store_true",
+                   help="run the engine in a thread of the server's process (default: its own process)")
     p.add_argument("--out", help="directory for serve-sim.json and serve-sim.md")
     a = p.parse_args(argv)
     cfg = SimConfig(host_ms=a.host_ms, device_ms=a.device_ms,
                     clients=tuple(int(x) for x in a.clients.split(",") if x), num_prompts=a.num_prompts,
-                    output_len=a.output_len)
+                    output_len=a.output_len, engine_process=not a.engine_thread)
     report = run_study(cfg)
     print(tables(report))
     if a.out:

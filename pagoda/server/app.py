@@ -35,7 +35,8 @@ def model_info(engine: Any, name: str) -> ModelInfo:
 
 def build_app(engine: Any, *, served_model_name: str, tokenizer: Any = None, api_key: str | None = None,
               info: ModelInfo | None = None, output_kind: Any = "delta") -> FastAPI:
-    """The server application over ``engine`` (an ``LLMEngine``, driven only from the engine thread).
+    """The server application over ``engine``: an ``LLMEngine`` (driven only from the engine thread), or an
+    ``EngineLoop`` over an engine elsewhere (``ProcessEngineLoop``, launched).
 
     tokenizer: the server's own tokenizer for prompts and chat templates (default ``engine.tokenizer``;
     a separate instance keeps HTTP-side encoding off the engine thread's object). api_key: when set, every
@@ -46,7 +47,13 @@ def build_app(engine: Any, *, served_model_name: str, tokenizer: Any = None, api
         from pagoda.engine.sampling_params import RequestOutputKind
         output_kind = RequestOutputKind.DELTA
     metrics = ServerMetrics(info.name)
-    loop = EngineLoop(engine, metrics)
+    if isinstance(engine, EngineLoop):          # e.g. a launched ProcessEngineLoop: the engine lives elsewhere
+        if tokenizer is None:
+            raise ValueError("tokenizer is required when engine is an engine loop (its engine has no tokenizer "
+                             "in this process)")
+        loop, loop.metrics = engine, metrics
+    else:
+        loop = EngineLoop(engine, metrics)
     serving = OpenAIServing(loop, info, tokenizer if tokenizer is not None else engine.tokenizer, output_kind)
     created = int(time.time())
 

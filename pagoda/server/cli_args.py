@@ -35,6 +35,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--served-model-name", default=None,
                         help="the model name clients send (default: the model folder as given)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the engine in a process of its own, so that its steps never wait for the HTTP "
+                             "layer's Python (default; --no-engine-process keeps it in a thread of the server)")
     parser.add_argument("--shutdown-timeout", type=float, default=10.0,
                         help="seconds to wait for responses to close after SIGINT/SIGTERM before cancelling them")
     add_engine_arguments(parser.add_argument_group("engine"))

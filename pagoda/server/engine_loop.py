@@ -1,4 +1,9 @@
-"""One engine loop beside the event loop: a thread drives ``LLMEngine.step()``, the event loop serves HTTP.
+"""The engine loop beside the event loop: ``drive`` runs ``LLMEngine.step()`` while the event loop serves HTTP.
+
+``EngineLoop`` drives the engine from a thread of the server's process (an engine object built in-process, as
+the tests and the simulated-engine study use); ``pagoda.server.engine_process.ProcessEngineLoop`` runs the same
+``drive`` in a process of its own (what ``pagoda serve`` does), so the engine's Python never waits for the
+HTTP layer's GIL. The event-loop side below is the same for both.
 
 Handover, both ways thread-safe and batched per step:
 - event loop -> engine thread: a ``queue.SimpleQueue`` of ("add" | "abort" | "stop") commands, drained by the
@@ -17,6 +22,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pagoda.server.errors import APIError
@@ -121,7 +127,7 @@ class EngineLoop:
         ack = self._loop.create_future()
         self._streams[request_id] = stream
         self._acks[request_id] = ack
-        self._inbox.put(("add", request_id, prompt, params))
+        self._send(("add", request_id, prompt, params))
         try:
             await ack
         except BaseException:
@@ -135,7 +141,7 @@ class EngineLoop:
         """Forget the request now; the engine drops it (and frees its pages) at the next step boundary."""
         stream = self._streams.pop(request_id, None)
         if stream is not None and self._error is None:
-            self._inbox.put(("abort", request_id))
+            self._send(("abort", request_id))
 
     def fail_all(self, message: str) -> None:
         """End every request with a 503 error and refuse new ones (shutdown); the thread stops after its step."""
@@ -149,7 +155,7 @@ class EngineLoop:
         for stream in self._streams.values():
             stream.put(err)
         self._streams.clear()
-        self._inbox.put(("stop",))
+        self._send(("stop",))
 
     async def shutdown(self, message: str = "The server is shutting down.", timeout: float = 30.0) -> None:
         self.fail_all(message)
@@ -168,8 +174,8 @@ class EngineLoop:
                     continue
                 if payload is None:
                     ack.set_result(None)
-                else:
-                    ack.set_exception(payload)
+                else:                                 # the engine's refusal, as a message
+                    ack.set_exception(APIError(payload, code="invalid_value"))
                 continue
             stream = self._streams.get(rid)
             if stream is None:                      # aborted: late outputs are dropped
@@ -198,58 +204,24 @@ class EngineLoop:
             m.generation_tokens.inc(step_tokens)
 
     # ---- engine thread ---------------------------------------------------------------------------
+    def _send(self, cmd: tuple) -> None:
+        self._inbox.put(cmd)
+
     def _run(self) -> None:
-        engine, live = self.engine, set()
+        loop, metrics = self._loop, self.metrics
+
+        def on_step(events: list, stepped: bool) -> None:
+            self.steps += stepped
+            if metrics is not None:
+                metrics.observe_engine(self.engine)
+            if events:
+                loop.call_soon_threadsafe(self._deliver, events)
+
         try:
-            while True:
-                events: list = []
-                busy = engine.has_unfinished_requests()
-                if not self._drain(engine, live, events, block=not busy):
-                    break
-                if engine.has_unfinished_requests():
-                    for out in engine.step():
-                        events.append(("out", out.request_id, out))
-                        if out.finished:
-                            live.discard(out.request_id)
-                    self.steps += 1
-                if self.metrics is not None:
-                    self.metrics.observe_engine(engine)
-                if events:
-                    self._loop.call_soon_threadsafe(self._deliver, events)
+            drive(self.engine, self._inbox, on_step)
         except BaseException as exc:  # an engine failure ends every request; the server reports unhealthy
             log.exception("engine loop failed")
             self._post_failure(f"The engine failed: {type(exc).__name__}: {exc}")
-        finally:
-            if live:       # shutdown with requests in flight: free their pages
-                try:
-                    engine.abort_request(list(live))
-                except Exception:
-                    log.exception("aborting requests at shutdown failed")
-
-    def _drain(self, engine, live: set, events: list, block: bool) -> bool:
-        """Apply queued commands; False once a stop arrives. Blocks (briefly) only when the engine is idle."""
-        while True:
-            try:
-                cmd = self._inbox.get(timeout=_IDLE_POLL_S) if block else self._inbox.get_nowait()
-            except queue.Empty:
-                return True
-            block = False
-            if cmd[0] == "stop":
-                return False
-            if cmd[0] == "add":
-                _, rid, prompt, params = cmd
-                try:
-                    engine.add_request(rid, prompt, params)
-                except (ValueError, TypeError) as exc:
-                    events.append(("ack", rid, APIError(str(exc), code="invalid_value")))
-                    continue
-                live.add(rid)
-                events.append(("ack", rid, None))
-            else:
-                rid = cmd[1]
-                if rid in live:
-                    live.discard(rid)
-                    engine.abort_request([rid])
 
     def _post_failure(self, message: str) -> None:
         loop = self._loop
@@ -258,3 +230,67 @@ class EngineLoop:
                 loop.call_soon_threadsafe(self.fail_all, message)
             except RuntimeError:     # the loop closed meanwhile
                 pass
+
+
+def drive(engine: Any, commands: Any, on_step: Callable[[list, bool], None],
+          alive: Callable[[], bool] | None = None) -> None:
+    """The engine's loop until a ``("stop",)`` command (or ``alive()`` turns False): apply the queued commands,
+    run one ``engine.step()`` while requests are unfinished, and hand that iteration's events to
+    ``on_step(events, stepped)``: ``("ack", request_id, None | refusal message)`` per added request and
+    ``("out", request_id, RequestOutput)`` per output. An iteration that only aborted hands over no events, but
+    its ``on_step`` lets the caller see the engine after the abort.
+
+    ``commands`` has ``queue.Queue``'s ``get(timeout=...)`` and ``get_nowait()`` (raising ``queue.Empty``);
+    commands are ``("add", request_id, prompt, params)``, ``("abort", request_id)`` and ``("stop",)``. Blocks on
+    ``commands`` only while the engine is idle. Requests still in the engine when it returns or raises are
+    aborted (their KV pages freed)."""
+    live: set[str] = set()
+    try:
+        while alive is None or alive():
+            events: list = []
+            applied = _apply_commands(engine, commands, live, events, block=not engine.has_unfinished_requests())
+            if applied is None:
+                break
+            stepped = engine.has_unfinished_requests()
+            if stepped:
+                for out in engine.step():
+                    events.append(("out", out.request_id, out))
+                    if out.finished:
+                        live.discard(out.request_id)
+            if stepped or applied:
+                on_step(events, stepped)
+    finally:
+        if live:       # stopping with requests in flight: free their pages
+            try:
+                engine.abort_request(list(live))
+            except Exception:
+                log.exception("aborting requests at shutdown failed")
+
+
+def _apply_commands(engine, commands, live: set, events: list, block: bool) -> int | None:
+    """Apply queued commands: how many, or None once a stop arrives. Blocks (briefly) only when the engine is
+    idle."""
+    applied = 0
+    while True:
+        try:
+            cmd = commands.get(timeout=_IDLE_POLL_S) if block else commands.get_nowait()
+        except queue.Empty:
+            return applied
+        block = False
+        applied += 1
+        if cmd[0] == "stop":
+            return None
+        if cmd[0] == "add":
+            _, rid, prompt, params = cmd
+            try:
+                engine.add_request(rid, prompt, params)
+            except (ValueError, TypeError) as exc:
+                events.append(("ack", rid, str(exc)))
+                continue
+            live.add(rid)
+            events.append(("ack", rid, None))
+        else:
+            rid = cmd[1]
+            if rid in live:
+                live.discard(rid)
+                engine.abort_request([rid])

@@ -3,12 +3,14 @@
 On SIGINT / SIGTERM uvicorn stops accepting connections and then waits for open responses to finish;
 ``PagodaServer`` first ends every running request with an error (a streamed request gets an error event
 and ``data: [DONE]``, a waiting one a 503), so nothing waits on generations that will not come, then the
-engine thread stops after its current step. A second SIGINT forces the exit.
+engine stops after its current step (in its own process by default: ``engine_process``). A second SIGINT
+forces the exit.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 
 import uvicorn
@@ -43,15 +45,27 @@ def make_server(app, host: str, port: int, log_level: str = "info", shutdown_tim
     return PagodaServer(config)
 
 
+def _under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def serve(args: argparse.Namespace) -> int:
-    """Entry point of ``pagoda serve`` (parsed arguments from ``cli_args.add_serve_arguments``)."""
+    """Entry point of ``pagoda serve`` (parsed arguments from ``cli_args.add_serve_arguments``).
+
+    The engine runs in a process of its own (``engine_process``) unless ``--no-engine-process`` or under
+    torchrun (every rank is already a process the launcher made: rank 0's engine stays in its server)."""
     from transformers import AutoTokenizer
 
     from pagoda.server.app import build_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
-    engine = build_engine(args.model, **engine_kwargs(args))
-    # The server's own tokenizer: prompts are encoded on the event loop while the engine thread decodes.
+    if args.engine_process and not _under_torchrun():
+        from pagoda.server.engine_process import ProcessEngineLoop
+        engine = ProcessEngineLoop(build_engine, (args.model,), engine_kwargs(args)).launch()
+        log.info("engine ready in process %d", engine.pid)
+    else:
+        engine = build_engine(args.model, **engine_kwargs(args))
+    # The server's own tokenizer: prompts are encoded on the event loop while the engine decodes.
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, local_files_only=True)
     app = build_app(engine, served_model_name=args.served_model_name or args.model, tokenizer=tokenizer,
                     api_key=args.api_key)

@@ -30,6 +30,16 @@ def engine_stats(engine: Any) -> dict[str, float]:
             "prefix_queries": float(bm.num_queried_tokens), "prefix_hits": float(bm.num_hit_tokens)}
 
 
+def engine_snapshot(engine: Any) -> tuple[dict[str, float], tuple | None]:
+    """What the metrics read of an engine after a step (small and picklable): ``engine_stats`` and the step
+    counters of ``engine.stats`` (steps, decode steps, graph steps, host s, wait s, decode host s, decode wait s;
+    None without ``stats``)."""
+    st = getattr(engine, "stats", None)
+    steps = None if st is None else (st.steps, st.decode_steps, st.graph_steps, st.host_s, st.wait_s,
+                                     st.decode_host_s, st.decode_wait_s)
+    return engine_stats(engine), steps
+
+
 class ServerMetrics:
     """The server's metrics in a private registry; ``render()`` gives the Prometheus text."""
 
@@ -82,7 +92,10 @@ class ServerMetrics:
 
     def observe_engine(self, engine: Any) -> None:
         """Called by the engine thread after each step (prometheus-client metrics are thread-safe)."""
-        stats = engine_stats(engine)
+        self.observe(*engine_snapshot(engine))
+
+    def observe(self, stats: dict[str, float], steps: tuple | None) -> None:
+        """Update from an ``engine_snapshot``: taken here (engine thread) or in the engine's own process."""
         self.num_requests_running.set(stats["running"])
         self.num_requests_waiting.set(stats["waiting"])
         self.kv_cache_usage.set(stats["kv_usage"])
@@ -92,13 +105,10 @@ class ServerMetrics:
             self.prefix_cache_queries.inc(max(dq, 0.0))
             self.prefix_cache_hits.inc(max(dh, 0.0))
             self._seen = (stats["prefix_queries"], stats["prefix_hits"])
-        self._observe_steps(getattr(engine, "stats", None))
+        self._observe_steps(steps)
 
-    def _observe_steps(self, st: Any) -> None:
-        if st is None:
-            return
-        now = (st.steps, st.decode_steps, st.graph_steps, st.host_s, st.wait_s, st.decode_host_s, st.decode_wait_s)
-        if now == self._steps_seen:
+    def _observe_steps(self, now: tuple | None) -> None:
+        if now is None or now == self._steps_seen:
             return
         seen = self._steps_seen
         if any(a < b for a, b in zip(now, seen, strict=True)):    # new counters (engine.stats replaced): from 0

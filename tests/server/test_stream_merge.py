@@ -3,6 +3,7 @@ later output into an earlier one) and `RequestStream`, which applies it to whate
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 
@@ -95,13 +96,16 @@ def test_step_counters_survive_replaced_engine_stats():
     raises on a negative increment, which would end the engine thread)."""
     from pagoda.bench.serve import engine_counters
     from pagoda.engine.llm_engine import StepStats
-    from pagoda.server.metrics import ServerMetrics
+    from pagoda.server.metrics import ServerMetrics, engine_snapshot
 
     m = ServerMetrics("x")
-    m._observe_steps(StepStats(steps=100, decode_steps=10, host_s=1.0, wait_s=1.0, decode_host_s=0.5,
-                               decode_wait_s=0.5))
-    m._observe_steps(StepStats(steps=1, decode_steps=1, host_s=0.1, wait_s=0.1, decode_host_s=0.1,
-                               decode_wait_s=0.1))
+    engine = SimpleNamespace(scheduler=SimpleNamespace(running=[], waiting=[], block_manager=SimpleNamespace(
+        usage=0.0, num_queried_tokens=0, num_hit_tokens=0)))
+    engine.stats = StepStats(steps=100, decode_steps=10, host_s=1.0, wait_s=1.0, decode_host_s=0.5,
+                             decode_wait_s=0.5)
+    m.observe(*engine_snapshot(engine))
+    engine.stats = StepStats(steps=1, decode_steps=1, host_s=0.1, wait_s=0.1, decode_host_s=0.1, decode_wait_s=0.1)
+    m.observe_engine(engine)
     c = engine_counters(m.render().decode())
     assert c[("steps", "decode")] == 11 and c[("steps", "prefill")] == 90
     assert c[("host_s", "decode")] == pytest.approx(0.6)

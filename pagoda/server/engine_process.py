@@ -1,0 +1,180 @@
+"""The engine in a process of its own, as vLLM's EngineCore: ``pagoda serve``'s default.
+
+Why: in one process the engine's Python (scheduling, input building, output processing: a few ms a step) and
+the event loop's (a few tens of µs per streamed token, hundreds of streams) take turns on one GIL, so at high
+concurrency each engine step also waits for the HTTP layer. Apart, each has its interpreter: the engine steps
+at its offline pace and the server keeps up by merging what a slow stream has not sent yet (``RequestStream``).
+
+Layout (``multiprocessing``, spawn: CUDA cannot cross a fork):
+- server process: ``ProcessEngineLoop``, the event-loop side of ``EngineLoop`` unchanged; commands go into a
+  ``multiprocessing.Queue`` (pickled by its feeder thread, not the event loop), and a reader thread takes each
+  step's message from the other queue and hands it to the event loop (``call_soon_threadsafe``), updating the
+  metrics from the engine snapshot the message carries;
+- engine process: builds the engine with ``factory(*args, **kwargs)``, reports ``ready`` (what the server
+  checks requests against: ``max_model_len``, ``vocab_size``) or ``failed``, then runs ``drive`` until a stop
+  command or its parent's death. One message per step: ``("events", events, stepped, engine_snapshot)``. Outputs cross
+  without their prompt (``prompt``, ``prompt_token_ids`` emptied: the server has them and never reads them
+  back), so a step of 256 running requests pickles 256 short outputs, not 256 prompts.
+
+The engine process ignores SIGINT (a terminal's Ctrl-C reaches the whole process group): the server decides when
+it stops, fails the running requests, then sends ``stop``; the engine frees their pages and exits. A server that
+dies leaves no engine behind (the engine checks its parent every step), and an engine that dies fails every
+request with a 503 and turns ``/health`` unhealthy.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+
+from pagoda.server.engine_loop import EngineLoop, drive
+from pagoda.server.metrics import engine_snapshot
+
+log = logging.getLogger("pagoda.server")
+
+_POLL_S = 1.0
+
+
+def _engine_main(factory: Callable, args: tuple, kwargs: dict, commands, results) -> None:
+    """The engine process: build, report, drive."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        engine = factory(*args, **kwargs)
+    except BaseException as exc:  # noqa: BLE001 - reported to the server, which refuses to start
+        results.put(("failed", f"building the engine failed: {type(exc).__name__}: {exc}"))
+        return
+    results.put(("ready", {"max_model_len": engine.config.max_model_len, "vocab_size": engine.vocab_size}))
+    parent = mp.parent_process()
+
+    def on_step(events: list, stepped: bool) -> None:
+        for kind, _, payload in events:
+            if kind == "out":
+                payload.prompt, payload.prompt_token_ids = None, []
+        results.put(("events", events, stepped, engine_snapshot(engine)))
+
+    try:
+        drive(engine, commands, on_step, alive=parent.is_alive if parent is not None else None)
+    except BaseException as exc:  # noqa: BLE001 - every running request fails with this message
+        log.exception("engine loop failed")
+        results.put(("failed", f"The engine failed: {type(exc).__name__}: {exc}"))
+        return
+    results.put(("stopped", None))
+
+
+class ProcessEngineLoop(EngineLoop):
+    """``EngineLoop`` over an engine built and driven in its own process by ``factory(*args, **kwargs)``.
+
+    ``launch()`` (blocking, before the server listens) starts the process and waits until the engine is built;
+    then ``config.max_model_len`` and ``vocab_size`` are the engine's. ``factory`` and its arguments must be
+    picklable (a module-level function or class). The server supplies its own tokenizer."""
+
+    def __init__(self, factory: Callable, args: tuple = (), kwargs: dict | None = None, metrics=None):
+        super().__init__(None, metrics)
+        ctx = mp.get_context("spawn")
+        self._commands = ctx.Queue()
+        self._results = ctx.Queue()
+        self._proc = ctx.Process(target=_engine_main, args=(factory, tuple(args), dict(kwargs or {}),
+                                                            self._commands, self._results),
+                                 name="pagoda-engine", daemon=False)
+        self._reader: threading.Thread | None = None
+        self._stop_sent = False
+        self.config = SimpleNamespace(max_model_len=None)
+        self.vocab_size: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    def launch(self, timeout: float | None = None) -> ProcessEngineLoop:
+        """Start the engine process and wait for its engine (RuntimeError with the reason if it fails)."""
+        self._proc.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                kind, payload = self._results.get(timeout=_POLL_S)
+                break
+            except queue.Empty:
+                if not self._proc.is_alive():
+                    code = self._proc.exitcode
+                    raise RuntimeError(f"the engine process exited (code {code}) while starting") from None
+                if deadline is not None and time.monotonic() > deadline:
+                    self._kill()
+                    raise RuntimeError(f"the engine was not ready within {timeout} s") from None
+        if kind != "ready":
+            self._proc.join(10)
+            raise RuntimeError(payload)
+        self.config.max_model_len, self.vocab_size = payload["max_model_len"], payload["vocab_size"]
+        return self
+
+    # ---- server side -------------------------------------------------------------------------------
+    def start(self) -> None:
+        import asyncio
+        if self.vocab_size is None:
+            raise RuntimeError("ProcessEngineLoop.launch() must run before the server starts")
+        self._loop = asyncio.get_running_loop()
+        self._reader = threading.Thread(target=self._read, name="pagoda-engine-reader", daemon=True)
+        self._reader.start()
+
+    @property
+    def healthy(self) -> bool:
+        return (self._error is None and self._proc.is_alive() and self._reader is not None
+                and self._reader.is_alive())
+
+    def _send(self, cmd: tuple) -> None:
+        if self._stop_sent:
+            return
+        self._stop_sent = cmd[0] == "stop"
+        self._commands.put(cmd)
+
+    def _read(self) -> None:
+        """Reader thread: each step's message to the event loop, until the engine stops or dies."""
+        metrics = self.metrics
+        while True:
+            try:
+                msg = self._results.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not self._proc.is_alive():
+                    self._post_failure(f"The engine process exited (code {self._proc.exitcode}).")
+                    return
+                continue
+            except (EOFError, OSError) as exc:
+                self._post_failure(f"The engine process is unreachable: {exc}")
+                return
+            kind = msg[0]
+            if kind == "events":
+                _, events, stepped, snapshot = msg
+                self.steps += stepped
+                if metrics is not None:
+                    metrics.observe(*snapshot)
+                if events:
+                    self._loop.call_soon_threadsafe(self._deliver, events)
+            elif kind == "failed":
+                self._post_failure(msg[1])
+                return
+            else:                       # stopped
+                return
+
+    async def shutdown(self, message: str = "The server is shutting down.", timeout: float = 30.0) -> None:
+        import asyncio
+        self.fail_all(message)
+        await asyncio.to_thread(self._join, timeout)
+
+    def _join(self, timeout: float) -> None:
+        if self._reader is not None:
+            self._reader.join(timeout)
+        self._proc.join(timeout)
+        if self._proc.is_alive():
+            log.warning("the engine process did not stop within %.0f s; terminating it", timeout)
+            self._kill()
+
+    def _kill(self) -> None:
+        self._proc.terminate()
+        self._proc.join(5)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)

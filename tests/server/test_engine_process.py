@@ -1,0 +1,96 @@
+"""The engine in a process of its own (`ProcessEngineLoop`, `pagoda serve`'s default), over the simulated engine:
+concurrent streams get every token, a client that leaves frees its request in the engine process, metrics cross
+the process boundary, an engine that fails to build or dies is reported, and shutdown stops the process."""
+import asyncio
+import json
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from pagoda.bench.serve import engine_counters
+from pagoda.bench.serve_sim import SimEngine, _Tokenizer
+from pagoda.server.engine_process import ProcessEngineLoop
+from tests.server.helpers import running_server
+
+
+def _gauge(text: str, name: str) -> float:
+    line = next(ln for ln in text.splitlines() if ln.startswith(f"pagoda:{name}{{"))
+    return float(line.rsplit(" ", 1)[1])
+
+
+async def _stream(client: httpx.AsyncClient, max_tokens: int) -> tuple[str, dict]:
+    text, usage = "", None
+    body = {"model": "sim", "prompt": [1, 2, 3], "max_tokens": max_tokens, "stream": True,
+            "stream_options": {"include_usage": True}}
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for c in chunk["choices"]:
+                text += c["text"]
+    return text, usage
+
+
+def test_streams_abort_metrics_and_shutdown():
+    loop = ProcessEngineLoop(SimEngine, kwargs={"host_ms": 0.0, "device_ms": 2.0}).launch(timeout=120)
+    assert loop.config.max_model_len == 1 << 16 and loop.vocab_size == 1000
+    pid = loop.pid
+    with running_server(loop, served_model_name="sim", tokenizer=_Tokenizer()) as (url, _):
+        async def many():
+            async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+                return await asyncio.gather(*[_stream(c, 5 + i % 7) for i in range(40)])
+
+        got = asyncio.run(many())
+        for i, (text, usage) in enumerate(got):
+            n = 5 + i % 7
+            assert len(text) == n and usage["completion_tokens"] == n and usage["prompt_tokens"] == 3
+        metrics = httpx.get(url + "/metrics").text
+        counts = engine_counters(metrics)
+        assert counts[("steps", "decode")] >= 11          # one token a step: at least the longest request's steps
+        assert _gauge(metrics, "generation_tokens_total") == sum(5 + i % 7 for i in range(40))
+
+        # A client that leaves mid-stream: the engine process drops the request at its next step.
+        with httpx.stream("POST", url + "/v1/completions", timeout=30,
+                          json={"model": "sim", "prompt": [1], "max_tokens": 60000, "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: {")
+        deadline = time.monotonic() + 20
+        while _gauge(httpx.get(url + "/metrics").text, "num_requests_running") != 0:
+            assert time.monotonic() < deadline, "the aborted request is still running in the engine process"
+            time.sleep(0.05)
+        assert httpx.get(url + "/health").status_code == 200
+    # The server's shutdown stopped the engine process.
+    assert not loop._proc.is_alive() and loop._proc.exitcode == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_engine_death_fails_requests_and_health():
+    loop = ProcessEngineLoop(SimEngine, kwargs={"host_ms": 0.0, "device_ms": 2.0}).launch(timeout=120)
+    with running_server(loop, served_model_name="sim", tokenizer=_Tokenizer()) as (url, _):
+        with httpx.stream("POST", url + "/v1/completions", timeout=30,
+                          json={"model": "sim", "prompt": [1], "max_tokens": 60000, "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: {")
+            os.kill(loop.pid, signal.SIGKILL)
+            rest = [ln for ln in lines if ln]
+        assert rest[-1] == "data: [DONE]" and "exited" in json.loads(rest[-2][6:])["error"]["message"]
+        assert httpx.get(url + "/health").status_code == 503
+        r = httpx.post(url + "/v1/completions", json={"model": "sim", "prompt": [1], "max_tokens": 2}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["message"]
+
+
+def _broken_factory():
+    raise ValueError("no such model folder: /nowhere")
+
+
+def test_a_failed_build_is_an_error_at_launch():
+    with pytest.raises(RuntimeError, match="no such model folder"):
+        ProcessEngineLoop(_broken_factory).launch(timeout=120)
