@@ -16,12 +16,26 @@ def significant(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
 
+def _command(argv: list[str]) -> str:
+    """The command line as a user types it: ``pagoda ...`` for the CLI, ``python -m pagoda.x.y ...`` for a
+    module of the package run with ``-m``, else the arguments as given."""
+    if not argv:
+        return ""
+    path = Path(argv[0])
+    parts = path.with_suffix("").parts
+    if path.name in ("pagoda", "__main__.py") and "pagoda" in parts[-2:]:
+        return " ".join(["pagoda", *argv[1:]])
+    if "pagoda" in parts and path.suffix == ".py":
+        module = ".".join(parts[len(parts) - 1 - parts[::-1].index("pagoda"):])
+        return " ".join(["python -m " + module, *argv[1:]])
+    return " ".join(argv)
+
+
 def environment(device: torch.device) -> dict:
     """Device, versions, date and the exact command: recorded in every report."""
     env = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["pagoda"] + sys.argv[1:]) if sys.argv and "pagoda" in sys.argv[0]
-        else " ".join(sys.argv),
+        "command": _command(sys.argv),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "device": str(device),
