@@ -153,11 +153,15 @@ class LogitsPipeline:
     def batch_size(self) -> int:
         return max(self.holders, default=-1) + 1
 
+    def _pending_token(self, seq: Sequence) -> int:
+        """The sequence's sampled token still on the device (read from it: a synchronisation)."""
+        return int(self.last_sampled[self.slot_of[seq.seq_id]])
+
     def _outputs(self, seq: Sequence) -> list[int]:
         """The output token ids including one still on the device (read from it: a synchronisation)."""
         out = seq.output_token_ids
         if getattr(seq, "num_pending_tokens", 0):
-            out.append(int(self.last_sampled[self.slot_of[seq.seq_id]]))
+            out.append(self._pending_token(seq))
         return out
 
     # -- each step -----------------------------------------------------------------------------------------
@@ -197,7 +201,7 @@ class LogitsPipeline:
         self._row_slots = row_slots = _to_device(slots, self.device, torch.int32)
         constrained = [(i, s) for i, s in enumerate(seqs) if s.params.structured_outputs is not None]
         if constrained:
-            mask = self.structured.fill(len(seqs), [(i, s, self._outputs(s)) for i, s in constrained])
+            mask = self.structured.fill(len(seqs), constrained, self._pending_token)
             if mask is not None:
                 self.structured.apply(logits, mask)
         callables = [(i, s, self._outputs(s)) for i, s in enumerate(seqs) if s.params.logits_processors]

@@ -19,7 +19,6 @@ gets its slice.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 from dataclasses import dataclass, field
 
@@ -104,6 +103,19 @@ def _host(values: list[int], dtype, pin: bool) -> torch.Tensor:
     """A host tensor of ``values`` (pinned on a GPU, so that copies from it do not wait for the device)."""
     t = torch.from_numpy(np.asarray(values, dtype=np.int32 if dtype == torch.int32 else np.int64))
     return t.pin_memory() if pin else t
+
+
+def _packed_i32(parts: list[list[int]], pin: bool) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """``parts`` in one int32 host tensor (`_host`) and each part's ``(start, end)`` in it. Every part starts on a
+    16-byte boundary: Triton specialises pointer arguments on 16-byte alignment, so starts that moved with the
+    step's token and request counts would make a kernel that reads the tables (the KV append) compile once
+    per alignment pattern."""
+    values, spans = [], []
+    for part in parts:
+        values += [0] * (-len(values) % 4)
+        spans.append((len(values), len(values) + len(part)))
+        values += part
+    return _host(values, torch.int32, pin), spans
 
 
 class ModelRunner:
@@ -351,14 +363,10 @@ class ModelRunner:
         inp = self._inputs(batch, prev)
         n_tok, n_req = len(inp["ids"]), len(batch.seqs)
         # One pinned int32 and one int64 host tensor, one copy each to the device.
-        i32 = (inp["positions"] + inp["batch_indices"] + inp["qo_indptr"] + inp["kv_indptr"] + inp["last"]
-               + inp["sample_rows"] + inp["kv_indices"])
-        host32 = _host(i32, torch.int32, self.pin)
-        host64 = _host(inp["ids"] + inp["pend_rows"] + inp["pend_src"], torch.int64, self.pin)
-        o = list(itertools.accumulate([0, n_tok, n_tok, n_req + 1, n_req + 1, n_req, len(inp["sample_rows"]),
-                                       len(inp["kv_indices"])]))
         names = ("positions", "batch_indices", "qo_indptr", "kv_indptr", "last", "sample_rows", "kv_indices")
-        host = {k: host32[o[j]:o[j + 1]] for j, k in enumerate(names)}
+        host32, spans = _packed_i32([inp[k] for k in names], self.pin)
+        host64 = _host(inp["ids"] + inp["pend_rows"] + inp["pend_src"], torch.int64, self.pin)
+        host = {k: host32[a:b] for k, (a, b) in zip(names, spans, strict=True)}
         dev64 = host64.to(self.device, non_blocking=True)
         ids = dev64[:n_tok]
         k = len(inp["pend_rows"])
@@ -377,7 +385,7 @@ class ModelRunner:
             rows = None if len(sampling) == n_req else host["sample_rows"].to(self.device, non_blocking=True)
         else:
             dev32 = host32.to(self.device, non_blocking=True)
-            dv = {k2: dev32[o[j]:o[j + 1]] for j, k2 in enumerate(names)}
+            dv = {k2: dev32[a:b] for k2, (a, b) in zip(names, spans, strict=True)}
             if pending is not None:
                 ids.index_copy_(0, pending[0], prev.tokens.index_select(0, pending[1]))
             wrapper = self._plan_cascade(groups) if groups is not None else self._plan(host, batch.is_decode_only)

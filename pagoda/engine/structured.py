@@ -11,6 +11,11 @@ with the tokens sampled since, fills one int32 bitmask row per constrained row (
 in pinned memory) while the device still runs the forward pass, copies it over, and
 ``xgrammar.apply_token_bitmask_inplace`` sets the forbidden logits to ``-inf`` on the device.
 
+The per-step host work goes through xgrammar's batch calls (``BatchGrammarMatcher.batch_accept_token`` and
+``batch_fill_next_token_bitmask``), which run in C++ without the GIL: the constrained rows are split into
+contiguous chunks, one per worker thread (``fill_threads``, by default half the cores, at most 8), each
+advancing and filling its own matchers and bitmask rows. With one thread, or few rows, it runs inline.
+
 The matcher must see every sampled token before the next mask is filled, so a constrained row whose last
 token is still on the device (the engine reading tokens one step behind) costs one synchronisation to read it.
 Optional dependency: ``pip install 'pagoda[structured]'``.
@@ -19,7 +24,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -67,18 +74,47 @@ def build_grammar(so: StructuredOutputsParams):
         raise ValueError(f"structured_outputs.{field} is rejected by xgrammar: {e}") from None
 
 
-class StructuredOutputManager:
-    """Compiles constraints (cached) and keeps one matcher per constrained sequence."""
+class _Matcher:
+    """A sequence's matcher and how far it has read the sequence's output: ``consumed`` output tokens
+    accepted (or the one rejected counted), ``ok`` False once a token was rejected (the output is no longer
+    constrained), ``terminated`` once a stop token was accepted."""
 
-    def __init__(self, vocab_size: int, device: torch.device, max_workers: int = 2):
+    __slots__ = ("matcher", "consumed", "ok", "terminated")
+
+    def __init__(self, matcher):
+        self.matcher = matcher
+        self.consumed = 0
+        self.ok = True
+        self.terminated = False
+
+
+def default_fill_threads() -> int:
+    """Half the cores, at most 8 (one on a machine of two cores: threads would only contend there)."""
+    return max(1, min(8, (os.cpu_count() or 1) // 2))
+
+
+class StructuredOutputManager:
+    """Compiles constraints (cached) and keeps one matcher per constrained sequence. ``fill_threads``: worker
+    threads that advance matchers and fill bitmask rows each step (None: `default_fill_threads`)."""
+
+    MIN_ROWS_PER_THREAD = 16
+
+    def __init__(self, vocab_size: int, device: torch.device, max_workers: int = 2,
+                 fill_threads: int | None = None):
         self.vocab_size = vocab_size
         self.device = device
         self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="pagoda-grammar")
+        self.fill_threads = default_fill_threads() if fill_threads is None else max(1, fill_threads)
+        self.fill_pool = (ThreadPoolExecutor(self.fill_threads, thread_name_prefix="pagoda-grammar-fill")
+                          if self.fill_threads > 1 else None)
+        self._local = threading.local()             # one single-threaded BatchGrammarMatcher per thread
         self.compiler = None
         self.tokenizer_info = None
+        self.stop_ids: frozenset[int] = frozenset()
+        self.stop_row = None                            # int32 [cdiv(vocab, 32)]: only the stop tokens allowed
         self.cache: dict[tuple, Future] = {}
         self.lock = threading.Lock()
-        self.matchers: dict[int, list] = {}            # seq_id -> [matcher, tokens consumed, ok]
+        self.matchers: dict[int, _Matcher] = {}        # seq_id -> its matcher
         self.bitmask = None                             # host int32 [rows, cdiv(vocab, 32)]
 
     def _init_compiler(self, tokenizer, eos_token_ids) -> None:
@@ -87,6 +123,11 @@ class StructuredOutputManager:
                                                   stop_token_ids=sorted(eos_token_ids) or None)
         self.tokenizer_info = info
         self.compiler = xgr.GrammarCompiler(info, max_threads=2)
+        self.stop_ids = frozenset(info.stop_token_ids)
+        row = torch.zeros(xgr.get_bitmask_shape(1, self.vocab_size)[1], dtype=torch.int32)
+        for t in self.stop_ids:
+            row[t // 32] |= 1 << (t % 32) if t % 32 < 31 else -(1 << 31)
+        self.stop_row = row
 
     def prepare(self, params, tokenizer, eos_token_ids) -> None:
         """Validate ``params.structured_outputs`` and start its compilation (or reuse the cached one); the
@@ -102,47 +143,106 @@ class StructuredOutputManager:
                 fut = self.cache[key] = self.pool.submit(self.compiler.compile_grammar, grammar)
         params._compiled_grammar = fut
 
-    def _matcher(self, seq):
+    def _matcher(self, seq) -> _Matcher:
         entry = self.matchers.get(seq.seq_id)
         if entry is None:
             xgr = _xgrammar()
             compiled = seq.params._compiled_grammar.result()
-            entry = self.matchers[seq.seq_id] = [xgr.GrammarMatcher(compiled), 0, True]
+            entry = self.matchers[seq.seq_id] = _Matcher(xgr.GrammarMatcher(compiled))
         return entry
 
     def release(self, seq_id: int) -> None:
         self.matchers.pop(seq_id, None)
 
-    def fill(self, num_rows: int, rows: list[tuple[int, object, list[int]]]) -> torch.Tensor | None:
-        """Advance each constrained row's matcher with its new output tokens and fill its bitmask row.
-        ``rows``: ``(row, seq, output_token_ids)``. Returns the host bitmask ``[num_rows, cdiv(vocab, 32)]``
-        (all bits set in unconstrained rows), or None when no row is constrained any more."""
-        xgr = _xgrammar()
+    def _host_bitmask(self, num_rows: int) -> torch.Tensor:
         if self.bitmask is None or self.bitmask.shape[0] < num_rows:
-            mask = xgr.allocate_token_bitmask(max(num_rows, 8), self.vocab_size)
-            self.bitmask = mask.pin_memory() if self.device.type == "cuda" else mask
-        bitmask = self.bitmask[:num_rows]
-        bitmask.fill_(-1)
-        any_ok = False
-        for row, seq, out in rows:
+            with torch.inference_mode(False):       # a normal tensor: the fill threads write it too
+                mask = _xgrammar().allocate_token_bitmask(max(num_rows, 8), self.vocab_size)
+                self.bitmask = mask.pin_memory() if self.device.type == "cuda" else mask
+        return self.bitmask[:num_rows]
+
+    def fill(self, num_rows: int, rows: list[tuple[int, object]],
+             last_token: Callable[[object], int] | None = None) -> torch.Tensor | None:
+        """Advance each constrained row's matcher with its output tokens not yet accepted and fill its bitmask
+        row. ``rows``: ``(row, seq)``; ``last_token(seq)``: the sequence's token still on the device, read
+        when ``seq.num_pending_tokens`` says there is one. Returns the host bitmask int32
+        ``[num_rows, cdiv(vocab, 32)]`` (all bits set in unconstrained rows), or None when no row is
+        constrained any more."""
+        bitmask = self._host_bitmask(num_rows)
+        items = []                                  # (row, seq, matcher, new output tokens)
+        for row, seq in rows:
             entry = self._matcher(seq)
-            matcher = entry[0]
-            while entry[2] and entry[1] < len(out):
-                if not matcher.accept_token(out[entry[1]]):
-                    logger.warning("request %r: token %d rejected by its grammar; its output is no longer "
-                                   "constrained", seq.request_id, out[entry[1]])
-                    entry[2] = False
-                entry[1] += 1
-            if entry[2] and matcher.is_terminated():
-                # The stop token was accepted (the step was scheduled before it was read): only stop tokens.
-                bitmask[row].zero_()
-                for t in self.tokenizer_info.stop_token_ids:
-                    bitmask[row, t // 32] |= 1 << (t % 32) if t % 32 < 31 else -(1 << 31)
-                any_ok = True
-            elif entry[2]:
-                matcher.fill_next_token_bitmask(bitmask, row)
-                any_ok = True
+            if not entry.ok:
+                continue
+            new = seq.token_ids[seq.num_prompt_tokens + entry.consumed:]
+            if getattr(seq, "num_pending_tokens", 0):
+                new.append(last_token(seq))
+            items.append((row, seq, entry, new))
+        if len(items) < num_rows:
+            bitmask.fill_(-1)                       # rows without a live matcher stay unconstrained
+        if not items:
+            return None
+        chunks = self._chunks(items)
+        if len(chunks) == 1:
+            any_ok = self._advance_and_fill(items, bitmask)
+        else:
+            any_ok = any(list(self.fill_pool.map(lambda c: self._advance_and_fill(c, bitmask), chunks)))
         return bitmask if any_ok else None
+
+    def _chunks(self, items: list) -> list[list]:
+        """``items`` in contiguous chunks, one per fill thread, each of at least `MIN_ROWS_PER_THREAD` rows."""
+        n = min(self.fill_threads, len(items) // self.MIN_ROWS_PER_THREAD)
+        if n <= 1:
+            return [items]
+        step = -(-len(items) // n)
+        return [items[i:i + step] for i in range(0, len(items), step)]
+
+    def _batch_matcher(self):
+        """This thread's single-threaded ``xgrammar.BatchGrammarMatcher`` (the threads are ours)."""
+        batch = getattr(self._local, "batch", None)
+        if batch is None:
+            batch = self._local.batch = _xgrammar().BatchGrammarMatcher(1)
+        return batch
+
+    def _advance_and_fill(self, items: list, bitmask: torch.Tensor) -> bool:
+        """Accept each item's new tokens, then fill the bitmask rows of the matchers still constrained: all
+        tokens of the grammar's next step, or only the stop tokens once one was accepted (the step was
+        scheduled before it was read). A rejected token leaves the row unconstrained from then on. Returns
+        whether a row is still constrained."""
+        xgr = _xgrammar()
+        todo = [(seq, entry, new) for _, seq, entry, new in items if new]
+        k = 0
+        while todo:                                 # round k: the k-th new token of every matcher that has one
+            tokens = [new[k] for _, _, new in todo]
+            accepted = xgr.BatchGrammarMatcher.batch_accept_token([e.matcher for _, e, _ in todo], tokens)
+            left = []
+            for (seq, entry, new), token, ok in zip(todo, tokens, accepted):
+                entry.consumed += 1
+                if not ok:
+                    logger.warning("request %r: token %d rejected by its grammar; its output is no longer "
+                                   "constrained", seq.request_id, token)
+                    entry.ok = False
+                    continue
+                if token in self.stop_ids and entry.matcher.is_terminated():
+                    entry.terminated = True
+                if len(new) > k + 1:
+                    left.append((seq, entry, new))
+            todo, k = left, k + 1
+        matchers, indices = [], []
+        any_ok = False
+        for row, _, entry, _ in items:
+            if not entry.ok:
+                bitmask[row].fill_(-1)
+            elif entry.terminated:
+                bitmask[row].copy_(self.stop_row)
+                any_ok = True
+            else:
+                matchers.append(entry.matcher)
+                indices.append(row)
+        if matchers:
+            self._batch_matcher().batch_fill_next_token_bitmask(matchers, bitmask, indices)
+            any_ok = True
+        return any_ok
 
     def apply(self, logits: torch.Tensor, host_mask: torch.Tensor) -> None:
         """Copy the filled mask to the device and set the forbidden logits to -inf there."""

@@ -53,15 +53,17 @@ def check_plan(prefix_len_ptr, token_pos_in_items_ptr, token_pos_in_items_len, m
 
 
 def _host_ints(name: str, t, batch: int | None = None) -> list[int]:
+    """The tensor's entries in order, whatever its shape: FlashInfer's kernel reads these arguments as flat
+    arrays (entry ``b`` for request ``b``), so a 0-d tensor is one entry, as FlashInfer's own test passes
+    ``prefix_len_ptr`` for a batch of one."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be an integer tensor, got {type(t).__name__}")
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
-    if t.dim() != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
-    if batch is not None and t.shape[0] < batch:
-        raise ValueError(f"{name} must hold one entry per request ({batch}), got {t.shape[0]}")
-    return t.detach().to("cpu").to(torch.int64).tolist()
+    if batch is not None and t.numel() < batch:
+        raise ValueError(f"{name} must hold one entry per request ({batch}), got {t.numel()} "
+                         f"(shape {tuple(t.shape)})")
+    return t.detach().to("cpu").reshape(-1).to(torch.int64).tolist()
 
 
 def dense_mask(prefix_len_ptr, token_pos_in_items_ptr, token_pos_in_items_len: int, max_item_len_ptr,

@@ -93,8 +93,8 @@ from pagoda.kernels.sampling import speculative as S
 ptr = {"x_ptr": "*bf16", "rows_ptr": "*i64", "out_ptr": "*i64", "valid_ptr": "*i8", "top_k_ptr": "*i32",
        "top_p_ptr": "*fp32", "min_p_ptr": "*fp32", "floor_ptr": "*fp32", "seed_ptr": "*i64",
        "offset_ptr": "*i64", "d_ptr": "*i32", "temp_ptr": "*fp32",
-       "q_ptr": "*fp16", "p_ptr": "*fp32", "acc_ptr": "*i32", "emit_ptr": "*i32", "seed_val": "i64",
-       "offset_val": "i64", "top_p_val": "fp32", "min_p_val": "fp32"}
+       "q_ptr": "*fp16", "p_ptr": "*fp32", "acc_ptr": "*i32", "emit_ptr": "*i32", "top_p_val": "fp32",
+       "min_p_val": "fp32"}
 def build(fn, consts, warps):
     names = [n for n in fn.arg_names if n not in consts]
     sig = {n: ptr.get(n, "i32") for n in names}

@@ -403,6 +403,22 @@ def test_same_seed_same_tokens_and_offset_changes_them():
     assert torch.equal(a, d)
 
 
+@pytest.mark.parametrize("seed,offset", [(-(2 ** 62) - 12345, 2 ** 33 + 12), (2 ** 31 + 5, 2 ** 31 - 4), (-3, 0)])
+def test_wide_host_seeds_and_offsets(seed, offset):
+    """Host seeds and offsets of any int64 value (the kernel receives them as two int32 words): the race of
+    the exponentials of that exact (seed, offset), as from device tensors."""
+    from pagoda.kernels.sampling.race import int32_words
+
+    lo, hi = int32_words(seed)
+    assert all(-2 ** 31 <= w < 2 ** 31 for w in (lo, hi)) and (hi << 32) + (lo & 0xFFFFFFFF) == seed
+    x = torch.randn(3, 29) * 2
+    e = _exponentials(3, 29, seed, offset).numpy()
+    out, valid = _run(x, seed=seed, offset=offset, from_logits=True)
+    assert valid.all() and torch.equal(out.long(), torch.from_numpy(np.argmax(x.numpy() - np.log(e), -1)))
+    dev, _ = _run(x, seed=torch.tensor([seed]), offset=torch.tensor([offset]), from_logits=True)
+    assert torch.equal(out, dev)
+
+
 def test_scalar_parameters_equal_their_tensor_form():
     """Python-number top_k / top_p / min_p go in as kernel arguments (no [batch] tensor): same tokens."""
     p = _probs(6, 70)

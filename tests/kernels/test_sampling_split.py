@@ -197,7 +197,7 @@ from pagoda.kernels.sampling import split as S
 ptr = {"x_ptr": "*bf16", "rows_ptr": "*i32", "out_ptr": "*i32", "valid_ptr": "*i8", "min_p_ptr": "*fp32",
        "min_p_val": "fp32", "part_key_ptr": "*fp32", "part_idx_ptr": "*i32", "part_max_ptr": "*fp32",
        "ticket_ptr": "*i32", "fr_p_ptr": "*fp32", "fr_key_ptr": "*fp32", "fr_tok_ptr": "*i32", "fr_cnt_ptr": "*i32",
-       "seed_ptr": "*i64", "offset_ptr": "*i64", "seed_val": "i64", "offset_val": "i64"}
+       "seed_ptr": "*i64", "offset_ptr": "*i64"}
 for min_p, rows, seed_ptr in ((False, False, False), (True, True, True)):
     consts = {"SCALAR_PARAMS": not rows, "HAS_ROWS": rows, "HAS_MIN_P": min_p, "SEED_PTR": seed_ptr,
               "SLICES_PAD": S.MAX_SLICES, "SLICE": S.SLICE, "LANES": S.FALLBACK_LANES, "NCP": 128,

@@ -103,6 +103,52 @@ def test_interpreted_masked_kernel(triton_on_cpu, dtype):
     assert_finite_lse_close(lse, want_lse.float(), atol=tol * 2)
 
 
+def _peer_call(page_size=5, hq=4, hk=4, d=32, dtype=torch.float32):
+    """FlashInfer's own test's call: a 0-d uint32 ``prefix_len_ptr`` for its batch of one, uint16 positions
+    shorter than ``token_pos_in_items_len`` (100) and a one-entry ``max_item_len_ptr``."""
+    kv, qo, prefix, item_pos, max_item = FLASHINFER_CASE[0]
+    q, cache, keys, vals, meta = paged_inputs([kv], [qo], page_size, hq, hk, d, "NHD", dtype, "cpu")
+    w = pagoda.BatchPrefillWithPagedKVCacheWrapper(torch.empty(1 << 20, dtype=torch.uint8))
+    w.plan(indptr_of([qo]), *meta, hq, hk, d, page_size, causal=True, q_data_type=dtype,
+           pos_encoding_mode="ROPE_LLAMA", logits_soft_cap=30.0,
+           prefix_len_ptr=torch.tensor(prefix).to(dtype=torch.uint32),
+           token_pos_in_items_ptr=torch.tensor(item_pos).to(dtype=torch.uint16), token_pos_in_items_len=100,
+           max_item_len_ptr=torch.tensor([max_item]).to(dtype=torch.uint16))
+    out, lse = w.run(q, cache, return_lse=True)
+    want, want_lse = mref.batch_masked_prefill(q.double(), [(keys[0].double(), vals[0].double())], indptr_of([qo]),
+                                               [oracle(prefix, item_pos, qo, kv)], compute_dtype=torch.float64,
+                                               sm_scale=d ** -0.5, pos_encoding_mode="ROPE_LLAMA",
+                                               logits_soft_cap=30.0)
+    return out, lse, want, want_lse * LOG2E
+
+
+def test_flashinfer_test_call_cpu_path():
+    out, lse, want, want_lse = _peer_call()
+    assert rel_err(out, want) < 1e-5
+    assert_finite_lse_close(lse, want_lse.float(), atol=1e-4)
+
+
+@interpreted
+def test_flashinfer_test_call_interpreted(triton_on_cpu):
+    out, lse, want, want_lse = _peer_call(dtype=torch.float16)
+    assert rel_err(out, want) < 2e-3
+    assert_finite_lse_close(lse, want_lse.float(), atol=4e-3)
+
+
+def test_zero_dim_tensors_are_one_entry():
+    from pagoda.ops import _multi_item
+
+    kv, qo, prefix, item_pos, max_item = FLASHINFER_CASE[0]
+    want = _multi_item.dense_mask(torch.tensor([prefix]), torch.tensor(item_pos), 100, torch.tensor([max_item]),
+                                  [qo], [kv])
+    got = _multi_item.dense_mask(torch.tensor(prefix, dtype=torch.uint32), torch.tensor(item_pos),
+                                 100, torch.tensor(max_item, dtype=torch.uint16), [qo], [kv])
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match=r"prefix_len_ptr must hold one entry per request \(2\)"):
+        _multi_item.dense_mask(torch.tensor(prefix), torch.tensor(item_pos + item_pos), len(item_pos),
+                               torch.tensor([max_item, max_item]), [qo, qo], [kv, kv])
+
+
 def _plan(**kw):
     q, cache, keys, vals, meta = paged_inputs([20], [20], 5, 2, 2, 16, "NHD", torch.float32, "cpu")
     w = pagoda.BatchPrefillWithPagedKVCacheWrapper(torch.empty(1 << 20, dtype=torch.uint8))

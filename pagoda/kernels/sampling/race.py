@@ -42,17 +42,34 @@ def _row_param(ptr, val, pid, SCALAR: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _philox_state(pid, seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val,
+def _join_words(lo, hi):
+    """The int64 whose low and high 32 bits are those of the int32 arguments ``lo`` and ``hi``."""
+    return (hi.to(tl.int64) << 32) | lo.to(tl.uint32, bitcast=True).to(tl.int64)
+
+
+@triton.jit
+def _philox_state(pid, seed_ptr, seed_stride, offset_ptr, offset_stride, seed_lo, seed_hi, offset_lo, offset_hi,
                   SEED_PTR: tl.constexpr):
-    """(seed, int64 offset) of output ``pid``: from int64 device tensors (length 1 or batch: the
-    graph-capturable form) or the host ints."""
+    """(int64 seed, int64 offset) of output ``pid``: from int64 device tensors (length 1 or batch: the
+    graph-capturable form) or the host ints, each passed as two int32 words (`int32_words`)."""
     if SEED_PTR:
-        seed = tl.load(seed_ptr + pid * seed_stride)
+        seed = tl.load(seed_ptr + pid * seed_stride).to(tl.int64)
         off = tl.load(offset_ptr + pid * offset_stride).to(tl.int64)
     else:
-        seed = seed_val
-        off = offset_val + tl.zeros((), tl.int64)
+        seed = _join_words(seed_lo, seed_hi)
+        off = _join_words(offset_lo, offset_hi)
     return seed, off
+
+
+def int32_words(v: int) -> tuple[int, int]:
+    """``(lo, hi)``: the low and high 32 bits of ``v`` as a 64-bit two's complement value, each as a signed
+    int32 (`_join_words` puts them back together). Triton types a host int argument by its range (int32 below
+    2**31, else int64 or uint64) and specialises it on ``== 1`` and divisibility by 16, so the raw seed and
+    the offset, which advances every call, would each select their own compiled kernel; two int32 words
+    marked ``do_not_specialize`` are one argument type for every value."""
+    v &= (1 << 64) - 1
+    lo, hi = v & 0xFFFFFFFF, v >> 32
+    return lo - (1 << 32) if lo >= 1 << 31 else lo, hi - (1 << 32) if hi >= 1 << 31 else hi
 
 
 @triton.jit

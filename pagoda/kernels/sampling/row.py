@@ -84,6 +84,7 @@ from pagoda.kernels.sampling.race import (  # noqa: F401
     _race_winner,
     _row_param,
     _source_row,
+    int32_words,
 )
 
 MAX_ROUNDS = 34
@@ -197,10 +198,17 @@ def _logits_race(base, seed, rng_base, vocab, temperature, BLOCK: tl.constexpr, 
     return _race_winner(key_v, idx_v)
 
 
-@triton.jit
+# Arguments that change with the batch, the step or the request mix (the rows' count, the seed and the Philox
+# offset, the per-row strides of the seed tensors, the shared top-k): one compiled kernel serves every value.
+_RUNTIME_INTS = ["num_rows", "seed_stride", "offset_stride", "seed_lo", "seed_hi", "offset_lo", "offset_hi",
+                 "top_k_val"]
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top_p_ptr, min_p_ptr, floor_ptr,
                    temp_ptr, top_k_val, top_p_val, min_p_val,
-                   seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val, vocab, num_rows,
+                   seed_ptr, seed_stride, offset_ptr, offset_stride, seed_lo, seed_hi, offset_lo, offset_hi, vocab,
+                   num_rows,
                    SCALAR_PARAMS: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_TOP_K: tl.constexpr,
                    HAS_TOP_P: tl.constexpr, HAS_MIN_P: tl.constexpr, HAS_FLOOR: tl.constexpr, K_FIRST: tl.constexpr,
                    FROM_LOGITS: tl.constexpr, SEED_PTR: tl.constexpr, BLOCK: tl.constexpr, NCP: tl.constexpr,
@@ -217,7 +225,8 @@ def _sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, top_k_ptr, top
     pid = tl.program_id(0)
     row = _source_row(rows_ptr, pid, num_rows, HAS_ROWS)
     base = x_ptr + row * stride_x
-    seed, off = _philox_state(pid, seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val, SEED_PTR)
+    seed, off = _philox_state(pid, seed_ptr, seed_stride, offset_ptr, offset_stride, seed_lo, seed_hi, offset_lo,
+                              offset_hi, SEED_PTR)
     if FROM_LOGITS:   # per-token numbers in whole chunks (`_philox_chunk`)
         rng_base = off + pid.to(tl.int64) * _chunk_row_quads(vocab, BLOCK)
     else:             # `_exp_at` / `_exp_run`: indices below vocab only
@@ -412,11 +421,12 @@ def launch_config(vocab: int, batch: int, device: torch.device, block: int | Non
 
 
 def _seed_args(seed, offset, dummy: torch.Tensor):
-    """(seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val, SEED_PTR); ``dummy``
-    stands in for the pointers when the seed is a host int (never read then)."""
+    """(seed_ptr, seed_stride, offset_ptr, offset_stride, seed_lo, seed_hi, offset_lo, offset_hi, SEED_PTR);
+    ``dummy`` stands in for the pointers when the seed is a host int (never read then), whose value goes as
+    two int32 words (`int32_words`)."""
     if isinstance(seed, torch.Tensor):
-        return (seed, 0 if seed.numel() == 1 else 1, offset, 0 if offset.numel() == 1 else 1, 0, 0, True)
-    return dummy, 0, dummy, 0, int(seed), int(offset), False
+        return (seed, 0 if seed.numel() == 1 else 1, offset, 0 if offset.numel() == 1 else 1, 0, 0, 0, 0, True)
+    return (dummy, 0, dummy, 0, *int32_words(int(seed)), *int32_words(int(offset)), False)
 
 
 def sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor | None,
@@ -466,9 +476,9 @@ def sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: torch.
         _sample_kernel, (batch,),
         x, x.stride(0), rows if rows is not None else dummy, out, valid.view(torch.int8),
         *(v if isinstance(v, torch.Tensor) else dummy for v in params), floor if floor is not None else dummy,
-        temperature if temperature is not None else dummy, *vals, *seed_args[:6], vocab, x.shape[0],
+        temperature if temperature is not None else dummy, *vals, *seed_args[:-1], vocab, x.shape[0],
         SCALAR_PARAMS=scalar, HAS_ROWS=rows is not None, HAS_TOP_K=top_k is not None and not k_first,
         HAS_TOP_P=top_p is not None, HAS_MIN_P=min_p is not None, HAS_FLOOR=floor is not None, K_FIRST=k_first,
-        FROM_LOGITS=from_logits, SEED_PTR=seed_args[6],
+        FROM_LOGITS=from_logits, SEED_PTR=seed_args[-1],
         BLOCK=block, NCP=next_pow2(cdiv(vocab, block)), ROUNDS=MAX_ROUNDS, HAS_TEMP=temperature is not None,
         num_warps=warps)

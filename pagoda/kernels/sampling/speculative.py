@@ -21,14 +21,15 @@ from pagoda.kernels.sampling.race import (
 from pagoda.kernels.sampling.row import _seed_args, launch_config
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_stride", "offset_stride", "seed_lo", "seed_hi", "offset_lo", "offset_hi"])
 def _chain_spec_kernel(q_ptr, d_ptr, p_ptr, out_ptr, acc_ptr, emit_ptr, seed_ptr, seed_stride, offset_ptr,
-                       offset_stride, seed_val, offset_val, n_spec, vocab,
+                       offset_stride, seed_lo, seed_hi, offset_lo, offset_hi, n_spec, vocab,
                        s_qb, s_qn, s_db, s_pb, s_pn, s_ob,
                        SEED_PTR: tl.constexpr, N_PAD: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     b = pid.to(tl.int64)
-    seed, off = _philox_state(pid, seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val, SEED_PTR)
+    seed, off = _philox_state(pid, seed_ptr, seed_stride, offset_ptr, offset_stride, seed_lo, seed_hi, offset_lo,
+                              offset_hi, SEED_PTR)
     # Accept tests, all positions at once: draft token i passes iff u_i * q_i(d_i) < p_i(d_i).
     i = tl.arange(0, N_PAD)
     live = i < n_spec
@@ -92,7 +93,7 @@ def chain_speculative(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor, 
     block, warps = launch_config(vocab, b, target_probs.device, block)
     launch(
         _chain_spec_kernel, (b,),
-        draft_probs, draft_token_ids, target_probs, out, accepted, emitted, *seed_args[:6], n, vocab,
+        draft_probs, draft_token_ids, target_probs, out, accepted, emitted, *seed_args[:-1], n, vocab,
         draft_probs.stride(0), draft_probs.stride(1), draft_token_ids.stride(0), target_probs.stride(0),
-        target_probs.stride(1), out.stride(0), SEED_PTR=seed_args[6], N_PAD=next_pow2(max(n, 1)),
+        target_probs.stride(1), out.stride(0), SEED_PTR=seed_args[-1], N_PAD=next_pow2(max(n, 1)),
         BLOCK=block, num_warps=warps)

@@ -182,12 +182,15 @@ def _redraw(base, a_bits, seed, rng_base, vocab, LANES: tl.constexpr, NCP: tl.co
     return _lane_draw(mass, lanes, base, a_bits, seed, rng_base, 1, vocab, LANES, NCP)
 
 
-@triton.jit
+# Arguments that change with the batch or the step (see `row._sample_kernel`; the slice count follows the batch
+# size): one compiled kernel serves every value.
+@triton.jit(do_not_specialize=["num_rows", "num_slices", "seed_stride", "offset_stride", "seed_lo", "seed_hi",
+                               "offset_lo", "offset_hi"])
 def _split_sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, min_p_ptr, min_p_val,
                          part_key_ptr, part_idx_ptr, part_max_ptr, ticket_ptr,
                          fr_p_ptr, fr_key_ptr, fr_tok_ptr, fr_cnt_ptr,
-                         seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val, vocab, num_rows,
-                         slice_len, num_slices,
+                         seed_ptr, seed_stride, offset_ptr, offset_stride, seed_lo, seed_hi, offset_lo, offset_hi,
+                         vocab, num_rows, slice_len, num_slices,
                          SCALAR_PARAMS: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_MIN_P: tl.constexpr,
                          SEED_PTR: tl.constexpr, SLICES_PAD: tl.constexpr, SLICE: tl.constexpr,
                          LANES: tl.constexpr, NCP: tl.constexpr, FRONTIER: tl.constexpr, K: tl.constexpr):
@@ -200,7 +203,8 @@ def _split_sample_kernel(x_ptr, stride_x, rows_ptr, out_ptr, valid_ptr, min_p_pt
     sl = tl.program_id(1)
     row = _source_row(rows_ptr, pid, num_rows, HAS_ROWS)
     base = x_ptr + row * stride_x
-    seed, off = _philox_state(pid, seed_ptr, seed_stride, offset_ptr, offset_stride, seed_val, offset_val, SEED_PTR)
+    seed, off = _philox_state(pid, seed_ptr, seed_stride, offset_ptr, offset_stride, seed_lo, seed_hi, offset_lo,
+                              offset_hi, SEED_PTR)
     rng_base = off + pid.to(tl.int64) * _chunk_row_quads(vocab, SLICE)
     lo = sl * slice_len
     hi = tl.minimum(lo + slice_len, vocab)
@@ -323,7 +327,7 @@ def split_sample(x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor, rows: 
         _split_sample_kernel, (batch, n),
         x, x.stride(0), rows if rows is not None else out, out, valid.view(torch.int8),
         min_p if isinstance(min_p, torch.Tensor) else out, float(min_p) if scalar and min_p is not None else 0.0,
-        *ws, *_seed_args(seed, offset, out)[:6], vocab, x.shape[0], slice_len, n,
+        *ws, *_seed_args(seed, offset, out)[:-1], vocab, x.shape[0], slice_len, n,
         SCALAR_PARAMS=scalar, HAS_ROWS=rows is not None, HAS_MIN_P=min_p is not None,
         SEED_PTR=isinstance(seed, torch.Tensor), SLICES_PAD=MAX_SLICES, SLICE=slice_tokens, LANES=lanes,
         NCP=next_pow2(cdiv(vocab, lanes)), FRONTIER=use_frontier, K=FRONTIER_K, num_warps=NUM_WARPS)
