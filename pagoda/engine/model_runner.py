@@ -174,6 +174,8 @@ class ModelRunner:
                                        self.graph_sizes, self.max_pages_per_seq, config.hf_config.hidden_size,
                                        self.dtype, cascade_graph_sizes(self.cascade_mode, self.graph_sizes))
             self.graphs.capture()
+        if self.device.type == "cuda":
+            self._warm_sampler()
 
     # -- KV cache size -------------------------------------------------------------------------------------
     @property
@@ -261,6 +263,27 @@ class ModelRunner:
         logger.debug("memory profile: total %.2f GiB, peak %.2f GiB, other %.2f GiB, KV budget %.2f GiB",
                      total / 2**30, peak / 2**30, non_torch / 2**30, budget / 2**30)
         return budget
+
+    @torch.inference_mode()
+    def _warm_sampler(self) -> None:
+        """Build, at start-up, the sampler kernels' variants a serving step meets, so that no request pays a
+        Triton build: a batch of every sampling form (temperature only, top-k/top-p/min-p, greedy rows beside
+        drawn ones with per-row parameters) at one row, at a batch under the device's SM count and at
+        ``max_num_seqs`` (the samplers pick their block size by the batch against the SM count). Draws from a
+        generator of its own: the engine's stream of random numbers is untouched."""
+        from pagoda.engine.sampling_params import SamplingParams
+        gen = torch.Generator(self.device)
+        gen.manual_seed(0)
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        forms = [lambda i: SamplingParams(temperature=0.7),
+                 lambda i: SamplingParams(temperature=0.7, top_k=50, top_p=0.9, min_p=0.01),
+                 lambda i: SamplingParams(temperature=0.0 if i % 2 else 0.5 + i % 3 / 10, top_p=0.9)]
+        for n in sorted({1, min(sms - 1, self.config.max_num_seqs), self.config.max_num_seqs}):
+            logits = torch.randn(n, self.vocab_size, device=self.device, dtype=self.dtype, generator=gen)
+            for form in forms:
+                seqs = [Sequence("warm-up", 0, [0], form(i), 1, frozenset(), None, 0.0) for i in range(n)]
+                sample(logits, seqs, gen)
+        torch.cuda.synchronize(self.device)
 
     # -- one step ------------------------------------------------------------------------------------------
     def _plan_heads(self) -> tuple:
