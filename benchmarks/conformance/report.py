@@ -102,7 +102,9 @@ def render_markdown(rep: dict, meta: dict) -> str:
     out = ["# Peer test suites against pagoda (shim: import changed only)", ""]
     for name, m in rep["suites"].items():
         out.append(f"- {name}: {m.get('repo', '?')} {m.get('tag', '?')} `{m.get('commit', '?')}`")
-    out += [f"- run: {meta.get('device', '?')}; {meta.get('wall_s', 0):.0f} s; per function ≤ "
+    took = ("cut short; this report written afterwards from its records (run.py --report-only)"
+            if meta.get("report_only") else f"{meta.get('wall_s', 0):.0f} s")
+    out += [f"- run: {meta.get('device', '?')}; {took}; per function ≤ "
             f"{meta.get('per_function')} in-claim cases (covering every parameter value first, seed "
             f"{meta.get('seed')}); {meta.get('workers')} worker processes", ""]
     out += [f"**Inside the claim: {t['passed'] + t['passed_fwd']} passed ({t['passed_fwd']} forward-only), "

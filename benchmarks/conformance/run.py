@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-k", dest="keyword", default=None, help="pytest -k filter applied at collection")
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU check of collection/classification: fakes the CUDA capability at collection")
+    ap.add_argument("--report-only", action="store_true",
+                    help="write the report from what --out/raw already holds (a run cut short before its report)")
+    ap.add_argument("--device", default=None, help="with --report-only: the device the raw records came from")
     args = ap.parse_args(argv)
 
     t0 = time.time()
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     raw.mkdir(parents=True, exist_ok=True)
     manifest = json.loads((suites_dir / "MANIFEST.json").read_text())
     names = args.only.split(",") if args.only else [n for n in manifest if not n.startswith("_")]
-    device = _device()
+    device = (args.device or "unknown device") if args.report_only else _device()
     workers = args.workers or (4 if "CPU" not in device else 2)
     common = ["--conformance-per-function", str(args.per_function),
               "--conformance-excluded-per-reason", str(args.excluded_per_reason), "--conformance-seed", str(args.seed)]
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. collect
     procs = {}
-    for name in names:
+    for name in ([] if args.report_only else names):
         root = suites_dir / name
         cmd = _pytest_cmd(root, manifest[name], [*common, "--collect-only",
                                                  "--conformance-collect-out", str(raw / f"{name}-collect.json"),
@@ -131,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(len(s["selected"]) for s in suites.values()) or 1
     deadline = t0 + args.budget_s - args.case_timeout - 15
     procs, records = [], []
-    for name, s in suites.items():
+    if args.report_only:
+        records = sorted(p for name in suites for p in raw.glob(f"{name}-*.jsonl"))
+    for name, s in ({} if args.report_only else suites).items():
         root = suites_dir / name
         n = max(1, round(workers * len(s["selected"]) / total))
         for i, part in enumerate(shard(s["selected"], n)):
@@ -156,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     rep = report.aggregate(suites)
     meta = {"device": device, "wall_s": time.time() - t0, "per_function": args.per_function, "seed": args.seed,
             "workers": workers, "budget_s": args.budget_s, "case_timeout_s": args.case_timeout,
-            "dry_run": args.dry_run, "keyword": args.keyword}
+            "dry_run": args.dry_run, "keyword": args.keyword, "report_only": args.report_only}
     report.write(rep, meta, out)
     t = rep["totals"]
     print(f"conformance: {t['passed'] + t['passed_fwd']} passed, {t['failed']} failed, {t['skipped']} skipped, "
