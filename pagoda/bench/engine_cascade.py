@@ -42,6 +42,9 @@ def run_mode(model_dir: str, dtype: str, mode: str, gpu_memory_utilization: floa
     from pagoda.engine import SamplingParams
     from pagoda.engine.config import EngineConfig
     from pagoda.engine.llm_engine import LLMEngine
+    from pagoda.kernels.launch.fast import tuned_choices
+
+    tuned_before = tuned_choices()       # what this engine's capture and steps tune is new below
 
     engine = LLMEngine(EngineConfig(model_dir, load_format="dummy", dtype=dtype, max_model_len=SYSTEM + UNIQUE + 512,
                                     max_num_seqs=BATCH, gpu_memory_utilization=gpu_memory_utilization, cascade=mode))
@@ -76,7 +79,9 @@ def run_mode(model_dir: str, dtype: str, mode: str, gpu_memory_utilization: floa
     timed = engine.stats.decode_steps - d0
     while engine.has_unfinished_requests():
         step()
+    tuned = {k: v for k, v in tuned_choices().items() if k not in tuned_before}
     result = dict(per_step_s=per_step, mean_step_s=mean_step, timed_steps=timed, graph_steps=engine.stats.graph_steps,
+                  tuned=tuned,
                   cascade_steps=dict(engine.model_runner.cascade_steps),
                   cached=[o.num_cached_tokens for o in outs.values()],
                   tokens={k: o.outputs[0].token_ids for k, o in outs.items()},
@@ -128,7 +133,8 @@ def run_study(dtypes=("bfloat16", "float32")) -> dict:
                              cascade_mean_ms=_sig(1e3 * runs["on"]["mean_step_s"]),
                              speedup=_sig(plain / casc), same_tokens=same, first_diff_at_near_tie=tie,
                              cascade_steps=runs["on"]["cascade_steps"].get(2, 0),
-                             plain_graph_steps=runs["off"]["graph_steps"]))
+                             plain_graph_steps=runs["off"]["graph_steps"],
+                             cascade_tuned="; ".join(f"{k}: {v}" for k, v in runs["on"]["tuned"].items()) or None))
             print(f"engine-cascade: {rows[-1]}", flush=True)
     meta = _report.environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     meta.update(model="llama-2-7b layer shapes, 8 layers, dummy weights", warm_steps=WARM, timed_steps=TIMED)
@@ -143,4 +149,7 @@ def tables(report: dict, markdown: bool = False) -> str:
     fmt = _report.markdown_table if markdown else _report.format_table
     head = ("decode step of 64 requests over a shared 4,096-token system prompt: plain engine (decode CUDA "
             "graphs) vs cascade attention (cascade='on')")
-    return head + "\n\n" + fmt(cols, [[r.get(k) for k in cols] for r in rows])
+    tuned = [f"{r['dtype']}: {r['cascade_tuned']}" for r in rows if r.get("cascade_tuned")]
+    tail = ("\n\nLaunch configurations the autotuner chose in the cascade engine (capture and steps): "
+            + " | ".join(tuned)) if tuned else ""
+    return head + "\n\n" + fmt(cols, [[r.get(k) for k in cols] for r in rows]) + tail

@@ -43,3 +43,17 @@ def test_bench_engine_profile_cli_tiny(tiny_model, tmp_path):  # noqa: F811
     assert phases["step (all)"] >= phases["inputs + launch"] > 0
     prefill = [r for r in report["results"] if r["kind"] == "prefill step"]
     assert len(prefill) == 1 and prefill[0]["ms_per_step"] > 0 and report["meta"]["prefill_steps"] >= 3
+
+
+def test_tuned_choices_name_each_tuned_shape_class(monkeypatch):
+    """What `launch_tuned` chose is listed by kernel and key (the cascade study records it per run)."""
+    from pagoda.kernels.launch import fast
+
+    class Tuned:                                # an autotuner: its kernel under ``fn``
+        fn = type("_prefill_paged_kernel", (), {})
+
+    tuned = Tuned()
+    monkeypatch.setattr(fast, "_tuned_configs", {(tuned, (True,), 128, 4): "BLOCK_N: 64, num_warps: 8"})
+    assert fast.tuned_choices() == {"_prefill_paged_kernel(True, 128, 4)": "BLOCK_N: 64, num_warps: 8"}
+    text = ec.tables({"results": [{"dtype": "bfloat16", "cascade_tuned": "_prefill_paged_kernel(...): BLOCK_N: 64"}]})
+    assert "autotuner chose" in text and "bfloat16: _prefill_paged_kernel" in text

@@ -345,6 +345,18 @@ def replay_or_record(bound: dict, key, tensors: tuple, launch_fn, n_launches: in
 _tuned_configs: dict[tuple, object] = {}
 
 
+def tuned_choices() -> dict[str, str]:
+    """What the autotuner chose so far in this process, one entry per tuned shape class:
+    ``"kernel(key values)" -> "BLOCK_N: 64, num_warps: 8, ..."`` (benchmarks record it: a launch
+    configuration picked on a noisy measurement shows up here)."""
+    out = {}
+    for (tuned, extra, *rest), cfg in _tuned_configs.items():
+        name = getattr(getattr(tuned, "fn", None), "__name__", type(tuned).__name__)
+        vals = ", ".join(str(v).replace("torch.", "") for v in (*extra, *rest))
+        out[f"{name}({vals})"] = str(cfg)
+    return out
+
+
 def launch_tuned(tuned, kernel, grid, *args, extra_key=(), **kwargs) -> None:
     """``tuned[grid](*args, **kwargs)`` for ``tuned = triton.autotune(...)(kernel)``: the first call per
     tuning key (the autotuner's ``key`` arguments and the tensors' dtypes) runs the autotuner; later
