@@ -133,11 +133,13 @@ class DecodeGraphs:
             return self.model(self.input_ids[:b], self.positions[:b])
 
     def _dummy_cascade(self, b: int) -> CascadeGroups:
-        """The capture's groups: one group of all ``b`` rows sharing a long prefix (page 0 repeated: the shared
-        level's kernel is compiled, and tuned where autotuning is on, for long prefixes, not one page), each
-        row's own page 0 after it."""
+        """The capture's groups: one group of all ``b`` rows sharing a long prefix (up to 256 distinct pages,
+        read only: the shared level's kernel is compiled, and tuned where autotuning is on, for a long prefix
+        streamed from memory as a served one is, not one page that stays in L2), each row's own page 0 after
+        it."""
         page = self.plan_args[3]
-        shared = [0] * max(min(self.max_pages_per_seq - 1, 256), 1)
+        blocks = next(iter(self.model.attention_layers())).kv_cache.shape[0]
+        shared = [i % blocks for i in range(max(min(self.max_pages_per_seq - 1, 256), 1))]
         return CascadeGroups(list(range(b)), [[(b, shared, page)], [(1, [0], 1)] * b], [(page * len(shared), b)])
 
     @torch.inference_mode()
