@@ -63,6 +63,10 @@ def _engine_main(factory: Callable, args: tuple, kwargs: dict, commands, results
         log.exception("engine loop failed")
         results.put(("failed", f"The engine failed: {type(exc).__name__}: {exc}"))
         return
+    finally:
+        shutdown = getattr(engine, "shutdown", None)     # other tensor-parallel ranks, if any
+        if shutdown is not None:
+            shutdown()
     results.put(("stopped", None))
 
 
@@ -163,6 +167,14 @@ class ProcessEngineLoop(EngineLoop):
         import asyncio
         self.fail_all(message)
         await asyncio.to_thread(self._join, timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the engine process from outside the event loop (the server never started, or has ended):
+        a stop command, then terminate if it does not exit within ``timeout``. Safe to call more than once."""
+        if self._proc.pid is None:
+            return
+        self._send(("stop",))
+        self._join(timeout)
 
     def _join(self, timeout: float) -> None:
         if self._reader is not None:

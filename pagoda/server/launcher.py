@@ -59,16 +59,25 @@ def serve(args: argparse.Namespace) -> int:
     from pagoda.server.app import build_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
-    if args.engine_process and not _under_torchrun():
-        from pagoda.server.engine_process import ProcessEngineLoop
-        engine = ProcessEngineLoop(build_engine, (args.model,), engine_kwargs(args)).launch()
-        log.info("engine ready in process %d", engine.pid)
-    else:
-        engine = build_engine(args.model, **engine_kwargs(args))
-    # The server's own tokenizer: prompts are encoded on the event loop while the engine decodes.
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, local_files_only=True)
-    app = build_app(engine, served_model_name=args.served_model_name or args.model, tokenizer=tokenizer,
-                    api_key=args.api_key)
-    log.info("serving %s on http://%s:%d/v1", args.served_model_name or args.model, args.host, args.port)
-    make_server(app, args.host, args.port, args.log_level, args.shutdown_timeout).run()
+    try:
+        if args.engine_process and not _under_torchrun():
+            from pagoda.server.engine_process import ProcessEngineLoop
+            engine = ProcessEngineLoop(build_engine, (args.model,), engine_kwargs(args)).launch()
+            log.info("engine ready in process %d", engine.pid)
+        else:
+            engine = build_engine(args.model, **engine_kwargs(args))
+    except (RuntimeError, ValueError, OSError) as exc:   # a bad folder or option, no memory left: say so
+        log.error("pagoda serve: %s", exc)
+        return 1
+    try:
+        # The server's own tokenizer: prompts are encoded on the event loop while the engine decodes.
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, local_files_only=True)
+        app = build_app(engine, served_model_name=args.served_model_name or args.model, tokenizer=tokenizer,
+                        api_key=args.api_key)
+        log.info("serving %s on http://%s:%d/v1", args.served_model_name or args.model, args.host, args.port)
+        make_server(app, args.host, args.port, args.log_level, args.shutdown_timeout).run()
+    finally:        # however the server ended (a port in use exits from inside uvicorn): no engine left behind
+        close = getattr(engine, "close", None)
+        if close is not None:
+            close()
     return 0

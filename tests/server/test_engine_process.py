@@ -94,3 +94,20 @@ def _broken_factory():
 def test_a_failed_build_is_an_error_at_launch():
     with pytest.raises(RuntimeError, match="no such model folder"):
         ProcessEngineLoop(_broken_factory).launch(timeout=120)
+
+
+def test_close_without_a_server_stops_the_engine():
+    """A server that never starts (a port in use exits from inside uvicorn) must not leave its engine behind."""
+    loop = ProcessEngineLoop(SimEngine, kwargs={"host_ms": 0.0, "device_ms": 2.0}).launch(timeout=120)
+    loop.close(timeout=30)
+    assert not loop._proc.is_alive() and loop._proc.exitcode == 0
+    loop.close()                                   # again: nothing to do
+
+
+def test_serve_a_missing_folder_is_a_clear_error(tmp_path, caplog):
+    from pagoda.cli import build_parser
+    from pagoda.server.launcher import serve
+
+    args = build_parser().parse_args(["serve", str(tmp_path / "nowhere"), "--port", "1"])
+    assert serve(args) == 1
+    assert "does not exist" in caplog.text
