@@ -8,9 +8,10 @@ under ``torch.profiler`` and again timed by phase. Figures for each: wall time p
 per step (the sum of its kernels' and copies' own times: an upper bound on what the host could hide), the
 host's share of the step (1 - busy / wall), the kernels by device time and the host-side operators by their own
 CPU time, and the phases of `pagoda.LLMEngine.step` (scheduling, input building and launch, sampling, the wait
-for the previous step's tokens, their processing): where the host's part of a step goes. On CUDA the timed
-phases also run under CUDA's sync debug mode: every synchronising operation is counted by the source line
-that called it (rows ``prefill sync`` / ``host sync``), which names a wait for the device a step should not have.
+for the previous step's tokens, their processing): where the host's part of a step goes. On CUDA, last and
+untimed, a few steps with new prompts beside the running decodes run under CUDA's sync debug mode: every
+synchronising operation is counted by the source line that called it (rows ``sync``), which names a wait for
+the device a step should not have.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import torch
 from pagoda.bench import report as _report
 
 _sig = _report.significant
+SYNC_STEPS = 6
 
 
 def _dev_time(evt) -> float:
@@ -59,24 +61,25 @@ def profile_decode(model_dir: str, cfg, load_format: str, steps: int = 12, prefi
     rows = []
     tokens0 = engine.stats.tokens
     first = _profiled(engine, prefill_steps, sync, cuda)
-    pre_syncs: Counter = Counter()
-    rest = _phase_times(engine, None, until=lambda: not engine.scheduler.waiting, syncs=pre_syncs if cuda else None)
+    rest = _phase_times(engine, None, until=lambda: not engine.scheduler.waiting)
     n_pre = prefill_steps + rest.pop("steps")
     rows += _rows(first, f"prefill step, {(engine.stats.tokens - tokens0) // max(n_pre, 1)} tokens", "prefill ")
     rows += [dict(kind="prefill phase", name=name, calls=n_pre - prefill_steps,
                   ms_per_step=_sig(1e3 * t / max(n_pre - prefill_steps, 1))) for name, t in rest.items()]
-    rows += [dict(kind="prefill sync", name=where, calls=n) for where, n in pre_syncs.most_common(12)]
     while engine.stats.decode_steps < 4 or any(s.is_prefill for s in engine.scheduler.running):
         engine.step()
     running = len(engine.scheduler.running)
     decode = _profiled(engine, steps, sync, cuda)
     rows = _rows(decode, f"decode step, {running} running", "") + rows
-    dec_syncs: Counter = Counter()
-    phases = _phase_times(engine, steps, syncs=dec_syncs if cuda else None)
+    phases = _phase_times(engine, steps)
     phases.pop("steps")
     rows += [dict(kind="host phase", name=name, calls=steps, ms_per_step=_sig(1e3 * t / steps))
              for name, t in phases.items()]
-    rows += [dict(kind="host sync", name=where, calls=n) for where, n in dec_syncs.most_common(12)]
+    if cuda:      # untimed: a few mixed steps (new prompts beside the running decodes), then decode steps
+        for j, (p, _) in enumerate(warm[:4]):
+            engine.add_request(f"s{j}", {"prompt_token_ids": p[:cfg.max_model_len - 8]}, params.clone())
+        syncs = _count_syncs(engine, SYNC_STEPS)
+        rows += [dict(kind="sync", name=where, calls=n) for where, n in syncs.most_common(12)]
     while engine.has_unfinished_requests():
         engine.abort_request(list(engine.requests))
     return dict(running=running, steps=steps, prefill_steps=n_pre, wall_ms=decode["wall_ms"],
@@ -111,11 +114,25 @@ def _rows(p: dict, title: str, prefix: str) -> list[dict]:
     return rows
 
 
-def _phase_times(engine, steps: int | None, until=None, syncs: Counter | None = None) -> Counter:
+def _count_syncs(engine, steps: int) -> Counter:
+    """``steps`` engine steps under CUDA's sync debug mode: every synchronising operation, counted by the source
+    line that called it (a wait for the device a step should not have shows up here)."""
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                engine.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught
+                   if "synchroniz" in str(w.message).lower())
+
+
+def _phase_times(engine, steps: int | None, until=None) -> Counter:
     """Seconds spent in each phase of ``steps`` engine steps, or of the steps run until ``until()`` is true
-    (methods wrapped with timers for the duration); ``"steps"``: how many ran. ``syncs`` (CUDA): counts, by
-    the source line that called it, every operation CUDA's sync debug mode reports as synchronising (a step
-    that waits for the device where it should not shows up here)."""
+    (methods wrapped with timers for the duration); ``"steps"``: how many ran."""
     times: Counter = Counter()
     runner, sched = engine.model_runner, engine.scheduler
     targets = [(sched, "schedule", "schedule"), (runner, "launch", "inputs + launch"), (runner, "sample", "sample"),
@@ -135,12 +152,6 @@ def _phase_times(engine, steps: int | None, until=None, syncs: Counter | None = 
         for obj, attr, name in targets:
             setattr(obj, attr, timed(getattr(obj, attr), name))
             stack.callback(delattr, obj, attr)        # back to the class's method
-        if syncs is not None:
-            caught = stack.enter_context(warnings.catch_warnings(record=True))
-            warnings.simplefilter("always")
-            previous = torch.cuda.get_sync_debug_mode()
-            torch.cuda.set_sync_debug_mode("warn")
-            stack.callback(torch.cuda.set_sync_debug_mode, previous)
         wait0 = engine.stats.wait_s
         t0 = time.perf_counter()
         n = 0
@@ -148,9 +159,6 @@ def _phase_times(engine, steps: int | None, until=None, syncs: Counter | None = 
             engine.step()
             n += 1
         total = time.perf_counter() - t0
-        if syncs is not None:
-            syncs.update(f"{Path(w.filename).name}:{w.lineno}" for w in caught
-                         if "synchroniz" in str(w.message).lower())
     times["steps"] = n
     times["wait for tokens"] = engine.stats.wait_s - wait0
     times["step (all)"] = total

@@ -17,17 +17,16 @@ def significant(x: float, digits: int = 4) -> float:
 
 
 def _command(argv: list[str]) -> str:
-    """The command line as a user types it: ``pagoda ...`` for the CLI, ``python -m pagoda.x.y ...`` for a
-    module of the package run with ``-m``, else the arguments as given."""
+    """The command line as a user types it: ``pagoda ...`` for the CLI, ``python -m module ...`` for a module run
+    with ``-m`` (``__main__``'s spec names it), else the arguments as given."""
     if not argv:
         return ""
-    path = Path(argv[0])
-    parts = path.with_suffix("").parts
-    if path.name in ("pagoda", "__main__.py") and "pagoda" in parts[-2:]:
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = getattr(spec, "name", None)
+    if name in ("pagoda", "pagoda.__main__") or Path(argv[0]).name == "pagoda":
         return " ".join(["pagoda", *argv[1:]])
-    if "pagoda" in parts and path.suffix == ".py":
-        module = ".".join(parts[len(parts) - 1 - parts[::-1].index("pagoda"):])
-        return " ".join(["python -m " + module, *argv[1:]])
+    if name:
+        return " ".join([f"python -m {name.removesuffix('.__main__')}", *argv[1:]])
     return " ".join(argv)
 
 

@@ -155,6 +155,9 @@ def run_one(cfg: SimConfig, clients: int) -> dict:
         server.should_exit = True
         thread.join(30)
         sock.close()
+        close = getattr(engine, "close", None)     # an engine process the server never started stops too
+        if close is not None:
+            close()
     eng = res.get("engine") or {}
     steps = (eng.get("decode_steps") or 0) + (eng.get("prefill_steps") or 0)
     ceiling = clients / max(cfg.host_ms, cfg.device_ms) * 1e3

@@ -42,6 +42,9 @@ def build_app(engine: Any, *, served_model_name: str, tokenizer: Any = None, api
     a separate instance keeps HTTP-side encoding off the engine thread's object). api_key: when set, every
     ``/v1`` route needs ``Authorization: Bearer <api_key>``.
     """
+    if isinstance(engine, EngineLoop) and info is None and getattr(engine, "vocab_size", None) is None:
+        raise ValueError("engine is an engine loop whose engine is not running (ProcessEngineLoop: call launch() "
+                         "first), and no info was given")
     info = info or model_info(engine, served_model_name)
     if output_kind == "delta":
         from pagoda.engine.sampling_params import RequestOutputKind

@@ -30,7 +30,7 @@ from pagoda.server.metrics import ServerMetrics
 
 log = logging.getLogger("pagoda.server")
 
-_IDLE_POLL_S = 1.0         # an idle engine thread wakes this often to refresh gauges (and notice a stop)
+_IDLE_POLL_S = 1.0         # an idle engine loop wakes this often (to notice its parent's death)
 
 
 class RequestStream:
@@ -127,11 +127,14 @@ class EngineLoop:
         ack = self._loop.create_future()
         self._streams[request_id] = stream
         self._acks[request_id] = ack
-        self._send(("add", request_id, prompt, params))
         try:
+            self._send(("add", request_id, prompt, params))
             await ack
-        except BaseException:
+        except BaseException as exc:
             self._streams.pop(request_id, None)
+            self._acks.pop(request_id, None)
+            if not isinstance(exc, APIError) and self._error is None:
+                self._send(("abort", request_id))    # cancelled while waiting: the engine may hold it already
             raise
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(len(prompt["prompt_token_ids"]))
@@ -179,10 +182,6 @@ class EngineLoop:
                 continue
             stream = self._streams.get(rid)
             if stream is None:                      # aborted: late outputs are dropped
-                continue
-            if kind == "error":
-                stream.put(payload)
-                del self._streams[rid]
                 continue
             outs = payload.outputs
             new_tokens = len(outs[0].token_ids) if len(outs) == 1 else sum(len(c.token_ids) for c in outs)

@@ -25,14 +25,17 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import pickle
 import queue
 import signal
 import threading
 import time
 from collections.abc import Callable
+from multiprocessing.reduction import ForkingPickler
 from types import SimpleNamespace
 
 from pagoda.server.engine_loop import EngineLoop, drive
+from pagoda.server.errors import APIError
 from pagoda.server.metrics import engine_snapshot
 
 log = logging.getLogger("pagoda.server")
@@ -40,34 +43,39 @@ log = logging.getLogger("pagoda.server")
 _POLL_S = 1.0
 
 
-def _engine_main(factory: Callable, args: tuple, kwargs: dict, commands, results) -> None:
-    """The engine process: build, report, drive."""
+def _engine_main(factory: Callable, args: tuple, kwargs: dict, commands, results, log_level: int) -> None:
+    """The engine process: build, report, drive. Each step's message is pickled here, on the engine's thread
+    (an output that cannot be pickled fails the engine loudly instead of losing the step in the queue's feeder
+    thread)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format="%(levelname)s %(asctime)s %(name)s [engine]: %(message)s")
+    parent = mp.parent_process()
     try:
         engine = factory(*args, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - reported to the server, which refuses to start
         results.put(("failed", f"building the engine failed: {type(exc).__name__}: {exc}"))
         return
     results.put(("ready", {"max_model_len": engine.config.max_model_len, "vocab_size": engine.vocab_size}))
-    parent = mp.parent_process()
 
     def on_step(events: list, stepped: bool) -> None:
         for kind, _, payload in events:
             if kind == "out":
                 payload.prompt, payload.prompt_token_ids = None, []
-        results.put(("events", events, stepped, engine_snapshot(engine)))
+        results.put(bytes(ForkingPickler.dumps(("events", events, stepped, engine_snapshot(engine)))))
 
     try:
         drive(engine, commands, on_step, alive=parent.is_alive if parent is not None else None)
+        results.put(("stopped", None))
     except BaseException as exc:  # noqa: BLE001 - every running request fails with this message
         log.exception("engine loop failed")
         results.put(("failed", f"The engine failed: {type(exc).__name__}: {exc}"))
-        return
     finally:
         shutdown = getattr(engine, "shutdown", None)     # other tensor-parallel ranks, if any
         if shutdown is not None:
             shutdown()
-    results.put(("stopped", None))
+        if parent is not None and not parent.is_alive():
+            # Nobody reads the results any more: exiting must not wait to flush them into a full pipe.
+            results.cancel_join_thread()
 
 
 class ProcessEngineLoop(EngineLoop):
@@ -81,9 +89,12 @@ class ProcessEngineLoop(EngineLoop):
         super().__init__(None, metrics)
         ctx = mp.get_context("spawn")
         self._commands = ctx.Queue()
+        # Commands left unsent when this process exits (the engine gone or going) must not hold the exit up.
+        self._commands.cancel_join_thread()
         self._results = ctx.Queue()
         self._proc = ctx.Process(target=_engine_main, args=(factory, tuple(args), dict(kwargs or {}),
-                                                            self._commands, self._results),
+                                                            self._commands, self._results,
+                                                            logging.getLogger().getEffectiveLevel()),
                                  name="pagoda-engine", daemon=False)
         self._reader: threading.Thread | None = None
         self._stop_sent = False
@@ -130,13 +141,29 @@ class ProcessEngineLoop(EngineLoop):
                 and self._reader.is_alive())
 
     def _send(self, cmd: tuple) -> None:
+        """Queue a command for the engine process. An add whose parameters cannot cross to it (e.g. a
+        per-request Python callable defined in a function) is refused here, naming the reason."""
         if self._stop_sent:
             return
+        if cmd[0] == "add":
+            try:
+                ForkingPickler.dumps(cmd)
+            except Exception as exc:  # noqa: BLE001 - pickle raises many types
+                raise APIError(f"the request's parameters cannot be sent to the engine process: {exc}",
+                               code="invalid_value") from None
         self._stop_sent = cmd[0] == "stop"
         self._commands.put(cmd)
 
     def _read(self) -> None:
-        """Reader thread: each step's message to the event loop, until the engine stops or dies."""
+        """Reader thread: each step's message to the event loop, until the engine stops or dies. Whatever
+        goes wrong here fails every request (none is left waiting)."""
+        try:
+            self._read_messages()
+        except Exception as exc:  # noqa: BLE001
+            log.exception("reading the engine's results failed")
+            self._post_failure(f"The engine's results could not be read: {type(exc).__name__}: {exc}")
+
+    def _read_messages(self) -> None:
         metrics = self.metrics
         while True:
             try:
@@ -146,9 +173,8 @@ class ProcessEngineLoop(EngineLoop):
                     self._post_failure(f"The engine process exited (code {self._proc.exitcode}).")
                     return
                 continue
-            except (EOFError, OSError) as exc:
-                self._post_failure(f"The engine process is unreachable: {exc}")
-                return
+            if isinstance(msg, bytes):
+                msg = pickle.loads(msg)
             kind = msg[0]
             if kind == "events":
                 _, events, stepped, snapshot = msg

@@ -57,3 +57,27 @@ def test_tuned_choices_name_each_tuned_shape_class(monkeypatch):
     assert fast.tuned_choices() == {"_prefill_paged_kernel(True, 128, 4)": "BLOCK_N: 64, num_warps: 8"}
     text = ec.tables({"results": [{"dtype": "bfloat16", "cascade_tuned": "_prefill_paged_kernel(...): BLOCK_N: 64"}]})
     assert "autotuner chose" in text and "bfloat16: _prefill_paged_kernel" in text
+
+
+def test_count_syncs_names_the_calling_line(monkeypatch):
+    """The profile's sync count: each warning CUDA's sync debug mode raises, by the line that caused it; the
+    debug mode is restored afterwards."""
+    import warnings
+
+    import torch
+
+    from pagoda.bench import engine_profile as ep
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    class Engine:
+        def step(self):
+            warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+            warnings.warn("something else", UserWarning, stacklevel=1)
+
+    counts = ep._count_syncs(Engine(), 3)
+    ((where, n),) = counts.items()
+    assert where.startswith("test_bench_engine_cascade.py:") and n == 3
+    assert modes == ["warn", 0]

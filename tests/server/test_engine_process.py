@@ -111,3 +111,44 @@ def test_serve_a_missing_folder_is_a_clear_error(tmp_path, caplog):
     args = build_parser().parse_args(["serve", str(tmp_path / "nowhere"), "--port", "1"])
     assert serve(args) == 1
     assert "does not exist" in caplog.text
+
+
+_ORPHAN = """
+import os, signal, sys
+from pagoda.bench.serve_sim import SimEngine
+from pagoda.engine.sampling_params import SamplingParams
+from pagoda.server.engine_process import ProcessEngineLoop
+
+loop = ProcessEngineLoop(SimEngine, kwargs={"host_ms": 0.0, "device_ms": 1.0}).launch(timeout=120)
+print(loop.pid, flush=True)
+for i in range(300):      # outputs pile up unread: more than a pipe holds
+    loop._send(("add", f"r{i}", {"prompt_token_ids": [1]}, SamplingParams(max_tokens=50000)))
+import time; time.sleep(1.0)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_engine_exits_when_its_server_is_killed_while_busy():
+    """A server killed outright (SIGKILL) while its engine is busy and its results unread: the engine process
+    notices and exits (it must not wait to flush its results into a pipe nobody reads)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-c", _ORPHAN], capture_output=True, text=True, env=env, timeout=180)
+    pid = int(proc.stdout.split()[0])
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            os.kill(pid, 0)
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (ProcessLookupError, FileNotFoundError):
+            break
+        if state == "Z":                # exited; its new parent has not reaped it yet
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            raise AssertionError("the engine process outlived its killed server by 30 s")
+        time.sleep(0.2)
