@@ -27,13 +27,13 @@ groups' rows first). Three-level steps and steps with more groups run eagerly.
 """
 from __future__ import annotations
 
-import itertools
 from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from pagoda.engine.host_tables import pack_int32
 from pagoda.ops.cascade import MultiLevelCascadeAttentionWrapper, merge_state_in_place
 from pagoda.ops.cascade_levels import level_csr
 from pagoda.ops.decode import BatchDecodeWithPagedKVCacheWrapper
@@ -272,18 +272,10 @@ def graph_layout(groups: CascadeGroups) -> tuple[list[int], list[tuple[int, list
     return order, shared, [own_of[r] for r in order]
 
 
-def _host_int32(arrays: list[list[int]], pin: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The lists as one int32 host tensor (pinned with ``pin``, so that plans copy it without waiting) and a
-    view of it per list."""
-    flat = np.fromiter(itertools.chain.from_iterable(arrays), dtype=np.int32, count=sum(map(len, arrays)))
-    host = torch.from_numpy(flat)
-    if pin:
-        host = host.pin_memory()
-    views, o = [], 0
-    for a in arrays:
-        views.append(host[o:o + len(a)])
-        o += len(a)
-    return host, views
+def _host_views(arrays: list[list[int]], pin: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The lists packed into one int32 host tensor (`pack_int32`) and a view of it per list."""
+    host, spans = pack_int32(arrays, pin)
+    return host, [host[a:b] for a, b in spans]
 
 
 class CascadeDecode:
@@ -338,7 +330,7 @@ class CascadeDecode:
         be -1: a shared level ignores positions). Reads no device memory."""
         if self.graph is not None:
             return self._plan_graph(groups, plan_args, plan_kwargs, pin)
-        host, views = _host_int32([a for entries in groups.levels for a in level_csr(entries)], pin)
+        host, views = _host_views([a for entries in groups.levels for a in level_csr(entries)], pin)
         n = groups.num_levels
         per = [views[i::4] for i in range(4)]     # qo_indptr, kv_indptr, kv_indices, last_page_len per level
         self.wrapper = self.wrappers[n]
@@ -357,7 +349,7 @@ class CascadeDecode:
         order, shared, own = graph_layout(groups)
         b, rows = self.graph_batch, len(order)
         own_csr = level_csr([(1, pages, lpl) for pages, lpl in own])[1:]     # a decode: no qo_indptr
-        host, views = _host_int32([*level_csr(shared), *own_csr], pin)
+        host, views = _host_views([*level_csr(shared), *own_csr], pin)
         perm = torch.from_numpy(np.concatenate([np.asarray(order, dtype=np.int64), np.arange(rows, b, dtype=np.int64)]))
         if pin:
             perm = perm.pin_memory()

@@ -22,15 +22,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 import pagoda
 from pagoda.engine.cascade import CascadeDecode, CascadeGroups, cascade_graph_sizes, cascade_groups
 from pagoda.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from pagoda.engine.cuda_graph import DecodeGraphs, capture_sizes, graphs_available
+from pagoda.engine.host_tables import host_tensor, pack_int32
 from pagoda.engine.logits import LogitsPipeline, LogitsProcessor, min_tokens_processor
-from pagoda.engine.sampler import compute_logprobs, sample
+from pagoda.engine.sampler import compute_logprobs, sample, warm_up_sampler
 from pagoda.engine.scheduler import ScheduledBatch
 from pagoda.engine.sequence import Sequence
 from pagoda.models import ForwardContext, forward_context
@@ -99,25 +99,6 @@ def _device_memory(device: torch.device) -> tuple[int, int]:
     return torch.cuda.memory_allocated(device), max((total - free) - torch.cuda.memory_reserved(device), 0)
 
 
-def _host(values: list[int], dtype, pin: bool) -> torch.Tensor:
-    """A host tensor of ``values`` (pinned on a GPU, so that copies from it do not wait for the device)."""
-    t = torch.from_numpy(np.asarray(values, dtype=np.int32 if dtype == torch.int32 else np.int64))
-    return t.pin_memory() if pin else t
-
-
-def _packed_i32(parts: list[list[int]], pin: bool) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """``parts`` in one int32 host tensor (`_host`) and each part's ``(start, end)`` in it. Every part starts on a
-    16-byte boundary: Triton specialises pointer arguments on 16-byte alignment, so starts that moved with the
-    step's token and request counts would make a kernel that reads the tables (the KV append) compile once
-    per alignment pattern."""
-    values, spans = [], []
-    for part in parts:
-        values += [0] * (-len(values) % 4)
-        spans.append((len(values), len(values) + len(part)))
-        values += part
-    return _host(values, torch.int32, pin), spans
-
-
 class ModelRunner:
     def __init__(self, config: EngineConfig):
         from pagoda import models
@@ -175,7 +156,7 @@ class ModelRunner:
                                        self.dtype, cascade_graph_sizes(self.cascade_mode, self.graph_sizes))
             self.graphs.capture()
         if self.device.type == "cuda":
-            self._warm_sampler()
+            warm_up_sampler(self.device, self.vocab_size, self.dtype, config.max_num_seqs)
 
     # -- KV cache size -------------------------------------------------------------------------------------
     @property
@@ -263,27 +244,6 @@ class ModelRunner:
         logger.debug("memory profile: total %.2f GiB, peak %.2f GiB, other %.2f GiB, KV budget %.2f GiB",
                      total / 2**30, peak / 2**30, non_torch / 2**30, budget / 2**30)
         return budget
-
-    @torch.inference_mode()
-    def _warm_sampler(self) -> None:
-        """Build, at start-up, the sampler kernels' variants a serving step meets, so that no request pays a
-        Triton build: a batch of every sampling form (temperature only, top-k/top-p/min-p, greedy rows beside
-        drawn ones with per-row parameters) at one row, at a batch under the device's SM count and at
-        ``max_num_seqs`` (the samplers pick their block size by the batch against the SM count). Draws from a
-        generator of its own: the engine's stream of random numbers is untouched."""
-        from pagoda.engine.sampling_params import SamplingParams
-        gen = torch.Generator(self.device)
-        gen.manual_seed(0)
-        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        forms = [lambda i: SamplingParams(temperature=0.7),
-                 lambda i: SamplingParams(temperature=0.7, top_k=50, top_p=0.9, min_p=0.01),
-                 lambda i: SamplingParams(temperature=0.0 if i % 2 else 0.5 + i % 3 / 10, top_p=0.9)]
-        for n in sorted({1, min(sms - 1, self.config.max_num_seqs), self.config.max_num_seqs}):
-            logits = torch.randn(n, self.vocab_size, device=self.device, dtype=self.dtype, generator=gen)
-            for form in forms:
-                seqs = [Sequence("warm-up", 0, [0], form(i), 1, frozenset(), None, 0.0) for i in range(n)]
-                sample(logits, seqs, gen)
-        torch.cuda.synchronize(self.device)
 
     # -- one step ------------------------------------------------------------------------------------------
     def _plan_heads(self) -> tuple:
@@ -387,8 +347,8 @@ class ModelRunner:
         n_tok, n_req = len(inp["ids"]), len(batch.seqs)
         # One pinned int32 and one int64 host tensor, one copy each to the device.
         names = ("positions", "batch_indices", "qo_indptr", "kv_indptr", "last", "sample_rows", "kv_indices")
-        host32, spans = _packed_i32([inp[k] for k in names], self.pin)
-        host64 = _host(inp["ids"] + inp["pend_rows"] + inp["pend_src"], torch.int64, self.pin)
+        host32, spans = pack_int32([inp[k] for k in names], self.pin)
+        host64 = host_tensor(inp["ids"] + inp["pend_rows"] + inp["pend_src"], torch.int64, self.pin)
         host = {k: host32[a:b] for k, (a, b) in zip(names, spans, strict=True)}
         dev64 = host64.to(self.device, non_blocking=True)
         ids = dev64[:n_tok]

@@ -122,3 +122,24 @@ def compute_logprobs(raw_logits: torch.Tensor, tokens: torch.Tensor, seqs: list[
     token_lp = lp.gather(1, tokens.index_select(0, idx)[:, None]).squeeze(1)
     rank = (lp > token_lp[:, None]).sum(dim=-1) + 1
     return rows, top_ids, top_lp, token_lp, rank
+
+
+@torch.inference_mode()
+def warm_up_sampler(device: torch.device, vocab_size: int, dtype: torch.dtype, max_num_seqs: int) -> None:
+    """Build, at an engine's start-up, the sampler kernels' variants a serving step meets, so that no request
+    pays a Triton build: a batch of every sampling form (temperature only, top-k/top-p/min-p, greedy rows beside
+    drawn ones with per-row parameters) at one row, at a batch under the device's SM count and at
+    ``max_num_seqs`` (the samplers pick their block size by the batch against the SM count). Draws from a
+    generator of its own: the engine's stream of random numbers is untouched. CUDA only."""
+    from pagoda.engine.sampling_params import SamplingParams
+    gen = torch.Generator(device)
+    gen.manual_seed(0)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    forms = [lambda i: SamplingParams(temperature=0.7),
+             lambda i: SamplingParams(temperature=0.7, top_k=50, top_p=0.9, min_p=0.01),
+             lambda i: SamplingParams(temperature=0.0 if i % 2 else 0.5 + i % 3 / 10, top_p=0.9)]
+    for n in sorted({1, min(sms - 1, max_num_seqs), max_num_seqs}):
+        logits = torch.randn(n, vocab_size, device=device, dtype=dtype, generator=gen)
+        for form in forms:
+            sample(logits, [Sequence("warm-up", 0, [0], form(i), 1, frozenset(), None, 0.0) for i in range(n)], gen)
+    torch.cuda.synchronize(device)

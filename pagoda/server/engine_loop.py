@@ -162,8 +162,12 @@ class EngineLoop:
 
     async def shutdown(self, message: str = "The server is shutting down.", timeout: float = 30.0) -> None:
         self.fail_all(message)
+        await asyncio.to_thread(self._join, timeout)
+
+    def _join(self, timeout: float) -> None:
+        """Wait (off the event loop) for the engine to stop after ``fail_all``."""
         if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, timeout)
+            self._thread.join(timeout)
 
     def _deliver(self, events: list) -> None:
         """Event-loop side of one step: acknowledgements, then outputs to each request's stream."""

@@ -23,6 +23,7 @@ request with a 503 and turns ``/health`` unhealthy.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing as mp
 import pickle
@@ -128,7 +129,6 @@ class ProcessEngineLoop(EngineLoop):
 
     # ---- server side -------------------------------------------------------------------------------
     def start(self) -> None:
-        import asyncio
         if self.vocab_size is None:
             raise RuntimeError("ProcessEngineLoop.launch() must run before the server starts")
         self._loop = asyncio.get_running_loop()
@@ -188,11 +188,6 @@ class ProcessEngineLoop(EngineLoop):
                 return
             else:                       # stopped
                 return
-
-    async def shutdown(self, message: str = "The server is shutting down.", timeout: float = 30.0) -> None:
-        import asyncio
-        self.fail_all(message)
-        await asyncio.to_thread(self._join, timeout)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the engine process from outside the event loop (the server never started, or has ended):
