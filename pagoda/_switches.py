@@ -28,7 +28,7 @@ SWITCHES: dict[str, tuple[bool, str]] = {
     "PAGODA_GLUON_FAST_LAUNCH": (True, "Repeat launches of the Gluon kernels encode their TMA descriptors in pagoda "
                                        "and call the compiled C launcher (Triton 3.6)."),
     "PAGODA_PAGED_FAST_LAUNCH": (False, "The paged Gluon prefill's repeat launches take the same path as the dense "
-                                        "Gluon kernels' (opt-in until its GPU test has run)."),
+                                        "Gluon kernels' (opt-in: no faster in the engine's prefill step)."),
     "PAGODA_SAMPLING_SPLIT": (True, "At batch <= 8, plain and min-p sampling split each row over several programs; "
                                     "off keeps one program per row."),
 }

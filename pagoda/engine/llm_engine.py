@@ -282,6 +282,8 @@ class LLMEngine:
             t1 = time.perf_counter()
             result = prev.resolve()
             wait = time.perf_counter() - t1
+            if launched is not None and new is None:
+                runner.begin_sampling(launched, result)     # e.g. grammar masks, filled while we process
             outputs = self._process(result)
             self.scheduler.cache_blocks(result.seqs)
         if launched is not None and new is None:

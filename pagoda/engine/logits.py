@@ -93,6 +93,7 @@ class LogitsPipeline:
         self._removed: list[int] = []
         self._added: list[tuple] = []
         self._row_slots: torch.Tensor | None = None
+        self._started = None                      # (seqs, PendingFill): a grammar fill begun by begin_sampling
 
     # -- add_request ---------------------------------------------------------------------------------------
     def prepare(self, params, tokenizer, eos_token_ids) -> None:
@@ -186,7 +187,20 @@ class LogitsPipeline:
         return (any(getattr(p, "reads_output_token_ids", True) for p in self.custom)
                 or any(s.params.structured_outputs is not None or s.params.logits_processors for s in seqs))
 
+    def begin_sampling(self, seqs: list[Sequence], token_of: dict[int, int]) -> None:
+        """Start the host work of sampling ``seqs`` that needs the tokens just read: the grammar matchers
+        advance and fill the bitmask on their threads while the engine turns those tokens into outputs;
+        `__call__` on the same ``seqs`` list takes the mask. ``token_of``: seq_id -> the token read for
+        sequences whose last token is still counted pending."""
+        constrained = [(i, s) for i, s in enumerate(seqs) if s.params.structured_outputs is not None]
+        if not constrained or self.structured is None:
+            return
+        last = lambda seq: token_of[seq.seq_id] if seq.seq_id in token_of else self._pending_token(seq)  # noqa: E731
+        self._started = (seqs, self.structured.start_fill(len(seqs), constrained, last))
+
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        if self.structured is not None:
+            self.structured.wait()                  # a fill in flight reads matchers that release may drop
         self._release_finished()
         slots = [self.slot_of.get(s.seq_id) for s in seqs]
         for i, seq in enumerate(seqs):
@@ -199,11 +213,14 @@ class LogitsPipeline:
                     and seq.num_output_tokens + getattr(seq, "num_pending_tokens", 0) >= seq.params.min_tokens):
                 self.builtin.drop_group(slots[i], "stop")
         self._row_slots = row_slots = _to_device(slots, self.device, torch.int32)
-        constrained = [(i, s) for i, s in enumerate(seqs) if s.params.structured_outputs is not None]
-        if constrained:
-            mask = self.structured.fill(len(seqs), constrained, self._pending_token)
-            if mask is not None:
-                self.structured.apply(logits, mask)
+        started, self._started = self._started, None
+        if started is not None and started[0] is seqs:
+            mask = started[1].result()
+        else:
+            constrained = [(i, s) for i, s in enumerate(seqs) if s.params.structured_outputs is not None]
+            mask = self.structured.fill(len(seqs), constrained, self._pending_token) if constrained else None
+        if mask is not None:
+            self.structured.apply(logits, mask)
         callables = [(i, s, self._outputs(s)) for i, s in enumerate(seqs) if s.params.logits_processors]
         if callables:
             logits = apply_per_request(logits, callables)

@@ -416,6 +416,18 @@ class ModelRunner:
         return bool(step.seqs) and any(getattr(p, "needs_host_tokens", lambda seqs: True)(step.seqs)
                                        for p in self.processors_of(step))
 
+    def begin_sampling(self, step: LaunchedStep, result: StepResult) -> None:
+        """The tokens of the previous step were just read (``result``) and ``step`` samples after them: let
+        its processors start the host work that needs those tokens (a grammar's bitmask) while the engine
+        processes them."""
+        token_of = None
+        for p in self.processors_of(step):
+            begin = getattr(p, "begin_sampling", None)
+            if begin is not None:
+                if token_of is None:
+                    token_of = {s.seq_id: t for s, t in zip(result.seqs, result.token_ids)}
+                begin(step.seqs, token_of)
+
     @torch.inference_mode()
     def sample(self, step: LaunchedStep) -> InFlightStep | None:
         """Queue logits processing, sampling and the copy of the tokens (and logprobs) to the host."""

@@ -14,10 +14,13 @@ in pinned memory) while the device still runs the forward pass, copies it over, 
 The per-step host work goes through xgrammar's batch calls (``BatchGrammarMatcher.batch_accept_token`` and
 ``batch_fill_next_token_bitmask``), which run in C++ without the GIL: the constrained rows are split into
 contiguous chunks, one per worker thread (``fill_threads``, by default half the cores, at most 8), each
-advancing and filling its own matchers and bitmask rows. With one thread, or few rows, it runs inline.
+advancing and filling its own matchers and bitmask rows.
 
-The matcher must see every sampled token before the next mask is filled, so a constrained row whose last
-token is still on the device (the engine reading tokens one step behind) costs one synchronisation to read it.
+The matcher must see every sampled token before the next mask is filled. The engine reads a step's tokens
+one step behind; the moment it has them it starts the next step's fill (`start_fill`, through
+`LogitsPipeline.begin_sampling`) and turns the tokens into outputs while the fill threads work, so the fill
+costs the step only what it takes beyond that. Filled any other way (`fill`), a constrained row whose last
+token is still on the device costs one synchronisation to read it.
 Optional dependency: ``pip install 'pagoda[structured]'``.
 """
 from __future__ import annotations
@@ -88,6 +91,24 @@ class _Matcher:
         self.terminated = False
 
 
+class PendingFill:
+    """A step's bitmask being filled: ``result()`` waits for the fill threads and returns the host bitmask, or
+    None when no row is constrained any more (`StructuredOutputManager.fill`)."""
+
+    def __init__(self, bitmask: torch.Tensor, parts: list):
+        self.bitmask = bitmask
+        self.parts = parts                          # bools (filled inline) or futures of bools
+
+    def done(self) -> None:
+        for p in self.parts:
+            if isinstance(p, Future):
+                p.exception()                       # waits; the error stays for result()
+
+    def result(self) -> torch.Tensor | None:
+        any_ok = [p.result() if isinstance(p, Future) else p for p in self.parts]
+        return self.bitmask if any(any_ok) else None
+
+
 def default_fill_threads() -> int:
     """Half the cores, at most 8 (one on a machine of two cores: threads would only contend there)."""
     return max(1, min(8, (os.cpu_count() or 1) // 2))
@@ -105,8 +126,8 @@ class StructuredOutputManager:
         self.device = device
         self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="pagoda-grammar")
         self.fill_threads = default_fill_threads() if fill_threads is None else max(1, fill_threads)
-        self.fill_pool = (ThreadPoolExecutor(self.fill_threads, thread_name_prefix="pagoda-grammar-fill")
-                          if self.fill_threads > 1 else None)
+        self.fill_pool: ThreadPoolExecutor | None = None   # created at the first fill that uses it
+        self.inflight: PendingFill | None = None
         self._local = threading.local()             # one single-threaded BatchGrammarMatcher per thread
         self.compiler = None
         self.tokenizer_info = None
@@ -152,6 +173,7 @@ class StructuredOutputManager:
         return entry
 
     def release(self, seq_id: int) -> None:
+        self.wait()
         self.matchers.pop(seq_id, None)
 
     def _host_bitmask(self, num_rows: int) -> torch.Tensor:
@@ -168,6 +190,16 @@ class StructuredOutputManager:
         when ``seq.num_pending_tokens`` says there is one. Returns the host bitmask int32
         ``[num_rows, cdiv(vocab, 32)]`` (all bits set in unconstrained rows), or None when no row is
         constrained any more."""
+        return self.start_fill(num_rows, rows, last_token, background=False).result()
+
+    def start_fill(self, num_rows: int, rows: list[tuple[int, object]],
+                   last_token: Callable[[object], int] | None = None, background: bool = True) -> "PendingFill":
+        """`fill`, with the matchers' work (C++, without the GIL) left running on the fill threads: the caller
+        goes on with other host work and reads the mask with ``.result()``. What reads the sequences
+        (their new tokens, pending ones through ``last_token``) runs here, in the caller's thread, so the
+        sequences may change once this returns. One fill is in flight at a time: a new one (or `release`)
+        waits for the previous one first."""
+        self.wait()
         bitmask = self._host_bitmask(num_rows)
         items = []                                  # (row, seq, matcher, new output tokens)
         for row, seq in rows:
@@ -181,13 +213,24 @@ class StructuredOutputManager:
         if len(items) < num_rows:
             bitmask.fill_(-1)                       # rows without a live matcher stay unconstrained
         if not items:
-            return None
+            return PendingFill(bitmask, [])
         chunks = self._chunks(items)
-        if len(chunks) == 1:
-            any_ok = self._advance_and_fill(items, bitmask)
-        else:
-            any_ok = any(list(self.fill_pool.map(lambda c: self._advance_and_fill(c, bitmask), chunks)))
-        return bitmask if any_ok else None
+        if not background and len(chunks) == 1:
+            return PendingFill(bitmask, [self._advance_and_fill(items, bitmask)])
+        fill = self.inflight = PendingFill(bitmask, [self._fill_pool().submit(self._advance_and_fill, c, bitmask)
+                                                     for c in chunks])
+        return fill
+
+    def wait(self) -> None:
+        """Wait for the fill in flight, if any (its errors are raised by whoever reads its result)."""
+        fill, self.inflight = self.inflight, None
+        if fill is not None:
+            fill.done()
+
+    def _fill_pool(self) -> ThreadPoolExecutor:
+        if self.fill_pool is None:
+            self.fill_pool = ThreadPoolExecutor(self.fill_threads, thread_name_prefix="pagoda-grammar-fill")
+        return self.fill_pool
 
     def _chunks(self, items: list) -> list[list]:
         """``items`` in contiguous chunks, one per fill thread, each of at least `MIN_ROWS_PER_THREAD` rows."""

@@ -146,3 +146,30 @@ def test_threaded_fill_gives_the_same_outputs(llm, tiny_model, monkeypatch):
     assert [c.token_ids for c in threaded_outs] == [c.token_ids for c in inline_outs]
     for c in threaded_outs:
         _validate(json.loads(c.text))
+
+
+def test_fill_begun_while_tokens_are_processed_gives_the_same_outputs(llm, monkeypatch):
+    """The engine starts a step's grammar fill as soon as it has read the previous step's tokens (the pending
+    ones taken from what it read, not from the device) and processes those tokens meanwhile: the same seeded
+    requests give the same tokens as with the fill run at sampling time."""
+    from pagoda.engine import structured
+    from pagoda.engine.logits import LogitsPipeline
+
+    begun = []
+    start_fill = structured.StructuredOutputManager.start_fill
+
+    def counting(self, num_rows, rows, last_token=None, background=True):
+        begun.append(background)
+        return start_fill(self, num_rows, rows, last_token, background)
+
+    monkeypatch.setattr(structured.StructuredOutputManager, "start_fill", counting)
+    so = StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)
+    early = _run(llm, so, n=24)
+    assert begun.count(True) > 10 and begun.count(False) <= 2      # the first step has no tokens to read before
+    begun.clear()
+    monkeypatch.setattr(LogitsPipeline, "begin_sampling", lambda self, seqs, token_of: None)
+    late = _run(llm, so, n=24)
+    assert begun and not any(begun)
+    assert [c.token_ids for c in early] == [c.token_ids for c in late]
+    for c in early:
+        _validate(json.loads(c.text))

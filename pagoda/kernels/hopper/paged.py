@@ -364,8 +364,10 @@ def prefill_paged_hopper(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, k
 
 
 def fast_launch_enabled() -> bool:
-    """Repeat launches of the paged kernel through `launch.tma`: opt-in (PAGODA_PAGED_FAST_LAUNCH=1) until its GPU
-    test (`test_paged_fast_launch_matches_normal_launch`) has run; PAGODA_GLUON_FAST_LAUNCH=0 turns it off too."""
+    """Repeat launches of the paged kernel through `launch.tma`: opt-in (PAGODA_PAGED_FAST_LAUNCH=1). Its GPU test
+    (`test_paged_fast_launch_matches_normal_launch`) passes, but the engine's prefill step, the launch-heavy
+    place it was meant for, measured no faster with it (docs/engine.md), so the default stays the normal launch;
+    PAGODA_GLUON_FAST_LAUNCH=0 turns it off too."""
     return _switches.paged_fast_launch()
 
 
