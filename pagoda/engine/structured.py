@@ -193,7 +193,7 @@ class StructuredOutputManager:
         return self.start_fill(num_rows, rows, last_token, background=False).result()
 
     def start_fill(self, num_rows: int, rows: list[tuple[int, object]],
-                   last_token: Callable[[object], int] | None = None, background: bool = True) -> "PendingFill":
+                   last_token: Callable[[object], int] | None = None, background: bool = True) -> PendingFill:
         """`fill`, with the matchers' work (C++, without the GIL) left running on the fill threads: the caller
         goes on with other host work and reads the mask with ``.result()``. What reads the sequences
         (their new tokens, pending ones through ``last_token``) runs here, in the caller's thread, so the
