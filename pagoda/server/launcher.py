@@ -5,13 +5,21 @@ On SIGINT / SIGTERM uvicorn stops accepting connections and then waits for open 
 and ``data: [DONE]``, a waiting one a 503), so nothing waits on generations that will not come, then the
 engine stops after its current step (in its own process by default: ``engine_process``). A second SIGINT
 forces the exit.
+
+uvicorn re-raises the signal that stopped it once it has shut down. Under the default SIGTERM disposition that
+kills the process on the spot: no ``finally``, no exit handlers (multiprocessing's among them, which unlink the
+engine process's queue semaphores). ``serve`` turns that last SIGTERM into ``SystemExit(143)`` and a SIGINT's
+KeyboardInterrupt into exit code 130, so the engine process is stopped and joined and the interpreter exits
+normally, with the status a signalled exit conventionally reports.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import socket
+import threading
 
 import uvicorn
 
@@ -49,6 +57,10 @@ def _under_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def serve(args: argparse.Namespace) -> int:
     """Entry point of ``pagoda serve`` (parsed arguments from ``cli_args.add_serve_arguments``).
 
@@ -75,7 +87,15 @@ def serve(args: argparse.Namespace) -> int:
         app = build_app(engine, served_model_name=args.served_model_name or args.model, tokenizer=tokenizer,
                         api_key=args.api_key)
         log.info("serving %s on http://%s:%d/v1", args.served_model_name or args.model, args.host, args.port)
-        make_server(app, args.host, args.port, args.log_level, args.shutdown_timeout).run()
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _exit_on_signal) if main else None
+        try:
+            make_server(app, args.host, args.port, args.log_level, args.shutdown_timeout).run()
+        except KeyboardInterrupt:
+            return 130
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
     finally:        # however the server ended (a port in use exits from inside uvicorn): no engine left behind
         close = getattr(engine, "close", None)
         if close is not None:

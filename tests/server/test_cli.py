@@ -91,8 +91,10 @@ def test_bench_serve_then_sigterm_with_a_stream_running(served, tmp_path, capsys
         rest = [line for line in lines if line]
     assert rest[-1] == "data: [DONE]"
     assert "shutting down" in json.loads(rest[-2][6:])["error"]["message"]
-    proc.wait(timeout=30)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM     # a normal exit, reporting the signal
     assert time.monotonic() - t0 < 30
+    log = (tmp_path / "server.log").read_text()
+    assert "leaked semaphore" not in log and "Traceback" not in log, log      # exit handlers ran
 
 
 def test_bench_serve_offline_same_requests(tiny_model, tmp_path):
