@@ -8,7 +8,10 @@ under ``torch.profiler`` and again timed by phase. Figures for each: wall time p
 per step (the sum of its kernels' and copies' own times: an upper bound on what the host could hide), the
 host's share of the step (1 - busy / wall), the kernels by device time and the host-side operators by their own
 CPU time, and the phases of `pagoda.LLMEngine.step` (scheduling, input building and launch, sampling, the wait
-for the previous step's tokens, their processing): where the host's part of a step goes. On CUDA, last and
+for the previous step's tokens, their processing): where the host's part of a step goes. A few more steps of each
+kind run under ``cProfile`` (rows ``prefill python`` and ``host python``): the Python functions with the most
+time of their own, which names the host time that no operator accounts for (cProfile slows Python down, so
+read the shares, not the milliseconds). On CUDA, last and
 untimed, a few steps with new prompts beside the running decodes run under CUDA's sync debug mode: every
 synchronising operation is counted by the source line that called it (rows ``sync``), which names a wait for
 the device a step should not have.
@@ -27,6 +30,8 @@ from pagoda.bench import report as _report
 
 _sig = _report.significant
 SYNC_STEPS = 6
+PYTHON_STEPS = 2
+PYTHON_ROWS = 15
 
 
 def _dev_time(evt) -> float:
@@ -61,11 +66,14 @@ def profile_decode(model_dir: str, cfg, load_format: str, steps: int = 12, prefi
     rows = []
     tokens0 = engine.stats.tokens
     first = _profiled(engine, prefill_steps, sync, cuda)
+    py_pre, n_py = (_python_profile(engine, PYTHON_STEPS, sync) if engine.scheduler.waiting else ([], 0))
     rest = _phase_times(engine, None, until=lambda: not engine.scheduler.waiting)
-    n_pre = prefill_steps + rest.pop("steps")
+    n_pre = prefill_steps + n_py + rest.pop("steps")
     rows += _rows(first, f"prefill step, {(engine.stats.tokens - tokens0) // max(n_pre, 1)} tokens", "prefill ")
-    rows += [dict(kind="prefill phase", name=name, calls=n_pre - prefill_steps,
-                  ms_per_step=_sig(1e3 * t / max(n_pre - prefill_steps, 1))) for name, t in rest.items()]
+    n_rest = n_pre - prefill_steps - n_py
+    rows += [dict(kind="prefill phase", name=name, calls=n_rest, ms_per_step=_sig(1e3 * t / max(n_rest, 1)))
+             for name, t in rest.items()]
+    rows += [dict(kind="prefill python", **r) for r in py_pre]
     while engine.stats.decode_steps < 4 or any(s.is_prefill for s in engine.scheduler.running):
         engine.step()
     running = len(engine.scheduler.running)
@@ -75,6 +83,8 @@ def profile_decode(model_dir: str, cfg, load_format: str, steps: int = 12, prefi
     phases.pop("steps")
     rows += [dict(kind="host phase", name=name, calls=steps, ms_per_step=_sig(1e3 * t / steps))
              for name, t in phases.items()]
+    py_dec, _ = _python_profile(engine, PYTHON_STEPS, sync)
+    rows += [dict(kind="host python", **r) for r in py_dec]
     if cuda:      # untimed: a few mixed steps (new prompts beside the running decodes), then decode steps
         for j, (p, _) in enumerate(warm[:4]):
             engine.add_request(f"s{j}", {"prompt_token_ids": p[:cfg.max_model_len - 8]}, params.clone())
@@ -101,6 +111,30 @@ def _profiled(engine, steps: int, sync, cuda: bool) -> dict:
     busy = sum(_dev_time(e) for e in kernels) / steps / 1e6
     host_ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
     return dict(steps=steps, wall_ms=1e3 * wall, busy_ms=1e3 * busy, kernels=kernels, host_ops=host_ops)
+
+
+def _python_profile(engine, steps: int, sync) -> tuple[list[dict], int]:
+    """``steps`` engine steps under ``cProfile``: the `PYTHON_ROWS` functions with the most time of their own
+    (``name``: function, file and line; ``calls`` over the steps; ``ms_per_step`` of own time, cProfile's
+    overhead included), and how many steps ran."""
+    import cProfile
+    import pstats
+
+    sync()
+    prof = cProfile.Profile()
+    n = 0
+    prof.enable()
+    try:
+        while n < steps and engine.has_unfinished_requests():
+            engine.step()
+            n += 1
+        sync()
+    finally:
+        prof.disable()
+    stats = pstats.Stats(prof).stats          # (file, line, function) -> (calls, primitive calls, own, cumulative)
+    top = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:PYTHON_ROWS]
+    return [dict(name=f"{fn} ({Path(file).name}:{line})"[:90], calls=nc,
+                 ms_per_step=_sig(1e3 * own / max(n, 1))) for (file, line, fn), (_, nc, own, *_) in top], n
 
 
 def _rows(p: dict, title: str, prefix: str) -> list[dict]:

@@ -43,6 +43,11 @@ def test_bench_engine_profile_cli_tiny(tiny_model, tmp_path):  # noqa: F811
     assert phases["step (all)"] >= phases["inputs + launch"] > 0
     prefill = [r for r in report["results"] if r["kind"] == "prefill step"]
     assert len(prefill) == 1 and prefill[0]["ms_per_step"] > 0 and report["meta"]["prefill_steps"] >= 3
+    # cProfile's top functions by their own time (prefill rows only when prompts still wait after the first
+    # profiled steps: not with these few short prompts)
+    py = [r for r in report["results"] if r["kind"] == "host python"]
+    assert len(py) > 5 and all(r["calls"] > 0 and r["ms_per_step"] >= 0 for r in py)
+    assert [r["ms_per_step"] for r in py] == sorted((r["ms_per_step"] for r in py), reverse=True)
 
 
 def test_tuned_choices_name_each_tuned_shape_class(monkeypatch):
@@ -81,3 +86,31 @@ def test_count_syncs_names_the_calling_line(monkeypatch):
     ((where, n),) = counts.items()
     assert where.startswith("test_bench_engine_cascade.py:") and n == 3
     assert modes == ["warn", 0]
+
+
+def test_python_profile_names_the_functions_that_take_the_time():
+    """The profile's cProfile rows: the function that spends a step's Python time comes first, with its calls
+    over the steps run, and no more steps run than asked."""
+    from pagoda.bench import engine_profile as ep
+
+    def busy_python(n):
+        x = 0
+        for i in range(n):
+            x += i
+        return x
+
+    class Engine:
+        steps = 0
+
+        def has_unfinished_requests(self):
+            return True
+
+        def step(self):
+            self.steps += 1
+            busy_python(300_000)
+
+    engine = Engine()
+    rows, n = ep._python_profile(engine, 3, lambda: None)
+    assert n == engine.steps == 3
+    assert rows[0]["name"].startswith("busy_python (test_bench_engine_cascade.py:") and rows[0]["calls"] == 3
+    assert rows[0]["ms_per_step"] > 1
