@@ -247,6 +247,16 @@ def copy_gbps(device: torch.device, nbytes: int | None = None) -> float:
     return nbytes / (copy_us(nbytes, device) * 1e-6) / 1e9
 
 
+def read_gbps(device: torch.device, nbytes: int | None = None) -> float:
+    """Bandwidth of a large read-only stream (a float32 sum over ``nbytes``, GB/s): what a kernel that only
+    reads (weights, KV) can reach, which on some GPUs is well above `copy_gbps`. 1 GiB on CUDA, 64 MiB on the
+    CPU."""
+    nbytes = nbytes or (COPY_BYTES if device.type == "cuda" else 1 << 26)
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    out = torch.empty((), dtype=torch.float32, device=device)
+    return nbytes / (time_us(lambda: torch.sum(x, 0, out=out), device)[0] * 1e-6) / 1e9
+
+
 def run_case(case: LayerCase, names: list[str], device: torch.device, dtype: torch.dtype,
              unavailable: dict[str, str | None], peak_gbps: float) -> list[dict]:
     """Time every backend on one case (the same inputs for all) and a same-size copy beside them."""

@@ -79,7 +79,7 @@ def test_bench_engine_cli_tiny(tiny_model, tmp_path):  # noqa: F811
     runs = [r for r in report["results"] if r["system"] == "pagoda"]
     assert [r["run"] for r in runs] == [1, 2]            # two timed passes on one engine by default
     rows = {r["system"]: r for r in report["results"]}
-    assert set(rows) == {"pagoda", "ceiling", "hf-sdpa"}
+    assert set(rows) == {"pagoda", "ceiling", "ceiling (reads)", "hf-sdpa"}
     p = rows["pagoda"]
     assert runs[0]["decode_steps"] == runs[1]["decode_steps"]    # the same schedule: the prefix cache was emptied
     assert p["decode_host_p50_ms"] <= p["decode_host_p90_ms"] <= p["decode_host_max_ms"]
@@ -91,6 +91,13 @@ def test_bench_engine_cli_tiny(tiny_model, tmp_path):  # noqa: F811
     assert p["decode_steps"] >= max(n for _, n in reqs) - 2
     assert rows["hf-sdpa"]["status"] == "ok" and rows["hf-sdpa"]["output_tok_s"] > 0
     assert rows["ceiling"]["output_tok_s"] > 0 and report["meta"]["copy_gbps"] > 0
+    # The same bytes at the read bandwidth: the two ceilings' times scale with the two rates (the FLOP term
+    # apart), and each run is given as a fraction of both.
+    read, copy = rows["ceiling (reads)"], rows["ceiling"]
+    assert read["kv_tb"] == copy["kv_tb"] and read["weight_tb"] == copy["weight_tb"]
+    assert (read["elapsed_s"] < copy["elapsed_s"]) == (report["meta"]["read_gbps"] > report["meta"]["copy_gbps"])
+    for r in runs:
+        assert r["frac_of_read_ceiling"] == pytest.approx(r["output_tok_s"] / read["output_tok_s"], rel=2e-3)
     assert (out / "engine.md").read_text().count("pagoda") >= 2
 
 
@@ -101,4 +108,7 @@ def test_bench_engine_batch_1_tiny(tiny_model, tmp_path):  # noqa: F811
     (row,) = report["results"]
     assert row["requests"] == 1 and row["floor_ms_per_token"] > 0
     assert row["frac_of_floor"] == pytest.approx(row["floor_ms_per_token"] / row["itl_p50_ms"], rel=1e-3)
+    assert row["frac_of_read_floor"] == pytest.approx(row["read_floor_ms"] / row["itl_p50_ms"], rel=1e-3)
+    ratio = report["meta"]["copy_gbps"] / report["meta"]["read_gbps"]        # same bytes, two rates
+    assert row["read_floor_ms"] == pytest.approx(row["floor_ms_per_token"] * ratio, rel=2e-3)
     assert "batch_1" in report["meta"]["workload"] and report["meta"]["workload"]["batch_1"]
