@@ -199,9 +199,7 @@ class LogitsPipeline:
         self._started = (seqs, self.structured.start_fill(len(seqs), constrained, last))
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        if self.structured is not None:
-            self.structured.wait()                  # a fill in flight reads matchers that release may drop
-        self._release_finished()
+        self._release_finished()                    # (release waits for a grammar fill in flight)
         slots = [self.slot_of.get(s.seq_id) for s in seqs]
         for i, seq in enumerate(seqs):
             if slots[i] is None:

@@ -217,9 +217,9 @@ class StructuredOutputManager:
         chunks = self._chunks(items)
         if not background and len(chunks) == 1:
             return PendingFill(bitmask, [self._advance_and_fill(items, bitmask)])
-        fill = self.inflight = PendingFill(bitmask, [self._fill_pool().submit(self._advance_and_fill, c, bitmask)
-                                                     for c in chunks])
-        return fill
+        self.inflight = PendingFill(bitmask, [self._fill_pool().submit(self._advance_and_fill, c, bitmask)
+                                              for c in chunks])
+        return self.inflight
 
     def wait(self) -> None:
         """Wait for the fill in flight, if any (its errors are raised by whoever reads its result)."""
