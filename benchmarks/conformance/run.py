@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true",
                     help="write the report from what --out/raw already holds (a run cut short before its report)")
     ap.add_argument("--device", default=None, help="with --report-only: the device the raw records came from")
+    ap.add_argument("--resume", default=None,
+                    help="an earlier run's --out folder (same sampling options): its collection is reused, its "
+                         "recorded cases are not run again and count in this report")
     args = ap.parse_args(argv)
 
     t0 = time.time()
@@ -113,9 +116,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.keyword:
         common += ["-k", args.keyword]
 
-    # 1. collect
+    # 1. collect (or take an earlier run's collection and records)
+    done: dict[str, dict] = {}
+    if args.resume:
+        prev = Path(args.resume).resolve() / "raw"
+        for name in names:
+            src = prev / f"{name}-collect.json"
+            if not src.exists():
+                raise SystemExit(f"--resume: {src} is missing (the earlier run did not finish collecting {name})")
+            (raw / src.name).write_text(src.read_text())
+        done = report.load_records(sorted(p for name in names for p in prev.glob(f"{name}-*.jsonl")))
+        (raw / "resumed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in done.values()))
     procs = {}
-    for name in ([] if args.report_only else names):
+    for name in ([] if args.report_only or args.resume else names):
         root = suites_dir / name
         cmd = _pytest_cmd(root, manifest[name], [*common, "--collect-only",
                                                  "--conformance-collect-out", str(raw / f"{name}-collect.json"),
@@ -128,14 +141,15 @@ def main(argv: list[str] | None = None) -> int:
         data = json.loads(path.read_text()) if path.exists() else {"cases": [], "population": {}, "errors": [
             {"nodeid": name, "error": f"collection did not finish (see raw/{name}-collect.log)"}]}
         suites[name] = {"cases": data["cases"], "population": data["population"], "errors": data["errors"],
-                        "manifest": manifest[name], "selected": interleave(data["cases"])}
+                        "manifest": manifest[name],
+                        "selected": [c for c in interleave(data["cases"]) if c["nodeid"] not in done]}
 
     # 2. run: workers shared between suites in proportion to their selections
     total = sum(len(s["selected"]) for s in suites.values()) or 1
     deadline = t0 + args.budget_s - args.case_timeout - 15
-    procs, records = [], []
+    procs, records = [], ([raw / "resumed.jsonl"] if args.resume or (raw / "resumed.jsonl").exists() else [])
     if args.report_only:
-        records = sorted(p for name in suites for p in raw.glob(f"{name}-*.jsonl"))
+        records += sorted(p for name in suites for p in raw.glob(f"{name}-*.jsonl"))
     for name, s in ({} if args.report_only else suites).items():
         root = suites_dir / name
         n = max(1, round(workers * len(s["selected"]) / total))
@@ -161,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     rep = report.aggregate(suites)
     meta = {"device": device, "wall_s": time.time() - t0, "per_function": args.per_function, "seed": args.seed,
             "workers": workers, "budget_s": args.budget_s, "case_timeout_s": args.case_timeout,
-            "dry_run": args.dry_run, "keyword": args.keyword, "report_only": args.report_only}
+            "dry_run": args.dry_run, "keyword": args.keyword, "report_only": args.report_only,
+            "resumed_cases": len(done) if args.resume else None}
     report.write(rep, meta, out)
     t = rep["totals"]
     print(f"conformance: {t['passed'] + t['passed_fwd']} passed, {t['failed']} failed, {t['skipped']} skipped, "
