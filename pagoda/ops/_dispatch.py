@@ -7,7 +7,8 @@ The ops validate their arguments and then call here; the kernel modules only lau
   `hopper.attention.hopper_supported`) unless ``PAGODA_HOPPER_ATTN=0``; the Triton kernel otherwise.
 - Paged prefill (`prefill_paged`): the paged Gluon kernel on sm_90 for batches whose longest request has at least
   `GLUON_MIN_QO` queries and that it supports (`hopper.paged.paged_supported`), same switch; the Triton paged
-  kernel otherwise, whose GQA row packing suits short, decode-like requests.
+  kernel otherwise, whose GQA row packing suits short, decode-like requests. Custom masks follow the same rule when
+  the plan built the Gluon kernel's tile lists (`masked_gluon_planned`), else take the Triton kernel.
 - Triton launch configurations: autotuned at the first call of a shape class, or fixed (`default_config`) with
   ``PAGODA_AUTOTUNE=0``, and small tiles in the interpreter.
 
@@ -22,6 +23,23 @@ from pagoda import _switches
 # Requests with at least this many queries (max over the batch) take the paged Gluon kernel where it applies;
 # shorter, decode-like batches keep the Triton kernel's GQA row packing (several query heads per tile).
 GLUON_MIN_QO = 128
+
+
+def masked_gluon_planned(q_dtype: torch.dtype, head_dim: int, page_size: int, max_qo_len: int, device,
+                         logits_soft_cap: float, pos_encoding_mode: str) -> bool:
+    """Whether a masked paged prefill plan should also build the Gluon kernel's tiling: the call could take it
+    (sm_90, Gluon importable, fp16/bf16, head_dim 64/128, a page size it boxes, no soft cap / ALiBi / RoPE,
+    requests of at least `GLUON_MIN_QO` queries). The cache layout is checked again at run."""
+    if (max_qo_len < GLUON_MIN_QO or _switches.interpreting() or not _switches.hopper_attention()
+            or q_dtype not in (torch.float16, torch.bfloat16) or head_dim not in (64, 128) or logits_soft_cap
+            or pos_encoding_mode != "NONE" or torch.device(device).type != "cuda"):
+        return False
+    from pagoda.kernels.hopper import gluon, paged as hopper_paged
+
+    if not gluon.GLUON_OK or hopper_paged.box_rows(page_size) is None:
+        return False
+    index = torch.device(device).index
+    return gluon.is_sm90(index if index is not None else torch.cuda.current_device())
 
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None,
@@ -65,7 +83,8 @@ def prefill_paged(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_indpt
 
     ``write_lse=False``: the caller does not read lse (the Gluon kernel then skips it; the Triton kernels write it
     regardless). ``block_m`` is the Triton kernel's rows per tile (unused by the Gluon kernel). A ``custom_mask``
-    (`pagoda.ops._mask.MaskPlan`) always takes the Triton kernel, with the launch configuration it was planned for."""
+    (`pagoda.ops._mask.MaskPlan`) takes the Gluon kernel when it holds that kernel's tiling and the call is in its
+    scope, else the Triton kernel with the launch configuration it was planned for."""
     from pagoda.kernels.attention import prefill_paged as paged
 
     if qo_indptr.shape[0] <= 1 or max_qo_len == 0 or q.shape[0] == 0:
@@ -73,18 +92,21 @@ def prefill_paged(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_indpt
     if window_right is None:
         window_right = 0 if causal else -1
     interpreting = _switches.interpreting()
-    if (allow_gluon and max_qo_len >= GLUON_MIN_QO and not interpreting and custom_mask is None and window_right <= 0
-            and _switches.hopper_attention()):
+    masked = custom_mask is not None
+    if (allow_gluon and max_qo_len >= GLUON_MIN_QO and not interpreting and _switches.hopper_attention()
+            and (custom_mask.gluon_tiles is not None if masked else window_right <= 0)):
         from pagoda.kernels.hopper import paged as hopper_paged
 
+        # A mask holds the window in its bits: the kernel sees none.
         if hopper_paged.paged_supported(q, k_cache, v_cache, k_strides, v_strides, page_size, num_kv_heads,
-                                        window_left=window_left, window_right=window_right,
+                                        window_left=-1 if masked else window_left,
+                                        window_right=-1 if masked else window_right,
                                         logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes, rope=rope,
-                                        num_splits=num_splits):
+                                        num_splits=0 if masked else num_splits):
             hopper_paged.prefill_paged_hopper(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_indptr,
                                               kv_indices, kv_last_page_len, page_size, num_kv_heads, max_qo_len, out,
                                               lse if write_lse else None, sm_scale=sm_scale,
-                                              causal=window_right == 0)
+                                              causal=window_right == 0 and not masked, custom_mask=custom_mask)
             return
     config = None
     if interpreting or not _switches.autotune():

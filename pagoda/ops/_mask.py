@@ -25,6 +25,7 @@ from pagoda.ops import _checks
 from pagoda.ops.packbits import packbits, segment_packbits
 
 ROW_ALIGN = 128          # keys per padded mask row: a multiple of every BLOCK_N the masked launch uses
+GLUON_TILE = (128, 128)  # (queries, keys) of a tile of the Gluon paged kernel (`pagoda.kernels.hopper.paged`)
 _MAX_WORDS = 2 ** 31 - 1  # word offsets are int32 in the kernel
 
 
@@ -52,7 +53,9 @@ class MaskPlan:
     packed: torch.Tensor        # the user's mask, segment-packed little-endian (reference path)
     qo_lens: list
     kv_lens: list
-    visited: float              # fraction of (query tile, key tile) pairs the kernel reads
+    visited: float              # fraction of (query tile, key tile) pairs the kernel reads (the Gluon tiling's
+    #                             when it was planned)
+    gluon_tiles: tuple | None = None   # (meta, tile_indptr, tile_list) of the Gluon kernel's tiling, or None
     _host: list | None = field(default=None)
     _pages: tuple | None = field(default=None)   # ragged K/V as one-token pages (`ragged_as_pages`), made once
 
@@ -138,13 +141,9 @@ def _words(packed: torch.Tensor, qo_lens, kv_lens, window_left: int, device):
     return val, req, row, w, row_words, word_off
 
 
-def plan_mask(custom_mask, packed_custom_mask, qo_lens: list, kv_lens: list, group: int, head_dim: int,
-              fp32: bool, window_left: int, device) -> MaskPlan:
-    """Build the kernel's view of a custom mask for a batch with host lengths ``qo_lens``/``kv_lens``."""
-    packed = pack_user_mask(custom_mask, packed_custom_mask, qo_lens, kv_lens, device)
-    config = tile_shape(max(qo_lens, default=1) * group, head_dim, fp32)
-    bm, bn = config["BLOCK_M"], config["BLOCK_N"]
-    val, req, row, w, row_words, word_off = _words(packed, qo_lens, kv_lens, window_left, device)
+def _tile_lists(val, req, row, w, qo_lens: list, kv_lens: list, group: int, bm: int, bn: int, device):
+    """CSR of the key tiles (``bn`` keys) holding a visible score, per query tile (``bm`` GQA-packed rows of
+    ``qo_len * group``): (first query tile per request, tile_indptr, tile_list, fraction of pairs visited)."""
     q_tiles = [_cdiv(q * group, bm) for q in qo_lens]
     tile_base = [0]
     for t in q_tiles:
@@ -168,16 +167,37 @@ def plan_mask(custom_mask, packed_custom_mask, qo_lens: list, kv_lens: list, gro
     tile_indptr[1:] = torch.cumsum(any_tile.sum(1), 0)
     tile_list = any_tile.nonzero()[:, 1].to(torch.int32)
     total = sum(t * _cdiv(k, bn) for t, k in zip(q_tiles, kv_lens))
-    words = torch.where(val >= 2 ** 31, val - 2 ** 32, val).to(torch.int32)
-    meta = torch.tensor([[word_off[b], row_words[b], tile_base[b]] for b in range(len(qo_lens))],
+    return tile_base, tile_indptr, tile_list, (tile_list.numel() / total if total else 0.0)
+
+
+def _meta(word_off: list, row_words: list, tile_base: list, device) -> torch.Tensor:
+    """int32 ``[batch, 3]``: each request's word offset, words a row, first query tile."""
+    return torch.tensor([[word_off[b], row_words[b], tile_base[b]] for b in range(len(row_words))],
                         dtype=torch.int32).reshape(-1, 3).to(device)
-    return MaskPlan(words=words, meta=meta, tile_indptr=tile_indptr, tile_list=tile_list, config=config,
-                    packed=packed, qo_lens=list(qo_lens), kv_lens=list(kv_lens),
-                    visited=tile_list.numel() / total if total else 0.0)
+
+
+def plan_mask(custom_mask, packed_custom_mask, qo_lens: list, kv_lens: list, group: int, head_dim: int,
+              fp32: bool, window_left: int, device, gluon: bool = False) -> MaskPlan:
+    """Build the kernel's view of a custom mask for a batch with host lengths ``qo_lens``/``kv_lens``.
+    ``gluon``: also the tile lists of the Gluon sm_90 paged kernel (`GLUON_TILE`, one query head a program)."""
+    packed = pack_user_mask(custom_mask, packed_custom_mask, qo_lens, kv_lens, device)
+    config = tile_shape(max(qo_lens, default=1) * group, head_dim, fp32)
+    val, req, row, w, row_words, word_off = _words(packed, qo_lens, kv_lens, window_left, device)
+    tile_base, tile_indptr, tile_list, visited = _tile_lists(val, req, row, w, qo_lens, kv_lens, group,
+                                                             config["BLOCK_M"], config["BLOCK_N"], device)
+    gluon_tiles = None
+    if gluon:
+        g_base, g_indptr, g_list, visited = _tile_lists(val, req, row, w, qo_lens, kv_lens, 1, *GLUON_TILE, device)
+        gluon_tiles = (_meta(word_off, row_words, g_base, device), g_indptr, g_list)
+    words = torch.where(val >= 2 ** 31, val - 2 ** 32, val).to(torch.int32)
+    return MaskPlan(words=words, meta=_meta(word_off, row_words, tile_base, device), tile_indptr=tile_indptr,
+                    tile_list=tile_list, config=config, packed=packed, qo_lens=list(qo_lens),
+                    kv_lens=list(kv_lens), visited=visited, gluon_tiles=gluon_tiles)
 
 
 def plan_for_wrapper(custom_mask, packed_custom_mask, qo_lens: list, kv_lens: list, group: int, head_dim: int,
-                     q_dtype: torch.dtype, window_left: int, device, use_cuda_graph: bool) -> MaskPlan | None:
+                     q_dtype: torch.dtype, window_left: int, device, use_cuda_graph: bool,
+                     gluon: bool = False) -> MaskPlan | None:
     """A prefill wrapper's plan step: None without a mask; NotImplementedError for a mask under CUDA graphs (the
     tile lists are sized per plan, so a captured launch could not replay them)."""
     if not check_mask_args(custom_mask, packed_custom_mask):
@@ -186,7 +206,7 @@ def plan_for_wrapper(custom_mask, packed_custom_mask, qo_lens: list, kv_lens: li
         raise NotImplementedError("custom_mask / packed_custom_mask with use_cuda_graph=True are not supported "
                                   "(plan the masked batch on a wrapper without CUDA graphs)")
     return plan_mask(custom_mask, packed_custom_mask, qo_lens, kv_lens, group, head_dim, q_dtype == torch.float32,
-                     window_left, device)
+                     window_left, device, gluon)
 
 
 def _ref_opts(opts: dict) -> dict:

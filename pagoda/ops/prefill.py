@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from pagoda.ops import _checks, _mask, _multi_item, _paged, _workspace
+from pagoda.ops import _checks, _dispatch, _mask, _multi_item, _paged, _workspace
 from pagoda.ops import _decode_plan as _plan
 from pagoda.ops import _prefill_common as _common
 from pagoda.ops import _prefill_split as _split
@@ -162,8 +162,11 @@ class BatchPrefillWithPagedKVCacheWrapper(_workspace.PrefillWorkspace):
                     _paged.check_plan_device(name, t, self.device)
             custom_mask = _multi_item.dense_mask(prefix_len_ptr, token_pos_in_items_ptr, token_pos_in_items_len,
                                                  max_item_len_ptr, qo_lens, kv_lens)
+        gluon = (custom_mask is not None or packed_custom_mask is not None) and _dispatch.masked_gluon_planned(
+            q_dtype, d, page_size, max(qo_lens, default=0), self.device, opts["logits_soft_cap"],
+            opts["pos_encoding_mode"])
         self._mask = _mask.plan_for_wrapper(custom_mask, packed_custom_mask, qo_lens, kv_lens, hq // hk, d, q_dtype,
-                                            opts["window_left"], self.device, self._use_cuda_graph)
+                                            opts["window_left"], self.device, self._use_cuda_graph, gluon)
         used = paged_kv_indices[:kptr[-1]]
         self._max_page_id = int(used.max()) if used.numel() else -1
         if self._use_cuda_graph:

@@ -87,16 +87,19 @@ if not GLUON_OK:
     print("NO_GLUON"); sys.exit(0)
 from pagoda.kernels.hopper.aot import compile_paged_sm90
 from triton.tools.disasm import get_sass
-for d, dt, causal, box, pp, o_tma, lse in [(128, "bf16", True, 16, False, True, True),
-                                           (64, "fp16", False, 32, False, False, True),
-                                           (128, "bf16", False, 128, True, True, False),
-                                           (64, "bf16", True, 64, False, True, True)]:
-    k = compile_paged_sm90(d, dt, causal, box, pp, o_tma, lse)
+for d, dt, causal, box, pp, o_tma, lse, cm in [(128, "bf16", True, 16, False, True, True, False),
+                                               (64, "fp16", False, 32, False, False, True, False),
+                                               (128, "bf16", False, 128, True, True, False, False),
+                                               (64, "bf16", True, 64, False, True, True, False),
+                                               (128, "bf16", False, 16, False, True, True, True),
+                                               (64, "fp16", False, 64, False, True, True, True)]:
+    k = compile_paged_sm90(d, dt, causal, box, pp, o_tma, lse, custom_mask=cm)
     ptx, sass = k.asm["ptx"], get_sass(k.asm["cubin"])
     copies = len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.shared", ptx))
     stores = len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.global", ptx))
     msgs = (d * 2 + 127) // 128  # 128-byte swizzle: one TMA message per 64 bf16 columns
-    print(f"d={d} {dt} causal={causal} box={box} smem={k.metadata.shared} copies={copies} stores={stores}")
+    print(f"d={d} {dt} causal={causal} box={box} mask={cm} smem={k.metadata.shared} copies={copies} "
+          f"stores={stores}")
     assert k.metadata.shared <= 227 * 1024
     # Q (2 boxes) + K and V: one box per page of a 128-key tile
     assert copies == msgs * (2 + 2 * (128 // box)), copies

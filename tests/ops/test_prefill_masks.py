@@ -284,3 +284,58 @@ def test_gpu_ragged_mask_equals_causal():
     o_causal, l_causal = w.run(q, k, v, return_lse=True)
     torch.testing.assert_close(o_mask, o_causal, rtol=1e-3, atol=1e-3)
     assert_finite_lse_close(l_mask.cpu(), l_causal.cpu(), atol=1e-3)
+
+
+def _sm90():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and \
+        __import__("pagoda.kernels.hopper.gluon", fromlist=["GLUON_OK"]).GLUON_OK
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU and Gluon")
+@pytest.mark.parametrize("kind", ["random", "tree", "prefix_lm", "empty_rows", "empty_tile", "half_tiles"])
+@pytest.mark.parametrize("page_size,layout,dtype", [(16, "NHD", torch.bfloat16), (64, "HND", torch.float16)])
+def test_gpu_masks_take_the_gluon_kernel(monkeypatch, kind, page_size, layout, dtype):
+    """Requests of >= 128 queries on sm_90: the Gluon kernel walks the listed 128 x 128 tiles (a query tile that
+    sees nothing writes zeros / -inf, the last listed tile may be partial with NaN in the page's unused slots)."""
+    import pagoda.kernels.hopper.paged as pp
+    calls = []
+    real = pp.prefill_paged_hopper
+    monkeypatch.setattr(pp, "prefill_paged_hopper",
+                        lambda *a, **k: calls.append(k.get("custom_mask") is not None) or real(*a, **k))
+    monkeypatch.delenv("PAGODA_HOPPER_ATTN", raising=False)
+    kv, qo = [1000, 37, 700, 2048, 300], [300, 37, 1, 500, 300]
+    if kind == "empty_tile":      # request 3's first two query tiles see no key at all
+        masks = [mu.with_empty_rows(m, range(256) if i == 3 else ()) for i, m in enumerate(_masks("random", qo, kv))]
+    elif kind == "half_tiles":
+        masks = [mu.block_half_empty(a, b, 128, 128) for a, b in zip(qo, kv)]
+    else:
+        masks = _masks(kind, qo, kv)
+    out, lse, want, want_lse, w = _paged_run(masks, kv, qo, page_size=page_size, layout=layout, hq=32, hk=8, d=128,
+                                             dtype=dtype, device="cuda")
+    assert calls and all(calls), "the masked call did not take the Gluon kernel"
+    assert w._mask.gluon_tiles is not None
+    assert not out.isnan().any() and rel_err(out.cpu(), want) < 1e-2
+    assert_finite_lse_close(lse.cpu(), want_lse.float(), atol=2e-2)
+    assert torch.equal(lse.cpu().isinf(), want_lse.isinf())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU and Gluon")
+def test_gpu_gluon_mask_with_window_equals_triton_kernel(monkeypatch):
+    """A window folded into the bits, through the Gluon kernel and (PAGODA_HOPPER_ATTN=0) the Triton one."""
+    kv, qo = [900, 2000], [600, 256]
+    masks = _masks("random", qo, kv)
+    monkeypatch.delenv("PAGODA_HOPPER_ATTN", raising=False)
+    torch.manual_seed(0)
+    a, la, want, want_lse, w = _paged_run(masks, kv, qo, hq=32, hk=8, d=128, dtype=torch.bfloat16, device="cuda",
+                                          window_left=300)
+    assert w._mask.gluon_tiles is not None
+    monkeypatch.setenv("PAGODA_HOPPER_ATTN", "0")
+    torch.manual_seed(0)       # the same inputs
+    b, lb, _, _, w2 = _paged_run(masks, kv, qo, hq=32, hk=8, d=128, dtype=torch.bfloat16, device="cuda",
+                                 window_left=300)
+    assert w2._mask.gluon_tiles is None
+    assert rel_err(a.cpu(), want) < 1e-2 and rel_err(a, b) < 1e-2
+    assert_finite_lse_close(la.cpu(), lb.cpu(), atol=2e-2)
+    assert torch.equal(la.isinf(), lb.isinf())

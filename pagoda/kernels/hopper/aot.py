@@ -48,9 +48,9 @@ def compile_sm90(head_dim: int, dtype: str = "bf16", causal: bool = True, config
 
 
 def compile_paged_sm90(head_dim: int, dtype: str = "bf16", causal: bool = True, box: int = 16,
-                       pingpong: bool = False, o_tma: bool = True, write_lse: bool = True):
+                       pingpong: bool = False, o_tma: bool = True, write_lse: bool = True, custom_mask: bool = False):
     """Compile the paged Gluon prefill (`paged`) ahead of time for sm_90, boxes of ``box``
-    cache rows (a page size of 16, 32, 64, or 128 for larger pages)."""
+    cache rows (a page size of 16, 32, 64, or 128 for larger pages); ``custom_mask`` the masked variant."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -65,14 +65,15 @@ def compile_paged_sm90(head_dim: int, dtype: str = "bf16", causal: bool = True, 
 
     sig = {"q_desc": desc_sig(64), "k_desc": desc_sig(box), "v_desc": desc_sig(box), "o_desc": desc_sig(64),
            "O": f"*{dtype}",
-           "LSE": "*fp32", "QO_INDPTR": "*i32", "KV_INDPTR": "*i32", "KV_INDICES": "*i32", "KV_LAST": "*i32"}
+           "LSE": "*fp32", "QO_INDPTR": "*i32", "KV_INDPTR": "*i32", "KV_INDICES": "*i32", "KV_LAST": "*i32",
+           "MASK_WORDS": "*i32", "MASK_META": "*i32", "TILE_INDPTR": "*i32", "TILE_LIST": "*i32"}
     for name in ("stride_ot", "stride_oh", "stride_lt", "stride_lh", "page_size", "rows_per_page",
                  "rows_per_head", "cols_per_head", "group_size"):
         sig[name] = "i32"
     sig["qk_scale"] = "fp32"
     consts = {"HEAD_DIM": head_dim, "BLOCK_M": P.BLOCK_M, "BLOCK_N": P.BLOCK_N, "BOX": box, "STAGES": P.STAGES,
               "CAUSAL": causal, "CONSUMER_REGS": P.CONSUMER_REGS, "PINGPONG": pingpong, "O_TMA": o_tma,
-              "WRITE_LSE": write_lse, "num_warps": 4}
+              "WRITE_LSE": write_lse, "CUSTOM_MASK": custom_mask, "num_warps": 4}
     for name in consts:
         sig[name] = "constexpr"
     src = GluonASTSource(fn=P._paged_prefill_ws_kernel, signature=sig, constexprs=consts)

@@ -82,18 +82,27 @@ if GLUON_OK:
     @gluon.jit
     def _paged_loader(q_desc, k_desc, v_desc, KV_INDICES, q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready,
                       v_empty, q_start, head, kvh, m0, p0, n_pages, n_tiles, page_size, rows_per_page,
-                      rows_per_head, cols_per_head, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                      BOX: gl.constexpr, STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
+                      rows_per_head, cols_per_head, TILE_LIST, tile_beg, HEAD_DIM: gl.constexpr,
+                      BLOCK_N: gl.constexpr, BOX: gl.constexpr, STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
+                      CUSTOM_MASK: gl.constexpr):
+        """Q, then key tiles 0 .. n_tiles - 1 (CUSTOM_MASK: the tiles listed at ``TILE_LIST[tile_beg:]``)."""
         WG_M: gl.constexpr = q_desc.block_type.shape[0]
         for w in gl.static_range(NUM_CONSUMERS):
             mbarrier.expect(q_bars.index(w), q_desc.block_type.nbytes)
             tma.async_load(q_desc, [q_start + m0 + w * WG_M, head * HEAD_DIM], q_bars.index(w), q_smem.index(w))
         row_h = kvh * rows_per_head
         col = kvh * cols_per_head
-        rows = _tile_rows(KV_INDICES, p0, n_pages, 0, row_h, page_size, rows_per_page, BLOCK_N, BOX)
+        tile = n_tiles * 0
+        if CUSTOM_MASK:
+            tile = gl.load(TILE_LIST + tile_beg)
+        rows = _tile_rows(KV_INDICES, p0, n_pages, tile, row_h, page_size, rows_per_page, BLOCK_N, BOX)
         for i in range(n_tiles):
             # The next tile's page ids are in flight while this tile waits for its slots.
-            nxt = _tile_rows(KV_INDICES, p0, n_pages, i + 1, row_h, page_size, rows_per_page, BLOCK_N, BOX)
+            if CUSTOM_MASK:
+                tile = gl.load(TILE_LIST + tile_beg + i + 1, mask=i + 1 < n_tiles, other=0)
+            else:
+                tile = i + 1
+            nxt = _tile_rows(KV_INDICES, p0, n_pages, tile, row_h, page_size, rows_per_page, BLOCK_N, BOX)
             slot = i % STAGES
             phase = (i // STAGES) & 1
             mbarrier.wait(k_empty.index(slot), phase ^ 1)  # a fresh mbarrier passes phase 1 at once
@@ -105,20 +114,27 @@ if GLUON_OK:
     @gluon.jit
     def _paged_consumer(q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready, v_empty, turns, o_desc, O, LSE,
                         q_start, head, m0, n_tiles, mask_from, stride_ot, stride_oh, stride_lt, stride_lh, qo_len,
-                        kv_len, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                        kv_len, qk_scale, MASK_WORDS, word_off, row_words, TILE_LIST, tile_beg,
+                        HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                         CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, O_TMA: gl.constexpr, WRITE_LSE: gl.constexpr,
-                        NUM_CONSUMERS: gl.constexpr, WG: gl.constexpr):
+                        NUM_CONSUMERS: gl.constexpr, WG: gl.constexpr, CUSTOM_MASK: gl.constexpr):
         """Consumer warpgroup WG: rows m0 + 64 WG .. + 63 of the request, then O (one TMA box when O_TMA and
-        all 64 rows are the request's, else masked stores) and, with WRITE_LSE, the LSE."""
+        all 64 rows are the request's, else masked stores) and, with WRITE_LSE, the LSE. CUSTOM_MASK: query
+        row r's mask words start at ``MASK_WORDS + word_off + r * row_words``."""
         WG_M: gl.constexpr = q_smem.shape[1]
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, HEAD_DIM, 16])
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         m_w = m0 + WG * WG_M
+        q_rows = m_w + gl.arange(0, WG_M, layout=gl.SliceLayout(1, s_layout))
+        mask_rows = gl.where(q_rows < qo_len, word_off + q_rows * row_words, -1)
         acc, m_i, l_i = _ws_mainloop(q_smem.index(WG), k_bufs, v_bufs, q_bars.index(WG), q_bars.index(WG), k_ready,
                                      k_empty, v_ready, v_empty, turns.index(WG), turns.index((WG + 1) % NUM_CONSUMERS),
-                                     m_w, n_tiles, 0, 0, mask_from, qo_len, kv_len, qk_scale, HEAD_DIM, BLOCK_N,
-                                     STAGES, CAUSAL, PINGPONG, False, True)
+                                     m_w, n_tiles, 0, 0, mask_from, qo_len, kv_len, qk_scale, MASK_WORDS, mask_rows,
+                                     TILE_LIST, tile_beg, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, PINGPONG, False, True,
+                                     CUSTOM_MASK)
         l_o = gl.convert_layout(l_i, row_o)
         empty = l_o == 0.0
         out = acc / gl.expand_dims(gl.where(empty, 1.0, l_o), 1)
@@ -172,15 +188,18 @@ if GLUON_OK:
     @gluon.jit(do_not_specialize=["stride_ot", "stride_oh", "stride_lt", "stride_lh", "page_size", "rows_per_page",
                                   "rows_per_head", "cols_per_head", "group_size"])
     def _paged_prefill_ws_kernel(q_desc, k_desc, v_desc, o_desc, O, LSE, QO_INDPTR, KV_INDPTR, KV_INDICES, KV_LAST,
+                                 MASK_WORDS, MASK_META, TILE_INDPTR, TILE_LIST,
                                  stride_ot, stride_oh, stride_lt, stride_lh, page_size, rows_per_page, rows_per_head,
                                  cols_per_head, group_size, qk_scale,
                                  HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                                  BOX: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                                  CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr, O_TMA: gl.constexpr,
-                                 WRITE_LSE: gl.constexpr, num_warps: gl.constexpr):
+                                 WRITE_LSE: gl.constexpr, CUSTOM_MASK: gl.constexpr, num_warps: gl.constexpr):
         """Grid ``(cdiv(max_qo_len, BLOCK_M), hq, batch)``; q_desc (and o_desc when O_TMA) over ``[nnz, hq * d]``
         (box ``[64, d]``), k/v descriptors over the caches' token rows (box ``[BOX, d]``). LSE is written
-        when WRITE_LSE."""
+        when WRITE_LSE. CUSTOM_MASK: a planned mask (`pagoda.ops._mask`, the 128 x 128 tiling of one query head):
+        ``MASK_META [batch, 3]`` (word offset, words a row, first query tile), ``TILE_INDPTR`` / ``TILE_LIST``
+        the key tiles each query tile walks; otherwise those four pointers are unused."""
         gl.static_assert(num_warps == 4, "the default partition is consumer 0 (one warpgroup)")
         gl.static_assert(BLOCK_M == 2 * q_desc.block_type.shape[0], "one q box per consumer warpgroup")
         gl.static_assert(BLOCK_N % BOX == 0, "whole boxes per key tile")
@@ -203,7 +222,23 @@ if GLUON_OK:
             _write_empty(O, LSE, q_start, head, m0, qo_len, stride_ot, stride_oh, stride_lt, stride_lh,
                          HEAD_DIM, BLOCK_M, WRITE_LSE)
             return
-        n_tiles, mask_from = key_tiles(m0, qo_len, kv_len, BLOCK_M, BLOCK_N, CAUSAL)
+        word_off = 0
+        row_words = 0
+        tile_beg = 0
+        if CUSTOM_MASK:
+            # The listed key tiles only; the bits hold the key bounds, so no positional mask.
+            word_off = gl.load(MASK_META + b * 3)
+            row_words = gl.load(MASK_META + b * 3 + 1)
+            q_tile = gl.load(MASK_META + b * 3 + 2) + m0 // BLOCK_M
+            tile_beg = gl.load(TILE_INDPTR + q_tile)
+            n_tiles = gl.load(TILE_INDPTR + q_tile + 1) - tile_beg
+            mask_from = kv_len + BLOCK_N
+            if n_tiles == 0:   # no row of the tile sees a key
+                _write_empty(O, LSE, q_start, head, m0, qo_len, stride_ot, stride_oh, stride_lt, stride_lh,
+                             HEAD_DIM, BLOCK_M, WRITE_LSE)
+                return
+        else:
+            n_tiles, mask_from = key_tiles(m0, qo_len, kv_len, BLOCK_M, BLOCK_N, CAUSAL)
         kvh = head // group_size
         slot2d: gl.constexpr = nvmma_2d(BLOCK_N, HEAD_DIM, dtype)
         q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
@@ -229,16 +264,18 @@ if GLUON_OK:
         gl.warp_specialize([
             (_paged_consumer, (q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready, v_empty, turns, o_desc,
                                O, LSE, q_start, head, m0, n_tiles, mask_from, stride_ot, stride_oh, stride_lt,
-                               stride_lh, qo_len, kv_len, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL,
-                               PINGPONG, O_TMA, WRITE_LSE, 2, 0)),
+                               stride_lh, qo_len, kv_len, qk_scale, MASK_WORDS, word_off, row_words, TILE_LIST,
+                               tile_beg, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, PINGPONG, O_TMA, WRITE_LSE, 2, 0,
+                               CUSTOM_MASK)),
             (_paged_consumer, (q_smem, k_bufs, v_bufs, q_bars, k_ready, k_empty, v_ready, v_empty, turns, o_desc,
                                O, LSE, q_start, head, m0, n_tiles, mask_from, stride_ot, stride_oh, stride_lt,
-                               stride_lh, qo_len, kv_len, qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL,
-                               PINGPONG, O_TMA, WRITE_LSE, 2, 1)),
+                               stride_lh, qo_len, kv_len, qk_scale, MASK_WORDS, word_off, row_words, TILE_LIST,
+                               tile_beg, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, PINGPONG, O_TMA, WRITE_LSE, 2, 1,
+                               CUSTOM_MASK)),
             (_paged_loader, (q_desc, k_desc, v_desc, KV_INDICES, q_smem, k_bufs, v_bufs, q_bars, k_ready,
                              k_empty, v_ready, v_empty, q_start, head, kvh, m0, p0, n_pages, n_tiles,
-                             page_size, rows_per_page, rows_per_head, cols_per_head, HEAD_DIM, BLOCK_N, BOX,
-                             STAGES, 2)),
+                             page_size, rows_per_page, rows_per_head, cols_per_head, TILE_LIST, tile_beg, HEAD_DIM,
+                             BLOCK_N, BOX, STAGES, 2, CUSTOM_MASK)),
         ], [4, 1], [CONSUMER_REGS, _LOADER_REGS])
 
 
@@ -326,11 +363,13 @@ def _check_slot_layout(box: int, d: int, dtype: torch.dtype) -> None:
 
 def prefill_paged_hopper(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, kv_indptr, kv_indices,
                          kv_last_page_len, page_size: int, num_kv_heads: int, max_qo_len: int, out, lse, *,
-                         sm_scale: float, causal: bool, pingpong: bool = False, o_tma: bool = True):
+                         sm_scale: float, causal: bool, pingpong: bool = False, o_tma: bool = True,
+                         custom_mask=None):
     """Launch the Gluon paged prefill (callers check `paged_supported`). Arguments as
     `pagoda.kernels.attention.prefill_paged.prefill_paged_fwd`: q/out ``[nnz, hq, d]``, lse float32 ``[nnz, hq]`` or
     None (not written). o_tma: whole 64-row boxes of O go out by TMA when out's rows allow it (else every
-    row by masked stores)."""
+    row by masked stores). custom_mask: a `pagoda.ops._mask.MaskPlan` with its Gluon tiling (``gluon_tiles``);
+    ``causal`` is then ignored."""
     batch = qo_indptr.shape[0] - 1
     hq, d = q.shape[1], q.shape[2]
     if batch == 0 or max_qo_len == 0 or q.shape[0] == 0:
@@ -348,12 +387,18 @@ def prefill_paged_hopper(q, k_cache, v_cache, k_strides, v_strides, qo_indptr, k
         o_spec = (out, [out.shape[0], hq * d], [out.stride(0), 1], qb, smem_layout(qb, out.dtype)) if o_tma else q_spec
         lse_t, lse_strides = (lse, lse.stride()) if lse is not None else (out, (0, 0))
         grid = ((max_qo_len + BLOCK_M - 1) // BLOCK_M, hq, batch)
-        pointers = (out, lse_t, qo_indptr, kv_indptr, kv_indices, kv_last_page_len)
+        masked = custom_mask is not None
+        if masked:
+            meta_g, indptr_g, list_g = custom_mask.gluon_tiles
+            mask_ptrs = (custom_mask.words, meta_g, indptr_g, list_g)
+        else:
+            mask_ptrs = (qo_indptr,) * 4
+        pointers = (out, lse_t, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, *mask_ptrs)
         args = (*pointers, out.stride(0), out.stride(1), lse_strides[0], lse_strides[1], page_size, rpp, rph, cph,
                 hq // num_kv_heads, sm_scale * LOG2E)
-        constexprs = dict(HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BOX=box, STAGES=STAGES, CAUSAL=bool(causal),
-                          CONSUMER_REGS=CONSUMER_REGS, PINGPONG=bool(pingpong), O_TMA=o_tma,
-                          WRITE_LSE=lse is not None)
+        constexprs = dict(HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BOX=box, STAGES=STAGES,
+                          CAUSAL=bool(causal) and not masked, CONSUMER_REGS=CONSUMER_REGS, PINGPONG=bool(pingpong),
+                          O_TMA=o_tma, WRITE_LSE=lse is not None, CUSTOM_MASK=masked)
         # Repeat launches (`launch.tma`) are keyed by all the compiled kernel depends on: the dtype and boxes,
         # the constexprs, each pointer's element type and 16-byte alignment (every int argument is
         # do_not_specialize), the device.

@@ -99,9 +99,10 @@ if GLUON_OK:
 
     @gluon.jit
     def _ws_mainloop(q_smem, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, my_turn, next_turn,
-                     m0, n_tiles, it, item, mask_from, seqlen_q, seqlen_k, qk_scale, HEAD_DIM: gl.constexpr,
-                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
-                     PERSISTENT: gl.constexpr, TAIL_V: gl.constexpr):
+                     m0, n_tiles, it, item, mask_from, seqlen_q, seqlen_k, qk_scale, MASK_WORDS, mask_rows,
+                     TILE_LIST, tile_beg, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                     CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, PERSISTENT: gl.constexpr, TAIL_V: gl.constexpr,
+                     CUSTOM_MASK: gl.constexpr):
         """One consumer warpgroup's pipeline (the module's maths) on the 64 query rows from m0:
         returns the unnormalised O ``[64, HEAD_DIM]`` (fp32, wgmma layout), m_i and l_i (base 2).
 
@@ -121,6 +122,12 @@ if GLUON_OK:
         included): V rows at keys >= seqlen_k of the last tile are zeroed in shared memory before the last
         P V, so that their zero probabilities cannot meet a NaN or inf. Every consumer writes the same
         bytes (zeros, and the valid rows it read back unchanged) before its own GEMM reads them.
+
+        CUSTOM_MASK (paged): the n_tiles key tiles are the ones listed at ``TILE_LIST[tile_beg:]`` (tile indices,
+        in key order), and a score is visible iff its bit is set in the row's mask words: row r's words start at
+        ``MASK_WORDS + mask_rows[r]`` (int32 ``[64]``, `mask_rows`; -1 for rows past the request, read as
+        hidden). The callers pass ``mask_from`` past every key and CAUSAL False: the bits hold the bounds.
+        Without it those four arguments are unused.
         """
         dtype: gl.constexpr = q_smem.dtype
         WG_M: gl.constexpr = q_smem.shape[q_smem.rank - 2]
@@ -142,6 +149,12 @@ if GLUON_OK:
         l_i = gl.zeros([WG_M], gl.float32, layout=row_s)
         acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, layout=o_layout)
 
+        start = n_tiles * 0     # the current key tile's first key (a tensor: it is carried through the loop)
+        nxt = n_tiles * 0
+        if CUSTOM_MASK:
+            start = gl.load(TILE_LIST + tile_beg) * BLOCK_N
+            nxt = gl.load(TILE_LIST + tile_beg + 1, mask=n_tiles > 1, other=0) * BLOCK_N
+            w0, w1, w2, w3 = _mask_words(MASK_WORDS, mask_rows, start, BLOCK_N)
         turn0 = it + item  # issue points of earlier items
         mbarrier.wait(q_bar, item & 1)
         mbarrier.wait(k_ready.index(it % STAGES), (it // STAGES) & 1)
@@ -154,11 +167,20 @@ if GLUON_OK:
         s = warpgroup_mma_wait(0, deps=(s_tok,))
         gl.thread_barrier()
         mbarrier.arrive(k_empty.index(it % STAGES), count=1)
-        p, alpha, m_i, l_i = softmax_tile(s, m_i, l_i, qk_scale, 0, mask_from, rows, seqlen_k, shift,
+        if CUSTOM_MASK:
+            s = _hide_masked(s, w0, w1, w2, w3, BLOCK_N, s_layout)
+        p, alpha, m_i, l_i = softmax_tile(s, m_i, l_i, qk_scale, start, mask_from, rows, seqlen_k, shift,
                                            CAUSAL, BLOCK_N, s_layout)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
 
         for j in range(1, n_tiles):
+            if CUSTOM_MASK:
+                # This tile's words are read while its S runs; the next tile's index is read a tile ahead.
+                start = nxt
+                nxt = gl.load(TILE_LIST + tile_beg + j + 1, mask=j + 1 < n_tiles, other=0) * BLOCK_N
+                u0, u1, u2, u3 = _mask_words(MASK_WORDS, mask_rows, start, BLOCK_N)
+            else:
+                start = j * BLOCK_N
             g = it + j
             slot = g % STAGES
             prev = (g - 1) % STAGES
@@ -175,7 +197,9 @@ if GLUON_OK:
             s = warpgroup_mma_wait(1, deps=(s_tok,))
             gl.thread_barrier()
             mbarrier.arrive(k_empty.index(slot), count=1)
-            p, alpha, m_i, l_i = softmax_tile(s, m_i, l_i, qk_scale, j * BLOCK_N, mask_from, rows, seqlen_k,
+            if CUSTOM_MASK:
+                s = _hide_masked(s, u0, u1, u2, u3, BLOCK_N, s_layout)
+            p, alpha, m_i, l_i = softmax_tile(s, m_i, l_i, qk_scale, start, mask_from, rows, seqlen_k,
                                                shift, CAUSAL, BLOCK_N, s_layout)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             acc = warpgroup_mma_wait(0, deps=(o_tok,))
@@ -191,7 +215,7 @@ if GLUON_OK:
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
         v_op = v_bufs.index(last % STAGES).reinterpret(dtype, [BLOCK_N, HEAD_DIM], smem2d)
         if TAIL_V:
-            n_valid = seqlen_k - (n_tiles - 1) * BLOCK_N
+            n_valid = seqlen_k - start   # the last tile's first key (a listed tile's under CUSTOM_MASK)
             if n_valid < BLOCK_N:
                 _zero_rows_from(v_op, n_valid, BLOCK_N, HEAD_DIM)
         if PINGPONG:
@@ -204,6 +228,31 @@ if GLUON_OK:
             gl.thread_barrier()
             mbarrier.arrive(v_empty.index(last % STAGES), count=1)
         return acc, m_i, l_i
+
+    @gluon.jit
+    def _mask_words(MASK_WORDS, mask_rows, start, BLOCK_N: gl.constexpr):
+        """The 4 int32 mask words ``[64]`` each (row layout of the scores) of the key tile at ``start``
+        (BLOCK_N = 128 keys, 32 a word; rows with ``mask_rows < 0`` read 0: hidden)."""
+        gl.static_assert(BLOCK_N == 128, "custom masks take 128-key tiles: four words a row")
+        live = mask_rows >= 0
+        base = MASK_WORDS + mask_rows + (start >> 5)
+        w0 = gl.load(base, mask=live, other=0)
+        w1 = gl.load(base + 1, mask=live, other=0)
+        w2 = gl.load(base + 2, mask=live, other=0)
+        w3 = gl.load(base + 3, mask=live, other=0)
+        return w0, w1, w2, w3
+
+    @gluon.jit
+    def _hide_masked(s, w0, w1, w2, w3, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+        """``s [64, BLOCK_N]`` with the scores whose mask bit (`_mask_words`) is clear set to -inf. A thread's
+        columns are fixed by the wgmma layout, so the word a score reads and its bit position fold to constants
+        per register: a bit test and a select a score."""
+        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        word = gl.expand_dims(cols >> 5, 0)
+        sel = gl.where(word == 0, gl.expand_dims(w0, 1), gl.where(word == 1, gl.expand_dims(w1, 1), gl.where(
+            word == 2, gl.expand_dims(w2, 1), gl.expand_dims(w3, 1))))
+        bit = (sel >> gl.expand_dims(cols & 31, 0)) & 1
+        return gl.where(bit != 0, s, float("-inf"))
 
     @gluon.jit
     def _zero_rows_from(tile, n_valid, ROWS: gl.constexpr, COLS: gl.constexpr):
@@ -236,7 +285,8 @@ if GLUON_OK:
         qsmem2d: gl.constexpr = nvmma_2d(WG_M, HEAD_DIM, dtype)
         acc, m_i, l_i = _ws_mainloop(q_smem, k_bufs, v_bufs, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty,
                                      my_turn, next_turn, m0, n_tiles, it, item, mask_from, seqlen_q, seqlen_k,
-                                     qk_scale, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, PINGPONG, PERSISTENT, False)
+                                     qk_scale, LSE, 0, LSE, 0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, PINGPONG,
+                                     PERSISTENT, False, False)
 
         l_o = gl.convert_layout(l_i, row_o)
         empty = l_o == 0.0
