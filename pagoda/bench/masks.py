@@ -6,11 +6,14 @@ bf16, GQA 32/8, head_dim 128, page 16, pages in random order, every request ``se
 * ``unmasked``: no mask, pagoda's default dispatch (the warp-specialised Gluon kernel on sm_90 where it applies);
 * ``unmasked_triton``: no mask, the Triton paged kernel at the launch configuration the masked call uses
   (``PAGODA_HOPPER_ATTN=0 PAGODA_AUTOTUNE=0`` for that call): the same kernel without the mask, the reference
-  of the targets;
-* ``random``: a random mask (each score visible with probability 1/2): every tile is read, so this measures
-  the cost of the bits themselves (target: at most 1.15x ``unmasked_triton``);
-* ``half_tiles``: random bits in half of the kernel's (query tile, key tile) blocks, a checkerboard, nothing in
-  the others: the kernel skips the empty half (target: at most 0.6x ``unmasked_triton``).
+  of the ``*_triton`` rows;
+* ``random``: a random mask (each score visible with probability 1/2), pagoda's default dispatch (on sm_90 the
+  Gluon kernel, `pagoda.kernels.hopper.paged`, for these shapes): every tile is read, so this measures the cost
+  of the bits themselves (target: at most 1.15x the unmasked call);
+* ``half_tiles``: random bits in half of the (128 queries x 128 keys) blocks, a checkerboard, nothing in the
+  others, so half of either kernel's tiles are empty and skipped (target: at most 0.6x the unmasked call);
+* ``random_triton`` / ``half_tiles_triton``: the same masks planned and run on the Triton paged kernel
+  (``PAGODA_HOPPER_ATTN=0 PAGODA_AUTOTUNE=0``), to be read against ``unmasked_triton``.
 
 Figures: median ms, TFLOP/s of the dense-equivalent work (``4 * b * s^2 * h * d``), each masked row's ratio to
 ``unmasked_triton`` and to ``unmasked``, the fraction of tile pairs the kernel visits, and the plan time of the
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -32,7 +36,7 @@ from pagoda.bench.attention import _classify
 from pagoda.bench.progress import Progress
 from pagoda.bench.timing import time_stats
 
-VARIANTS = ("unmasked", "unmasked_triton", "random", "half_tiles")
+VARIANTS = ("unmasked", "unmasked_triton", "random", "half_tiles", "random_triton", "half_tiles_triton")
 PAGE_SIZE = 16
 
 
@@ -72,11 +76,13 @@ def _env(**values):
 
 
 def half_tile_mask(seqlen: int, group: int, head_dim: int, fp32: bool, g: torch.Generator) -> torch.Tensor:
-    """Bool ``[seqlen, seqlen]``: random bits in a checkerboard of the masked kernel's tiles (`_mask.tile_shape`)."""
+    """Bool ``[seqlen, seqlen]``: random bits in a checkerboard of blocks that are whole tiles of both masked
+    kernels (the Triton kernel's `_mask.tile_shape`, the Gluon kernel's `_mask.GLUON_TILE`)."""
     from pagoda.ops import _mask
 
     cfg = _mask.tile_shape(seqlen * group, head_dim, fp32)
-    bq, bk = max(cfg["BLOCK_M"] // group, 1), cfg["BLOCK_N"]
+    bq = math.lcm(max(cfg["BLOCK_M"] // group, 1), _mask.GLUON_TILE[0])
+    bk = math.lcm(cfg["BLOCK_N"], _mask.GLUON_TILE[1])
     i, j = torch.arange(seqlen)[:, None] // bq, torch.arange(seqlen)[None, :] // bk
     return ((i + j) % 2 == 0) & (torch.rand(seqlen, seqlen, generator=g) < 0.5)
 
@@ -99,9 +105,10 @@ def _fn(variant: str, case: MaskCase, q, cache, meta, workspace, g):
 
     hq, hk, d = case.num_qo_heads, case.num_kv_heads, case.head_dim
     mask = None
-    if variant == "random":
+    triton_only = variant.endswith("_triton")
+    if variant.startswith("random"):
         mask = torch.rand(case.batch * case.seqlen * case.seqlen, generator=g) < 0.5
-    elif variant == "half_tiles":
+    elif variant.startswith("half_tiles"):
         mask = torch.cat([half_tile_mask(case.seqlen, hq // hk, d, q.dtype == torch.float32, g).reshape(-1)
                           for _ in range(case.batch)])
     w = BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
@@ -109,12 +116,13 @@ def _fn(variant: str, case: MaskCase, q, cache, meta, workspace, g):
     if q.is_cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    w.plan(*meta, hq, hk, d, PAGE_SIZE, q_data_type=q.dtype, kv_data_type=cache.dtype, **kw)
+    with _env(PAGODA_HOPPER_ATTN="0", PAGODA_AUTOTUNE="0") if triton_only else contextlib.nullcontext():
+        w.plan(*meta, hq, hk, d, PAGE_SIZE, q_data_type=q.dtype, kv_data_type=cache.dtype, **kw)
     if q.is_cuda:
         torch.cuda.synchronize()
     plan_ms = (time.perf_counter() - t0) * 1e3
     visited = w._mask.visited if w._mask is not None else None
-    if variant == "unmasked_triton":
+    if triton_only:
         def run():
             with _env(PAGODA_HOPPER_ATTN="0", PAGODA_AUTOTUNE="0"):
                 return w.run(q, cache)
@@ -174,7 +182,7 @@ def run_study(grid: str, backends, device: torch.device, dtype: torch.dtype) -> 
     return {"study": "mask",
             "meta": {**_report.environment(device), "grid": grid, "dtype": str(dtype).replace("torch.", ""),
                      "metric": "ms (median), TFLOP/s of the dense-equivalent work 4*b*s^2*h*d",
-                     "targets": {"random": 1.15, "half_tiles": 0.6}},
+                     "targets": {"random": 1.15, "half_tiles": 0.6}, "target_of": "unmasked"},
             "backends": {n: {"available": True, "reason": None} for n in names},
             "results": results}
 

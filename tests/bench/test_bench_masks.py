@@ -27,4 +27,8 @@ def test_half_tile_mask_leaves_half_the_kernel_tiles_empty():
     m = masks.half_tile_mask(seqlen, group, d, True, torch.Generator().manual_seed(0))
     plan = _mask.plan_mask(m.reshape(-1), None, [seqlen], [seqlen], group, d, True, -1, "cpu")
     assert plan.visited == 0.5
+    # and of the Gluon kernel's 128 x 128 tiles (seqlen 512: a 4 x 4 checkerboard)
+    m = masks.half_tile_mask(512, group, d, False, torch.Generator().manual_seed(0))
+    plan = _mask.plan_mask(m.reshape(-1), None, [512], [512], group, d, False, -1, "cpu", gluon=True)
+    assert plan.visited == 0.5 and plan.gluon_tiles[1].tolist() == [0, 2, 4, 6, 8]
     assert 0.2 < m.float().mean() < 0.3       # half the blocks, half the bits in each
