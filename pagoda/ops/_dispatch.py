@@ -8,7 +8,8 @@ The ops validate their arguments and then call here; the kernel modules only lau
 - Paged prefill (`prefill_paged`): the paged Gluon kernel on sm_90 for batches whose longest request has at least
   `GLUON_MIN_QO` queries and that it supports (`hopper.paged.paged_supported`), same switch; the Triton paged
   kernel otherwise, whose GQA row packing suits short, decode-like requests. Custom masks follow the same rule when
-  the plan built the Gluon kernel's tile lists (`masked_gluon_planned`), else take the Triton kernel.
+  the plan built the Gluon kernel's tile lists (`masked_gluon_planned`, with ``PAGODA_MASKED_GLUON``), else take
+  the Triton kernel.
 - Triton launch configurations: autotuned at the first call of a shape class, or fixed (`default_config`) with
   ``PAGODA_AUTOTUNE=0``, and small tiles in the interpreter.
 
@@ -31,10 +32,12 @@ def masked_gluon_planned(q_dtype: torch.dtype, head_dim: int, page_size: int, ma
     (sm_90, Gluon importable, fp16/bf16, head_dim 64/128, a page size it boxes, no soft cap / ALiBi / RoPE,
     requests of at least `GLUON_MIN_QO` queries). The cache layout is checked again at run."""
     if (max_qo_len < GLUON_MIN_QO or _switches.interpreting() or not _switches.hopper_attention()
+            or not _switches.masked_gluon()
             or q_dtype not in (torch.float16, torch.bfloat16) or head_dim not in (64, 128) or logits_soft_cap
             or pos_encoding_mode != "NONE" or torch.device(device).type != "cuda"):
         return False
-    from pagoda.kernels.hopper import gluon, paged as hopper_paged
+    from pagoda.kernels.hopper import gluon
+    from pagoda.kernels.hopper import paged as hopper_paged
 
     if not gluon.GLUON_OK or hopper_paged.box_rows(page_size) is None:
         return False

@@ -304,6 +304,7 @@ def test_gpu_masks_take_the_gluon_kernel(monkeypatch, kind, page_size, layout, d
     monkeypatch.setattr(pp, "prefill_paged_hopper",
                         lambda *a, **k: calls.append(k.get("custom_mask") is not None) or real(*a, **k))
     monkeypatch.delenv("PAGODA_HOPPER_ATTN", raising=False)
+    monkeypatch.setenv("PAGODA_MASKED_GLUON", "1")
     kv, qo = [1000, 37, 700, 2048, 300], [300, 37, 1, 500, 300]
     if kind == "empty_tile":      # request 3's first two query tiles see no key at all
         masks = [mu.with_empty_rows(m, range(256) if i == 3 else ()) for i, m in enumerate(_masks("random", qo, kv))]
@@ -327,6 +328,7 @@ def test_gpu_gluon_mask_with_window_equals_triton_kernel(monkeypatch):
     kv, qo = [900, 2000], [600, 256]
     masks = _masks("random", qo, kv)
     monkeypatch.delenv("PAGODA_HOPPER_ATTN", raising=False)
+    monkeypatch.setenv("PAGODA_MASKED_GLUON", "1")
     torch.manual_seed(0)
     a, la, want, want_lse, w = _paged_run(masks, kv, qo, hq=32, hk=8, d=128, dtype=torch.bfloat16, device="cuda",
                                           window_left=300)
