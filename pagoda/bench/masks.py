@@ -7,9 +7,9 @@ bf16, GQA 32/8, head_dim 128, page 16, pages in random order, every request ``se
 * ``unmasked_triton``: no mask, the Triton paged kernel at the launch configuration the masked call uses
   (``PAGODA_HOPPER_ATTN=0 PAGODA_AUTOTUNE=0`` for that call): the same kernel without the mask, the reference
   of the ``*_triton`` rows;
-* ``random``: a random mask (each score visible with probability 1/2), pagoda's default dispatch (on sm_90 the
-  Gluon kernel, `pagoda.kernels.hopper.paged`, for these shapes): every tile is read, so this measures the cost
-  of the bits themselves (target: at most 1.15x the unmasked call);
+* ``random``: a random mask (each score visible with probability 1/2), planned with ``PAGODA_MASKED_GLUON=1`` (on
+  sm_90 the Gluon kernel, `pagoda.kernels.hopper.paged`, for these shapes): every tile is read, so this measures
+  the cost of the bits themselves (target: at most 1.15x the unmasked call);
 * ``half_tiles``: random bits in half of the (128 queries x 128 keys) blocks, a checkerboard, nothing in the
   others, so half of either kernel's tiles are empty and skipped (target: at most 0.6x the unmasked call);
 * ``random_triton`` / ``half_tiles_triton``: the same masks planned and run on the Triton paged kernel
@@ -116,7 +116,8 @@ def _fn(variant: str, case: MaskCase, q, cache, meta, workspace, g):
     if q.is_cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    with _env(PAGODA_HOPPER_ATTN="0", PAGODA_AUTOTUNE="0") if triton_only else contextlib.nullcontext():
+    switches = dict(PAGODA_HOPPER_ATTN="0", PAGODA_AUTOTUNE="0") if triton_only else dict(PAGODA_MASKED_GLUON="1")
+    with _env(**switches):
         w.plan(*meta, hq, hk, d, PAGE_SIZE, q_data_type=q.dtype, kv_data_type=cache.dtype, **kw)
     if q.is_cuda:
         torch.cuda.synchronize()
