@@ -29,9 +29,9 @@ SWITCHES: dict[str, tuple[bool, str]] = {
                                        "and call the compiled C launcher (Triton 3.6)."),
     "PAGODA_PAGED_FAST_LAUNCH": (False, "The paged Gluon prefill's repeat launches take the same path as the dense "
                                         "Gluon kernels' (opt-in: no faster in the engine's prefill step)."),
-    "PAGODA_MASKED_GLUON": (False, "Custom masks in paged prefill on Hopper take the Gluon kernel where it "
-                                   "applies (a request of at least 128 queries, fp16/bf16, head_dim 64/128); "
-                                   "opt-in: that path has not yet run on a GPU."),
+    "PAGODA_MASKED_GLUON": (True, "Custom masks in paged prefill on Hopper take the Gluon kernel where it "
+                                  "applies (a request of at least 128 queries, fp16/bf16, head_dim 64/128); off "
+                                  "keeps them on the Triton kernel."),
     "PAGODA_SAMPLING_SPLIT": (True, "At batch <= 8, plain and min-p sampling split each row over several programs; "
                                     "off keeps one program per row."),
 }
