@@ -17,12 +17,17 @@ def host_tensor(values: list[int], dtype: torch.dtype, pin: bool) -> torch.Tenso
     return t.pin_memory() if pin else t
 
 
-def pack_int32(parts: list[list[int]], pin: bool) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """``parts`` in one int32 host tensor (`host_tensor`) and each part's ``(start, end)`` in it; every start a
-    multiple of 4 elements (16 bytes)."""
-    values, spans = [], []
+def pack_int32(parts: list, pin: bool) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """``parts`` (lists of ints or int32 arrays) in one int32 host tensor (pinned with ``pin``) and each part's
+    ``(start, end)`` in it; every start a multiple of 4 elements (16 bytes)."""
+    spans, pos = [], 0
     for part in parts:
-        values += [0] * (-len(values) % 4)
-        spans.append((len(values), len(values) + len(part)))
-        values += part
-    return host_tensor(values, torch.int32, pin), spans
+        pos += -pos % 4
+        spans.append((pos, pos + len(part)))
+        pos += len(part)
+    values = np.zeros(pos, dtype=np.int32)
+    for (a, b), part in zip(spans, parts, strict=True):
+        if b > a:
+            values[a:b] = part
+    t = torch.from_numpy(values)
+    return (t.pin_memory() if pin else t), spans

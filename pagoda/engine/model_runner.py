@@ -22,9 +22,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 import pagoda
+from pagoda.engine.block_table import BlockTable, page_ids
 from pagoda.engine.cascade import CascadeDecode, CascadeGroups, cascade_graph_sizes, cascade_groups
 from pagoda.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from pagoda.engine.cuda_graph import DecodeGraphs, capture_sizes, graphs_available
@@ -89,6 +91,11 @@ class InFlightStep:
                 logprobs = (rows, *(p.tolist() for p in parts))
             self._result = StepResult(self.seqs, self.host_tokens.tolist(), logprobs)
         return self._result
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    """The requests' page ids of a step in one int32 array (`pagoda.engine.block_table`)."""
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
 
 def _device_memory(device: torch.device) -> tuple[int, int]:
@@ -219,7 +226,7 @@ class ModelRunner:
         for n in lens:
             seq = Sequence("profile", 0, [0] * n, params, 1, frozenset(), None, 0.0)
             pages = -(-n // self.block_size)
-            seq.block_table = list(range(next_block, next_block + pages))
+            seq.block_table = BlockTable(range(next_block, next_block + pages))
             next_block += pages
             seqs.append(seq)
         temp = torch.zeros(self.num_layers, next_block, 2, self.block_size, self.num_kv_heads, self.head_dim,
@@ -288,14 +295,14 @@ class ModelRunner:
             t += n
             qo_indptr.append(t)
             pages = -(-end // bs)
-            kv_indices += seq.block_table[:pages]
+            kv_indices.append(page_ids(seq.block_table, pages))
             kv_indptr.append(kv_indptr[-1] + pages)
             last.append(end - (pages - 1) * bs)
             if end == known + seq.num_pending_tokens:
                 sample_rows.append(t - 1)
                 sampling.append(seq)
         return dict(ids=ids, positions=positions, batch_indices=batch_indices, qo_indptr=qo_indptr,
-                    kv_indptr=kv_indptr, kv_indices=kv_indices, last=last, sample_rows=sample_rows,
+                    kv_indptr=kv_indptr, kv_indices=_concat(kv_indices), last=last, sample_rows=sample_rows,
                     sampling=sampling, pend_rows=pend_rows, pend_src=pend_src)
 
     def _decode_inputs(self, batch: ScheduledBatch, row_of: dict) -> dict:
@@ -331,12 +338,12 @@ class ModelRunner:
                 ids.append(0)
             positions.append(pos)
             pages = pos // bs + 1
-            kv_indices += seq.block_table[:pages]
+            kv_indices.append(page_ids(seq.block_table, pages))
             pages_total += pages
             kv_indptr.append(pages_total)
             last.append(pos + 1 - (pages - 1) * bs)
         return dict(ids=ids, positions=positions, batch_indices=list(range(n)), qo_indptr=list(range(n + 1)),
-                    kv_indptr=kv_indptr, kv_indices=kv_indices, last=last, sample_rows=sample_rows,
+                    kv_indptr=kv_indptr, kv_indices=_concat(kv_indices), last=last, sample_rows=sample_rows,
                     sampling=sampling, pend_rows=pend_rows, pend_src=pend_src)
 
     @torch.inference_mode()

@@ -7,6 +7,7 @@ import itertools
 
 import torch
 
+from pagoda.engine.block_table import BlockTable
 from pagoda.engine.sampling_params import SamplingParams
 
 
@@ -47,7 +48,7 @@ class Sequence:
         # Tokens sampled on the device but not yet read back (the engine reads each step's tokens one step
         # behind): they follow token_ids, and the next step's inputs take them from device memory.
         self.num_pending_tokens = 0
-        self.block_table: list[int] = []
+        self.block_table = BlockTable()
         self.block_hashes: list[int] = []   # hashes of the leading full blocks already registered
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from pagoda.engine.block_table import BlockTable
 from pagoda.engine.config import EngineConfig
 from pagoda.engine.distributed import ParallelState, broadcast_object, min_across_ranks
 from pagoda.engine.model_runner import InFlightStep, LaunchedStep, ModelRunner
@@ -120,7 +121,7 @@ class MirrorSequence:
 
     def __init__(self, seq_id: int):
         self.seq_id = seq_id
-        self.block_table: list[int] = []
+        self.block_table = BlockTable()
 
     @property
     def is_prefill(self) -> bool:
@@ -151,7 +152,8 @@ class StepMirror:
             if len(seq.block_table) < keep:
                 raise RuntimeError(f"rank 0 keeps {keep} pages of sequence {sid}, this rank holds "
                                    f"{len(seq.block_table)}")
-            seq.block_table = seq.block_table[:keep] + pages
+            seq.block_table.truncate(keep)
+            seq.block_table.extend(pages)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
         return batch, has_prev
