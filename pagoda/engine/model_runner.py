@@ -22,11 +22,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 import pagoda
-from pagoda.engine.block_table import BlockTable, page_ids
+from pagoda.engine.block_table import BlockTable
 from pagoda.engine.cascade import CascadeDecode, CascadeGroups, cascade_graph_sizes, cascade_groups
 from pagoda.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from pagoda.engine.cuda_graph import DecodeGraphs, capture_sizes, graphs_available
@@ -35,6 +34,7 @@ from pagoda.engine.logits import LogitsPipeline, LogitsProcessor, min_tokens_pro
 from pagoda.engine.sampler import compute_logprobs, sample, warm_up_sampler
 from pagoda.engine.scheduler import ScheduledBatch
 from pagoda.engine.sequence import Sequence
+from pagoda.engine.step_inputs import decode_inputs, step_inputs
 from pagoda.models import ForwardContext, forward_context
 
 logger = logging.getLogger(__name__)
@@ -91,11 +91,6 @@ class InFlightStep:
                 logprobs = (rows, *(p.tolist() for p in parts))
             self._result = StepResult(self.seqs, self.host_tokens.tolist(), logprobs)
         return self._result
-
-
-def _concat(parts: list[np.ndarray]) -> np.ndarray:
-    """The requests' page ids of a step in one int32 array (`pagoda.engine.block_table`)."""
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
 
 def _device_memory(device: torch.device) -> tuple[int, int]:
@@ -262,89 +257,13 @@ class ModelRunner:
                     sm_scale=kw.get("sm_scale"), q_data_type=self.dtype, kv_data_type=self.kv_dtype)
 
     def _inputs(self, batch: ScheduledBatch, prev: InFlightStep | None) -> dict:
-        """Host arrays of a step. A token sampled by ``prev`` and not yet read back is taken from
-        ``prev.tokens`` on the device (``pending``: rows of this step, rows of prev)."""
-        row_of = prev.row_of if prev is not None else {}
-        if batch.is_decode_only:
-            return self._decode_inputs(batch, row_of)
-        bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        batch_indices: list[int] = []
-        qo_indptr, kv_indptr, kv_indices, last = [0], [0], [], []
-        sample_rows: list[int] = []
-        sampling: list[Sequence] = []
-        pend_rows: list[int] = []
-        pend_src: list[int] = []
-        t = 0
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            known = seq.num_tokens
-            ids += seq.token_ids[start:min(end, known)]
-            if end > known:
-                # At most one token is pending (the previous step's), and it is this sequence's next input.
-                src = row_of.get(seq.seq_id)
-                if end - known != 1 or seq.num_pending_tokens < 1 or src is None:
-                    raise RuntimeError(f"{seq!r}: {end - known} inputs not yet read back, and not from the "
-                                       "previous step")
-                pend_rows.append(t + known - start)
-                pend_src.append(src)
-                ids.append(0)
-            positions += range(start, end)
-            batch_indices += [i] * n
-            t += n
-            qo_indptr.append(t)
-            pages = -(-end // bs)
-            kv_indices.append(page_ids(seq.block_table, pages))
-            kv_indptr.append(kv_indptr[-1] + pages)
-            last.append(end - (pages - 1) * bs)
-            if end == known + seq.num_pending_tokens:
-                sample_rows.append(t - 1)
-                sampling.append(seq)
-        return dict(ids=ids, positions=positions, batch_indices=batch_indices, qo_indptr=qo_indptr,
-                    kv_indptr=kv_indptr, kv_indices=_concat(kv_indices), last=last, sample_rows=sample_rows,
-                    sampling=sampling, pend_rows=pend_rows, pend_src=pend_src)
+        """Host arrays of a step (`step_inputs.step_inputs`); ``prev``: the step whose tokens are not yet read
+        back."""
+        return step_inputs(batch, prev.row_of if prev is not None else {}, self.block_size)
 
     def _decode_inputs(self, batch: ScheduledBatch, row_of: dict) -> dict:
-        """`_inputs` of a step of one new token a sequence (decodes, and one-token prefill chunks, which are not
-        sampled unless they end their prompt): the same arrays, built without the multi-token cases (the
-        engine's steady state, once per step over every running request)."""
-        bs = self.block_size
-        seqs = batch.seqs
-        n = len(seqs)
-        ids: list[int] = []
-        positions: list[int] = []
-        kv_indptr, kv_indices, last = [0], [], []
-        pend_rows: list[int] = []
-        pend_src: list[int] = []
-        sample_rows: list[int] = []
-        sampling: list[Sequence] = []
-        pages_total = 0
-        for i, seq in enumerate(seqs):
-            pos = seq.num_computed_tokens
-            known = seq.num_tokens      # (a tensor-parallel mirror holds only a window of token_ids: slices)
-            if pos + 1 == known + seq.num_pending_tokens:
-                sample_rows.append(i)
-                sampling.append(seq)
-            if pos < known:
-                ids += seq.token_ids[pos:pos + 1]
-            else:
-                src = row_of.get(seq.seq_id)
-                if pos != known or seq.num_pending_tokens < 1 or src is None:
-                    raise RuntimeError(f"{seq!r}: {pos + 1 - known} inputs not yet read back, and not from the "
-                                       "previous step")
-                pend_rows.append(i)
-                pend_src.append(src)
-                ids.append(0)
-            positions.append(pos)
-            pages = pos // bs + 1
-            kv_indices.append(page_ids(seq.block_table, pages))
-            pages_total += pages
-            kv_indptr.append(pages_total)
-            last.append(pos + 1 - (pages - 1) * bs)
-        return dict(ids=ids, positions=positions, batch_indices=list(range(n)), qo_indptr=list(range(n + 1)),
-                    kv_indptr=kv_indptr, kv_indices=_concat(kv_indices), last=last, sample_rows=sample_rows,
-                    sampling=sampling, pend_rows=pend_rows, pend_src=pend_src)
+        """`step_inputs.decode_inputs` at this runner's page size."""
+        return decode_inputs(batch, row_of, self.block_size)
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, prev: InFlightStep | None = None) -> LaunchedStep:
