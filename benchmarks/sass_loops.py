@@ -1,7 +1,8 @@
-"""The instruction mix of the paged prefill kernel's loops on sm_90, compiled on any machine (no GPU needed).
+"""The instruction mix of the paged prefill kernels' loops on sm_90, compiled on any machine (no GPU needed).
 
-    python3 benchmarks/sass_loops.py                      # unmasked and custom-mask kernels, bf16, head_dim 128
+    python3 benchmarks/sass_loops.py                      # Triton kernel, unmasked and custom mask, bf16, d 128
     python3 benchmarks/sass_loops.py --head-dim 64 --group 8
+    python3 benchmarks/sass_loops.py --gluon              # the Gluon kernel (`compile_paged_sm90`), both variants
 
 Triton compiles `pagoda.kernels.attention.prefill_paged._prefill_paged_kernel` for an sm_90 target with the
 launch configuration the custom-mask path uses (`pagoda.ops._mask.tile_shape`) and the integer arguments that
@@ -9,7 +10,8 @@ are multiples of 16 marked so (as Triton's launcher specialises them: pointers, 
 the page size), disassembles the cubin with the ``cuobjdump`` Triton ships, and prints, for every loop (a
 backward branch), its length in instructions and the most frequent opcodes. A loop's length is what one
 thread issues per key tile, so two variants of a kernel compare per tile without timing anything; whether
-issue or latency bounds the kernel is a question for the GPU.
+issue or latency bounds the kernel is a question for the GPU. With ``--gluon`` the kernel is the Gluon paged
+prefill (page 16, non-causal), whose consumer loops are the innermost ones holding HGMMA instructions.
 """
 from __future__ import annotations
 
@@ -72,23 +74,38 @@ def loops(sass: str) -> list[tuple[int, int, collections.Counter]]:
     return out
 
 
+def innermost(found: list) -> list:
+    """The loops of `loops` that hold no other (a kernel's hot loops; warp-specialised kernels also branch back
+    over whole partitions)."""
+    return [(a, b, ops) for a, b, ops in found
+            if not any((a2, b2) != (a, b) and a <= a2 and b2 <= b for a2, b2, _ in found)]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--group", type=int, default=4, help="query heads per KV head")
+    ap.add_argument("--gluon", action="store_true", help="the Gluon sm_90 paged kernel instead of the Triton one")
     args = ap.parse_args(argv)
     import triton
 
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     for custom in (False, True):
-        kernel, cfg = compile_kernel(custom, args.head_dim, args.group)
-        cubin = Path("/tmp") / f"pagoda-prefill-paged-{int(custom)}.cubin"
+        if args.gluon:
+            from pagoda.kernels.hopper.aot import compile_paged_sm90
+
+            kernel, cfg = compile_paged_sm90(args.head_dim, causal=False, custom_mask=custom), "Gluon paged, page 16"
+        else:
+            kernel, cfg = compile_kernel(custom, args.head_dim, args.group)
+        cubin = Path("/tmp") / f"pagoda-prefill-paged-{'gluon-' if args.gluon else ''}{int(custom)}.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
         sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True,
                               check=True).stdout
         print(f"{'custom mask' if custom else 'unmasked'} (triton {triton.__version__}, sm_90, {cfg}):")
-        for start, end, ops in loops(sass):
-            top = " ".join(f"{k} {v}" for k, v in ops.most_common(12))
+        for start, end, ops in innermost(loops(sass)):
+            if args.gluon and not ops["HGMMA"]:
+                continue                    # the loader's and the barrier-waiting loops
+            top = " ".join(f"{k} {v}" for k, v in ops.most_common(24))
             print(f"  loop {start:#06x}-{end:#06x}: {sum(ops.values())} instructions; {top}")
     return 0
 

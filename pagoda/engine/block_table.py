@@ -1,10 +1,10 @@
 """A sequence's page ids (`Sequence.block_table`): a list that keeps an int32 array of itself in step.
 
 Every step packs the page ids of every running request into one int32 table for the device (`ModelRunner`):
-at 256 requests of ~1,100 tokens that is ~18k ids. Converting them from Python ints cost ~1 ms of host time
-a step on a 2-core VM, about a fifth of a decode step's host work, paid in full by the part-full decode
-steps of a server. Cut from arrays kept in step (each id written once, when its page is taken), the step's
-table is one ``np.concatenate``.
+at 256 requests of ~1,100 tokens that is ~18k ids. Converted from Python ints every step they are the larger
+part of building the step's tables, host work that the part-full decode steps of a server pay in full. Cut
+from arrays kept in step (each id written once, when its page is taken), the step's table is one
+``np.concatenate`` (`benchmarks/step_tables.py` times both).
 
 The list interface stays whole (the block manager, the cascade grouping and the tests index, slice and
 compare it as a list); every method that changes the list keeps the array in step.
