@@ -1,5 +1,5 @@
-"""A step's index tables on the host: Python lists packed into one int32 (or int64) tensor, pinned on a GPU so
-that the copy to the device and the attention plans that read it do not wait for the device.
+"""A step's index tables on the host: lists of ints and int32 arrays packed into one int32 (or int64) tensor,
+pinned on a GPU so that the copy to the device and the attention plans that read it do not wait for the device.
 
 Every table in a packed tensor starts on a 16-byte boundary: Triton specialises pointer arguments on 16-byte
 alignment, so starts that moved with a step's token and request counts would make each kernel that reads the

@@ -32,14 +32,14 @@ def masked_gluon_planned(q_dtype: torch.dtype, head_dim: int, page_size: int, ma
     (sm_90, Gluon importable, fp16/bf16, head_dim 64/128, a page size it boxes, no soft cap / ALiBi / RoPE,
     requests of at least `GLUON_MIN_QO` queries). The cache layout is checked again at run."""
     if (max_qo_len < GLUON_MIN_QO or _switches.interpreting() or not _switches.hopper_attention()
-            or not _switches.masked_gluon()
-            or q_dtype not in (torch.float16, torch.bfloat16) or head_dim not in (64, 128) or logits_soft_cap
-            or pos_encoding_mode != "NONE" or torch.device(device).type != "cuda"):
+            or not _switches.masked_gluon() or torch.device(device).type != "cuda"):
         return False
     from pagoda.kernels.hopper import gluon
     from pagoda.kernels.hopper import paged as hopper_paged
 
-    if not gluon.GLUON_OK or hopper_paged.box_rows(page_size) is None:
+    if not gluon.GLUON_OK or hopper_paged.options_unsupported(
+            q_dtype, head_dim, page_size, logits_soft_cap=logits_soft_cap, alibi=pos_encoding_mode == "ALIBI",
+            rope=pos_encoding_mode == "ROPE_LLAMA") is not None:
         return False
     index = torch.device(device).index
     return gluon.is_sm90(index if index is not None else torch.cuda.current_device())

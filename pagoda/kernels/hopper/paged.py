@@ -307,26 +307,37 @@ def box_rows(page_size: int) -> int | None:
     return BLOCK_N if page_size % BLOCK_N == 0 else None
 
 
+def options_unsupported(dtype: torch.dtype, head_dim: int, page_size: int, *, logits_soft_cap: float,
+                        alibi: bool, rope: bool) -> str | None:
+    """Why the Gluon paged kernel cannot run calls of these options, before any tensor exists (None: they are in
+    scope; a plan asks this, `paged_unsupported` asks it again with the tensors)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {dtype} (fp16/bf16 only)"
+    if logits_soft_cap or alibi or rope:
+        return "soft-cap, ALiBi or RoPE"
+    if head_dim not in (64, 128):
+        return f"head_dim {head_dim} (64/128 only)"
+    if box_rows(page_size) is None:
+        return f"page_size {page_size} (16, 32, 64 or a multiple of {BLOCK_N})"
+    return None
+
+
 def paged_unsupported(q, k_cache, v_cache, k_strides, v_strides, page_size: int, num_kv_heads: int, *,
                       window_left: int, window_right: int, logits_soft_cap: float, alibi_slopes, rope,
                       num_splits: int) -> str | None:
     """Why the Gluon paged kernel cannot run this call, from its arguments alone (None: in scope). The
     device checks (CUDA, sm_90, Gluon importable) are `paged_supported`'s."""
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {q.dtype} (fp16/bf16 only)"
+    d = q.shape[-1]
+    reason = options_unsupported(q.dtype, d, page_size, logits_soft_cap=logits_soft_cap,
+                                 alibi=alibi_slopes is not None, rope=rope is not None)
+    if reason is not None:
+        return reason
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         return "the KV cache dtype differs from q's"
     if num_splits > 0:
         return "split-KV planned"
     if window_left >= 0 or window_right > 0:
         return "sliding window"
-    if logits_soft_cap or alibi_slopes is not None or rope is not None:
-        return "soft-cap, ALiBi or RoPE"
-    d = q.shape[-1]
-    if d not in (64, 128):
-        return f"head_dim {d} (64/128 only)"
-    if box_rows(page_size) is None:
-        return f"page_size {page_size} (16, 32, 64 or a multiple of {BLOCK_N})"
     if not _rows_aligned(q, d):
         return "q rows not 16-byte aligned or heads not packed"
     for name, cache, strides in (("k_cache", k_cache, k_strides), ("v_cache", v_cache, v_strides)):
