@@ -78,12 +78,13 @@ def sample_requests(cfg: ServeBenchConfig) -> list[tuple[list[int], int]]:
 
 
 _STEP_COUNTERS = {"pagoda:engine_steps_total": "steps", "pagoda:engine_step_host_seconds_total": "host_s",
-                  "pagoda:engine_step_wait_seconds_total": "wait_s", "pagoda:engine_graph_steps_total": "graph_steps"}
+                  "pagoda:engine_step_wait_seconds_total": "wait_s", "pagoda:engine_graph_steps_total": "graph_steps",
+                  "pagoda:engine_loop_seconds_total": "loop_s"}
 
 
 def engine_counters(text: str) -> dict[tuple[str, str], float]:
-    """pagoda's engine-step counters from a ``/metrics`` page: ``{(field, kind): value}`` (kind "" when the
-    counter has none); empty for a server without them."""
+    """pagoda's engine-step counters from a ``/metrics`` page: ``{(field, kind): value}`` (kind: the ``kind`` or
+    ``part`` label, "" when the counter has none); empty for a server without them."""
     out: dict[tuple[str, str], float] = {}
     for line in text.splitlines():
         name, _, rest = line.partition("{")
@@ -91,7 +92,8 @@ def engine_counters(text: str) -> dict[tuple[str, str], float]:
         if field is None or "} " not in rest:
             continue
         labels, _, value = rest.rpartition("} ")
-        kind = next((x.split("=", 1)[1].strip('"') for x in labels.split(",") if x.startswith("kind=")), "")
+        kind = next((x.split("=", 1)[1].strip('"') for x in labels.split(",") if x.startswith(("kind=", "part="))),
+                    "")
         out[(field, kind)] = out.get((field, kind), 0.0) + float(value)
     return out
 
@@ -116,7 +118,11 @@ def _counter_delta(before: dict, after: dict) -> dict | None:
     def by_kind(field):
         return {kind: v for (f, kind), v in d.items() if f == field}
 
-    return step_summary(by_kind("steps"), by_kind("host_s"), by_kind("wait_s"), d.get(("graph_steps", ""), 0.0))
+    out = step_summary(by_kind("steps"), by_kind("host_s"), by_kind("wait_s"), d.get(("graph_steps", ""), 0.0))
+    loop = by_kind("loop_s")
+    if loop:
+        out["loop_s"] = {part: round(loop.get(part, 0.0), 3) for part in ("steps", "handoff", "commands", "idle")}
+    return out
 
 
 async def _scrape(client) -> dict:
@@ -319,6 +325,10 @@ def _engine_rows(eng: dict | None) -> list[tuple[str, str]]:
         if eng.get(f"{kind}_host_ms") is not None:
             rows.append((f"{kind.capitalize()} step host / wait (ms)",
                          f"{eng[f'{kind}_host_ms']:.2f} / {eng[f'{kind}_wait_ms']:.2f}"))
+    if eng.get("loop_s"):
+        loop = eng["loop_s"]
+        rows.append(("Engine loop steps / hand-off / commands / idle (s)",
+                     " / ".join(f"{loop[p]:.2f}" for p in ("steps", "handoff", "commands", "idle"))))
     return rows
 
 

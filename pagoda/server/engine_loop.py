@@ -213,15 +213,17 @@ class EngineLoop:
     def _run(self) -> None:
         loop, metrics = self._loop, self.metrics
 
+        clock = LoopClock()
+
         def on_step(events: list, stepped: bool) -> None:
             self.steps += stepped
             if metrics is not None:
-                metrics.observe_engine(self.engine)
+                metrics.observe_engine(self.engine, clock)
             if events:
                 loop.call_soon_threadsafe(self._deliver, events)
 
         try:
-            drive(self.engine, self._inbox, on_step)
+            drive(self.engine, self._inbox, on_step, clock=clock)
         except BaseException as exc:  # an engine failure ends every request; the server reports unhealthy
             log.exception("engine loop failed")
             self._post_failure(f"The engine failed: {type(exc).__name__}: {exc}")
@@ -235,8 +237,24 @@ class EngineLoop:
                 pass
 
 
+class LoopClock:
+    """Where the engine loop's time goes, in seconds since it started: ``idle`` (blocked for a command, nothing to
+    run), ``commands`` (applying adds and aborts), ``steps`` (``engine.step()``), ``handoff`` (``on_step``: the
+    step's events to the server). A served run's wall time less its steps' is what the HTTP side costs the
+    engine (`pagoda bench serve` reports it)."""
+
+    __slots__ = ("idle", "commands", "steps", "handoff")
+    PARTS = ("idle", "commands", "steps", "handoff")
+
+    def __init__(self):
+        self.idle = self.commands = self.steps = self.handoff = 0.0
+
+    def as_tuple(self) -> tuple[float, float, float, float]:
+        return (self.idle, self.commands, self.steps, self.handoff)
+
+
 def drive(engine: Any, commands: Any, on_step: Callable[[list, bool], None],
-          alive: Callable[[], bool] | None = None) -> None:
+          alive: Callable[[], bool] | None = None, clock: LoopClock | None = None) -> None:
     """The engine's loop until a ``("stop",)`` command (or ``alive()`` turns False): apply the queued commands,
     run one ``engine.step()`` while requests are unfinished, and hand that iteration's events to
     ``on_step(events, stepped)``: ``("ack", request_id, None | refusal message)`` per added request and
@@ -246,12 +264,18 @@ def drive(engine: Any, commands: Any, on_step: Callable[[list, bool], None],
     ``commands`` has ``queue.Queue``'s ``get(timeout=...)`` and ``get_nowait()`` (raising ``queue.Empty``);
     commands are ``("add", request_id, prompt, params)``, ``("abort", request_id)`` and ``("stop",)``. Blocks on
     ``commands`` only while the engine is idle. Requests still in the engine when it returns or raises are
-    aborted (their KV pages freed)."""
+    aborted (their KV pages freed). ``clock`` (a `LoopClock`) accumulates where the loop's time goes."""
     live: set[str] = set()
+    clock = clock if clock is not None else LoopClock()
+    now = time.perf_counter
     try:
         while alive is None or alive():
             events: list = []
-            applied = _apply_commands(engine, commands, live, events, block=not engine.has_unfinished_requests())
+            t0 = now()
+            applied = _apply_commands(engine, commands, live, events, block=not engine.has_unfinished_requests(),
+                                      clock=clock)
+            t1 = now()
+            clock.commands += t1 - t0
             if applied is None:
                 break
             stepped = engine.has_unfinished_requests()
@@ -260,8 +284,11 @@ def drive(engine: Any, commands: Any, on_step: Callable[[list, bool], None],
                     events.append(("out", out.request_id, out))
                     if out.finished:
                         live.discard(out.request_id)
+            t2 = now()
+            clock.steps += t2 - t1
             if stepped or applied:
                 on_step(events, stepped)
+                clock.handoff += now() - t2
     finally:
         if live:       # stopping with requests in flight: free their pages
             try:
@@ -270,13 +297,22 @@ def drive(engine: Any, commands: Any, on_step: Callable[[list, bool], None],
                 log.exception("aborting requests at shutdown failed")
 
 
-def _apply_commands(engine, commands, live: set, events: list, block: bool) -> int | None:
+def _apply_commands(engine, commands, live: set, events: list, block: bool, clock: LoopClock) -> int | None:
     """Apply queued commands: how many, or None once a stop arrives. Blocks (briefly) only when the engine is
-    idle."""
+    idle; the time blocked goes to ``clock.idle`` and is taken off ``clock.commands`` by the caller's sum."""
     applied = 0
     while True:
         try:
-            cmd = commands.get(timeout=_IDLE_POLL_S) if block else commands.get_nowait()
+            if block:
+                t0 = time.perf_counter()
+                try:
+                    cmd = commands.get(timeout=_IDLE_POLL_S)
+                finally:
+                    waited = time.perf_counter() - t0
+                    clock.idle += waited
+                    clock.commands -= waited
+            else:
+                cmd = commands.get_nowait()
         except queue.Empty:
             return applied
         block = False

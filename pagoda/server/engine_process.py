@@ -36,7 +36,7 @@ from multiprocessing.reduction import ForkingPickler
 from types import SimpleNamespace
 
 from pagoda.engine.outputs import CompletionOutput, RequestOutput
-from pagoda.server.engine_loop import EngineLoop, drive
+from pagoda.server.engine_loop import EngineLoop, LoopClock, drive
 from pagoda.server.errors import APIError
 from pagoda.server.metrics import engine_snapshot
 
@@ -85,11 +85,14 @@ def _engine_main(factory: Callable, args: tuple, kwargs: dict, commands, results
         return
     results.put(("ready", {"max_model_len": engine.config.max_model_len, "vocab_size": engine.vocab_size}))
 
+    clock = LoopClock()
+
     def on_step(events: list, stepped: bool) -> None:
-        results.put(bytes(ForkingPickler.dumps(("events", pack_events(events), stepped, engine_snapshot(engine)))))
+        results.put(bytes(ForkingPickler.dumps(("events", pack_events(events), stepped,
+                                                engine_snapshot(engine, clock)))))
 
     try:
-        drive(engine, commands, on_step, alive=parent.is_alive if parent is not None else None)
+        drive(engine, commands, on_step, alive=parent.is_alive if parent is not None else None, clock=clock)
         results.put(("stopped", None))
     except BaseException as exc:  # noqa: BLE001 - every running request fails with this message
         log.exception("engine loop failed")

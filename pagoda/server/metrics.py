@@ -30,14 +30,15 @@ def engine_stats(engine: Any) -> dict[str, float]:
             "prefix_queries": float(bm.num_queried_tokens), "prefix_hits": float(bm.num_hit_tokens)}
 
 
-def engine_snapshot(engine: Any) -> tuple[dict[str, float], tuple | None]:
-    """What the metrics read of an engine after a step (small and picklable): ``engine_stats`` and the step
+def engine_snapshot(engine: Any, clock: Any = None) -> tuple[dict[str, float], tuple | None, tuple | None]:
+    """What the metrics read of an engine after a step (small and picklable): ``engine_stats``, the step
     counters of ``engine.stats`` (steps, decode steps, graph steps, host s, wait s, decode host s, decode wait s;
-    None without ``stats``)."""
+    None without ``stats``) and the engine loop's seconds by part (`pagoda.server.engine_loop.LoopClock`, None
+    without one)."""
     st = getattr(engine, "stats", None)
     steps = None if st is None else (st.steps, st.decode_steps, st.graph_steps, st.host_s, st.wait_s,
                                      st.decode_host_s, st.decode_wait_s)
-    return engine_stats(engine), steps
+    return engine_stats(engine), steps, None if clock is None else clock.as_tuple()
 
 
 class ServerMetrics:
@@ -83,6 +84,11 @@ class ServerMetrics:
                                         "Engine thread seconds in steps waiting for the device's tokens.", kind,
                                         registry=reg)
         self._steps_seen = (0, 0, 0, 0.0, 0.0, 0.0, 0.0)
+        self.engine_loop = Counter("pagoda:engine_loop_seconds",
+                                   "Engine loop seconds by part: idle (nothing to run), commands (adds, aborts), "
+                                   "steps, handoff (a step's outputs to the server).", ["model_name", "part"],
+                                   registry=reg)
+        self._loop_seen = (0.0, 0.0, 0.0, 0.0)
         self.time_to_first_token = histogram("time_to_first_token_seconds",
                                              "Time from a request's arrival to its first token.", _TTFT_BUCKETS)
         self.inter_token_latency = histogram("inter_token_latency_seconds",
@@ -90,11 +96,11 @@ class ServerMetrics:
         self.e2e_latency = histogram("e2e_request_latency_seconds", "Time from arrival to the last token.",
                                      _E2E_BUCKETS)
 
-    def observe_engine(self, engine: Any) -> None:
+    def observe_engine(self, engine: Any, clock: Any = None) -> None:
         """Called by the engine thread after each step (prometheus-client metrics are thread-safe)."""
-        self.observe(*engine_snapshot(engine))
+        self.observe(*engine_snapshot(engine, clock))
 
-    def observe(self, stats: dict[str, float], steps: tuple | None) -> None:
+    def observe(self, stats: dict[str, float], steps: tuple | None, loop: tuple | None = None) -> None:
         """Update from an ``engine_snapshot``: taken here (engine thread) or in the engine's own process."""
         self.num_requests_running.set(stats["running"])
         self.num_requests_waiting.set(stats["waiting"])
@@ -106,6 +112,11 @@ class ServerMetrics:
             self.prefix_cache_hits.inc(max(dh, 0.0))
             self._seen = (stats["prefix_queries"], stats["prefix_hits"])
         self._observe_steps(steps)
+        if loop is not None and loop != self._loop_seen:
+            for part, a, b in zip(("idle", "commands", "steps", "handoff"), loop, self._loop_seen, strict=True):
+                if a > b:
+                    self.engine_loop.labels(self._model_name, part).inc(a - b)
+            self._loop_seen = loop
 
     def _observe_steps(self, now: tuple | None) -> None:
         if now is None or now == self._steps_seen:

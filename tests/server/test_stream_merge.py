@@ -109,3 +109,54 @@ def test_step_counters_survive_replaced_engine_stats():
     c = engine_counters(m.render().decode())
     assert c[("steps", "decode")] == 11 and c[("steps", "prefill")] == 90
     assert c[("host_s", "decode")] == pytest.approx(0.6)
+
+
+def test_engine_loop_clock_counts_each_part():
+    """`drive` books its time by part: idle while blocked for a command, steps inside engine.step(), handoff in
+    on_step; /metrics carries the increases."""
+    import queue
+    import time
+
+    from pagoda.bench.serve import engine_counters
+    from pagoda.server.engine_loop import LoopClock, drive
+    from pagoda.server.metrics import ServerMetrics
+
+    class Engine:
+        def __init__(self):
+            self.left = 0
+
+        def has_unfinished_requests(self):
+            return self.left > 0
+
+        def add_request(self, rid, prompt, params):
+            self.left = 3
+
+        def abort_request(self, rids):
+            self.left = 0
+
+        def step(self):
+            time.sleep(0.02)
+            self.left -= 1
+            return []
+
+    commands = queue.SimpleQueue()
+    clock, m = LoopClock(), ServerMetrics("x")
+    engine = SimpleNamespace()
+    engine.scheduler = SimpleNamespace(running=[], waiting=[], block_manager=SimpleNamespace(
+        usage=0.0, num_queried_tokens=0, num_hit_tokens=0))
+    fake = Engine()
+
+    def on_step(events, stepped):
+        time.sleep(0.01)
+        m.observe_engine(engine, clock)
+        if not fake.has_unfinished_requests():
+            commands.put(("stop",))
+
+    import threading
+    threading.Timer(0.05, commands.put, (("add", "r", {}, None),)).start()
+    drive(fake, commands, on_step, clock=clock)
+    idle, cmds, steps, handoff = clock.as_tuple()
+    assert idle >= 0.04 and steps >= 0.06 and handoff >= 0.03 and 0 <= cmds < 0.02
+    c = engine_counters(m.render().decode())
+    assert c[("loop_s", "steps")] == pytest.approx(steps, abs=1e-6)        # the last handoff is not yet booked
+    assert c[("loop_s", "idle")] == pytest.approx(idle, abs=1e-3)      # less the wait that read the stop
