@@ -87,6 +87,9 @@ def engine_counters(text: str) -> dict[tuple[str, str], float]:
     ``part`` label, "" when the counter has none); empty for a server without them."""
     out: dict[tuple[str, str], float] = {}
     for line in text.splitlines():
+        if line.startswith("process_cpu_seconds_total "):      # the server process's CPU (no labels)
+            out[("server_cpu_s", "")] = float(line.split()[1])
+            continue
         name, _, rest = line.partition("{")
         field = _STEP_COUNTERS.get(name)
         if field is None or "} " not in rest:
@@ -122,6 +125,8 @@ def _counter_delta(before: dict, after: dict) -> dict | None:
     loop = by_kind("loop_s")
     if loop:
         out["loop_s"] = {part: round(loop.get(part, 0.0), 3) for part in ("steps", "handoff", "commands", "idle")}
+    if ("server_cpu_s", "") in d:
+        out["server_cpu_s"] = round(d[("server_cpu_s", "")], 3)
     return out
 
 
@@ -329,6 +334,8 @@ def _engine_rows(eng: dict | None) -> list[tuple[str, str]]:
         loop = eng["loop_s"]
         rows.append(("Engine loop steps / hand-off / commands / idle (s)",
                      " / ".join(f"{loop[p]:.2f}" for p in ("steps", "handoff", "commands", "idle"))))
+    if eng.get("server_cpu_s") is not None:
+        rows.append(("Server process CPU (s)", f"{eng['server_cpu_s']:.2f}"))
     return rows
 
 

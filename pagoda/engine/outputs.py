@@ -63,6 +63,16 @@ class RequestOutput:
         self.finished = self.finished or next_output.finished
         if next_output.num_cached_tokens is not None:
             self.num_cached_tokens = next_output.num_cached_tokens
+        outs, new = self.outputs, next_output.outputs
+        if aggregate and len(outs) == 1 and len(new) == 1 and outs[0].index == new[0].index:
+            cur, c = outs[0], new[0]           # one sample (the common case): append in place
+            cur.text += c.text
+            cur.token_ids = cur.token_ids + c.token_ids
+            if c.logprobs is not None:
+                cur.logprobs = (cur.logprobs or []) + c.logprobs
+            cur.cumulative_logprob = c.cumulative_logprob
+            cur.finish_reason, cur.stop_reason = c.finish_reason, c.stop_reason
+            return
         mine = {c.index: i for i, c in enumerate(self.outputs)}
         for c in next_output.outputs:
             i = mine.get(c.index)

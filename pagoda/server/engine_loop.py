@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pagoda.server.errors import APIError
-from pagoda.server.metrics import ServerMetrics
+from pagoda.server.metrics import ServerMetrics, observe_many
 
 log = logging.getLogger("pagoda.server")
 
@@ -174,6 +174,9 @@ class EngineLoop:
         now = time.perf_counter()
         m = self.metrics
         step_tokens = 0
+        ttft: list[float] = []
+        itl: list[float] = []
+        e2e: list[float] = []
         for kind, rid, payload in events:
             if kind == "ack":
                 ack = self._acks.pop(rid, None)
@@ -190,21 +193,24 @@ class EngineLoop:
             outs = payload.outputs
             new_tokens = len(outs[0].token_ids) if len(outs) == 1 else sum(len(c.token_ids) for c in outs)
             step_tokens += new_tokens
-            if new_tokens and m is not None:
-                if stream.first_token_at is None:
-                    m.time_to_first_token.observe(now - stream.arrival)
-                else:
-                    m.inter_token_latency.observe(now - stream.last_token_at)
             if new_tokens:
-                stream.first_token_at = stream.first_token_at or now
+                if stream.first_token_at is None:
+                    ttft.append(now - stream.arrival)
+                    stream.first_token_at = now
+                else:
+                    itl.append(now - stream.last_token_at)
                 stream.last_token_at = now
             stream.put(payload)
             if payload.finished:
                 del self._streams[rid]
-                if m is not None:
-                    m.e2e_latency.observe(now - stream.arrival)
-        if step_tokens and m is not None:       # one counter update a step (its lock costs as much as the rest)
-            m.generation_tokens.inc(step_tokens)
+                e2e.append(now - stream.arrival)
+        # One metrics update a step: a locked update per token costs as much as the rest of the delivery.
+        if m is not None:
+            if step_tokens:
+                m.generation_tokens.inc(step_tokens)
+            observe_many(m.time_to_first_token, ttft)
+            observe_many(m.inter_token_latency, itl)
+            observe_many(m.e2e_latency, e2e)
 
     # ---- engine thread ---------------------------------------------------------------------------
     def _send(self, cmd: tuple) -> None:

@@ -9,9 +9,10 @@ what a load test reads to tell a host-bound server from a device-bound one.
 """
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 # Buckets as vLLM's (seconds): TTFT spans milliseconds to minutes, inter-token latency ms to seconds.
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -41,11 +42,34 @@ def engine_snapshot(engine: Any, clock: Any = None) -> tuple[dict[str, float], t
     return engine_stats(engine), steps, None if clock is None else clock.as_tuple()
 
 
+def observe_many(hist: Any, values: list[float]) -> None:
+    """``hist.observe(v)`` for each of ``values`` (a prometheus-client histogram child), with one update per bucket
+    touched instead of a locked update per value and bucket: the server observes a step's inter-token latencies
+    (one per running stream) at once. Falls back to ``observe`` where the histogram's layout is not the one read."""
+    if not values:
+        return
+    bounds, buckets, total = (getattr(hist, a, None) for a in ("_upper_bounds", "_buckets", "_sum"))
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for v in values:
+            hist.observe(v)
+        return
+    counts: dict[int, int] = {}
+    for v in values:
+        i = bisect_left(bounds, v)         # the first bucket with v <= its bound, as observe() picks
+        counts[i] = counts.get(i, 0) + 1
+    total.inc(sum(values))
+    for i, n in counts.items():
+        buckets[i].inc(n)
+
+
 class ServerMetrics:
     """The server's metrics in a private registry; ``render()`` gives the Prometheus text."""
 
     def __init__(self, model_name: str):
         self.registry = reg = CollectorRegistry()
+        # The server process's CPU seconds (process_cpu_seconds_total, on Linux): near one a second means its
+        # one interpreter is the bottleneck (`pagoda bench serve` reports it over the run).
+        ProcessCollector(registry=reg)
         labels = ["model_name"]
 
         def gauge(name, doc):

@@ -47,6 +47,8 @@ def check_model(requested: str | None, info: ModelInfo) -> None:
 
 
 def check_token_ids(ids: list[int], info: ModelInfo, param: str) -> None:
+    if not ids or (min(ids) >= 0 and max(ids) < info.vocab_size):
+        return
     for t in ids:
         if not 0 <= t < info.vocab_size:
             raise APIError(f"Token id {t} in `{param}` is outside the vocabulary [0, {info.vocab_size}).",

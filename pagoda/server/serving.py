@@ -60,13 +60,14 @@ class OpenAIServing:
     # ---- prompts ---------------------------------------------------------------------------------
     def _completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
         p = req.prompt
+        # The request model validated ``prompt`` as one of its types, so a list's first element names its type.
         if isinstance(p, str):
             texts, ids = [p], []
-        elif p and all(isinstance(x, int) for x in p):
+        elif p and isinstance(p[0], int):
             texts, ids = [], [list(p)]
-        elif p and all(isinstance(x, str) for x in p):
+        elif p and isinstance(p[0], str):
             texts, ids = list(p), []
-        elif p and all(isinstance(x, list) for x in p):
+        elif p and isinstance(p[0], list):
             texts, ids = [], [list(x) for x in p]
         else:
             raise APIError("`prompt` must be a string, a list of token ids, or a non-empty list of either.",

@@ -160,3 +160,27 @@ def test_engine_loop_clock_counts_each_part():
     c = engine_counters(m.render().decode())
     assert c[("loop_s", "steps")] == pytest.approx(steps, abs=1e-6)        # the last handoff is not yet booked
     assert c[("loop_s", "idle")] == pytest.approx(idle, abs=1e-3)      # less the wait that read the stop
+
+
+def test_observe_many_renders_as_observe_each():
+    """The step-batched histogram update gives the same buckets, count and sum as one observe per value,
+    boundaries and values past the last bound included."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from pagoda.server.metrics import observe_many
+
+    values = [0.0, 0.01, 0.010001, 0.05, 0.3, 0.3, 2.5, 79.9, 80.0, 1e6, 0.024999]
+    pages = []
+    for batched in (False, True):
+        reg = CollectorRegistry()
+        h = Histogram("itl", "x", ["m"], buckets=(0.01, 0.025, 0.05, 0.3, 2.5, 80.0), registry=reg).labels("a")
+        if batched:
+            observe_many(h, values[:4])
+            observe_many(h, [])
+            observe_many(h, values[4:])
+        else:
+            for v in values:
+                h.observe(v)
+        pages.append([ln for ln in generate_latest(reg).decode().splitlines() if "_created" not in ln])
+    assert pages[0] == pages[1]
+    assert 'itl_bucket{le="0.01",m="a"} 2.0' in pages[1] and 'itl_count{m="a"} 11.0' in pages[1]
