@@ -27,6 +27,7 @@ from typing import Any
 
 from pagoda.server.errors import APIError
 from pagoda.server.metrics import ServerMetrics, observe_many
+from pagoda.server.packed import fold, is_finished, num_new_tokens
 
 log = logging.getLogger("pagoda.server")
 
@@ -40,7 +41,8 @@ class RequestStream:
     and get cost several times this). Outputs that arrived while the reader was busy come out as one
     (`RequestOutput.add`: appended for DELTA outputs, the latest for CUMULATIVE ones), as vLLM's output
     collector does: under load a stream sends fewer, larger chunks instead of falling further behind. Raises
-    the ``APIError`` the loop puts in instead (shutdown, engine failure), after the outputs before it."""
+    the ``APIError`` the loop puts in instead (shutdown, engine failure), after the outputs before it. Items are
+    ``RequestOutput``s or, from the engine process, packed outputs (`pagoda.server.packed`), folded when read."""
 
     __slots__ = ("request_id", "finished", "arrival", "first_token_at", "last_token_at", "aggregate", "_items",
                  "_waiter")
@@ -66,26 +68,28 @@ class RequestStream:
         return self
 
     async def __anext__(self):
+        if self.finished:               # a request's finished output is its last
+            raise StopAsyncIteration
         while not self._items:
-            if self.finished:
-                raise StopAsyncIteration
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
         items = self._items
-        item = items[0]
-        if isinstance(item, BaseException):
+        first = items[0]
+        if isinstance(first, BaseException):
             self._items = items[1:]
             self.finished = True
-            raise item
+            raise first
         n = 1
-        while n < len(items) and not item.finished and not isinstance(items[n], BaseException):
-            item.add(items[n], self.aggregate)
+        done = is_finished(first)
+        while n < len(items) and not done and not isinstance(items[n], BaseException):
+            done = is_finished(items[n])
             n += 1
         self._items = items[n:]
-        if item.finished:
+        item = fold(items[:n], self.aggregate) if n > 1 or type(first) is tuple else first
+        if done:
             self.finished = True
         return item
 
@@ -190,8 +194,7 @@ class EngineLoop:
             stream = self._streams.get(rid)
             if stream is None:                      # aborted: late outputs are dropped
                 continue
-            outs = payload.outputs
-            new_tokens = len(outs[0].token_ids) if len(outs) == 1 else sum(len(c.token_ids) for c in outs)
+            new_tokens = num_new_tokens(payload)
             step_tokens += new_tokens
             if new_tokens:
                 if stream.first_token_at is None:
@@ -201,7 +204,7 @@ class EngineLoop:
                     itl.append(now - stream.last_token_at)
                 stream.last_token_at = now
             stream.put(payload)
-            if payload.finished:
+            if is_finished(payload):
                 del self._streams[rid]
                 e2e.append(now - stream.arrival)
         # One metrics update a step: a locked update per token costs as much as the rest of the delivery.

@@ -35,10 +35,10 @@ from collections.abc import Callable
 from multiprocessing.reduction import ForkingPickler
 from types import SimpleNamespace
 
-from pagoda.engine.outputs import CompletionOutput, RequestOutput
 from pagoda.server.engine_loop import EngineLoop, LoopClock, drive
 from pagoda.server.errors import APIError
 from pagoda.server.metrics import engine_snapshot
+from pagoda.server.packed import pack_output, unpack_output
 
 log = logging.getLogger("pagoda.server")
 
@@ -46,29 +46,14 @@ _POLL_S = 1.0
 
 
 def pack_events(events: list) -> list:
-    """A step's events as they cross to the server: each output as tuples of plain values, without its prompt
-    (the server has it and never reads it back). Plain tuples pickle faster than the dataclasses (no class to
-    reconstruct per object), and the pickling is on the engine's thread, inside its step."""
-    packed = []
-    for kind, rid, payload in events:
-        if kind == "out":
-            payload = (payload.request_id, payload.finished, payload.num_cached_tokens, payload.metrics,
-                       [(c.index, c.text, c.token_ids, c.cumulative_logprob, c.logprobs, c.finish_reason,
-                         c.stop_reason) for c in payload.outputs])
-        packed.append((kind, rid, payload))
-    return packed
+    """A step's events as they cross to the server: each output packed (`pagoda.server.packed.pack_output`),
+    without its prompt; the pickling is on the engine's thread, inside its step."""
+    return [(kind, rid, pack_output(payload) if kind == "out" else payload) for kind, rid, payload in events]
 
 
 def unpack_events(packed: list) -> list:
     """`pack_events` undone: ``("out", request_id, RequestOutput)`` with an empty prompt."""
-    events = []
-    for kind, rid, payload in packed:
-        if kind == "out":
-            request_id, finished, cached, metrics, outs = payload
-            payload = RequestOutput(request_id, None, [], None, [CompletionOutput(*c) for c in outs], finished,
-                                    metrics, cached)
-        events.append((kind, rid, payload))
-    return events
+    return [(kind, rid, unpack_output(payload) if kind == "out" else payload) for kind, rid, payload in packed]
 
 
 def _engine_main(factory: Callable, args: tuple, kwargs: dict, commands, results, log_level: int) -> None:
@@ -204,8 +189,7 @@ class ProcessEngineLoop(EngineLoop):
                 msg = pickle.loads(msg)
             kind = msg[0]
             if kind == "events":
-                _, packed, stepped, snapshot = msg
-                events = unpack_events(packed)
+                _, events, stepped, snapshot = msg       # outputs stay packed: the streams fold them
                 self.steps += stepped
                 if metrics is not None:
                     metrics.observe(*snapshot)

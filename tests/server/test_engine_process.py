@@ -178,3 +178,43 @@ def test_outputs_cross_as_plain_tuples_and_come_back_whole():
     assert got.prompt is None and got.prompt_token_ids == []
     assert (got.request_id, got.finished, got.num_cached_tokens, got.metrics) == ("r1", True, 16, None)
     assert got.outputs == outs
+
+
+def test_folding_packed_outputs_equals_merging_outputs():
+    """What a stream folds from packed outputs (the engine process's) equals `RequestOutput.add` over the same
+    outputs unpacked: one sample with and without logprobs, several samples, DELTA and CUMULATIVE, and the
+    RequestStream reading packed items stops at the finished one."""
+    import asyncio
+    import copy
+
+    from pagoda.engine.outputs import CompletionOutput, Logprob, RequestOutput
+    from pagoda.server.engine_loop import RequestStream
+    from pagoda.server.packed import fold, pack_output, unpack_output
+
+    def step(i, n_samples=1, lp=False, finished=False, cached=None):
+        outs = [CompletionOutput(k, f"<{i}.{k}>", [10 * i + k, 10 * i + k + 1], -0.5 * i,
+                                 [{10 * i + k: Logprob(-0.5, 1, "x")}] * 2 if lp else None,
+                                 "length" if finished else None) for k in range(n_samples)]
+        return RequestOutput("r", None, [], None, outs, finished, None, cached)
+
+    cases = [[step(0), step(1), step(2, finished=True)],
+             [step(0, lp=True), step(1, lp=True), step(2, lp=True, cached=32)],
+             [step(0, n_samples=2), step(1, n_samples=2, finished=True)],
+             [step(0), step(1, lp=True)]]
+    for seq in cases:
+        for aggregate in (True, False):
+            want = copy.deepcopy(seq[0])
+            for o in copy.deepcopy(seq[1:]):
+                want.add(o, aggregate)
+            got = fold([pack_output(o) for o in seq], aggregate)
+            assert got == want, (seq, aggregate)
+    assert fold([pack_output(step(3))], True) == unpack_output(pack_output(step(3)))
+
+    async def read():
+        s = RequestStream("r")
+        for o in [step(0), step(1, finished=True), step(2)]:
+            s.put(pack_output(o))
+        return [o async for o in s]
+
+    got = asyncio.run(read())
+    assert len(got) == 1 and got[0].finished and got[0].outputs[0].token_ids == [0, 1, 10, 11]
