@@ -115,12 +115,14 @@ dummy_model_dir(QWEN3_0_6B, 'qwen3', Path(sys.argv[1]))" "$model" || return 1
   # An untimed load first: the server's first requests would otherwise pay the kernels' first builds
   # (Triton compiles a kernel variant on its first launch; seconds each on a machine that never built it).
   timeout -k 10 "$limit" python3 -m pagoda bench serve --base-url "http://127.0.0.1:$port" --num-prompts 256 \
-    --input-len 1024 --output-len 32 --vocab-size 10000 --max-concurrency 64 --warmup 1 \
+    --input-len 1024 --output-len 32 --vocab-size 10000 --max-concurrency 64 --warmup 1 --seed 1000 \
     > "$dir/warmup-load.log" 2>&1 || { tail -20 "$dir/warmup-load.log"; kill "$pid"; return 1; }
   local c
+  # Each load its own prompts (--seed), so no run finds another's prompts in the prefix cache; the 256-client
+  # run and the offline one share theirs (seed 0).
   for c in 64 256; do
     run "serve-c$c" python3 -m pagoda bench serve --base-url "http://127.0.0.1:$port" --num-prompts $((c * 4)) \
-      --input-len 1024 --output-len 128 --vocab-size 10000 --max-concurrency "$c" --warmup 4
+      --input-len 1024 --output-len 128 --vocab-size 10000 --max-concurrency "$c" --warmup 4 --seed $((c == 256 ? 0 : c))
   done
   kill "$pid"; wait "$pid" 2>/dev/null
   run serve-offline python3 -m pagoda bench serve --offline "$model" --load-format dummy --num-prompts 1024 \
