@@ -45,7 +45,8 @@ class _Request:
 
     @property
     def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
+        seqs, done = self.seqs, SequenceStatus.FINISHED
+        return seqs[0].status is done if len(seqs) == 1 else all(s.status is done for s in seqs)
 
 
 @dataclass
@@ -154,12 +155,13 @@ class LLMEngine:
             return text, self.tokenizer.encode(text)
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        if not isinstance(ids, (list, tuple)) or (set(map(type, ids)) - {int} and not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in ids)):    # (the set: plain ints, at C speed)
             raise TypeError("prompt_token_ids must be a list of int")
         if not ids:
             raise ValueError("prompt_token_ids is empty")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
             raise ValueError(f"prompt_token_ids has ids outside the vocabulary [0, {self.vocab_size}): {bad[:8]}")
         return text, list(ids)
 
@@ -339,7 +341,7 @@ class LLMEngine:
         for req in touched.values():
             finished = req.finished
             if finished or req.params.output_kind is not final_only:   # (a FINAL_ONLY request: only at the end)
-                out = self._make_output(req)
+                out = self._make_output(req, finished)
                 if out is not None:
                     outputs.append(out)
             if finished:
@@ -395,28 +397,41 @@ class LLMEngine:
         seq.finish_reason, seq.stop_reason = finish
         self.scheduler.finish(seq)
 
-    def _make_output(self, req: _Request) -> RequestOutput | None:
+    def _make_output(self, req: _Request, finished: bool | None = None) -> RequestOutput | None:
+        """The request's output as its ``output_kind`` says (None: nothing to send). DELTA outputs slice only
+        what is new (the text and token ids after what was sent), so a step's cost does not grow with the
+        length of the outputs; the text withheld for stop strings (``output_text_buffer_length``) waits until
+        the sequence finishes."""
         kind = req.params.output_kind
-        finished = req.finished
+        if finished is None:
+            finished = req.finished
         if kind is RequestOutputKind.FINAL_ONLY and not finished:
             return None
         completions = []
+        delta = kind is RequestOutputKind.DELTA
+        held = req.params.output_text_buffer_length
         for seq in req.seqs:
+            done = seq.status is SequenceStatus.FINISHED
             text = seq.detokenizer.output_text
-            if not seq.is_finished:
-                text = text[:max(len(text) - req.params.output_text_buffer_length, 0)]
-            tokens = seq.output_token_ids
+            end = len(text) if done else max(len(text) - held, 0)
             logprobs = seq.logprobs
-            if kind is RequestOutputKind.DELTA:
-                if seq.final_sent or (len(tokens) == seq.sent_tokens and not seq.is_finished):
+            if delta:
+                n = len(seq.token_ids) - seq.num_prompt_tokens
+                if seq.final_sent or (n == seq.sent_tokens and not done):
                     continue
-                text, sent_text = text[seq.sent_text:], len(text)
-                tokens, sent_tokens = tokens[seq.sent_tokens:], len(tokens)
-                logprobs = logprobs[seq.sent_tokens:] if logprobs is not None else None
-                seq.sent_text, seq.sent_tokens, seq.final_sent = sent_text, sent_tokens, seq.is_finished
+                start = seq.num_prompt_tokens + seq.sent_tokens
+                tokens = seq.token_ids[start:]
+                if logprobs is not None:
+                    logprobs = logprobs[seq.sent_tokens:]
+                text = text[seq.sent_text:end] if end > seq.sent_text else ""
+                seq.sent_text, seq.sent_tokens, seq.final_sent = max(end, seq.sent_text), n, done
             else:
+                tokens = seq.token_ids[seq.num_prompt_tokens:]
+                text = text[:end]
                 logprobs = list(logprobs) if logprobs is not None else None
-            completions.append(CompletionOutput(seq.index, text, list(tokens), seq.cumulative_logprob, logprobs,
+            completions.append(CompletionOutput(seq.index, text, tokens, seq.cumulative_logprob, logprobs,
                                                 seq.finish_reason, seq.stop_reason))
+        seqs = req.seqs
+        cached = seqs[0].num_cached_tokens if len(seqs) == 1 else max(s.num_cached_tokens for s in seqs)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, None, completions, finished,
-                             num_cached_tokens=max(s.num_cached_tokens for s in req.seqs))
+                             num_cached_tokens=cached)

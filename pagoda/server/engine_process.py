@@ -24,6 +24,7 @@ request with a 503 and turns ``/health`` unhealthy.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import multiprocessing as mp
 import pickle
@@ -68,6 +69,10 @@ def _engine_main(factory: Callable, args: tuple, kwargs: dict, commands, results
     except BaseException as exc:  # noqa: BLE001 - reported to the server, which refuses to start
         results.put(("failed", f"building the engine failed: {type(exc).__name__}: {exc}"))
         return
+    # The engine's long-lived objects (the model, its graphs, the tokenizer) leave the collector's view, as vLLM's
+    # engine core does: the cyclic collections the steps' short-lived objects trigger then scan only those.
+    gc.collect()
+    gc.freeze()
     results.put(("ready", {"max_model_len": engine.config.max_model_len, "vocab_size": engine.vocab_size}))
 
     clock = LoopClock()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 
 from pagoda.engine import LLM, LLMEngine, SamplingParams
@@ -174,8 +175,9 @@ def test_bad_request_types(llm):
         engine.add_request("x", 5, SamplingParams())
     with pytest.raises(TypeError, match="params"):
         engine.add_request("x", PROMPT, {"temperature": 0})
-    with pytest.raises(TypeError, match="prompt_token_ids"):
-        engine.add_request("x", {"prompt_token_ids": [1.0]}, SamplingParams())
+    for ids in ([1.0], [1, True], [2, 3, "4"], [np.int64(1)]):
+        with pytest.raises(TypeError, match="prompt_token_ids"):
+            engine.add_request("x", {"prompt_token_ids": ids}, SamplingParams())
     engine.add_request("x", PROMPT, SamplingParams(max_tokens=1))
     with pytest.raises(ValueError, match="request_id"):
         engine.add_request("x", PROMPT, SamplingParams())
