@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=None, help="pytest processes (default 4 on CUDA, 2 otherwise)")
     ap.add_argument("--case-timeout", type=float, default=40.0, help="seconds before one case is failed")
     ap.add_argument("-k", dest="keyword", default=None, help="pytest -k filter applied at collection")
+    ap.add_argument("--cpu-redirect", action="store_true",
+                    help="no GPU: run the cases with every CUDA device read as the CPU (cpu_redirect.py), so that "
+                         "pagoda's CPU path answers them: a check of semantics and signatures, not of the kernels")
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU check of collection/classification: fakes the CUDA capability at collection")
     ap.add_argument("--report-only", action="store_true",
@@ -113,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
               "--conformance-excluded-per-reason", str(args.excluded_per_reason), "--conformance-seed", str(args.seed)]
     if args.dry_run:
         common += ["--conformance-fake-capability", "9.0"]
+    if args.cpu_redirect:
+        common += ["-p", "cpu_redirect"]
+        device = "CPU (CUDA devices read as the CPU: pagoda's CPU path)"
     if args.keyword:
         common += ["-k", args.keyword]
 
@@ -175,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     rep = report.aggregate(suites)
     meta = {"device": device, "wall_s": time.time() - t0, "per_function": args.per_function, "seed": args.seed,
             "workers": workers, "budget_s": args.budget_s, "case_timeout_s": args.case_timeout,
-            "dry_run": args.dry_run, "keyword": args.keyword, "report_only": args.report_only,
+            "dry_run": args.dry_run, "cpu_redirect": args.cpu_redirect, "keyword": args.keyword,
+            "report_only": args.report_only,
             "resumed_cases": len(done) if args.resume else None}
     report.write(rep, meta, out)
     t = rep["totals"]
