@@ -91,8 +91,35 @@ def softmax(logits, temperature=None, enable_pdl=None):
     return torch.where(greedy[:, None], onehot, probs).to(torch.float32)
 
 
+def _draw_shared(p: torch.Tensor, indices: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per output ``i`` from row ``indices[i]`` of ``p`` ``[rows, V]`` (unfiltered); (tokens, valid).
+    The outputs of each row are drawn together, so memory is O(rows x V + outputs), not O(outputs x V):
+    FlashInfer's ``indices`` lets millions of outputs share a few rows."""
+    idx = indices.to("cpu", torch.long).reshape(-1)
+    w = torch.where(p > 0, p, torch.zeros_like(p)).nan_to_num(0.0, 0.0, 0.0)
+    valid_rows = w.sum(-1) > 0
+    order = torch.argsort(idx, stable=True)
+    rows, counts = torch.unique_consecutive(idx[order], return_counts=True)
+    drawn = torch.zeros(idx.numel(), dtype=torch.long)
+    start = 0
+    for r, c in zip(rows.tolist(), counts.tolist(), strict=True):
+        if valid_rows[r]:
+            drawn[start:start + c] = torch.multinomial(w[r], c, replacement=True, generator=generator)
+        start += c
+    tokens = torch.empty_like(drawn)
+    tokens[order] = drawn
+    return tokens, valid_rows[idx]
+
+
+def _shares_rows(x: torch.Tensor, indices) -> bool:
+    return indices is not None and indices.numel() > x.shape[0]
+
+
 def sampling_from_probs(probs, indices=None, deterministic=True, generator=None, check_nan=False,
                         seed=None, offset=None, return_valid=False):
+    if _shares_rows(probs, indices):
+        tokens, valid = _draw_shared(_rows(probs, None), indices, _gen(generator, seed, offset))
+        return _finish(tokens, valid, indices, return_valid)
     p = _rows(probs, indices)
     tokens, valid = _draw(p, torch.ones_like(p, dtype=torch.bool), _gen(generator, seed, offset))
     return _finish(tokens, valid, indices, return_valid)
@@ -100,6 +127,9 @@ def sampling_from_probs(probs, indices=None, deterministic=True, generator=None,
 
 def sampling_from_logits(logits, indices=None, deterministic=True, generator=None, check_nan=False,
                          seed=None, offset=None):
+    if _shares_rows(logits, indices):
+        return sampling_from_probs(torch.softmax(_rows(logits, None), -1), indices, deterministic, generator,
+                                   check_nan, seed, offset)
     return sampling_from_probs(torch.softmax(_rows(logits, indices), -1), None, deterministic, generator,
                                check_nan, seed, offset).to(indices.dtype if indices is not None else torch.int32)
 

@@ -26,6 +26,27 @@ def test_sampling_from_probs_law_and_unnormalised_rows(device):
     assert out32.dtype == torch.int32 and out32.shape == (7,)
 
 
+def test_outputs_sharing_rows_draw_from_their_own_row_without_a_row_each():
+    """CPU path: millions of outputs over a few rows (FlashInfer's ``indices``) are drawn per source row, in memory
+    of the rows plus the outputs: 2M outputs of a 64k vocabulary would need a TB as one row each."""
+    g = torch.Generator().manual_seed(0)
+    vocab = 1 << 16
+    p = torch.zeros(3, vocab)
+    p[0, :4] = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    p[2, 7] = 1.0                                   # row 1 stays all zero: nothing valid to draw
+    idx = torch.tensor([0, 2, 1] * 700_000, dtype=torch.int32)
+    out, valid = S.sampling_from_probs(p, indices=idx, generator=g, return_valid=True)
+    assert out.dtype == torch.int32 and out.shape == idx.shape
+    assert valid.tolist()[:3] == [True, True, False] and not valid[2::3].any() and valid[0::3].all()
+    assert (out[1::3] == 7).all() and (out[2::3] == 0).all()
+    freq = torch.bincount(out[0::3].long(), minlength=4)[:4].double() / 700_000
+    torch.testing.assert_close(freq, p[0, :4].double(), atol=3e-3, rtol=0)
+    logits = torch.full((2, vocab), float("-inf"))
+    logits[0, 3], logits[1, 9] = 0.0, 0.0
+    got = S.sampling_from_logits(logits, indices=torch.tensor([1, 0] * 500_000), generator=g)
+    assert got.dtype == torch.int64 and (got[0::2] == 9).all() and (got[1::2] == 3).all()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_sampling_from_logits_law(device):
     x = torch.randn(1, 40, device=device) * 2
