@@ -134,43 +134,56 @@ def sampling_from_logits(logits, indices=None, deterministic=True, generator=Non
                                check_nan, seed, offset).to(indices.dtype if indices is not None else torch.int32)
 
 
+def _filtered(probs, indices, params, keep_of, generator, return_valid):
+    """Draw under the mask ``keep_of(rows)``. Outputs that share rows (``indices`` longer than the rows) and
+    parameters shared by every output (numbers or one-element tensors) filter each source row once and draw its
+    outputs together (`_draw_shared`); otherwise every output gets its row."""
+    if _shares_rows(probs, indices) and all(not isinstance(v, torch.Tensor) or v.numel() == 1 for v in params):
+        base = _rows(probs, None)
+        keep = keep_of(base)
+        tokens, valid = _draw_shared(torch.where(keep, base, torch.zeros_like(base)), indices, generator)
+        return _finish(tokens, valid, indices, return_valid)
+    p = _rows(probs, indices)
+    return _finish(*_draw(p, keep_of(p), generator), indices, return_valid)
+
+
 def top_p_sampling_from_probs(probs, top_p, indices=None, deterministic=True, generator=None, check_nan=False,
                               seed=None, offset=None, return_valid=False):
-    p = _rows(probs, indices)
-    keep = keep_top_p(p, _per_row(top_p, p.shape[0], torch.float64))
-    return _finish(*_draw(p, keep, _gen(generator, seed, offset)), indices, return_valid)
+    return _filtered(probs, indices, (top_p,), lambda p: keep_top_p(p, _per_row(top_p, p.shape[0], torch.float64)),
+                     _gen(generator, seed, offset), return_valid)
 
 
 def top_k_sampling_from_probs(probs, top_k, indices=None, deterministic=True, generator=None, check_nan=False,
                               seed=None, offset=None, return_valid=False):
-    p = _rows(probs, indices)
-    keep = keep_top_k(p, _per_row(top_k, p.shape[0], torch.long))
-    return _finish(*_draw(p, keep, _gen(generator, seed, offset)), indices, return_valid)
+    return _filtered(probs, indices, (top_k,), lambda p: keep_top_k(p, _per_row(top_k, p.shape[0], torch.long)),
+                     _gen(generator, seed, offset), return_valid)
 
 
 def min_p_sampling_from_probs(probs, min_p, indices=None, deterministic=True, generator=None, check_nan=False,
                               seed=None, offset=None, return_valid=False):
-    p = _rows(probs, indices)
-    keep = keep_min_p(p, _per_row(min_p, p.shape[0], torch.float64))
-    return _finish(*_draw(p, keep, _gen(generator, seed, offset)), indices, return_valid)
+    return _filtered(probs, indices, (min_p,), lambda p: keep_min_p(p, _per_row(min_p, p.shape[0], torch.float64)),
+                     _gen(generator, seed, offset), return_valid)
 
 
 def top_k_top_p_sampling_from_probs(probs, top_k, top_p, indices=None, filter_apply_order="top_k_first",
                                     deterministic=True, generator=None, check_nan=False, seed=None, offset=None,
                                     return_valid=False):
-    p = _rows(probs, indices)
-    b = p.shape[0]
-    keep_k = keep_top_k(p, _per_row(top_k, b, torch.long))
-    if filter_apply_order == "top_k_first":
-        # top-p over the top-k set renormalised: same order, target relative to the top-k mass.
-        keep = keep_k & keep_top_p(torch.where(keep_k, p, torch.zeros_like(p)), _per_row(top_p, b, torch.float64))
-    else:
-        keep = keep_k & keep_top_p(p, _per_row(top_p, b, torch.float64))
-    return _finish(*_draw(p, keep, _gen(generator, seed, offset)), indices, return_valid)
+    def keep_of(p):
+        b = p.shape[0]
+        keep_k = keep_top_k(p, _per_row(top_k, b, torch.long))
+        if filter_apply_order == "top_k_first":
+            # top-p over the top-k set renormalised: same order, target relative to the top-k mass.
+            return keep_k & keep_top_p(torch.where(keep_k, p, torch.zeros_like(p)), _per_row(top_p, b, torch.float64))
+        return keep_k & keep_top_p(p, _per_row(top_p, b, torch.float64))
+
+    return _filtered(probs, indices, (top_k, top_p), keep_of, _gen(generator, seed, offset), return_valid)
 
 
 def top_k_top_p_sampling_from_logits(logits, top_k, top_p, indices=None, filter_apply_order="top_k_first",
                                      deterministic=True, generator=None, check_nan=False, seed=None, offset=None):
+    if _shares_rows(logits, indices):
+        return top_k_top_p_sampling_from_probs(torch.softmax(_rows(logits, None), -1), top_k, top_p, indices,
+                                               filter_apply_order, deterministic, generator, check_nan, seed, offset)
     p = torch.softmax(_rows(logits, indices), -1)
     out = top_k_top_p_sampling_from_probs(p, top_k, top_p, None, filter_apply_order, deterministic, generator,
                                           check_nan, seed, offset)

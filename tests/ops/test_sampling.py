@@ -45,6 +45,18 @@ def test_outputs_sharing_rows_draw_from_their_own_row_without_a_row_each():
     logits[0, 3], logits[1, 9] = 0.0, 0.0
     got = S.sampling_from_logits(logits, indices=torch.tensor([1, 0] * 500_000), generator=g)
     assert got.dtype == torch.int64 and (got[0::2] == 9).all() and (got[1::2] == 3).all()
+    # Filters shared by every output filter each source row once: top-k 2 of row 0 keeps tokens 2 and 3.
+    for call in (lambda i: S.top_k_sampling_from_probs(p, 2, indices=i, generator=g),
+                 lambda i: S.top_k_top_p_sampling_from_probs(p, 2, 0.99, indices=i, generator=g)):
+        out = call(idx)
+        freq = torch.bincount(out[0::3].long(), minlength=4)[:4].double() / 700_000
+        torch.testing.assert_close(freq, torch.tensor([0.0, 0.0, 3 / 7, 4 / 7], dtype=torch.float64), atol=3e-3,
+                                   rtol=0)
+        assert (out[1::3] == 7).all()
+    # A parameter per output keeps one row per output (each output its own filter).
+    ks = torch.tensor([1, 4] * 2)
+    out = S.top_k_sampling_from_probs(p[:1], ks, indices=torch.zeros(4, dtype=torch.int32), generator=g)
+    assert out[0] == 3 and out[2] == 3
 
 
 @pytest.mark.parametrize("device", DEVICES)
