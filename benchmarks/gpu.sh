@@ -28,7 +28,8 @@
 #                 load, and the offline engine on the same requests (needs pagoda's `serve` extra: FastAPI, uvicorn,
 #                 prometheus-client, httpx; offline, put their wheels in a folder and set PEER_DIR to it) (~4 min)
 #   conformance   flash-attn's and FlashInfer's own tests against pagoda (benchmarks/conformance; fetch the
-#                 suites first: python3 benchmarks/conformance/fetch_suites.py, carry .conformance/)
+#                 suites first: python3 benchmarks/conformance/fetch_suites.py, carry .conformance/; collect on
+#                 the CPU with run.py --dry-run and pass that folder as CONFORMANCE_RESUME to skip collecting)
 #   all           tests attention serving sampling e2e mask layers engine engine-extra serve
 #
 # Each study writes OUTDIR/<date>-<gpu>-<study>/ (e.g. 2026-12-02-h200-attention/): its JSON, CSV, Markdown
@@ -161,9 +162,12 @@ one() {
   engine-extra) one engine-processors; one engine-cascade ;;
   serve) serve ;;
   conformance)
-    # The harness's own budget ends before the stage's limit, so that it writes its report.
+    # The harness's own budget ends before the stage's limit, so that it writes its report. CONFORMANCE_RESUME:
+    # an earlier run's --out folder (or one holding only raw/*-collect.json from a CPU --dry-run), whose
+    # collection and recorded cases are reused, so the GPU's minutes go to cases not yet run.
     run conformance python3 benchmarks/conformance/run.py --suites "${SUITES:-.conformance}" \
-      --budget-s "$(( limit > 100 ? limit - 40 : 60 ))" ;;
+      --budget-s "$(( limit > 100 ? limit - 40 : 60 ))" --workers "${CONFORMANCE_WORKERS:-6}" \
+      ${CONFORMANCE_RESUME:+--resume "$CONFORMANCE_RESUME"} ;;
   all) one tests; one attention; one serving; one sampling; one e2e; one mask; one layers; one engine
        one engine-extra; one serve ;;
   *) echo "unknown stage: $1 (see the top of $0)" >&2; return 2 ;;
