@@ -397,14 +397,12 @@ class LLMEngine:
         seq.finish_reason, seq.stop_reason = finish
         self.scheduler.finish(seq)
 
-    def _make_output(self, req: _Request, finished: bool | None = None) -> RequestOutput | None:
+    def _make_output(self, req: _Request, finished: bool) -> RequestOutput | None:
         """The request's output as its ``output_kind`` says (None: nothing to send). DELTA outputs slice only
         what is new (the text and token ids after what was sent), so a step's cost does not grow with the
         length of the outputs; the text withheld for stop strings (``output_text_buffer_length``) waits until
         the sequence finishes."""
         kind = req.params.output_kind
-        if finished is None:
-            finished = req.finished
         if kind is RequestOutputKind.FINAL_ONLY and not finished:
             return None
         completions = []

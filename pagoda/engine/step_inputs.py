@@ -64,6 +64,7 @@ def step_inputs(batch: ScheduledBatch, row_of: dict, block_size: int) -> dict:
                 kv_indptr=kv_indptr, kv_indices=_concat(kv_indices), last=last, sample_rows=sample_rows,
                 sampling=sampling, pend_rows=pend_rows, pend_src=pend_src)
 
+
 def decode_inputs(batch: ScheduledBatch, row_of: dict, block_size: int) -> dict:
     """`step_inputs` of a step of one new token a sequence (decodes, and one-token prefill chunks, which are not
     sampled unless they end their prompt): the same arrays, built without the multi-token cases (the

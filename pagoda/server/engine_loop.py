@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pagoda.server.errors import APIError
-from pagoda.server.metrics import ServerMetrics, observe_many
+from pagoda.server.metrics import LOOP_PARTS, ServerMetrics, observe_many
 from pagoda.server.packed import fold, is_finished, num_new_tokens
 
 log = logging.getLogger("pagoda.server")
@@ -252,13 +252,13 @@ class LoopClock:
     step's events to the server). A served run's wall time less its steps' is what the HTTP side costs the
     engine (`pagoda bench serve` reports it)."""
 
-    __slots__ = ("idle", "commands", "steps", "handoff")
-    PARTS = ("idle", "commands", "steps", "handoff")
+    __slots__ = LOOP_PARTS
 
     def __init__(self):
         self.idle = self.commands = self.steps = self.handoff = 0.0
 
     def as_tuple(self) -> tuple[float, float, float, float]:
+        """The seconds in `pagoda.server.metrics.LOOP_PARTS` order."""
         return (self.idle, self.commands, self.steps, self.handoff)
 
 

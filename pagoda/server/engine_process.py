@@ -39,7 +39,7 @@ from types import SimpleNamespace
 from pagoda.server.engine_loop import EngineLoop, LoopClock, drive
 from pagoda.server.errors import APIError
 from pagoda.server.metrics import engine_snapshot
-from pagoda.server.packed import pack_output, unpack_output
+from pagoda.server.packed import pack_output
 
 log = logging.getLogger("pagoda.server")
 
@@ -50,11 +50,6 @@ def pack_events(events: list) -> list:
     """A step's events as they cross to the server: each output packed (`pagoda.server.packed.pack_output`),
     without its prompt; the pickling is on the engine's thread, inside its step."""
     return [(kind, rid, pack_output(payload) if kind == "out" else payload) for kind, rid, payload in events]
-
-
-def unpack_events(packed: list) -> list:
-    """`pack_events` undone: ``("out", request_id, RequestOutput)`` with an empty prompt."""
-    return [(kind, rid, unpack_output(payload) if kind == "out" else payload) for kind, rid, payload in packed]
 
 
 def _engine_main(factory: Callable, args: tuple, kwargs: dict, commands, results, log_level: int) -> None:

@@ -23,6 +23,10 @@ _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
                 480.0, 960.0, 1920.0, 7680.0)
 
 
+# The engine loop's parts, in the order of `pagoda.server.engine_loop.LoopClock.as_tuple`.
+LOOP_PARTS = ("idle", "commands", "steps", "handoff")
+
+
 def engine_stats(engine: Any) -> dict[str, float]:
     """Running / waiting requests, KV-cache usage (0..1) and prefix-cache token counts of an ``LLMEngine``."""
     sched = engine.scheduler
@@ -137,7 +141,7 @@ class ServerMetrics:
             self._seen = (stats["prefix_queries"], stats["prefix_hits"])
         self._observe_steps(steps)
         if loop is not None and loop != self._loop_seen:
-            for part, a, b in zip(("idle", "commands", "steps", "handoff"), loop, self._loop_seen, strict=True):
+            for part, a, b in zip(LOOP_PARTS, loop, self._loop_seen, strict=True):
                 if a > b:
                     self.engine_loop.labels(self._model_name, part).inc(a - b)
             self._loop_seen = loop

@@ -159,19 +159,21 @@ def test_engine_exits_when_its_server_is_killed_while_busy():
 
 
 def test_outputs_cross_as_plain_tuples_and_come_back_whole():
-    """`pack_events` / `unpack_events`: every field of every sample survives the crossing (logprobs, reasons,
-    cached tokens), the prompt stays behind, and acknowledgements pass through unchanged."""
+    """`pack_events` / `pagoda.server.packed.unpack_output`: every field of every sample survives the crossing
+    (logprobs, reasons, cached tokens), the prompt stays behind, and acknowledgements pass through unchanged."""
     import pickle
 
     from pagoda.engine.outputs import CompletionOutput, Logprob, RequestOutput
-    from pagoda.server.engine_process import pack_events, unpack_events
+    from pagoda.server.engine_process import pack_events
+    from pagoda.server.packed import unpack_output
 
     outs = [CompletionOutput(0, " a", [5], -0.25, [{5: Logprob(-0.25, 1, " a")}]),
             CompletionOutput(1, " b.", [6, 7], -1.5, None, "stop", "."),
             CompletionOutput(2, "", [], None, None, "length")]
     out = RequestOutput("r1", "the prompt", [1, 2, 3], None, outs, True, None, 16)
     events = [("ack", "r0", None), ("ack", "r2", "bad request"), ("out", "r1", out)]
-    back = unpack_events(pickle.loads(pickle.dumps(pack_events(events))))
+    crossed = pickle.loads(pickle.dumps(pack_events(events)))
+    back = [(k, r, unpack_output(p) if k == "out" else p) for k, r, p in crossed]
     assert back[:2] == events[:2]
     kind, rid, got = back[2]
     assert (kind, rid) == ("out", "r1")
